@@ -1,0 +1,285 @@
+//! A whole federation in one process: a CA, a coordinator and the three
+//! hospital nodes on loopback, each node with its own SQLite store filled
+//! with synthetic data. `ghx demo` runs it; the whole-federation tests start
+//! it too, so the demo and the tests exercise the same code.
+//!
+//! Everything is set up the way an operator would: certificates are issued
+//! into a PKI directory, configuration files are written and then loaded with
+//! the same loaders `ghx node run` and `ghx coordinator run` use, and all
+//! traffic is gRPC over mutual TLS.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ghx_coordinator::{Coordinator, CoordinatorConfig};
+use ghx_node::import::{ImportOptions, ImportReport, import_path};
+use ghx_node::{Node, NodeConfig, Store};
+use ghx_pki::{CertificateRequest, PkiDir, Role, TlsFiles, TlsMaterial};
+use ghx_proto::v1::coordinator_service_client::CoordinatorServiceClient;
+use ghx_synth::{HOSPITALS, HospitalProfile, SynthOptions};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+/// The signing key id the local coordinator uses.
+pub const SIGNING_KID: &str = "coordinator-local-1";
+/// The requester and committee member the local federation issues for.
+pub const REQUESTER: &str = "demo-requester";
+pub const COMMITTEE: &str = "demo-committee";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] ghx_pki::Error),
+    #[error(transparent)]
+    Synth(#[from] ghx_synth::Error),
+    #[error(transparent)]
+    Key(#[from] ghx_study::capability::Error),
+    #[error("node: {0}")]
+    Node(#[from] ghx_node::Error),
+    #[error("node config: {0}")]
+    NodeConfig(#[from] ghx_node::config::Error),
+    #[error("import: {0}")]
+    Import(#[from] ghx_node::import::Error),
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] ghx_coordinator::Error),
+    #[error("coordinator config: {0}")]
+    CoordinatorConfig(#[from] ghx_coordinator::config::Error),
+    #[error("connecting to the coordinator: {0}")]
+    Connect(#[from] tonic::transport::Error),
+}
+
+/// How big a local federation to start.
+#[derive(Debug, Clone)]
+pub struct LocalFederationOptions {
+    /// Working directory for PKI, configuration, data and databases.
+    pub dir: PathBuf,
+    pub patients_per_node: usize,
+    pub seed: u64,
+    pub min_cell_size: u32,
+}
+
+/// One running node of the local federation.
+pub struct LocalNode {
+    pub profile: &'static HospitalProfile,
+    pub addr: SocketAddr,
+    /// Where its synthetic NDJSON export was written.
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub store: Store,
+    pub import: ImportReport,
+}
+
+/// A running in-process federation. Dropping it without [`shutdown`] aborts
+/// the servers.
+///
+/// [`shutdown`]: LocalFederation::shutdown
+pub struct LocalFederation {
+    pub dir: PathBuf,
+    pub pki: PkiDir,
+    pub coordinator_addr: SocketAddr,
+    pub nodes: Vec<LocalNode>,
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), Error> {
+    std::fs::write(path, contents).map_err(io("write", path))
+}
+
+async fn bind_loopback() -> Result<(TcpListener, SocketAddr), Error> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io("bind", Path::new("127.0.0.1:0")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(io("bind", Path::new("127.0.0.1:0")))?;
+    Ok((listener, addr))
+}
+
+/// Creates the CA, the member certificates and the coordinator signing key.
+pub fn provision_pki(dir: &Path) -> Result<PkiDir, Error> {
+    let pki = PkiDir::new(dir.join("pki"));
+    let ca = pki.init("G-Health")?;
+    pki.issue(
+        &ca,
+        &CertificateRequest::new("coordinator", Role::Coordinator, "G-Health"),
+    )?;
+    for h in &HOSPITALS {
+        pki.issue(&ca, &CertificateRequest::new(h.id, Role::Node, h.name))?;
+    }
+    pki.issue(
+        &ca,
+        &CertificateRequest::new(REQUESTER, Role::Requester, "Gwangju Health Startup"),
+    )?;
+    pki.issue(
+        &ca,
+        &CertificateRequest::new(COMMITTEE, Role::Committee, "G-Health Steering Committee"),
+    )?;
+    let (private, public) = ghx_study::capability::generate_signing_key()?;
+    let private_path = pki.root().join("coordinator-signing.pem");
+    write(&private_path, &private)?;
+    write(&pki.root().join("coordinator-signing.pub.pem"), &public)?;
+    Ok(pki)
+}
+
+impl LocalFederation {
+    /// Provisions everything under `options.dir` and starts the servers.
+    pub async fn start(options: &LocalFederationOptions) -> Result<LocalFederation, Error> {
+        let dir = options.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let pki = provision_pki(&dir)?;
+        let mut stops = Vec::new();
+        let mut tasks = Vec::new();
+        let mut nodes = Vec::new();
+        for profile in &HOSPITALS {
+            let data_dir = dir.join("data").join(profile.id);
+            ghx_synth::write_ndjson_dir(
+                &SynthOptions {
+                    hospital: profile,
+                    patients: options.patients_per_node,
+                    seed: options.seed,
+                    as_of: ghx_synth::default_as_of(),
+                },
+                &data_dir,
+            )?;
+            let (listener, addr) = bind_loopback().await?;
+            let tls = pki.tls_files(profile.id);
+            let config_path = dir.join(format!("node-{}.toml", profile.id));
+            write(
+                &config_path,
+                &format!(
+                    "id = \"{id}\"\ndisplay_name = \"{name}\"\nlisten = \"{addr}\"\n\
+                     database_url = \"{db}\"\nmin_cell_size = {min}\n\n\
+                     [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
+                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n",
+                    id = profile.id,
+                    name = profile.name,
+                    db = dir.join(format!("{}.db", profile.id)).display(),
+                    min = options.min_cell_size,
+                    ca = tls.ca.display(),
+                    cert = tls.cert.display(),
+                    key = tls.key.display(),
+                    pubkey = pki.root().join("coordinator-signing.pub.pem").display(),
+                ),
+            )?;
+            let node = Node::build(NodeConfig::load(&config_path)?)?;
+            let store = node.store().clone();
+            let import = {
+                let store = store.clone();
+                let data_dir = data_dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    import_path(&store, &data_dir, &ImportOptions::default())
+                })
+                .await
+                .expect("import task")?
+            };
+            let (stop, stopped) = oneshot::channel::<()>();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = node
+                    .serve(listener, async { stopped.await.unwrap_or(()) })
+                    .await
+                {
+                    tracing::error!(error = %e, "node stopped with an error");
+                }
+            }));
+            stops.push(stop);
+            nodes.push(LocalNode {
+                profile,
+                addr,
+                data_dir,
+                config_path,
+                store,
+                import,
+            });
+        }
+
+        let (listener, coordinator_addr) = bind_loopback().await?;
+        let tls = pki.tls_files("coordinator");
+        let mut config = format!(
+            "listen = \"{coordinator_addr}\"\nnode_deadline_secs = 30\n\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [signing_key]\nkid = \"{SIGNING_KID}\"\nprivate_key = \"{}\"\n",
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display(),
+            pki.root().join("coordinator-signing.pem").display(),
+        );
+        for node in &nodes {
+            config.push_str(&format!(
+                "\n[[nodes]]\nid = \"{}\"\nendpoint = \"https://localhost:{}\"\ndisplay_name = \"{}\"\n",
+                node.profile.id,
+                node.addr.port(),
+                node.profile.name
+            ));
+        }
+        let config_path = dir.join("coordinator.toml");
+        write(&config_path, &config)?;
+        let coordinator = Coordinator::build(CoordinatorConfig::load(&config_path)?)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = coordinator
+                .serve(listener, async { stopped.await.unwrap_or(()) })
+                .await
+            {
+                tracing::error!(error = %e, "coordinator stopped with an error");
+            }
+        }));
+        stops.push(stop);
+        Ok(LocalFederation {
+            dir,
+            pki,
+            coordinator_addr,
+            nodes,
+            stops,
+            tasks,
+        })
+    }
+
+    /// A coordinator client presenting the certificate of `member`.
+    pub async fn client(&self, member: &str) -> Result<CoordinatorServiceClient<Channel>, Error> {
+        connect_coordinator(
+            &format!("https://localhost:{}", self.coordinator_addr.port()),
+            &self.pki.tls_files(member),
+        )
+        .await
+    }
+
+    /// Stops every server, letting in-flight requests finish.
+    pub async fn shutdown(self) {
+        for stop in self.stops {
+            let _ = stop.send(());
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Connects to a coordinator with a member's certificate.
+pub async fn connect_coordinator(
+    endpoint: &str,
+    files: &TlsFiles,
+) -> Result<CoordinatorServiceClient<Channel>, Error> {
+    let tls = TlsMaterial::load(files)?;
+    let channel = Endpoint::from_shared(endpoint.to_owned())?
+        .tls_config(tls.client_config("coordinator"))?
+        .connect()
+        .await?;
+    Ok(CoordinatorServiceClient::new(channel))
+}

@@ -1,0 +1,612 @@
+//! `ghx`: one command for every role in the G-Health federation.
+//!
+//! This binary only parses arguments, builds what the library crates
+//! provide, waits for a signal and reports errors; all behaviour lives in
+//! the libraries.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use ghx::local_federation::{self, COMMITTEE, LocalFederation, LocalFederationOptions, REQUESTER};
+use ghx::render;
+use ghx_node::import::{ImportOptions, import_path};
+use ghx_pki::{CertificateRequest, PkiDir, Role, TlsFiles};
+use ghx_proto::v1 as pb;
+
+#[derive(Parser)]
+#[command(
+    name = "ghx",
+    version,
+    about = "G-Health federation: hospital nodes, coordinator and tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a coordinator and three hospital nodes in this process on synthetic
+    /// data, run one approved study, and print the result.
+    Demo(DemoArgs),
+    /// Write seeded synthetic FHIR R4 NDJSON for one hospital.
+    Synth(SynthArgs),
+    /// Manage the federation CA, certificates and the coordinator signing key.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Run or load data into a hospital node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Run the coordinator.
+    #[command(subcommand)]
+    Coordinator(CoordinatorCommand),
+    /// Requester commands: submit studies, run them, read results.
+    #[command(subcommand)]
+    Study(StudyCommand),
+    /// Steering committee commands.
+    #[command(subcommand)]
+    Committee(CommitteeCommand),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Synthetic patients per hospital.
+    #[arg(long, default_value_t = 2000)]
+    patients: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Minimum cell size every node applies.
+    #[arg(long, default_value_t = 10)]
+    min_cell_size: u32,
+    /// Keep the working directory (PKI, configs, databases) here instead of a
+    /// temporary directory that is removed at exit.
+    #[arg(long)]
+    keep: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// chonnam, chosun or christian.
+    #[arg(long)]
+    hospital: String,
+    #[arg(long, default_value_t = 1000)]
+    patients: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output directory; one <ResourceType>.ndjson file per type.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a new federation CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "G-Health")]
+        federation: String,
+    },
+    /// Issue a certificate signed by the CA in DIR, as <name>.pem/<name>.key.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node id, `coordinator`, or a user name.
+        #[arg(long)]
+        name: String,
+        /// coordinator, node, requester, committee, auditor or node-admin.
+        #[arg(long)]
+        role: String,
+        /// The holder's institution.
+        #[arg(long)]
+        org: String,
+        /// Host names or IP addresses the service is reached at (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+    /// Create the coordinator's Ed25519 capability signing key pair.
+    SigningKey {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "coordinator-signing")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Serve the node's gRPC API until interrupted.
+    Run {
+        #[arg(long, env = "GHX_NODE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Import FHIR NDJSON files, Bundles or directories of them.
+    Import {
+        #[arg(long, env = "GHX_NODE_CONFIG")]
+        config: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value_t = 2000)]
+        batch_size: usize,
+        /// Write one line per rejected resource to this file.
+        #[arg(long)]
+        rejects: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CoordinatorCommand {
+    /// Serve the coordinator's gRPC API until interrupted.
+    Run {
+        #[arg(long, env = "GHX_COORDINATOR_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// How a person's client reaches the coordinator.
+#[derive(Args)]
+struct ClientArgs {
+    /// Coordinator URL, e.g. https://coordinator.g-health.kr:7000
+    #[arg(long, env = "GHX_COORDINATOR")]
+    coordinator: String,
+    /// Federation CA certificate.
+    #[arg(long, env = "GHX_CA")]
+    ca: PathBuf,
+    /// Your certificate.
+    #[arg(long, env = "GHX_CERT")]
+    cert: PathBuf,
+    /// Your private key.
+    #[arg(long, env = "GHX_KEY")]
+    key: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum StudyCommand {
+    /// Submit a study whose query is in a JSON file.
+    Submit {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        title: String,
+        #[arg(long, default_value = "research")]
+        purpose: String,
+        query: PathBuf,
+    },
+    /// Run an approved study on every node.
+    Run {
+        #[command(flatten)]
+        client: ClientArgs,
+        study: String,
+    },
+    /// Show the latest result of a study.
+    Result {
+        #[command(flatten)]
+        client: ClientArgs,
+        study: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CommitteeCommand {
+    /// Approve a submitted study.
+    Approve {
+        #[command(flatten)]
+        client: ClientArgs,
+        study: String,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Node(NodeCommand::Run { .. }) | Command::Coordinator(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GHX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let outcome = runtime.block_on(run(cli.command));
+    if let Err(e) = &outcome {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Demo(args) => demo(args).await,
+        Command::Synth(args) => synth(&args),
+        Command::Pki(cmd) => pki(cmd),
+        Command::Node(NodeCommand::Run { config }) => {
+            let config = ghx_node::NodeConfig::load(&config)?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let node = tokio::task::spawn_blocking(move || ghx_node::Node::build(config)).await??;
+            node.serve(listener, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Node(NodeCommand::Import {
+            config,
+            paths,
+            batch_size,
+            rejects,
+        }) => node_import(&config, &paths, batch_size, rejects.as_deref()).await,
+        Command::Coordinator(CoordinatorCommand::Run { config }) => {
+            let config = ghx_coordinator::CoordinatorConfig::load(&config)?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let coordinator = ghx_coordinator::Coordinator::build(config)?;
+            coordinator.serve(listener, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Study(cmd) => study(cmd).await,
+        Command::Committee(CommitteeCommand::Approve {
+            client,
+            study,
+            note,
+        }) => {
+            let mut c = connect(&client).await?;
+            c.approve_study(pb::ApproveStudyRequest {
+                study_id: study.clone(),
+                note,
+            })
+            .await
+            .map_err(status_error)?;
+            println!("approved {study}");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+async fn connect(
+    client: &ClientArgs,
+) -> Result<pb::coordinator_service_client::CoordinatorServiceClient<tonic::transport::Channel>> {
+    let files = TlsFiles {
+        ca: client.ca.clone(),
+        cert: client.cert.clone(),
+        key: client.key.clone(),
+    };
+    local_federation::connect_coordinator(&client.coordinator, &files)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to the coordinator at {}",
+                client.coordinator
+            )
+        })
+}
+
+fn print_result(result: &pb::StudyResult, json: bool) {
+    if json {
+        println!("{}", render::study_json(result));
+    } else {
+        print!("{}", render::study_table(result));
+    }
+}
+
+async fn study(cmd: StudyCommand) -> Result<()> {
+    match cmd {
+        StudyCommand::Submit {
+            client,
+            title,
+            purpose,
+            query,
+        } => {
+            let json = std::fs::read(&query)
+                .with_context(|| format!("cannot read query {}", query.display()))?;
+            let mut c = connect(&client).await?;
+            let id = c
+                .submit_study(pb::SubmitStudyRequest {
+                    title,
+                    purpose,
+                    query: Some(pb::QuerySpec { json }),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .study_id;
+            if client.json {
+                println!("{}", serde_json::json!({ "study_id": id }));
+            } else {
+                println!("submitted {id}; it runs once the steering committee approves it");
+            }
+            Ok(())
+        }
+        StudyCommand::Run { client, study } => {
+            let mut c = connect(&client).await?;
+            let result = c
+                .run_study(pb::RunStudyRequest { study_id: study })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .result
+                .context("the coordinator returned no result")?;
+            print_result(&result, client.json);
+            Ok(())
+        }
+        StudyCommand::Result { client, study } => {
+            let mut c = connect(&client).await?;
+            let result = c
+                .get_study_result(pb::GetStudyResultRequest { study_id: study })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .result
+                .context("the coordinator returned no result")?;
+            print_result(&result, client.json);
+            Ok(())
+        }
+    }
+}
+
+fn synth(args: &SynthArgs) -> Result<()> {
+    let hospital = ghx_synth::HospitalProfile::by_id(&args.hospital)?;
+    let started = Instant::now();
+    let summary = ghx_synth::write_ndjson_dir(
+        &ghx_synth::SynthOptions {
+            hospital,
+            patients: args.patients,
+            seed: args.seed,
+            as_of: ghx_synth::default_as_of(),
+        },
+        &args.out,
+    )?;
+    println!(
+        "{}: wrote {} resources for {} patients to {} in {:.1} s",
+        hospital.name,
+        summary.total(),
+        summary.patients,
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn pki(cmd: PkiCommand) -> Result<()> {
+    match cmd {
+        PkiCommand::Init { dir, federation } => {
+            PkiDir::new(&dir).init(&federation)?;
+            println!(
+                "created the {federation} federation CA in {}",
+                dir.display()
+            );
+        }
+        PkiCommand::Issue {
+            dir,
+            name,
+            role,
+            org,
+            hosts,
+            days,
+        } => {
+            let pki = PkiDir::new(&dir);
+            let ca = pki.load_ca()?;
+            let role: Role = role.parse()?;
+            let mut request = CertificateRequest::new(&name, role, &org);
+            if !hosts.is_empty() {
+                request.hosts = hosts;
+            }
+            request.valid_for = time::Duration::days(days);
+            let files = pki.issue(&ca, &request)?;
+            println!(
+                "issued {} ({role}) -> {} and {}",
+                name,
+                files.cert.display(),
+                files.key.display()
+            );
+        }
+        PkiCommand::SigningKey { dir, name } => {
+            std::fs::create_dir_all(&dir)?;
+            let private_path = dir.join(format!("{name}.pem"));
+            let public_path = dir.join(format!("{name}.pub.pem"));
+            if private_path.exists() {
+                bail!(
+                    "{} already exists; refusing to overwrite a signing key",
+                    private_path.display()
+                );
+            }
+            let (private, public) = ghx_study::capability::generate_signing_key()?;
+            write_private(&private_path, &private)?;
+            std::fs::write(&public_path, public)?;
+            println!(
+                "wrote {} (keep it on the coordinator) and {} (give it to every node)",
+                private_path.display(),
+                public_path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+async fn node_import(
+    config: &Path,
+    paths: &[PathBuf],
+    batch_size: usize,
+    rejects: Option<&Path>,
+) -> Result<()> {
+    let config = ghx_node::NodeConfig::load(config)?;
+    let store = ghx_node::Store::open(&config.database_url)?;
+    let mut reject_lines = Vec::new();
+    for path in paths {
+        let started = Instant::now();
+        let store = store.clone();
+        let path_owned = path.clone();
+        let options = ImportOptions { batch_size };
+        let report =
+            tokio::task::spawn_blocking(move || import_path(&store, &path_owned, &options))
+                .await??;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "{}: {} resources imported in {} batches ({:.0} resources/s), {} rejected",
+            path.display(),
+            report.accepted,
+            report.batches,
+            report.accepted as f64 / secs.max(1e-9),
+            report.rejected.len()
+        );
+        for rejection in report.rejected.iter().take(10) {
+            println!("  rejected {rejection}");
+        }
+        if report.rejected.len() > 10 {
+            println!("  ... and {} more", report.rejected.len() - 10);
+        }
+        reject_lines.extend(report.rejected.iter().map(ToString::to_string));
+    }
+    if let Some(path) = rejects {
+        let mut text = reject_lines.join("\n");
+        text.push('\n');
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The demo study: patients with type 2 diabetes by sex and age band.
+const DEMO_QUERY: &str = r#"{
+  "version": "ghx.query/v1",
+  "cohort": {
+    "as_of": "2026-01-01",
+    "conditions": [
+      {"system": "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8", "code": "E11", "match": "prefix"}
+    ]
+  },
+  "analysis": {"kind": "count", "group_by": ["sex", "age_band"]}
+}"#;
+
+async fn demo(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let temp;
+    let dir = match &args.keep {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary directory")?;
+            temp.path().to_owned()
+        }
+    };
+    println!(
+        "Starting a coordinator and three hospital nodes on loopback (mTLS), {} synthetic patients each...",
+        args.patients
+    );
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        dir,
+        patients_per_node: args.patients,
+        seed: args.seed,
+        min_cell_size: args.min_cell_size,
+    })
+    .await?;
+    for node in &federation.nodes {
+        println!(
+            "  {:<10} {:<38} {:>7} resources imported, {} rejected, listening on {}",
+            node.profile.id,
+            node.profile.name,
+            node.import.accepted,
+            node.import.rejected.len(),
+            node.addr
+        );
+    }
+    let mut requester = federation.client(REQUESTER).await?;
+    let mut committee = federation.client(COMMITTEE).await?;
+    let study_id = requester
+        .submit_study(pb::SubmitStudyRequest {
+            title: "Type 2 diabetes (KCD-8 E11) by sex and age band".to_owned(),
+            purpose: "research".to_owned(),
+            query: Some(pb::QuerySpec {
+                json: DEMO_QUERY.as_bytes().to_vec(),
+            }),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .study_id;
+    println!(
+        "\n{REQUESTER} submitted {study_id}: type 2 diabetes (KCD-8 E11*) by sex and age band"
+    );
+    match requester
+        .run_study(pb::RunStudyRequest {
+            study_id: study_id.clone(),
+        })
+        .await
+    {
+        Err(status) => println!(
+            "running it before approval is refused: {}",
+            status.message()
+        ),
+        Ok(_) => bail!("the coordinator ran an unapproved study"),
+    }
+    committee
+        .approve_study(pb::ApproveStudyRequest {
+            study_id: study_id.clone(),
+            note: "approved for the demo".to_owned(),
+        })
+        .await
+        .map_err(status_error)?;
+    println!("{COMMITTEE} approved {study_id}; the coordinator signs a capability and fans out\n");
+    let result = requester
+        .run_study(pb::RunStudyRequest {
+            study_id: study_id.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .result
+        .context("the coordinator returned no result")?;
+    print_result(&result, args.json);
+    federation.shutdown().await;
+    println!("\nDone in {:.1} s.", started.elapsed().as_secs_f64());
+    if !result.failures.is_empty() {
+        bail!("{} node(s) did not answer", result.failures.len());
+    }
+    Ok(())
+}

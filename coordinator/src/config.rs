@@ -1,0 +1,125 @@
+//! The coordinator's configuration file, validated once at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    pub tls: TlsConfig,
+    pub signing_key: SigningKeyConfig,
+    /// How long an issued capability stays valid.
+    #[serde(default = "default_capability_secs")]
+    pub capability_valid_for_secs: u64,
+    /// How long the coordinator waits for each node's answer.
+    #[serde(default = "default_deadline_secs")]
+    pub node_deadline_secs: u64,
+    #[serde(default)]
+    pub nodes: Vec<NodeEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SigningKeyConfig {
+    pub kid: String,
+    /// Ed25519 private key, PKCS#8 PEM.
+    pub private_key: PathBuf,
+}
+
+/// A node the coordinator knows from its configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    pub id: String,
+    /// `https://host:port`
+    pub endpoint: String,
+    #[serde(default)]
+    pub display_name: String,
+}
+
+fn default_capability_secs() -> u64 {
+    300
+}
+
+fn default_deadline_secs() -> u64 {
+    30
+}
+
+impl CoordinatorConfig {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: CoordinatorConfig = toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.tls.ca,
+            &mut config.tls.cert,
+            &mut config.tls.key,
+            &mut config.signing_key.private_key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !node.endpoint.starts_with("https://") {
+                return Err(Error::Invalid {
+                    key: format!("nodes[{i}].endpoint"),
+                    problem: format!("must be an https:// URL, got `{}`", node.endpoint),
+                });
+            }
+            if self.nodes[..i].iter().any(|n| n.id == node.id) {
+                return Err(Error::Invalid {
+                    key: format!("nodes[{i}].id"),
+                    problem: format!("`{}` is listed twice", node.id),
+                });
+            }
+        }
+        if self.node_deadline_secs == 0 || self.capability_valid_for_secs == 0 {
+            return Err(Error::Invalid {
+                key: "node_deadline_secs/capability_valid_for_secs".to_owned(),
+                problem: "must be at least 1 second".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn node_deadline(&self) -> Duration {
+        Duration::from_secs(self.node_deadline_secs)
+    }
+}

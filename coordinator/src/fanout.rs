@@ -1,0 +1,191 @@
+//! Sends one query to every registered node at once and collects what each
+//! released. A node that is down, slow or refuses is reported by name with
+//! its reason; it never silently disappears from the result.
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use ghx_pki::TlsMaterial;
+use ghx_proto::v1 as pb;
+use ghx_proto::v1::node_service_client::NodeServiceClient;
+use ghx_study::result::{AggregateResult, Cell, CellValue, NodeFailure};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("node `{id}` endpoint `{endpoint}` is not a valid URL: {message}")]
+    Endpoint {
+        id: String,
+        endpoint: String,
+        message: String,
+    },
+}
+
+/// A node the coordinator can reach.
+#[derive(Debug, Clone)]
+pub struct RegisteredNode {
+    pub id: String,
+    pub endpoint: String,
+    pub display_name: String,
+    channel: Channel,
+}
+
+/// The nodes of the federation and a connection to each.
+pub struct NodeRegistry {
+    tls: TlsMaterial,
+    deadline: Duration,
+    nodes: RwLock<BTreeMap<String, RegisteredNode>>,
+}
+
+impl NodeRegistry {
+    pub fn new(tls: TlsMaterial, deadline: Duration) -> Self {
+        NodeRegistry {
+            tls,
+            deadline,
+            nodes: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Adds or replaces a node. Connections are made lazily, on first use.
+    pub fn register(&self, id: &str, endpoint: &str, display_name: &str) -> Result<(), Error> {
+        let bad = |message: String| Error::Endpoint {
+            id: id.to_owned(),
+            endpoint: endpoint.to_owned(),
+            message,
+        };
+        if !endpoint.starts_with("https://") {
+            return Err(bad(
+                "the coordinator only speaks mTLS; use https://".to_owned()
+            ));
+        }
+        let channel = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| bad(e.to_string()))?
+            // The node's certificate names the node id.
+            .tls_config(self.tls.client_config(id))
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(self.deadline)
+            .connect_lazy();
+        self.nodes.write().expect("registry lock").insert(
+            id.to_owned(),
+            RegisteredNode {
+                id: id.to_owned(),
+                endpoint: endpoint.to_owned(),
+                display_name: display_name.to_owned(),
+                channel,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<RegisteredNode> {
+        self.nodes
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Runs the query on every node concurrently, each bounded by the
+    /// deadline, and returns the released results and the failures.
+    pub async fn run_aggregate(
+        &self,
+        capability: &str,
+        query_json: &[u8],
+    ) -> (Vec<AggregateResult>, Vec<NodeFailure>) {
+        let nodes = self.list();
+        let deadline = self.deadline;
+        let calls = nodes.into_iter().map(|node| {
+            let request = pb::RunAggregateRequest {
+                capability: capability.to_owned(),
+                query: Some(pb::QuerySpec {
+                    json: query_json.to_vec(),
+                }),
+            };
+            async move {
+                let mut client = NodeServiceClient::new(node.channel.clone());
+                let mut request = tonic::Request::new(request);
+                request.set_timeout(deadline);
+                let outcome = tokio::time::timeout(deadline, client.run_aggregate(request)).await;
+                let reason = match outcome {
+                    Err(_) => format!("no answer within {} s", deadline.as_secs()),
+                    Ok(Err(status)) => describe(&status),
+                    Ok(Ok(response)) => match response.into_inner().result {
+                        Some(result) => match result_from_wire(&node.id, result) {
+                            Ok(result) => return Ok(result),
+                            Err(reason) => reason,
+                        },
+                        None => "answered without a result".to_owned(),
+                    },
+                };
+                Err(NodeFailure {
+                    node_id: node.id.clone(),
+                    reason,
+                })
+            }
+        });
+        let mut results = Vec::new();
+        let mut failures = Vec::new();
+        for outcome in futures::future::join_all(calls).await {
+            match outcome {
+                Ok(r) => results.push(r),
+                Err(f) => {
+                    tracing::warn!(node = %f.node_id, reason = %f.reason, "node did not contribute");
+                    failures.push(f);
+                }
+            }
+        }
+        (results, failures)
+    }
+}
+
+fn describe(status: &tonic::Status) -> String {
+    match status.code() {
+        tonic::Code::Unavailable => format!("unreachable: {}", status.message()),
+        tonic::Code::PermissionDenied => format!("refused: {}", status.message()),
+        tonic::Code::DeadlineExceeded => "deadline exceeded".to_owned(),
+        code => format!("{code:?}: {}", status.message()),
+    }
+}
+
+/// Checks and converts a node's wire result. A result that claims to come
+/// from another node, or has malformed cells, is not trusted.
+fn result_from_wire(
+    expected_node: &str,
+    result: pb::AggregateResult,
+) -> Result<AggregateResult, String> {
+    if result.node_id != expected_node {
+        return Err(format!("answered as `{}`", result.node_id));
+    }
+    let width = result.dimensions.len();
+    let cells = result
+        .cells
+        .into_iter()
+        .map(|cell| {
+            if cell.key.len() != width {
+                return Err(format!(
+                    "cell key has {} values for {width} dimensions",
+                    cell.key.len()
+                ));
+            }
+            let value = match cell.value {
+                Some(pb::cell::Value::Count(n)) => CellValue::Count(n),
+                Some(pb::cell::Value::Suppressed(s)) => CellValue::Suppressed { reason: s.reason },
+                None => return Err("cell without a value".to_owned()),
+            };
+            Ok(Cell {
+                key: cell.key,
+                value,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(AggregateResult {
+        node_id: result.node_id,
+        dimensions: result.dimensions,
+        cells,
+        min_cell_size: result.min_cell_size,
+        notes: result.notes,
+    })
+}

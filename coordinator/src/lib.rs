@@ -1,0 +1,97 @@
+//! The ghx coordinator, run by G-Health.
+//!
+//! It registers nodes, takes study requests, holds them until the steering
+//! committee approves, then signs a capability for the approved query and
+//! fans it out to every node over mTLS, combining what the nodes released.
+//!
+//! Key decision: the coordinator is not trusted with anything a node would
+//! not release. It receives only disclosure-controlled aggregates, and its
+//! authority over nodes is limited to what it signs: each node checks the
+//! capability itself against the exact query bytes.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod fanout;
+pub mod studies;
+
+use std::future::Future;
+use std::time::Duration;
+
+use ghx_pki::{TlsFiles, TlsMaterial};
+use ghx_proto::v1::coordinator_service_server::CoordinatorServiceServer;
+use ghx_study::capability::Signer;
+use tonic::transport::Server;
+
+pub use config::CoordinatorConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error("TLS material: {0}")]
+    Pki(#[from] ghx_pki::Error),
+    #[error("cannot read signing key {path}: {source}")]
+    KeyFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("signing key: {0}")]
+    Key(#[from] ghx_study::capability::Error),
+    #[error(transparent)]
+    Registry(#[from] fanout::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A configured coordinator, ready to serve.
+pub struct Coordinator {
+    api: api::CoordinatorApi,
+    tls: TlsMaterial,
+}
+
+impl Coordinator {
+    pub fn build(config: CoordinatorConfig) -> Result<Coordinator, Error> {
+        let tls = TlsMaterial::load(&TlsFiles {
+            ca: config.tls.ca.clone(),
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+        })?;
+        let pem = std::fs::read_to_string(&config.signing_key.private_key).map_err(|source| {
+            Error::KeyFile {
+                path: config.signing_key.private_key.clone(),
+                source,
+            }
+        })?;
+        let signer = Signer::from_pem(&config.signing_key.kid, &pem)?;
+        let registry = fanout::NodeRegistry::new(tls.clone(), config.node_deadline());
+        for node in &config.nodes {
+            registry.register(&node.id, &node.endpoint, &node.display_name)?;
+        }
+        let api = api::CoordinatorApi::new(
+            registry,
+            signer,
+            Duration::from_secs(config.capability_valid_for_secs),
+        );
+        Ok(Coordinator { api, tls })
+    }
+
+    /// Serves gRPC over mTLS on `listener` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
+        Server::builder()
+            .tls_config(self.tls.server_config())?
+            .add_service(CoordinatorServiceServer::new(self.api))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                shutdown,
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,229 @@
+//! The gRPC face of the node: converts wire messages to domain types, runs
+//! gate -> engine -> release, records every decision in the audit log, and
+//! maps errors to gRPC statuses in exactly one place ([`status`]).
+
+use std::sync::Arc;
+
+use ghx_pki::PeerIdentity;
+use ghx_proto::v1 as pb;
+use ghx_study::capability::Verifier;
+use ghx_study::query;
+use ghx_study::result::{AggregateResult, CellValue};
+use tonic::{Request, Response, Status};
+
+use crate::store::{AuditEntry, Store};
+use crate::{engine, gate, release, store};
+
+/// The node service, shared by all connections.
+#[derive(Clone)]
+pub struct NodeApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: String,
+    display_name: String,
+    min_cell_size: u32,
+    store: Store,
+    verifier: Verifier,
+}
+
+/// Everything that can stop a request, before mapping to a status.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("client identity: {0}")]
+    Identity(#[from] ghx_pki::Error),
+    #[error(transparent)]
+    Gate(#[from] gate::Error),
+    #[error("storage: {0}")]
+    Store(#[from] store::Error),
+    #[error("the audit log could not record this request: {0}")]
+    Audit(store::Error),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// The one mapping from domain errors to gRPC statuses. Storage details stay
+/// in the node's log; the caller learns only that the node failed.
+fn status(error: &ApiError) -> Status {
+    match error {
+        ApiError::Identity(e) => Status::unauthenticated(e.to_string()),
+        ApiError::Gate(gate::Error::NotCoordinator { .. }) => {
+            Status::permission_denied(error.to_string())
+        }
+        ApiError::Gate(gate::Error::Capability(e)) => Status::permission_denied(e.to_string()),
+        ApiError::Gate(gate::Error::Query(e)) => Status::invalid_argument(e.to_string()),
+        ApiError::Store(_) | ApiError::Audit(_) | ApiError::Task(_) => {
+            tracing::error!(error = %error, "request failed inside the node");
+            Status::internal(
+                "the node failed to answer; its administrator can see why in the node log",
+            )
+        }
+    }
+}
+
+impl NodeApi {
+    pub fn new(
+        node_id: &str,
+        display_name: &str,
+        min_cell_size: u32,
+        store: Store,
+        verifier: Verifier,
+    ) -> Self {
+        NodeApi {
+            inner: Arc::new(Inner {
+                node_id: node_id.to_owned(),
+                display_name: display_name.to_owned(),
+                min_cell_size,
+                store,
+                verifier,
+            }),
+        }
+    }
+
+    /// Runs one request through the gate, engine and release, and audits the
+    /// outcome. If the audit entry cannot be written, nothing is released.
+    fn answer(
+        &self,
+        caller: &PeerIdentity,
+        token: &str,
+        query_json: &[u8],
+    ) -> Result<AggregateResult, ApiError> {
+        let inner = &self.inner;
+        let mut entry = AuditEntry {
+            at: now_rfc3339(),
+            caller: caller.name.clone(),
+            caller_role: caller.role.to_string(),
+            caller_org: caller.organisation.clone(),
+            study_id: String::new(),
+            capability_id: String::new(),
+            action: "aggregate".to_owned(),
+            decision: String::new(),
+            reason: String::new(),
+            query_sha256: query::digest(query_json),
+            result_cells: 0,
+        };
+        let outcome = (|| -> Result<AggregateResult, ApiError> {
+            let admitted = gate::admit(&inner.verifier, caller, token, query_json)?;
+            entry.study_id = admitted.claims.sub.clone();
+            entry.capability_id = admitted.claims.jti.clone();
+            let raw = engine::count(&inner.store, &admitted.spec)?;
+            Ok(release::release(
+                &inner.node_id,
+                &admitted.spec,
+                raw,
+                inner.min_cell_size,
+            ))
+        })();
+        match &outcome {
+            Ok(result) => {
+                entry.decision = "answered".to_owned();
+                entry.result_cells = result.cells.len() as i64;
+                let suppressed = result
+                    .cells
+                    .iter()
+                    .filter(|c| matches!(c.value, CellValue::Suppressed { .. }))
+                    .count();
+                entry.reason = format!("{suppressed} cells suppressed");
+            }
+            Err(e) => {
+                entry.decision = "refused".to_owned();
+                entry.reason = e.to_string();
+            }
+        }
+        inner.store.append_audit(&entry).map_err(ApiError::Audit)?;
+        tracing::info!(
+            caller = %entry.caller, study = %entry.study_id, decision = %entry.decision,
+            cells = entry.result_cells, "aggregate request"
+        );
+        outcome
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339 formatting of now")
+}
+
+pub(crate) fn result_to_wire(result: AggregateResult) -> pb::AggregateResult {
+    pb::AggregateResult {
+        node_id: result.node_id,
+        dimensions: result.dimensions,
+        min_cell_size: result.min_cell_size,
+        notes: result.notes,
+        cells: result
+            .cells
+            .into_iter()
+            .map(|c| pb::Cell {
+                key: c.key,
+                value: Some(match c.value {
+                    CellValue::Count(n) => pb::cell::Value::Count(n),
+                    CellValue::Suppressed { reason } => {
+                        pb::cell::Value::Suppressed(pb::Suppressed { reason })
+                    }
+                }),
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_service_server::NodeService for NodeApi {
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let store = self.inner.store.clone();
+        let ok = tokio::task::spawn_blocking(move || store.resource_counts().is_ok())
+            .await
+            .unwrap_or(false);
+        let (status, detail) = if ok {
+            (pb::health_response::Status::Serving, "store reachable")
+        } else {
+            (pb::health_response::Status::NotServing, "store unreachable")
+        };
+        Ok(Response::new(pb::HealthResponse {
+            status: status as i32,
+            detail: detail.to_owned(),
+        }))
+    }
+
+    async fn get_node_info(
+        &self,
+        request: Request<pb::GetNodeInfoRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        let store = self.inner.store.clone();
+        let counts = tokio::task::spawn_blocking(move || store.resource_counts())
+            .await
+            .map_err(|e| status(&ApiError::Task(e.to_string())))?
+            .map_err(|e| status(&e.into()))?;
+        Ok(Response::new(pb::NodeInfo {
+            node_id: self.inner.node_id.clone(),
+            display_name: self.inner.display_name.clone(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            min_cell_size: self.inner.min_cell_size,
+            resource_counts: counts.into_iter().collect(),
+        }))
+    }
+
+    async fn run_aggregate(
+        &self,
+        request: Request<pb::RunAggregateRequest>,
+    ) -> Result<Response<pb::RunAggregateResponse>, Status> {
+        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        let message = request.into_inner();
+        let query_json = message.query.map(|q| q.json).unwrap_or_default();
+        let api = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            api.answer(&caller, &message.capability, &query_json)
+        })
+        .await
+        .map_err(|e| status(&ApiError::Task(e.to_string())))?
+        .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::RunAggregateResponse {
+            result: Some(result_to_wire(result)),
+        }))
+    }
+}

@@ -1,0 +1,174 @@
+//! The node's configuration file, validated once at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The node id; must equal the common name of the node's certificate.
+    pub id: String,
+    pub display_name: String,
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// A SQLite file path, or a postgres:// URL.
+    pub database_url: String,
+    /// Smallest count released; smaller cells are suppressed.
+    #[serde(default = "default_min_cell_size")]
+    pub min_cell_size: u32,
+    pub tls: TlsConfig,
+    /// Public keys of the coordinator that sign capabilities, by key id.
+    pub coordinator_keys: Vec<CoordinatorKey>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorKey {
+    pub kid: String,
+    /// Ed25519 public key, SPKI PEM.
+    pub public_key: PathBuf,
+}
+
+fn default_min_cell_size() -> u32 {
+    10
+}
+
+impl NodeConfig {
+    /// Reads and validates a TOML configuration file. Relative paths in it are
+    /// resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.ca);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        for key in &mut self.coordinator_keys {
+            fix(&mut key.public_key);
+        }
+        let is_url = self.database_url.contains("://");
+        if !is_url && Path::new(&self.database_url).is_relative() {
+            self.database_url = base.join(&self.database_url).display().to_string();
+        }
+    }
+
+    /// Checks the values that TOML types alone cannot.
+    pub fn validate(&self) -> Result<(), Error> {
+        let id_ok = !self.id.is_empty()
+            && self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !id_ok {
+            return Err(Error::Invalid {
+                key: "id",
+                problem: "must be lowercase letters, digits and '-'".to_owned(),
+            });
+        }
+        if self.min_cell_size == 0 {
+            return Err(Error::Invalid {
+                key: "min_cell_size",
+                problem: "must be at least 1".to_owned(),
+            });
+        }
+        if self.coordinator_keys.is_empty() {
+            return Err(Error::Invalid {
+                key: "coordinator_keys",
+                problem: "must list at least one coordinator public key".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        NodeConfig::load(&path)
+    }
+
+    const GOOD: &str = r#"
+        id = "chosun"
+        display_name = "Chosun University Hospital"
+        listen = "127.0.0.1:7443"
+        database_url = "chosun.db"
+        [tls]
+        ca = "pki/ca.pem"
+        cert = "pki/chosun.pem"
+        key = "pki/chosun.key"
+        [[coordinator_keys]]
+        kid = "k1"
+        public_key = "coordinator.pub.pem"
+    "#;
+
+    #[test]
+    fn defaults_apply_and_relative_paths_resolve_against_the_file() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.min_cell_size, 10);
+        assert!(config.tls.ca.is_absolute());
+        assert!(config.database_url.ends_with("/chosun.db"));
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let err = parse(&GOOD.replace("127.0.0.1:7443", "nowhere")).unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+        let err = parse(&GOOD.replace("id = \"chosun\"", "id = \"Chosun Hospital\"")).unwrap_err();
+        assert!(err.to_string().contains("`id`"), "{err}");
+        let err = parse(&format!("min_cell_size = 0\n{GOOD}")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`min_cell_size` must be at least 1"),
+            "{err}"
+        );
+        let err = parse(&format!("colour = 1\n{GOOD}")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+    }
+}

@@ -1,0 +1,112 @@
+//! The aggregate engine: compiles a validated query into one SQL statement
+//! over the index tables and returns raw (unreleased) group counts.
+//!
+//! Raw counts never leave the node: they go only to [`crate::release`].
+//! Every value from the query is a bound parameter; the SQL text is built
+//! only from fixed fragments chosen by the query's structure.
+
+use ghx_study::query::{CodeMatch, Dimension, QuerySpec};
+
+use crate::store::{self, Bind, Dialect, Store};
+
+/// A group and its raw, unreleased count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawCell {
+    /// One value per query dimension, in the query's order.
+    pub key: Vec<String>,
+    pub count: u64,
+}
+
+/// Counts distinct consenting patients in the query's cohort, per group.
+pub fn count(store: &Store, spec: &QuerySpec) -> Result<Vec<RawCell>, store::Error> {
+    let (sql, binds) = compile_count(spec, store.dialect());
+    let rows = store.grouped_count(&sql, &binds)?;
+    let dimensions = spec.dimensions();
+    Ok(rows
+        .into_iter()
+        .map(|row| RawCell {
+            key: dimensions
+                .iter()
+                .map(|d| match d {
+                    Dimension::Sex => row.k_sex.clone(),
+                    Dimension::AgeBand => ghx_study::query::age_band_label(row.k_band),
+                })
+                .collect(),
+            count: u64::try_from(row.n).unwrap_or(0),
+        })
+        .collect())
+}
+
+/// The SQL and its binds for a count query.
+pub(crate) fn compile_count(spec: &QuerySpec, dialect: Dialect) -> (String, Vec<Bind>) {
+    let mut binds = Vec::new();
+    let mut param = |bind: Bind| {
+        binds.push(bind);
+        dialect.placeholder(binds.len())
+    };
+    let as_of = {
+        let d = spec.cohort.as_of;
+        i64::from(d.year()) * 10000 + i64::from(u8::from(d.month())) * 100 + i64::from(d.day())
+    };
+    let dims = spec.dimensions();
+    let sex = if dims.contains(&Dimension::Sex) {
+        "p.gender"
+    } else {
+        "''"
+    };
+    let band = if dims.contains(&Dimension::AgeBand) {
+        let a = param(Bind::Int(as_of));
+        let b = param(Bind::Int(as_of));
+        format!(
+            "CASE WHEN p.birth_ymd IS NULL THEN -1 \
+                  WHEN ({a} - p.birth_ymd) / 10000 >= 90 THEN 9 \
+                  ELSE (({b} - p.birth_ymd) / 10000) / 10 END"
+        )
+    } else {
+        "0".to_owned()
+    };
+    let mut sql =
+        format!("SELECT {sex} AS k_sex, {band} AS k_band, COUNT(*) AS n FROM patients p WHERE ");
+    // Only patients whose most recent research consent is an active permit.
+    sql.push_str(
+        "EXISTS (SELECT 1 FROM consents k WHERE k.patient_id = p.id AND k.scope = 'research' \
+           AND k.status = 'active' AND k.decision = 'permit' \
+           AND NOT EXISTS (SELECT 1 FROM consents k2 WHERE k2.patient_id = p.id \
+             AND k2.scope = 'research' AND k2.status IN ('active', 'inactive', 'rejected') \
+             AND k2.recorded_at > k.recorded_at))",
+    );
+    let born = param(Bind::Int(as_of));
+    sql.push_str(&format!(
+        " AND (p.birth_ymd IS NULL OR p.birth_ymd <= {born})"
+    ));
+    for criterion in &spec.cohort.conditions {
+        let system = param(Bind::Text(criterion.system.clone()));
+        let code = match criterion.matching {
+            CodeMatch::Exact => format!("c.code = {}", param(Bind::Text(criterion.code.clone()))),
+            CodeMatch::Prefix => format!(
+                "c.code LIKE {}",
+                param(Bind::Text(format!("{}%", criterion.code)))
+            ),
+        };
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM condition_codes c WHERE c.patient_id = p.id \
+               AND c.system = {system} AND {code})"
+        ));
+    }
+    if let Some(age) = spec.cohort.age {
+        if let Some(min) = age.min {
+            let a = param(Bind::Int(as_of));
+            let m = param(Bind::Int(i64::from(min)));
+            sql.push_str(&format!(" AND ({a} - p.birth_ymd) / 10000 >= {m}"));
+        }
+        if let Some(max) = age.max {
+            let a = param(Bind::Int(as_of));
+            let m = param(Bind::Int(i64::from(max)));
+            sql.push_str(&format!(" AND ({a} - p.birth_ymd) / 10000 <= {m}"));
+        }
+    }
+    if !dims.is_empty() {
+        sql.push_str(" GROUP BY 1, 2 ORDER BY 1, 2");
+    }
+    (sql, binds)
+}

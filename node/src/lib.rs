@@ -1,0 +1,127 @@
+//! The ghx hospital node.
+//!
+//! Data flow is one-way: `api` (gRPC and wire conversion) -> `gate`
+//! (caller, capability, query validity) -> `engine` (SQL over the index
+//! tables) -> `store` (diesel). `release` (disclosure control) sits between
+//! engine and api: raw counts exist only inside the node, and only released
+//! results reach the api. `import` fills the store from EHR exports.
+//!
+//! Key decision: queries never read resource JSON. Import derives index rows
+//! (patients, condition codes, observation values, consents) from each
+//! validated resource, and every query compiles to SQL over those rows.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod gate;
+pub mod import;
+pub mod release;
+pub mod store;
+
+use std::future::Future;
+
+use ghx_pki::{TlsFiles, TlsMaterial};
+use ghx_proto::v1::node_service_server::NodeServiceServer;
+use ghx_study::capability::Verifier;
+use tonic::transport::Server;
+
+pub use config::NodeConfig;
+pub use store::Store;
+
+/// Why a node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("TLS material: {0}")]
+    Pki(#[from] ghx_pki::Error),
+    #[error("cannot read coordinator key {path}: {source}")]
+    KeyFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("coordinator key: {0}")]
+    Key(#[from] ghx_study::capability::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A configured node, ready to serve.
+pub struct Node {
+    config: NodeConfig,
+    store: Store,
+    verifier: Verifier,
+    tls: TlsMaterial,
+}
+
+impl Node {
+    /// Opens the store (applying migrations) and loads keys and certificates.
+    pub fn build(config: NodeConfig) -> Result<Node, Error> {
+        let store = Store::open(&config.database_url)?;
+        let tls = TlsMaterial::load(&TlsFiles {
+            ca: config.tls.ca.clone(),
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+        })?;
+        let keys = config
+            .coordinator_keys
+            .iter()
+            .map(|k| {
+                std::fs::read_to_string(&k.public_key)
+                    .map(|pem| (k.kid.clone(), pem))
+                    .map_err(|source| Error::KeyFile {
+                        path: k.public_key.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let verifier = Verifier::new(
+            &config.id,
+            keys.iter().map(|(k, p)| (k.as_str(), p.as_str())),
+        )?;
+        Ok(Node {
+            config,
+            store,
+            verifier,
+            tls,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Serves gRPC over mTLS on `listener` until `shutdown` completes, then
+    /// finishes in-flight requests and returns.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let api = api::NodeApi::new(
+            &self.config.id,
+            &self.config.display_name,
+            self.config.min_cell_size,
+            self.store,
+            self.verifier,
+        );
+        tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node serving");
+        Server::builder()
+            .tls_config(self.tls.server_config())?
+            .add_service(NodeServiceServer::new(api))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                shutdown,
+            )
+            .await?;
+        Ok(())
+    }
+}

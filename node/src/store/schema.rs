@@ -1,0 +1,69 @@
+//! Diesel table definitions; the migrations under `node/migrations/` create them.
+
+diesel::table! {
+    resources (resource_type, id) {
+        resource_type -> Text,
+        id -> Text,
+        version_id -> BigInt,
+        last_updated -> Text,
+        patient_id -> Nullable<Text>,
+        content -> Text,
+    }
+}
+
+diesel::table! {
+    patients (id) {
+        id -> Text,
+        gender -> Text,
+        birth_ymd -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    condition_codes (condition_id, system, code) {
+        condition_id -> Text,
+        patient_id -> Text,
+        system -> Text,
+        code -> Text,
+    }
+}
+
+diesel::table! {
+    observation_values (observation_id, system, code) {
+        observation_id -> Text,
+        patient_id -> Text,
+        system -> Text,
+        code -> Text,
+        value -> Nullable<Double>,
+        unit -> Nullable<Text>,
+        effective_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    consents (consent_id) {
+        consent_id -> Text,
+        patient_id -> Text,
+        status -> Text,
+        scope -> Text,
+        decision -> Text,
+        recorded_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    audit_log (seq) {
+        seq -> BigInt,
+        at -> Text,
+        caller -> Text,
+        caller_role -> Text,
+        caller_org -> Text,
+        study_id -> Text,
+        capability_id -> Text,
+        action -> Text,
+        decision -> Text,
+        reason -> Text,
+        query_sha256 -> Text,
+        result_cells -> BigInt,
+    }
+}

@@ -1,0 +1,519 @@
+//! The federation's public-key infrastructure: one CA, certificates for
+//! nodes, the coordinator and people, and how a peer's identity is read back.
+//!
+//! Key decision: a certificate carries its holder's identity in its subject:
+//! the common name is the holder's id (`chonnam`, `coordinator`, `alice`), the
+//! organisational unit is the holder's [`Role`] and the organisation names the
+//! institution. Every gRPC connection in the federation is mutual TLS against
+//! the federation CA, so once the handshake succeeds the server reads the
+//! caller's role straight from its certificate: there is no second identity
+//! system to keep in step with the first.
+//!
+//! Keys are ECDSA P-256, which every TLS stack accepts.
+
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use time::{Duration, OffsetDateTime};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity, ServerTlsConfig};
+
+/// Everything that can go wrong creating, loading or reading certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {what} from {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} already exists; refusing to overwrite a key or certificate")]
+    Exists { path: PathBuf },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("peer presented no client certificate")]
+    NoPeerCertificate,
+    #[error("peer certificate is not valid X.509: {0}")]
+    Parse(String),
+    #[error("peer certificate has no {0} in its subject")]
+    MissingSubjectField(&'static str),
+    #[error(
+        "unknown role `{0}`; expected one of coordinator, node, requester, committee, auditor, node-admin"
+    )]
+    UnknownRole(String),
+    #[error("invalid name `{0}`: use 1-63 lowercase letters, digits and '-'")]
+    InvalidName(String),
+}
+
+/// What a certificate holder may do in the federation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The G-Health coordinator service.
+    Coordinator,
+    /// A hospital node.
+    Node,
+    /// A startup or researcher who submits studies.
+    Requester,
+    /// A steering committee member who approves studies.
+    Committee,
+    /// Someone who may read audit trails.
+    Auditor,
+    /// Hospital IT administering a node's registration.
+    NodeAdmin,
+}
+
+impl Role {
+    /// The spelling used in certificates and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Node => "node",
+            Role::Requester => "requester",
+            Role::Committee => "committee",
+            Role::Auditor => "auditor",
+            Role::NodeAdmin => "node-admin",
+        }
+    }
+
+    /// Services (which accept connections) need server authentication too.
+    fn is_service(self) -> bool {
+        matches!(self, Role::Coordinator | Role::Node)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "coordinator" => Role::Coordinator,
+            "node" => Role::Node,
+            "requester" => Role::Requester,
+            "committee" => Role::Committee,
+            "auditor" => Role::Auditor,
+            "node-admin" => Role::NodeAdmin,
+            other => return Err(Error::UnknownRole(other.to_owned())),
+        })
+    }
+}
+
+/// Who is on the other end of a verified mTLS connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The certificate's common name: a node id, `coordinator`, or a user name.
+    pub name: String,
+    pub role: Role,
+    /// The institution, e.g. "Chosun University Hospital".
+    pub organisation: String,
+}
+
+impl PeerIdentity {
+    /// Reads the identity from the leaf certificate of a verified chain.
+    pub fn from_chain(chain: &[impl AsRef<[u8]>]) -> Result<Self, Error> {
+        let leaf = chain.first().ok_or(Error::NoPeerCertificate)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|e| Error::Parse(e.to_string()))?;
+        let subject = cert.subject();
+        let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue>| {
+            it.next().and_then(|a| a.as_str().ok()).map(str::to_owned)
+        };
+        let name =
+            first(&mut subject.iter_common_name()).ok_or(Error::MissingSubjectField("CN"))?;
+        let role = first(&mut subject.iter_organizational_unit())
+            .ok_or(Error::MissingSubjectField("OU (role)"))?
+            .parse()?;
+        let organisation = first(&mut subject.iter_organization()).unwrap_or_default();
+        Ok(PeerIdentity {
+            name,
+            role,
+            organisation,
+        })
+    }
+
+    /// Reads the identity of the caller of a gRPC request served over mTLS.
+    pub fn from_request<T>(request: &tonic::Request<T>) -> Result<Self, Error> {
+        let chain = request.peer_certs().ok_or(Error::NoPeerCertificate)?;
+        Self::from_chain(&chain)
+    }
+}
+
+/// A PEM certificate and its PEM private key.
+#[derive(Clone)]
+pub struct CertifiedKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for CertifiedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print private keys.
+        f.debug_struct("CertifiedKey").finish_non_exhaustive()
+    }
+}
+
+/// The federation CA: signs every certificate in the federation.
+pub struct CertificateAuthority {
+    material: CertifiedKey,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// What a new certificate should say.
+#[derive(Debug, Clone)]
+pub struct CertificateRequest {
+    /// Common name: node id, `coordinator`, or a user name.
+    pub name: String,
+    pub role: Role,
+    pub organisation: String,
+    /// DNS names and IP addresses a service is reached at (ignored for people).
+    pub hosts: Vec<String>,
+    pub valid_for: Duration,
+}
+
+impl CertificateRequest {
+    /// A request with the defaults: reachable on loopback, valid for a year.
+    pub fn new(name: &str, role: Role, organisation: &str) -> Self {
+        CertificateRequest {
+            name: name.to_owned(),
+            role,
+            organisation: organisation.to_owned(),
+            hosts: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            valid_for: Duration::days(365),
+        }
+    }
+}
+
+impl CertificateAuthority {
+    /// Creates a new CA valid for ten years.
+    pub fn create(federation: &str) -> Result<Self, Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{federation} federation CA"));
+        dn.push(DnType::OrganizationName, federation);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        let material = CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        Ok(CertificateAuthority {
+            material,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from its PEM certificate and key.
+    pub fn from_pem(material: CertifiedKey) -> Result<Self, Error> {
+        let key = KeyPair::from_pem(&material.key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&material.cert_pem, key)?;
+        Ok(CertificateAuthority { material, issuer })
+    }
+
+    /// The CA certificate, which every member of the federation trusts.
+    pub fn cert_pem(&self) -> &str {
+        &self.material.cert_pem
+    }
+
+    /// The CA's own certificate and key, for writing to disk.
+    pub fn material(&self) -> &CertifiedKey {
+        &self.material
+    }
+
+    /// Issues a certificate signed by this CA.
+    pub fn issue(&self, request: &CertificateRequest) -> Result<CertifiedKey, Error> {
+        validate_name(&request.name)?;
+        let key = KeyPair::generate()?;
+        let hosts = if request.role.is_service() {
+            let mut hosts = request.hosts.clone();
+            if !hosts.contains(&request.name) {
+                hosts.push(request.name.clone());
+            }
+            hosts
+        } else {
+            Vec::new()
+        };
+        let mut params = CertificateParams::new(hosts)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, request.name.as_str());
+        dn.push(DnType::OrganizationalUnitName, request.role.as_str());
+        dn.push(DnType::OrganizationName, request.organisation.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = if request.role.is_service() {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + request.valid_for;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName(name.to_owned()))
+    }
+}
+
+/// Where a federation member's TLS files live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The federation CA certificate.
+    pub ca: PathBuf,
+    /// This member's certificate.
+    pub cert: PathBuf,
+    /// This member's private key.
+    pub key: PathBuf,
+}
+
+/// Loaded TLS material: the CA to trust and the identity to present.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    ca_pem: String,
+    identity: CertifiedKey,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial").finish_non_exhaustive()
+    }
+}
+
+impl TlsMaterial {
+    pub fn new(ca_pem: String, identity: CertifiedKey) -> Self {
+        TlsMaterial { ca_pem, identity }
+    }
+
+    /// Reads the CA certificate, certificate and key from files.
+    pub fn load(files: &TlsFiles) -> Result<Self, Error> {
+        let read = |what, path: &Path| {
+            fs::read_to_string(path).map_err(|source| Error::Read {
+                what,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        Ok(TlsMaterial {
+            ca_pem: read("the federation CA certificate", &files.ca)?,
+            identity: CertifiedKey {
+                cert_pem: read("the certificate", &files.cert)?,
+                key_pem: read("the private key", &files.key)?,
+            },
+        })
+    }
+
+    /// Server side: present our certificate and require a client certificate
+    /// signed by the federation CA.
+    pub fn server_config(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(TlsIdentity::from_pem(
+                &self.identity.cert_pem,
+                &self.identity.key_pem,
+            ))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+    }
+
+    /// Client side: trust only the federation CA, expect the server to be
+    /// `server_name`, and present our certificate.
+    pub fn client_config(&self, server_name: &str) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(TlsIdentity::from_pem(
+                &self.identity.cert_pem,
+                &self.identity.key_pem,
+            ))
+            .domain_name(server_name)
+    }
+}
+
+/// A directory of PKI files named `ca.pem`, `ca.key`, `<name>.pem`, `<name>.key`.
+#[derive(Debug, Clone)]
+pub struct PkiDir {
+    root: PathBuf,
+}
+
+impl PkiDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        PkiDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The files a member named `name` uses for mTLS.
+    pub fn tls_files(&self, name: &str) -> TlsFiles {
+        TlsFiles {
+            ca: self.root.join("ca.pem"),
+            cert: self.root.join(format!("{name}.pem")),
+            key: self.root.join(format!("{name}.key")),
+        }
+    }
+
+    /// Creates a new CA and writes it; refuses to overwrite an existing one.
+    pub fn init(&self, federation: &str) -> Result<CertificateAuthority, Error> {
+        let ca = CertificateAuthority::create(federation)?;
+        fs::create_dir_all(&self.root).map_err(|source| Error::Write {
+            path: self.root.clone(),
+            source,
+        })?;
+        self.write_pair("ca", ca.material())?;
+        Ok(ca)
+    }
+
+    /// Loads the CA written by [`PkiDir::init`].
+    pub fn load_ca(&self) -> Result<CertificateAuthority, Error> {
+        let files = self.tls_files("ca");
+        let material = TlsMaterial::load(&TlsFiles {
+            ca: files.cert.clone(),
+            cert: files.cert,
+            key: self.root.join("ca.key"),
+        })?;
+        CertificateAuthority::from_pem(material.identity)
+    }
+
+    /// Issues a certificate with `ca` and writes it as `<name>.pem`/`<name>.key`.
+    pub fn issue(
+        &self,
+        ca: &CertificateAuthority,
+        request: &CertificateRequest,
+    ) -> Result<TlsFiles, Error> {
+        let issued = ca.issue(request)?;
+        self.write_pair(&request.name, &issued)?;
+        Ok(self.tls_files(&request.name))
+    }
+
+    fn write_pair(&self, name: &str, material: &CertifiedKey) -> Result<(), Error> {
+        let cert = self.root.join(format!("{name}.pem"));
+        let key = self.root.join(format!("{name}.key"));
+        for path in [&cert, &key] {
+            if path.exists() {
+                return Err(Error::Exists { path: path.clone() });
+            }
+        }
+        write_file(&cert, &material.cert_pem, 0o644)?;
+        write_file(&key, &material.key_pem, 0o600)
+    }
+}
+
+fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|source| Error::Write {
+            path: path.to_owned(),
+            source,
+        })?;
+    file.write_all(contents.as_bytes())
+        .map_err(|source| Error::Write {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> Vec<u8> {
+        let (_, doc) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("pem");
+        doc.contents
+    }
+
+    #[test]
+    fn issued_certificate_carries_name_role_and_organisation() {
+        let ca = CertificateAuthority::create("G-Health").unwrap();
+        let issued = ca
+            .issue(&CertificateRequest::new(
+                "chosun",
+                Role::Node,
+                "Chosun University Hospital",
+            ))
+            .unwrap();
+        let identity = PeerIdentity::from_chain(&[der(&issued.cert_pem)]).unwrap();
+        assert_eq!(
+            identity,
+            PeerIdentity {
+                name: "chosun".into(),
+                role: Role::Node,
+                organisation: "Chosun University Hospital".into()
+            }
+        );
+    }
+
+    #[test]
+    fn ca_round_trips_through_a_directory_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("G-Health").unwrap();
+        let ca = pki.load_ca().unwrap();
+        let req = CertificateRequest::new("alice", Role::Committee, "G-Health");
+        let files = pki.issue(&ca, &req).unwrap();
+        assert!(files.cert.exists() && files.key.exists());
+        assert!(matches!(pki.issue(&ca, &req), Err(Error::Exists { .. })));
+        assert!(matches!(pki.init("again"), Err(Error::Exists { .. })));
+    }
+
+    #[test]
+    fn rejects_names_that_are_not_simple_ids() {
+        let ca = CertificateAuthority::create("G-Health").unwrap();
+        for bad in ["", "Chosun", "a b", "-x", "../etc"] {
+            let req = CertificateRequest::new(bad, Role::Node, "X");
+            assert!(
+                matches!(ca.issue(&req), Err(Error::InvalidName(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_roles_are_named_in_the_error() {
+        let err = "admin".parse::<Role>().unwrap_err();
+        assert!(err.to_string().contains("unknown role `admin`"));
+    }
+}

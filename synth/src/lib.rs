@@ -1,0 +1,595 @@
+//! Seeded synthetic FHIR R4 data for the three Gwangju hospitals.
+//!
+//! Key decision: every patient is drawn from one small causal model, so the
+//! data carry the correlations real analyses look for: age and BMI raise the
+//! risk of type 2 diabetes, hypertension and dyslipidaemia; diabetics have
+//! higher HbA1c and fasting glucose; hypertensives higher blood pressure; and
+//! each hospital has its own case-mix (age, BMI, research-consent rate). The
+//! generator streams patient by patient into one NDJSON file per resource type
+//! (the FHIR bulk-export layout), so memory stays flat at any size, and the
+//! same seed always gives the same bytes.
+
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use serde_json::{Value, json};
+use time::{Date, Duration, Month};
+
+/// KR Core's KCD-8 code system.
+pub const KCD8: &str = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+const LOINC: &str = "http://loinc.org";
+const UCUM: &str = "http://unitsofmeasure.org";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown hospital `{0}`; expected one of chonnam, chosun, christian")]
+    UnknownHospital(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A hospital's case-mix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HospitalProfile {
+    pub id: &'static str,
+    pub name: &'static str,
+    mean_age: f64,
+    sd_age: f64,
+    mean_bmi_offset: f64,
+    /// Added to the log-odds of type 2 diabetes (referral centres see more).
+    diabetes_offset: f64,
+    /// Share of patients with an active research-permit Consent.
+    research_consent_rate: f64,
+    /// Share of the remaining patients with an explicit research deny.
+    research_deny_rate: f64,
+}
+
+/// The three hospitals of the G-Health federation.
+pub const HOSPITALS: [HospitalProfile; 3] = [
+    HospitalProfile {
+        id: "chonnam",
+        name: "Chonnam National University Hospital",
+        mean_age: 58.0,
+        sd_age: 16.0,
+        mean_bmi_offset: 0.3,
+        diabetes_offset: 0.35,
+        research_consent_rate: 0.78,
+        research_deny_rate: 0.5,
+    },
+    HospitalProfile {
+        id: "chosun",
+        name: "Chosun University Hospital",
+        mean_age: 54.0,
+        sd_age: 17.0,
+        mean_bmi_offset: 0.0,
+        diabetes_offset: 0.15,
+        research_consent_rate: 0.70,
+        research_deny_rate: 0.4,
+    },
+    HospitalProfile {
+        id: "christian",
+        name: "Gwangju Christian Hospital",
+        mean_age: 49.0,
+        sd_age: 18.0,
+        mean_bmi_offset: -0.2,
+        diabetes_offset: 0.0,
+        research_consent_rate: 0.84,
+        research_deny_rate: 0.6,
+    },
+];
+
+impl HospitalProfile {
+    pub fn by_id(id: &str) -> Result<&'static HospitalProfile, Error> {
+        HOSPITALS
+            .iter()
+            .find(|h| h.id == id)
+            .ok_or_else(|| Error::UnknownHospital(id.to_owned()))
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    pub hospital: &'static HospitalProfile,
+    pub patients: usize,
+    pub seed: u64,
+    /// The data are as of this date: ages and observation dates are relative to it.
+    pub as_of: Date,
+}
+
+/// How many resources of each type were written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub patients: usize,
+    pub conditions: usize,
+    pub observations: usize,
+    pub encounters: usize,
+    pub medication_requests: usize,
+    pub consents: usize,
+}
+
+impl Summary {
+    pub fn total(&self) -> usize {
+        self.patients
+            + self.conditions
+            + self.observations
+            + self.encounters
+            + self.medication_requests
+            + self.consents
+    }
+}
+
+/// The resource types written, in file order.
+pub const RESOURCE_TYPES: [&str; 6] = [
+    "Patient",
+    "Encounter",
+    "Condition",
+    "Observation",
+    "MedicationRequest",
+    "Consent",
+];
+
+/// Writes `<dir>/<ResourceType>.ndjson` files and returns what was written.
+pub fn write_ndjson_dir(options: &SynthOptions, dir: &Path) -> Result<Summary, Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut files = Vec::new();
+    for ty in RESOURCE_TYPES {
+        let path = dir.join(format!("{ty}.ndjson"));
+        let file = File::create(&path).map_err(|source| Error::Write {
+            path: path.clone(),
+            source,
+        })?;
+        files.push((path, BufWriter::with_capacity(1 << 16, file)));
+    }
+    let mut summary = Summary::default();
+    let mut failure = None;
+    generate(options, |resource| {
+        if failure.is_some() {
+            return;
+        }
+        let ty = resource["resourceType"].as_str().unwrap_or_default();
+        let index = RESOURCE_TYPES.iter().position(|t| *t == ty).unwrap_or(0);
+        match ty {
+            "Patient" => summary.patients += 1,
+            "Condition" => summary.conditions += 1,
+            "Observation" => summary.observations += 1,
+            "Encounter" => summary.encounters += 1,
+            "MedicationRequest" => summary.medication_requests += 1,
+            _ => summary.consents += 1,
+        }
+        let (path, out) = &mut files[index];
+        let written = serde_json::to_writer(&mut *out, &resource)
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"));
+        if let Err(source) = written {
+            failure = Some(Error::Write {
+                path: path.clone(),
+                source,
+            });
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    for (path, mut out) in files {
+        out.flush()
+            .map_err(|source| Error::Write { path, source })?;
+    }
+    Ok(summary)
+}
+
+/// Generates the resources, handing each to `sink` as soon as it is made.
+pub fn generate(options: &SynthOptions, mut sink: impl FnMut(Value)) {
+    let h = options.hospital;
+    // Mix the hospital into the seed so the hospitals differ for one seed.
+    let seed = options.seed ^ fnv1a(h.id.as_bytes());
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..options.patients {
+        let patient = Patient::draw(h, options.as_of, &mut rng);
+        patient.emit(
+            h,
+            &format!("{}-{:07}", h.id, i + 1),
+            options.as_of,
+            &mut rng,
+            &mut sink,
+        );
+    }
+}
+
+/// One synthetic patient's latent state.
+struct Patient {
+    female: bool,
+    age: f64,
+    birth: Date,
+    bmi: f64,
+    diabetes: bool,
+    hypertension: bool,
+    dyslipidaemia: bool,
+    consent: ConsentKind,
+}
+
+#[derive(Clone, Copy)]
+enum ConsentKind {
+    Permit,
+    Deny,
+    /// Permitted once, then withdrawn by a newer inactive consent.
+    Withdrawn,
+    None,
+}
+
+fn normal(rng: &mut StdRng, mean: f64, sd: f64) -> f64 {
+    Normal::new(mean, sd).expect("finite sd").sample(rng)
+}
+
+fn logistic(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl Patient {
+    fn draw(h: &HospitalProfile, as_of: Date, rng: &mut StdRng) -> Patient {
+        let female = rng.gen_bool(0.52);
+        let age = normal(rng, h.mean_age, h.sd_age).clamp(18.0, 99.0);
+        let days = (age * 365.25) as i64 + rng.gen_range(0..365);
+        let birth = as_of - Duration::days(days);
+        let bmi = (normal(rng, 23.6 + h.mean_bmi_offset, 3.4) + 0.02 * (age - 50.0)
+            - if female { 0.8 } else { 0.0 })
+        .clamp(15.0, 45.0);
+        let male = if female { 0.0 } else { 1.0 };
+        let diabetes = rng.gen_bool(logistic(
+            -4.9 + 0.055 * age + 0.19 * (bmi - 23.0) + 0.25 * male + h.diabetes_offset,
+        ));
+        let d = if diabetes { 1.0 } else { 0.0 };
+        let hypertension = rng.gen_bool(logistic(
+            -5.4 + 0.075 * age + 0.13 * (bmi - 23.0) + 0.3 * male + 0.6 * d,
+        ));
+        let dyslipidaemia =
+            rng.gen_bool(logistic(-3.6 + 0.045 * age + 0.08 * (bmi - 23.0) + 0.5 * d));
+        let consent = if rng.gen_bool(h.research_consent_rate) {
+            if rng.gen_bool(0.03) {
+                ConsentKind::Withdrawn
+            } else {
+                ConsentKind::Permit
+            }
+        } else if rng.gen_bool(h.research_deny_rate) {
+            ConsentKind::Deny
+        } else {
+            ConsentKind::None
+        };
+        Patient {
+            female,
+            age,
+            birth,
+            bmi,
+            diabetes,
+            hypertension,
+            dyslipidaemia,
+            consent,
+        }
+    }
+
+    fn emit(
+        &self,
+        h: &HospitalProfile,
+        id: &str,
+        as_of: Date,
+        rng: &mut StdRng,
+        sink: &mut impl FnMut(Value),
+    ) {
+        let patient_ref = format!("Patient/{id}");
+        sink(json!({
+            "resourceType": "Patient",
+            "id": id,
+            "meta": {"profile": ["http://www.hl7korea.or.kr/fhir/krcore/StructureDefinition/krcore-patient"]},
+            "identifier": [{"system": format!("urn:ghx:{}:mrn", h.id), "value": format!("MRN{}", &id[id.len() - 7..])}],
+            "active": true,
+            "gender": if self.female { "female" } else { "male" },
+            "birthDate": iso(self.birth),
+        }));
+
+        let visits = 1 + rng.gen_range(0..3);
+        let mut encounter_ids = Vec::with_capacity(visits);
+        for v in 0..visits {
+            let enc_id = format!("{id}-enc{v}");
+            let day = as_of - Duration::days(rng.gen_range(1..700));
+            sink(json!({
+                "resourceType": "Encounter",
+                "id": enc_id,
+                "status": "finished",
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB", "display": "ambulatory"},
+                "subject": {"reference": patient_ref},
+                "period": {"start": format!("{}T09:00:00+09:00", iso(day)), "end": format!("{}T09:30:00+09:00", iso(day))},
+                "serviceProvider": {"display": h.name},
+            }));
+            encounter_ids.push((enc_id, day));
+        }
+        let (first_enc, first_day) = encounter_ids[0].clone();
+
+        let onset = |rng: &mut StdRng| {
+            let years_ago = rng.gen_range(0.0..(self.age - 18.0).clamp(0.5, 15.0));
+            as_of - Duration::days((years_ago * 365.25) as i64 + 1)
+        };
+        let mut condition = |n: usize, code: &str, display: &str, rng: &mut StdRng| {
+            sink(json!({
+                "resourceType": "Condition",
+                "id": format!("{id}-cond{n}"),
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "confirmed"}]},
+                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "encounter-diagnosis"}]}],
+                "code": {"coding": [{"system": KCD8, "code": code, "display": display}]},
+                "subject": {"reference": patient_ref},
+                "encounter": {"reference": format!("Encounter/{first_enc}")},
+                "onsetDateTime": iso(onset(rng)),
+                "recordedDate": iso(first_day),
+            }));
+        };
+        if self.diabetes {
+            let (code, display) = if rng.gen_bool(0.8) {
+                ("E11.9", "Type 2 diabetes mellitus without complications")
+            } else {
+                (
+                    "E11.2",
+                    "Type 2 diabetes mellitus with kidney complications",
+                )
+            };
+            condition(0, code, display, rng);
+        }
+        if self.hypertension {
+            condition(1, "I10", "Essential (primary) hypertension", rng);
+        }
+        if self.dyslipidaemia {
+            let (code, display) = if rng.gen_bool(0.7) {
+                ("E78.5", "Hyperlipidaemia, unspecified")
+            } else {
+                ("E78.0", "Pure hypercholesterolaemia")
+            };
+            condition(2, code, display, rng);
+        }
+
+        let d = if self.diabetes { 1.0 } else { 0.0 };
+        let htn = if self.hypertension { 1.0 } else { 0.0 };
+        let lip = if self.dyslipidaemia { 1.0 } else { 0.0 };
+        let hba1c = if self.diabetes {
+            normal(rng, 7.4, 1.1).clamp(5.7, 14.0)
+        } else {
+            normal(
+                rng,
+                5.35 + 0.004 * (self.age - 40.0) + 0.02 * (self.bmi - 23.0),
+                0.32,
+            )
+            .clamp(4.0, 6.4)
+        };
+        let glucose = if self.diabetes {
+            normal(rng, 150.0, 35.0).clamp(90.0, 400.0)
+        } else {
+            normal(rng, 92.0 + 0.8 * (self.bmi - 23.0), 9.0).clamp(65.0, 125.0)
+        };
+        let sbp = normal(
+            rng,
+            112.0 + 0.45 * (self.age - 40.0) + 0.9 * (self.bmi - 23.0) + 14.0 * htn + 3.0 * d,
+            11.0,
+        )
+        .clamp(80.0, 220.0);
+        let dbp = normal(
+            rng,
+            72.0 + 0.12 * (self.age - 40.0) + 0.45 * (self.bmi - 23.0) + 8.0 * htn,
+            8.0,
+        )
+        .clamp(45.0, 130.0)
+        .min(sbp - 15.0);
+        let ldl = normal(
+            rng,
+            108.0 + 0.25 * (self.age - 40.0) + 28.0 * lip - 8.0 * d,
+            27.0,
+        )
+        .clamp(30.0, 300.0);
+
+        let mut n = 0;
+        let (enc_id, day) = encounter_ids[encounter_ids.len() - 1].clone();
+        let mut observation = |code: &str,
+                               display: &str,
+                               value: Value,
+                               components: Option<Value>| {
+            let mut obs = json!({
+                "resourceType": "Observation",
+                "id": format!("{id}-obs{n}"),
+                "status": "final",
+                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": if code == "39156-5" || code == "85354-9" { "vital-signs" } else { "laboratory" }}]}],
+                "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
+                "subject": {"reference": patient_ref},
+                "encounter": {"reference": format!("Encounter/{enc_id}")},
+                "effectiveDateTime": format!("{}T09:10:00+09:00", iso(day)),
+            });
+            if value.is_object() {
+                obs["valueQuantity"] = value;
+            }
+            if let Some(c) = components {
+                obs["component"] = c;
+            }
+            sink(obs);
+            n += 1;
+        };
+        observation(
+            "4548-4",
+            "Hemoglobin A1c/Hemoglobin.total in Blood",
+            quantity(hba1c, 1, "%", "%"),
+            None,
+        );
+        observation(
+            "1558-6",
+            "Fasting glucose [Mass/volume] in Serum or Plasma",
+            quantity(glucose, 0, "mg/dL", "mg/dL"),
+            None,
+        );
+        observation(
+            "39156-5",
+            "Body mass index (BMI) [Ratio]",
+            quantity(self.bmi, 1, "kg/m2", "kg/m2"),
+            None,
+        );
+        observation(
+            "13457-7",
+            "Cholesterol in LDL [Mass/volume] in Serum or Plasma by calculation",
+            quantity(ldl, 0, "mg/dL", "mg/dL"),
+            None,
+        );
+        observation(
+            "85354-9",
+            "Blood pressure panel with all children optional",
+            Value::Null,
+            Some(json!([
+                {"code": {"coding": [{"system": LOINC, "code": "8480-6", "display": "Systolic blood pressure"}]}, "valueQuantity": quantity(sbp, 0, "mm[Hg]", "mm[Hg]")},
+                {"code": {"coding": [{"system": LOINC, "code": "8462-4", "display": "Diastolic blood pressure"}]}, "valueQuantity": quantity(dbp, 0, "mm[Hg]", "mm[Hg]")},
+            ])),
+        );
+
+        if self.diabetes && rng.gen_bool(0.85) {
+            sink(json!({
+                "resourceType": "MedicationRequest",
+                "id": format!("{id}-med0"),
+                "status": "active",
+                "intent": "order",
+                "medicationCodeableConcept": {"coding": [{"system": "http://www.whocc.no/atc", "code": "A10BA02", "display": "metformin"}]},
+                "subject": {"reference": patient_ref},
+                "authoredOn": iso(day),
+            }));
+        }
+
+        let consent = |cid: &str, status: &str, decision: &str, date: Date| {
+            json!({
+                "resourceType": "Consent",
+                "id": format!("{id}-{cid}"),
+                "status": status,
+                "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8", "display": "Privacy policy acknowledgement Document"}]}],
+                "patient": {"reference": patient_ref},
+                "dateTime": format!("{}T10:00:00+09:00", iso(date)),
+                "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+                "provision": {"type": decision, "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]},
+            })
+        };
+        let signed = first_day - Duration::days(rng.gen_range(0..30));
+        match self.consent {
+            ConsentKind::Permit => sink(consent("consent0", "active", "permit", signed)),
+            ConsentKind::Deny => sink(consent("consent0", "active", "deny", signed)),
+            ConsentKind::Withdrawn => {
+                sink(consent("consent0", "active", "permit", signed));
+                sink(consent(
+                    "consent1",
+                    "inactive",
+                    "permit",
+                    signed + Duration::days(60),
+                ));
+            }
+            ConsentKind::None => {}
+        }
+    }
+}
+
+fn quantity(value: f64, decimals: i32, unit: &str, code: &str) -> Value {
+    let scale = 10f64.powi(decimals);
+    json!({"value": (value * scale).round() / scale, "unit": unit, "system": UCUM, "code": code})
+}
+
+fn iso(date: Date) -> String {
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The reference date the demo and tests use unless told otherwise.
+pub fn default_as_of() -> Date {
+    Date::from_calendar_date(2026, Month::January, 1).expect("valid date")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(hospital: &str, patients: usize, seed: u64) -> Vec<Value> {
+        let mut out = Vec::new();
+        let options = SynthOptions {
+            hospital: HospitalProfile::by_id(hospital).unwrap(),
+            patients,
+            seed,
+            as_of: default_as_of(),
+        };
+        generate(&options, |r| out.push(r));
+        out
+    }
+
+    #[test]
+    fn same_seed_same_data_and_hospitals_differ() {
+        assert_eq!(collect("chosun", 50, 7), collect("chosun", 50, 7));
+        assert_ne!(collect("chosun", 50, 7), collect("chosun", 50, 8));
+        assert_ne!(collect("chosun", 50, 7), collect("chonnam", 50, 7));
+    }
+
+    #[test]
+    fn diabetics_have_higher_hba1c_and_prevalence_rises_with_age() {
+        let resources = collect("chonnam", 4000, 1);
+        let mut diabetic = std::collections::HashSet::new();
+        for r in &resources {
+            if r["resourceType"] == "Condition"
+                && r["code"]["coding"][0]["code"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("E11")
+            {
+                diabetic.insert(r["subject"]["reference"].as_str().unwrap().to_owned());
+            }
+        }
+        let (mut sum_d, mut n_d, mut sum_n, mut n_n) = (0.0, 0.0, 0.0, 0.0);
+        for r in &resources {
+            if r["resourceType"] == "Observation" && r["code"]["coding"][0]["code"] == "4548-4" {
+                let v = r["valueQuantity"]["value"].as_f64().unwrap();
+                if diabetic.contains(r["subject"]["reference"].as_str().unwrap()) {
+                    sum_d += v;
+                    n_d += 1.0;
+                } else {
+                    sum_n += v;
+                    n_n += 1.0;
+                }
+            }
+        }
+        let prevalence = n_d / (n_d + n_n);
+        assert!(
+            (0.05..0.35).contains(&prevalence),
+            "diabetes prevalence {prevalence}"
+        );
+        assert!(
+            sum_d / n_d > sum_n / n_n + 1.0,
+            "diabetic HbA1c should be clearly higher"
+        );
+
+        let mut by_band = [(0.0, 0.0); 2];
+        for r in resources.iter().filter(|r| r["resourceType"] == "Patient") {
+            let year: i32 = r["birthDate"].as_str().unwrap()[..4].parse().unwrap();
+            let band = usize::from(2026 - year >= 60);
+            let is_d = diabetic.contains(&format!("Patient/{}", r["id"].as_str().unwrap()));
+            by_band[band].0 += f64::from(u8::from(is_d));
+            by_band[band].1 += 1.0;
+        }
+        assert!(by_band[1].0 / by_band[1].1 > 1.5 * by_band[0].0 / by_band[0].1);
+    }
+}

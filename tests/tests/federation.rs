@@ -1,0 +1,426 @@
+//! Whole-federation tests: a coordinator and three hospital nodes started in
+//! this process on loopback, talking gRPC over mutual TLS with certificates
+//! issued at test time.
+
+use std::collections::BTreeMap;
+
+use ghx::local_federation::{
+    COMMITTEE, LocalFederation, LocalFederationOptions, REQUESTER, SIGNING_KID,
+};
+use ghx_federation_tests::reference::Export;
+use ghx_pki::{CertificateRequest, PkiDir, Role, TlsMaterial};
+use ghx_proto::v1 as pb;
+use ghx_proto::v1::node_service_client::NodeServiceClient;
+use ghx_study::capability::{Signer, claims_for, generate_signing_key};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+const KCD8: &str = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+const MIN_CELL: u32 = 10;
+
+const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
+    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
+    "analysis":{"kind":"count","group_by":["sex","age_band"]}}"#;
+
+async fn start(patients: usize) -> (LocalFederation, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        dir: dir.path().to_owned(),
+        patients_per_node: patients,
+        seed: 2026,
+        min_cell_size: MIN_CELL,
+    })
+    .await
+    .expect("the local federation starts");
+    (federation, dir)
+}
+
+fn submit_request(query: &str) -> pb::SubmitStudyRequest {
+    pb::SubmitStudyRequest {
+        title: "E11 by sex and age band".into(),
+        purpose: "research".into(),
+        query: Some(pb::QuerySpec {
+            json: query.as_bytes().to_vec(),
+        }),
+    }
+}
+
+async fn node_channel(
+    files: &ghx_pki::TlsFiles,
+    node_id: &str,
+    port: u16,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = TlsMaterial::load(files).unwrap();
+    Endpoint::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls.client_config(node_id))
+        .unwrap()
+        .connect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_count_equals_the_reference_with_suppression_per_node() {
+    let (federation, _dir) = start(1500).await;
+    let mut requester = federation.client(REQUESTER).await.unwrap();
+    let mut committee = federation.client(COMMITTEE).await.unwrap();
+
+    let study_id = requester
+        .submit_study(submit_request(E11_BY_SEX_AND_BAND))
+        .await
+        .unwrap()
+        .into_inner()
+        .study_id;
+    committee
+        .approve_study(pb::ApproveStudyRequest {
+            study_id: study_id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap();
+    let result = requester
+        .run_study(pb::RunStudyRequest {
+            study_id: study_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert!(result.failures.is_empty(), "{:?}", result.failures);
+    assert_eq!(result.per_node.len(), 3);
+
+    // Expected: per node, the reference count with that node's suppression
+    // applied; in total, the sum of released counts plus who suppressed.
+    let mut expected_total: BTreeMap<Vec<String>, (u64, Vec<String>)> = BTreeMap::new();
+    let mut saw_suppression = false;
+    let mut saw_release = false;
+    for node in &federation.nodes {
+        let export = Export::read(&node.data_dir);
+        let reference = export.count_by_sex_and_band(KCD8, "E11", ghx_synth::default_as_of());
+        let released = result
+            .per_node
+            .iter()
+            .find(|r| r.node_id == node.profile.id)
+            .unwrap_or_else(|| panic!("{} answered", node.profile.id));
+        let got: BTreeMap<Vec<String>, Option<u64>> = released
+            .cells
+            .iter()
+            .map(|c| {
+                let value = match c.value.as_ref().unwrap() {
+                    pb::cell::Value::Count(n) => Some(*n),
+                    pb::cell::Value::Suppressed(_) => None,
+                };
+                (c.key.clone(), value)
+            })
+            .collect();
+        let want: BTreeMap<Vec<String>, Option<u64>> = reference
+            .iter()
+            .map(|((sex, band), n)| {
+                (
+                    vec![sex.clone(), band.clone()],
+                    (*n >= u64::from(MIN_CELL)).then_some(*n),
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "released cells of {}", node.profile.id);
+        for (key, value) in want {
+            let total = expected_total.entry(key).or_default();
+            match value {
+                Some(n) => {
+                    total.0 += n;
+                    saw_release = true;
+                }
+                None => {
+                    total.1.push(node.profile.id.to_owned());
+                    saw_suppression = true;
+                }
+            }
+        }
+        // Each node audited exactly one answered query for this study.
+        let audit = node.store.audit_entries().unwrap();
+        assert_eq!(audit.len(), 1);
+        assert_eq!(
+            (audit[0].decision.as_str(), audit[0].study_id.as_str()),
+            ("answered", study_id.as_str())
+        );
+        assert_eq!(audit[0].caller_role, "coordinator");
+        assert_eq!(audit[0].result_cells as usize, released.cells.len());
+    }
+    assert!(
+        saw_release && saw_suppression,
+        "the data exercise both release and suppression"
+    );
+    let got_total: BTreeMap<Vec<String>, (u64, Vec<String>)> = result
+        .total
+        .iter()
+        .map(|t| {
+            let mut at = t.suppressed_at.clone();
+            at.sort();
+            (t.key.clone(), (t.count, at))
+        })
+        .collect();
+    for v in expected_total.values_mut() {
+        v.1.sort();
+    }
+    assert_eq!(got_total, expected_total);
+
+    // The stored result is what the requester fetches later.
+    let fetched = requester
+        .get_study_result(pb::GetStudyResultRequest { study_id })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(fetched, result);
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn studies_need_approval_roles_and_valid_capabilities() {
+    let (federation, dir) = start(120).await;
+    let mut requester = federation.client(REQUESTER).await.unwrap();
+    let mut committee = federation.client(COMMITTEE).await.unwrap();
+    let counts_before: Vec<_> = federation
+        .nodes
+        .iter()
+        .map(|n| n.store.resource_counts().unwrap())
+        .collect();
+
+    // A malformed query is refused at submission, naming the problem.
+    let err = requester
+        .submit_study(submit_request(r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"median"}}"#))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown variant `median`"),
+        "{}",
+        err.message()
+    );
+
+    // Only requesters submit; only the committee approves.
+    let err = committee
+        .submit_study(submit_request(E11_BY_SEX_AND_BAND))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let study_id = requester
+        .submit_study(submit_request(E11_BY_SEX_AND_BAND))
+        .await
+        .unwrap()
+        .into_inner()
+        .study_id;
+    let err = requester
+        .approve_study(pb::ApproveStudyRequest {
+            study_id: study_id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("role requester may not approve studies"),
+        "{}",
+        err.message()
+    );
+
+    // An unapproved study is refused and never reaches a node.
+    let err = requester
+        .run_study(pb::RunStudyRequest {
+            study_id: study_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("has not been approved"),
+        "{}",
+        err.message()
+    );
+    for node in &federation.nodes {
+        assert!(node.store.audit_entries().unwrap().is_empty());
+    }
+
+    // Straight to a node, bypassing the coordinator: a requester's valid
+    // federation certificate is not enough.
+    let chosun = &federation.nodes[1];
+    let query = ghx_study::query::QuerySpec::parse(E11_BY_SEX_AND_BAND.as_bytes())
+        .unwrap()
+        .canonical_json();
+    let channel = node_channel(
+        &federation.pki.tls_files(REQUESTER),
+        "chosun",
+        chosun.addr.port(),
+    )
+    .await
+    .unwrap();
+    let err = NodeServiceClient::new(channel)
+        .run_aggregate(pb::RunAggregateRequest {
+            capability: "x".into(),
+            query: Some(pb::QuerySpec {
+                json: query.clone(),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("only the coordinator may run queries"),
+        "{}",
+        err.message()
+    );
+
+    // With the coordinator's certificate (as if the coordinator host were
+    // compromised) but a capability signed by a key the node does not pin.
+    let channel = node_channel(
+        &federation.pki.tls_files("coordinator"),
+        "chosun",
+        chosun.addr.port(),
+    )
+    .await
+    .unwrap();
+    let mut node = NodeServiceClient::new(channel);
+    let (forged_key, _) = generate_signing_key().unwrap();
+    let forger = Signer::from_pem(SIGNING_KID, &forged_key).unwrap();
+    let claims = claims_for(
+        &study_id,
+        vec!["chosun".into()],
+        &query,
+        REQUESTER,
+        "research",
+        time::Duration::minutes(5),
+    );
+    let err = node
+        .run_aggregate(pb::RunAggregateRequest {
+            capability: forger.sign(&claims).unwrap(),
+            query: Some(pb::QuerySpec {
+                json: query.clone(),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("signature does not verify"),
+        "{}",
+        err.message()
+    );
+
+    // The real signing key, but the query was changed after signing.
+    let real_key =
+        std::fs::read_to_string(federation.pki.root().join("coordinator-signing.pem")).unwrap();
+    let signer = Signer::from_pem(SIGNING_KID, &real_key).unwrap();
+    let token = signer.sign(&claims).unwrap();
+    let other_query = E11_BY_SEX_AND_BAND.replace("E11", "I10");
+    let other_query = ghx_study::query::QuerySpec::parse(other_query.as_bytes())
+        .unwrap()
+        .canonical_json();
+    let err = node
+        .run_aggregate(pb::RunAggregateRequest {
+            capability: token.clone(),
+            query: Some(pb::QuerySpec { json: other_query }),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("different query"),
+        "{}",
+        err.message()
+    );
+
+    // A capability for Chosun is not valid at Chonnam.
+    let chonnam = &federation.nodes[0];
+    let channel = node_channel(
+        &federation.pki.tls_files("coordinator"),
+        "chonnam",
+        chonnam.addr.port(),
+    )
+    .await
+    .unwrap();
+    let err = NodeServiceClient::new(channel)
+        .run_aggregate(pb::RunAggregateRequest {
+            capability: token,
+            query: Some(pb::QuerySpec { json: query }),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("not addressed to node `chonnam`"),
+        "{}",
+        err.message()
+    );
+
+    // Every refusal was audited by the node that refused it.
+    let chosun_audit = chosun.store.audit_entries().unwrap();
+    let decisions: Vec<_> = chosun_audit
+        .iter()
+        .map(|e| (e.caller_role.as_str(), e.decision.as_str()))
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            ("requester", "refused"),
+            ("coordinator", "refused"),
+            ("coordinator", "refused")
+        ]
+    );
+    assert!(chosun_audit[1].reason.contains("signature"));
+    assert_eq!(chonnam.store.audit_entries().unwrap().len(), 1);
+
+    // A certificate from another CA is refused at the TLS handshake, by the
+    // coordinator and by a node alike.
+    let rogue = PkiDir::new(dir.path().join("rogue-pki"));
+    let rogue_ca = rogue.init("Rogue").unwrap();
+    rogue
+        .issue(
+            &rogue_ca,
+            &CertificateRequest::new(REQUESTER, Role::Requester, "Rogue"),
+        )
+        .unwrap();
+    let mut rogue_files = rogue.tls_files(REQUESTER);
+    // Trust the real CA so that only the client side is wrong.
+    rogue_files.ca = federation.pki.tls_files(REQUESTER).ca;
+    let coordinator_url = format!("https://localhost:{}", federation.coordinator_addr.port());
+    let try_coordinator = |files: ghx_pki::TlsFiles| {
+        let url = coordinator_url.clone();
+        async move {
+            let mut client = ghx::local_federation::connect_coordinator(&url, &files).await?;
+            client.list_nodes(pb::ListNodesRequest {}).await?;
+            anyhow::Ok(())
+        }
+    };
+    let try_node = |files: ghx_pki::TlsFiles| async move {
+        let channel = node_channel(&files, "chosun", chosun.addr.port()).await?;
+        NodeServiceClient::new(channel)
+            .get_node_info(pb::GetNodeInfoRequest {})
+            .await?;
+        anyhow::Ok(())
+    };
+    // The same calls succeed with the real certificates...
+    try_coordinator(federation.pki.tls_files(REQUESTER))
+        .await
+        .unwrap();
+    try_node(federation.pki.tls_files("coordinator"))
+        .await
+        .unwrap();
+    // ...and fail with the rogue one.
+    let err = try_coordinator(rogue_files.clone()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("UnknownCA"), "{err:#}");
+    assert!(
+        try_node(rogue_files).await.is_err(),
+        "a node accepted a rogue certificate"
+    );
+
+    // Nothing above changed any stored data.
+    let counts_after: Vec<_> = federation
+        .nodes
+        .iter()
+        .map(|n| n.store.resource_counts().unwrap())
+        .collect();
+    assert_eq!(counts_before, counts_after);
+    federation.shutdown().await;
+}
