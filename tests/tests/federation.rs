@@ -408,12 +408,19 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
         .await
         .unwrap();
     // ...and fail with the rogue one.
-    let err = try_coordinator(rogue_files.clone()).await.unwrap_err();
-    assert!(format!("{err:#}").contains("UnknownCA"), "{err:#}");
-    assert!(
-        try_node(rogue_files).await.is_err(),
-        "a node accepted a rogue certificate"
-    );
+    // In TLS 1.3 the client sends its certificate last and learns of the
+    // refusal on its first read: as an UnknownCA alert or a closed
+    // connection, by timing. Either way no application status was reached.
+    for err in [
+        try_coordinator(rogue_files.clone()).await.unwrap_err(),
+        try_node(rogue_files).await.unwrap_err(),
+    ] {
+        let chain = format!("{err:#}");
+        assert!(
+            chain.contains("transport error"),
+            "expected a TLS refusal, got: {chain}"
+        );
+    }
 
     // Nothing above changed any stored data.
     let counts_after: Vec<_> = federation
