@@ -298,11 +298,95 @@ impl Patient {
             "birthDate": iso(self.birth),
         }));
 
-        let visits = 1 + rng.gen_range(0..3);
-        let mut encounter_ids = Vec::with_capacity(visits);
-        for v in 0..visits {
-            let enc_id = format!("{id}-enc{v}");
-            let day = as_of - Duration::days(rng.gen_range(1..700));
+        // Annual check-ups over the last `visits` years; the latest is within
+        // the past year.
+        let visits = rng.gen_range(2..=10usize);
+        let last_visit = as_of - Duration::days(rng.gen_range(7..330));
+        let visit_days: Vec<Date> = (0..visits)
+            .rev()
+            .map(|k| last_visit - Duration::days(365 * k as i64 + rng.gen_range(-20..20)))
+            .collect();
+        let first_day = visit_days[0];
+        // Onset in years before the last visit: conditions may predate
+        // follow-up (prevalent) or start during it (incident).
+        let onset = |rng: &mut StdRng| {
+            let years_ago = rng.gen_range(0.0..(self.age - 18.0).clamp(0.5, 14.0));
+            last_visit - Duration::days((years_ago * 365.25) as i64 + 1)
+        };
+        let diabetes_onset = self.diabetes.then(|| onset(rng));
+        let hypertension_onset = self.hypertension.then(|| onset(rng));
+        let lipid_onset = self.dyslipidaemia.then(|| onset(rng));
+        let has = |onset: Option<Date>, day: Date| onset.is_some_and(|o| o <= day);
+
+        let mut condition = |n: usize, code: &str, display: &str, onset: Date| {
+            // Recorded at the first visit on or after onset.
+            let recorded = visit_days
+                .iter()
+                .copied()
+                .find(|d| *d >= onset)
+                .unwrap_or(first_day);
+            let enc = visit_days.iter().position(|d| *d == recorded).unwrap_or(0);
+            sink(json!({
+                "resourceType": "Condition",
+                "id": format!("{id}-cond{n}"),
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "confirmed"}]},
+                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "encounter-diagnosis"}]}],
+                "code": {"coding": [{"system": KCD8, "code": code, "display": display}]},
+                "subject": {"reference": patient_ref},
+                "encounter": {"reference": format!("Encounter/{id}-enc{enc}")},
+                "onsetDateTime": iso(onset),
+                "recordedDate": iso(recorded.max(onset)),
+            }));
+        };
+        if let Some(o) = diabetes_onset {
+            let (code, display) = if rng.gen_bool(0.8) {
+                ("E11.9", "Type 2 diabetes mellitus without complications")
+            } else {
+                (
+                    "E11.2",
+                    "Type 2 diabetes mellitus with kidney complications",
+                )
+            };
+            condition(0, code, display, o);
+        }
+        if let Some(o) = hypertension_onset {
+            condition(1, "I10", "Essential (primary) hypertension", o);
+        }
+        if let Some(o) = lipid_onset {
+            let (code, display) = if rng.gen_bool(0.7) {
+                ("E78.5", "Hyperlipidaemia, unspecified")
+            } else {
+                ("E78.0", "Pure hypercholesterolaemia")
+            };
+            condition(2, code, display, o);
+        }
+
+        // Personal offsets keep one patient's values consistent over time.
+        let hba1c_offset = normal(rng, 0.0, 0.2);
+        let sbp_offset = normal(rng, 0.0, 6.0);
+        let ldl_offset = normal(rng, 0.0, 15.0);
+        let bmi_drift = normal(rng, 0.05, 0.2);
+        for (k, day) in visit_days.iter().copied().enumerate() {
+            let years_before_last = (last_visit - day).whole_days() as f64 / 365.25;
+            let age = self.age - years_before_last;
+            let bmi = (self.bmi - bmi_drift * years_before_last + normal(rng, 0.0, 0.4))
+                .clamp(15.0, 45.0);
+            let d = has(diabetes_onset, day);
+            let htn = if has(hypertension_onset, day) {
+                1.0
+            } else {
+                0.0
+            };
+            let lip = if has(lipid_onset, day) { 1.0 } else { 0.0 };
+            // Dysglycaemia rises over the three years before diabetes onset.
+            let pre = match diabetes_onset {
+                Some(o) if o > day => {
+                    (1.0 - (o - day).whole_days() as f64 / (3.0 * 365.25)).max(0.0)
+                }
+                _ => 0.0,
+            };
+            let enc_id = format!("{id}-enc{k}");
             sink(json!({
                 "resourceType": "Encounter",
                 "id": enc_id,
@@ -312,158 +396,128 @@ impl Patient {
                 "period": {"start": format!("{}T09:00:00+09:00", iso(day)), "end": format!("{}T09:30:00+09:00", iso(day))},
                 "serviceProvider": {"display": h.name},
             }));
-            encounter_ids.push((enc_id, day));
-        }
-        let (first_enc, first_day) = encounter_ids[0].clone();
-
-        let onset = |rng: &mut StdRng| {
-            let years_ago = rng.gen_range(0.0..(self.age - 18.0).clamp(0.5, 15.0));
-            as_of - Duration::days((years_ago * 365.25) as i64 + 1)
-        };
-        let mut condition = |n: usize, code: &str, display: &str, rng: &mut StdRng| {
-            sink(json!({
-                "resourceType": "Condition",
-                "id": format!("{id}-cond{n}"),
-                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
-                "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "confirmed"}]},
-                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "encounter-diagnosis"}]}],
-                "code": {"coding": [{"system": KCD8, "code": code, "display": display}]},
-                "subject": {"reference": patient_ref},
-                "encounter": {"reference": format!("Encounter/{first_enc}")},
-                "onsetDateTime": iso(onset(rng)),
-                "recordedDate": iso(first_day),
-            }));
-        };
-        if self.diabetes {
-            let (code, display) = if rng.gen_bool(0.8) {
-                ("E11.9", "Type 2 diabetes mellitus without complications")
+            let hba1c = if d {
+                normal(rng, 7.3, 0.9).clamp(5.7, 14.0)
             } else {
-                (
-                    "E11.2",
-                    "Type 2 diabetes mellitus with kidney complications",
-                )
+                (5.3 + 0.004 * (age - 40.0)
+                    + 0.02 * (bmi - 23.0)
+                    + 0.8 * pre
+                    + hba1c_offset
+                    + normal(rng, 0.0, 0.12))
+                .clamp(4.0, 6.4)
             };
-            condition(0, code, display, rng);
-        }
-        if self.hypertension {
-            condition(1, "I10", "Essential (primary) hypertension", rng);
-        }
-        if self.dyslipidaemia {
-            let (code, display) = if rng.gen_bool(0.7) {
-                ("E78.5", "Hyperlipidaemia, unspecified")
+            let glucose = if d {
+                normal(rng, 148.0, 32.0).clamp(90.0, 400.0)
             } else {
-                ("E78.0", "Pure hypercholesterolaemia")
+                normal(rng, 91.0 + 0.8 * (bmi - 23.0) + 20.0 * pre, 8.0).clamp(65.0, 125.0)
             };
-            condition(2, code, display, rng);
-        }
-
-        let d = if self.diabetes { 1.0 } else { 0.0 };
-        let htn = if self.hypertension { 1.0 } else { 0.0 };
-        let lip = if self.dyslipidaemia { 1.0 } else { 0.0 };
-        let hba1c = if self.diabetes {
-            normal(rng, 7.4, 1.1).clamp(5.7, 14.0)
-        } else {
-            normal(
+            let dm = if d { 1.0 } else { 0.0 };
+            let sbp = normal(
                 rng,
-                5.35 + 0.004 * (self.age - 40.0) + 0.02 * (self.bmi - 23.0),
-                0.32,
+                112.0
+                    + 0.45 * (age - 40.0)
+                    + 0.9 * (bmi - 23.0)
+                    + 14.0 * htn
+                    + 3.0 * dm
+                    + sbp_offset,
+                8.0,
             )
-            .clamp(4.0, 6.4)
-        };
-        let glucose = if self.diabetes {
-            normal(rng, 150.0, 35.0).clamp(90.0, 400.0)
-        } else {
-            normal(rng, 92.0 + 0.8 * (self.bmi - 23.0), 9.0).clamp(65.0, 125.0)
-        };
-        let sbp = normal(
-            rng,
-            112.0 + 0.45 * (self.age - 40.0) + 0.9 * (self.bmi - 23.0) + 14.0 * htn + 3.0 * d,
-            11.0,
-        )
-        .clamp(80.0, 220.0);
-        let dbp = normal(
-            rng,
-            72.0 + 0.12 * (self.age - 40.0) + 0.45 * (self.bmi - 23.0) + 8.0 * htn,
-            8.0,
-        )
-        .clamp(45.0, 130.0)
-        .min(sbp - 15.0);
-        let ldl = normal(
-            rng,
-            108.0 + 0.25 * (self.age - 40.0) + 28.0 * lip - 8.0 * d,
-            27.0,
-        )
-        .clamp(30.0, 300.0);
+            .clamp(80.0, 220.0);
+            let dbp = normal(
+                rng,
+                72.0 + 0.12 * (age - 40.0) + 0.45 * (bmi - 23.0) + 8.0 * htn,
+                6.0,
+            )
+            .clamp(45.0, 130.0)
+            .min(sbp - 15.0);
+            let ldl = normal(
+                rng,
+                108.0 + 0.25 * (age - 40.0) + 28.0 * lip - 8.0 * dm + ldl_offset,
+                12.0,
+            )
+            .clamp(30.0, 300.0);
+            let creatinine = normal(
+                rng,
+                if self.female { 0.72 } else { 0.95 } + 0.004 * (age - 40.0) + 0.1 * dm,
+                0.1,
+            )
+            .clamp(0.3, 4.0);
 
-        let mut n = 0;
-        let (enc_id, day) = encounter_ids[encounter_ids.len() - 1].clone();
-        let mut observation = |code: &str,
-                               display: &str,
-                               value: Value,
-                               components: Option<Value>| {
-            let mut obs = json!({
-                "resourceType": "Observation",
-                "id": format!("{id}-obs{n}"),
-                "status": "final",
-                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": if code == "39156-5" || code == "85354-9" { "vital-signs" } else { "laboratory" }}]}],
-                "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
-                "subject": {"reference": patient_ref},
-                "encounter": {"reference": format!("Encounter/{enc_id}")},
-                "effectiveDateTime": format!("{}T09:10:00+09:00", iso(day)),
-            });
-            if value.is_object() {
-                obs["valueQuantity"] = value;
+            let mut n = 0;
+            let mut observation = |code: &str,
+                                   display: &str,
+                                   value: Value,
+                                   components: Option<Value>| {
+                let mut obs = json!({
+                    "resourceType": "Observation",
+                    "id": format!("{id}-obs{k}-{n}"),
+                    "status": "final",
+                    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": if code == "39156-5" || code == "85354-9" { "vital-signs" } else { "laboratory" }}]}],
+                    "code": {"coding": [{"system": LOINC, "code": code, "display": display}]},
+                    "subject": {"reference": patient_ref},
+                    "encounter": {"reference": format!("Encounter/{enc_id}")},
+                    "effectiveDateTime": format!("{}T09:10:00+09:00", iso(day)),
+                });
+                if value.is_object() {
+                    obs["valueQuantity"] = value;
+                }
+                if let Some(c) = components {
+                    obs["component"] = c;
+                }
+                sink(obs);
+                n += 1;
+            };
+            observation(
+                "4548-4",
+                "Hemoglobin A1c/Hemoglobin.total in Blood",
+                quantity(hba1c, 1, "%", "%"),
+                None,
+            );
+            observation(
+                "1558-6",
+                "Fasting glucose [Mass/volume] in Serum or Plasma",
+                quantity(glucose, 0, "mg/dL", "mg/dL"),
+                None,
+            );
+            observation(
+                "39156-5",
+                "Body mass index (BMI) [Ratio]",
+                quantity(bmi, 1, "kg/m2", "kg/m2"),
+                None,
+            );
+            observation(
+                "13457-7",
+                "Cholesterol in LDL [Mass/volume] in Serum or Plasma by calculation",
+                quantity(ldl, 0, "mg/dL", "mg/dL"),
+                None,
+            );
+            observation(
+                "2160-0",
+                "Creatinine [Mass/volume] in Serum or Plasma",
+                quantity(creatinine, 2, "mg/dL", "mg/dL"),
+                None,
+            );
+            observation(
+                "85354-9",
+                "Blood pressure panel with all children optional",
+                Value::Null,
+                Some(json!([
+                    {"code": {"coding": [{"system": LOINC, "code": "8480-6", "display": "Systolic blood pressure"}]}, "valueQuantity": quantity(sbp, 0, "mm[Hg]", "mm[Hg]")},
+                    {"code": {"coding": [{"system": LOINC, "code": "8462-4", "display": "Diastolic blood pressure"}]}, "valueQuantity": quantity(dbp, 0, "mm[Hg]", "mm[Hg]")},
+                ])),
+            );
+            if d && rng.gen_bool(0.85) {
+                sink(json!({
+                    "resourceType": "MedicationRequest",
+                    "id": format!("{id}-med{k}"),
+                    "status": "active",
+                    "intent": "order",
+                    "medicationCodeableConcept": {"coding": [{"system": "http://www.whocc.no/atc", "code": "A10BA02", "display": "metformin"}]},
+                    "subject": {"reference": patient_ref},
+                    "encounter": {"reference": format!("Encounter/{enc_id}")},
+                    "authoredOn": iso(day),
+                }));
             }
-            if let Some(c) = components {
-                obs["component"] = c;
-            }
-            sink(obs);
-            n += 1;
-        };
-        observation(
-            "4548-4",
-            "Hemoglobin A1c/Hemoglobin.total in Blood",
-            quantity(hba1c, 1, "%", "%"),
-            None,
-        );
-        observation(
-            "1558-6",
-            "Fasting glucose [Mass/volume] in Serum or Plasma",
-            quantity(glucose, 0, "mg/dL", "mg/dL"),
-            None,
-        );
-        observation(
-            "39156-5",
-            "Body mass index (BMI) [Ratio]",
-            quantity(self.bmi, 1, "kg/m2", "kg/m2"),
-            None,
-        );
-        observation(
-            "13457-7",
-            "Cholesterol in LDL [Mass/volume] in Serum or Plasma by calculation",
-            quantity(ldl, 0, "mg/dL", "mg/dL"),
-            None,
-        );
-        observation(
-            "85354-9",
-            "Blood pressure panel with all children optional",
-            Value::Null,
-            Some(json!([
-                {"code": {"coding": [{"system": LOINC, "code": "8480-6", "display": "Systolic blood pressure"}]}, "valueQuantity": quantity(sbp, 0, "mm[Hg]", "mm[Hg]")},
-                {"code": {"coding": [{"system": LOINC, "code": "8462-4", "display": "Diastolic blood pressure"}]}, "valueQuantity": quantity(dbp, 0, "mm[Hg]", "mm[Hg]")},
-            ])),
-        );
-
-        if self.diabetes && rng.gen_bool(0.85) {
-            sink(json!({
-                "resourceType": "MedicationRequest",
-                "id": format!("{id}-med0"),
-                "status": "active",
-                "intent": "order",
-                "medicationCodeableConcept": {"coding": [{"system": "http://www.whocc.no/atc", "code": "A10BA02", "display": "metformin"}]},
-                "subject": {"reference": patient_ref},
-                "authoredOn": iso(day),
-            }));
         }
 
         let consent = |cid: &str, status: &str, decision: &str, date: Date| {
@@ -547,7 +601,7 @@ mod tests {
 
     #[test]
     fn diabetics_have_higher_hba1c_and_prevalence_rises_with_age() {
-        let resources = collect("chonnam", 4000, 1);
+        let resources = collect("chonnam", 3000, 1);
         let mut diabetic = std::collections::HashSet::new();
         for r in &resources {
             if r["resourceType"] == "Condition"
@@ -559,31 +613,45 @@ mod tests {
                 diabetic.insert(r["subject"]["reference"].as_str().unwrap().to_owned());
             }
         }
-        let (mut sum_d, mut n_d, mut sum_n, mut n_n) = (0.0, 0.0, 0.0, 0.0);
+        let patients: Vec<&Value> = resources
+            .iter()
+            .filter(|r| r["resourceType"] == "Patient")
+            .collect();
+        let prevalence = diabetic.len() as f64 / patients.len() as f64;
+        assert!(
+            (0.08..0.40).contains(&prevalence),
+            "diabetes prevalence {prevalence}"
+        );
+
+        // The latest HbA1c of diabetics is clearly higher.
+        let mut latest: std::collections::HashMap<&str, (&str, f64)> =
+            std::collections::HashMap::new();
         for r in &resources {
             if r["resourceType"] == "Observation" && r["code"]["coding"][0]["code"] == "4548-4" {
+                let who = r["subject"]["reference"].as_str().unwrap();
+                let when = r["effectiveDateTime"].as_str().unwrap();
                 let v = r["valueQuantity"]["value"].as_f64().unwrap();
-                if diabetic.contains(r["subject"]["reference"].as_str().unwrap()) {
-                    sum_d += v;
-                    n_d += 1.0;
-                } else {
-                    sum_n += v;
-                    n_n += 1.0;
+                let e = latest.entry(who).or_insert((when, v));
+                if when >= e.0 {
+                    *e = (when, v);
                 }
             }
         }
-        let prevalence = n_d / (n_d + n_n);
+        let mean = |d: bool| {
+            let v: Vec<f64> = latest
+                .iter()
+                .filter(|(k, _)| diabetic.contains(**k) == d)
+                .map(|(_, (_, v))| *v)
+                .collect();
+            v.iter().sum::<f64>() / v.len() as f64
+        };
         assert!(
-            (0.05..0.35).contains(&prevalence),
-            "diabetes prevalence {prevalence}"
-        );
-        assert!(
-            sum_d / n_d > sum_n / n_n + 1.0,
+            mean(true) > mean(false) + 1.0,
             "diabetic HbA1c should be clearly higher"
         );
 
         let mut by_band = [(0.0, 0.0); 2];
-        for r in resources.iter().filter(|r| r["resourceType"] == "Patient") {
+        for r in &patients {
             let year: i32 = r["birthDate"].as_str().unwrap()[..4].parse().unwrap();
             let band = usize::from(2026 - year >= 60);
             let is_d = diabetic.contains(&format!("Patient/{}", r["id"].as_str().unwrap()));
@@ -591,5 +659,11 @@ mod tests {
             by_band[band].1 += 1.0;
         }
         assert!(by_band[1].0 / by_band[1].1 > 1.5 * by_band[0].0 / by_band[0].1);
+    }
+
+    #[test]
+    fn about_forty_resources_per_patient() {
+        let per_patient = collect("chosun", 500, 3).len() as f64 / 500.0;
+        assert!((30.0..60.0).contains(&per_patient), "{per_patient}");
     }
 }
