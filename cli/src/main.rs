@@ -129,7 +129,7 @@ enum NodeCommand {
         #[arg(long, env = "GHX_NODE_CONFIG")]
         config: PathBuf,
     },
-    /// Import FHIR NDJSON files, Bundles or directories of them.
+    /// Import FHIR NDJSON files, Bundles (optionally .gz) or directories of them.
     Import {
         #[arg(long, env = "GHX_NODE_CONFIG")]
         config: PathBuf,
@@ -137,9 +137,38 @@ enum NodeCommand {
         paths: Vec<PathBuf>,
         #[arg(long, default_value_t = 2000)]
         batch_size: usize,
+        /// Parser threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Start files from the beginning even if an earlier import of them
+        /// was interrupted.
+        #[arg(long)]
+        no_resume: bool,
         /// Write one line per rejected resource to this file.
         #[arg(long)]
         rejects: Option<PathBuf>,
+    },
+    /// Export the current resources as NDJSON, one file per resource type.
+    Export {
+        #[arg(long, env = "GHX_NODE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Only this resource type.
+        #[arg(long = "type")]
+        resource_type: Option<String>,
+    },
+    /// Load a HIRA EDI -> LOINC lab code map (CSV: edi_code,loinc_code) and
+    /// re-index so that EDI-coded labs count under their LOINC codes.
+    LoadCodeMap {
+        #[arg(long, env = "GHX_NODE_CONFIG")]
+        config: PathBuf,
+        csv: PathBuf,
+    },
+    /// Re-derive every index row from the stored resources.
+    Reindex {
+        #[arg(long, env = "GHX_NODE_CONFIG")]
+        config: PathBuf,
     },
 }
 
@@ -253,8 +282,67 @@ async fn run(command: Command) -> Result<()> {
             config,
             paths,
             batch_size,
+            workers,
+            no_resume,
             rejects,
-        }) => node_import(&config, &paths, batch_size, rejects.as_deref()).await,
+        }) => {
+            let config = ghx_node::NodeConfig::load(&config)?;
+            let mut options = ImportOptions {
+                batch_size,
+                resume: !no_resume,
+                rrn: config.rrn_policy.parse().map_err(anyhow::Error::msg)?,
+                ..ImportOptions::default()
+            };
+            if let Some(workers) = workers {
+                options.workers = workers;
+            }
+            node_import(&config, &paths, options, rejects.as_deref()).await
+        }
+        Command::Node(NodeCommand::Export {
+            config,
+            out,
+            resource_type,
+        }) => {
+            let config = ghx_node::NodeConfig::load(&config)?;
+            let store = ghx_node::Store::open(&config.database_url)?;
+            let started = Instant::now();
+            let counts = tokio::task::spawn_blocking(move || {
+                ghx_node::export::export_ndjson(&store, &out, resource_type.as_deref())
+                    .map(|c| (c, out))
+            })
+            .await??;
+            let (counts, out) = counts;
+            for (ty, n) in &counts {
+                println!("{ty:<20} {n:>9}");
+            }
+            println!(
+                "exported {} resources to {} in {:.1} s",
+                counts.values().sum::<u64>(),
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Node(NodeCommand::LoadCodeMap { config, csv }) => {
+            let config = ghx_node::NodeConfig::load(&config)?;
+            let store = ghx_node::Store::open(&config.database_url)?;
+            let (loaded, reindexed) = tokio::task::spawn_blocking(move || {
+                let loaded = ghx_node::import::load_edi_loinc_map(&store, &csv)?;
+                let reindexed = ghx_node::import::reindex(&store, 2000)?;
+                Ok::<_, ghx_node::import::Error>((loaded, reindexed))
+            })
+            .await??;
+            println!("loaded {loaded} EDI -> LOINC mappings; re-indexed {reindexed} resources");
+            Ok(())
+        }
+        Command::Node(NodeCommand::Reindex { config }) => {
+            let config = ghx_node::NodeConfig::load(&config)?;
+            let store = ghx_node::Store::open(&config.database_url)?;
+            let n = tokio::task::spawn_blocking(move || ghx_node::import::reindex(&store, 2000))
+                .await??;
+            println!("re-indexed {n} resources");
+            Ok(())
+        }
         Command::Coordinator(CoordinatorCommand::Run { config }) => {
             let config = ghx_coordinator::CoordinatorConfig::load(&config)?;
             let listener = tokio::net::TcpListener::bind(config.listen)
@@ -472,31 +560,71 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
 }
 
 async fn node_import(
-    config: &Path,
+    config: &ghx_node::NodeConfig,
     paths: &[PathBuf],
-    batch_size: usize,
+    mut options: ImportOptions,
     rejects: Option<&Path>,
 ) -> Result<()> {
-    let config = ghx_node::NodeConfig::load(config)?;
     let store = ghx_node::Store::open(&config.database_url)?;
+    // A live counter on a terminal; nothing when output is redirected.
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .expect("valid progress template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let progress_bar = bar.clone();
+    options.progress = Some(std::sync::Arc::new(
+        move |p: &ghx_node::import::Progress| {
+            let secs = p.elapsed.as_secs_f64().max(1e-9);
+            progress_bar.set_message(format!(
+                "{}: {} resources ({:.0}/s), {} rejected",
+                p.file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                p.accepted,
+                p.accepted as f64 / secs,
+                p.rejected
+            ));
+        },
+    ));
     let mut reject_lines = Vec::new();
     for path in paths {
         let started = Instant::now();
         let store = store.clone();
         let path_owned = path.clone();
-        let options = ImportOptions { batch_size };
+        let run_options = options.clone();
         let report =
-            tokio::task::spawn_blocking(move || import_path(&store, &path_owned, &options))
+            tokio::task::spawn_blocking(move || import_path(&store, &path_owned, &run_options))
                 .await??;
+        bar.finish_and_clear();
         let secs = started.elapsed().as_secs_f64();
+        let o = report.outcome;
         println!(
-            "{}: {} resources imported in {} batches ({:.0} resources/s), {} rejected",
+            "{}: {} resources in {:.1} s ({:.0} resources/s): {} created, {} updated, {} unchanged, {} deleted; {} rejected",
             path.display(),
-            report.accepted,
-            report.batches,
-            report.accepted as f64 / secs.max(1e-9),
+            report.accepted + o.deleted,
+            secs,
+            (report.accepted + o.deleted) as f64 / secs.max(1e-9),
+            o.created,
+            o.updated,
+            o.unchanged,
+            o.deleted,
             report.rejected.len()
         );
+        if report.resumed_lines > 0 {
+            println!(
+                "  resumed: skipped {} lines committed by an interrupted import",
+                report.resumed_lines
+            );
+        }
+        if !report.rrn_stripped.is_empty() {
+            println!(
+                "  warning: removed resident registration numbers from {} resources",
+                report.rrn_stripped.len()
+            );
+        }
         for rejection in report.rejected.iter().take(10) {
             println!("  rejected {rejection}");
         }
@@ -504,6 +632,10 @@ async fn node_import(
             println!("  ... and {} more", report.rejected.len() - 10);
         }
         reject_lines.extend(report.rejected.iter().map(ToString::to_string));
+        reject_lines.extend(report.rrn_stripped.iter().map(|w| format!("warning {w}")));
+    }
+    if let Some(peak) = peak_rss_mib() {
+        println!("peak memory (RSS): {peak:.0} MiB");
     }
     if let Some(path) = rejects {
         let mut text = reject_lines.join("\n");
@@ -511,6 +643,14 @@ async fn node_import(
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// This process's peak resident set size, from /proc (Linux only).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// The demo study: patients with type 2 diabetes by sex and age band.

@@ -33,6 +33,10 @@ pub struct NodeConfig {
     /// Smallest count released; smaller cells are suppressed.
     #[serde(default = "default_min_cell_size")]
     pub min_cell_size: u32,
+    /// What import does with a resident registration number found in an
+    /// identifier: "strip" it (and warn) or "reject" the resource.
+    #[serde(default = "default_rrn_policy")]
+    pub rrn_policy: String,
     pub tls: TlsConfig,
     /// Public keys of the coordinator that sign capabilities, by key id.
     pub coordinator_keys: Vec<CoordinatorKey>,
@@ -56,6 +60,10 @@ pub struct CoordinatorKey {
 
 fn default_min_cell_size() -> u32 {
     10
+}
+
+fn default_rrn_policy() -> String {
+    "strip".to_owned()
 }
 
 impl NodeConfig {
@@ -113,6 +121,12 @@ impl NodeConfig {
                 problem: "must be at least 1".to_owned(),
             });
         }
+        if let Err(problem) = self.rrn_policy.parse::<crate::import::RrnPolicy>() {
+            return Err(Error::Invalid {
+                key: "rrn_policy",
+                problem,
+            });
+        }
         if self.coordinator_keys.is_empty() {
             return Err(Error::Invalid {
                 key: "coordinator_keys",
@@ -166,6 +180,12 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("`min_cell_size` must be at least 1"),
+            "{err}"
+        );
+        let err = parse(&format!("rrn_policy = \"keep\"\n{GOOD}")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`rrn_policy` unknown RRN policy `keep`"),
             "{err}"
         );
         let err = parse(&format!("colour = 1\n{GOOD}")).unwrap_err();

@@ -8,6 +8,7 @@
 use ghx_study::query::{CodeMatch, Dimension, QuerySpec};
 
 use crate::store::{self, Bind, Dialect, Store};
+use crate::terminology;
 
 /// A group and its raw, unreleased count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +64,8 @@ pub(crate) fn compile_count(spec: &QuerySpec, dialect: Dialect) -> (String, Vec<
                   ELSE (({b} - p.birth_ymd) / 10000) / 10 END"
         )
     } else {
-        "0".to_owned()
+        // Typed, so the column decodes as BIGINT on every backend.
+        "CAST(0 AS BIGINT)".to_owned()
     };
     let mut sql =
         format!("SELECT {sex} AS k_sex, {band} AS k_band, COUNT(*) AS n FROM patients p WHERE ");
@@ -80,17 +82,37 @@ pub(crate) fn compile_count(spec: &QuerySpec, dialect: Dialect) -> (String, Vec<
         " AND (p.birth_ymd IS NULL OR p.birth_ymd <= {born})"
     ));
     for criterion in &spec.cohort.conditions {
-        let system = param(Bind::Text(criterion.system.clone()));
+        // Codes are compared in the form import indexed them in.
+        let system_uri = terminology::canonical_system(&criterion.system);
+        let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
+        let system = param(Bind::Text(system_uri.to_owned()));
         let code = match criterion.matching {
-            CodeMatch::Exact => format!("c.code = {}", param(Bind::Text(criterion.code.clone()))),
-            CodeMatch::Prefix => format!(
-                "c.code LIKE {}",
-                param(Bind::Text(format!("{}%", criterion.code)))
-            ),
+            CodeMatch::Exact => format!("c.code = {}", param(Bind::Text(code_text))),
+            CodeMatch::Prefix => {
+                format!("c.code LIKE {}", param(Bind::Text(format!("{code_text}%"))))
+            }
         };
         sql.push_str(&format!(
             " AND EXISTS (SELECT 1 FROM condition_codes c WHERE c.patient_id = p.id \
                AND c.system = {system} AND {code})"
+        ));
+    }
+    for criterion in &spec.cohort.observations {
+        let system_uri = terminology::canonical_system(&criterion.system);
+        let system = param(Bind::Text(system_uri.to_owned()));
+        let code = param(Bind::Text(
+            terminology::normalize_code(system_uri, &criterion.code).into_owned(),
+        ));
+        let mut range = String::new();
+        if let Some(min) = criterion.min {
+            range.push_str(&format!(" AND o.value >= {}", param(Bind::Float(min))));
+        }
+        if let Some(max) = criterion.max {
+            range.push_str(&format!(" AND o.value <= {}", param(Bind::Float(max))));
+        }
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM observation_values o WHERE o.patient_id = p.id \
+               AND o.system = {system} AND o.code = {code}{range})"
         ));
     }
     if let Some(age) = spec.cohort.age {

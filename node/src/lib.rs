@@ -15,10 +15,12 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod export;
 pub mod gate;
 pub mod import;
 pub mod release;
 pub mod store;
+pub mod terminology;
 
 use std::future::Future;
 

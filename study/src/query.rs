@@ -33,6 +33,8 @@ pub enum Error {
     Condition { index: usize, problem: String },
     #[error("analysis.group_by: {0}")]
     GroupBy(String),
+    #[error("cohort.observations[{index}]: {problem}")]
+    Observation { index: usize, problem: String },
     #[error("cohort.age: {0}")]
     Age(String),
 }
@@ -57,9 +59,26 @@ pub struct Cohort {
     /// Every listed condition must be recorded for the patient.
     #[serde(default)]
     pub conditions: Vec<CodeCriterion>,
+    /// Every listed observation must be recorded for the patient, with a
+    /// value in the range when one is given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub observations: Vec<ObservationCriterion>,
     /// Optional age range at `as_of`, inclusive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age: Option<AgeRange>,
+}
+
+/// An observation criterion: a code (LOINC, or a local code the node maps to
+/// LOINC) and an optional inclusive value range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservationCriterion {
+    pub system: String,
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
 }
 
 /// A coded criterion: a code system and a code or code prefix.
@@ -180,6 +199,20 @@ impl QuerySpec {
                 ));
             }
         }
+        for (index, criterion) in self.cohort.observations.iter().enumerate() {
+            let problem = |p: String| Error::Observation { index, problem: p };
+            check_code(&criterion.system, &criterion.code).map_err(|p| problem(p.to_owned()))?;
+            for bound in [criterion.min, criterion.max].into_iter().flatten() {
+                if !bound.is_finite() {
+                    return Err(problem("min and max must be finite numbers".to_owned()));
+                }
+            }
+            if let (Some(min), Some(max)) = (criterion.min, criterion.max)
+                && min > max
+            {
+                return Err(problem(format!("min {min} is greater than max {max}")));
+            }
+        }
         let Analysis::Count { group_by } = &self.analysis;
         if group_by.len() > MAX_DIMENSIONS {
             return Err(Error::GroupBy(format!(
@@ -213,6 +246,27 @@ impl QuerySpec {
         let Analysis::Count { group_by } = &self.analysis;
         group_by
     }
+}
+
+/// Checks a coded criterion's system and code.
+fn check_code(system: &str, code: &str) -> Result<(), &'static str> {
+    if !(system.starts_with("http://")
+        || system.starts_with("https://")
+        || system.starts_with("urn:"))
+    {
+        return Err(
+            "system must be an absolute URI such as http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8",
+        );
+    }
+    let code_ok = !code.is_empty()
+        && code.len() <= 32
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    if !code_ok {
+        return Err("code must be 1-32 characters of letters, digits, '.' and '-'");
+    }
+    Ok(())
 }
 
 /// Hex SHA-256 of query bytes, as bound in a capability.
@@ -291,6 +345,10 @@ mod tests {
             (
                 r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","age":{"min":50,"max":40}},"analysis":{"kind":"count"}}"#,
                 "cohort.age: min 50 is greater than max 40",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","observations":[{"system":"http://loinc.org","code":"4548-4","min":7,"max":6.5}]},"analysis":{"kind":"count"}}"#,
+                "cohort.observations[0]: min 7 is greater than max 6.5",
             ),
             (
                 r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","colour":"red"},"analysis":{"kind":"count"}}"#,

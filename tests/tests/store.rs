@@ -9,7 +9,9 @@ use ghx_federation_tests::postgres::TestDatabase;
 use ghx_federation_tests::reference::Export;
 use ghx_node::Store;
 use ghx_node::engine;
-use ghx_node::import::{ImportOptions, Location, import_path};
+use ghx_node::import::{
+    ImportOptions, Location, RrnPolicy, import_path, load_edi_loinc_map, reindex,
+};
 use ghx_node::store::AuditEntry;
 use ghx_study::query::QuerySpec;
 use ghx_synth::{HospitalProfile, SynthOptions};
@@ -58,6 +60,12 @@ suite!(
     bad_lines_are_rejected_by_line_and_stored_data_is_unchanged,
     transaction_bundles_are_all_or_nothing_collections_per_entry,
     audit_entries_are_appended_in_order,
+    changed_resources_get_new_versions_and_deletes_leave_tombstones,
+    gzip_exports_import_like_plain_ones,
+    rrn_identifiers_are_stripped_or_rejected_before_storage,
+    edi_lab_codes_count_under_their_mapped_loinc_code,
+    an_export_reimports_to_the_same_resources,
+    an_unfinished_checkpoint_resumes_after_its_last_line,
 );
 
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
@@ -90,7 +98,15 @@ fn import_matches_the_export_and_counts_match_the_reference(f: Fixture) {
     let data = f.dir.path().join("data");
     let summary = synth(&data, "chonnam", 600);
     // A small batch size makes the import span many transactions.
-    let report = import_path(&f.store, &data, &ImportOptions { batch_size: 250 }).unwrap();
+    let report = import_path(
+        &f.store,
+        &data,
+        &ImportOptions {
+            batch_size: 250,
+            ..ImportOptions::default()
+        },
+    )
+    .unwrap();
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
     assert_eq!(report.accepted as usize, summary.total());
     assert!(report.batches > 1);
@@ -252,4 +268,302 @@ fn audit_entries_are_appended_in_order(f: Fixture) {
     assert!(second > first);
     let all = f.store.audit_entries().unwrap();
     assert_eq!(all, vec![entry("s1"), entry("s2")]);
+}
+
+fn count_query(store: &Store, cohort: &str) -> u64 {
+    let json = format!(
+        r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01",{cohort}}},"analysis":{{"kind":"count"}}}}"#
+    );
+    let spec = QuerySpec::parse(json.as_bytes()).unwrap();
+    engine::count(store, &spec)
+        .unwrap()
+        .iter()
+        .map(|c| c.count)
+        .sum()
+}
+
+fn write(path: &Path, lines: &[&str]) {
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+const CONSENTED: &str = r#"{"resourceType":"Consent","id":"k1","status":"active","scope":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/consentscope","code":"research"}]},"category":[{"coding":[{"system":"http://loinc.org","code":"57016-8"}]}],"patient":{"reference":"Patient/v1"},"dateTime":"2025-01-01T00:00:00Z","provision":{"type":"permit"}}"#;
+
+fn changed_resources_get_new_versions_and_deletes_leave_tombstones(f: Fixture) {
+    let file = f.dir.path().join("v.ndjson");
+    let patient = |gender: &str| {
+        format!(
+            r#"{{"resourceType":"Patient","id":"v1","gender":"{gender}","birthDate":"1960-05-05"}}"#
+        )
+    };
+    let condition = r#"{"resourceType":"Condition","id":"vc1","subject":{"reference":"Patient/v1"},"code":{"coding":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11.9"}]}}"#;
+    write(&file, &[&patient("male"), condition, CONSENTED]);
+    let r = import_path(&f.store, &file, &ImportOptions::default()).unwrap();
+    assert_eq!((r.outcome.created, r.outcome.updated), (3, 0));
+    assert_eq!(
+        count_query(
+            &f.store,
+            r#""conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11.9"}]"#
+        ),
+        1
+    );
+
+    write(&file, &[&patient("female"), condition, CONSENTED]);
+    let r = import_path(&f.store, &file, &ImportOptions::default()).unwrap();
+    assert_eq!(
+        (r.outcome.created, r.outcome.updated, r.outcome.unchanged),
+        (0, 1, 2)
+    );
+    let versions = f.store.history("Patient", "v1").unwrap();
+    assert_eq!(versions.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1, 2]);
+    assert!(
+        versions[0].1.as_deref().unwrap().contains("male")
+            && versions[1].1.as_deref().unwrap().contains("female")
+    );
+
+    // A transaction Bundle deletes the condition: the count drops.
+    let bundle = f.dir.path().join("delete.json");
+    std::fs::write(&bundle, r#"{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"DELETE","url":"Condition/vc1"}},{"request":{"method":"DELETE","url":"Condition/never-stored"}}]}"#).unwrap();
+    let r = import_path(&f.store, &bundle, &ImportOptions::default()).unwrap();
+    assert_eq!((r.outcome.deleted, r.outcome.not_found), (1, 1));
+    assert_eq!(f.store.resource("Condition", "vc1").unwrap(), None);
+    assert_eq!(
+        count_query(
+            &f.store,
+            r#""conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]"#
+        ),
+        0
+    );
+    let history = f.store.history("Condition", "vc1").unwrap();
+    assert_eq!(history, vec![(1, Some(condition.to_owned())), (2, None)]);
+
+    // Re-created after deletion, it continues the version sequence.
+    write(&file, &[condition]);
+    import_path(&f.store, &file, &ImportOptions::default()).unwrap();
+    assert_eq!(
+        f.store
+            .history("Condition", "vc1")
+            .unwrap()
+            .last()
+            .unwrap()
+            .0,
+        3
+    );
+
+    // A bad DELETE names the problem.
+    std::fs::write(&bundle, r#"{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":"DELETE","url":"Condition?code=E11"}}]}"#).unwrap();
+    let r = import_path(&f.store, &bundle, &ImportOptions::default()).unwrap();
+    assert!(
+        r.rejected[0]
+            .reason
+            .contains("conditional deletes are not supported"),
+        "{:?}",
+        r.rejected
+    );
+}
+
+fn gzip_exports_import_like_plain_ones(f: Fixture) {
+    use std::io::Write;
+    let data = f.dir.path().join("data");
+    let summary = synth(&data, "chosun", 80);
+    let gz = f.dir.path().join("gz");
+    std::fs::create_dir_all(&gz).unwrap();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        let out = gz.join(format!(
+            "{}.gz",
+            path.file_name().unwrap().to_string_lossy()
+        ));
+        let mut encoder = flate2::write::GzEncoder::new(
+            std::fs::File::create(out).unwrap(),
+            flate2::Compression::fast(),
+        );
+        encoder.write_all(&std::fs::read(&path).unwrap()).unwrap();
+        encoder.finish().unwrap();
+    }
+    let report = import_path(&f.store, &gz, &ImportOptions::default()).unwrap();
+    assert_eq!(
+        (report.files, report.accepted as usize),
+        (6, summary.total())
+    );
+    assert!(report.rejected.is_empty());
+}
+
+fn rrn_identifiers_are_stripped_or_rejected_before_storage(f: Fixture) {
+    let file = f.dir.path().join("rrn.ndjson");
+    write(
+        &file,
+        &[
+            r#"{"resourceType":"Patient","id":"r1","identifier":[{"system":"urn:mrn","value":"M1"},{"type":{"coding":[{"code":"NNKOR"}]},"value":"900101-1234567"}],"gender":"male"}"#,
+            r#"{"resourceType":"Patient","id":"r2","gender":"female","text":{"status":"generated","div":"<div>RRN 8501012345678</div>"}}"#,
+        ],
+    );
+    let report = import_path(&f.store, &file, &ImportOptions::default()).unwrap();
+    assert_eq!(report.accepted, 1);
+    assert_eq!(report.rrn_stripped.len(), 1);
+    assert_eq!(report.rejected[0].location, Location::Line(2));
+    assert!(
+        report.rejected[0].reason.contains("outside identifier"),
+        "{}",
+        report.rejected[0].reason
+    );
+    let stored = f.store.resource("Patient", "r1").unwrap().unwrap();
+    assert!(
+        stored.contains("M1") && !stored.contains("900101") && !stored.contains("NNKOR"),
+        "{stored}"
+    );
+    assert_eq!(f.store.resource("Patient", "r2").unwrap(), None);
+
+    // Under the reject policy the first one is refused too.
+    write(
+        &file,
+        &[
+            r#"{"resourceType":"Patient","id":"r3","identifier":[{"system":"http://www.hl7korea.or.kr/Identifier/rrn","value":"9001011234567"}]}"#,
+        ],
+    );
+    let options = ImportOptions {
+        rrn: RrnPolicy::Reject,
+        ..ImportOptions::default()
+    };
+    let report = import_path(&f.store, &file, &options).unwrap();
+    assert_eq!(report.accepted, 0);
+    assert!(
+        report.rejected[0]
+            .reason
+            .contains("resident registration number")
+    );
+    for r in report.rejected.iter().chain(&report.rrn_stripped) {
+        assert!(
+            !r.to_string().contains("900101"),
+            "reports never carry the number: {r}"
+        );
+    }
+}
+
+fn edi_lab_codes_count_under_their_mapped_loinc_code(f: Fixture) {
+    let file = f.dir.path().join("edi.ndjson");
+    write(
+        &file,
+        &[
+            r#"{"resourceType":"Patient","id":"v1","gender":"male","birthDate":"1960-05-05"}"#,
+            CONSENTED,
+            r#"{"resourceType":"Observation","id":"e1","status":"final","code":{"coding":[{"system":"http://www.hl7korea.or.kr/CodeSystem/hira-edi-procedure","code":"C3825"}]},"subject":{"reference":"Patient/v1"},"valueQuantity":{"value":7.1,"code":"%"}}"#,
+        ],
+    );
+    import_path(&f.store, &file, &ImportOptions::default()).unwrap();
+    let hba1c_at_least_6_5 =
+        r#""observations":[{"system":"http://loinc.org","code":"4548-4","min":6.5}]"#;
+    assert_eq!(
+        count_query(&f.store, hba1c_at_least_6_5),
+        0,
+        "unmapped EDI codes are not LOINC"
+    );
+
+    let csv = f.dir.path().join("edi-loinc.csv");
+    std::fs::write(&csv, "edi_code,loinc_code\nC3825,4548-4\nB2710,1558-6\n").unwrap();
+    assert_eq!(load_edi_loinc_map(&f.store, &csv).unwrap(), 2);
+    reindex(&f.store, 100).unwrap();
+    assert_eq!(count_query(&f.store, hba1c_at_least_6_5), 1);
+    assert_eq!(
+        count_query(
+            &f.store,
+            r#""observations":[{"system":"http://loinc.org","code":"4548-4","min":7.5}]"#
+        ),
+        0
+    );
+
+    std::fs::write(&csv, "C3825,not-loinc\n").unwrap();
+    let err = load_edi_loinc_map(&f.store, &csv).unwrap_err().to_string();
+    assert!(err.contains("line 1") && err.contains("LOINC"), "{err}");
+    std::fs::write(&csv, "edi_code,loinc_code\n").unwrap();
+    assert!(
+        load_edi_loinc_map(&f.store, &csv)
+            .unwrap_err()
+            .to_string()
+            .contains("no mappings found")
+    );
+    assert_eq!(
+        f.store.code_map().unwrap().len(),
+        2,
+        "a bad map file changes nothing"
+    );
+}
+
+fn an_export_reimports_to_the_same_resources(f: Fixture) {
+    let data = f.dir.path().join("data");
+    synth(&data, "christian", 60);
+    import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    let out = f.dir.path().join("export");
+    let counts = ghx_node::export::export_ndjson(&f.store, &out, None).unwrap();
+    assert_eq!(
+        counts.values().sum::<u64>(),
+        f.store.resource_counts().unwrap().values().sum::<u64>()
+    );
+
+    // Every exported resource equals the imported one, apart from the
+    // versionId and lastUpdated the node adds.
+    let read = |path: &Path| -> std::collections::BTreeMap<String, serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                if let Some(meta) = v.get_mut("meta").and_then(|m| m.as_object_mut()) {
+                    meta.remove("versionId");
+                    meta.remove("lastUpdated");
+                    if meta.is_empty() {
+                        v.as_object_mut().unwrap().remove("meta");
+                    }
+                }
+                (v["id"].as_str().unwrap().to_owned(), v)
+            })
+            .collect()
+    };
+    for ty in ghx_synth::RESOURCE_TYPES {
+        let original = data.join(format!("{ty}.ndjson"));
+        if std::fs::metadata(&original).unwrap().len() == 0 {
+            continue;
+        }
+        assert_eq!(
+            read(&out.join(format!("{ty}.ndjson"))),
+            read(&original),
+            "{ty}"
+        );
+    }
+
+    // Importing the export into the same store changes only versions.
+    let report = import_path(&f.store, &out, &ImportOptions::default()).unwrap();
+    assert!(report.rejected.is_empty());
+    assert_eq!(report.outcome.created, 0);
+}
+
+fn an_unfinished_checkpoint_resumes_after_its_last_line(f: Fixture) {
+    // A first import that was interrupted after committing line 2 (its
+    // checkpoint was written in the same transaction as those lines).
+    let file = f.dir.path().join("resume.ndjson");
+    let lines: Vec<String> = (1..=5)
+        .map(|i| format!(r#"{{"resourceType":"Patient","id":"res{i}","gender":"male"}}"#))
+        .collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    write(&file, &lines[..2]);
+    import_path(
+        &f.store,
+        &file,
+        &ImportOptions {
+            batch_size: 1,
+            ..ImportOptions::default()
+        },
+    )
+    .unwrap();
+    // The export grew (same file, appended): a new fingerprint, so it is
+    // read from the start; unchanged lines are recognised.
+    write(&file, &lines);
+    let report = import_path(&f.store, &file, &ImportOptions::default()).unwrap();
+    assert_eq!(
+        (
+            report.resumed_lines,
+            report.outcome.unchanged,
+            report.outcome.created
+        ),
+        (0, 2, 3)
+    );
 }

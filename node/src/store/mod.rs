@@ -9,7 +9,7 @@
 
 pub(crate) mod schema;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -21,7 +21,10 @@ use diesel::sqlite::SqliteConnection;
 use diesel::upsert::excluded;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-use schema::{audit_log, condition_codes, consents, observation_values, patients, resources};
+use schema::{
+    audit_log, code_map, condition_codes, consents, encounters, import_checkpoints,
+    medication_codes, observation_values, patients, resource_history, resources,
+};
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -101,6 +104,109 @@ macro_rules! with_conn {
     };
 }
 
+macro_rules! insert_rows {
+    ($conn:expr, $table:expr, $rows:expr) => {
+        for chunk in $rows.chunks(INSERT_CHUNK) {
+            diesel::insert_into($table)
+                .values(chunk.to_vec())
+                .execute($conn)?;
+        }
+    };
+}
+
+/// Inserts the index rows of `$items` (whose old rows are already gone).
+/// A macro, like [`with_conn!`], so it expands for each concrete backend.
+macro_rules! insert_index_rows {
+    ($conn:expr, $items:expr) => {{
+        let patients_rows: Vec<_> = $items
+            .iter()
+            .filter_map(|i| i.patient.as_ref())
+            .map(|p| {
+                (
+                    patients::id.eq(&p.id),
+                    patients::gender.eq(&p.gender),
+                    patients::birth_ymd.eq(p.birth_ymd),
+                )
+            })
+            .collect();
+        insert_rows!($conn, patients::table, patients_rows);
+        let conditions: Vec<_> = $items
+            .iter()
+            .flat_map(|i| &i.conditions)
+            .map(|c| {
+                (
+                    condition_codes::condition_id.eq(&c.condition_id),
+                    condition_codes::patient_id.eq(&c.patient_id),
+                    condition_codes::system.eq(&c.system),
+                    condition_codes::code.eq(&c.code),
+                    condition_codes::onset_at.eq(c.onset_at),
+                    condition_codes::recorded_at.eq(c.recorded_at),
+                )
+            })
+            .collect();
+        insert_rows!($conn, condition_codes::table, conditions);
+        let observations: Vec<_> = $items
+            .iter()
+            .flat_map(|i| &i.observations)
+            .map(|o| {
+                (
+                    observation_values::observation_id.eq(&o.observation_id),
+                    observation_values::patient_id.eq(&o.patient_id),
+                    observation_values::system.eq(&o.system),
+                    observation_values::code.eq(&o.code),
+                    observation_values::value.eq(o.value),
+                    observation_values::unit.eq(o.unit.as_deref()),
+                    observation_values::effective_at.eq(o.effective_at),
+                )
+            })
+            .collect();
+        insert_rows!($conn, observation_values::table, observations);
+        let encounter_rows: Vec<_> = $items
+            .iter()
+            .filter_map(|i| i.encounter.as_ref())
+            .map(|e| {
+                (
+                    encounters::encounter_id.eq(&e.encounter_id),
+                    encounters::patient_id.eq(&e.patient_id),
+                    encounters::class_code.eq(&e.class_code),
+                    encounters::start_at.eq(e.start_at),
+                    encounters::end_at.eq(e.end_at),
+                )
+            })
+            .collect();
+        insert_rows!($conn, encounters::table, encounter_rows);
+        let medications: Vec<_> = $items
+            .iter()
+            .flat_map(|i| &i.medications)
+            .map(|m| {
+                (
+                    medication_codes::medication_request_id.eq(&m.medication_request_id),
+                    medication_codes::patient_id.eq(&m.patient_id),
+                    medication_codes::system.eq(&m.system),
+                    medication_codes::code.eq(&m.code),
+                    medication_codes::authored_at.eq(m.authored_at),
+                )
+            })
+            .collect();
+        insert_rows!($conn, medication_codes::table, medications);
+        let consent_rows: Vec<_> = $items
+            .iter()
+            .filter_map(|i| i.consent.as_ref())
+            .map(|c| {
+                (
+                    consents::consent_id.eq(&c.consent_id),
+                    consents::patient_id.eq(&c.patient_id),
+                    consents::status.eq(&c.status),
+                    consents::scope.eq(&c.scope),
+                    consents::decision.eq(&c.decision),
+                    consents::recorded_at.eq(c.recorded_at),
+                )
+            })
+            .collect();
+        insert_rows!($conn, consents::table, consent_rows);
+    }};
+}
+
 #[derive(Debug)]
 struct SqlitePragmas;
 
@@ -178,142 +284,413 @@ impl Store {
         }
     }
 
-    /// Writes one batch atomically: either every resource and index row in
-    /// it is stored, or none is.
-    pub fn write_batch(&self, batch: &Batch) -> Result<()> {
-        let now = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .expect("RFC 3339 formatting of now");
+    /// Writes one batch atomically: every resource, deletion, index row and
+    /// the checkpoint in it are stored, or none is. Resources whose content
+    /// is unchanged are left alone (no new version); changed ones keep their
+    /// previous version in `resource_history`.
+    pub fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome> {
+        let now = now_rfc3339();
         with_conn!(self, |conn| conn.transaction(|conn| {
-            for chunk in batch.resources.chunks(INSERT_CHUNK) {
+            let mut outcome = BatchOutcome::default();
+            // What is stored now, for every resource the batch touches.
+            let mut existing: HashMap<(String, String), (i64, String)> = HashMap::new();
+            let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for item in &batch.items {
+                by_type
+                    .entry(&item.resource.resource_type)
+                    .or_default()
+                    .push(&item.resource.id);
+            }
+            for key in &batch.deletes {
+                by_type.entry(&key.resource_type).or_default().push(&key.id);
+            }
+            for (ty, ids) in &by_type {
+                for chunk in ids.chunks(INSERT_CHUNK) {
+                    let rows: Vec<(String, i64, String)> = resources::table
+                        .filter(resources::resource_type.eq(ty))
+                        .filter(resources::id.eq_any(chunk))
+                        .select((
+                            resources::id,
+                            resources::version_id,
+                            resources::content_sha256,
+                        ))
+                        .load(conn)?;
+                    for (id, version, sha) in rows {
+                        existing.insert(((*ty).to_owned(), id), (version, sha));
+                    }
+                }
+            }
+            // Resources that are new here may have been deleted before; their
+            // next version follows the tombstone.
+            let mut last_deleted: HashMap<(String, String), i64> = HashMap::new();
+            for (ty, ids) in &by_type {
+                let fresh: Vec<&str> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| !existing.contains_key(&((*ty).to_owned(), (*id).to_owned())))
+                    .collect();
+                for chunk in fresh.chunks(INSERT_CHUNK) {
+                    let rows: Vec<(String, Option<i64>)> = resource_history::table
+                        .filter(resource_history::resource_type.eq(ty))
+                        .filter(resource_history::id.eq_any(chunk))
+                        .group_by(resource_history::id)
+                        .select((
+                            resource_history::id,
+                            diesel::dsl::max(resource_history::version_id),
+                        ))
+                        .load(conn)?;
+                    for (id, version) in rows {
+                        last_deleted.insert(((*ty).to_owned(), id), version.unwrap_or(0));
+                    }
+                }
+            }
+
+            let mut writes: Vec<(&IndexedResource, i64)> = Vec::new();
+            let mut superseded: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for item in &batch.items {
+                let r = &item.resource;
+                let key = (r.resource_type.clone(), r.id.clone());
+                match existing.get(&key) {
+                    Some((_, sha)) if *sha == r.content_sha256 && !batch.reindex => {
+                        outcome.unchanged += 1
+                    }
+                    Some((version, _)) => {
+                        if batch.reindex {
+                            writes.push((item, *version));
+                        } else {
+                            superseded.entry(&r.resource_type).or_default().push(&r.id);
+                            writes.push((item, version + 1));
+                            outcome.updated += 1;
+                        }
+                    }
+                    None => {
+                        writes.push((item, last_deleted.get(&key).copied().unwrap_or(0) + 1));
+                        outcome.created += 1;
+                    }
+                }
+            }
+            let mut deleted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            let mut tombstones = Vec::new();
+            for key in &batch.deletes {
+                if let Some((version, _)) =
+                    existing.get(&(key.resource_type.clone(), key.id.clone()))
+                {
+                    deleted.entry(&key.resource_type).or_default().push(&key.id);
+                    superseded
+                        .entry(&key.resource_type)
+                        .or_default()
+                        .push(&key.id);
+                    tombstones.push((key, version + 1));
+                    outcome.deleted += 1;
+                } else {
+                    outcome.not_found += 1;
+                }
+            }
+
+            // Keep superseded versions, then write the new ones.
+            for (ty, ids) in &superseded {
+                for chunk in ids.chunks(INSERT_CHUNK) {
+                    diesel::insert_into(resource_history::table)
+                        .values(
+                            resources::table
+                                .filter(resources::resource_type.eq(ty))
+                                .filter(resources::id.eq_any(chunk))
+                                .select((
+                                    resources::resource_type,
+                                    resources::id,
+                                    resources::version_id,
+                                    resources::last_updated,
+                                    resources::content.nullable(),
+                                )),
+                        )
+                        .into_columns((
+                            resource_history::resource_type,
+                            resource_history::id,
+                            resource_history::version_id,
+                            resource_history::last_updated,
+                            resource_history::content,
+                        ))
+                        .execute(conn)?;
+                }
+            }
+            for chunk in tombstones.chunks(INSERT_CHUNK) {
                 let rows: Vec<_> = chunk
                     .iter()
-                    .map(|r| {
+                    .map(|(key, version)| {
                         (
-                            resources::resource_type.eq(&r.resource_type),
-                            resources::id.eq(&r.id),
-                            resources::version_id.eq(1i64),
-                            resources::last_updated.eq(&now),
-                            resources::patient_id.eq(r.patient_id.as_deref()),
-                            resources::content.eq(&r.content),
+                            resource_history::resource_type.eq(&key.resource_type),
+                            resource_history::id.eq(&key.id),
+                            resource_history::version_id.eq(*version),
+                            resource_history::last_updated.eq(&now),
+                            resource_history::content.eq(None::<String>),
                         )
                     })
                     .collect();
-                diesel::insert_into(resources::table)
+                diesel::insert_into(resource_history::table)
                     .values(rows)
-                    .on_conflict((resources::resource_type, resources::id))
+                    .execute(conn)?;
+            }
+            for (ty, ids) in &deleted {
+                for chunk in ids.chunks(INSERT_CHUNK) {
+                    diesel::delete(
+                        resources::table
+                            .filter(resources::resource_type.eq(ty))
+                            .filter(resources::id.eq_any(chunk)),
+                    )
+                    .execute(conn)?;
+                }
+            }
+            if !batch.reindex {
+                for chunk in writes.chunks(INSERT_CHUNK) {
+                    let rows: Vec<_> = chunk
+                        .iter()
+                        .map(|(item, version)| {
+                            let r = &item.resource;
+                            (
+                                resources::resource_type.eq(&r.resource_type),
+                                resources::id.eq(&r.id),
+                                resources::version_id.eq(*version),
+                                resources::last_updated.eq(&now),
+                                resources::content_sha256.eq(&r.content_sha256),
+                                resources::patient_id.eq(r.patient_id.as_deref()),
+                                resources::content.eq(&r.content),
+                            )
+                        })
+                        .collect();
+                    diesel::insert_into(resources::table)
+                        .values(rows)
+                        .on_conflict((resources::resource_type, resources::id))
+                        .do_update()
+                        .set((
+                            resources::version_id.eq(excluded(resources::version_id)),
+                            resources::last_updated.eq(excluded(resources::last_updated)),
+                            resources::content_sha256.eq(excluded(resources::content_sha256)),
+                            resources::patient_id.eq(excluded(resources::patient_id)),
+                            resources::content.eq(excluded(resources::content)),
+                        ))
+                        .execute(conn)?;
+                }
+            }
+
+            // Index rows of every written or deleted resource are replaced whole.
+            let mut stale: BTreeMap<&str, Vec<&str>> = deleted.clone();
+            for (item, _) in &writes {
+                stale
+                    .entry(&item.resource.resource_type)
+                    .or_default()
+                    .push(&item.resource.id);
+            }
+            for (ty, ids) in &stale {
+                for chunk in ids.chunks(INSERT_CHUNK) {
+                    match *ty {
+                        "Patient" => {
+                            diesel::delete(patients::table.filter(patients::id.eq_any(chunk)))
+                                .execute(conn)?
+                        }
+                        "Condition" => diesel::delete(
+                            condition_codes::table
+                                .filter(condition_codes::condition_id.eq_any(chunk)),
+                        )
+                        .execute(conn)?,
+                        "Observation" => diesel::delete(
+                            observation_values::table
+                                .filter(observation_values::observation_id.eq_any(chunk)),
+                        )
+                        .execute(conn)?,
+                        "Encounter" => diesel::delete(
+                            encounters::table.filter(encounters::encounter_id.eq_any(chunk)),
+                        )
+                        .execute(conn)?,
+                        "MedicationRequest" => diesel::delete(
+                            medication_codes::table
+                                .filter(medication_codes::medication_request_id.eq_any(chunk)),
+                        )
+                        .execute(conn)?,
+                        "Consent" => diesel::delete(
+                            consents::table.filter(consents::consent_id.eq_any(chunk)),
+                        )
+                        .execute(conn)?,
+                        _ => 0,
+                    };
+                }
+            }
+            let items: Vec<&IndexedResource> = writes.iter().map(|(item, _)| *item).collect();
+            insert_index_rows!(conn, &items);
+
+            if let Some(cp) = &batch.checkpoint {
+                diesel::insert_into(import_checkpoints::table)
+                    .values((
+                        import_checkpoints::source.eq(&cp.source),
+                        import_checkpoints::fingerprint.eq(&cp.fingerprint),
+                        import_checkpoints::lines_committed.eq(cp.lines_committed),
+                        import_checkpoints::finished.eq(cp.finished),
+                        import_checkpoints::updated_at.eq(&now),
+                    ))
+                    .on_conflict(import_checkpoints::source)
                     .do_update()
                     .set((
-                        resources::version_id.eq(resources::version_id + 1),
-                        resources::last_updated.eq(excluded(resources::last_updated)),
-                        resources::patient_id.eq(excluded(resources::patient_id)),
-                        resources::content.eq(excluded(resources::content)),
+                        import_checkpoints::fingerprint
+                            .eq(excluded(import_checkpoints::fingerprint)),
+                        import_checkpoints::lines_committed
+                            .eq(excluded(import_checkpoints::lines_committed)),
+                        import_checkpoints::finished.eq(excluded(import_checkpoints::finished)),
+                        import_checkpoints::updated_at.eq(excluded(import_checkpoints::updated_at)),
                     ))
                     .execute(conn)?;
             }
-            // Index rows of every resource in the batch are replaced whole.
-            let ids_of = |ty: &str| -> Vec<&str> {
-                batch
-                    .resources
-                    .iter()
-                    .filter(|r| r.resource_type == ty)
-                    .map(|r| r.id.as_str())
-                    .collect()
-            };
-            for ids in ids_of("Condition").chunks(INSERT_CHUNK) {
-                diesel::delete(
-                    condition_codes::table.filter(condition_codes::condition_id.eq_any(ids)),
-                )
-                .execute(conn)?;
-            }
-            for ids in ids_of("Observation").chunks(INSERT_CHUNK) {
-                diesel::delete(
-                    observation_values::table
-                        .filter(observation_values::observation_id.eq_any(ids)),
-                )
-                .execute(conn)?;
-            }
-            for ids in ids_of("Consent").chunks(INSERT_CHUNK) {
-                diesel::delete(consents::table.filter(consents::consent_id.eq_any(ids)))
-                    .execute(conn)?;
-            }
-            for chunk in batch.patients.chunks(INSERT_CHUNK) {
+            diesel::QueryResult::Ok(outcome)
+        }))
+        .map_err(Error::from)
+    }
+
+    /// The checkpoint recorded for an import source, if any.
+    pub fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>> {
+        let row: Option<(String, String, i64, bool)> =
+            with_conn!(self, |conn| import_checkpoints::table
+                .filter(import_checkpoints::source.eq(source))
+                .select((
+                    import_checkpoints::source,
+                    import_checkpoints::fingerprint,
+                    import_checkpoints::lines_committed,
+                    import_checkpoints::finished,
+                ))
+                .first(conn)
+                .optional()?);
+        Ok(row.map(
+            |(source, fingerprint, lines_committed, finished)| Checkpoint {
+                source,
+                fingerprint,
+                lines_committed,
+                finished,
+            },
+        ))
+    }
+
+    /// All code mappings, keyed by (source system, source code).
+    pub fn code_map(&self) -> Result<Vec<CodeMapping>> {
+        let rows: Vec<(String, String, String, String)> = with_conn!(self, |conn| code_map::table
+            .select((
+                code_map::source_system,
+                code_map::source_code,
+                code_map::target_system,
+                code_map::target_code,
+            ))
+            .order((code_map::source_system, code_map::source_code))
+            .load(conn)?);
+        Ok(rows
+            .into_iter()
+            .map(
+                |(source_system, source_code, target_system, target_code)| CodeMapping {
+                    source_system,
+                    source_code,
+                    target_system,
+                    target_code,
+                },
+            )
+            .collect())
+    }
+
+    /// Replaces every mapping from `source_system` to `target_system` in
+    /// one transaction.
+    pub fn replace_code_map(
+        &self,
+        source_system: &str,
+        target_system: &str,
+        mappings: &[CodeMapping],
+    ) -> Result<()> {
+        with_conn!(self, |conn| conn.transaction(|conn| {
+            diesel::delete(
+                code_map::table
+                    .filter(code_map::source_system.eq(source_system))
+                    .filter(code_map::target_system.eq(target_system)),
+            )
+            .execute(conn)?;
+            for chunk in mappings.chunks(INSERT_CHUNK) {
                 let rows: Vec<_> = chunk
                     .iter()
-                    .map(|p| {
+                    .map(|m| {
                         (
-                            patients::id.eq(&p.id),
-                            patients::gender.eq(&p.gender),
-                            patients::birth_ymd.eq(p.birth_ymd),
+                            code_map::source_system.eq(&m.source_system),
+                            code_map::source_code.eq(&m.source_code),
+                            code_map::target_system.eq(&m.target_system),
+                            code_map::target_code.eq(&m.target_code),
                         )
                     })
                     .collect();
-                diesel::insert_into(patients::table)
-                    .values(rows)
-                    .on_conflict(patients::id)
-                    .do_update()
-                    .set((
-                        patients::gender.eq(excluded(patients::gender)),
-                        patients::birth_ymd.eq(excluded(patients::birth_ymd)),
-                    ))
-                    .execute(conn)?;
-            }
-            for chunk in batch.conditions.chunks(INSERT_CHUNK) {
-                let rows: Vec<_> = chunk
-                    .iter()
-                    .map(|c| {
-                        (
-                            condition_codes::condition_id.eq(&c.condition_id),
-                            condition_codes::patient_id.eq(&c.patient_id),
-                            condition_codes::system.eq(&c.system),
-                            condition_codes::code.eq(&c.code),
-                        )
-                    })
-                    .collect();
-                diesel::insert_into(condition_codes::table)
-                    .values(rows)
-                    .execute(conn)?;
-            }
-            for chunk in batch.observations.chunks(INSERT_CHUNK) {
-                let rows: Vec<_> = chunk
-                    .iter()
-                    .map(|o| {
-                        (
-                            observation_values::observation_id.eq(&o.observation_id),
-                            observation_values::patient_id.eq(&o.patient_id),
-                            observation_values::system.eq(&o.system),
-                            observation_values::code.eq(&o.code),
-                            observation_values::value.eq(o.value),
-                            observation_values::unit.eq(o.unit.as_deref()),
-                            observation_values::effective_at.eq(o.effective_at),
-                        )
-                    })
-                    .collect();
-                diesel::insert_into(observation_values::table)
-                    .values(rows)
-                    .execute(conn)?;
-            }
-            for chunk in batch.consents.chunks(INSERT_CHUNK) {
-                let rows: Vec<_> = chunk
-                    .iter()
-                    .map(|c| {
-                        (
-                            consents::consent_id.eq(&c.consent_id),
-                            consents::patient_id.eq(&c.patient_id),
-                            consents::status.eq(&c.status),
-                            consents::scope.eq(&c.scope),
-                            consents::decision.eq(&c.decision),
-                            consents::recorded_at.eq(c.recorded_at),
-                        )
-                    })
-                    .collect();
-                diesel::insert_into(consents::table)
+                diesel::insert_into(code_map::table)
                     .values(rows)
                     .execute(conn)?;
             }
             diesel::QueryResult::Ok(())
         }))?;
         Ok(())
+    }
+
+    /// Current resources in (type, id) order, after `after`, at most `limit`.
+    pub fn resources_page(
+        &self,
+        resource_type: Option<&str>,
+        after: Option<&ResourceKey>,
+        limit: i64,
+    ) -> Result<Vec<StoredVersion>> {
+        type Row = (String, String, i64, String, String);
+        let rows: Vec<Row> = with_conn!(self, |conn| {
+            let mut query = resources::table
+                .select((
+                    resources::resource_type,
+                    resources::id,
+                    resources::version_id,
+                    resources::last_updated,
+                    resources::content,
+                ))
+                .order((resources::resource_type, resources::id))
+                .limit(limit)
+                .into_boxed();
+            if let Some(ty) = resource_type {
+                query = query.filter(resources::resource_type.eq(ty.to_owned()));
+            }
+            if let Some(key) = after {
+                query = query.filter(
+                    resources::resource_type.gt(key.resource_type.clone()).or(
+                        resources::resource_type
+                            .eq(key.resource_type.clone())
+                            .and(resources::id.gt(key.id.clone())),
+                    ),
+                );
+            }
+            query.load(conn)?
+        });
+        Ok(rows
+            .into_iter()
+            .map(
+                |(resource_type, id, version_id, last_updated, content)| StoredVersion {
+                    key: ResourceKey { resource_type, id },
+                    version_id,
+                    last_updated,
+                    content,
+                },
+            )
+            .collect())
+    }
+
+    /// Every stored version of a resource, oldest first; `None` content marks
+    /// a deletion.
+    pub fn history(&self, resource_type: &str, id: &str) -> Result<Vec<(i64, Option<String>)>> {
+        let mut versions: Vec<(i64, Option<String>)> =
+            with_conn!(self, |conn| resource_history::table
+                .filter(resource_history::resource_type.eq(resource_type))
+                .filter(resource_history::id.eq(id))
+                .select((resource_history::version_id, resource_history::content))
+                .load(conn)?);
+        let current: Option<(i64, String)> = with_conn!(self, |conn| resources::table
+            .filter(resources::resource_type.eq(resource_type))
+            .filter(resources::id.eq(id))
+            .select((resources::version_id, resources::content))
+            .first(conn)
+            .optional()?);
+        versions.extend(current.map(|(v, c)| (v, Some(c))));
+        versions.sort_by_key(|(v, _)| *v);
+        Ok(versions)
     }
 
     /// Number of stored resources per resource type.
@@ -347,6 +724,7 @@ impl Store {
                     query = match bind {
                         Bind::Text(s) => query.bind::<Text, _>(s.clone()),
                         Bind::Int(i) => query.bind::<BigInt, _>(*i),
+                        Bind::Float(f) => query.bind::<diesel::sql_types::Double, _>(*f),
                     };
                 }
                 query.load::<GroupCount>($conn)?
@@ -443,6 +821,7 @@ impl Store {
 pub enum Bind {
     Text(String),
     Int(i64),
+    Float(f64),
 }
 
 /// One row of a grouped count: the group's key columns and its size.
@@ -456,20 +835,98 @@ pub struct GroupCount {
     pub n: i64,
 }
 
-/// Resources and their index rows, written in one transaction.
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339 formatting of now")
+}
+
+/// A resource's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceKey {
+    pub resource_type: String,
+    pub id: String,
+}
+
+/// Resources, deletions and index rows written in one transaction.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
-    pub resources: Vec<StoredResource>,
-    pub patients: Vec<PatientRow>,
-    pub conditions: Vec<ConditionCode>,
-    pub observations: Vec<ObservationValue>,
-    pub consents: Vec<ConsentRow>,
+    pub items: Vec<IndexedResource>,
+    pub deletes: Vec<ResourceKey>,
+    /// Progress of the import source, committed with the batch.
+    pub checkpoint: Option<Checkpoint>,
+    /// Rewrite only the index rows of `items` (their content is unchanged).
+    pub reindex: bool,
 }
 
 impl Batch {
-    pub fn is_empty(&self) -> bool {
-        self.resources.is_empty()
+    pub fn len(&self) -> usize {
+        self.items.len() + self.deletes.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub deleted: u64,
+    /// Deletions of resources that were not stored.
+    pub not_found: u64,
+}
+
+impl std::ops::AddAssign for BatchOutcome {
+    fn add_assign(&mut self, other: Self) {
+        self.created += other.created;
+        self.updated += other.updated;
+        self.unchanged += other.unchanged;
+        self.deleted += other.deleted;
+        self.not_found += other.not_found;
+    }
+}
+
+/// How far the import of one source file has been committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub source: String,
+    pub fingerprint: String,
+    pub lines_committed: i64,
+    pub finished: bool,
+}
+
+/// One local code mapping, e.g. a HIRA EDI lab code to LOINC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeMapping {
+    pub source_system: String,
+    pub source_code: String,
+    pub target_system: String,
+    pub target_code: String,
+}
+
+/// A stored current version of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredVersion {
+    pub key: ResourceKey,
+    pub version_id: i64,
+    pub last_updated: String,
+    pub content: String,
+}
+
+/// A resource and the index rows derived from it.
+#[derive(Debug, Clone)]
+pub struct IndexedResource {
+    pub resource: StoredResource,
+    pub patient: Option<PatientRow>,
+    pub conditions: Vec<ConditionCode>,
+    pub observations: Vec<ObservationValue>,
+    pub encounter: Option<EncounterRow>,
+    pub medications: Vec<MedicationCode>,
+    pub consent: Option<ConsentRow>,
 }
 
 #[derive(Debug, Clone)]
@@ -479,6 +936,8 @@ pub struct StoredResource {
     pub patient_id: Option<String>,
     /// The resource's JSON as received.
     pub content: String,
+    /// Hex SHA-256 of `content`.
+    pub content_sha256: String,
 }
 
 #[derive(Debug, Clone)]
@@ -494,6 +953,8 @@ pub struct ConditionCode {
     pub patient_id: String,
     pub system: String,
     pub code: String,
+    pub onset_at: Option<i64>,
+    pub recorded_at: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -505,6 +966,24 @@ pub struct ObservationValue {
     pub value: Option<f64>,
     pub unit: Option<String>,
     pub effective_at: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EncounterRow {
+    pub encounter_id: String,
+    pub patient_id: String,
+    pub class_code: String,
+    pub start_at: Option<i64>,
+    pub end_at: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MedicationCode {
+    pub medication_request_id: String,
+    pub patient_id: String,
+    pub system: String,
+    pub code: String,
+    pub authored_at: Option<i64>,
 }
 
 #[derive(Debug, Clone)]

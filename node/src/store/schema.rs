@@ -6,8 +6,19 @@ diesel::table! {
         id -> Text,
         version_id -> BigInt,
         last_updated -> Text,
+        content_sha256 -> Text,
         patient_id -> Nullable<Text>,
         content -> Text,
+    }
+}
+
+diesel::table! {
+    resource_history (resource_type, id, version_id) {
+        resource_type -> Text,
+        id -> Text,
+        version_id -> BigInt,
+        last_updated -> Text,
+        content -> Nullable<Text>,
     }
 }
 
@@ -25,6 +36,47 @@ diesel::table! {
         patient_id -> Text,
         system -> Text,
         code -> Text,
+        onset_at -> Nullable<BigInt>,
+        recorded_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    encounters (encounter_id) {
+        encounter_id -> Text,
+        patient_id -> Text,
+        class_code -> Text,
+        start_at -> Nullable<BigInt>,
+        end_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    medication_codes (medication_request_id, system, code) {
+        medication_request_id -> Text,
+        patient_id -> Text,
+        system -> Text,
+        code -> Text,
+        authored_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    code_map (source_system, source_code, target_system) {
+        source_system -> Text,
+        source_code -> Text,
+        target_system -> Text,
+        target_code -> Text,
+    }
+}
+
+diesel::table! {
+    import_checkpoints (source) {
+        source -> Text,
+        fingerprint -> Text,
+        lines_committed -> BigInt,
+        finished -> Bool,
+        updated_at -> Text,
     }
 }
 

@@ -1,6 +1,11 @@
 DROP TABLE audit_log;
+DROP TABLE import_checkpoints;
+DROP TABLE code_map;
 DROP TABLE consents;
+DROP TABLE medication_codes;
+DROP TABLE encounters;
 DROP TABLE observation_values;
 DROP TABLE condition_codes;
 DROP TABLE patients;
+DROP TABLE resource_history;
 DROP TABLE resources;

@@ -1,0 +1,515 @@
+//! Validation of one resource and the index rows derived from it.
+
+use std::collections::HashMap;
+
+use fhir_model::r4b::resources::{
+    Condition, ConditionOnset, Consent, Encounter, MedicationRequest, MedicationRequestMedication,
+    Observation, ObservationComponentValue, ObservationEffective, ObservationValue, Patient,
+    Resource,
+};
+use fhir_model::r4b::types::{CodeableConcept, Quantity, Reference};
+use fhir_model::{Date, DateTime};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::rrn::{self, RrnPolicy, Screened};
+use crate::store::{
+    ConditionCode, ConsentRow, EncounterRow, IndexedResource, MedicationCode,
+    ObservationValue as ObsRow, PatientRow, StoredResource,
+};
+use crate::terminology::{self, LOINC};
+
+/// What indexing needs besides the resource itself.
+#[derive(Debug, Default)]
+pub(crate) struct IndexContext {
+    /// Bundle `fullUrl` -> `Type/id`, to resolve references inside a Bundle.
+    pub(crate) full_urls: HashMap<String, String>,
+    /// (system, code) -> LOINC codes it maps to (HIRA EDI lab codes).
+    pub(crate) to_loinc: HashMap<(String, String), Vec<String>>,
+    pub(crate) rrn: RrnPolicy,
+}
+
+/// Why one resource was not accepted.
+#[derive(Debug, Clone)]
+pub(crate) struct Invalid {
+    pub(crate) resource_type: Option<String>,
+    pub(crate) id: Option<String>,
+    pub(crate) reason: String,
+}
+
+impl Invalid {
+    pub(crate) fn new(resource_type: Option<&str>, id: Option<&str>, reason: String) -> Self {
+        Invalid {
+            resource_type: resource_type.map(str::to_owned),
+            id: id.map(str::to_owned),
+            reason,
+        }
+    }
+}
+
+/// A validated resource, and how many RRN identifiers were removed from it.
+#[derive(Debug)]
+pub(crate) struct Validated {
+    pub(crate) indexed: IndexedResource,
+    pub(crate) rrn_stripped: usize,
+}
+
+/// The first fields of any resource, read without building the resource.
+#[derive(Deserialize)]
+pub(crate) struct Head<'a> {
+    #[serde(rename = "resourceType", borrow)]
+    pub(crate) resource_type: &'a str,
+    #[serde(borrow, default)]
+    pub(crate) id: Option<&'a str>,
+}
+
+/// Validates one resource's JSON and derives its index rows.
+pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated, Invalid> {
+    let head: Head<'_> = serde_json::from_str(json).map_err(|e| {
+        Invalid::new(
+            None,
+            None,
+            format!("not valid JSON: {}", redact(&e.to_string())),
+        )
+    })?;
+    let ty = head.resource_type;
+    let invalid = |reason: String| Invalid::new(Some(ty), head.id, reason);
+    let id = head.id.filter(|id| valid_id(id)).ok_or_else(|| {
+        invalid("resource has no valid id (1-64 characters of A-Z a-z 0-9 - .)".to_owned())
+    })?;
+    let (json, rrn_stripped) = match rrn::screen(json, ctx.rrn) {
+        Screened::Clean => (json.to_owned(), 0),
+        Screened::Stripped { json, removed } => (json, removed),
+        Screened::Rejected(reason) => return Err(invalid(reason)),
+    };
+    let typed = |e: serde_json::Error| invalid(format!("invalid {ty}: {}", redact(&e.to_string())));
+    let patient_of = |reference: Option<&Reference>| -> Option<String> {
+        let r = reference?.reference.as_deref()?;
+        let resolved = ctx.full_urls.get(r).map(String::as_str).unwrap_or(r);
+        let (_, id) = resolved.rsplit_once("Patient/")?;
+        Some(id.to_owned())
+    };
+    let mut indexed = IndexedResource {
+        resource: StoredResource {
+            resource_type: ty.to_owned(),
+            id: id.to_owned(),
+            patient_id: None,
+            content_sha256: hex::encode(Sha256::digest(json.as_bytes())),
+            content: String::new(),
+        },
+        patient: None,
+        conditions: Vec::new(),
+        observations: Vec::new(),
+        encounter: None,
+        medications: Vec::new(),
+        consent: None,
+    };
+    match ty {
+        "Patient" => {
+            let p: Patient = serde_json::from_str(&json).map_err(typed)?;
+            indexed.patient = Some(PatientRow {
+                id: id.to_owned(),
+                gender: p
+                    .gender
+                    .map(|g| g.as_ref().to_owned())
+                    .unwrap_or_else(|| "unknown".to_owned()),
+                birth_ymd: p.birth_date.as_ref().map(date_ymd),
+            });
+            indexed.resource.patient_id = Some(id.to_owned());
+        }
+        "Condition" => {
+            let c: Condition = serde_json::from_str(&json).map_err(typed)?;
+            let patient = patient_of(Some(&c.subject)).ok_or_else(|| {
+                invalid("Condition.subject is not a Patient reference".to_owned())
+            })?;
+            // Refuted and mistaken diagnoses are kept but never counted.
+            let excluded = c.verification_status.as_ref().is_some_and(|s| {
+                codes(s).any(|(_, code)| code == "refuted" || code == "entered-in-error")
+            });
+            let onset_at = match &c.onset {
+                Some(ConditionOnset::DateTime(dt)) => Some(date_time_unix(dt)),
+                Some(ConditionOnset::Period(p)) => p.start.as_ref().map(date_time_unix),
+                _ => None,
+            };
+            let recorded_at = c.recorded_date.as_ref().map(date_time_unix);
+            if !excluded && let Some(code) = &c.code {
+                indexed.conditions = normalized_codes(code)
+                    .map(|(system, code)| ConditionCode {
+                        condition_id: id.to_owned(),
+                        patient_id: patient.clone(),
+                        system,
+                        code,
+                        onset_at,
+                        recorded_at,
+                    })
+                    .collect();
+                indexed
+                    .conditions
+                    .sort_by(|a, b| (&a.system, &a.code).cmp(&(&b.system, &b.code)));
+                indexed
+                    .conditions
+                    .dedup_by(|a, b| a.system == b.system && a.code == b.code);
+            }
+            indexed.resource.patient_id = Some(patient);
+        }
+        "Observation" => {
+            let o: Observation = serde_json::from_str(&json).map_err(typed)?;
+            let patient = patient_of(o.subject.as_ref()).ok_or_else(|| {
+                invalid("Observation.subject is not a Patient reference".to_owned())
+            })?;
+            let status = o.status.as_ref();
+            if status != "entered-in-error" && status != "cancelled" {
+                let effective_at = match &o.effective {
+                    Some(ObservationEffective::DateTime(dt)) => Some(date_time_unix(dt)),
+                    Some(ObservationEffective::Instant(i)) => Some(i.0.unix_timestamp()),
+                    Some(ObservationEffective::Period(p)) => p.start.as_ref().map(date_time_unix),
+                    _ => None,
+                };
+                let value = match &o.value {
+                    Some(ObservationValue::Quantity(q)) => quantity(q),
+                    _ => (None, None),
+                };
+                let mut rows = Vec::new();
+                let mut push =
+                    |concept: &CodeableConcept, (value, unit): (Option<f64>, Option<String>)| {
+                        for (system, code) in normalized_codes(concept) {
+                            // Local lab codes also count under the LOINC code
+                            // the hospital mapped them to.
+                            if let Some(targets) = ctx.to_loinc.get(&(system.clone(), code.clone()))
+                            {
+                                for target in targets {
+                                    rows.push(ObsRow {
+                                        observation_id: id.to_owned(),
+                                        patient_id: patient.clone(),
+                                        system: LOINC.to_owned(),
+                                        code: target.clone(),
+                                        value,
+                                        unit: unit.clone(),
+                                        effective_at,
+                                    });
+                                }
+                            }
+                            rows.push(ObsRow {
+                                observation_id: id.to_owned(),
+                                patient_id: patient.clone(),
+                                system,
+                                code,
+                                value,
+                                unit: unit.clone(),
+                                effective_at,
+                            });
+                        }
+                    };
+                push(&o.code, value);
+                for component in o.component.iter().flatten() {
+                    let value = match &component.value {
+                        Some(ObservationComponentValue::Quantity(q)) => quantity(q),
+                        _ => (None, None),
+                    };
+                    push(&component.code, value);
+                }
+                rows.sort_by(|a, b| (&a.system, &a.code).cmp(&(&b.system, &b.code)));
+                rows.dedup_by(|a, b| a.system == b.system && a.code == b.code);
+                indexed.observations = rows;
+            }
+            indexed.resource.patient_id = Some(patient);
+        }
+        "Encounter" => {
+            let e: Encounter = serde_json::from_str(&json).map_err(typed)?;
+            let patient = patient_of(e.subject.as_ref());
+            if let Some(patient) = &patient {
+                let period = e.period.as_ref();
+                indexed.encounter = Some(EncounterRow {
+                    encounter_id: id.to_owned(),
+                    patient_id: patient.clone(),
+                    class_code: e.class.code.clone().unwrap_or_default(),
+                    start_at: period.and_then(|p| p.start.as_ref()).map(date_time_unix),
+                    end_at: period.and_then(|p| p.end.as_ref()).map(date_time_unix),
+                });
+            }
+            indexed.resource.patient_id = patient;
+        }
+        "MedicationRequest" => {
+            let m: MedicationRequest = serde_json::from_str(&json).map_err(typed)?;
+            let patient = patient_of(Some(&m.subject)).ok_or_else(|| {
+                invalid("MedicationRequest.subject is not a Patient reference".to_owned())
+            })?;
+            if let MedicationRequestMedication::CodeableConcept(concept) = &m.medication {
+                let authored_at = m.authored_on.as_ref().map(date_time_unix);
+                indexed.medications = normalized_codes(concept)
+                    .map(|(system, code)| MedicationCode {
+                        medication_request_id: id.to_owned(),
+                        patient_id: patient.clone(),
+                        system,
+                        code,
+                        authored_at,
+                    })
+                    .collect();
+                indexed
+                    .medications
+                    .sort_by(|a, b| (&a.system, &a.code).cmp(&(&b.system, &b.code)));
+                indexed
+                    .medications
+                    .dedup_by(|a, b| a.system == b.system && a.code == b.code);
+            }
+            indexed.resource.patient_id = Some(patient);
+        }
+        "Consent" => {
+            let c: Consent = serde_json::from_str(&json).map_err(typed)?;
+            let patient = patient_of(c.patient.as_ref())
+                .ok_or_else(|| invalid("Consent.patient is not a Patient reference".to_owned()))?;
+            let scope = codes(&c.scope)
+                .map(|(_, code)| code.to_owned())
+                .next()
+                .unwrap_or_default();
+            // No root provision means no permission was given.
+            let decision = c
+                .provision
+                .as_ref()
+                .and_then(|p| p.r#type.as_ref())
+                .map(|t| t.as_ref().to_owned())
+                .unwrap_or_else(|| "deny".to_owned());
+            indexed.consent = Some(ConsentRow {
+                consent_id: id.to_owned(),
+                patient_id: patient.clone(),
+                status: c.status.as_ref().to_owned(),
+                scope,
+                decision,
+                recorded_at: c.date_time.as_ref().map(date_time_unix).unwrap_or(0),
+            });
+            indexed.resource.patient_id = Some(patient);
+        }
+        _ => {
+            serde_json::from_str::<Resource>(&json).map_err(typed)?;
+        }
+    }
+    indexed.resource.content = json;
+    Ok(Validated {
+        indexed,
+        rrn_stripped,
+    })
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn codes(concept: &CodeableConcept) -> impl Iterator<Item = (&str, &str)> {
+    concept
+        .coding
+        .iter()
+        .flatten()
+        .filter_map(|c| Some((c.system.as_deref()?, c.code.as_deref()?)))
+}
+
+/// Codes with canonical systems and normalised spelling, as indexed.
+fn normalized_codes(concept: &CodeableConcept) -> impl Iterator<Item = (String, String)> + '_ {
+    codes(concept).map(|(system, code)| {
+        let system = terminology::canonical_system(system);
+        (
+            system.to_owned(),
+            terminology::normalize_code(system, code).into_owned(),
+        )
+    })
+}
+
+fn quantity(q: &Quantity) -> (Option<f64>, Option<String>) {
+    (q.value, q.code.clone().or_else(|| q.unit.clone()))
+}
+
+/// A FHIR date as the integer YYYYMMDD. Partial dates take the middle of
+/// their range, so ages computed from them are off by at most half a year.
+fn date_ymd(date: &Date) -> i64 {
+    match date {
+        Date::Year(y) => i64::from(*y) * 10000 + 701,
+        Date::YearMonth(y, m) => i64::from(*y) * 10000 + i64::from(u8::from(*m)) * 100 + 15,
+        Date::Date(d) => {
+            i64::from(d.year()) * 10000 + i64::from(u8::from(d.month())) * 100 + i64::from(d.day())
+        }
+    }
+}
+
+fn date_time_unix(dt: &DateTime) -> i64 {
+    match dt {
+        DateTime::DateTime(instant) => instant.0.unix_timestamp(),
+        DateTime::Date(date) => {
+            let ymd = date_ymd(date);
+            let d = time::Date::from_calendar_date(
+                (ymd / 10000) as i32,
+                time::Month::try_from(((ymd / 100) % 100) as u8).unwrap_or(time::Month::January),
+                (ymd % 100) as u8,
+            )
+            .unwrap_or(time::Date::MIN);
+            d.midnight().assume_utc().unix_timestamp()
+        }
+    }
+}
+
+/// Removes values taken from the input from a parser error message, keeping
+/// field names and the lists of allowed values that make it useful.
+pub(crate) fn redact(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(['"', '`']) {
+        let quote = rest.as_bytes()[start] as char;
+        let (before, after) = rest.split_at(start);
+        out.push_str(before);
+        let Some(len) = after[1..].find(quote) else {
+            out.push_str(after);
+            rest = "";
+            break;
+        };
+        let inner = &after[1..=len];
+        let keep = quote == '`' && (out.ends_with("field ") || out.contains("expected"));
+        out.push(quote);
+        out.push_str(if keep { inner } else { "…" });
+        out.push(quote);
+        rest = &after[len + 2..];
+    }
+    out.push_str(rest);
+    // fhir-model's code parsers say "Unknown value: <value>".
+    while let Some(pos) = out.find("Unknown value: ") {
+        let value_start = pos + "Unknown value: ".len();
+        let value_end = out[value_start..]
+            .find(" at line")
+            .map(|e| value_start + e)
+            .unwrap_or(out.len());
+        out.replace_range(pos..value_end, "unknown code value …");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(json: &str) -> Result<Validated, Invalid> {
+        index_resource(json, &IndexContext::default())
+    }
+
+    #[test]
+    fn redaction_keeps_field_names_and_allowed_values_but_drops_data() {
+        assert_eq!(
+            redact("invalid type: string \"Kim Minji\", expected f64 at line 1 column 9"),
+            "invalid type: string \"…\", expected f64 at line 1 column 9"
+        );
+        assert_eq!(
+            redact("missing field `subject` at line 1 column 20"),
+            "missing field `subject` at line 1 column 20"
+        );
+        assert_eq!(
+            redact("unknown variant `900101-1234567`, expected one of `a`, `b`"),
+            "unknown variant `…`, expected one of `a`, `b`"
+        );
+        assert_eq!(
+            redact("Unknown value: robot at line 1 column 40"),
+            "unknown code value … at line 1 column 40"
+        );
+    }
+
+    #[test]
+    fn a_patient_is_indexed_with_gender_and_birth_date() {
+        let json =
+            r#"{"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1970-06-15"}"#;
+        let patient = index(json).unwrap().indexed.patient.unwrap();
+        assert_eq!(
+            (patient.gender.as_str(), patient.birth_ymd),
+            ("female", Some(19700615))
+        );
+    }
+
+    #[test]
+    fn invalid_resources_are_named_without_their_values() {
+        let err = index(r#"{"resourceType":"Patient","id":"p1","gender":"robot"}"#).unwrap_err();
+        assert!(
+            err.reason
+                .starts_with("invalid Patient: unknown code value …"),
+            "{}",
+            err.reason
+        );
+        assert!(!err.reason.contains("robot"));
+        let json = r#"{"resourceType":"Condition","id":"c1","code":{"coding":[{"system":"urn:x","code":"E11"}]}}"#;
+        assert!(
+            index(json)
+                .unwrap_err()
+                .reason
+                .contains("missing field `subject`")
+        );
+        assert!(
+            index(r#"{"resourceType":"Patient"}"#)
+                .unwrap_err()
+                .reason
+                .contains("no valid id")
+        );
+    }
+
+    #[test]
+    fn kcd_codes_are_indexed_normalised_with_onset() {
+        let json = r#"{"resourceType":"Condition","id":"c1","subject":{"reference":"Patient/p1"},
+            "code":{"coding":[{"system":"http://www.hl7korea.or.kr/fhir/krcore/CodeSystem/kostat-kcd-8","code":"e11.9"}]},
+            "onsetDateTime":"2020-01-01"}"#;
+        let c = &index(json).unwrap().indexed.conditions[0];
+        assert_eq!(
+            (c.system.as_str(), c.code.as_str()),
+            (terminology::KCD8, "E119")
+        );
+        assert_eq!(c.onset_at, Some(1_577_836_800));
+    }
+
+    #[test]
+    fn observation_components_and_mapped_edi_codes_are_indexed() {
+        let json = r#"{"resourceType":"Observation","id":"o1","status":"final",
+            "code":{"coding":[{"system":"http://loinc.org","code":"85354-9"}]},
+            "subject":{"reference":"Patient/p1"},"effectiveDateTime":"2025-03-01T09:00:00+09:00",
+            "component":[
+              {"code":{"coding":[{"system":"http://loinc.org","code":"8480-6"}]},"valueQuantity":{"value":128,"code":"mm[Hg]"}},
+              {"code":{"coding":[{"system":"http://loinc.org","code":"8462-4"}]},"valueQuantity":{"value":82,"code":"mm[Hg]"}}]}"#;
+        let indexed = index(json).unwrap().indexed;
+        let got: Vec<_> = indexed
+            .observations
+            .iter()
+            .map(|o| (o.code.as_str(), o.value))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("8462-4", Some(82.0)),
+                ("8480-6", Some(128.0)),
+                ("85354-9", None)
+            ]
+        );
+
+        let edi = r#"{"resourceType":"Observation","id":"o2","status":"final",
+            "code":{"coding":[{"system":"http://www.hl7korea.or.kr/CodeSystem/hira-edi-procedure","code":"C3825"}]},
+            "subject":{"reference":"Patient/p1"},"valueQuantity":{"value":6.9,"code":"%"}}"#;
+        let mut ctx = IndexContext::default();
+        ctx.to_loinc.insert(
+            (terminology::HIRA_EDI.to_owned(), "C3825".to_owned()),
+            vec!["4548-4".to_owned()],
+        );
+        let indexed = index_resource(edi, &ctx).unwrap().indexed;
+        let got: Vec<_> = indexed
+            .observations
+            .iter()
+            .map(|o| (o.system.as_str(), o.code.as_str(), o.value))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (LOINC, "4548-4", Some(6.9)),
+                (terminology::HIRA_EDI, "C3825", Some(6.9))
+            ]
+        );
+    }
+
+    #[test]
+    fn rrn_identifiers_never_reach_the_stored_content() {
+        let json = r#"{"resourceType":"Patient","id":"p1","identifier":[{"system":"http://www.hl7korea.or.kr/Identifier/rrn","value":"900101-1234567"}],"gender":"male"}"#;
+        let validated = index(json).unwrap();
+        assert_eq!(validated.rrn_stripped, 1);
+        assert!(!validated.indexed.resource.content.contains("900101"));
+    }
+}

@@ -1,0 +1,73 @@
+//! Code systems the node recognises, and how codes are normalised so that a
+//! query matches however a hospital's EHR spelled a code.
+//!
+//! KR Core names diagnoses in KCD-8 (the Korean extension of ICD-10) and
+//! labs in LOINC or HIRA EDI procedure codes. KCD-8 and ICD-10 codes are
+//! compared without their dot and in upper case (`e11.9` = `E119`), and a few
+//! alternative spellings of the same code system are mapped to one URI.
+
+use std::borrow::Cow;
+
+pub const KCD8: &str = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+pub const ICD10: &str = "http://hl7.org/fhir/sid/icd-10";
+pub const LOINC: &str = "http://loinc.org";
+/// HIRA EDI procedure codes, which KR Core uses for laboratory tests.
+pub const HIRA_EDI: &str = "http://www.hl7korea.or.kr/CodeSystem/hira-edi-procedure";
+
+/// Other spellings seen for the same code systems.
+const ALIASES: &[(&str, &str)] = &[
+    (
+        "http://www.hl7korea.or.kr/fhir/krcore/CodeSystem/kostat-kcd-8",
+        KCD8,
+    ),
+    ("https://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8", KCD8),
+    ("urn:oid:2.16.840.1.113883.6.3", ICD10),
+    ("http://hl7.org/fhir/sid/icd-10-who", ICD10),
+    ("urn:oid:2.16.840.1.113883.6.1", LOINC),
+    ("https://loinc.org", LOINC),
+    ("http://loinc.org/", LOINC),
+    (
+        "http://www.hl7korea.or.kr/fhir/krcore/CodeSystem/hira-edi-procedure",
+        HIRA_EDI,
+    ),
+];
+
+/// The canonical URI of a code system.
+pub fn canonical_system(system: &str) -> &str {
+    ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == system)
+        .map(|(_, canonical)| *canonical)
+        .unwrap_or(system)
+}
+
+/// A code in the form it is indexed and compared in.
+pub fn normalize_code<'a>(system: &str, code: &'a str) -> Cow<'a, str> {
+    let code = code.trim();
+    if (system == KCD8 || system == ICD10)
+        && code.bytes().any(|b| b == b'.' || b.is_ascii_lowercase())
+    {
+        return Cow::Owned(
+            code.chars()
+                .filter(|c| *c != '.')
+                .map(|c| c.to_ascii_uppercase())
+                .collect(),
+        );
+    }
+    Cow::Borrowed(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kcd_codes_compare_without_dots_and_case() {
+        assert_eq!(normalize_code(KCD8, "E11.9"), "E119");
+        assert_eq!(normalize_code(KCD8, " e11.9 "), "E119");
+        assert_eq!(normalize_code(KCD8, "E119"), "E119");
+        assert_eq!(normalize_code(LOINC, "4548-4"), "4548-4");
+        assert_eq!(canonical_system("urn:oid:2.16.840.1.113883.6.1"), LOINC);
+        assert_eq!(canonical_system("urn:other"), "urn:other");
+    }
+}
