@@ -28,6 +28,7 @@ id = "chosun"
 display_name = "Chosun University Hospital"
 listen = "127.0.0.1:0"
 database_url = "$2"
+policy_dir = "$PWD/policies/chosun"
 [tls]
 ca = "unused.pem"
 cert = "unused.pem"

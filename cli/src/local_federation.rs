@@ -160,18 +160,27 @@ impl LocalFederation {
             )?;
             let (listener, addr) = bind_loopback().await?;
             let tls = pki.tls_files(profile.id);
+            let policy_dir = dir.join("policies").join(profile.id);
+            ghx_node::policy::write_defaults(
+                profile.id,
+                &policy_dir,
+                ghx_node::policy::Overwrite::Keep,
+            )
+            .map_err(ghx_node::Error::from)?;
             let config_path = dir.join(format!("node-{}.toml", profile.id));
             write(
                 &config_path,
                 &format!(
                     "id = \"{id}\"\ndisplay_name = \"{name}\"\nlisten = \"{addr}\"\n\
-                     database_url = \"{db}\"\nmin_cell_size = {min}\n\n\
+                     database_url = \"{db}\"\nmin_cell_size = {min}\n\
+                     policy_dir = \"{policies}\"\n\n\
                      [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
                      [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n",
                     id = profile.id,
                     name = profile.name,
                     db = dir.join(format!("{}.db", profile.id)).display(),
                     min = options.min_cell_size,
+                    policies = policy_dir.display(),
                     ca = tls.ca.display(),
                     cert = tls.cert.display(),
                     key = tls.key.display(),

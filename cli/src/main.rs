@@ -50,6 +50,54 @@ enum Command {
     /// Steering committee commands.
     #[command(subcommand)]
     Committee(CommitteeCommand),
+    /// Privacy officer commands: write, validate and try out a hospital's
+    /// access and consent policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Write the shipped default policies of a hospital into a directory.
+    Init {
+        /// chonnam, chosun or christian.
+        #[arg(long)]
+        hospital: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace files that already exist.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Validate a policy directory against the ghx schema; given a query,
+    /// also decide whether a study running it would be allowed here. Exits
+    /// with status 1 when the study would be refused.
+    Check {
+        /// The policy directory (access.cedar, entities.json, consent.toml).
+        dir: PathBuf,
+        /// A ghx.query/v1 file to decide.
+        query: Option<PathBuf>,
+        /// The requesting organisation, as its certificates name it.
+        #[arg(long, default_value = "Gwangju Health Startup")]
+        org: String,
+        #[arg(long, default_value = "requester")]
+        requester: String,
+        /// Purpose of use (HL7 v3 ActReason code).
+        #[arg(long, default_value = "HRESCH")]
+        purpose: String,
+        /// count, statistics, training or evaluation.
+        #[arg(long, default_value = "count")]
+        action: String,
+        /// The node id; defaults to the directory's name.
+        #[arg(long)]
+        node: Option<String>,
+        /// The node's minimum cell size.
+        #[arg(long, default_value_t = 10)]
+        min_cell_size: u32,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -209,7 +257,9 @@ enum StudyCommand {
         client: ClientArgs,
         #[arg(long)]
         title: String,
-        #[arg(long, default_value = "research")]
+        /// Purpose of use, an HL7 v3 ActReason code (HRESCH: healthcare
+        /// research, PUBHLTH: public health, CLINTRCH: clinical trial).
+        #[arg(long, default_value = "HRESCH")]
         purpose: String,
         query: PathBuf,
     },
@@ -262,6 +312,106 @@ fn main() -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+fn policy(command: PolicyCommand) -> Result<()> {
+    use ghx_node::policy::{self, Overwrite, PolicyDir};
+    match command {
+        PolicyCommand::Init {
+            hospital,
+            out,
+            force,
+        } => {
+            let overwrite = if force {
+                Overwrite::Replace
+            } else {
+                Overwrite::Keep
+            };
+            policy::write_defaults(&hospital, &out, overwrite)?;
+            println!(
+                "wrote the default policies of {hospital} to {}; review them with your privacy officer",
+                out.display()
+            );
+            Ok(())
+        }
+        PolicyCommand::Check {
+            dir,
+            query,
+            org,
+            requester,
+            purpose,
+            action,
+            node,
+            min_cell_size,
+            json,
+        } => {
+            let loaded = PolicyDir::load(&dir)?;
+            let Some(query) = query else {
+                println!(
+                    "{}: {} access rules valid against the ghx schema; consent default {}; {} rare-disease codes",
+                    dir.display(),
+                    loaded.rule_count,
+                    loaded.consent.default,
+                    loaded.consent.sensitive.rare_disease_prefixes.len()
+                );
+                return Ok(());
+            };
+            ghx_study::purpose::check(&purpose)?;
+            let node = match node {
+                Some(node) => node,
+                None => dir
+                    .canonicalize()
+                    .ok()
+                    .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .context("name the node with --node")?,
+            };
+            let text = std::fs::read(&query)
+                .with_context(|| format!("cannot read {}", query.display()))?;
+            let spec = ghx_study::query::QuerySpec::parse(&text)
+                .with_context(|| format!("{} is not a valid query", query.display()))?;
+            let claims = ghx_study::capability::claims_for(
+                "policy-check",
+                vec![node.clone()],
+                &spec.canonical_json(),
+                &requester,
+                &org,
+                &purpose,
+                time::Duration::minutes(5),
+            );
+            let facts = ghx_node::gate::NodeFacts {
+                node_id: &node,
+                min_cell_size,
+                now: time::OffsetDateTime::now_utc().unix_timestamp(),
+            };
+            let mut request =
+                ghx_node::gate::access_request(&claims, &spec, facts, &loaded.consent.sensitive);
+            request.action = action.parse().map_err(anyhow::Error::msg)?;
+            let decision = loaded.authorize(&request)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "request": request,
+                        "decision": decision,
+                    }))?
+                );
+            } else {
+                println!(
+                    "{} {} by {org} for {purpose} at {node}: {}",
+                    if decision.allowed { "ALLOW" } else { "DENY" },
+                    request.action.name(),
+                    decision.summary()
+                );
+                for error in &decision.errors {
+                    println!("  rule error (skipped, which can only deny): {error}");
+                }
+            }
+            if !decision.allowed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn run(command: Command) -> Result<()> {
@@ -353,6 +503,7 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Study(cmd) => study(cmd).await,
+        Command::Policy(cmd) => policy(cmd),
         Command::Committee(CommitteeCommand::Approve {
             client,
             study,
@@ -701,7 +852,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
     let study_id = requester
         .submit_study(pb::SubmitStudyRequest {
             title: "Type 2 diabetes (KCD-8 E11) by sex and age band".to_owned(),
-            purpose: "research".to_owned(),
+            purpose: "HRESCH".to_owned(),
             query: Some(pb::QuerySpec {
                 json: DEMO_QUERY.as_bytes().to_vec(),
             }),

@@ -9,7 +9,7 @@ use ghx_node::Store;
 use ghx_synth::{HospitalProfile, SynthOptions};
 
 fn config(dir: &Path, db: &Path) -> std::path::PathBuf {
-    // Import needs only the database; the TLS paths are never opened.
+    // Import needs only the database; TLS and policy paths are never opened.
     let path = dir.join(format!(
         "{}.toml",
         db.file_stem().unwrap().to_string_lossy()
@@ -17,7 +17,7 @@ fn config(dir: &Path, db: &Path) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "id = \"chosun\"\ndisplay_name = \"Chosun\"\nlisten = \"127.0.0.1:0\"\ndatabase_url = \"{}\"\n\
+            "id = \"chosun\"\ndisplay_name = \"Chosun\"\nlisten = \"127.0.0.1:0\"\ndatabase_url = \"{}\"\npolicy_dir = \"policies\"\n\
              [tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n\
              [[coordinator_keys]]\nkid = \"k\"\npublic_key = \"k.pem\"\n",
             db.display()
@@ -123,10 +123,25 @@ fn a_killed_import_leaves_no_half_batch_and_resumes() {
     )
     .unwrap();
     assert_eq!(
-        ghx_node::engine::count(&store, &spec).unwrap(),
-        ghx_node::engine::count(&clean, &spec).unwrap()
+        consented_counts(&store, &spec),
+        consented_counts(&clean, &spec)
     );
     // No resource was written twice: every stored resource is version 1.
     let page = store.resources_page(None, None, 1_000_000).unwrap();
     assert!(page.iter().all(|r| r.version_id == 1));
+}
+
+/// Counts the way the node's API does: consent decisions first.
+fn consented_counts(
+    store: &Store,
+    spec: &ghx_study::query::QuerySpec,
+) -> Vec<ghx_node::engine::RawCell> {
+    use ghx_node::consent::{ConsentRules, DefaultConsent, eligibility::Eligibility};
+    let eligibility = Eligibility::new(ConsentRules {
+        default: DefaultConsent::OptIn,
+        sensitive: Default::default(),
+    });
+    let request = ghx_node::gate::consent_request("HRESCH", spec, 1_780_272_000);
+    let prepared = eligibility.prepare(store, &request).unwrap();
+    ghx_node::engine::count(store, spec, &prepared.context, &Default::default()).unwrap()
 }

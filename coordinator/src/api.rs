@@ -117,6 +117,7 @@ impl CoordinatorApi {
             nodes.iter().map(|n| n.id.clone()).collect(),
             &study.query_json,
             &study.requester,
+            &study.requester_org,
             &study.purpose,
             time::Duration::try_from(inner.capability_valid_for)
                 .unwrap_or(time::Duration::minutes(5)),
@@ -277,11 +278,13 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
         let caller = identity(&request)?;
         require(&caller, &[Role::Requester], "submit studies", "requester").map_err(status)?;
         let message = request.into_inner();
-        if message.title.trim().is_empty() || message.purpose.trim().is_empty() {
+        if message.title.trim().is_empty() {
             return Err(status(ApiError::Invalid(
-                "a study needs a title and a purpose".to_owned(),
+                "a study needs a title".to_owned(),
             )));
         }
+        ghx_study::purpose::check(&message.purpose)
+            .map_err(|e| status(ApiError::Invalid(e.to_string())))?;
         let json = message.query.map(|q| q.json).unwrap_or_default();
         // Store the canonical form: it is what the capability will bind.
         let spec = QuerySpec::parse(&json).map_err(|e| status(e.into()))?;

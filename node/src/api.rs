@@ -11,6 +11,8 @@ use ghx_study::query;
 use ghx_study::result::{AggregateResult, CellValue};
 use tonic::{Request, Response, Status};
 
+use crate::consent::eligibility::{self, Eligibility};
+use crate::policy::PolicyDir;
 use crate::store::{AuditEntry, Store};
 use crate::{engine, gate, release, store};
 
@@ -26,6 +28,8 @@ struct Inner {
     min_cell_size: u32,
     store: Store,
     verifier: Verifier,
+    policy: PolicyDir,
+    eligibility: Eligibility,
 }
 
 /// Everything that can stop a request, before mapping to a status.
@@ -37,6 +41,8 @@ enum ApiError {
     Gate(#[from] gate::Error),
     #[error("storage: {0}")]
     Store(#[from] store::Error),
+    #[error("consent evaluation: {0}")]
+    Consent(#[from] eligibility::Error),
     #[error("the audit log could not record this request: {0}")]
     Audit(store::Error),
     #[error("internal task failed: {0}")]
@@ -52,8 +58,15 @@ fn status(error: &ApiError) -> Status {
             Status::permission_denied(error.to_string())
         }
         ApiError::Gate(gate::Error::Capability(e)) => Status::permission_denied(e.to_string()),
+        ApiError::Gate(gate::Error::Forbidden { .. }) => {
+            Status::permission_denied(error.to_string())
+        }
         ApiError::Gate(gate::Error::Query(e)) => Status::invalid_argument(e.to_string()),
-        ApiError::Store(_) | ApiError::Audit(_) | ApiError::Task(_) => {
+        ApiError::Gate(gate::Error::Policy(_))
+        | ApiError::Store(_)
+        | ApiError::Consent(_)
+        | ApiError::Audit(_)
+        | ApiError::Task(_) => {
             tracing::error!(error = %error, "request failed inside the node");
             Status::internal(
                 "the node failed to answer; its administrator can see why in the node log",
@@ -69,7 +82,9 @@ impl NodeApi {
         min_cell_size: u32,
         store: Store,
         verifier: Verifier,
+        policy: PolicyDir,
     ) -> Self {
+        let eligibility = Eligibility::new(policy.consent.clone());
         NodeApi {
             inner: Arc::new(Inner {
                 node_id: node_id.to_owned(),
@@ -77,6 +92,8 @@ impl NodeApi {
                 min_cell_size,
                 store,
                 verifier,
+                policy,
+                eligibility,
             }),
         }
     }
@@ -102,18 +119,52 @@ impl NodeApi {
             reason: String::new(),
             query_sha256: query::digest(query_json),
             result_cells: 0,
+            purpose: String::new(),
+            policy_reasons: String::new(),
+            consent_excluded: 0,
+        };
+        let facts = gate::NodeFacts {
+            node_id: &inner.node_id,
+            min_cell_size: inner.min_cell_size,
+            now: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
         let outcome = (|| -> Result<AggregateResult, ApiError> {
-            let admitted = gate::admit(&inner.verifier, caller, token, query_json)?;
+            let admitted = gate::admit(
+                &inner.verifier,
+                &inner.policy,
+                facts,
+                caller,
+                token,
+                query_json,
+            )
+            .inspect_err(|e| {
+                if let gate::Error::Forbidden { decision, .. } = e {
+                    entry.policy_reasons = decision.summary();
+                }
+            })?;
             entry.study_id = admitted.claims.sub.clone();
             entry.capability_id = admitted.claims.jti.clone();
-            let raw = engine::count(&inner.store, &admitted.spec)?;
-            Ok(release::release(
-                &inner.node_id,
+            entry.purpose = admitted.claims.purpose.clone();
+            entry.policy_reasons = admitted.access.summary();
+            let prepared = inner.eligibility.prepare(&inner.store, &admitted.consent)?;
+            entry.consent_excluded =
+                i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
+            let raw = engine::count(
+                &inner.store,
                 &admitted.spec,
-                raw,
-                inner.min_cell_size,
-            ))
+                &prepared.context,
+                &inner.policy.consent.sensitive,
+            )?;
+            let mut result =
+                release::release(&inner.node_id, &admitted.spec, raw, inner.min_cell_size);
+            result
+                .notes
+                .insert(0, format!("access: {}", admitted.access.summary()));
+            result.notes.insert(
+                1,
+                release::consent_note(&prepared.summary, inner.min_cell_size),
+            );
+            Ok(result)
         })();
         match &outcome {
             Ok(result) => {

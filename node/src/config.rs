@@ -37,6 +37,9 @@ pub struct NodeConfig {
     /// identifier: "strip" it (and warn) or "reject" the resource.
     #[serde(default = "default_rrn_policy")]
     pub rrn_policy: String,
+    /// The hospital's policy directory: access.cedar, entities.json,
+    /// consent.toml (see policies/README.md).
+    pub policy_dir: PathBuf,
     pub tls: TlsConfig,
     /// Public keys of the coordinator that sign capabilities, by key id.
     pub coordinator_keys: Vec<CoordinatorKey>,
@@ -90,6 +93,7 @@ impl NodeConfig {
                 *p = base.join(&*p);
             }
         };
+        fix(&mut self.policy_dir);
         fix(&mut self.tls.ca);
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
@@ -153,6 +157,7 @@ mod tests {
         display_name = "Chosun University Hospital"
         listen = "127.0.0.1:7443"
         database_url = "chosun.db"
+        policy_dir = "policies/chosun"
         [tls]
         ca = "pki/ca.pem"
         cert = "pki/chosun.pem"

@@ -7,6 +7,7 @@
 
 use ghx_study::query::{CodeMatch, Dimension, QuerySpec};
 
+use crate::consent::SensitiveCodes;
 use crate::store::{self, Bind, Dialect, Store};
 use crate::terminology;
 
@@ -19,8 +20,17 @@ pub struct RawCell {
 }
 
 /// Counts distinct consenting patients in the query's cohort, per group.
-pub fn count(store: &Store, spec: &QuerySpec) -> Result<Vec<RawCell>, store::Error> {
-    let (sql, binds) = compile_count(spec, store.dialect());
+/// `consent_context` names prepared consent decisions
+/// ([`crate::consent::eligibility`]): only patients included there are
+/// counted, and only their diagnoses in sensitive categories they permit
+/// are visible.
+pub fn count(
+    store: &Store,
+    spec: &QuerySpec,
+    consent_context: &str,
+    sensitive: &SensitiveCodes,
+) -> Result<Vec<RawCell>, store::Error> {
+    let (sql, binds) = compile_count(spec, store.dialect(), consent_context, sensitive);
     let rows = store.grouped_count(&sql, &binds)?;
     let dimensions = spec.dimensions();
     Ok(rows
@@ -39,7 +49,12 @@ pub fn count(store: &Store, spec: &QuerySpec) -> Result<Vec<RawCell>, store::Err
 }
 
 /// The SQL and its binds for a count query.
-pub(crate) fn compile_count(spec: &QuerySpec, dialect: Dialect) -> (String, Vec<Bind>) {
+pub(crate) fn compile_count(
+    spec: &QuerySpec,
+    dialect: Dialect,
+    consent_context: &str,
+    sensitive: &SensitiveCodes,
+) -> (String, Vec<Bind>) {
     let mut binds = Vec::new();
     let mut param = |bind: Bind| {
         binds.push(bind);
@@ -67,20 +82,15 @@ pub(crate) fn compile_count(spec: &QuerySpec, dialect: Dialect) -> (String, Vec<
         // Typed, so the column decodes as BIGINT on every backend.
         "CAST(0 AS BIGINT)".to_owned()
     };
-    let mut sql =
-        format!("SELECT {sex} AS k_sex, {band} AS k_band, COUNT(*) AS n FROM patients p WHERE ");
-    // Only patients whose most recent research consent is an active permit.
-    sql.push_str(
-        "EXISTS (SELECT 1 FROM consents k WHERE k.patient_id = p.id AND k.scope = 'research' \
-           AND k.status = 'active' AND k.decision = 'permit' \
-           AND NOT EXISTS (SELECT 1 FROM consents k2 WHERE k2.patient_id = p.id \
-             AND k2.scope = 'research' AND k2.status IN ('active', 'inactive', 'rejected') \
-             AND k2.recorded_at > k.recorded_at))",
+    // Only patients whose consent permits this request take part.
+    let context = param(Bind::Text(consent_context.to_owned()));
+    let mut sql = format!(
+        "SELECT {sex} AS k_sex, {band} AS k_band, COUNT(*) AS n FROM patients p \
+         JOIN consent_eligibility e ON e.patient_id = p.id AND e.context = {context} WHERE "
     );
     let born = param(Bind::Int(as_of));
-    sql.push_str(&format!(
-        " AND (p.birth_ymd IS NULL OR p.birth_ymd <= {born})"
-    ));
+    sql.push_str(&format!("(p.birth_ymd IS NULL OR p.birth_ymd <= {born})"));
+
     for criterion in &spec.cohort.conditions {
         // Codes are compared in the form import indexed them in.
         let system_uri = terminology::canonical_system(&criterion.system);
@@ -92,9 +102,13 @@ pub(crate) fn compile_count(spec: &QuerySpec, dialect: Dialect) -> (String, Vec<
                 format!("c.code LIKE {}", param(Bind::Text(format!("{code_text}%"))))
             }
         };
+        // A sensitive diagnosis is visible only if the patient permits its
+        // category.
+        let category_bit = sensitive.sql_category_bit(|prefix| param(Bind::Text(prefix)));
         sql.push_str(&format!(
             " AND EXISTS (SELECT 1 FROM condition_codes c WHERE c.patient_id = p.id \
-               AND c.system = {system} AND {code})"
+               AND c.system = {system} AND {code} \
+               AND (CAST({category_bit} AS BIGINT) & ~e.sensitive_mask) = 0)"
         ));
     }
     for criterion in &spec.cohort.observations {

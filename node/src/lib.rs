@@ -1,8 +1,9 @@
 //! The ghx hospital node.
 //!
 //! Data flow is one-way: `api` (gRPC and wire conversion) -> `gate`
-//! (caller, capability, query validity) -> `engine` (SQL over the index
-//! tables) -> `store` (diesel). `release` (disclosure control) sits between
+//! (caller, capability, query validity, access `policy`) -> `consent`
+//! (which patients take part) -> `engine` (SQL over the index tables) ->
+//! `store` (diesel). `release` (disclosure control) sits between
 //! engine and api: raw counts exist only inside the node, and only released
 //! results reach the api. `import` fills the store from EHR exports.
 //!
@@ -14,10 +15,12 @@
 
 pub mod api;
 pub mod config;
+pub mod consent;
 pub mod engine;
 pub mod export;
 pub mod gate;
 pub mod import;
+pub mod policy;
 pub mod release;
 pub mod store;
 pub mod terminology;
@@ -48,6 +51,8 @@ pub enum Error {
     },
     #[error("coordinator key: {0}")]
     Key(#[from] ghx_study::capability::Error),
+    #[error("policy: {0}")]
+    Policy(#[from] policy::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -58,11 +63,14 @@ pub struct Node {
     store: Store,
     verifier: Verifier,
     tls: TlsMaterial,
+    policy: policy::PolicyDir,
 }
 
 impl Node {
     /// Opens the store (applying migrations) and loads keys and certificates.
     pub fn build(config: NodeConfig) -> Result<Node, Error> {
+        // Policies first: a node with unusable policies must not start.
+        let policy = policy::PolicyDir::load(&config.policy_dir)?;
         let store = Store::open(&config.database_url)?;
         let tls = TlsMaterial::load(&TlsFiles {
             ca: config.tls.ca.clone(),
@@ -85,11 +93,16 @@ impl Node {
             &config.id,
             keys.iter().map(|(k, p)| (k.as_str(), p.as_str())),
         )?;
+        tracing::info!(
+            dir = %policy.dir.display(), rules = policy.rule_count,
+            default = %policy.consent.default, "policies loaded"
+        );
         Ok(Node {
             config,
             store,
             verifier,
             tls,
+            policy,
         })
     }
 
@@ -114,6 +127,7 @@ impl Node {
             self.config.min_cell_size,
             self.store,
             self.verifier,
+            self.policy,
         );
         tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node serving");
         Server::builder()

@@ -7,7 +7,39 @@
 use ghx_study::query::QuerySpec;
 use ghx_study::result::{AggregateResult, Cell, CellValue};
 
+use crate::consent::eligibility::Summary;
 use crate::engine::RawCell;
+
+/// What consent excluded, in aggregate form: totals over the whole node
+/// (not the cohort), and any number below the minimum cell size shown only
+/// as "fewer than" it.
+pub fn consent_note(summary: &Summary, min_cell_size: u32) -> String {
+    let shown = |n: u64| {
+        if n > 0 && n < u64::from(min_cell_size) {
+            format!("fewer than {min_cell_size}")
+        } else {
+            n.to_string()
+        }
+    };
+    let total = summary.excluded_total();
+    if total == 0 {
+        return format!(
+            "consent: none of {} patients excluded",
+            shown(summary.patients)
+        );
+    }
+    let reasons: Vec<String> = summary
+        .excluded
+        .iter()
+        .map(|(why, n)| format!("{} {}", why.describe(), shown(*n)))
+        .collect();
+    format!(
+        "consent: {} of {} patients excluded ({})",
+        shown(total),
+        shown(summary.patients),
+        reasons.join("; ")
+    )
+}
 
 /// Applies small-cell suppression to raw counts.
 pub fn release(

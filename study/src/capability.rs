@@ -59,6 +59,8 @@ pub struct Claims {
     pub query_sha256: String,
     /// The requester the study belongs to.
     pub requester: String,
+    /// The requester's organisation, as their certificate names it.
+    pub org: String,
     /// Purpose of use, as approved.
     pub purpose: String,
 }
@@ -160,6 +162,7 @@ pub fn claims_for(
     audience: Vec<String>,
     query_json: &[u8],
     requester: &str,
+    org: &str,
     purpose: &str,
     valid_for: time::Duration,
 ) -> Claims {
@@ -174,6 +177,7 @@ pub fn claims_for(
         jti: format!("{study_id}-{}", random_suffix()),
         query_sha256: crate::query::digest(query_json),
         requester: requester.to_owned(),
+        org: org.to_owned(),
         purpose: purpose.to_owned(),
     }
 }
@@ -205,7 +209,8 @@ mod tests {
             vec!["chosun".into()],
             QUERY,
             "acme",
-            "research",
+            "Acme Analytics",
+            "HRESCH",
             valid_for,
         )
     }

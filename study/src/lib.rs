@@ -11,5 +11,6 @@
 #![forbid(unsafe_code)]
 
 pub mod capability;
+pub mod purpose;
 pub mod query;
 pub mod result;

@@ -7,5 +7,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod consented;
 pub mod postgres;
 pub mod reference;

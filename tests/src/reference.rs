@@ -16,6 +16,9 @@ pub struct Export {
     pub conditions: HashMap<String, HashSet<(String, String)>>,
     /// Patient id -> research consents as (time, status, decision).
     pub research_consents: HashMap<String, Vec<(i64, String, String)>>,
+    /// Whether the hospital counts patients who have no research consent
+    /// at all (an opt-out hospital). Set by the caller; false by default.
+    pub opt_out: bool,
 }
 
 fn lines(path: &Path) -> Vec<Value> {
@@ -94,17 +97,18 @@ impl Export {
         export
     }
 
-    /// Whether the patient's latest research consent decision is an active permit.
+    /// Whether the patient's latest research consent decision is an active
+    /// permit, or, at an opt-out hospital, they have none.
     pub fn research_permitted(&self, patient: &str) -> bool {
         let Some(consents) = self.research_consents.get(patient) else {
-            return false;
+            return self.opt_out;
         };
         let decisive: Vec<_> = consents
             .iter()
             .filter(|(_, status, _)| matches!(status.as_str(), "active" | "inactive" | "rejected"))
             .collect();
         let Some(latest) = decisive.iter().map(|(t, _, _)| *t).max() else {
-            return false;
+            return self.opt_out;
         };
         decisive
             .iter()

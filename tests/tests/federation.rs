@@ -8,6 +8,9 @@ use ghx::local_federation::{
     COMMITTEE, LocalFederation, LocalFederationOptions, REQUESTER, SIGNING_KID,
 };
 use ghx_federation_tests::reference::Export;
+use ghx_node::consent::DefaultConsent;
+use ghx_node::import::{ImportOptions, import_path};
+use ghx_node::policy::PolicyDir;
 use ghx_pki::{CertificateRequest, PkiDir, Role, TlsMaterial};
 use ghx_proto::v1 as pb;
 use ghx_proto::v1::node_service_client::NodeServiceClient;
@@ -21,6 +24,12 @@ const MIN_CELL: u32 = 10;
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
     "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
     "analysis":{"kind":"count","group_by":["sex","age_band"]}}"#;
+
+/// Whether the node's shipped consent policy counts patients without consent.
+fn opt_out(federation: &LocalFederation, node: &str) -> bool {
+    let policy = PolicyDir::load(&federation.dir.join("policies").join(node)).unwrap();
+    policy.consent.default == DefaultConsent::OptOut
+}
 
 async fn start(patients: usize) -> (LocalFederation, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -38,7 +47,7 @@ async fn start(patients: usize) -> (LocalFederation, tempfile::TempDir) {
 fn submit_request(query: &str) -> pb::SubmitStudyRequest {
     pb::SubmitStudyRequest {
         title: "E11 by sex and age band".into(),
-        purpose: "research".into(),
+        purpose: "HRESCH".into(),
         query: Some(pb::QuerySpec {
             json: query.as_bytes().to_vec(),
         }),
@@ -63,30 +72,7 @@ async fn node_channel(
 async fn federated_count_equals_the_reference_with_suppression_per_node() {
     let (federation, _dir) = start(1500).await;
     let mut requester = federation.client(REQUESTER).await.unwrap();
-    let mut committee = federation.client(COMMITTEE).await.unwrap();
-
-    let study_id = requester
-        .submit_study(submit_request(E11_BY_SEX_AND_BAND))
-        .await
-        .unwrap()
-        .into_inner()
-        .study_id;
-    committee
-        .approve_study(pb::ApproveStudyRequest {
-            study_id: study_id.clone(),
-            note: String::new(),
-        })
-        .await
-        .unwrap();
-    let result = requester
-        .run_study(pb::RunStudyRequest {
-            study_id: study_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
+    let (study_id, result) = run_approved_study(&federation, "HRESCH", E11_BY_SEX_AND_BAND).await;
     assert!(result.failures.is_empty(), "{:?}", result.failures);
     assert_eq!(result.per_node.len(), 3);
 
@@ -96,7 +82,8 @@ async fn federated_count_equals_the_reference_with_suppression_per_node() {
     let mut saw_suppression = false;
     let mut saw_release = false;
     for node in &federation.nodes {
-        let export = Export::read(&node.data_dir);
+        let mut export = Export::read(&node.data_dir);
+        export.opt_out = opt_out(&federation, node.profile.id);
         let reference = export.count_by_sex_and_band(KCD8, "E11", ghx_synth::default_as_of());
         let released = result
             .per_node
@@ -291,7 +278,8 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
         vec!["chosun".into()],
         &query,
         REQUESTER,
-        "research",
+        "Gwangju Health Startup",
+        "HRESCH",
         time::Duration::minutes(5),
     );
     let err = node
@@ -429,5 +417,197 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
         .map(|n| n.store.resource_counts().unwrap())
         .collect();
     assert_eq!(counts_before, counts_after);
+    federation.shutdown().await;
+}
+
+/// Submits, approves and runs a study; returns its id and result.
+async fn run_approved_study(
+    federation: &LocalFederation,
+    purpose: &str,
+    query: &str,
+) -> (String, pb::StudyResult) {
+    let mut requester = federation.client(REQUESTER).await.unwrap();
+    let mut committee = federation.client(COMMITTEE).await.unwrap();
+    let mut submit = submit_request(query);
+    submit.purpose = purpose.into();
+    let study_id = requester
+        .submit_study(submit)
+        .await
+        .unwrap()
+        .into_inner()
+        .study_id;
+    committee
+        .approve_study(pb::ApproveStudyRequest {
+            study_id: study_id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap();
+    let result = requester
+        .run_study(pb::RunStudyRequest {
+            study_id: study_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    (study_id, result)
+}
+
+/// Runs an ungrouped count study; returns each node's released total (None
+/// when suppressed) and the whole result.
+async fn run_approved(
+    federation: &LocalFederation,
+    purpose: &str,
+    query: &str,
+) -> (BTreeMap<String, Option<u64>>, pb::StudyResult) {
+    let (_, result) = run_approved_study(federation, purpose, query).await;
+    let totals = result
+        .per_node
+        .iter()
+        .map(|r| {
+            let total = match r.cells.as_slice() {
+                [cell] => match cell.value.as_ref().unwrap() {
+                    pb::cell::Value::Count(n) => Some(*n),
+                    pb::cell::Value::Suppressed(_) => None,
+                },
+                _ => None,
+            };
+            (r.node_id.clone(), total)
+        })
+        .collect();
+    (totals, result)
+}
+
+const E11_COUNT: &str = r#"{"version":"ghx.query/v1",
+    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
+    "analysis":{"kind":"count"}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_consent_lowers_the_count_by_exactly_the_withdrawn_patients() {
+    let (federation, dir) = start(400).await;
+    let (before, result) = run_approved(&federation, "HRESCH", E11_COUNT).await;
+    assert!(result.failures.is_empty(), "{:?}", result.failures);
+    let chosun = federation
+        .nodes
+        .iter()
+        .find(|n| n.profile.id == "chosun")
+        .unwrap();
+    let mut export = Export::read(&chosun.data_dir);
+    export.opt_out = opt_out(&federation, "chosun");
+    let reference: u64 = export
+        .count_by_sex_and_band(KCD8, "E11", ghx_synth::default_as_of())
+        .values()
+        .sum();
+    assert_eq!(before["chosun"], Some(reference));
+
+    // Twelve counted patients withdraw: six by a newer inactive Consent,
+    // six by a newer Consent that denies research use.
+    let mut counted: Vec<&String> = export
+        .patients
+        .keys()
+        .filter(|id| export.research_permitted(id))
+        .filter(|id| {
+            export
+                .conditions
+                .get(*id)
+                .is_some_and(|codes| codes.iter().any(|(s, c)| s == KCD8 && c.starts_with("E11")))
+        })
+        .filter(|id| export.patients[*id].1.is_some())
+        .collect();
+    counted.sort();
+    let withdrawing = &counted[..12];
+    assert!(reference >= 12 + u64::from(MIN_CELL), "cohort large enough");
+    let lines: Vec<String> = withdrawing
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (status, rule) = if i % 2 == 0 { ("inactive", "permit") } else { ("active", "deny") };
+            serde_json::json!({
+                "resourceType": "Consent",
+                "id": format!("{id}-withdrawal"),
+                "status": status,
+                "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+                "patient": {"reference": format!("Patient/{id}")},
+                "dateTime": "2026-11-20T09:00:00+09:00",
+                "provision": {"type": rule},
+            })
+            .to_string()
+        })
+        .collect();
+    let withdrawals = dir.path().join("withdrawals");
+    std::fs::create_dir_all(&withdrawals).unwrap();
+    std::fs::write(withdrawals.join("Consent.ndjson"), lines.join("\n")).unwrap();
+    let store = chosun.store.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        import_path(&store, &withdrawals, &ImportOptions::default())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+
+    // The next run sees it at once: Chosun drops by exactly 12, others not.
+    let (after, result) = run_approved(&federation, "HRESCH", E11_COUNT).await;
+    assert!(result.failures.is_empty(), "{:?}", result.failures);
+    for node in &federation.nodes {
+        let id = node.profile.id;
+        let expected = if id == "chosun" {
+            before[id].map(|n| n - 12)
+        } else {
+            before[id]
+        };
+        assert_eq!(after[id], expected, "{id}");
+    }
+    let notes = &result
+        .per_node
+        .iter()
+        .find(|r| r.node_id == "chosun")
+        .unwrap()
+        .notes;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("access: permitted by `research-aggregates`")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("consent withdrawn") && n.contains("consent denies this use")),
+        "{notes:?}"
+    );
+    // Chosun's audit log records the exclusions, 12 more than before.
+    let audit = chosun.store.audit_entries().unwrap();
+    let [first, second] = audit.as_slice() else {
+        panic!("two audited runs, got {}", audit.len())
+    };
+    assert_eq!(second.consent_excluded - first.consent_excluded, 12);
+    assert_eq!(second.purpose, "HRESCH");
+    assert!(
+        second.policy_reasons.contains("research-aggregates"),
+        "{}",
+        second.policy_reasons
+    );
+
+    // Marketing is refused by every node's own policy, each named with why.
+    let (_, result) = run_approved(&federation, "HMARKT", E11_COUNT).await;
+    assert!(result.per_node.is_empty());
+    let mut refused: Vec<&str> = result.failures.iter().map(|f| f.node_id.as_str()).collect();
+    refused.sort();
+    assert_eq!(refused, ["chonnam", "chosun", "christian"]);
+    for failure in &result.failures {
+        assert!(failure.reason.contains("no-marketing"), "{failure:?}");
+    }
+    let audit = chosun.store.audit_entries().unwrap();
+    let last = audit.last().unwrap();
+    assert_eq!(last.decision, "refused");
+    assert!(
+        last.policy_reasons.contains("forbidden by `no-marketing`"),
+        "{}",
+        last.policy_reasons
+    );
     federation.shutdown().await;
 }

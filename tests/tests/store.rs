@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
+use ghx_federation_tests::consented;
 use ghx_federation_tests::postgres::TestDatabase;
 use ghx_federation_tests::reference::Export;
 use ghx_node::Store;
-use ghx_node::engine;
 use ghx_node::import::{
     ImportOptions, Location, RrnPolicy, import_path, load_edi_loinc_map, reindex,
 };
@@ -66,6 +66,7 @@ suite!(
     edi_lab_codes_count_under_their_mapped_loinc_code,
     an_export_reimports_to_the_same_resources,
     an_unfinished_checkpoint_resumes_after_its_last_line,
+    sensitive_diagnoses_count_only_where_consent_names_them,
 );
 
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
@@ -87,8 +88,8 @@ fn synth(dir: &Path, hospital: &str, patients: usize) -> ghx_synth::Summary {
 
 fn engine_counts(store: &Store) -> std::collections::BTreeMap<(String, String), u64> {
     let spec = QuerySpec::parse(E11_BY_SEX_AND_BAND.as_bytes()).unwrap();
-    engine::count(store, &spec)
-        .unwrap()
+    consented::count(store, &spec, consented::opt_in())
+        .0
         .into_iter()
         .map(|c| ((c.key[0].clone(), c.key[1].clone()), c.count))
         .collect()
@@ -262,6 +263,9 @@ fn audit_entries_are_appended_in_order(f: Fixture) {
         reason: String::new(),
         query_sha256: "00".into(),
         result_cells: 3,
+        purpose: "HRESCH".into(),
+        policy_reasons: "permitted by `research-aggregates`".into(),
+        consent_excluded: 7,
     };
     let first = f.store.append_audit(&entry("s1")).unwrap();
     let second = f.store.append_audit(&entry("s2")).unwrap();
@@ -275,8 +279,8 @@ fn count_query(store: &Store, cohort: &str) -> u64 {
         r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01",{cohort}}},"analysis":{{"kind":"count"}}}}"#
     );
     let spec = QuerySpec::parse(json.as_bytes()).unwrap();
-    engine::count(store, &spec)
-        .unwrap()
+    consented::count(store, &spec, consented::opt_in())
+        .0
         .iter()
         .map(|c| c.count)
         .sum()
@@ -565,5 +569,103 @@ fn an_unfinished_checkpoint_resumes_after_its_last_line(f: Fixture) {
             report.outcome.created
         ),
         (0, 2, 3)
+    );
+}
+
+fn sensitive_diagnoses_count_only_where_consent_names_them(f: Fixture) {
+    let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+    let patient = |id: &str| {
+        format!(
+            r#"{{"resourceType":"Patient","id":"{id}","gender":"female","birthDate":"1970-01-01"}}"#
+        )
+    };
+    let condition = |id: &str, patient: &str, code: &str| {
+        format!(
+            r#"{{"resourceType":"Condition","id":"{id}","subject":{{"reference":"Patient/{patient}"}},"code":{{"coding":[{{"system":"{kcd}","code":"{code}"}}]}}}}"#
+        )
+    };
+    let consent = |id: &str, patient: &str, status: &str, nested: &str| {
+        format!(
+            r#"{{"resourceType":"Consent","id":"{id}","status":"{status}","scope":{{"coding":[{{"system":"http://terminology.hl7.org/CodeSystem/consentscope","code":"research"}}]}},"category":[{{"coding":[{{"system":"http://loinc.org","code":"57016-8"}}]}}],"patient":{{"reference":"Patient/{patient}"}},"dateTime":"2026-01-0{}T00:00:00Z","provision":{{"type":"permit"{nested}}}}}"#,
+            if status == "active" { 1 } else { 2 }
+        )
+    };
+    let label = |code: &str, system: &str| {
+        format!(
+            r#","provision":[{{"type":"permit","securityLabel":[{{"system":"{system}","code":"{code}"}}]}}]"#
+        )
+    };
+    let v3 = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+    let ghx = "https://g-health.gwangju.kr/fhir/CodeSystem/ghx-sensitive-category";
+    let data = f.dir.path().join("sensitive");
+    std::fs::create_dir_all(&data).unwrap();
+    write(
+        &data.join("Patient.ndjson"),
+        &[&patient("s1"), &patient("s2"), &patient("s3")],
+    );
+    write(
+        &data.join("Condition.ndjson"),
+        &[
+            &condition("c1", "s1", "F32.1"),
+            &condition("c1b", "s1", "E11.9"),
+            &condition("c1c", "s1", "E75.2"),
+            &condition("c2", "s2", "F32.9"),
+            &condition("c3", "s3", "E75.21"),
+        ],
+    );
+    write(
+        &data.join("Consent.ndjson"),
+        &[
+            &consent("k1", "s1", "active", ""),
+            &consent("k2", "s2", "active", &label("PSY", v3)),
+            &consent("k3", "s3", "active", &label("rare-disease", ghx)),
+        ],
+    );
+    let report = import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    let rules = || ghx_node::consent::ConsentRules {
+        default: ghx_node::consent::DefaultConsent::OptIn,
+        sensitive: ghx_node::consent::SensitiveCodes {
+            rare_disease_prefixes: vec!["E752".to_owned()],
+        },
+    };
+    let count = |code: &str| -> u64 {
+        let json = format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-06-01","conditions":[{{"system":"{kcd}","code":"{code}","match":"prefix"}}]}},"analysis":{{"kind":"count"}}}}"#
+        );
+        let spec = QuerySpec::parse(json.as_bytes()).unwrap();
+        consented::count(&f.store, &spec, rules())
+            .0
+            .iter()
+            .map(|c| c.count)
+            .sum()
+    };
+    // s1's depression is invisible (a blanket permit is not enough), s2
+    // named mental health; s1's diabetes is not sensitive.
+    assert_eq!(count("F32"), 1);
+    assert_eq!(count("F"), 1);
+    assert_eq!(count("E11"), 1);
+    // Rare disease: only s3 named it; s1's E75.2 stays invisible.
+    assert_eq!(count("E75"), 1);
+    assert_eq!(count("E"), 2, "s1 through E11, s3 through E75.21");
+
+    // s2 withdraws: the next count no longer sees them.
+    write(
+        &data.join("Consent.ndjson"),
+        &[&consent("k2b", "s2", "inactive", "")],
+    );
+    import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    assert_eq!(count("F32"), 0);
+    let (_, summary) = consented::count(
+        &f.store,
+        &QuerySpec::parse(br#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-06-01"},"analysis":{"kind":"count"}}"#).unwrap(),
+        rules(),
+    );
+    assert_eq!((summary.patients, summary.included), (3, 2));
+    assert_eq!(
+        summary
+            .excluded
+            .get(&ghx_node::consent::Exclusion::Withdrawn),
+        Some(&1)
     );
 }

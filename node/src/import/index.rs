@@ -258,24 +258,23 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             let c: Consent = serde_json::from_str(&json).map_err(typed)?;
             let patient = patient_of(c.patient.as_ref())
                 .ok_or_else(|| invalid("Consent.patient is not a Patient reference".to_owned()))?;
-            let scope = codes(&c.scope)
-                .map(|(_, code)| code.to_owned())
-                .next()
-                .unwrap_or_default();
-            // No root provision means no permission was given.
-            let decision = c
+            let record = crate::consent::record_of(&c, date_time_unix);
+            let decision = record
                 .provision
                 .as_ref()
-                .and_then(|p| p.r#type.as_ref())
-                .map(|t| t.as_ref().to_owned())
-                .unwrap_or_else(|| "deny".to_owned());
+                .and_then(|p| p.rule)
+                .map_or("deny", |rule| match rule {
+                    crate::consent::Rule::Permit => "permit",
+                    crate::consent::Rule::Deny => "deny",
+                });
             indexed.consent = Some(ConsentRow {
                 consent_id: id.to_owned(),
                 patient_id: patient.clone(),
-                status: c.status.as_ref().to_owned(),
-                scope,
-                decision,
-                recorded_at: c.date_time.as_ref().map(date_time_unix).unwrap_or(0),
+                status: record.status.clone(),
+                scope: record.scope.clone(),
+                decision: decision.to_owned(),
+                recorded_at: record.recorded_at,
+                provision: serde_json::to_string(&record.provision).expect("provisions serialise"),
             });
             indexed.resource.patient_id = Some(patient);
         }
@@ -332,7 +331,7 @@ fn date_ymd(date: &Date) -> i64 {
     }
 }
 
-fn date_time_unix(dt: &DateTime) -> i64 {
+pub(crate) fn date_time_unix(dt: &DateTime) -> i64 {
     match dt {
         DateTime::DateTime(instant) => instant.0.unix_timestamp(),
         DateTime::Date(date) => {

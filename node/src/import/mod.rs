@@ -20,7 +20,7 @@
 //! - Reasons are redacted so that no value from a resource (a name, a date)
 //!   appears in a report or a log.
 
-mod index;
+pub(crate) mod index;
 pub mod rrn;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

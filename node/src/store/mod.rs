@@ -22,9 +22,16 @@ use diesel::upsert::excluded;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 use schema::{
-    audit_log, code_map, condition_codes, consents, encounters, import_checkpoints,
-    medication_codes, observation_values, patients, resource_history, resources,
+    audit_log, code_map, condition_codes, consent_contexts, consent_eligibility, consents,
+    encounters, import_checkpoints, medication_codes, node_state, observation_values, patients,
+    resource_history, resources,
 };
+
+/// The `node_state` key of the consent generation.
+const CONSENT_GENERATION: &str = "consent_generation";
+
+/// Consent contexts kept at once; older ones are pruned when a new one is built.
+const KEEP_CONSENT_CONTEXTS: i64 = 32;
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -200,6 +207,7 @@ macro_rules! insert_index_rows {
                     consents::scope.eq(&c.scope),
                     consents::decision.eq(&c.decision),
                     consents::recorded_at.eq(c.recorded_at),
+                    consents::provision.eq(&c.provision),
                 )
             })
             .collect();
@@ -516,6 +524,13 @@ impl Store {
             }
             let items: Vec<&IndexedResource> = writes.iter().map(|(item, _)| *item).collect();
             insert_index_rows!(conn, &items);
+            // Consent decisions depend on patients and consents: any change
+            // to either retires every decision computed before this batch.
+            if stale.contains_key("Patient") || stale.contains_key("Consent") {
+                diesel::update(node_state::table.filter(node_state::key.eq(CONSENT_GENERATION)))
+                    .set(node_state::value.eq(node_state::value + 1))
+                    .execute(conn)?;
+            }
 
             if let Some(cp) = &batch.checkpoint {
                 diesel::insert_into(import_checkpoints::table)
@@ -715,6 +730,121 @@ impl Store {
             .optional()?))
     }
 
+    /// The current consent generation (see [`crate::consent::eligibility`]).
+    pub fn consent_generation(&self) -> Result<i64> {
+        Ok(with_conn!(self, |conn| node_state::table
+            .filter(node_state::key.eq(CONSENT_GENERATION))
+            .select(node_state::value)
+            .first::<i64>(conn)?))
+    }
+
+    /// The summary JSON of a stored consent context, if it exists.
+    pub fn consent_context(&self, context: &str) -> Result<Option<String>> {
+        Ok(with_conn!(self, |conn| consent_contexts::table
+            .filter(consent_contexts::context.eq(context))
+            .select(consent_contexts::summary)
+            .first::<String>(conn)
+            .optional()?))
+    }
+
+    /// Every patient id and every consent, for consent evaluation.
+    pub fn consent_inputs(&self) -> Result<ConsentInputs> {
+        type Row = (String, String, String, String, String, i64, String);
+        let (patients, rows): (Vec<String>, Vec<Row>) =
+            with_conn!(self, |conn| conn.transaction(|conn| {
+                let patients = patients::table
+                    .select(patients::id)
+                    .order(patients::id)
+                    .load::<String>(conn)?;
+                let rows = consents::table
+                    .select((
+                        consents::consent_id,
+                        consents::patient_id,
+                        consents::status,
+                        consents::scope,
+                        consents::decision,
+                        consents::recorded_at,
+                        consents::provision,
+                    ))
+                    .load::<Row>(conn)?;
+                diesel::QueryResult::Ok((patients, rows))
+            })?);
+        Ok(ConsentInputs {
+            patients,
+            consents: rows
+                .into_iter()
+                .map(|r| ConsentRow {
+                    consent_id: r.0,
+                    patient_id: r.1,
+                    status: r.2,
+                    scope: r.3,
+                    decision: r.4,
+                    recorded_at: r.5,
+                    provision: r.6,
+                })
+                .collect(),
+        })
+    }
+
+    /// Stores the decisions of one consent context atomically, and prunes
+    /// contexts of older generations and all but the newest few.
+    pub fn save_consent_context(
+        &self,
+        context: &str,
+        generation: i64,
+        summary: &str,
+        included: &[(&str, i64)],
+    ) -> Result<()> {
+        let now = now_rfc3339();
+        with_conn!(self, |conn| conn.transaction(|conn| {
+            let stale: Vec<String> = consent_contexts::table
+                .filter(consent_contexts::generation.lt(generation))
+                .select(consent_contexts::context)
+                .load(conn)?;
+            let mut stale = stale;
+            let newest: Vec<String> = consent_contexts::table
+                .filter(consent_contexts::generation.ge(generation))
+                .order(consent_contexts::created_at.desc())
+                .select(consent_contexts::context)
+                .offset(KEEP_CONSENT_CONTEXTS - 1)
+                .load(conn)?;
+            stale.extend(newest);
+            for old in &stale {
+                diesel::delete(
+                    consent_eligibility::table.filter(consent_eligibility::context.eq(old)),
+                )
+                .execute(conn)?;
+                diesel::delete(consent_contexts::table.filter(consent_contexts::context.eq(old)))
+                    .execute(conn)?;
+            }
+            diesel::delete(
+                consent_eligibility::table.filter(consent_eligibility::context.eq(context)),
+            )
+            .execute(conn)?;
+            let rows: Vec<_> = included
+                .iter()
+                .map(|(patient, mask)| {
+                    (
+                        consent_eligibility::context.eq(context),
+                        consent_eligibility::patient_id.eq(*patient),
+                        consent_eligibility::sensitive_mask.eq(*mask),
+                    )
+                })
+                .collect();
+            insert_rows!(conn, consent_eligibility::table, rows);
+            diesel::insert_into(consent_contexts::table)
+                .values((
+                    consent_contexts::context.eq(context),
+                    consent_contexts::generation.eq(generation),
+                    consent_contexts::created_at.eq(&now),
+                    consent_contexts::summary.eq(summary),
+                ))
+                .execute(conn)?;
+            diesel::QueryResult::Ok(())
+        }))?;
+        Ok(())
+    }
+
     /// Runs a grouped count compiled by the engine.
     pub fn grouped_count(&self, sql: &str, binds: &[Bind]) -> Result<Vec<GroupCount>> {
         macro_rules! run {
@@ -761,6 +891,9 @@ impl Store {
             audit_log::reason.eq(&entry.reason),
             audit_log::query_sha256.eq(&entry.query_sha256),
             audit_log::result_cells.eq(entry.result_cells),
+            audit_log::purpose.eq(&entry.purpose),
+            audit_log::policy_reasons.eq(&entry.policy_reasons),
+            audit_log::consent_excluded.eq(entry.consent_excluded),
         ))
         .returning(audit_log::seq)
         .get_result::<i64>(conn)?))
@@ -780,6 +913,9 @@ impl Store {
             String,
             String,
             i64,
+            String,
+            String,
+            i64,
         );
         let rows: Vec<Row> = with_conn!(self, |conn| audit_log::table
             .order(audit_log::seq)
@@ -795,6 +931,9 @@ impl Store {
                 audit_log::reason,
                 audit_log::query_sha256,
                 audit_log::result_cells,
+                audit_log::purpose,
+                audit_log::policy_reasons,
+                audit_log::consent_excluded,
             ))
             .load(conn)?);
         Ok(rows
@@ -811,6 +950,9 @@ impl Store {
                 reason: r.8,
                 query_sha256: r.9,
                 result_cells: r.10,
+                purpose: r.11,
+                policy_reasons: r.12,
+                consent_excluded: r.13,
             })
             .collect())
     }
@@ -994,6 +1136,15 @@ pub struct ConsentRow {
     pub scope: String,
     pub decision: String,
     pub recorded_at: i64,
+    /// JSON of the normalised provision tree ([`crate::consent::Provision`]).
+    pub provision: String,
+}
+
+/// Everything consent evaluation needs: every patient and every consent.
+#[derive(Debug, Clone, Default)]
+pub struct ConsentInputs {
+    pub patients: Vec<String>,
+    pub consents: Vec<ConsentRow>,
 }
 
 /// One line of the audit log.
@@ -1010,6 +1161,12 @@ pub struct AuditEntry {
     pub reason: String,
     pub query_sha256: String,
     pub result_cells: i64,
+    /// Purpose of use the capability carried (HL7 v3 ActReason).
+    pub purpose: String,
+    /// Which access policies decided, with their stated reasons.
+    pub policy_reasons: String,
+    /// Patients consent excluded from the computation.
+    pub consent_excluded: i64,
 }
 
 #[cfg(test)]

@@ -100,6 +100,31 @@ diesel::table! {
         scope -> Text,
         decision -> Text,
         recorded_at -> BigInt,
+        provision -> Text,
+    }
+}
+
+diesel::table! {
+    node_state (key) {
+        key -> Text,
+        value -> BigInt,
+    }
+}
+
+diesel::table! {
+    consent_contexts (context) {
+        context -> Text,
+        generation -> BigInt,
+        created_at -> Text,
+        summary -> Text,
+    }
+}
+
+diesel::table! {
+    consent_eligibility (context, patient_id) {
+        context -> Text,
+        patient_id -> Text,
+        sensitive_mask -> BigInt,
     }
 }
 
@@ -117,5 +142,8 @@ diesel::table! {
         reason -> Text,
         query_sha256 -> Text,
         result_cells -> BigInt,
+        purpose -> Text,
+        policy_reasons -> Text,
+        consent_excluded -> BigInt,
     }
 }

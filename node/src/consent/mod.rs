@@ -1,0 +1,479 @@
+//! Patient consent: what each patient's FHIR Consent resources allow, and
+//! which patients a request may therefore count.
+//!
+//! Import turns every Consent into a [`ConsentRecord`] (its status, scope,
+//! date and provision tree, normalised) kept beside the resource; queries
+//! never read the resource itself. [`evaluate`] decides, for one patient and
+//! one request (purpose, resource types, codes, time), whether the patient
+//! takes part and which sensitive categories of their data may be used.
+//! [`eligibility`] materialises that decision for every patient in a table
+//! the engine's SQL joins, rebuilt whenever consents or patients change.
+//!
+//! Semantics (FHIR R4 Consent, conservative where FHIR leaves room):
+//! - Only scopes `research` and `patient-privacy` count. Per scope, the most
+//!   recent Consent that is active, inactive or rejected is the patient's
+//!   current word; an inactive one is a withdrawal, a rejected one a refusal.
+//! - The root provision's type is the base rule; nested provisions are
+//!   exceptions to their parent and apply only where the parent applies. An
+//!   applicable nested deny beats an applicable nested permit.
+//! - A provision applies when its period contains the request time and its
+//!   purposes, classes (resource types) and codes, when present, cover the
+//!   request. A permit restricted by something ghx does not evaluate (actor,
+//!   action, data, dataPeriod) never applies; a deny so restricted always
+//!   does. So an unsupported clause can only narrow what is counted.
+//! - A research Consent that does not cover the request excludes the
+//!   patient; a patient-privacy Consent that does not cover it has no say.
+//!   With no Consent in either scope the hospital's default (opt-in: not
+//!   counted; opt-out: counted) applies.
+//! - Sensitive categories are permitted only by a provision that names them.
+
+pub mod eligibility;
+pub mod sensitive;
+
+use std::collections::BTreeMap;
+
+use fhir_model::DateTime;
+use fhir_model::r4b::resources::{Consent, ConsentProvision};
+use fhir_model::r4b::types::Period;
+use serde::{Deserialize, Serialize};
+
+use crate::terminology;
+pub use sensitive::{Category, CategorySet, SensitiveCodes};
+
+/// What the hospital does for a patient with no research or privacy Consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultConsent {
+    /// Not counted until the patient consents.
+    OptIn,
+    /// Counted unless the patient objects.
+    OptOut,
+}
+
+impl std::fmt::Display for DefaultConsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DefaultConsent::OptIn => "opt-in",
+            DefaultConsent::OptOut => "opt-out",
+        })
+    }
+}
+
+/// The hospital's consent rules, from its policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentRules {
+    pub default: DefaultConsent,
+    pub sensitive: SensitiveCodes,
+}
+
+/// Permit or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rule {
+    Permit,
+    Deny,
+}
+
+/// One provision, normalised; children are exceptions to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provision {
+    /// `None` on a nested provision means "same as the parent".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<Rule>,
+    /// Unix seconds; the provision applies from `from` until `until`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<i64>,
+    /// HL7 v3 ActReason codes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purposes: Vec<String>,
+    /// Resource type names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
+    /// (canonical system, normalised code).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<(String, String)>,
+    /// Sensitive categories named by security label.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<Category>,
+    /// Restricted by a clause ghx does not evaluate (actor, action, data,
+    /// dataPeriod).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsupported: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provisions: Vec<Provision>,
+}
+
+/// What one Consent says, as import keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentRecord {
+    pub scope: String,
+    pub status: String,
+    /// Unix seconds of Consent.dateTime (0 when absent).
+    pub recorded_at: i64,
+    /// `None` when the Consent has no provision: nothing was permitted.
+    pub provision: Option<Provision>,
+}
+
+/// Normalises a validated Consent's scope, status, date and provisions.
+pub fn record_of(consent: &Consent, date_time_unix: impl Fn(&DateTime) -> i64) -> ConsentRecord {
+    let scope = consent
+        .scope
+        .coding
+        .iter()
+        .flatten()
+        .find_map(|c| c.code.clone())
+        .unwrap_or_default();
+    ConsentRecord {
+        scope,
+        status: consent.status.as_ref().to_owned(),
+        recorded_at: consent.date_time.as_ref().map(&date_time_unix).unwrap_or(0),
+        provision: consent
+            .provision
+            .as_ref()
+            .map(|p| provision_of(p, &date_time_unix)),
+    }
+}
+
+fn provision_of(p: &ConsentProvision, date_time_unix: &impl Fn(&DateTime) -> i64) -> Provision {
+    let (from, until) = period(p.period.as_ref(), date_time_unix);
+    let mut codes = Vec::new();
+    let mut labels = Vec::new();
+    for concept in p.code.iter().flatten() {
+        for coding in concept.coding.iter().flatten() {
+            if let (Some(system), Some(code)) = (&coding.system, &coding.code) {
+                let system = terminology::canonical_system(system);
+                match Category::from_label(system, code) {
+                    Some(category) => labels.push(category),
+                    None => codes.push((
+                        system.to_owned(),
+                        terminology::normalize_code(system, code).into_owned(),
+                    )),
+                }
+            }
+        }
+    }
+    for coding in p.security_label.iter().flatten() {
+        if let (Some(system), Some(code)) = (&coding.system, &coding.code)
+            && let Some(category) = Category::from_label(system, code)
+        {
+            labels.push(category);
+        }
+    }
+    labels.sort();
+    labels.dedup();
+    let plain = |codings: &[Option<fhir_model::r4b::types::Coding>]| -> Vec<String> {
+        codings
+            .iter()
+            .flatten()
+            .filter_map(|c| c.code.clone())
+            .collect()
+    };
+    // Actions ghx performs are all "use"/"access"/"disclose" of aggregates.
+    let actions_ok = p.action.iter().flatten().all(|concept| {
+        concept
+            .coding
+            .iter()
+            .flatten()
+            .any(|c| matches!(c.code.as_deref(), Some("use" | "access" | "disclose")))
+    });
+    Provision {
+        rule: p.r#type.as_ref().map(|t| match t.as_ref() {
+            "permit" => Rule::Permit,
+            _ => Rule::Deny,
+        }),
+        from,
+        until,
+        purposes: plain(&p.purpose),
+        classes: plain(&p.class),
+        codes,
+        labels,
+        unsupported: !p.actor.is_empty()
+            || !actions_ok
+            || !p.data.is_empty()
+            || p.data_period.is_some(),
+        provisions: p
+            .provision
+            .iter()
+            .flatten()
+            .map(|child| provision_of(child, date_time_unix))
+            .collect(),
+    }
+}
+
+fn period(
+    p: Option<&Period>,
+    date_time_unix: &impl Fn(&DateTime) -> i64,
+) -> (Option<i64>, Option<i64>) {
+    match p {
+        Some(p) => (
+            p.start.as_ref().map(date_time_unix),
+            p.end.as_ref().map(date_time_unix),
+        ),
+        None => (None, None),
+    }
+}
+
+/// What is being asked, as consent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConsentRequest {
+    /// HL7 v3 ActReason code of the approved purpose.
+    pub purpose: String,
+    /// Resource types the computation reads (always includes Patient).
+    pub classes: Vec<String>,
+    /// Codes the computation selects on, (canonical system, normalised code,
+    /// is a prefix).
+    pub codes: Vec<(String, String, bool)>,
+    /// Unix seconds the request is evaluated at.
+    pub at: i64,
+}
+
+/// Why a patient does not take part. Ordered for stable reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Exclusion {
+    /// No Consent and the hospital is opt-in.
+    NoConsent,
+    /// The latest Consent is inactive: consent was withdrawn.
+    Withdrawn,
+    /// The latest Consent was rejected.
+    Rejected,
+    /// A provision that applies denies the request.
+    Denied,
+    /// The consent's period does not include the request time.
+    Expired,
+    /// The consent was given for other purposes.
+    PurposeNotCovered,
+    /// The consent covers other resource types or codes.
+    DataNotCovered,
+}
+
+impl Exclusion {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Exclusion::NoConsent => "no research consent (opt-in hospital)",
+            Exclusion::Withdrawn => "consent withdrawn",
+            Exclusion::Rejected => "consent rejected",
+            Exclusion::Denied => "consent denies this use",
+            Exclusion::Expired => "consent period not current",
+            Exclusion::PurposeNotCovered => "consent given for other purposes",
+            Exclusion::DataNotCovered => "consent covers other data",
+        }
+    }
+}
+
+/// One patient's answer to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Included {
+        /// Sensitive categories of the patient's data that may be used.
+        sensitive: CategorySet,
+    },
+    Excluded(Exclusion),
+}
+
+/// Decides one patient's participation from all their Consent records.
+pub fn evaluate(
+    rules: &ConsentRules,
+    consents: &[ConsentRecord],
+    request: &ConsentRequest,
+) -> Outcome {
+    let mut latest: BTreeMap<&str, &ConsentRecord> = BTreeMap::new();
+    for c in consents {
+        let counted_scope = matches!(c.scope.as_str(), "research" | "patient-privacy");
+        let decisive = matches!(c.status.as_str(), "active" | "inactive" | "rejected");
+        if !(counted_scope && decisive) {
+            continue;
+        }
+        let slot = latest.entry(c.scope.as_str()).or_insert(c);
+        if c.recorded_at > slot.recorded_at {
+            *slot = c;
+        }
+    }
+    if latest.is_empty() {
+        return match rules.default {
+            DefaultConsent::OptIn => Outcome::Excluded(Exclusion::NoConsent),
+            DefaultConsent::OptOut => Outcome::Included {
+                sensitive: CategorySet::default(),
+            },
+        };
+    }
+    let mut permitted = false;
+    let mut sensitive = CategorySet::default();
+    let mut research_gap = None;
+    // Research first, so its reasons win over the privacy scope's silence.
+    for scope in ["research", "patient-privacy"] {
+        let Some(consent) = latest.get(scope) else {
+            continue;
+        };
+        match consent.status.as_str() {
+            "inactive" => return Outcome::Excluded(Exclusion::Withdrawn),
+            "rejected" => return Outcome::Excluded(Exclusion::Rejected),
+            _ => {}
+        }
+        let Some(root) = &consent.provision else {
+            return Outcome::Excluded(Exclusion::Denied);
+        };
+        match decide_all_classes(root, Rule::Deny, request) {
+            Decision::Rule(Rule::Deny) => return Outcome::Excluded(Exclusion::Denied),
+            Decision::Rule(Rule::Permit) => {
+                permitted = true;
+                sensitive = sensitive.union(permitted_categories(
+                    root,
+                    Rule::Deny,
+                    request,
+                    &rules.sensitive,
+                ));
+            }
+            Decision::NotApplicable(why) if scope == "research" => research_gap = Some(why),
+            Decision::NotApplicable(_) => {}
+        }
+    }
+    if permitted {
+        return Outcome::Included { sensitive };
+    }
+    match research_gap {
+        Some(why) => Outcome::Excluded(why),
+        None => match rules.default {
+            DefaultConsent::OptIn => Outcome::Excluded(Exclusion::NoConsent),
+            DefaultConsent::OptOut => Outcome::Included {
+                sensitive: CategorySet::default(),
+            },
+        },
+    }
+}
+
+enum Decision {
+    Rule(Rule),
+    NotApplicable(Exclusion),
+}
+
+/// The decision for a request reading several resource types: every type
+/// must be permitted; one deny excludes.
+fn decide_all_classes(root: &Provision, parent: Rule, request: &ConsentRequest) -> Decision {
+    let mut result = Decision::Rule(Rule::Permit);
+    for class in &request.classes {
+        match decide(root, parent, request, class) {
+            Decision::Rule(Rule::Deny) => return Decision::Rule(Rule::Deny),
+            Decision::Rule(Rule::Permit) => {}
+            gap @ Decision::NotApplicable(_) => {
+                if matches!(result, Decision::Rule(_)) {
+                    result = gap;
+                }
+            }
+        }
+    }
+    result
+}
+
+fn decide(p: &Provision, parent: Rule, request: &ConsentRequest, class: &str) -> Decision {
+    let rule = p.rule.unwrap_or(parent);
+    if let Some(why) = not_applicable(p, rule, request, Some(class)) {
+        return Decision::NotApplicable(why);
+    }
+    let mut result = rule;
+    for child in &p.provisions {
+        match decide(child, rule, request, class) {
+            Decision::Rule(Rule::Deny) => return Decision::Rule(Rule::Deny),
+            Decision::Rule(Rule::Permit) => result = Rule::Permit,
+            Decision::NotApplicable(_) => {}
+        }
+    }
+    Decision::Rule(result)
+}
+
+/// Why `p` does not apply to the request, or `None` when it does. Code
+/// restrictions are checked only when `class` is given (sensitive labels
+/// are evaluated separately).
+fn not_applicable(
+    p: &Provision,
+    rule: Rule,
+    request: &ConsentRequest,
+    class: Option<&str>,
+) -> Option<Exclusion> {
+    if p.unsupported {
+        return match rule {
+            Rule::Permit => Some(Exclusion::DataNotCovered),
+            Rule::Deny => None,
+        };
+    }
+    let started = p.from.is_none_or(|from| from <= request.at);
+    let not_ended = p.until.is_none_or(|until| request.at <= until);
+    if !(started && not_ended) {
+        return Some(Exclusion::Expired);
+    }
+    if !p.purposes.is_empty() && !p.purposes.contains(&request.purpose) {
+        return Some(Exclusion::PurposeNotCovered);
+    }
+    if let Some(class) = class {
+        if !p.classes.is_empty() && !p.classes.iter().any(|x| x == class) {
+            return Some(Exclusion::DataNotCovered);
+        }
+        // A provision about specific codes concerns only requests that
+        // select on an overlapping code; a labels-only provision concerns
+        // sensitive data, decided in `permitted_categories`.
+        let codes_cover = p.codes.iter().any(|(system, code)| {
+            request.codes.iter().any(|(rs, rc, prefix)| {
+                rs == system
+                    && (rc == code
+                        || (*prefix && code.starts_with(rc.as_str()))
+                        || rc.starts_with(code.as_str()))
+            })
+        });
+        if (!p.codes.is_empty() && !codes_cover) || (p.codes.is_empty() && !p.labels.is_empty()) {
+            return Some(Exclusion::DataNotCovered);
+        }
+    }
+    None
+}
+
+/// Sensitive categories named by applicable permits and not by applicable
+/// denies, walking only where every ancestor applies.
+fn permitted_categories(
+    root: &Provision,
+    parent: Rule,
+    request: &ConsentRequest,
+    codes: &SensitiveCodes,
+) -> CategorySet {
+    let mut permitted = CategorySet::default();
+    let mut denied = CategorySet::default();
+    walk_labels(root, parent, request, codes, &mut permitted, &mut denied);
+    permitted.minus(denied)
+}
+
+fn walk_labels(
+    p: &Provision,
+    parent: Rule,
+    request: &ConsentRequest,
+    codes: &SensitiveCodes,
+    permitted: &mut CategorySet,
+    denied: &mut CategorySet,
+) {
+    let rule = p.rule.unwrap_or(parent);
+    if not_applicable(p, rule, request, None).is_some() {
+        return;
+    }
+    let classes_ok = p.classes.is_empty() || p.classes.iter().any(|c| c == "Condition");
+    if classes_ok {
+        let mut named = CategorySet::default();
+        for label in &p.labels {
+            named.insert(*label);
+        }
+        for (system, code) in &p.codes {
+            if let Some(category) = codes.category(system, code) {
+                named.insert(category);
+            }
+        }
+        match rule {
+            Rule::Permit => *permitted = permitted.union(named),
+            Rule::Deny => *denied = denied.union(named),
+        }
+    }
+    for child in &p.provisions {
+        walk_labels(child, rule, request, codes, permitted, denied);
+    }
+}
+
+#[cfg(test)]
+mod tests;

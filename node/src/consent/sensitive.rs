@@ -1,0 +1,256 @@
+//! Sensitive categories of diagnosis: data a patient must explicitly consent
+//! to before it takes part in any computation.
+//!
+//! The fixed categories follow Korean practice and the list (mental
+//! and behavioural disorders, HIV, sexually transmitted infections, abuse,
+//! abortion); rare diseases come from the hospital's policy file. A category
+//! is permitted for a patient only by a consent provision that names it, by
+//! a security label or by a code inside it; a blanket "permit" does not.
+
+use std::collections::BTreeSet;
+
+use crate::terminology::{ICD10, KCD8};
+
+/// The system of ghx's own category codes, usable in Consent security labels.
+pub const CATEGORY_SYSTEM: &str =
+    "https://g-health.gwangju.kr/fhir/CodeSystem/ghx-sensitive-category";
+/// HL7 v3 ActCode, whose sensitivity codes consent forms commonly use.
+pub const V3_ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+
+/// One sensitive category; its bit is used in the consent eligibility table.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Category {
+    MentalHealth,
+    Hiv,
+    SexuallyTransmitted,
+    Abuse,
+    Abortion,
+    RareDisease,
+}
+
+impl Category {
+    pub const ALL: [Category; 6] = [
+        Category::MentalHealth,
+        Category::Hiv,
+        Category::SexuallyTransmitted,
+        Category::Abuse,
+        Category::Abortion,
+        Category::RareDisease,
+    ];
+
+    /// The category's code in [`CATEGORY_SYSTEM`] and in policies.
+    pub fn code(self) -> &'static str {
+        match self {
+            Category::MentalHealth => "mental-health",
+            Category::Hiv => "hiv",
+            Category::SexuallyTransmitted => "sti",
+            Category::Abuse => "abuse",
+            Category::Abortion => "abortion",
+            Category::RareDisease => "rare-disease",
+        }
+    }
+
+    /// The HL7 v3 ActCode sensitivity label that also names the category.
+    fn v3_label(self) -> Option<&'static str> {
+        match self {
+            Category::MentalHealth => Some("PSY"),
+            Category::Hiv => Some("HIV"),
+            Category::SexuallyTransmitted => Some("STD"),
+            Category::Abuse => Some("SDV"),
+            Category::Abortion => Some("SEX"),
+            Category::RareDisease => None,
+        }
+    }
+
+    pub fn bit(self) -> i64 {
+        1 << (self as u8)
+    }
+
+    /// The category a security label names, if any.
+    pub fn from_label(system: &str, code: &str) -> Option<Category> {
+        Category::ALL.into_iter().find(|c| {
+            (system == CATEGORY_SYSTEM && c.code() == code)
+                || (system == V3_ACT_CODE && c.v3_label() == Some(code))
+        })
+    }
+}
+
+/// A set of categories as the bit mask stored per patient.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CategorySet(pub i64);
+
+impl CategorySet {
+    pub fn insert(&mut self, category: Category) {
+        self.0 |= category.bit();
+    }
+
+    pub fn contains(self, category: Category) -> bool {
+        self.0 & category.bit() != 0
+    }
+
+    pub fn union(self, other: CategorySet) -> CategorySet {
+        CategorySet(self.0 | other.0)
+    }
+
+    pub fn minus(self, other: CategorySet) -> CategorySet {
+        CategorySet(self.0 & !other.0)
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Category> {
+        Category::ALL.into_iter().filter(move |c| self.contains(*c))
+    }
+}
+
+/// Which diagnosis codes are sensitive at this hospital.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SensitiveCodes {
+    /// Rare-disease codes (KCD-8/ICD-10, normalised, matched as prefixes).
+    pub rare_disease_prefixes: Vec<String>,
+}
+
+/// Normalised KCD-8/ICD-10 code ranges of the fixed categories, as
+/// (category, first, last) over the three-character category code.
+const RANGES: &[(Category, &str, &str)] = &[
+    (Category::MentalHealth, "F00", "F99"),
+    (Category::Hiv, "B20", "B24"),
+    (Category::SexuallyTransmitted, "A50", "A64"),
+    (Category::Abuse, "T74", "T74"),
+    (Category::Abortion, "O04", "O04"),
+];
+
+impl SensitiveCodes {
+    /// The category of a normalised diagnosis code, if it is sensitive.
+    pub fn category(&self, system: &str, code: &str) -> Option<Category> {
+        if system != KCD8 && system != ICD10 {
+            return None;
+        }
+        let head = code.get(..3).unwrap_or(code);
+        if let Some((category, ..)) = RANGES
+            .iter()
+            .find(|(_, first, last)| head.len() == 3 && head >= *first && head <= *last)
+        {
+            return Some(*category);
+        }
+        self.rare_disease_prefixes
+            .iter()
+            .any(|prefix| code.starts_with(prefix.as_str()))
+            .then_some(Category::RareDisease)
+    }
+
+    /// Every category a code criterion could select: for a prefix, each
+    /// category overlapping the codes it covers.
+    pub fn categories_touched(&self, system: &str, code: &str, prefix: bool) -> BTreeSet<Category> {
+        if system != KCD8 && system != ICD10 {
+            return BTreeSet::new();
+        }
+        if !prefix {
+            return self.category(system, code).into_iter().collect();
+        }
+        let mut touched = BTreeSet::new();
+        for (category, first, last) in RANGES {
+            let overlaps = if code.len() >= 3 {
+                self.category(system, code) == Some(*category)
+            } else {
+                code >= &first[..code.len()] && code <= &last[..code.len()]
+            };
+            if overlaps {
+                touched.insert(*category);
+            }
+        }
+        if self
+            .rare_disease_prefixes
+            .iter()
+            .any(|p| p.starts_with(code) || code.starts_with(p.as_str()))
+        {
+            touched.insert(Category::RareDisease);
+        }
+        touched
+    }
+
+    /// A SQL expression giving the category bit (0 when not sensitive) of the
+    /// diagnosis row aliased `c`. Fixed categories are literal fragments;
+    /// rare-disease prefixes are bound through `param`.
+    pub fn sql_category_bit(&self, mut param: impl FnMut(String) -> String) -> String {
+        let mut sql = format!("CASE WHEN c.system NOT IN ('{KCD8}', '{ICD10}') THEN 0");
+        for (category, first, last) in RANGES {
+            // Codes are stored without dots, so a three-character range
+            // covers every subcode: `F32` <= `F329` < `F9:` (':' follows '9').
+            let upper = format!("{last}:");
+            sql.push_str(&format!(
+                " WHEN c.code >= '{first}' AND c.code < '{upper}' THEN {}",
+                category.bit()
+            ));
+        }
+        for prefix in &self.rare_disease_prefixes {
+            let p = param(format!("{prefix}%"));
+            sql.push_str(&format!(
+                " WHEN c.code LIKE {p} THEN {}",
+                Category::RareDisease.bit()
+            ));
+        }
+        sql.push_str(" ELSE 0 END");
+        sql
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codes() -> SensitiveCodes {
+        SensitiveCodes {
+            rare_disease_prefixes: vec!["E752".into(), "G122".into()],
+        }
+    }
+
+    #[test]
+    fn fixed_ranges_and_rare_diseases_are_recognised() {
+        let s = codes();
+        assert_eq!(s.category(KCD8, "F329"), Some(Category::MentalHealth));
+        assert_eq!(s.category(KCD8, "F00"), Some(Category::MentalHealth));
+        assert_eq!(s.category(ICD10, "B24"), Some(Category::Hiv));
+        assert_eq!(s.category(KCD8, "B25"), None);
+        assert_eq!(s.category(KCD8, "A64"), Some(Category::SexuallyTransmitted));
+        assert_eq!(s.category(KCD8, "A65"), None);
+        assert_eq!(s.category(KCD8, "T741"), Some(Category::Abuse));
+        assert_eq!(s.category(KCD8, "O049"), Some(Category::Abortion));
+        assert_eq!(s.category(KCD8, "E7521"), Some(Category::RareDisease));
+        assert_eq!(s.category(KCD8, "E119"), None);
+        assert_eq!(s.category("http://loinc.org", "F32"), None);
+    }
+
+    #[test]
+    fn prefixes_touch_every_category_they_could_select() {
+        let s = codes();
+        let touched = |code| s.categories_touched(KCD8, code, true);
+        assert_eq!(touched("F"), BTreeSet::from([Category::MentalHealth]));
+        assert_eq!(touched("E11"), BTreeSet::new());
+        assert_eq!(touched("E"), BTreeSet::from([Category::RareDisease]));
+        assert_eq!(touched("B2"), BTreeSet::from([Category::Hiv]));
+        assert_eq!(
+            touched("A"),
+            BTreeSet::from([Category::SexuallyTransmitted])
+        );
+        assert_eq!(
+            touched("A6"),
+            BTreeSet::from([Category::SexuallyTransmitted])
+        );
+        assert_eq!(touched("").len(), Category::ALL.len());
+    }
+
+    #[test]
+    fn labels_name_categories_in_both_systems() {
+        assert_eq!(
+            Category::from_label(V3_ACT_CODE, "PSY"),
+            Some(Category::MentalHealth)
+        );
+        assert_eq!(
+            Category::from_label(CATEGORY_SYSTEM, "rare-disease"),
+            Some(Category::RareDisease)
+        );
+        assert_eq!(Category::from_label(V3_ACT_CODE, "rare-disease"), None);
+    }
+}
