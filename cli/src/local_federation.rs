@@ -27,6 +27,8 @@ pub const SIGNING_KID: &str = "coordinator-local-1";
 /// The requester and committee member the local federation issues for.
 pub const REQUESTER: &str = "demo-requester";
 pub const COMMITTEE: &str = "demo-committee";
+/// A second committee member, for quorums of two.
+pub const COMMITTEE_2: &str = "demo-committee-2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,6 +66,8 @@ pub struct LocalFederationOptions {
     pub patients_per_node: usize,
     pub seed: u64,
     pub min_cell_size: u32,
+    /// Committee approvals a study needs (1 or 2).
+    pub committee_quorum: usize,
 }
 
 /// One running node of the local federation.
@@ -86,6 +90,7 @@ pub struct LocalFederation {
     pub pki: PkiDir,
     pub coordinator_addr: SocketAddr,
     pub nodes: Vec<LocalNode>,
+    coordinator: ghx_coordinator::api::CoordinatorApi,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -127,9 +132,15 @@ pub fn provision_pki(dir: &Path) -> Result<PkiDir, Error> {
         &ca,
         &CertificateRequest::new(REQUESTER, Role::Requester, "Gwangju Health Startup"),
     )?;
+    for member in [COMMITTEE, COMMITTEE_2] {
+        pki.issue(
+            &ca,
+            &CertificateRequest::new(member, Role::Committee, "G-Health Steering Committee"),
+        )?;
+    }
     pki.issue(
         &ca,
-        &CertificateRequest::new(COMMITTEE, Role::Committee, "G-Health Steering Committee"),
+        &CertificateRequest::new("demo-auditor", Role::Auditor, "G-Health Steering Committee"),
     )?;
     let (private, public) = ghx_study::capability::generate_signing_key()?;
     let private_path = pki.root().join("coordinator-signing.pem");
@@ -173,7 +184,7 @@ impl LocalFederation {
                 &format!(
                     "id = \"{id}\"\ndisplay_name = \"{name}\"\nlisten = \"{addr}\"\n\
                      database_url = \"{db}\"\nmin_cell_size = {min}\n\
-                     policy_dir = \"{policies}\"\n\n\
+                     policy_dir = \"{policies}\"\ncoordinator_keys_dir = \"{rotated}\"\n\n\
                      [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
                      [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n",
                     id = profile.id,
@@ -185,6 +196,7 @@ impl LocalFederation {
                     cert = tls.cert.display(),
                     key = tls.key.display(),
                     pubkey = pki.root().join("coordinator-signing.pub.pem").display(),
+                    rotated = pki.root().join("rotated-keys").display(),
                 ),
             )?;
             let node = Node::build(NodeConfig::load(&config_path)?)?;
@@ -223,11 +235,13 @@ impl LocalFederation {
         let mut config = format!(
             "listen = \"{coordinator_addr}\"\nnode_deadline_secs = 30\n\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
-             [signing_key]\nkid = \"{SIGNING_KID}\"\nprivate_key = \"{}\"\n",
+             [signing_key]\nkid = \"{SIGNING_KID}\"\nprivate_key = \"{}\"\n\n\
+             [committee]\nquorum = {}\nmembers = [\"{COMMITTEE}\", \"{COMMITTEE_2}\"]\n",
             tls.ca.display(),
             tls.cert.display(),
             tls.key.display(),
             pki.root().join("coordinator-signing.pem").display(),
+            options.committee_quorum,
         );
         for node in &nodes {
             config.push_str(&format!(
@@ -240,6 +254,7 @@ impl LocalFederation {
         let config_path = dir.join("coordinator.toml");
         write(&config_path, &config)?;
         let coordinator = Coordinator::build(CoordinatorConfig::load(&config_path)?)?;
+        let coordinator_api = coordinator.api();
         let (stop, stopped) = oneshot::channel::<()>();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = coordinator
@@ -255,6 +270,7 @@ impl LocalFederation {
             pki,
             coordinator_addr,
             nodes,
+            coordinator: coordinator_api,
             stops,
             tasks,
         })
@@ -267,6 +283,11 @@ impl LocalFederation {
             &self.pki.tls_files(member),
         )
         .await
+    }
+
+    /// The coordinator's audit trail so far.
+    pub fn coordinator_audit(&self) -> Vec<ghx_coordinator::studies::AuditRecord> {
+        self.coordinator.audit_trail()
     }
 
     /// Stops every server, letting in-flight requests finish.
@@ -291,4 +312,47 @@ pub async fn connect_coordinator(
         .connect()
         .await?;
     Ok(CoordinatorServiceClient::new(channel))
+}
+
+/// A study manifest for `queries` (name, ghx.query/v1 JSON): it declares
+/// exactly the resource types and codes the queries read, uses a minimum
+/// cell size of 10, no privacy budget, and is valid from a month ago for a
+/// year, so demos and tests never depend on the calendar.
+pub fn manifest_for(title: &str, purpose: &str, queries: &[(&str, &str)]) -> Vec<u8> {
+    use ghx_study::query::QuerySpec;
+    let today = time::OffsetDateTime::now_utc().date();
+    let date = |d: time::Date| format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day());
+    let mut resource_types = std::collections::BTreeSet::new();
+    let mut codes = Vec::new();
+    let mut named = Vec::new();
+    for (name, json) in queries {
+        let spec = QuerySpec::parse(json.as_bytes()).expect("a valid query");
+        resource_types.extend(spec.resource_types());
+        for c in &spec.cohort.conditions {
+            codes
+                .push(serde_json::json!({"system": c.system, "code": c.code, "match": c.matching}));
+        }
+        for o in &spec.cohort.observations {
+            codes.push(serde_json::json!({"system": o.system, "code": o.code}));
+        }
+        named.push(serde_json::json!({"name": name, "query": spec}));
+    }
+    serde_json::json!({
+        "version": ghx_study::manifest::VERSION,
+        "title": title,
+        "purpose": purpose,
+        "ethics": {
+            "committee": "G-Health Data Review Committee",
+            "reference": "GH-DRC-DEMO-0001",
+            "approved_on": date(today - time::Duration::days(40)),
+        },
+        "data": {"resource_types": resource_types, "codes": codes},
+        "queries": named,
+        "min_cell_size": {"default": 10},
+        "privacy_budget": 0.0,
+        "valid_from": date(today - time::Duration::days(30)),
+        "valid_until": date(today + time::Duration::days(365)),
+    })
+    .to_string()
+    .into_bytes()
 }

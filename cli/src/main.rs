@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use ghx::local_federation::{self, COMMITTEE, LocalFederation, LocalFederationOptions, REQUESTER};
+use ghx::local_federation::{
+    self, COMMITTEE, COMMITTEE_2, LocalFederation, LocalFederationOptions, REQUESTER,
+};
 use ghx::render;
 use ghx_node::import::{ImportOptions, import_path};
 use ghx_pki::{CertificateRequest, PkiDir, Role, TlsFiles};
@@ -75,7 +77,8 @@ enum PolicyCommand {
     Check {
         /// The policy directory (access.cedar, entities.json, consent.toml).
         dir: PathBuf,
-        /// A ghx.query/v1 file to decide.
+        /// A study manifest (ghx.manifest/v1) or a single query
+        /// (ghx.query/v1) to decide.
         query: Option<PathBuf>,
         /// The requesting organisation, as its certificates name it.
         #[arg(long, default_value = "Gwangju Health Startup")]
@@ -251,41 +254,69 @@ struct ClientArgs {
 
 #[derive(Subcommand)]
 enum StudyCommand {
-    /// Submit a study whose query is in a JSON file.
+    /// Submit a study manifest (ghx.manifest/v1 JSON; see
+    /// deploy/examples/study-e11.json).
     Submit {
         #[command(flatten)]
         client: ClientArgs,
-        #[arg(long)]
-        title: String,
-        /// Purpose of use, an HL7 v3 ActReason code (HRESCH: healthcare
-        /// research, PUBHLTH: public health, CLINTRCH: clinical trial).
-        #[arg(long, default_value = "HRESCH")]
-        purpose: String,
-        query: PathBuf,
+        manifest: PathBuf,
     },
-    /// Run an approved study on every node.
+    /// Show your studies, or one study with its committee votes.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        study: Option<String>,
+    },
+    /// Run one query of an approved study on every node.
     Run {
         #[command(flatten)]
         client: ClientArgs,
         study: String,
+        /// The manifest query to run (default: the first).
+        #[arg(long, default_value = "")]
+        query: String,
     },
     /// Show the latest result of a study.
     Result {
         #[command(flatten)]
         client: ClientArgs,
         study: String,
+        /// The manifest query (default: the one run last).
+        #[arg(long, default_value = "")]
+        query: String,
     },
 }
 
 #[derive(Subcommand)]
 enum CommitteeCommand {
-    /// Approve a submitted study.
+    /// List every study with its status and votes.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Approve a submitted study (it is approved at the quorum).
     Approve {
         #[command(flatten)]
         client: ClientArgs,
         study: String,
         #[arg(long, default_value = "")]
         note: String,
+    },
+    /// Reject a submitted study.
+    Reject {
+        #[command(flatten)]
+        client: ClientArgs,
+        study: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Revoke an approved study; nodes refuse its capabilities from now on.
+    Revoke {
+        #[command(flatten)]
+        client: ClientArgs,
+        study: String,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -367,46 +398,83 @@ fn policy(command: PolicyCommand) -> Result<()> {
             };
             let text = std::fs::read(&query)
                 .with_context(|| format!("cannot read {}", query.display()))?;
-            let spec = ghx_study::query::QuerySpec::parse(&text)
-                .with_context(|| format!("{} is not a valid query", query.display()))?;
-            let claims = ghx_study::capability::claims_for(
-                "policy-check",
-                vec![node.clone()],
-                &spec.canonical_json(),
-                &requester,
-                &org,
-                &purpose,
-                time::Duration::minutes(5),
-            );
+            // A bare query is checked as the only query of a manifest with
+            // the given purpose and cell size.
+            let manifest_json = match ghx_study::manifest::StudyManifest::parse(&text) {
+                Ok(_) => text.clone(),
+                Err(
+                    ghx_study::manifest::Error::Version(_) | ghx_study::manifest::Error::Syntax(_),
+                ) if ghx_study::query::QuerySpec::parse(&text).is_ok() => {
+                    let query_text = String::from_utf8_lossy(&text).into_owned();
+                    ghx::local_federation::manifest_for(
+                        "policy check",
+                        &purpose,
+                        &[("query", &query_text)],
+                    )
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "{} is neither a valid manifest nor a valid query",
+                            query.display()
+                        )
+                    });
+                }
+            };
+            let mut manifest = ghx_study::manifest::StudyManifest::parse(&manifest_json)?;
+            manifest.requester.organisation = org.clone();
+            manifest.requester.user = requester.clone();
             let facts = ghx_node::gate::NodeFacts {
                 node_id: &node,
-                min_cell_size,
+                min_cell_size: min_cell_size.max(manifest.min_cell_size.for_node(&node)),
                 now: time::OffsetDateTime::now_utc().unix_timestamp(),
             };
-            let mut request =
-                ghx_node::gate::access_request(&claims, &spec, facts, &loaded.consent.sensitive);
-            request.action = action.parse().map_err(anyhow::Error::msg)?;
-            let decision = loaded.authorize(&request)?;
+            let action: ghx_node::policy::Action = action.parse().map_err(anyhow::Error::msg)?;
+            let mut decisions = Vec::new();
+            for named in &manifest.queries {
+                let query_json = named.query.canonical_json();
+                let claims = ghx_study::capability::claims_for(
+                    &manifest,
+                    "policy-check",
+                    vec![node.clone()],
+                    &query_json,
+                    time::Duration::minutes(5),
+                );
+                let mut request = ghx_node::gate::access_request(
+                    &claims,
+                    &named.query,
+                    facts,
+                    &loaded.consent.sensitive,
+                );
+                request.action = action;
+                request.epsilon = format!("{:.4}", manifest.privacy_budget);
+                let decision = loaded.authorize(&request)?;
+                decisions.push((named.name.clone(), request, decision));
+            }
+            let purpose = &manifest.purpose;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "request": request,
-                        "decision": decision,
-                    }))?
-                );
+                let out: Vec<_> = decisions
+                    .iter()
+                    .map(|(name, request, decision)| {
+                        serde_json::json!({"query": name, "request": request, "decision": decision})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                println!(
-                    "{} {} by {org} for {purpose} at {node}: {}",
-                    if decision.allowed { "ALLOW" } else { "DENY" },
-                    request.action.name(),
-                    decision.summary()
-                );
-                for error in &decision.errors {
-                    println!("  rule error (skipped, which can only deny): {error}");
+                for (name, request, decision) in &decisions {
+                    println!(
+                        "{} {} `{name}` by {org} for {purpose} at {node}: {}",
+                        if decision.allowed { "ALLOW" } else { "DENY" },
+                        request.action.name(),
+                        decision.summary()
+                    );
+                    for error in &decision.errors {
+                        println!("  rule error (skipped, which can only deny): {error}");
+                    }
                 }
             }
-            if !decision.allowed {
+            let allowed = decisions.iter().all(|(_, _, d)| d.allowed);
+            if !allowed {
                 std::process::exit(1);
             }
             Ok(())
@@ -504,21 +572,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Study(cmd) => study(cmd).await,
         Command::Policy(cmd) => policy(cmd),
-        Command::Committee(CommitteeCommand::Approve {
-            client,
-            study,
-            note,
-        }) => {
-            let mut c = connect(&client).await?;
-            c.approve_study(pb::ApproveStudyRequest {
-                study_id: study.clone(),
-                note,
-            })
-            .await
-            .map_err(status_error)?;
-            println!("approved {study}");
-            Ok(())
-        }
+        Command::Committee(cmd) => committee(cmd).await,
     }
 }
 
@@ -565,21 +619,15 @@ fn print_result(result: &pb::StudyResult, json: bool) {
 
 async fn study(cmd: StudyCommand) -> Result<()> {
     match cmd {
-        StudyCommand::Submit {
-            client,
-            title,
-            purpose,
-            query,
-        } => {
-            let json = std::fs::read(&query)
-                .with_context(|| format!("cannot read query {}", query.display()))?;
+        StudyCommand::Submit { client, manifest } => {
+            let manifest_json = std::fs::read(&manifest)
+                .with_context(|| format!("cannot read manifest {}", manifest.display()))?;
+            // Check locally first, for an error that names the file.
+            ghx_study::manifest::StudyManifest::parse(&manifest_json)
+                .with_context(|| format!("{} is not a valid study manifest", manifest.display()))?;
             let mut c = connect(&client).await?;
             let id = c
-                .submit_study(pb::SubmitStudyRequest {
-                    title,
-                    purpose,
-                    query: Some(pb::QuerySpec { json }),
-                })
+                .submit_study(pb::SubmitStudyRequest { manifest_json })
                 .await
                 .map_err(status_error)?
                 .into_inner()
@@ -591,10 +639,37 @@ async fn study(cmd: StudyCommand) -> Result<()> {
             }
             Ok(())
         }
-        StudyCommand::Run { client, study } => {
+        StudyCommand::Status { client, study } => {
+            let mut c = connect(&client).await?;
+            let studies = match study {
+                Some(id) => vec![
+                    c.get_study(pb::GetStudyRequest { study_id: id })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner(),
+                ],
+                None => {
+                    c.list_studies(pb::ListStudiesRequest {})
+                        .await
+                        .map_err(status_error)?
+                        .into_inner()
+                        .studies
+                }
+            };
+            print_studies(&studies, client.json);
+            Ok(())
+        }
+        StudyCommand::Run {
+            client,
+            study,
+            query,
+        } => {
             let mut c = connect(&client).await?;
             let result = c
-                .run_study(pb::RunStudyRequest { study_id: study })
+                .run_study(pb::RunStudyRequest {
+                    study_id: study,
+                    query,
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner()
@@ -603,10 +678,17 @@ async fn study(cmd: StudyCommand) -> Result<()> {
             print_result(&result, client.json);
             Ok(())
         }
-        StudyCommand::Result { client, study } => {
+        StudyCommand::Result {
+            client,
+            study,
+            query,
+        } => {
             let mut c = connect(&client).await?;
             let result = c
-                .get_study_result(pb::GetStudyResultRequest { study_id: study })
+                .get_study_result(pb::GetStudyResultRequest {
+                    study_id: study,
+                    query,
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner()
@@ -615,6 +697,75 @@ async fn study(cmd: StudyCommand) -> Result<()> {
             print_result(&result, client.json);
             Ok(())
         }
+    }
+}
+
+async fn committee(cmd: CommitteeCommand) -> Result<()> {
+    let (client, summary) = match cmd {
+        CommitteeCommand::List { client } => {
+            let mut c = connect(&client).await?;
+            let studies = c
+                .list_studies(pb::ListStudiesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .studies;
+            print_studies(&studies, client.json);
+            return Ok(());
+        }
+        CommitteeCommand::Approve {
+            client,
+            study,
+            note,
+        } => {
+            let mut c = connect(&client).await?;
+            let summary = c
+                .approve_study(pb::ApproveStudyRequest {
+                    study_id: study,
+                    note,
+                })
+                .await;
+            (client, summary)
+        }
+        CommitteeCommand::Reject {
+            client,
+            study,
+            reason,
+        } => {
+            let mut c = connect(&client).await?;
+            let summary = c
+                .reject_study(pb::RejectStudyRequest {
+                    study_id: study,
+                    reason,
+                })
+                .await;
+            (client, summary)
+        }
+        CommitteeCommand::Revoke {
+            client,
+            study,
+            reason,
+        } => {
+            let mut c = connect(&client).await?;
+            let summary = c
+                .revoke_study(pb::RevokeStudyRequest {
+                    study_id: study,
+                    reason,
+                })
+                .await;
+            (client, summary)
+        }
+    };
+    let summary = summary.map_err(status_error)?.into_inner();
+    print_studies(std::slice::from_ref(&summary), client.json);
+    Ok(())
+}
+
+fn print_studies(studies: &[pb::StudySummary], json: bool) {
+    if json {
+        println!("{}", render::studies_json(studies));
+    } else {
+        print!("{}", render::studies_table(studies));
     }
 }
 
@@ -835,6 +986,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         patients_per_node: args.patients,
         seed: args.seed,
         min_cell_size: args.min_cell_size,
+        committee_quorum: 2,
     })
     .await?;
     for node in &federation.nodes {
@@ -848,14 +1000,13 @@ async fn demo(args: DemoArgs) -> Result<()> {
         );
     }
     let mut requester = federation.client(REQUESTER).await?;
-    let mut committee = federation.client(COMMITTEE).await?;
     let study_id = requester
         .submit_study(pb::SubmitStudyRequest {
-            title: "Type 2 diabetes (KCD-8 E11) by sex and age band".to_owned(),
-            purpose: "HRESCH".to_owned(),
-            query: Some(pb::QuerySpec {
-                json: DEMO_QUERY.as_bytes().to_vec(),
-            }),
+            manifest_json: local_federation::manifest_for(
+                "Type 2 diabetes (KCD-8 E11) by sex and age band",
+                "HRESCH",
+                &[("e11-by-sex-and-age", DEMO_QUERY)],
+            ),
         })
         .await
         .map_err(status_error)?
@@ -867,6 +1018,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
     match requester
         .run_study(pb::RunStudyRequest {
             study_id: study_id.clone(),
+            query: String::new(),
         })
         .await
     {
@@ -876,17 +1028,32 @@ async fn demo(args: DemoArgs) -> Result<()> {
         ),
         Ok(_) => bail!("the coordinator ran an unapproved study"),
     }
-    committee
-        .approve_study(pb::ApproveStudyRequest {
-            study_id: study_id.clone(),
-            note: "approved for the demo".to_owned(),
-        })
-        .await
-        .map_err(status_error)?;
-    println!("{COMMITTEE} approved {study_id}; the coordinator signs a capability and fans out\n");
+    // Two of the committee must approve (quorum 2).
+    for member in [COMMITTEE, COMMITTEE_2] {
+        let mut committee = federation.client(member).await?;
+        let summary = committee
+            .approve_study(pb::ApproveStudyRequest {
+                study_id: study_id.clone(),
+                note: "approved for the demo".to_owned(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let approvals = summary
+            .votes
+            .iter()
+            .filter(|v| v.decision == "approve")
+            .count();
+        println!(
+            "{member} approved {study_id}: {approvals} of {} approvals, study is {}",
+            summary.quorum, summary.status
+        );
+    }
+    println!("the coordinator signs a capability for the manifest's query and fans out\n");
     let result = requester
         .run_study(pb::RunStudyRequest {
             study_id: study_id.clone(),
+            query: String::new(),
         })
         .await
         .map_err(status_error)?

@@ -92,6 +92,72 @@ pub fn study_json(result: &pb::StudyResult) -> serde_json::Value {
     })
 }
 
+/// Studies as a table: one row per study, then each one's committee votes.
+pub fn studies_table(studies: &[pb::StudySummary]) -> String {
+    let mut out = String::new();
+    for s in studies {
+        let approvals = s.votes.iter().filter(|v| v.decision == "approve").count();
+        out.push_str(&format!(
+            "{}  {:<9} {}/{} approvals  {}  ({} for {}, {})\n",
+            s.study_id,
+            s.status,
+            approvals,
+            s.quorum,
+            s.title,
+            s.purpose,
+            s.organisation,
+            s.requester
+        ));
+        out.push_str(&format!(
+            "    queries: {}; manifest sha256 {}\n",
+            s.query_names.join(", "),
+            &s.manifest_sha256[..s.manifest_sha256.len().min(16)]
+        ));
+        for v in &s.votes {
+            let note = if v.note.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", v.note)
+            };
+            out.push_str(&format!(
+                "    {} {} by {}{note}\n",
+                v.at, v.decision, v.member
+            ));
+        }
+    }
+    if studies.is_empty() {
+        out.push_str("no studies\n");
+    }
+    out
+}
+
+/// Studies for programs; the manifest is included as JSON.
+pub fn studies_json(studies: &[pb::StudySummary]) -> serde_json::Value {
+    serde_json::Value::Array(
+        studies
+            .iter()
+            .map(|s| {
+                json!({
+                    "study_id": s.study_id,
+                    "title": s.title,
+                    "purpose": s.purpose,
+                    "requester": s.requester,
+                    "organisation": s.organisation,
+                    "status": s.status,
+                    "quorum": s.quorum,
+                    "votes": s.votes.iter().map(|v| json!({
+                        "member": v.member, "decision": v.decision, "note": v.note, "at": v.at,
+                    })).collect::<Vec<_>>(),
+                    "submitted_at": s.submitted_at,
+                    "manifest_sha256": s.manifest_sha256,
+                    "manifest": serde_json::from_slice::<serde_json::Value>(&s.manifest_json)
+                        .unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +183,7 @@ mod tests {
         };
         let result = pb::StudyResult {
             study_id: "study-0001".into(),
+            query: "by-sex".into(),
             dimensions: vec!["sex".into()],
             per_node: vec![
                 node("chonnam", vec![count("female", 12), hidden("male")]),

@@ -7,12 +7,13 @@ use std::time::Duration;
 use ghx_pki::{PeerIdentity, Role};
 use ghx_proto::v1 as pb;
 use ghx_study::capability::{self, Signer};
-use ghx_study::query::{self, QuerySpec};
+use ghx_study::manifest::{self, StudyManifest};
+use ghx_study::query;
 use ghx_study::result::{AggregateResult, CellValue, combine};
 use tonic::{Request, Response, Status};
 
 use crate::fanout::{self, NodeRegistry};
-use crate::studies::{self, StudyBook, StudyResult};
+use crate::studies::{self, AuditRecord, Committee, StudyBook, StudyResult};
 
 #[derive(Clone)]
 pub struct CoordinatorApi {
@@ -43,6 +44,8 @@ enum ApiError {
     #[error(transparent)]
     Query(#[from] query::Error),
     #[error(transparent)]
+    Manifest(#[from] manifest::Error),
+    #[error(transparent)]
     Study(#[from] studies::Error),
     #[error(transparent)]
     Registry(#[from] fanout::Error),
@@ -58,9 +61,10 @@ fn status(error: ApiError) -> Status {
     match error {
         ApiError::Identity(_) => Status::unauthenticated(message),
         ApiError::Role { .. } | ApiError::NotOwner(_) => Status::permission_denied(message),
-        ApiError::Invalid(_) | ApiError::Query(_) | ApiError::Registry(_) => {
-            Status::invalid_argument(message)
-        }
+        ApiError::Invalid(_)
+        | ApiError::Query(_)
+        | ApiError::Manifest(_)
+        | ApiError::Registry(_) => Status::invalid_argument(message),
         ApiError::Study(studies::Error::NotFound(_)) => Status::not_found(message),
         ApiError::Study(_) | ApiError::NoNodes => Status::failed_precondition(message),
         ApiError::Capability(_) => {
@@ -88,47 +92,98 @@ fn require(
 }
 
 impl CoordinatorApi {
-    pub fn new(registry: NodeRegistry, signer: Signer, capability_valid_for: Duration) -> Self {
+    pub fn new(
+        registry: NodeRegistry,
+        signer: Signer,
+        capability_valid_for: Duration,
+        committee: Committee,
+    ) -> Self {
         CoordinatorApi {
             inner: Arc::new(Inner {
                 registry,
-                studies: StudyBook::default(),
+                studies: StudyBook::new(committee),
                 signer,
                 capability_valid_for,
             }),
         }
     }
 
+    /// Records one step in the audit trail, done or refused, and passes the
+    /// outcome through.
+    fn audited<T>(
+        &self,
+        caller: &PeerIdentity,
+        action: &str,
+        study_id: &str,
+        detail: &str,
+        outcome: Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let (result, detail) = match &outcome {
+            Ok(_) => ("done", detail.to_owned()),
+            Err(e) => ("refused", e.to_string()),
+        };
+        self.inner.studies.audit(AuditRecord {
+            at: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            actor: caller.name.clone(),
+            role: caller.role.to_string(),
+            action: action.to_owned(),
+            study_id: study_id.to_owned(),
+            outcome: result.to_owned(),
+            detail,
+        });
+        outcome
+    }
+
+    /// The coordinator's audit trail (for tests and auditors).
+    pub fn audit_trail(&self) -> Vec<AuditRecord> {
+        self.inner.studies.audit_trail()
+    }
+
     async fn run_study(
         &self,
         caller: &PeerIdentity,
         study_id: &str,
+        query_name: &str,
     ) -> Result<StudyResult, ApiError> {
         let inner = &self.inner;
         let study = inner.studies.get(study_id)?;
         check_access(caller, &study)?;
         let study = inner.studies.runnable(study_id)?;
+        let named = if query_name.is_empty() {
+            &study.manifest.queries[0]
+        } else {
+            study
+                .manifest
+                .query_named(query_name)
+                .ok_or_else(|| studies::Error::NoSuchQuery {
+                    id: study.id.clone(),
+                    name: query_name.to_owned(),
+                })?
+        };
+        let today = time::OffsetDateTime::now_utc().date();
+        study.manifest.check_valid_on(today)?;
         let nodes = inner.registry.list();
         if nodes.is_empty() {
             return Err(ApiError::NoNodes);
         }
+        let query_json = named.query.canonical_json();
         let claims = capability::claims_for(
+            &study.manifest,
             &study.id,
             nodes.iter().map(|n| n.id.clone()).collect(),
-            &study.query_json,
-            &study.requester,
-            &study.requester_org,
-            &study.purpose,
+            &query_json,
             time::Duration::try_from(inner.capability_valid_for)
                 .unwrap_or(time::Duration::minutes(5)),
         );
         let token = inner.signer.sign(&claims)?;
-        tracing::info!(study = %study.id, nodes = nodes.len(), capability = %claims.jti, "running study");
+        tracing::info!(study = %study.id, query = %named.name, nodes = nodes.len(), capability = %claims.jti, "running study");
         let (per_node, failures) = inner
             .registry
-            .run_aggregate(&token, &study.query_json)
+            .run_aggregate(&token, &query_json, &study.manifest_json)
             .await;
-        let spec = QuerySpec::parse(&study.query_json)?;
+        let spec = &named.query;
         let dimensions: Vec<String> = spec
             .dimensions()
             .iter()
@@ -137,6 +192,7 @@ impl CoordinatorApi {
         let (per_node, mut failures) = check_dimensions(per_node, failures, &dimensions);
         failures.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         let result = StudyResult {
+            query: named.name.clone(),
             total: combine(&per_node),
             dimensions,
             per_node,
@@ -144,6 +200,35 @@ impl CoordinatorApi {
         };
         inner.studies.record_result(&study.id, result.clone())?;
         Ok(result)
+    }
+
+    /// Revokes a study and tells every node, which then refuse its
+    /// capabilities even before they expire.
+    async fn revoke_study(
+        &self,
+        caller: &PeerIdentity,
+        study_id: &str,
+        reason: &str,
+    ) -> Result<studies::Study, ApiError> {
+        require(caller, &[Role::Committee], "revoke studies", "committee")?;
+        let study = self.inner.studies.revoke(study_id, &caller.name, reason)?;
+        let nodes: Vec<String> = self
+            .inner
+            .registry
+            .list()
+            .iter()
+            .map(|n| n.id.clone())
+            .collect();
+        let token = self
+            .inner
+            .signer
+            .sign(&capability::revocation_for(study_id, nodes, reason))?;
+        for failure in self.inner.registry.revoke(&token).await {
+            // The study is revoked at the coordinator regardless; a node that
+            // missed it still holds only short-lived, single-use capabilities.
+            tracing::warn!(node = %failure.node_id, reason = %failure.reason, "node not told of revocation");
+        }
+        Ok(study)
     }
 }
 
@@ -171,7 +256,7 @@ fn check_dimensions(
 fn check_access(caller: &PeerIdentity, study: &studies::Study) -> Result<(), ApiError> {
     match caller.role {
         Role::Committee | Role::Auditor => Ok(()),
-        Role::Requester if caller.name == study.requester => Ok(()),
+        Role::Requester if caller.name == study.requester() => Ok(()),
         Role::Requester => Err(ApiError::NotOwner(study.id.clone())),
         _ => Err(ApiError::Role {
             actual: caller.role,
@@ -181,9 +266,41 @@ fn check_access(caller: &PeerIdentity, study: &studies::Study) -> Result<(), Api
     }
 }
 
+fn summary_to_wire(study: &studies::Study, quorum: usize) -> pb::StudySummary {
+    pb::StudySummary {
+        study_id: study.id.clone(),
+        title: study.manifest.title.clone(),
+        purpose: study.manifest.purpose.clone(),
+        requester: study.manifest.requester.user.clone(),
+        organisation: study.manifest.requester.organisation.clone(),
+        status: study.status.name().to_owned(),
+        votes: study
+            .votes
+            .iter()
+            .map(|v| pb::CommitteeVote {
+                member: v.member.clone(),
+                decision: v.decision.to_owned(),
+                note: v.note.clone(),
+                at: v.at.clone(),
+            })
+            .collect(),
+        quorum: u32::try_from(quorum).unwrap_or(u32::MAX),
+        manifest_sha256: study.manifest.digest(),
+        manifest_json: study.manifest_json.clone(),
+        submitted_at: study.submitted_at.clone(),
+        query_names: study
+            .manifest
+            .queries
+            .iter()
+            .map(|q| q.name.clone())
+            .collect(),
+    }
+}
+
 fn result_to_wire(study_id: &str, result: StudyResult) -> pb::StudyResult {
     pb::StudyResult {
         study_id: study_id.to_owned(),
+        query: result.query,
         dimensions: result.dimensions,
         per_node: result
             .per_node
@@ -276,42 +393,140 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
         request: Request<pb::SubmitStudyRequest>,
     ) -> Result<Response<pb::SubmitStudyResponse>, Status> {
         let caller = identity(&request)?;
-        require(&caller, &[Role::Requester], "submit studies", "requester").map_err(status)?;
-        let message = request.into_inner();
-        if message.title.trim().is_empty() {
-            return Err(status(ApiError::Invalid(
-                "a study needs a title".to_owned(),
-            )));
-        }
-        ghx_study::purpose::check(&message.purpose)
-            .map_err(|e| status(ApiError::Invalid(e.to_string())))?;
-        let json = message.query.map(|q| q.json).unwrap_or_default();
-        // Store the canonical form: it is what the capability will bind.
-        let spec = QuerySpec::parse(&json).map_err(|e| status(e.into()))?;
-        let id = self.inner.studies.submit(
-            &message.title,
-            &message.purpose,
-            &caller.name,
-            &caller.organisation,
-            spec.canonical_json(),
-        );
+        let json = request.into_inner().manifest_json;
+        let outcome = (|| -> Result<String, ApiError> {
+            require(&caller, &[Role::Requester], "submit studies", "requester")?;
+            // Parse, then stamp the requester from the certificate: what the
+            // file says about who is asking is never trusted.
+            let mut manifest = StudyManifest::parse(&json)?;
+            manifest.requester.user = caller.name.clone();
+            manifest.requester.organisation = caller.organisation.clone();
+            Ok(self.inner.studies.submit(manifest))
+        })();
+        let id = outcome.as_ref().cloned().unwrap_or_default();
+        let id = self
+            .audited(&caller, "submit", &id, "", outcome)
+            .map_err(status)?;
         tracing::info!(study = %id, requester = %caller.name, "study submitted");
         Ok(Response::new(pb::SubmitStudyResponse { study_id: id }))
+    }
+
+    async fn list_studies(
+        &self,
+        request: Request<pb::ListStudiesRequest>,
+    ) -> Result<Response<pb::ListStudiesResponse>, Status> {
+        let caller = identity(&request)?;
+        require(
+            &caller,
+            &[Role::Requester, Role::Committee, Role::Auditor],
+            "list studies",
+            "requester, committee or auditor",
+        )
+        .map_err(status)?;
+        let quorum = self.inner.studies.committee().quorum;
+        let studies = self
+            .inner
+            .studies
+            .list()
+            .iter()
+            .filter(|s| check_access(&caller, s).is_ok())
+            .map(|s| summary_to_wire(s, quorum))
+            .collect();
+        Ok(Response::new(pb::ListStudiesResponse { studies }))
+    }
+
+    async fn get_study(
+        &self,
+        request: Request<pb::GetStudyRequest>,
+    ) -> Result<Response<pb::StudySummary>, Status> {
+        let caller = identity(&request)?;
+        let id = request.into_inner().study_id;
+        let study = self.inner.studies.get(&id).map_err(|e| status(e.into()))?;
+        check_access(&caller, &study).map_err(status)?;
+        Ok(Response::new(summary_to_wire(
+            &study,
+            self.inner.studies.committee().quorum,
+        )))
     }
 
     async fn approve_study(
         &self,
         request: Request<pb::ApproveStudyRequest>,
-    ) -> Result<Response<pb::ApproveStudyResponse>, Status> {
+    ) -> Result<Response<pb::StudySummary>, Status> {
         let caller = identity(&request)?;
-        require(&caller, &[Role::Committee], "approve studies", "committee").map_err(status)?;
         let message = request.into_inner();
-        self.inner
-            .studies
-            .approve(&message.study_id, &caller.name, &message.note)
-            .map_err(|e| status(e.into()))?;
-        tracing::info!(study = %message.study_id, by = %caller.name, "study approved");
-        Ok(Response::new(pb::ApproveStudyResponse {}))
+        let outcome = require(&caller, &[Role::Committee], "approve studies", "committee")
+            .and_then(|()| {
+                Ok(self
+                    .inner
+                    .studies
+                    .approve(&message.study_id, &caller.name, &message.note)?)
+            });
+        let study = self
+            .audited(
+                &caller,
+                "approve",
+                &message.study_id,
+                &message.note,
+                outcome,
+            )
+            .map_err(status)?;
+        tracing::info!(study = %message.study_id, by = %caller.name, status = study.status.name(), "approval recorded");
+        Ok(Response::new(summary_to_wire(
+            &study,
+            self.inner.studies.committee().quorum,
+        )))
+    }
+
+    async fn reject_study(
+        &self,
+        request: Request<pb::RejectStudyRequest>,
+    ) -> Result<Response<pb::StudySummary>, Status> {
+        let caller = identity(&request)?;
+        let message = request.into_inner();
+        let outcome =
+            require(&caller, &[Role::Committee], "reject studies", "committee").and_then(|()| {
+                Ok(self
+                    .inner
+                    .studies
+                    .reject(&message.study_id, &caller.name, &message.reason)?)
+            });
+        let study = self
+            .audited(
+                &caller,
+                "reject",
+                &message.study_id,
+                &message.reason,
+                outcome,
+            )
+            .map_err(status)?;
+        Ok(Response::new(summary_to_wire(
+            &study,
+            self.inner.studies.committee().quorum,
+        )))
+    }
+
+    async fn revoke_study(
+        &self,
+        request: Request<pb::RevokeStudyRequest>,
+    ) -> Result<Response<pb::StudySummary>, Status> {
+        let caller = identity(&request)?;
+        let message = request.into_inner();
+        let outcome =
+            CoordinatorApi::revoke_study(self, &caller, &message.study_id, &message.reason).await;
+        let study = self
+            .audited(
+                &caller,
+                "revoke",
+                &message.study_id,
+                &message.reason,
+                outcome,
+            )
+            .map_err(status)?;
+        Ok(Response::new(summary_to_wire(
+            &study,
+            self.inner.studies.committee().quorum,
+        )))
     }
 
     async fn run_study(
@@ -319,12 +534,25 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
         request: Request<pb::RunStudyRequest>,
     ) -> Result<Response<pb::RunStudyResponse>, Status> {
         let caller = identity(&request)?;
-        let study_id = request.into_inner().study_id;
-        let result = CoordinatorApi::run_study(self, &caller, &study_id)
-            .await
+        let message = request.into_inner();
+        let outcome =
+            CoordinatorApi::run_study(self, &caller, &message.study_id, &message.query).await;
+        let detail = outcome
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "query {}; {} nodes answered, {} failed",
+                    r.query,
+                    r.per_node.len(),
+                    r.failures.len()
+                )
+            })
+            .unwrap_or_default();
+        let result = self
+            .audited(&caller, "run", &message.study_id, &detail, outcome)
             .map_err(status)?;
         Ok(Response::new(pb::RunStudyResponse {
-            result: Some(result_to_wire(&study_id, result)),
+            result: Some(result_to_wire(&message.study_id, result)),
         }))
     }
 
@@ -333,18 +561,20 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
         request: Request<pb::GetStudyResultRequest>,
     ) -> Result<Response<pb::GetStudyResultResponse>, Status> {
         let caller = identity(&request)?;
-        let study_id = request.into_inner().study_id;
+        let message = request.into_inner();
         let study = self
             .inner
             .studies
-            .get(&study_id)
+            .get(&message.study_id)
             .map_err(|e| status(e.into()))?;
         check_access(&caller, &study).map_err(status)?;
-        let result = study
-            .result
-            .ok_or_else(|| status(studies::Error::NoResult(study_id.clone()).into()))?;
+        let result = self
+            .inner
+            .studies
+            .result(&message.study_id, &message.query)
+            .map_err(|e| status(e.into()))?;
         Ok(Response::new(pb::GetStudyResultResponse {
-            result: Some(result_to_wire(&study_id, result)),
+            result: Some(result_to_wire(&message.study_id, result)),
         }))
     }
 }

@@ -33,6 +33,34 @@ pub struct CoordinatorConfig {
     pub node_deadline_secs: u64,
     #[serde(default)]
     pub nodes: Vec<NodeEntry>,
+    #[serde(default)]
+    pub committee: CommitteeConfig,
+}
+
+/// The steering committee: who may decide and how many must approve.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CommitteeConfig {
+    /// Distinct approvals a study needs (m of n).
+    #[serde(default = "default_quorum")]
+    pub quorum: usize,
+    /// Certificate names of the members; empty admits any committee
+    /// certificate.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+impl Default for CommitteeConfig {
+    fn default() -> Self {
+        CommitteeConfig {
+            quorum: default_quorum(),
+            members: Vec::new(),
+        }
+    }
+}
+
+fn default_quorum() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -109,6 +137,19 @@ impl CoordinatorConfig {
                     problem: format!("`{}` is listed twice", node.id),
                 });
             }
+        }
+        let committee = &self.committee;
+        if committee.quorum == 0
+            || (!committee.members.is_empty() && committee.quorum > committee.members.len())
+        {
+            return Err(Error::Invalid {
+                key: "committee.quorum".to_owned(),
+                problem: format!(
+                    "must be between 1 and the number of members ({}), got {}",
+                    committee.members.len(),
+                    committee.quorum
+                ),
+            });
         }
         if self.node_deadline_secs == 0 || self.capability_valid_for_secs == 0 {
             return Err(Error::Invalid {

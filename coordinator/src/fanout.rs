@@ -90,10 +90,40 @@ impl NodeRegistry {
 
     /// Runs the query on every node concurrently, each bounded by the
     /// deadline, and returns the released results and the failures.
+    /// Tells every node that a study is revoked; returns the nodes that
+    /// could not be told, and why.
+    pub async fn revoke(&self, revocation: &str) -> Vec<NodeFailure> {
+        let deadline = self.deadline;
+        let calls = self.list().into_iter().map(|node| async move {
+            let mut client = NodeServiceClient::new(node.channel.clone());
+            let mut request = tonic::Request::new(pb::RevokeStudyNodeRequest {
+                revocation: revocation.to_owned(),
+            });
+            request.set_timeout(deadline);
+            match tokio::time::timeout(deadline, client.revoke_study(request)).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(status)) => Some(NodeFailure {
+                    node_id: node.id.clone(),
+                    reason: describe(&status),
+                }),
+                Err(_) => Some(NodeFailure {
+                    node_id: node.id.clone(),
+                    reason: format!("no answer within {} s", deadline.as_secs()),
+                }),
+            }
+        });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     pub async fn run_aggregate(
         &self,
         capability: &str,
         query_json: &[u8],
+        manifest_json: &[u8],
     ) -> (Vec<AggregateResult>, Vec<NodeFailure>) {
         let nodes = self.list();
         let deadline = self.deadline;
@@ -103,6 +133,7 @@ impl NodeRegistry {
                 query: Some(pb::QuerySpec {
                     json: query_json.to_vec(),
                 }),
+                manifest_json: manifest_json.to_vec(),
             };
             async move {
                 let mut client = NodeServiceClient::new(node.channel.clone());

@@ -73,8 +73,17 @@ impl Coordinator {
             registry,
             signer,
             Duration::from_secs(config.capability_valid_for_secs),
+            studies::Committee {
+                quorum: config.committee.quorum,
+                members: config.committee.members.clone(),
+            },
         );
         Ok(Coordinator { api, tls })
+    }
+
+    /// A handle on the running service, e.g. to read its audit trail.
+    pub fn api(&self) -> api::CoordinatorApi {
+        self.api.clone()
     }
 
     /// Serves gRPC over mTLS on `listener` until `shutdown` completes.

@@ -2,7 +2,8 @@
 //! gate -> engine -> release, records every decision in the audit log, and
 //! maps errors to gRPC statuses in exactly one place ([`status`]).
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
 use ghx_pki::PeerIdentity;
 use ghx_proto::v1 as pb;
@@ -27,7 +28,9 @@ struct Inner {
     display_name: String,
     min_cell_size: u32,
     store: Store,
-    verifier: Verifier,
+    verifier: RwLock<Verifier>,
+    /// Where rotated coordinator keys appear as `<kid>.pub.pem`.
+    keys_dir: Option<PathBuf>,
     policy: PolicyDir,
     eligibility: Eligibility,
 }
@@ -62,7 +65,14 @@ fn status(error: &ApiError) -> Status {
             Status::permission_denied(error.to_string())
         }
         ApiError::Gate(gate::Error::Query(e)) => Status::invalid_argument(e.to_string()),
-        ApiError::Gate(gate::Error::Policy(_))
+        ApiError::Gate(
+            gate::Error::Replayed { .. }
+            | gate::Error::Revoked { .. }
+            | gate::Error::ManifestMismatch
+            | gate::Error::Manifest(_)
+            | gate::Error::ClaimsDisagree { .. },
+        ) => Status::permission_denied(error.to_string()),
+        ApiError::Gate(gate::Error::Policy(_) | gate::Error::Ledger(_))
         | ApiError::Store(_)
         | ApiError::Consent(_)
         | ApiError::Audit(_)
@@ -82,6 +92,7 @@ impl NodeApi {
         min_cell_size: u32,
         store: Store,
         verifier: Verifier,
+        keys_dir: Option<PathBuf>,
         policy: PolicyDir,
     ) -> Self {
         let eligibility = Eligibility::new(policy.consent.clone());
@@ -91,10 +102,51 @@ impl NodeApi {
                 display_name: display_name.to_owned(),
                 min_cell_size,
                 store,
-                verifier,
+                verifier: RwLock::new(verifier),
+                keys_dir,
                 policy,
                 eligibility,
             }),
+        }
+    }
+
+    /// Makes sure the key a token names is trusted if the operator has
+    /// installed it: a rotated coordinator key placed in the keys directory
+    /// as `<kid>.pub.pem` is picked up without a restart.
+    fn load_rotated_key(&self, token: &str) {
+        let (Some(dir), Some(kid)) = (&self.inner.keys_dir, Verifier::key_id(token)) else {
+            return;
+        };
+        let known = self
+            .inner
+            .verifier
+            .read()
+            .map(|v| v.knows_key(&kid))
+            .unwrap_or(true);
+        // A kid becomes a file name only if it cannot leave the directory.
+        let safe = !kid.is_empty()
+            && kid.len() <= 64
+            && kid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !kid.starts_with('.');
+        if known || !safe {
+            return;
+        }
+        let path = dir.join(format!("{kid}.pub.pem"));
+        let Ok(pem) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        match self.inner.verifier.write() {
+            Ok(mut verifier) => match verifier.add_key(&kid, &pem) {
+                Ok(()) => {
+                    tracing::info!(kid = %kid, path = %path.display(), "trusting rotated coordinator key")
+                }
+                Err(e) => {
+                    tracing::warn!(kid = %kid, error = %e, "rotated coordinator key is unusable")
+                }
+            },
+            Err(_) => tracing::error!("verifier lock poisoned"),
         }
     }
 
@@ -105,7 +157,9 @@ impl NodeApi {
         caller: &PeerIdentity,
         token: &str,
         query_json: &[u8],
+        manifest_json: &[u8],
     ) -> Result<AggregateResult, ApiError> {
+        self.load_rotated_key(token);
         let inner = &self.inner;
         let mut entry = AuditEntry {
             at: now_rfc3339(),
@@ -129,13 +183,21 @@ impl NodeApi {
             now: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
         let outcome = (|| -> Result<AggregateResult, ApiError> {
+            let verifier = inner
+                .verifier
+                .read()
+                .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))?;
             let admitted = gate::admit(
-                &inner.verifier,
+                &verifier,
+                &inner.store,
                 &inner.policy,
                 facts,
-                caller,
-                token,
-                query_json,
+                gate::Request {
+                    caller,
+                    token,
+                    query_json,
+                    manifest_json,
+                },
             )
             .inspect_err(|e| {
                 if let gate::Error::Forbidden { decision, .. } = e {
@@ -156,13 +218,13 @@ impl NodeApi {
                 &inner.policy.consent.sensitive,
             )?;
             let mut result =
-                release::release(&inner.node_id, &admitted.spec, raw, inner.min_cell_size);
+                release::release(&inner.node_id, &admitted.spec, raw, admitted.min_cell_size);
             result
                 .notes
                 .insert(0, format!("access: {}", admitted.access.summary()));
             result.notes.insert(
                 1,
-                release::consent_note(&prepared.summary, inner.min_cell_size),
+                release::consent_note(&prepared.summary, admitted.min_cell_size),
             );
             Ok(result)
         })();
@@ -187,6 +249,62 @@ impl NodeApi {
             caller = %entry.caller, study = %entry.study_id, decision = %entry.decision,
             cells = entry.result_cells, "aggregate request"
         );
+        outcome
+    }
+}
+
+impl NodeApi {
+    /// Records a coordinator-signed revocation, and audits it.
+    fn revoke(&self, caller: &PeerIdentity, token: &str) -> Result<(), ApiError> {
+        let inner = &self.inner;
+        self.load_rotated_key(token);
+        let mut entry = AuditEntry {
+            at: now_rfc3339(),
+            caller: caller.name.clone(),
+            caller_role: caller.role.to_string(),
+            caller_org: caller.organisation.clone(),
+            study_id: String::new(),
+            capability_id: String::new(),
+            action: "revoke".to_owned(),
+            decision: String::new(),
+            reason: String::new(),
+            query_sha256: String::new(),
+            result_cells: 0,
+            purpose: String::new(),
+            policy_reasons: String::new(),
+            consent_excluded: 0,
+        };
+        let outcome = (|| -> Result<(), ApiError> {
+            if caller.role != ghx_pki::Role::Coordinator {
+                return Err(gate::Error::NotCoordinator {
+                    name: caller.name.clone(),
+                    role: caller.role,
+                }
+                .into());
+            }
+            let revocation = inner
+                .verifier
+                .read()
+                .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))?
+                .verify_revocation(token)
+                .map_err(gate::Error::from)?;
+            entry.study_id = revocation.sub.clone();
+            entry.capability_id = revocation.jti.clone();
+            entry.reason = revocation.reason.clone();
+            inner
+                .store
+                .revoke_study(&revocation.sub, &revocation.reason)?;
+            Ok(())
+        })();
+        entry.decision = match &outcome {
+            Ok(()) => "revoked".to_owned(),
+            Err(e) => {
+                entry.reason = e.to_string();
+                "refused".to_owned()
+            }
+        };
+        inner.store.append_audit(&entry).map_err(ApiError::Audit)?;
+        tracing::info!(study = %entry.study_id, decision = %entry.decision, "revocation");
         outcome
     }
 }
@@ -268,7 +386,12 @@ impl pb::node_service_server::NodeService for NodeApi {
         let query_json = message.query.map(|q| q.json).unwrap_or_default();
         let api = self.clone();
         let result = tokio::task::spawn_blocking(move || {
-            api.answer(&caller, &message.capability, &query_json)
+            api.answer(
+                &caller,
+                &message.capability,
+                &query_json,
+                &message.manifest_json,
+            )
         })
         .await
         .map_err(|e| status(&ApiError::Task(e.to_string())))?
@@ -276,5 +399,19 @@ impl pb::node_service_server::NodeService for NodeApi {
         Ok(Response::new(pb::RunAggregateResponse {
             result: Some(result_to_wire(result)),
         }))
+    }
+
+    async fn revoke_study(
+        &self,
+        request: Request<pb::RevokeStudyNodeRequest>,
+    ) -> Result<Response<pb::RevokeStudyNodeResponse>, Status> {
+        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        let token = request.into_inner().revocation;
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || api.revoke(&caller, &token))
+            .await
+            .map_err(|e| status(&ApiError::Task(e.to_string())))?
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::RevokeStudyNodeResponse {}))
     }
 }

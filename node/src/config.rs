@@ -43,6 +43,11 @@ pub struct NodeConfig {
     pub tls: TlsConfig,
     /// Public keys of the coordinator that sign capabilities, by key id.
     pub coordinator_keys: Vec<CoordinatorKey>,
+    /// A directory watched for rotated coordinator keys: a capability signed
+    /// with an unknown key id `K` is checked against `K.pub.pem` found here,
+    /// so the coordinator can rotate keys without restarting nodes.
+    #[serde(default)]
+    pub coordinator_keys_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -99,6 +104,9 @@ impl NodeConfig {
         fix(&mut self.tls.key);
         for key in &mut self.coordinator_keys {
             fix(&mut key.public_key);
+        }
+        if let Some(dir) = &mut self.coordinator_keys_dir {
+            fix(dir);
         }
         let is_url = self.database_url.contains("://");
         if !is_url && Path::new(&self.database_url).is_relative() {

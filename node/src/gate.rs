@@ -2,15 +2,21 @@
 //! under which consent context.
 //!
 //! A request passes only when the caller's certificate says it is the
-//! coordinator, the capability verifies against the coordinator's pinned key
-//! for this node and exactly these query bytes, the query is valid, and the
-//! hospital's access policies permit the requester's organisation this kind
-//! of work, for this purpose, on these data. Everything the policy sees comes
-//! from the signed capability and the query, never from unsigned input.
+//! coordinator; the capability verifies against the coordinator's pinned key
+//! for this node and exactly these query bytes, has not been used before and
+//! belongs to a study that was not revoked; the manifest it was issued for is
+//! the one sent (by digest), is valid today, holds this exact query and
+//! declares everything the query reads; and the hospital's access policies
+//! permit the requester's organisation this kind of work, for this purpose,
+//! on these data, with the manifest's cell size and budget. Everything the
+//! policy sees comes from the signed capability, the manifest it binds and
+//! the query, never from unsigned input. The gate reaches the store only
+//! through [`CapabilityLedger`], for replays and revocations.
 
 use std::collections::BTreeSet;
 
 use ghx_pki::{PeerIdentity, Role};
+use ghx_study::manifest::{self, StudyManifest};
 use ghx_study::query::{CodeMatch, QuerySpec};
 use ghx_study::{capability, query};
 
@@ -34,13 +40,58 @@ pub enum Error {
     },
     #[error("access policy: {0}")]
     Policy(#[from] policy::Error),
+    #[error("capability {jti} was already used; capabilities are single-use (replay refused)")]
+    Replayed { jti: String },
+    #[error("study {study} was revoked by the steering committee")]
+    Revoked { study: String },
+    #[error("the manifest sent is not the one the capability was issued for (digest mismatch)")]
+    ManifestMismatch,
+    #[error(transparent)]
+    Manifest(#[from] manifest::Error),
+    #[error("the capability's {field} does not match the manifest's")]
+    ClaimsDisagree { field: &'static str },
+    #[error("capability ledger: {0}")]
+    Ledger(String),
+}
+
+/// What the gate must remember across requests: capabilities already used
+/// and studies revoked.
+pub trait CapabilityLedger {
+    /// Records a capability's use; false if it was used before.
+    fn first_use(&self, jti: &str, study: &str, expires_at: i64) -> Result<bool, String>;
+    fn is_revoked(&self, study: &str) -> Result<bool, String>;
+}
+
+impl CapabilityLedger for crate::store::Store {
+    fn first_use(&self, jti: &str, study: &str, expires_at: i64) -> Result<bool, String> {
+        self.record_capability_use(jti, study, expires_at)
+            .map_err(|e| e.to_string())
+    }
+
+    fn is_revoked(&self, study: &str) -> Result<bool, String> {
+        crate::store::Store::is_revoked(self, study).map_err(|e| e.to_string())
+    }
+}
+
+/// One request as it arrives.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub caller: &'a PeerIdentity,
+    pub token: &'a str,
+    pub query_json: &'a [u8],
+    pub manifest_json: &'a [u8],
 }
 
 /// What the gate let through.
 #[derive(Debug)]
 pub struct Admitted {
     pub claims: capability::Claims,
+    pub manifest: StudyManifest,
+    /// The manifest's name of the query.
+    pub query_name: String,
     pub spec: QuerySpec,
+    /// The larger of the node's and the manifest's minimum cell size.
+    pub min_cell_size: u32,
     pub access: AccessDecision,
     /// What consent must decide for this request.
     pub consent: ConsentRequest,
@@ -55,50 +106,88 @@ pub struct NodeFacts<'a> {
     pub now: i64,
 }
 
-/// Checks caller, capability, query and access policy, in that order.
+impl NodeFacts<'_> {
+    fn today(&self) -> time::Date {
+        time::OffsetDateTime::from_unix_timestamp(self.now)
+            .map(|t| t.date())
+            .unwrap_or(time::Date::MIN)
+    }
+}
+
+/// Checks caller, capability, manifest, query and access policy, in that
+/// order; the first failure refuses the request.
 pub fn admit(
     verifier: &capability::Verifier,
+    ledger: &dyn CapabilityLedger,
     policy: &PolicyDir,
     node: NodeFacts<'_>,
-    caller: &PeerIdentity,
-    token: &str,
-    query_json: &[u8],
+    request: Request<'_>,
 ) -> Result<Admitted, Error> {
+    let caller = request.caller;
     if caller.role != Role::Coordinator {
         return Err(Error::NotCoordinator {
             name: caller.name.clone(),
             role: caller.role,
         });
     }
-    let claims = verifier.verify(token, query_json)?;
-    let spec = QuerySpec::parse(query_json)?;
-    let request = access_request(&claims, &spec, node, &policy.consent.sensitive);
-    let access = policy.authorize(&request)?;
-    if !access.allowed {
+    let claims = verifier.verify(request.token, request.query_json)?;
+    if ledger.is_revoked(&claims.sub).map_err(Error::Ledger)? {
+        return Err(Error::Revoked {
+            study: claims.sub.clone(),
+        });
+    }
+    // Single use, recorded before anything else can refuse it: a refused
+    // capability cannot be retried either.
+    if !ledger
+        .first_use(&claims.jti, &claims.sub, claims.exp)
+        .map_err(Error::Ledger)?
+    {
+        return Err(Error::Replayed {
+            jti: claims.jti.clone(),
+        });
+    }
+    if query::digest(request.manifest_json) != claims.manifest_sha256 {
+        return Err(Error::ManifestMismatch);
+    }
+    let manifest = StudyManifest::parse(request.manifest_json)?;
+    manifest.check_valid_on(node.today())?;
+    let named = manifest.query_for(request.query_json)?;
+    let query_name = named.name.clone();
+    if claims.purpose != manifest.purpose {
+        return Err(Error::ClaimsDisagree { field: "purpose" });
+    }
+    if claims.org != manifest.requester.organisation {
+        return Err(Error::ClaimsDisagree {
+            field: "organisation",
+        });
+    }
+    let spec = QuerySpec::parse(request.query_json)?;
+    let min_cell_size = node
+        .min_cell_size
+        .max(manifest.min_cell_size.for_node(node.node_id));
+    let facts = NodeFacts {
+        min_cell_size,
+        ..node
+    };
+    let mut access = access_request(&claims, &spec, facts, &policy.consent.sensitive);
+    access.epsilon = format!("{:.4}", manifest.privacy_budget);
+    let decision = policy.authorize(&access)?;
+    if !decision.allowed {
         return Err(Error::Forbidden {
             node: node.node_id.to_owned(),
-            decision: access,
+            decision,
         });
     }
     let consent = consent_request(&claims.purpose, &spec, node.now);
     Ok(Admitted {
         claims,
+        manifest,
+        query_name,
         spec,
-        access,
+        min_cell_size,
+        access: decision,
         consent,
     })
-}
-
-/// Resource types a query reads.
-fn resource_types(spec: &QuerySpec) -> BTreeSet<String> {
-    let mut types = BTreeSet::from(["Patient".to_owned()]);
-    if !spec.cohort.conditions.is_empty() {
-        types.insert("Condition".to_owned());
-    }
-    if !spec.cohort.observations.is_empty() {
-        types.insert("Observation".to_owned());
-    }
-    types
 }
 
 /// The access request for a count query under a capability: what the
@@ -138,7 +227,7 @@ pub fn access_request(
         node: node.node_id.to_owned(),
         study: claims.sub.clone(),
         purpose: claims.purpose.clone(),
-        resource_types: resource_types(spec),
+        resource_types: spec.resource_types(),
         condition_codes,
         observation_codes,
         sensitive_categories,
@@ -181,7 +270,7 @@ pub fn consent_request(purpose: &str, spec: &QuerySpec, now: i64) -> ConsentRequ
     codes.dedup();
     ConsentRequest {
         purpose: purpose.to_owned(),
-        classes: resource_types(spec).into_iter().collect(),
+        classes: spec.resource_types().into_iter().collect(),
         codes,
         at: now - now.rem_euclid(3600),
     }

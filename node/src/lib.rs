@@ -127,6 +127,7 @@ impl Node {
             self.config.min_cell_size,
             self.store,
             self.verifier,
+            self.config.coordinator_keys_dir.clone(),
             self.policy,
         );
         tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node serving");

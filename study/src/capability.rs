@@ -12,6 +12,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, erro
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::manifest::StudyManifest;
+
 /// The issuer name every capability carries.
 pub const ISSUER: &str = "ghx-coordinator";
 
@@ -57,6 +59,8 @@ pub struct Claims {
     pub jti: String,
     /// Hex SHA-256 of the canonical query bytes.
     pub query_sha256: String,
+    /// Hex SHA-256 of the canonical approved study manifest.
+    pub manifest_sha256: String,
     /// The requester the study belongs to.
     pub requester: String,
     /// The requester's organisation, as their certificate names it.
@@ -82,10 +86,40 @@ impl Signer {
         })
     }
 
-    pub fn sign(&self, claims: &Claims) -> Result<String, Error> {
+    /// Signs capability or revocation claims.
+    pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, Error> {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.key).map_err(|e| Error::Key(e.to_string()))
+    }
+}
+
+/// The coordinator's signed word that a study is revoked: nodes refuse its
+/// capabilities from then on, even unexpired ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub iss: String,
+    /// The revoked study.
+    pub sub: String,
+    pub aud: Vec<String>,
+    pub iat: i64,
+    pub exp: i64,
+    pub jti: String,
+    pub reason: String,
+}
+
+/// Revocation claims for `study_id`, addressed to `audience`.
+pub fn revocation_for(study_id: &str, audience: Vec<String>, reason: &str) -> Revocation {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    Revocation {
+        iss: ISSUER.to_owned(),
+        sub: study_id.to_owned(),
+        aud: audience,
+        iat: now,
+        // Delivery may be retried for a day.
+        exp: now + 86_400,
+        jti: format!("revoke-{study_id}-{}", random_suffix()),
+        reason: reason.to_owned(),
     }
 }
 
@@ -122,51 +156,100 @@ impl Verifier {
         })
     }
 
+    /// Trusts one more coordinator key, e.g. after a key rotation.
+    pub fn add_key(&mut self, kid: &str, pem: &str) -> Result<(), Error> {
+        let key =
+            DecodingKey::from_ed_pem(pem.as_bytes()).map_err(|e| Error::Key(e.to_string()))?;
+        self.keys.insert(kid.to_owned(), key);
+        Ok(())
+    }
+
+    /// Whether a key id is trusted.
+    pub fn knows_key(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
+    }
+
     /// Checks the token's signature, issuer, audience, validity window and
     /// that it was issued for exactly `query_json`.
     pub fn verify(&self, token: &str, query_json: &[u8]) -> Result<Claims, Error> {
+        let claims: Claims = self.decode(token)?;
+        if claims.query_sha256 != crate::query::digest(query_json) {
+            return Err(Error::QueryMismatch);
+        }
+        Ok(claims)
+    }
+
+    /// Checks a revocation the way [`Verifier::verify`] checks a capability.
+    pub fn verify_revocation(&self, token: &str) -> Result<Revocation, Error> {
+        self.decode(token)
+    }
+
+    /// The key id a token names, if it is well formed enough to name one.
+    pub fn key_id(token: &str) -> Option<String> {
+        jsonwebtoken::decode_header(token).ok()?.kid
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, Error> {
+        // Read the algorithm ourselves first: `none` is not an algorithm the
+        // JWT library can even name, and it deserves its own refusal.
+        let alg = declared_algorithm(token)?;
+        if alg != "EdDSA" {
+            return Err(Error::Algorithm(alg));
+        }
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| Error::Malformed(e.to_string()))?;
-        if header.alg != Algorithm::EdDSA {
-            return Err(Error::Algorithm(format!("{:?}", header.alg)));
-        }
         let kid = header.kid.ok_or(Error::MissingKeyId)?;
         let key = self.keys.get(&kid).ok_or(Error::UnknownKey(kid))?;
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_audience(&[&self.node_id]);
         validation.set_issuer(&[ISSUER]);
-        validation.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
+        validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = 30;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
-            .kind()
-        {
-            ErrorKind::InvalidSignature => Error::BadSignature,
-            ErrorKind::ExpiredSignature => Error::Expired,
-            ErrorKind::ImmatureSignature => Error::NotYetValid,
-            ErrorKind::InvalidAudience => Error::WrongAudience(self.node_id.clone()),
-            ErrorKind::InvalidIssuer => Error::WrongIssuer,
-            ErrorKind::InvalidAlgorithm => Error::Algorithm("other".to_owned()),
-            _ => Error::Malformed(e.to_string()),
-        })?;
-        if data.claims.query_sha256 != crate::query::digest(query_json) {
-            return Err(Error::QueryMismatch);
-        }
+        let data =
+            jsonwebtoken::decode::<T>(token, key, &validation).map_err(|e| match e.kind() {
+                ErrorKind::InvalidSignature => Error::BadSignature,
+                ErrorKind::ExpiredSignature => Error::Expired,
+                ErrorKind::ImmatureSignature => Error::NotYetValid,
+                ErrorKind::InvalidAudience => Error::WrongAudience(self.node_id.clone()),
+                ErrorKind::InvalidIssuer => Error::WrongIssuer,
+                ErrorKind::InvalidAlgorithm => Error::Algorithm("other".to_owned()),
+                _ => Error::Malformed(e.to_string()),
+            })?;
         Ok(data.claims)
     }
 }
 
-/// Claims for a capability valid from now for `valid_for`.
+/// The `alg` a token's header declares.
+fn declared_algorithm(token: &str) -> Result<String, Error> {
+    use base64::Engine;
+    let header = token
+        .split('.')
+        .next()
+        .ok_or_else(|| Error::Malformed("no header".to_owned()))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| Error::Malformed("header is not base64url".to_owned()))?;
+    #[derive(Deserialize)]
+    struct Header {
+        alg: String,
+    }
+    let header: Header = serde_json::from_slice(&bytes)
+        .map_err(|_| Error::Malformed("header is not JSON with an `alg`".to_owned()))?;
+    Ok(header.alg)
+}
+
+/// Claims for a capability to run one query of an approved manifest,
+/// valid from now for `valid_for`.
 pub fn claims_for(
+    manifest: &StudyManifest,
     study_id: &str,
     audience: Vec<String>,
     query_json: &[u8],
-    requester: &str,
-    org: &str,
-    purpose: &str,
     valid_for: time::Duration,
 ) -> Claims {
     let now = OffsetDateTime::now_utc().unix_timestamp();
+    let requester = &manifest.requester;
     Claims {
         iss: ISSUER.to_owned(),
         sub: study_id.to_owned(),
@@ -176,9 +259,10 @@ pub fn claims_for(
         exp: now + valid_for.whole_seconds(),
         jti: format!("{study_id}-{}", random_suffix()),
         query_sha256: crate::query::digest(query_json),
-        requester: requester.to_owned(),
-        org: org.to_owned(),
-        purpose: purpose.to_owned(),
+        manifest_sha256: manifest.digest(),
+        requester: requester.user.clone(),
+        org: requester.organisation.clone(),
+        purpose: manifest.purpose.clone(),
     }
 }
 
@@ -204,15 +288,10 @@ mod tests {
     }
 
     fn claims(valid_for: Duration) -> Claims {
-        claims_for(
-            "s-1",
-            vec!["chosun".into()],
-            QUERY,
-            "acme",
-            "Acme Analytics",
-            "HRESCH",
-            valid_for,
-        )
+        let manifest =
+            StudyManifest::parse(include_str!("../../deploy/examples/study-e11.json").as_bytes())
+                .unwrap();
+        claims_for(&manifest, "s-1", vec!["chosun".into()], QUERY, valid_for)
     }
 
     #[test]
@@ -256,21 +335,41 @@ mod tests {
             Err(Error::UnknownKey("k2".into()))
         );
 
-        // Tamper with the payload but keep the signature.
-        let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
-        parts[1].replace_range(0..4, "eyJh");
-        let tampered = parts.join(".");
-        assert!(verifier.verify(&tampered, QUERY).is_err());
+        // Tamper with the payload (a later expiry) but keep the signature.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let parts: Vec<&str> = good.split('.').collect();
+        let mut payload: serde_json::Value =
+            serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+        payload["exp"] = (payload["exp"].as_i64().unwrap() + 86_400).into();
+        let tampered = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64.encode(payload.to_string()),
+            parts[2]
+        );
+        assert_eq!(verifier.verify(&tampered, QUERY), Err(Error::BadSignature));
 
         // alg=none: header {"alg":"none","kid":"k1"}, no signature.
         let none = format!(
-            "eyJhbGciOiJub25lIiwia2lkIjoiazEifQ.{}.",
-            good.split('.').nth(1).unwrap()
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","kid":"k1"}"#),
+            parts[1]
         );
-        assert!(matches!(
+        assert_eq!(
             verifier.verify(&none, QUERY),
-            Err(Error::Malformed(_) | Error::Algorithm(_))
-        ));
+            Err(Error::Algorithm("none".into()))
+        );
+        // HS256 with the public key as a shared secret (key confusion).
+        let hs = format!(
+            "{}.{}.c2ln",
+            b64.encode(r#"{"alg":"HS256","kid":"k1"}"#),
+            parts[1]
+        );
+        assert_eq!(
+            verifier.verify(&hs, QUERY),
+            Err(Error::Algorithm("HS256".into()))
+        );
 
         assert!(matches!(
             verifier.verify("garbage", QUERY),

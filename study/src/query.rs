@@ -241,6 +241,18 @@ impl QuerySpec {
         serde_json::to_vec(self).expect("a query spec always serializes")
     }
 
+    /// The FHIR resource types the query reads.
+    pub fn resource_types(&self) -> std::collections::BTreeSet<String> {
+        let mut types = std::collections::BTreeSet::from(["Patient".to_owned()]);
+        if !self.cohort.conditions.is_empty() {
+            types.insert("Condition".to_owned());
+        }
+        if !self.cohort.observations.is_empty() {
+            types.insert("Observation".to_owned());
+        }
+        types
+    }
+
     /// The grouping dimensions, in cell-key order.
     pub fn dimensions(&self) -> &[Dimension] {
         let Analysis::Count { group_by } = &self.analysis;
@@ -274,16 +286,16 @@ pub fn digest(json: &[u8]) -> String {
     hex::encode(Sha256::digest(json))
 }
 
-mod iso_date {
+pub(crate) mod iso_date {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
     use time::{Date, format_description::well_known::Iso8601, macros::format_description};
 
-    pub(super) fn serialize<S: Serializer>(date: &Date, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(date: &Date, s: S) -> Result<S::Ok, S::Error> {
         let f = format_description!("[year]-[month]-[day]");
         s.serialize_str(&date.format(f).map_err(serde::ser::Error::custom)?)
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Date, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Date, D::Error> {
         let s = String::deserialize(d)?;
         Date::parse(&s, &Iso8601::DATE)
             .map_err(|_| D::Error::custom(format!("`{s}` is not a date of the form YYYY-MM-DD")))

@@ -4,8 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use base64::Engine;
+
 use ghx::local_federation::{
-    COMMITTEE, LocalFederation, LocalFederationOptions, REQUESTER, SIGNING_KID,
+    COMMITTEE, COMMITTEE_2, LocalFederation, LocalFederationOptions, REQUESTER, SIGNING_KID,
+    manifest_for,
 };
 use ghx_federation_tests::reference::Export;
 use ghx_node::consent::DefaultConsent;
@@ -14,7 +17,8 @@ use ghx_node::policy::PolicyDir;
 use ghx_pki::{CertificateRequest, PkiDir, Role, TlsMaterial};
 use ghx_proto::v1 as pb;
 use ghx_proto::v1::node_service_client::NodeServiceClient;
-use ghx_study::capability::{Signer, claims_for, generate_signing_key};
+use ghx_study::capability::{Signer, claims_for, generate_signing_key, revocation_for};
+use ghx_study::manifest::StudyManifest;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
@@ -32,25 +36,26 @@ fn opt_out(federation: &LocalFederation, node: &str) -> bool {
 }
 
 async fn start(patients: usize) -> (LocalFederation, tempfile::TempDir) {
+    start_with_quorum(patients, 1).await
+}
+
+async fn start_with_quorum(patients: usize, quorum: usize) -> (LocalFederation, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let federation = LocalFederation::start(&LocalFederationOptions {
         dir: dir.path().to_owned(),
         patients_per_node: patients,
         seed: 2026,
         min_cell_size: MIN_CELL,
+        committee_quorum: quorum,
     })
     .await
     .expect("the local federation starts");
     (federation, dir)
 }
 
-fn submit_request(query: &str) -> pb::SubmitStudyRequest {
+fn submit_request(purpose: &str, query: &str) -> pb::SubmitStudyRequest {
     pb::SubmitStudyRequest {
-        title: "E11 by sex and age band".into(),
-        purpose: "HRESCH".into(),
-        query: Some(pb::QuerySpec {
-            json: query.as_bytes().to_vec(),
-        }),
+        manifest_json: manifest_for("E11 study", purpose, &[("q", query)]),
     }
 }
 
@@ -154,7 +159,10 @@ async fn federated_count_equals_the_reference_with_suppression_per_node() {
 
     // The stored result is what the requester fetches later.
     let fetched = requester
-        .get_study_result(pb::GetStudyResultRequest { study_id })
+        .get_study_result(pb::GetStudyResultRequest {
+            study_id,
+            query: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -165,19 +173,27 @@ async fn federated_count_equals_the_reference_with_suppression_per_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn studies_need_approval_roles_and_valid_capabilities() {
-    let (federation, dir) = start(120).await;
+async fn studies_need_a_committee_quorum_and_nodes_refuse_anything_unapproved() {
+    let (federation, dir) = start_with_quorum(120, 2).await;
     let mut requester = federation.client(REQUESTER).await.unwrap();
     let mut committee = federation.client(COMMITTEE).await.unwrap();
+    let mut committee_2 = federation.client(COMMITTEE_2).await.unwrap();
     let counts_before: Vec<_> = federation
         .nodes
         .iter()
         .map(|n| n.store.resource_counts().unwrap())
         .collect();
 
-    // A malformed query is refused at submission, naming the problem.
+    // A malformed manifest or query is refused at submission, naming the problem.
+    let bad_query = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"median"}}"#;
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&manifest_for("t", "HRESCH", &[("q", E11_BY_SEX_AND_BAND)]))
+            .unwrap();
+    manifest["queries"][0]["query"] = serde_json::from_str(bad_query).unwrap();
     let err = requester
-        .submit_study(submit_request(r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"median"}}"#))
+        .submit_study(pb::SubmitStudyRequest {
+            manifest_json: manifest.to_string().into_bytes(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -186,19 +202,46 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
         "{}",
         err.message()
     );
-
-    // Only requesters submit; only the committee approves.
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&manifest_for("t", "HRESCH", &[("q", E11_BY_SEX_AND_BAND)]))
+            .unwrap();
+    manifest["purpose"] = "research".into();
+    let err = requester
+        .submit_study(pb::SubmitStudyRequest {
+            manifest_json: manifest.to_string().into_bytes(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("unknown purpose `research`"),
+        "{}",
+        err.message()
+    );
+    // The committee cannot submit.
     let err = committee
-        .submit_study(submit_request(E11_BY_SEX_AND_BAND))
+        .submit_study(submit_request("HRESCH", E11_BY_SEX_AND_BAND))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+
     let study_id = requester
-        .submit_study(submit_request(E11_BY_SEX_AND_BAND))
+        .submit_study(submit_request("HRESCH", E11_BY_SEX_AND_BAND))
         .await
         .unwrap()
         .into_inner()
         .study_id;
+    // The requester is stamped from the certificate, whatever the file said.
+    let summary = requester
+        .get_study(pb::GetStudyRequest {
+            study_id: study_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (summary.requester.as_str(), summary.status.as_str()),
+        (REQUESTER, "submitted")
+    );
     let err = requester
         .approve_study(pb::ApproveStudyRequest {
             study_id: study_id.clone(),
@@ -214,29 +257,102 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
         err.message()
     );
 
-    // An unapproved study is refused and never reaches a node.
+    // One approval of the two needed is not enough to run.
+    let summary = committee
+        .approve_study(pb::ApproveStudyRequest {
+            study_id: study_id.clone(),
+            note: "IRB letter checked".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((summary.status.as_str(), summary.quorum), ("submitted", 2));
+    let err = committee
+        .approve_study(pb::ApproveStudyRequest {
+            study_id: study_id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("has already voted"),
+        "{}",
+        err.message()
+    );
     let err = requester
         .run_study(pb::RunStudyRequest {
             study_id: study_id.clone(),
+            query: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
-        err.message().contains("has not been approved"),
+        err.message().contains("1 of the 2 approvals"),
         "{}",
         err.message()
     );
     for node in &federation.nodes {
         assert!(node.store.audit_entries().unwrap().is_empty());
     }
+    let summary = committee_2
+        .approve_study(pb::ApproveStudyRequest {
+            study_id: study_id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.status, "approved");
+
+    // A second study is rejected, with its reason, and can never run.
+    let rejected = requester
+        .submit_study(submit_request("HRESCH", E11_BY_SEX_AND_BAND))
+        .await
+        .unwrap()
+        .into_inner()
+        .study_id;
+    let err = committee
+        .reject_study(pb::RejectStudyRequest {
+            study_id: rejected.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("needs a reason"),
+        "{}",
+        err.message()
+    );
+    committee
+        .reject_study(pb::RejectStudyRequest {
+            study_id: rejected.clone(),
+            reason: "duplicate of an approved study".into(),
+        })
+        .await
+        .unwrap();
+    let err = requester
+        .run_study(pb::RunStudyRequest {
+            study_id: rejected.clone(),
+            query: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("is rejected"), "{}", err.message());
 
     // Straight to a node, bypassing the coordinator: a requester's valid
     // federation certificate is not enough.
     let chosun = &federation.nodes[1];
-    let query = ghx_study::query::QuerySpec::parse(E11_BY_SEX_AND_BAND.as_bytes())
-        .unwrap()
-        .canonical_json();
+    let manifest_json = summary.manifest_json.clone();
+    let manifest = StudyManifest::parse(&manifest_json).unwrap();
+    let query = manifest.queries[0].query.canonical_json();
+    let request = |capability: String, query: &[u8], manifest: &[u8]| pb::RunAggregateRequest {
+        capability,
+        query: Some(pb::QuerySpec {
+            json: query.to_vec(),
+        }),
+        manifest_json: manifest.to_vec(),
+    };
     let channel = node_channel(
         &federation.pki.tls_files(REQUESTER),
         "chosun",
@@ -245,12 +361,7 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
     .await
     .unwrap();
     let err = NodeServiceClient::new(channel)
-        .run_aggregate(pb::RunAggregateRequest {
-            capability: "x".into(),
-            query: Some(pb::QuerySpec {
-                json: query.clone(),
-            }),
-        })
+        .run_aggregate(request("x".into(), &query, &manifest_json))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -261,8 +372,9 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
         err.message()
     );
 
-    // With the coordinator's certificate (as if the coordinator host were
-    // compromised) but a capability signed by a key the node does not pin.
+    // With the coordinator's certificate, as if the coordinator host were
+    // compromised: every token that is not exactly right is refused, each
+    // with its own reason.
     let channel = node_channel(
         &federation.pki.tls_files("coordinator"),
         "chosun",
@@ -271,55 +383,118 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
     .await
     .unwrap();
     let mut node = NodeServiceClient::new(channel);
-    let (forged_key, _) = generate_signing_key().unwrap();
-    let forger = Signer::from_pem(SIGNING_KID, &forged_key).unwrap();
-    let claims = claims_for(
-        &study_id,
-        vec!["chosun".into()],
-        &query,
-        REQUESTER,
-        "Gwangju Health Startup",
-        "HRESCH",
-        time::Duration::minutes(5),
-    );
-    let err = node
-        .run_aggregate(pb::RunAggregateRequest {
-            capability: forger.sign(&claims).unwrap(),
-            query: Some(pb::QuerySpec {
-                json: query.clone(),
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(
-        err.message().contains("signature does not verify"),
-        "{}",
-        err.message()
-    );
-
-    // The real signing key, but the query was changed after signing.
     let real_key =
         std::fs::read_to_string(federation.pki.root().join("coordinator-signing.pem")).unwrap();
     let signer = Signer::from_pem(SIGNING_KID, &real_key).unwrap();
-    let token = signer.sign(&claims).unwrap();
-    let other_query = E11_BY_SEX_AND_BAND.replace("E11", "I10");
-    let other_query = ghx_study::query::QuerySpec::parse(other_query.as_bytes())
+    let claims = |query: &[u8], minutes: i64| {
+        claims_for(
+            &manifest,
+            &study_id,
+            vec!["chosun".into()],
+            query,
+            time::Duration::minutes(minutes),
+        )
+    };
+    let (forged_key, _) = generate_signing_key().unwrap();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let good = signer.sign(&claims(&query, 5)).unwrap();
+    let parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+    let tampered = {
+        let mut body: serde_json::Value =
+            serde_json::from_slice(&b64.decode(&parts[1]).unwrap()).unwrap();
+        body["aud"] = serde_json::json!(["chosun", "chonnam"]);
+        format!("{}.{}.{}", parts[0], b64.encode(body.to_string()), parts[2])
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        b64.encode(format!(r#"{{"alg":"none","kid":"{SIGNING_KID}"}}"#)),
+        parts[1]
+    );
+    let not_in_manifest = E11_BY_SEX_AND_BAND.replace("E11", "I10");
+    let not_in_manifest = ghx_study::query::QuerySpec::parse(not_in_manifest.as_bytes())
         .unwrap()
         .canonical_json();
-    let err = node
-        .run_aggregate(pb::RunAggregateRequest {
-            capability: token.clone(),
-            query: Some(pb::QuerySpec { json: other_query }),
-        })
-        .await
-        .unwrap_err();
-    assert!(
-        err.message().contains("different query"),
-        "{}",
-        err.message()
-    );
-
+    let mut other_manifest = manifest.clone();
+    other_manifest.min_cell_size.default = 3;
+    let forger = Signer::from_pem(SIGNING_KID, &forged_key).unwrap();
+    let stranger = Signer::from_pem("coordinator-2099", &forged_key).unwrap();
+    // (name, token, query, manifest, expected refusal)
+    type Case<'a> = (&'a str, String, &'a [u8], Vec<u8>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "forged",
+            forger.sign(&claims(&query, 5)).unwrap(),
+            &query,
+            manifest_json.clone(),
+            "signature does not verify",
+        ),
+        (
+            "tampered",
+            tampered,
+            &query,
+            manifest_json.clone(),
+            "signature does not verify",
+        ),
+        (
+            "expired",
+            signer.sign(&claims(&query, -5)).unwrap(),
+            &query,
+            manifest_json.clone(),
+            "has expired",
+        ),
+        (
+            "alg=none",
+            alg_none,
+            &query,
+            manifest_json.clone(),
+            "uses algorithm none",
+        ),
+        (
+            "unknown kid",
+            stranger.sign(&claims(&query, 5)).unwrap(),
+            &query,
+            manifest_json.clone(),
+            "signing key `coordinator-2099`, which this node does not trust",
+        ),
+        (
+            "query changed after signing",
+            signer.sign(&claims(&query, 5)).unwrap(),
+            &not_in_manifest,
+            manifest_json.clone(),
+            "different query",
+        ),
+        (
+            "signed, but not in the manifest",
+            signer.sign(&claims(&not_in_manifest, 5)).unwrap(),
+            &not_in_manifest,
+            manifest_json.clone(),
+            "not one of the manifest's queries",
+        ),
+        (
+            "another manifest than approved",
+            signer.sign(&claims(&query, 5)).unwrap(),
+            &query,
+            other_manifest.canonical_json(),
+            "not the one the capability was issued for",
+        ),
+    ];
+    for (name, token, query, manifest, expected) in cases {
+        let err = node
+            .run_aggregate(request(token, query, &manifest))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::PermissionDenied,
+            "{name}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(expected),
+            "{name}: {}",
+            err.message()
+        );
+    }
     // A capability for Chosun is not valid at Chonnam.
     let chonnam = &federation.nodes[0];
     let channel = node_channel(
@@ -330,10 +505,7 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
     .await
     .unwrap();
     let err = NodeServiceClient::new(channel)
-        .run_aggregate(pb::RunAggregateRequest {
-            capability: token,
-            query: Some(pb::QuerySpec { json: query }),
-        })
+        .run_aggregate(request(good.clone(), &query, &manifest_json))
         .await
         .unwrap_err();
     assert!(
@@ -342,22 +514,104 @@ async fn studies_need_approval_roles_and_valid_capabilities() {
         err.message()
     );
 
-    // Every refusal was audited by the node that refused it.
-    let chosun_audit = chosun.store.audit_entries().unwrap();
-    let decisions: Vec<_> = chosun_audit
+    // The right capability works once; the same token again is a replay.
+    let answered = node
+        .run_aggregate(request(good.clone(), &query, &manifest_json))
+        .await
+        .unwrap();
+    assert!(answered.into_inner().result.is_some());
+    let err = node
+        .run_aggregate(request(good, &query, &manifest_json))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("already used"), "{}", err.message());
+
+    // Key rotation without restart: a new key dropped in the node's keys
+    // directory is trusted for capabilities naming it.
+    let (rotated_private, rotated_public) = generate_signing_key().unwrap();
+    let keys_dir = federation.pki.root().join("rotated-keys");
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    std::fs::write(keys_dir.join("coordinator-2027.pub.pem"), rotated_public).unwrap();
+    let rotated = Signer::from_pem("coordinator-2027", &rotated_private).unwrap();
+    let token = rotated.sign(&claims(&query, 5)).unwrap();
+    node.run_aggregate(request(token, &query, &manifest_json))
+        .await
+        .unwrap();
+
+    // Revocation: the committee revokes; nodes refuse the study's
+    // capabilities from then on, even fresh ones signed with the real key.
+    let summary = committee_2
+        .revoke_study(pb::RevokeStudyRequest {
+            study_id: study_id.clone(),
+            reason: "the IRB suspended the protocol".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.status, "revoked");
+    let token = signer.sign(&claims(&query, 5)).unwrap();
+    let err = node
+        .run_aggregate(request(token, &query, &manifest_json))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("was revoked"), "{}", err.message());
+    let err = requester
+        .run_study(pb::RunStudyRequest {
+            study_id: study_id.clone(),
+            query: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("is revoked"), "{}", err.message());
+    // A revocation not signed by the coordinator is refused and changes nothing.
+    let forged = forger
+        .sign(&revocation_for(&rejected, vec!["chosun".into()], "forged"))
+        .unwrap();
+    let err = node
+        .revoke_study(pb::RevokeStudyNodeRequest { revocation: forged })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("signature does not verify"),
+        "{}",
+        err.message()
+    );
+    assert!(!chosun.store.is_revoked(&rejected).unwrap());
+
+    // Every step at the node was audited: refusals, answers, the revocation.
+    let audit = chosun.store.audit_entries().unwrap();
+    let count = |decision: &str| audit.iter().filter(|e| e.decision == decision).count();
+    assert_eq!((count("answered"), count("revoked")), (2, 1));
+    assert_eq!(
+        count("refused"),
+        1 + 8 + 1 + 1 + 1,
+        "requester, 8 bad tokens, replay, revoked study, forged revocation"
+    );
+    assert_eq!(
+        chonnam.store.audit_entries().unwrap().len(),
+        2,
+        "wrong audience, revocation"
+    );
+    // And at the coordinator: every step on the study, done or refused.
+    let trail = federation.coordinator_audit();
+    let steps: Vec<(&str, &str)> = trail
         .iter()
-        .map(|e| (e.caller_role.as_str(), e.decision.as_str()))
+        .filter(|r| r.study_id == study_id)
+        .map(|r| (r.action.as_str(), r.outcome.as_str()))
         .collect();
     assert_eq!(
-        decisions,
+        steps,
         [
-            ("requester", "refused"),
-            ("coordinator", "refused"),
-            ("coordinator", "refused")
+            ("submit", "done"),
+            ("approve", "refused"),
+            ("approve", "done"),
+            ("approve", "refused"),
+            ("run", "refused"),
+            ("approve", "done"),
+            ("revoke", "done"),
+            ("run", "refused"),
         ]
     );
-    assert!(chosun_audit[1].reason.contains("signature"));
-    assert_eq!(chonnam.store.audit_entries().unwrap().len(), 1);
 
     // A certificate from another CA is refused at the TLS handshake, by the
     // coordinator and by a node alike.
@@ -428,10 +682,8 @@ async fn run_approved_study(
 ) -> (String, pb::StudyResult) {
     let mut requester = federation.client(REQUESTER).await.unwrap();
     let mut committee = federation.client(COMMITTEE).await.unwrap();
-    let mut submit = submit_request(query);
-    submit.purpose = purpose.into();
     let study_id = requester
-        .submit_study(submit)
+        .submit_study(submit_request(purpose, query))
         .await
         .unwrap()
         .into_inner()
@@ -446,6 +698,7 @@ async fn run_approved_study(
     let result = requester
         .run_study(pb::RunStudyRequest {
             study_id: study_id.clone(),
+            query: String::new(),
         })
         .await
         .unwrap()

@@ -22,9 +22,9 @@ use diesel::upsert::excluded;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 use schema::{
-    audit_log, code_map, condition_codes, consent_contexts, consent_eligibility, consents,
-    encounters, import_checkpoints, medication_codes, node_state, observation_values, patients,
-    resource_history, resources,
+    audit_log, capability_uses, code_map, condition_codes, consent_contexts, consent_eligibility,
+    consents, encounters, import_checkpoints, medication_codes, node_state, observation_values,
+    patients, resource_history, resources, revoked_studies,
 };
 
 /// The `node_state` key of the consent generation.
@@ -843,6 +843,58 @@ impl Store {
             diesel::QueryResult::Ok(())
         }))?;
         Ok(())
+    }
+
+    /// Records that capability `jti` is being used. Returns false when it
+    /// was used before (a replay). Expired entries are pruned on the way.
+    pub fn record_capability_use(
+        &self,
+        jti: &str,
+        study_id: &str,
+        expires_at: i64,
+    ) -> Result<bool> {
+        let now = now_rfc3339();
+        let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
+        Ok(with_conn!(self, |conn| conn.transaction(|conn| {
+            // A day's grace beyond expiry covers clock skew and leeway.
+            diesel::delete(
+                capability_uses::table.filter(capability_uses::expires_at.lt(now_unix - 86_400)),
+            )
+            .execute(conn)?;
+            let inserted = diesel::insert_into(capability_uses::table)
+                .values((
+                    capability_uses::jti.eq(jti),
+                    capability_uses::study_id.eq(study_id),
+                    capability_uses::expires_at.eq(expires_at),
+                    capability_uses::used_at.eq(&now),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            diesel::QueryResult::Ok(inserted == 1)
+        })?))
+    }
+
+    /// Marks a study revoked; idempotent.
+    pub fn revoke_study(&self, study_id: &str, reason: &str) -> Result<()> {
+        let now = now_rfc3339();
+        with_conn!(self, |conn| diesel::insert_into(revoked_studies::table)
+            .values((
+                revoked_studies::study_id.eq(study_id),
+                revoked_studies::revoked_at.eq(&now),
+                revoked_studies::reason.eq(reason),
+            ))
+            .on_conflict_do_nothing()
+            .execute(conn)?);
+        Ok(())
+    }
+
+    /// Whether the coordinator has revoked a study.
+    pub fn is_revoked(&self, study_id: &str) -> Result<bool> {
+        let n: i64 = with_conn!(self, |conn| revoked_studies::table
+            .filter(revoked_studies::study_id.eq(study_id))
+            .count()
+            .get_result(conn)?);
+        Ok(n > 0)
     }
 
     /// Runs a grouped count compiled by the engine.

@@ -147,3 +147,20 @@ diesel::table! {
         consent_excluded -> BigInt,
     }
 }
+
+diesel::table! {
+    capability_uses (jti) {
+        jti -> Text,
+        study_id -> Text,
+        expires_at -> BigInt,
+        used_at -> Text,
+    }
+}
+
+diesel::table! {
+    revoked_studies (study_id) {
+        study_id -> Text,
+        revoked_at -> Text,
+        reason -> Text,
+    }
+}

@@ -124,13 +124,27 @@ pub struct NodeInfo {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RunAggregateRequest {
     /// Compact JWS issued by the coordinator for an approved study. It binds the
-    /// study, the audience (node ids), the expiry and the digest of `query`.
+    /// study, the audience (node ids), the expiry, the digest of `query` and
+    /// the digest of `manifest_json`.
     #[prost(string, tag = "1")]
     pub capability: ::prost::alloc::string::String,
     /// The query, exactly as the capability's digest was computed over it.
     #[prost(message, optional, tag = "2")]
     pub query: ::core::option::Option<QuerySpec>,
+    /// The approved study manifest (canonical JSON); the node checks that the
+    /// query is one of its queries and that it covers what the query reads.
+    #[prost(bytes = "vec", tag = "3")]
+    pub manifest_json: ::prost::alloc::vec::Vec<u8>,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeStudyNodeRequest {
+    /// Compact JWS signed with the coordinator's capability key: the revoked
+    /// study (`sub`) and the nodes told (`aud`).
+    #[prost(string, tag = "1")]
+    pub revocation: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeStudyNodeResponse {}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RunAggregateResponse {
     #[prost(message, optional, tag = "1")]
@@ -295,6 +309,31 @@ pub mod node_service_client {
                 .insert(GrpcMethod::new("ghx.v1.NodeService", "RunAggregate"));
             self.inner.unary(req, path, codec).await
         }
+        /// Tells the node to refuse every capability of a revoked study.
+        pub async fn revoke_study(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeStudyNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevokeStudyNodeResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/RevokeStudy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "RevokeStudy"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -326,6 +365,14 @@ pub mod node_service_server {
             request: tonic::Request<super::RunAggregateRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RunAggregateResponse>,
+            tonic::Status,
+        >;
+        /// Tells the node to refuse every capability of a revoked study.
+        async fn revoke_study(
+            &self,
+            request: tonic::Request<super::RevokeStudyNodeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RevokeStudyNodeResponse>,
             tonic::Status,
         >;
     }
@@ -540,6 +587,51 @@ pub mod node_service_server {
                     };
                     Box::pin(fut)
                 }
+                "/ghx.v1.NodeService/RevokeStudy" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeStudySvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::RevokeStudyNodeRequest>
+                    for RevokeStudySvc<T> {
+                        type Response = super::RevokeStudyNodeResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeStudyNodeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::revoke_study(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeStudySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -606,13 +698,78 @@ pub struct ListNodesResponse {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SubmitStudyRequest {
+    /// A ghx.manifest/v1 JSON document. Its `requester` is set by the
+    /// coordinator from the caller's certificate.
+    #[prost(bytes = "vec", tag = "1")]
+    pub manifest_json: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListStudiesRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListStudiesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub studies: ::prost::alloc::vec::Vec<StudySummary>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetStudyRequest {
     #[prost(string, tag = "1")]
-    pub title: ::prost::alloc::string::String,
-    /// Why the data are needed, e.g. "research".
+    pub study_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CommitteeVote {
+    #[prost(string, tag = "1")]
+    pub member: ::prost::alloc::string::String,
+    /// approve, reject or revoke.
     #[prost(string, tag = "2")]
+    pub decision: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub note: ::prost::alloc::string::String,
+    /// RFC 3339.
+    #[prost(string, tag = "4")]
+    pub at: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StudySummary {
+    #[prost(string, tag = "1")]
+    pub study_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub title: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
     pub purpose: ::prost::alloc::string::String,
-    #[prost(message, optional, tag = "3")]
-    pub query: ::core::option::Option<QuerySpec>,
+    #[prost(string, tag = "4")]
+    pub requester: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub organisation: ::prost::alloc::string::String,
+    /// submitted, approved, rejected or revoked.
+    #[prost(string, tag = "6")]
+    pub status: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "7")]
+    pub votes: ::prost::alloc::vec::Vec<CommitteeVote>,
+    #[prost(uint32, tag = "8")]
+    pub quorum: u32,
+    #[prost(string, tag = "9")]
+    pub manifest_sha256: ::prost::alloc::string::String,
+    /// The canonical manifest as submitted and approved.
+    #[prost(bytes = "vec", tag = "10")]
+    pub manifest_json: ::prost::alloc::vec::Vec<u8>,
+    #[prost(string, tag = "11")]
+    pub submitted_at: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "12")]
+    pub query_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RejectStudyRequest {
+    #[prost(string, tag = "1")]
+    pub study_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeStudyRequest {
+    #[prost(string, tag = "1")]
+    pub study_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SubmitStudyResponse {
@@ -626,12 +783,13 @@ pub struct ApproveStudyRequest {
     #[prost(string, tag = "2")]
     pub note: ::prost::alloc::string::String,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct ApproveStudyResponse {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RunStudyRequest {
     #[prost(string, tag = "1")]
     pub study_id: ::prost::alloc::string::String,
+    /// The manifest query to run; empty runs the first one.
+    #[prost(string, tag = "2")]
+    pub query: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RunStudyResponse {
@@ -642,6 +800,9 @@ pub struct RunStudyResponse {
 pub struct GetStudyResultRequest {
     #[prost(string, tag = "1")]
     pub study_id: ::prost::alloc::string::String,
+    /// The manifest query whose latest result to fetch; empty: the latest run.
+    #[prost(string, tag = "2")]
+    pub query: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct GetStudyResultResponse {
@@ -664,6 +825,9 @@ pub struct StudyResult {
     /// partial when at least one node suppressed its part of it.
     #[prost(message, repeated, tag = "5")]
     pub total: ::prost::alloc::vec::Vec<TotalCell>,
+    /// The manifest query this is the result of.
+    #[prost(string, tag = "6")]
+    pub query: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NodeFailure {
@@ -822,7 +986,7 @@ pub mod coordinator_service_client {
                 .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "ListNodes"));
             self.inner.unary(req, path, codec).await
         }
-        /// A requester submits a study; it waits for committee approval.
+        /// A requester submits a study manifest; it waits for committee approval.
         pub async fn submit_study(
             &mut self,
             request: impl tonic::IntoRequest<super::SubmitStudyRequest>,
@@ -847,14 +1011,59 @@ pub mod coordinator_service_client {
                 .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "SubmitStudy"));
             self.inner.unary(req, path, codec).await
         }
-        /// A committee member approves a submitted study.
+        /// Studies the caller may see: a requester their own, the committee and
+        /// auditors all of them.
+        pub async fn list_studies(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListStudiesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListStudiesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.CoordinatorService/ListStudies",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "ListStudies"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn get_study(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetStudyRequest>,
+        ) -> std::result::Result<tonic::Response<super::StudySummary>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.CoordinatorService/GetStudy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "GetStudy"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A committee member's approval; the study is approved once a quorum of
+        /// distinct members has approved it.
         pub async fn approve_study(
             &mut self,
             request: impl tonic::IntoRequest<super::ApproveStudyRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ApproveStudyResponse>,
-            tonic::Status,
-        > {
+        ) -> std::result::Result<tonic::Response<super::StudySummary>, tonic::Status> {
             self.inner
                 .ready()
                 .await
@@ -872,7 +1081,52 @@ pub mod coordinator_service_client {
                 .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "ApproveStudy"));
             self.inner.unary(req, path, codec).await
         }
-        /// Runs an approved study on every node and stores the combined result.
+        /// A committee member rejects a submitted study, with a reason.
+        pub async fn reject_study(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RejectStudyRequest>,
+        ) -> std::result::Result<tonic::Response<super::StudySummary>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.CoordinatorService/RejectStudy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "RejectStudy"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A committee member revokes an approved study; nodes are told to refuse
+        /// its capabilities from now on.
+        pub async fn revoke_study(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeStudyRequest>,
+        ) -> std::result::Result<tonic::Response<super::StudySummary>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.CoordinatorService/RevokeStudy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "RevokeStudy"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Runs one query of an approved study on every node and stores the result.
         pub async fn run_study(
             &mut self,
             request: impl tonic::IntoRequest<super::RunStudyRequest>,
@@ -950,7 +1204,7 @@ pub mod coordinator_service_server {
             tonic::Response<super::ListNodesResponse>,
             tonic::Status,
         >;
-        /// A requester submits a study; it waits for committee approval.
+        /// A requester submits a study manifest; it waits for committee approval.
         async fn submit_study(
             &self,
             request: tonic::Request<super::SubmitStudyRequest>,
@@ -958,15 +1212,37 @@ pub mod coordinator_service_server {
             tonic::Response<super::SubmitStudyResponse>,
             tonic::Status,
         >;
-        /// A committee member approves a submitted study.
+        /// Studies the caller may see: a requester their own, the committee and
+        /// auditors all of them.
+        async fn list_studies(
+            &self,
+            request: tonic::Request<super::ListStudiesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListStudiesResponse>,
+            tonic::Status,
+        >;
+        async fn get_study(
+            &self,
+            request: tonic::Request<super::GetStudyRequest>,
+        ) -> std::result::Result<tonic::Response<super::StudySummary>, tonic::Status>;
+        /// A committee member's approval; the study is approved once a quorum of
+        /// distinct members has approved it.
         async fn approve_study(
             &self,
             request: tonic::Request<super::ApproveStudyRequest>,
-        ) -> std::result::Result<
-            tonic::Response<super::ApproveStudyResponse>,
-            tonic::Status,
-        >;
-        /// Runs an approved study on every node and stores the combined result.
+        ) -> std::result::Result<tonic::Response<super::StudySummary>, tonic::Status>;
+        /// A committee member rejects a submitted study, with a reason.
+        async fn reject_study(
+            &self,
+            request: tonic::Request<super::RejectStudyRequest>,
+        ) -> std::result::Result<tonic::Response<super::StudySummary>, tonic::Status>;
+        /// A committee member revokes an approved study; nodes are told to refuse
+        /// its capabilities from now on.
+        async fn revoke_study(
+            &self,
+            request: tonic::Request<super::RevokeStudyRequest>,
+        ) -> std::result::Result<tonic::Response<super::StudySummary>, tonic::Status>;
+        /// Runs one query of an approved study on every node and stores the result.
         async fn run_study(
             &self,
             request: tonic::Request<super::RunStudyRequest>,
@@ -1195,6 +1471,97 @@ pub mod coordinator_service_server {
                     };
                     Box::pin(fut)
                 }
+                "/ghx.v1.CoordinatorService/ListStudies" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListStudiesSvc<T: CoordinatorService>(pub Arc<T>);
+                    impl<
+                        T: CoordinatorService,
+                    > tonic::server::UnaryService<super::ListStudiesRequest>
+                    for ListStudiesSvc<T> {
+                        type Response = super::ListStudiesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListStudiesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as CoordinatorService>::list_studies(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListStudiesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.CoordinatorService/GetStudy" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetStudySvc<T: CoordinatorService>(pub Arc<T>);
+                    impl<
+                        T: CoordinatorService,
+                    > tonic::server::UnaryService<super::GetStudyRequest>
+                    for GetStudySvc<T> {
+                        type Response = super::StudySummary;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetStudyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as CoordinatorService>::get_study(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetStudySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 "/ghx.v1.CoordinatorService/ApproveStudy" => {
                     #[allow(non_camel_case_types)]
                     struct ApproveStudySvc<T: CoordinatorService>(pub Arc<T>);
@@ -1202,7 +1569,7 @@ pub mod coordinator_service_server {
                         T: CoordinatorService,
                     > tonic::server::UnaryService<super::ApproveStudyRequest>
                     for ApproveStudySvc<T> {
-                        type Response = super::ApproveStudyResponse;
+                        type Response = super::StudySummary;
                         type Future = BoxFuture<
                             tonic::Response<Self::Response>,
                             tonic::Status,
@@ -1226,6 +1593,98 @@ pub mod coordinator_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ApproveStudySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.CoordinatorService/RejectStudy" => {
+                    #[allow(non_camel_case_types)]
+                    struct RejectStudySvc<T: CoordinatorService>(pub Arc<T>);
+                    impl<
+                        T: CoordinatorService,
+                    > tonic::server::UnaryService<super::RejectStudyRequest>
+                    for RejectStudySvc<T> {
+                        type Response = super::StudySummary;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RejectStudyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as CoordinatorService>::reject_study(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RejectStudySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.CoordinatorService/RevokeStudy" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeStudySvc<T: CoordinatorService>(pub Arc<T>);
+                    impl<
+                        T: CoordinatorService,
+                    > tonic::server::UnaryService<super::RevokeStudyRequest>
+                    for RevokeStudySvc<T> {
+                        type Response = super::StudySummary;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeStudyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as CoordinatorService>::revoke_study(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeStudySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

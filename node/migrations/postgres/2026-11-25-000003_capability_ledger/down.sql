@@ -1,0 +1,2 @@
+DROP TABLE revoked_studies;
+DROP TABLE capability_uses;

@@ -1,0 +1,348 @@
+//! Study manifests (`ghx.manifest/v1`): everything a study may do, as the
+//! steering committee approves it and as every node checks it.
+//!
+//! A manifest names the requester, the coded purpose, the ethics approval,
+//! the data it touches (resource types and codes), the exact queries, the
+//! minimum cell size per node, the privacy budget and the validity period.
+//! The coordinator approves a manifest, not a query; each capability binds
+//! the SHA-256 of the canonical manifest and of one of its queries, and a
+//! node re-checks the manifest itself, so work outside it is refused at the
+//! node even if the coordinator were not trustworthy.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use time::Date;
+
+use crate::query::{self, CodeCriterion, CodeMatch, QuerySpec};
+
+/// The manifest version this crate speaks.
+pub const VERSION: &str = "ghx.manifest/v1";
+
+/// Most queries one manifest may hold.
+const MAX_QUERIES: usize = 64;
+
+/// A manifest that is malformed, or work it does not cover.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("manifest is not valid JSON for {VERSION}: {0}")]
+    Syntax(String),
+    #[error("unsupported manifest version `{0}`; expected {VERSION}")]
+    Version(String),
+    #[error("manifest `{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+    #[error("manifest query `{name}`: {source}")]
+    Query { name: String, source: query::Error },
+    #[error("query `{name}` reads {what}, which the manifest's `data` does not declare")]
+    Undeclared { name: String, what: String },
+    #[error("the query is not one of the manifest's queries")]
+    QueryNotInManifest,
+    #[error("the manifest is valid from {from} until {until}; today is {today}")]
+    OutsideValidity {
+        from: String,
+        until: String,
+        today: String,
+    },
+}
+
+/// Who asked: set by the coordinator from the requester's certificate,
+/// never taken from the file they submit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Requester {
+    pub organisation: String,
+    pub user: String,
+}
+
+/// The research-ethics approval the study rests on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EthicsApproval {
+    /// The IRB or data review committee.
+    pub committee: String,
+    /// Its approval number.
+    pub reference: String,
+    #[serde(with = "crate::query::iso_date")]
+    pub approved_on: Date,
+}
+
+/// The data a study declares it touches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataDeclaration {
+    /// FHIR resource types read.
+    pub resource_types: BTreeSet<String>,
+    /// Codes the queries may select on; a prefix covers every code under it.
+    pub codes: Vec<CodeCriterion>,
+}
+
+/// One named query of the study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedQuery {
+    pub name: String,
+    pub query: QuerySpec,
+}
+
+/// Minimum cell sizes: a default and per-node overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellSizes {
+    pub default: u32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, u32>,
+}
+
+impl CellSizes {
+    pub fn for_node(&self, node: &str) -> u32 {
+        self.nodes.get(node).copied().unwrap_or(self.default)
+    }
+}
+
+/// A study manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyManifest {
+    pub version: String,
+    pub title: String,
+    #[serde(default)]
+    pub requester: Requester,
+    /// HL7 v3 ActReason code.
+    pub purpose: String,
+    pub ethics: EthicsApproval,
+    pub data: DataDeclaration,
+    pub queries: Vec<NamedQuery>,
+    pub min_cell_size: CellSizes,
+    /// Differential-privacy budget (total epsilon) the study may spend.
+    pub privacy_budget: f64,
+    #[serde(with = "crate::query::iso_date")]
+    pub valid_from: Date,
+    #[serde(with = "crate::query::iso_date")]
+    pub valid_until: Date,
+}
+
+fn invalid(field: &str, problem: impl Into<String>) -> Error {
+    Error::Invalid {
+        field: field.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+impl StudyManifest {
+    /// Parses and validates a manifest document.
+    pub fn parse(json: &[u8]) -> Result<Self, Error> {
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: Option<String>,
+        }
+        let versioned: Versioned =
+            serde_json::from_slice(json).map_err(|e| Error::Syntax(e.to_string()))?;
+        match versioned.version.as_deref() {
+            Some(VERSION) => {}
+            Some(other) => return Err(Error::Version(other.to_owned())),
+            None => return Err(Error::Syntax("missing field `version`".to_owned())),
+        }
+        let manifest: StudyManifest =
+            serde_json::from_slice(json).map_err(|e| Error::Syntax(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.title.trim().is_empty() {
+            return Err(invalid("title", "must not be empty"));
+        }
+        crate::purpose::check(&self.purpose).map_err(|e| invalid("purpose", e.to_string()))?;
+        if self.ethics.reference.trim().is_empty() || self.ethics.committee.trim().is_empty() {
+            return Err(invalid(
+                "ethics",
+                "needs the approving committee and its reference number",
+            ));
+        }
+        if self.valid_until < self.valid_from {
+            return Err(invalid("valid_until", "is before valid_from"));
+        }
+        if self.min_cell_size.default == 0 || self.min_cell_size.nodes.values().any(|n| *n == 0) {
+            return Err(invalid("min_cell_size", "every size must be at least 1"));
+        }
+        if !(self.privacy_budget.is_finite() && self.privacy_budget >= 0.0) {
+            return Err(invalid(
+                "privacy_budget",
+                "must be a finite, non-negative epsilon",
+            ));
+        }
+        if self.queries.is_empty() || self.queries.len() > MAX_QUERIES {
+            return Err(invalid(
+                "queries",
+                format!("must hold 1 to {MAX_QUERIES} queries"),
+            ));
+        }
+        for (i, q) in self.queries.iter().enumerate() {
+            let name_ok = !q.name.is_empty()
+                && q.name.len() <= 64
+                && q.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok {
+                return Err(invalid(
+                    &format!("queries[{i}].name"),
+                    "must be 1-64 letters, digits, '-' or '_'",
+                ));
+            }
+            if self.queries[..i].iter().any(|other| other.name == q.name) {
+                return Err(invalid(
+                    &format!("queries[{i}].name"),
+                    format!("`{}` is used twice", q.name),
+                ));
+            }
+            // Re-parse the canonical form so a manifest's queries obey
+            // exactly the rules of a query sent on its own.
+            QuerySpec::parse(&q.query.canonical_json()).map_err(|source| Error::Query {
+                name: q.name.clone(),
+                source,
+            })?;
+            self.check_declared(q)?;
+        }
+        Ok(())
+    }
+
+    /// Every resource type and code a query reads must be declared.
+    fn check_declared(&self, q: &NamedQuery) -> Result<(), Error> {
+        let undeclared = |what: String| Error::Undeclared {
+            name: q.name.clone(),
+            what,
+        };
+        for ty in q.query.resource_types() {
+            if !self.data.resource_types.contains(&ty) {
+                return Err(undeclared(format!("resource type {ty}")));
+            }
+        }
+        let cohort = &q.query.cohort;
+        let criteria = cohort
+            .conditions
+            .iter()
+            .map(|c| (c.system.as_str(), c.code.as_str(), c.matching))
+            .chain(
+                cohort
+                    .observations
+                    .iter()
+                    .map(|o| (o.system.as_str(), o.code.as_str(), CodeMatch::Exact)),
+            );
+        for (system, code, matching) in criteria {
+            let covered = self.data.codes.iter().any(|d| {
+                d.system == system
+                    && match d.matching {
+                        CodeMatch::Exact => matching == CodeMatch::Exact && d.code == code,
+                        CodeMatch::Prefix => code.starts_with(d.code.as_str()),
+                    }
+            });
+            if !covered {
+                let star = if matching == CodeMatch::Prefix {
+                    "*"
+                } else {
+                    ""
+                };
+                return Err(undeclared(format!("code {system}|{code}{star}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The canonical encoding, whose digest capabilities bind.
+    pub fn canonical_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a manifest always serializes")
+    }
+
+    /// Hex SHA-256 of the canonical encoding.
+    pub fn digest(&self) -> String {
+        query::digest(&self.canonical_json())
+    }
+
+    /// The manifest's query whose canonical bytes are `query_json`.
+    pub fn query_for(&self, query_json: &[u8]) -> Result<&NamedQuery, Error> {
+        let wanted = query::digest(query_json);
+        self.queries
+            .iter()
+            .find(|q| query::digest(&q.query.canonical_json()) == wanted)
+            .ok_or(Error::QueryNotInManifest)
+    }
+
+    /// The manifest's query named `name`.
+    pub fn query_named(&self, name: &str) -> Option<&NamedQuery> {
+        self.queries.iter().find(|q| q.name == name)
+    }
+
+    /// Whether `today` is inside the validity period.
+    pub fn check_valid_on(&self, today: Date) -> Result<(), Error> {
+        if today < self.valid_from || today > self.valid_until {
+            return Err(Error::OutsideValidity {
+                from: self.valid_from.to_string(),
+                until: self.valid_until.to_string(),
+                today: today.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const EXAMPLE: &str = include_str!("../../deploy/examples/study-e11.json");
+
+    #[test]
+    fn the_example_manifest_parses_and_round_trips() {
+        let m = StudyManifest::parse(EXAMPLE.as_bytes()).unwrap();
+        assert_eq!(m.min_cell_size.for_node("chosun"), 10);
+        let again = StudyManifest::parse(&m.canonical_json()).unwrap();
+        assert_eq!(again, m);
+        let q = &m.queries[0];
+        assert_eq!(m.query_for(&q.query.canonical_json()).unwrap().name, q.name);
+        assert_eq!(m.query_for(b"{}").unwrap_err(), Error::QueryNotInManifest);
+    }
+
+    fn edited(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        edit(&mut v);
+        StudyManifest::parse(v.to_string().as_bytes())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn bad_manifests_name_the_problem() {
+        let e = edited(|v| v["purpose"] = "research".into());
+        assert!(
+            e.starts_with("manifest `purpose`: unknown purpose `research`"),
+            "{e}"
+        );
+        let e = edited(|v| v["valid_until"] = "2020-01-01".into());
+        assert_eq!(e, "manifest `valid_until`: is before valid_from");
+        let e = edited(|v| v["data"]["resource_types"] = serde_json::json!(["Patient"]));
+        assert!(e.contains("reads resource type Condition"), "{e}");
+        let e = edited(|v| v["data"]["codes"][0]["code"] = "E10".into());
+        assert!(
+            e.contains("reads code http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8|E11*"),
+            "{e}"
+        );
+        let e = edited(|v| v["queries"][0]["query"]["analysis"]["kind"] = "median".into());
+        assert!(e.contains("unknown variant `median`"), "{e}");
+        let e = edited(|v| v["ethics"]["reference"] = "".into());
+        assert!(e.contains("`ethics`"), "{e}");
+        let e = edited(|v| v["version"] = "ghx.manifest/v0".into());
+        assert!(e.contains("unsupported manifest version"), "{e}");
+    }
+
+    #[test]
+    fn validity_is_checked_by_day() {
+        let m = StudyManifest::parse(EXAMPLE.as_bytes()).unwrap();
+        assert!(m.check_valid_on(m.valid_from).is_ok());
+        assert!(m.check_valid_on(m.valid_until).is_ok());
+        let after = m.valid_until.next_day().unwrap();
+        assert!(matches!(
+            m.check_valid_on(after),
+            Err(Error::OutsideValidity { .. })
+        ));
+    }
+}
