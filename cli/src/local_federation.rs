@@ -287,7 +287,9 @@ impl LocalFederation {
 
     /// The coordinator's audit trail so far.
     pub fn coordinator_audit(&self) -> Vec<ghx_coordinator::studies::AuditRecord> {
-        self.coordinator.audit_trail()
+        self.coordinator
+            .audit_trail()
+            .expect("the coordinator's audit trail is readable")
     }
 
     /// Stops every server, letting in-flight requests finish.

@@ -13,6 +13,7 @@ use ghx_study::result::{AggregateResult, CellValue, combine};
 use tonic::{Request, Response, Status};
 
 use crate::fanout::{self, NodeRegistry};
+use crate::store::CoordinatorStore;
 use crate::studies::{self, AuditRecord, Committee, StudyBook, StudyResult};
 
 #[derive(Clone)]
@@ -66,6 +67,10 @@ fn status(error: ApiError) -> Status {
         | ApiError::Manifest(_)
         | ApiError::Registry(_) => Status::invalid_argument(message),
         ApiError::Study(studies::Error::NotFound(_)) => Status::not_found(message),
+        ApiError::Study(studies::Error::Store(_)) => {
+            tracing::error!(error = %message, "coordinator database failure");
+            Status::internal("the coordinator failed; its operator can see why in its log")
+        }
         ApiError::Study(_) | ApiError::NoNodes => Status::failed_precondition(message),
         ApiError::Capability(_) => {
             tracing::error!(error = %message, "capability issuance failed");
@@ -97,11 +102,12 @@ impl CoordinatorApi {
         signer: Signer,
         capability_valid_for: Duration,
         committee: Committee,
+        store: CoordinatorStore,
     ) -> Self {
         CoordinatorApi {
             inner: Arc::new(Inner {
                 registry,
-                studies: StudyBook::new(committee),
+                studies: StudyBook::new(committee, store),
                 signer,
                 capability_valid_for,
             }),
@@ -122,6 +128,8 @@ impl CoordinatorApi {
             Ok(_) => ("done", detail.to_owned()),
             Err(e) => ("refused", e.to_string()),
         };
+        // No step without its audit record: if it cannot be written, the
+        // caller gets an error (the step itself may already be stored).
         self.inner.studies.audit(AuditRecord {
             at: time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
@@ -132,12 +140,12 @@ impl CoordinatorApi {
             study_id: study_id.to_owned(),
             outcome: result.to_owned(),
             detail,
-        });
+        })?;
         outcome
     }
 
     /// The coordinator's audit trail (for tests and auditors).
-    pub fn audit_trail(&self) -> Vec<AuditRecord> {
+    pub fn audit_trail(&self) -> Result<Vec<AuditRecord>, studies::Error> {
         self.inner.studies.audit_trail()
     }
 
@@ -198,7 +206,7 @@ impl CoordinatorApi {
             per_node,
             failures,
         };
-        inner.studies.record_result(&study.id, result.clone())?;
+        inner.studies.record_result(&study.id, &result)?;
         Ok(result)
     }
 
@@ -401,7 +409,7 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
             let mut manifest = StudyManifest::parse(&json)?;
             manifest.requester.user = caller.name.clone();
             manifest.requester.organisation = caller.organisation.clone();
-            Ok(self.inner.studies.submit(manifest))
+            Ok(self.inner.studies.submit(manifest)?)
         })();
         let id = outcome.as_ref().cloned().unwrap_or_default();
         let id = self
@@ -428,6 +436,7 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
             .inner
             .studies
             .list()
+            .map_err(|e| status(e.into()))?
             .iter()
             .filter(|s| check_access(&caller, s).is_ok())
             .map(|s| summary_to_wire(s, quorum))

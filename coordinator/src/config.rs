@@ -23,6 +23,10 @@ pub enum Error {
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
+    /// Where studies, votes, results and the audit trail live: a SQLite file
+    /// path (relative to this file) or a postgres:// URL.
+    #[serde(default = "default_database_url")]
+    pub database_url: String,
     pub tls: TlsConfig,
     pub signing_key: SigningKeyConfig,
     /// How long an issued capability stays valid.
@@ -90,6 +94,10 @@ pub struct NodeEntry {
     pub display_name: String,
 }
 
+fn default_database_url() -> String {
+    "ghx-coordinator.db".to_owned()
+}
+
 fn default_capability_secs() -> u64 {
     300
 }
@@ -118,6 +126,9 @@ impl CoordinatorConfig {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if !config.database_url.contains("://") && Path::new(&config.database_url).is_relative() {
+            config.database_url = base.join(&config.database_url).display().to_string();
         }
         config.validate()?;
         Ok(config)

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod config;
 pub mod fanout;
+pub mod store;
 pub mod studies;
 
 use std::future::Future;
@@ -41,6 +42,8 @@ pub enum Error {
     Key(#[from] ghx_study::capability::Error),
     #[error(transparent)]
     Registry(#[from] fanout::Error),
+    #[error("coordinator database: {0}")]
+    Store(#[from] store::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -77,6 +80,7 @@ impl Coordinator {
                 quorum: config.committee.quorum,
                 members: config.committee.members.clone(),
             },
+            store::CoordinatorStore::open(&config.database_url)?,
         );
         Ok(Coordinator { api, tls })
     }

@@ -6,14 +6,18 @@
 //! unrevoked study gets capabilities. Every step, including refused ones, is
 //! appended to the audit trail with who did it and why.
 //!
-//! The book is in memory: a coordinator restart forgets studies (durable
-//! state in diesel is the remaining part of issue 5).
+//! The book lives in the coordinator's database ([`crate::store`]), so a
+//! restart loses nothing. Decisions are serialised in this process: a
+//! coordinator runs as one process per federation.
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use ghx_study::manifest::StudyManifest;
 use ghx_study::result::{AggregateResult, NodeFailure, TotalCell};
+use serde::{Deserialize, Serialize};
+
+pub use crate::store::AuditRecord;
+use crate::store::{self, CoordinatorStore, StudyRecord, VoteRecord};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -38,6 +42,16 @@ pub enum Error {
     NoResult(String),
     #[error("study `{id}` has no query named `{name}`")]
     NoSuchQuery { id: String, name: String },
+    #[error("study `{0}` changed while this decision was made; try again")]
+    Conflict(String),
+    #[error("coordinator database: {0}")]
+    Store(String),
+}
+
+impl From<store::Error> for Error {
+    fn from(e: store::Error) -> Self {
+        Error::Store(e.to_string())
+    }
 }
 
 /// Where a study stands.
@@ -50,6 +64,18 @@ pub enum StudyStatus {
 }
 
 impl StudyStatus {
+    fn parse(name: &str) -> Result<Self, Error> {
+        [
+            StudyStatus::Submitted,
+            StudyStatus::Approved,
+            StudyStatus::Rejected,
+            StudyStatus::Revoked,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| Error::Store(format!("unknown study status `{name}`")))
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             StudyStatus::Submitted => "submitted",
@@ -65,7 +91,7 @@ impl StudyStatus {
 pub struct Vote {
     pub member: String,
     /// approve, reject or revoke.
-    pub decision: &'static str,
+    pub decision: String,
     pub note: String,
     pub at: String,
 }
@@ -79,8 +105,6 @@ pub struct Study {
     pub submitted_at: String,
     pub status: StudyStatus,
     pub votes: Vec<Vote>,
-    /// Latest result per manifest query.
-    pub results: BTreeMap<String, StudyResult>,
     /// The query run last.
     pub last_run: Option<String>,
 }
@@ -99,26 +123,13 @@ impl Study {
 }
 
 /// The combined answer of one run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StudyResult {
     pub query: String,
     pub dimensions: Vec<String>,
     pub per_node: Vec<AggregateResult>,
     pub failures: Vec<NodeFailure>,
     pub total: Vec<TotalCell>,
-}
-
-/// One line of the coordinator's audit trail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditRecord {
-    pub at: String,
-    pub actor: String,
-    pub role: String,
-    pub action: String,
-    pub study_id: String,
-    /// "done" or "refused".
-    pub outcome: String,
-    pub detail: String,
 }
 
 /// Who may decide, and how many must approve.
@@ -140,16 +151,12 @@ impl Default for Committee {
     }
 }
 
-#[derive(Debug, Default)]
-struct Book {
-    studies: BTreeMap<String, Study>,
-    audit: Vec<AuditRecord>,
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StudyBook {
     committee: Committee,
-    inner: Mutex<Book>,
+    store: CoordinatorStore,
+    /// Serialises read-check-write decisions.
+    deciding: Mutex<()>,
 }
 
 fn now_rfc3339() -> String {
@@ -158,11 +165,39 @@ fn now_rfc3339() -> String {
         .expect("RFC 3339 formatting of now")
 }
 
+fn study_of(record: StudyRecord) -> Result<Study, Error> {
+    let manifest = StudyManifest::parse(record.manifest_json.as_bytes()).map_err(|e| {
+        Error::Store(format!(
+            "stored manifest of {} is unreadable: {e}",
+            record.id
+        ))
+    })?;
+    Ok(Study {
+        status: StudyStatus::parse(&record.status)?,
+        manifest,
+        manifest_json: record.manifest_json.into_bytes(),
+        submitted_at: record.submitted_at,
+        last_run: record.last_run,
+        votes: record
+            .votes
+            .into_iter()
+            .map(|v| Vote {
+                member: v.member,
+                decision: v.decision,
+                note: v.note,
+                at: v.at,
+            })
+            .collect(),
+        id: record.id,
+    })
+}
+
 impl StudyBook {
-    pub fn new(committee: Committee) -> Self {
+    pub fn new(committee: Committee, store: CoordinatorStore) -> Self {
         StudyBook {
             committee,
-            inner: Mutex::default(),
+            store,
+            deciding: Mutex::new(()),
         }
     }
 
@@ -170,40 +205,21 @@ impl StudyBook {
         &self.committee
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Appends to the audit trail.
-    pub fn audit(&self, record: AuditRecord) {
-        self.lock().audit.push(record);
+    pub fn audit(&self, record: AuditRecord) -> Result<(), Error> {
+        Ok(self.store.append_audit(&record)?)
     }
 
     /// The whole audit trail, oldest first.
-    pub fn audit_trail(&self) -> Vec<AuditRecord> {
-        self.lock().audit.clone()
+    pub fn audit_trail(&self) -> Result<Vec<AuditRecord>, Error> {
+        Ok(self.store.audit()?)
     }
 
     /// Records a new submitted study and returns its id. The manifest's
     /// requester must already be set from the caller's certificate.
-    pub fn submit(&self, manifest: StudyManifest) -> String {
-        let mut book = self.lock();
-        let id = format!("study-{:04}", book.studies.len() + 1);
-        let manifest_json = manifest.canonical_json();
-        book.studies.insert(
-            id.clone(),
-            Study {
-                id: id.clone(),
-                manifest,
-                manifest_json,
-                submitted_at: now_rfc3339(),
-                status: StudyStatus::Submitted,
-                votes: Vec::new(),
-                results: BTreeMap::new(),
-                last_run: None,
-            },
-        );
-        id
+    pub fn submit(&self, manifest: StudyManifest) -> Result<String, Error> {
+        let json = String::from_utf8(manifest.canonical_json()).expect("JSON is UTF-8");
+        Ok(self.store.insert_study(&json, &now_rfc3339())?)
     }
 
     fn decide(
@@ -217,11 +233,8 @@ impl StudyBook {
         {
             return Err(Error::NotAMember(member.to_owned()));
         }
-        let mut book = self.lock();
-        let study = book
-            .studies
-            .get_mut(id)
-            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        let _deciding = self.deciding.lock().unwrap_or_else(|e| e.into_inner());
+        let study = self.get(id)?;
         let (needed, name) = match decision {
             "revoke" => (StudyStatus::Approved, "approved"),
             _ => (StudyStatus::Submitted, "submitted"),
@@ -240,19 +253,25 @@ impl StudyBook {
                 member: member.to_owned(),
             });
         }
-        study.votes.push(Vote {
-            member: member.to_owned(),
-            decision,
-            note: note.to_owned(),
-            at: now_rfc3339(),
-        });
-        study.status = match decision {
-            "approve" if study.approvals() >= self.committee.quorum => StudyStatus::Approved,
+        let status = match decision {
+            "approve" if study.approvals() + 1 >= self.committee.quorum => StudyStatus::Approved,
             "approve" => StudyStatus::Submitted,
             "reject" => StudyStatus::Rejected,
             _ => StudyStatus::Revoked,
         };
-        Ok(study.clone())
+        let vote = VoteRecord {
+            member: member.to_owned(),
+            decision: decision.to_owned(),
+            note: note.to_owned(),
+            at: now_rfc3339(),
+        };
+        if !self
+            .store
+            .add_vote(id, &vote, study.status.name(), status.name())?
+        {
+            return Err(Error::Conflict(id.to_owned()));
+        }
+        self.get(id)
     }
 
     /// One member's approval; the study is approved at quorum.
@@ -275,15 +294,15 @@ impl StudyBook {
     }
 
     pub fn get(&self, id: &str) -> Result<Study, Error> {
-        self.lock()
-            .studies
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(id.to_owned()))
+        let record = self
+            .store
+            .study(id)?
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        study_of(record)
     }
 
-    pub fn list(&self) -> Vec<Study> {
-        self.lock().studies.values().cloned().collect()
+    pub fn list(&self) -> Result<Vec<Study>, Error> {
+        self.store.studies()?.into_iter().map(study_of).collect()
     }
 
     /// The study, if it may be run now.
@@ -305,15 +324,11 @@ impl StudyBook {
         }
     }
 
-    pub fn record_result(&self, id: &str, result: StudyResult) -> Result<(), Error> {
-        let mut book = self.lock();
-        let study = book
-            .studies
-            .get_mut(id)
-            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        study.last_run = Some(result.query.clone());
-        study.results.insert(result.query.clone(), result);
-        Ok(())
+    pub fn record_result(&self, id: &str, result: &StudyResult) -> Result<(), Error> {
+        let json = serde_json::to_string(result).expect("results serialise");
+        Ok(self
+            .store
+            .save_result(id, &result.query, &now_rfc3339(), &json)?)
     }
 
     /// The latest result of `query`, or of the last run when `query` is empty.
@@ -333,96 +348,11 @@ impl StudyBook {
             }
             query.to_owned()
         };
-        study
-            .results
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| Error::NoResult(id.to_owned()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn manifest() -> StudyManifest {
-        let mut m =
-            StudyManifest::parse(include_str!("../../deploy/examples/study-e11.json").as_bytes())
-                .unwrap();
-        m.requester.user = "alice".into();
-        m.requester.organisation = "Acme".into();
-        m
-    }
-
-    #[test]
-    fn a_study_needs_a_quorum_of_distinct_members_then_can_be_revoked() {
-        let book = StudyBook::new(Committee {
-            quorum: 2,
-            members: vec!["kim".into(), "lee".into(), "park".into()],
-        });
-        let id = book.submit(manifest());
-        assert_eq!(
-            book.runnable(&id).unwrap_err(),
-            Error::AwaitingQuorum(id.clone(), 0, 2)
-        );
-        assert_eq!(
-            book.approve(&id, "mallory", "").unwrap_err(),
-            Error::NotAMember("mallory".into())
-        );
-        assert_eq!(
-            book.approve(&id, "kim", "ok").unwrap().status,
-            StudyStatus::Submitted
-        );
-        assert_eq!(
-            book.approve(&id, "kim", "again").unwrap_err(),
-            Error::AlreadyVoted {
-                id: id.clone(),
-                member: "kim".into()
-            }
-        );
-        assert_eq!(
-            book.runnable(&id).unwrap_err(),
-            Error::AwaitingQuorum(id.clone(), 1, 2)
-        );
-        assert_eq!(
-            book.approve(&id, "lee", "").unwrap().status,
-            StudyStatus::Approved
-        );
-        assert!(book.runnable(&id).is_ok());
-        assert_eq!(
-            book.revoke(&id, "park", " ").unwrap_err(),
-            Error::NoReason("revocation")
-        );
-        let revoked = book
-            .revoke(&id, "park", "consent form was withdrawn")
-            .unwrap();
-        assert_eq!(revoked.status, StudyStatus::Revoked);
-        assert!(matches!(
-            book.runnable(&id).unwrap_err(),
-            Error::WrongState {
-                status: "revoked",
-                ..
-            }
-        ));
-        assert_eq!(revoked.votes.len(), 3);
-    }
-
-    #[test]
-    fn a_rejected_study_cannot_be_approved_later() {
-        let book = StudyBook::default();
-        let id = book.submit(manifest());
-        book.reject(&id, "kim", "no IRB approval for this purpose")
-            .unwrap();
-        assert!(matches!(
-            book.approve(&id, "lee", "").unwrap_err(),
-            Error::WrongState {
-                status: "rejected",
-                ..
-            }
-        ));
-        assert_eq!(
-            book.get("study-9999").unwrap_err(),
-            Error::NotFound("study-9999".into())
-        );
+        let json = self
+            .store
+            .result(id, &name)?
+            .ok_or_else(|| Error::NoResult(id.to_owned()))?;
+        serde_json::from_str(&json)
+            .map_err(|e| Error::Store(format!("stored result of {id} is unreadable: {e}")))
     }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 /// One node's released answer. Every count in it has passed the node's
 /// disclosure control.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AggregateResult {
     pub node_id: String,
     pub dimensions: Vec<String>,
@@ -14,27 +14,27 @@ pub struct AggregateResult {
     pub notes: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Cell {
     pub key: Vec<String>,
     pub value: CellValue,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CellValue {
     Count(u64),
     Suppressed { reason: String },
 }
 
 /// A node that did not contribute, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeFailure {
     pub node_id: String,
     pub reason: String,
 }
 
 /// A cell of the federated total.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TotalCell {
     pub key: Vec<String>,
     /// Sum of the released counts.

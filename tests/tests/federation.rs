@@ -613,6 +613,45 @@ async fn studies_need_a_committee_quorum_and_nodes_refuse_anything_unapproved() 
         ]
     );
 
+    // Another requester sees neither the study nor its results.
+    federation
+        .pki
+        .issue(
+            &federation.pki.load_ca().unwrap(),
+            &CertificateRequest::new("other-requester", Role::Requester, "Other Startup"),
+        )
+        .unwrap();
+    let mut other = federation.client("other-requester").await.unwrap();
+    let err = other
+        .get_study(pb::GetStudyRequest {
+            study_id: study_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = other
+        .get_study_result(pb::GetStudyResultRequest {
+            study_id: study_id.clone(),
+            query: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let listed = other
+        .list_studies(pb::ListStudiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.studies.is_empty());
+    // An auditor sees every study.
+    let mut auditor = federation.client("demo-auditor").await.unwrap();
+    let listed = auditor
+        .list_studies(pb::ListStudiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.studies.len(), 2);
+
     // A certificate from another CA is refused at the TLS handshake, by the
     // coordinator and by a node alike.
     let rogue = PkiDir::new(dir.path().join("rogue-pki"));

@@ -1,25 +1,24 @@
 //! The node's database: FHIR resources kept verbatim plus the index tables
 //! that aggregate queries run on, and the audit log.
 //!
-//! Key decision: one `Store` type over two diesel backends. SQLite (a file) is
-//! the embedded default; a `postgres://` URL selects PostgreSQL. Each operation
-//! is written once and expanded for both backends by [`with_conn!`], so the two
-//! cannot drift apart, and the same test suite runs on both. Migrations are
-//! embedded in the binary and applied when the store opens.
+//! Key decision: one `Store` type over two diesel backends (see `ghx-db`).
+//! SQLite (a file) is the embedded default; a `postgres://` URL selects
+//! PostgreSQL. Each operation is written once and expanded for both backends
+//! by `ghx_db::with_conn!`, so the two cannot drift apart, and the same test
+//! suite runs on both. Migrations are embedded in the binary and applied when
+//! the store opens.
 
 pub(crate) mod schema;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
-use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::r2d2::PooledConnection;
 use diesel::sql_types::{BigInt, Text};
 use diesel::sqlite::SqliteConnection;
 use diesel::upsert::excluded;
-use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 
 use schema::{
     audit_log, capability_uses, code_map, condition_codes, consent_contexts, consent_eligibility,
@@ -39,44 +38,10 @@ const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/po
 /// Rows per multi-row INSERT: well under SQLite's bound-parameter limit.
 const INSERT_CHUNK: usize = 500;
 
-/// A storage failure. Messages may name tables and SQL errors, so the API
-/// layer never forwards them to a remote caller.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot open database {url}: {message}")]
-    Open { url: String, message: String },
-    #[error("cannot apply migrations: {0}")]
-    Migrate(String),
-    #[error("no database connection available: {0}")]
-    Pool(#[from] diesel::r2d2::PoolError),
-    #[error("database error: {0}")]
-    Query(#[from] diesel::result::Error),
-}
+pub use ghx_db::{Error, Result};
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Placeholder syntax of the backend, for the few hand-written SQL queries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    Sqlite,
-    Postgres,
-}
-
-impl Dialect {
-    /// The `n`th (1-based) bind placeholder.
-    pub fn placeholder(self, n: usize) -> String {
-        match self {
-            Dialect::Sqlite => "?".to_owned(),
-            Dialect::Postgres => format!("${n}"),
-        }
-    }
-}
-
-#[derive(Clone)]
-enum Backend {
-    Sqlite(Pool<ConnectionManager<SqliteConnection>>),
-    Postgres(Pool<ConnectionManager<PgConnection>>),
-}
+use ghx_db::{Backend, with_conn};
+pub use ghx_db::{Dialect, redact_url};
 
 /// The node's database. Cheap to clone; all clones share one pool.
 #[derive(Clone)]
@@ -90,25 +55,6 @@ impl std::fmt::Debug for Store {
             .field("dialect", &self.dialect())
             .finish()
     }
-}
-
-/// Runs `$body` with `$conn` bound to a pooled connection of whichever
-/// backend the store uses. The body is compiled once per backend.
-macro_rules! with_conn {
-    ($store:expr, |$conn:ident| $body:expr) => {
-        match &$store.backend {
-            Backend::Sqlite(pool) => {
-                let mut pooled = pool.get()?;
-                let $conn: &mut SqliteConnection = &mut pooled;
-                $body
-            }
-            Backend::Postgres(pool) => {
-                let mut pooled = pool.get()?;
-                let $conn: &mut PgConnection = &mut pooled;
-                $body
-            }
-        }
-    };
 }
 
 macro_rules! insert_rows {
@@ -215,81 +161,23 @@ macro_rules! insert_index_rows {
     }};
 }
 
-#[derive(Debug)]
-struct SqlitePragmas;
-
-impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
-    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        // WAL lets queries read while an import writes; case-sensitive LIKE
-        // matches PostgreSQL's semantics for code prefixes.
-        conn.batch_execute(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-             PRAGMA busy_timeout = 10000; PRAGMA case_sensitive_like = ON; \
-             PRAGMA foreign_keys = ON;",
-        )
-        .map_err(diesel::r2d2::Error::QueryError)
-    }
-}
-
-/// A URL with any password replaced, safe to print.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 impl Store {
     /// Opens (creating if needed) the database at `url` and applies pending
     /// migrations. `postgres://` and `postgresql://` URLs select PostgreSQL;
     /// anything else is a SQLite file path (optionally `sqlite://path`).
     pub fn open(url: &str) -> Result<Store> {
-        let open_err = |message: String| Error::Open {
-            url: redact_url(url),
-            message,
-        };
-        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let pool = Pool::builder()
-                .max_size(8)
-                .connection_timeout(Duration::from_secs(10))
-                .build(ConnectionManager::<PgConnection>::new(url))
-                .map_err(|e| open_err(e.to_string()))?;
-            let mut conn = pool.get().map_err(|e| open_err(e.to_string()))?;
-            conn.run_pending_migrations(POSTGRES_MIGRATIONS)
-                .map_err(|e| Error::Migrate(e.to_string()))?;
-            Backend::Postgres(pool)
-        } else {
-            let path = url.strip_prefix("sqlite://").unwrap_or(url);
-            if let Some(parent) = std::path::Path::new(path).parent()
-                && !parent.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
-            }
-            let pool = Pool::builder()
-                .max_size(4)
-                .connection_timeout(Duration::from_secs(10))
-                .connection_customizer(Box::new(SqlitePragmas))
-                .build(ConnectionManager::<SqliteConnection>::new(path))
-                .map_err(|e| open_err(e.to_string()))?;
-            let mut conn = pool.get().map_err(|e| open_err(e.to_string()))?;
-            conn.run_pending_migrations(SQLITE_MIGRATIONS)
-                .map_err(|e| Error::Migrate(e.to_string()))?;
-            Backend::Sqlite(pool)
-        };
+        let backend = ghx_db::open(
+            url,
+            ghx_db::Migrations {
+                sqlite: SQLITE_MIGRATIONS,
+                postgres: POSTGRES_MIGRATIONS,
+            },
+        )?;
         Ok(Store { backend })
     }
 
     pub fn dialect(&self) -> Dialect {
-        match self.backend {
-            Backend::Sqlite(_) => Dialect::Sqlite,
-            Backend::Postgres(_) => Dialect::Postgres,
-        }
+        self.backend.dialect()
     }
 
     /// Writes one batch atomically: every resource, deletion, index row and
@@ -298,7 +186,7 @@ impl Store {
     /// previous version in `resource_history`.
     pub fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome> {
         let now = now_rfc3339();
-        with_conn!(self, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.transaction(|conn| {
             let mut outcome = BatchOutcome::default();
             // What is stored now, for every resource the batch touches.
             let mut existing: HashMap<(String, String), (i64, String)> = HashMap::new();
@@ -561,7 +449,7 @@ impl Store {
     /// The checkpoint recorded for an import source, if any.
     pub fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>> {
         let row: Option<(String, String, i64, bool)> =
-            with_conn!(self, |conn| import_checkpoints::table
+            with_conn!(self.backend, |conn| import_checkpoints::table
                 .filter(import_checkpoints::source.eq(source))
                 .select((
                     import_checkpoints::source,
@@ -583,15 +471,16 @@ impl Store {
 
     /// All code mappings, keyed by (source system, source code).
     pub fn code_map(&self) -> Result<Vec<CodeMapping>> {
-        let rows: Vec<(String, String, String, String)> = with_conn!(self, |conn| code_map::table
-            .select((
-                code_map::source_system,
-                code_map::source_code,
-                code_map::target_system,
-                code_map::target_code,
-            ))
-            .order((code_map::source_system, code_map::source_code))
-            .load(conn)?);
+        let rows: Vec<(String, String, String, String)> =
+            with_conn!(self.backend, |conn| code_map::table
+                .select((
+                    code_map::source_system,
+                    code_map::source_code,
+                    code_map::target_system,
+                    code_map::target_code,
+                ))
+                .order((code_map::source_system, code_map::source_code))
+                .load(conn)?);
         Ok(rows
             .into_iter()
             .map(
@@ -613,7 +502,7 @@ impl Store {
         target_system: &str,
         mappings: &[CodeMapping],
     ) -> Result<()> {
-        with_conn!(self, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.transaction(|conn| {
             diesel::delete(
                 code_map::table
                     .filter(code_map::source_system.eq(source_system))
@@ -649,7 +538,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<StoredVersion>> {
         type Row = (String, String, i64, String, String);
-        let rows: Vec<Row> = with_conn!(self, |conn| {
+        let rows: Vec<Row> = with_conn!(self.backend, |conn| {
             let mut query = resources::table
                 .select((
                     resources::resource_type,
@@ -692,12 +581,12 @@ impl Store {
     /// a deletion.
     pub fn history(&self, resource_type: &str, id: &str) -> Result<Vec<(i64, Option<String>)>> {
         let mut versions: Vec<(i64, Option<String>)> =
-            with_conn!(self, |conn| resource_history::table
+            with_conn!(self.backend, |conn| resource_history::table
                 .filter(resource_history::resource_type.eq(resource_type))
                 .filter(resource_history::id.eq(id))
                 .select((resource_history::version_id, resource_history::content))
                 .load(conn)?);
-        let current: Option<(i64, String)> = with_conn!(self, |conn| resources::table
+        let current: Option<(i64, String)> = with_conn!(self.backend, |conn| resources::table
             .filter(resources::resource_type.eq(resource_type))
             .filter(resources::id.eq(id))
             .select((resources::version_id, resources::content))
@@ -710,7 +599,7 @@ impl Store {
 
     /// Number of stored resources per resource type.
     pub fn resource_counts(&self) -> Result<BTreeMap<String, u64>> {
-        let rows: Vec<(String, i64)> = with_conn!(self, |conn| resources::table
+        let rows: Vec<(String, i64)> = with_conn!(self.backend, |conn| resources::table
             .group_by(resources::resource_type)
             .select((resources::resource_type, diesel::dsl::count_star()))
             .load(conn)?);
@@ -722,7 +611,7 @@ impl Store {
 
     /// The stored JSON of one resource, if present.
     pub fn resource(&self, resource_type: &str, id: &str) -> Result<Option<String>> {
-        Ok(with_conn!(self, |conn| resources::table
+        Ok(with_conn!(self.backend, |conn| resources::table
             .filter(resources::resource_type.eq(resource_type))
             .filter(resources::id.eq(id))
             .select(resources::content)
@@ -732,7 +621,7 @@ impl Store {
 
     /// The current consent generation (see [`crate::consent::eligibility`]).
     pub fn consent_generation(&self) -> Result<i64> {
-        Ok(with_conn!(self, |conn| node_state::table
+        Ok(with_conn!(self.backend, |conn| node_state::table
             .filter(node_state::key.eq(CONSENT_GENERATION))
             .select(node_state::value)
             .first::<i64>(conn)?))
@@ -740,7 +629,7 @@ impl Store {
 
     /// The summary JSON of a stored consent context, if it exists.
     pub fn consent_context(&self, context: &str) -> Result<Option<String>> {
-        Ok(with_conn!(self, |conn| consent_contexts::table
+        Ok(with_conn!(self.backend, |conn| consent_contexts::table
             .filter(consent_contexts::context.eq(context))
             .select(consent_contexts::summary)
             .first::<String>(conn)
@@ -750,8 +639,8 @@ impl Store {
     /// Every patient id and every consent, for consent evaluation.
     pub fn consent_inputs(&self) -> Result<ConsentInputs> {
         type Row = (String, String, String, String, String, i64, String);
-        let (patients, rows): (Vec<String>, Vec<Row>) =
-            with_conn!(self, |conn| conn.transaction(|conn| {
+        let (patients, rows): (Vec<String>, Vec<Row>) = with_conn!(self.backend, |conn| conn
+            .transaction(|conn| {
                 let patients = patients::table
                     .select(patients::id)
                     .order(patients::id)
@@ -796,7 +685,7 @@ impl Store {
         included: &[(&str, i64)],
     ) -> Result<()> {
         let now = now_rfc3339();
-        with_conn!(self, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.transaction(|conn| {
             let stale: Vec<String> = consent_contexts::table
                 .filter(consent_contexts::generation.lt(generation))
                 .select(consent_contexts::context)
@@ -855,42 +744,47 @@ impl Store {
     ) -> Result<bool> {
         let now = now_rfc3339();
         let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
-        Ok(with_conn!(self, |conn| conn.transaction(|conn| {
-            // A day's grace beyond expiry covers clock skew and leeway.
-            diesel::delete(
-                capability_uses::table.filter(capability_uses::expires_at.lt(now_unix - 86_400)),
-            )
-            .execute(conn)?;
-            let inserted = diesel::insert_into(capability_uses::table)
-                .values((
-                    capability_uses::jti.eq(jti),
-                    capability_uses::study_id.eq(study_id),
-                    capability_uses::expires_at.eq(expires_at),
-                    capability_uses::used_at.eq(&now),
-                ))
-                .on_conflict_do_nothing()
+        Ok(with_conn!(self.backend, |conn| conn.transaction(
+            |conn| {
+                // A day's grace beyond expiry covers clock skew and leeway.
+                diesel::delete(
+                    capability_uses::table
+                        .filter(capability_uses::expires_at.lt(now_unix - 86_400)),
+                )
                 .execute(conn)?;
-            diesel::QueryResult::Ok(inserted == 1)
-        })?))
+                let inserted = diesel::insert_into(capability_uses::table)
+                    .values((
+                        capability_uses::jti.eq(jti),
+                        capability_uses::study_id.eq(study_id),
+                        capability_uses::expires_at.eq(expires_at),
+                        capability_uses::used_at.eq(&now),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(conn)?;
+                diesel::QueryResult::Ok(inserted == 1)
+            }
+        )?))
     }
 
     /// Marks a study revoked; idempotent.
     pub fn revoke_study(&self, study_id: &str, reason: &str) -> Result<()> {
         let now = now_rfc3339();
-        with_conn!(self, |conn| diesel::insert_into(revoked_studies::table)
-            .values((
-                revoked_studies::study_id.eq(study_id),
-                revoked_studies::revoked_at.eq(&now),
-                revoked_studies::reason.eq(reason),
-            ))
-            .on_conflict_do_nothing()
-            .execute(conn)?);
+        with_conn!(self.backend, |conn| diesel::insert_into(
+            revoked_studies::table
+        )
+        .values((
+            revoked_studies::study_id.eq(study_id),
+            revoked_studies::revoked_at.eq(&now),
+            revoked_studies::reason.eq(reason),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)?);
         Ok(())
     }
 
     /// Whether the coordinator has revoked a study.
     pub fn is_revoked(&self, study_id: &str) -> Result<bool> {
-        let n: i64 = with_conn!(self, |conn| revoked_studies::table
+        let n: i64 = with_conn!(self.backend, |conn| revoked_studies::table
             .filter(revoked_studies::study_id.eq(study_id))
             .count()
             .get_result(conn)?);
@@ -928,7 +822,7 @@ impl Store {
 
     /// Appends one audit entry and returns its sequence number.
     pub fn append_audit(&self, entry: &AuditEntry) -> Result<i64> {
-        Ok(with_conn!(self, |conn| diesel::insert_into(
+        Ok(with_conn!(self.backend, |conn| diesel::insert_into(
             audit_log::table
         )
         .values((
@@ -969,7 +863,7 @@ impl Store {
             String,
             i64,
         );
-        let rows: Vec<Row> = with_conn!(self, |conn| audit_log::table
+        let rows: Vec<Row> = with_conn!(self.backend, |conn| audit_log::table
             .order(audit_log::seq)
             .select((
                 audit_log::at,
@@ -1219,22 +1113,4 @@ pub struct AuditEntry {
     pub policy_reasons: String,
     /// Patients consent excluded from the computation.
     pub consent_excluded: i64,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn passwords_never_appear_in_printed_urls() {
-        assert_eq!(
-            redact_url("postgres://ghx:s3cret@db:5432/node"),
-            "postgres://ghx:***@db:5432/node"
-        );
-        assert_eq!(
-            redact_url("postgres://ghx@db/node"),
-            "postgres://ghx@db/node"
-        );
-        assert_eq!(redact_url("/var/lib/ghx/node.db"), "/var/lib/ghx/node.db");
-    }
 }

@@ -1,0 +1,327 @@
+//! The coordinator's database: studies with their manifests, committee
+//! votes, the latest result of each study query, and the audit trail.
+//!
+//! SQLite by default, PostgreSQL by URL, through `ghx-db`; each operation is
+//! written once for both, and one test suite runs on both.
+
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use ghx_db::{Backend, with_conn};
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+mod schema {
+    diesel::table! {
+        studies (id) {
+            id -> Text,
+            number -> BigInt,
+            manifest_json -> Text,
+            status -> Text,
+            submitted_at -> Text,
+            last_run -> Nullable<Text>,
+        }
+    }
+
+    diesel::table! {
+        votes (study_id, position) {
+            study_id -> Text,
+            position -> BigInt,
+            member -> Text,
+            decision -> Text,
+            note -> Text,
+            at -> Text,
+        }
+    }
+
+    diesel::table! {
+        results (study_id, query) {
+            study_id -> Text,
+            query -> Text,
+            run_at -> Text,
+            result_json -> Text,
+        }
+    }
+
+    diesel::table! {
+        audit_trail (seq) {
+            seq -> BigInt,
+            at -> Text,
+            actor -> Text,
+            role -> Text,
+            action -> Text,
+            study_id -> Text,
+            outcome -> Text,
+            detail -> Text,
+        }
+    }
+}
+
+use schema::{audit_trail, results, studies, votes};
+
+pub use ghx_db::{Error, Result};
+
+/// One committee member's decision, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoteRecord {
+    pub member: String,
+    /// approve, reject or revoke.
+    pub decision: String,
+    pub note: String,
+    pub at: String,
+}
+
+/// A study row with its votes in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StudyRecord {
+    pub id: String,
+    pub manifest_json: String,
+    pub status: String,
+    pub submitted_at: String,
+    pub last_run: Option<String>,
+    pub votes: Vec<VoteRecord>,
+}
+
+/// One line of the coordinator's audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub at: String,
+    pub actor: String,
+    pub role: String,
+    pub action: String,
+    pub study_id: String,
+    /// "done" or "refused".
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// The coordinator's database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CoordinatorStore {
+    backend: Backend,
+}
+
+impl CoordinatorStore {
+    /// Opens the database at `url` (a SQLite path or a postgres:// URL) and
+    /// applies pending migrations.
+    pub fn open(url: &str) -> Result<Self> {
+        let backend = ghx_db::open(
+            url,
+            ghx_db::Migrations {
+                sqlite: SQLITE_MIGRATIONS,
+                postgres: POSTGRES_MIGRATIONS,
+            },
+        )?;
+        Ok(CoordinatorStore { backend })
+    }
+
+    /// Stores a new submitted study and returns its id (`study-0001`, ...).
+    pub fn insert_study(&self, manifest_json: &str, submitted_at: &str) -> Result<String> {
+        Ok(with_conn!(self.backend, |conn| conn.transaction(
+            |conn| {
+                let last: Option<i64> = studies::table
+                    .select(diesel::dsl::max(studies::number))
+                    .first(conn)?;
+                let number = last.unwrap_or(0) + 1;
+                let id = format!("study-{number:04}");
+                diesel::insert_into(studies::table)
+                    .values((
+                        studies::id.eq(&id),
+                        studies::number.eq(number),
+                        studies::manifest_json.eq(manifest_json),
+                        studies::status.eq("submitted"),
+                        studies::submitted_at.eq(submitted_at),
+                    ))
+                    .execute(conn)?;
+                diesel::QueryResult::Ok(id)
+            }
+        )?))
+    }
+
+    /// One study with its votes.
+    pub fn study(&self, id: &str) -> Result<Option<StudyRecord>> {
+        Ok(self.load(Some(id))?.pop())
+    }
+
+    /// Every study, oldest first.
+    pub fn studies(&self) -> Result<Vec<StudyRecord>> {
+        self.load(None)
+    }
+
+    fn load(&self, id: Option<&str>) -> Result<Vec<StudyRecord>> {
+        type Row = (String, String, String, String, Option<String>);
+        type VoteRow = (String, String, String, String, String);
+        let (rows, vote_rows): (Vec<Row>, Vec<VoteRow>) = with_conn!(self.backend, |conn| conn
+            .transaction(|conn| {
+                let mut query = studies::table
+                    .select((
+                        studies::id,
+                        studies::manifest_json,
+                        studies::status,
+                        studies::submitted_at,
+                        studies::last_run,
+                    ))
+                    .order(studies::number)
+                    .into_boxed();
+                let mut vote_query = votes::table
+                    .select((
+                        votes::study_id,
+                        votes::member,
+                        votes::decision,
+                        votes::note,
+                        votes::at,
+                    ))
+                    .order((votes::study_id, votes::position))
+                    .into_boxed();
+                if let Some(id) = id {
+                    query = query.filter(studies::id.eq(id));
+                    vote_query = vote_query.filter(votes::study_id.eq(id));
+                }
+                diesel::QueryResult::Ok((query.load(conn)?, vote_query.load(conn)?))
+            })?);
+        let mut records: Vec<StudyRecord> = rows
+            .into_iter()
+            .map(
+                |(id, manifest_json, status, submitted_at, last_run)| StudyRecord {
+                    id,
+                    manifest_json,
+                    status,
+                    submitted_at,
+                    last_run,
+                    votes: Vec::new(),
+                },
+            )
+            .collect();
+        for (study_id, member, decision, note, at) in vote_rows {
+            if let Some(record) = records.iter_mut().find(|r| r.id == study_id) {
+                record.votes.push(VoteRecord {
+                    member,
+                    decision,
+                    note,
+                    at,
+                });
+            }
+        }
+        Ok(records)
+    }
+
+    /// Appends a vote and sets the study's status, if the status is still
+    /// `expected`. Returns false (and changes nothing) if it was not.
+    pub fn add_vote(
+        &self,
+        id: &str,
+        vote: &VoteRecord,
+        expected: &str,
+        status: &str,
+    ) -> Result<bool> {
+        Ok(with_conn!(self.backend, |conn| conn.transaction(
+            |conn| {
+                let changed = diesel::update(
+                    studies::table
+                        .filter(studies::id.eq(id))
+                        .filter(studies::status.eq(expected)),
+                )
+                .set(studies::status.eq(status))
+                .execute(conn)?;
+                if changed == 0 {
+                    return diesel::QueryResult::Ok(false);
+                }
+                let position: i64 = votes::table
+                    .filter(votes::study_id.eq(id))
+                    .count()
+                    .get_result(conn)?;
+                diesel::insert_into(votes::table)
+                    .values((
+                        votes::study_id.eq(id),
+                        votes::position.eq(position),
+                        votes::member.eq(&vote.member),
+                        votes::decision.eq(&vote.decision),
+                        votes::note.eq(&vote.note),
+                        votes::at.eq(&vote.at),
+                    ))
+                    .execute(conn)?;
+                diesel::QueryResult::Ok(true)
+            }
+        )?))
+    }
+
+    /// Stores the latest result of one study query.
+    pub fn save_result(&self, id: &str, query: &str, run_at: &str, json: &str) -> Result<()> {
+        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+            diesel::insert_into(results::table)
+                .values((
+                    results::study_id.eq(id),
+                    results::query.eq(query),
+                    results::run_at.eq(run_at),
+                    results::result_json.eq(json),
+                ))
+                .on_conflict((results::study_id, results::query))
+                .do_update()
+                .set((
+                    results::run_at.eq(excluded(results::run_at)),
+                    results::result_json.eq(excluded(results::result_json)),
+                ))
+                .execute(conn)?;
+            diesel::update(studies::table.filter(studies::id.eq(id)))
+                .set(studies::last_run.eq(query))
+                .execute(conn)?;
+            diesel::QueryResult::Ok(())
+        })?);
+        Ok(())
+    }
+
+    /// The latest result JSON of one study query.
+    pub fn result(&self, id: &str, query: &str) -> Result<Option<String>> {
+        Ok(with_conn!(self.backend, |conn| results::table
+            .filter(results::study_id.eq(id))
+            .filter(results::query.eq(query))
+            .select(results::result_json)
+            .first::<String>(conn)
+            .optional()?))
+    }
+
+    pub fn append_audit(&self, record: &AuditRecord) -> Result<()> {
+        with_conn!(self.backend, |conn| diesel::insert_into(audit_trail::table)
+            .values((
+                audit_trail::at.eq(&record.at),
+                audit_trail::actor.eq(&record.actor),
+                audit_trail::role.eq(&record.role),
+                audit_trail::action.eq(&record.action),
+                audit_trail::study_id.eq(&record.study_id),
+                audit_trail::outcome.eq(&record.outcome),
+                audit_trail::detail.eq(&record.detail),
+            ))
+            .execute(conn)?);
+        Ok(())
+    }
+
+    /// The whole audit trail, oldest first.
+    pub fn audit(&self) -> Result<Vec<AuditRecord>> {
+        type Row = (String, String, String, String, String, String, String);
+        let rows: Vec<Row> = with_conn!(self.backend, |conn| audit_trail::table
+            .order(audit_trail::seq)
+            .select((
+                audit_trail::at,
+                audit_trail::actor,
+                audit_trail::role,
+                audit_trail::action,
+                audit_trail::study_id,
+                audit_trail::outcome,
+                audit_trail::detail,
+            ))
+            .load(conn)?);
+        Ok(rows
+            .into_iter()
+            .map(|r| AuditRecord {
+                at: r.0,
+                actor: r.1,
+                role: r.2,
+                action: r.3,
+                study_id: r.4,
+                outcome: r.5,
+                detail: r.6,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,186 @@
+//! One diesel database over two backends, for the node's and the
+//! coordinator's stores.
+//!
+//! Key decision: SQLite (a file) is the embedded default and a `postgres://`
+//! URL selects PostgreSQL; each store operation is written once and
+//! expanded for both backends by [`with_conn!`], so the backends cannot
+//! drift apart and one test suite runs on both. Migrations are embedded in
+//! each store's crate and applied when the database opens.
+
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
+use diesel::sqlite::SqliteConnection;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
+
+/// A storage failure. Messages may name tables and SQL errors, so services
+/// never forward them to a remote caller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open database {url}: {message}")]
+    Open { url: String, message: String },
+    #[error("cannot apply migrations: {0}")]
+    Migrate(String),
+    #[error("no database connection available: {0}")]
+    Pool(#[from] diesel::r2d2::PoolError),
+    #[error("database error: {0}")]
+    Query(#[from] diesel::result::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Placeholder syntax of the backend, for hand-written SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// The `n`th (1-based) bind placeholder.
+    pub fn placeholder(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => "?".to_owned(),
+            Dialect::Postgres => format!("${n}"),
+        }
+    }
+}
+
+/// A connection pool of one backend.
+#[derive(Clone)]
+pub enum Backend {
+    Sqlite(Pool<ConnectionManager<SqliteConnection>>),
+    Postgres(Pool<ConnectionManager<PgConnection>>),
+}
+
+impl Backend {
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Backend::Sqlite(_) => Dialect::Sqlite,
+            Backend::Postgres(_) => Dialect::Postgres,
+        }
+    }
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.dialect())
+    }
+}
+
+/// The migrations of one store, per backend.
+pub struct Migrations {
+    pub sqlite: EmbeddedMigrations,
+    pub postgres: EmbeddedMigrations,
+}
+
+/// Runs `$body` with `$conn` bound to a pooled connection of whichever
+/// backend `$backend` (a [`Backend`]) uses. The body is compiled once per
+/// backend; pool errors convert into the caller's error type with `?`.
+#[macro_export]
+macro_rules! with_conn {
+    ($backend:expr, |$conn:ident| $body:expr) => {
+        match &$backend {
+            $crate::Backend::Sqlite(pool) => {
+                let mut pooled = pool.get()?;
+                let $conn: &mut ::diesel::sqlite::SqliteConnection = &mut pooled;
+                $body
+            }
+            $crate::Backend::Postgres(pool) => {
+                let mut pooled = pool.get()?;
+                let $conn: &mut ::diesel::pg::PgConnection = &mut pooled;
+                $body
+            }
+        }
+    };
+}
+
+#[derive(Debug)]
+struct SqlitePragmas;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        // WAL lets readers proceed while a writer writes; case-sensitive LIKE
+        // matches PostgreSQL's semantics for code prefixes.
+        conn.batch_execute(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+             PRAGMA busy_timeout = 10000; PRAGMA case_sensitive_like = ON; \
+             PRAGMA foreign_keys = ON;",
+        )
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// A URL with any password replaced, safe to print.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Opens (creating if needed) the database at `url` and applies pending
+/// migrations. `postgres://` and `postgresql://` URLs select PostgreSQL;
+/// anything else is a SQLite file path (optionally `sqlite://path`).
+pub fn open(url: &str, migrations: Migrations) -> Result<Backend, Error> {
+    let open_err = |message: String| Error::Open {
+        url: redact_url(url),
+        message,
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let pool = Pool::builder()
+            .max_size(8)
+            .connection_timeout(Duration::from_secs(10))
+            .build(ConnectionManager::<PgConnection>::new(url))
+            .map_err(|e| open_err(e.to_string()))?;
+        let mut conn = pool.get().map_err(|e| open_err(e.to_string()))?;
+        conn.run_pending_migrations(migrations.postgres)
+            .map_err(|e| Error::Migrate(e.to_string()))?;
+        Ok(Backend::Postgres(pool))
+    } else {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        if let Some(parent) = std::path::Path::new(path).parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
+        }
+        let pool = Pool::builder()
+            .max_size(4)
+            .connection_timeout(Duration::from_secs(10))
+            .connection_customizer(Box::new(SqlitePragmas))
+            .build(ConnectionManager::<SqliteConnection>::new(path))
+            .map_err(|e| open_err(e.to_string()))?;
+        let mut conn = pool.get().map_err(|e| open_err(e.to_string()))?;
+        conn.run_pending_migrations(migrations.sqlite)
+            .map_err(|e| Error::Migrate(e.to_string()))?;
+        Ok(Backend::Sqlite(pool))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_appear_in_printed_urls() {
+        assert_eq!(
+            redact_url("postgres://ghx:s3cret@db:5432/node"),
+            "postgres://ghx:***@db:5432/node"
+        );
+        assert_eq!(
+            redact_url("postgres://ghx@db/node"),
+            "postgres://ghx@db/node"
+        );
+        assert_eq!(redact_url("/var/lib/ghx/node.db"), "/var/lib/ghx/node.db");
+    }
+}

@@ -1,0 +1,207 @@
+//! The coordinator's durable state, run against SQLite and the real
+//! PostgreSQL: committee decisions, results and the audit trail survive a
+//! restart (a new `StudyBook` over the same database).
+
+use ghx_coordinator::store::{AuditRecord, CoordinatorStore};
+use ghx_coordinator::studies::{Committee, Error, StudyBook, StudyResult, StudyStatus};
+use ghx_federation_tests::postgres::TestDatabase;
+use ghx_study::manifest::StudyManifest;
+use ghx_study::result::{AggregateResult, Cell, CellValue, NodeFailure, TotalCell};
+
+/// A database URL on one backend plus whatever keeps it alive.
+struct Fixture {
+    url: String,
+    _dir: tempfile::TempDir,
+    _pg: Option<TestDatabase>,
+}
+
+fn sqlite() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    Fixture {
+        url: dir.path().join("coordinator.db").display().to_string(),
+        _dir: dir,
+        _pg: None,
+    }
+}
+
+fn postgres() -> Fixture {
+    let db = TestDatabase::create();
+    Fixture {
+        url: db.url.clone(),
+        _dir: tempfile::tempdir().unwrap(),
+        _pg: Some(db),
+    }
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(super::sqlite()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(super::postgres()) } )*
+        }
+    };
+}
+
+suite!(
+    a_study_needs_a_quorum_of_distinct_members_then_can_be_revoked,
+    a_rejected_study_cannot_be_approved_later,
+    state_results_and_audit_survive_a_restart,
+);
+
+fn book(f: &Fixture, quorum: usize) -> StudyBook {
+    StudyBook::new(
+        Committee {
+            quorum,
+            members: vec!["kim".into(), "lee".into(), "park".into()],
+        },
+        CoordinatorStore::open(&f.url).unwrap(),
+    )
+}
+
+fn manifest() -> StudyManifest {
+    let mut m =
+        StudyManifest::parse(include_str!("../../deploy/examples/study-e11.json").as_bytes())
+            .unwrap();
+    m.requester.user = "alice".into();
+    m.requester.organisation = "Acme".into();
+    m
+}
+
+fn a_study_needs_a_quorum_of_distinct_members_then_can_be_revoked(f: Fixture) {
+    let book = book(&f, 2);
+    let id = book.submit(manifest()).unwrap();
+    assert_eq!(id, "study-0001");
+    assert_eq!(
+        book.runnable(&id).unwrap_err(),
+        Error::AwaitingQuorum(id.clone(), 0, 2)
+    );
+    assert_eq!(
+        book.approve(&id, "mallory", "").unwrap_err(),
+        Error::NotAMember("mallory".into())
+    );
+    assert_eq!(
+        book.approve(&id, "kim", "ok").unwrap().status,
+        StudyStatus::Submitted
+    );
+    assert_eq!(
+        book.approve(&id, "kim", "again").unwrap_err(),
+        Error::AlreadyVoted {
+            id: id.clone(),
+            member: "kim".into()
+        }
+    );
+    assert_eq!(
+        book.runnable(&id).unwrap_err(),
+        Error::AwaitingQuorum(id.clone(), 1, 2)
+    );
+    assert_eq!(
+        book.approve(&id, "lee", "").unwrap().status,
+        StudyStatus::Approved
+    );
+    assert!(book.runnable(&id).is_ok());
+    assert_eq!(
+        book.revoke(&id, "park", " ").unwrap_err(),
+        Error::NoReason("revocation")
+    );
+    let revoked = book
+        .revoke(&id, "park", "consent form was withdrawn")
+        .unwrap();
+    assert_eq!(revoked.status, StudyStatus::Revoked);
+    assert!(matches!(
+        book.runnable(&id).unwrap_err(),
+        Error::WrongState {
+            status: "revoked",
+            ..
+        }
+    ));
+    let decisions: Vec<(&str, &str)> = revoked
+        .votes
+        .iter()
+        .map(|v| (v.member.as_str(), v.decision.as_str()))
+        .collect();
+    assert_eq!(
+        decisions,
+        [("kim", "approve"), ("lee", "approve"), ("park", "revoke")]
+    );
+}
+
+fn a_rejected_study_cannot_be_approved_later(f: Fixture) {
+    let book = book(&f, 1);
+    let id = book.submit(manifest()).unwrap();
+    book.reject(&id, "kim", "no IRB approval for this purpose")
+        .unwrap();
+    assert!(matches!(
+        book.approve(&id, "lee", "").unwrap_err(),
+        Error::WrongState {
+            status: "rejected",
+            ..
+        }
+    ));
+    assert_eq!(
+        book.get("study-9999").unwrap_err(),
+        Error::NotFound("study-9999".into())
+    );
+    assert_eq!(book.submit(manifest()).unwrap(), "study-0002");
+}
+
+fn state_results_and_audit_survive_a_restart(f: Fixture) {
+    let result = StudyResult {
+        query: "e11-total".into(),
+        dimensions: vec![],
+        per_node: vec![AggregateResult {
+            node_id: "chosun".into(),
+            dimensions: vec![],
+            cells: vec![Cell {
+                key: vec![],
+                value: CellValue::Count(42),
+            }],
+            min_cell_size: 10,
+            notes: vec!["consent: none of 100 patients excluded".into()],
+        }],
+        failures: vec![NodeFailure {
+            node_id: "chonnam".into(),
+            reason: "no answer within 30 s".into(),
+        }],
+        total: vec![TotalCell {
+            key: vec![],
+            count: 42,
+            suppressed_at: vec![],
+        }],
+    };
+    let audit = AuditRecord {
+        at: "2026-11-25T00:00:00Z".into(),
+        actor: "kim".into(),
+        role: "committee".into(),
+        action: "approve".into(),
+        study_id: "study-0001".into(),
+        outcome: "done".into(),
+        detail: "IRB letter checked".into(),
+    };
+    let id = {
+        let book = book(&f, 1);
+        let id = book.submit(manifest()).unwrap();
+        book.approve(&id, "kim", "IRB letter checked").unwrap();
+        book.record_result(&id, &result).unwrap();
+        book.audit(audit.clone()).unwrap();
+        id
+    };
+    // A new process over the same database.
+    let book = book(&f, 1);
+    let study = book.runnable(&id).unwrap();
+    assert_eq!(study.manifest, manifest());
+    assert_eq!(study.manifest_json, manifest().canonical_json());
+    assert_eq!(book.result(&id, "").unwrap(), result);
+    assert_eq!(book.result(&id, "e11-total").unwrap(), result);
+    assert_eq!(
+        book.result(&id, "e11-by-sex-and-age").unwrap_err(),
+        Error::NoResult(id.clone())
+    );
+    assert!(matches!(
+        book.result(&id, "nope").unwrap_err(),
+        Error::NoSuchQuery { .. }
+    ));
+    assert_eq!(book.audit_trail().unwrap(), vec![audit]);
+    assert_eq!(book.list().unwrap().len(), 1);
+}
