@@ -1,8 +1,10 @@
 //! The `ghx` command's library: the in-process local federation that
-//! `ghx demo` and the whole-federation tests share, and result rendering.
+//! `ghx demo`, `ghx bench` and the whole-federation tests share, and result
+//! rendering.
 //! The binary (`main.rs`) only parses arguments and calls into the crates.
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod local_federation;
 pub mod render;

@@ -37,6 +37,9 @@ enum Command {
     Demo(DemoArgs),
     /// Write seeded synthetic FHIR R4 NDJSON for one hospital.
     Synth(SynthArgs),
+    /// Measure end-to-end federated query latency over mTLS against the
+    /// same SQL run locally (numbers only; build with --release).
+    Bench(BenchArgs),
     /// Manage the federation CA, certificates and the coordinator signing key.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -101,6 +104,21 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Synthetic patients per hospital.
+    #[arg(long, default_value_t = 100_000)]
+    patients: usize,
+    /// Measured runs per query.
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Working directory (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -482,9 +500,60 @@ fn policy(command: PolicyCommand) -> Result<()> {
     }
 }
 
+async fn bench(args: BenchArgs) -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let dir = args.dir.unwrap_or_else(|| temp.path().to_owned());
+    println!(
+        "bench: 3 nodes x {} patients, {} runs per query ({} build)",
+        args.patients,
+        args.runs,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    let report = ghx::bench::run(&ghx::bench::BenchOptions {
+        dir,
+        patients_per_node: args.patients,
+        runs: args.runs,
+        seed: args.seed,
+    })
+    .await?;
+    println!(
+        "setup (synthesise + import, 3 nodes): {:.1} s; resources: {}",
+        report.setup.as_secs_f64(),
+        report
+            .resources_per_node
+            .iter()
+            .map(|(n, r)| format!("{n} {r}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "first federated query (consent decisions evaluated for every patient): {:.1} ms",
+        report.first_query.as_secs_f64() * 1000.0
+    );
+    println!(
+        "{:<40} {:>9} {:>9} {:>9}",
+        "operation", "p50 ms", "p95 ms", "max ms"
+    );
+    for l in &report.latencies {
+        println!(
+            "{:<40} {:>9.2} {:>9.2} {:>9.2}",
+            l.name,
+            l.p50.as_secs_f64() * 1000.0,
+            l.p95.as_secs_f64() * 1000.0,
+            l.max.as_secs_f64() * 1000.0
+        );
+    }
+    Ok(())
+}
+
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Demo(args) => demo(args).await,
+        Command::Bench(args) => bench(args).await,
         Command::Synth(args) => synth(&args),
         Command::Pki(cmd) => pki(cmd),
         Command::Node(NodeCommand::Run { config }) => {

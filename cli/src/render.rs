@@ -16,6 +16,9 @@ pub fn study_table(result: &pb::StudyResult) -> String {
             let cell = node.cells.iter().find(|c| c.key == total.key);
             row.push(match cell.and_then(|c| c.value.as_ref()) {
                 Some(pb::cell::Value::Count(n)) => n.to_string(),
+                Some(pb::cell::Value::Suppressed(s)) if s.reason.starts_with("withheld") => {
+                    "x".to_owned()
+                }
                 Some(pb::cell::Value::Suppressed(_)) => format!("<{}", node.min_cell_size),
                 None => "-".to_owned(),
             });
@@ -55,7 +58,7 @@ pub fn study_table(result: &pb::StudyResult) -> String {
     }
     let legend_needed = result.total.iter().any(|t| !t.suppressed_at.is_empty());
     if legend_needed {
-        out.push_str("\n<N: suppressed at that hospital (fewer than N patients); total+ excludes suppressed parts\n");
+        out.push_str("\n<N: suppressed at that hospital (fewer than N patients); x: withheld so that a suppressed\ncell cannot be worked out from totals; total+ excludes withheld parts\n");
     }
     for node in &nodes {
         for note in &node.notes {
@@ -80,6 +83,7 @@ pub fn study_json(result: &pb::StudyResult) -> serde_json::Value {
     };
     json!({
         "study_id": result.study_id,
+        "query": result.query,
         "dimensions": result.dimensions,
         "per_node": result.per_node.iter().map(|n| json!({
             "node_id": n.node_id,
@@ -212,7 +216,8 @@ mod tests {
             female       12      30     42
             male        <10       -     0+
 
-            <N: suppressed at that hospital (fewer than N patients); total+ excludes suppressed parts
+            <N: suppressed at that hospital (fewer than N patients); x: withheld so that a suppressed
+            cell cannot be worked out from totals; total+ excludes withheld parts
             christian: did not answer: unreachable
         "#]]
         .assert_eq(&study_table(&result));

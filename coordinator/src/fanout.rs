@@ -65,6 +65,7 @@ impl NodeRegistry {
             .tls_config(self.tls.client_config(id))
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
             .timeout(self.deadline)
             .connect_lazy();
         self.nodes.write().expect("registry lock").insert(

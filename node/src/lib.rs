@@ -131,11 +131,13 @@ impl Node {
             self.policy,
         );
         tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node serving");
+        // Small request/response messages: without TCP_NODELAY, Nagle's
+        // algorithm and delayed ACKs add ~40 ms to every call.
         Server::builder()
             .tls_config(self.tls.server_config())?
             .add_service(NodeServiceServer::new(api))
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown,
             )
             .await?;

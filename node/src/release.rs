@@ -1,8 +1,10 @@
 //! Disclosure control: the only way raw counts become releasable results.
 //!
 //! Every cell whose count is below the node's minimum cell size is replaced
-//! by a suppression marker before anything leaves the node. The notes say, in
-//! aggregate terms only, how many cells were withheld and why.
+//! by a suppression marker before anything leaves the node, and enough other
+//! cells are withheld with it that no suppressed cell can be worked out from
+//! a row, column or table total (complementary suppression). The notes say,
+//! in aggregate terms only, how many cells were withheld and why.
 
 use ghx_study::query::QuerySpec;
 use ghx_study::result::{AggregateResult, Cell, CellValue};
@@ -41,7 +43,16 @@ pub fn consent_note(summary: &Summary, min_cell_size: u32) -> String {
     )
 }
 
-/// Applies small-cell suppression to raw counts.
+/// Why a released cell is withheld.
+const PRIMARY: &str = "count below the minimum cell size";
+const COMPLEMENTARY: &str =
+    "withheld to protect a suppressed cell in the same row, column or total";
+
+/// Applies small-cell suppression to raw counts, then complementary
+/// suppression so that no suppressed cell can be recovered by subtracting
+/// released cells from a margin the requester could learn (the table total,
+/// or any row or column total along any dimension, each of which another
+/// query of the same cohort could ask for).
 pub fn release(
     node_id: &str,
     spec: &QuerySpec,
@@ -49,27 +60,39 @@ pub fn release(
     min_cell_size: u32,
 ) -> AggregateResult {
     let threshold = u64::from(min_cell_size);
-    let reason = format!("count below the minimum cell size of {min_cell_size}");
-    let mut suppressed = 0usize;
     let total = raw.len();
+    let mut withheld: Vec<Option<&'static str>> = raw
+        .iter()
+        .map(|c| (c.count < threshold).then_some(PRIMARY))
+        .collect();
+    let primary = withheld.iter().filter(|w| w.is_some()).count();
+    complementary_suppression(&raw, &mut withheld);
+    let complementary = withheld.iter().filter(|w| w.is_some()).count() - primary;
     let cells = raw
         .into_iter()
-        .map(|cell| Cell {
+        .zip(&withheld)
+        .map(|(cell, why)| Cell {
             key: cell.key,
-            value: if cell.count < threshold {
-                suppressed += 1;
-                CellValue::Suppressed {
-                    reason: reason.clone(),
-                }
-            } else {
-                CellValue::Count(cell.count)
+            value: match why {
+                Some(PRIMARY) => CellValue::Suppressed {
+                    reason: format!("{PRIMARY} of {min_cell_size}"),
+                },
+                Some(reason) => CellValue::Suppressed {
+                    reason: (*reason).to_owned(),
+                },
+                None => CellValue::Count(cell.count),
             },
         })
         .collect();
     let mut notes = Vec::new();
-    if suppressed > 0 {
+    if primary > 0 {
         notes.push(format!(
-            "{suppressed} of {total} cells suppressed: {reason}"
+            "{primary} of {total} cells suppressed: {PRIMARY} of {min_cell_size}"
+        ));
+    }
+    if complementary > 0 {
+        notes.push(format!(
+            "{complementary} more cells {COMPLEMENTARY} (complementary suppression)"
         ));
     }
     AggregateResult {
@@ -82,6 +105,60 @@ pub fn release(
         cells,
         min_cell_size,
         notes,
+    }
+}
+
+/// The lines of a table a requester could learn the total of: the whole
+/// table, and for each dimension every line along it (all cells sharing
+/// the other dimensions' values). Each line is a list of cell indices.
+fn lines(raw: &[RawCell]) -> Vec<Vec<usize>> {
+    let dims = raw.first().map_or(0, |c| c.key.len());
+    let mut lines = vec![(0..raw.len()).collect::<Vec<_>>()];
+    if dims > 1 {
+        for d in 0..dims {
+            let mut by_rest: std::collections::BTreeMap<Vec<&str>, Vec<usize>> =
+                std::collections::BTreeMap::new();
+            for (i, cell) in raw.iter().enumerate() {
+                let rest: Vec<&str> = cell
+                    .key
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != d)
+                    .map(|(_, k)| k.as_str())
+                    .collect();
+                by_rest.entry(rest).or_default().push(i);
+            }
+            lines.extend(by_rest.into_values());
+        }
+    }
+    lines
+}
+
+/// Until no line holds exactly one withheld cell beside released ones,
+/// withholds the smallest released cell of such a line. Cells that are not
+/// in the table are zero and known to be so, so they protect nothing.
+fn complementary_suppression(raw: &[RawCell], withheld: &mut [Option<&'static str>]) {
+    let lines = lines(raw);
+    loop {
+        let mut changed = false;
+        for line in &lines {
+            let hidden = line.iter().filter(|i| withheld[**i].is_some()).count();
+            if hidden != 1 || line.len() < 2 {
+                continue;
+            }
+            let partner = line
+                .iter()
+                .copied()
+                .filter(|i| withheld[*i].is_none())
+                .min_by_key(|i| (raw[*i].count, raw[*i].key.clone()));
+            if let Some(partner) = partner {
+                withheld[partner] = Some(COMPLEMENTARY);
+                changed = true;
+            }
+        }
+        if !changed {
+            return;
+        }
     }
 }
 
@@ -106,14 +183,108 @@ mod tests {
             },
         ];
         let result = release("chosun", &spec, raw, 10);
-        assert_eq!(result.cells[0].value, CellValue::Count(10));
         assert!(matches!(
             result.cells[1].value,
             CellValue::Suppressed { .. }
         ));
+        // The total of a one-dimensional table is a margin: with one cell
+        // hidden, the other must be hidden too.
+        assert!(matches!(
+            result.cells[0].value,
+            CellValue::Suppressed { .. }
+        ));
         assert_eq!(
             result.notes,
-            ["1 of 2 cells suppressed: count below the minimum cell size of 10"]
+            [
+                "1 of 2 cells suppressed: count below the minimum cell size of 10",
+                "1 more cells withheld to protect a suppressed cell in the same row, column or total (complementary suppression)"
+            ]
         );
+    }
+
+    fn cell(key: &[&str], count: u64) -> RawCell {
+        RawCell {
+            key: key.iter().map(|k| (*k).to_owned()).collect(),
+            count,
+        }
+    }
+
+    #[test]
+    fn a_two_way_table_withholds_partners_in_each_row_and_column() {
+        let spec = QuerySpec::parse(
+            br#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"count","group_by":["sex","age_band"]}}"#,
+        )
+        .unwrap();
+        let raw = vec![
+            cell(&["female", "40-49"], 30),
+            cell(&["female", "50-59"], 4),
+            cell(&["female", "60-69"], 25),
+            cell(&["male", "40-49"], 20),
+            cell(&["male", "50-59"], 40),
+            cell(&["male", "60-69"], 50),
+        ];
+        let result = release("chosun", &spec, raw, 10);
+        let hidden: Vec<String> = result
+            .cells
+            .iter()
+            .filter(|c| matches!(c.value, CellValue::Suppressed { .. }))
+            .map(|c| c.key.join("/"))
+            .collect();
+        // female/50-59 (4) first needs a partner for the table total: the
+        // smallest cell, male/40-49 (20). Each of the two then needs one in
+        // its age-band column (male/50-59, female/40-49); now every row,
+        // column and the total hold two withheld cells or none.
+        assert_eq!(
+            hidden,
+            ["female/40-49", "female/50-59", "male/40-49", "male/50-59"]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_line_ever_holds_a_single_withheld_cell(
+            counts in proptest::collection::vec(0u64..40, 1..=24),
+            columns in 1usize..=6,
+        ) {
+            let spec = QuerySpec::parse(
+                br#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"count","group_by":["sex","age_band"]}}"#,
+            )
+            .unwrap();
+            // Zero cells are absent from a table, as the SQL leaves them out.
+            let raw: Vec<RawCell> = counts
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| RawCell {
+                    key: vec![format!("r{}", i / columns), format!("c{}", i % columns)],
+                    count: *n,
+                })
+                .collect();
+            let result = release("n", &spec, raw.clone(), 10);
+            let hidden: Vec<bool> = result
+                .cells
+                .iter()
+                .map(|c| matches!(c.value, CellValue::Suppressed { .. }))
+                .collect();
+            for (cell, hidden) in raw.iter().zip(&hidden) {
+                // Every small cell is withheld; every released value is exact.
+                if cell.count < 10 {
+                    proptest::prop_assert!(*hidden);
+                }
+            }
+            for (released, cell) in result.cells.iter().zip(&raw) {
+                if let CellValue::Count(n) = released.value {
+                    proptest::prop_assert_eq!(n, cell.count);
+                }
+            }
+            for line in lines(&raw) {
+                let withheld = line.iter().filter(|i| hidden[**i]).count();
+                proptest::prop_assert!(
+                    !(withheld == 1 && line.len() >= 2),
+                    "a line of {} cells holds exactly one withheld cell",
+                    line.len()
+                );
+            }
+        }
     }
 }

@@ -1,0 +1,198 @@
+//! `ghx bench query`: end-to-end latency of federated queries over mTLS on a
+//! local three-hospital federation, against the same SQL run directly on one
+//! node's database in the same run. Numbers, not a test: nothing here asserts
+//! a timing.
+
+use std::time::{Duration, Instant};
+
+use ghx_proto::v1 as pb;
+
+use crate::local_federation::{
+    self, COMMITTEE, LocalFederation, LocalFederationOptions, REQUESTER,
+};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Federation(#[from] local_federation::Error),
+    #[error("coordinator: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("a run did not complete: {0}")]
+    Incomplete(String),
+    #[error("policy: {0}")]
+    Policy(#[from] ghx_node::policy::Error),
+    #[error("query: {0}")]
+    Query(#[from] ghx_study::query::Error),
+    #[error("consent: {0}")]
+    Consent(#[from] ghx_node::consent::eligibility::Error),
+    #[error("store: {0}")]
+    Store(#[from] ghx_node::store::Error),
+    #[error("benchmark task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub dir: std::path::PathBuf,
+    pub patients_per_node: usize,
+    pub runs: usize,
+    pub seed: u64,
+}
+
+/// Latency percentiles of one measured operation.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    pub name: String,
+    pub p50: Duration,
+    pub p95: Duration,
+    pub max: Duration,
+}
+
+fn latency(name: &str, mut samples: Vec<Duration>) -> Latency {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    Latency {
+        name: name.to_owned(),
+        p50: at(0.5),
+        p95: at(0.95),
+        max: *samples.last().expect("at least one run"),
+    }
+}
+
+const COUNT: &str = r#"{"version":"ghx.query/v1",
+    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
+    "analysis":{"kind":"count"}}"#;
+const GROUPED: &str = r#"{"version":"ghx.query/v1",
+    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
+    "analysis":{"kind":"count","group_by":["sex","age_band"]}}"#;
+
+/// Everything `run` measured.
+#[derive(Debug)]
+pub struct BenchReport {
+    pub setup: Duration,
+    pub resources_per_node: Vec<(String, u64)>,
+    pub first_query: Duration,
+    pub latencies: Vec<Latency>,
+}
+
+/// Starts the federation, runs each query `runs` times end to end and as
+/// local SQL on Chosun's store, and returns the latencies.
+pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
+    let started = Instant::now();
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        dir: options.dir.clone(),
+        patients_per_node: options.patients_per_node,
+        seed: options.seed,
+        min_cell_size: 10,
+        committee_quorum: 1,
+    })
+    .await?;
+    let setup = started.elapsed();
+    let mut requester = federation.client(REQUESTER).await?;
+    let mut committee = federation.client(COMMITTEE).await?;
+    let study_id = requester
+        .submit_study(pb::SubmitStudyRequest {
+            manifest_json: local_federation::manifest_for(
+                "benchmark",
+                "HRESCH",
+                &[("count", COUNT), ("grouped", GROUPED)],
+            ),
+        })
+        .await?
+        .into_inner()
+        .study_id;
+    committee
+        .approve_study(pb::ApproveStudyRequest {
+            study_id: study_id.clone(),
+            note: String::new(),
+        })
+        .await?;
+    let run = |query: &'static str| {
+        let mut requester = requester.clone();
+        let study_id = study_id.clone();
+        async move {
+            let t = Instant::now();
+            let result = requester
+                .run_study(pb::RunStudyRequest {
+                    study_id,
+                    query: query.to_owned(),
+                })
+                .await?
+                .into_inner()
+                .result
+                .ok_or_else(|| Error::Incomplete("no result".to_owned()))?;
+            if !result.failures.is_empty() {
+                return Err(Error::Incomplete(format!(
+                    "nodes failed: {:?}",
+                    result.failures
+                )));
+            }
+            Ok::<_, Error>(t.elapsed())
+        }
+    };
+    // The first query of a consent context evaluates every patient's consent.
+    let first_query = run("count").await?;
+    run("grouped").await?;
+    let mut latencies = Vec::new();
+    for (name, query) in [("count", "count"), ("grouped", "grouped")] {
+        let mut samples = Vec::with_capacity(options.runs);
+        for _ in 0..options.runs {
+            samples.push(run(query).await?);
+        }
+        latencies.push(latency(
+            &format!("federated {name} (3 nodes, mTLS)"),
+            samples,
+        ));
+    }
+    // The same SQL straight on one node's database, consent context ready.
+    let chosun = federation
+        .nodes
+        .iter()
+        .find(|n| n.profile.id == "chosun")
+        .expect("chosun runs");
+    let store = chosun.store.clone();
+    let runs = options.runs;
+    // Chosun's own consent rules, as its node applies them.
+    let rules =
+        ghx_node::policy::PolicyDir::load(&federation.dir.join("policies").join("chosun"))?.consent;
+    let local = tokio::task::spawn_blocking(move || -> Result<Vec<Latency>, Error> {
+        use ghx_node::consent::eligibility::Eligibility;
+        let mut out = Vec::new();
+        for (name, json) in [("count", COUNT), ("grouped", GROUPED)] {
+            let spec = ghx_study::query::QuerySpec::parse(json.as_bytes())?;
+            let eligibility = Eligibility::new(rules.clone());
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let request = ghx_node::gate::consent_request("HRESCH", &spec, now);
+            let prepared = eligibility.prepare(&store, &request)?;
+            let mut samples = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                let t = Instant::now();
+                ghx_node::engine::count(
+                    &store,
+                    &spec,
+                    &prepared.context,
+                    &eligibility.rules().sensitive,
+                )?;
+                samples.push(t.elapsed());
+            }
+            out.push(latency(&format!("local SQL {name} (chosun)"), samples));
+        }
+        Ok(out)
+    })
+    .await??;
+    latencies.extend(local);
+    let resources_per_node = federation
+        .nodes
+        .iter()
+        .map(|n| (n.profile.id.to_owned(), n.import.accepted))
+        .collect();
+    federation.shutdown().await;
+    Ok(BenchReport {
+        setup,
+        resources_per_node,
+        first_query,
+        latencies,
+    })
+}
