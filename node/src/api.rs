@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::consent::eligibility::{self, Eligibility};
 use crate::policy::PolicyDir;
 use crate::store::{AuditEntry, Store};
-use crate::{engine, gate, release, store};
+use crate::{differencing, engine, gate, release, store};
 
 /// The node service, shared by all connections.
 #[derive(Clone)]
@@ -33,6 +33,8 @@ struct Inner {
     keys_dir: Option<PathBuf>,
     policy: PolicyDir,
     eligibility: Eligibility,
+    /// Serialises check-then-record of released cohorts.
+    releasing: std::sync::Mutex<()>,
 }
 
 /// Everything that can stop a request, before mapping to a status.
@@ -46,6 +48,8 @@ enum ApiError {
     Store(#[from] store::Error),
     #[error("consent evaluation: {0}")]
     Consent(#[from] eligibility::Error),
+    #[error(transparent)]
+    Differencing(#[from] differencing::Error),
     #[error("the audit log could not record this request: {0}")]
     Audit(store::Error),
     #[error("internal task failed: {0}")]
@@ -72,7 +76,11 @@ fn status(error: &ApiError) -> Status {
             | gate::Error::Manifest(_)
             | gate::Error::ClaimsDisagree { .. },
         ) => Status::permission_denied(error.to_string()),
-        ApiError::Gate(gate::Error::Policy(_) | gate::Error::Ledger(_))
+        ApiError::Differencing(differencing::Error::TooClose { .. }) => {
+            Status::permission_denied(error.to_string())
+        }
+        ApiError::Differencing(differencing::Error::Store(_))
+        | ApiError::Gate(gate::Error::Policy(_) | gate::Error::Ledger(_))
         | ApiError::Store(_)
         | ApiError::Consent(_)
         | ApiError::Audit(_)
@@ -106,6 +114,7 @@ impl NodeApi {
                 keys_dir,
                 policy,
                 eligibility,
+                releasing: std::sync::Mutex::new(()),
             }),
         }
     }
@@ -216,6 +225,29 @@ impl NodeApi {
                 &admitted.spec,
                 &prepared.context,
                 &inner.policy.consent.sensitive,
+            )?;
+            // Refuse a cohort a few patients away from one already
+            // released to the same organisation.
+            let members = engine::cohort_members(
+                &inner.store,
+                &admitted.spec,
+                &prepared.context,
+                &inner.policy.consent.sensitive,
+            )?;
+            let cohort = differencing::CohortPrint::of(&members);
+            let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
+            differencing::check(
+                &inner.store,
+                &admitted.claims.org,
+                &cohort,
+                admitted.min_cell_size,
+            )?;
+            differencing::record(
+                &inner.store,
+                &admitted.claims.org,
+                &admitted.claims.sub,
+                &entry.query_sha256,
+                &cohort,
             )?;
             let mut result =
                 release::release(&inner.node_id, &admitted.spec, raw, admitted.min_cell_size);

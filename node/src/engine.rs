@@ -30,7 +30,13 @@ pub fn count(
     consent_context: &str,
     sensitive: &SensitiveCodes,
 ) -> Result<Vec<RawCell>, store::Error> {
-    let (sql, binds) = compile_count(spec, store.dialect(), consent_context, sensitive);
+    let (sql, binds) = compile(
+        spec,
+        store.dialect(),
+        consent_context,
+        sensitive,
+        Output::Counts,
+    );
     let rows = store.grouped_count(&sql, &binds)?;
     let dimensions = spec.dimensions();
     Ok(rows
@@ -48,12 +54,41 @@ pub fn count(
         .collect())
 }
 
-/// The SQL and its binds for a count query.
-pub(crate) fn compile_count(
+/// The ids of the consenting patients in the query's cohort, before any
+/// grouping: what differencing detection compares. They never leave the
+/// node.
+pub fn cohort_members(
+    store: &Store,
+    spec: &QuerySpec,
+    consent_context: &str,
+    sensitive: &SensitiveCodes,
+) -> Result<Vec<String>, store::Error> {
+    let (sql, binds) = compile(
+        spec,
+        store.dialect(),
+        consent_context,
+        sensitive,
+        Output::Members,
+    );
+    store.patient_ids(&sql, &binds)
+}
+
+/// What a compiled query returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// Group keys and counts.
+    Counts,
+    /// The cohort's patient ids.
+    Members,
+}
+
+/// The SQL and its binds for a query.
+pub(crate) fn compile(
     spec: &QuerySpec,
     dialect: Dialect,
     consent_context: &str,
     sensitive: &SensitiveCodes,
+    output: Output,
 ) -> (String, Vec<Bind>) {
     let mut binds = Vec::new();
     let mut param = |bind: Bind| {
@@ -64,7 +99,10 @@ pub(crate) fn compile_count(
         let d = spec.cohort.as_of;
         i64::from(d.year()) * 10000 + i64::from(u8::from(d.month())) * 100 + i64::from(d.day())
     };
-    let dims = spec.dimensions();
+    let dims = match output {
+        Output::Counts => spec.dimensions(),
+        Output::Members => &[],
+    };
     let sex = if dims.contains(&Dimension::Sex) {
         "p.gender"
     } else {
@@ -84,8 +122,12 @@ pub(crate) fn compile_count(
     };
     // Only patients whose consent permits this request take part.
     let context = param(Bind::Text(consent_context.to_owned()));
+    let selected = match output {
+        Output::Counts => format!("{sex} AS k_sex, {band} AS k_band, COUNT(*) AS n"),
+        Output::Members => "p.id AS id".to_owned(),
+    };
     let mut sql = format!(
-        "SELECT {sex} AS k_sex, {band} AS k_band, COUNT(*) AS n FROM patients p \
+        "SELECT {selected} FROM patients p \
          JOIN consent_eligibility e ON e.patient_id = p.id AND e.context = {context} WHERE "
     );
     let born = param(Bind::Int(as_of));

@@ -3,9 +3,10 @@
 //! Data flow is one-way: `api` (gRPC and wire conversion) -> `gate`
 //! (caller, capability, query validity, access `policy`) -> `consent`
 //! (which patients take part) -> `engine` (SQL over the index tables) ->
-//! `store` (diesel). `release` (disclosure control) sits between
-//! engine and api: raw counts exist only inside the node, and only released
-//! results reach the api. `import` fills the store from EHR exports.
+//! `store` (diesel). Disclosure control sits between engine and api:
+//! `differencing` refuses cohorts a few patients away from earlier ones and
+//! `release` suppresses small cells; raw counts exist only inside the node,
+//! and only released results reach the api. `import` fills the store from EHR exports.
 //!
 //! Key decision: queries never read resource JSON. Import derives index rows
 //! (patients, condition codes, observation values, consents) from each
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod config;
 pub mod consent;
+pub mod differencing;
 pub mod engine;
 pub mod export;
 pub mod gate;

@@ -67,6 +67,7 @@ suite!(
     an_export_reimports_to_the_same_resources,
     an_unfinished_checkpoint_resumes_after_its_last_line,
     sensitive_diagnoses_count_only_where_consent_names_them,
+    cohorts_a_few_patients_apart_are_refused_per_organisation,
 );
 
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
@@ -668,4 +669,69 @@ fn sensitive_diagnoses_count_only_where_consent_names_them(f: Fixture) {
             .get(&ghx_node::consent::Exclusion::Withdrawn),
         Some(&1)
     );
+}
+
+fn cohorts_a_few_patients_apart_are_refused_per_organisation(f: Fixture) {
+    use ghx_node::consent::eligibility::Eligibility;
+    use ghx_node::differencing::{self, CohortPrint};
+    let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+    let data = f.dir.path().join("differencing");
+    std::fs::create_dir_all(&data).unwrap();
+    // Fifteen consenting diabetics born 1980..1994: one per birth year.
+    let mut patients = Vec::new();
+    let mut conditions = Vec::new();
+    let mut consents = Vec::new();
+    for i in 0..15 {
+        patients.push(format!(
+            r#"{{"resourceType":"Patient","id":"d{i}","gender":"female","birthDate":"{}-03-01"}}"#,
+            1980 + i
+        ));
+        conditions.push(format!(
+            r#"{{"resourceType":"Condition","id":"dc{i}","subject":{{"reference":"Patient/d{i}"}},"code":{{"coding":[{{"system":"{kcd}","code":"E11.9"}}]}}}}"#
+        ));
+        consents.push(
+            CONSENTED
+                .replace("\"k1\"", &format!("\"dk{i}\""))
+                .replace("Patient/v1", &format!("Patient/d{i}")),
+        );
+    }
+    std::fs::write(data.join("Patient.ndjson"), patients.join("\n")).unwrap();
+    std::fs::write(data.join("Condition.ndjson"), conditions.join("\n")).unwrap();
+    std::fs::write(data.join("Consent.ndjson"), consents.join("\n")).unwrap();
+    let report = import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+
+    let eligibility = Eligibility::new(consented::opt_in());
+    // Ages at 2026-06-01 run from 32 (born 1994) to 46 (born 1980).
+    let cohort = |max_age: u32| {
+        let json = format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-06-01","conditions":[{{"system":"{kcd}","code":"E11","match":"prefix"}}],"age":{{"max":{max_age}}}}},"analysis":{{"kind":"count"}}}}"#
+        );
+        let spec = QuerySpec::parse(json.as_bytes()).unwrap();
+        let request = ghx_node::gate::consent_request("HRESCH", &spec, 1_780_272_000);
+        let prepared = eligibility.prepare(&f.store, &request).unwrap();
+        let members = ghx_node::engine::cohort_members(
+            &f.store,
+            &spec,
+            &prepared.context,
+            &eligibility.rules().sensitive,
+        )
+        .unwrap();
+        CohortPrint::of(&members)
+    };
+    let all = cohort(99);
+    assert_eq!(all.len(), 15);
+    differencing::check(&f.store, "Acme", &all, 10).unwrap();
+    differencing::record(&f.store, "Acme", "study-0001", "q1", &all).unwrap();
+    // The same cohort again reveals nothing new.
+    differencing::check(&f.store, "Acme", &cohort(99), 10).unwrap();
+    // One patient fewer (the oldest) is refused, without saying how many.
+    let err = differencing::check(&f.store, "Acme", &cohort(45), 10).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the cohort differs from one already released to Acme by fewer than 10 patients (differencing)"
+    );
+    // Ten fewer is far enough; another organisation has no earlier cohort.
+    differencing::check(&f.store, "Acme", &cohort(36), 10).unwrap();
+    differencing::check(&f.store, "Other Org", &cohort(45), 10).unwrap();
 }

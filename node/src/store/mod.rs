@@ -23,7 +23,7 @@ use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use schema::{
     audit_log, capability_uses, code_map, condition_codes, consent_contexts, consent_eligibility,
     consents, encounters, import_checkpoints, medication_codes, node_state, observation_values,
-    patients, resource_history, resources, revoked_studies,
+    patients, released_cohorts, resource_history, resources, revoked_studies,
 };
 
 /// The `node_state` key of the consent generation.
@@ -793,6 +793,22 @@ impl Store {
 
     /// Runs a grouped count compiled by the engine.
     pub fn grouped_count(&self, sql: &str, binds: &[Bind]) -> Result<Vec<GroupCount>> {
+        self.run_compiled(sql, binds)
+    }
+
+    /// Runs a patient-id query compiled by the engine.
+    pub fn patient_ids(&self, sql: &str, binds: &[Bind]) -> Result<Vec<String>> {
+        Ok(self
+            .run_compiled::<PatientId>(sql, binds)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect())
+    }
+
+    fn run_compiled<T>(&self, sql: &str, binds: &[Bind]) -> Result<Vec<T>>
+    where
+        T: QueryableByName<diesel::sqlite::Sqlite> + QueryableByName<diesel::pg::Pg> + 'static,
+    {
         macro_rules! run {
             ($conn:ident, $db:ty) => {{
                 let mut query = diesel::sql_query(sql).into_boxed::<$db>();
@@ -803,7 +819,7 @@ impl Store {
                         Bind::Float(f) => query.bind::<diesel::sql_types::Double, _>(*f),
                     };
                 }
-                query.load::<GroupCount>($conn)?
+                query.load::<T>($conn)?
             }};
         }
         Ok(match &self.backend {
@@ -818,6 +834,43 @@ impl Store {
                 run!(conn, diesel::pg::Pg)
             }
         })
+    }
+
+    /// Released cohorts of `organisation` whose size is within `radius` of
+    /// `size`: the only ones that can differ from a cohort of that size by
+    /// fewer than `radius` patients.
+    pub fn cohorts_near(&self, organisation: &str, size: i64, radius: i64) -> Result<Vec<Vec<u8>>> {
+        Ok(with_conn!(self.backend, |conn| released_cohorts::table
+            .filter(released_cohorts::organisation.eq(organisation))
+            .filter(released_cohorts::size.gt(size - radius))
+            .filter(released_cohorts::size.lt(size + radius))
+            .select(released_cohorts::members)
+            .load::<Vec<u8>>(conn)?))
+    }
+
+    /// Records a released cohort.
+    pub fn record_cohort(
+        &self,
+        organisation: &str,
+        study_id: &str,
+        query_sha256: &str,
+        size: i64,
+        members: &[u8],
+    ) -> Result<()> {
+        let now = now_rfc3339();
+        with_conn!(self.backend, |conn| diesel::insert_into(
+            released_cohorts::table
+        )
+        .values((
+            released_cohorts::organisation.eq(organisation),
+            released_cohorts::study_id.eq(study_id),
+            released_cohorts::query_sha256.eq(query_sha256),
+            released_cohorts::released_at.eq(&now),
+            released_cohorts::size.eq(size),
+            released_cohorts::members.eq(members),
+        ))
+        .execute(conn)?);
+        Ok(())
     }
 
     /// Appends one audit entry and returns its sequence number.
@@ -910,6 +963,13 @@ pub enum Bind {
     Text(String),
     Int(i64),
     Float(f64),
+}
+
+/// One row of a cohort-members query.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct PatientId {
+    #[diesel(sql_type = Text)]
+    pub id: String,
 }
 
 /// One row of a grouped count: the group's key columns and its size.

@@ -164,3 +164,15 @@ diesel::table! {
         reason -> Text,
     }
 }
+
+diesel::table! {
+    released_cohorts (seq) {
+        seq -> BigInt,
+        organisation -> Text,
+        study_id -> Text,
+        query_sha256 -> Text,
+        released_at -> Text,
+        size -> BigInt,
+        members -> Binary,
+    }
+}

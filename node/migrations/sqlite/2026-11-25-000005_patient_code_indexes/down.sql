@@ -1,0 +1,2 @@
+DROP INDEX observation_values_by_patient;
+DROP INDEX condition_codes_by_patient;
