@@ -178,6 +178,23 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
                 samples.push(t.elapsed());
             }
             out.push(latency(&format!("local SQL {name} (chosun)"), samples));
+            // What a node runs per query: one pass for members, counted in
+            // Rust, plus the cohort print differencing compares.
+            let mut samples = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                let t = Instant::now();
+                let members = ghx_node::engine::cohort_members(
+                    &store,
+                    &spec,
+                    &prepared.context,
+                    &eligibility.rules().sensitive,
+                )?;
+                ghx_node::engine::count_members(&spec, &members);
+                let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
+                ghx_node::differencing::CohortPrint::of(&ids);
+                samples.push(t.elapsed());
+            }
+            out.push(latency(&format!("node work {name} (chosun)"), samples));
         }
         Ok(out)
     })

@@ -220,12 +220,6 @@ impl NodeApi {
             let prepared = inner.eligibility.prepare(&inner.store, &admitted.consent)?;
             entry.consent_excluded =
                 i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
-            let raw = engine::count(
-                &inner.store,
-                &admitted.spec,
-                &prepared.context,
-                &inner.policy.consent.sensitive,
-            )?;
             // Refuse a cohort a few patients away from one already
             // released to the same organisation.
             let members = engine::cohort_members(
@@ -234,7 +228,11 @@ impl NodeApi {
                 &prepared.context,
                 &inner.policy.consent.sensitive,
             )?;
-            let cohort = differencing::CohortPrint::of(&members);
+            // One SQL pass: the members give both the counts and the
+            // cohort print.
+            let raw = engine::count_members(&admitted.spec, &members);
+            let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
+            let cohort = differencing::CohortPrint::of(&ids);
             let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
             differencing::check(
                 &inner.store,

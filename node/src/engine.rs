@@ -8,6 +8,7 @@
 use ghx_study::query::{CodeMatch, Dimension, QuerySpec};
 
 use crate::consent::SensitiveCodes;
+pub use crate::store::Member;
 use crate::store::{self, Bind, Dialect, Store};
 use crate::terminology;
 
@@ -54,15 +55,15 @@ pub fn count(
         .collect())
 }
 
-/// The ids of the consenting patients in the query's cohort, before any
-/// grouping: what differencing detection compares. They never leave the
-/// node.
+/// The consenting patients of the query's cohort, before any grouping,
+/// with what grouping needs: what differencing detection compares and what
+/// [`count_members`] counts. They never leave the node.
 pub fn cohort_members(
     store: &Store,
     spec: &QuerySpec,
     consent_context: &str,
     sensitive: &SensitiveCodes,
-) -> Result<Vec<String>, store::Error> {
+) -> Result<Vec<Member>, store::Error> {
     let (sql, binds) = compile(
         spec,
         store.dialect(),
@@ -70,7 +71,53 @@ pub fn cohort_members(
         sensitive,
         Output::Members,
     );
-    store.patient_ids(&sql, &binds)
+    store.cohort_rows(&sql, &binds)
+}
+
+/// The same raw cells as [`count`], computed from the cohort's members, so
+/// a node that needs the members anyway runs one SQL pass, not two.
+pub fn count_members(spec: &QuerySpec, members: &[Member]) -> Vec<RawCell> {
+    let dimensions = spec.dimensions();
+    let as_of = ymd(spec.cohort.as_of);
+    let mut groups: std::collections::BTreeMap<(String, i64), u64> =
+        std::collections::BTreeMap::new();
+    for m in members {
+        let sex = if dimensions.contains(&Dimension::Sex) {
+            m.gender.clone()
+        } else {
+            String::new()
+        };
+        let band = if dimensions.contains(&Dimension::AgeBand) {
+            match m.birth_ymd {
+                None => -1,
+                Some(birth) => ((as_of - birth) / 10000 / 10).min(9),
+            }
+        } else {
+            0
+        };
+        *groups.entry((sex, band)).or_default() += 1;
+    }
+    if members.is_empty() && dimensions.is_empty() {
+        groups.insert((String::new(), 0), 0);
+    }
+    groups
+        .into_iter()
+        .map(|((sex, band), count)| RawCell {
+            key: dimensions
+                .iter()
+                .map(|d| match d {
+                    Dimension::Sex => sex.clone(),
+                    Dimension::AgeBand => ghx_study::query::age_band_label(band),
+                })
+                .collect(),
+            count,
+        })
+        .collect()
+}
+
+/// A date as the integer YYYYMMDD the index tables use.
+fn ymd(d: time::Date) -> i64 {
+    i64::from(d.year()) * 10000 + i64::from(u8::from(d.month())) * 100 + i64::from(d.day())
 }
 
 /// What a compiled query returns.
@@ -95,10 +142,7 @@ pub(crate) fn compile(
         binds.push(bind);
         dialect.placeholder(binds.len())
     };
-    let as_of = {
-        let d = spec.cohort.as_of;
-        i64::from(d.year()) * 10000 + i64::from(u8::from(d.month())) * 100 + i64::from(d.day())
-    };
+    let as_of = ymd(spec.cohort.as_of);
     let dims = match output {
         Output::Counts => spec.dimensions(),
         Output::Members => &[],
@@ -124,7 +168,7 @@ pub(crate) fn compile(
     let context = param(Bind::Text(consent_context.to_owned()));
     let selected = match output {
         Output::Counts => format!("{sex} AS k_sex, {band} AS k_band, COUNT(*) AS n"),
-        Output::Members => "p.id AS id".to_owned(),
+        Output::Members => "p.id AS id, p.gender AS gender, p.birth_ymd AS birth_ymd".to_owned(),
     };
     let mut sql = format!(
         "SELECT {selected} FROM patients p \

@@ -68,6 +68,7 @@ suite!(
     an_unfinished_checkpoint_resumes_after_its_last_line,
     sensitive_diagnoses_count_only_where_consent_names_them,
     cohorts_a_few_patients_apart_are_refused_per_organisation,
+    counting_members_equals_counting_in_sql,
 );
 
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
@@ -717,7 +718,8 @@ fn cohorts_a_few_patients_apart_are_refused_per_organisation(f: Fixture) {
             &eligibility.rules().sensitive,
         )
         .unwrap();
-        CohortPrint::of(&members)
+        let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
+        CohortPrint::of(&ids)
     };
     let all = cohort(99);
     assert_eq!(all.len(), 15);
@@ -734,4 +736,33 @@ fn cohorts_a_few_patients_apart_are_refused_per_organisation(f: Fixture) {
     // Ten fewer is far enough; another organisation has no earlier cohort.
     differencing::check(&f.store, "Acme", &cohort(36), 10).unwrap();
     differencing::check(&f.store, "Other Org", &cohort(45), 10).unwrap();
+}
+
+fn counting_members_equals_counting_in_sql(f: Fixture) {
+    use ghx_node::consent::eligibility::Eligibility;
+    let data = f.dir.path().join("members");
+    synth(&data, "christian", 400);
+    import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+    let eligibility = Eligibility::new(consented::opt_in());
+    let queries = [
+        format!(r#""conditions":[{{"system":"{kcd}","code":"E11","match":"prefix"}}]}},"analysis":{{"kind":"count","group_by":["sex","age_band"]}}"#),
+        format!(r#""conditions":[{{"system":"{kcd}","code":"I10"}}]}},"analysis":{{"kind":"count","group_by":["age_band"]}}"#),
+        r#""observations":[{"system":"http://loinc.org","code":"4548-4","min":6.5}],"age":{"min":40,"max":69}},"analysis":{"kind":"count","group_by":["sex"]}"#.to_owned(),
+        r#""age":{"min":50}},"analysis":{"kind":"count"}"#.to_owned(),
+        format!(r#""conditions":[{{"system":"{kcd}","code":"Z99"}}]}},"analysis":{{"kind":"count"}}"#),
+        format!(r#""conditions":[{{"system":"{kcd}","code":"Z99"}}]}},"analysis":{{"kind":"count","group_by":["sex"]}}"#),
+    ];
+    for q in queries {
+        let json = format!(r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01",{q}}}"#);
+        let spec = QuerySpec::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}: {json}"));
+        let request = ghx_node::gate::consent_request("HRESCH", &spec, 1_780_272_000);
+        let prepared = eligibility.prepare(&f.store, &request).unwrap();
+        let sensitive = &eligibility.rules().sensitive;
+        let sql = ghx_node::engine::count(&f.store, &spec, &prepared.context, sensitive).unwrap();
+        let members =
+            ghx_node::engine::cohort_members(&f.store, &spec, &prepared.context, sensitive)
+                .unwrap();
+        assert_eq!(ghx_node::engine::count_members(&spec, &members), sql, "{q}");
+    }
 }

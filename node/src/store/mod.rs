@@ -796,13 +796,9 @@ impl Store {
         self.run_compiled(sql, binds)
     }
 
-    /// Runs a patient-id query compiled by the engine.
-    pub fn patient_ids(&self, sql: &str, binds: &[Bind]) -> Result<Vec<String>> {
-        Ok(self
-            .run_compiled::<PatientId>(sql, binds)?
-            .into_iter()
-            .map(|r| r.id)
-            .collect())
+    /// Runs a cohort-members query compiled by the engine.
+    pub fn cohort_rows(&self, sql: &str, binds: &[Bind]) -> Result<Vec<Member>> {
+        self.run_compiled(sql, binds)
     }
 
     fn run_compiled<T>(&self, sql: &str, binds: &[Bind]) -> Result<Vec<T>>
@@ -965,11 +961,15 @@ pub enum Bind {
     Float(f64),
 }
 
-/// One row of a cohort-members query.
+/// One patient of a cohort, with what grouping needs.
 #[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
-pub struct PatientId {
+pub struct Member {
     #[diesel(sql_type = Text)]
     pub id: String,
+    #[diesel(sql_type = Text)]
+    pub gender: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    pub birth_ymd: Option<i64>,
 }
 
 /// One row of a grouped count: the group's key columns and its size.
