@@ -369,12 +369,18 @@ impl Store {
             }
 
             // Index rows of every written or deleted resource are replaced whole.
+            // Only resources stored before this batch can have index rows:
+            // deleting by id for new ones would cost a lookup per row for
+            // nothing (on PostgreSQL, before statistics exist, a scan).
             let mut stale: BTreeMap<&str, Vec<&str>> = deleted.clone();
+            let mut touched: std::collections::BTreeSet<&str> = deleted.keys().copied().collect();
             for (item, _) in &writes {
-                stale
-                    .entry(&item.resource.resource_type)
-                    .or_default()
-                    .push(&item.resource.id);
+                let r = &item.resource;
+                touched.insert(&r.resource_type);
+                if batch.reindex || existing.contains_key(&(r.resource_type.clone(), r.id.clone()))
+                {
+                    stale.entry(&r.resource_type).or_default().push(&r.id);
+                }
             }
             for (ty, ids) in &stale {
                 for chunk in ids.chunks(INSERT_CHUNK) {
@@ -414,7 +420,7 @@ impl Store {
             insert_index_rows!(conn, &items);
             // Consent decisions depend on patients and consents: any change
             // to either retires every decision computed before this batch.
-            if stale.contains_key("Patient") || stale.contains_key("Consent") {
+            if touched.contains("Patient") || touched.contains("Consent") {
                 diesel::update(node_state::table.filter(node_state::key.eq(CONSENT_GENERATION)))
                     .set(node_state::value.eq(node_state::value + 1))
                     .execute(conn)?;
