@@ -8,7 +8,6 @@ use ghx_pki::{PeerIdentity, Role};
 use ghx_proto::v1 as pb;
 use ghx_study::capability::{self, Signer};
 use ghx_study::manifest::{self, StudyManifest};
-use ghx_study::query;
 use ghx_study::result::{AggregateResult, CellValue, combine};
 use tonic::{Request, Response, Status};
 
@@ -43,8 +42,6 @@ enum ApiError {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
-    Query(#[from] query::Error),
-    #[error(transparent)]
     Manifest(#[from] manifest::Error),
     #[error(transparent)]
     Study(#[from] studies::Error),
@@ -62,10 +59,9 @@ fn status(error: ApiError) -> Status {
     match error {
         ApiError::Identity(_) => Status::unauthenticated(message),
         ApiError::Role { .. } | ApiError::NotOwner(_) => Status::permission_denied(message),
-        ApiError::Invalid(_)
-        | ApiError::Query(_)
-        | ApiError::Manifest(_)
-        | ApiError::Registry(_) => Status::invalid_argument(message),
+        ApiError::Invalid(_) | ApiError::Manifest(_) | ApiError::Registry(_) => {
+            Status::invalid_argument(message)
+        }
         ApiError::Study(studies::Error::NotFound(_)) => Status::not_found(message),
         ApiError::Study(studies::Error::Store(_)) => {
             tracing::error!(error = %message, "coordinator database failure");
@@ -142,6 +138,24 @@ impl CoordinatorApi {
             detail,
         })?;
         outcome
+    }
+
+    /// Audits a committee decision and answers with the study as it now stands.
+    fn decided(
+        &self,
+        caller: &PeerIdentity,
+        action: &str,
+        study_id: &str,
+        note: &str,
+        outcome: Result<studies::Study, ApiError>,
+    ) -> Result<Response<pb::StudySummary>, Status> {
+        let study = self
+            .audited(caller, action, study_id, note, outcome)
+            .map_err(status)?;
+        Ok(Response::new(summary_to_wire(
+            &study,
+            self.inner.studies.committee().quorum,
+        )))
     }
 
     /// The coordinator's audit trail (for tests and auditors).
@@ -471,20 +485,13 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
                     .studies
                     .approve(&message.study_id, &caller.name, &message.note)?)
             });
-        let study = self
-            .audited(
-                &caller,
-                "approve",
-                &message.study_id,
-                &message.note,
-                outcome,
-            )
-            .map_err(status)?;
-        tracing::info!(study = %message.study_id, by = %caller.name, status = study.status.name(), "approval recorded");
-        Ok(Response::new(summary_to_wire(
-            &study,
-            self.inner.studies.committee().quorum,
-        )))
+        self.decided(
+            &caller,
+            "approve",
+            &message.study_id,
+            &message.note,
+            outcome,
+        )
     }
 
     async fn reject_study(
@@ -500,19 +507,13 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
                     .studies
                     .reject(&message.study_id, &caller.name, &message.reason)?)
             });
-        let study = self
-            .audited(
-                &caller,
-                "reject",
-                &message.study_id,
-                &message.reason,
-                outcome,
-            )
-            .map_err(status)?;
-        Ok(Response::new(summary_to_wire(
-            &study,
-            self.inner.studies.committee().quorum,
-        )))
+        self.decided(
+            &caller,
+            "reject",
+            &message.study_id,
+            &message.reason,
+            outcome,
+        )
     }
 
     async fn revoke_study(
@@ -523,19 +524,13 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
         let message = request.into_inner();
         let outcome =
             CoordinatorApi::revoke_study(self, &caller, &message.study_id, &message.reason).await;
-        let study = self
-            .audited(
-                &caller,
-                "revoke",
-                &message.study_id,
-                &message.reason,
-                outcome,
-            )
-            .map_err(status)?;
-        Ok(Response::new(summary_to_wire(
-            &study,
-            self.inner.studies.committee().quorum,
-        )))
+        self.decided(
+            &caller,
+            "revoke",
+            &message.study_id,
+            &message.reason,
+            outcome,
+        )
     }
 
     async fn run_study(

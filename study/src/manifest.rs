@@ -131,15 +131,9 @@ fn invalid(field: &str, problem: impl Into<String>) -> Error {
 impl StudyManifest {
     /// Parses and validates a manifest document.
     pub fn parse(json: &[u8]) -> Result<Self, Error> {
-        #[derive(Deserialize)]
-        struct Versioned {
-            version: Option<String>,
-        }
-        let versioned: Versioned =
-            serde_json::from_slice(json).map_err(|e| Error::Syntax(e.to_string()))?;
-        match versioned.version.as_deref() {
-            Some(VERSION) => {}
-            Some(other) => return Err(Error::Version(other.to_owned())),
+        match query::declared_version(json).map_err(Error::Syntax)? {
+            Some(v) if v == VERSION => {}
+            Some(other) => return Err(Error::Version(other)),
             None => return Err(Error::Syntax("missing field `version`".to_owned())),
         }
         let manifest: StudyManifest =

@@ -156,15 +156,9 @@ impl QuerySpec {
     pub fn parse(json: &[u8]) -> Result<Self, Error> {
         // Check the version first so an old or new document gets a version
         // error rather than a confusing field error.
-        #[derive(Deserialize)]
-        struct Versioned {
-            version: Option<String>,
-        }
-        let versioned: Versioned =
-            serde_json::from_slice(json).map_err(|e| Error::Syntax(e.to_string()))?;
-        match versioned.version.as_deref() {
-            Some(VERSION) => {}
-            Some(other) => return Err(Error::Version(other.to_owned())),
+        match declared_version(json).map_err(Error::Syntax)? {
+            Some(v) if v == VERSION => {}
+            Some(other) => return Err(Error::Version(other)),
             None => return Err(Error::Syntax("missing field `version`".to_owned())),
         }
         let spec: QuerySpec =
@@ -279,6 +273,19 @@ fn check_code(system: &str, code: &str) -> Result<(), &'static str> {
         return Err("code must be 1-32 characters of letters, digits, '.' and '-'");
     }
     Ok(())
+}
+
+/// The `version` a versioned JSON document declares, read before the rest
+/// so that a document of another version gets a version error rather than
+/// a confusing field error.
+pub(crate) fn declared_version(json: &[u8]) -> Result<Option<String>, String> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: Option<String>,
+    }
+    serde_json::from_slice::<Versioned>(json)
+        .map(|v| v.version)
+        .map_err(|e| e.to_string())
 }
 
 /// Hex SHA-256 of query bytes, as bound in a capability.
