@@ -27,6 +27,9 @@ pub const SIGNING_KID: &str = "coordinator-local-1";
 /// The requester and committee member the local federation issues for.
 pub const REQUESTER: &str = "demo-requester";
 pub const COMMITTEE: &str = "demo-committee";
+/// A requester from an academic organisation, whom hospital policies allow
+/// more than a company (e.g. three-way tables at Chosun).
+pub const RESEARCHER: &str = "demo-researcher";
 /// A second committee member, for quorums of two.
 pub const COMMITTEE_2: &str = "demo-committee-2";
 
@@ -131,6 +134,14 @@ pub fn provision_pki(dir: &Path) -> Result<PkiDir, Error> {
     pki.issue(
         &ca,
         &CertificateRequest::new(REQUESTER, Role::Requester, "Gwangju Health Startup"),
+    )?;
+    pki.issue(
+        &ca,
+        &CertificateRequest::new(
+            RESEARCHER,
+            Role::Requester,
+            "Chonnam National University Medical School",
+        ),
     )?;
     for member in [COMMITTEE, COMMITTEE_2] {
         pki.issue(
@@ -321,6 +332,16 @@ pub async fn connect_coordinator(
 /// cell size of 10, no privacy budget, and is valid from a month ago for a
 /// year, so demos and tests never depend on the calendar.
 pub fn manifest_for(title: &str, purpose: &str, queries: &[(&str, &str)]) -> Vec<u8> {
+    manifest_with_budget(title, purpose, queries, 0.0)
+}
+
+/// [`manifest_for`] with a differential-privacy budget (epsilon per node).
+pub fn manifest_with_budget(
+    title: &str,
+    purpose: &str,
+    queries: &[(&str, &str)],
+    privacy_budget: f64,
+) -> Vec<u8> {
     use ghx_study::query::QuerySpec;
     let today = time::OffsetDateTime::now_utc().date();
     let date = |d: time::Date| format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day());
@@ -330,12 +351,9 @@ pub fn manifest_for(title: &str, purpose: &str, queries: &[(&str, &str)]) -> Vec
     for (name, json) in queries {
         let spec = QuerySpec::parse(json.as_bytes()).expect("a valid query");
         resource_types.extend(spec.resource_types());
-        for c in &spec.cohort.conditions {
+        for c in spec.codes_read() {
             codes
                 .push(serde_json::json!({"system": c.system, "code": c.code, "match": c.matching}));
-        }
-        for o in &spec.cohort.observations {
-            codes.push(serde_json::json!({"system": o.system, "code": o.code}));
         }
         named.push(serde_json::json!({"name": name, "query": spec}));
     }
@@ -351,7 +369,7 @@ pub fn manifest_for(title: &str, purpose: &str, queries: &[(&str, &str)]) -> Vec
         "data": {"resource_types": resource_types, "codes": codes},
         "queries": named,
         "min_cell_size": {"default": 10},
-        "privacy_budget": 0.0,
+        "privacy_budget": privacy_budget,
         "valid_from": date(today - time::Duration::days(30)),
         "valid_until": date(today + time::Duration::days(365)),
     })

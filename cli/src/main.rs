@@ -1071,10 +1071,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
     let mut requester = federation.client(REQUESTER).await?;
     let study_id = requester
         .submit_study(pb::SubmitStudyRequest {
-            manifest_json: local_federation::manifest_for(
+            manifest_json: local_federation::manifest_with_budget(
                 "Type 2 diabetes (KCD-8 E11) by sex and age band",
                 "HRESCH",
-                &[("e11-by-sex-and-age", DEMO_QUERY)],
+                &demo_queries(),
+                0.5,
             ),
         })
         .await
@@ -1130,10 +1131,52 @@ async fn demo(args: DemoArgs) -> Result<()> {
         .result
         .context("the coordinator returned no result")?;
     print_result(&result, args.json);
+    let mut failures = result.failures.len();
+    for (name, _) in demo_queries().iter().skip(1) {
+        println!("\n{REQUESTER} runs {name}\n");
+        let result = requester
+            .run_study(pb::RunStudyRequest {
+                study_id: study_id.clone(),
+                query: (*name).to_owned(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .result
+            .context("the coordinator returned no result")?;
+        print_result(&result, args.json);
+        failures += result.failures.len();
+    }
     federation.shutdown().await;
     println!("\nDone in {:.1} s.", started.elapsed().as_secs_f64());
-    if !result.failures.is_empty() {
-        bail!("{} node(s) did not answer", result.failures.len());
+    if failures > 0 {
+        bail!("{failures} node answer(s) missing");
     }
     Ok(())
+}
+
+/// The demo study's queries: the count by sex and age band, then the
+/// statistics of `deploy/examples/study-e11-statistics.json`.
+fn demo_queries() -> Vec<(&'static str, &'static str)> {
+    static STATISTICS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    let statistics = STATISTICS.get_or_init(|| {
+        let manifest: serde_json::Value = serde_json::from_str(include_str!(
+            "../../deploy/examples/study-e11-statistics.json"
+        ))
+        .expect("the example manifest is JSON");
+        manifest["queries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|q| {
+                (
+                    q["name"].as_str().unwrap_or_default().to_owned(),
+                    q["query"].to_string(),
+                )
+            })
+            .collect()
+    });
+    std::iter::once(("e11-by-sex-and-age", DEMO_QUERY))
+        .chain(statistics.iter().map(|(n, q)| (n.as_str(), q.as_str())))
+        .collect()
 }

@@ -16,6 +16,8 @@ pub fn study_table(result: &pb::StudyResult) -> String {
             let cell = node.cells.iter().find(|c| c.key == total.key);
             row.push(match cell.and_then(|c| c.value.as_ref()) {
                 Some(pb::cell::Value::Count(n)) => n.to_string(),
+                Some(pb::cell::Value::Summary(m)) => moments(m, false),
+                Some(pb::cell::Value::Rate(r)) => rate(r, result.rate_per),
                 Some(pb::cell::Value::Suppressed(s)) if s.reason.starts_with("withheld") => {
                     "x".to_owned()
                 }
@@ -28,7 +30,11 @@ pub fn study_table(result: &pb::StudyResult) -> String {
         } else {
             "+"
         };
-        row.push(format!("{}{partial}", total.count));
+        row.push(match (&total.summary, &total.rate) {
+            (Some(m), _) => format!("{}{partial}", moments(m, true)),
+            (_, Some(r)) => format!("{}{partial}", rate(r, result.rate_per)),
+            _ => format!("{}{partial}", total.count),
+        });
         rows.push(row);
     }
     let dims = result.dimensions.len();
@@ -60,6 +66,31 @@ pub fn study_table(result: &pb::StudyResult) -> String {
     if legend_needed {
         out.push_str("\n<N: suppressed at that hospital (fewer than N patients); x: withheld so that a suppressed\ncell cannot be worked out from totals; total+ excludes withheld parts\n");
     }
+    if result.rate_per > 0 {
+        out.push_str(&format!(
+            "rates are events per {} patients (events/patients)\n",
+            result.rate_per
+        ));
+    }
+    if result.total.iter().any(|t| t.summary.is_some()) {
+        out.push_str("summaries are mean±sd (n; min..max where released)\n");
+    }
+    for q in &result.quantiles {
+        let group = if q.group.is_empty() {
+            "all".to_owned()
+        } else {
+            q.group.join("/")
+        };
+        let value = q
+            .value
+            .map_or_else(|| "in an open-ended bin".to_owned(), |v| format!("{v:.3}"));
+        let partial = if q.partial {
+            " (partial: some bins withheld)"
+        } else {
+            ""
+        };
+        out.push_str(&format!("quantile {} of {group}: {value}{partial}\n", q.q));
+    }
     for node in &nodes {
         for note in &node.notes {
             out.push_str(&format!("{}: {note}\n", node.node_id));
@@ -74,11 +105,43 @@ pub fn study_table(result: &pb::StudyResult) -> String {
     out
 }
 
+/// A summary cell: mean±sd (n), with the range when released and asked for.
+fn moments(m: &pb::Moments, with_range: bool) -> String {
+    let sd = if m.n > 1 {
+        format!("±{:.2}", (m.m2.max(0.0) / (m.n - 1) as f64).sqrt())
+    } else {
+        String::new()
+    };
+    let range = match (with_range, m.min, m.max) {
+        (true, Some(lo), Some(hi)) => format!("; {lo}..{hi}"),
+        _ => String::new(),
+    };
+    format!("{:.2}{sd} (n={}{range})", m.mean, m.n)
+}
+
+/// A rate cell: events per `per` patients, with its two counts.
+fn rate(r: &pb::RateCounts, per: u32) -> String {
+    if r.population == 0 {
+        return "- (0/0)".to_owned();
+    }
+    let value = r.events as f64 * f64::from(per.max(1)) / r.population as f64;
+    format!("{value:.1} ({}/{})", r.events, r.population)
+}
+
+fn moments_json(m: &pb::Moments) -> serde_json::Value {
+    let sd = (m.n > 1).then(|| (m.m2.max(0.0) / (m.n - 1) as f64).sqrt());
+    json!({"n": m.n, "mean": m.mean, "sd": sd, "m2": m.m2, "min": m.min, "max": m.max})
+}
+
 /// The same result as JSON.
 pub fn study_json(result: &pb::StudyResult) -> serde_json::Value {
     let cell = |c: &pb::Cell| match &c.value {
         Some(pb::cell::Value::Count(n)) => json!({"key": c.key, "count": n}),
         Some(pb::cell::Value::Suppressed(s)) => json!({"key": c.key, "suppressed": s.reason}),
+        Some(pb::cell::Value::Summary(m)) => json!({"key": c.key, "summary": moments_json(m)}),
+        Some(pb::cell::Value::Rate(r)) => {
+            json!({"key": c.key, "events": r.events, "population": r.population})
+        }
         None => json!({"key": c.key}),
     };
     json!({
@@ -90,9 +153,23 @@ pub fn study_json(result: &pb::StudyResult) -> serde_json::Value {
             "min_cell_size": n.min_cell_size,
             "cells": n.cells.iter().map(cell).collect::<Vec<_>>(),
             "notes": n.notes,
+            "noise": n.noise.as_ref().map(|z| json!({"mechanism": z.mechanism, "epsilon": z.epsilon, "delta": z.delta, "detail": z.detail})),
         })).collect::<Vec<_>>(),
         "failures": result.failures.iter().map(|f| json!({"node_id": f.node_id, "reason": f.reason})).collect::<Vec<_>>(),
-        "total": result.total.iter().map(|t| json!({"key": t.key, "count": t.count, "suppressed_at": t.suppressed_at})).collect::<Vec<_>>(),
+        "total": result.total.iter().map(|t| {
+            let mut v = json!({"key": t.key, "count": t.count, "suppressed_at": t.suppressed_at});
+            if let Some(m) = &t.summary {
+                v["summary"] = moments_json(m);
+            }
+            if let Some(r) = &t.rate {
+                v["events"] = json!(r.events);
+                v["population"] = json!(r.population);
+                v["rate"] = json!(r.events as f64 * f64::from(result.rate_per.max(1)) / r.population.max(1) as f64);
+            }
+            v
+        }).collect::<Vec<_>>(),
+        "rate_per": result.rate_per,
+        "quantiles": result.quantiles.iter().map(|q| json!({"group": q.group, "q": q.q, "value": q.value, "partial": q.partial})).collect::<Vec<_>>(),
     })
 }
 
@@ -174,6 +251,8 @@ mod tests {
             cells,
             min_cell_size: 10,
             notes: vec![],
+            analysis: "count".into(),
+            noise: None,
         };
         let count = |k: &str, n| pb::Cell {
             key: vec![k.into()],
@@ -202,13 +281,16 @@ mod tests {
                     key: vec!["female".into()],
                     count: 42,
                     suppressed_at: vec![],
+                    ..Default::default()
                 },
                 pb::TotalCell {
                     key: vec!["male".into()],
                     count: 0,
                     suppressed_at: vec!["chonnam".into()],
+                    ..Default::default()
                 },
             ],
+            ..Default::default()
         };
         expect_test::expect![[r#"
             sex     chonnam  chosun  total
@@ -221,5 +303,58 @@ mod tests {
             christian: did not answer: unreachable
         "#]]
         .assert_eq(&study_table(&result));
+    }
+
+    #[test]
+    fn table_shows_summaries_rates_and_quantiles() {
+        let summary = |n: u64, mean: f64, m2: f64| pb::Moments {
+            n,
+            mean,
+            m2,
+            min: Some(5.9),
+            max: Some(9.8),
+        };
+        let node = pb::AggregateResult {
+            node_id: "chosun".into(),
+            dimensions: vec!["sex".into()],
+            cells: vec![pb::Cell {
+                key: vec!["female".into()],
+                value: Some(pb::cell::Value::Summary(summary(40, 7.25, 39.0))),
+            }],
+            min_cell_size: 10,
+            notes: vec!["noise: none".into()],
+            ..Default::default()
+        };
+        let result = pb::StudyResult {
+            dimensions: vec!["sex".into()],
+            per_node: vec![node],
+            total: vec![pb::TotalCell {
+                key: vec!["female".into()],
+                count: 40,
+                summary: Some(summary(40, 7.25, 39.0)),
+                ..Default::default()
+            }],
+            quantiles: vec![pb::Quantile {
+                group: vec!["female".into()],
+                q: 0.5,
+                value: Some(7.125),
+                partial: false,
+            }],
+            ..Default::default()
+        };
+        expect_test::expect![[r#"
+            sex               chosun                       total
+            ------  ----------------  --------------------------
+            female  7.25±1.00 (n=40)  7.25±1.00 (n=40; 5.9..9.8)
+            summaries are mean±sd (n; min..max where released)
+            quantile 0.5 of female: 7.125
+            chosun: noise: none
+        "#]]
+        .assert_eq(&study_table(&result));
+        let rate = pb::RateCounts {
+            events: 15,
+            population: 1200,
+        };
+        assert_eq!(super::rate(&rate, 1000), "12.5 (15/1200)");
     }
 }

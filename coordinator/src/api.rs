@@ -8,7 +8,8 @@ use ghx_pki::{PeerIdentity, Role};
 use ghx_proto::v1 as pb;
 use ghx_study::capability::{self, Signer};
 use ghx_study::manifest::{self, StudyManifest};
-use ghx_study::result::{AggregateResult, CellValue, combine};
+use ghx_study::query;
+use ghx_study::result::{AggregateResult, CellValue, combine, histogram_quantiles};
 use tonic::{Request, Response, Status};
 
 use crate::fanout::{self, NodeRegistry};
@@ -206,19 +207,26 @@ impl CoordinatorApi {
             .run_aggregate(&token, &query_json, &study.manifest_json)
             .await;
         let spec = &named.query;
-        let dimensions: Vec<String> = spec
-            .dimensions()
-            .iter()
-            .map(|d| d.name().to_owned())
-            .collect();
-        let (per_node, mut failures) = check_dimensions(per_node, failures, &dimensions);
+        let dimensions = spec.key_names();
+        let (per_node, mut failures) = check_shape(per_node, failures, spec);
         failures.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let mut total = combine(&per_node);
+        total.sort_by_cached_key(|t| spec.key_order(&t.key));
+        let (quantiles, rate_per) = match &spec.analysis {
+            query::Analysis::Histogram {
+                bins, quantiles, ..
+            } => (histogram_quantiles(&total, bins, quantiles), 0),
+            query::Analysis::Rate { per, .. } => (Vec::new(), *per),
+            _ => (Vec::new(), 0),
+        };
         let result = StudyResult {
             query: named.name.clone(),
-            total: combine(&per_node),
+            total,
             dimensions,
             per_node,
             failures,
+            quantiles,
+            rate_per,
         };
         inner.studies.record_result(&study.id, &result)?;
         Ok(result)
@@ -255,20 +263,37 @@ impl CoordinatorApi {
 }
 
 /// A node whose dimensions differ from the query's cannot be combined.
-fn check_dimensions(
+fn check_shape(
     per_node: Vec<AggregateResult>,
     mut failures: Vec<ghx_study::result::NodeFailure>,
-    dimensions: &[String],
+    spec: &query::QuerySpec,
 ) -> (Vec<AggregateResult>, Vec<ghx_study::result::NodeFailure>) {
+    let dimensions = spec.key_names();
+    let kind = spec.kind();
     let mut kept = Vec::new();
     for result in per_node {
-        if result.dimensions == dimensions {
-            kept.push(result);
+        let values_fit = result.cells.iter().all(|c| {
+            matches!(
+                (&c.value, kind),
+                (CellValue::Suppressed { .. }, _)
+                    | (CellValue::Count(_), "count" | "histogram")
+                    | (CellValue::Summary(_), "summary")
+                    | (CellValue::Rate(_), "rate")
+            )
+        });
+        let problem = if result.dimensions != dimensions {
+            Some("answered with different dimensions than the query asked for")
+        } else if result.analysis != kind || !values_fit {
+            Some("answered with a different analysis than the query asked for")
         } else {
-            failures.push(ghx_study::result::NodeFailure {
+            None
+        };
+        match problem {
+            None => kept.push(result),
+            Some(reason) => failures.push(ghx_study::result::NodeFailure {
                 node_id: result.node_id,
-                reason: "answered with different dimensions than the query asked for".to_owned(),
-            });
+                reason: reason.to_owned(),
+            }),
         }
     }
     (kept, failures)
@@ -320,6 +345,7 @@ fn summary_to_wire(study: &studies::Study, quorum: usize) -> pb::StudySummary {
 }
 
 fn result_to_wire(study_id: &str, result: StudyResult) -> pb::StudyResult {
+    use ghx_proto::convert;
     pb::StudyResult {
         study_id: study_id.to_owned(),
         query: result.query,
@@ -327,25 +353,7 @@ fn result_to_wire(study_id: &str, result: StudyResult) -> pb::StudyResult {
         per_node: result
             .per_node
             .into_iter()
-            .map(|r| pb::AggregateResult {
-                node_id: r.node_id,
-                dimensions: r.dimensions,
-                min_cell_size: r.min_cell_size,
-                notes: r.notes,
-                cells: r
-                    .cells
-                    .into_iter()
-                    .map(|c| pb::Cell {
-                        key: c.key,
-                        value: Some(match c.value {
-                            CellValue::Count(n) => pb::cell::Value::Count(n),
-                            CellValue::Suppressed { reason } => {
-                                pb::cell::Value::Suppressed(pb::Suppressed { reason })
-                            }
-                        }),
-                    })
-                    .collect(),
-            })
+            .map(convert::result_to_wire)
             .collect(),
         failures: result
             .failures
@@ -358,12 +366,14 @@ fn result_to_wire(study_id: &str, result: StudyResult) -> pb::StudyResult {
         total: result
             .total
             .into_iter()
-            .map(|t| pb::TotalCell {
-                key: t.key,
-                count: t.count,
-                suppressed_at: t.suppressed_at,
-            })
+            .map(convert::total_to_wire)
             .collect(),
+        quantiles: result
+            .quantiles
+            .into_iter()
+            .map(convert::quantile_to_wire)
+            .collect(),
+        rate_per: result.rate_per,
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ghx_pki::TlsMaterial;
 use ghx_proto::v1 as pb;
 use ghx_proto::v1::node_service_client::NodeServiceClient;
-use ghx_study::result::{AggregateResult, Cell, CellValue, NodeFailure};
+use ghx_study::result::{AggregateResult, NodeFailure};
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -191,33 +191,5 @@ fn result_from_wire(
     if result.node_id != expected_node {
         return Err(format!("answered as `{}`", result.node_id));
     }
-    let width = result.dimensions.len();
-    let cells = result
-        .cells
-        .into_iter()
-        .map(|cell| {
-            if cell.key.len() != width {
-                return Err(format!(
-                    "cell key has {} values for {width} dimensions",
-                    cell.key.len()
-                ));
-            }
-            let value = match cell.value {
-                Some(pb::cell::Value::Count(n)) => CellValue::Count(n),
-                Some(pb::cell::Value::Suppressed(s)) => CellValue::Suppressed { reason: s.reason },
-                None => return Err("cell without a value".to_owned()),
-            };
-            Ok(Cell {
-                key: cell.key,
-                value,
-            })
-        })
-        .collect::<Result<_, String>>()?;
-    Ok(AggregateResult {
-        node_id: result.node_id,
-        dimensions: result.dimensions,
-        cells,
-        min_cell_size: result.min_cell_size,
-        notes: result.notes,
-    })
+    ghx_proto::convert::result_from_wire(result)
 }

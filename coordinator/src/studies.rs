@@ -13,7 +13,7 @@
 use std::sync::Mutex;
 
 use ghx_study::manifest::StudyManifest;
-use ghx_study::result::{AggregateResult, NodeFailure, TotalCell};
+use ghx_study::result::{AggregateResult, NodeFailure, Quantile, TotalCell};
 use serde::{Deserialize, Serialize};
 
 pub use crate::store::AuditRecord;
@@ -123,13 +123,23 @@ impl Study {
 }
 
 /// The combined answer of one run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StudyResult {
     pub query: String,
     pub dimensions: Vec<String>,
     pub per_node: Vec<AggregateResult>,
     pub failures: Vec<NodeFailure>,
     pub total: Vec<TotalCell>,
+    /// Quantiles read off the combined histogram, for a histogram query.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quantiles: Vec<Quantile>,
+    /// Events per this many patients, for a rate query.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rate_per: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Who may decide, and how many must approve.

@@ -35,6 +35,8 @@ struct Inner {
     eligibility: Eligibility,
     /// Serialises check-then-record of released cohorts.
     releasing: std::sync::Mutex<()>,
+    /// Most epsilon one organisation may spend here over all studies.
+    organisation_epsilon: Option<f64>,
 }
 
 /// Everything that can stop a request, before mapping to a status.
@@ -50,6 +52,15 @@ enum ApiError {
     Consent(#[from] eligibility::Error),
     #[error(transparent)]
     Differencing(#[from] differencing::Error),
+    #[error(
+        "privacy budget {scope}: {spent:.4} of {limit:.4} epsilon already spent, this query asks {asked:.4}"
+    )]
+    BudgetSpent {
+        scope: String,
+        spent: f64,
+        limit: f64,
+        asked: f64,
+    },
     #[error("the audit log could not record this request: {0}")]
     Audit(store::Error),
     #[error("internal task failed: {0}")]
@@ -79,6 +90,7 @@ fn status(error: &ApiError) -> Status {
         ApiError::Differencing(differencing::Error::TooClose { .. }) => {
             Status::permission_denied(error.to_string())
         }
+        ApiError::BudgetSpent { .. } => Status::resource_exhausted(error.to_string()),
         ApiError::Differencing(differencing::Error::Store(_))
         | ApiError::Gate(gate::Error::Policy(_) | gate::Error::Ledger(_))
         | ApiError::Store(_)
@@ -115,8 +127,17 @@ impl NodeApi {
                 policy,
                 eligibility,
                 releasing: std::sync::Mutex::new(()),
+                organisation_epsilon: None,
             }),
         }
+    }
+
+    /// Caps what one organisation may spend at this node over all studies.
+    pub fn with_organisation_budget(mut self, epsilon: Option<f64>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before it is shared")
+            .organisation_epsilon = epsilon;
+        self
     }
 
     /// Makes sure the key a token names is trusted if the operator has
@@ -228,9 +249,10 @@ impl NodeApi {
                 &prepared.context,
                 &inner.policy.consent.sensitive,
             )?;
-            // One SQL pass: the members give both the counts and the
+            // One SQL pass: the members give both the cells and the
             // cohort print.
-            let raw = engine::count_members(&admitted.spec, &members);
+            let spec = &admitted.spec;
+            let analysed = engine::analyse(spec, &members, spec.noise.is_some());
             let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
             let cohort = differencing::CohortPrint::of(&ids);
             let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
@@ -240,6 +262,24 @@ impl NodeApi {
                 &cohort,
                 admitted.min_cell_size,
             )?;
+            // Noise is paid for before anything is released.
+            let (candidates, noise, budget_note) = match &spec.noise {
+                None => (
+                    analysed
+                        .cells
+                        .iter()
+                        .map(|c| release::Candidate::exact(c, admitted.min_cell_size))
+                        .collect(),
+                    None,
+                    None,
+                ),
+                Some(noise) => {
+                    let note = self.charge(&admitted, noise)?;
+                    let (candidates, statement) =
+                        crate::noise::perturb(spec, noise, &analysed.cells, &mut rand::rngs::OsRng);
+                    (candidates, Some(statement), Some(note))
+                }
+            };
             differencing::record(
                 &inner.store,
                 &admitted.claims.org,
@@ -247,8 +287,34 @@ impl NodeApi {
                 &entry.query_sha256,
                 &cohort,
             )?;
-            let mut result =
-                release::release(&inner.node_id, &admitted.spec, raw, admitted.min_cell_size);
+            let mut result = release::release(
+                &inner.node_id,
+                spec,
+                analysed.cells,
+                candidates,
+                admitted.min_cell_size,
+            );
+            if let Some(statement) = &noise {
+                result.notes.push(format!(
+                    "noise: {} mechanism, epsilon {}{} ({})",
+                    statement.mechanism,
+                    statement.epsilon,
+                    if statement.delta > 0.0 {
+                        format!(", delta {:e}", statement.delta)
+                    } else {
+                        String::new()
+                    },
+                    statement.detail
+                ));
+            }
+            result.notes.extend(budget_note);
+            result.notes.extend(release::analysis_notes(
+                spec,
+                analysed.without_value,
+                admitted.min_cell_size,
+                noise.is_some(),
+            ));
+            result.noise = noise;
             result
                 .notes
                 .insert(0, format!("access: {}", admitted.access.summary()));
@@ -284,6 +350,68 @@ impl NodeApi {
 }
 
 impl NodeApi {
+    /// Charges a noised query to its organisation's privacy budget for the
+    /// study (from the manifest) and at this node overall; refuses when
+    /// either would be exceeded. Returns the budget note for the result.
+    fn charge(&self, admitted: &gate::Admitted, noise: &query::Noise) -> Result<String, ApiError> {
+        let manifest = &admitted.manifest;
+        let charge = store::PrivacyCharge {
+            organisation: &admitted.claims.org,
+            study_id: &admitted.claims.sub,
+            capability_id: &admitted.claims.jti,
+            epsilon: noise.epsilon,
+            delta: noise.delta,
+            study_epsilon: manifest.privacy_budget,
+            study_delta: manifest.privacy_delta,
+            organisation_epsilon: self.inner.organisation_epsilon,
+        };
+        match self.inner.store.charge_privacy(&charge)? {
+            store::ChargeOutcome::Charged { study } => Ok(format!(
+                "privacy budget: this study has now spent epsilon {:.4} of {:.4}{} over {} noised queries at this node",
+                study.epsilon,
+                manifest.privacy_budget,
+                if manifest.privacy_delta > 0.0 {
+                    format!(
+                        " and delta {:e} of {:e}",
+                        study.delta, manifest.privacy_delta
+                    )
+                } else {
+                    String::new()
+                },
+                study.queries
+            )),
+            store::ChargeOutcome::Refused { scope, spent } => {
+                let (scope, limit) = match scope {
+                    store::BudgetScope::Study => (
+                        format!(
+                            "of study {} for {}",
+                            admitted.claims.sub, admitted.claims.org
+                        ),
+                        manifest.privacy_budget,
+                    ),
+                    store::BudgetScope::Organisation => (
+                        format!("of {} at this node over all studies", admitted.claims.org),
+                        self.inner.organisation_epsilon.unwrap_or(0.0),
+                    ),
+                };
+                if noise.delta > 0.0 && spent.delta + noise.delta > manifest.privacy_delta {
+                    return Err(ApiError::BudgetSpent {
+                        scope: format!("(delta) {scope}"),
+                        spent: spent.delta,
+                        limit: manifest.privacy_delta,
+                        asked: noise.delta,
+                    });
+                }
+                Err(ApiError::BudgetSpent {
+                    scope,
+                    spent: spent.epsilon,
+                    limit,
+                    asked: noise.epsilon,
+                })
+            }
+        }
+    }
+
     /// Records a coordinator-signed revocation, and audits it.
     fn revoke(&self, caller: &PeerIdentity, token: &str) -> Result<(), ApiError> {
         let inner = &self.inner;
@@ -343,28 +471,6 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .expect("RFC 3339 formatting of now")
-}
-
-pub(crate) fn result_to_wire(result: AggregateResult) -> pb::AggregateResult {
-    pb::AggregateResult {
-        node_id: result.node_id,
-        dimensions: result.dimensions,
-        min_cell_size: result.min_cell_size,
-        notes: result.notes,
-        cells: result
-            .cells
-            .into_iter()
-            .map(|c| pb::Cell {
-                key: c.key,
-                value: Some(match c.value {
-                    CellValue::Count(n) => pb::cell::Value::Count(n),
-                    CellValue::Suppressed { reason } => {
-                        pb::cell::Value::Suppressed(pb::Suppressed { reason })
-                    }
-                }),
-            })
-            .collect(),
-    }
 }
 
 #[tonic::async_trait]
@@ -427,7 +533,7 @@ impl pb::node_service_server::NodeService for NodeApi {
         .map_err(|e| status(&ApiError::Task(e.to_string())))?
         .map_err(|e| status(&e))?;
         Ok(Response::new(pb::RunAggregateResponse {
-            result: Some(result_to_wire(result)),
+            result: Some(ghx_proto::convert::result_to_wire(result)),
         }))
     }
 

@@ -48,6 +48,11 @@ pub struct NodeConfig {
     /// so the coordinator can rotate keys without restarting nodes.
     #[serde(default)]
     pub coordinator_keys_dir: Option<PathBuf>,
+    /// Most differential-privacy epsilon one requesting organisation may
+    /// spend at this node over all its studies; none: only each study's own
+    /// budget applies.
+    #[serde(default)]
+    pub max_epsilon_per_organisation: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

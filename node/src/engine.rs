@@ -1,30 +1,67 @@
 //! The aggregate engine: compiles a validated query into one SQL statement
-//! over the index tables and returns raw (unreleased) group counts.
+//! over the index tables, and computes the query's raw (unreleased) cells
+//! from the cohort members it returns.
 //!
-//! Raw counts never leave the node: they go only to [`crate::release`].
+//! Raw cells never leave the node: they go only to [`crate::release`].
 //! Every value from the query is a bound parameter; the SQL text is built
-//! only from fixed fragments chosen by the query's structure.
+//! only from fixed fragments chosen by the query's structure. Fragments are
+//! generated in the order they appear in the SQL text, because SQLite's
+//! placeholders are positional.
 
-use ghx_study::query::{CodeMatch, Dimension, QuerySpec};
+use std::collections::BTreeMap;
+
+use ghx_study::query::{
+    Analysis, CodeCriterion, CodeMatch, Dimension, EncounterCriterion, Event, NO_DIAGNOSIS, Named,
+    ObservationCriterion, Pick, QuerySpec, Variable, Window,
+};
 
 use crate::consent::SensitiveCodes;
 pub use crate::store::Member;
 use crate::store::{self, Bind, Dialect, Store};
 use crate::terminology;
 
-/// A group and its raw, unreleased count.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A group and its raw, unreleased value.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RawCell {
-    /// One value per query dimension, in the query's order.
+    /// One value per cell-key component, in the query's order.
     pub key: Vec<String>,
-    pub count: u64,
+    pub value: Raw,
 }
 
-/// Counts distinct consenting patients in the query's cohort, per group.
-/// `consent_context` names prepared consent decisions
-/// ([`crate::consent::eligibility`]): only patients included there are
-/// counted, and only their diagnoses in sensitive categories they permit
-/// are visible.
+/// A raw cell value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Raw {
+    /// Patients in the cell.
+    Count(u64),
+    /// The variable's values of the cell's patients, sorted ascending and
+    /// clamped into the clip range when the query gives one.
+    Values(Vec<f64>),
+    /// Patients with the event, and patients.
+    Rate { events: u64, population: u64 },
+}
+
+impl Raw {
+    /// The number of patients behind the value.
+    pub fn patients(&self) -> u64 {
+        match self {
+            Raw::Count(n) | Raw::Rate { population: n, .. } => *n,
+            Raw::Values(v) => v.len() as u64,
+        }
+    }
+}
+
+/// What [`analyse`] computed, with what it had to leave out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Analysed {
+    pub cells: Vec<RawCell>,
+    /// Cohort members without a value of the analysis variable.
+    pub without_value: u64,
+}
+
+/// Counts distinct consenting patients in the query's cohort, per group,
+/// with a grouped SQL statement. The node itself counts cohort members
+/// ([`analyse`]); this is the independent check and the benchmark's local
+/// baseline. Only count analyses.
 pub fn count(
     store: &Store,
     spec: &QuerySpec,
@@ -46,18 +83,21 @@ pub fn count(
             key: dimensions
                 .iter()
                 .map(|d| match d {
-                    Dimension::Sex => row.k_sex.clone(),
-                    Dimension::AgeBand => ghx_study::query::age_band_label(row.k_band),
+                    Dimension::Named(Named::Sex) => row.k_sex.clone(),
+                    Dimension::Named(Named::AgeBand) => {
+                        ghx_study::query::age_band_label(row.k_band)
+                    }
+                    Dimension::Diagnosis { diagnosis } => diagnosis_label(diagnosis, row.k_dx),
                 })
                 .collect(),
-            count: u64::try_from(row.n).unwrap_or(0),
+            value: Raw::Count(u64::try_from(row.n).unwrap_or(0)),
         })
         .collect())
 }
 
-/// The consenting patients of the query's cohort, before any grouping,
-/// with what grouping needs: what differencing detection compares and what
-/// [`count_members`] counts. They never leave the node.
+/// The consenting patients of the query's cohort, with what the analysis
+/// needs: what differencing detection compares and what [`analyse`]
+/// aggregates. They never leave the node.
 pub fn cohort_members(
     store: &Store,
     spec: &QuerySpec,
@@ -74,45 +114,175 @@ pub fn cohort_members(
     store.cohort_rows(&sql, &binds)
 }
 
-/// The same raw cells as [`count`], computed from the cohort's members, so
-/// a node that needs the members anyway runs one SQL pass, not two.
-pub fn count_members(spec: &QuerySpec, members: &[Member]) -> Vec<RawCell> {
-    let dimensions = spec.dimensions();
+fn diagnosis_label(groups: &[ghx_study::query::DiagnosisGroup], index: i64) -> String {
+    usize::try_from(index)
+        .ok()
+        .and_then(|i| groups.get(i))
+        .map_or_else(|| NO_DIAGNOSIS.to_owned(), |g| g.label.clone())
+}
+
+/// A cell-key component: its position in the dimension's order, and its label.
+type KeyPart = (i64, String);
+
+/// Age band index at `as_of` (YYYYMMDD), -1 when the birth date is unknown.
+fn band(as_of: i64, birth: Option<i64>) -> i64 {
+    birth.map_or(-1, |b| ((as_of - b) / 10000 / 10).min(9))
+}
+
+const SEXES: [&str; 4] = ["female", "male", "other", "unknown"];
+
+fn sex_rank(gender: &str) -> i64 {
+    SEXES
+        .iter()
+        .position(|s| *s == gender)
+        .map_or(SEXES.len() as i64, |p| p as i64)
+}
+
+/// Computes the analysis's raw cells from the cohort members. Cells are
+/// ordered by dimension order (age bands ascending, bins ascending), and
+/// when `full_domain` is set every possible key is present, empty or not,
+/// so that which cells exist says nothing about the data (needed for noise).
+pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analysed {
+    let dims = spec.dimensions();
     let as_of = ymd(spec.cohort.as_of);
-    let mut groups: std::collections::BTreeMap<(String, i64), u64> =
-        std::collections::BTreeMap::new();
-    for m in members {
-        let sex = if dimensions.contains(&Dimension::Sex) {
-            m.gender.clone()
-        } else {
-            String::new()
-        };
-        let band = if dimensions.contains(&Dimension::AgeBand) {
-            match m.birth_ymd {
-                None => -1,
-                Some(birth) => ((as_of - birth) / 10000 / 10).min(9),
+    let (bins, clip) = match &spec.analysis {
+        Analysis::Histogram { bins, .. } => (Some(*bins), None),
+        Analysis::Summary { clip, .. } => (None, *clip),
+        _ => (None, None),
+    };
+    let key_of = |m: &Member| -> Vec<KeyPart> {
+        dims.iter()
+            .map(|d| match d {
+                Dimension::Named(Named::Sex) => (sex_rank(&m.gender), m.gender.clone()),
+                Dimension::Named(Named::AgeBand) => {
+                    let b = band(as_of, m.birth_ymd);
+                    (b, ghx_study::query::age_band_label(b))
+                }
+                Dimension::Diagnosis { diagnosis } => {
+                    let i = if m.dx < 0 {
+                        diagnosis.len() as i64
+                    } else {
+                        m.dx
+                    };
+                    (i, diagnosis_label(diagnosis, m.dx))
+                }
+            })
+            .collect()
+    };
+    let value_of = |m: &Member| -> Option<f64> {
+        match &spec.analysis {
+            Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } => {
+                match variable {
+                    Variable::Age => m.birth_ymd.map(|b| ((as_of - b) / 10000) as f64),
+                    Variable::Observation { .. } => m.value.filter(|v| v.is_finite()),
+                }
             }
-        } else {
-            0
-        };
-        *groups.entry((sex, band)).or_default() += 1;
+            _ => None,
+        }
+    };
+
+    let mut cells: BTreeMap<Vec<KeyPart>, Raw> = BTreeMap::new();
+    let empty = || match &spec.analysis {
+        Analysis::Count { .. } | Analysis::Histogram { .. } => Raw::Count(0),
+        Analysis::Summary { .. } => Raw::Values(Vec::new()),
+        Analysis::Rate { .. } => Raw::Rate {
+            events: 0,
+            population: 0,
+        },
+    };
+    if full_domain {
+        for key in domain(spec) {
+            cells.insert(key, empty());
+        }
     }
-    if members.is_empty() && dimensions.is_empty() {
-        groups.insert((String::new(), 0), 0);
+    let mut without_value = 0;
+    for m in members {
+        let mut key = key_of(m);
+        let value = value_of(m);
+        if let Some(bins) = bins {
+            let Some(v) = value else {
+                without_value += 1;
+                continue;
+            };
+            let i = bins.index(v);
+            key.push((i as i64, bins.label(i)));
+        }
+        let cell = cells.entry(key).or_insert_with(empty);
+        match cell {
+            Raw::Count(n) => *n += 1,
+            Raw::Values(values) => match value {
+                Some(v) => values.push(clip.map_or(v, |r| v.clamp(r.min, r.max))),
+                None => without_value += 1,
+            },
+            Raw::Rate { events, population } => {
+                *population += 1;
+                *events += u64::from(m.event != 0);
+            }
+        }
     }
-    groups
-        .into_iter()
-        .map(|((sex, band), count)| RawCell {
-            key: dimensions
-                .iter()
-                .map(|d| match d {
-                    Dimension::Sex => sex.clone(),
-                    Dimension::AgeBand => ghx_study::query::age_band_label(band),
-                })
+    if cells.is_empty() && dims.is_empty() && bins.is_none() {
+        cells.insert(Vec::new(), empty());
+    }
+    Analysed {
+        cells: cells
+            .into_iter()
+            .map(|(key, mut value)| {
+                if let Raw::Values(v) = &mut value {
+                    v.sort_by(f64::total_cmp);
+                }
+                RawCell {
+                    key: key.into_iter().map(|(_, label)| label).collect(),
+                    value,
+                }
+            })
+            .collect(),
+        without_value,
+    }
+}
+
+/// Every key the analysis can produce.
+fn domain(spec: &QuerySpec) -> Vec<Vec<KeyPart>> {
+    let mut axes: Vec<Vec<KeyPart>> = spec
+        .dimensions()
+        .iter()
+        .map(|d| match d {
+            Dimension::Named(Named::Sex) => {
+                let allowed: Vec<&str> = if spec.cohort.sex.is_empty() {
+                    SEXES.to_vec()
+                } else {
+                    spec.cohort.sex.iter().map(|s| s.code()).collect()
+                };
+                allowed
+                    .into_iter()
+                    .map(|s| (sex_rank(s), s.to_owned()))
+                    .collect()
+            }
+            Dimension::Named(Named::AgeBand) => (-1..=9)
+                .map(|b| (b, ghx_study::query::age_band_label(b)))
                 .collect(),
-            count,
+            Dimension::Diagnosis { diagnosis } => (0..=diagnosis.len() as i64)
+                .map(|i| (i, diagnosis_label(diagnosis, i)))
+                .collect(),
         })
-        .collect()
+        .collect();
+    if let Analysis::Histogram { bins, .. } = &spec.analysis {
+        axes.push(
+            (0..bins.count as usize + 2)
+                .map(|i| (i as i64, bins.label(i)))
+                .collect(),
+        );
+    }
+    axes.iter().fold(vec![Vec::new()], |keys, axis| {
+        keys.iter()
+            .flat_map(|k| {
+                axis.iter().map(move |part| {
+                    let mut k = k.clone();
+                    k.push(part.clone());
+                    k
+                })
+            })
+            .collect()
+    })
 }
 
 /// A date as the integer YYYYMMDD the index tables use.
@@ -125,8 +295,203 @@ fn ymd(d: time::Date) -> i64 {
 pub(crate) enum Output {
     /// Group keys and counts.
     Counts,
-    /// The cohort's patient ids.
+    /// The cohort's patients with their analysis columns.
     Members,
+}
+
+/// SQL text under construction with its binds.
+struct Sql<'a> {
+    dialect: Dialect,
+    binds: Vec<Bind>,
+    sensitive: &'a SensitiveCodes,
+}
+
+impl Sql<'_> {
+    fn param(&mut self, bind: Bind) -> String {
+        self.binds.push(bind);
+        self.dialect.placeholder(self.binds.len())
+    }
+
+    /// ` AND column >= from AND column < to` for a window.
+    fn window(&mut self, column: &str, window: &Window) -> String {
+        let (from, to) = window.unix_bounds();
+        let mut out = String::new();
+        if let Some(from) = from {
+            out.push_str(&format!(" AND {column} >= {}", self.param(Bind::Int(from))));
+        }
+        if let Some(to) = to {
+            out.push_str(&format!(" AND {column} < {}", self.param(Bind::Int(to))));
+        }
+        out
+    }
+
+    /// A condition test on rows of `condition_codes c`: system and code(s).
+    fn condition_codes(&mut self, system: &str, codes: &[String], matching: CodeMatch) -> String {
+        // Codes are compared in the form import indexed them in.
+        let system_uri = terminology::canonical_system(system);
+        let system = self.param(Bind::Text(system_uri.to_owned()));
+        let tests: Vec<String> = codes
+            .iter()
+            .map(|code| {
+                let code = terminology::normalize_code(system_uri, code).into_owned();
+                match matching {
+                    CodeMatch::Exact => format!("c.code = {}", self.param(Bind::Text(code))),
+                    CodeMatch::Prefix => {
+                        format!("c.code LIKE {}", self.param(Bind::Text(format!("{code}%"))))
+                    }
+                }
+            })
+            .collect();
+        // A sensitive diagnosis is visible only if the patient permits its
+        // category.
+        let sensitive = self.sensitive;
+        let category_bit = sensitive.sql_category_bit(|prefix| self.param(Bind::Text(prefix)));
+        format!(
+            "c.patient_id = p.id AND c.system = {system} AND ({}) \
+             AND (CAST({category_bit} AS BIGINT) & ~e.sensitive_mask) = 0",
+            tests.join(" OR ")
+        )
+    }
+
+    fn condition(&mut self, criterion: &CodeCriterion) -> String {
+        let codes = self.condition_codes(
+            &criterion.system,
+            std::slice::from_ref(&criterion.code),
+            criterion.matching,
+        );
+        let window = self.window("COALESCE(c.onset_at, c.recorded_at)", &criterion.window);
+        format!("EXISTS (SELECT 1 FROM condition_codes c WHERE {codes}{window})")
+    }
+
+    fn medication(&mut self, criterion: &CodeCriterion) -> String {
+        let system_uri = terminology::canonical_system(&criterion.system);
+        let system = self.param(Bind::Text(system_uri.to_owned()));
+        let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
+        let code = match criterion.matching {
+            CodeMatch::Exact => format!("m.code = {}", self.param(Bind::Text(code_text))),
+            CodeMatch::Prefix => format!(
+                "m.code LIKE {}",
+                self.param(Bind::Text(format!("{code_text}%")))
+            ),
+        };
+        let window = self.window("m.authored_at", &criterion.window);
+        format!(
+            "EXISTS (SELECT 1 FROM medication_codes m WHERE m.patient_id = p.id \
+             AND m.system = {system} AND {code}{window})"
+        )
+    }
+
+    fn observation(&mut self, criterion: &ObservationCriterion) -> String {
+        let system_uri = terminology::canonical_system(&criterion.system);
+        let system = self.param(Bind::Text(system_uri.to_owned()));
+        let code = self.param(Bind::Text(
+            terminology::normalize_code(system_uri, &criterion.code).into_owned(),
+        ));
+        let mut range = String::new();
+        if let Some(min) = criterion.min {
+            range.push_str(&format!(" AND o.value >= {}", self.param(Bind::Float(min))));
+        }
+        if let Some(max) = criterion.max {
+            range.push_str(&format!(" AND o.value <= {}", self.param(Bind::Float(max))));
+        }
+        let window = self.window("o.effective_at", &criterion.window);
+        format!(
+            "EXISTS (SELECT 1 FROM observation_values o WHERE o.patient_id = p.id \
+             AND o.system = {system} AND o.code = {code}{range}{window})"
+        )
+    }
+
+    fn encounter(&mut self, criterion: &EncounterCriterion) -> String {
+        let class = match &criterion.class {
+            Some(class) => format!(
+                " AND n.class_code = {}",
+                self.param(Bind::Text(class.clone()))
+            ),
+            None => String::new(),
+        };
+        let window = self.window("n.start_at", &criterion.window);
+        let rows = format!("FROM encounters n WHERE n.patient_id = p.id{class}{window}");
+        if criterion.min_count <= 1 {
+            format!("EXISTS (SELECT 1 {rows})")
+        } else {
+            let min = self.param(Bind::Int(i64::from(criterion.min_count)));
+            format!("(SELECT COUNT(*) {rows}) >= {min}")
+        }
+    }
+
+    /// Every criterion of a cohort or event, joined by AND.
+    fn criteria(
+        &mut self,
+        conditions: &[CodeCriterion],
+        observations: &[ObservationCriterion],
+        encounters: &[EncounterCriterion],
+        medications: &[CodeCriterion],
+    ) -> Vec<String> {
+        let mut tests = Vec::new();
+        tests.extend(conditions.iter().map(|c| self.condition(c)));
+        tests.extend(observations.iter().map(|o| self.observation(o)));
+        tests.extend(encounters.iter().map(|e| self.encounter(e)));
+        tests.extend(medications.iter().map(|m| self.medication(m)));
+        tests
+    }
+
+    /// The index of the first diagnosis group the patient has, else -1.
+    fn diagnosis(&mut self, groups: &[ghx_study::query::DiagnosisGroup]) -> String {
+        let mut sql = "CASE".to_owned();
+        for (i, g) in groups.iter().enumerate() {
+            let codes = self.condition_codes(&g.system, &g.codes, g.matching);
+            sql.push_str(&format!(
+                " WHEN EXISTS (SELECT 1 FROM condition_codes c WHERE {codes}) THEN {i}"
+            ));
+        }
+        sql.push_str(" ELSE -1 END");
+        format!("CAST({sql} AS BIGINT)")
+    }
+
+    /// The analysis variable's value for the patient (NULL for age, which
+    /// is computed from the birth date).
+    fn variable(&mut self, variable: &Variable) -> String {
+        let Variable::Observation {
+            system,
+            code,
+            pick,
+            window,
+        } = variable
+        else {
+            return "CAST(NULL AS DOUBLE PRECISION)".to_owned();
+        };
+        let system_uri = terminology::canonical_system(system);
+        let system = self.param(Bind::Text(system_uri.to_owned()));
+        let code = self.param(Bind::Text(
+            terminology::normalize_code(system_uri, code).into_owned(),
+        ));
+        let window = self.window("o.effective_at", window);
+        let rows = format!(
+            "FROM observation_values o WHERE o.patient_id = p.id AND o.system = {system} \
+             AND o.code = {code} AND o.value IS NOT NULL{window}"
+        );
+        match pick {
+            Pick::Latest => {
+                format!("(SELECT o.value {rows} ORDER BY o.effective_at DESC NULLS LAST LIMIT 1)")
+            }
+            Pick::Earliest => {
+                format!("(SELECT o.value {rows} ORDER BY o.effective_at ASC NULLS LAST LIMIT 1)")
+            }
+            Pick::Min => format!("(SELECT MIN(o.value) {rows})"),
+            Pick::Max => format!("(SELECT MAX(o.value) {rows})"),
+            Pick::Mean => format!("(SELECT CAST(AVG(o.value) AS DOUBLE PRECISION) {rows})"),
+        }
+    }
+
+    fn event(&mut self, event: &Event) -> String {
+        let tests = self.criteria(
+            &event.conditions,
+            &event.observations,
+            &event.encounters,
+            &event.medications,
+        );
+        format!("CASE WHEN {} THEN 1 ELSE 0 END", tests.join(" AND "))
+    }
 }
 
 /// The SQL and its binds for a query.
@@ -137,98 +502,102 @@ pub(crate) fn compile(
     sensitive: &SensitiveCodes,
     output: Output,
 ) -> (String, Vec<Bind>) {
-    let mut binds = Vec::new();
-    let mut param = |bind: Bind| {
-        binds.push(bind);
-        dialect.placeholder(binds.len())
+    let mut sql = Sql {
+        dialect,
+        binds: Vec::new(),
+        sensitive,
     };
     let as_of = ymd(spec.cohort.as_of);
-    let dims = match output {
-        Output::Counts => spec.dimensions(),
-        Output::Members => &[],
+    let diagnosis = spec.dimensions().iter().find_map(|d| match d {
+        Dimension::Diagnosis { diagnosis } => Some(diagnosis.as_slice()),
+        _ => None,
+    });
+    let dx = |sql: &mut Sql| match diagnosis {
+        Some(groups) => sql.diagnosis(groups),
+        None => "CAST(-1 AS BIGINT)".to_owned(),
     };
-    let sex = if dims.contains(&Dimension::Sex) {
-        "p.gender"
-    } else {
-        "''"
-    };
-    let band = if dims.contains(&Dimension::AgeBand) {
-        let a = param(Bind::Int(as_of));
-        let b = param(Bind::Int(as_of));
-        format!(
-            "CASE WHEN p.birth_ymd IS NULL THEN -1 \
-                  WHEN ({a} - p.birth_ymd) / 10000 >= 90 THEN 9 \
-                  ELSE (({b} - p.birth_ymd) / 10000) / 10 END"
-        )
-    } else {
-        // Typed, so the column decodes as BIGINT on every backend.
-        "CAST(0 AS BIGINT)".to_owned()
+    let selected = match output {
+        Output::Counts => {
+            let dims = spec.dimensions();
+            let sex = if dims.contains(&Dimension::SEX) {
+                "p.gender"
+            } else {
+                "''"
+            };
+            let band = if dims.contains(&Dimension::AGE_BAND) {
+                let a = sql.param(Bind::Int(as_of));
+                let b = sql.param(Bind::Int(as_of));
+                format!(
+                    "CASE WHEN p.birth_ymd IS NULL THEN -1 \
+                          WHEN ({a} - p.birth_ymd) / 10000 >= 90 THEN 9 \
+                          ELSE (({b} - p.birth_ymd) / 10000) / 10 END"
+                )
+            } else {
+                // Typed, so the column decodes as BIGINT on every backend.
+                "CAST(0 AS BIGINT)".to_owned()
+            };
+            let dx = dx(&mut sql);
+            format!("{sex} AS k_sex, {band} AS k_band, {dx} AS k_dx, COUNT(*) AS n")
+        }
+        Output::Members => {
+            let dx = dx(&mut sql);
+            let value = match &spec.analysis {
+                Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } => {
+                    sql.variable(variable)
+                }
+                _ => "CAST(NULL AS DOUBLE PRECISION)".to_owned(),
+            };
+            let event = match &spec.analysis {
+                Analysis::Rate { event, .. } => sql.event(event),
+                _ => "0".to_owned(),
+            };
+            format!(
+                "p.id AS id, p.gender AS gender, p.birth_ymd AS birth_ymd, {dx} AS dx, \
+                 {value} AS value, CAST({event} AS BIGINT) AS event"
+            )
+        }
     };
     // Only patients whose consent permits this request take part.
-    let context = param(Bind::Text(consent_context.to_owned()));
-    let selected = match output {
-        Output::Counts => format!("{sex} AS k_sex, {band} AS k_band, COUNT(*) AS n"),
-        Output::Members => "p.id AS id, p.gender AS gender, p.birth_ymd AS birth_ymd".to_owned(),
-    };
-    let mut sql = format!(
+    let context = sql.param(Bind::Text(consent_context.to_owned()));
+    let mut text = format!(
         "SELECT {selected} FROM patients p \
          JOIN consent_eligibility e ON e.patient_id = p.id AND e.context = {context} WHERE "
     );
-    let born = param(Bind::Int(as_of));
-    sql.push_str(&format!("(p.birth_ymd IS NULL OR p.birth_ymd <= {born})"));
-
-    for criterion in &spec.cohort.conditions {
-        // Codes are compared in the form import indexed them in.
-        let system_uri = terminology::canonical_system(&criterion.system);
-        let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
-        let system = param(Bind::Text(system_uri.to_owned()));
-        let code = match criterion.matching {
-            CodeMatch::Exact => format!("c.code = {}", param(Bind::Text(code_text))),
-            CodeMatch::Prefix => {
-                format!("c.code LIKE {}", param(Bind::Text(format!("{code_text}%"))))
-            }
-        };
-        // A sensitive diagnosis is visible only if the patient permits its
-        // category.
-        let category_bit = sensitive.sql_category_bit(|prefix| param(Bind::Text(prefix)));
-        sql.push_str(&format!(
-            " AND EXISTS (SELECT 1 FROM condition_codes c WHERE c.patient_id = p.id \
-               AND c.system = {system} AND {code} \
-               AND (CAST({category_bit} AS BIGINT) & ~e.sensitive_mask) = 0)"
-        ));
+    let born = sql.param(Bind::Int(as_of));
+    text.push_str(&format!("(p.birth_ymd IS NULL OR p.birth_ymd <= {born})"));
+    if !spec.cohort.sex.is_empty() {
+        let sexes: Vec<String> = spec
+            .cohort
+            .sex
+            .iter()
+            .map(|s| sql.param(Bind::Text(s.code().to_owned())))
+            .collect();
+        text.push_str(&format!(" AND p.gender IN ({})", sexes.join(", ")));
     }
-    for criterion in &spec.cohort.observations {
-        let system_uri = terminology::canonical_system(&criterion.system);
-        let system = param(Bind::Text(system_uri.to_owned()));
-        let code = param(Bind::Text(
-            terminology::normalize_code(system_uri, &criterion.code).into_owned(),
-        ));
-        let mut range = String::new();
-        if let Some(min) = criterion.min {
-            range.push_str(&format!(" AND o.value >= {}", param(Bind::Float(min))));
-        }
-        if let Some(max) = criterion.max {
-            range.push_str(&format!(" AND o.value <= {}", param(Bind::Float(max))));
-        }
-        sql.push_str(&format!(
-            " AND EXISTS (SELECT 1 FROM observation_values o WHERE o.patient_id = p.id \
-               AND o.system = {system} AND o.code = {code}{range})"
-        ));
+    let cohort = &spec.cohort;
+    for test in sql.criteria(
+        &cohort.conditions,
+        &cohort.observations,
+        &cohort.encounters,
+        &cohort.medications,
+    ) {
+        text.push_str(" AND ");
+        text.push_str(&test);
     }
-    if let Some(age) = spec.cohort.age {
+    if let Some(age) = cohort.age {
         if let Some(min) = age.min {
-            let a = param(Bind::Int(as_of));
-            let m = param(Bind::Int(i64::from(min)));
-            sql.push_str(&format!(" AND ({a} - p.birth_ymd) / 10000 >= {m}"));
+            let a = sql.param(Bind::Int(as_of));
+            let m = sql.param(Bind::Int(i64::from(min)));
+            text.push_str(&format!(" AND ({a} - p.birth_ymd) / 10000 >= {m}"));
         }
         if let Some(max) = age.max {
-            let a = param(Bind::Int(as_of));
-            let m = param(Bind::Int(i64::from(max)));
-            sql.push_str(&format!(" AND ({a} - p.birth_ymd) / 10000 <= {m}"));
+            let a = sql.param(Bind::Int(as_of));
+            let m = sql.param(Bind::Int(i64::from(max)));
+            text.push_str(&format!(" AND ({a} - p.birth_ymd) / 10000 <= {m}"));
         }
     }
-    if !dims.is_empty() {
-        sql.push_str(" GROUP BY 1, 2 ORDER BY 1, 2");
+    if output == Output::Counts && !spec.dimensions().is_empty() {
+        text.push_str(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
     }
-    (sql, binds)
+    (text, sql.binds)
 }

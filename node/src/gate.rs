@@ -200,9 +200,10 @@ pub fn access_request(
 ) -> AccessRequest {
     let mut condition_codes = BTreeSet::new();
     let mut sensitive_categories = BTreeSet::new();
-    for c in &spec.cohort.conditions {
-        let system = terminology::canonical_system(&c.system);
-        let code = terminology::normalize_code(system, &c.code).into_owned();
+    let read = spec.codes_read();
+    for c in read.iter().filter(|r| r.resource_type == "Condition") {
+        let system = terminology::canonical_system(c.system);
+        let code = terminology::normalize_code(system, c.code).into_owned();
         let prefix = c.matching == CodeMatch::Prefix;
         for category in sensitive.categories_touched(system, &code, prefix) {
             sensitive_categories.insert(category.code().to_owned());
@@ -210,13 +211,12 @@ pub fn access_request(
         // A prefix is shown with a trailing '*' so a rule can tell E11 from E11*.
         condition_codes.insert(if prefix { format!("{code}*") } else { code });
     }
-    let observation_codes = spec
-        .cohort
-        .observations
+    let observation_codes = read
         .iter()
+        .filter(|r| r.resource_type == "Observation")
         .map(|o| {
-            let system = terminology::canonical_system(&o.system);
-            terminology::normalize_code(system, &o.code).into_owned()
+            let system = terminology::canonical_system(o.system);
+            terminology::normalize_code(system, o.code).into_owned()
         })
         .collect();
     AccessRequest {
@@ -246,25 +246,16 @@ pub fn access_request(
 /// requests within the same hour share their consent decisions.
 pub fn consent_request(purpose: &str, spec: &QuerySpec, now: i64) -> ConsentRequest {
     let mut codes: Vec<(String, String, bool)> = spec
-        .cohort
-        .conditions
-        .iter()
+        .codes_read()
+        .into_iter()
         .map(|c| {
-            let system = terminology::canonical_system(&c.system);
+            let system = terminology::canonical_system(c.system);
             (
                 system.to_owned(),
-                terminology::normalize_code(system, &c.code).into_owned(),
+                terminology::normalize_code(system, c.code).into_owned(),
                 c.matching == CodeMatch::Prefix,
             )
         })
-        .chain(spec.cohort.observations.iter().map(|o| {
-            let system = terminology::canonical_system(&o.system);
-            (
-                system.to_owned(),
-                terminology::normalize_code(system, &o.code).into_owned(),
-                false,
-            )
-        }))
         .collect();
     codes.sort();
     codes.dedup();

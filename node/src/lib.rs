@@ -22,6 +22,7 @@ pub mod engine;
 pub mod export;
 pub mod gate;
 pub mod import;
+pub mod noise;
 pub mod policy;
 pub mod release;
 pub mod store;
@@ -131,7 +132,8 @@ impl Node {
             self.verifier,
             self.config.coordinator_keys_dir.clone(),
             self.policy,
-        );
+        )
+        .with_organisation_budget(self.config.max_epsilon_per_organisation);
         tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node serving");
         // Small request/response messages: without TCP_NODELAY, Nagle's
         // algorithm and delayed ACKs add ~40 ms to every call.

@@ -6,11 +6,11 @@
 //! a row, column or table total (complementary suppression). The notes say,
 //! in aggregate terms only, how many cells were withheld and why.
 
-use ghx_study::query::QuerySpec;
-use ghx_study::result::{AggregateResult, Cell, CellValue};
+use ghx_study::query::{Analysis, QuerySpec};
+use ghx_study::result::{AggregateResult, Cell, CellValue, Moments, RateCounts};
 
 use crate::consent::eligibility::Summary;
-use crate::engine::RawCell;
+use crate::engine::{Raw, RawCell};
 
 /// What consent excluded, in aggregate form: totals over the whole node
 /// (not the cohort), and any number below the minimum cell size shown only
@@ -43,35 +43,134 @@ pub fn consent_note(summary: &Summary, min_cell_size: u32) -> String {
     )
 }
 
+/// What a requester needs to read the analysis's numbers right, in
+/// aggregate terms: patients left out for lack of a value (shown as "fewer
+/// than" below the minimum cell size) and how extremes are protected.
+pub fn analysis_notes(
+    spec: &QuerySpec,
+    without_value: u64,
+    min_cell_size: u32,
+    noised: bool,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    if matches!(
+        spec.analysis,
+        Analysis::Summary { .. } | Analysis::Histogram { .. }
+    ) && without_value > 0
+    {
+        let shown = if without_value < u64::from(min_cell_size) {
+            format!("fewer than {min_cell_size}")
+        } else {
+            without_value.to_string()
+        };
+        notes.push(format!(
+            "values: {shown} patients of the cohort have no value of the variable and are not included"
+        ));
+    }
+    if let Analysis::Summary { clip, .. } = &spec.analysis {
+        if let Some(clip) = clip {
+            notes.push(format!(
+                "values: clipped to [{}, {}] before any statistic",
+                clip.min, clip.max
+            ));
+        }
+        if noised {
+            notes.push("min and max: not released under noise".to_owned());
+        } else {
+            notes.push(format!(
+                "min and max: the {min_cell_size}th smallest and largest value of each cell, so that at least {min_cell_size} patients share each side"
+            ));
+        }
+    }
+    notes
+}
+
 /// Why a released cell is withheld.
 const PRIMARY: &str = "count below the minimum cell size";
+const FEW_EVENTS: &str = "fewer events (or non-events) than the minimum cell size";
 const COMPLEMENTARY: &str =
     "withheld to protect a suppressed cell in the same row, column or total";
 
-/// Applies small-cell suppression to raw counts, then complementary
+/// A cell's value as it would be released, before suppression: exact, or
+/// noised by [`crate::noise`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Candidate {
+    Count(u64),
+    Summary(Moments),
+    Rate(RateCounts),
+}
+
+impl Candidate {
+    fn patients(&self) -> u64 {
+        match self {
+            Candidate::Count(n) => *n,
+            Candidate::Summary(m) => m.n,
+            Candidate::Rate(r) => r.population,
+        }
+    }
+
+    /// The exact values of raw cells. A summary's minimum and maximum are
+    /// the k-th smallest and largest value (k = the minimum cell size), so
+    /// that at least k patients share each side of them: never one
+    /// patient's own extreme value.
+    pub fn exact(raw: &RawCell, min_cell_size: u32) -> Candidate {
+        match &raw.value {
+            Raw::Count(n) => Candidate::Count(*n),
+            Raw::Rate { events, population } => Candidate::Rate(RateCounts {
+                events: *events,
+                population: *population,
+            }),
+            Raw::Values(sorted) => {
+                let mut m = Moments::of(sorted);
+                let k = (min_cell_size.max(1) as usize).min(sorted.len().max(1));
+                m.min = sorted.get(k - 1).copied();
+                m.max = sorted
+                    .len()
+                    .checked_sub(k)
+                    .and_then(|i| sorted.get(i))
+                    .copied();
+                Candidate::Summary(m)
+            }
+        }
+    }
+}
+
+/// Applies small-cell suppression to candidate values, then complementary
 /// suppression so that no suppressed cell can be recovered by subtracting
 /// released cells from a margin the requester could learn (the table total,
 /// or any row or column total along any dimension, each of which another
-/// query of the same cohort could ask for).
+/// query of the same cohort could ask for). A rate cell is also suppressed
+/// when its events, or its patients without the event, are fewer than the
+/// minimum cell size but not zero.
 pub fn release(
     node_id: &str,
     spec: &QuerySpec,
     raw: Vec<RawCell>,
+    candidates: Vec<Candidate>,
     min_cell_size: u32,
 ) -> AggregateResult {
     let threshold = u64::from(min_cell_size);
     let total = raw.len();
-    let mut withheld: Vec<Option<&'static str>> = raw
+    let small = |n: u64| n > 0 && n < threshold;
+    let mut withheld: Vec<Option<&'static str>> = candidates
         .iter()
-        .map(|c| (c.count < threshold).then_some(PRIMARY))
+        .map(|c| match c {
+            c if c.patients() < threshold => Some(PRIMARY),
+            Candidate::Rate(r) if small(r.events) || small(r.population - r.events) => {
+                Some(FEW_EVENTS)
+            }
+            _ => None,
+        })
         .collect();
     let primary = withheld.iter().filter(|w| w.is_some()).count();
-    complementary_suppression(&raw, &mut withheld);
+    let sizes: Vec<u64> = candidates.iter().map(Candidate::patients).collect();
+    complementary_suppression(&raw, &sizes, &mut withheld);
     let complementary = withheld.iter().filter(|w| w.is_some()).count() - primary;
     let cells = raw
         .into_iter()
+        .zip(candidates)
         .zip(&withheld)
-        .map(|(cell, why)| Cell {
+        .map(|((cell, candidate), why)| Cell {
             key: cell.key,
             value: match why {
                 Some(PRIMARY) => CellValue::Suppressed {
@@ -80,7 +179,11 @@ pub fn release(
                 Some(reason) => CellValue::Suppressed {
                     reason: (*reason).to_owned(),
                 },
-                None => CellValue::Count(cell.count),
+                None => match candidate {
+                    Candidate::Count(n) => CellValue::Count(n),
+                    Candidate::Summary(m) => CellValue::Summary(m),
+                    Candidate::Rate(r) => CellValue::Rate(r),
+                },
             },
         })
         .collect();
@@ -97,14 +200,12 @@ pub fn release(
     }
     AggregateResult {
         node_id: node_id.to_owned(),
-        dimensions: spec
-            .dimensions()
-            .iter()
-            .map(|d| d.name().to_owned())
-            .collect(),
+        dimensions: spec.key_names(),
         cells,
         min_cell_size,
         notes,
+        analysis: spec.kind().to_owned(),
+        noise: None,
     }
 }
 
@@ -137,7 +238,11 @@ fn lines(raw: &[RawCell]) -> Vec<Vec<usize>> {
 /// Until no line holds exactly one withheld cell beside released ones,
 /// withholds the smallest released cell of such a line. Cells that are not
 /// in the table are zero and known to be so, so they protect nothing.
-fn complementary_suppression(raw: &[RawCell], withheld: &mut [Option<&'static str>]) {
+fn complementary_suppression(
+    raw: &[RawCell],
+    sizes: &[u64],
+    withheld: &mut [Option<&'static str>],
+) {
     let lines = lines(raw);
     loop {
         let mut changed = false;
@@ -150,7 +255,7 @@ fn complementary_suppression(raw: &[RawCell], withheld: &mut [Option<&'static st
                 .iter()
                 .copied()
                 .filter(|i| withheld[*i].is_none())
-                .min_by_key(|i| (raw[*i].count, raw[*i].key.clone()));
+                .min_by_key(|i| (sizes[*i], raw[*i].key.clone()));
             if let Some(partner) = partner {
                 withheld[partner] = Some(COMPLEMENTARY);
                 changed = true;
@@ -166,23 +271,29 @@ fn complementary_suppression(raw: &[RawCell], withheld: &mut [Option<&'static st
 mod tests {
     use super::*;
 
+    fn cell(key: &[&str], count: u64) -> RawCell {
+        RawCell {
+            key: key.iter().map(|k| (*k).to_owned()).collect(),
+            value: Raw::Count(count),
+        }
+    }
+
+    fn exact_release(spec: &QuerySpec, raw: Vec<RawCell>, min_cell_size: u32) -> AggregateResult {
+        let candidates = raw
+            .iter()
+            .map(|c| Candidate::exact(c, min_cell_size))
+            .collect();
+        release("chosun", spec, raw, candidates, min_cell_size)
+    }
+
     #[test]
     fn cells_below_the_threshold_are_suppressed_and_counted_in_notes() {
         let spec = QuerySpec::parse(
             br#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"count","group_by":["sex"]}}"#,
         )
         .unwrap();
-        let raw = vec![
-            RawCell {
-                key: vec!["female".into()],
-                count: 10,
-            },
-            RawCell {
-                key: vec!["male".into()],
-                count: 9,
-            },
-        ];
-        let result = release("chosun", &spec, raw, 10);
+        let raw = vec![cell(&["female"], 10), cell(&["male"], 9)];
+        let result = exact_release(&spec, raw, 10);
         assert!(matches!(
             result.cells[1].value,
             CellValue::Suppressed { .. }
@@ -202,13 +313,6 @@ mod tests {
         );
     }
 
-    fn cell(key: &[&str], count: u64) -> RawCell {
-        RawCell {
-            key: key.iter().map(|k| (*k).to_owned()).collect(),
-            count,
-        }
-    }
-
     #[test]
     fn a_two_way_table_withholds_partners_in_each_row_and_column() {
         let spec = QuerySpec::parse(
@@ -223,7 +327,7 @@ mod tests {
             cell(&["male", "50-59"], 40),
             cell(&["male", "60-69"], 50),
         ];
-        let result = release("chosun", &spec, raw, 10);
+        let result = exact_release(&spec, raw, 10);
         let hidden: Vec<String> = result
             .cells
             .iter()
@@ -257,10 +361,10 @@ mod tests {
                 .filter(|(_, n)| **n > 0)
                 .map(|(i, n)| RawCell {
                     key: vec![format!("r{}", i / columns), format!("c{}", i % columns)],
-                    count: *n,
+                    value: Raw::Count(*n),
                 })
                 .collect();
-            let result = release("n", &spec, raw.clone(), 10);
+            let result = exact_release(&spec, raw.clone(), 10);
             let hidden: Vec<bool> = result
                 .cells
                 .iter()
@@ -268,13 +372,13 @@ mod tests {
                 .collect();
             for (cell, hidden) in raw.iter().zip(&hidden) {
                 // Every small cell is withheld; every released value is exact.
-                if cell.count < 10 {
+                if cell.value.patients() < 10 {
                     proptest::prop_assert!(*hidden);
                 }
             }
             for (released, cell) in result.cells.iter().zip(&raw) {
                 if let CellValue::Count(n) = released.value {
-                    proptest::prop_assert_eq!(n, cell.count);
+                    proptest::prop_assert_eq!(n, cell.value.patients());
                 }
             }
             for line in lines(&raw) {

@@ -7,8 +7,10 @@
 //! and the checked-in code disagree; run it with `GHX_UPDATE_PROTO=1` to rewrite
 //! the checked-in code after editing a `.proto` file.
 //!
-//! Wire types stay in this crate and in the `api` modules that convert them;
-//! domain types elsewhere never derive prost.
+//! Wire types stay in this crate; [`convert`] is the one place released
+//! results cross between their domain types (`ghx-study`) and the wire, used
+//! by the node to send and by the coordinator to receive and to answer.
+//! Domain types never derive prost.
 
 #![forbid(unsafe_code)]
 
@@ -17,3 +19,5 @@ pub mod v1 {
     #![allow(unreachable_pub, clippy::all, missing_docs)]
     include!("gen/ghx.v1.rs");
 }
+
+pub mod convert;

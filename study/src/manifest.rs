@@ -99,6 +99,10 @@ impl CellSizes {
     }
 }
 
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
 /// A study manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,8 +117,13 @@ pub struct StudyManifest {
     pub data: DataDeclaration,
     pub queries: Vec<NamedQuery>,
     pub min_cell_size: CellSizes,
-    /// Differential-privacy budget (total epsilon) the study may spend.
+    /// Differential-privacy budget (total epsilon) the study may spend at
+    /// each node.
     pub privacy_budget: f64,
+    /// Total delta the study may spend at each node (Gaussian noise);
+    /// zero admits only pure-epsilon (Laplace) noise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub privacy_delta: f64,
     #[serde(with = "crate::query::iso_date")]
     pub valid_from: Date,
     #[serde(with = "crate::query::iso_date")]
@@ -165,6 +174,12 @@ impl StudyManifest {
                 "must be a finite, non-negative epsilon",
             ));
         }
+        if !(self.privacy_delta.is_finite() && (0.0..1e-3).contains(&self.privacy_delta)) {
+            return Err(invalid(
+                "privacy_delta",
+                "must be at least 0 and below 0.001",
+            ));
+        }
         if self.queries.is_empty() || self.queries.len() > MAX_QUERIES {
             return Err(invalid(
                 "queries",
@@ -211,17 +226,11 @@ impl StudyManifest {
                 return Err(undeclared(format!("resource type {ty}")));
             }
         }
-        let cohort = &q.query.cohort;
-        let criteria = cohort
-            .conditions
-            .iter()
-            .map(|c| (c.system.as_str(), c.code.as_str(), c.matching))
-            .chain(
-                cohort
-                    .observations
-                    .iter()
-                    .map(|o| (o.system.as_str(), o.code.as_str(), CodeMatch::Exact)),
-            );
+        let criteria = q
+            .query
+            .codes_read()
+            .into_iter()
+            .map(|r| (r.system, r.code, r.matching));
         for (system, code, matching) in criteria {
             let covered = self.data.codes.iter().any(|d| {
                 d.system == system

@@ -37,6 +37,15 @@ pub enum Error {
     Observation { index: usize, problem: String },
     #[error("cohort.age: {0}")]
     Age(String),
+    #[error("{field}: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Error {
+    Error::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 /// A versioned aggregate query.
@@ -46,6 +55,9 @@ pub struct QuerySpec {
     pub version: String,
     pub cohort: Cohort,
     pub analysis: Analysis,
+    /// Calibrated noise each node adds before release; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<Noise>,
 }
 
 /// Which patients the analysis counts.
@@ -66,6 +78,106 @@ pub struct Cohort {
     /// Optional age range at `as_of`, inclusive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age: Option<AgeRange>,
+    /// Administrative genders admitted; empty admits every patient.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sex: Vec<Sex>,
+    /// Every listed encounter criterion must be met.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encounters: Vec<EncounterCriterion>,
+    /// Every listed medication must have been prescribed (MedicationRequest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub medications: Vec<CodeCriterion>,
+}
+
+/// FHIR administrative gender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sex {
+    Female,
+    Male,
+    Other,
+    Unknown,
+}
+
+impl Sex {
+    pub fn code(self) -> &'static str {
+        match self {
+            Sex::Female => "female",
+            Sex::Male => "male",
+            Sex::Other => "other",
+            Sex::Unknown => "unknown",
+        }
+    }
+}
+
+/// Days (inclusive) in Korea Standard Time (UTC+09:00) within which a
+/// recorded event must fall; either end may be open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    #[serde(
+        default,
+        with = "opt_iso_date",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub from: Option<Date>,
+    #[serde(
+        default,
+        with = "opt_iso_date",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub to: Option<Date>,
+}
+
+/// Seconds KST is ahead of UTC.
+const KST_OFFSET_SECONDS: i64 = 9 * 3600;
+
+impl Window {
+    /// The window as half-open Unix-second bounds `[start, end)`.
+    pub fn unix_bounds(&self) -> (Option<i64>, Option<i64>) {
+        let midnight = |d: Date| d.midnight().assume_utc().unix_timestamp() - KST_OFFSET_SECONDS;
+        (
+            self.from.map(midnight),
+            self.to.map(|d| midnight(d) + 86_400),
+        )
+    }
+
+    fn check(&self, field: &str) -> Result<(), Error> {
+        if let (Some(from), Some(to)) = (self.from, self.to)
+            && to < from
+        {
+            return Err(invalid(
+                field,
+                format!("window ends ({to}) before it starts ({from})"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn is_open(&self) -> bool {
+        self.from.is_none() && self.to.is_none()
+    }
+}
+
+/// Encounters the patient must have had: of a class (HL7 v3 ActCode such as
+/// AMB, IMP, EMER), within a window, at least `min_count` times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncounterCriterion {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(default, skip_serializing_if = "Window::is_open")]
+    pub window: Window,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub min_count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// An observation criterion: a code (LOINC, or a local code the node maps to
@@ -79,6 +191,9 @@ pub struct ObservationCriterion {
     pub min: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
+    /// When the observation was made (`effective`).
+    #[serde(default, skip_serializing_if = "Window::is_open")]
+    pub window: Window,
 }
 
 /// A coded criterion: a code system and a code or code prefix.
@@ -89,10 +204,14 @@ pub struct CodeCriterion {
     pub code: String,
     #[serde(default, rename = "match")]
     pub matching: CodeMatch,
+    /// When the event was recorded: a condition's onset (else its recorded
+    /// date), a prescription's authoring.
+    #[serde(default, skip_serializing_if = "Window::is_open")]
+    pub window: Window,
 }
 
 /// How a criterion's code is compared with recorded codes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CodeMatch {
     /// The recorded code equals the criterion's code.
@@ -121,23 +240,235 @@ pub enum Analysis {
         #[serde(default)]
         group_by: Vec<Dimension>,
     },
+    /// Count, mean, standard deviation, minimum and maximum of a numeric
+    /// variable, per group.
+    Summary {
+        variable: Variable,
+        #[serde(default)]
+        group_by: Vec<Dimension>,
+        /// Values are clamped into this range before anything is computed;
+        /// required with noise, which is calibrated to it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        clip: Option<Range>,
+    },
+    /// Counts of a numeric variable in fixed bins (the same at every node,
+    /// so histograms add up exactly), per group; quantiles are read off the
+    /// combined histogram.
+    Histogram {
+        variable: Variable,
+        bins: Bins,
+        #[serde(default)]
+        group_by: Vec<Dimension>,
+        /// Quantiles (0 < q < 1) to estimate from the histogram.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        quantiles: Vec<f64>,
+    },
+    /// Crude rate: patients of the cohort with the event, per `per`
+    /// patients of the cohort, per group.
+    Rate {
+        event: Event,
+        #[serde(default = "per_thousand")]
+        per: u32,
+        #[serde(default)]
+        group_by: Vec<Dimension>,
+    },
 }
 
-/// A grouping dimension of a count.
+fn per_thousand() -> u32 {
+    1000
+}
+
+/// The event a rate counts: criteria of the same kinds as the cohort's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<CodeCriterion>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub observations: Vec<ObservationCriterion>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encounters: Vec<EncounterCriterion>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub medications: Vec<CodeCriterion>,
+}
+
+/// An inclusive numeric range.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Range {
+    pub min: f64,
+    pub max: f64,
+}
+
+/// Histogram bins: `count` bins of `width` from `start`, plus an underflow
+/// bin below `start` and an overflow bin at or above the last edge.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bins {
+    pub start: f64,
+    pub width: f64,
+    pub count: u32,
+}
+
+/// Most bins a histogram may have.
+pub const MAX_BINS: u32 = 200;
+
+impl Bins {
+    /// The bin index of a value: 0 is the underflow bin, `count + 1` the
+    /// overflow bin.
+    pub fn index(&self, value: f64) -> usize {
+        if value < self.start {
+            return 0;
+        }
+        let i = ((value - self.start) / self.width).floor();
+        if i >= f64::from(self.count) {
+            self.count as usize + 1
+        } else {
+            i as usize + 1
+        }
+    }
+
+    /// The half-open interval `[lo, hi)` of bin `index` (infinite at the ends).
+    pub fn bounds(&self, index: usize) -> (f64, f64) {
+        let edge = |i: usize| self.start + self.width * i as f64;
+        match index {
+            0 => (f64::NEG_INFINITY, self.start),
+            i if i > self.count as usize => (edge(self.count as usize), f64::INFINITY),
+            i => (edge(i - 1), edge(i)),
+        }
+    }
+
+    /// The label of bin `index` as it appears in cell keys: `<40`,
+    /// `[40,50)`, `>=120`.
+    pub fn label(&self, index: usize) -> String {
+        match self.bounds(index) {
+            (lo, hi) if lo.is_infinite() => format!("<{hi}"),
+            (lo, hi) if hi.is_infinite() => format!(">={lo}"),
+            (lo, hi) => format!("[{lo},{hi})"),
+        }
+    }
+
+    /// The bin whose label is `label`.
+    pub fn index_of(&self, label: &str) -> Option<usize> {
+        (0..self.count as usize + 2).find(|i| self.label(*i) == label)
+    }
+}
+
+/// A numeric value per patient of the cohort.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Variable {
+    /// Age in whole years at `as_of`.
+    Age,
+    /// The value of an observation (LOINC, or a local code mapped to it),
+    /// picked among the patient's observations in the window.
+    Observation {
+        system: String,
+        code: String,
+        #[serde(default)]
+        pick: Pick,
+        #[serde(default, skip_serializing_if = "Window::is_open")]
+        window: Window,
+    },
+}
+
+/// Which of a patient's observation values a variable takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pick {
+    /// The most recent one.
+    #[default]
+    Latest,
+    /// The first one.
+    Earliest,
+    /// The lowest one.
+    Min,
+    /// The highest one.
+    Max,
+    /// The average of all of them.
+    Mean,
+}
+
+/// Noise added to every released number.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Noise {
+    pub mechanism: Mechanism,
+    /// Privacy-loss parameter charged to the study's budget for this query.
+    pub epsilon: f64,
+    /// For the Gaussian mechanism: the probability the epsilon bound fails.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delta: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// A differential-privacy mechanism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mechanism {
+    /// Discrete Laplace (two-sided geometric) noise on counts, Laplace noise
+    /// on sums; pure epsilon-differential privacy.
+    Laplace,
+    /// Gaussian noise, (epsilon, delta)-differential privacy.
+    Gaussian,
+}
+
+impl Mechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::Laplace => "laplace",
+            Mechanism::Gaussian => "gaussian",
+        }
+    }
+}
+
+/// A grouping dimension.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Dimension {
+    /// `"sex"` or `"age_band"`.
+    Named(Named),
+    /// `{"diagnosis": [groups]}`: the first listed group whose codes the
+    /// patient has, else `none`.
+    Diagnosis { diagnosis: Vec<DiagnosisGroup> },
+}
+
+/// A dimension named by a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Dimension {
+pub enum Named {
     /// FHIR administrative gender: female, male, other, unknown.
     Sex,
     /// Ten-year age band at `as_of`: 0-9, 10-19, ..., 80-89, 90+.
     AgeBand,
 }
 
+/// A labelled set of diagnosis codes, one value of a diagnosis dimension.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiagnosisGroup {
+    pub label: String,
+    pub system: String,
+    pub codes: Vec<String>,
+    #[serde(default, rename = "match")]
+    pub matching: CodeMatch,
+}
+
+/// The value of a diagnosis dimension for patients in none of its groups.
+pub const NO_DIAGNOSIS: &str = "none";
+
 impl Dimension {
-    pub fn name(self) -> &'static str {
+    pub const SEX: Dimension = Dimension::Named(Named::Sex);
+    pub const AGE_BAND: Dimension = Dimension::Named(Named::AgeBand);
+
+    pub fn name(&self) -> &'static str {
         match self {
-            Dimension::Sex => "sex",
-            Dimension::AgeBand => "age_band",
+            Dimension::Named(Named::Sex) => "sex",
+            Dimension::Named(Named::AgeBand) => "age_band",
+            Dimension::Diagnosis { .. } => "diagnosis",
         }
     }
 }
@@ -169,56 +500,19 @@ impl QuerySpec {
 
     fn validate(&self) -> Result<(), Error> {
         for (index, criterion) in self.cohort.conditions.iter().enumerate() {
-            let problem = |p: &str| Error::Condition {
+            check_code(&criterion.system, &criterion.code).map_err(|p| Error::Condition {
                 index,
                 problem: p.to_owned(),
-            };
-            if !(criterion.system.starts_with("http://")
-                || criterion.system.starts_with("https://")
-                || criterion.system.starts_with("urn:"))
-            {
-                return Err(problem(
-                    "system must be an absolute URI such as http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8",
-                ));
-            }
-            let code_ok = !criterion.code.is_empty()
-                && criterion.code.len() <= 32
-                && criterion
-                    .code
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-            if !code_ok {
-                return Err(problem(
-                    "code must be 1-32 characters of letters, digits, '.' and '-'",
-                ));
-            }
+            })?;
+            criterion
+                .window
+                .check(&format!("cohort.conditions[{index}]"))?;
         }
         for (index, criterion) in self.cohort.observations.iter().enumerate() {
-            let problem = |p: String| Error::Observation { index, problem: p };
-            check_code(&criterion.system, &criterion.code).map_err(|p| problem(p.to_owned()))?;
-            for bound in [criterion.min, criterion.max].into_iter().flatten() {
-                if !bound.is_finite() {
-                    return Err(problem("min and max must be finite numbers".to_owned()));
-                }
-            }
-            if let (Some(min), Some(max)) = (criterion.min, criterion.max)
-                && min > max
-            {
-                return Err(problem(format!("min {min} is greater than max {max}")));
-            }
+            check_observation(criterion)
+                .map_err(|problem| Error::Observation { index, problem })?;
         }
-        let Analysis::Count { group_by } = &self.analysis;
-        if group_by.len() > MAX_DIMENSIONS {
-            return Err(Error::GroupBy(format!(
-                "at most {MAX_DIMENSIONS} dimensions, got {}",
-                group_by.len()
-            )));
-        }
-        for (i, d) in group_by.iter().enumerate() {
-            if group_by[..i].contains(d) {
-                return Err(Error::GroupBy(format!("`{}` is listed twice", d.name())));
-            }
-        }
+        check_events("cohort", &self.cohort.medications, &self.cohort.encounters)?;
         if let Some(AgeRange {
             min: Some(min),
             max: Some(max),
@@ -226,6 +520,129 @@ impl QuerySpec {
             && min > max
         {
             return Err(Error::Age(format!("min {min} is greater than max {max}")));
+        }
+        for (i, s) in self.cohort.sex.iter().enumerate() {
+            if self.cohort.sex[..i].contains(s) {
+                return Err(invalid(
+                    "cohort.sex",
+                    format!("`{}` is listed twice", s.code()),
+                ));
+            }
+        }
+        let group_by = self.dimensions();
+        if group_by.len() > MAX_DIMENSIONS {
+            return Err(Error::GroupBy(format!(
+                "at most {MAX_DIMENSIONS} dimensions, got {}",
+                group_by.len()
+            )));
+        }
+        for (i, d) in group_by.iter().enumerate() {
+            if group_by[..i].iter().any(|e| e.name() == d.name()) {
+                return Err(Error::GroupBy(format!("`{}` is listed twice", d.name())));
+            }
+            if let Dimension::Diagnosis { diagnosis } = d {
+                check_diagnosis_groups(diagnosis)?;
+            }
+        }
+        match &self.analysis {
+            Analysis::Count { .. } => {}
+            Analysis::Summary { variable, clip, .. } => {
+                check_variable(variable)?;
+                if let Some(r) = clip
+                    && !(r.min.is_finite() && r.max.is_finite() && r.min <= r.max)
+                {
+                    return Err(invalid(
+                        "analysis.clip",
+                        "min and max must be finite with min <= max",
+                    ));
+                }
+                if self.noise.is_some() && clip.is_none() {
+                    return Err(invalid(
+                        "analysis.clip",
+                        "a summary with noise needs a clip range: the noise is calibrated to it",
+                    ));
+                }
+            }
+            Analysis::Histogram {
+                variable,
+                bins,
+                quantiles,
+                ..
+            } => {
+                check_variable(variable)?;
+                if !(bins.start.is_finite() && bins.width.is_finite() && bins.width > 0.0) {
+                    return Err(invalid(
+                        "analysis.bins",
+                        "start must be finite and width a positive number",
+                    ));
+                }
+                if bins.count == 0 || bins.count > MAX_BINS {
+                    return Err(invalid(
+                        "analysis.bins",
+                        format!("count must be 1 to {MAX_BINS}"),
+                    ));
+                }
+                if let Some(q) = quantiles.iter().find(|q| !(**q > 0.0 && **q < 1.0)) {
+                    return Err(invalid(
+                        "analysis.quantiles",
+                        format!("{q} is not between 0 and 1 (exclusive)"),
+                    ));
+                }
+            }
+            Analysis::Rate { event, per, .. } => {
+                if *per == 0 {
+                    return Err(invalid("analysis.per", "must be at least 1"));
+                }
+                if event.conditions.is_empty()
+                    && event.observations.is_empty()
+                    && event.encounters.is_empty()
+                    && event.medications.is_empty()
+                {
+                    return Err(invalid(
+                        "analysis.event",
+                        "needs at least one condition, observation, encounter or medication",
+                    ));
+                }
+                for (i, c) in event.conditions.iter().enumerate() {
+                    check_code(&c.system, &c.code)
+                        .map_err(|p| invalid(format!("analysis.event.conditions[{i}]"), p))?;
+                    c.window.check(&format!("analysis.event.conditions[{i}]"))?;
+                }
+                for (i, o) in event.observations.iter().enumerate() {
+                    check_observation(o)
+                        .map_err(|p| invalid(format!("analysis.event.observations[{i}]"), p))?;
+                }
+                check_events("analysis.event", &event.medications, &event.encounters)?;
+            }
+        }
+        if let Some(noise) = &self.noise {
+            if !(noise.epsilon.is_finite() && noise.epsilon > 0.0 && noise.epsilon <= 10.0) {
+                return Err(invalid(
+                    "noise.epsilon",
+                    "must be greater than 0 and at most 10",
+                ));
+            }
+            match noise.mechanism {
+                Mechanism::Laplace if noise.delta != 0.0 => {
+                    return Err(invalid(
+                        "noise.delta",
+                        "the Laplace mechanism takes no delta",
+                    ));
+                }
+                Mechanism::Gaussian if !(noise.delta > 0.0 && noise.delta < 1e-3) => {
+                    return Err(invalid(
+                        "noise.delta",
+                        "the Gaussian mechanism needs 0 < delta < 0.001",
+                    ));
+                }
+                Mechanism::Gaussian if noise.epsilon >= 1.0 => {
+                    return Err(invalid(
+                        "noise.epsilon",
+                        "the Gaussian mechanism as calibrated here needs epsilon < 1",
+                    ));
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -238,20 +655,270 @@ impl QuerySpec {
     /// The FHIR resource types the query reads.
     pub fn resource_types(&self) -> std::collections::BTreeSet<String> {
         let mut types = std::collections::BTreeSet::from(["Patient".to_owned()]);
-        if !self.cohort.conditions.is_empty() {
-            types.insert("Condition".to_owned());
-        }
-        if !self.cohort.observations.is_empty() {
-            types.insert("Observation".to_owned());
+        let mut add = |present: bool, t: &str| {
+            if present {
+                types.insert(t.to_owned());
+            }
+        };
+        let c = &self.cohort;
+        add(!c.conditions.is_empty(), "Condition");
+        add(!c.observations.is_empty(), "Observation");
+        add(!c.encounters.is_empty(), "Encounter");
+        add(!c.medications.is_empty(), "MedicationRequest");
+        add(
+            self.dimensions()
+                .iter()
+                .any(|d| matches!(d, Dimension::Diagnosis { .. })),
+            "Condition",
+        );
+        match &self.analysis {
+            Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } => {
+                add(
+                    matches!(variable, Variable::Observation { .. }),
+                    "Observation",
+                );
+            }
+            Analysis::Rate { event, .. } => {
+                add(!event.conditions.is_empty(), "Condition");
+                add(!event.observations.is_empty(), "Observation");
+                add(!event.encounters.is_empty(), "Encounter");
+                add(!event.medications.is_empty(), "MedicationRequest");
+            }
+            Analysis::Count { .. } => {}
         }
         types
     }
 
     /// The grouping dimensions, in cell-key order.
     pub fn dimensions(&self) -> &[Dimension] {
-        let Analysis::Count { group_by } = &self.analysis;
-        group_by
+        match &self.analysis {
+            Analysis::Count { group_by }
+            | Analysis::Summary { group_by, .. }
+            | Analysis::Histogram { group_by, .. }
+            | Analysis::Rate { group_by, .. } => group_by,
+        }
     }
+
+    /// The names of the cell-key components: the grouping dimensions, then
+    /// `bin` for a histogram.
+    pub fn key_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .dimensions()
+            .iter()
+            .map(|d| d.name().to_owned())
+            .collect();
+        if matches!(self.analysis, Analysis::Histogram { .. }) {
+            names.push("bin".to_owned());
+        }
+        names
+    }
+
+    /// Every coded thing the query reads, wherever in the query it appears:
+    /// cohort and event criteria, diagnosis groups and the analysis
+    /// variable. What a manifest must declare and a policy is asked about.
+    pub fn codes_read(&self) -> Vec<CodeRead<'_>> {
+        fn add<'a>(
+            out: &mut Vec<CodeRead<'a>>,
+            conditions: &'a [CodeCriterion],
+            observations: &'a [ObservationCriterion],
+            medications: &'a [CodeCriterion],
+        ) {
+            for c in conditions {
+                out.push(CodeRead {
+                    resource_type: "Condition",
+                    system: &c.system,
+                    code: &c.code,
+                    matching: c.matching,
+                });
+            }
+            for o in observations {
+                out.push(CodeRead {
+                    resource_type: "Observation",
+                    system: &o.system,
+                    code: &o.code,
+                    matching: CodeMatch::Exact,
+                });
+            }
+            for m in medications {
+                out.push(CodeRead {
+                    resource_type: "MedicationRequest",
+                    system: &m.system,
+                    code: &m.code,
+                    matching: m.matching,
+                });
+            }
+        }
+        let mut out = Vec::new();
+        let c = &self.cohort;
+        add(&mut out, &c.conditions, &c.observations, &c.medications);
+        for d in self.dimensions() {
+            if let Dimension::Diagnosis { diagnosis } = d {
+                for g in diagnosis {
+                    for code in &g.codes {
+                        out.push(CodeRead {
+                            resource_type: "Condition",
+                            system: &g.system,
+                            code,
+                            matching: g.matching,
+                        });
+                    }
+                }
+            }
+        }
+        match &self.analysis {
+            Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } => {
+                if let Variable::Observation { system, code, .. } = variable {
+                    out.push(CodeRead {
+                        resource_type: "Observation",
+                        system,
+                        code,
+                        matching: CodeMatch::Exact,
+                    });
+                }
+            }
+            Analysis::Rate { event, .. } => {
+                add(
+                    &mut out,
+                    &event.conditions,
+                    &event.observations,
+                    &event.medications,
+                );
+            }
+            Analysis::Count { .. } => {}
+        }
+        out
+    }
+
+    /// A sort key for a cell key of this query that puts cells in the
+    /// dimensions' natural order (age bands and bins ascending, diagnosis
+    /// groups as listed, `none` and `unknown` last) rather than by label.
+    pub fn key_order(&self, key: &[String]) -> Vec<(usize, String)> {
+        let bins = match &self.analysis {
+            Analysis::Histogram { bins, .. } => Some(bins),
+            _ => None,
+        };
+        key.iter()
+            .enumerate()
+            .map(|(i, label)| {
+                let rank = match self.dimensions().get(i) {
+                    Some(Dimension::Named(Named::AgeBand)) => (0..10)
+                        .position(|b| age_band_label(b) == *label)
+                        .unwrap_or(10),
+                    Some(Dimension::Diagnosis { diagnosis }) => diagnosis
+                        .iter()
+                        .position(|g| g.label == *label)
+                        .unwrap_or(diagnosis.len()),
+                    Some(Dimension::Named(Named::Sex)) => 0,
+                    None => bins.and_then(|b| b.index_of(label)).unwrap_or(usize::MAX),
+                };
+                (rank, label.clone())
+            })
+            .collect()
+    }
+
+    /// The analysis kind's name.
+    pub fn kind(&self) -> &'static str {
+        match self.analysis {
+            Analysis::Count { .. } => "count",
+            Analysis::Summary { .. } => "summary",
+            Analysis::Histogram { .. } => "histogram",
+            Analysis::Rate { .. } => "rate",
+        }
+    }
+}
+
+fn check_observation(criterion: &ObservationCriterion) -> Result<(), String> {
+    check_code(&criterion.system, &criterion.code).map_err(str::to_owned)?;
+    for bound in [criterion.min, criterion.max].into_iter().flatten() {
+        if !bound.is_finite() {
+            return Err("min and max must be finite numbers".to_owned());
+        }
+    }
+    if let (Some(min), Some(max)) = (criterion.min, criterion.max)
+        && min > max
+    {
+        return Err(format!("min {min} is greater than max {max}"));
+    }
+    criterion.window.check("window").map_err(|e| e.to_string())
+}
+
+fn check_events(
+    at: &str,
+    medications: &[CodeCriterion],
+    encounters: &[EncounterCriterion],
+) -> Result<(), Error> {
+    for (i, m) in medications.iter().enumerate() {
+        let field = format!("{at}.medications[{i}]");
+        check_code(&m.system, &m.code).map_err(|p| invalid(&field, p))?;
+        m.window.check(&field)?;
+    }
+    for (i, e) in encounters.iter().enumerate() {
+        let field = format!("{at}.encounters[{i}]");
+        if let Some(class) = &e.class
+            && !(1..=16).contains(&class.len())
+        {
+            return Err(invalid(
+                &field,
+                "class must be an ActCode such as AMB, IMP or EMER",
+            ));
+        }
+        if e.min_count == 0 {
+            return Err(invalid(&field, "min_count must be at least 1"));
+        }
+        e.window.check(&field)?;
+    }
+    Ok(())
+}
+
+fn check_variable(variable: &Variable) -> Result<(), Error> {
+    if let Variable::Observation {
+        system,
+        code,
+        window,
+        ..
+    } = variable
+    {
+        check_code(system, code).map_err(|p| invalid("analysis.variable", p))?;
+        window.check("analysis.variable")?;
+    }
+    Ok(())
+}
+
+fn check_diagnosis_groups(groups: &[DiagnosisGroup]) -> Result<(), Error> {
+    if groups.is_empty() || groups.len() > 20 {
+        return Err(Error::GroupBy("diagnosis needs 1 to 20 groups".to_owned()));
+    }
+    for (i, g) in groups.iter().enumerate() {
+        let label_ok = !g.label.is_empty()
+            && g.label.len() <= 40
+            && g.label != NO_DIAGNOSIS
+            && !g.label.contains(['<', '>', '[']);
+        if !label_ok || groups[..i].iter().any(|h| h.label == g.label) {
+            return Err(Error::GroupBy(format!(
+                "diagnosis group {i}: labels must be distinct, 1-40 characters, not `{NO_DIAGNOSIS}`"
+            )));
+        }
+        if g.codes.is_empty() {
+            return Err(Error::GroupBy(format!(
+                "diagnosis group `{}` lists no codes",
+                g.label
+            )));
+        }
+        for code in &g.codes {
+            check_code(&g.system, code)
+                .map_err(|p| Error::GroupBy(format!("diagnosis group `{}`: {p}", g.label)))?;
+        }
+    }
+    Ok(())
+}
+
+/// A code the query reads, and from which resource type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeRead<'a> {
+    pub resource_type: &'static str,
+    pub system: &'a str,
+    pub code: &'a str,
+    pub matching: CodeMatch,
 }
 
 /// Checks a coded criterion's system and code.
@@ -293,6 +960,24 @@ pub fn digest(json: &[u8]) -> String {
     hex::encode(Sha256::digest(json))
 }
 
+pub(crate) mod opt_iso_date {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::Date;
+
+    pub(crate) fn serialize<S: Serializer>(date: &Option<Date>, s: S) -> Result<S::Ok, S::Error> {
+        match date {
+            Some(d) => super::iso_date::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Date>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super::iso_date")] Date);
+        Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
 pub(crate) mod iso_date {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
     use time::{Date, format_description::well_known::Iso8601, macros::format_description};
@@ -323,7 +1008,7 @@ mod tests {
     #[test]
     fn parses_and_round_trips_canonically() {
         let spec = QuerySpec::parse(E11_BY_SEX_AGE.as_bytes()).unwrap();
-        assert_eq!(spec.dimensions(), &[Dimension::Sex, Dimension::AgeBand]);
+        assert_eq!(spec.dimensions(), &[Dimension::SEX, Dimension::AGE_BAND]);
         let canonical = spec.canonical_json();
         assert_eq!(QuerySpec::parse(&canonical).unwrap(), spec);
         assert_eq!(
@@ -373,6 +1058,46 @@ mod tests {
                 r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","colour":"red"},"analysis":{"kind":"count"}}"#,
                 "unknown field `colour`",
             ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","conditions":[{"system":"urn:x","code":"E11","window":{"from":"2025-02-01","to":"2025-01-01"}}]},"analysis":{"kind":"count"}}"#,
+                "cohort.conditions[0]: window ends (2025-01-01) before it starts (2025-02-01)",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","sex":["female","female"]},"analysis":{"kind":"count"}}"#,
+                "cohort.sex: `female` is listed twice",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","encounters":[{"class":"AMB","min_count":0}]},"analysis":{"kind":"count"}}"#,
+                "cohort.encounters[0]: min_count must be at least 1",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"histogram","variable":{"kind":"age"},"bins":{"start":0,"width":0,"count":10}}}"#,
+                "analysis.bins: start must be finite and width a positive number",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"histogram","variable":{"kind":"age"},"bins":{"start":0,"width":10,"count":10},"quantiles":[0.5,1.5]}}"#,
+                "analysis.quantiles: 1.5 is not between 0 and 1",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"summary","variable":{"kind":"age"}},"noise":{"mechanism":"laplace","epsilon":0.5}}"#,
+                "analysis.clip: a summary with noise needs a clip range",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"count"},"noise":{"mechanism":"gaussian","epsilon":0.5}}"#,
+                "noise.delta: the Gaussian mechanism needs 0 < delta < 0.001",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"count"},"noise":{"mechanism":"laplace","epsilon":0}}"#,
+                "noise.epsilon: must be greater than 0",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"rate","event":{}}}"#,
+                "analysis.event: needs at least one condition",
+            ),
+            (
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"count","group_by":[{"diagnosis":[{"label":"none","system":"urn:x","codes":["E11"]}]}]}}"#,
+                "diagnosis group 0: labels must be distinct",
+            ),
         ];
         for (json, expected) in cases {
             let err = QuerySpec::parse(json.as_bytes()).unwrap_err().to_string();
@@ -381,6 +1106,86 @@ mod tests {
                 "{json}: got `{err}`, expected `{expected}`"
             );
         }
+    }
+
+    #[test]
+    fn statistics_queries_parse_and_name_their_cell_keys() {
+        let json = r#"{
+            "version": "ghx.query/v1",
+            "cohort": {"as_of": "2026-01-01", "sex": ["female"],
+                       "encounters": [{"class": "AMB", "window": {"from": "2025-01-01"}, "min_count": 2}]},
+            "analysis": {"kind": "histogram",
+                         "variable": {"kind": "observation", "system": "http://loinc.org", "code": "4548-4", "pick": "max"},
+                         "bins": {"start": 4, "width": 0.5, "count": 12},
+                         "group_by": ["age_band", {"diagnosis": [{"label": "T2D", "system": "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8", "codes": ["E11"], "match": "prefix"}]}],
+                         "quantiles": [0.5]},
+            "noise": {"mechanism": "laplace", "epsilon": 0.5}
+        }"#;
+        let spec = QuerySpec::parse(json.as_bytes()).unwrap();
+        assert_eq!(spec.key_names(), ["age_band", "diagnosis", "bin"]);
+        assert_eq!(spec.kind(), "histogram");
+        assert!(spec.resource_types().contains("Encounter"));
+        assert!(spec.resource_types().contains("Observation"));
+        assert!(spec.resource_types().contains("Condition"));
+        let canonical = spec.canonical_json();
+        assert_eq!(QuerySpec::parse(&canonical).unwrap(), spec);
+    }
+
+    #[test]
+    fn bins_label_and_index_every_value() {
+        let bins = Bins {
+            start: 40.0,
+            width: 10.0,
+            count: 3,
+        };
+        let labels: Vec<_> = [39.9, 40.0, 55.0, 69.99, 70.0, 1e9]
+            .into_iter()
+            .map(|v| bins.label(bins.index(v)))
+            .collect();
+        assert_eq!(
+            labels,
+            ["<40", "[40,50)", "[50,60)", "[60,70)", ">=70", ">=70"]
+        );
+        assert_eq!(bins.index_of("[50,60)"), Some(2));
+        let spec = QuerySpec::parse(
+            br#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},
+                 "analysis":{"kind":"histogram","variable":{"kind":"age"},"bins":{"start":40,"width":10,"count":3},"group_by":["age_band"]}}"#,
+        )
+        .unwrap();
+        let mut keys: Vec<Vec<String>> = [
+            ["unknown", "<40"],
+            ["50-59", ">=70"],
+            ["50-59", "[40,50)"],
+            ["50-59", "<40"],
+            ["0-9", "[60,70)"],
+        ]
+        .iter()
+        .map(|k| k.iter().map(|s| (*s).to_owned()).collect())
+        .collect();
+        keys.sort_by_key(|k| spec.key_order(k));
+        assert_eq!(
+            keys.iter().map(|k| k.join(" ")).collect::<Vec<_>>(),
+            [
+                "0-9 [60,70)",
+                "50-59 <40",
+                "50-59 [40,50)",
+                "50-59 >=70",
+                "unknown <40"
+            ]
+        );
+    }
+
+    #[test]
+    fn windows_are_korean_days() {
+        let window = Window {
+            from: Some(time::macros::date!(2025 - 01 - 01)),
+            to: Some(time::macros::date!(2025 - 01 - 01)),
+        };
+        // 2025-01-01T00:00+09:00 is 2024-12-31T15:00Z.
+        assert_eq!(
+            window.unix_bounds(),
+            (Some(1_735_657_200), Some(1_735_657_200 + 86_400))
+        );
     }
 
     #[test]

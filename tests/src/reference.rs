@@ -16,6 +16,13 @@ pub struct Export {
     pub conditions: HashMap<String, HashSet<(String, String)>>,
     /// Patient id -> research consents as (time, status, decision).
     pub research_consents: HashMap<String, Vec<(i64, String, String)>>,
+    /// Patient id -> (LOINC code, effective Unix time, value) of observations
+    /// with a quantity value.
+    pub observations: HashMap<String, Vec<(String, i64, f64)>>,
+    /// Patient id -> (class code, start Unix time) of encounters.
+    pub encounters: HashMap<String, Vec<(String, i64)>>,
+    /// Patient id -> (ATC code, authored Unix time) of prescriptions.
+    pub medications: HashMap<String, Vec<(String, i64)>>,
     /// Whether the hospital counts patients who have no research consent
     /// at all (an opt-out hospital). Set by the caller; false by default.
     pub opt_out: bool,
@@ -74,6 +81,56 @@ impl Export {
                     coding["code"].as_str().unwrap().to_owned(),
                 ));
             }
+        }
+        let instant = |v: &Value| -> i64 {
+            let s = v.as_str().expect("a date or dateTime");
+            OffsetDateTime::parse(s, &Rfc3339).map_or_else(
+                |_| {
+                    Date::parse(s, &time::format_description::well_known::Iso8601::DATE)
+                        .expect("date")
+                        .midnight()
+                        .assume_utc()
+                        .unix_timestamp()
+                },
+                |t| t.unix_timestamp(),
+            )
+        };
+        for o in lines(&dir.join("Observation.ndjson")) {
+            let Some(value) = o["valueQuantity"]["value"].as_f64() else {
+                continue;
+            };
+            export
+                .observations
+                .entry(patient_of(&o["subject"]))
+                .or_default()
+                .push((
+                    o["code"]["coding"][0]["code"].as_str().unwrap().to_owned(),
+                    instant(&o["effectiveDateTime"]),
+                    value,
+                ));
+        }
+        for e in lines(&dir.join("Encounter.ndjson")) {
+            export
+                .encounters
+                .entry(patient_of(&e["subject"]))
+                .or_default()
+                .push((
+                    e["class"]["code"].as_str().unwrap().to_owned(),
+                    instant(&e["period"]["start"]),
+                ));
+        }
+        for m in lines(&dir.join("MedicationRequest.ndjson")) {
+            export
+                .medications
+                .entry(patient_of(&m["subject"]))
+                .or_default()
+                .push((
+                    m["medicationCodeableConcept"]["coding"][0]["code"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                    instant(&m["authoredOn"]),
+                ));
         }
         for k in lines(&dir.join("Consent.ndjson")) {
             let is_research = k["scope"]["coding"]
@@ -144,6 +201,45 @@ impl Export {
             *counts.entry((gender.clone(), band)).or_insert(0) += 1;
         }
         counts
+    }
+}
+
+impl Export {
+    /// Whether the patient has a condition coded `system` starting with `prefix`.
+    pub fn has_condition(&self, patient: &str, system: &str, prefix: &str) -> bool {
+        self.conditions.get(patient).is_some_and(|codes| {
+            codes
+                .iter()
+                .any(|(s, c)| s == system && c.replace('.', "").starts_with(prefix))
+        })
+    }
+
+    /// The patient's latest value of a LOINC code.
+    pub fn latest_value(&self, patient: &str, code: &str) -> Option<f64> {
+        self.observations
+            .get(patient)?
+            .iter()
+            .filter(|(c, _, _)| c == code)
+            .max_by_key(|(_, at, _)| *at)
+            .map(|(_, _, v)| *v)
+    }
+
+    /// Consenting patients born on or before `as_of` who satisfy `keep`.
+    pub fn cohort<'a>(
+        &'a self,
+        as_of: Date,
+        keep: impl Fn(&str, &str, Option<Date>) -> bool + 'a,
+    ) -> impl Iterator<Item = (&'a str, &'a str, Option<Date>)> + 'a {
+        self.patients
+            .iter()
+            .filter_map(move |(id, (gender, birth))| {
+                let born = birth.is_none_or(|b| b <= as_of);
+                (born && self.research_permitted(id) && keep(id, gender, *birth)).then_some((
+                    id.as_str(),
+                    gender.as_str(),
+                    *birth,
+                ))
+            })
     }
 }
 

@@ -159,6 +159,13 @@ fn state_results_and_audit_survive_a_restart(f: Fixture) {
             }],
             min_cell_size: 10,
             notes: vec!["consent: none of 100 patients excluded".into()],
+            analysis: "count".into(),
+            noise: Some(ghx_study::result::NoiseStatement {
+                mechanism: "laplace".into(),
+                epsilon: 0.5,
+                delta: 0.0,
+                detail: "each count: sensitivity 1".into(),
+            }),
         }],
         failures: vec![NodeFailure {
             node_id: "chonnam".into(),
@@ -168,7 +175,16 @@ fn state_results_and_audit_survive_a_restart(f: Fixture) {
             key: vec![],
             count: 42,
             suppressed_at: vec![],
+            summary: None,
+            rate: None,
         }],
+        quantiles: vec![ghx_study::result::Quantile {
+            group: vec![],
+            q: 0.5,
+            value: Some(7.25),
+            partial: false,
+        }],
+        rate_per: 0,
     };
     let audit = AuditRecord {
         at: "2026-11-25T00:00:00Z".into(),

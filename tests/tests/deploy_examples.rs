@@ -31,3 +31,21 @@ fn example_query_is_valid() {
     let json = std::fs::read(deploy("e11-by-sex-and-age.json")).unwrap();
     ghx_study::query::QuerySpec::parse(&json).unwrap();
 }
+
+#[test]
+fn statistics_example_manifest_is_valid_and_declares_what_it_reads() {
+    let json = std::fs::read(deploy("study-e11-statistics.json")).unwrap();
+    let manifest = ghx_study::manifest::StudyManifest::parse(&json).unwrap();
+    let kinds: Vec<&str> = manifest.queries.iter().map(|q| q.query.kind()).collect();
+    assert_eq!(kinds, ["summary", "histogram", "count", "rate"]);
+    // Dropping a declared code the queries read makes it invalid.
+    let text = String::from_utf8(json).unwrap().replace(
+        r#"{"system": "http://www.whocc.no/atc", "code": "A10BA02"}"#,
+        r#"{"system": "http://www.whocc.no/atc", "code": "A10BB01"}"#,
+    );
+    let err = ghx_study::manifest::StudyManifest::parse(text.as_bytes()).unwrap_err();
+    assert!(
+        err.to_string().contains("http://www.whocc.no/atc|A10BA02"),
+        "{err}"
+    );
+}

@@ -8,7 +8,7 @@ use base64::Engine;
 
 use ghx::local_federation::{
     COMMITTEE, COMMITTEE_2, LocalFederation, LocalFederationOptions, REQUESTER, SIGNING_KID,
-    manifest_for,
+    manifest_for, manifest_with_budget,
 };
 use ghx_federation_tests::reference::Export;
 use ghx_node::consent::DefaultConsent;
@@ -105,6 +105,7 @@ async fn federated_count_equals_the_reference_with_suppression_per_node() {
                     pb::cell::Value::Suppressed(s) => {
                         (None, s.reason.contains("below the minimum cell size"))
                     }
+                    other => panic!("a count query answered {other:?}"),
                 };
                 (c.key.clone(), value)
             })
@@ -777,6 +778,7 @@ async fn run_approved(
                 [cell] => match cell.value.as_ref().unwrap() {
                     pb::cell::Value::Count(n) => Some(*n),
                     pb::cell::Value::Suppressed(_) => None,
+                    other => panic!("a count query answered {other:?}"),
                 },
                 _ => None,
             };
@@ -915,5 +917,182 @@ async fn withdrawn_consent_lowers_the_count_by_exactly_the_withdrawn_patients() 
         "{}",
         last.policy_reasons
     );
+    federation.shutdown().await;
+}
+
+const HBA1C_BY_SEX: &str = r#"{"version":"ghx.query/v1",
+    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
+    "analysis":{"kind":"summary","variable":{"kind":"observation","system":"http://loinc.org","code":"4548-4"},"group_by":["sex"]}}"#;
+const AGE_HISTOGRAM: &str = r#"{"version":"ghx.query/v1",
+    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
+    "analysis":{"kind":"histogram","variable":{"kind":"age"},"bins":{"start":0,"width":5,"count":24},"quantiles":[0.25,0.5,0.75]}}"#;
+const NOISY_COUNT: &str = r#"{"version":"ghx.query/v1",
+    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
+    "analysis":{"kind":"count","group_by":["sex"]},
+    "noise":{"mechanism":"laplace","epsilon":0.2}}"#;
+
+/// Summary statistics and quantiles combine exactly across hospitals, and
+/// noised queries are charged to the study's budget until it is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_combine_exactly_and_noise_spends_the_budget() {
+    use ghx_study::result::Moments;
+    let (federation, _dir) = start(600).await;
+    let mut requester = federation.client(REQUESTER).await.unwrap();
+    let mut committee = federation.client(COMMITTEE).await.unwrap();
+    let manifest = manifest_with_budget(
+        "E11 statistics",
+        "HRESCH",
+        &[
+            ("hba1c", HBA1C_BY_SEX),
+            ("age", AGE_HISTOGRAM),
+            ("noisy", NOISY_COUNT),
+        ],
+        // Christian's policy admits budgets of at most 0.5.
+        0.5,
+    );
+    let study_id = requester
+        .submit_study(pb::SubmitStudyRequest {
+            manifest_json: manifest,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .study_id;
+    committee
+        .approve_study(pb::ApproveStudyRequest {
+            study_id: study_id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap();
+    let run = |query: &'static str| {
+        let mut requester = requester.clone();
+        let study_id = study_id.clone();
+        async move {
+            requester
+                .run_study(pb::RunStudyRequest {
+                    study_id,
+                    query: query.to_owned(),
+                })
+                .await
+                .map(|r| r.into_inner().result.unwrap())
+        }
+    };
+
+    // Mean and sd of HbA1c: the federated figure equals the one computed
+    // on the three exports pooled together (no cell is small here).
+    let result = run("hba1c").await.unwrap();
+    assert!(result.failures.is_empty(), "{:?}", result.failures);
+    let mut pooled: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for node in &federation.nodes {
+        let mut export = Export::read(&node.data_dir);
+        export.opt_out = opt_out(&federation, node.profile.id);
+        for (id, gender, _) in export.cohort(ghx_synth::default_as_of(), |id, _, _| {
+            export.has_condition(id, KCD8, "E11")
+        }) {
+            if let Some(v) = export.latest_value(id, "4548-4") {
+                pooled.entry(gender.to_owned()).or_default().push(v);
+            }
+        }
+    }
+    for total in &result.total {
+        let got = total.summary.as_ref().expect("summary totals");
+        assert!(total.suppressed_at.is_empty(), "{total:?}");
+        let want = Moments::of(&pooled[&total.key[0]]);
+        assert_eq!(got.n, want.n, "{:?}", total.key);
+        assert!((got.mean - want.mean).abs() < 1e-9, "{:?}", total.key);
+        assert!((got.m2 - want.m2).abs() < 1e-6 * want.m2, "{:?}", total.key);
+        // Extremes are the 10th smallest/largest at some node: inside the
+        // pooled range, never a lone patient's value.
+        let (lo, hi) = (got.min.unwrap(), got.max.unwrap());
+        assert!(
+            want.min.unwrap() < lo && lo < want.mean && want.mean < hi && hi < want.max.unwrap()
+        );
+    }
+    assert_eq!(result.total.len(), pooled.len());
+
+    // Quantiles of age read off the combined histogram equal those of the
+    // histogram of the pooled ages.
+    let result = run("age").await.unwrap();
+    assert!(result.failures.is_empty(), "{:?}", result.failures);
+    let bins = ghx_study::query::Bins {
+        start: 0.0,
+        width: 5.0,
+        count: 24,
+    };
+    let mut counts = vec![0u64; 26];
+    let mut partial = false;
+    for node in &result.per_node {
+        for cell in &node.cells {
+            match cell.value.as_ref().unwrap() {
+                pb::cell::Value::Count(n) => counts[bins.index_of(&cell.key[0]).unwrap()] += n,
+                _ => partial = true,
+            }
+        }
+    }
+    assert_eq!(result.quantiles.len(), 3);
+    for q in &result.quantiles {
+        assert_eq!(q.partial, partial);
+        assert_eq!(
+            q.value,
+            ghx_study::result::quantile_of_counts(&counts, &bins, q.q)
+        );
+    }
+    let median = result.quantiles[1].value.unwrap();
+    assert!(
+        (40.0..80.0).contains(&median),
+        "median age of diabetics {median}"
+    );
+
+    // Noise: each run is charged 0.2 of the 0.5 budget at every node; the
+    // third is refused by every node, naming the budget.
+    let exact = run_approved(
+        &federation,
+        "HRESCH",
+        &NOISY_COUNT.replace(r#","noise":{"mechanism":"laplace","epsilon":0.2}"#, ""),
+    )
+    .await
+    .1;
+    for round in 1..=2 {
+        let result = run("noisy").await.unwrap();
+        assert!(result.failures.is_empty(), "{:?}", result.failures);
+        for node in &result.per_node {
+            let noise = node.noise.as_ref().expect("a noise statement");
+            assert_eq!((noise.mechanism.as_str(), noise.epsilon), ("laplace", 0.2));
+            let spent = format!("spent epsilon {:.4} of 0.5000", 0.2 * f64::from(round));
+            assert!(
+                node.notes.iter().any(|n| n.contains(&spent)),
+                "{}: {:?}",
+                node.node_id,
+                node.notes
+            );
+            // Every sex is present, noised, even where no patient is.
+            assert_eq!(node.cells.len(), 4, "{:?}", node.cells);
+        }
+        // Noisy totals are near the exact ones (scale 5 per cell and node).
+        for (noisy, exact) in result.total.iter().zip(&exact.total) {
+            if noisy.key == exact.key
+                && noisy.suppressed_at.is_empty()
+                && exact.suppressed_at.is_empty()
+            {
+                assert!(
+                    noisy.count.abs_diff(exact.count) < 60,
+                    "{noisy:?} vs {exact:?}"
+                );
+            }
+        }
+    }
+    let result = run("noisy").await.unwrap();
+    assert!(result.per_node.is_empty());
+    assert_eq!(result.failures.len(), 3);
+    for failure in &result.failures {
+        assert!(
+            failure.reason.contains("privacy budget of study")
+                && failure
+                    .reason
+                    .contains("0.4000 of 0.5000 epsilon already spent"),
+            "{failure:?}"
+        );
+    }
     federation.shutdown().await;
 }

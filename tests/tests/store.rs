@@ -69,6 +69,8 @@ suite!(
     sensitive_diagnoses_count_only_where_consent_names_them,
     cohorts_a_few_patients_apart_are_refused_per_organisation,
     counting_members_equals_counting_in_sql,
+    statistics_match_an_independent_computation_from_the_export,
+    privacy_budget_charges_refuse_overspending,
 );
 
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
@@ -93,7 +95,7 @@ fn engine_counts(store: &Store) -> std::collections::BTreeMap<(String, String), 
     consented::count(store, &spec, consented::opt_in())
         .0
         .into_iter()
-        .map(|c| ((c.key[0].clone(), c.key[1].clone()), c.count))
+        .map(|c| ((c.key[0].clone(), c.key[1].clone()), c.value.patients()))
         .collect()
 }
 
@@ -284,7 +286,7 @@ fn count_query(store: &Store, cohort: &str) -> u64 {
     consented::count(store, &spec, consented::opt_in())
         .0
         .iter()
-        .map(|c| c.count)
+        .map(|c| c.value.patients())
         .sum()
 }
 
@@ -639,7 +641,7 @@ fn sensitive_diagnoses_count_only_where_consent_names_them(f: Fixture) {
         consented::count(&f.store, &spec, rules())
             .0
             .iter()
-            .map(|c| c.count)
+            .map(|c| c.value.patients())
             .sum()
     };
     // s1's depression is invisible (a blanket permit is not enough), s2
@@ -752,6 +754,8 @@ fn counting_members_equals_counting_in_sql(f: Fixture) {
         r#""age":{"min":50}},"analysis":{"kind":"count"}"#.to_owned(),
         format!(r#""conditions":[{{"system":"{kcd}","code":"Z99"}}]}},"analysis":{{"kind":"count"}}"#),
         format!(r#""conditions":[{{"system":"{kcd}","code":"Z99"}}]}},"analysis":{{"kind":"count","group_by":["sex"]}}"#),
+        format!(r#""conditions":[{{"system":"{kcd}","code":"E11","match":"prefix"}}]}},"analysis":{{"kind":"count","group_by":["sex","age_band",{{"diagnosis":[{{"label":"htn","system":"{kcd}","codes":["I10"]}},{{"label":"lipid","system":"{kcd}","codes":["E78"],"match":"prefix"}}]}}]}}"#),
+        r#""sex":["female"],"encounters":[{"class":"AMB","min_count":3,"window":{"from":"2020-01-01"}}],"medications":[{"system":"http://www.whocc.no/atc","code":"A10BA02"}]},"analysis":{"kind":"count","group_by":["age_band"]}"#.to_owned(),
     ];
     for q in queries {
         let json = format!(r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01",{q}}}"#);
@@ -763,6 +767,259 @@ fn counting_members_equals_counting_in_sql(f: Fixture) {
         let members =
             ghx_node::engine::cohort_members(&f.store, &spec, &prepared.context, sensitive)
                 .unwrap();
-        assert_eq!(ghx_node::engine::count_members(&spec, &members), sql, "{q}");
+        let mut counted = ghx_node::engine::analyse(&spec, &members, false).cells;
+        let mut sql = sql;
+        let by_key =
+            |a: &ghx_node::engine::RawCell, b: &ghx_node::engine::RawCell| a.key.cmp(&b.key);
+        counted.sort_by(by_key);
+        sql.sort_by(by_key);
+        assert_eq!(counted, sql, "{q}");
     }
+}
+
+/// Runs a query's members through the engine, as the node does.
+fn analysed(store: &Store, json: &str) -> Vec<ghx_node::engine::RawCell> {
+    use ghx_node::consent::eligibility::Eligibility;
+    let spec = QuerySpec::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}: {json}"));
+    let eligibility = Eligibility::new(consented::opt_in());
+    let request = ghx_node::gate::consent_request("HRESCH", &spec, 1_780_272_000);
+    let prepared = eligibility.prepare(store, &request).unwrap();
+    let sensitive = &eligibility.rules().sensitive;
+    let members =
+        ghx_node::engine::cohort_members(store, &spec, &prepared.context, sensitive).unwrap();
+    ghx_node::engine::analyse(&spec, &members, false).cells
+}
+
+fn statistics_match_an_independent_computation_from_the_export(f: Fixture) {
+    use ghx_node::engine::Raw;
+    use ghx_study::result::Moments;
+    use std::collections::BTreeMap;
+    let data = f.dir.path().join("stats");
+    synth(&data, "chosun", 600);
+    import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    let export = Export::read(&data);
+    let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+    let as_of = time::macros::date!(2026 - 01 - 01);
+
+    // Latest HbA1c of diabetic patients, by sex: n, mean, sd, sorted values.
+    let cells = analysed(
+        &f.store,
+        &format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[{{"system":"{kcd}","code":"E11","match":"prefix"}}]}},
+                "analysis":{{"kind":"summary","variable":{{"kind":"observation","system":"http://loinc.org","code":"4548-4"}},"group_by":["sex"]}}}}"#
+        ),
+    );
+    let mut expected: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for (id, gender, _) in export.cohort(as_of, |id, _, _| export.has_condition(id, kcd, "E11")) {
+        if let Some(v) = export.latest_value(id, "4548-4") {
+            expected.entry(gender.to_owned()).or_default().push(v);
+        }
+    }
+    assert!(
+        !expected.is_empty(),
+        "the synthetic data has diabetic patients with HbA1c"
+    );
+    assert_eq!(cells.len(), expected.len());
+    for cell in &cells {
+        let Raw::Values(values) = &cell.value else {
+            panic!("summary cells hold values")
+        };
+        let mut want = expected[&cell.key[0]].clone();
+        want.sort_by(f64::total_cmp);
+        assert_eq!(values, &want, "{:?}", cell.key);
+        let (got, pooled) = (Moments::of(values), Moments::of(&want));
+        assert!((got.mean - pooled.mean).abs() < 1e-9 && got.n == pooled.n);
+    }
+
+    // Age histogram of everyone consenting, by sex, in ten-year bins.
+    let cells = analysed(
+        &f.store,
+        r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},
+            "analysis":{"kind":"histogram","variable":{"kind":"age"},"bins":{"start":20,"width":10,"count":6},"group_by":["sex"]}}"#,
+    );
+    let bins = ghx_study::query::Bins {
+        start: 20.0,
+        width: 10.0,
+        count: 6,
+    };
+    let mut expected: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+    for (_, gender, birth) in export.cohort(as_of, |_, _, _| true) {
+        if let Some(b) = birth {
+            let age = ghx_federation_tests::reference::age_at(b, as_of);
+            *expected
+                .entry(vec![
+                    gender.to_owned(),
+                    bins.label(bins.index(f64::from(age))),
+                ])
+                .or_default() += 1;
+        }
+    }
+    let got: BTreeMap<Vec<String>, u64> = cells
+        .iter()
+        .map(|c| (c.key.clone(), c.value.patients()))
+        .collect();
+    assert_eq!(got, expected);
+
+    // Metformin prescribed in 2024-2025 among patients aged 40+, by sex.
+    let cells = analysed(
+        &f.store,
+        r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","age":{"min":40}},
+            "analysis":{"kind":"rate","per":1000,"group_by":["sex"],
+                        "event":{"medications":[{"system":"http://www.whocc.no/atc","code":"A10BA02","window":{"from":"2024-01-01","to":"2025-12-31"}}]}}}"#,
+    );
+    let (from, to) = ghx_study::query::Window {
+        from: Some(time::macros::date!(2024 - 01 - 01)),
+        to: Some(time::macros::date!(2025 - 12 - 31)),
+    }
+    .unix_bounds();
+    let mut expected: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (id, gender, _) in export.cohort(as_of, |_, _, birth| {
+        birth.is_some_and(|b| ghx_federation_tests::reference::age_at(b, as_of) >= 40)
+    }) {
+        let event = export.medications.get(id).is_some_and(|meds| {
+            meds.iter()
+                .any(|(code, at)| code == "A10BA02" && *at >= from.unwrap() && *at < to.unwrap())
+        });
+        let e = expected.entry(gender.to_owned()).or_default();
+        e.0 += u64::from(event);
+        e.1 += 1;
+    }
+    let got: BTreeMap<String, (u64, u64)> = cells
+        .iter()
+        .map(|c| match c.value {
+            Raw::Rate { events, population } => (c.key[0].clone(), (events, population)),
+            _ => panic!("rate cells"),
+        })
+        .collect();
+    assert_eq!(got, expected);
+    assert!(
+        got.values().any(|(events, _)| *events > 0),
+        "some events in the window"
+    );
+
+    // Diabetic women with three or more ambulatory visits since 2022, by
+    // diagnosis group (hypertension first, then dyslipidaemia).
+    let cells = analysed(
+        &f.store,
+        &format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","sex":["female"],
+                "conditions":[{{"system":"{kcd}","code":"E11","match":"prefix"}}],
+                "encounters":[{{"class":"AMB","min_count":3,"window":{{"from":"2022-01-01"}}}}]}},
+                "analysis":{{"kind":"count","group_by":[{{"diagnosis":[
+                    {{"label":"htn","system":"{kcd}","codes":["I10"]}},
+                    {{"label":"lipid","system":"{kcd}","codes":["E78"],"match":"prefix"}}]}}]}}}}"#
+        ),
+    );
+    let since = ghx_study::query::Window {
+        from: Some(time::macros::date!(2022 - 01 - 01)),
+        to: None,
+    }
+    .unix_bounds()
+    .0
+    .unwrap();
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for (id, _, _) in export.cohort(as_of, |id, gender, _| {
+        gender == "female"
+            && export.has_condition(id, kcd, "E11")
+            && export.encounters.get(id).map_or(0, |es| {
+                es.iter()
+                    .filter(|(class, at)| class == "AMB" && *at >= since)
+                    .count()
+            }) >= 3
+    }) {
+        let group = if export.has_condition(id, kcd, "I10") {
+            "htn"
+        } else if export.has_condition(id, kcd, "E78") {
+            "lipid"
+        } else {
+            "none"
+        };
+        *expected.entry(group.to_owned()).or_default() += 1;
+    }
+    let got: BTreeMap<String, u64> = cells
+        .iter()
+        .map(|c| (c.key[0].clone(), c.value.patients()))
+        .collect();
+    assert_eq!(got, expected);
+    assert!(
+        got.len() >= 2,
+        "more than one diagnosis group is populated: {got:?}"
+    );
+}
+
+fn privacy_budget_charges_refuse_overspending(f: Fixture) {
+    use ghx_node::store::{BudgetScope, ChargeOutcome, PrivacyCharge};
+    let charge = |id: &'static str, study: &'static str, epsilon: f64| PrivacyCharge {
+        organisation: "acme",
+        study_id: study,
+        capability_id: id,
+        epsilon,
+        delta: 0.0,
+        study_epsilon: 1.0,
+        study_delta: 0.0,
+        organisation_epsilon: Some(1.5),
+    };
+    // Decimal epsilons add up to exactly the budget despite rounding.
+    for (i, id) in ["c1", "c2", "c3"].into_iter().enumerate() {
+        let outcome = f
+            .store
+            .charge_privacy(&charge(id, "s1", 0.1 + 0.2 * i as f64))
+            .unwrap();
+        assert!(
+            matches!(outcome, ChargeOutcome::Charged { .. }),
+            "{id}: {outcome:?}"
+        );
+    }
+    let spent = f.store.privacy_spent("acme", "s1").unwrap();
+    assert!((spent.epsilon - 0.9).abs() < 1e-9 && spent.queries == 3);
+    // The study budget refuses, and a refused charge costs nothing.
+    let refused = f.store.charge_privacy(&charge("c4", "s1", 0.2)).unwrap();
+    assert!(matches!(
+        refused,
+        ChargeOutcome::Refused { scope: BudgetScope::Study, spent } if spent.queries == 3
+    ));
+    assert_eq!(f.store.privacy_spent("acme", "s1").unwrap(), spent);
+    // A second study has its own budget but shares the organisation's cap.
+    assert!(matches!(
+        f.store.charge_privacy(&charge("c5", "s2", 0.5)).unwrap(),
+        ChargeOutcome::Charged { .. }
+    ));
+    let refused = f.store.charge_privacy(&charge("c6", "s2", 0.2)).unwrap();
+    assert!(
+        matches!(refused, ChargeOutcome::Refused { scope: BudgetScope::Organisation, spent } if (spent.epsilon - 1.4).abs() < 1e-9),
+        "{refused:?}"
+    );
+    assert_eq!(f.store.privacy_spent("acme", "s2").unwrap().queries, 1);
+    // Concurrent charges never overspend: 20 threads race for 0.5 of
+    // budget in steps of 0.1; exactly five win.
+    let store = f.store.clone();
+    let winners: usize = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let store = store.clone();
+                scope.spawn(move || {
+                    let id = format!("race{i}");
+                    let c = PrivacyCharge {
+                        organisation: "other",
+                        study_id: "s3",
+                        capability_id: &id,
+                        epsilon: 0.1,
+                        delta: 0.0,
+                        study_epsilon: 0.5,
+                        study_delta: 0.0,
+                        organisation_epsilon: None,
+                    };
+                    matches!(
+                        store.charge_privacy(&c).unwrap(),
+                        ChargeOutcome::Charged { .. }
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| usize::from(h.join().unwrap()))
+            .sum()
+    });
+    assert_eq!(winners, 5);
 }

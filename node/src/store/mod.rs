@@ -23,7 +23,8 @@ use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use schema::{
     audit_log, capability_uses, code_map, condition_codes, consent_contexts, consent_eligibility,
     consents, encounters, import_checkpoints, medication_codes, node_state, observation_values,
-    patients, released_cohorts, resource_history, resources, revoked_studies,
+    patients, privacy_budget, privacy_charges, released_cohorts, resource_history, resources,
+    revoked_studies,
 };
 
 /// The `node_state` key of the consent generation.
@@ -772,6 +773,111 @@ impl Store {
         )?))
     }
 
+    /// Charges a query's privacy cost to its organisation's ledger for the
+    /// study and in total, unless either would then exceed its limit. Both
+    /// rows are changed by conditional updates in one transaction, so two
+    /// concurrent queries can never both spend the last of a budget.
+    pub fn charge_privacy(&self, charge: &PrivacyCharge<'_>) -> Result<ChargeOutcome> {
+        // Sums of decimal epsilons (0.1 + 0.2) must not fail on rounding.
+        const SLACK: f64 = 1e-9;
+        let now = now_rfc3339();
+        let rows = [
+            (charge.study_id, charge.study_epsilon, charge.study_delta),
+            (
+                "",
+                charge.organisation_epsilon.unwrap_or(f64::MAX / 4.0),
+                1.0,
+            ),
+        ];
+        let outcome: std::result::Result<(), ChargeError> = with_conn!(self.backend, |conn| conn
+            .transaction(|conn| {
+                for (i, (study, eps_limit, delta_limit)) in rows.iter().enumerate() {
+                    diesel::insert_into(privacy_budget::table)
+                        .values((
+                            privacy_budget::organisation.eq(charge.organisation),
+                            privacy_budget::study_id.eq(study),
+                            privacy_budget::epsilon_spent.eq(0.0),
+                            privacy_budget::delta_spent.eq(0.0),
+                            privacy_budget::queries.eq(0i64),
+                        ))
+                        .on_conflict_do_nothing()
+                        .execute(conn)?;
+                    let updated = diesel::update(
+                        privacy_budget::table
+                            .filter(privacy_budget::organisation.eq(charge.organisation))
+                            .filter(privacy_budget::study_id.eq(study))
+                            .filter(
+                                (privacy_budget::epsilon_spent + charge.epsilon)
+                                    .le(eps_limit + SLACK),
+                            )
+                            .filter(
+                                (privacy_budget::delta_spent + charge.delta)
+                                    .le(delta_limit + SLACK * 1e-3),
+                            ),
+                    )
+                    .set((
+                        privacy_budget::epsilon_spent
+                            .eq(privacy_budget::epsilon_spent + charge.epsilon),
+                        privacy_budget::delta_spent.eq(privacy_budget::delta_spent + charge.delta),
+                        privacy_budget::queries.eq(privacy_budget::queries + 1),
+                    ))
+                    .execute(conn)?;
+                    if updated == 0 {
+                        // Undo the other row's charge, if any.
+                        return Err(ChargeError::Refused(i));
+                    }
+                }
+                diesel::insert_into(privacy_charges::table)
+                    .values((
+                        privacy_charges::capability_id.eq(charge.capability_id),
+                        privacy_charges::organisation.eq(charge.organisation),
+                        privacy_charges::study_id.eq(charge.study_id),
+                        privacy_charges::epsilon.eq(charge.epsilon),
+                        privacy_charges::delta.eq(charge.delta),
+                        privacy_charges::charged_at.eq(&now),
+                    ))
+                    .execute(conn)?;
+                Ok(())
+            }));
+        let refused_at = match outcome {
+            Ok(()) => None,
+            Err(ChargeError::Refused(i)) => Some(i),
+            Err(ChargeError::Db(e)) => return Err(e.into()),
+        };
+        let study = self.privacy_spent(charge.organisation, charge.study_id)?;
+        Ok(match refused_at {
+            None => ChargeOutcome::Charged { study },
+            Some(0) => ChargeOutcome::Refused {
+                scope: BudgetScope::Study,
+                spent: study,
+            },
+            Some(_) => ChargeOutcome::Refused {
+                scope: BudgetScope::Organisation,
+                spent: self.privacy_spent(charge.organisation, "")?,
+            },
+        })
+    }
+
+    /// What an organisation has spent on a study (`""`: on all studies).
+    pub fn privacy_spent(&self, organisation: &str, study_id: &str) -> Result<Spent> {
+        let row: Option<(f64, f64, i64)> = with_conn!(self.backend, |conn| privacy_budget::table
+            .filter(privacy_budget::organisation.eq(organisation))
+            .filter(privacy_budget::study_id.eq(study_id))
+            .select((
+                privacy_budget::epsilon_spent,
+                privacy_budget::delta_spent,
+                privacy_budget::queries,
+            ))
+            .first(conn)
+            .optional()?);
+        let (epsilon, delta, queries) = row.unwrap_or((0.0, 0.0, 0));
+        Ok(Spent {
+            epsilon,
+            delta,
+            queries,
+        })
+    }
+
     /// Marks a study revoked; idempotent.
     pub fn revoke_study(&self, study_id: &str, reason: &str) -> Result<()> {
         let now = now_rfc3339();
@@ -967,8 +1073,61 @@ pub enum Bind {
     Float(f64),
 }
 
+/// A query's privacy cost and the limits it must fit in.
+#[derive(Debug, Clone, Copy)]
+pub struct PrivacyCharge<'a> {
+    pub organisation: &'a str,
+    pub study_id: &'a str,
+    pub capability_id: &'a str,
+    pub epsilon: f64,
+    pub delta: f64,
+    /// The study's budget (from its manifest).
+    pub study_epsilon: f64,
+    pub study_delta: f64,
+    /// The node's limit per organisation over all studies, if any.
+    pub organisation_epsilon: Option<f64>,
+}
+
+/// Why a charge transaction rolled back.
+enum ChargeError {
+    /// The row at this index had too little budget left.
+    Refused(usize),
+    Db(diesel::result::Error),
+}
+
+impl From<diesel::result::Error> for ChargeError {
+    fn from(e: diesel::result::Error) -> Self {
+        ChargeError::Db(e)
+    }
+}
+
+/// Privacy spent so far.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spent {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub queries: i64,
+}
+
+/// Which budget a refused charge would have exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetScope {
+    Study,
+    Organisation,
+}
+
+/// What came of a charge.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ChargeOutcome {
+    /// Charged; what the study has spent now.
+    Charged { study: Spent },
+    /// Not charged: it would exceed the budget of `scope`, of which `spent`
+    /// is used.
+    Refused { scope: BudgetScope, spent: Spent },
+}
+
 /// One patient of a cohort, with what grouping needs.
-#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
 pub struct Member {
     #[diesel(sql_type = Text)]
     pub id: String,
@@ -976,6 +1135,15 @@ pub struct Member {
     pub gender: String,
     #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
     pub birth_ymd: Option<i64>,
+    /// Index of the first diagnosis group the patient has, -1 for none.
+    #[diesel(sql_type = BigInt)]
+    pub dx: i64,
+    /// The analysis variable's value, when it has one.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+    pub value: Option<f64>,
+    /// 1 when the patient has a rate's event.
+    #[diesel(sql_type = BigInt)]
+    pub event: i64,
 }
 
 /// One row of a grouped count: the group's key columns and its size.
@@ -985,6 +1153,8 @@ pub struct GroupCount {
     pub k_sex: String,
     #[diesel(sql_type = BigInt)]
     pub k_band: i64,
+    #[diesel(sql_type = BigInt)]
+    pub k_dx: i64,
     #[diesel(sql_type = BigInt)]
     pub n: i64,
 }

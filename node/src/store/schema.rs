@@ -176,3 +176,24 @@ diesel::table! {
         members -> Binary,
     }
 }
+
+diesel::table! {
+    privacy_budget (organisation, study_id) {
+        organisation -> Text,
+        study_id -> Text,
+        epsilon_spent -> Double,
+        delta_spent -> Double,
+        queries -> BigInt,
+    }
+}
+
+diesel::table! {
+    privacy_charges (capability_id) {
+        capability_id -> Text,
+        organisation -> Text,
+        study_id -> Text,
+        epsilon -> Double,
+        delta -> Double,
+        charged_at -> Text,
+    }
+}

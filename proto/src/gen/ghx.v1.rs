@@ -22,27 +22,75 @@ pub struct AggregateResult {
     /// The minimum cell size the node applied.
     #[prost(uint32, tag = "4")]
     pub min_cell_size: u32,
-    /// Disclosure-control notes: what was suppressed and why (aggregate only).
+    /// Disclosure-control notes: what was suppressed or noised and why
+    /// (aggregate only).
     #[prost(string, repeated, tag = "5")]
     pub notes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The analysis kind: count, summary, histogram or rate.
+    #[prost(string, tag = "6")]
+    pub analysis: ::prost::alloc::string::String,
+    /// The noise the node added before release; absent when none.
+    #[prost(message, optional, tag = "7")]
+    pub noise: ::core::option::Option<NoiseStatement>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+/// Calibrated noise a node added to every number it released.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NoiseStatement {
+    /// "laplace" or "gaussian".
+    #[prost(string, tag = "1")]
+    pub mechanism: ::prost::alloc::string::String,
+    #[prost(double, tag = "2")]
+    pub epsilon: f64,
+    #[prost(double, tag = "3")]
+    pub delta: f64,
+    /// Sensitivities and noise scales, in words.
+    #[prost(string, tag = "4")]
+    pub detail: ::prost::alloc::string::String,
+}
+/// Sufficient statistics of a numeric variable in one cell.
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct Moments {
+    #[prost(uint64, tag = "1")]
+    pub n: u64,
+    #[prost(double, tag = "2")]
+    pub mean: f64,
+    /// Sum of squared deviations from the mean.
+    #[prost(double, tag = "3")]
+    pub m2: f64,
+    #[prost(double, optional, tag = "4")]
+    pub min: ::core::option::Option<f64>,
+    #[prost(double, optional, tag = "5")]
+    pub max: ::core::option::Option<f64>,
+}
+/// The two counts of a crude rate.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RateCounts {
+    #[prost(uint64, tag = "1")]
+    pub events: u64,
+    #[prost(uint64, tag = "2")]
+    pub population: u64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Cell {
     /// One value per dimension, e.g. \["female", "40-49"\].
     #[prost(string, repeated, tag = "1")]
     pub key: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
-    #[prost(oneof = "cell::Value", tags = "2, 3")]
+    #[prost(oneof = "cell::Value", tags = "2, 3, 4, 5")]
     pub value: ::core::option::Option<cell::Value>,
 }
 /// Nested message and enum types in `Cell`.
 pub mod cell {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Value {
         #[prost(uint64, tag = "2")]
         Count(u64),
         /// The true count was below the node's threshold and is withheld.
         #[prost(message, tag = "3")]
         Suppressed(super::Suppressed),
+        #[prost(message, tag = "4")]
+        Summary(super::Moments),
+        #[prost(message, tag = "5")]
+        Rate(super::RateCounts),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -828,6 +876,12 @@ pub struct StudyResult {
     /// The manifest query this is the result of.
     #[prost(string, tag = "6")]
     pub query: ::prost::alloc::string::String,
+    /// For a histogram with quantiles: read off the combined histogram.
+    #[prost(message, repeated, tag = "7")]
+    pub quantiles: ::prost::alloc::vec::Vec<Quantile>,
+    /// Events per this many patients, for a rate.
+    #[prost(uint32, tag = "8")]
+    pub rate_per: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NodeFailure {
@@ -836,7 +890,7 @@ pub struct NodeFailure {
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct TotalCell {
     #[prost(string, repeated, tag = "1")]
     pub key: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
@@ -846,6 +900,26 @@ pub struct TotalCell {
     /// Nodes whose count for this key was suppressed (not included in `count`).
     #[prost(string, repeated, tag = "3")]
     pub suppressed_at: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Combined moments of a summary cell (pooled mean and variance).
+    #[prost(message, optional, tag = "4")]
+    pub summary: ::core::option::Option<Moments>,
+    /// Combined counts of a rate cell.
+    #[prost(message, optional, tag = "5")]
+    pub rate: ::core::option::Option<RateCounts>,
+}
+/// A quantile read off the combined histogram of one group.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Quantile {
+    #[prost(string, repeated, tag = "1")]
+    pub group: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(double, tag = "2")]
+    pub q: f64,
+    /// Absent when the quantile falls in an open-ended bin.
+    #[prost(double, optional, tag = "3")]
+    pub value: ::core::option::Option<f64>,
+    /// Some bin of the group was withheld at some node.
+    #[prost(bool, tag = "4")]
+    pub partial: bool,
 }
 /// Generated client implementations.
 pub mod coordinator_service_client {
