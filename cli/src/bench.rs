@@ -28,6 +28,8 @@ pub enum Error {
     Consent(#[from] ghx_node::consent::eligibility::Error),
     #[error("store: {0}")]
     Store(#[from] ghx_node::store::Error),
+    #[error("{0}")]
+    View(#[from] ghx_node::views::Error),
     #[error("benchmark task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }

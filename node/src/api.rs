@@ -52,6 +52,8 @@ enum ApiError {
     Consent(#[from] eligibility::Error),
     #[error(transparent)]
     Differencing(#[from] differencing::Error),
+    #[error("materialising the query's view: {0}")]
+    View(#[from] crate::views::Error),
     #[error(
         "privacy budget {scope}: {spent:.4} of {limit:.4} epsilon already spent, this query asks {asked:.4}"
     )]
@@ -91,7 +93,9 @@ fn status(error: &ApiError) -> Status {
             Status::permission_denied(error.to_string())
         }
         ApiError::BudgetSpent { .. } => Status::resource_exhausted(error.to_string()),
+        ApiError::View(crate::views::Error::View(e)) => Status::invalid_argument(e.to_string()),
         ApiError::Differencing(differencing::Error::Store(_))
+        | ApiError::View(crate::views::Error::Store(_))
         | ApiError::Gate(gate::Error::Policy(_) | gate::Error::Ledger(_))
         | ApiError::Store(_)
         | ApiError::Consent(_)

@@ -97,13 +97,19 @@ pub fn count(
 
 /// The consenting patients of the query's cohort, with what the analysis
 /// needs: what differencing detection compares and what [`analyse`]
-/// aggregates. They never leave the node.
+/// aggregates. They never leave the node. A view variable is materialised
+/// first if the data changed since it last was ([`crate::views`]).
 pub fn cohort_members(
     store: &Store,
     spec: &QuerySpec,
     consent_context: &str,
     sensitive: &SensitiveCodes,
-) -> Result<Vec<Member>, store::Error> {
+) -> Result<Vec<Member>, crate::views::Error> {
+    if let Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } =
+        &spec.analysis
+    {
+        crate::views::ensure(store, variable)?;
+    }
     let (sql, binds) = compile(
         spec,
         store.dialect(),
@@ -111,7 +117,7 @@ pub fn cohort_members(
         sensitive,
         Output::Members,
     );
-    store.cohort_rows(&sql, &binds)
+    Ok(store.cohort_rows(&sql, &binds)?)
 }
 
 fn diagnosis_label(groups: &[ghx_study::query::DiagnosisGroup], index: i64) -> String {
@@ -174,7 +180,9 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
             Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } => {
                 match variable {
                     Variable::Age => m.birth_ymd.map(|b| ((as_of - b) / 10000) as f64),
-                    Variable::Observation { .. } => m.value.filter(|v| v.is_finite()),
+                    Variable::Observation { .. } | Variable::View { .. } => {
+                        m.value.filter(|v| v.is_finite())
+                    }
                 }
             }
             _ => None,
@@ -451,6 +459,18 @@ impl Sql<'_> {
     /// The analysis variable's value for the patient (NULL for age, which
     /// is computed from the birth date).
     fn variable(&mut self, variable: &Variable) -> String {
+        if let (Variable::View { pick, .. }, Some(sha)) = (variable, variable.view_digest()) {
+            let sha = self.param(Bind::Text(sha));
+            let aggregate = match pick {
+                Pick::Min => "MIN(v.value)",
+                Pick::Max => "MAX(v.value)",
+                _ => "CAST(AVG(v.value) AS DOUBLE PRECISION)",
+            };
+            return format!(
+                "(SELECT {aggregate} FROM view_values v \
+                 WHERE v.view_sha256 = {sha} AND v.patient_id = p.id)"
+            );
+        }
         let Variable::Observation {
             system,
             code,

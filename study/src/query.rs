@@ -370,6 +370,32 @@ pub enum Variable {
         #[serde(default, skip_serializing_if = "Window::is_open")]
         window: Window,
     },
+    /// A column of an SQL on FHIR v2 ViewDefinition over Patient or
+    /// Observation resources. The view must have a column `patient` (the
+    /// patient's id, e.g. `subject.getReferenceKey(Patient)` or
+    /// `getResourceKey()`); `pick` (min, max or mean) combines a patient's rows.
+    View {
+        view: serde_json::Value,
+        column: String,
+        pick: Pick,
+    },
+}
+
+/// Resource types a view variable may read: not diagnoses or prescriptions,
+/// whose sensitive categories a view could not be held to.
+pub const VIEW_RESOURCES: [&str; 2] = ["Patient", "Observation"];
+
+impl Variable {
+    /// The SHA-256 of a view variable's canonical ViewDefinition (keys
+    /// sorted), under which the node materialises it.
+    pub fn view_digest(&self) -> Option<String> {
+        match self {
+            Variable::View { view, .. } => {
+                Some(digest(&serde_json::to_vec(view).expect("JSON serializes")))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Which of a patient's observation values a variable takes.
@@ -871,6 +897,32 @@ fn check_events(
 }
 
 fn check_variable(variable: &Variable) -> Result<(), Error> {
+    if let Variable::View { view, column, pick } = variable {
+        let field = "analysis.variable.view";
+        let parsed = ghx_sof::View::parse(view).map_err(|e| invalid(field, e.to_string()))?;
+        if !VIEW_RESOURCES.contains(&parsed.resource()) {
+            return Err(invalid(
+                field,
+                format!(
+                    "a view variable may read {} only, not {}",
+                    VIEW_RESOURCES.join(" or "),
+                    parsed.resource()
+                ),
+            ));
+        }
+        for needed in ["patient", column.as_str()] {
+            if !parsed.columns().iter().any(|c| c == needed) {
+                return Err(invalid(field, format!("the view has no column `{needed}`")));
+            }
+        }
+        if !matches!(pick, Pick::Min | Pick::Max | Pick::Mean) {
+            return Err(invalid(
+                "analysis.variable.pick",
+                "a view variable takes min, max or mean of a patient's rows",
+            ));
+        }
+        return Ok(());
+    }
     if let Variable::Observation {
         system,
         code,

@@ -71,6 +71,7 @@ suite!(
     counting_members_equals_counting_in_sql,
     statistics_match_an_independent_computation_from_the_export,
     privacy_budget_charges_refuse_overspending,
+    view_variables_match_native_variables_and_rebuild_after_import,
 );
 
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
@@ -1022,4 +1023,71 @@ fn privacy_budget_charges_refuse_overspending(f: Fixture) {
             .sum()
     });
     assert_eq!(winners, 5);
+}
+
+fn view_variables_match_native_variables_and_rebuild_after_import(f: Fixture) {
+    let data = f.dir.path().join("views");
+    synth(&data, "chonnam", 300);
+    import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+    let view = r#"{"resourceType": "ViewDefinition", "resource": "Observation", "status": "active",
+        "select": [{"column": [
+            {"name": "patient", "path": "subject.getReferenceKey(Patient)"},
+            {"name": "hba1c", "path": "value.ofType(Quantity).value"}]}],
+        "where": [{"path": "code.coding.where(system = 'http://loinc.org' and code = '4548-4').exists()"}]}"#;
+    let query = |variable: &str| {
+        format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[{{"system":"{kcd}","code":"E11","match":"prefix"}}]}},
+                "analysis":{{"kind":"summary","variable":{variable},"group_by":["sex"]}}}}"#
+        )
+    };
+    let native = analysed(
+        &f.store,
+        &query(
+            r#"{"kind":"observation","system":"http://loinc.org","code":"4548-4","pick":"max"}"#,
+        ),
+    );
+    let via_view = query(&format!(
+        r#"{{"kind":"view","view":{view},"column":"hba1c","pick":"max"}}"#
+    ));
+    let spec = QuerySpec::parse(via_view.as_bytes()).unwrap();
+    let ghx_study::query::Analysis::Summary { variable, .. } = &spec.analysis else {
+        unreachable!()
+    };
+    assert_eq!(analysed(&f.store, &via_view), native);
+    assert!(!native.is_empty());
+    // Materialised once per data generation.
+    assert_eq!(ghx_node::views::ensure(&f.store, variable).unwrap(), None);
+    let more = f.dir.path().join("views-more");
+    synth(&more, "chosun", 50);
+    import_path(&f.store, &more, &ImportOptions::default()).unwrap();
+    assert!(
+        ghx_node::views::ensure(&f.store, variable)
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        analysed(&f.store, &via_view),
+        analysed(
+            &f.store,
+            &query(
+                r#"{"kind":"observation","system":"http://loinc.org","code":"4548-4","pick":"max"}"#
+            )
+        )
+    );
+    // Views over diagnoses are refused: their sensitive categories could
+    // not be enforced.
+    let condition_view = view.replace(r#""resource": "Observation""#, r#""resource": "Condition""#);
+    let err = QuerySpec::parse(
+        query(&format!(
+            r#"{{"kind":"view","view":{condition_view},"column":"hba1c","pick":"max"}}"#
+        ))
+        .as_bytes(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("may read Patient or Observation only, not Condition"),
+        "{err}"
+    );
 }

@@ -24,11 +24,13 @@ use schema::{
     audit_log, capability_uses, code_map, condition_codes, consent_contexts, consent_eligibility,
     consents, encounters, import_checkpoints, medication_codes, node_state, observation_values,
     patients, privacy_budget, privacy_charges, released_cohorts, resource_history, resources,
-    revoked_studies,
+    revoked_studies, view_materialisations, view_values,
 };
 
 /// The `node_state` key of the consent generation.
 const CONSENT_GENERATION: &str = "consent_generation";
+/// The `node_state` key bumped by every import batch that writes anything.
+const DATA_GENERATION: &str = "data_generation";
 
 /// Consent contexts kept at once; older ones are pruned when a new one is built.
 const KEEP_CONSENT_CONTEXTS: i64 = 32;
@@ -421,6 +423,12 @@ impl Store {
             insert_index_rows!(conn, &items);
             // Consent decisions depend on patients and consents: any change
             // to either retires every decision computed before this batch.
+            // Materialised views are rebuilt after any change.
+            if !items.is_empty() {
+                diesel::update(node_state::table.filter(node_state::key.eq(DATA_GENERATION)))
+                    .set(node_state::value.eq(node_state::value + 1))
+                    .execute(conn)?;
+            }
             if touched.contains("Patient") || touched.contains("Consent") {
                 diesel::update(node_state::table.filter(node_state::key.eq(CONSENT_GENERATION)))
                     .set(node_state::value.eq(node_state::value + 1))
@@ -624,6 +632,73 @@ impl Store {
             .select(resources::content)
             .first::<String>(conn)
             .optional()?))
+    }
+
+    /// The current data generation: bumped by every import batch that
+    /// writes a resource.
+    pub fn data_generation(&self) -> Result<i64> {
+        Ok(with_conn!(self.backend, |conn| node_state::table
+            .filter(node_state::key.eq(DATA_GENERATION))
+            .select(node_state::value)
+            .first::<i64>(conn)?))
+    }
+
+    /// The data generation a view was last materialised at.
+    pub fn view_generation(&self, view_sha256: &str) -> Result<Option<i64>> {
+        Ok(with_conn!(self.backend, |conn| {
+            view_materialisations::table
+                .filter(view_materialisations::view_sha256.eq(view_sha256))
+                .select(view_materialisations::generation)
+                .first::<i64>(conn)
+                .optional()?
+        }))
+    }
+
+    /// Replaces a view's materialised (patient, value) rows, in one
+    /// transaction, and records the data generation they reflect.
+    pub fn replace_view_values(
+        &self,
+        view_sha256: &str,
+        generation: i64,
+        rows: &[(String, f64)],
+    ) -> Result<()> {
+        let now = now_rfc3339();
+        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+            diesel::delete(view_values::table.filter(view_values::view_sha256.eq(view_sha256)))
+                .execute(conn)?;
+            for chunk in rows.chunks(5000) {
+                let values: Vec<_> = chunk
+                    .iter()
+                    .map(|(patient, value)| {
+                        (
+                            view_values::view_sha256.eq(view_sha256),
+                            view_values::patient_id.eq(patient),
+                            view_values::value.eq(*value),
+                        )
+                    })
+                    .collect();
+                diesel::insert_into(view_values::table)
+                    .values(values)
+                    .execute(conn)?;
+            }
+            diesel::insert_into(view_materialisations::table)
+                .values((
+                    view_materialisations::view_sha256.eq(view_sha256),
+                    view_materialisations::generation.eq(generation),
+                    view_materialisations::row_count.eq(rows.len() as i64),
+                    view_materialisations::built_at.eq(&now),
+                ))
+                .on_conflict(view_materialisations::view_sha256)
+                .do_update()
+                .set((
+                    view_materialisations::generation.eq(generation),
+                    view_materialisations::row_count.eq(rows.len() as i64),
+                    view_materialisations::built_at.eq(&now),
+                ))
+                .execute(conn)?;
+            diesel::QueryResult::Ok(())
+        }))?;
+        Ok(())
     }
 
     /// The current consent generation (see [`crate::consent::eligibility`]).

@@ -197,3 +197,20 @@ diesel::table! {
         charged_at -> Text,
     }
 }
+
+diesel::table! {
+    view_materialisations (view_sha256) {
+        view_sha256 -> Text,
+        generation -> BigInt,
+        row_count -> BigInt,
+        built_at -> Text,
+    }
+}
+
+diesel::table! {
+    view_values (view_sha256, patient_id, value) {
+        view_sha256 -> Text,
+        patient_id -> Text,
+        value -> Double,
+    }
+}
