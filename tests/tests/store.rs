@@ -1075,6 +1075,28 @@ fn view_variables_match_native_variables_and_rebuild_after_import(f: Fixture) {
             )
         )
     );
+    // A batch that only deletes changes the data too.
+    let generation = f.store.data_generation().unwrap();
+    let victim = f
+        .store
+        .resources_page(Some("Observation"), None, 1)
+        .unwrap()
+        .remove(0)
+        .key;
+    let outcome = f
+        .store
+        .write_batch(&ghx_node::store::Batch {
+            deletes: vec![victim],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(outcome.deleted, 1);
+    assert_eq!(f.store.data_generation().unwrap(), generation + 1);
+    assert!(
+        ghx_node::views::ensure(&f.store, variable)
+            .unwrap()
+            .is_some()
+    );
     // Views over diagnoses are refused: their sensitive categories could
     // not be enforced.
     let condition_view = view.replace(r#""resource": "Observation""#, r#""resource": "Condition""#);

@@ -424,7 +424,7 @@ impl Store {
             // Consent decisions depend on patients and consents: any change
             // to either retires every decision computed before this batch.
             // Materialised views are rebuilt after any change.
-            if !items.is_empty() {
+            if !items.is_empty() || !deleted.is_empty() {
                 diesel::update(node_state::table.filter(node_state::key.eq(DATA_GENERATION)))
                     .set(node_state::value.eq(node_state::value + 1))
                     .execute(conn)?;
