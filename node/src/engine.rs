@@ -6,7 +6,9 @@
 //! Every value from the query is a bound parameter; the SQL text is built
 //! only from fixed fragments chosen by the query's structure. Fragments are
 //! generated in the order they appear in the SQL text, because SQLite's
-//! placeholders are positional.
+//! placeholders are positional. The cohort's most selective code drives the
+//! plan (candidates from a code index, then per-candidate checks), so a
+//! query's cost follows the cohort's size rather than the node's.
 
 use std::collections::BTreeMap;
 
@@ -427,6 +429,34 @@ impl Sql<'_> {
         }
     }
 
+    /// The patients with the cohort's most selective code, as a subquery on
+    /// a code index: an exact diagnosis, else a diagnosis prefix, else a
+    /// prescription. None when the cohort has no coded criterion.
+    fn driver(&mut self, cohort: &ghx_study::query::Cohort) -> Option<String> {
+        let condition = cohort
+            .conditions
+            .iter()
+            .find(|c| c.matching == CodeMatch::Exact)
+            .or_else(|| cohort.conditions.first());
+        let (table, criterion) = match condition {
+            Some(c) => ("condition_codes", c),
+            None => ("medication_codes", cohort.medications.first()?),
+        };
+        let system_uri = terminology::canonical_system(&criterion.system);
+        let system = self.param(Bind::Text(system_uri.to_owned()));
+        let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
+        let code = match criterion.matching {
+            CodeMatch::Exact => format!("d.code = {}", self.param(Bind::Text(code_text))),
+            CodeMatch::Prefix => format!(
+                "d.code LIKE {}",
+                self.param(Bind::Text(format!("{code_text}%")))
+            ),
+        };
+        Some(format!(
+            "SELECT d.patient_id FROM {table} d WHERE d.system = {system} AND {code}"
+        ))
+    }
+
     /// Every criterion of a cohort or event, joined by AND.
     fn criteria(
         &mut self,
@@ -585,6 +615,13 @@ pub(crate) fn compile(
     );
     let born = sql.param(Bind::Int(as_of));
     text.push_str(&format!("(p.birth_ymd IS NULL OR p.birth_ymd <= {born})"));
+    // Drive the plan from the coded criterion that selects fewest patients:
+    // the candidates with that code, looked up by code index, instead of a
+    // probe per consenting patient. The criterion's full test (window,
+    // sensitive categories) still follows.
+    if let Some(driver) = sql.driver(&spec.cohort) {
+        text.push_str(&format!(" AND p.id IN ({driver})"));
+    }
     if !spec.cohort.sex.is_empty() {
         let sexes: Vec<String> = spec
             .cohort

@@ -1,0 +1,2 @@
+DROP INDEX medication_codes_by_code_prefix;
+DROP INDEX condition_codes_by_code_prefix;
