@@ -78,7 +78,8 @@ pub fn analysis_notes(
             notes.push("min and max: not released under noise".to_owned());
         } else {
             notes.push(format!(
-                "min and max: the {min_cell_size}th smallest and largest value of each cell, so that at least {min_cell_size} patients share each side"
+                "min and max: the {min_cell_size}th smallest and largest value of each cell, so that at least {min_cell_size} patients share each side (not released for cells of fewer than {} patients)",
+                2 * min_cell_size - 1
             ));
         }
     }
@@ -122,13 +123,15 @@ impl Candidate {
             }),
             Raw::Values(sorted) => {
                 let mut m = Moments::of(sorted);
-                let k = (min_cell_size.max(1) as usize).min(sorted.len().max(1));
-                m.min = sorted.get(k - 1).copied();
-                m.max = sorted
-                    .len()
-                    .checked_sub(k)
-                    .and_then(|i| sorted.get(i))
-                    .copied();
+                let k = min_cell_size.max(1) as usize;
+                // With fewer than 2k - 1 values the k-th smallest and the
+                // k-th largest cross; then neither is released.
+                let (lo, hi) = match sorted.len().checked_sub(k) {
+                    Some(i) if i + 1 >= k => (sorted.get(k - 1), sorted.get(i)),
+                    _ => (None, None),
+                };
+                m.min = lo.copied();
+                m.max = hi.copied();
                 Candidate::Summary(m)
             }
         }
@@ -342,6 +345,23 @@ mod tests {
             hidden,
             ["female/40-49", "female/50-59", "male/40-49", "male/50-59"]
         );
+    }
+
+    #[test]
+    fn extremes_are_kth_values_and_withheld_when_they_would_cross() {
+        let cell = |n: usize| RawCell {
+            key: vec![],
+            value: Raw::Values((1..=n).map(|v| v as f64).collect()),
+        };
+        let extremes = |n| match Candidate::exact(&cell(n), 10) {
+            Candidate::Summary(m) => (m.min, m.max),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(extremes(25), (Some(10.0), Some(16.0)));
+        assert_eq!(extremes(20), (Some(10.0), Some(11.0)));
+        assert_eq!(extremes(19), (Some(10.0), Some(10.0)));
+        assert_eq!(extremes(18), (None, None));
+        assert_eq!(extremes(3), (None, None));
     }
 
     proptest::proptest! {
