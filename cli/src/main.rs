@@ -91,9 +91,10 @@ enum PolicyCommand {
         /// Purpose of use (HL7 v3 ActReason code).
         #[arg(long, default_value = "HRESCH")]
         purpose: String,
-        /// count, statistics, training or evaluation.
-        #[arg(long, default_value = "count")]
-        action: String,
+        /// count, statistics, training or evaluation; by default what the
+        /// node would ask for each query (count or statistics).
+        #[arg(long)]
+        action: Option<String>,
         /// The node id; defaults to the directory's name.
         #[arg(long)]
         node: Option<String>,
@@ -447,7 +448,9 @@ fn policy(command: PolicyCommand) -> Result<()> {
                 min_cell_size: min_cell_size.max(manifest.min_cell_size.for_node(&node)),
                 now: time::OffsetDateTime::now_utc().unix_timestamp(),
             };
-            let action: ghx_node::policy::Action = action.parse().map_err(anyhow::Error::msg)?;
+            let action: Option<ghx_node::policy::Action> = action
+                .map(|a| a.parse().map_err(anyhow::Error::msg))
+                .transpose()?;
             let mut decisions = Vec::new();
             for named in &manifest.queries {
                 let query_json = named.query.canonical_json();
@@ -461,11 +464,13 @@ fn policy(command: PolicyCommand) -> Result<()> {
                 let mut request = ghx_node::gate::access_request(
                     &claims,
                     &named.query,
+                    manifest.privacy_budget,
                     facts,
                     &loaded.consent.sensitive,
                 );
-                request.action = action;
-                request.epsilon = format!("{:.4}", manifest.privacy_budget);
+                if let Some(action) = action {
+                    request.action = action;
+                }
                 let decision = loaded.authorize(&request)?;
                 decisions.push((named.name.clone(), request, decision));
             }

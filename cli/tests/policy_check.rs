@@ -61,8 +61,40 @@ fn a_privacy_officer_can_validate_and_try_out_policies() {
     assert_eq!(decisions[0]["decision"]["allowed"], false);
     assert_eq!(decisions[0]["request"]["organisation"], "Unknown Analytics");
 
+    // Summaries, histograms and rates are asked as `statistics`: a hospital
+    // that permits only counts refuses them and still answers the count.
+    let statistics = "deploy/examples/study-e11-statistics.json";
+    let (code, out, _) = ghx(&[
+        "policy",
+        "check",
+        chosun,
+        statistics,
+        "--org",
+        "Chonnam National University Medical School",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("ALLOW statistics").count(), 3, "{out}");
     let access = Path::new(chosun).join("access.cedar");
     let text = std::fs::read_to_string(&access).unwrap();
+    let counts_only = text.replace(
+        r#"action in [Ghx::Action::"count", Ghx::Action::"statistics"]"#,
+        r#"action == Ghx::Action::"count""#,
+    );
+    assert_ne!(counts_only, text);
+    std::fs::write(&access, counts_only).unwrap();
+    let (code, out, _) = ghx(&[
+        "policy",
+        "check",
+        chosun,
+        statistics,
+        "--org",
+        "Chonnam National University Medical School",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out.matches("DENY statistics").count(), 3, "{out}");
+    assert_eq!(out.matches("ALLOW count").count(), 1, "{out}");
+    std::fs::write(&access, &text).unwrap();
+
     std::fs::write(
         &access,
         text.replace("context.purpose ==", "context.purpos =="),

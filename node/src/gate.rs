@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 
 use ghx_pki::{PeerIdentity, Role};
 use ghx_study::manifest::{self, StudyManifest};
-use ghx_study::query::{CodeMatch, QuerySpec};
+use ghx_study::query::{Analysis, CodeMatch, QuerySpec};
 use ghx_study::{capability, query};
 
 use crate::consent::{ConsentRequest, SensitiveCodes};
@@ -169,8 +169,13 @@ pub fn admit(
         min_cell_size,
         ..node
     };
-    let mut access = access_request(&claims, &spec, facts, &policy.consent.sensitive);
-    access.epsilon = format!("{:.4}", manifest.privacy_budget);
+    let access = access_request(
+        &claims,
+        &spec,
+        manifest.privacy_budget,
+        facts,
+        &policy.consent.sensitive,
+    );
     let decision = policy.authorize(&access)?;
     if !decision.allowed {
         return Err(Error::Forbidden {
@@ -190,11 +195,14 @@ pub fn admit(
     })
 }
 
-/// The access request for a count query under a capability: what the
-/// hospital's Cedar policies are asked.
+/// The access request for an aggregate query under a capability: what the
+/// hospital's Cedar policies are asked. The action is `count` for counts and
+/// `statistics` for summaries, histograms and rates; `privacy_budget` is the
+/// study's epsilon (from its manifest).
 pub fn access_request(
     claims: &capability::Claims,
     spec: &QuerySpec,
+    privacy_budget: f64,
     node: NodeFacts<'_>,
     sensitive: &SensitiveCodes,
 ) -> AccessRequest {
@@ -223,7 +231,10 @@ pub fn access_request(
         requester: claims.requester.clone(),
         organisation: claims.org.clone(),
         role: "requester".to_owned(),
-        action: Action::Count,
+        action: match spec.analysis {
+            Analysis::Count { .. } => Action::Count,
+            _ => Action::Statistics,
+        },
         node: node.node_id.to_owned(),
         study: claims.sub.clone(),
         purpose: claims.purpose.clone(),
@@ -237,8 +248,7 @@ pub fn access_request(
             .map(|d| d.name().to_owned())
             .collect(),
         min_cell_size: node.min_cell_size,
-        // Counts are released exactly (with suppression), not noised.
-        epsilon: "0.0".to_owned(),
+        epsilon: format!("{privacy_budget:.4}"),
     }
 }
 
