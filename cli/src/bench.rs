@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use ghx_proto::v1 as pb;
 
-use crate::local_federation::{
-    self, COMMITTEE, LocalFederation, LocalFederationOptions, RESEARCHER,
-};
+use crate::local_federation::{self, LocalFederation, LocalFederationOptions, RESEARCHER};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -95,25 +93,17 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
     .await?;
     let setup = started.elapsed();
     // An academic requester: Chosun refuses companies three-way tables.
-    let mut requester = federation.client(RESEARCHER).await?;
-    let mut committee = federation.client(COMMITTEE).await?;
-    let study_id = requester
-        .submit_study(pb::SubmitStudyRequest {
-            manifest_json: local_federation::manifest_for(
+    let study_id = federation
+        .approved_study(
+            RESEARCHER,
+            local_federation::manifest_for(
                 "benchmark",
                 "HRESCH",
                 &[("count", COUNT), ("grouped", GROUPED)],
             ),
-        })
-        .await?
-        .into_inner()
-        .study_id;
-    committee
-        .approve_study(pb::ApproveStudyRequest {
-            study_id: study_id.clone(),
-            note: String::new(),
-        })
+        )
         .await?;
+    let requester = federation.client(RESEARCHER).await?;
     let run = |query: &'static str| {
         let mut requester = requester.clone();
         let study_id = study_id.clone();

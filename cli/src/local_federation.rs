@@ -59,6 +59,8 @@ pub enum Error {
     CoordinatorConfig(#[from] ghx_coordinator::config::Error),
     #[error("connecting to the coordinator: {0}")]
     Connect(#[from] tonic::transport::Error),
+    #[error("coordinator: {}", .0.message())]
+    Rpc(#[from] tonic::Status),
 }
 
 /// How big a local federation to start.
@@ -294,6 +296,30 @@ impl LocalFederation {
             &self.pki.tls_files(member),
         )
         .await
+    }
+
+    /// Submits a manifest as `requester` and has [`COMMITTEE`] approve it
+    /// (enough for a quorum of one); returns the study id.
+    pub async fn approved_study(
+        &self,
+        requester: &str,
+        manifest_json: Vec<u8>,
+    ) -> Result<String, Error> {
+        let study_id = self
+            .client(requester)
+            .await?
+            .submit_study(ghx_proto::v1::SubmitStudyRequest { manifest_json })
+            .await?
+            .into_inner()
+            .study_id;
+        self.client(COMMITTEE)
+            .await?
+            .approve_study(ghx_proto::v1::ApproveStudyRequest {
+                study_id: study_id.clone(),
+                note: String::new(),
+            })
+            .await?;
+        Ok(study_id)
     }
 
     /// The coordinator's audit trail so far.

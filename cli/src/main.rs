@@ -739,16 +739,7 @@ async fn study(cmd: StudyCommand) -> Result<()> {
             query,
         } => {
             let mut c = connect(&client).await?;
-            let result = c
-                .run_study(pb::RunStudyRequest {
-                    study_id: study,
-                    query,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .result
-                .context("the coordinator returned no result")?;
+            let result = run_study(&mut c, &study, &query).await?;
             print_result(&result, client.json);
             Ok(())
         }
@@ -1074,12 +1065,16 @@ async fn demo(args: DemoArgs) -> Result<()> {
         );
     }
     let mut requester = federation.client(REQUESTER).await?;
+    let queries = demo_queries();
     let study_id = requester
         .submit_study(pb::SubmitStudyRequest {
             manifest_json: local_federation::manifest_with_budget(
                 "Type 2 diabetes (KCD-8 E11) by sex and age band",
                 "HRESCH",
-                &demo_queries(),
+                &queries
+                    .iter()
+                    .map(|(n, q)| (n.as_str(), q.as_str()))
+                    .collect::<Vec<_>>(),
                 0.5,
             ),
         })
@@ -1124,31 +1119,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
             summary.quorum, summary.status
         );
     }
-    println!("the coordinator signs a capability for the manifest's query and fans out\n");
-    let result = requester
-        .run_study(pb::RunStudyRequest {
-            study_id: study_id.clone(),
-            query: String::new(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .result
-        .context("the coordinator returned no result")?;
-    print_result(&result, args.json);
-    let mut failures = result.failures.len();
-    for (name, _) in demo_queries().iter().skip(1) {
+    println!("the coordinator signs a capability for each query and fans it out");
+    let mut failures = 0;
+    for (name, _) in &queries {
         println!("\n{REQUESTER} runs {name}\n");
-        let result = requester
-            .run_study(pb::RunStudyRequest {
-                study_id: study_id.clone(),
-                query: (*name).to_owned(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .result
-            .context("the coordinator returned no result")?;
+        let result = run_study(&mut requester, &study_id, name).await?;
         print_result(&result, args.json);
         failures += result.failures.len();
     }
@@ -1162,26 +1137,42 @@ async fn demo(args: DemoArgs) -> Result<()> {
 
 /// The demo study's queries: the count by sex and age band, then the
 /// statistics of `deploy/examples/study-e11-statistics.json`.
-fn demo_queries() -> Vec<(&'static str, &'static str)> {
-    static STATISTICS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
-    let statistics = STATISTICS.get_or_init(|| {
-        let manifest: serde_json::Value = serde_json::from_str(include_str!(
-            "../../deploy/examples/study-e11-statistics.json"
-        ))
-        .expect("the example manifest is JSON");
-        manifest["queries"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|q| {
-                (
-                    q["name"].as_str().unwrap_or_default().to_owned(),
-                    q["query"].to_string(),
-                )
-            })
-            .collect()
-    });
-    std::iter::once(("e11-by-sex-and-age", DEMO_QUERY))
-        .chain(statistics.iter().map(|(n, q)| (n.as_str(), q.as_str())))
+fn demo_queries() -> Vec<(String, String)> {
+    let manifest: serde_json::Value = serde_json::from_str(include_str!(
+        "../../deploy/examples/study-e11-statistics.json"
+    ))
+    .expect("the example manifest is JSON");
+    let statistics = manifest["queries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|q| {
+            (
+                q["name"].as_str().unwrap_or_default().to_owned(),
+                q["query"].to_string(),
+            )
+        });
+    std::iter::once(("e11-by-sex-and-age".to_owned(), DEMO_QUERY.to_owned()))
+        .chain(statistics)
         .collect()
+}
+
+/// Runs a study query (empty: the manifest's first) and returns its result.
+async fn run_study(
+    client: &mut pb::coordinator_service_client::CoordinatorServiceClient<
+        tonic::transport::Channel,
+    >,
+    study_id: &str,
+    query: &str,
+) -> Result<pb::StudyResult> {
+    client
+        .run_study(pb::RunStudyRequest {
+            study_id: study_id.to_owned(),
+            query: query.to_owned(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .result
+        .context("the coordinator returned no result")
 }

@@ -734,21 +734,11 @@ async fn run_approved_study(
     purpose: &str,
     query: &str,
 ) -> (String, pb::StudyResult) {
-    let mut requester = federation.client(REQUESTER).await.unwrap();
-    let mut committee = federation.client(COMMITTEE).await.unwrap();
-    let study_id = requester
-        .submit_study(submit_request(purpose, query))
-        .await
-        .unwrap()
-        .into_inner()
-        .study_id;
-    committee
-        .approve_study(pb::ApproveStudyRequest {
-            study_id: study_id.clone(),
-            note: String::new(),
-        })
+    let study_id = federation
+        .approved_study(REQUESTER, submit_request(purpose, query).manifest_json)
         .await
         .unwrap();
+    let mut requester = federation.client(REQUESTER).await.unwrap();
     let result = requester
         .run_study(pb::RunStudyRequest {
             study_id: study_id.clone(),
@@ -937,8 +927,6 @@ const NOISY_COUNT: &str = r#"{"version":"ghx.query/v1",
 async fn statistics_combine_exactly_and_noise_spends_the_budget() {
     use ghx_study::result::Moments;
     let (federation, _dir) = start(600).await;
-    let mut requester = federation.client(REQUESTER).await.unwrap();
-    let mut committee = federation.client(COMMITTEE).await.unwrap();
     let manifest = manifest_with_budget(
         "E11 statistics",
         "HRESCH",
@@ -950,21 +938,11 @@ async fn statistics_combine_exactly_and_noise_spends_the_budget() {
         // Christian's policy admits budgets of at most 0.5.
         0.5,
     );
-    let study_id = requester
-        .submit_study(pb::SubmitStudyRequest {
-            manifest_json: manifest,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .study_id;
-    committee
-        .approve_study(pb::ApproveStudyRequest {
-            study_id: study_id.clone(),
-            note: String::new(),
-        })
+    let study_id = federation
+        .approved_study(REQUESTER, manifest)
         .await
         .unwrap();
+    let requester = federation.client(REQUESTER).await.unwrap();
     let run = |query: &'static str| {
         let mut requester = requester.clone();
         let study_id = study_id.clone();
