@@ -129,25 +129,16 @@ fn diagnosis_label(groups: &[ghx_study::query::DiagnosisGroup], index: i64) -> S
         .map_or_else(|| NO_DIAGNOSIS.to_owned(), |g| g.label.clone())
 }
 
-/// A cell-key component: its position in the dimension's order, and its label.
-type KeyPart = (i64, String);
-
 /// Age band index at `as_of` (YYYYMMDD), -1 when the birth date is unknown.
 fn band(as_of: i64, birth: Option<i64>) -> i64 {
     birth.map_or(-1, |b| ((as_of - b) / 10000 / 10).min(9))
 }
 
+/// FHIR administrative genders: the sex dimension's full domain.
 const SEXES: [&str; 4] = ["female", "male", "other", "unknown"];
 
-fn sex_rank(gender: &str) -> i64 {
-    SEXES
-        .iter()
-        .position(|s| *s == gender)
-        .map_or(SEXES.len() as i64, |p| p as i64)
-}
-
-/// Computes the analysis's raw cells from the cohort members. Cells are
-/// ordered by dimension order (age bands ascending, bins ascending), and
+/// Computes the analysis's raw cells from the cohort members. Cells are in
+/// the query's natural key order ([`QuerySpec::key_order`]), and
 /// when `full_domain` is set every possible key is present, empty or not,
 /// so that which cells exist says nothing about the data (needed for noise).
 pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analysed {
@@ -158,22 +149,14 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
         Analysis::Summary { clip, .. } => (None, *clip),
         _ => (None, None),
     };
-    let key_of = |m: &Member| -> Vec<KeyPart> {
+    let key_of = |m: &Member| -> Vec<String> {
         dims.iter()
             .map(|d| match d {
-                Dimension::Named(Named::Sex) => (sex_rank(&m.gender), m.gender.clone()),
+                Dimension::Named(Named::Sex) => m.gender.clone(),
                 Dimension::Named(Named::AgeBand) => {
-                    let b = band(as_of, m.birth_ymd);
-                    (b, ghx_study::query::age_band_label(b))
+                    ghx_study::query::age_band_label(band(as_of, m.birth_ymd))
                 }
-                Dimension::Diagnosis { diagnosis } => {
-                    let i = if m.dx < 0 {
-                        diagnosis.len() as i64
-                    } else {
-                        m.dx
-                    };
-                    (i, diagnosis_label(diagnosis, m.dx))
-                }
+                Dimension::Diagnosis { diagnosis } => diagnosis_label(diagnosis, m.dx),
             })
             .collect()
     };
@@ -191,7 +174,7 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
         }
     };
 
-    let mut cells: BTreeMap<Vec<KeyPart>, Raw> = BTreeMap::new();
+    let mut cells: BTreeMap<Vec<String>, Raw> = BTreeMap::new();
     let empty = || match &spec.analysis {
         Analysis::Count { .. } | Analysis::Histogram { .. } => Raw::Count(0),
         Analysis::Summary { .. } => Raw::Values(Vec::new()),
@@ -214,8 +197,7 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
                 without_value += 1;
                 continue;
             };
-            let i = bins.index(v);
-            key.push((i as i64, bins.label(i)));
+            key.push(bins.label(bins.index(v)));
         }
         let cell = cells.entry(key).or_insert_with(empty);
         match cell {
@@ -233,26 +215,25 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
     if cells.is_empty() && dims.is_empty() && bins.is_none() {
         cells.insert(Vec::new(), empty());
     }
+    let mut cells: Vec<RawCell> = cells
+        .into_iter()
+        .map(|(key, mut value)| {
+            if let Raw::Values(v) = &mut value {
+                v.sort_by(f64::total_cmp);
+            }
+            RawCell { key, value }
+        })
+        .collect();
+    cells.sort_by_cached_key(|c| spec.key_order(&c.key));
     Analysed {
-        cells: cells
-            .into_iter()
-            .map(|(key, mut value)| {
-                if let Raw::Values(v) = &mut value {
-                    v.sort_by(f64::total_cmp);
-                }
-                RawCell {
-                    key: key.into_iter().map(|(_, label)| label).collect(),
-                    value,
-                }
-            })
-            .collect(),
+        cells,
         without_value,
     }
 }
 
 /// Every key the analysis can produce.
-fn domain(spec: &QuerySpec) -> Vec<Vec<KeyPart>> {
-    let mut axes: Vec<Vec<KeyPart>> = spec
+fn domain(spec: &QuerySpec) -> Vec<Vec<String>> {
+    let mut axes: Vec<Vec<String>> = spec
         .dimensions()
         .iter()
         .map(|d| match d {
@@ -262,23 +243,20 @@ fn domain(spec: &QuerySpec) -> Vec<Vec<KeyPart>> {
                 } else {
                     spec.cohort.sex.iter().map(|s| s.code()).collect()
                 };
-                allowed
-                    .into_iter()
-                    .map(|s| (sex_rank(s), s.to_owned()))
-                    .collect()
+                allowed.into_iter().map(str::to_owned).collect()
             }
-            Dimension::Named(Named::AgeBand) => (-1..=9)
-                .map(|b| (b, ghx_study::query::age_band_label(b)))
-                .collect(),
+            Dimension::Named(Named::AgeBand) => {
+                (-1..=9).map(ghx_study::query::age_band_label).collect()
+            }
             Dimension::Diagnosis { diagnosis } => (0..=diagnosis.len() as i64)
-                .map(|i| (i, diagnosis_label(diagnosis, i)))
+                .map(|i| diagnosis_label(diagnosis, i))
                 .collect(),
         })
         .collect();
     if let Analysis::Histogram { bins, .. } = &spec.analysis {
         axes.push(
             (0..bins.count as usize + 2)
-                .map(|i| (i as i64, bins.label(i)))
+                .map(|i| bins.label(i))
                 .collect(),
         );
     }

@@ -37,8 +37,6 @@ impl Item {
 pub struct Env<'a> {
     pub constants: &'a [(String, Item)],
     pub row_index: i64,
-    /// The resource the view is evaluating.
-    pub resource: &'a Value,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -150,8 +148,8 @@ fn lex(src: &str) -> Result<Vec<Token>, String> {
                     .find(|o| *o == two)
                     .or_else(|| {
                         [
-                            "(", ")", "[", "]", ".", ",", "=", "<", ">", "+", "-", "*", "/", "&",
-                            "|", "~",
+                            "(", ")", "[", "]", "{", "}", ".", ",", "=", "<", ">", "+", "-", "*",
+                            "/", "&", "|", "~",
                         ]
                         .into_iter()
                         .find(|o| o.starts_with(c))
@@ -488,13 +486,12 @@ fn days_in_month(year: i32, month: u32) -> u32 {
 fn boundary(item: &Item, high: bool) -> Option<Value> {
     match &item.value {
         Value::Number(n) => {
+            // The interval the written precision allows: 1.0 is [0.95, 1.05].
             let places = decimals(n) as i32;
             let half = 0.5 * 10f64.powi(-places);
             let x = n.as_f64()? + if high { half } else { -half };
             let scale = 10f64.powi(places + 1);
-            number((x * scale).round() / scale, false)
-                .as_f64()
-                .and_then(|v| Number::from_f64(v).map(Value::Number))
+            Number::from_f64((x * scale).round() / scale).map(Value::Number)
         }
         Value::String(s) => {
             let ty = item.ty.as_deref().unwrap_or("");
@@ -853,7 +850,6 @@ mod tests {
         let env = Env {
             constants: &[],
             row_index: 0,
-            resource,
         };
         let parsed = parse(expr)?;
         Ok(eval(&parsed, &[Item::new(resource.clone())], &env)?
@@ -892,6 +888,7 @@ mod tests {
                 .is_empty()
         );
         assert!(run("name.nope = 'x'", &p).unwrap().is_empty());
+        assert_eq!(run("{}.empty()", &p).unwrap(), [json!(true)]);
         assert!(matches!(parse("@@"), Err(Error::Parse { .. })));
         assert!(matches!(parse("name.("), Err(Error::Parse { .. })));
     }

@@ -251,7 +251,6 @@ impl View {
         let env = Env {
             constants: &self.constants,
             row_index: 0,
-            resource,
         };
         let focus = [Item::new(resource.clone())];
         for (text, filter) in &self.filters {
@@ -272,7 +271,7 @@ impl View {
         }
         let mut rows = vec![Row::new()];
         for select in &self.selects {
-            let produced = self.select_rows(select, &focus[0], 0, resource)?;
+            let produced = self.select_rows(select, &focus[0], 0)?;
             rows = product(&rows, &produced);
         }
         Ok(rows)
@@ -283,12 +282,10 @@ impl View {
         select: &Select,
         focus: &Item,
         row_index: i64,
-        resource: &Value,
     ) -> Result<Vec<Row>, Error> {
         let env = |row_index| Env {
             constants: &self.constants,
             row_index,
-            resource,
         };
         // The focus items this select iterates, with their row indices.
         let foci: Vec<(Option<Item>, i64)> = if let Some((each, or_null)) = &select.for_each {
@@ -342,7 +339,7 @@ impl View {
             let mut rows = vec![row];
             for nested in &select.selects {
                 let produced = match &item {
-                    Some(item) => self.select_rows(nested, item, index, resource)?,
+                    Some(item) => self.select_rows(nested, item, index)?,
                     None => vec![null_row(nested)],
                 };
                 rows = product(&rows, &produced);
@@ -352,7 +349,7 @@ impl View {
                 match &item {
                     Some(item) => {
                         for branch in &select.union_all {
-                            union.extend(self.select_rows(branch, item, index, resource)?);
+                            union.extend(self.select_rows(branch, item, index)?);
                         }
                     }
                     // One row of nulls, not one per branch.
