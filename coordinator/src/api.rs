@@ -592,3 +592,74 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ghx_study::result::{Cell, Moments};
+
+    fn answer(
+        node: &str,
+        analysis: &str,
+        dimensions: &[&str],
+        value: CellValue,
+    ) -> AggregateResult {
+        AggregateResult {
+            node_id: node.into(),
+            dimensions: dimensions.iter().map(|d| (*d).to_owned()).collect(),
+            cells: vec![Cell {
+                key: dimensions.iter().map(|_| "x".to_owned()).collect(),
+                value,
+            }],
+            min_cell_size: 10,
+            notes: vec![],
+            analysis: analysis.into(),
+            noise: None,
+        }
+    }
+
+    /// A node whose answer does not have the shape the query asked for is
+    /// left out of the total and reported, not summed in.
+    #[test]
+    fn answers_of_another_shape_are_failures() {
+        let spec = query::QuerySpec::parse(
+            br#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},
+                 "analysis":{"kind":"summary","variable":{"kind":"age"},"group_by":["sex"]}}"#,
+        )
+        .unwrap();
+        let summary = CellValue::Summary(Moments::of(&[40.0; 12]));
+        let (kept, failures) = check_shape(
+            vec![
+                answer("chonnam", "summary", &["sex"], summary.clone()),
+                answer("chosun", "count", &["sex"], CellValue::Count(12)),
+                answer("christian", "summary", &["sex"], CellValue::Count(12)),
+                answer("other", "summary", &["age_band"], summary),
+            ],
+            Vec::new(),
+            &spec,
+        );
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].node_id, "chonnam");
+        let reasons: Vec<(&str, &str)> = failures
+            .iter()
+            .map(|f| (f.node_id.as_str(), f.reason.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (
+                    "chosun",
+                    "answered with a different analysis than the query asked for"
+                ),
+                (
+                    "christian",
+                    "answered with a different analysis than the query asked for"
+                ),
+                (
+                    "other",
+                    "answered with different dimensions than the query asked for"
+                ),
+            ]
+        );
+    }
+}

@@ -55,10 +55,11 @@ enum ApiError {
     #[error("materialising the query's view: {0}")]
     View(#[from] crate::views::Error),
     #[error(
-        "privacy budget {scope}: {spent:.4} of {limit:.4} epsilon already spent, this query asks {asked:.4}"
+        "privacy budget {scope}: {spent:.4} of {limit:.4} {quantity} already spent, this query asks {asked:.4}"
     )]
     BudgetSpent {
         scope: String,
+        quantity: &'static str,
         spent: f64,
         limit: f64,
         asked: f64,
@@ -384,8 +385,11 @@ impl NodeApi {
                 },
                 study.queries
             )),
-            store::ChargeOutcome::Refused { scope, spent } => {
-                let (scope, limit) = match scope {
+            store::ChargeOutcome::Refused {
+                scope: which,
+                spent,
+            } => {
+                let (scope, limit) = match which {
                     store::BudgetScope::Study => (
                         format!(
                             "of study {} for {}",
@@ -398,19 +402,25 @@ impl NodeApi {
                         self.inner.organisation_epsilon.unwrap_or(0.0),
                     ),
                 };
-                if noise.delta > 0.0 && spent.delta + noise.delta > manifest.privacy_delta {
-                    return Err(ApiError::BudgetSpent {
-                        scope: format!("(delta) {scope}"),
+                // Only a study's budget has a delta limit.
+                let delta_spent = which == store::BudgetScope::Study
+                    && spent.delta + noise.delta > manifest.privacy_delta;
+                Err(if delta_spent {
+                    ApiError::BudgetSpent {
+                        scope,
+                        quantity: "delta",
                         spent: spent.delta,
                         limit: manifest.privacy_delta,
                         asked: noise.delta,
-                    });
-                }
-                Err(ApiError::BudgetSpent {
-                    scope,
-                    spent: spent.epsilon,
-                    limit,
-                    asked: noise.epsilon,
+                    }
+                } else {
+                    ApiError::BudgetSpent {
+                        scope,
+                        quantity: "epsilon",
+                        spent: spent.epsilon,
+                        limit,
+                        asked: noise.epsilon,
+                    }
                 })
             }
         }

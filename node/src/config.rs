@@ -144,6 +144,14 @@ impl NodeConfig {
                 problem,
             });
         }
+        if let Some(epsilon) = self.max_epsilon_per_organisation
+            && !(epsilon.is_finite() && epsilon >= 0.0)
+        {
+            return Err(Error::Invalid {
+                key: "max_epsilon_per_organisation",
+                problem: "must be a finite, non-negative epsilon".to_owned(),
+            });
+        }
         if self.coordinator_keys.is_empty() {
             return Err(Error::Invalid {
                 key: "coordinator_keys",
@@ -198,6 +206,12 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("`min_cell_size` must be at least 1"),
+            "{err}"
+        );
+        let err = parse(&format!("max_epsilon_per_organisation = -1.0\n{GOOD}")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`max_epsilon_per_organisation` must be a finite, non-negative epsilon"),
             "{err}"
         );
         let err = parse(&format!("rrn_policy = \"keep\"\n{GOOD}")).unwrap_err();

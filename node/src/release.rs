@@ -348,6 +348,25 @@ mod tests {
     }
 
     #[test]
+    fn notes_say_how_many_lack_a_value_without_revealing_small_numbers() {
+        let spec = QuerySpec::parse(
+            br#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},
+                 "analysis":{"kind":"summary","variable":{"kind":"age"},"clip":{"min":0,"max":100}}}"#,
+        )
+        .unwrap();
+        let notes = analysis_notes(&spec, 3, 10, false);
+        assert_eq!(
+            notes[0],
+            "values: fewer than 10 patients of the cohort have no value of the variable and are not included"
+        );
+        assert_eq!(notes[1], "values: clipped to [0, 100] before any statistic");
+        assert!(notes[2].starts_with("min and max: the 10th smallest"));
+        let notes = analysis_notes(&spec, 42, 10, true);
+        assert!(notes[0].starts_with("values: 42 patients"));
+        assert_eq!(notes[2], "min and max: not released under noise");
+    }
+
+    #[test]
     fn extremes_are_kth_values_and_withheld_when_they_would_cross() {
         let cell = |n: usize| RawCell {
             key: vec![],

@@ -335,6 +335,11 @@ mod tests {
         assert!(e.contains("`ethics`"), "{e}");
         let e = edited(|v| v["version"] = "ghx.manifest/v0".into());
         assert!(e.contains("unsupported manifest version"), "{e}");
+        let e = edited(|v| v["privacy_delta"] = 0.01.into());
+        assert_eq!(
+            e,
+            "manifest `privacy_delta`: must be at least 0 and below 0.001"
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ fn node_examples_load() {
             .unwrap_or_else(|e| panic!("node-{id}.toml: {e}"));
         assert_eq!(config.id, id);
         assert_eq!(config.min_cell_size, 10);
+        let cap = (id == "christian").then_some(2.0);
+        assert_eq!(config.max_epsilon_per_organisation, cap);
     }
 }
 

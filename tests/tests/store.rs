@@ -991,6 +991,20 @@ fn privacy_budget_charges_refuse_overspending(f: Fixture) {
         "{refused:?}"
     );
     assert_eq!(f.store.privacy_spent("acme", "s2").unwrap().queries, 1);
+    // Delta is a budget of its own (Gaussian noise).
+    let gaussian = |id: &'static str, delta: f64| PrivacyCharge {
+        delta,
+        study_delta: 1e-5,
+        ..charge(id, "s4", 0.01)
+    };
+    assert!(matches!(
+        f.store.charge_privacy(&gaussian("g1", 6e-6)).unwrap(),
+        ChargeOutcome::Charged { .. }
+    ));
+    assert!(matches!(
+        f.store.charge_privacy(&gaussian("g2", 6e-6)).unwrap(),
+        ChargeOutcome::Refused { scope: BudgetScope::Study, spent } if spent.delta == 6e-6
+    ));
     // Concurrent charges never overspend: 20 threads race for 0.5 of
     // budget in steps of 0.1; exactly five win.
     let store = f.store.clone();
