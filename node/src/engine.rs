@@ -8,7 +8,9 @@
 //! generated in the order they appear in the SQL text, because SQLite's
 //! placeholders are positional. The cohort's most selective code drives the
 //! plan (candidates from a code index, then per-candidate checks), so a
-//! query's cost follows the cohort's size rather than the node's.
+//! query's cost follows the cohort's size rather than the node's; that
+//! criterion is not tested again per candidate when the index lookup says
+//! all of it.
 
 use std::collections::BTreeMap;
 
@@ -313,15 +315,21 @@ impl Sql<'_> {
         out
     }
 
-    /// A condition test on rows of `condition_codes c`: system and code(s).
+    /// A condition test on rows of `condition_codes c`: system and code(s),
+    /// and the patient's permission for the diagnosis's sensitive category
+    /// when one of the codes could be in one.
     fn condition_codes(&mut self, system: &str, codes: &[String], matching: CodeMatch) -> String {
         // Codes are compared in the form import indexed them in.
         let system_uri = terminology::canonical_system(system);
         let system = self.param(Bind::Text(system_uri.to_owned()));
+        let mut may_be_sensitive = false;
         let tests: Vec<String> = codes
             .iter()
             .map(|code| {
                 let code = terminology::normalize_code(system_uri, code).into_owned();
+                may_be_sensitive |=
+                    self.sensitive
+                        .may_match(system_uri, &code, matching == CodeMatch::Prefix);
                 match matching {
                     CodeMatch::Exact => format!("c.code = {}", self.param(Bind::Text(code))),
                     CodeMatch::Prefix => {
@@ -330,15 +338,18 @@ impl Sql<'_> {
                 }
             })
             .collect();
+        let codes = format!(
+            "c.patient_id = p.id AND c.system = {system} AND ({})",
+            tests.join(" OR ")
+        );
+        if !may_be_sensitive {
+            return codes;
+        }
         // A sensitive diagnosis is visible only if the patient permits its
         // category.
         let sensitive = self.sensitive;
         let category_bit = sensitive.sql_category_bit(|prefix| self.param(Bind::Text(prefix)));
-        format!(
-            "c.patient_id = p.id AND c.system = {system} AND ({}) \
-             AND (CAST({category_bit} AS BIGINT) & ~e.sensitive_mask) = 0",
-            tests.join(" OR ")
-        )
+        format!("{codes} AND (CAST({category_bit} AS BIGINT) & ~e.sensitive_mask) = 0")
     }
 
     fn condition(&mut self, criterion: &CodeCriterion) -> String {
@@ -410,17 +421,46 @@ impl Sql<'_> {
     /// The patients with the cohort's most selective code, as a subquery on
     /// a code index: an exact diagnosis, else a diagnosis prefix, else a
     /// prescription. None when the cohort has no coded criterion.
-    fn driver(&mut self, cohort: &ghx_study::query::Cohort) -> Option<String> {
+    ///
+    /// Also returns the cohort without that criterion when the subquery
+    /// already says all of it (no date window, and for a diagnosis no code
+    /// it matches can be in a sensitive category), so that it is not tested
+    /// twice per candidate.
+    fn driver(
+        &mut self,
+        cohort: &ghx_study::query::Cohort,
+    ) -> Option<(String, Option<ghx_study::query::Cohort>)> {
         let condition = cohort
             .conditions
             .iter()
-            .find(|c| c.matching == CodeMatch::Exact)
-            .or_else(|| cohort.conditions.first());
+            .position(|c| c.matching == CodeMatch::Exact)
+            .or_else(|| (!cohort.conditions.is_empty()).then_some(0));
         let (table, criterion) = match condition {
-            Some(c) => ("condition_codes", c),
+            Some(i) => ("condition_codes", &cohort.conditions[i]),
             None => ("medication_codes", cohort.medications.first()?),
         };
         let system_uri = terminology::canonical_system(&criterion.system);
+        let unwindowed = criterion.window.unix_bounds() == (None, None);
+        let rest = match condition {
+            Some(i)
+                if unwindowed
+                    && !self.sensitive.may_match(
+                        system_uri,
+                        &terminology::normalize_code(system_uri, &criterion.code),
+                        criterion.matching == CodeMatch::Prefix,
+                    ) =>
+            {
+                let mut rest = cohort.clone();
+                rest.conditions.remove(i);
+                Some(rest)
+            }
+            None if unwindowed => {
+                let mut rest = cohort.clone();
+                rest.medications.remove(0);
+                Some(rest)
+            }
+            _ => None,
+        };
         let system = self.param(Bind::Text(system_uri.to_owned()));
         let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
         let code = match criterion.matching {
@@ -430,8 +470,9 @@ impl Sql<'_> {
                 self.param(Bind::Text(format!("{code_text}%")))
             ),
         };
-        Some(format!(
-            "SELECT d.patient_id FROM {table} d WHERE d.system = {system} AND {code}"
+        Some((
+            format!("SELECT d.patient_id FROM {table} d WHERE d.system = {system} AND {code}"),
+            rest,
         ))
     }
 
@@ -597,8 +638,10 @@ pub(crate) fn compile(
     // the candidates with that code, looked up by code index, instead of a
     // probe per consenting patient. The criterion's full test (window,
     // sensitive categories) still follows.
-    if let Some(driver) = sql.driver(&spec.cohort) {
+    let mut rest = None;
+    if let Some((driver, implied)) = sql.driver(&spec.cohort) {
         text.push_str(&format!(" AND p.id IN ({driver})"));
+        rest = implied;
     }
     if !spec.cohort.sex.is_empty() {
         let sexes: Vec<String> = spec
@@ -609,7 +652,7 @@ pub(crate) fn compile(
             .collect();
         text.push_str(&format!(" AND p.gender IN ({})", sexes.join(", ")));
     }
-    let cohort = &spec.cohort;
+    let cohort = rest.as_ref().unwrap_or(&spec.cohort);
     for test in sql.criteria(
         &cohort.conditions,
         &cohort.observations,

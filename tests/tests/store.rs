@@ -739,6 +739,16 @@ fn cohorts_a_few_patients_apart_are_refused_per_organisation(f: Fixture) {
     // Ten fewer is far enough; another organisation has no earlier cohort.
     differencing::check(&f.store, "Acme", &cohort(36), 10).unwrap();
     differencing::check(&f.store, "Other Org", &cohort(45), 10).unwrap();
+    // A cohort released again, under another study, is stored once; the
+    // checks still see it and every other distinct cohort.
+    differencing::record(&f.store, "Acme", "study-0002", "q2", &all).unwrap();
+    assert_eq!(f.store.released_cohort_count("Acme").unwrap(), 1);
+    differencing::record(&f.store, "Acme", "study-0002", "q3", &cohort(36)).unwrap();
+    assert_eq!(f.store.released_cohort_count("Acme").unwrap(), 2);
+    assert!(differencing::check(&f.store, "Acme", &cohort(45), 10).is_err());
+    // Two patients (ages 32, 33): 13 from the first cohort, 3 from the second.
+    assert!(differencing::check(&f.store, "Acme", &cohort(33), 10).is_err());
+    differencing::check(&f.store, "Acme", &cohort(36), 10).unwrap();
 }
 
 fn counting_members_equals_counting_in_sql(f: Fixture) {

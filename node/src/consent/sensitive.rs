@@ -170,6 +170,41 @@ impl SensitiveCodes {
         touched
     }
 
+    /// Whether a diagnosis matched by `code` (exactly, or as a prefix) could
+    /// be in a sensitive category, in the terms [`Self::sql_category_bit`]
+    /// tests: conservative, so `false` means no such code can be sensitive
+    /// and the per-row test can be left out.
+    pub fn may_match(&self, system: &str, code: &str, prefix: bool) -> bool {
+        if system != KCD8 && system != ICD10 {
+            return false;
+        }
+        if !prefix {
+            return RANGES
+                .iter()
+                .any(|(_, first, last)| code >= *first && code < format!("{last}:").as_str())
+                || self
+                    .rare_disease_prefixes
+                    .iter()
+                    .any(|r| code.starts_with(r.as_str()));
+        }
+        // Codes starting with `code` lie in [code, next) where next has the
+        // last character incremented; an empty prefix matches everything.
+        let Some(last) = code.chars().last() else {
+            return true;
+        };
+        let Some(bumped) = char::from_u32(u32::from(last) + 1) else {
+            return true;
+        };
+        let next = format!("{}{bumped}", &code[..code.len() - last.len_utf8()]);
+        RANGES.iter().any(|(_, first, last)| {
+            let upper = format!("{last}:");
+            code < upper.as_str() && *first < next.as_str()
+        }) || self
+            .rare_disease_prefixes
+            .iter()
+            .any(|r| r.starts_with(code) || code.starts_with(r.as_str()))
+    }
+
     /// A SQL expression giving the category bit (0 when not sensitive) of the
     /// diagnosis row aliased `c`. Fixed categories are literal fragments;
     /// rare-disease prefixes are bound through `param`.
@@ -204,6 +239,27 @@ mod tests {
         SensitiveCodes {
             rare_disease_prefixes: vec!["E752".into(), "G122".into()],
         }
+    }
+
+    #[test]
+    fn prefixes_that_could_reach_a_sensitive_code_are_recognised() {
+        let s = codes();
+        // E11 (diabetes) cannot be sensitive; E7 reaches rare disease E752.
+        assert!(!s.may_match(KCD8, "E11", true));
+        assert!(s.may_match(KCD8, "E7", true));
+        assert!(s.may_match(KCD8, "E7521", true));
+        assert!(!s.may_match(KCD8, "E751", false));
+        // F (mental health), B2 (HIV), A5 (STI) and the empty prefix.
+        assert!(s.may_match(KCD8, "F", true));
+        assert!(s.may_match(KCD8, "B2", true));
+        assert!(s.may_match(KCD8, "A5", true));
+        assert!(s.may_match(KCD8, "", true));
+        assert!(!s.may_match(KCD8, "B25", true));
+        assert!(s.may_match(ICD10, "F329", false));
+        assert!(s.may_match(ICD10, "T74", true));
+        assert!(!s.may_match(ICD10, "T75", true));
+        // Other systems carry no categories.
+        assert!(!s.may_match("http://snomed.info/sct", "F32", true));
     }
 
     #[test]

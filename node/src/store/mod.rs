@@ -1022,16 +1022,35 @@ impl Store {
     /// Released cohorts of `organisation` whose size is within `radius` of
     /// `size`: the only ones that can differ from a cohort of that size by
     /// fewer than `radius` patients.
-    pub fn cohorts_near(&self, organisation: &str, size: i64, radius: i64) -> Result<Vec<Vec<u8>>> {
+    ///
+    /// The cohort whose print has digest `except` is left out: it is the
+    /// one being checked, released before.
+    pub fn cohorts_near(
+        &self,
+        organisation: &str,
+        size: i64,
+        radius: i64,
+        except: &str,
+    ) -> Result<Vec<Vec<u8>>> {
         Ok(with_conn!(self.backend, |conn| released_cohorts::table
             .filter(released_cohorts::organisation.eq(organisation))
             .filter(released_cohorts::size.gt(size - radius))
             .filter(released_cohorts::size.lt(size + radius))
+            .filter(released_cohorts::print_sha256.ne(except))
             .select(released_cohorts::members)
             .load::<Vec<u8>>(conn)?))
     }
 
-    /// Records a released cohort.
+    /// How many distinct cohorts were released to `organisation`.
+    pub fn released_cohort_count(&self, organisation: &str) -> Result<i64> {
+        Ok(with_conn!(self.backend, |conn| released_cohorts::table
+            .filter(released_cohorts::organisation.eq(organisation))
+            .count()
+            .get_result::<i64>(conn)?))
+    }
+
+    /// Records a released cohort, once per organisation: a print already
+    /// recorded (same digest) is left as it is.
     pub fn record_cohort(
         &self,
         organisation: &str,
@@ -1039,6 +1058,7 @@ impl Store {
         query_sha256: &str,
         size: i64,
         members: &[u8],
+        print_sha256: &str,
     ) -> Result<()> {
         let now = now_rfc3339();
         with_conn!(self.backend, |conn| diesel::insert_into(
@@ -1051,7 +1071,9 @@ impl Store {
             released_cohorts::released_at.eq(&now),
             released_cohorts::size.eq(size),
             released_cohorts::members.eq(members),
+            released_cohorts::print_sha256.eq(print_sha256),
         ))
+        .on_conflict_do_nothing()
         .execute(conn)?);
         Ok(())
     }

@@ -174,6 +174,7 @@ diesel::table! {
         released_at -> Text,
         size -> BigInt,
         members -> Binary,
+        print_sha256 -> Text,
     }
 }
 
