@@ -41,6 +41,31 @@ pub struct BenchOptions {
     pub seed: u64,
 }
 
+impl BenchReport {
+    /// Federated p50 over the slowest node's local SQL p50 for the query
+    /// `name` ("count" or "grouped"), with that node's id: the target's
+    /// measure of overhead.
+    pub fn overhead(&self, name: &str) -> Option<(f64, String)> {
+        let federated = self
+            .latencies
+            .iter()
+            .find(|l| l.name.starts_with(&format!("federated {name} ")))?;
+        let prefix = format!("local SQL {name} (");
+        let slowest = self
+            .latencies
+            .iter()
+            .filter(|l| l.name.starts_with(&prefix))
+            .max_by_key(|l| l.p50)?;
+        let node = slowest.name[prefix.len()..]
+            .trim_end_matches(')')
+            .to_owned();
+        Some((
+            federated.p50.as_secs_f64() / slowest.p50.as_secs_f64(),
+            node,
+        ))
+    }
+}
+
 /// Latency percentiles of one measured operation.
 #[derive(Debug, Clone)]
 pub struct Latency {
@@ -141,60 +166,59 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
             samples,
         ));
     }
-    // The same SQL straight on one node's database, consent context ready.
-    let chosun = federation
-        .nodes
-        .iter()
-        .find(|n| n.profile.id == "chosun")
-        .expect("chosun runs");
-    let store = chosun.store.clone();
-    let runs = options.runs;
-    // Chosun's own consent rules, as its node applies them.
-    let rules =
-        ghx_node::policy::PolicyDir::load(&federation.dir.join("policies").join("chosun"))?.consent;
-    let local = tokio::task::spawn_blocking(move || -> Result<Vec<Latency>, Error> {
-        use ghx_node::consent::eligibility::Eligibility;
-        let mut out = Vec::new();
-        for (name, json) in [("count", COUNT), ("grouped", GROUPED)] {
-            let spec = ghx_study::query::QuerySpec::parse(json.as_bytes())?;
-            let eligibility = Eligibility::new(rules.clone());
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let request = ghx_node::gate::consent_request("HRESCH", &spec, now);
-            let prepared = eligibility.prepare(&store, &request)?;
-            let mut samples = Vec::with_capacity(runs);
-            for _ in 0..runs {
-                let t = Instant::now();
-                ghx_node::engine::count(
-                    &store,
-                    &spec,
-                    &prepared.context,
-                    &eligibility.rules().sensitive,
-                )?;
-                samples.push(t.elapsed());
+    // The same SQL straight on each node's database, consent context ready
+    // (the target compares with the slowest node's).
+    for node in &federation.nodes {
+        let store = node.store.clone();
+        let id = node.profile.id;
+        let runs = options.runs;
+        // The node's own consent rules, as it applies them.
+        let rules =
+            ghx_node::policy::PolicyDir::load(&federation.dir.join("policies").join(id))?.consent;
+        let local = tokio::task::spawn_blocking(move || -> Result<Vec<Latency>, Error> {
+            use ghx_node::consent::eligibility::Eligibility;
+            let mut out = Vec::new();
+            for (name, json) in [("count", COUNT), ("grouped", GROUPED)] {
+                let spec = ghx_study::query::QuerySpec::parse(json.as_bytes())?;
+                let eligibility = Eligibility::new(rules.clone());
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                let request = ghx_node::gate::consent_request("HRESCH", &spec, now);
+                let prepared = eligibility.prepare(&store, &request)?;
+                let mut samples = Vec::with_capacity(runs);
+                for _ in 0..runs {
+                    let t = Instant::now();
+                    ghx_node::engine::count(
+                        &store,
+                        &spec,
+                        &prepared.context,
+                        &eligibility.rules().sensitive,
+                    )?;
+                    samples.push(t.elapsed());
+                }
+                out.push(latency(&format!("local SQL {name} ({id})"), samples));
+                // What a node runs per query: one pass for members, counted
+                // in Rust, plus the cohort print differencing compares.
+                let mut samples = Vec::with_capacity(runs);
+                for _ in 0..runs {
+                    let t = Instant::now();
+                    let members = ghx_node::engine::cohort_members(
+                        &store,
+                        &spec,
+                        &prepared.context,
+                        &eligibility.rules().sensitive,
+                    )?;
+                    ghx_node::engine::analyse(&spec, &members, false);
+                    let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
+                    ghx_node::differencing::CohortPrint::of(&ids);
+                    samples.push(t.elapsed());
+                }
+                out.push(latency(&format!("node work {name} ({id})"), samples));
             }
-            out.push(latency(&format!("local SQL {name} (chosun)"), samples));
-            // What a node runs per query: one pass for members, counted in
-            // Rust, plus the cohort print differencing compares.
-            let mut samples = Vec::with_capacity(runs);
-            for _ in 0..runs {
-                let t = Instant::now();
-                let members = ghx_node::engine::cohort_members(
-                    &store,
-                    &spec,
-                    &prepared.context,
-                    &eligibility.rules().sensitive,
-                )?;
-                ghx_node::engine::analyse(&spec, &members, false);
-                let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
-                ghx_node::differencing::CohortPrint::of(&ids);
-                samples.push(t.elapsed());
-            }
-            out.push(latency(&format!("node work {name} (chosun)"), samples));
-        }
-        Ok(out)
-    })
-    .await??;
-    latencies.extend(local);
+            Ok(out)
+        })
+        .await??;
+        latencies.extend(local);
+    }
     let resources_per_node = federation
         .nodes
         .iter()

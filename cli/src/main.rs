@@ -552,6 +552,11 @@ async fn bench(args: BenchArgs) -> Result<()> {
             l.max.as_secs_f64() * 1000.0
         );
     }
+    for name in ["count", "grouped"] {
+        if let Some((ratio, node)) = report.overhead(name) {
+            println!("federated {name} p50 / slowest local SQL p50 ({node}): {ratio:.2}x");
+        }
+    }
     Ok(())
 }
 
