@@ -232,3 +232,39 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
         latencies,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(name: &str, ms: u64) -> Latency {
+        let d = Duration::from_millis(ms);
+        Latency {
+            name: name.to_owned(),
+            p50: d,
+            p95: d,
+            max: d,
+        }
+    }
+
+    #[test]
+    fn overhead_is_taken_against_the_slowest_nodes_local_sql() {
+        let report = BenchReport {
+            setup: Duration::ZERO,
+            resources_per_node: Vec::new(),
+            first_query: Duration::ZERO,
+            latencies: vec![
+                at("federated count (3 nodes, mTLS)", 120),
+                at("local SQL count (chonnam)", 40),
+                at("node work count (chonnam)", 90),
+                at("local SQL count (chosun)", 60),
+                at("local SQL grouped (chosun)", 10),
+            ],
+        };
+        let (ratio, node) = report.overhead("count").unwrap();
+        assert!((ratio - 2.0).abs() < 1e-12, "{ratio}");
+        assert_eq!(node, "chosun");
+        // No federated grouped run measured: no ratio.
+        assert_eq!(report.overhead("grouped"), None);
+    }
+}

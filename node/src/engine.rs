@@ -315,6 +315,18 @@ impl Sql<'_> {
         out
     }
 
+    /// `alias.code = $n` or `alias.code LIKE $n` for an already normalised
+    /// code.
+    fn code_test(&mut self, alias: &str, code: String, matching: CodeMatch) -> String {
+        match matching {
+            CodeMatch::Exact => format!("{alias}.code = {}", self.param(Bind::Text(code))),
+            CodeMatch::Prefix => format!(
+                "{alias}.code LIKE {}",
+                self.param(Bind::Text(format!("{code}%")))
+            ),
+        }
+    }
+
     /// A condition test on rows of `condition_codes c`: system and code(s),
     /// and the patient's permission for the diagnosis's sensitive category
     /// when one of the codes could be in one.
@@ -330,12 +342,7 @@ impl Sql<'_> {
                 may_be_sensitive |=
                     self.sensitive
                         .may_match(system_uri, &code, matching == CodeMatch::Prefix);
-                match matching {
-                    CodeMatch::Exact => format!("c.code = {}", self.param(Bind::Text(code))),
-                    CodeMatch::Prefix => {
-                        format!("c.code LIKE {}", self.param(Bind::Text(format!("{code}%"))))
-                    }
-                }
+                self.code_test("c", code, matching)
             })
             .collect();
         let codes = format!(
@@ -366,13 +373,7 @@ impl Sql<'_> {
         let system_uri = terminology::canonical_system(&criterion.system);
         let system = self.param(Bind::Text(system_uri.to_owned()));
         let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
-        let code = match criterion.matching {
-            CodeMatch::Exact => format!("m.code = {}", self.param(Bind::Text(code_text))),
-            CodeMatch::Prefix => format!(
-                "m.code LIKE {}",
-                self.param(Bind::Text(format!("{code_text}%")))
-            ),
-        };
+        let code = self.code_test("m", code_text, criterion.matching);
         let window = self.window("m.authored_at", &criterion.window);
         format!(
             "EXISTS (SELECT 1 FROM medication_codes m WHERE m.patient_id = p.id \
@@ -440,13 +441,14 @@ impl Sql<'_> {
             None => ("medication_codes", cohort.medications.first()?),
         };
         let system_uri = terminology::canonical_system(&criterion.system);
+        let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
         let unwindowed = criterion.window.unix_bounds() == (None, None);
         let rest = match condition {
             Some(i)
                 if unwindowed
                     && !self.sensitive.may_match(
                         system_uri,
-                        &terminology::normalize_code(system_uri, &criterion.code),
+                        &code_text,
                         criterion.matching == CodeMatch::Prefix,
                     ) =>
             {
@@ -462,14 +464,7 @@ impl Sql<'_> {
             _ => None,
         };
         let system = self.param(Bind::Text(system_uri.to_owned()));
-        let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
-        let code = match criterion.matching {
-            CodeMatch::Exact => format!("d.code = {}", self.param(Bind::Text(code_text))),
-            CodeMatch::Prefix => format!(
-                "d.code LIKE {}",
-                self.param(Bind::Text(format!("{code_text}%")))
-            ),
-        };
+        let code = self.code_test("d", code_text, criterion.matching);
         Some((
             format!("SELECT d.patient_id FROM {table} d WHERE d.system = {system} AND {code}"),
             rest,

@@ -566,10 +566,6 @@ impl Aggregator {
         }
     }
 
-    pub fn params(&self) -> &RoundParams {
-        &self.params
-    }
-
     fn duplicate(&self, node: &str, step: &'static str) -> Error {
         Error::Duplicate {
             round: self.params.round.clone(),
