@@ -6,5 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_train;
 pub mod local_federation;
 pub mod render;
+pub mod training_report;

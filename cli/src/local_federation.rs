@@ -322,6 +322,25 @@ impl LocalFederation {
         Ok(study_id)
     }
 
+    /// Stops one node's server (as if the hospital went offline), letting
+    /// its in-flight requests finish; the rest of the federation runs on.
+    pub async fn stop_node(&mut self, id: &str) {
+        let Some(i) = self.nodes.iter().position(|n| n.profile.id == id) else {
+            return;
+        };
+        // Nodes were started first, in order, so their stop handles and
+        // tasks come first too.
+        let (stop, _) = oneshot::channel::<()>();
+        let _ = std::mem::replace(&mut self.stops[i], stop).send(());
+        let task = std::mem::replace(&mut self.tasks[i], tokio::spawn(async {}));
+        let _ = task.await;
+    }
+
+    /// The running coordinator's service, e.g. to resume training runs.
+    pub fn coordinator_api(&self) -> ghx_coordinator::api::CoordinatorApi {
+        self.coordinator.clone()
+    }
+
     /// The coordinator's audit trail so far.
     pub fn coordinator_audit(&self) -> Vec<ghx_coordinator::studies::AuditRecord> {
         self.coordinator

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use ghx::local_federation::{
     self, COMMITTEE, COMMITTEE_2, LocalFederation, LocalFederationOptions, REQUESTER,
 };
-use ghx::render;
+use ghx::{render, training_report};
 use ghx_node::import::{ImportOptions, import_path};
 use ghx_pki::{CertificateRequest, PkiDir, Role, TlsFiles};
 use ghx_proto::v1 as pb;
@@ -40,6 +40,9 @@ enum Command {
     /// Measure end-to-end federated query latency over mTLS against the
     /// same SQL run locally (numbers only; build with --release).
     Bench(BenchArgs),
+    /// Measure federated training: per-round coordination overhead and
+    /// total time, against Flower on the same rows (build with --release).
+    BenchTrain(BenchTrainArgs),
     /// Manage the federation CA, certificates and the coordinator signing key.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -55,6 +58,10 @@ enum Command {
     /// Steering committee commands.
     #[command(subcommand)]
     Committee(CommitteeCommand),
+    /// Requester commands for federated training: start a run and follow
+    /// it, check on one, validate a model at every hospital.
+    #[command(subcommand)]
+    Train(TrainCommand),
     /// Privacy officer commands: write, validate and try out a hospital's
     /// access and consent policies.
     #[command(subcommand)]
@@ -117,6 +124,27 @@ struct BenchArgs {
     runs: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Working directory (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchTrainArgs {
+    /// Synthetic patients per hospital.
+    #[arg(long, default_value_t = 50_000)]
+    patients: usize,
+    #[arg(long, default_value_t = 50)]
+    rounds: u32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// A Python interpreter with flwr and numpy installed
+    /// (`pip install flwr numpy`); without it Flower is skipped.
+    #[arg(long)]
+    flower_python: Option<PathBuf>,
+    /// The Flower side of the comparison.
+    #[arg(long, default_value = "bench/flower_fedavg.py")]
+    flower_script: PathBuf,
     /// Working directory (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -303,6 +331,45 @@ enum StudyCommand {
         /// The manifest query (default: the one run last).
         #[arg(long, default_value = "")]
         query: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Start a training of an approved study, show each round as it
+    /// completes, and write the model, its card and curves.
+    Start {
+        #[command(flatten)]
+        client: ClientArgs,
+        study: String,
+        /// The manifest training (default: the first).
+        #[arg(long, default_value = "")]
+        training: String,
+        /// Where to write model.json, model-card.md, curves.svg, run.json.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Return once started instead of following the run.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show a run's progress; with --out, write its outputs.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        run: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Evaluate a model (ghx.model/v1 JSON: weights only) at every
+    /// hospital on its held-out patients.
+    Validate {
+        #[command(flatten)]
+        client: ClientArgs,
+        study: String,
+        #[arg(long, default_value = "")]
+        training: String,
+        #[arg(long)]
+        model: PathBuf,
     },
 }
 
@@ -505,6 +572,78 @@ fn policy(command: PolicyCommand) -> Result<()> {
     }
 }
 
+async fn bench_train(args: BenchTrainArgs) -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let dir = args.dir.unwrap_or_else(|| temp.path().to_owned());
+    println!(
+        "bench train: 3 nodes x {} patients, {} rounds of FedAvg ({} build)",
+        args.patients,
+        args.rounds,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    let report = ghx::bench_train::run(&ghx::bench_train::TrainBenchOptions {
+        dir,
+        patients_per_node: args.patients,
+        rounds: args.rounds,
+        seed: args.seed,
+        flower_python: args.flower_python,
+        flower_script: args.flower_script,
+    })
+    .await?;
+    println!(
+        "setup (synthesise + import, 3 nodes): {:.1} s; {} training rows, {} held out (complete cases of consenting patients)",
+        report.setup.as_secs_f64(),
+        report.train_rows,
+        report.holdout_rows
+    );
+    println!(
+        "{:<34} {:>7} {:>10} {:>10} {:>10} {:>12} {:>13} {:>9} {:>7}",
+        "framework",
+        "rounds",
+        "total s",
+        "round p50",
+        "local p50",
+        "overhead p50",
+        "overhead mean",
+        "rounds s",
+        "AUC"
+    );
+    let line = |name: &str, t: &ghx::bench_train::Timing| {
+        println!(
+            "{:<34} {:>7} {:>10.2} {:>8.2}ms {:>8.2}ms {:>10.2}ms {:>11.2}ms {:>9.2} {:>7}",
+            name,
+            t.rounds,
+            t.total_seconds,
+            t.round_p50_ms,
+            t.local_p50_ms,
+            t.overhead_p50_ms,
+            t.overhead_mean_ms,
+            t.rounds_seconds,
+            t.auc
+                .map_or_else(|| "n/a".to_owned(), |a| format!("{a:.4}"))
+        );
+    };
+    line("ghx (mTLS gRPC, secure aggregation)", &report.ghx);
+    match &report.flower {
+        Ok(flower) => {
+            line("Flower FedAvg (gRPC, no TLS)", flower);
+            if report.ghx.overhead_p50_ms > 0.0 {
+                println!(
+                    "per-round overhead p50: Flower / ghx = {:.1}x (mean {:.1}x)",
+                    flower.overhead_p50_ms / report.ghx.overhead_p50_ms,
+                    flower.overhead_mean_ms / report.ghx.overhead_mean_ms.max(1e-9)
+                );
+            }
+        }
+        Err(why) => println!("Flower: not run ({why})"),
+    }
+    Ok(())
+}
+
 async fn bench(args: BenchArgs) -> Result<()> {
     let temp = tempfile::tempdir()?;
     let dir = args.dir.unwrap_or_else(|| temp.path().to_owned());
@@ -564,6 +703,7 @@ async fn run(command: Command) -> Result<()> {
     match command {
         Command::Demo(args) => demo(args).await,
         Command::Bench(args) => bench(args).await,
+        Command::BenchTrain(args) => bench_train(args).await,
         Command::Synth(args) => synth(&args),
         Command::Pki(cmd) => pki(cmd),
         Command::Node(NodeCommand::Run { config }) => {
@@ -652,6 +792,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Study(cmd) => study(cmd).await,
         Command::Policy(cmd) => policy(cmd),
         Command::Committee(cmd) => committee(cmd).await,
+        Command::Train(cmd) => train(cmd).await,
     }
 }
 
@@ -765,6 +906,139 @@ async fn study(cmd: StudyCommand) -> Result<()> {
                 .result
                 .context("the coordinator returned no result")?;
             print_result(&result, client.json);
+            Ok(())
+        }
+    }
+}
+
+async fn manifest_of(
+    c: &mut pb::coordinator_service_client::CoordinatorServiceClient<tonic::transport::Channel>,
+    study: &str,
+) -> Result<ghx_study::manifest::StudyManifest> {
+    let summary = c
+        .get_study(pb::GetStudyRequest {
+            study_id: study.to_owned(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    Ok(ghx_study::manifest::StudyManifest::parse(
+        &summary.manifest_json,
+    )?)
+}
+
+async fn follow_and_write(
+    c: &mut pb::coordinator_service_client::CoordinatorServiceClient<tonic::transport::Channel>,
+    run_id: &str,
+    study: &str,
+    out: &Path,
+) -> Result<()> {
+    let record = training_report::follow(c, run_id, |r, total| {
+        println!("{}", training_report::progress_line(r, total));
+    })
+    .await
+    .map_err(status_error)?;
+    let manifest = manifest_of(c, study).await?;
+    let written = training_report::write_outputs(out, &record, &manifest)
+        .with_context(|| format!("cannot write into {}", out.display()))?;
+    println!("run {} {}", record.run_id, record.status.name());
+    if let Some(e) = &record.evaluation {
+        println!(
+            "final model on {} held-out patients: AUC {}, accuracy {:.4}, Brier {:.4}",
+            e.pooled.rows,
+            e.pooled
+                .auc
+                .map_or_else(|| "n/a".to_owned(), |a| format!("{a:.4}")),
+            e.pooled.accuracy,
+            e.pooled.brier
+        );
+    }
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    if record.status != ghx_coordinator::training::RunStatus::Completed {
+        bail!("training {}: {}", record.status.name(), record.detail);
+    }
+    Ok(())
+}
+
+async fn train(cmd: TrainCommand) -> Result<()> {
+    match cmd {
+        TrainCommand::Start {
+            client,
+            study,
+            training,
+            out,
+            no_wait,
+        } => {
+            let mut c = connect(&client).await?;
+            let status = c
+                .start_training(pb::StartTrainingRequest {
+                    study_id: study.clone(),
+                    training,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "started {} of {} ({} rounds)",
+                status.run_id, status.training, status.rounds_total
+            );
+            if no_wait {
+                return Ok(());
+            }
+            follow_and_write(&mut c, &status.run_id, &study, &out).await
+        }
+        TrainCommand::Status { client, run, out } => {
+            let mut c = connect(&client).await?;
+            let status = c
+                .get_training(pb::GetTrainingRequest {
+                    run_id: run.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match out {
+                Some(out) => follow_and_write(&mut c, &run, &status.study_id, &out).await,
+                None => {
+                    if client.json {
+                        println!("{}", String::from_utf8_lossy(&status.record_json));
+                    } else {
+                        println!(
+                            "{} ({} of {}): {}, {} of {} rounds {}",
+                            status.run_id,
+                            status.study_id,
+                            status.training,
+                            status.status,
+                            status.rounds_done,
+                            status.rounds_total,
+                            status.detail
+                        );
+                    }
+                    Ok(())
+                }
+            }
+        }
+        TrainCommand::Validate {
+            client,
+            study,
+            training,
+            model,
+        } => {
+            let model_json = std::fs::read(&model)
+                .with_context(|| format!("cannot read model {}", model.display()))?;
+            let mut c = connect(&client).await?;
+            let report = c
+                .validate_model(pb::ValidateModelRequest {
+                    study_id: study,
+                    training,
+                    model_json,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let report: serde_json::Value = serde_json::from_slice(&report.report_json)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
     }
@@ -1132,12 +1406,56 @@ async fn demo(args: DemoArgs) -> Result<()> {
         print_result(&result, args.json);
         failures += result.failures.len();
     }
+    demo_training(&federation).await?;
     federation.shutdown().await;
     println!("\nDone in {:.1} s.", started.elapsed().as_secs_f64());
     if failures > 0 {
         bail!("{failures} node answer(s) missing");
     }
     Ok(())
+}
+
+/// The demo's federated training: an academic requester's approved study
+/// trains a type 2 diabetes risk model with secure aggregation, then the
+/// model card and curves are written next to the federation's files.
+async fn demo_training(federation: &LocalFederation) -> Result<()> {
+    let manifest_json = include_bytes!("../../deploy/examples/study-t2d-model.json").to_vec();
+    let mut researcher = federation.client(local_federation::RESEARCHER).await?;
+    let study_id = researcher
+        .submit_study(pb::SubmitStudyRequest { manifest_json })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .study_id;
+    for member in [COMMITTEE, COMMITTEE_2] {
+        federation
+            .client(member)
+            .await?
+            .approve_study(pb::ApproveStudyRequest {
+                study_id: study_id.clone(),
+                note: "approved for the demo".to_owned(),
+            })
+            .await
+            .map_err(status_error)?;
+    }
+    let status = researcher
+        .start_training(pb::StartTrainingRequest {
+            study_id: study_id.clone(),
+            training: String::new(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "
+{} trains {} in {study_id} ({}): {} rounds of FedAvg, each through secure aggregation\n",
+        local_federation::RESEARCHER,
+        status.training,
+        status.run_id,
+        status.rounds_total
+    );
+    let out = federation.dir.join("training");
+    follow_and_write(&mut researcher, &status.run_id, &study_id, &out).await
 }
 
 /// The demo study's queries: the count by sex and age band, then the

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::fanout::{self, NodeRegistry};
 use crate::store::CoordinatorStore;
 use crate::studies::{self, AuditRecord, Committee, StudyBook, StudyResult};
+use crate::training::{self, Federation, RunStatus, TrainingRecord};
 
 #[derive(Clone)]
 pub struct CoordinatorApi {
@@ -26,6 +27,8 @@ struct Inner {
     studies: StudyBook,
     signer: Signer,
     capability_valid_for: Duration,
+    /// Training runs being driven by this process.
+    driving: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,12 @@ enum ApiError {
     Capability(#[from] capability::Error),
     #[error("no nodes are registered")]
     NoNodes,
+    #[error(transparent)]
+    Training(#[from] training::Error),
+    #[error("no training run `{0}`")]
+    NoSuchRun(String),
+    #[error("study `{id}` has no training named `{name}`")]
+    NoSuchTraining { id: String, name: String },
 }
 
 /// The one mapping from coordinator errors to gRPC statuses.
@@ -68,7 +77,10 @@ fn status(error: ApiError) -> Status {
             tracing::error!(error = %message, "coordinator database failure");
             Status::internal("the coordinator failed; its operator can see why in its log")
         }
-        ApiError::Study(_) | ApiError::NoNodes => Status::failed_precondition(message),
+        ApiError::Study(_) | ApiError::NoNodes | ApiError::Training(_) => {
+            Status::failed_precondition(message)
+        }
+        ApiError::NoSuchRun(_) | ApiError::NoSuchTraining { .. } => Status::not_found(message),
         ApiError::Capability(_) => {
             tracing::error!(error = %message, "capability issuance failed");
             Status::internal("the coordinator could not sign a capability")
@@ -107,6 +119,7 @@ impl CoordinatorApi {
                 studies: StudyBook::new(committee, store),
                 signer,
                 capability_valid_for,
+                driving: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             }),
         }
     }
@@ -175,7 +188,14 @@ impl CoordinatorApi {
         check_access(caller, &study)?;
         let study = inner.studies.runnable(study_id)?;
         let named = if query_name.is_empty() {
-            &study.manifest.queries[0]
+            study
+                .manifest
+                .queries
+                .first()
+                .ok_or_else(|| studies::Error::NoSuchQuery {
+                    id: study.id.clone(),
+                    name: "(first)".to_owned(),
+                })?
         } else {
             study
                 .manifest
@@ -259,6 +279,250 @@ impl CoordinatorApi {
             tracing::warn!(node = %failure.node_id, reason = %failure.reason, "node not told of revocation");
         }
         Ok(study)
+    }
+}
+
+impl CoordinatorApi {
+    fn save_run(&self, record: &TrainingRecord) -> Result<(), ApiError> {
+        let row = crate::store::TrainingRunRow {
+            id: record.run_id.clone(),
+            study_id: record.study_id.clone(),
+            training: record.training.clone(),
+            status: record.status.name().to_owned(),
+            record_json: serde_json::to_string(record).expect("records serialize"),
+            updated_at: now_rfc3339(),
+        };
+        self.inner
+            .studies
+            .store()
+            .save_training_run(&row)
+            .map_err(|e| ApiError::Study(e.into()))
+    }
+
+    /// A stored training run.
+    fn training_run(&self, run_id: &str) -> Result<TrainingRecord, ApiError> {
+        let rows = self
+            .inner
+            .studies
+            .store()
+            .training_runs(None)
+            .map_err(|e| ApiError::Study(e.into()))?;
+        let row = rows
+            .into_iter()
+            .find(|r| r.id == run_id)
+            .ok_or_else(|| ApiError::NoSuchRun(run_id.to_owned()))?;
+        serde_json::from_str(&row.record_json).map_err(|e| {
+            ApiError::Study(studies::Error::Store(format!(
+                "stored training run {run_id} is unreadable: {e}"
+            )))
+        })
+    }
+
+    /// The approved study and its training, checked for the caller.
+    fn training_of(
+        &self,
+        caller: &PeerIdentity,
+        study_id: &str,
+        name: &str,
+    ) -> Result<(studies::Study, ghx_study::training::TrainingSpec), ApiError> {
+        let study = self.inner.studies.get(study_id)?;
+        check_access(caller, &study)?;
+        let study = self.inner.studies.runnable(study_id)?;
+        study
+            .manifest
+            .check_valid_on(time::OffsetDateTime::now_utc().date())?;
+        let spec = if name.is_empty() {
+            study.manifest.trainings.first()
+        } else {
+            study.manifest.training_named(name)
+        }
+        .cloned()
+        .ok_or_else(|| ApiError::NoSuchTraining {
+            id: study_id.to_owned(),
+            name: name.to_owned(),
+        })?;
+        Ok((study, spec))
+    }
+
+    async fn start_training(
+        &self,
+        caller: &PeerIdentity,
+        study_id: &str,
+        name: &str,
+    ) -> Result<TrainingRecord, ApiError> {
+        let (study, spec) = self.training_of(caller, study_id, name)?;
+        let registered = self.inner.registry.list().len();
+        if registered < usize::from(spec.quorum) {
+            return Err(ApiError::Invalid(format!(
+                "training `{}` needs a quorum of {} nodes; {registered} are registered",
+                spec.name, spec.quorum
+            )));
+        }
+        let runs = self
+            .inner
+            .studies
+            .store()
+            .training_runs(None)
+            .map_err(|e| ApiError::Study(e.into()))?;
+        let run_id = format!("run-{:04}", runs.len() + 1);
+        let record = TrainingRecord::new(&run_id, &study.id, &spec, &now_rfc3339());
+        self.save_run(&record)?;
+        self.spawn_driver(record.clone());
+        Ok(record)
+    }
+
+    /// Resumes every run a previous coordinator process left running, from
+    /// its last completed round. Returns the runs resumed.
+    pub fn resume_training(&self) -> Result<Vec<String>, String> {
+        self.resume_runs().map_err(|e| e.to_string())
+    }
+
+    fn resume_runs(&self) -> Result<Vec<String>, ApiError> {
+        let rows = self
+            .inner
+            .studies
+            .store()
+            .training_runs(Some(RunStatus::Running.name()))
+            .map_err(|e| ApiError::Study(e.into()))?;
+        let mut resumed = Vec::new();
+        for row in rows {
+            let mut record = self.training_run(&row.id)?;
+            record.resumed += 1;
+            tracing::info!(run = %record.run_id, rounds_done = record.rounds.len(), "resuming training run");
+            resumed.push(record.run_id.clone());
+            self.spawn_driver(record);
+        }
+        Ok(resumed)
+    }
+
+    fn spawn_driver(&self, record: TrainingRecord) {
+        let mut driving = self.inner.driving.lock().unwrap_or_else(|e| e.into_inner());
+        if !driving.insert(record.run_id.clone()) {
+            return;
+        }
+        let api = self.clone();
+        tokio::spawn(async move {
+            let run_id = record.run_id.clone();
+            api.drive(record).await;
+            api.inner
+                .driving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&run_id);
+        });
+    }
+
+    /// Runs rounds until the run completes or fails, saving after each.
+    async fn drive(&self, mut record: TrainingRecord) {
+        loop {
+            let step = async {
+                let study = self.inner.studies.runnable(&record.study_id)?;
+                let spec = study
+                    .manifest
+                    .training_named(&record.training)
+                    .cloned()
+                    .ok_or_else(|| ApiError::NoSuchTraining {
+                        id: record.study_id.clone(),
+                        name: record.training.clone(),
+                    })?;
+                let fed = Federation {
+                    registry: &self.inner.registry,
+                    signer: &self.inner.signer,
+                    capability_valid_for: self.inner.capability_valid_for,
+                    study_id: &study.id,
+                    manifest: &study.manifest,
+                    manifest_json: &study.manifest_json,
+                    spec: &spec,
+                };
+                Ok::<_, ApiError>(training::advance(&fed, &record).await?)
+            };
+            match step.await {
+                Ok(Some(next)) => {
+                    record = next;
+                    if let Some(r) = record.rounds.last() {
+                        tracing::info!(run = %record.run_id, round = r.round, auc = ?r.holdout.auc, "training round done");
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    record.status = RunStatus::Failed;
+                    record.detail = e.to_string();
+                }
+            }
+            if let Err(e) = self.save_run(&record) {
+                tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
+                return;
+            }
+            if record.status != RunStatus::Running {
+                let outcome = if record.status == RunStatus::Completed {
+                    "done"
+                } else {
+                    "refused"
+                };
+                let _ = self.inner.studies.audit(AuditRecord {
+                    at: now_rfc3339(),
+                    actor: "coordinator".to_owned(),
+                    role: "coordinator".to_owned(),
+                    action: "training".to_owned(),
+                    study_id: record.study_id.clone(),
+                    outcome: outcome.to_owned(),
+                    detail: format!(
+                        "run {} of {}: {} of {} rounds; {}",
+                        record.run_id,
+                        record.training,
+                        record.rounds.len(),
+                        record.rounds_total,
+                        if record.detail.is_empty() {
+                            record.status.name().to_owned()
+                        } else {
+                            record.detail.clone()
+                        }
+                    ),
+                });
+                return;
+            }
+        }
+    }
+
+    async fn validate_model(
+        &self,
+        caller: &PeerIdentity,
+        study_id: &str,
+        name: &str,
+        model_json: &[u8],
+    ) -> Result<training::Evaluation, ApiError> {
+        let (study, spec) = self.training_of(caller, study_id, name)?;
+        let model = ghx_study::training::ModelDocument::parse_for(model_json, &spec)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let fed = Federation {
+            registry: &self.inner.registry,
+            signer: &self.inner.signer,
+            capability_valid_for: self.inner.capability_valid_for,
+            study_id: &study.id,
+            manifest: &study.manifest,
+            manifest_json: &study.manifest_json,
+            spec: &spec,
+        };
+        Ok(training::validate(&fed, &model).await?)
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn training_status(record: &TrainingRecord) -> pb::TrainingStatus {
+    pb::TrainingStatus {
+        run_id: record.run_id.clone(),
+        study_id: record.study_id.clone(),
+        training: record.training.clone(),
+        status: record.status.name().to_owned(),
+        rounds_done: record.rounds.len() as u32,
+        rounds_total: record.rounds_total,
+        detail: record.detail.clone(),
+        record_json: serde_json::to_vec(record).expect("records serialize"),
     }
 }
 
@@ -567,6 +831,80 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
             .map_err(status)?;
         Ok(Response::new(pb::RunStudyResponse {
             result: Some(result_to_wire(&message.study_id, result)),
+        }))
+    }
+
+    async fn start_training(
+        &self,
+        request: Request<pb::StartTrainingRequest>,
+    ) -> Result<Response<pb::TrainingStatus>, Status> {
+        let caller = identity(&request)?;
+        let message = request.into_inner();
+        let outcome =
+            CoordinatorApi::start_training(self, &caller, &message.study_id, &message.training)
+                .await;
+        let detail = outcome
+            .as_ref()
+            .map(|r| format!("training {} started as {}", r.training, r.run_id))
+            .unwrap_or_default();
+        let record = self
+            .audited(&caller, "train", &message.study_id, &detail, outcome)
+            .map_err(status)?;
+        Ok(Response::new(training_status(&record)))
+    }
+
+    async fn get_training(
+        &self,
+        request: Request<pb::GetTrainingRequest>,
+    ) -> Result<Response<pb::TrainingStatus>, Status> {
+        let caller = identity(&request)?;
+        let record = self
+            .training_run(&request.into_inner().run_id)
+            .map_err(status)?;
+        let study = self
+            .inner
+            .studies
+            .get(&record.study_id)
+            .map_err(|e| status(e.into()))?;
+        check_access(&caller, &study).map_err(status)?;
+        Ok(Response::new(training_status(&record)))
+    }
+
+    async fn validate_model(
+        &self,
+        request: Request<pb::ValidateModelRequest>,
+    ) -> Result<Response<pb::ValidateModelResponse>, Status> {
+        let caller = identity(&request)?;
+        let message = request.into_inner();
+        let outcome = CoordinatorApi::validate_model(
+            self,
+            &caller,
+            &message.study_id,
+            &message.training,
+            &message.model_json,
+        )
+        .await;
+        let detail = outcome
+            .as_ref()
+            .map(|e| {
+                format!(
+                    "external validation of a model for {}: {} nodes",
+                    message.training,
+                    e.contributors.len()
+                )
+            })
+            .unwrap_or_default();
+        let evaluation = self
+            .audited(
+                &caller,
+                "validate-model",
+                &message.study_id,
+                &detail,
+                outcome,
+            )
+            .map_err(status)?;
+        Ok(Response::new(pb::ValidateModelResponse {
+            report_json: serde_json::to_vec(&evaluation).expect("evaluations serialize"),
         }))
     }
 

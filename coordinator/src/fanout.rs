@@ -29,6 +29,16 @@ pub struct RegisteredNode {
     pub endpoint: String,
     pub display_name: String,
     channel: Channel,
+    /// For training rounds: no channel-wide deadline, since each round step
+    /// has its own (the training's `round_deadline_seconds`).
+    round_channel: Channel,
+}
+
+impl RegisteredNode {
+    /// A client for training rounds.
+    pub fn round_client(&self) -> NodeServiceClient<Channel> {
+        NodeServiceClient::new(self.round_channel.clone())
+    }
 }
 
 /// The nodes of the federation and a connection to each.
@@ -59,15 +69,15 @@ impl NodeRegistry {
                 "the coordinator only speaks mTLS; use https://".to_owned()
             ));
         }
-        let channel = Endpoint::from_shared(endpoint.to_owned())
+        let base = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| bad(e.to_string()))?
             // The node's certificate names the node id.
             .tls_config(self.tls.client_config(id))
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .timeout(self.deadline)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let round_channel = base.clone().connect_lazy();
+        let channel = base.timeout(self.deadline).connect_lazy();
         self.nodes.write().expect("registry lock").insert(
             id.to_owned(),
             RegisteredNode {
@@ -75,6 +85,7 @@ impl NodeRegistry {
                 endpoint: endpoint.to_owned(),
                 display_name: display_name.to_owned(),
                 channel,
+                round_channel,
             },
         );
         Ok(())

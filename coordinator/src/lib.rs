@@ -16,6 +16,7 @@ pub mod config;
 pub mod fanout;
 pub mod store;
 pub mod studies;
+pub mod training;
 
 use std::future::Future;
 use std::time::Duration;
@@ -97,6 +98,13 @@ impl Coordinator {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
         tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
+        // Training runs a previous process left running continue from their
+        // last completed round.
+        match self.api.resume_training() {
+            Ok(runs) if !runs.is_empty() => tracing::info!(?runs, "resumed training runs"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cannot resume training runs"),
+        }
         // Small request/response messages: without TCP_NODELAY, Nagle's
         // algorithm and delayed ACKs add ~40 ms to every call.
         Server::builder()

@@ -56,9 +56,20 @@ mod schema {
             detail -> Text,
         }
     }
+
+    diesel::table! {
+        training_runs (id) {
+            id -> Text,
+            study_id -> Text,
+            training -> Text,
+            status -> Text,
+            record_json -> Text,
+            updated_at -> Text,
+        }
+    }
 }
 
-use schema::{audit_trail, results, studies, votes};
+use schema::{audit_trail, results, studies, training_runs, votes};
 
 pub use ghx_db::{Error, Result};
 
@@ -94,6 +105,17 @@ pub struct AuditRecord {
     /// "done" or "refused".
     pub outcome: String,
     pub detail: String,
+}
+
+/// A training run as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainingRunRow {
+    pub id: String,
+    pub study_id: String,
+    pub training: String,
+    pub status: String,
+    pub record_json: String,
+    pub updated_at: String,
 }
 
 /// The coordinator's database. Cheap to clone.
@@ -279,6 +301,63 @@ impl CoordinatorStore {
             .select(results::result_json)
             .first::<String>(conn)
             .optional()?))
+    }
+
+    /// Stores a training run's state, new or updated.
+    pub fn save_training_run(&self, run: &TrainingRunRow) -> Result<()> {
+        with_conn!(self.backend, |conn| diesel::insert_into(
+            training_runs::table
+        )
+        .values((
+            training_runs::id.eq(&run.id),
+            training_runs::study_id.eq(&run.study_id),
+            training_runs::training.eq(&run.training),
+            training_runs::status.eq(&run.status),
+            training_runs::record_json.eq(&run.record_json),
+            training_runs::updated_at.eq(&run.updated_at),
+        ))
+        .on_conflict(training_runs::id)
+        .do_update()
+        .set((
+            training_runs::status.eq(excluded(training_runs::status)),
+            training_runs::record_json.eq(excluded(training_runs::record_json)),
+            training_runs::updated_at.eq(excluded(training_runs::updated_at)),
+        ))
+        .execute(conn)?);
+        Ok(())
+    }
+
+    /// Training runs, all or only those with `status`, oldest first.
+    pub fn training_runs(&self, status: Option<&str>) -> Result<Vec<TrainingRunRow>> {
+        type Row = (String, String, String, String, String, String);
+        let rows: Vec<Row> = with_conn!(self.backend, |conn| {
+            let mut q = training_runs::table
+                .select((
+                    training_runs::id,
+                    training_runs::study_id,
+                    training_runs::training,
+                    training_runs::status,
+                    training_runs::record_json,
+                    training_runs::updated_at,
+                ))
+                .order(training_runs::id)
+                .into_boxed();
+            if let Some(status) = status {
+                q = q.filter(training_runs::status.eq(status.to_owned()));
+            }
+            q.load(conn)?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|r| TrainingRunRow {
+                id: r.0,
+                study_id: r.1,
+                training: r.2,
+                status: r.3,
+                record_json: r.4,
+                updated_at: r.5,
+            })
+            .collect())
     }
 
     pub fn append_audit(&self, record: &AuditRecord) -> Result<()> {

@@ -215,6 +215,11 @@ impl StudyBook {
         &self.committee
     }
 
+    /// The database, for training runs.
+    pub fn store(&self) -> &CoordinatorStore {
+        &self.store
+    }
+
     /// Appends to the audit trail.
     pub fn audit(&self, record: AuditRecord) -> Result<(), Error> {
         Ok(self.store.append_audit(&record)?)

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::consent::eligibility::{self, Eligibility};
 use crate::policy::PolicyDir;
 use crate::store::{AuditEntry, Store};
+use crate::training::{self, Phase, Rounds};
 use crate::{differencing, engine, gate, release, store};
 
 /// The node service, shared by all connections.
@@ -37,6 +38,8 @@ struct Inner {
     releasing: std::sync::Mutex<()>,
     /// Most epsilon one organisation may spend here over all studies.
     organisation_epsilon: Option<f64>,
+    /// Training rounds in progress.
+    rounds: Rounds,
 }
 
 /// Everything that can stop a request, before mapping to a status.
@@ -68,6 +71,10 @@ enum ApiError {
     Audit(store::Error),
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Training(#[from] training::Error),
+    #[error("malformed round message: {0}")]
+    Malformed(String),
 }
 
 /// The one mapping from domain errors to gRPC statuses. Storage details stay
@@ -94,12 +101,33 @@ fn status(error: &ApiError) -> Status {
             Status::permission_denied(error.to_string())
         }
         ApiError::BudgetSpent { .. } => Status::resource_exhausted(error.to_string()),
+        ApiError::Training(training::Error::TooFew { .. }) => {
+            Status::failed_precondition(error.to_string())
+        }
+        ApiError::Training(training::Error::NoSuchRound(_)) => Status::not_found(error.to_string()),
+        ApiError::Training(training::Error::RoundExists(_)) => {
+            Status::already_exists(error.to_string())
+        }
+        ApiError::Malformed(_)
+        | ApiError::Training(
+            training::Error::Phase(_)
+            | training::Error::NotParticipant(_)
+            | training::Error::Dimension { .. }
+            | training::Error::Model(_)
+            | training::Error::SecAgg(_)
+            | training::Error::Extract(crate::views::Error::View(_)),
+        ) => Status::invalid_argument(error.to_string()),
         ApiError::View(crate::views::Error::View(e)) => Status::invalid_argument(e.to_string()),
         ApiError::Differencing(differencing::Error::Store(_))
         | ApiError::View(crate::views::Error::Store(_))
         | ApiError::Gate(gate::Error::Policy(_) | gate::Error::Ledger(_))
         | ApiError::Store(_)
         | ApiError::Consent(_)
+        | ApiError::Training(
+            training::Error::Learn(_)
+            | training::Error::Consent(_)
+            | training::Error::Extract(crate::views::Error::Store(_)),
+        )
         | ApiError::Audit(_)
         | ApiError::Task(_) => {
             tracing::error!(error = %error, "request failed inside the node");
@@ -133,6 +161,7 @@ impl NodeApi {
                 eligibility,
                 releasing: std::sync::Mutex::new(()),
                 organisation_epsilon: None,
+                rounds: Rounds::default(),
             }),
         }
     }
@@ -197,20 +226,8 @@ impl NodeApi {
         self.load_rotated_key(token);
         let inner = &self.inner;
         let mut entry = AuditEntry {
-            at: now_rfc3339(),
-            caller: caller.name.clone(),
-            caller_role: caller.role.to_string(),
-            caller_org: caller.organisation.clone(),
-            study_id: String::new(),
-            capability_id: String::new(),
-            action: "aggregate".to_owned(),
-            decision: String::new(),
-            reason: String::new(),
             query_sha256: query::digest(query_json),
-            result_cells: 0,
-            purpose: String::new(),
-            policy_reasons: String::new(),
-            consent_excluded: 0,
+            ..audit_entry(caller, "aggregate")
         };
         let facts = gate::NodeFacts {
             node_id: &inner.node_id,
@@ -430,22 +447,7 @@ impl NodeApi {
     fn revoke(&self, caller: &PeerIdentity, token: &str) -> Result<(), ApiError> {
         let inner = &self.inner;
         self.load_rotated_key(token);
-        let mut entry = AuditEntry {
-            at: now_rfc3339(),
-            caller: caller.name.clone(),
-            caller_role: caller.role.to_string(),
-            caller_org: caller.organisation.clone(),
-            study_id: String::new(),
-            capability_id: String::new(),
-            action: "revoke".to_owned(),
-            decision: String::new(),
-            reason: String::new(),
-            query_sha256: String::new(),
-            result_cells: 0,
-            purpose: String::new(),
-            policy_reasons: String::new(),
-            consent_excluded: 0,
-        };
+        let mut entry = audit_entry(caller, "revoke");
         let outcome = (|| -> Result<(), ApiError> {
             if caller.role != ghx_pki::Role::Coordinator {
                 return Err(gate::Error::NotCoordinator {
@@ -478,6 +480,208 @@ impl NodeApi {
         inner.store.append_audit(&entry).map_err(ApiError::Audit)?;
         tracing::info!(study = %entry.study_id, decision = %entry.decision, "revocation");
         outcome
+    }
+}
+
+impl NodeApi {
+    /// Step 1 of a round: admits it under its capability, computes this
+    /// node's contribution and starts secure aggregation. Audited.
+    fn round_advertise(
+        &self,
+        caller: &PeerIdentity,
+        message: pb::RoundAdvertiseRequest,
+    ) -> Result<pb::RoundAdvertiseResponse, ApiError> {
+        self.load_rotated_key(&message.capability);
+        let inner = &self.inner;
+        let phase_name = message.phase.clone();
+        let mut entry = AuditEntry {
+            query_sha256: query::digest(&message.training_json),
+            ..audit_entry(caller, format!("round:{phase_name}"))
+        };
+        let facts = gate::NodeFacts {
+            node_id: &inner.node_id,
+            min_cell_size: inner.min_cell_size,
+            now: time::OffsetDateTime::now_utc().unix_timestamp(),
+        };
+        let outcome = (|| -> Result<pb::RoundAdvertiseResponse, ApiError> {
+            let phase = Phase::parse(&message.phase)?;
+            let params = ghx_proto::round::params_from_wire(message.params.unwrap_or_default())
+                .map_err(ApiError::Malformed)?;
+            let action = if phase == Phase::Evaluate {
+                crate::policy::Action::Evaluation
+            } else {
+                crate::policy::Action::Training
+            };
+            let admitted = {
+                let verifier = inner
+                    .verifier
+                    .read()
+                    .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))?;
+                gate::admit_training(
+                    &verifier,
+                    &inner.store,
+                    &inner.policy,
+                    facts,
+                    gate::Request {
+                        caller,
+                        token: &message.capability,
+                        query_json: &message.training_json,
+                        manifest_json: &message.manifest_json,
+                    },
+                    action,
+                )
+                .inspect_err(|e| {
+                    if let gate::Error::Forbidden { decision, .. } = e {
+                        entry.policy_reasons = decision.summary();
+                    }
+                })?
+            };
+            entry.study_id = admitted.claims.sub.clone();
+            entry.capability_id = admitted.claims.jti.clone();
+            entry.purpose = admitted.claims.purpose.clone();
+            entry.policy_reasons = admitted.access.summary();
+            let spec = &admitted.training;
+            let expected = phase.len(spec.features.len());
+            if params.dim != expected {
+                return Err(training::Error::Dimension {
+                    round: params.round.clone(),
+                    phase: phase.name().to_owned(),
+                    got: params.dim,
+                    expected,
+                }
+                .into());
+            }
+            let prepared = inner.eligibility.prepare(&inner.store, &admitted.consent)?;
+            entry.consent_excluded =
+                i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
+            let started = std::time::Instant::now();
+            let key = format!(
+                "{}/{}/{}",
+                admitted.claims.sub, entry.query_sha256, prepared.context
+            );
+            let data = inner.rounds.data(&key, || {
+                training::extract(
+                    &inner.store,
+                    spec,
+                    &prepared.context,
+                    &inner.policy.consent.sensitive,
+                )
+            })?;
+            let contribution = training::contribution(
+                phase,
+                spec,
+                &data,
+                &message.model_json,
+                admitted.min_cell_size,
+            )?;
+            let local_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            // Steps 2 to 4 must all happen within the round's deadline.
+            let lifetime =
+                std::time::Duration::from_secs(u64::from(spec.round_deadline_seconds) * 4 + 30);
+            let advertise = inner.rounds.start(
+                params.clone(),
+                &inner.node_id,
+                &admitted.claims.sub,
+                &contribution.values,
+                lifetime,
+            )?;
+            entry.reason = format!(
+                "round {}: {} training and {} held-out patients, {} left out for missing features",
+                params.round,
+                data.train.len(),
+                data.holdout.len(),
+                data.incomplete
+            );
+            let node_metrics_json = match &contribution.metrics {
+                Some(m) => serde_json::to_vec(m).map_err(|e| ApiError::Task(e.to_string()))?,
+                None => Vec::new(),
+            };
+            Ok(pb::RoundAdvertiseResponse {
+                keys: Some(ghx_proto::round::advertise_to_wire(&advertise)),
+                local_micros,
+                node_metrics_json,
+            })
+        })();
+        entry.decision = match &outcome {
+            Ok(_) => "answered".to_owned(),
+            Err(e) => {
+                entry.reason = e.to_string();
+                "refused".to_owned()
+            }
+        };
+        inner.store.append_audit(&entry).map_err(ApiError::Audit)?;
+        tracing::info!(
+            study = %entry.study_id, phase = %phase_name, decision = %entry.decision,
+            "training round"
+        );
+        outcome
+    }
+
+    fn require_coordinator(caller: &PeerIdentity) -> Result<(), ApiError> {
+        if caller.role == ghx_pki::Role::Coordinator {
+            Ok(())
+        } else {
+            Err(gate::Error::NotCoordinator {
+                name: caller.name.clone(),
+                role: caller.role,
+            }
+            .into())
+        }
+    }
+
+    /// Step 3, the only step that releases the contribution (masked): the
+    /// study must still stand. Audited.
+    fn round_masked(
+        &self,
+        caller: &PeerIdentity,
+        message: pb::RoundMaskedInputRequest,
+    ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
+        Self::require_coordinator(caller)?;
+        let inner = &self.inner;
+        let study = inner.rounds.study_of(&message.round)?;
+        if inner.store.is_revoked(&study)? {
+            return Err(gate::Error::Revoked { study }.into());
+        }
+        let shares: Vec<_> = message
+            .shares
+            .into_iter()
+            .map(ghx_proto::round::share_from_wire)
+            .collect();
+        let masked = inner.rounds.masked_input(&message.round, &shares)?;
+        inner
+            .store
+            .append_audit(&AuditEntry {
+                study_id: study,
+                decision: "answered".to_owned(),
+                reason: format!(
+                    "round {}: sent the masked contribution ({} values)",
+                    message.round,
+                    masked.values.len()
+                ),
+                ..audit_entry(caller, "round:masked-input")
+            })
+            .map_err(ApiError::Audit)?;
+        Ok(ghx_proto::round::masked_to_wire(masked))
+    }
+}
+
+/// An audit entry for `caller` doing `action`, to be filled in.
+fn audit_entry(caller: &PeerIdentity, action: impl Into<String>) -> AuditEntry {
+    AuditEntry {
+        at: now_rfc3339(),
+        caller: caller.name.clone(),
+        caller_role: caller.role.to_string(),
+        caller_org: caller.organisation.clone(),
+        study_id: String::new(),
+        capability_id: String::new(),
+        action: action.into(),
+        decision: String::new(),
+        reason: String::new(),
+        query_sha256: String::new(),
+        result_cells: 0,
+        purpose: String::new(),
+        policy_reasons: String::new(),
+        consent_excluded: 0,
     }
 }
 
@@ -549,6 +753,77 @@ impl pb::node_service_server::NodeService for NodeApi {
         Ok(Response::new(pb::RunAggregateResponse {
             result: Some(ghx_proto::convert::result_to_wire(result)),
         }))
+    }
+
+    async fn round_advertise(
+        &self,
+        request: Request<pb::RoundAdvertiseRequest>,
+    ) -> Result<Response<pb::RoundAdvertiseResponse>, Status> {
+        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        let message = request.into_inner();
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || api.round_advertise(&caller, message))
+            .await
+            .map_err(|e| status(&ApiError::Task(e.to_string())))?
+            .map(Response::new)
+            .map_err(|e| status(&e))
+    }
+
+    async fn round_share_keys(
+        &self,
+        request: Request<pb::RoundShareKeysRequest>,
+    ) -> Result<Response<pb::RoundShareKeysResponse>, Status> {
+        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        NodeApi::require_coordinator(&caller).map_err(|e| status(&e))?;
+        let message = request.into_inner();
+        let advertised = message
+            .advertised
+            .into_iter()
+            .map(ghx_proto::round::advertise_from_wire)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| status(&ApiError::Malformed(e)))?;
+        let shares = self
+            .inner
+            .rounds
+            .share_keys(&message.round, &advertised)
+            .map_err(|e| status(&e.into()))?;
+        Ok(Response::new(pb::RoundShareKeysResponse {
+            shares: shares
+                .into_iter()
+                .map(ghx_proto::round::share_to_wire)
+                .collect(),
+        }))
+    }
+
+    async fn round_masked_input(
+        &self,
+        request: Request<pb::RoundMaskedInputRequest>,
+    ) -> Result<Response<pb::RoundMaskedInputResponse>, Status> {
+        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        let message = request.into_inner();
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || api.round_masked(&caller, message))
+            .await
+            .map_err(|e| status(&ApiError::Task(e.to_string())))?
+            .map(Response::new)
+            .map_err(|e| status(&e))
+    }
+
+    async fn round_unmask(
+        &self,
+        request: Request<pb::RoundUnmaskRequest>,
+    ) -> Result<Response<pb::RoundUnmaskResponse>, Status> {
+        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        NodeApi::require_coordinator(&caller).map_err(|e| status(&e))?;
+        let message = request.into_inner();
+        let unmasking = self
+            .inner
+            .rounds
+            .unmask(&message.round, &message.survivors)
+            .map_err(|e| status(&e.into()))?;
+        Ok(Response::new(ghx_proto::round::unmasking_to_wire(
+            unmasking,
+        )))
     }
 
     async fn revoke_study(

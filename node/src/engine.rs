@@ -162,19 +162,7 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
             })
             .collect()
     };
-    let value_of = |m: &Member| -> Option<f64> {
-        match &spec.analysis {
-            Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } => {
-                match variable {
-                    Variable::Age => m.birth_ymd.map(|b| ((as_of - b) / 10000) as f64),
-                    Variable::Observation { .. } | Variable::View { .. } => {
-                        m.value.filter(|v| v.is_finite())
-                    }
-                }
-            }
-            _ => None,
-        }
-    };
+    let value_of = |m: &Member| member_value(spec, m);
 
     let mut cells: BTreeMap<Vec<String>, Raw> = BTreeMap::new();
     let empty = || match &spec.analysis {
@@ -276,6 +264,22 @@ fn domain(spec: &QuerySpec) -> Vec<Vec<String>> {
 }
 
 /// A date as the integer YYYYMMDD the index tables use.
+/// A cohort member's value of the analysis variable, if it has one.
+pub fn member_value(spec: &QuerySpec, m: &Member) -> Option<f64> {
+    match &spec.analysis {
+        Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } => match variable
+        {
+            Variable::Age => m
+                .birth_ymd
+                .map(|b| ((ymd(spec.cohort.as_of) - b) / 10000) as f64),
+            Variable::Observation { .. } | Variable::View { .. } => {
+                m.value.filter(|v| v.is_finite())
+            }
+        },
+        _ => None,
+    }
+}
+
 fn ymd(d: time::Date) -> i64 {
     i64::from(d.year()) * 10000 + i64::from(u8::from(d.month())) * 100 + i64::from(d.day())
 }

@@ -18,6 +18,7 @@ use std::collections::BTreeSet;
 use ghx_pki::{PeerIdentity, Role};
 use ghx_study::manifest::{self, StudyManifest};
 use ghx_study::query::{Analysis, CodeMatch, QuerySpec};
+use ghx_study::training::TrainingSpec;
 use ghx_study::{capability, query};
 
 use crate::consent::{ConsentRequest, SensitiveCodes};
@@ -123,44 +124,9 @@ pub fn admit(
     node: NodeFacts<'_>,
     request: Request<'_>,
 ) -> Result<Admitted, Error> {
-    let caller = request.caller;
-    if caller.role != Role::Coordinator {
-        return Err(Error::NotCoordinator {
-            name: caller.name.clone(),
-            role: caller.role,
-        });
-    }
-    let claims = verifier.verify(request.token, request.query_json)?;
-    if ledger.is_revoked(&claims.sub).map_err(Error::Ledger)? {
-        return Err(Error::Revoked {
-            study: claims.sub.clone(),
-        });
-    }
-    // Single use, recorded before anything else can refuse it: a refused
-    // capability cannot be retried either.
-    if !ledger
-        .first_use(&claims.jti, &claims.sub, claims.exp)
-        .map_err(Error::Ledger)?
-    {
-        return Err(Error::Replayed {
-            jti: claims.jti.clone(),
-        });
-    }
-    if query::digest(request.manifest_json) != claims.manifest_sha256 {
-        return Err(Error::ManifestMismatch);
-    }
-    let manifest = StudyManifest::parse(request.manifest_json)?;
-    manifest.check_valid_on(node.today())?;
+    let (claims, manifest) = verified(verifier, ledger, node, request)?;
     let named = manifest.query_for(request.query_json)?;
     let query_name = named.name.clone();
-    if claims.purpose != manifest.purpose {
-        return Err(Error::ClaimsDisagree { field: "purpose" });
-    }
-    if claims.org != manifest.requester.organisation {
-        return Err(Error::ClaimsDisagree {
-            field: "organisation",
-        });
-    }
     let spec = QuerySpec::parse(request.query_json)?;
     let min_cell_size = node
         .min_cell_size
@@ -193,6 +159,129 @@ pub fn admit(
         access: decision,
         consent,
     })
+}
+
+/// What the gate let through for a training or evaluation round.
+#[derive(Debug)]
+pub struct AdmittedTraining {
+    pub claims: capability::Claims,
+    pub manifest: StudyManifest,
+    pub training: TrainingSpec,
+    /// The larger of the node's and the manifest's minimum cell size.
+    pub min_cell_size: u32,
+    pub access: AccessDecision,
+    pub consent: ConsentRequest,
+}
+
+/// Admits a round of an approved training: the same checks as [`admit`],
+/// with the capability bound to the canonical training JSON (sent as
+/// `request.query_json`) and the access policy asked for `action`
+/// (training or evaluation) over everything the training reads.
+pub fn admit_training(
+    verifier: &capability::Verifier,
+    ledger: &dyn CapabilityLedger,
+    policy: &PolicyDir,
+    node: NodeFacts<'_>,
+    request: Request<'_>,
+    action: Action,
+) -> Result<AdmittedTraining, Error> {
+    let (claims, manifest) = verified(verifier, ledger, node, request)?;
+    let training = manifest.training_for(request.query_json)?.clone();
+    let min_cell_size = node
+        .min_cell_size
+        .max(manifest.min_cell_size.for_node(node.node_id));
+    let facts = NodeFacts {
+        min_cell_size,
+        ..node
+    };
+    let queries = training.queries();
+    let mut access: Option<AccessRequest> = None;
+    for q in &queries {
+        let one = access_request(
+            &claims,
+            q,
+            manifest.privacy_budget,
+            facts,
+            &policy.consent.sensitive,
+        );
+        match &mut access {
+            None => access = Some(one),
+            Some(all) => {
+                all.resource_types.extend(one.resource_types);
+                all.condition_codes.extend(one.condition_codes);
+                all.observation_codes.extend(one.observation_codes);
+                all.sensitive_categories.extend(one.sensitive_categories);
+            }
+        }
+    }
+    let mut access = access.expect("a training reads at least its label");
+    access.action = action;
+    access.group_by.clear();
+    let decision = policy.authorize(&access)?;
+    if !decision.allowed {
+        return Err(Error::Forbidden {
+            node: node.node_id.to_owned(),
+            decision,
+        });
+    }
+    let consent = training_consent(&claims.purpose, &training, node.now);
+    Ok(AdmittedTraining {
+        claims,
+        manifest,
+        training,
+        min_cell_size,
+        access: decision,
+        consent,
+    })
+}
+
+/// The checks every admission shares: the caller is the coordinator; the
+/// capability verifies for these bytes, is unrevoked and used for the first
+/// time; and the manifest is the one it binds, valid today, with the same
+/// purpose and organisation.
+fn verified(
+    verifier: &capability::Verifier,
+    ledger: &dyn CapabilityLedger,
+    node: NodeFacts<'_>,
+    request: Request<'_>,
+) -> Result<(capability::Claims, StudyManifest), Error> {
+    let caller = request.caller;
+    if caller.role != Role::Coordinator {
+        return Err(Error::NotCoordinator {
+            name: caller.name.clone(),
+            role: caller.role,
+        });
+    }
+    let claims = verifier.verify(request.token, request.query_json)?;
+    if ledger.is_revoked(&claims.sub).map_err(Error::Ledger)? {
+        return Err(Error::Revoked {
+            study: claims.sub.clone(),
+        });
+    }
+    // Single use, recorded before anything else can refuse it: a refused
+    // capability cannot be retried either.
+    if !ledger
+        .first_use(&claims.jti, &claims.sub, claims.exp)
+        .map_err(Error::Ledger)?
+    {
+        return Err(Error::Replayed {
+            jti: claims.jti.clone(),
+        });
+    }
+    if query::digest(request.manifest_json) != claims.manifest_sha256 {
+        return Err(Error::ManifestMismatch);
+    }
+    let manifest = StudyManifest::parse(request.manifest_json)?;
+    manifest.check_valid_on(node.today())?;
+    if claims.purpose != manifest.purpose {
+        return Err(Error::ClaimsDisagree { field: "purpose" });
+    }
+    if claims.org != manifest.requester.organisation {
+        return Err(Error::ClaimsDisagree {
+            field: "organisation",
+        });
+    }
+    Ok((claims, manifest))
 }
 
 /// The access request for an aggregate query under a capability: what the
@@ -250,6 +339,28 @@ pub fn access_request(
         min_cell_size: node.min_cell_size,
         epsilon: format!("{privacy_budget:.4}"),
     }
+}
+
+/// What consent is asked for a training: everything its feature and
+/// label queries read.
+pub fn training_consent(purpose: &str, training: &TrainingSpec, now: i64) -> ConsentRequest {
+    let mut consent: Option<ConsentRequest> = None;
+    for q in &training.queries() {
+        let one = consent_request(purpose, q, now);
+        match &mut consent {
+            None => consent = Some(one),
+            Some(all) => {
+                all.classes.extend(one.classes);
+                all.codes.extend(one.codes);
+            }
+        }
+    }
+    let mut consent = consent.expect("a training reads at least its label");
+    consent.classes.sort();
+    consent.classes.dedup();
+    consent.codes.sort();
+    consent.codes.dedup();
+    consent
 }
 
 /// What consent is asked for a query. Time is taken to the hour so that

@@ -27,6 +27,7 @@ pub mod policy;
 pub mod release;
 pub mod store;
 pub mod terminology;
+pub mod training;
 pub mod views;
 
 use std::future::Future;

@@ -21,3 +21,4 @@ pub mod v1 {
 }
 
 pub mod convert;
+pub mod round;

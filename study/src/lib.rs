@@ -15,3 +15,4 @@ pub mod manifest;
 pub mod purpose;
 pub mod query;
 pub mod result;
+pub mod training;

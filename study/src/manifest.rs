@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use time::Date;
 
 use crate::query::{self, CodeCriterion, CodeMatch, QuerySpec};
+use crate::training::{self, TrainingSpec};
 
 /// The manifest version this crate speaks.
 pub const VERSION: &str = "ghx.manifest/v1";
@@ -37,6 +38,13 @@ pub enum Error {
     Undeclared { name: String, what: String },
     #[error("the query is not one of the manifest's queries")]
     QueryNotInManifest,
+    #[error("manifest training `{name}`: {source}")]
+    Training {
+        name: String,
+        source: training::Error,
+    },
+    #[error("the training is not one of the manifest's trainings")]
+    TrainingNotInManifest,
     #[error("the manifest is valid from {from} until {until}; today is {today}")]
     OutsideValidity {
         from: String,
@@ -115,7 +123,11 @@ pub struct StudyManifest {
     pub purpose: String,
     pub ethics: EthicsApproval,
     pub data: DataDeclaration,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queries: Vec<NamedQuery>,
+    /// Federated model trainings the study may run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trainings: Vec<TrainingSpec>,
     pub min_cell_size: CellSizes,
     /// Differential-privacy budget (total epsilon) the study may spend at
     /// each node.
@@ -128,6 +140,20 @@ pub struct StudyManifest {
     pub valid_from: Date,
     #[serde(with = "crate::query::iso_date")]
     pub valid_until: Date,
+}
+
+/// Checks the name of a query, training or feature.
+pub fn check_name(name: &str) -> Result<(), &'static str> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1-64 letters, digits, '-' or '_'")
+    }
 }
 
 fn invalid(field: &str, problem: impl Into<String>) -> Error {
@@ -180,24 +206,15 @@ impl StudyManifest {
                 "must be at least 0 and below 0.001",
             ));
         }
-        if self.queries.is_empty() || self.queries.len() > MAX_QUERIES {
+        let work = self.queries.len() + self.trainings.len();
+        if work == 0 || work > MAX_QUERIES {
             return Err(invalid(
                 "queries",
-                format!("must hold 1 to {MAX_QUERIES} queries"),
+                format!("queries and trainings together must number 1 to {MAX_QUERIES}"),
             ));
         }
         for (i, q) in self.queries.iter().enumerate() {
-            let name_ok = !q.name.is_empty()
-                && q.name.len() <= 64
-                && q.name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !name_ok {
-                return Err(invalid(
-                    &format!("queries[{i}].name"),
-                    "must be 1-64 letters, digits, '-' or '_'",
-                ));
-            }
+            check_name(&q.name).map_err(|p| invalid(&format!("queries[{i}].name"), p))?;
             if self.queries[..i].iter().any(|other| other.name == q.name) {
                 return Err(invalid(
                     &format!("queries[{i}].name"),
@@ -210,24 +227,38 @@ impl StudyManifest {
                 name: q.name.clone(),
                 source,
             })?;
-            self.check_declared(q)?;
+            self.check_declared(&q.name, &q.query)?;
+        }
+        for (i, t) in self.trainings.iter().enumerate() {
+            if self.trainings[..i].iter().any(|other| other.name == t.name) {
+                return Err(invalid(
+                    &format!("trainings[{i}].name"),
+                    format!("`{}` is used twice", t.name),
+                ));
+            }
+            t.validate().map_err(|source| Error::Training {
+                name: t.name.clone(),
+                source,
+            })?;
+            for q in t.queries() {
+                self.check_declared(&t.name, &q)?;
+            }
         }
         Ok(())
     }
 
     /// Every resource type and code a query reads must be declared.
-    fn check_declared(&self, q: &NamedQuery) -> Result<(), Error> {
+    fn check_declared(&self, name: &str, query: &QuerySpec) -> Result<(), Error> {
         let undeclared = |what: String| Error::Undeclared {
-            name: q.name.clone(),
+            name: name.to_owned(),
             what,
         };
-        for ty in q.query.resource_types() {
+        for ty in query.resource_types() {
             if !self.data.resource_types.contains(&ty) {
                 return Err(undeclared(format!("resource type {ty}")));
             }
         }
-        let criteria = q
-            .query
+        let criteria = query
             .codes_read()
             .into_iter()
             .map(|r| (r.system, r.code, r.matching));
@@ -268,6 +299,20 @@ impl StudyManifest {
             .iter()
             .find(|q| query::digest(&q.query.canonical_json()) == wanted)
             .ok_or(Error::QueryNotInManifest)
+    }
+
+    /// The manifest's training whose canonical bytes are `training_json`.
+    pub fn training_for(&self, training_json: &[u8]) -> Result<&TrainingSpec, Error> {
+        let wanted = query::digest(training_json);
+        self.trainings
+            .iter()
+            .find(|t| query::digest(&t.canonical_json()) == wanted)
+            .ok_or(Error::TrainingNotInManifest)
+    }
+
+    /// The manifest's training named `name`.
+    pub fn training_named(&self, name: &str) -> Option<&TrainingSpec> {
+        self.trainings.iter().find(|t| t.name == name)
     }
 
     /// The manifest's query named `name`.

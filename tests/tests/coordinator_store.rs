@@ -2,7 +2,7 @@
 //! PostgreSQL: committee decisions, results and the audit trail survive a
 //! restart (a new `StudyBook` over the same database).
 
-use ghx_coordinator::store::{AuditRecord, CoordinatorStore};
+use ghx_coordinator::store::{AuditRecord, CoordinatorStore, TrainingRunRow};
 use ghx_coordinator::studies::{Committee, Error, StudyBook, StudyResult, StudyStatus};
 use ghx_federation_tests::postgres::TestDatabase;
 use ghx_study::manifest::StudyManifest;
@@ -48,6 +48,7 @@ suite!(
     a_study_needs_a_quorum_of_distinct_members_then_can_be_revoked,
     a_rejected_study_cannot_be_approved_later,
     state_results_and_audit_survive_a_restart,
+    training_runs_are_saved_updated_and_listed_by_status,
 );
 
 fn book(f: &Fixture, quorum: usize) -> StudyBook {
@@ -220,4 +221,36 @@ fn state_results_and_audit_survive_a_restart(f: Fixture) {
     ));
     assert_eq!(book.audit_trail().unwrap(), vec![audit]);
     assert_eq!(book.list().unwrap().len(), 1);
+}
+
+fn training_runs_are_saved_updated_and_listed_by_status(f: Fixture) {
+    let b = book(&f, 1);
+    let id = b.submit(manifest()).unwrap();
+    let store = CoordinatorStore::open(&f.url).unwrap();
+    let row = |run: &str, status: &str, json: &str| TrainingRunRow {
+        id: run.to_owned(),
+        study_id: id.clone(),
+        training: "t".to_owned(),
+        status: status.to_owned(),
+        record_json: json.to_owned(),
+        updated_at: "2026-11-29T00:00:00Z".to_owned(),
+    };
+    store
+        .save_training_run(&row("run-0001", "running", "{}"))
+        .unwrap();
+    store
+        .save_training_run(&row("run-0002", "running", "{}"))
+        .unwrap();
+    // An update replaces status and record, keeping one row per run.
+    store
+        .save_training_run(&row("run-0001", "completed", r#"{"done":true}"#))
+        .unwrap();
+    let all = store.training_runs(None).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].status, "completed");
+    assert_eq!(all[0].record_json, r#"{"done":true}"#);
+    // A restarted coordinator finds what is still running.
+    let reopened = CoordinatorStore::open(&f.url).unwrap();
+    let running = reopened.training_runs(Some("running")).unwrap();
+    assert_eq!(running, vec![row("run-0002", "running", "{}")]);
 }

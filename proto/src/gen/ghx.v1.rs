@@ -98,6 +98,125 @@ pub struct Suppressed {
     #[prost(string, tag = "1")]
     pub reason: ::prost::alloc::string::String,
 }
+/// What every participant of a secure-aggregation round agrees on.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RoundParams {
+    /// Unique per round, e.g. "study-0001/t2d-risk/run-3/round-7".
+    #[prost(string, tag = "1")]
+    pub round: ::prost::alloc::string::String,
+    /// Node ids, sorted and distinct.
+    #[prost(string, repeated, tag = "2")]
+    pub participants: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Nodes needed at every step, and shares needed to unmask.
+    #[prost(uint32, tag = "3")]
+    pub threshold: u32,
+    /// Length of the summed vector.
+    #[prost(uint32, tag = "4")]
+    pub dim: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RoundAdvertiseRequest {
+    /// Compact JWS bound to the study and the canonical training JSON.
+    #[prost(string, tag = "1")]
+    pub capability: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub manifest_json: ::prost::alloc::vec::Vec<u8>,
+    /// The training, exactly as the capability's digest was computed over it.
+    #[prost(bytes = "vec", tag = "3")]
+    pub training_json: ::prost::alloc::vec::Vec<u8>,
+    #[prost(message, optional, tag = "4")]
+    pub params: ::core::option::Option<RoundParams>,
+    /// "moments", "train" or "evaluate".
+    #[prost(string, tag = "5")]
+    pub phase: ::prost::alloc::string::String,
+    /// The global model (a ghx.model/v1 document) the round starts from;
+    /// empty for a moments round.
+    #[prost(bytes = "vec", tag = "6")]
+    pub model_json: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AdvertisedKeys {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub channel_key: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub mask_key: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub self_mask_commitment: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RoundAdvertiseResponse {
+    #[prost(message, optional, tag = "1")]
+    pub keys: ::core::option::Option<AdvertisedKeys>,
+    /// Time the node spent computing its contribution.
+    #[prost(uint64, tag = "2")]
+    pub local_micros: u64,
+    /// For an evaluation: this node's own metrics on its held-out patients
+    /// (aggregate, JSON), released only when enough patients are held out.
+    #[prost(bytes = "vec", tag = "3")]
+    pub node_metrics_json: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EncryptedShare {
+    #[prost(string, tag = "1")]
+    pub from: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub to: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub ciphertext: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RoundShareKeysRequest {
+    #[prost(string, tag = "1")]
+    pub round: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub advertised: ::prost::alloc::vec::Vec<AdvertisedKeys>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RoundShareKeysResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub shares: ::prost::alloc::vec::Vec<EncryptedShare>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RoundMaskedInputRequest {
+    #[prost(string, tag = "1")]
+    pub round: ::prost::alloc::string::String,
+    /// The shares addressed to this node.
+    #[prost(message, repeated, tag = "2")]
+    pub shares: ::prost::alloc::vec::Vec<EncryptedShare>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RoundMaskedInputResponse {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(fixed64, repeated, tag = "2")]
+    pub values: ::prost::alloc::vec::Vec<u64>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RoundUnmaskRequest {
+    #[prost(string, tag = "1")]
+    pub round: ::prost::alloc::string::String,
+    /// Nodes whose masked input the coordinator received.
+    #[prost(string, repeated, tag = "2")]
+    pub survivors: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NodeShare {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub share: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RoundUnmaskResponse {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub self_mask_shares: ::prost::alloc::vec::Vec<NodeShare>,
+    #[prost(message, repeated, tag = "3")]
+    pub mask_key_shares: ::prost::alloc::vec::Vec<NodeShare>,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HealthRequest {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -382,6 +501,108 @@ pub mod node_service_client {
                 .insert(GrpcMethod::new("ghx.v1.NodeService", "RevokeStudy"));
             self.inner.unary(req, path, codec).await
         }
+        /// A federated training or evaluation round, in the four steps of secure
+        /// aggregation. The first step is admitted under a capability bound to the
+        /// approved training; the node computes its contribution (a sum over its
+        /// patients) and keeps it, masked, until step 3. The coordinator relays
+        /// keys and encrypted shares between nodes and learns only the sum of
+        /// the contributions of the nodes that completed the round.
+        pub async fn round_advertise(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RoundAdvertiseRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundAdvertiseResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/RoundAdvertise",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "RoundAdvertise"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn round_share_keys(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RoundShareKeysRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundShareKeysResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/RoundShareKeys",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "RoundShareKeys"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn round_masked_input(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RoundMaskedInputRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundMaskedInputResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/RoundMaskedInput",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "RoundMaskedInput"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn round_unmask(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RoundUnmaskRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundUnmaskResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/RoundUnmask",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "RoundUnmask"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -421,6 +642,40 @@ pub mod node_service_server {
             request: tonic::Request<super::RevokeStudyNodeRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RevokeStudyNodeResponse>,
+            tonic::Status,
+        >;
+        /// A federated training or evaluation round, in the four steps of secure
+        /// aggregation. The first step is admitted under a capability bound to the
+        /// approved training; the node computes its contribution (a sum over its
+        /// patients) and keeps it, masked, until step 3. The coordinator relays
+        /// keys and encrypted shares between nodes and learns only the sum of
+        /// the contributions of the nodes that completed the round.
+        async fn round_advertise(
+            &self,
+            request: tonic::Request<super::RoundAdvertiseRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundAdvertiseResponse>,
+            tonic::Status,
+        >;
+        async fn round_share_keys(
+            &self,
+            request: tonic::Request<super::RoundShareKeysRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundShareKeysResponse>,
+            tonic::Status,
+        >;
+        async fn round_masked_input(
+            &self,
+            request: tonic::Request<super::RoundMaskedInputRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundMaskedInputResponse>,
+            tonic::Status,
+        >;
+        async fn round_unmask(
+            &self,
+            request: tonic::Request<super::RoundUnmaskRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundUnmaskResponse>,
             tonic::Status,
         >;
     }
@@ -680,6 +935,187 @@ pub mod node_service_server {
                     };
                     Box::pin(fut)
                 }
+                "/ghx.v1.NodeService/RoundAdvertise" => {
+                    #[allow(non_camel_case_types)]
+                    struct RoundAdvertiseSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::RoundAdvertiseRequest>
+                    for RoundAdvertiseSvc<T> {
+                        type Response = super::RoundAdvertiseResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RoundAdvertiseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::round_advertise(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RoundAdvertiseSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.NodeService/RoundShareKeys" => {
+                    #[allow(non_camel_case_types)]
+                    struct RoundShareKeysSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::RoundShareKeysRequest>
+                    for RoundShareKeysSvc<T> {
+                        type Response = super::RoundShareKeysResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RoundShareKeysRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::round_share_keys(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RoundShareKeysSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.NodeService/RoundMaskedInput" => {
+                    #[allow(non_camel_case_types)]
+                    struct RoundMaskedInputSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::RoundMaskedInputRequest>
+                    for RoundMaskedInputSvc<T> {
+                        type Response = super::RoundMaskedInputResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RoundMaskedInputRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::round_masked_input(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RoundMaskedInputSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.NodeService/RoundUnmask" => {
+                    #[allow(non_camel_case_types)]
+                    struct RoundUnmaskSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::RoundUnmaskRequest>
+                    for RoundUnmaskSvc<T> {
+                        type Response = super::RoundUnmaskResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RoundUnmaskRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::round_unmask(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RoundUnmaskSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -719,6 +1155,57 @@ pub mod node_service_server {
     impl<T> tonic::server::NamedService for NodeServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StartTrainingRequest {
+    #[prost(string, tag = "1")]
+    pub study_id: ::prost::alloc::string::String,
+    /// The manifest training to run; empty runs the first one.
+    #[prost(string, tag = "2")]
+    pub training: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetTrainingRequest {
+    #[prost(string, tag = "1")]
+    pub run_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrainingStatus {
+    #[prost(string, tag = "1")]
+    pub run_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub study_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub training: ::prost::alloc::string::String,
+    /// running, completed or failed.
+    #[prost(string, tag = "4")]
+    pub status: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "5")]
+    pub rounds_done: u32,
+    #[prost(uint32, tag = "6")]
+    pub rounds_total: u32,
+    /// Why it failed, when it did.
+    #[prost(string, tag = "7")]
+    pub detail: ::prost::alloc::string::String,
+    /// The run's full record (model, card, curve) as JSON.
+    #[prost(bytes = "vec", tag = "8")]
+    pub record_json: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ValidateModelRequest {
+    #[prost(string, tag = "1")]
+    pub study_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub training: ::prost::alloc::string::String,
+    /// A ghx.model/v1 document.
+    #[prost(bytes = "vec", tag = "3")]
+    pub model_json: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ValidateModelResponse {
+    /// The evaluation per node and pooled, as JSON.
+    #[prost(bytes = "vec", tag = "1")]
+    pub report_json: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NodeRecord {
@@ -1249,6 +1736,76 @@ pub mod coordinator_service_client {
                 .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "GetStudyResult"));
             self.inner.unary(req, path, codec).await
         }
+        /// Starts a federated training of an approved study; it runs in the
+        /// background, persisted round by round.
+        pub async fn start_training(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StartTrainingRequest>,
+        ) -> std::result::Result<tonic::Response<super::TrainingStatus>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.CoordinatorService/StartTraining",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "StartTraining"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Progress and, once done, the model, its card and its curves.
+        pub async fn get_training(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetTrainingRequest>,
+        ) -> std::result::Result<tonic::Response<super::TrainingStatus>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.CoordinatorService/GetTraining",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "GetTraining"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Evaluates a model the requester brings (weights only) at every node.
+        pub async fn validate_model(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ValidateModelRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ValidateModelResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.CoordinatorService/ValidateModel",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "ValidateModel"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1329,6 +1886,25 @@ pub mod coordinator_service_server {
             request: tonic::Request<super::GetStudyResultRequest>,
         ) -> std::result::Result<
             tonic::Response<super::GetStudyResultResponse>,
+            tonic::Status,
+        >;
+        /// Starts a federated training of an approved study; it runs in the
+        /// background, persisted round by round.
+        async fn start_training(
+            &self,
+            request: tonic::Request<super::StartTrainingRequest>,
+        ) -> std::result::Result<tonic::Response<super::TrainingStatus>, tonic::Status>;
+        /// Progress and, once done, the model, its card and its curves.
+        async fn get_training(
+            &self,
+            request: tonic::Request<super::GetTrainingRequest>,
+        ) -> std::result::Result<tonic::Response<super::TrainingStatus>, tonic::Status>;
+        /// Evaluates a model the requester brings (weights only) at every node.
+        async fn validate_model(
+            &self,
+            request: tonic::Request<super::ValidateModelRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ValidateModelResponse>,
             tonic::Status,
         >;
     }
@@ -1850,6 +2426,144 @@ pub mod coordinator_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetStudyResultSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.CoordinatorService/StartTraining" => {
+                    #[allow(non_camel_case_types)]
+                    struct StartTrainingSvc<T: CoordinatorService>(pub Arc<T>);
+                    impl<
+                        T: CoordinatorService,
+                    > tonic::server::UnaryService<super::StartTrainingRequest>
+                    for StartTrainingSvc<T> {
+                        type Response = super::TrainingStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StartTrainingRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as CoordinatorService>::start_training(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StartTrainingSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.CoordinatorService/GetTraining" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetTrainingSvc<T: CoordinatorService>(pub Arc<T>);
+                    impl<
+                        T: CoordinatorService,
+                    > tonic::server::UnaryService<super::GetTrainingRequest>
+                    for GetTrainingSvc<T> {
+                        type Response = super::TrainingStatus;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetTrainingRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as CoordinatorService>::get_training(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetTrainingSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.CoordinatorService/ValidateModel" => {
+                    #[allow(non_camel_case_types)]
+                    struct ValidateModelSvc<T: CoordinatorService>(pub Arc<T>);
+                    impl<
+                        T: CoordinatorService,
+                    > tonic::server::UnaryService<super::ValidateModelRequest>
+                    for ValidateModelSvc<T> {
+                        type Response = super::ValidateModelResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ValidateModelRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as CoordinatorService>::validate_model(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ValidateModelSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -1,0 +1,303 @@
+//! `ghx bench train`: federated training on a local three-hospital
+//! federation, per-round coordination overhead (round wall time outside the
+//! slowest node's local computation) and total time, against Flower (the
+//! `flwr` Python package) running FedAvg on the same rows in the same run.
+//! Numbers, not a test: nothing here asserts a timing.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ghx_coordinator::training::{RunStatus, TrainingRecord};
+use ghx_learn::{Dataset, Logistic, Standardiser, metrics};
+use ghx_proto::v1 as pb;
+use ghx_study::manifest::StudyManifest;
+
+use crate::local_federation::{self, LocalFederation, LocalFederationOptions, RESEARCHER};
+
+const MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model.json");
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Federation(#[from] local_federation::Error),
+    #[error("coordinator: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("the training run did not complete: {0}")]
+    Incomplete(String),
+    #[error("policy: {0}")]
+    Policy(#[from] ghx_node::policy::Error),
+    #[error("extracting rows: {0}")]
+    Extract(#[from] ghx_node::training::Error),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("benchmark task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct TrainBenchOptions {
+    pub dir: PathBuf,
+    pub patients_per_node: usize,
+    pub rounds: u32,
+    pub seed: u64,
+    /// A Python with `flwr` and `numpy`; None skips the comparison.
+    pub flower_python: Option<PathBuf>,
+    /// `bench/flower_fedavg.py`.
+    pub flower_script: PathBuf,
+}
+
+/// Per-round timings of one framework.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timing {
+    pub rounds: usize,
+    /// Sum of round wall times.
+    pub rounds_seconds: f64,
+    /// From start to the final model (ghx: including the moments and
+    /// evaluation rounds; Flower: including client start-up).
+    pub total_seconds: f64,
+    pub round_p50_ms: f64,
+    pub local_p50_ms: f64,
+    pub overhead_p50_ms: f64,
+    pub overhead_mean_ms: f64,
+    /// AUC of the final model on the pooled held-out rows.
+    pub auc: Option<f64>,
+}
+
+/// What the benchmark measured.
+#[derive(Debug, Clone)]
+pub struct TrainBenchReport {
+    pub setup: Duration,
+    pub train_rows: usize,
+    pub holdout_rows: usize,
+    pub ghx: Timing,
+    /// Flower's timings, or why it did not run.
+    pub flower: Result<Timing, String>,
+}
+
+fn p50(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn timing(rounds: &[(f64, f64)], total_seconds: f64, auc: Option<f64>) -> Timing {
+    let overhead: Vec<f64> = rounds.iter().map(|(s, l)| (s - l).max(0.0)).collect();
+    Timing {
+        rounds: rounds.len(),
+        rounds_seconds: rounds.iter().map(|r| r.0).sum(),
+        total_seconds,
+        round_p50_ms: p50(rounds.iter().map(|r| r.0 * 1000.0).collect()),
+        local_p50_ms: p50(rounds.iter().map(|r| r.1 * 1000.0).collect()),
+        overhead_p50_ms: p50(overhead.iter().map(|o| o * 1000.0).collect()),
+        overhead_mean_ms: overhead.iter().sum::<f64>() / overhead.len().max(1) as f64 * 1000.0,
+        auc,
+    }
+}
+
+fn pooled(parts: impl Iterator<Item = Dataset>, dim: usize) -> Dataset {
+    let mut out = Dataset::new(dim);
+    for part in parts {
+        for i in 0..part.len() {
+            out.push(part.row(i), part.label(i) > 0.5)
+                .expect("rows of the same width");
+        }
+    }
+    out
+}
+
+fn write_csv(path: &Path, data: &Dataset) -> Result<(), Error> {
+    let wrap = |source| Error::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(wrap)?);
+    for i in 0..data.len() {
+        let row: Vec<String> = data.row(i).iter().map(|x| format!("{x:.9}")).collect();
+        writeln!(out, "{},{}", row.join(","), data.label(i)).map_err(wrap)?;
+    }
+    out.flush().map_err(wrap)
+}
+
+/// Runs the benchmark.
+pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error> {
+    let started = Instant::now();
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        dir: options.dir.clone(),
+        patients_per_node: options.patients_per_node,
+        seed: options.seed,
+        min_cell_size: 10,
+        committee_quorum: 1,
+    })
+    .await?;
+    let setup = started.elapsed();
+    let mut manifest_value: serde_json::Value =
+        serde_json::from_str(MANIFEST).expect("the example manifest is JSON");
+    manifest_value["trainings"][0]["rounds"] = options.rounds.into();
+    manifest_value["trainings"][0]["round_deadline_seconds"] = 600.into();
+    let manifest_json = serde_json::to_vec(&manifest_value).expect("JSON serializes");
+    let manifest = StudyManifest::parse(&manifest_json)
+        .map_err(|e| Error::Incomplete(format!("benchmark manifest: {e}")))?;
+    let spec = manifest.trainings[0].clone();
+    let study_id = federation.approved_study(RESEARCHER, manifest_json).await?;
+    let mut client = federation.client(RESEARCHER).await?;
+    let train_started = Instant::now();
+    let status = client
+        .start_training(pb::StartTrainingRequest {
+            study_id,
+            training: spec.name.clone(),
+        })
+        .await?
+        .into_inner();
+    let record: TrainingRecord =
+        crate::training_report::follow(&mut client, &status.run_id, |r, total| {
+            if r.round % 10 == 0 || r.round == total {
+                eprintln!("{}", crate::training_report::progress_line(r, total));
+            }
+        })
+        .await?;
+    let ghx_total = train_started.elapsed().as_secs_f64();
+    if record.status != RunStatus::Completed {
+        return Err(Error::Incomplete(record.detail));
+    }
+    let model = record.model.clone().expect("a completed run has a model");
+
+    // The same rows, standardised as the run did, for Flower and for AUC.
+    let mut parts = Vec::new();
+    for node in &federation.nodes {
+        let policy = ghx_node::policy::PolicyDir::load(
+            &federation.dir.join("policies").join(node.profile.id),
+        )?;
+        let store = node.store.clone();
+        let spec = spec.clone();
+        let purpose = manifest.purpose.clone();
+        parts.push(
+            tokio::task::spawn_blocking(move || {
+                ghx_node::training::extract_under_policy(&store, &policy, &purpose, &spec)
+            })
+            .await??,
+        );
+    }
+    let standardiser = Standardiser {
+        mean: model.mean.clone(),
+        sd: model.sd.clone(),
+    };
+    let dim = spec.features.len();
+    let mut holdout = pooled(parts.iter().map(|p| p.holdout.clone()), dim);
+    standardiser.apply(&mut holdout);
+    let auc_of = |weights: &[f64], bias: f64| {
+        let m = Logistic {
+            weights: weights.to_vec(),
+            bias,
+        };
+        metrics::auc(&m.predict_all(&holdout), holdout.labels())
+    };
+    let ghx_rounds: Vec<(f64, f64)> = record
+        .rounds
+        .iter()
+        .map(|r| (r.seconds, r.local_seconds))
+        .collect();
+    let ghx = timing(&ghx_rounds, ghx_total, auc_of(&model.weights, model.bias));
+    let train_rows: usize = parts.iter().map(|p| p.train.len()).sum();
+
+    let flower = match &options.flower_python {
+        None => Err("no --flower-python given".to_owned()),
+        Some(python) => {
+            let mut csvs = Vec::new();
+            for (node, part) in federation.nodes.iter().zip(&parts) {
+                let mut train = part.train.clone();
+                standardiser.apply(&mut train);
+                let path = options.dir.join(format!("flower-{}.csv", node.profile.id));
+                write_csv(&path, &train)?;
+                csvs.push(path);
+            }
+            let python = python.clone();
+            let script = options.flower_script.clone();
+            let o = spec.optimiser.clone();
+            let rounds = options.rounds;
+            let output = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(python)
+                    .arg(script)
+                    .args(["--rounds", &rounds.to_string()])
+                    .args(["--lr", &o.learning_rate.to_string()])
+                    .args(["--batch", &o.batch_size.to_string()])
+                    .args(["--epochs", &o.epochs.to_string()])
+                    .args(&csvs)
+                    .output()
+            })
+            .await?;
+            match output {
+                Err(e) => Err(format!("cannot start Python: {e}")),
+                Ok(out) if !out.status.success() => Err(format!(
+                    "Flower run failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                )),
+                Ok(out) => match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                    Err(e) => Err(format!("unreadable Flower output: {e}")),
+                    Ok(v) => {
+                        let rounds: Vec<(f64, f64)> = v["rounds"]
+                            .as_array()
+                            .map(|rs| {
+                                rs.iter()
+                                    .map(|r| {
+                                        (
+                                            r["seconds"].as_f64().unwrap_or(0.0),
+                                            r["local_seconds"].as_f64().unwrap_or(0.0),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        let weights: Vec<f64> = v["weights"]
+                            .as_array()
+                            .map(|w| w.iter().filter_map(serde_json::Value::as_f64).collect())
+                            .unwrap_or_default();
+                        let auc = (weights.len() == dim + 1)
+                            .then(|| auc_of(&weights[..dim], weights[dim]))
+                            .flatten();
+                        Ok(timing(
+                            &rounds,
+                            v["total_seconds"].as_f64().unwrap_or(0.0),
+                            auc,
+                        ))
+                    }
+                },
+            }
+        }
+    };
+    federation.shutdown().await;
+    Ok(TrainBenchReport {
+        setup,
+        train_rows,
+        holdout_rows: holdout.len(),
+        ghx,
+        flower,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overhead_is_round_time_outside_local_work() {
+        let t = timing(&[(0.010, 0.004), (0.020, 0.005), (0.012, 0.013)], 1.0, None);
+        assert_eq!(t.rounds, 3);
+        assert!((t.overhead_p50_ms - 6.0).abs() < 1e-9, "{t:?}");
+        // A round whose local time exceeds its wall time counts as 0.
+        assert!((t.overhead_mean_ms - 7.0).abs() < 1e-9, "{t:?}");
+        assert!((t.round_p50_ms - 12.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,360 @@
+//! What a finished training run is handed over as: a model card (Markdown)
+//! and its training curves (SVG), both built from the run's record, which
+//! holds aggregates only.
+
+use std::fmt::Write as _;
+
+use ghx_coordinator::training::{RoundRecord, TrainingRecord};
+use ghx_learn::federated::Metrics;
+use ghx_study::manifest::StudyManifest;
+
+fn opt(x: Option<f64>) -> String {
+    x.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"))
+}
+
+fn metrics_row(name: &str, m: &Metrics) -> String {
+    format!(
+        "| {name} | {} | {} | {} | {:.4} | {:.4} | {:.4} |\n",
+        m.rows,
+        m.positives,
+        opt(m.auc),
+        m.accuracy,
+        m.brier,
+        m.expected_calibration_error
+    )
+}
+
+/// One line of progress for a completed round.
+pub fn progress_line(r: &RoundRecord, total: u32) -> String {
+    format!(
+        "round {:>3}/{total}: train loss {:.4}, held-out AUC {} (model before the round), \
+         {} nodes, {:.1} ms ({:.1} ms local)",
+        r.round,
+        r.train_loss,
+        opt(r.holdout.auc),
+        r.contributors.len(),
+        r.seconds * 1000.0,
+        r.local_seconds * 1000.0
+    )
+}
+
+/// The model card of a run of `manifest`'s training.
+pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
+    let mut out = String::new();
+    let spec = manifest.training_named(&record.training);
+    let _ = writeln!(
+        out,
+        "# Model card: {} ({})\n",
+        record.training, record.run_id
+    );
+    let _ = writeln!(out, "- Study: {} — {}", record.study_id, manifest.title);
+    let _ = writeln!(
+        out,
+        "- Requester: {} ({}); purpose {}; ethics {} {}",
+        manifest.requester.user,
+        manifest.requester.organisation,
+        manifest.purpose,
+        manifest.ethics.committee,
+        manifest.ethics.reference
+    );
+    let _ = writeln!(
+        out,
+        "- Status: {}{}; started {}; {} of {} rounds{}",
+        record.status.name(),
+        if record.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", record.detail)
+        },
+        record.started_at,
+        record.rounds.len(),
+        record.rounds_total,
+        if record.resumed > 0 {
+            format!(
+                "; resumed {} time(s) after a coordinator restart",
+                record.resumed
+            )
+        } else {
+            String::new()
+        }
+    );
+    if let Some(spec) = spec {
+        let o = &spec.optimiser;
+        let _ = writeln!(
+            out,
+            "- Model: logistic regression; {:?} (mu {}), learning rate {}, {} local epoch(s), batch {}, L2 {}; quorum {} nodes per round; {:.0}% of each site's patients held out",
+            o.algorithm,
+            o.mu,
+            o.learning_rate,
+            o.epochs,
+            o.batch_size,
+            o.l2,
+            spec.quorum,
+            spec.holdout * 100.0
+        );
+        let _ = writeln!(
+            out,
+            "- Label: {}",
+            serde_json::to_string(&spec.label).unwrap_or_default()
+        );
+        let _ = writeln!(
+            out,
+            "- Cohort: {}",
+            serde_json::to_string(&spec.cohort).unwrap_or_default()
+        );
+    }
+    if let Some(model) = &record.model {
+        let _ = writeln!(out, "\n## Features and weights\n");
+        let _ = writeln!(
+            out,
+            "Each feature is standardised as (x − mean) / sd with the federation's pooled moments; the weight is per standard deviation.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| feature | definition | mean | sd | weight | odds ratio per sd |"
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
+        for (i, f) in model.features.iter().enumerate() {
+            let definition = match (&f.variable, f.sex_is) {
+                (Some(v), _) => serde_json::to_string(v).unwrap_or_default(),
+                (None, Some(sex)) => format!("1 if sex is {}", sex.code()),
+                (None, None) => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | `{definition}` | {:.4} | {:.4} | {:.4} | {:.3} |",
+                f.name,
+                model.mean[i],
+                model.sd[i],
+                model.weights[i],
+                model.weights[i].exp()
+            );
+        }
+        let _ = writeln!(out, "| (intercept) | | | | {:.4} | |", model.bias);
+    }
+    let _ = writeln!(out, "\n## Data and evaluation\n");
+    let _ = writeln!(
+        out,
+        "Training rows pooled over the sites (complete cases of consenting patients): {}.\n",
+        record.moments_rows
+    );
+    if let Some(e) = &record.evaluation {
+        let _ = writeln!(
+            out,
+            "Held-out evaluation of the final model (pooled from summed score histograms; per site as each site released it):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| site | held-out rows | with label | AUC | accuracy | Brier | ECE |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+        out.push_str(&metrics_row("pooled", &e.pooled));
+        for (node, m) in &e.per_node {
+            out.push_str(&metrics_row(node, m));
+        }
+        for f in &e.failures {
+            let _ = writeln!(out, "\nNot evaluated at {}: {}", f.node_id, f.reason);
+        }
+        let _ = writeln!(out, "\nCalibration (pooled, by predicted risk):\n");
+        let _ = writeln!(out, "| predicted | rows | mean predicted | observed |");
+        let _ = writeln!(out, "|---|---:|---:|---:|");
+        let min = u64::from(manifest.min_cell_size.default);
+        for b in &e.pooled.calibration {
+            if b.count < min {
+                let _ = writeln!(
+                    out,
+                    "| {:.1}–{:.1} | fewer than {min} | | |",
+                    b.lower, b.upper
+                );
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "| {:.1}–{:.1} | {} | {} | {} |",
+                b.lower,
+                b.upper,
+                b.count,
+                opt(b.mean_predicted()),
+                opt(b.observed_rate())
+            );
+        }
+    }
+    let _ = writeln!(out, "\n## Privacy\n");
+    let dropped: usize = record.rounds.iter().map(|r| r.failures.len()).sum();
+    let _ = writeln!(
+        out,
+        "- Every round went through secure aggregation: the coordinator received only the sum of the participating sites' contributions (sample-weighted models, moments, score histograms), never one site's.\n\
+         - No noise was added: differential-privacy cost of this run is epsilon 0 (the study's budget is {}).\n\
+         - Sites left out of a round (down, refused or late): {dropped} over {} rounds.\n\
+         - Per-site metrics are released by each site only when at least its minimum cell size of patients is held out; calibration bins with fewer patients stay at the site.",
+        manifest.privacy_budget,
+        record.rounds.len()
+    );
+    if !record.rounds.is_empty() {
+        let total: f64 = record.rounds.iter().map(|r| r.seconds).sum();
+        let overhead: f64 = record
+            .rounds
+            .iter()
+            .map(|r| (r.seconds - r.local_seconds).max(0.0))
+            .sum();
+        let _ = writeln!(
+            out,
+            "\n## Timing\n\n{} rounds in {total:.2} s; coordination overhead (round time outside the slowest site's local computation) {:.1} ms per round on average.",
+            record.rounds.len(),
+            overhead / record.rounds.len() as f64 * 1000.0
+        );
+    }
+    out
+}
+
+/// A line chart of `values` by round, as an SVG group at `(x0, y0)`.
+fn panel(out: &mut String, title: &str, values: &[(u32, f64)], x0: f64, y0: f64) {
+    let (w, h) = (420.0, 240.0);
+    let (left, top, right, bottom) = (50.0, 28.0, 12.0, 30.0);
+    let _ = writeln!(
+        out,
+        r##"<g transform="translate({x0},{y0})"><text x="{}" y="16" font-size="14" text-anchor="middle">{title}</text>"##,
+        w / 2.0
+    );
+    let _ = writeln!(
+        out,
+        r##"<rect x="{left}" y="{top}" width="{}" height="{}" fill="none" stroke="#888"/>"##,
+        w - left - right,
+        h - top - bottom
+    );
+    if values.is_empty() {
+        out.push_str("</g>\n");
+        return;
+    }
+    let lo = values.iter().map(|v| v.1).fold(f64::INFINITY, f64::min);
+    let hi = values.iter().map(|v| v.1).fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = if hi - lo < 1e-9 {
+        (lo - 0.5, hi + 0.5)
+    } else {
+        (lo, hi)
+    };
+    let last = values.last().map_or(1, |v| v.0).max(2);
+    let x = |r: u32| left + (f64::from(r) - 1.0) / f64::from(last - 1) * (w - left - right);
+    let y = |v: f64| top + (hi - v) / (hi - lo) * (h - top - bottom);
+    let points: Vec<String> = values
+        .iter()
+        .map(|(r, v)| format!("{:.1},{:.1}", x(*r), y(*v)))
+        .collect();
+    let _ = writeln!(
+        out,
+        r##"<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{}"/>"##,
+        points.join(" ")
+    );
+    for v in [lo, (lo + hi) / 2.0, hi] {
+        let _ = writeln!(
+            out,
+            r##"<text x="{}" y="{:.1}" font-size="11" text-anchor="end">{v:.3}</text>"##,
+            left - 4.0,
+            y(v) + 4.0
+        );
+    }
+    for r in [1, last.div_ceil(2), last] {
+        let _ = writeln!(
+            out,
+            r##"<text x="{:.1}" y="{}" font-size="11" text-anchor="middle">{r}</text>"##,
+            x(r),
+            h - bottom + 14.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        r##"<text x="{}" y="{}" font-size="11" text-anchor="middle">round</text></g>"##,
+        left + (w - left - right) / 2.0,
+        h - 4.0
+    );
+}
+
+/// Training loss and held-out AUC per round, as an SVG document.
+pub fn curves_svg(record: &TrainingRecord) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="860" height="270" font-family="sans-serif">"##
+    );
+    let _ = writeln!(out, r##"<rect width="100%" height="100%" fill="white"/>"##);
+    let loss: Vec<(u32, f64)> = record
+        .rounds
+        .iter()
+        .map(|r| (r.round, r.train_loss))
+        .collect();
+    let auc: Vec<(u32, f64)> = record
+        .rounds
+        .iter()
+        .filter_map(|r| r.holdout.auc.map(|a| (r.round, a)))
+        .collect();
+    panel(
+        &mut out,
+        &format!("{}: training log loss", record.training),
+        &loss,
+        0.0,
+        10.0,
+    );
+    panel(&mut out, "held-out AUC (pooled)", &auc, 430.0, 10.0);
+    out.push_str("</svg>\n");
+    out
+}
+
+/// Polls a run until it stops running, calling `progress` once per newly
+/// completed round; returns the final record.
+pub async fn follow(
+    client: &mut ghx_proto::v1::coordinator_service_client::CoordinatorServiceClient<
+        tonic::transport::Channel,
+    >,
+    run_id: &str,
+    mut progress: impl FnMut(&RoundRecord, u32),
+) -> Result<TrainingRecord, tonic::Status> {
+    let mut shown = 0;
+    loop {
+        let status = client
+            .get_training(ghx_proto::v1::GetTrainingRequest {
+                run_id: run_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let record: TrainingRecord = serde_json::from_slice(&status.record_json)
+            .map_err(|e| tonic::Status::internal(format!("unreadable training record: {e}")))?;
+        for r in record.rounds.iter().skip(shown) {
+            progress(r, record.rounds_total);
+        }
+        shown = record.rounds.len();
+        if status.status != "running" {
+            return Ok(record);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes `model.json`, `model-card.md`, `curves.svg` and `run.json` into
+/// `dir`; returns the paths written.
+pub fn write_outputs(
+    dir: &std::path::Path,
+    record: &TrainingRecord,
+    manifest: &StudyManifest,
+) -> std::io::Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    let mut put = |name: &str, contents: String| -> std::io::Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, contents)?;
+        written.push(path);
+        Ok(())
+    };
+    if let Some(model) = &record.model {
+        put(
+            "model.json",
+            serde_json::to_string_pretty(model).expect("models serialize"),
+        )?;
+    }
+    put("model-card.md", model_card(record, manifest))?;
+    put("curves.svg", curves_svg(record))?;
+    put(
+        "run.json",
+        serde_json::to_string_pretty(record).expect("records serialize"),
+    )?;
+    Ok(written)
+}

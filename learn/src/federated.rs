@@ -1,0 +1,295 @@
+//! What one node contributes to a federated training or evaluation round,
+//! and how the coordinator reads the federation's sum.
+//!
+//! Every vector here is a sum over a node's patients, laid out the same way
+//! at every node, so it can be summed by secure aggregation and read back
+//! only as the federation's total:
+//!
+//! - a *moments* round: [`Standardiser::local_sums`] of the training rows;
+//! - a *training* round: the locally trained model weighted by its training
+//!   rows ([`Logistic::weighted`]), the global model's summed training log
+//!   loss, and [`EvaluationSums`] of the global model on held-out rows;
+//! - an *evaluation* round: [`EvaluationSums`] alone.
+//!
+//! Pooled AUC comes from summed score histograms with [`SCORE_BINS`] bins
+//! (ties within a bin count half), so it matches the pooled computation up
+//! to the bin width.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{self, CalibrationBin};
+use crate::{Dataset, Error, Logistic, Standardiser, TrainConfig};
+
+/// Bins of predicted probability in the score histograms.
+pub const SCORE_BINS: usize = 1000;
+/// Bins of predicted probability in the calibration table.
+pub const CALIBRATION_BINS: usize = 10;
+
+/// Sums that evaluate a model on some held-out rows; they add up across
+/// nodes into the pooled evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluationSums {
+    pub rows: f64,
+    pub positives: f64,
+    pub log_loss: f64,
+    pub brier: f64,
+    /// Rows classified right at 0.5.
+    pub correct: f64,
+    /// Held-out positives and negatives per score bin.
+    pub positive_scores: Vec<f64>,
+    pub negative_scores: Vec<f64>,
+    pub calibration: Vec<CalibrationBin>,
+}
+
+/// Evaluation metrics of a model on held-out rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub rows: u64,
+    pub positives: u64,
+    /// None when one class is absent.
+    pub auc: Option<f64>,
+    pub accuracy: f64,
+    pub brier: f64,
+    pub log_loss: f64,
+    pub expected_calibration_error: f64,
+    pub calibration: Vec<CalibrationBin>,
+}
+
+fn score_bin(score: f64) -> usize {
+    ((score * SCORE_BINS as f64) as usize).min(SCORE_BINS - 1)
+}
+
+impl EvaluationSums {
+    /// Length of [`Self::to_vec`].
+    pub const LEN: usize = 5 + 2 * SCORE_BINS + 3 * CALIBRATION_BINS;
+
+    /// Evaluates `model` on `data` (already standardised).
+    pub fn of(model: &Logistic, data: &Dataset) -> Self {
+        let scores = model.predict_all(data);
+        let labels = data.labels();
+        let mut positive_scores = vec![0.0; SCORE_BINS];
+        let mut negative_scores = vec![0.0; SCORE_BINS];
+        for (s, y) in scores.iter().zip(labels) {
+            if *y > 0.5 {
+                positive_scores[score_bin(*s)] += 1.0;
+            } else {
+                negative_scores[score_bin(*s)] += 1.0;
+            }
+        }
+        let rows = data.len() as f64;
+        EvaluationSums {
+            rows,
+            positives: labels.iter().sum(),
+            log_loss: model.log_loss(data) * rows,
+            brier: metrics::brier(&scores, labels) * rows,
+            correct: metrics::accuracy(&scores, labels) * rows,
+            positive_scores,
+            negative_scores,
+            calibration: metrics::calibration(&scores, labels, CALIBRATION_BINS),
+        }
+    }
+
+    /// The flat vector that is summed.
+    pub fn to_vec(&self) -> Vec<f64> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.extend([
+            self.rows,
+            self.positives,
+            self.log_loss,
+            self.brier,
+            self.correct,
+        ]);
+        out.extend(&self.positive_scores);
+        out.extend(&self.negative_scores);
+        for bin in &self.calibration {
+            out.extend([bin.count as f64, bin.predicted_sum, bin.observed_sum]);
+        }
+        out
+    }
+
+    /// Reads a (summed) vector back.
+    pub fn from_vec(v: &[f64]) -> Result<Self, Error> {
+        if v.len() != Self::LEN {
+            return Err(Error::WrongSumLength {
+                what: "evaluation sums",
+                got: v.len(),
+                dim: 0,
+            });
+        }
+        let (head, rest) = v.split_at(5);
+        let (positive_scores, rest) = rest.split_at(SCORE_BINS);
+        let (negative_scores, calibration) = rest.split_at(SCORE_BINS);
+        let calibration = calibration
+            .chunks(3)
+            .enumerate()
+            .map(|(b, c)| CalibrationBin {
+                lower: b as f64 / CALIBRATION_BINS as f64,
+                upper: (b + 1) as f64 / CALIBRATION_BINS as f64,
+                count: c[0].round().max(0.0) as u64,
+                predicted_sum: c[1],
+                observed_sum: c[2],
+            })
+            .collect();
+        Ok(EvaluationSums {
+            rows: head[0].round(),
+            positives: head[1].round(),
+            log_loss: head[2],
+            brier: head[3],
+            correct: head[4].round(),
+            positive_scores: positive_scores.iter().map(|c| c.round()).collect(),
+            negative_scores: negative_scores.iter().map(|c| c.round()).collect(),
+            calibration,
+        })
+    }
+
+    /// AUC from the score histograms: ties within a bin count half.
+    pub fn histogram_auc(&self) -> Option<f64> {
+        let positives: f64 = self.positive_scores.iter().sum();
+        let negatives: f64 = self.negative_scores.iter().sum();
+        if positives < 0.5 || negatives < 0.5 {
+            return None;
+        }
+        let mut below = 0.0;
+        let mut wins = 0.0;
+        for (p, n) in self.positive_scores.iter().zip(&self.negative_scores) {
+            wins += p * (below + 0.5 * n);
+            below += n;
+        }
+        Some(wins / (positives * negatives))
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let rows = self.rows.max(0.0);
+        let per_row = |x: f64| if rows > 0.0 { x / rows } else { 0.0 };
+        Metrics {
+            rows: rows as u64,
+            positives: self.positives.max(0.0) as u64,
+            auc: self.histogram_auc(),
+            accuracy: per_row(self.correct),
+            brier: per_row(self.brier),
+            log_loss: per_row(self.log_loss),
+            expected_calibration_error: metrics::expected_calibration_error(&self.calibration),
+            calibration: self.calibration.clone(),
+        }
+    }
+}
+
+/// What a node sends in a moments round.
+pub fn moments_contribution(train: &Dataset) -> Vec<f64> {
+    Standardiser::local_sums(train)
+}
+
+/// Length of a training round's vector for `dim` features.
+pub fn training_len(dim: usize) -> usize {
+    dim + 2 + 1 + EvaluationSums::LEN
+}
+
+/// What a node sends in a training round: trains from `global` on its
+/// (standardised) training rows, and evaluates `global` on them and on its
+/// held-out rows.
+pub fn training_contribution(
+    global: &Logistic,
+    train: &Dataset,
+    holdout: &Dataset,
+    config: &TrainConfig,
+    rng: &mut impl Rng,
+) -> Result<Vec<f64>, Error> {
+    let local = global.train(train, config, rng)?;
+    let mut out = local.weighted(train.len());
+    out.push(global.log_loss(train) * train.len() as f64);
+    out.extend(EvaluationSums::of(global, holdout).to_vec());
+    Ok(out)
+}
+
+/// The federation's total of a training round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundTotals {
+    /// FedAvg (or FedProx) of the nodes' local models.
+    pub model: Logistic,
+    /// Training rows that took part.
+    pub train_rows: f64,
+    /// Mean training log loss of the global model the round started from.
+    pub train_loss: f64,
+    /// The global model the round started from, on held-out rows.
+    pub evaluation: EvaluationSums,
+}
+
+/// Reads the sum of every contributor's [`training_contribution`].
+pub fn read_training_sum(sum: &[f64], dim: usize) -> Result<RoundTotals, Error> {
+    if sum.len() != training_len(dim) {
+        return Err(Error::WrongSumLength {
+            what: "a training round",
+            got: sum.len(),
+            dim,
+        });
+    }
+    let (weighted, rest) = sum.split_at(dim + 2);
+    let model = Logistic::average_of(weighted)?;
+    let train_rows = weighted[dim + 1];
+    Ok(RoundTotals {
+        model,
+        train_rows,
+        train_loss: rest[0] / train_rows,
+        evaluation: EvaluationSums::from_vec(&rest[1..])?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(rows: &[(&[f64], bool)]) -> Dataset {
+        let mut d = Dataset::new(rows[0].0.len());
+        for (r, y) in rows {
+            d.push(r, *y).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn histogram_auc_matches_exact_auc_and_sums_add_up() {
+        let a = data(&[(&[0.1], false), (&[2.0], true), (&[0.5], true)]);
+        let b = data(&[(&[-1.0], false), (&[1.5], false), (&[3.0], true)]);
+        let model = Logistic {
+            weights: vec![1.3],
+            bias: -0.4,
+        };
+        let sa = EvaluationSums::of(&model, &a).to_vec();
+        let sb = EvaluationSums::of(&model, &b).to_vec();
+        let summed: Vec<f64> = sa.iter().zip(&sb).map(|(x, y)| x + y).collect();
+        let pooled = EvaluationSums::from_vec(&summed).unwrap().metrics();
+        let mut all = a.clone();
+        for i in 0..b.len() {
+            all.push(b.row(i), b.label(i) > 0.5).unwrap();
+        }
+        let scores = model.predict_all(&all);
+        let exact = metrics::auc(&scores, all.labels()).unwrap();
+        assert!((pooled.auc.unwrap() - exact).abs() < 1e-9, "{pooled:?}");
+        assert_eq!(pooled.rows, 6);
+        assert_eq!(pooled.positives, 3);
+        assert!((pooled.log_loss - model.log_loss(&all)).abs() < 1e-12);
+        assert!((pooled.accuracy - metrics::accuracy(&scores, all.labels())).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_training_sum_reads_back_as_the_weighted_average() {
+        let a = data(&[(&[0.1, 1.0], false), (&[2.0, 0.0], true)]);
+        let global = Logistic::zeros(2);
+        let config = TrainConfig {
+            epochs: 1,
+            batch_size: 1,
+            learning_rate: 0.1,
+            proximal_mu: 0.0,
+            l2: 0.0,
+        };
+        let mut rng = rand::rngs::mock::StepRng::new(0, 1);
+        let v = training_contribution(&global, &a, &a, &config, &mut rng).unwrap();
+        assert_eq!(v.len(), training_len(2));
+        let totals = read_training_sum(&v, 2).unwrap();
+        assert_eq!(totals.train_rows, 2.0);
+        assert!((totals.train_loss - std::f64::consts::LN_2).abs() < 1e-12);
+        assert_eq!(totals.evaluation.rows, 2.0);
+        assert!(read_training_sum(&v[1..], 2).is_err());
+    }
+}

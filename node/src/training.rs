@@ -1,0 +1,470 @@
+//! Federated training at the node: feature extraction and the node's side
+//! of secure-aggregation rounds.
+//!
+//! Features and the label are read through the aggregate engine, one query
+//! per numeric feature plus one for the label ([`TrainingSpec::queries`]),
+//! so consent, sensitive-category exclusions and the consent context are
+//! exactly those of an aggregate query. Patients missing a feature are left
+//! out (complete cases) and counted. Each patient is held out for
+//! evaluation or not by a hash of the training and its id, so the split is
+//! stable across rounds and runs.
+//!
+//! A round's contribution is computed in step 1 and kept, with the
+//! round's secrets, in memory until step 3 sends it masked; nothing of it
+//! is stored. Patient rows stay in this module's cache for the length of a
+//! run and never leave the node.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ghx_learn::federated::{self, EvaluationSums, Metrics};
+use ghx_learn::{Dataset, Logistic, Standardiser, TrainConfig};
+use ghx_secagg::{Advertise, Client, EncryptedShare, MaskedInput, RoundParams, Unmasking};
+use ghx_study::training::{Algorithm, ModelDocument, TrainingSpec};
+use sha2::{Digest, Sha256};
+
+use crate::consent::SensitiveCodes;
+use crate::engine;
+use crate::store::Store;
+
+/// Why a round step failed at this node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading the training's features: {0}")]
+    Extract(#[from] crate::views::Error),
+    #[error("unknown round phase `{0}`; expected moments, train or evaluate")]
+    Phase(String),
+    #[error("this node is not a participant of round {0}")]
+    NotParticipant(String),
+    #[error("round {round} sums {got} values; a {phase} round of this training sums {expected}")]
+    Dimension {
+        round: String,
+        phase: String,
+        got: usize,
+        expected: usize,
+    },
+    #[error(
+        "too few patients here for this training: {train} training and {holdout} held-out rows \
+         ({positives} with the label); each must be at least the minimum cell size {min}"
+    )]
+    TooFew {
+        train: usize,
+        holdout: usize,
+        positives: usize,
+        min: u32,
+    },
+    #[error("the model sent with the round: {0}")]
+    Model(#[from] ghx_study::training::Error),
+    #[error("training: {0}")]
+    Learn(#[from] ghx_learn::Error),
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] ghx_secagg::Error),
+    #[error("round {0} is unknown here or has expired")]
+    NoSuchRound(String),
+    #[error("round {0} was already started here")]
+    RoundExists(String),
+    #[error("consent evaluation: {0}")]
+    Consent(#[from] crate::consent::eligibility::Error),
+}
+
+/// What one node holds for a training: complete-case rows, split.
+#[derive(Debug)]
+pub struct Extracted {
+    pub train: Dataset,
+    pub holdout: Dataset,
+    /// Cohort members left out because a feature had no value.
+    pub incomplete: u64,
+}
+
+impl Extracted {
+    fn positives(&self) -> usize {
+        self.train.labels().iter().filter(|y| **y > 0.5).count()
+    }
+}
+
+/// Reads the training's rows for the cohort's consenting patients.
+pub fn extract(
+    store: &Store,
+    spec: &TrainingSpec,
+    consent_context: &str,
+    sensitive: &SensitiveCodes,
+) -> Result<Extracted, Error> {
+    let label_members =
+        engine::cohort_members(store, &spec.label_query(), consent_context, sensitive)?;
+    let mut values: Vec<HashMap<String, f64>> = Vec::new();
+    for (_, q) in spec.feature_queries() {
+        let members = engine::cohort_members(store, &q, consent_context, sensitive)?;
+        values.push(
+            members
+                .into_iter()
+                .filter_map(|m| engine::member_value(&q, &m).map(|v| (m.id, v)))
+                .collect(),
+        );
+    }
+    let salt = Sha256::digest(spec.canonical_json());
+    let dim = spec.features.len();
+    let mut train = Dataset::new(dim);
+    let mut holdout = Dataset::new(dim);
+    let mut incomplete = 0;
+    // Sorted by id, so the rows' order is the same every time.
+    let members: BTreeMap<String, engine::Member> = label_members
+        .into_iter()
+        .map(|m| (m.id.clone(), m))
+        .collect();
+    let mut row = vec![0.0; dim];
+    'patients: for (id, member) in &members {
+        let mut numeric = values.iter();
+        for (slot, feature) in row.iter_mut().zip(&spec.features) {
+            *slot = match (&feature.variable, feature.sex_is) {
+                (Some(_), _) => match numeric.next().and_then(|v| v.get(id)) {
+                    Some(v) => *v,
+                    None => {
+                        incomplete += 1;
+                        continue 'patients;
+                    }
+                },
+                (None, Some(sex)) => f64::from(u8::from(member.gender == sex.code())),
+                (None, None) => 0.0,
+            };
+        }
+        let held = held_out(&salt, id, spec.holdout);
+        let target = if held { &mut holdout } else { &mut train };
+        if target.push(&row, member.event != 0).is_err() {
+            incomplete += 1;
+        }
+    }
+    Ok(Extracted {
+        train,
+        holdout,
+        incomplete,
+    })
+}
+
+/// Extracts a training's rows exactly as this node would for a round of a
+/// study with `purpose` now, under its own consent policy: for benchmarks
+/// and tests that compare federated with pooled training. The rows never
+/// leave the process.
+pub fn extract_under_policy(
+    store: &Store,
+    policy: &crate::policy::PolicyDir,
+    purpose: &str,
+    spec: &TrainingSpec,
+) -> Result<Extracted, Error> {
+    let request = crate::gate::training_consent(
+        purpose,
+        spec,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    );
+    let prepared = crate::consent::eligibility::Eligibility::new(policy.consent.clone())
+        .prepare(store, &request)?;
+    extract(store, spec, &prepared.context, &policy.consent.sensitive)
+}
+
+fn held_out(salt: &[u8], id: &str, share: f64) -> bool {
+    let h = Sha256::new().chain_update(salt).chain_update(id).finalize();
+    let x = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
+    (x as f64 / u64::MAX as f64) < share
+}
+
+/// A round phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Moments,
+    Train,
+    Evaluate,
+}
+
+impl Phase {
+    pub fn parse(name: &str) -> Result<Self, Error> {
+        match name {
+            "moments" => Ok(Phase::Moments),
+            "train" => Ok(Phase::Train),
+            "evaluate" => Ok(Phase::Evaluate),
+            other => Err(Error::Phase(other.to_owned())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Moments => "moments",
+            Phase::Train => "train",
+            Phase::Evaluate => "evaluate",
+        }
+    }
+
+    /// Length of the summed vector for `dim` features.
+    pub fn len(self, dim: usize) -> usize {
+        match self {
+            Phase::Moments => 1 + 2 * dim,
+            Phase::Train => federated::training_len(dim),
+            Phase::Evaluate => EvaluationSums::LEN,
+        }
+    }
+}
+
+/// The node's optimiser settings for a training.
+pub fn train_config(spec: &TrainingSpec) -> TrainConfig {
+    let o = &spec.optimiser;
+    TrainConfig {
+        epochs: o.epochs,
+        batch_size: o.batch_size as usize,
+        learning_rate: o.learning_rate,
+        proximal_mu: match o.algorithm {
+            Algorithm::FedAvg => 0.0,
+            Algorithm::FedProx => o.mu,
+        },
+        l2: o.l2,
+    }
+}
+
+fn standardised(data: &Dataset, model: &ModelDocument) -> Dataset {
+    let mut out = data.clone();
+    Standardiser {
+        mean: model.mean.clone(),
+        sd: model.sd.clone(),
+    }
+    .apply(&mut out);
+    out
+}
+
+/// What step 1 computed.
+pub struct Contribution {
+    pub values: Vec<f64>,
+    /// This node's own metrics, for an evaluation with enough held out.
+    pub metrics: Option<Metrics>,
+}
+
+/// Computes this node's contribution to a round.
+pub fn contribution(
+    phase: Phase,
+    spec: &TrainingSpec,
+    data: &Extracted,
+    model_json: &[u8],
+    min_cell_size: u32,
+) -> Result<Contribution, Error> {
+    let min = min_cell_size as usize;
+    let positives = data.positives();
+    if data.train.len() < min
+        || data.holdout.len() < min
+        || positives < min
+        || data.train.len() - positives < min
+    {
+        return Err(Error::TooFew {
+            train: data.train.len(),
+            holdout: data.holdout.len(),
+            positives,
+            min: min_cell_size,
+        });
+    }
+    if phase == Phase::Moments {
+        return Ok(Contribution {
+            values: federated::moments_contribution(&data.train),
+            metrics: None,
+        });
+    }
+    let model = ModelDocument::parse_for(model_json, spec)?;
+    let global = Logistic {
+        weights: model.weights.clone(),
+        bias: model.bias,
+    };
+    let holdout = standardised(&data.holdout, &model);
+    if phase == Phase::Evaluate {
+        let sums = EvaluationSums::of(&global, &holdout);
+        let mut metrics = sums.metrics();
+        // This node's own metrics are released only when both classes
+        // of its held-out patients reach the cell size; calibration bins
+        // of fewer patients stay here.
+        let held_positives = metrics.positives as usize;
+        let releasable = held_positives >= min && data.holdout.len() - held_positives >= min;
+        metrics
+            .calibration
+            .retain(|b| b.count >= u64::from(min_cell_size));
+        return Ok(Contribution {
+            values: sums.to_vec(),
+            metrics: releasable.then_some(metrics),
+        });
+    }
+    let train = standardised(&data.train, &model);
+    let values = federated::training_contribution(
+        &global,
+        &train,
+        &holdout,
+        &train_config(spec),
+        &mut rand::rngs::OsRng,
+    )?;
+    Ok(Contribution {
+        values,
+        metrics: None,
+    })
+}
+
+struct Session {
+    client: Client,
+    input: Vec<u64>,
+    study: String,
+    expires: Instant,
+}
+
+/// Rounds in progress and the rows of trainings being run.
+#[derive(Default)]
+pub struct Rounds {
+    sessions: Mutex<HashMap<String, Session>>,
+    data: Mutex<HashMap<String, (Arc<Extracted>, Instant)>>,
+}
+
+/// How long extracted rows are kept after their last use.
+const DATA_KEPT: Duration = Duration::from_secs(30 * 60);
+
+impl Rounds {
+    /// The training's rows under this consent context, extracted once per
+    /// run and kept while rounds keep using them.
+    pub fn data(
+        &self,
+        key: &str,
+        load: impl FnOnce() -> Result<Extracted, Error>,
+    ) -> Result<Arc<Extracted>, Error> {
+        let now = Instant::now();
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        data.retain(|_, (_, used)| now.duration_since(*used) < DATA_KEPT);
+        if let Some((rows, used)) = data.get_mut(key) {
+            *used = now;
+            return Ok(rows.clone());
+        }
+        let rows = Arc::new(load()?);
+        data.insert(key.to_owned(), (rows.clone(), now));
+        Ok(rows)
+    }
+
+    /// Step 1: starts the round with this node's encoded contribution.
+    pub fn start(
+        &self,
+        params: RoundParams,
+        node: &str,
+        study: &str,
+        values: &[f64],
+        lifetime: Duration,
+    ) -> Result<Advertise, Error> {
+        if !params.participants.iter().any(|p| p == node) {
+            return Err(Error::NotParticipant(params.round));
+        }
+        let input = ghx_secagg::encode(values)?;
+        let round = params.round.clone();
+        let (client, advertise) = Client::new(params, node)?;
+        let now = Instant::now();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.retain(|_, s| s.expires > now);
+        if sessions.contains_key(&round) {
+            return Err(Error::RoundExists(round));
+        }
+        sessions.insert(
+            round,
+            Session {
+                client,
+                input,
+                study: study.to_owned(),
+                expires: now + lifetime,
+            },
+        );
+        Ok(advertise)
+    }
+
+    fn with<T>(
+        &self,
+        round: &str,
+        step: impl FnOnce(&mut Session) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        match sessions.get_mut(round) {
+            Some(s) if s.expires > Instant::now() => step(s),
+            _ => {
+                sessions.remove(round);
+                Err(Error::NoSuchRound(round.to_owned()))
+            }
+        }
+    }
+
+    /// The study a round belongs to.
+    pub fn study_of(&self, round: &str) -> Result<String, Error> {
+        self.with(round, |s| Ok(s.study.clone()))
+    }
+
+    /// Step 2.
+    pub fn share_keys(
+        &self,
+        round: &str,
+        advertised: &[Advertise],
+    ) -> Result<Vec<EncryptedShare>, Error> {
+        self.with(round, |s| Ok(s.client.share_keys(advertised)?))
+    }
+
+    /// Step 3: the masked contribution.
+    pub fn masked_input(
+        &self,
+        round: &str,
+        shares: &[EncryptedShare],
+    ) -> Result<MaskedInput, Error> {
+        self.with(round, |s| {
+            let input = s.input.clone();
+            Ok(s.client.mask_input(shares, &input)?)
+        })
+    }
+
+    /// Step 4; the round is over for this node afterwards.
+    pub fn unmask(&self, round: &str, survivors: &[String]) -> Result<Unmasking, Error> {
+        let out = self.with(round, |s| Ok(s.client.unmask(survivors)?));
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(round);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_holdout_split_is_stable_and_near_its_share() {
+        let salt = [7u8; 32];
+        let held = (0..10_000)
+            .filter(|i| held_out(&salt, &format!("p{i}"), 0.2))
+            .count();
+        assert!((1_800..2_200).contains(&held), "{held}");
+        assert_eq!(held_out(&salt, "p1", 0.2), held_out(&salt, "p1", 0.2));
+    }
+
+    #[test]
+    fn a_node_outside_the_round_cannot_start_it() {
+        let rounds = Rounds::default();
+        let params = RoundParams::new("r1", ["a", "b"], 2, 3).unwrap();
+        let e = rounds
+            .start(
+                params.clone(),
+                "c",
+                "s",
+                &[1.0, 2.0, 3.0],
+                Duration::from_secs(5),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::NotParticipant(_)));
+        rounds
+            .start(
+                params.clone(),
+                "a",
+                "s",
+                &[1.0, 2.0, 3.0],
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(matches!(
+            rounds.start(params, "a", "s", &[1.0, 2.0, 3.0], Duration::from_secs(5)),
+            Err(Error::RoundExists(_))
+        ));
+        assert!(matches!(
+            rounds.share_keys("r2", &[]),
+            Err(Error::NoSuchRound(_))
+        ));
+    }
+}

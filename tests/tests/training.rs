@@ -1,0 +1,359 @@
+//! Federated training end to end: three hospital nodes and a coordinator in
+//! this process over gRPC with mutual TLS, secure aggregation every round,
+//! compared with the same model trained on the pooled rows.
+
+use std::time::Duration;
+
+use ghx::local_federation::{LocalFederation, LocalFederationOptions, RESEARCHER};
+use ghx_coordinator::store::{CoordinatorStore, TrainingRunRow};
+use ghx_coordinator::training::{RunStatus, TrainingRecord};
+use ghx_learn::metrics;
+use ghx_learn::{Dataset, Logistic, Standardiser};
+use ghx_node::policy::PolicyDir;
+use ghx_node::training::{self, Extracted};
+use ghx_proto::v1 as pb;
+use ghx_study::manifest::StudyManifest;
+use ghx_study::training::TrainingSpec;
+use rand::SeedableRng;
+
+const MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model.json");
+const PATIENTS: usize = 1500;
+
+async fn start() -> (LocalFederation, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        dir: dir.path().to_owned(),
+        patients_per_node: PATIENTS,
+        seed: 77,
+        min_cell_size: 10,
+        committee_quorum: 1,
+    })
+    .await
+    .expect("the local federation starts");
+    (federation, dir)
+}
+
+/// Waits for a run to stop running and returns its record.
+async fn finished(federation: &LocalFederation, member: &str, run_id: &str) -> TrainingRecord {
+    let mut client = federation.client(member).await.unwrap();
+    for _ in 0..1200 {
+        let status = client
+            .get_training(pb::GetTrainingRequest {
+                run_id: run_id.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if status.status != "running" {
+            return serde_json::from_slice(&status.record_json).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("training run {run_id} did not finish in 5 minutes");
+}
+
+/// Each node's rows, read as the node reads them (same consent context).
+fn rows_at(federation: &LocalFederation, spec: &TrainingSpec, purpose: &str) -> Vec<Extracted> {
+    federation
+        .nodes
+        .iter()
+        .map(|node| {
+            let policy =
+                PolicyDir::load(&federation.dir.join("policies").join(node.profile.id)).unwrap();
+            training::extract_under_policy(&node.store, &policy, purpose, spec).unwrap()
+        })
+        .collect()
+}
+
+fn pooled(parts: impl Iterator<Item = Dataset>, dim: usize) -> Dataset {
+    let mut out = Dataset::new(dim);
+    for part in parts {
+        for i in 0..part.len() {
+            out.push(part.row(i), part.label(i) > 0.5).unwrap();
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
+    let (federation, _dir) = start().await;
+    let manifest = StudyManifest::parse(MANIFEST.as_bytes()).unwrap();
+    let spec = manifest.trainings[0].clone();
+    let study_id = federation
+        .approved_study(RESEARCHER, MANIFEST.as_bytes().to_vec())
+        .await
+        .unwrap();
+
+    // A startup may not train here: the hospitals' policies allow
+    // training only to academic organisations, and each node says so.
+    let industry = federation
+        .approved_study(
+            ghx::local_federation::REQUESTER,
+            MANIFEST.as_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
+    let status = federation
+        .client(ghx::local_federation::REQUESTER)
+        .await
+        .unwrap()
+        .start_training(pb::StartTrainingRequest {
+            study_id: industry.clone(),
+            training: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = finished(
+        &federation,
+        ghx::local_federation::REQUESTER,
+        &status.run_id,
+    )
+    .await;
+    assert_eq!(refused.status, RunStatus::Failed);
+    assert!(
+        refused.detail.contains("access policy") && refused.detail.contains("refuses"),
+        "{}",
+        refused.detail
+    );
+    assert!(refused.model.is_none());
+
+    let status = federation
+        .client(RESEARCHER)
+        .await
+        .unwrap()
+        .start_training(pb::StartTrainingRequest {
+            study_id: study_id.clone(),
+            training: "t2d-risk".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let record = finished(&federation, RESEARCHER, &status.run_id).await;
+    assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
+    assert_eq!(record.rounds.len(), spec.rounds as usize);
+    let nodes: Vec<String> = federation
+        .nodes
+        .iter()
+        .map(|n| n.profile.id.to_owned())
+        .collect();
+    for round in &record.rounds {
+        assert_eq!(round.contributors, nodes, "round {}", round.round);
+        assert!(round.failures.is_empty());
+    }
+    // The loss of the global model falls as rounds go by.
+    let first = record.rounds.first().unwrap().train_loss;
+    let last = record.rounds.last().unwrap().train_loss;
+    assert!(last < first - 0.05, "loss {first} -> {last}");
+
+    // The same rows, pooled, with the same standardisation and the same
+    // optimiser run for as many epochs as there were rounds.
+    let parts = rows_at(&federation, &spec, &manifest.purpose);
+    let dim = spec.features.len();
+    let train = pooled(parts.iter().map(|p| p.train.clone()), dim);
+    let holdout = pooled(parts.iter().map(|p| p.holdout.clone()), dim);
+    assert_eq!(
+        record.moments_rows,
+        train.len() as u64,
+        "the moments round pooled every node's training rows"
+    );
+    let model = record.model.clone().unwrap();
+    let standardiser = Standardiser::from_sums(&Standardiser::local_sums(&train)).unwrap();
+    for (a, b) in standardiser.mean.iter().zip(&model.mean) {
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let (mut train_s, mut holdout_s) = (train.clone(), holdout.clone());
+    standardiser.apply(&mut train_s);
+    standardiser.apply(&mut holdout_s);
+    let config = training::train_config(&spec);
+    let mut central = Logistic::zeros(dim);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for _ in 0..spec.rounds {
+        central = central.train(&train_s, &config, &mut rng).unwrap();
+    }
+    let federated = Logistic {
+        weights: model.weights.clone(),
+        bias: model.bias,
+    };
+    let pooled_auc =
+        metrics::auc(&central.predict_all(&holdout_s), holdout_s.labels()).expect("both classes");
+    let federated_auc =
+        metrics::auc(&federated.predict_all(&holdout_s), holdout_s.labels()).expect("both classes");
+    assert!(pooled_auc > 0.7, "pooled AUC {pooled_auc}");
+    assert!(
+        (federated_auc - pooled_auc).abs() < 0.005,
+        "federated AUC {federated_auc} vs pooled {pooled_auc}"
+    );
+    // The coordinator's own evaluation, from summed score histograms.
+    let evaluation = record.evaluation.clone().unwrap();
+    assert_eq!(evaluation.pooled.rows, holdout.len() as u64);
+    let reported = evaluation.pooled.auc.unwrap();
+    assert!(
+        (reported - federated_auc).abs() < 0.002,
+        "reported {reported} vs exact {federated_auc}"
+    );
+    assert_eq!(
+        evaluation.per_node.keys().cloned().collect::<Vec<_>>(),
+        nodes
+    );
+    for (node, part) in nodes.iter().zip(&parts) {
+        assert_eq!(evaluation.per_node[node].rows, part.holdout.len() as u64);
+    }
+    eprintln!(
+        "pooled AUC {pooled_auc:.4}, federated AUC {federated_auc:.4} (reported {reported:.4}), \
+         {} training rows, {} held out",
+        train.len(),
+        holdout.len()
+    );
+
+    // Every node audited the rounds it took part in.
+    for node in &federation.nodes {
+        let audit = node.store.audit_entries().unwrap();
+        let rounds = audit
+            .iter()
+            .filter(|e| e.action == "round:train" && e.decision == "answered")
+            .count();
+        assert_eq!(rounds, spec.rounds as usize, "{}", node.profile.id);
+    }
+
+    // External validation of the model as a requester would upload it.
+    let report = federation
+        .client(RESEARCHER)
+        .await
+        .unwrap()
+        .validate_model(pb::ValidateModelRequest {
+            study_id: study_id.clone(),
+            training: spec.name.clone(),
+            model_json: serde_json::to_vec(&model).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let validation: ghx_coordinator::training::Evaluation =
+        serde_json::from_slice(&report.report_json).unwrap();
+    assert_eq!(validation.pooled, evaluation.pooled);
+    let mut wrong = model.clone();
+    wrong.weights.pop();
+    let bad = federation
+        .client(RESEARCHER)
+        .await
+        .unwrap()
+        .validate_model(pb::ValidateModelRequest {
+            study_id: study_id.clone(),
+            training: spec.name.clone(),
+            model_json: serde_json::to_vec(&wrong).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad.message().contains("must each hold"),
+        "{}",
+        bad.message()
+    );
+
+    // A coordinator that stopped after round 3 resumes from there.
+    let store = CoordinatorStore::open(
+        federation
+            .dir
+            .join("ghx-coordinator.db")
+            .to_str()
+            .expect("UTF-8 path"),
+    )
+    .unwrap();
+    let mut interrupted = record.clone();
+    interrupted.run_id = "run-0099".to_owned();
+    interrupted.status = RunStatus::Running;
+    interrupted.rounds.truncate(3);
+    interrupted.evaluation = None;
+    let after_three = interrupted.model.as_mut().unwrap();
+    after_three.weights = record.rounds[2].weights.clone();
+    after_three.bias = record.rounds[2].bias;
+    store
+        .save_training_run(&TrainingRunRow {
+            id: interrupted.run_id.clone(),
+            study_id: study_id.clone(),
+            training: spec.name.clone(),
+            status: "running".to_owned(),
+            record_json: serde_json::to_string(&interrupted).unwrap(),
+            updated_at: "2026-11-29T00:00:00Z".to_owned(),
+        })
+        .unwrap();
+    let resumed = federation.coordinator_api().resume_training().unwrap();
+    assert_eq!(resumed, vec!["run-0099".to_owned()]);
+    let record = finished(&federation, RESEARCHER, "run-0099").await;
+    assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
+    assert_eq!(record.resumed, 1);
+    assert_eq!(record.rounds.len(), spec.rounds as usize);
+    assert_eq!(record.rounds[..3], interrupted.rounds[..]);
+    let resumed_model = record.model.unwrap();
+    let resumed_auc = metrics::auc(
+        &Logistic {
+            weights: resumed_model.weights,
+            bias: resumed_model.bias,
+        }
+        .predict_all(&holdout_s),
+        holdout_s.labels(),
+    )
+    .unwrap();
+    assert!(
+        (resumed_auc - pooled_auc).abs() < 0.005,
+        "resumed AUC {resumed_auc} vs pooled {pooled_auc}"
+    );
+
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hospital_going_offline_mid_training_does_not_stall_it() {
+    let (mut federation, _dir) = start().await;
+    // Enough rounds that the hospital leaves long before the end.
+    let mut manifest: serde_json::Value = serde_json::from_str(MANIFEST).unwrap();
+    manifest["trainings"][0]["rounds"] = 200.into();
+    let study_id = federation
+        .approved_study(RESEARCHER, serde_json::to_vec(&manifest).unwrap())
+        .await
+        .unwrap();
+    let mut client = federation.client(RESEARCHER).await.unwrap();
+    let status = client
+        .start_training(pb::StartTrainingRequest {
+            study_id,
+            training: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Let a few rounds complete with every hospital, then take one away.
+    loop {
+        let now = client
+            .get_training(pb::GetTrainingRequest {
+                run_id: status.run_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if now.rounds_done >= 3 || now.status != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    federation.stop_node("christian").await;
+    let record = finished(&federation, RESEARCHER, &status.run_id).await;
+    assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
+    assert_eq!(record.rounds.len(), record.rounds_total as usize);
+    let first = &record.rounds[0];
+    assert_eq!(first.contributors, ["chonnam", "chosun", "christian"]);
+    let last = record.rounds.last().unwrap();
+    assert_eq!(last.contributors, ["chonnam", "chosun"]);
+    assert_eq!(last.failures.len(), 1);
+    assert_eq!(last.failures[0].node_id, "christian");
+    let evaluation = record.evaluation.unwrap();
+    assert_eq!(evaluation.contributors, ["chonnam", "chosun"]);
+    assert_eq!(
+        evaluation.per_node.keys().collect::<Vec<_>>(),
+        ["chonnam", "chosun"]
+    );
+    assert!(evaluation.pooled.auc.unwrap() > 0.7);
+    federation.shutdown().await;
+}
