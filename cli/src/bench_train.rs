@@ -78,6 +78,9 @@ pub struct TrainBenchReport {
     pub ghx: Timing,
     /// Flower's timings, or why it did not run.
     pub flower: Result<Timing, String>,
+    /// ghx's mean wall time per secure-aggregation step (advertise with
+    /// local computation, share keys, masked input, unmask), ms.
+    pub ghx_steps_ms: [f64; 4],
 }
 
 fn p50(mut xs: Vec<f64>) -> f64 {
@@ -206,6 +209,12 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         .collect();
     let ghx = timing(&ghx_rounds, ghx_total, auc_of(&model.weights, model.bias));
     let train_rows: usize = parts.iter().map(|p| p.train.len()).sum();
+    let mut ghx_steps_ms = [0.0; 4];
+    for r in &record.rounds {
+        for (total, step) in ghx_steps_ms.iter_mut().zip(r.steps_ms) {
+            *total += step / record.rounds.len() as f64;
+        }
+    }
 
     let flower = match &options.flower_python {
         None => Err("no --flower-python given".to_owned()),
@@ -284,6 +293,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         holdout_rows: holdout.len(),
         ghx,
         flower,
+        ghx_steps_ms,
     })
 }
 

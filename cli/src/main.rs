@@ -628,6 +628,11 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
         );
     };
     line("ghx (mTLS gRPC, secure aggregation)", &report.ghx);
+    let s = report.ghx_steps_ms;
+    println!(
+        "ghx mean per step: advertise (incl. local) {:.2} ms, share keys {:.2} ms, masked input {:.2} ms, unmask {:.2} ms",
+        s[0], s[1], s[2], s[3]
+    );
     match &report.flower {
         Ok(flower) => {
             line("Flower FedAvg (gRPC, no TLS)", flower);

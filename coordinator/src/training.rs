@@ -104,6 +104,11 @@ pub struct RoundRecord {
     pub seconds: f64,
     /// The slowest node's local computation.
     pub local_seconds: f64,
+    /// Wall time of each secure-aggregation step at the coordinator
+    /// (advertise incl. local computation, share keys, masked input,
+    /// unmask and sum), ms.
+    #[serde(default)]
+    pub steps_ms: [f64; 4],
     /// The global model after the round (standardised features).
     pub weights: Vec<f64>,
     pub bias: f64,
@@ -178,6 +183,8 @@ pub struct RoundSum {
     pub node_metrics: BTreeMap<String, Metrics>,
     pub seconds: f64,
     pub local_seconds: f64,
+    /// Wall time of each of the four steps at the coordinator, ms.
+    pub steps_ms: [f64; 4],
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -345,6 +352,8 @@ pub async fn secure_round(
     let ids: Vec<String> = keys.iter().map(|a| a.node.clone()).collect();
     let wire_keys: Vec<pb::AdvertisedKeys> = keys.iter().map(round::advertise_to_wire).collect();
 
+    let mut steps_ms = [0.0; 4];
+    steps_ms[0] = started.elapsed().as_secs_f64() * 1000.0;
     // Step 2: encrypted shares, relayed.
     let (shared, more) = step(&keep(&nodes, &ids), deadline, |node| {
         let request = pb::RoundShareKeysRequest {
@@ -373,6 +382,7 @@ pub async fn secure_round(
         }
     }
 
+    steps_ms[1] = started.elapsed().as_secs_f64() * 1000.0 - steps_ms[0];
     // Step 3: masked contributions.
     let mut holders = Vec::new();
     let mut for_node = BTreeMap::new();
@@ -420,6 +430,7 @@ pub async fn secure_round(
         Err(_) => return Err(quorum_error("masked input", 0, &failures)),
     };
 
+    steps_ms[2] = started.elapsed().as_secs_f64() * 1000.0 - steps_ms[0] - steps_ms[1];
     // Step 4: unmasking.
     let (unmasked, more) = step(&keep(&nodes, &survivors), deadline, |node| {
         let request = pb::RoundUnmaskRequest {
@@ -452,6 +463,11 @@ pub async fn secure_round(
         node_metrics,
         seconds: started.elapsed().as_secs_f64(),
         local_seconds,
+        steps_ms: {
+            steps_ms[3] =
+                started.elapsed().as_secs_f64() * 1000.0 - steps_ms[0] - steps_ms[1] - steps_ms[2];
+            steps_ms
+        },
     })
 }
 
@@ -544,6 +560,7 @@ pub async fn advance(
                 holdout,
                 seconds: round.seconds,
                 local_seconds: round.local_seconds,
+                steps_ms: round.steps_ms,
                 weights: totals.model.weights.clone(),
                 bias: totals.model.bias,
             });

@@ -44,16 +44,13 @@ pub enum Error {
         got: usize,
         expected: usize,
     },
+    /// Which groups are small is said, never how small: a count below the
+    /// cell size must not leave the node, not even in an error.
     #[error(
-        "too few patients here for this training: {train} training and {holdout} held-out rows \
-         ({positives} with the label); each must be at least the minimum cell size {min}"
+        "too few patients here for this training: {} below the minimum cell size {min}",
+        short.join(", ")
     )]
-    TooFew {
-        train: usize,
-        holdout: usize,
-        positives: usize,
-        min: u32,
-    },
+    TooFew { short: Vec<&'static str>, min: u32 },
     #[error("the model sent with the round: {0}")]
     Model(#[from] ghx_study::training::Error),
     #[error("training: {0}")]
@@ -245,15 +242,19 @@ pub fn contribution(
 ) -> Result<Contribution, Error> {
     let min = min_cell_size as usize;
     let positives = data.positives();
-    if data.train.len() < min
-        || data.holdout.len() < min
-        || positives < min
-        || data.train.len() - positives < min
-    {
+    let short: Vec<&'static str> = [
+        ("training rows", data.train.len()),
+        ("held-out rows", data.holdout.len()),
+        ("training rows with the label", positives),
+        ("training rows without it", data.train.len() - positives),
+    ]
+    .into_iter()
+    .filter(|(_, n)| *n < min)
+    .map(|(what, _)| what)
+    .collect();
+    if !short.is_empty() {
         return Err(Error::TooFew {
-            train: data.train.len(),
-            holdout: data.holdout.len(),
-            positives,
+            short,
             min: min_cell_size,
         });
     }
@@ -433,6 +434,41 @@ mod tests {
             .count();
         assert!((1_800..2_200).contains(&held), "{held}");
         assert_eq!(held_out(&salt, "p1", 0.2), held_out(&salt, "p1", 0.2));
+    }
+
+    #[test]
+    fn too_few_patients_says_which_groups_but_not_their_counts() {
+        let manifest = ghx_study::manifest::StudyManifest::parse(include_bytes!(
+            "../../deploy/examples/study-t2d-model.json"
+        ))
+        .unwrap();
+        let spec = &manifest.trainings[0];
+        let mut train = Dataset::new(5);
+        for i in 0..30 {
+            train.push(&[1.0, 0.0, 2.0, 3.0, 4.0], i < 3).unwrap();
+        }
+        let mut holdout = Dataset::new(5);
+        for i in 0..12 {
+            holdout.push(&[1.0, 1.0, 2.0, 3.0, 4.0], i < 6).unwrap();
+        }
+        let data = Extracted {
+            train,
+            holdout,
+            incomplete: 0,
+        };
+        let e = contribution(Phase::Moments, spec, &data, b"", 10)
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            e,
+            "too few patients here for this training: training rows with the label \
+             below the minimum cell size 10"
+        );
+        assert!(!e.contains('3'), "{e}");
+        let ok = contribution(Phase::Moments, spec, &data, b"", 3).unwrap();
+        assert_eq!(ok.values.len(), Phase::Moments.len(5));
+        assert_eq!(ok.values[0], 30.0);
     }
 
     #[test]

@@ -1,0 +1,141 @@
+//! The requester's training commands, run as the real `ghx` binary against
+//! a federation started in this process: start a run and follow it to the
+//! model, its card and curves; check its status; validate the model (and
+//! refuse one that does not fit the approved features).
+
+use std::process::Command;
+
+use ghx::local_federation::{LocalFederation, LocalFederationOptions, RESEARCHER};
+use ghx_study::training::ModelDocument;
+
+const MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model.json");
+
+/// Runs `ghx <args>` as `member`; returns (success, stdout, stderr).
+async fn ghx(federation: &LocalFederation, member: &str, args: &[&str]) -> (bool, String, String) {
+    let files = federation.pki.tls_files(member);
+    let url = format!("https://localhost:{}", federation.coordinator_addr.port());
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ghx"))
+            .args(&args)
+            .env("GHX_COORDINATOR", url)
+            .env("GHX_CA", &files.ca)
+            .env("GHX_CERT", &files.cert)
+            .env("GHX_KEY", &files.key)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_trains_follows_and_validates_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        dir: dir.path().to_owned(),
+        patients_per_node: 1000,
+        seed: 11,
+        min_cell_size: 10,
+        committee_quorum: 1,
+    })
+    .await
+    .unwrap();
+    let study = federation
+        .approved_study(RESEARCHER, MANIFEST.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let out_dir = dir.path().join("model");
+    let out_arg = out_dir.to_str().unwrap();
+
+    let (ok, out, err) = ghx(
+        &federation,
+        RESEARCHER,
+        &["train", "start", &study, "--out", out_arg],
+    )
+    .await;
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("started run-0001 of t2d-risk (20 rounds)"),
+        "{out}"
+    );
+    // Progress, one line per round, then the outputs.
+    for round in 1..=20 {
+        assert!(out.contains(&format!("round {round:>3}/20:")), "{out}");
+    }
+    assert!(out.contains("run run-0001 completed"), "{out}");
+    let model_path = out_dir.join("model.json");
+    let model: ModelDocument =
+        serde_json::from_slice(&std::fs::read(&model_path).unwrap()).unwrap();
+    assert_eq!(model.features.len(), 5);
+    let card = std::fs::read_to_string(out_dir.join("model-card.md")).unwrap();
+    assert!(
+        card.starts_with("# Model card: t2d-risk (run-0001)"),
+        "{card}"
+    );
+    assert!(card.contains("| pooled |"), "{card}");
+    assert!(card.contains("| creatinine |"), "{card}");
+    let svg = std::fs::read_to_string(out_dir.join("curves.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2);
+
+    let (ok, out, err) = ghx(
+        &federation,
+        RESEARCHER,
+        &["train", "status", "run-0001", "--json"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["rounds"].as_array().unwrap().len(), 20);
+
+    // External validation of the written model at every hospital.
+    let (ok, out, err) = ghx(
+        &federation,
+        RESEARCHER,
+        &[
+            "train",
+            "validate",
+            &study,
+            "--model",
+            model_path.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(report["pooled"]["auc"].as_f64().unwrap() > 0.7, "{out}");
+    assert_eq!(report["contributors"].as_array().unwrap().len(), 3);
+
+    // A model for other features is refused, and says why.
+    let mut other = model.clone();
+    other.features.truncate(4);
+    other.mean.truncate(4);
+    other.sd.truncate(4);
+    other.weights.truncate(4);
+    let other_path = dir.path().join("other.json");
+    std::fs::write(&other_path, serde_json::to_vec(&other).unwrap()).unwrap();
+    let (ok, _, err) = ghx(
+        &federation,
+        RESEARCHER,
+        &[
+            "train",
+            "validate",
+            &study,
+            "--model",
+            other_path.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("differ from the approved training's features"),
+        "{err}"
+    );
+    federation.shutdown().await;
+}
