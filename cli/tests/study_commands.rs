@@ -4,7 +4,6 @@
 //! status, reject and revoke, in tables and in JSON.
 
 use std::path::Path;
-use std::process::Command;
 
 use ghx::local_federation::{
     COMMITTEE, COMMITTEE_2, LocalFederation, LocalFederationOptions, REQUESTER, manifest_for,
@@ -12,33 +11,12 @@ use ghx::local_federation::{
 use ghx_pki::{CertificateRequest, Role};
 use ghx_proto::v1 as pb;
 
+mod common;
+use common::ghx;
+
 const E11: &str = r#"{"version":"ghx.query/v1",
     "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
     "analysis":{"kind":"count"}}"#;
-
-/// Runs `ghx <args>` as `member`; returns (success, stdout, stderr).
-async fn ghx(federation: &LocalFederation, member: &str, args: &[&str]) -> (bool, String, String) {
-    let files = federation.pki.tls_files(member);
-    let url = format!("https://localhost:{}", federation.coordinator_addr.port());
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_ghx"))
-            .args(&args)
-            .env("GHX_COORDINATOR", url)
-            .env("GHX_CA", &files.ca)
-            .env("GHX_CERT", &files.cert)
-            .env("GHX_KEY", &files.key)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))

@@ -3,36 +3,13 @@
 //! model, its card and curves; check its status; validate the model (and
 //! refuse one that does not fit the approved features).
 
-use std::process::Command;
-
 use ghx::local_federation::{LocalFederation, LocalFederationOptions, RESEARCHER};
 use ghx_study::training::ModelDocument;
 
-const MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model.json");
+mod common;
+use common::ghx;
 
-/// Runs `ghx <args>` as `member`; returns (success, stdout, stderr).
-async fn ghx(federation: &LocalFederation, member: &str, args: &[&str]) -> (bool, String, String) {
-    let files = federation.pki.tls_files(member);
-    let url = format!("https://localhost:{}", federation.coordinator_addr.port());
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_ghx"))
-            .args(&args)
-            .env("GHX_COORDINATOR", url)
-            .env("GHX_CA", &files.ca)
-            .env("GHX_CERT", &files.cert)
-            .env("GHX_KEY", &files.key)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+const MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model.json");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requester_trains_follows_and_validates_from_the_command_line() {

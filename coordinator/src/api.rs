@@ -29,6 +29,8 @@ struct Inner {
     capability_valid_for: Duration,
     /// Training runs being driven by this process.
     driving: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Serialises issuing training run ids.
+    starting: std::sync::Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,7 @@ impl CoordinatorApi {
                 signer,
                 capability_valid_for,
                 driving: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+                starting: std::sync::Mutex::new(()),
             }),
         }
     }
@@ -301,21 +304,35 @@ impl CoordinatorApi {
 
     /// A stored training run.
     fn training_run(&self, run_id: &str) -> Result<TrainingRecord, ApiError> {
-        let rows = self
+        let row = self
             .inner
             .studies
             .store()
-            .training_runs(None)
-            .map_err(|e| ApiError::Study(e.into()))?;
-        let row = rows
-            .into_iter()
-            .find(|r| r.id == run_id)
+            .training_run(run_id)
+            .map_err(|e| ApiError::Study(e.into()))?
             .ok_or_else(|| ApiError::NoSuchRun(run_id.to_owned()))?;
         serde_json::from_str(&row.record_json).map_err(|e| {
             ApiError::Study(studies::Error::Store(format!(
                 "stored training run {run_id} is unreadable: {e}"
             )))
         })
+    }
+
+    /// What a round of `spec` in `study` runs with.
+    fn federation<'a>(
+        &'a self,
+        study: &'a studies::Study,
+        spec: &'a ghx_study::training::TrainingSpec,
+    ) -> Federation<'a> {
+        Federation {
+            registry: &self.inner.registry,
+            signer: &self.inner.signer,
+            capability_valid_for: self.inner.capability_valid_for,
+            study_id: &study.id,
+            manifest: &study.manifest,
+            manifest_json: &study.manifest_json,
+            spec,
+        }
     }
 
     /// The approved study and its training, checked for the caller.
@@ -358,15 +375,24 @@ impl CoordinatorApi {
                 spec.name, spec.quorum
             )));
         }
-        let runs = self
-            .inner
-            .studies
-            .store()
-            .training_runs(None)
-            .map_err(|e| ApiError::Study(e.into()))?;
-        let run_id = format!("run-{:04}", runs.len() + 1);
-        let record = TrainingRecord::new(&run_id, &study.id, &spec, &now_rfc3339());
-        self.save_run(&record)?;
+        let record = {
+            // Two starts at once must not get the same run id.
+            let _starting = self
+                .inner
+                .starting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let runs = self
+                .inner
+                .studies
+                .store()
+                .training_run_count()
+                .map_err(|e| ApiError::Study(e.into()))?;
+            let run_id = format!("run-{:04}", runs + 1);
+            let record = TrainingRecord::new(&run_id, &study.id, &spec, &now_rfc3339());
+            self.save_run(&record)?;
+            record
+        };
         self.spawn_driver(record.clone());
         Ok(record)
     }
@@ -425,15 +451,7 @@ impl CoordinatorApi {
                         id: record.study_id.clone(),
                         name: record.training.clone(),
                     })?;
-                let fed = Federation {
-                    registry: &self.inner.registry,
-                    signer: &self.inner.signer,
-                    capability_valid_for: self.inner.capability_valid_for,
-                    study_id: &study.id,
-                    manifest: &study.manifest,
-                    manifest_json: &study.manifest_json,
-                    spec: &spec,
-                };
+                let fed = self.federation(&study, &spec);
                 Ok::<_, ApiError>(training::advance(&fed, &record).await?)
             };
             match step.await {
@@ -494,16 +512,7 @@ impl CoordinatorApi {
         let (study, spec) = self.training_of(caller, study_id, name)?;
         let model = ghx_study::training::ModelDocument::parse_for(model_json, &spec)
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
-        let fed = Federation {
-            registry: &self.inner.registry,
-            signer: &self.inner.signer,
-            capability_valid_for: self.inner.capability_valid_for,
-            study_id: &study.id,
-            manifest: &study.manifest,
-            manifest_json: &study.manifest_json,
-            spec: &spec,
-        };
-        Ok(training::validate(&fed, &model).await?)
+        Ok(training::validate(&self.federation(&study, &spec), &model).await?)
     }
 }
 

@@ -327,8 +327,29 @@ impl CoordinatorStore {
         Ok(())
     }
 
+    /// One training run.
+    pub fn training_run(&self, id: &str) -> Result<Option<TrainingRunRow>> {
+        Ok(self.training_runs_where(Some(id), None)?.into_iter().next())
+    }
+
+    /// How many training runs there are.
+    pub fn training_run_count(&self) -> Result<u64> {
+        let n: i64 = with_conn!(self.backend, |conn| training_runs::table
+            .count()
+            .get_result(conn)?);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Training runs, all or only those with `status`, oldest first.
     pub fn training_runs(&self, status: Option<&str>) -> Result<Vec<TrainingRunRow>> {
+        self.training_runs_where(None, status)
+    }
+
+    fn training_runs_where(
+        &self,
+        id: Option<&str>,
+        status: Option<&str>,
+    ) -> Result<Vec<TrainingRunRow>> {
         type Row = (String, String, String, String, String, String);
         let rows: Vec<Row> = with_conn!(self.backend, |conn| {
             let mut q = training_runs::table
@@ -344,6 +365,9 @@ impl CoordinatorStore {
                 .into_boxed();
             if let Some(status) = status {
                 q = q.filter(training_runs::status.eq(status.to_owned()));
+            }
+            if let Some(id) = id {
+                q = q.filter(training_runs::id.eq(id.to_owned()));
             }
             q.load(conn)?
         });

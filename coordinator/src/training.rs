@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ghx_learn::federated::{self, EvaluationSums, Metrics};
+use ghx_learn::federated::{self, EvaluationSums, Metrics, Phase};
 use ghx_learn::{Logistic, Standardiser};
 use ghx_proto::round;
 use ghx_proto::v1 as pb;
@@ -250,7 +250,7 @@ fn keep(nodes: &[RegisteredNode], ids: &[String]) -> Vec<RegisteredNode> {
 pub async fn secure_round(
     fed: &Federation<'_>,
     round_id: &str,
-    phase: &str,
+    phase: Phase,
     model: Option<&ModelDocument>,
 ) -> Result<RoundSum, Error> {
     let started = Instant::now();
@@ -259,11 +259,7 @@ pub async fn secure_round(
         return Err(Error::NoNodes);
     }
     let spec = fed.spec;
-    let dim = match phase {
-        "moments" => 1 + 2 * spec.features.len(),
-        "train" => federated::training_len(spec.features.len()),
-        _ => EvaluationSums::LEN,
-    };
+    let dim = phase.len(spec.features.len());
     let params = RoundParams::new(
         round_id,
         nodes.iter().map(|n| n.id.clone()),
@@ -305,7 +301,7 @@ pub async fn secure_round(
             manifest_json: fed.manifest_json.to_vec(),
             training_json: training_json.clone(),
             params: Some(wire_params.clone()),
-            phase: phase.to_owned(),
+            phase: phase.name().to_owned(),
             model_json: model_json.clone(),
         };
         async move {
@@ -475,7 +471,7 @@ pub async fn secure_round(
 async fn with_retries(
     fed: &Federation<'_>,
     round_id: &str,
-    phase: &str,
+    phase: Phase,
     model: Option<&ModelDocument>,
 ) -> Result<RoundSum, Error> {
     let mut attempt = 1;
@@ -525,7 +521,8 @@ pub async fn advance(
     let prefix = format!("{}/{}/{}", record.study_id, spec.name, record.run_id);
     match &record.model {
         None => {
-            let round = with_retries(fed, &format!("{prefix}/moments"), "moments", None).await?;
+            let round =
+                with_retries(fed, &format!("{prefix}/moments"), Phase::Moments, None).await?;
             let standardiser = Standardiser::from_sums(&round.sum)?;
             next.moments_rows = round.sum[0].round().max(0.0) as u64;
             next.model = Some(document(
@@ -539,7 +536,7 @@ pub async fn advance(
             let round = with_retries(
                 fed,
                 &format!("{prefix}/round-{number}"),
-                "train",
+                Phase::Train,
                 Some(model),
             )
             .await?;
@@ -569,16 +566,11 @@ pub async fn advance(
             let round = with_retries(
                 fed,
                 &format!("{prefix}/evaluation"),
-                "evaluate",
+                Phase::Evaluate,
                 Some(model),
             )
             .await?;
-            next.evaluation = Some(Evaluation {
-                pooled: EvaluationSums::from_vec(&round.sum)?.metrics(),
-                per_node: round.node_metrics,
-                contributors: round.contributors,
-                failures: round.failures,
-            });
+            next.evaluation = Some(evaluation(round)?);
             next.status = RunStatus::Completed;
         }
     }
@@ -587,19 +579,17 @@ pub async fn advance(
 
 /// Evaluates a model at every node (external validation).
 pub async fn validate(fed: &Federation<'_>, model: &ModelDocument) -> Result<Evaluation, Error> {
+    // Unique per call, so two validations never share a round at a node.
     let round_id = format!(
         "{}/{}/validation-{}",
         fed.study_id,
         fed.spec.name,
-        ghx_study::query::digest(&serde_json::to_vec(model).expect("a model serializes"))
-            .get(..16)
-            .unwrap_or_default()
-            .to_owned()
-            + &time::OffsetDateTime::now_utc()
-                .unix_timestamp_nanos()
-                .to_string()
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos()
     );
-    let round = secure_round(fed, &round_id, "evaluate", Some(model)).await?;
+    evaluation(secure_round(fed, &round_id, Phase::Evaluate, Some(model)).await?)
+}
+
+fn evaluation(round: RoundSum) -> Result<Evaluation, Error> {
     Ok(Evaluation {
         pooled: EvaluationSums::from_vec(&round.sum)?.metrics(),
         per_node: round.node_metrics,

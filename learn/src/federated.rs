@@ -175,6 +175,46 @@ impl EvaluationSums {
     }
 }
 
+/// What a round sums: the wire names a phase by [`Phase::name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Feature moments, for standardisation.
+    Moments,
+    /// A local training step from the global model, with its evaluation.
+    Train,
+    /// The evaluation of a model on held-out rows.
+    Evaluate,
+}
+
+impl Phase {
+    /// The phase named `name`, if there is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "moments" => Some(Phase::Moments),
+            "train" => Some(Phase::Train),
+            "evaluate" => Some(Phase::Evaluate),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Moments => "moments",
+            Phase::Train => "train",
+            Phase::Evaluate => "evaluate",
+        }
+    }
+
+    /// Length of the summed vector for `dim` features.
+    pub fn len(self, dim: usize) -> usize {
+        match self {
+            Phase::Moments => 1 + 2 * dim,
+            Phase::Train => training_len(dim),
+            Phase::Evaluate => EvaluationSums::LEN,
+        }
+    }
+}
+
 /// What a node sends in a moments round.
 pub fn moments_contribution(train: &Dataset) -> Vec<f64> {
     Standardiser::local_sums(train)

@@ -1,5 +1,6 @@
 //! The gRPC face of the node: converts wire messages to domain types, runs
-//! gate -> engine -> release, records every decision in the audit log, and
+//! gate -> engine -> release for queries and gate -> training for the
+//! steps of a training round, records every decision in the audit log, and
 //! maps errors to gRPC statuses in exactly one place ([`status`]).
 
 use std::path::PathBuf;
@@ -504,7 +505,8 @@ impl NodeApi {
             now: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
         let outcome = (|| -> Result<pb::RoundAdvertiseResponse, ApiError> {
-            let phase = Phase::parse(&message.phase)?;
+            let phase = Phase::parse(&message.phase)
+                .ok_or_else(|| training::Error::Phase(message.phase.clone()))?;
             let params = ghx_proto::round::params_from_wire(message.params.unwrap_or_default())
                 .map_err(ApiError::Malformed)?;
             let action = if phase == Phase::Evaluate {
@@ -685,6 +687,24 @@ fn audit_entry(caller: &PeerIdentity, action: impl Into<String>) -> AuditEntry {
     }
 }
 
+impl NodeApi {
+    /// Runs `work` for the request's caller on the blocking pool (it reads
+    /// the store) and maps its error to a status.
+    async fn blocking<M: Send + 'static, T: Send + 'static>(
+        &self,
+        request: Request<M>,
+        work: impl FnOnce(&NodeApi, &PeerIdentity, M) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        let message = request.into_inner();
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || work(&api, &caller, message))
+            .await
+            .map_err(|e| status(&ApiError::Task(e.to_string())))?
+            .map_err(|e| status(&e))
+    }
+}
+
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -735,21 +755,17 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::RunAggregateRequest>,
     ) -> Result<Response<pb::RunAggregateResponse>, Status> {
-        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
-        let message = request.into_inner();
-        let query_json = message.query.map(|q| q.json).unwrap_or_default();
-        let api = self.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            api.answer(
-                &caller,
-                &message.capability,
-                &query_json,
-                &message.manifest_json,
-            )
-        })
-        .await
-        .map_err(|e| status(&ApiError::Task(e.to_string())))?
-        .map_err(|e| status(&e))?;
+        let result = self
+            .blocking(request, |api, caller, message| {
+                let query_json = message.query.map(|q| q.json).unwrap_or_default();
+                api.answer(
+                    caller,
+                    &message.capability,
+                    &query_json,
+                    &message.manifest_json,
+                )
+            })
+            .await?;
         Ok(Response::new(pb::RunAggregateResponse {
             result: Some(ghx_proto::convert::result_to_wire(result)),
         }))
@@ -759,14 +775,11 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::RoundAdvertiseRequest>,
     ) -> Result<Response<pb::RoundAdvertiseResponse>, Status> {
-        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
-        let message = request.into_inner();
-        let api = self.clone();
-        tokio::task::spawn_blocking(move || api.round_advertise(&caller, message))
-            .await
-            .map_err(|e| status(&ApiError::Task(e.to_string())))?
-            .map(Response::new)
-            .map_err(|e| status(&e))
+        self.blocking(request, |api, caller, message| {
+            api.round_advertise(caller, message)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn round_share_keys(
@@ -799,14 +812,11 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::RoundMaskedInputRequest>,
     ) -> Result<Response<pb::RoundMaskedInputResponse>, Status> {
-        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
-        let message = request.into_inner();
-        let api = self.clone();
-        tokio::task::spawn_blocking(move || api.round_masked(&caller, message))
-            .await
-            .map_err(|e| status(&ApiError::Task(e.to_string())))?
-            .map(Response::new)
-            .map_err(|e| status(&e))
+        self.blocking(request, |api, caller, message| {
+            api.round_masked(caller, message)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn round_unmask(
@@ -830,13 +840,10 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::RevokeStudyNodeRequest>,
     ) -> Result<Response<pb::RevokeStudyNodeResponse>, Status> {
-        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
-        let token = request.into_inner().revocation;
-        let api = self.clone();
-        tokio::task::spawn_blocking(move || api.revoke(&caller, &token))
-            .await
-            .map_err(|e| status(&ApiError::Task(e.to_string())))?
-            .map_err(|e| status(&e))?;
+        self.blocking(request, |api, caller, message| {
+            api.revoke(caller, &message.revocation)
+        })
+        .await?;
         Ok(Response::new(pb::RevokeStudyNodeResponse {}))
     }
 }

@@ -124,17 +124,11 @@ pub fn admit(
     node: NodeFacts<'_>,
     request: Request<'_>,
 ) -> Result<Admitted, Error> {
-    let (claims, manifest) = verified(verifier, ledger, node, request)?;
+    let (claims, manifest, facts) = verified(verifier, ledger, node, request)?;
+    let min_cell_size = facts.min_cell_size;
     let named = manifest.query_for(request.query_json)?;
     let query_name = named.name.clone();
     let spec = QuerySpec::parse(request.query_json)?;
-    let min_cell_size = node
-        .min_cell_size
-        .max(manifest.min_cell_size.for_node(node.node_id));
-    let facts = NodeFacts {
-        min_cell_size,
-        ..node
-    };
     let access = access_request(
         &claims,
         &spec,
@@ -185,15 +179,9 @@ pub fn admit_training(
     request: Request<'_>,
     action: Action,
 ) -> Result<AdmittedTraining, Error> {
-    let (claims, manifest) = verified(verifier, ledger, node, request)?;
+    let (claims, manifest, facts) = verified(verifier, ledger, node, request)?;
+    let min_cell_size = facts.min_cell_size;
     let training = manifest.training_for(request.query_json)?.clone();
-    let min_cell_size = node
-        .min_cell_size
-        .max(manifest.min_cell_size.for_node(node.node_id));
-    let facts = NodeFacts {
-        min_cell_size,
-        ..node
-    };
     let queries = training.queries();
     let mut access: Option<AccessRequest> = None;
     for q in &queries {
@@ -238,13 +226,14 @@ pub fn admit_training(
 /// The checks every admission shares: the caller is the coordinator; the
 /// capability verifies for these bytes, is unrevoked and used for the first
 /// time; and the manifest is the one it binds, valid today, with the same
-/// purpose and organisation.
-fn verified(
+/// purpose and organisation. Returns the node facts with the cell size
+/// that applies (the larger of the node's and the manifest's).
+fn verified<'a>(
     verifier: &capability::Verifier,
     ledger: &dyn CapabilityLedger,
-    node: NodeFacts<'_>,
+    node: NodeFacts<'a>,
     request: Request<'_>,
-) -> Result<(capability::Claims, StudyManifest), Error> {
+) -> Result<(capability::Claims, StudyManifest, NodeFacts<'a>), Error> {
     let caller = request.caller;
     if caller.role != Role::Coordinator {
         return Err(Error::NotCoordinator {
@@ -281,7 +270,14 @@ fn verified(
             field: "organisation",
         });
     }
-    Ok((claims, manifest))
+    // The larger of the node's and the manifest's cell size holds.
+    let facts = NodeFacts {
+        min_cell_size: node
+            .min_cell_size
+            .max(manifest.min_cell_size.for_node(node.node_id)),
+        ..node
+    };
+    Ok((claims, manifest, facts))
 }
 
 /// The access request for an aggregate query under a capability: what the

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use ghx_learn::federated::Phase;
 use ghx_learn::federated::{self, EvaluationSums, Metrics};
 use ghx_learn::{Dataset, Logistic, Standardiser, TrainConfig};
 use ghx_secagg::{Advertise, Client, EncryptedShare, MaskedInput, RoundParams, Unmasking};
@@ -162,42 +163,6 @@ fn held_out(salt: &[u8], id: &str, share: f64) -> bool {
     let h = Sha256::new().chain_update(salt).chain_update(id).finalize();
     let x = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
     (x as f64 / u64::MAX as f64) < share
-}
-
-/// A round phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Moments,
-    Train,
-    Evaluate,
-}
-
-impl Phase {
-    pub fn parse(name: &str) -> Result<Self, Error> {
-        match name {
-            "moments" => Ok(Phase::Moments),
-            "train" => Ok(Phase::Train),
-            "evaluate" => Ok(Phase::Evaluate),
-            other => Err(Error::Phase(other.to_owned())),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Moments => "moments",
-            Phase::Train => "train",
-            Phase::Evaluate => "evaluate",
-        }
-    }
-
-    /// Length of the summed vector for `dim` features.
-    pub fn len(self, dim: usize) -> usize {
-        match self {
-            Phase::Moments => 1 + 2 * dim,
-            Phase::Train => federated::training_len(dim),
-            Phase::Evaluate => EvaluationSums::LEN,
-        }
-    }
 }
 
 /// The node's optimiser settings for a training.

@@ -357,3 +357,51 @@ async fn a_hospital_going_offline_mid_training_does_not_stall_it() {
     assert!(evaluation.pooled.auc.unwrap() > 0.7);
     federation.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_study_stops_a_running_training() {
+    let (federation, _dir) = start().await;
+    let mut manifest: serde_json::Value = serde_json::from_str(MANIFEST).unwrap();
+    manifest["trainings"][0]["rounds"] = 500.into();
+    let study_id = federation
+        .approved_study(RESEARCHER, serde_json::to_vec(&manifest).unwrap())
+        .await
+        .unwrap();
+    let mut client = federation.client(RESEARCHER).await.unwrap();
+    let status = client
+        .start_training(pb::StartTrainingRequest {
+            study_id: study_id.clone(),
+            training: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let now = client
+            .get_training(pb::GetTrainingRequest {
+                run_id: status.run_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if now.rounds_done >= 2 || now.status != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    federation
+        .client(ghx::local_federation::COMMITTEE)
+        .await
+        .unwrap()
+        .revoke_study(pb::RevokeStudyRequest {
+            study_id,
+            reason: "consent process under review".to_owned(),
+        })
+        .await
+        .unwrap();
+    let record = finished(&federation, RESEARCHER, &status.run_id).await;
+    assert_eq!(record.status, RunStatus::Failed);
+    assert!(record.detail.contains("revoked"), "{}", record.detail);
+    assert!(record.rounds.len() < 500);
+    federation.shutdown().await;
+}
