@@ -114,6 +114,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
         seed: options.seed,
         min_cell_size: 10,
         committee_quorum: 1,
+        audit_checkpoint_every: None,
     })
     .await?;
     let setup = started.elapsed();

@@ -73,6 +73,8 @@ pub struct LocalFederationOptions {
     pub min_cell_size: u32,
     /// Committee approvals a study needs (1 or 2).
     pub committee_quorum: usize,
+    /// Entries between signed audit checkpoints; the default when `None`.
+    pub audit_checkpoint_every: Option<i64>,
 }
 
 /// One running node of the local federation.
@@ -170,6 +172,10 @@ impl LocalFederation {
         let pki = provision_pki(&dir)?;
         let mut stops = Vec::new();
         let mut tasks = Vec::new();
+        let audit_table = options
+            .audit_checkpoint_every
+            .map(|n| format!("\n[audit]\ncheckpoint_every = {n}\n"))
+            .unwrap_or_default();
         let mut nodes = Vec::new();
         for profile in &HOSPITALS {
             let data_dir = dir.join("data").join(profile.id);
@@ -199,7 +205,7 @@ impl LocalFederation {
                      database_url = \"{db}\"\nmin_cell_size = {min}\n\
                      policy_dir = \"{policies}\"\ncoordinator_keys_dir = \"{rotated}\"\n\n\
                      [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
-                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n",
+                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}",
                     id = profile.id,
                     name = profile.name,
                     db = dir.join(format!("{}.db", profile.id)).display(),
@@ -210,6 +216,7 @@ impl LocalFederation {
                     key = tls.key.display(),
                     pubkey = pki.root().join("coordinator-signing.pub.pem").display(),
                     rotated = pki.root().join("rotated-keys").display(),
+                    audit = audit_table,
                 ),
             )?;
             let node = Node::build(NodeConfig::load(&config_path)?)?;
@@ -249,7 +256,7 @@ impl LocalFederation {
             "listen = \"{coordinator_addr}\"\nnode_deadline_secs = 30\n\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [signing_key]\nkid = \"{SIGNING_KID}\"\nprivate_key = \"{}\"\n\n\
-             [committee]\nquorum = {}\nmembers = [\"{COMMITTEE}\", \"{COMMITTEE_2}\"]\n",
+             [committee]\nquorum = {}\nmembers = [\"{COMMITTEE}\", \"{COMMITTEE_2}\"]\n{audit_table}",
             tls.ca.display(),
             tls.cert.display(),
             tls.key.display(),
@@ -348,6 +355,16 @@ impl LocalFederation {
             .expect("the coordinator's audit trail is readable")
     }
 
+    /// Where every keeper's audit log is, to read as `ghx audit` reads it,
+    /// also after [`LocalFederation::shutdown`].
+    pub fn audit_keepers(&self) -> AuditKeepers {
+        AuditKeepers {
+            dir: self.dir.clone(),
+            pki: PkiDir::new(self.pki.root()),
+            nodes: self.nodes.iter().map(|n| n.profile.id).collect(),
+        }
+    }
+
     /// Stops every server, letting in-flight requests finish.
     pub async fn shutdown(self) {
         for stop in self.stops {
@@ -420,4 +437,41 @@ pub fn manifest_with_budget(
     })
     .to_string()
     .into_bytes()
+}
+
+/// Where a local federation's keepers keep their audit logs.
+pub struct AuditKeepers {
+    dir: PathBuf,
+    pki: PkiDir,
+    nodes: Vec<&'static str>,
+}
+
+impl AuditKeepers {
+    /// Every keeper's log, read from its database with its certificate, the
+    /// coordinator's first.
+    pub fn read(&self) -> Result<Vec<ghx_audit::LogExport>, crate::audit_files::Error> {
+        let mut keepers = vec![("coordinator", self.dir.join("ghx-coordinator.db"))];
+        keepers.extend(
+            self.nodes
+                .iter()
+                .map(|id| (*id, self.dir.join(format!("{id}.db")))),
+        );
+        keepers
+            .iter()
+            .map(|(keeper, db)| {
+                let cert = crate::audit_files::read_pem(&self.pki.tls_files(keeper).cert)?;
+                crate::audit_files::read_database(&db.to_string_lossy(), &cert)
+            })
+            .collect()
+    }
+
+    /// The federation CA certificate file.
+    pub fn ca(&self) -> PathBuf {
+        self.pki.tls_files("coordinator").ca
+    }
+
+    /// Where the federation's files are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }

@@ -66,6 +66,89 @@ enum Command {
     /// access and consent policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Steering committee and hospital audit: verify a log's hash chain and
+    /// signatures, export it (chain or FHIR AuditEvent), reconcile the
+    /// coordinator's record with the nodes', write the monthly review.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// Where a log comes from: a keeper's database (with the keeper's
+/// certificate) or a chain export file.
+#[derive(Args)]
+struct LogArgs {
+    /// The keeper's database: a SQLite path or a postgres:// URL. Opened as
+    /// it is: nothing is migrated or written.
+    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+    db: Option<String>,
+    /// A chain export (`ghx audit export --format chain`).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// The keeper's certificate (PEM): names the keeper and checks its
+    /// signed checkpoints. Required with --db.
+    #[arg(long, required_unless_present = "file")]
+    cert: Option<PathBuf>,
+    /// The federation CA certificate: the certificate used (given, or the
+    /// one inside an export) must be one it issued.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Checks every entry's hash and link and every signed checkpoint;
+    /// names the first broken entry and exits with status 1 if any.
+    Verify(LogArgs),
+    /// Writes the log: `chain` (the whole log with checkpoints and
+    /// certificate, for verify and reconcile elsewhere) or `fhir` (FHIR R4
+    /// AuditEvent NDJSON for a period). A broken log is not exported.
+    Export {
+        #[command(flatten)]
+        log: LogArgs,
+        #[arg(long, default_value = "chain", value_parser = ["chain", "fhir"])]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// A calendar month, YYYY-MM (fhir only).
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        month: Option<String>,
+        /// First day, YYYY-MM-DD (fhir only).
+        #[arg(long)]
+        from: Option<String>,
+        /// Day after the last, YYYY-MM-DD (fhir only).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Compares the coordinator's record of every request it sent with each
+    /// node's record of what it answered; exits with status 1 on any alarm
+    /// (a request a node answered that the coordinator never sent, a lost
+    /// record, a different result) or any log that does not verify.
+    Reconcile {
+        /// The coordinator's chain export.
+        #[arg(long)]
+        coordinator: PathBuf,
+        /// Each node's chain export.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<PathBuf>,
+        /// The federation CA: each export's certificate must be one it issued.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Limit to one calendar month, YYYY-MM.
+        #[arg(long)]
+        month: Option<String>,
+    },
+    /// The review of a period per requester and per study: requests,
+    /// answers, refusals with reasons, cells released, budget spent.
+    Report {
+        #[command(flatten)]
+        log: LogArgs,
+        /// The calendar month, YYYY-MM.
+        #[arg(long)]
+        month: String,
+        /// Write the Markdown here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -429,6 +512,132 @@ fn main() -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Reads a log and checks it; returns it with its verdict, printed.
+fn checked_log(args: &LogArgs) -> Result<(ghx_audit::LogExport, ghx_audit::verify::Verification)> {
+    use ghx::audit_files;
+    let cert = args
+        .cert
+        .as_deref()
+        .map(audit_files::read_pem)
+        .transpose()?;
+    let ca = args.ca.as_deref().map(audit_files::read_pem).transpose()?;
+    let log = match (&args.db, &args.file) {
+        (Some(url), _) => audit_files::read_database(
+            url,
+            cert.as_deref().context("--db needs the keeper's --cert")?,
+        )?,
+        (None, Some(path)) => audit_files::read_export(path)?,
+        (None, None) => bail!("give --db or --file"),
+    };
+    let verifier = audit_files::verifier_for(&log, cert.as_deref(), ca.as_deref())?;
+    let verdict = audit_files::verify(&log, verifier.as_ref());
+    println!("{}", audit_files::verification_text(&log.keeper, &verdict));
+    Ok((log, verdict))
+}
+
+fn audit(command: AuditCommand) -> Result<()> {
+    use ghx::audit_files;
+    match command {
+        AuditCommand::Verify(args) => {
+            let (_, verdict) = checked_log(&args)?;
+            if !verdict.is_intact() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        AuditCommand::Export {
+            log,
+            format,
+            out,
+            month,
+            from,
+            to,
+        } => {
+            let (log, verdict) = checked_log(&log)?;
+            if let Some(broken) = verdict.broken {
+                bail!("not exporting a broken log: {broken}");
+            }
+            if format == "chain" {
+                if month.is_some() || from.is_some() || to.is_some() {
+                    bail!(
+                        "a chain export is the whole log; --month, --from and --to apply to --format fhir"
+                    );
+                }
+                audit_files::write(&out, &serde_json::to_string_pretty(&log)?)?;
+                println!(
+                    "wrote {} entries and {} checkpoints to {}",
+                    log.entries.len(),
+                    log.checkpoints.len(),
+                    out.display()
+                );
+            } else {
+                let period = audit_files::period(month.as_deref(), from.as_deref(), to.as_deref())?;
+                let (ndjson, n) =
+                    ghx_audit::fhir::export_ndjson(&log.keeper, &log.entries, period.0, period.1)?;
+                audit_files::write(&out, &ndjson)?;
+                println!(
+                    "wrote {n} FHIR R4 AuditEvent resources to {}",
+                    out.display()
+                );
+            }
+            Ok(())
+        }
+        AuditCommand::Reconcile {
+            coordinator,
+            nodes,
+            ca,
+            month,
+        } => {
+            let ca = ca.as_deref().map(audit_files::read_pem).transpose()?;
+            let period = audit_files::period(month.as_deref(), None, None)?;
+            let mut intact = true;
+            let mut read = |path: &Path| -> Result<ghx_audit::LogExport> {
+                let log = audit_files::read_export(path)?;
+                let verifier = audit_files::verifier_for(&log, None, ca.as_deref())?;
+                let verdict = audit_files::verify(&log, verifier.as_ref());
+                println!("{}", audit_files::verification_text(&log.keeper, &verdict));
+                intact &= verdict.is_intact();
+                Ok(log)
+            };
+            let coordinator_log = read(&coordinator)?;
+            let node_logs = nodes
+                .iter()
+                .map(|p| {
+                    read(p).map(|log| (log.keeper.clone(), audit_files::entries_in(&log, period)))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let result = ghx_audit::reconcile::reconcile(
+                &audit_files::entries_in(&coordinator_log, period),
+                &node_logs,
+            );
+            print!("{}", audit_files::reconciliation_text(&result));
+            if !intact || result.alarms() > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        AuditCommand::Report { log, month, out } => {
+            let (log, verdict) = checked_log(&log)?;
+            if let Some(broken) = &verdict.broken {
+                eprintln!(
+                    "warning: the log is broken at {broken}; the review below cannot be trusted"
+                );
+            }
+            let period = audit_files::period(Some(&month), None, None)?;
+            let review = ghx_audit::report::review(&audit_files::entries_in(&log, period));
+            let text = ghx_audit::report::render(&log.keeper, &month, &review);
+            match out {
+                Some(path) => {
+                    audit_files::write(&path, &text)?;
+                    println!("wrote the {month} review to {}", path.display());
+                }
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+    }
 }
 
 fn policy(command: PolicyCommand) -> Result<()> {
@@ -796,6 +1005,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Study(cmd) => study(cmd).await,
         Command::Policy(cmd) => policy(cmd),
+        Command::Audit(cmd) => audit(cmd),
         Command::Committee(cmd) => committee(cmd).await,
         Command::Train(cmd) => train(cmd).await,
     }
@@ -1336,6 +1546,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         seed: args.seed,
         min_cell_size: args.min_cell_size,
         committee_quorum: 2,
+        audit_checkpoint_every: None,
     })
     .await?;
     for node in &federation.nodes {
@@ -1412,10 +1623,54 @@ async fn demo(args: DemoArgs) -> Result<()> {
         failures += result.failures.len();
     }
     demo_training(&federation).await?;
+    // Every member signs its audit log's head as it stops gracefully.
+    let keepers = federation.audit_keepers();
     federation.shutdown().await;
+    demo_audit(&keepers)?;
     println!("\nDone in {:.1} s.", started.elapsed().as_secs_f64());
     if failures > 0 {
         bail!("{failures} node answer(s) missing");
+    }
+    Ok(())
+}
+
+/// The demo's audit: every keeper's log verified against its certificate
+/// (issued by the federation CA), the coordinator's record reconciled with
+/// the nodes', and the month's review written.
+fn demo_audit(keepers: &local_federation::AuditKeepers) -> Result<()> {
+    use ghx::audit_files;
+    println!("\nThe steering committee checks the audit logs\n");
+    let ca = audit_files::read_pem(&keepers.ca())?;
+    let logs = keepers.read()?;
+    for log in &logs {
+        let verifier = audit_files::verifier_for(log, None, Some(&ca))?;
+        let verdict = audit_files::verify(log, verifier.as_ref());
+        println!("{}", audit_files::verification_text(&log.keeper, &verdict));
+        if let Some(broken) = verdict.broken {
+            bail!("{}'s audit log is broken at {broken}", log.keeper);
+        }
+    }
+    let (coordinator, nodes) = logs.split_first().context("no coordinator log")?;
+    let nodes: Vec<(String, Vec<ghx_audit::Entry>)> = nodes
+        .iter()
+        .map(|l| (l.keeper.clone(), l.entries.clone()))
+        .collect();
+    let reconciled = ghx_audit::reconcile::reconcile(&coordinator.entries, &nodes);
+    print!(
+        "reconcile: {}",
+        audit_files::reconciliation_text(&reconciled)
+    );
+    let month = time::OffsetDateTime::now_utc()
+        .format(&time::macros::format_description!("[year]-[month]"))?;
+    let review = ghx_audit::report::review(&coordinator.entries);
+    let path = keepers.dir().join(format!("audit-review-{month}.md"));
+    audit_files::write(
+        &path,
+        &ghx_audit::report::render("coordinator", &month, &review),
+    )?;
+    println!("the month's access review: {}", path.display());
+    if reconciled.alarms() > 0 {
+        bail!("reconciliation raised {} alarm(s)", reconciled.alarms());
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ async fn a_requester_trains_follows_and_validates_from_the_command_line() {
         seed: 11,
         min_cell_size: 10,
         committee_quorum: 1,
+        audit_checkpoint_every: None,
     })
     .await
     .unwrap();

@@ -12,10 +12,12 @@ use ghx_study::query;
 use ghx_study::result::{AggregateResult, CellValue, combine, histogram_quantiles};
 use tonic::{Request, Response, Status};
 
+use crate::dispatch;
 use crate::fanout::{self, NodeRegistry};
 use crate::store::CoordinatorStore;
 use crate::studies::{self, AuditRecord, Committee, StudyBook, StudyResult};
 use crate::training::{self, Federation, RunStatus, TrainingRecord};
+use ghx_db::audit::AuditLog;
 
 #[derive(Clone)]
 pub struct CoordinatorApi {
@@ -31,6 +33,8 @@ struct Inner {
     driving: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Serialises issuing training run ids.
     starting: std::sync::Mutex<()>,
+    /// The audit log, signing checkpoints when a key is configured.
+    audit: AuditLog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,8 @@ enum ApiError {
     Capability(#[from] capability::Error),
     #[error("no nodes are registered")]
     NoNodes,
+    #[error("the audit log could not record this step: {0}")]
+    Audit(ghx_db::audit::Error),
     #[error(transparent)]
     Training(#[from] training::Error),
     #[error("no training run `{0}`")]
@@ -75,7 +81,7 @@ fn status(error: ApiError) -> Status {
             Status::invalid_argument(message)
         }
         ApiError::Study(studies::Error::NotFound(_)) => Status::not_found(message),
-        ApiError::Study(studies::Error::Store(_)) => {
+        ApiError::Study(studies::Error::Store(_)) | ApiError::Audit(_) => {
             tracing::error!(error = %message, "coordinator database failure");
             Status::internal("the coordinator failed; its operator can see why in its log")
         }
@@ -118,6 +124,7 @@ impl CoordinatorApi {
         CoordinatorApi {
             inner: Arc::new(Inner {
                 registry,
+                audit: store.audit_log().clone(),
                 studies: StudyBook::new(committee, store),
                 signer,
                 capability_valid_for,
@@ -125,6 +132,23 @@ impl CoordinatorApi {
                 starting: std::sync::Mutex::new(()),
             }),
         }
+    }
+
+    /// Signs an audit checkpoint every `every` entries with the
+    /// coordinator's certificate key, and one now over what is logged.
+    pub fn with_audit_signer(
+        mut self,
+        signer: ghx_audit::checkpoint::Signer,
+        every: i64,
+    ) -> Result<Self, ghx_db::audit::Error> {
+        let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
+        inner.audit = inner.audit.clone().signed_by(signer, every)?;
+        Ok(self)
+    }
+
+    /// The audit log (signing), for requests sent to nodes.
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.inner.audit
     }
 
     /// Records one step in the audit trail, done or refused, and passes the
@@ -143,17 +167,21 @@ impl CoordinatorApi {
         };
         // No step without its audit record: if it cannot be written, the
         // caller gets an error (the step itself may already be stored).
-        self.inner.studies.audit(AuditRecord {
-            at: time::OffsetDateTime::now_utc()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
-            actor: caller.name.clone(),
-            role: caller.role.to_string(),
-            action: action.to_owned(),
-            study_id: study_id.to_owned(),
-            outcome: result.to_owned(),
-            detail,
-        })?;
+        self.inner
+            .audit
+            .append(&AuditRecord {
+                at: now_rfc3339(),
+                caller: caller.name.clone(),
+                caller_role: caller.role.to_string(),
+                caller_org: caller.organisation.clone(),
+                source: caller.source.map(|a| a.to_string()).unwrap_or_default(),
+                action: action.to_owned(),
+                study_id: study_id.to_owned(),
+                decision: result.to_owned(),
+                reason: detail,
+                ..AuditRecord::default()
+            })
+            .map_err(ApiError::Audit)?;
         outcome
     }
 
@@ -176,8 +204,8 @@ impl CoordinatorApi {
     }
 
     /// The coordinator's audit trail (for tests and auditors).
-    pub fn audit_trail(&self) -> Result<Vec<AuditRecord>, studies::Error> {
-        self.inner.studies.audit_trail()
+    pub fn audit_trail(&self) -> Result<Vec<AuditRecord>, ghx_db::Error> {
+        self.inner.audit.entries()
     }
 
     async fn run_study(
@@ -230,6 +258,38 @@ impl CoordinatorApi {
             .run_aggregate(&token, &query_json, &study.manifest_json)
             .await;
         let spec = &named.query;
+        let outcomes: Vec<(String, dispatch::Outcome)> = per_node
+            .iter()
+            .map(|r| {
+                (
+                    r.node_id.clone(),
+                    dispatch::Outcome::Answered {
+                        result_sha256: r.digest(),
+                        cells: i64::try_from(r.cells.len()).unwrap_or(i64::MAX),
+                    },
+                )
+            })
+            .chain(
+                failures
+                    .iter()
+                    .map(|f| (f.node_id.clone(), dispatch::Outcome::Failed(f.clone()))),
+            )
+            .collect();
+        dispatch::record(
+            &inner.audit,
+            &dispatch::Sent {
+                action: "aggregate",
+                study_id: &study.id,
+                capability_id: &claims.jti,
+                request_sha256: query::digest(&query_json),
+                requester: &claims.requester,
+                requester_org: &claims.org,
+                purpose: &claims.purpose,
+                epsilon: spec.noise.as_ref().map_or(0.0, |n| n.epsilon),
+            },
+            &outcomes,
+        )
+        .map_err(ApiError::Audit)?;
         let dimensions = spec.key_names();
         let (per_node, mut failures) = check_shape(per_node, failures, spec);
         failures.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -272,15 +332,42 @@ impl CoordinatorApi {
             .iter()
             .map(|n| n.id.clone())
             .collect();
-        let token = self
-            .inner
-            .signer
-            .sign(&capability::revocation_for(study_id, nodes, reason))?;
-        for failure in self.inner.registry.revoke(&token).await {
+        let revocation = capability::revocation_for(study_id, nodes.clone(), reason);
+        let revocation_id = revocation.jti.clone();
+        let token = self.inner.signer.sign(&revocation)?;
+        let failures = self.inner.registry.revoke(&token).await;
+        for failure in &failures {
             // The study is revoked at the coordinator regardless; a node that
             // missed it still holds only short-lived, single-use capabilities.
             tracing::warn!(node = %failure.node_id, reason = %failure.reason, "node not told of revocation");
         }
+        let outcomes: Vec<(String, dispatch::Outcome)> = nodes
+            .iter()
+            .map(|node| {
+                let outcome = match failures.iter().find(|f| &f.node_id == node) {
+                    Some(f) => dispatch::Outcome::Failed(f.clone()),
+                    None => dispatch::Outcome::Answered {
+                        result_sha256: String::new(),
+                        cells: 0,
+                    },
+                };
+                (node.clone(), outcome)
+            })
+            .collect();
+        dispatch::record(
+            &self.inner.audit,
+            &dispatch::Sent {
+                action: "revoke",
+                study_id,
+                capability_id: &revocation_id,
+                request_sha256: ghx_audit::digest(token.as_bytes()),
+                requester: &caller.name,
+                requester_org: &caller.organisation,
+                ..dispatch::Sent::default()
+            },
+            &outcomes,
+        )
+        .map_err(ApiError::Audit)?;
         Ok(study)
     }
 }
@@ -332,6 +419,7 @@ impl CoordinatorApi {
             manifest: &study.manifest,
             manifest_json: &study.manifest_json,
             spec,
+            audit: &self.inner.audit,
         }
     }
 
@@ -477,14 +565,14 @@ impl CoordinatorApi {
                 } else {
                     "refused"
                 };
-                let _ = self.inner.studies.audit(AuditRecord {
+                let _ = self.inner.audit.append(&AuditRecord {
                     at: now_rfc3339(),
-                    actor: "coordinator".to_owned(),
-                    role: "coordinator".to_owned(),
+                    caller: "coordinator".to_owned(),
+                    caller_role: "coordinator".to_owned(),
                     action: "training".to_owned(),
                     study_id: record.study_id.clone(),
-                    outcome: outcome.to_owned(),
-                    detail: format!(
+                    decision: outcome.to_owned(),
+                    reason: format!(
                         "run {} of {}: {} of {} rounds; {}",
                         record.run_id,
                         record.training,
@@ -496,6 +584,7 @@ impl CoordinatorApi {
                             record.detail.clone()
                         }
                     ),
+                    ..AuditRecord::default()
                 });
                 return;
             }

@@ -39,6 +39,9 @@ pub struct CoordinatorConfig {
     pub nodes: Vec<NodeEntry>,
     #[serde(default)]
     pub committee: CommitteeConfig,
+    /// Audit checkpoints and retention.
+    #[serde(default)]
+    pub audit: ghx_audit::Settings,
 }
 
 /// The steering committee: who may decide and how many must approve.
@@ -135,6 +138,12 @@ impl CoordinatorConfig {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        if let Err((key, problem)) = self.audit.check() {
+            return Err(Error::Invalid {
+                key: key.to_owned(),
+                problem,
+            });
+        }
         for (i, node) in self.nodes.iter().enumerate() {
             if !node.endpoint.starts_with("https://") {
                 return Err(Error::Invalid {

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dispatch;
 pub mod fanout;
 pub mod store;
 pub mod studies;
@@ -47,12 +48,15 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("audit log: {0}")]
+    Audit(#[from] ghx_db::audit::Error),
 }
 
 /// A configured coordinator, ready to serve.
 pub struct Coordinator {
     api: api::CoordinatorApi,
     tls: TlsMaterial,
+    audit: ghx_audit::Settings,
 }
 
 impl Coordinator {
@@ -82,8 +86,17 @@ impl Coordinator {
                 members: config.committee.members.clone(),
             },
             store::CoordinatorStore::open(&config.database_url)?,
-        );
-        Ok(Coordinator { api, tls })
+        )
+        .with_audit_signer(
+            ghx_audit::checkpoint::Signer::from_pem("coordinator", &tls.identity().key_pem)
+                .map_err(ghx_db::audit::Error::from)?,
+            config.audit.checkpoint_every,
+        )?;
+        Ok(Coordinator {
+            api,
+            tls,
+            audit: config.audit.clone(),
+        })
     }
 
     /// A handle on the running service, e.g. to read its audit trail.
@@ -105,6 +118,8 @@ impl Coordinator {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "cannot resume training runs"),
         }
+        let audit = self.api.audit_log().clone();
+        let upkeep = ghx_db::audit::spawn_upkeep(audit.clone(), self.audit);
         // Small request/response messages: without TCP_NODELAY, Nagle's
         // algorithm and delayed ACKs add ~40 ms to every call.
         Server::builder()
@@ -115,6 +130,8 @@ impl Coordinator {
                 shutdown,
             )
             .await?;
+        upkeep.abort();
+        ghx_db::audit::sign_on_shutdown(audit).await;
         Ok(())
     }
 }

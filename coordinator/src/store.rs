@@ -1,5 +1,6 @@
 //! The coordinator's database: studies with their manifests, committee
-//! votes, the latest result of each study query, and the audit trail.
+//! votes, the latest result of each study query, training runs, and the
+//! audit log (shared with the nodes: `ghx_db::audit`).
 //!
 //! SQLite by default, PostgreSQL by URL, through `ghx-db`; each operation is
 //! written once for both, and one test suite runs on both.
@@ -45,19 +46,6 @@ mod schema {
     }
 
     diesel::table! {
-        audit_trail (seq) {
-            seq -> BigInt,
-            at -> Text,
-            actor -> Text,
-            role -> Text,
-            action -> Text,
-            study_id -> Text,
-            outcome -> Text,
-            detail -> Text,
-        }
-    }
-
-    diesel::table! {
         training_runs (id) {
             id -> Text,
             study_id -> Text,
@@ -69,7 +57,7 @@ mod schema {
     }
 }
 
-use schema::{audit_trail, results, studies, training_runs, votes};
+use schema::{results, studies, training_runs, votes};
 
 pub use ghx_db::{Error, Result};
 
@@ -94,19 +82,6 @@ pub struct StudyRecord {
     pub votes: Vec<VoteRecord>,
 }
 
-/// One line of the coordinator's audit trail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditRecord {
-    pub at: String,
-    pub actor: String,
-    pub role: String,
-    pub action: String,
-    pub study_id: String,
-    /// "done" or "refused".
-    pub outcome: String,
-    pub detail: String,
-}
-
 /// A training run as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrainingRunRow {
@@ -122,6 +97,7 @@ pub struct TrainingRunRow {
 #[derive(Clone, Debug)]
 pub struct CoordinatorStore {
     backend: Backend,
+    audit: ghx_db::audit::AuditLog,
 }
 
 impl CoordinatorStore {
@@ -135,7 +111,13 @@ impl CoordinatorStore {
                 postgres: POSTGRES_MIGRATIONS,
             },
         )?;
-        Ok(CoordinatorStore { backend })
+        let audit = ghx_db::audit::AuditLog::open(backend.clone())?;
+        Ok(CoordinatorStore { backend, audit })
+    }
+
+    /// The coordinator's audit log (unsigned; the api signs checkpoints).
+    pub fn audit_log(&self) -> &ghx_db::audit::AuditLog {
+        &self.audit
     }
 
     /// Stores a new submitted study and returns its id (`study-0001`, ...).
@@ -380,50 +362,6 @@ impl CoordinatorStore {
                 status: r.3,
                 record_json: r.4,
                 updated_at: r.5,
-            })
-            .collect())
-    }
-
-    pub fn append_audit(&self, record: &AuditRecord) -> Result<()> {
-        with_conn!(self.backend, |conn| diesel::insert_into(audit_trail::table)
-            .values((
-                audit_trail::at.eq(&record.at),
-                audit_trail::actor.eq(&record.actor),
-                audit_trail::role.eq(&record.role),
-                audit_trail::action.eq(&record.action),
-                audit_trail::study_id.eq(&record.study_id),
-                audit_trail::outcome.eq(&record.outcome),
-                audit_trail::detail.eq(&record.detail),
-            ))
-            .execute(conn)?);
-        Ok(())
-    }
-
-    /// The whole audit trail, oldest first.
-    pub fn audit(&self) -> Result<Vec<AuditRecord>> {
-        type Row = (String, String, String, String, String, String, String);
-        let rows: Vec<Row> = with_conn!(self.backend, |conn| audit_trail::table
-            .order(audit_trail::seq)
-            .select((
-                audit_trail::at,
-                audit_trail::actor,
-                audit_trail::role,
-                audit_trail::action,
-                audit_trail::study_id,
-                audit_trail::outcome,
-                audit_trail::detail,
-            ))
-            .load(conn)?);
-        Ok(rows
-            .into_iter()
-            .map(|r| AuditRecord {
-                at: r.0,
-                actor: r.1,
-                role: r.2,
-                action: r.3,
-                study_id: r.4,
-                outcome: r.5,
-                detail: r.6,
             })
             .collect())
     }

@@ -16,8 +16,8 @@ use ghx_study::manifest::StudyManifest;
 use ghx_study::result::{AggregateResult, NodeFailure, Quantile, TotalCell};
 use serde::{Deserialize, Serialize};
 
-pub use crate::store::AuditRecord;
 use crate::store::{self, CoordinatorStore, StudyRecord, VoteRecord};
+pub use ghx_audit::Entry as AuditRecord;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -218,16 +218,6 @@ impl StudyBook {
     /// The database, for training runs.
     pub fn store(&self) -> &CoordinatorStore {
         &self.store
-    }
-
-    /// Appends to the audit trail.
-    pub fn audit(&self, record: AuditRecord) -> Result<(), Error> {
-        Ok(self.store.append_audit(&record)?)
-    }
-
-    /// The whole audit trail, oldest first.
-    pub fn audit_trail(&self) -> Result<Vec<AuditRecord>, Error> {
-        Ok(self.store.audit()?)
     }
 
     /// Records a new submitted study and returns its id. The manifest's

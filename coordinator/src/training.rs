@@ -31,6 +31,7 @@ use ghx_study::result::NodeFailure;
 use ghx_study::training::{MODEL_VERSION, ModelDocument, TrainingSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::dispatch;
 use crate::fanout::{NodeRegistry, RegisteredNode};
 
 /// Tries per round before a run fails.
@@ -55,6 +56,8 @@ pub enum Error {
     Capability(#[from] capability::Error),
     #[error("no nodes are registered")]
     NoNodes,
+    #[error("the audit log could not record the round: {0}")]
+    Audit(#[from] ghx_db::audit::Error),
 }
 
 fn failures_text(failures: &[NodeFailure]) -> String {
@@ -173,6 +176,8 @@ pub struct Federation<'a> {
     pub manifest: &'a StudyManifest,
     pub manifest_json: &'a [u8],
     pub spec: &'a TrainingSpec,
+    /// Where each request sent to a node is recorded.
+    pub audit: &'a ghx_db::audit::AuditLog,
 }
 
 /// A round's outcome at the coordinator.
@@ -327,6 +332,41 @@ pub async fn secure_round(
         }
     })
     .await;
+    let action = format!("round:{}", phase.name());
+    let sent = |action: &'static str| dispatch::Sent {
+        action,
+        study_id: fed.study_id,
+        capability_id: &claims.jti,
+        request_sha256: ghx_audit::digest(&training_json),
+        requester: &claims.requester,
+        requester_org: &claims.org,
+        purpose: &claims.purpose,
+        epsilon: 0.0,
+    };
+    dispatch::record(
+        fed.audit,
+        &dispatch::Sent {
+            action: &action,
+            ..sent("")
+        },
+        &advertised
+            .iter()
+            .map(|(id, _)| {
+                (
+                    id.clone(),
+                    dispatch::Outcome::Answered {
+                        result_sha256: String::new(),
+                        cells: 0,
+                    },
+                )
+            })
+            .chain(
+                failures
+                    .iter()
+                    .map(|f| (f.node_id.clone(), dispatch::Outcome::Failed(f.clone()))),
+            )
+            .collect::<Vec<_>>(),
+    )?;
     if advertised.len() < need {
         return Err(quorum_error(
             "advertising keys",
@@ -412,6 +452,26 @@ pub async fn secure_round(
         }
     })
     .await;
+    dispatch::record(
+        fed.audit,
+        &sent("round:masked-input"),
+        &masked
+            .iter()
+            .map(|(id, input)| {
+                (
+                    id.clone(),
+                    dispatch::Outcome::Answered {
+                        result_sha256: ghx_audit::digest_words(&input.values),
+                        cells: i64::try_from(input.values.len()).unwrap_or(i64::MAX),
+                    },
+                )
+            })
+            .chain(
+                more.iter()
+                    .map(|f| (f.node_id.clone(), dispatch::Outcome::Failed(f.clone()))),
+            )
+            .collect::<Vec<_>>(),
+    )?;
     failures.extend(more);
     for (id, input) in masked {
         if let Err(e) = aggregator.submit_masked(input) {

@@ -9,6 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
+
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -133,6 +135,30 @@ pub fn redact_url(url: &str) -> String {
 /// migrations. `postgres://` and `postgresql://` URLs select PostgreSQL;
 /// anything else is a SQLite file path (optionally `sqlite://path`).
 pub fn open(url: &str, migrations: Migrations) -> Result<Backend, Error> {
+    let backend = connect(url, true)?;
+    match &backend {
+        Backend::Postgres(pool) => pool
+            .get()?
+            .run_pending_migrations(migrations.postgres)
+            .map(|_| ())
+            .map_err(|e| Error::Migrate(e.to_string()))?,
+        Backend::Sqlite(pool) => pool
+            .get()?
+            .run_pending_migrations(migrations.sqlite)
+            .map(|_| ())
+            .map_err(|e| Error::Migrate(e.to_string()))?,
+    }
+    Ok(backend)
+}
+
+/// Opens an existing database as it is: no migrations, no new file. For
+/// tools that read a node's or the coordinator's database, such as
+/// `ghx audit verify`, which must not change what it checks.
+pub fn open_existing(url: &str) -> Result<Backend, Error> {
+    connect(url, false)
+}
+
+fn connect(url: &str, create: bool) -> Result<Backend, Error> {
     let open_err = |message: String| Error::Open {
         url: redact_url(url),
         message,
@@ -143,16 +169,17 @@ pub fn open(url: &str, migrations: Migrations) -> Result<Backend, Error> {
             .connection_timeout(Duration::from_secs(10))
             .build(ConnectionManager::<PgConnection>::new(url))
             .map_err(|e| open_err(e.to_string()))?;
-        let mut conn = pool.get().map_err(|e| open_err(e.to_string()))?;
-        conn.run_pending_migrations(migrations.postgres)
-            .map_err(|e| Error::Migrate(e.to_string()))?;
         Ok(Backend::Postgres(pool))
     } else {
         let path = url.strip_prefix("sqlite://").unwrap_or(url);
-        if let Some(parent) = std::path::Path::new(path).parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
+        if create {
+            if let Some(parent) = std::path::Path::new(path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
+            }
+        } else if !std::path::Path::new(path).is_file() {
+            return Err(open_err("no such database file".to_owned()));
         }
         let pool = Pool::builder()
             .max_size(4)
@@ -160,9 +187,6 @@ pub fn open(url: &str, migrations: Migrations) -> Result<Backend, Error> {
             .connection_customizer(Box::new(SqlitePragmas))
             .build(ConnectionManager::<SqliteConnection>::new(path))
             .map_err(|e| open_err(e.to_string()))?;
-        let mut conn = pool.get().map_err(|e| open_err(e.to_string()))?;
-        conn.run_pending_migrations(migrations.sqlite)
-            .map_err(|e| Error::Migrate(e.to_string()))?;
         Ok(Backend::Sqlite(pool))
     }
 }

@@ -18,6 +18,7 @@ use crate::policy::PolicyDir;
 use crate::store::{AuditEntry, Store};
 use crate::training::{self, Phase, Rounds};
 use crate::{differencing, engine, gate, release, store};
+use ghx_db::audit::AuditLog;
 
 /// The node service, shared by all connections.
 #[derive(Clone)]
@@ -41,6 +42,8 @@ struct Inner {
     organisation_epsilon: Option<f64>,
     /// Training rounds in progress.
     rounds: Rounds,
+    /// The audit log, signing checkpoints when a key is configured.
+    audit: AuditLog,
 }
 
 /// Everything that can stop a request, before mapping to a status.
@@ -69,7 +72,7 @@ enum ApiError {
         asked: f64,
     },
     #[error("the audit log could not record this request: {0}")]
-    Audit(store::Error),
+    Audit(ghx_db::audit::Error),
     #[error("internal task failed: {0}")]
     Task(String),
     #[error(transparent)]
@@ -155,7 +158,6 @@ impl NodeApi {
                 node_id: node_id.to_owned(),
                 display_name: display_name.to_owned(),
                 min_cell_size,
-                store,
                 verifier: RwLock::new(verifier),
                 keys_dir,
                 policy,
@@ -163,6 +165,8 @@ impl NodeApi {
                 releasing: std::sync::Mutex::new(()),
                 organisation_epsilon: None,
                 rounds: Rounds::default(),
+                audit: store.audit_log().clone(),
+                store,
             }),
         }
     }
@@ -173,6 +177,23 @@ impl NodeApi {
             .expect("configured before it is shared")
             .organisation_epsilon = epsilon;
         self
+    }
+
+    /// Signs an audit checkpoint every `every` entries with the node's own
+    /// (certificate) key, and one now over whatever is already logged.
+    pub fn with_audit_signer(
+        mut self,
+        signer: ghx_audit::checkpoint::Signer,
+        every: i64,
+    ) -> Result<Self, ghx_db::audit::Error> {
+        let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
+        inner.audit = inner.audit.clone().signed_by(signer, every)?;
+        Ok(self)
+    }
+
+    /// The audit log this api appends to.
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.inner.audit
     }
 
     /// Makes sure the key a token names is trusted if the operator has
@@ -257,9 +278,7 @@ impl NodeApi {
                     entry.policy_reasons = decision.summary();
                 }
             })?;
-            entry.study_id = admitted.claims.sub.clone();
-            entry.capability_id = admitted.claims.jti.clone();
-            entry.purpose = admitted.claims.purpose.clone();
+            note_capability(&mut entry, &admitted.claims);
             entry.policy_reasons = admitted.access.summary();
             let prepared = inner.eligibility.prepare(&inner.store, &admitted.consent)?;
             entry.consent_excluded =
@@ -298,6 +317,7 @@ impl NodeApi {
                 ),
                 Some(noise) => {
                     let note = self.charge(&admitted, noise)?;
+                    entry.epsilon = noise.epsilon;
                     let (candidates, statement) =
                         crate::noise::perturb(spec, noise, &analysed.cells, &mut rand::rngs::OsRng);
                     (candidates, Some(statement), Some(note))
@@ -349,8 +369,9 @@ impl NodeApi {
         })();
         match &outcome {
             Ok(result) => {
-                entry.decision = "answered".to_owned();
+                entry.decision = ghx_audit::ANSWERED.to_owned();
                 entry.result_cells = result.cells.len() as i64;
+                entry.result_sha256 = result.digest();
                 let suppressed = result
                     .cells
                     .iter()
@@ -363,7 +384,7 @@ impl NodeApi {
                 entry.reason = e.to_string();
             }
         }
-        inner.store.append_audit(&entry).map_err(ApiError::Audit)?;
+        inner.audit.append(&entry).map_err(ApiError::Audit)?;
         tracing::info!(
             caller = %entry.caller, study = %entry.study_id, decision = %entry.decision,
             cells = entry.result_cells, "aggregate request"
@@ -448,7 +469,10 @@ impl NodeApi {
     fn revoke(&self, caller: &PeerIdentity, token: &str) -> Result<(), ApiError> {
         let inner = &self.inner;
         self.load_rotated_key(token);
-        let mut entry = audit_entry(caller, "revoke");
+        let mut entry = AuditEntry {
+            query_sha256: ghx_audit::digest(token.as_bytes()),
+            ..audit_entry(caller, "revoke")
+        };
         let outcome = (|| -> Result<(), ApiError> {
             if caller.role != ghx_pki::Role::Coordinator {
                 return Err(gate::Error::NotCoordinator {
@@ -478,7 +502,7 @@ impl NodeApi {
                 "refused".to_owned()
             }
         };
-        inner.store.append_audit(&entry).map_err(ApiError::Audit)?;
+        inner.audit.append(&entry).map_err(ApiError::Audit)?;
         tracing::info!(study = %entry.study_id, decision = %entry.decision, "revocation");
         outcome
     }
@@ -538,9 +562,7 @@ impl NodeApi {
                     }
                 })?
             };
-            entry.study_id = admitted.claims.sub.clone();
-            entry.capability_id = admitted.claims.jti.clone();
-            entry.purpose = admitted.claims.purpose.clone();
+            note_capability(&mut entry, &admitted.claims);
             entry.policy_reasons = admitted.access.summary();
             let spec = &admitted.training;
             let expected = phase.len(spec.features.len());
@@ -583,7 +605,11 @@ impl NodeApi {
             let advertise = inner.rounds.start(
                 params.clone(),
                 &inner.node_id,
-                &admitted.claims.sub,
+                &training::RoundOrigin {
+                    study: admitted.claims.sub.clone(),
+                    capability: admitted.claims.jti.clone(),
+                    request_sha256: entry.query_sha256.clone(),
+                },
                 &contribution.values,
                 lifetime,
             )?;
@@ -611,7 +637,7 @@ impl NodeApi {
                 "refused".to_owned()
             }
         };
-        inner.store.append_audit(&entry).map_err(ApiError::Audit)?;
+        inner.audit.append(&entry).map_err(ApiError::Audit)?;
         tracing::info!(
             study = %entry.study_id, phase = %phase_name, decision = %entry.decision,
             "training round"
@@ -640,9 +666,12 @@ impl NodeApi {
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         Self::require_coordinator(caller)?;
         let inner = &self.inner;
-        let study = inner.rounds.study_of(&message.round)?;
-        if inner.store.is_revoked(&study)? {
-            return Err(gate::Error::Revoked { study }.into());
+        let origin = inner.rounds.origin_of(&message.round)?;
+        if inner.store.is_revoked(&origin.study)? {
+            return Err(gate::Error::Revoked {
+                study: origin.study,
+            }
+            .into());
         }
         let shares: Vec<_> = message
             .shares
@@ -651,10 +680,14 @@ impl NodeApi {
             .collect();
         let masked = inner.rounds.masked_input(&message.round, &shares)?;
         inner
-            .store
-            .append_audit(&AuditEntry {
-                study_id: study,
-                decision: "answered".to_owned(),
+            .audit
+            .append(&AuditEntry {
+                study_id: origin.study,
+                capability_id: origin.capability,
+                query_sha256: origin.request_sha256,
+                result_sha256: ghx_audit::digest_words(&masked.values),
+                result_cells: i64::try_from(masked.values.len()).unwrap_or(i64::MAX),
+                decision: ghx_audit::ANSWERED.to_owned(),
                 reason: format!(
                     "round {}: sent the masked contribution ({} values)",
                     message.round,
@@ -674,17 +707,19 @@ fn audit_entry(caller: &PeerIdentity, action: impl Into<String>) -> AuditEntry {
         caller: caller.name.clone(),
         caller_role: caller.role.to_string(),
         caller_org: caller.organisation.clone(),
-        study_id: String::new(),
-        capability_id: String::new(),
+        source: caller.source.map(|a| a.to_string()).unwrap_or_default(),
         action: action.into(),
-        decision: String::new(),
-        reason: String::new(),
-        query_sha256: String::new(),
-        result_cells: 0,
-        purpose: String::new(),
-        policy_reasons: String::new(),
-        consent_excluded: 0,
+        ..AuditEntry::default()
     }
+}
+
+/// Records on `entry` what the capability a request came under says.
+fn note_capability(entry: &mut AuditEntry, claims: &ghx_study::capability::Claims) {
+    entry.study_id = claims.sub.clone();
+    entry.capability_id = claims.jti.clone();
+    entry.purpose = claims.purpose.clone();
+    entry.requester = claims.requester.clone();
+    entry.requester_org = claims.org.clone();
 }
 
 impl NodeApi {

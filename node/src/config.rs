@@ -53,6 +53,9 @@ pub struct NodeConfig {
     /// budget applies.
     #[serde(default)]
     pub max_epsilon_per_organisation: Option<f64>,
+    /// Audit checkpoints and retention.
+    #[serde(default)]
+    pub audit: ghx_audit::Settings,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -158,6 +161,9 @@ impl NodeConfig {
                 problem: "must list at least one coordinator public key".to_owned(),
             });
         }
+        if let Err((key, problem)) = self.audit.check() {
+            return Err(Error::Invalid { key, problem });
+        }
         Ok(())
     }
 }
@@ -222,5 +228,19 @@ mod tests {
         );
         let err = parse(&format!("colour = 1\n{GOOD}")).unwrap_err();
         assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+        let err = parse(&format!("{GOOD}\n[audit]\nretention_days = 365\n")).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "`audit.retention_days` must be at least 730 (access logs are kept at least 2 years), got 365"
+            ),
+            "{err}"
+        );
+        let err = parse(&format!("{GOOD}\n[audit]\ncheckpoint_every = 0\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`audit.checkpoint_every` must be between 1 and 100000"),
+            "{err}"
+        );
+        assert_eq!(parse(GOOD).unwrap().audit, ghx_audit::Settings::default());
     }
 }

@@ -60,6 +60,8 @@ pub enum Error {
     Policy(#[from] policy::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("audit log: {0}")]
+    Audit(#[from] ghx_db::audit::Error),
 }
 
 /// A configured node, ready to serve.
@@ -135,7 +137,14 @@ impl Node {
             self.config.coordinator_keys_dir.clone(),
             self.policy,
         )
-        .with_organisation_budget(self.config.max_epsilon_per_organisation);
+        .with_organisation_budget(self.config.max_epsilon_per_organisation)
+        .with_audit_signer(
+            ghx_audit::checkpoint::Signer::from_pem(&self.config.id, &self.tls.identity().key_pem)
+                .map_err(ghx_db::audit::Error::from)?,
+            self.config.audit.checkpoint_every,
+        )?;
+        let audit = api.audit_log().clone();
+        let upkeep = ghx_db::audit::spawn_upkeep(audit.clone(), self.config.audit.clone());
         tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node serving");
         // Small request/response messages: without TCP_NODELAY, Nagle's
         // algorithm and delayed ACKs add ~40 ms to every call.
@@ -147,6 +156,8 @@ impl Node {
                 shutdown,
             )
             .await?;
+        upkeep.abort();
+        ghx_db::audit::sign_on_shutdown(audit).await;
         Ok(())
     }
 }

@@ -268,8 +268,18 @@ pub fn contribution(
 struct Session {
     client: Client,
     input: Vec<u64>,
-    study: String,
+    origin: RoundOrigin,
     expires: Instant,
+}
+
+/// What a round was admitted under at step 1, for the steps after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundOrigin {
+    pub study: String,
+    /// The capability (`jti`) of step 1.
+    pub capability: String,
+    /// Hex SHA-256 of the training spec the round trains.
+    pub request_sha256: String,
 }
 
 /// Rounds in progress and the rows of trainings being run.
@@ -307,7 +317,7 @@ impl Rounds {
         &self,
         params: RoundParams,
         node: &str,
-        study: &str,
+        origin: &RoundOrigin,
         values: &[f64],
         lifetime: Duration,
     ) -> Result<Advertise, Error> {
@@ -328,7 +338,7 @@ impl Rounds {
             Session {
                 client,
                 input,
-                study: study.to_owned(),
+                origin: origin.clone(),
                 expires: now + lifetime,
             },
         );
@@ -350,9 +360,9 @@ impl Rounds {
         }
     }
 
-    /// The study a round belongs to.
-    pub fn study_of(&self, round: &str) -> Result<String, Error> {
-        self.with(round, |s| Ok(s.study.clone()))
+    /// What a round was admitted under.
+    pub fn origin_of(&self, round: &str) -> Result<RoundOrigin, Error> {
+        self.with(round, |s| Ok(s.origin.clone()))
     }
 
     /// Step 2.
@@ -444,7 +454,7 @@ mod tests {
             .start(
                 params.clone(),
                 "c",
-                "s",
+                &RoundOrigin::default(),
                 &[1.0, 2.0, 3.0],
                 Duration::from_secs(5),
             )
@@ -454,13 +464,19 @@ mod tests {
             .start(
                 params.clone(),
                 "a",
-                "s",
+                &RoundOrigin::default(),
                 &[1.0, 2.0, 3.0],
                 Duration::from_secs(5),
             )
             .unwrap();
         assert!(matches!(
-            rounds.start(params, "a", "s", &[1.0, 2.0, 3.0], Duration::from_secs(5)),
+            rounds.start(
+                params,
+                "a",
+                &RoundOrigin::default(),
+                &[1.0, 2.0, 3.0],
+                Duration::from_secs(5)
+            ),
             Err(Error::RoundExists(_))
         ));
         assert!(matches!(

@@ -55,6 +55,8 @@ pub enum Error {
     UnknownRole(String),
     #[error("invalid name `{0}`: use 1-63 lowercase letters, digits and '-'")]
     InvalidName(String),
+    #[error("the certificate is not one the federation CA issued and still vouches for: {0}")]
+    Untrusted(String),
 }
 
 /// What a certificate holder may do in the federation.
@@ -122,6 +124,8 @@ pub struct PeerIdentity {
     pub role: Role,
     /// The institution, e.g. "Chosun University Hospital".
     pub organisation: String,
+    /// The address the connection came from, when served over TCP.
+    pub source: Option<std::net::SocketAddr>,
 }
 
 impl PeerIdentity {
@@ -144,14 +148,45 @@ impl PeerIdentity {
             name,
             role,
             organisation,
+            source: None,
         })
     }
 
     /// Reads the identity of the caller of a gRPC request served over mTLS.
     pub fn from_request<T>(request: &tonic::Request<T>) -> Result<Self, Error> {
         let chain = request.peer_certs().ok_or(Error::NoPeerCertificate)?;
-        Self::from_chain(&chain)
+        Ok(PeerIdentity {
+            source: request.remote_addr(),
+            ..Self::from_chain(&chain)?
+        })
     }
+}
+
+/// Checks that `cert_pem` was issued by the federation CA (`ca_pem`) and is
+/// valid now, as mTLS would; returns who it names. The committee uses it to
+/// trust the certificate that verifies an exported audit log's checkpoints.
+pub fn verify_member(ca_pem: &str, cert_pem: &str) -> Result<PeerIdentity, Error> {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    let der = |pem: &str| -> Result<Vec<u8>, Error> {
+        x509_parser::pem::parse_x509_pem(pem.as_bytes())
+            .map(|(_, doc)| doc.contents)
+            .map_err(|e| Error::Parse(e.to_string()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(der(ca_pem)?))
+        .map_err(|e| Error::Untrusted(format!("unusable CA certificate: {e}")))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| Error::Untrusted(e.to_string()))?;
+    let leaf = der(cert_pem)?;
+    verifier
+        .verify_client_cert(&CertificateDer::from(leaf.clone()), &[], UnixTime::now())
+        .map_err(|e| Error::Untrusted(e.to_string()))?;
+    PeerIdentity::from_chain(&[leaf])
 }
 
 /// A PEM certificate and its PEM private key.
@@ -325,6 +360,12 @@ impl TlsMaterial {
         TlsMaterial { ca_pem, identity }
     }
 
+    /// This member's own certificate and key (the key also signs its audit
+    /// checkpoints).
+    pub fn identity(&self) -> &CertifiedKey {
+        &self.identity
+    }
+
     /// Reads the CA certificate, certificate and key from files.
     pub fn load(files: &TlsFiles) -> Result<Self, Error> {
         let read = |what, path: &Path| {
@@ -466,6 +507,25 @@ mod tests {
     }
 
     #[test]
+    fn members_are_verified_against_their_own_ca_only() {
+        let ca = CertificateAuthority::create("G-Health").unwrap();
+        let issued = ca
+            .issue(&CertificateRequest::new(
+                "chosun",
+                Role::Node,
+                "Chosun University Hospital",
+            ))
+            .unwrap();
+        let who = verify_member(ca.cert_pem(), &issued.cert_pem).unwrap();
+        assert_eq!(who.name, "chosun");
+        let other = CertificateAuthority::create("Elsewhere").unwrap();
+        assert!(matches!(
+            verify_member(other.cert_pem(), &issued.cert_pem),
+            Err(Error::Untrusted(_))
+        ));
+    }
+
+    #[test]
     fn issued_certificate_carries_name_role_and_organisation() {
         let ca = CertificateAuthority::create("G-Health").unwrap();
         let issued = ca
@@ -481,7 +541,8 @@ mod tests {
             PeerIdentity {
                 name: "chosun".into(),
                 role: Role::Node,
-                organisation: "Chosun University Hospital".into()
+                organisation: "Chosun University Hospital".into(),
+                source: None,
             }
         );
     }

@@ -28,6 +28,15 @@ pub struct AggregateResult {
     pub noise: Option<NoiseStatement>,
 }
 
+impl AggregateResult {
+    /// Hex SHA-256 of the result's JSON: what both the node and the
+    /// coordinator record in their audit logs, so reconciliation can tell
+    /// whether what arrived is what was released.
+    pub fn digest(&self) -> String {
+        crate::query::digest(&serde_json::to_vec(self).expect("a result always serialises"))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Cell {
     pub key: Vec<String>,

@@ -2,7 +2,8 @@
 //! PostgreSQL: committee decisions, results and the audit trail survive a
 //! restart (a new `StudyBook` over the same database).
 
-use ghx_coordinator::store::{AuditRecord, CoordinatorStore, TrainingRunRow};
+use ghx_audit::Entry as AuditRecord;
+use ghx_coordinator::store::{CoordinatorStore, TrainingRunRow};
 use ghx_coordinator::studies::{Committee, Error, StudyBook, StudyResult, StudyStatus};
 use ghx_federation_tests::postgres::TestDatabase;
 use ghx_study::manifest::StudyManifest;
@@ -187,21 +188,22 @@ fn state_results_and_audit_survive_a_restart(f: Fixture) {
         }],
         rate_per: 0,
     };
-    let audit = AuditRecord {
+    let mut audit = AuditRecord {
         at: "2026-11-25T00:00:00Z".into(),
-        actor: "kim".into(),
-        role: "committee".into(),
+        caller: "kim".into(),
+        caller_role: "committee".into(),
         action: "approve".into(),
         study_id: "study-0001".into(),
-        outcome: "done".into(),
-        detail: "IRB letter checked".into(),
+        decision: "done".into(),
+        reason: "IRB letter checked".into(),
+        ..AuditRecord::default()
     };
     let id = {
         let book = book(&f, 1);
         let id = book.submit(manifest()).unwrap();
         book.approve(&id, "kim", "IRB letter checked").unwrap();
         book.record_result(&id, &result).unwrap();
-        book.audit(audit.clone()).unwrap();
+        book.store().audit_log().append(&audit).unwrap();
         id
     };
     // A new process over the same database.
@@ -219,7 +221,8 @@ fn state_results_and_audit_survive_a_restart(f: Fixture) {
         book.result(&id, "nope").unwrap_err(),
         Error::NoSuchQuery { .. }
     ));
-    assert_eq!(book.audit_trail().unwrap(), vec![audit]);
+    audit.chain(1, ghx_audit::GENESIS);
+    assert_eq!(book.store().audit_log().entries().unwrap(), vec![audit]);
     assert_eq!(book.list().unwrap().len(), 1);
 }
 

@@ -47,6 +47,7 @@ async fn start_with_quorum(patients: usize, quorum: usize) -> (LocalFederation, 
         seed: 2026,
         min_cell_size: MIN_CELL,
         committee_quorum: quorum,
+        audit_checkpoint_every: None,
     })
     .await
     .expect("the local federation starts");
@@ -611,8 +612,8 @@ async fn studies_need_a_committee_quorum_and_nodes_refuse_anything_unapproved() 
     let trail = federation.coordinator_audit();
     let steps: Vec<(&str, &str)> = trail
         .iter()
-        .filter(|r| r.study_id == study_id)
-        .map(|r| (r.action.as_str(), r.outcome.as_str()))
+        .filter(|r| r.study_id == study_id && r.peer.is_empty())
+        .map(|r| (r.action.as_str(), r.decision.as_str()))
         .collect();
     assert_eq!(
         steps,
@@ -625,6 +626,20 @@ async fn studies_need_a_committee_quorum_and_nodes_refuse_anything_unapproved() 
             ("approve", "done"),
             ("revoke", "done"),
             ("run", "refused"),
+        ]
+    );
+    // The revocation as sent to each node, for reconciliation.
+    let sent: Vec<(&str, &str, &str)> = trail
+        .iter()
+        .filter(|r| r.study_id == study_id && !r.peer.is_empty())
+        .map(|r| (r.action.as_str(), r.peer.as_str(), r.decision.as_str()))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("revoke", "chonnam", "answered"),
+            ("revoke", "chosun", "answered"),
+            ("revoke", "christian", "answered")
         ]
     );
 

@@ -271,12 +271,20 @@ fn audit_entries_are_appended_in_order(f: Fixture) {
         purpose: "HRESCH".into(),
         policy_reasons: "permitted by `research-aggregates`".into(),
         consent_excluded: 7,
+        source: "127.0.0.1:50001".into(),
+        requester: "alice".into(),
+        requester_org: "Acme Health".into(),
+        result_sha256: "ab".repeat(32),
+        epsilon: 0.25,
+        ..AuditEntry::default()
     };
     let first = f.store.append_audit(&entry("s1")).unwrap();
     let second = f.store.append_audit(&entry("s2")).unwrap();
-    assert!(second > first);
-    let all = f.store.audit_entries().unwrap();
-    assert_eq!(all, vec![entry("s1"), entry("s2")]);
+    assert_eq!((first, second), (1, 2));
+    // Every column comes back as written, chained in order.
+    let mut expected = vec![entry("s1"), entry("s2")];
+    ghx_audit::verify::chain_all(&mut expected, 1, ghx_audit::GENESIS);
+    assert_eq!(f.store.audit_entries().unwrap(), expected);
 }
 
 fn count_query(store: &Store, cohort: &str) -> u64 {

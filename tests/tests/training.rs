@@ -27,6 +27,7 @@ async fn start() -> (LocalFederation, tempfile::TempDir) {
         seed: 77,
         min_cell_size: 10,
         committee_quorum: 1,
+        audit_checkpoint_every: None,
     })
     .await
     .expect("the local federation starts");

@@ -21,9 +21,9 @@ use diesel::upsert::excluded;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 
 use schema::{
-    audit_log, capability_uses, code_map, condition_codes, consent_contexts, consent_eligibility,
-    consents, encounters, import_checkpoints, medication_codes, node_state, observation_values,
-    patients, privacy_budget, privacy_charges, released_cohorts, resource_history, resources,
+    capability_uses, code_map, condition_codes, consent_contexts, consent_eligibility, consents,
+    encounters, import_checkpoints, medication_codes, node_state, observation_values, patients,
+    privacy_budget, privacy_charges, released_cohorts, resource_history, resources,
     revoked_studies, view_materialisations, view_values,
 };
 
@@ -50,6 +50,7 @@ pub use ghx_db::{Dialect, redact_url};
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    audit: ghx_db::audit::AuditLog,
 }
 
 impl std::fmt::Debug for Store {
@@ -176,7 +177,13 @@ impl Store {
                 postgres: POSTGRES_MIGRATIONS,
             },
         )?;
-        Ok(Store { backend })
+        let audit = ghx_db::audit::AuditLog::open(backend.clone())?;
+        Ok(Store { backend, audit })
+    }
+
+    /// The node's audit log (unsigned; the api signs its checkpoints).
+    pub fn audit_log(&self) -> &ghx_db::audit::AuditLog {
+        &self.audit
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -1078,87 +1085,15 @@ impl Store {
         Ok(())
     }
 
-    /// Appends one audit entry and returns its sequence number.
-    pub fn append_audit(&self, entry: &AuditEntry) -> Result<i64> {
-        Ok(with_conn!(self.backend, |conn| diesel::insert_into(
-            audit_log::table
-        )
-        .values((
-            audit_log::at.eq(&entry.at),
-            audit_log::caller.eq(&entry.caller),
-            audit_log::caller_role.eq(&entry.caller_role),
-            audit_log::caller_org.eq(&entry.caller_org),
-            audit_log::study_id.eq(&entry.study_id),
-            audit_log::capability_id.eq(&entry.capability_id),
-            audit_log::action.eq(&entry.action),
-            audit_log::decision.eq(&entry.decision),
-            audit_log::reason.eq(&entry.reason),
-            audit_log::query_sha256.eq(&entry.query_sha256),
-            audit_log::result_cells.eq(entry.result_cells),
-            audit_log::purpose.eq(&entry.purpose),
-            audit_log::policy_reasons.eq(&entry.policy_reasons),
-            audit_log::consent_excluded.eq(entry.consent_excluded),
-        ))
-        .returning(audit_log::seq)
-        .get_result::<i64>(conn)?))
+    /// Appends one audit entry, unsigned (tests and tools; the api appends
+    /// through its signing [`ghx_db::audit::AuditLog`]). Returns its number.
+    pub fn append_audit(&self, entry: &AuditEntry) -> Result<i64, ghx_db::audit::Error> {
+        Ok(self.audit.append(entry)?.seq)
     }
 
     /// The whole audit log in order.
     pub fn audit_entries(&self) -> Result<Vec<AuditEntry>> {
-        type Row = (
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            i64,
-            String,
-            String,
-            i64,
-        );
-        let rows: Vec<Row> = with_conn!(self.backend, |conn| audit_log::table
-            .order(audit_log::seq)
-            .select((
-                audit_log::at,
-                audit_log::caller,
-                audit_log::caller_role,
-                audit_log::caller_org,
-                audit_log::study_id,
-                audit_log::capability_id,
-                audit_log::action,
-                audit_log::decision,
-                audit_log::reason,
-                audit_log::query_sha256,
-                audit_log::result_cells,
-                audit_log::purpose,
-                audit_log::policy_reasons,
-                audit_log::consent_excluded,
-            ))
-            .load(conn)?);
-        Ok(rows
-            .into_iter()
-            .map(|r| AuditEntry {
-                at: r.0,
-                caller: r.1,
-                caller_role: r.2,
-                caller_org: r.3,
-                study_id: r.4,
-                capability_id: r.5,
-                action: r.6,
-                decision: r.7,
-                reason: r.8,
-                query_sha256: r.9,
-                result_cells: r.10,
-                purpose: r.11,
-                policy_reasons: r.12,
-                consent_excluded: r.13,
-            })
-            .collect())
+        self.audit.entries()
     }
 }
 
@@ -1427,23 +1362,4 @@ pub struct ConsentInputs {
 }
 
 /// One line of the audit log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditEntry {
-    pub at: String,
-    pub caller: String,
-    pub caller_role: String,
-    pub caller_org: String,
-    pub study_id: String,
-    pub capability_id: String,
-    pub action: String,
-    pub decision: String,
-    pub reason: String,
-    pub query_sha256: String,
-    pub result_cells: i64,
-    /// Purpose of use the capability carried (HL7 v3 ActReason).
-    pub purpose: String,
-    /// Which access policies decided, with their stated reasons.
-    pub policy_reasons: String,
-    /// Patients consent excluded from the computation.
-    pub consent_excluded: i64,
-}
+pub use ghx_audit::Entry as AuditEntry;

@@ -129,26 +129,6 @@ diesel::table! {
 }
 
 diesel::table! {
-    audit_log (seq) {
-        seq -> BigInt,
-        at -> Text,
-        caller -> Text,
-        caller_role -> Text,
-        caller_org -> Text,
-        study_id -> Text,
-        capability_id -> Text,
-        action -> Text,
-        decision -> Text,
-        reason -> Text,
-        query_sha256 -> Text,
-        result_cells -> BigInt,
-        purpose -> Text,
-        policy_reasons -> Text,
-        consent_excluded -> BigInt,
-    }
-}
-
-diesel::table! {
     capability_uses (jti) {
         jti -> Text,
         study_id -> Text,
