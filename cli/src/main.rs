@@ -305,10 +305,20 @@ enum PkiCommand {
 
 #[derive(Subcommand)]
 enum NodeCommand {
-    /// Serve the node's gRPC API until interrupted.
+    /// Serve the node's gRPC API until interrupted. Configuration layers:
+    /// defaults, the --config file, GHX_NODE__* variables (e.g.
+    /// GHX_NODE__AUDIT__RETENTION_DAYS=1000), --set flags.
     Run {
         #[arg(long, env = "GHX_NODE_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Override one key, as in the file: `--set audit.retention_days=1000`
+        /// (repeatable; stronger than the file and GHX_NODE__* variables).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print the effective configuration (every layer applied and
+        /// validated, database password redacted) and exit.
+        #[arg(long)]
+        print_config: bool,
     },
     /// Import FHIR NDJSON files, Bundles (optionally .gz) or directories of them.
     Import {
@@ -355,10 +365,20 @@ enum NodeCommand {
 
 #[derive(Subcommand)]
 enum CoordinatorCommand {
-    /// Serve the coordinator's gRPC API until interrupted.
+    /// Serve the coordinator's gRPC API until interrupted. Configuration
+    /// layers: defaults, the --config file, GHX_COORDINATOR__* variables,
+    /// --set flags.
     Run {
         #[arg(long, env = "GHX_COORDINATOR_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Override one key, as in the file: `--set audit.retention_days=1000`
+        /// (repeatable; stronger than the file and GHX_COORDINATOR__* variables).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print the effective configuration (every layer applied and
+        /// validated, database password redacted) and exit.
+        #[arg(long)]
+        print_config: bool,
     },
 }
 
@@ -920,8 +940,16 @@ async fn run(command: Command) -> Result<()> {
         Command::BenchTrain(args) => bench_train(args).await,
         Command::Synth(args) => synth(&args),
         Command::Pki(cmd) => pki(cmd),
-        Command::Node(NodeCommand::Run { config }) => {
-            let config = ghx_node::NodeConfig::load(&config)?;
+        Command::Node(NodeCommand::Run {
+            config,
+            set,
+            print_config,
+        }) => {
+            let config = ghx_node::NodeConfig::layered(config.as_deref(), &set)?;
+            if print_config {
+                print!("{}", config.to_toml());
+                return Ok(());
+            }
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -937,7 +965,7 @@ async fn run(command: Command) -> Result<()> {
             no_resume,
             rejects,
         }) => {
-            let config = ghx_node::NodeConfig::load(&config)?;
+            let config = ghx_node::NodeConfig::layered(Some(&config), &[])?;
             let mut options = ImportOptions {
                 batch_size,
                 resume: !no_resume,
@@ -954,7 +982,7 @@ async fn run(command: Command) -> Result<()> {
             out,
             resource_type,
         }) => {
-            let config = ghx_node::NodeConfig::load(&config)?;
+            let config = ghx_node::NodeConfig::layered(Some(&config), &[])?;
             let store = ghx_node::Store::open(&config.database_url)?;
             let started = Instant::now();
             let counts = tokio::task::spawn_blocking(move || {
@@ -975,7 +1003,7 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Node(NodeCommand::LoadCodeMap { config, csv }) => {
-            let config = ghx_node::NodeConfig::load(&config)?;
+            let config = ghx_node::NodeConfig::layered(Some(&config), &[])?;
             let store = ghx_node::Store::open(&config.database_url)?;
             let (loaded, reindexed) = tokio::task::spawn_blocking(move || {
                 let loaded = ghx_node::import::load_edi_loinc_map(&store, &csv)?;
@@ -987,15 +1015,23 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Node(NodeCommand::Reindex { config }) => {
-            let config = ghx_node::NodeConfig::load(&config)?;
+            let config = ghx_node::NodeConfig::layered(Some(&config), &[])?;
             let store = ghx_node::Store::open(&config.database_url)?;
             let n = tokio::task::spawn_blocking(move || ghx_node::import::reindex(&store, 2000))
                 .await??;
             println!("re-indexed {n} resources");
             Ok(())
         }
-        Command::Coordinator(CoordinatorCommand::Run { config }) => {
-            let config = ghx_coordinator::CoordinatorConfig::load(&config)?;
+        Command::Coordinator(CoordinatorCommand::Run {
+            config,
+            set,
+            print_config,
+        }) => {
+            let config = ghx_coordinator::CoordinatorConfig::layered(config.as_deref(), &set)?;
+            if print_config {
+                print!("{}", config.to_toml());
+                return Ok(());
+            }
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;

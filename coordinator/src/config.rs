@@ -4,22 +4,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+/// The prefix of environment variables that set this service's keys.
+pub const ENV_PREFIX: &str = "GHX_COORDINATOR__";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read configuration {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid configuration {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    Layers(#[from] ghx_config::Error),
     #[error("invalid configuration: `{key}` {problem}")]
     Invalid { key: String, problem: String },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
@@ -45,7 +43,7 @@ pub struct CoordinatorConfig {
 }
 
 /// The steering committee: who may decide and how many must approve.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CommitteeConfig {
     /// Distinct approvals a study needs (m of n).
@@ -70,7 +68,7 @@ fn default_quorum() -> usize {
     1
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub ca: PathBuf,
@@ -78,7 +76,7 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SigningKeyConfig {
     pub kid: String,
@@ -87,7 +85,7 @@ pub struct SigningKeyConfig {
 }
 
 /// A node the coordinator knows from its configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeEntry {
     pub id: String,
@@ -111,15 +109,25 @@ fn default_deadline_secs() -> u64 {
 
 impl CoordinatorConfig {
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config: CoordinatorConfig = toml::from_str(&text).map_err(|e| Error::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_sources(&ghx_config::Sources {
+            file: Some(path.to_owned()),
+            ..ghx_config::Sources::default()
+        })
+    }
+
+    /// Every layer: the defaults, `file`, `GHX_COORDINATOR__*` environment variables
+    /// (`__` between table levels) and `--set key=value` overrides, strongest
+    /// last; then validated. Relative paths resolve against the file's
+    /// directory (the working directory without a file).
+    pub fn layered(file: Option<&Path>, overrides: &[String]) -> Result<Self, Error> {
+        Self::from_sources(&ghx_config::Sources::from_process(
+            file, ENV_PREFIX, overrides,
+        ))
+    }
+
+    fn from_sources(sources: &ghx_config::Sources) -> Result<Self, Error> {
+        let mut config: CoordinatorConfig = sources.load()?;
+        let base = sources.base_dir();
         for p in [
             &mut config.tls.ca,
             &mut config.tls.cert,
@@ -135,6 +143,14 @@ impl CoordinatorConfig {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The effective configuration as TOML, database password redacted:
+    /// what `--print-config` shows.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database_url = ghx_db::redact_url(&shown.database_url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
 
     pub fn validate(&self) -> Result<(), Error> {

@@ -3,24 +3,22 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration that cannot be used; the message names the key.
+/// The prefix of environment variables that set this service's keys.
+pub const ENV_PREFIX: &str = "GHX_NODE__";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read configuration {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid configuration {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    Layers(#[from] ghx_config::Error),
     #[error("invalid configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
 }
 
 /// Everything a node needs to run.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// The node id; must equal the common name of the node's certificate.
@@ -58,7 +56,7 @@ pub struct NodeConfig {
     pub audit: ghx_audit::Settings,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub ca: PathBuf,
@@ -66,7 +64,7 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorKey {
     pub kid: String,
@@ -86,18 +84,35 @@ impl NodeConfig {
     /// Reads and validates a TOML configuration file. Relative paths in it are
     /// resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config: NodeConfig = toml::from_str(&text).map_err(|e| Error::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        config.resolve_paths(base);
+        Self::from_sources(&ghx_config::Sources {
+            file: Some(path.to_owned()),
+            ..ghx_config::Sources::default()
+        })
+    }
+
+    /// Every layer: the defaults, `file`, `GHX_NODE__*` environment variables
+    /// (`__` between table levels) and `--set key=value` overrides, strongest
+    /// last; then validated. Relative paths resolve against the file's
+    /// directory (the working directory without a file).
+    pub fn layered(file: Option<&Path>, overrides: &[String]) -> Result<Self, Error> {
+        Self::from_sources(&ghx_config::Sources::from_process(
+            file, ENV_PREFIX, overrides,
+        ))
+    }
+
+    fn from_sources(sources: &ghx_config::Sources) -> Result<Self, Error> {
+        let mut config: NodeConfig = sources.load()?;
+        config.resolve_paths(&sources.base_dir());
         config.validate()?;
         Ok(config)
+    }
+
+    /// The effective configuration as TOML, database password redacted:
+    /// what `--print-config` shows.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database_url = ghx_db::redact_url(&shown.database_url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
 
     fn resolve_paths(&mut self, base: &Path) {
