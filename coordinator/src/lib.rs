@@ -57,6 +57,7 @@ pub struct Coordinator {
     api: api::CoordinatorApi,
     tls: TlsMaterial,
     audit: ghx_audit::Settings,
+    store: store::CoordinatorStore,
 }
 
 impl Coordinator {
@@ -77,6 +78,7 @@ impl Coordinator {
         for node in &config.nodes {
             registry.register(&node.id, &node.endpoint, &node.display_name)?;
         }
+        let store = store::CoordinatorStore::open(&config.database_url)?;
         let api = api::CoordinatorApi::new(
             registry,
             signer,
@@ -85,7 +87,7 @@ impl Coordinator {
                 quorum: config.committee.quorum,
                 members: config.committee.members.clone(),
             },
-            store::CoordinatorStore::open(&config.database_url)?,
+            store.clone(),
         )
         .with_audit_signer(
             ghx_audit::checkpoint::Signer::from_pem("coordinator", &tls.identity().key_pem)
@@ -96,6 +98,7 @@ impl Coordinator {
             api,
             tls,
             audit: config.audit.clone(),
+            store,
         })
     }
 
@@ -120,10 +123,24 @@ impl Coordinator {
         }
         let audit = self.api.audit_log().clone();
         let upkeep = ghx_db::audit::spawn_upkeep(audit.clone(), self.audit);
+        // grpc.health.v1: serving while the database answers and the
+        // certificate is valid.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<CoordinatorServiceServer<api::CoordinatorApi>>()
+            .await;
+        let store = self.store;
+        let readiness = ghx_pki::readiness::spawn(
+            health,
+            "ghx.v1.CoordinatorService",
+            self.tls.identity().cert_pem.clone(),
+            move || store.ping().map_err(|e| e.to_string()),
+        );
         // Small request/response messages: without TCP_NODELAY, Nagle's
         // algorithm and delayed ACKs add ~40 ms to every call.
         Server::builder()
             .tls_config(self.tls.server_config())?
+            .add_service(health_service)
             .add_service(CoordinatorServiceServer::new(self.api))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -131,6 +148,7 @@ impl Coordinator {
             )
             .await?;
         upkeep.abort();
+        readiness.abort();
         ghx_db::audit::sign_on_shutdown(audit).await;
         Ok(())
     }

@@ -115,6 +115,11 @@ impl CoordinatorStore {
         Ok(CoordinatorStore { backend, audit })
     }
 
+    /// Whether the database answers (readiness).
+    pub fn ping(&self) -> Result<()> {
+        ghx_db::ping(&self.backend)
+    }
+
     /// The coordinator's audit log (unsigned; the api signs checkpoints).
     pub fn audit_log(&self) -> &ghx_db::audit::AuditLog {
         &self.audit

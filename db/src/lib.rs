@@ -117,6 +117,14 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragma
     }
 }
 
+/// Whether the database answers a trivial query (readiness checks).
+pub fn ping(backend: &Backend) -> Result<()> {
+    use diesel::RunQueryDsl;
+    with_conn!(backend, |conn| diesel::sql_query("SELECT 1")
+        .execute(conn)?);
+    Ok(())
+}
+
 /// A URL with any password replaced, safe to print.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -128,6 +128,7 @@ impl Node {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        let store = self.store.clone();
         let api = api::NodeApi::new(
             &self.config.id,
             &self.config.display_name,
@@ -145,11 +146,24 @@ impl Node {
         )?;
         let audit = api.audit_log().clone();
         let upkeep = ghx_db::audit::spawn_upkeep(audit.clone(), self.config.audit.clone());
+        // grpc.health.v1: serving while the database answers and the
+        // certificate is valid.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<NodeServiceServer<api::NodeApi>>()
+            .await;
+        let readiness = ghx_pki::readiness::spawn(
+            health,
+            "ghx.v1.NodeService",
+            self.tls.identity().cert_pem.clone(),
+            move || store.ping().map_err(|e| e.to_string()),
+        );
         tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node serving");
         // Small request/response messages: without TCP_NODELAY, Nagle's
         // algorithm and delayed ACKs add ~40 ms to every call.
         Server::builder()
             .tls_config(self.tls.server_config())?
+            .add_service(health_service)
             .add_service(NodeServiceServer::new(api))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -157,6 +171,7 @@ impl Node {
             )
             .await?;
         upkeep.abort();
+        readiness.abort();
         ghx_db::audit::sign_on_shutdown(audit).await;
         Ok(())
     }

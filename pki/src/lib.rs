@@ -13,6 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod readiness;
+
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -181,6 +181,11 @@ impl Store {
         Ok(Store { backend, audit })
     }
 
+    /// Whether the database answers (readiness).
+    pub fn ping(&self) -> Result<()> {
+        ghx_db::ping(&self.backend)
+    }
+
     /// The node's audit log (unsigned; the api signs its checkpoints).
     pub fn audit_log(&self) -> &ghx_db::audit::AuditLog {
         &self.audit
