@@ -343,6 +343,33 @@ impl LocalFederation {
         let _ = task.await;
     }
 
+    /// Restarts one node's server on its address from its configuration and
+    /// database, as after a hospital's maintenance window; the coordinator
+    /// keeps running and reconnects on its next call.
+    pub async fn restart_node(&mut self, id: &str) -> Result<(), Error> {
+        let Some(i) = self.nodes.iter().position(|n| n.profile.id == id) else {
+            return Ok(());
+        };
+        self.stop_node(id).await;
+        let addr = self.nodes[i].addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(io("bind", Path::new(&addr.to_string())))?;
+        let node = Node::build(NodeConfig::load(&self.nodes[i].config_path)?)?;
+        self.nodes[i].store = node.store().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.stops[i] = stop;
+        self.tasks[i] = tokio::spawn(async move {
+            if let Err(e) = node
+                .serve(listener, async { stopped.await.unwrap_or(()) })
+                .await
+            {
+                tracing::error!(error = %e, "node stopped with an error");
+            }
+        });
+        Ok(())
+    }
+
     /// The running coordinator's service, e.g. to resume training runs.
     pub fn coordinator_api(&self) -> ghx_coordinator::api::CoordinatorApi {
         self.coordinator.clone()
