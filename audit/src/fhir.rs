@@ -20,7 +20,7 @@ pub enum Error {
 
 /// DICOM audit event types (DCM) that fit ghx actions.
 fn event_type(action: &str) -> (&'static str, &'static str) {
-    if action == "aggregate" || action.starts_with("round:") || action.starts_with("dispatch") {
+    if crate::action::is_query(action) {
         ("110112", "Query")
     } else {
         ("110100", "Application Activity")

@@ -239,6 +239,32 @@ impl Settings {
     }
 }
 
+/// The actions a node records for what the coordinator sends it, and the
+/// coordinator records sending: reconciliation matches on them, so both
+/// sides take them from here.
+pub mod action {
+    pub const AGGREGATE: &str = "aggregate";
+    pub const REVOKE: &str = "revoke";
+    /// Step 3 of a training round, which releases the masked contribution.
+    pub const MASKED_INPUT: &str = "round:masked-input";
+    const ROUND: &str = "round:";
+
+    /// Step 1 of a training round in `phase` (moments, train, evaluate).
+    pub fn round(phase: &str) -> String {
+        format!("{ROUND}{phase}")
+    }
+
+    /// Whether a node records `action` for a request the coordinator sends.
+    pub fn is_dispatched(action: &str) -> bool {
+        action == AGGREGATE || action == REVOKE || action.starts_with(ROUND)
+    }
+
+    /// Whether `action` asks for data (a query or a training step).
+    pub fn is_query(action: &str) -> bool {
+        action == AGGREGATE || action.starts_with(ROUND)
+    }
+}
+
 /// A whole log as exported for the committee: the entries of a period, the
 /// signed checkpoints, and who kept it. `ghx audit export --format chain`
 /// writes it; verify and reconcile read it.

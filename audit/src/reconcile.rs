@@ -71,11 +71,6 @@ impl Reconciliation {
     }
 }
 
-/// Whether a node entry records a request the coordinator sends.
-pub fn is_dispatched(action: &str) -> bool {
-    action == "aggregate" || action == "revoke" || action.starts_with("round:")
-}
-
 /// Decisions under which the coordinator holds an answer from the node.
 fn coordinator_got_answer(decision: &str) -> bool {
     decision == crate::ANSWERED || decision == REFUSED
@@ -107,7 +102,10 @@ pub fn reconcile(coordinator: &[Entry], nodes: &[(String, Vec<Entry>)]) -> Recon
     out.nodes_without_log = without_log.into_iter().collect();
 
     for (node, entries) in nodes {
-        for n in entries.iter().filter(|e| is_dispatched(&e.action)) {
+        for n in entries
+            .iter()
+            .filter(|e| crate::action::is_dispatched(&e.action))
+        {
             let candidates = sent.get_mut(&key(node, n));
             // Same capability when the node read it; a request refused
             // before its capability was read matches on the digest alone.

@@ -135,6 +135,26 @@ pub fn verify(log: &LogExport, verifier: Option<&Verifier>) -> Verification {
     ghx_audit::verify::verify(&log.entries, &log.checkpoints, verifier)
 }
 
+/// Verifies a log against the certificate inside it, trusted only when
+/// the federation CA (`ca_pem`) issued it; without a CA, the chain only.
+pub fn verify_with_ca(log: &LogExport, ca_pem: Option<&str>) -> Result<Verification, Error> {
+    let verifier = verifier_for(log, None, ca_pem)?;
+    Ok(verify(log, verifier.as_ref()))
+}
+
+/// Reconciles the coordinator's log with the nodes' logs over `period`.
+pub fn reconcile_logs(
+    coordinator: &LogExport,
+    nodes: &[LogExport],
+    period: (Option<time::OffsetDateTime>, Option<time::OffsetDateTime>),
+) -> Reconciliation {
+    let nodes: Vec<(String, Vec<ghx_audit::Entry>)> = nodes
+        .iter()
+        .map(|log| (log.keeper.clone(), entries_in(log, period)))
+        .collect();
+    ghx_audit::reconcile::reconcile(&entries_in(coordinator, period), &nodes)
+}
+
 /// The verdict in words.
 pub fn verification_text(keeper: &str, v: &Verification) -> String {
     let range = match (v.first_seq, v.last_seq) {

@@ -376,7 +376,7 @@ impl LocalFederation {
     }
 
     /// The coordinator's audit trail so far.
-    pub fn coordinator_audit(&self) -> Vec<ghx_coordinator::studies::AuditRecord> {
+    pub fn coordinator_audit(&self) -> Vec<ghx_audit::Entry> {
         self.coordinator
             .audit_trail()
             .expect("the coordinator's audit trail is readable")
@@ -387,7 +387,7 @@ impl LocalFederation {
     pub fn audit_keepers(&self) -> AuditKeepers {
         AuditKeepers {
             dir: self.dir.clone(),
-            pki: PkiDir::new(self.pki.root()),
+            pki: self.pki.clone(),
             nodes: self.nodes.iter().map(|n| n.profile.id).collect(),
         }
     }

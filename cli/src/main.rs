@@ -615,23 +615,14 @@ fn audit(command: AuditCommand) -> Result<()> {
             let mut intact = true;
             let mut read = |path: &Path| -> Result<ghx_audit::LogExport> {
                 let log = audit_files::read_export(path)?;
-                let verifier = audit_files::verifier_for(&log, None, ca.as_deref())?;
-                let verdict = audit_files::verify(&log, verifier.as_ref());
+                let verdict = audit_files::verify_with_ca(&log, ca.as_deref())?;
                 println!("{}", audit_files::verification_text(&log.keeper, &verdict));
                 intact &= verdict.is_intact();
                 Ok(log)
             };
             let coordinator_log = read(&coordinator)?;
-            let node_logs = nodes
-                .iter()
-                .map(|p| {
-                    read(p).map(|log| (log.keeper.clone(), audit_files::entries_in(&log, period)))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let result = ghx_audit::reconcile::reconcile(
-                &audit_files::entries_in(&coordinator_log, period),
-                &node_logs,
-            );
+            let node_logs = nodes.iter().map(|p| read(p)).collect::<Result<Vec<_>>>()?;
+            let result = audit_files::reconcile_logs(&coordinator_log, &node_logs, period);
             print!("{}", audit_files::reconciliation_text(&result));
             if !intact || result.alarms() > 0 {
                 std::process::exit(1);
@@ -1679,26 +1670,22 @@ fn demo_audit(keepers: &local_federation::AuditKeepers) -> Result<()> {
     let ca = audit_files::read_pem(&keepers.ca())?;
     let logs = keepers.read()?;
     for log in &logs {
-        let verifier = audit_files::verifier_for(log, None, Some(&ca))?;
-        let verdict = audit_files::verify(log, verifier.as_ref());
+        let verdict = audit_files::verify_with_ca(log, Some(&ca))?;
         println!("{}", audit_files::verification_text(&log.keeper, &verdict));
         if let Some(broken) = verdict.broken {
             bail!("{}'s audit log is broken at {broken}", log.keeper);
         }
     }
     let (coordinator, nodes) = logs.split_first().context("no coordinator log")?;
-    let nodes: Vec<(String, Vec<ghx_audit::Entry>)> = nodes
-        .iter()
-        .map(|l| (l.keeper.clone(), l.entries.clone()))
-        .collect();
-    let reconciled = ghx_audit::reconcile::reconcile(&coordinator.entries, &nodes);
+    let month = time::OffsetDateTime::now_utc()
+        .format(&time::macros::format_description!("[year]-[month]"))?;
+    let period = audit_files::period(Some(&month), None, None)?;
+    let reconciled = audit_files::reconcile_logs(coordinator, nodes, period);
     print!(
         "reconcile: {}",
         audit_files::reconciliation_text(&reconciled)
     );
-    let month = time::OffsetDateTime::now_utc()
-        .format(&time::macros::format_description!("[year]-[month]"))?;
-    let review = ghx_audit::report::review(&coordinator.entries);
+    let review = ghx_audit::report::review(&audit_files::entries_in(coordinator, period));
     let path = keepers.dir().join(format!("audit-review-{month}.md"));
     audit_files::write(
         &path,

@@ -246,6 +246,27 @@ async fn audit_commands_verify_export_reconcile_and_review() {
         "{stdout}"
     );
 
+    // A database that is not there is named, and none is created.
+    let missing = path("nowhere.db");
+    let (ok, _, stderr) = ghx(
+        &federation,
+        REQUESTER,
+        &[
+            "audit",
+            "verify",
+            "--db",
+            &missing,
+            "--cert",
+            &cert("chonnam"),
+        ],
+    )
+    .await;
+    assert!(
+        !ok && stderr.contains("nowhere.db") && stderr.contains("no such database file"),
+        "{stderr}"
+    );
+    assert!(!std::path::Path::new(&missing).exists());
+
     // The wrong keeper's certificate is named as such.
     let (ok, _, stderr) = ghx(
         &federation,

@@ -84,11 +84,7 @@ impl Sources {
             }
             None => Table::new(),
         };
-        let mut env: Vec<&(String, String)> = self
-            .env
-            .iter()
-            .filter(|(k, _)| !self.env_prefix.is_empty() && k.starts_with(&self.env_prefix))
-            .collect();
+        let mut env: Vec<&(String, String)> = self.service_env().collect();
         env.sort();
         for (name, value) in env {
             let key = name[self.env_prefix.len()..].to_ascii_lowercase();
@@ -127,17 +123,20 @@ impl Sources {
         })
     }
 
+    /// The environment variables that set this service's keys.
+    fn service_env(&self) -> impl Iterator<Item = &(String, String)> {
+        self.env
+            .iter()
+            .filter(|(k, _)| !self.env_prefix.is_empty() && k.starts_with(&self.env_prefix))
+    }
+
     /// The layers in words, for error messages.
     fn describe(&self) -> String {
         let mut layers = Vec::new();
         if let Some(f) = &self.file {
             layers.push(f.display().to_string());
         }
-        if self
-            .env
-            .iter()
-            .any(|(k, _)| !self.env_prefix.is_empty() && k.starts_with(&self.env_prefix))
-        {
+        if self.service_env().next().is_some() {
             layers.push(format!("{}* environment", self.env_prefix));
         }
         if !self.overrides.is_empty() {

@@ -15,8 +15,9 @@ use tonic::{Request, Response, Status};
 use crate::dispatch;
 use crate::fanout::{self, NodeRegistry};
 use crate::store::CoordinatorStore;
-use crate::studies::{self, AuditRecord, Committee, StudyBook, StudyResult};
+use crate::studies::{self, Committee, StudyBook, StudyResult};
 use crate::training::{self, Federation, RunStatus, TrainingRecord};
+use ghx_audit::Entry as AuditRecord;
 use ghx_db::audit::AuditLog;
 
 #[derive(Clone)]
@@ -135,15 +136,11 @@ impl CoordinatorApi {
     }
 
     /// Signs an audit checkpoint every `every` entries with the
-    /// coordinator's certificate key, and one now over what is logged.
-    pub fn with_audit_signer(
-        mut self,
-        signer: ghx_audit::checkpoint::Signer,
-        every: i64,
-    ) -> Result<Self, ghx_db::audit::Error> {
+    /// coordinator's certificate key.
+    pub fn with_audit_signer(mut self, signer: ghx_audit::checkpoint::Signer, every: i64) -> Self {
         let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
-        inner.audit = inner.audit.clone().signed_by(signer, every)?;
-        Ok(self)
+        inner.audit = inner.audit.clone().signed_by(signer, every);
+        self
     }
 
     /// The audit log (signing), for requests sent to nodes.
@@ -258,27 +255,10 @@ impl CoordinatorApi {
             .run_aggregate(&token, &query_json, &study.manifest_json)
             .await;
         let spec = &named.query;
-        let outcomes: Vec<(String, dispatch::Outcome)> = per_node
-            .iter()
-            .map(|r| {
-                (
-                    r.node_id.clone(),
-                    dispatch::Outcome::Answered {
-                        result_sha256: r.digest(),
-                        cells: i64::try_from(r.cells.len()).unwrap_or(i64::MAX),
-                    },
-                )
-            })
-            .chain(
-                failures
-                    .iter()
-                    .map(|f| (f.node_id.clone(), dispatch::Outcome::Failed(f.clone()))),
-            )
-            .collect();
         dispatch::record(
             &inner.audit,
             &dispatch::Sent {
-                action: "aggregate",
+                action: ghx_audit::action::AGGREGATE,
                 study_id: &study.id,
                 capability_id: &claims.jti,
                 request_sha256: query::digest(&query_json),
@@ -287,7 +267,10 @@ impl CoordinatorApi {
                 purpose: &claims.purpose,
                 epsilon: spec.noise.as_ref().map_or(0.0, |n| n.epsilon),
             },
-            &outcomes,
+            per_node
+                .iter()
+                .map(|r| (r.node_id.clone(), dispatch::Answer::of_result(r))),
+            &failures,
         )
         .map_err(ApiError::Audit)?;
         let dimensions = spec.key_names();
@@ -341,23 +324,10 @@ impl CoordinatorApi {
             // missed it still holds only short-lived, single-use capabilities.
             tracing::warn!(node = %failure.node_id, reason = %failure.reason, "node not told of revocation");
         }
-        let outcomes: Vec<(String, dispatch::Outcome)> = nodes
-            .iter()
-            .map(|node| {
-                let outcome = match failures.iter().find(|f| &f.node_id == node) {
-                    Some(f) => dispatch::Outcome::Failed(f.clone()),
-                    None => dispatch::Outcome::Answered {
-                        result_sha256: String::new(),
-                        cells: 0,
-                    },
-                };
-                (node.clone(), outcome)
-            })
-            .collect();
         dispatch::record(
             &self.inner.audit,
             &dispatch::Sent {
-                action: "revoke",
+                action: ghx_audit::action::REVOKE,
                 study_id,
                 capability_id: &revocation_id,
                 request_sha256: ghx_audit::digest(token.as_bytes()),
@@ -365,7 +335,11 @@ impl CoordinatorApi {
                 requester_org: &caller.organisation,
                 ..dispatch::Sent::default()
             },
-            &outcomes,
+            nodes
+                .iter()
+                .filter(|n| !failures.iter().any(|f| &f.node_id == *n))
+                .map(|n| (n.clone(), dispatch::Answer::default())),
+            &failures,
         )
         .map_err(ApiError::Audit)?;
         Ok(study)

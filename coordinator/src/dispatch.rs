@@ -4,13 +4,14 @@
 
 use ghx_audit::{ANSWERED, Entry, REFUSED};
 use ghx_db::audit::{AuditLog, Error};
-use ghx_study::result::NodeFailure;
+use ghx_study::result::{AggregateResult, NodeFailure};
+
+use crate::fanout::node_decided;
 
 /// One request as sent to every node it went to.
 #[derive(Debug, Clone, Default)]
 pub struct Sent<'a> {
-    /// The action as the node records it: `aggregate`, `revoke`,
-    /// `round:<phase>`, `round:masked-input`.
+    /// The action as the node records it (`ghx_audit::action`).
     pub action: &'a str,
     pub study_id: &'a str,
     pub capability_id: &'a str,
@@ -23,70 +24,75 @@ pub struct Sent<'a> {
     pub epsilon: f64,
 }
 
-/// What one node did with it.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// It answered; the digest of what it released and how many cells.
-    Answered { result_sha256: String, cells: i64 },
-    /// It did not answer, or answered with an error.
-    Failed(NodeFailure),
+/// What a node that answered sent back: nothing to digest (a revocation
+/// acknowledged, keys advertised) or a release.
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    pub result_sha256: String,
+    pub cells: i64,
 }
 
-/// Whether a failure reason (as `fanout::describe` words it) means the node
-/// received and decided the request, rather than never answering.
-fn node_decided(reason: &str) -> bool {
-    !(reason.starts_with("unreachable")
-        || reason.starts_with("no answer within")
-        || reason.starts_with("deadline exceeded"))
+impl Answer {
+    /// A node's released aggregate result.
+    pub fn of_result(result: &AggregateResult) -> Self {
+        Answer {
+            result_sha256: result.digest(),
+            cells: i64::try_from(result.cells.len()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// A node's masked training contribution.
+    pub fn of_masked(values: &[u64]) -> Self {
+        Answer {
+            result_sha256: ghx_audit::digest_words(values),
+            cells: i64::try_from(values.len()).unwrap_or(i64::MAX),
+        }
+    }
 }
 
-/// Appends one entry per node, in one transaction.
+/// Appends one entry per node, answered or failed, in one transaction.
 pub fn record(
     log: &AuditLog,
     sent: &Sent<'_>,
-    outcomes: &[(String, Outcome)],
+    answered: impl IntoIterator<Item = (String, Answer)>,
+    failures: &[NodeFailure],
 ) -> Result<(), Error> {
     let at = ghx_audit::now_rfc3339();
-    let entries: Vec<Entry> = outcomes
-        .iter()
-        .map(|(node, outcome)| {
-            let (decision, reason, result_sha256, result_cells, epsilon) = match outcome {
-                Outcome::Answered {
-                    result_sha256,
-                    cells,
-                } => (
-                    ANSWERED,
-                    String::new(),
-                    result_sha256.clone(),
-                    *cells,
-                    sent.epsilon,
-                ),
-                Outcome::Failed(f) if node_decided(&f.reason) => {
-                    (REFUSED, f.reason.clone(), String::new(), 0, 0.0)
-                }
-                Outcome::Failed(f) => ("failed", f.reason.clone(), String::new(), 0, 0.0),
-            };
-            Entry {
-                at: at.clone(),
-                caller: "coordinator".to_owned(),
-                caller_role: "coordinator".to_owned(),
-                requester: sent.requester.to_owned(),
-                requester_org: sent.requester_org.to_owned(),
-                study_id: sent.study_id.to_owned(),
-                capability_id: sent.capability_id.to_owned(),
-                action: sent.action.to_owned(),
-                peer: node.clone(),
-                decision: decision.to_owned(),
-                reason,
-                purpose: sent.purpose.to_owned(),
-                query_sha256: sent.request_sha256.clone(),
-                result_sha256,
-                result_cells,
-                epsilon,
-                ..Entry::default()
-            }
+    let entry = |node: &str, decision: &str| Entry {
+        at: at.clone(),
+        caller: "coordinator".to_owned(),
+        caller_role: "coordinator".to_owned(),
+        requester: sent.requester.to_owned(),
+        requester_org: sent.requester_org.to_owned(),
+        study_id: sent.study_id.to_owned(),
+        capability_id: sent.capability_id.to_owned(),
+        action: sent.action.to_owned(),
+        peer: node.to_owned(),
+        decision: decision.to_owned(),
+        purpose: sent.purpose.to_owned(),
+        query_sha256: sent.request_sha256.clone(),
+        ..Entry::default()
+    };
+    let mut entries: Vec<Entry> = answered
+        .into_iter()
+        .map(|(node, answer)| Entry {
+            result_sha256: answer.result_sha256,
+            result_cells: answer.cells,
+            epsilon: sent.epsilon,
+            ..entry(&node, ANSWERED)
         })
         .collect();
+    entries.extend(failures.iter().map(|f| {
+        let decision = if node_decided(&f.reason) {
+            REFUSED
+        } else {
+            "failed"
+        };
+        Entry {
+            reason: f.reason.clone(),
+            ..entry(&f.node_id, decision)
+        }
+    }));
     log.append_all(&entries)?;
     Ok(())
 }

@@ -120,7 +120,7 @@ impl NodeRegistry {
                 }),
                 Err(_) => Some(NodeFailure {
                     node_id: node.id.clone(),
-                    reason: format!("no answer within {} s", deadline.as_secs()),
+                    reason: no_answer(deadline),
                 }),
             }
         });
@@ -153,7 +153,7 @@ impl NodeRegistry {
                 request.set_timeout(deadline);
                 let outcome = tokio::time::timeout(deadline, client.run_aggregate(request)).await;
                 let reason = match outcome {
-                    Err(_) => format!("no answer within {} s", deadline.as_secs()),
+                    Err(_) => no_answer(deadline),
                     Ok(Err(status)) => describe(&status),
                     Ok(Ok(response)) => match response.into_inner().result {
                         Some(result) => match result_from_wire(&node.id, result) {
@@ -184,13 +184,32 @@ impl NodeRegistry {
     }
 }
 
-fn describe(status: &tonic::Status) -> String {
+const UNREACHABLE: &str = "unreachable";
+const NO_ANSWER: &str = "no answer within";
+const DEADLINE: &str = "deadline exceeded";
+
+/// How a node that did not answer within `deadline` is reported.
+pub(crate) fn no_answer(deadline: std::time::Duration) -> String {
+    format!("{NO_ANSWER} {} s", deadline.as_secs())
+}
+
+/// A node's error status in words, for a failure reason.
+pub(crate) fn describe(status: &tonic::Status) -> String {
     match status.code() {
-        tonic::Code::Unavailable => format!("unreachable: {}", status.message()),
+        tonic::Code::Unavailable => format!("{UNREACHABLE}: {}", status.message()),
         tonic::Code::PermissionDenied => format!("refused: {}", status.message()),
-        tonic::Code::DeadlineExceeded => "deadline exceeded".to_owned(),
+        tonic::Code::DeadlineExceeded => DEADLINE.to_owned(),
         code => format!("{code:?}: {}", status.message()),
     }
+}
+
+/// Whether a failure reason (as [`describe`] and [`no_answer`] word it)
+/// means the node received and decided the request, rather than never
+/// answering: what the coordinator's audit entry records.
+pub(crate) fn node_decided(reason: &str) -> bool {
+    !(reason.starts_with(UNREACHABLE)
+        || reason.starts_with(NO_ANSWER)
+        || reason.starts_with(DEADLINE))
 }
 
 /// Checks and converts a node's wire result. A result that claims to come
@@ -203,4 +222,22 @@ fn result_from_wire(
         return Err(format!("answered as `{}`", result.node_id));
     }
     ghx_proto::convert::result_from_wire(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_count_as_decided_by_the_node() {
+        let decided = |code: tonic::Code| node_decided(&describe(&tonic::Status::new(code, "x")));
+        assert!(decided(tonic::Code::PermissionDenied));
+        assert!(decided(tonic::Code::InvalidArgument));
+        assert!(decided(tonic::Code::ResourceExhausted));
+        assert!(!decided(tonic::Code::Unavailable));
+        assert!(!decided(tonic::Code::DeadlineExceeded));
+        assert!(!node_decided(&no_answer(std::time::Duration::from_secs(
+            30
+        ))));
+    }
 }

@@ -93,7 +93,7 @@ impl Coordinator {
             ghx_audit::checkpoint::Signer::from_pem("coordinator", &tls.identity().key_pem)
                 .map_err(ghx_db::audit::Error::from)?,
             config.audit.checkpoint_every,
-        )?;
+        );
         Ok(Coordinator {
             api,
             tls,

@@ -1,10 +1,10 @@
-//! Studies, the steering committee's decisions on them, their results, and
-//! the coordinator's audit trail of every step.
+//! Studies, the steering committee's decisions on them, and their results.
 //!
 //! A study moves Submitted -> Approved (once a quorum of distinct committee
 //! members approved) -> Revoked, or Submitted -> Rejected. Only an approved,
 //! unrevoked study gets capabilities. Every step, including refused ones, is
-//! appended to the audit trail with who did it and why.
+//! appended to the audit log by the api (`CoordinatorApi::audited`) with who
+//! did it and why.
 //!
 //! The book lives in the coordinator's database ([`crate::store`]), so a
 //! restart loses nothing. Decisions are serialised in this process: a
@@ -17,7 +17,6 @@ use ghx_study::result::{AggregateResult, NodeFailure, Quantile, TotalCell};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{self, CoordinatorStore, StudyRecord, VoteRecord};
-pub use ghx_audit::Entry as AuditRecord;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {

@@ -32,7 +32,7 @@ use ghx_study::training::{MODEL_VERSION, ModelDocument, TrainingSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::dispatch;
-use crate::fanout::{NodeRegistry, RegisteredNode};
+use crate::fanout::{NodeRegistry, RegisteredNode, describe, no_answer};
 
 /// Tries per round before a run fails.
 pub const ATTEMPTS: u32 = 3;
@@ -192,14 +192,6 @@ pub struct RoundSum {
     pub steps_ms: [f64; 4],
 }
 
-fn describe(status: &tonic::Status) -> String {
-    match status.code() {
-        tonic::Code::Unavailable => format!("unreachable: {}", status.message()),
-        tonic::Code::PermissionDenied => format!("refused: {}", status.message()),
-        code => format!("{code:?}: {}", status.message()),
-    }
-}
-
 /// Runs one step on `nodes` concurrently, each bounded by `deadline`;
 /// returns the answers and the failures.
 async fn step<T, F, Fut>(
@@ -223,7 +215,7 @@ where
                 }),
                 Err(_) => Err(NodeFailure {
                     node_id: id,
-                    reason: format!("no answer within {} s", deadline.as_secs()),
+                    reason: no_answer(deadline),
                 }),
             }
         }
@@ -332,9 +324,9 @@ pub async fn secure_round(
         }
     })
     .await;
-    let action = format!("round:{}", phase.name());
-    let sent = |action: &'static str| dispatch::Sent {
-        action,
+    // What steps 1 and 3 send each node, for the audit log.
+    let sent = dispatch::Sent {
+        action: "",
         study_id: fed.study_id,
         capability_id: &claims.jti,
         request_sha256: ghx_audit::digest(&training_json),
@@ -343,29 +335,17 @@ pub async fn secure_round(
         purpose: &claims.purpose,
         epsilon: 0.0,
     };
+    let action = ghx_audit::action::round(phase.name());
     dispatch::record(
         fed.audit,
         &dispatch::Sent {
             action: &action,
-            ..sent("")
+            ..sent.clone()
         },
-        &advertised
+        advertised
             .iter()
-            .map(|(id, _)| {
-                (
-                    id.clone(),
-                    dispatch::Outcome::Answered {
-                        result_sha256: String::new(),
-                        cells: 0,
-                    },
-                )
-            })
-            .chain(
-                failures
-                    .iter()
-                    .map(|f| (f.node_id.clone(), dispatch::Outcome::Failed(f.clone()))),
-            )
-            .collect::<Vec<_>>(),
+            .map(|(id, _)| (id.clone(), dispatch::Answer::default())),
+        &failures,
     )?;
     if advertised.len() < need {
         return Err(quorum_error(
@@ -454,23 +434,14 @@ pub async fn secure_round(
     .await;
     dispatch::record(
         fed.audit,
-        &sent("round:masked-input"),
-        &masked
+        &dispatch::Sent {
+            action: ghx_audit::action::MASKED_INPUT,
+            ..sent
+        },
+        masked
             .iter()
-            .map(|(id, input)| {
-                (
-                    id.clone(),
-                    dispatch::Outcome::Answered {
-                        result_sha256: ghx_audit::digest_words(&input.values),
-                        cells: i64::try_from(input.values.len()).unwrap_or(i64::MAX),
-                    },
-                )
-            })
-            .chain(
-                more.iter()
-                    .map(|f| (f.node_id.clone(), dispatch::Outcome::Failed(f.clone()))),
-            )
-            .collect::<Vec<_>>(),
+            .map(|(id, input)| (id.clone(), dispatch::Answer::of_masked(&input.values))),
+        &more,
     )?;
     failures.extend(more);
     for (id, input) in masked {

@@ -218,8 +218,10 @@ macro_rules! insert_entry {
     }};
 }
 
-/// The last link of the chain: the last entry, or, when expiry removed every
-/// entry, the last checkpoint.
+/// The last link of the chain: the last entry, or the last checkpoint when
+/// there are no entries (expiry always keeps one, so only after tampering;
+/// appends then continue past the checkpoint and verification names the
+/// deletion instead of a fresh chain hiding it).
 macro_rules! head {
     ($conn:expr) => {{
         let last: Option<Link> =
@@ -303,16 +305,14 @@ impl AuditLog {
         Ok(log)
     }
 
-    /// Signs a checkpoint every `every` entries with `signer`, and one now
-    /// over whatever is already logged.
-    pub fn signed_by(self, signer: Signer, every: i64) -> Result<Self, Error> {
-        let log = AuditLog {
+    /// Signs a checkpoint every `every` entries with `signer` (and
+    /// [`spawn_upkeep`] signs one at start-up and daily).
+    pub fn signed_by(self, signer: Signer, every: i64) -> Self {
+        AuditLog {
             signer: Some(Arc::new(signer)),
             checkpoint_every: every.max(1),
             ..self
-        };
-        log.checkpoint_now()?;
-        Ok(log)
+        }
     }
 
     fn checkpoint_sql(&self) -> String {
@@ -404,10 +404,16 @@ impl AuditLog {
     /// without hashes): they get their links now, in order. Returns how many.
     pub fn seal(&self) -> Result<usize> {
         let _guard = self.append.lock().unwrap_or_else(|e| e.into_inner());
-        let entries = self.entries()?;
-        if entries.iter().all(|e| !e.hash.is_empty()) {
+        // Every store open asks; only a log an older ghx wrote is loaded.
+        let unsealed: Option<Link> = with_conn!(self.backend, |conn| diesel::sql_query(
+            "SELECT seq, hash FROM audit_log WHERE hash = '' LIMIT 1"
+        )
+        .get_result(conn)
+        .optional()?);
+        if unsealed.is_none() {
             return Ok(0);
         }
+        let entries = self.entries()?;
         let d = self.backend.dialect();
         let sql = format!(
             "UPDATE audit_log SET prev_hash = {}, hash = {} WHERE seq = {}",

@@ -180,15 +180,11 @@ impl NodeApi {
     }
 
     /// Signs an audit checkpoint every `every` entries with the node's own
-    /// (certificate) key, and one now over whatever is already logged.
-    pub fn with_audit_signer(
-        mut self,
-        signer: ghx_audit::checkpoint::Signer,
-        every: i64,
-    ) -> Result<Self, ghx_db::audit::Error> {
+    /// (certificate) key.
+    pub fn with_audit_signer(mut self, signer: ghx_audit::checkpoint::Signer, every: i64) -> Self {
         let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
-        inner.audit = inner.audit.clone().signed_by(signer, every)?;
-        Ok(self)
+        inner.audit = inner.audit.clone().signed_by(signer, every);
+        self
     }
 
     /// The audit log this api appends to.
@@ -249,7 +245,7 @@ impl NodeApi {
         let inner = &self.inner;
         let mut entry = AuditEntry {
             query_sha256: query::digest(query_json),
-            ..audit_entry(caller, "aggregate")
+            ..audit_entry(caller, ghx_audit::action::AGGREGATE)
         };
         let facts = gate::NodeFacts {
             node_id: &inner.node_id,
@@ -471,7 +467,7 @@ impl NodeApi {
         self.load_rotated_key(token);
         let mut entry = AuditEntry {
             query_sha256: ghx_audit::digest(token.as_bytes()),
-            ..audit_entry(caller, "revoke")
+            ..audit_entry(caller, ghx_audit::action::REVOKE)
         };
         let outcome = (|| -> Result<(), ApiError> {
             if caller.role != ghx_pki::Role::Coordinator {
@@ -521,7 +517,7 @@ impl NodeApi {
         let phase_name = message.phase.clone();
         let mut entry = AuditEntry {
             query_sha256: query::digest(&message.training_json),
-            ..audit_entry(caller, format!("round:{phase_name}"))
+            ..audit_entry(caller, ghx_audit::action::round(&phase_name))
         };
         let facts = gate::NodeFacts {
             node_id: &inner.node_id,
@@ -693,7 +689,7 @@ impl NodeApi {
                     message.round,
                     masked.values.len()
                 ),
-                ..audit_entry(caller, "round:masked-input")
+                ..audit_entry(caller, ghx_audit::action::MASKED_INPUT)
             })
             .map_err(ApiError::Audit)?;
         Ok(ghx_proto::round::masked_to_wire(masked))

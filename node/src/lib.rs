@@ -143,7 +143,7 @@ impl Node {
             ghx_audit::checkpoint::Signer::from_pem(&self.config.id, &self.tls.identity().key_pem)
                 .map_err(ghx_db::audit::Error::from)?,
             self.config.audit.checkpoint_every,
-        )?;
+        );
         let audit = api.audit_log().clone();
         let upkeep = ghx_db::audit::spawn_upkeep(audit.clone(), self.config.audit.clone());
         // grpc.health.v1: serving while the database answers and the

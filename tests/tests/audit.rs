@@ -58,8 +58,7 @@ fn fixture(url: String, dir: tempfile::TempDir, pg: Option<TestDatabase>) -> Fix
     let log = store
         .audit_log()
         .clone()
-        .signed_by(Signer::from_pem("chonnam", &node.key_pem).unwrap(), 4)
-        .unwrap();
+        .signed_by(Signer::from_pem("chonnam", &node.key_pem).unwrap(), 4);
     for i in 0..10 {
         log.append(&entry(i, &ghx_audit::now_rfc3339())).unwrap();
     }
@@ -433,6 +432,15 @@ async fn the_coordinator_and_the_nodes_reconcile_and_an_injected_query_is_an_ala
         sent.iter()
             .all(|e| e.requester == REQUESTER && e.result_sha256.len() == 64)
     );
+    // Each node recorded where the request came from and for whom.
+    for (node, entries) in &nodes {
+        assert!(
+            entries.iter().all(|e| e.source.starts_with("127.0.0.1:")
+                && e.requester == REQUESTER
+                && e.caller == "coordinator"),
+            "{node}: {entries:?}"
+        );
+    }
 
     // Someone at Chosun answers a query the coordinator never sent.
     let chosun = &federation.nodes[1];

@@ -7,6 +7,22 @@ use ghx_proto::v1 as pb;
 
 const E11: &str = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},"analysis":{"kind":"count"}}"#;
 
+async fn run(federation: &LocalFederation, study: &str) -> pb::StudyResult {
+    federation
+        .client(REQUESTER)
+        .await
+        .unwrap()
+        .run_study(pb::RunStudyRequest {
+            study_id: study.to_owned(),
+            query: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_while_the_coordinator_runs_answers_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -24,38 +40,11 @@ async fn a_node_restarted_while_the_coordinator_runs_answers_again() {
         .approved_study(REQUESTER, manifest_for("ops", "HRESCH", &[("e11", E11)]))
         .await
         .unwrap();
-    let run = || async {
-        federation
-            .client(REQUESTER)
-            .await
-            .unwrap()
-            .run_study(pb::RunStudyRequest {
-                study_id: study.clone(),
-                query: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .result
-            .unwrap()
-    };
-    let before = run().await;
+    let before = run(&federation, &study).await;
     assert_eq!((before.per_node.len(), before.failures.len()), (3, 0));
 
     federation.restart_node("chosun").await.unwrap();
-    let after = federation
-        .client(REQUESTER)
-        .await
-        .unwrap()
-        .run_study(pb::RunStudyRequest {
-            study_id: study.clone(),
-            query: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
+    let after = run(&federation, &study).await;
     assert!(
         after.failures.is_empty(),
         "every node answers after the restart: {:?}",
