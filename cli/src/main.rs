@@ -293,6 +293,28 @@ enum PkiCommand {
         hosts: Vec<String>,
         #[arg(long, default_value_t = 365)]
         days: i64,
+        /// Validity as a duration (`7d`, `36h`, `90m`), instead of --days:
+        /// short-lived certificates for nodes, renewed with `ghx pki renew`.
+        #[arg(long, value_parser = parse_validity)]
+        valid_for: Option<time::Duration>,
+    },
+    /// Renew <name>.pem with the CA in DIR: same holder, role, organisation
+    /// and hosts, valid from now; the same key unless --new-key. The file is
+    /// replaced atomically and a running node or coordinator presents the
+    /// renewed certificate on new connections within seconds, without a
+    /// restart.
+    Renew {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// `7d`, `36h`, `90m`.
+        #[arg(long, default_value = "7d", value_parser = parse_validity)]
+        valid_for: time::Duration,
+        /// Also replace the key pair (audit checkpoints signed before are
+        /// then verified with the previous certificate).
+        #[arg(long)]
+        new_key: bool,
     },
     /// Create the coordinator's Ed25519 capability signing key pair.
     SigningKey {
@@ -511,17 +533,21 @@ enum CommitteeCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Node(NodeCommand::Run { .. }) | Command::Coordinator(_) => "info",
-        _ => "warn",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GHX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The services set up their telemetry once their configuration is read
+    // (it may export over OTLP); every other command logs warnings to stderr.
+    let service = matches!(
+        cli.command,
+        Command::Node(NodeCommand::Run { .. })
+            | Command::Coordinator(CoordinatorCommand::Run { .. })
+    );
+    if !service {
+        let plain = ghx_telemetry::Service {
+            name: "ghx",
+            instance: "cli",
+        };
+        ghx_telemetry::Telemetry::install(plain, &ghx_telemetry::Settings::default(), "warn")?
+            .shutdown()?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -941,12 +967,21 @@ async fn run(command: Command) -> Result<()> {
                 print!("{}", config.to_toml());
                 return Ok(());
             }
+            let telemetry = ghx_telemetry::Telemetry::install(
+                ghx_telemetry::Service {
+                    name: "ghx-node",
+                    instance: &config.id,
+                },
+                &config.telemetry,
+                "info",
+            )?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
             let node = tokio::task::spawn_blocking(move || ghx_node::Node::build(config)).await??;
-            node.serve(listener, shutdown_signal()).await?;
-            Ok(())
+            let served = node.serve(listener, shutdown_signal()).await;
+            telemetry.shutdown()?;
+            Ok(served?)
         }
         Command::Node(NodeCommand::Import {
             config,
@@ -1023,12 +1058,21 @@ async fn run(command: Command) -> Result<()> {
                 print!("{}", config.to_toml());
                 return Ok(());
             }
+            let telemetry = ghx_telemetry::Telemetry::install(
+                ghx_telemetry::Service {
+                    name: "ghx-coordinator",
+                    instance: &config.listen.to_string(),
+                },
+                &config.telemetry,
+                "info",
+            )?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
             let coordinator = ghx_coordinator::Coordinator::build(config)?;
-            coordinator.serve(listener, shutdown_signal()).await?;
-            Ok(())
+            let served = coordinator.serve(listener, shutdown_signal()).await;
+            telemetry.shutdown()?;
+            Ok(served?)
         }
         Command::Study(cmd) => study(cmd).await,
         Command::Policy(cmd) => policy(cmd),
@@ -1394,6 +1438,7 @@ fn pki(cmd: PkiCommand) -> Result<()> {
             org,
             hosts,
             days,
+            valid_for,
         } => {
             let pki = PkiDir::new(&dir);
             let ca = pki.load_ca()?;
@@ -1402,13 +1447,30 @@ fn pki(cmd: PkiCommand) -> Result<()> {
             if !hosts.is_empty() {
                 request.hosts = hosts;
             }
-            request.valid_for = time::Duration::days(days);
+            request.valid_for = valid_for.unwrap_or(time::Duration::days(days));
             let files = pki.issue(&ca, &request)?;
             println!(
                 "issued {} ({role}) -> {} and {}",
                 name,
                 files.cert.display(),
                 files.key.display()
+            );
+        }
+        PkiCommand::Renew {
+            dir,
+            name,
+            valid_for,
+            new_key,
+        } => {
+            let pki = PkiDir::new(&dir);
+            let ca = pki.load_ca()?;
+            let files = pki.renew(&ca, &name, valid_for, new_key)?;
+            let cert = std::fs::read_to_string(&files.cert)?;
+            let expires = ghx_pki::readiness::expires_at(&cert)?;
+            println!(
+                "renewed {name} until {expires} ({}) -> {}",
+                if new_key { "new key" } else { "same key" },
+                files.cert.display()
             );
         }
         PkiCommand::SigningKey { dir, name } => {
@@ -1432,6 +1494,22 @@ fn pki(cmd: PkiCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A validity such as `7d`, `36h` or `90m`.
+fn parse_validity(text: &str) -> Result<time::Duration, String> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: i64 = number.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+        format!("`{text}`: expected a positive number and d, h or m (7d, 36h, 90m)")
+    })?;
+    match unit {
+        "d" => Ok(time::Duration::days(n)),
+        "h" => Ok(time::Duration::hours(n)),
+        "m" => Ok(time::Duration::minutes(n)),
+        _ => Err(format!(
+            "`{text}`: the unit must be d, h or m (7d, 36h, 90m)"
+        )),
+    }
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<()> {

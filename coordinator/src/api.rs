@@ -72,6 +72,23 @@ enum ApiError {
     NoSuchTraining { id: String, name: String },
 }
 
+impl ApiError {
+    /// What kind of refusal this is, for metrics (never free text).
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Identity(_) => "identity",
+            ApiError::Role { .. } | ApiError::NotOwner(_) => "permission",
+            ApiError::Invalid(_) | ApiError::Manifest(_) | ApiError::Registry(_) => "invalid",
+            ApiError::Study(_) => "study_state",
+            ApiError::Capability(_) => "capability",
+            ApiError::NoNodes => "no_nodes",
+            ApiError::Audit(_) => "audit",
+            ApiError::Training(_) => "training",
+            ApiError::NoSuchRun(_) | ApiError::NoSuchTraining { .. } => "not_found",
+        }
+    }
+}
+
 /// The one mapping from coordinator errors to gRPC statuses.
 fn status(error: ApiError) -> Status {
     let message = error.to_string();
@@ -160,7 +177,10 @@ impl CoordinatorApi {
     ) -> Result<T, ApiError> {
         let (result, detail) = match &outcome {
             Ok(_) => ("done", detail.to_owned()),
-            Err(e) => ("refused", e.to_string()),
+            Err(e) => {
+                ghx_telemetry::metrics::coordinator_refusal(action, e.kind());
+                ("refused", e.to_string())
+            }
         };
         // No step without its audit record: if it cannot be written, the
         // caller gets an error (the step itself may already be stored).
@@ -885,8 +905,17 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
     ) -> Result<Response<pb::RunStudyResponse>, Status> {
         let caller = identity(&request)?;
         let message = request.into_inner();
+        let started = std::time::Instant::now();
         let outcome =
             CoordinatorApi::run_study(self, &caller, &message.study_id, &message.query).await;
+        ghx_telemetry::metrics::federated_query(
+            match &outcome {
+                Ok(r) if r.failures.is_empty() => "complete",
+                Ok(_) => "partial",
+                Err(_) => "failed",
+            },
+            started.elapsed().as_secs_f64(),
+        );
         let detail = outcome
             .as_ref()
             .map(|r| {

@@ -13,6 +13,8 @@ pub const ENV_PREFIX: &str = "GHX_COORDINATOR__";
 pub enum Error {
     #[error(transparent)]
     Layers(#[from] ghx_config::Error),
+    #[error("invalid configuration: {0}")]
+    Telemetry(#[from] ghx_telemetry::Error),
     #[error("invalid configuration: `{key}` {problem}")]
     Invalid { key: String, problem: String },
 }
@@ -40,6 +42,9 @@ pub struct CoordinatorConfig {
     /// Audit checkpoints and retention.
     #[serde(default)]
     pub audit: ghx_audit::Settings,
+    /// Traces and metrics: exported over OTLP when an endpoint is set.
+    #[serde(default)]
+    pub telemetry: ghx_telemetry::Settings,
 }
 
 /// The steering committee: who may decide and how many must approve.
@@ -154,6 +159,7 @@ impl CoordinatorConfig {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        self.telemetry.validate()?;
         if let Err((key, problem)) = self.audit.check() {
             return Err(Error::Invalid {
                 key: key.to_owned(),

@@ -6,11 +6,17 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::Duration;
 
-use ghx_pki::TlsMaterial;
+use ghx_pki::transport::Transport;
 use ghx_proto::v1 as pb;
 use ghx_proto::v1::node_service_client::NodeServiceClient;
 use ghx_study::result::{AggregateResult, NodeFailure};
+use ghx_telemetry::propagation::Propagate;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+/// A client of one node; every call carries the caller's trace context.
+pub type NodeClient = NodeServiceClient<InterceptedService<Channel, Propagate>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,20 +42,25 @@ pub struct RegisteredNode {
 
 impl RegisteredNode {
     /// A client for training rounds.
-    pub fn round_client(&self) -> NodeServiceClient<Channel> {
-        NodeServiceClient::new(self.round_channel.clone())
+    pub fn round_client(&self) -> NodeClient {
+        NodeServiceClient::with_interceptor(self.round_channel.clone(), Propagate)
+    }
+
+    /// A client for queries and revocations, bounded by the node deadline.
+    fn client(&self) -> NodeClient {
+        NodeServiceClient::with_interceptor(self.channel.clone(), Propagate)
     }
 }
 
 /// The nodes of the federation and a connection to each.
 pub struct NodeRegistry {
-    tls: TlsMaterial,
+    tls: Transport,
     deadline: Duration,
     nodes: RwLock<BTreeMap<String, RegisteredNode>>,
 }
 
 impl NodeRegistry {
-    pub fn new(tls: TlsMaterial, deadline: Duration) -> Self {
+    pub fn new(tls: Transport, deadline: Duration) -> Self {
         NodeRegistry {
             tls,
             deadline,
@@ -69,15 +80,16 @@ impl NodeRegistry {
                 "the coordinator only speaks mTLS; use https://".to_owned()
             ));
         }
-        let base = Endpoint::from_shared(endpoint.to_owned())
+        // TLS is the connector's (the node's certificate names the node
+        // id); tonic sees plain HTTP/2.
+        let plain = format!("http://{}", &endpoint["https://".len()..]);
+        let base = Endpoint::from_shared(plain)
             .map_err(|e| bad(e.to_string()))?
-            // The node's certificate names the node id.
-            .tls_config(self.tls.client_config(id))
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        let round_channel = base.clone().connect_lazy();
-        let channel = base.timeout(self.deadline).connect_lazy();
+            .connect_timeout(Duration::from_secs(5));
+        let round_channel = base.connect_with_connector_lazy(self.tls.connector(id));
+        let channel = base
+            .timeout(self.deadline)
+            .connect_with_connector_lazy(self.tls.connector(id));
         self.nodes.write().expect("registry lock").insert(
             id.to_owned(),
             RegisteredNode {
@@ -107,7 +119,7 @@ impl NodeRegistry {
     pub async fn revoke(&self, revocation: &str) -> Vec<NodeFailure> {
         let deadline = self.deadline;
         let calls = self.list().into_iter().map(|node| async move {
-            let mut client = NodeServiceClient::new(node.channel.clone());
+            let mut client = node.client();
             let mut request = tonic::Request::new(pb::RevokeStudyNodeRequest {
                 revocation: revocation.to_owned(),
             });
@@ -147,8 +159,9 @@ impl NodeRegistry {
                 }),
                 manifest_json: manifest_json.to_vec(),
             };
+            let span = tracing::info_span!("node_call", node = %node.id);
             async move {
-                let mut client = NodeServiceClient::new(node.channel.clone());
+                let mut client = node.client();
                 let mut request = tonic::Request::new(request);
                 request.set_timeout(deadline);
                 let outcome = tokio::time::timeout(deadline, client.run_aggregate(request)).await;
@@ -168,6 +181,7 @@ impl NodeRegistry {
                     reason,
                 })
             }
+            .instrument(span)
         });
         let mut results = Vec::new();
         let mut failures = Vec::new();

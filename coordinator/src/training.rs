@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use ghx_learn::federated::{self, EvaluationSums, Metrics, Phase};
 use ghx_learn::{Logistic, Standardiser};
@@ -206,6 +207,7 @@ where
     let calls = nodes.iter().map(|node| {
         let fut = call(node.clone());
         let id = node.id.clone();
+        let span = tracing::info_span!("node_call", node = %id);
         async move {
             match tokio::time::timeout(deadline, fut).await {
                 Ok(Ok(answer)) => Ok((id, answer)),
@@ -219,6 +221,7 @@ where
                 }),
             }
         }
+        .instrument(span)
     });
     let mut answers = Vec::new();
     let mut failures = Vec::new();
@@ -512,7 +515,19 @@ async fn with_retries(
         } else {
             format!("{round_id}/attempt-{attempt}")
         };
-        match secure_round(fed, &id, phase, model).await {
+        let span = tracing::info_span!("training_round", round = %id, phase = phase.name());
+        let started = Instant::now();
+        let outcome = secure_round(fed, &id, phase, model).instrument(span).await;
+        ghx_telemetry::metrics::training_round(
+            phase.name(),
+            if outcome.is_ok() {
+                "completed"
+            } else {
+                "failed"
+            },
+            started.elapsed().as_secs_f64(),
+        );
+        match outcome {
             Ok(sum) => return Ok(sum),
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!(round = %id, error = %e, "round failed; retrying");

@@ -81,6 +81,33 @@ enum ApiError {
     Malformed(String),
 }
 
+impl ApiError {
+    /// What kind of refusal this is, for metrics (never free text).
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Identity(_) => "identity",
+            ApiError::Gate(gate::Error::NotCoordinator { .. }) => "not_coordinator",
+            ApiError::Gate(gate::Error::Capability(_)) => "capability",
+            ApiError::Gate(gate::Error::Forbidden { .. }) => "policy",
+            ApiError::Gate(gate::Error::Query(_)) => "query",
+            ApiError::Gate(gate::Error::Replayed { .. }) => "replayed",
+            ApiError::Gate(gate::Error::Revoked { .. }) => "revoked",
+            ApiError::Gate(_) => "manifest",
+            ApiError::Differencing(differencing::Error::TooClose { .. }) => "differencing",
+            ApiError::BudgetSpent { .. } => "budget",
+            ApiError::Training(training::Error::TooFew { .. }) => "too_few",
+            ApiError::Training(_) | ApiError::Malformed(_) => "training",
+            ApiError::View(crate::views::Error::View(_)) => "view",
+            ApiError::Differencing(_)
+            | ApiError::View(_)
+            | ApiError::Store(_)
+            | ApiError::Consent(_)
+            | ApiError::Audit(_)
+            | ApiError::Task(_) => "internal",
+        }
+    }
+}
+
 /// The one mapping from domain errors to gRPC statuses. Storage details stay
 /// in the node's log; the caller learns only that the node failed.
 fn status(error: &ApiError) -> Status {
@@ -241,6 +268,7 @@ impl NodeApi {
         query_json: &[u8],
         manifest_json: &[u8],
     ) -> Result<AggregateResult, ApiError> {
+        let started = std::time::Instant::now();
         self.load_rotated_key(token);
         let inner = &self.inner;
         let mut entry = AuditEntry {
@@ -257,43 +285,51 @@ impl NodeApi {
                 .verifier
                 .read()
                 .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))?;
-            let admitted = gate::admit(
-                &verifier,
-                &inner.store,
-                &inner.policy,
-                facts,
-                gate::Request {
-                    caller,
-                    token,
-                    query_json,
-                    manifest_json,
-                },
-            )
-            .inspect_err(|e| {
-                if let gate::Error::Forbidden { decision, .. } = e {
-                    entry.policy_reasons = decision.summary();
-                }
-            })?;
+            let admitted = tracing::info_span!("gate")
+                .in_scope(|| {
+                    gate::admit(
+                        &verifier,
+                        &inner.store,
+                        &inner.policy,
+                        facts,
+                        gate::Request {
+                            caller,
+                            token,
+                            query_json,
+                            manifest_json,
+                        },
+                    )
+                })
+                .inspect_err(|e| {
+                    if let gate::Error::Forbidden { decision, .. } = e {
+                        entry.policy_reasons = decision.summary();
+                    }
+                })?;
             note_capability(&mut entry, &admitted.claims);
             entry.policy_reasons = admitted.access.summary();
-            let prepared = inner.eligibility.prepare(&inner.store, &admitted.consent)?;
+            let prepared = tracing::info_span!("consent")
+                .in_scope(|| inner.eligibility.prepare(&inner.store, &admitted.consent))?;
             entry.consent_excluded =
                 i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
-            // Refuse a cohort a few patients away from one already
-            // released to the same organisation.
-            let members = engine::cohort_members(
-                &inner.store,
-                &admitted.spec,
-                &prepared.context,
-                &inner.policy.consent.sensitive,
-            )?;
             // One SQL pass: the members give both the cells and the
             // cohort print.
             let spec = &admitted.spec;
-            let analysed = engine::analyse(spec, &members, spec.noise.is_some());
+            let (members, analysed) = tracing::info_span!("engine").in_scope(|| {
+                let members = engine::cohort_members(
+                    &inner.store,
+                    spec,
+                    &prepared.context,
+                    &inner.policy.consent.sensitive,
+                )?;
+                let analysed = engine::analyse(spec, &members, spec.noise.is_some());
+                Ok::<_, ApiError>((members, analysed))
+            })?;
             let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
             let cohort = differencing::CohortPrint::of(&ids);
             let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
+            let _differencing = tracing::info_span!("differencing").entered();
+            // Refuse a cohort a few patients away from one already
+            // released to the same organisation.
             differencing::check(
                 &inner.store,
                 &admitted.claims.org,
@@ -326,6 +362,8 @@ impl NodeApi {
                 &entry.query_sha256,
                 &cohort,
             )?;
+            drop(_differencing);
+            let _release = tracing::info_span!("release").entered();
             let mut result = release::release(
                 &inner.node_id,
                 spec,
@@ -380,7 +418,7 @@ impl NodeApi {
                 entry.reason = e.to_string();
             }
         }
-        inner.audit.append(&entry).map_err(ApiError::Audit)?;
+        self.settle("aggregate", started, &entry, &outcome)?;
         tracing::info!(
             caller = %entry.caller, study = %entry.study_id, decision = %entry.decision,
             cells = entry.result_cells, "aggregate request"
@@ -463,6 +501,7 @@ impl NodeApi {
 
     /// Records a coordinator-signed revocation, and audits it.
     fn revoke(&self, caller: &PeerIdentity, token: &str) -> Result<(), ApiError> {
+        let started = std::time::Instant::now();
         let inner = &self.inner;
         self.load_rotated_key(token);
         let mut entry = AuditEntry {
@@ -498,7 +537,7 @@ impl NodeApi {
                 "refused".to_owned()
             }
         };
-        inner.audit.append(&entry).map_err(ApiError::Audit)?;
+        self.settle("revoke", started, &entry, &outcome)?;
         tracing::info!(study = %entry.study_id, decision = %entry.decision, "revocation");
         outcome
     }
@@ -512,6 +551,7 @@ impl NodeApi {
         caller: &PeerIdentity,
         message: pb::RoundAdvertiseRequest,
     ) -> Result<pb::RoundAdvertiseResponse, ApiError> {
+        let started = std::time::Instant::now();
         self.load_rotated_key(&message.capability);
         let inner = &self.inner;
         let phase_name = message.phase.clone();
@@ -633,7 +673,7 @@ impl NodeApi {
                 "refused".to_owned()
             }
         };
-        inner.audit.append(&entry).map_err(ApiError::Audit)?;
+        self.settle("training", started, &entry, &outcome)?;
         tracing::info!(
             study = %entry.study_id, phase = %phase_name, decision = %entry.decision,
             "training round"
@@ -719,8 +759,28 @@ fn note_capability(entry: &mut AuditEntry, claims: &ghx_study::capability::Claim
 }
 
 impl NodeApi {
+    /// Writes a decided request's audit entry, in its own span, and counts
+    /// the decision in the node's metrics.
+    fn settle<T>(
+        &self,
+        kind: &str,
+        started: std::time::Instant,
+        entry: &AuditEntry,
+        outcome: &Result<T, ApiError>,
+    ) -> Result<(), ApiError> {
+        tracing::info_span!("audit")
+            .in_scope(|| self.inner.audit.append(entry))
+            .map_err(ApiError::Audit)?;
+        ghx_telemetry::metrics::node_request(
+            kind,
+            outcome.as_ref().err().map(ApiError::kind),
+            started.elapsed().as_secs_f64(),
+        );
+        Ok(())
+    }
+
     /// Runs `work` for the request's caller on the blocking pool (it reads
-    /// the store) and maps its error to a status.
+    /// the store), in the request's span, and maps its error to a status.
     async fn blocking<M: Send + 'static, T: Send + 'static>(
         &self,
         request: Request<M>,
@@ -729,7 +789,8 @@ impl NodeApi {
         let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
         let message = request.into_inner();
         let api = self.clone();
-        tokio::task::spawn_blocking(move || work(&api, &caller, message))
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| work(&api, &caller, message)))
             .await
             .map_err(|e| status(&ApiError::Task(e.to_string())))?
             .map_err(|e| status(&e))

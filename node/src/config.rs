@@ -13,6 +13,8 @@ pub const ENV_PREFIX: &str = "GHX_NODE__";
 pub enum Error {
     #[error(transparent)]
     Layers(#[from] ghx_config::Error),
+    #[error("invalid configuration: {0}")]
+    Telemetry(#[from] ghx_telemetry::Error),
     #[error("invalid configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
 }
@@ -54,6 +56,9 @@ pub struct NodeConfig {
     /// Audit checkpoints and retention.
     #[serde(default)]
     pub audit: ghx_audit::Settings,
+    /// Traces and metrics: exported over OTLP when an endpoint is set.
+    #[serde(default)]
+    pub telemetry: ghx_telemetry::Settings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -176,6 +181,7 @@ impl NodeConfig {
                 problem: "must list at least one coordinator public key".to_owned(),
             });
         }
+        self.telemetry.validate()?;
         if let Err((key, problem)) = self.audit.check() {
             return Err(Error::Invalid { key, problem });
         }

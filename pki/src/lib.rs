@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod readiness;
+pub mod transport;
 
 use std::fmt;
 use std::fs;
@@ -156,6 +157,12 @@ impl PeerIdentity {
 
     /// Reads the identity of the caller of a gRPC request served over mTLS.
     pub fn from_request<T>(request: &tonic::Request<T>) -> Result<Self, Error> {
+        if let Some(peer) = request.extensions().get::<transport::Peer>() {
+            return Ok(PeerIdentity {
+                source: peer.addr,
+                ..Self::from_chain(&peer.certs)?
+            });
+        }
         let chain = request.peer_certs().ok_or(Error::NoPeerCertificate)?;
         Ok(PeerIdentity {
             source: request.remote_addr(),
@@ -168,15 +175,19 @@ impl PeerIdentity {
 /// valid now, as mTLS would; returns who it names. The committee uses it to
 /// trust the certificate that verifies an exported audit log's checkpoints.
 pub fn verify_member(ca_pem: &str, cert_pem: &str) -> Result<PeerIdentity, Error> {
-    use rustls::pki_types::{CertificateDer, UnixTime};
-    let der = |pem: &str| -> Result<Vec<u8>, Error> {
-        x509_parser::pem::parse_x509_pem(pem.as_bytes())
-            .map(|(_, doc)| doc.contents)
-            .map_err(|e| Error::Parse(e.to_string()))
-    };
+    verify_member_at(ca_pem, cert_pem, rustls::pki_types::UnixTime::now())
+}
+
+/// [`verify_member`] as of `at`.
+fn verify_member_at(
+    ca_pem: &str,
+    cert_pem: &str,
+    at: rustls::pki_types::UnixTime,
+) -> Result<PeerIdentity, Error> {
+    use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(CertificateDer::from(der(ca_pem)?))
+        .add(CertificateDer::from(pem_der(ca_pem)?))
         .map_err(|e| Error::Untrusted(format!("unusable CA certificate: {e}")))?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
@@ -184,9 +195,9 @@ pub fn verify_member(ca_pem: &str, cert_pem: &str) -> Result<PeerIdentity, Error
     )
     .build()
     .map_err(|e| Error::Untrusted(e.to_string()))?;
-    let leaf = der(cert_pem)?;
+    let leaf = pem_der(cert_pem)?;
     verifier
-        .verify_client_cert(&CertificateDer::from(leaf.clone()), &[], UnixTime::now())
+        .verify_client_cert(&CertificateDer::from(leaf.clone()), &[], at)
         .map_err(|e| Error::Untrusted(e.to_string()))?;
     PeerIdentity::from_chain(&[leaf])
 }
@@ -278,10 +289,45 @@ impl CertificateAuthority {
         &self.material
     }
 
-    /// Issues a certificate signed by this CA.
+    /// Issues a certificate signed by this CA, for a new key pair.
     pub fn issue(&self, request: &CertificateRequest) -> Result<CertifiedKey, Error> {
+        self.issue_for(request, KeyPair::generate()?)
+    }
+
+    /// Issues a renewed certificate: same holder, role, organisation and
+    /// hosts as `current` (which this CA must have issued), valid from now
+    /// for `valid_for`, for the same key unless `new_key`. Keeping the key
+    /// keeps every audit checkpoint the holder signed verifiable with the
+    /// renewed certificate.
+    pub fn renew(
+        &self,
+        current: &CertifiedKey,
+        valid_for: Duration,
+        new_key: bool,
+    ) -> Result<CertifiedKey, Error> {
+        // This CA must have issued it; it may have expired since (checked
+        // as of when it became valid).
+        let (not_before, _) = readiness::validity(&current.cert_pem)?;
+        let issued = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            u64::try_from(not_before.unix_timestamp()).unwrap_or(0) + 60,
+        ));
+        let holder = verify_member_at(self.cert_pem(), &current.cert_pem, issued)?;
+        let mut request = CertificateRequest::new(&holder.name, holder.role, &holder.organisation);
+        request.hosts = subject_alt_names(&current.cert_pem)?
+            .into_iter()
+            .filter(|h| *h != holder.name)
+            .collect();
+        request.valid_for = valid_for;
+        let key = if new_key {
+            KeyPair::generate()?
+        } else {
+            KeyPair::from_pem(&current.key_pem)?
+        };
+        self.issue_for(&request, key)
+    }
+
+    fn issue_for(&self, request: &CertificateRequest, key: KeyPair) -> Result<CertifiedKey, Error> {
         validate_name(&request.name)?;
-        let key = KeyPair::generate()?;
         let hosts = if request.role.is_service() {
             let mut hosts = request.hosts.clone();
             if !hosts.contains(&request.name) {
@@ -317,6 +363,40 @@ impl CertificateAuthority {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+fn pem_der(pem: &str) -> Result<Vec<u8>, Error> {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map(|(_, doc)| doc.contents)
+        .map_err(|e| Error::Parse(e.to_string()))
+}
+
+/// The DNS names and IP addresses a certificate names.
+fn subject_alt_names(cert_pem: &str) -> Result<Vec<String>, Error> {
+    let der = pem_der(cert_pem)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| Error::Parse(e.to_string()))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push((*d).to_owned()),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => names.push(
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).expect("4 bytes"))
+                            .to_string(),
+                    ),
+                    16 => names.push(
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).expect("16 bytes"))
+                            .to_string(),
+                    ),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(names)
 }
 
 fn validate_name(name: &str) -> Result<(), Error> {
@@ -467,6 +547,26 @@ impl PkiDir {
         Ok(self.tls_files(&request.name))
     }
 
+    /// Renews `<name>.pem` with `ca` (see [`CertificateAuthority::renew`])
+    /// and replaces the files atomically, so a running service watching
+    /// them never reads half a file.
+    pub fn renew(
+        &self,
+        ca: &CertificateAuthority,
+        name: &str,
+        valid_for: Duration,
+        new_key: bool,
+    ) -> Result<TlsFiles, Error> {
+        let files = self.tls_files(name);
+        let current = TlsMaterial::load(&files)?.identity;
+        let renewed = ca.renew(&current, valid_for, new_key)?;
+        if new_key {
+            replace_file(&files.key, &renewed.key_pem, 0o600)?;
+        }
+        replace_file(&files.cert, &renewed.cert_pem, 0o644)?;
+        Ok(files)
+    }
+
     fn write_pair(&self, name: &str, material: &CertifiedKey) -> Result<(), Error> {
         let cert = self.root.join(format!("{name}.pem"));
         let key = self.root.join(format!("{name}.key"));
@@ -478,6 +578,19 @@ impl PkiDir {
         write_file(&cert, &material.cert_pem, 0o644)?;
         write_file(&key, &material.key_pem, 0o600)
     }
+}
+
+/// Writes `contents` beside `path` and renames it over `path`.
+pub fn replace_file(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".new");
+    let temporary = PathBuf::from(temporary);
+    let _ = fs::remove_file(&temporary);
+    write_file(&temporary, contents, mode)?;
+    fs::rename(&temporary, path).map_err(|source| Error::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), Error> {

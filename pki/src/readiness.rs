@@ -19,13 +19,36 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// When `cert_pem` stops being valid.
 pub fn expires_at(cert_pem: &str) -> Result<time::OffsetDateTime, crate::Error> {
+    validity(cert_pem).map(|(_, not_after)| not_after)
+}
+
+/// When `cert_pem` starts and stops being valid.
+pub fn validity(
+    cert_pem: &str,
+) -> Result<(time::OffsetDateTime, time::OffsetDateTime), crate::Error> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
         .map_err(|e| crate::Error::Parse(e.to_string()))?;
     let cert = pem
         .parse_x509()
         .map_err(|e| crate::Error::Parse(e.to_string()))?;
-    time::OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
-        .map_err(|e| crate::Error::Parse(e.to_string()))
+    let at = |t: x509_parser::time::ASN1Time| {
+        time::OffsetDateTime::from_unix_timestamp(t.timestamp())
+            .map_err(|e| crate::Error::Parse(e.to_string()))
+    };
+    Ok((
+        at(cert.validity().not_before)?,
+        at(cert.validity().not_after)?,
+    ))
+}
+
+/// How long before expiry to warn: [`EXPIRY_WARNING`], or a third of the
+/// certificate's lifetime for a short-lived one (which is renewed often
+/// and should only warn when a renewal was missed).
+pub fn warn_within(
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> time::Duration {
+    EXPIRY_WARNING.min((not_after - not_before) / 3)
 }
 
 /// What one readiness check found.
@@ -42,7 +65,7 @@ pub enum Readiness {
 /// Checks the certificate's validity at `now` and the service's own
 /// `check` (e.g. that its database answers).
 pub fn assess(
-    expires: time::OffsetDateTime,
+    (not_before, expires): (time::OffsetDateTime, time::OffsetDateTime),
     now: time::OffsetDateTime,
     check: &dyn Fn() -> Result<(), String>,
 ) -> Readiness {
@@ -53,7 +76,7 @@ pub fn assess(
         return Readiness::NotReady(why);
     }
     let left = expires - now;
-    if left < EXPIRY_WARNING {
+    if left < warn_within(not_before, expires) {
         Readiness::Expiring {
             days_left: left.whole_days(),
         }
@@ -67,15 +90,16 @@ pub fn assess(
 pub fn spawn(
     reporter: HealthReporter,
     service: &'static str,
-    cert_pem: String,
+    identity: std::sync::Arc<crate::transport::LiveIdentity>,
     check: impl Fn() -> Result<(), String> + Send + Sync + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let check = std::sync::Arc::new(check);
     tokio::spawn(async move {
-        let expires = expires_at(&cert_pem).ok();
         let mut every = tokio::time::interval(CHECK_EVERY);
         loop {
             every.tick().await;
+            // The certificate in use now: it may have been renewed.
+            let expires = validity(&identity.current_pem().cert_pem).ok();
             let check = check.clone();
             let now = time::OffsetDateTime::now_utc();
             let readiness = match expires {
@@ -89,7 +113,7 @@ pub fn spawn(
                 Readiness::Expiring { days_left } => {
                     tracing::warn!(
                         days_left,
-                        "this service's certificate expires soon; issue a new one"
+                        "this service's certificate expires soon; renew it (ghx pki renew)"
                     );
                     ServingStatus::Serving
                 }
@@ -113,21 +137,39 @@ mod tests {
         let now = time::OffsetDateTime::now_utc();
         let ok = || Ok(());
         let down = || Err("database unreachable".to_owned());
+        let year_ago = now - time::Duration::days(365);
         assert_eq!(
-            assess(now + time::Duration::days(60), now, &ok),
+            assess((year_ago, now + time::Duration::days(60)), now, &ok),
             Readiness::Ready
         );
         assert_eq!(
-            assess(now + time::Duration::days(3), now, &ok),
+            assess((year_ago, now + time::Duration::days(3)), now, &ok),
             Readiness::Expiring { days_left: 3 }
         );
         assert!(matches!(
-            assess(now - time::Duration::days(1), now, &ok),
+            assess((year_ago, now - time::Duration::days(1)), now, &ok),
             Readiness::NotReady(why) if why.contains("expired")
         ));
         assert_eq!(
-            assess(now + time::Duration::days(60), now, &down),
+            assess((year_ago, now + time::Duration::days(60)), now, &down),
             Readiness::NotReady("database unreachable".to_owned())
+        );
+    }
+
+    #[test]
+    fn short_lived_certificates_warn_only_late_in_their_life() {
+        let now = time::OffsetDateTime::now_utc();
+        let ok = || Ok(());
+        let issued = now - time::Duration::days(4);
+        // Seven days' validity: 3 days left is fine; of five days', 1 left
+        // is within the last third.
+        assert_eq!(
+            assess((issued, issued + time::Duration::days(7)), now, &ok),
+            Readiness::Ready
+        );
+        assert_eq!(
+            assess((issued, issued + time::Duration::days(5)), now, &ok),
+            Readiness::Expiring { days_left: 1 }
         );
     }
 

@@ -1,5 +1,6 @@
 //! Helpers for the whole-federation tests: an independent reference
-//! computation over the synthetic NDJSON, and throwaway PostgreSQL databases.
+//! computation over the synthetic NDJSON, throwaway PostgreSQL databases,
+//! a stand-in OpenTelemetry collector and a TCP relay that can cut links.
 //!
 //! The reference deliberately shares no code with the node: it reads the raw
 //! NDJSON with serde_json and computes ages with calendar arithmetic, so a
@@ -7,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod collector;
 pub mod consented;
 pub mod postgres;
+pub mod proxy;
 pub mod reference;
