@@ -115,6 +115,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await?;
     let setup = started.elapsed();

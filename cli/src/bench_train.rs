@@ -139,6 +139,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await?;
     let setup = started.elapsed();

@@ -75,17 +75,40 @@ pub struct LocalFederationOptions {
     pub committee_quorum: usize,
     /// Entries between signed audit checkpoints; the default when `None`.
     pub audit_checkpoint_every: Option<i64>,
+    /// Whether the coordinator dials the nodes or they dial it.
+    pub node_link: NodeLink,
+}
+
+/// How the coordinator and the nodes connect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NodeLink {
+    /// Nodes listen; the coordinator dials them.
+    #[default]
+    Listen,
+    /// Nodes listen nowhere: they dial the coordinator's tunnel port
+    /// (outbound-only hospital networks), at `via` when given (something
+    /// in front of the tunnel port, such as a proxy), else directly.
+    Outbound { via: Option<SocketAddr> },
 }
 
 /// One running node of the local federation.
 pub struct LocalNode {
     pub profile: &'static HospitalProfile,
-    pub addr: SocketAddr,
+    /// Where it listens; none when it dials the coordinator instead.
+    pub listen: Option<SocketAddr>,
     /// Where its synthetic NDJSON export was written.
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
     pub store: Store,
     pub import: ImportReport,
+}
+
+impl LocalNode {
+    /// Where it listens. Panics for a node that dials out instead.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen
+            .expect("this node listens (NodeLink::Listen), it does not dial out")
+    }
 }
 
 /// A running in-process federation. Dropping it without [`shutdown`] aborts
@@ -96,6 +119,8 @@ pub struct LocalFederation {
     pub dir: PathBuf,
     pub pki: PkiDir,
     pub coordinator_addr: SocketAddr,
+    /// Where nodes dial in, when they do ([`NodeLink::Outbound`]).
+    pub tunnel_addr: Option<SocketAddr>,
     pub nodes: Vec<LocalNode>,
     coordinator: ghx_coordinator::api::CoordinatorApi,
     stops: Vec<oneshot::Sender<()>>,
@@ -176,6 +201,13 @@ impl LocalFederation {
             .audit_checkpoint_every
             .map(|n| format!("\n[audit]\ncheckpoint_every = {n}\n"))
             .unwrap_or_default();
+        // The coordinator's addresses first: outbound nodes dial them.
+        let (coordinator_listener, coordinator_addr) = bind_loopback().await?;
+        let tunnel = match options.node_link {
+            NodeLink::Listen => None,
+            NodeLink::Outbound { .. } => Some(bind_loopback().await?),
+        };
+        let tunnel_addr = tunnel.as_ref().map(|(_, addr)| *addr);
         let mut nodes = Vec::new();
         for profile in &HOSPITALS {
             let data_dir = dir.join("data").join(profile.id);
@@ -188,7 +220,26 @@ impl LocalFederation {
                 },
                 &data_dir,
             )?;
-            let (listener, addr) = bind_loopback().await?;
+            // Top-level `listen`, or an `[outbound]` table at the end.
+            let (listener, listen_key, outbound_table) = match (options.node_link, tunnel_addr) {
+                (NodeLink::Outbound { via }, Some(tunnel)) => (
+                    None,
+                    String::new(),
+                    format!(
+                        "\n[outbound]\ncoordinator = \"{}\"\n",
+                        via.unwrap_or(tunnel)
+                    ),
+                ),
+                _ => {
+                    let (listener, addr) = bind_loopback().await?;
+                    (
+                        Some(listener),
+                        format!("listen = \"{addr}\"\n"),
+                        String::new(),
+                    )
+                }
+            };
+            let listen = listener.as_ref().and_then(|l| l.local_addr().ok());
             let tls = pki.tls_files(profile.id);
             let policy_dir = dir.join("policies").join(profile.id);
             ghx_node::policy::write_defaults(
@@ -201,11 +252,11 @@ impl LocalFederation {
             write(
                 &config_path,
                 &format!(
-                    "id = \"{id}\"\ndisplay_name = \"{name}\"\nlisten = \"{addr}\"\n\
+                    "id = \"{id}\"\ndisplay_name = \"{name}\"\n{listen_key}\
                      database_url = \"{db}\"\nmin_cell_size = {min}\n\
                      policy_dir = \"{policies}\"\ncoordinator_keys_dir = \"{rotated}\"\n\n\
                      [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
-                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}",
+                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{outbound_table}",
                     id = profile.id,
                     name = profile.name,
                     db = dir.join(format!("{}.db", profile.id)).display(),
@@ -242,7 +293,7 @@ impl LocalFederation {
             stops.push(stop);
             nodes.push(LocalNode {
                 profile,
-                addr,
+                listen,
                 data_dir,
                 config_path,
                 store,
@@ -250,10 +301,9 @@ impl LocalFederation {
             });
         }
 
-        let (listener, coordinator_addr) = bind_loopback().await?;
         let tls = pki.tls_files("coordinator");
         let mut config = format!(
-            "listen = \"{coordinator_addr}\"\nnode_deadline_secs = 30\n\n\
+            "listen = \"{coordinator_addr}\"\nnode_deadline_secs = 30\n{tunnel}\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [signing_key]\nkid = \"{SIGNING_KID}\"\nprivate_key = \"{}\"\n\n\
              [committee]\nquorum = {}\nmembers = [\"{COMMITTEE}\", \"{COMMITTEE_2}\"]\n{audit_table}",
@@ -262,18 +312,27 @@ impl LocalFederation {
             tls.key.display(),
             pki.root().join("coordinator-signing.pem").display(),
             options.committee_quorum,
+            tunnel = tunnel_addr
+                .map(|addr| format!("tunnel_listen = \"{addr}\"\n"))
+                .unwrap_or_default(),
         );
         for node in &nodes {
+            let endpoint = match node.listen {
+                Some(addr) => format!("https://localhost:{}", addr.port()),
+                None => ghx_coordinator::fanout::OUTBOUND.to_owned(),
+            };
             config.push_str(&format!(
-                "\n[[nodes]]\nid = \"{}\"\nendpoint = \"https://localhost:{}\"\ndisplay_name = \"{}\"\n",
-                node.profile.id,
-                node.addr.port(),
-                node.profile.name
+                "\n[[nodes]]\nid = \"{}\"\nendpoint = \"{endpoint}\"\ndisplay_name = \"{}\"\n",
+                node.profile.id, node.profile.name
             ));
         }
         let config_path = dir.join("coordinator.toml");
         write(&config_path, &config)?;
-        let coordinator = Coordinator::build(CoordinatorConfig::load(&config_path)?)?;
+        let mut coordinator = Coordinator::build(CoordinatorConfig::load(&config_path)?)?;
+        if let Some((listener, _)) = tunnel {
+            coordinator = coordinator.with_tunnel(listener);
+        }
+        let listener = coordinator_listener;
         let coordinator_api = coordinator.api();
         let (stop, stopped) = oneshot::channel::<()>();
         tasks.push(tokio::spawn(async move {
@@ -289,6 +348,7 @@ impl LocalFederation {
             dir,
             pki,
             coordinator_addr,
+            tunnel_addr,
             nodes,
             coordinator: coordinator_api,
             stops,
@@ -351,10 +411,14 @@ impl LocalFederation {
             return Ok(());
         };
         self.stop_node(id).await;
-        let addr = self.nodes[i].addr;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(io("bind", Path::new(&addr.to_string())))?;
+        let listener = match self.nodes[i].listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(io("bind", Path::new(&addr.to_string())))?,
+            ),
+            None => None,
+        };
         let node = Node::build(NodeConfig::load(&self.nodes[i].config_path)?)?;
         self.nodes[i].store = node.store().clone();
         let (stop, stopped) = oneshot::channel::<()>();

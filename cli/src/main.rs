@@ -975,9 +975,14 @@ async fn run(command: Command) -> Result<()> {
                 &config.telemetry,
                 "info",
             )?;
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let listener = match config.listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr}"))?,
+                ),
+                None => None,
+            };
             let node = tokio::task::spawn_blocking(move || ghx_node::Node::build(config)).await??;
             let served = node.serve(listener, shutdown_signal()).await;
             telemetry.shutdown()?;
@@ -1069,7 +1074,18 @@ async fn run(command: Command) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
-            let coordinator = ghx_coordinator::Coordinator::build(config)?;
+            let tunnel = match config.tunnel_listen {
+                Some(addr) => {
+                    Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                        format!("cannot listen for nodes dialling in on {addr}")
+                    })?)
+                }
+                None => None,
+            };
+            let mut coordinator = ghx_coordinator::Coordinator::build(config)?;
+            if let Some(tunnel) = tunnel {
+                coordinator = coordinator.with_tunnel(tunnel);
+            }
             let served = coordinator.serve(listener, shutdown_signal()).await;
             telemetry.shutdown()?;
             Ok(served?)
@@ -1652,6 +1668,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         min_cell_size: args.min_cell_size,
         committee_quorum: 2,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await?;
     for node in &federation.nodes {
@@ -1661,7 +1678,8 @@ async fn demo(args: DemoArgs) -> Result<()> {
             node.profile.name,
             node.import.accepted,
             node.import.rejected.len(),
-            node.addr
+            node.listen
+                .map_or("(dials out)".to_owned(), |a| a.to_string())
         );
     }
     let mut requester = federation.client(REQUESTER).await?;

@@ -20,6 +20,7 @@ async fn audit_commands_verify_export_reconcile_and_review() {
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: Some(1),
+        node_link: Default::default(),
     })
     .await
     .unwrap();

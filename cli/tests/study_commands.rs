@@ -32,6 +32,7 @@ async fn requester_and_committee_commands_work_end_to_end() {
         min_cell_size: 10,
         committee_quorum: 2,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await
     .unwrap();

@@ -21,6 +21,7 @@ async fn a_requester_trains_follows_and_validates_from_the_command_line() {
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await
     .unwrap();

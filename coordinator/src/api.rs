@@ -132,6 +132,11 @@ fn require(
 }
 
 impl CoordinatorApi {
+    /// The nodes and the connection to each.
+    pub(crate) fn registry(&self) -> &NodeRegistry {
+        &self.inner.registry
+    }
+
     pub fn new(
         registry: NodeRegistry,
         signer: Signer,

@@ -23,6 +23,10 @@ pub enum Error {
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
+    /// Where nodes in outbound-only mode dial in (mTLS); their `[[nodes]]`
+    /// entry has `endpoint = "outbound"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_listen: Option<SocketAddr>,
     /// Where studies, votes, results and the audit trail live: a SQLite file
     /// path (relative to this file) or a postgres:// URL.
     #[serde(default = "default_database_url")]
@@ -94,7 +98,8 @@ pub struct SigningKeyConfig {
 #[serde(deny_unknown_fields)]
 pub struct NodeEntry {
     pub id: String,
-    /// `https://host:port`
+    /// `https://host:port`, or `outbound` for a node that dials the
+    /// coordinator's `tunnel_listen` address.
     pub endpoint: String,
     #[serde(default)]
     pub display_name: String,
@@ -159,6 +164,20 @@ impl CoordinatorConfig {
     }
 
     pub fn validate(&self) -> Result<(), Error> {
+        if let Some(node) = self
+            .nodes
+            .iter()
+            .find(|n| n.endpoint == crate::fanout::OUTBOUND)
+            && self.tunnel_listen.is_none()
+        {
+            return Err(Error::Invalid {
+                key: "tunnel_listen".to_owned(),
+                problem: format!(
+                    "must be set: node `{}` connects outbound and dials it",
+                    node.id
+                ),
+            });
+        }
         self.telemetry.validate()?;
         if let Err((key, problem)) = self.audit.check() {
             return Err(Error::Invalid {
@@ -167,10 +186,14 @@ impl CoordinatorConfig {
             });
         }
         for (i, node) in self.nodes.iter().enumerate() {
-            if !node.endpoint.starts_with("https://") {
+            if !node.endpoint.starts_with("https://") && node.endpoint != crate::fanout::OUTBOUND {
                 return Err(Error::Invalid {
                     key: format!("nodes[{i}].endpoint"),
-                    problem: format!("must be an https:// URL, got `{}`", node.endpoint),
+                    problem: format!(
+                        "must be an https:// URL, or `{}` for a node that dials in; got `{}`",
+                        crate::fanout::OUTBOUND,
+                        node.endpoint
+                    ),
                 });
             }
             if self.nodes[..i].iter().any(|n| n.id == node.id) {

@@ -6,20 +6,29 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::Duration;
 
+use ghx_pki::transport::Conn;
 use ghx_pki::transport::Transport;
 use ghx_proto::v1 as pb;
 use ghx_proto::v1::node_service_client::NodeServiceClient;
 use ghx_study::result::{AggregateResult, NodeFailure};
 use ghx_telemetry::propagation::Propagate;
+use tonic::codegen::http::Uri;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 /// A client of one node; every call carries the caller's trace context.
 pub type NodeClient = NodeServiceClient<InterceptedService<Channel, Propagate>>;
 
+/// The endpoint of a node that dials the coordinator's tunnel port itself
+/// (hospital networks that allow outbound connections only).
+pub const OUTBOUND: &str = "outbound";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("refused an outbound node connection: {0}")]
+    Tunnel(String),
     #[error("node `{id}` endpoint `{endpoint}` is not a valid URL: {message}")]
     Endpoint {
         id: String,
@@ -75,10 +84,17 @@ impl NodeRegistry {
             endpoint: endpoint.to_owned(),
             message,
         };
+        if endpoint == OUTBOUND {
+            // Until it dials in, calls to it fail with a clear reason.
+            let channel = Endpoint::from_static("http://outbound.invalid")
+                .connect_with_connector_lazy(NotDialledIn { id: id.to_owned() });
+            self.insert(id, endpoint, display_name, channel.clone(), channel);
+            return Ok(());
+        }
         if !endpoint.starts_with("https://") {
-            return Err(bad(
-                "the coordinator only speaks mTLS; use https://".to_owned()
-            ));
+            return Err(bad(format!(
+                "the coordinator only speaks mTLS; use https://host:port, or `{OUTBOUND}` for a node that dials in"
+            )));
         }
         // TLS is the connector's (the node's certificate names the node
         // id); tonic sees plain HTTP/2.
@@ -90,6 +106,18 @@ impl NodeRegistry {
         let channel = base
             .timeout(self.deadline)
             .connect_with_connector_lazy(self.tls.connector(id));
+        self.insert(id, endpoint, display_name, channel, round_channel);
+        Ok(())
+    }
+
+    fn insert(
+        &self,
+        id: &str,
+        endpoint: &str,
+        display_name: &str,
+        channel: Channel,
+        round_channel: Channel,
+    ) {
         self.nodes.write().expect("registry lock").insert(
             id.to_owned(),
             RegisteredNode {
@@ -100,7 +128,56 @@ impl NodeRegistry {
                 round_channel,
             },
         );
-        Ok(())
+    }
+
+    /// Takes a connection a node dialled to the tunnel port (already
+    /// verified against the federation CA) and from now on calls that
+    /// node over it, as its HTTP/2 client; the node serves on its side.
+    /// Only a node certificate of a node registered as [`OUTBOUND`] is
+    /// taken. Returns the node's id.
+    pub async fn attach(&self, conn: Conn) -> Result<String, Error> {
+        let peer = ghx_pki::PeerIdentity::from_chain(&conn.connect_info().certs)
+            .map_err(|e| Error::Tunnel(e.to_string()))?;
+        if peer.role != ghx_pki::Role::Node {
+            return Err(Error::Tunnel(format!(
+                "`{}` has role {}, not node",
+                peer.name, peer.role
+            )));
+        }
+        let registered = self
+            .nodes
+            .read()
+            .expect("registry lock")
+            .get(&peer.name)
+            .map(|n| (n.endpoint.clone(), n.display_name.clone()));
+        let Some((endpoint, display_name)) = registered else {
+            return Err(Error::Tunnel(format!(
+                "node `{}` is not registered with this coordinator",
+                peer.name
+            )));
+        };
+        if endpoint != OUTBOUND {
+            return Err(Error::Tunnel(format!(
+                "node `{}` is registered at {endpoint}, not as `{OUTBOUND}`",
+                peer.name
+            )));
+        }
+        // HTTP/2 pings find a dead tunnel; the node then dials again.
+        let channel = Endpoint::from_static("http://outbound.invalid")
+            .http2_keep_alive_interval(TUNNEL_KEEPALIVE)
+            .keep_alive_timeout(TUNNEL_KEEPALIVE)
+            .keep_alive_while_idle(true)
+            .connect_with_connector(Dialled::new(conn))
+            .await
+            .map_err(|e| Error::Tunnel(format!("HTTP/2 with node `{}`: {e}", peer.name)))?;
+        self.insert(
+            &peer.name,
+            OUTBOUND,
+            &display_name,
+            channel.clone(),
+            channel,
+        );
+        Ok(peer.name)
     }
 
     pub fn list(&self) -> Vec<RegisteredNode> {
@@ -195,6 +272,79 @@ impl NodeRegistry {
             }
         }
         (results, failures)
+    }
+}
+
+/// How often an idle tunnel is pinged (and how long a ping may take).
+const TUNNEL_KEEPALIVE: Duration = Duration::from_secs(15);
+
+type Connecting<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, std::io::Error>> + Send>>;
+
+/// The connector of a node registered as outbound that has not dialled in.
+#[derive(Clone)]
+struct NotDialledIn {
+    id: String,
+}
+
+impl tonic::codegen::Service<Uri> for NotDialledIn {
+    type Response = hyper_util::rt::TokioIo<Conn>;
+    type Error = std::io::Error;
+    type Future = Connecting<Self::Response>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let message = format!(
+            "node `{}` connects outbound and is not connected now",
+            self.id
+        );
+        Box::pin(async move {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                message,
+            ))
+        })
+    }
+}
+
+/// The connector of a node's tunnel: the connection it dialled, once.
+#[derive(Clone)]
+struct Dialled(std::sync::Arc<std::sync::Mutex<Option<Conn>>>);
+
+impl Dialled {
+    fn new(conn: Conn) -> Dialled {
+        Dialled(std::sync::Arc::new(std::sync::Mutex::new(Some(conn))))
+    }
+}
+
+impl tonic::codegen::Service<Uri> for Dialled {
+    type Response = hyper_util::rt::TokioIo<Conn>;
+    type Error = std::io::Error;
+    type Future = Connecting<Self::Response>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let conn = self.0.lock().expect("tunnel lock").take();
+        Box::pin(async move {
+            conn.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "the node's outbound connection closed; waiting for it to dial in again",
+                )
+            })
+        })
     }
 }
 

@@ -27,6 +27,7 @@ use ghx_pki::transport::Transport;
 use ghx_proto::v1::coordinator_service_server::CoordinatorServiceServer;
 use ghx_study::capability::Signer;
 use tonic::transport::Server;
+use tonic::transport::server::Connected;
 
 pub use config::CoordinatorConfig;
 
@@ -57,6 +58,7 @@ pub enum Error {
 pub struct Coordinator {
     api: api::CoordinatorApi,
     tls: Transport,
+    tunnel: Option<tokio::net::TcpListener>,
     audit: ghx_audit::Settings,
     store: store::CoordinatorStore,
 }
@@ -101,9 +103,18 @@ impl Coordinator {
         Ok(Coordinator {
             api,
             tls,
+            tunnel: None,
             audit: config.audit.clone(),
             store,
         })
+    }
+
+    /// Also accept nodes that dial in (outbound-only hospital networks) on
+    /// `listener`: mTLS, node certificates of nodes registered as
+    /// `outbound` only.
+    pub fn with_tunnel(mut self, listener: tokio::net::TcpListener) -> Self {
+        self.tunnel = Some(listener);
+        self
     }
 
     /// A handle on the running service, e.g. to read its audit trail.
@@ -129,6 +140,25 @@ impl Coordinator {
         let upkeep = ghx_db::audit::spawn_upkeep(audit.clone(), self.audit);
         // grpc.health.v1: serving while the database answers and the
         // certificate is valid.
+        let tunnels = self.tunnel.map(|listener| {
+            tracing::info!(addr = ?listener.local_addr().ok(), "accepting nodes that dial in");
+            let connections = self.tls.incoming(listener);
+            let api = self.api.clone();
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                let mut connections = std::pin::pin!(connections);
+                while let Some(Ok(conn)) = connections.next().await {
+                    let api = api.clone();
+                    tokio::spawn(async move {
+                        let from = conn.connect_info().addr;
+                        match api.registry().attach(conn).await {
+                            Ok(node) => tracing::info!(%node, ?from, "node connected outbound"),
+                            Err(e) => tracing::warn!(error = %e, ?from, "tunnel refused"),
+                        }
+                    });
+                }
+            })
+        });
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<CoordinatorServiceServer<api::CoordinatorApi>>()
@@ -151,6 +181,9 @@ impl Coordinator {
             .await?;
         upkeep.abort();
         readiness.abort();
+        if let Some(tunnels) = tunnels {
+            tunnels.abort();
+        }
         ghx_db::audit::sign_on_shutdown(audit).await;
         Ok(())
     }

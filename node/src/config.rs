@@ -26,8 +26,15 @@ pub struct NodeConfig {
     /// The node id; must equal the common name of the node's certificate.
     pub id: String,
     pub display_name: String,
-    /// Address the gRPC server listens on.
-    pub listen: SocketAddr,
+    /// Address the gRPC server listens on (direct mode). Optional when the
+    /// node dials the coordinator instead (`[outbound]`); both may be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Outbound-only mode: the node dials the coordinator and serves its
+    /// requests over that connection (for networks that allow outbound
+    /// connections only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<OutboundConfig>,
     /// A SQLite file path, or a postgres:// URL.
     pub database_url: String,
     /// Smallest count released; smaller cells are suppressed.
@@ -59,6 +66,21 @@ pub struct NodeConfig {
     /// Traces and metrics: exported over OTLP when an endpoint is set.
     #[serde(default)]
     pub telemetry: ghx_telemetry::Settings,
+}
+
+/// Where an outbound-only node dials.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// The coordinator's tunnel address, `host:port`.
+    pub coordinator: String,
+    /// The name the coordinator's certificate must carry.
+    #[serde(default = "default_coordinator_name")]
+    pub server_name: String,
+}
+
+fn default_coordinator_name() -> String {
+    "coordinator".to_owned()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -155,6 +177,29 @@ impl NodeConfig {
                 problem: "must be lowercase letters, digits and '-'".to_owned(),
             });
         }
+        if self.listen.is_none() && self.outbound.is_none() {
+            return Err(Error::Invalid {
+                key: "listen",
+                problem:
+                    "or [outbound] must be set: the node either listens or dials the coordinator"
+                        .to_owned(),
+            });
+        }
+        if let Some(outbound) = &self.outbound {
+            let port_ok = outbound
+                .coordinator
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(Error::Invalid {
+                    key: "outbound.coordinator",
+                    problem: format!(
+                        "`{}` must be host:port of the coordinator's tunnel",
+                        outbound.coordinator
+                    ),
+                });
+            }
+        }
         if self.min_cell_size == 0 {
             return Err(Error::Invalid {
                 key: "min_cell_size",
@@ -221,6 +266,40 @@ mod tests {
         assert_eq!(config.min_cell_size, 10);
         assert!(config.tls.ca.is_absolute());
         assert!(config.database_url.ends_with("/chosun.db"));
+    }
+
+    #[test]
+    fn a_node_listens_or_dials_out() {
+        let listen = "        listen = \"127.0.0.1:7443\"\n";
+        assert!(GOOD.contains(listen));
+        let neither = GOOD.replace(listen, "");
+        let err = parse(&neither).unwrap_err().to_string();
+        assert!(err.contains("`listen` or [outbound] must be set"), "{err}");
+        let outbound = parse(&format!(
+            "{neither}\n[outbound]\ncoordinator = \"ghealth.example.kr:7444\"\n"
+        ))
+        .unwrap();
+        assert_eq!(outbound.listen, None);
+        let dial = outbound.outbound.unwrap();
+        assert_eq!(
+            (dial.coordinator.as_str(), dial.server_name.as_str()),
+            ("ghealth.example.kr:7444", "coordinator")
+        );
+        let err = parse(&format!(
+            "{neither}\n[outbound]\ncoordinator = \"https://ghealth.example.kr\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`outbound.coordinator`"), "{err}");
+        let err = parse(&format!(
+            "{GOOD}\n[telemetry]\notlp_endpoint = \"collector:4317\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("telemetry.otlp_endpoint `collector:4317`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -122,11 +122,13 @@ impl Node {
         &self.config
     }
 
-    /// Serves gRPC over mTLS on `listener` until `shutdown` completes, then
-    /// finishes in-flight requests and returns.
+    /// Serves gRPC over mTLS until `shutdown` completes, then finishes
+    /// in-flight requests and returns: on `listener` (direct mode), and
+    /// over the connection it keeps dialling to the coordinator when the
+    /// configuration has `[outbound]`.
     pub async fn serve(
         self,
-        listener: tokio::net::TcpListener,
+        listener: Option<tokio::net::TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
         let store = self.store.clone();
@@ -162,16 +164,48 @@ impl Node {
             self.tls.identity().clone(),
             move || store.ping().map_err(|e| e.to_string()),
         );
-        tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node serving");
+        let (connections, incoming) = tokio::sync::mpsc::channel(16);
+        let mut feeders = Vec::new();
+        if let Some(listener) = listener {
+            tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node listening");
+            let accepted = self.tls.incoming(listener);
+            let connections = connections.clone();
+            feeders.push(tokio::spawn(async move {
+                use futures::StreamExt;
+                let mut accepted = std::pin::pin!(accepted);
+                while let Some(Ok(conn)) = accepted.next().await {
+                    if connections.send(conn).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        if let Some(outbound) = &self.config.outbound {
+            tracing::info!(node = %self.config.id, coordinator = %outbound.coordinator, "node dialling the coordinator");
+            feeders.push(tokio::spawn(ghx_pki::transport::dial_out(
+                self.tls.clone(),
+                outbound.coordinator.clone(),
+                outbound.server_name.clone(),
+                connections.clone(),
+            )));
+        }
+        drop(connections);
         // mTLS by `Transport::incoming` (certificates renewed on disk are
         // used without a restart; TCP_NODELAY: small messages).
         Server::builder()
+            // An outbound connection is found dead by HTTP/2 pings, and
+            // dialled again.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(15)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(15)))
             // Each request runs in a span that continues the caller's trace.
             .trace_fn(ghx_telemetry::propagation::server_span)
             .add_service(health_service)
             .add_service(NodeServiceServer::new(api))
-            .serve_with_incoming_shutdown(self.tls.incoming(listener), shutdown)
+            .serve_with_incoming_shutdown(ghx_pki::transport::Connections::new(incoming), shutdown)
             .await?;
+        for feeder in feeders {
+            feeder.abort();
+        }
         upkeep.abort();
         readiness.abort();
         ghx_db::audit::sign_on_shutdown(audit).await;

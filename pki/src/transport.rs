@@ -388,6 +388,80 @@ async fn dial(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
+/// Connections handed over one by one (from a listener, a dialler, or
+/// both), as tonic's incoming stream.
+pub struct Connections(tokio::sync::mpsc::Receiver<Conn>);
+
+impl Connections {
+    pub fn new(receiver: tokio::sync::mpsc::Receiver<Conn>) -> Connections {
+        Connections(receiver)
+    }
+}
+
+impl futures::Stream for Connections {
+    type Item = Result<Conn, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|c| c.map(Ok))
+    }
+}
+
+/// Backoff between dial attempts: from [`DIAL_BACKOFF_MIN`], doubling to
+/// [`DIAL_BACKOFF_MAX`], with jitter so that nodes cut off together do not
+/// all dial at once.
+pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Outbound-only mode: keeps one connection dialled to `addr` (the
+/// coordinator's tunnel, its certificate naming `server_name`) and hands
+/// each to `serve`, whose server answers the coordinator's requests over
+/// it. When the connection ends, dials again with backoff. Returns when
+/// the server stops taking connections.
+pub async fn dial_out(
+    transport: Transport,
+    addr: String,
+    server_name: String,
+    serve: tokio::sync::mpsc::Sender<Conn>,
+) {
+    let mut backoff = DIAL_BACKOFF_MIN;
+    loop {
+        match transport.dial(&addr, &server_name).await {
+            Ok(tls) => {
+                let (closed, on_close) = tokio::sync::oneshot::channel();
+                if serve
+                    .send(Conn::dialled(tls).with_close_signal(closed))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tracing::info!(coordinator = %addr, "connected to the coordinator; serving over it");
+                backoff = DIAL_BACKOFF_MIN;
+                let _ = on_close.await;
+                tracing::warn!(coordinator = %addr, "the connection to the coordinator closed; dialling again");
+            }
+            Err(e) => {
+                tracing::warn!(coordinator = %addr, error = %e, retry_in = ?backoff, "cannot reach the coordinator");
+            }
+        }
+        if serve.is_closed() {
+            return;
+        }
+        let jitter = Duration::from_millis(u64::from(std::process::id() % 7) * 13 + rand_millis());
+        tokio::time::sleep(backoff + jitter.min(backoff / 2)).await;
+        backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+    }
+}
+
+/// A few pseudo-random milliseconds (no cryptographic use).
+fn rand_millis() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    u64::from(nanos % 97)
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {

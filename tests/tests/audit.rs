@@ -366,6 +366,7 @@ async fn the_coordinator_and_the_nodes_reconcile_and_an_injected_query_is_an_ala
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: Some(2),
+        node_link: Default::default(),
     })
     .await
     .unwrap();

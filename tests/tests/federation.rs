@@ -48,6 +48,7 @@ async fn start_with_quorum(patients: usize, quorum: usize) -> (LocalFederation, 
         min_cell_size: MIN_CELL,
         committee_quorum: quorum,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await
     .expect("the local federation starts");
@@ -372,7 +373,7 @@ async fn studies_need_a_committee_quorum_and_nodes_refuse_anything_unapproved() 
     let channel = node_channel(
         &federation.pki.tls_files(REQUESTER),
         "chosun",
-        chosun.addr.port(),
+        chosun.addr().port(),
     )
     .await
     .unwrap();
@@ -394,7 +395,7 @@ async fn studies_need_a_committee_quorum_and_nodes_refuse_anything_unapproved() 
     let channel = node_channel(
         &federation.pki.tls_files("coordinator"),
         "chosun",
-        chosun.addr.port(),
+        chosun.addr().port(),
     )
     .await
     .unwrap();
@@ -516,7 +517,7 @@ async fn studies_need_a_committee_quorum_and_nodes_refuse_anything_unapproved() 
     let channel = node_channel(
         &federation.pki.tls_files("coordinator"),
         "chonnam",
-        chonnam.addr.port(),
+        chonnam.addr().port(),
     )
     .await
     .unwrap();
@@ -705,7 +706,7 @@ async fn studies_need_a_committee_quorum_and_nodes_refuse_anything_unapproved() 
         }
     };
     let try_node = |files: ghx_pki::TlsFiles| async move {
-        let channel = node_channel(&files, "chosun", chosun.addr.port()).await?;
+        let channel = node_channel(&files, "chosun", chosun.addr().port()).await?;
         NodeServiceClient::new(channel)
             .get_node_info(pb::GetNodeInfoRequest {})
             .await?;

@@ -42,13 +42,14 @@ async fn members_report_their_health_to_a_federation_monitor() {
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await
     .unwrap();
     let serving = Ok(ServingStatus::Serving as i32);
 
     for node in &federation.nodes {
-        let mut client = monitor(&federation, node.addr.port(), node.profile.id).await;
+        let mut client = monitor(&federation, node.addr().port(), node.profile.id).await;
         assert_eq!(status(&mut client, "ghx.v1.NodeService").await, serving);
         assert_eq!(status(&mut client, "").await, serving);
         assert_eq!(
@@ -71,7 +72,7 @@ async fn members_report_their_health_to_a_federation_monitor() {
     let ca = std::fs::read_to_string(federation.pki.tls_files("coordinator").ca).unwrap();
     let anonymous = Endpoint::from_shared(format!(
         "https://localhost:{}",
-        federation.nodes[0].addr.port()
+        federation.nodes[0].addr().port()
     ))
     .unwrap()
     .tls_config(

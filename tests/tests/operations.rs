@@ -33,6 +33,7 @@ async fn a_node_restarted_while_the_coordinator_runs_answers_again() {
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: Some(4),
+        node_link: Default::default(),
     })
     .await
     .unwrap();
@@ -93,6 +94,7 @@ async fn certificates_renewed_during_traffic_fail_no_request() {
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await
     .unwrap();
@@ -104,7 +106,7 @@ async fn certificates_renewed_during_traffic_fail_no_request() {
     let services: Vec<(String, u16)> = federation
         .nodes
         .iter()
-        .map(|n| (n.profile.id.to_owned(), n.addr.port()))
+        .map(|n| (n.profile.id.to_owned(), n.addr().port()))
         .chain([("coordinator".to_owned(), federation.coordinator_addr.port())])
         .collect();
     let mut before = Vec::new();

@@ -68,6 +68,7 @@ async fn a_federated_query_is_one_trace_and_its_decisions_are_counted() {
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await
     .unwrap();

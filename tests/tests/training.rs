@@ -28,6 +28,7 @@ async fn start() -> (LocalFederation, tempfile::TempDir) {
         min_cell_size: 10,
         committee_quorum: 1,
         audit_checkpoint_every: None,
+        node_link: Default::default(),
     })
     .await
     .expect("the local federation starts");
