@@ -255,7 +255,8 @@ impl LocalFederation {
                     "id = \"{id}\"\ndisplay_name = \"{name}\"\n{listen_key}\
                      database_url = \"{db}\"\nmin_cell_size = {min}\n\
                      policy_dir = \"{policies}\"\ncoordinator_keys_dir = \"{rotated}\"\n\n\
-                     [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
+                     [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+                     renew_from = \"https://localhost:{coordinator_port}\"\nrenew_check_secs = 1\n\n\
                      [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{outbound_table}",
                     id = profile.id,
                     name = profile.name,
@@ -268,6 +269,7 @@ impl LocalFederation {
                     pubkey = pki.root().join("coordinator-signing.pub.pem").display(),
                     rotated = pki.root().join("rotated-keys").display(),
                     audit = audit_table,
+                    coordinator_port = coordinator_addr.port(),
                 ),
             )?;
             let node = Node::build(NodeConfig::load(&config_path)?)?;
@@ -306,12 +308,15 @@ impl LocalFederation {
             "listen = \"{coordinator_addr}\"\nnode_deadline_secs = 30\n{tunnel}\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [signing_key]\nkid = \"{SIGNING_KID}\"\nprivate_key = \"{}\"\n\n\
+             [issuer]\nca_cert = \"{ca_cert}\"\nca_key = \"{ca_key}\"\n\n\
              [committee]\nquorum = {}\nmembers = [\"{COMMITTEE}\", \"{COMMITTEE_2}\"]\n{audit_table}",
             tls.ca.display(),
             tls.cert.display(),
             tls.key.display(),
             pki.root().join("coordinator-signing.pem").display(),
             options.committee_quorum,
+            ca_cert = pki.root().join("ca.pem").display(),
+            ca_key = pki.root().join("ca.key").display(),
             tunnel = tunnel_addr
                 .map(|addr| format!("tunnel_listen = \"{addr}\"\n"))
                 .unwrap_or_default(),

@@ -36,6 +36,9 @@ struct Inner {
     starting: std::sync::Mutex<()>,
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
+    /// The CA that renews nodes' certificates, and for how long, when this
+    /// coordinator issues them.
+    issuer: Option<(ghx_pki::CertificateAuthority, time::Duration)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,8 @@ enum ApiError {
     Capability(#[from] capability::Error),
     #[error("no nodes are registered")]
     NoNodes,
+    #[error("this coordinator does not issue certificates (no [issuer] configured)")]
+    NotIssuing,
     #[error("the audit log could not record this step: {0}")]
     Audit(ghx_db::audit::Error),
     #[error(transparent)]
@@ -82,6 +87,7 @@ impl ApiError {
             ApiError::Study(_) => "study_state",
             ApiError::Capability(_) => "capability",
             ApiError::NoNodes => "no_nodes",
+            ApiError::NotIssuing => "not_issuing",
             ApiError::Audit(_) => "audit",
             ApiError::Training(_) => "training",
             ApiError::NoSuchRun(_) | ApiError::NoSuchTraining { .. } => "not_found",
@@ -103,7 +109,7 @@ fn status(error: ApiError) -> Status {
             tracing::error!(error = %message, "coordinator database failure");
             Status::internal("the coordinator failed; its operator can see why in its log")
         }
-        ApiError::Study(_) | ApiError::NoNodes | ApiError::Training(_) => {
+        ApiError::Study(_) | ApiError::NoNodes | ApiError::NotIssuing | ApiError::Training(_) => {
             Status::failed_precondition(message)
         }
         ApiError::NoSuchRun(_) | ApiError::NoSuchTraining { .. } => Status::not_found(message),
@@ -153,8 +159,21 @@ impl CoordinatorApi {
                 capability_valid_for,
                 driving: std::sync::Mutex::new(std::collections::BTreeSet::new()),
                 starting: std::sync::Mutex::new(()),
+                issuer: None,
             }),
         }
+    }
+
+    /// Renews registered nodes' certificates with `ca`, valid for
+    /// `valid_for` (`RenewCertificate`).
+    pub fn with_issuer(
+        mut self,
+        ca: ghx_pki::CertificateAuthority,
+        valid_for: time::Duration,
+    ) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
+        inner.issuer = Some((ca, valid_for));
+        self
     }
 
     /// Signs an audit checkpoint every `every` entries with the
@@ -760,6 +779,62 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
             .map_err(|e| status(e.into()))?;
         tracing::info!(node = %node.node_id, by = %caller.name, "node registered");
         Ok(Response::new(pb::RegisterNodeResponse {}))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let caller = identity(&request)?;
+        // The certificate the node called with: renewed for the same
+        // holder and hosts.
+        let current = request
+            .extensions()
+            .get::<ghx_pki::transport::Peer>()
+            .and_then(|p| p.certs.first())
+            .map(|der| ghx_pki::certificate_pem(der));
+        let csr_pem = request.into_inner().csr_pem;
+        let outcome = (|| {
+            require(&caller, &[Role::Node], "renew a node certificate", "node")?;
+            if !self
+                .inner
+                .registry
+                .list()
+                .iter()
+                .any(|n| n.id == caller.name)
+            {
+                return Err(ApiError::Invalid(format!(
+                    "node `{}` is not registered with this coordinator",
+                    caller.name
+                )));
+            }
+            let (ca, valid_for) = self.inner.issuer.as_ref().ok_or(ApiError::NotIssuing)?;
+            let current = current.ok_or(ApiError::Identity(ghx_pki::Error::NoPeerCertificate))?;
+            let cert_pem =
+                ca.renew_request(&current, &csr_pem, *valid_for)
+                    .map_err(|e| match e {
+                        ghx_pki::Error::Request(why) => {
+                            ApiError::Invalid(format!("certificate signing request: {why}"))
+                        }
+                        other => ApiError::Identity(other),
+                    })?;
+            let expires = ghx_pki::readiness::expires_at(&cert_pem)?;
+            Ok((cert_pem, expires))
+        })();
+        let detail = match &outcome {
+            Ok((_, expires)) => format!("certificate renewed until {expires}"),
+            Err(_) => String::new(),
+        };
+        let (cert_pem, expires) = self
+            .audited(&caller, "renew-certificate", "", &detail, outcome)
+            .map_err(status)?;
+        tracing::info!(node = %caller.name, %expires, "renewed a node certificate");
+        Ok(Response::new(pb::RenewCertificateResponse {
+            cert_pem,
+            expires_at: expires
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        }))
     }
 
     async fn list_nodes(

@@ -46,9 +46,29 @@ pub struct CoordinatorConfig {
     /// Audit checkpoints and retention.
     #[serde(default)]
     pub audit: ghx_audit::Settings,
+    /// Renewing nodes' short-lived certificates (`RenewCertificate`): the
+    /// issuing CA's certificate and key. None: nodes' certificates are
+    /// renewed by hand (`ghx pki renew`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<IssuerConfig>,
     /// Traces and metrics: exported over OTLP when an endpoint is set.
     #[serde(default)]
     pub telemetry: ghx_telemetry::Settings,
+}
+
+/// The CA the coordinator renews node certificates with.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    /// How long a renewed node certificate is valid.
+    #[serde(default = "default_node_cert_hours")]
+    pub node_valid_for_hours: u32,
+}
+
+fn default_node_cert_hours() -> u32 {
+    7 * 24
 }
 
 /// The steering committee: who may decide and how many must approve.
@@ -146,6 +166,13 @@ impl CoordinatorConfig {
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        if let Some(issuer) = &mut config.issuer {
+            for p in [&mut issuer.ca_cert, &mut issuer.ca_key] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
             }
         }
         if !config.database_url.contains("://") && Path::new(&config.database_url).is_relative() {

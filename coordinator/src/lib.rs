@@ -100,6 +100,25 @@ impl Coordinator {
             .map_err(ghx_db::audit::Error::from)?,
             config.audit.checkpoint_every,
         );
+        let api = match &config.issuer {
+            None => api,
+            Some(issuer) => {
+                let read = |path: &std::path::PathBuf| {
+                    std::fs::read_to_string(path).map_err(|source| Error::KeyFile {
+                        path: path.clone(),
+                        source,
+                    })
+                };
+                let ca = ghx_pki::CertificateAuthority::from_pem(ghx_pki::CertifiedKey {
+                    cert_pem: read(&issuer.ca_cert)?,
+                    key_pem: read(&issuer.ca_key)?,
+                })?;
+                api.with_issuer(
+                    ca,
+                    time::Duration::hours(i64::from(issuer.node_valid_for_hours)),
+                )
+            }
+        };
         Ok(Coordinator {
             api,
             tls,

@@ -89,6 +89,18 @@ pub struct TlsConfig {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The coordinator's gRPC address (`https://host:port`) to renew this
+    /// node's certificate through, in the last third of its life; none:
+    /// renewed by hand (`ghx pki renew`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_from: Option<String>,
+    /// How often renewal looks at the certificate.
+    #[serde(default = "default_renew_check_secs")]
+    pub renew_check_secs: u64,
+}
+
+fn default_renew_check_secs() -> u64 {
+    600
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -199,6 +211,20 @@ impl NodeConfig {
                     ),
                 });
             }
+        }
+        if let Some(from) = &self.tls.renew_from
+            && !from.starts_with("https://")
+        {
+            return Err(Error::Invalid {
+                key: "tls.renew_from",
+                problem: format!("`{from}` must be the coordinator's https://host:port"),
+            });
+        }
+        if self.tls.renew_check_secs == 0 {
+            return Err(Error::Invalid {
+                key: "tls.renew_check_secs",
+                problem: "must be at least 1".to_owned(),
+            });
         }
         if self.min_cell_size == 0 {
             return Err(Error::Invalid {

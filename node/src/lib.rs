@@ -25,6 +25,7 @@ pub mod import;
 pub mod noise;
 pub mod policy;
 pub mod release;
+pub mod renewal;
 pub mod store;
 pub mod terminology;
 pub mod training;
@@ -190,6 +191,23 @@ impl Node {
             )));
         }
         drop(connections);
+        let renewing = self.config.tls.renew_from.as_ref().map(|coordinator| {
+            tracing::info!(%coordinator, "renewing this node's certificate through the coordinator when due");
+            tokio::spawn(renewal::keep_renewed(
+                renewal::Renewal {
+                    node_id: self.config.id.clone(),
+                    coordinator: coordinator.clone(),
+                    server_name: self
+                        .config
+                        .outbound
+                        .as_ref()
+                        .map_or_else(|| "coordinator".to_owned(), |o| o.server_name.clone()),
+                    cert_path: self.config.tls.cert.clone(),
+                    every: std::time::Duration::from_secs(self.config.tls.renew_check_secs),
+                },
+                self.tls.clone(),
+            ))
+        });
         // mTLS by `Transport::incoming` (certificates renewed on disk are
         // used without a restart; TCP_NODELAY: small messages).
         Server::builder()
@@ -205,6 +223,9 @@ impl Node {
             .await?;
         for feeder in feeders {
             feeder.abort();
+        }
+        if let Some(renewing) = renewing {
+            renewing.abort();
         }
         upkeep.abort();
         readiness.abort();

@@ -58,6 +58,8 @@ pub enum Error {
     UnknownRole(String),
     #[error("invalid name `{0}`: use 1-63 lowercase letters, digits and '-'")]
     InvalidName(String),
+    #[error("unusable certificate signing request: {0}")]
+    Request(String),
     #[error("the certificate is not one the federation CA issued and still vouches for: {0}")]
     Untrusted(String),
 }
@@ -327,6 +329,38 @@ impl CertificateAuthority {
     }
 
     fn issue_for(&self, request: &CertificateRequest, key: KeyPair) -> Result<CertifiedKey, Error> {
+        let cert = Self::params_for(request)?.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Renews `current` (a certificate this CA issued, presented by its
+    /// holder over mTLS) for the key in `csr_pem`, whose signature proves
+    /// the holder has it: same holder, role, organisation and hosts as
+    /// `current`, valid from now for `valid_for`. Nothing but the public key
+    /// is taken from the request. Returns the certificate (PEM).
+    pub fn renew_request(
+        &self,
+        current_pem: &str,
+        csr_pem: &str,
+        valid_for: Duration,
+    ) -> Result<String, Error> {
+        let holder = verify_member(self.cert_pem(), current_pem)?;
+        let mut request = CertificateRequest::new(&holder.name, holder.role, &holder.organisation);
+        request.hosts = subject_alt_names(current_pem)?
+            .into_iter()
+            .filter(|h| *h != holder.name)
+            .collect();
+        request.valid_for = valid_for;
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Error::Request(e.to_string()))?;
+        csr.params = Self::params_for(&request)?;
+        Ok(csr.signed_by(&self.issuer)?.pem())
+    }
+
+    fn params_for(request: &CertificateRequest) -> Result<CertificateParams, Error> {
         validate_name(&request.name)?;
         let hosts = if request.role.is_service() {
             let mut hosts = request.hosts.clone();
@@ -357,12 +391,30 @@ impl CertificateAuthority {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
         params.not_after = now + request.valid_for;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(CertifiedKey {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(params)
     }
+}
+
+/// A certificate signing request (PEM) for the key `key_pem`, as a holder
+/// sends it to renew its certificate; the issuer takes only the key.
+pub fn signing_request(name: &str, key_pem: &str) -> Result<String, Error> {
+    let key = KeyPair::from_pem(key_pem)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    Ok(params.serialize_request(&key)?.pem()?)
+}
+
+/// Encodes `der` as a PEM certificate.
+pub fn certificate_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 fn pem_der(pem: &str) -> Result<Vec<u8>, Error> {

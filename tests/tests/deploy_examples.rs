@@ -21,6 +21,7 @@ fn node_examples_load() {
         // Christian's network allows outbound connections only.
         assert_eq!(config.listen.is_none(), id == "christian");
         assert_eq!(config.outbound.is_some(), id == "christian");
+        assert!(config.tls.renew_from.is_some());
     }
 }
 
@@ -32,6 +33,7 @@ fn coordinator_example_loads_with_all_three_hospitals() {
     assert!(config.tunnel_listen.is_some());
     assert_eq!(config.nodes[2].endpoint, ghx_coordinator::fanout::OUTBOUND);
     assert!(config.telemetry.otlp_endpoint.is_some());
+    assert_eq!(config.issuer.as_ref().unwrap().node_valid_for_hours, 168);
 
     // A node that dials in needs a port to dial.
     let text = std::fs::read_to_string(deploy("coordinator.toml")).unwrap();

@@ -199,3 +199,106 @@ async fn certificates_renewed_during_traffic_fail_no_request() {
     assert_eq!(run(&federation, &study).await.total, expected);
     federation.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_renews_its_short_lived_certificate_through_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        dir: dir.path().to_owned(),
+        patients_per_node: 100,
+        seed: 23,
+        min_cell_size: 10,
+        committee_quorum: 1,
+        audit_checkpoint_every: None,
+        node_link: Default::default(),
+    })
+    .await
+    .unwrap();
+    let files = federation.pki.tls_files("chosun");
+    let key_before = std::fs::read_to_string(&files.key).unwrap();
+    // Chosun's certificate now has two minutes left: the last third of its
+    // life, so the node asks the coordinator for a new one on its own.
+    let ca = federation.pki.load_ca().unwrap();
+    federation
+        .pki
+        .renew(&ca, "chosun", time::Duration::minutes(2), false)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let renewed = loop {
+        let pem = std::fs::read_to_string(&files.cert).unwrap();
+        let expires = ghx_pki::readiness::expires_at(&pem).unwrap();
+        if expires - time::OffsetDateTime::now_utc() > time::Duration::days(6) {
+            break pem;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "chosun did not renew its certificate"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    // Seven days (the coordinator's default), the same key, presented now.
+    assert_eq!(std::fs::read_to_string(&files.key).unwrap(), key_before);
+    let who =
+        ghx_pki::verify_member(&std::fs::read_to_string(&files.ca).unwrap(), &renewed).unwrap();
+    assert_eq!(
+        (who.name.as_str(), who.role),
+        ("chosun", ghx_pki::Role::Node)
+    );
+    tokio::time::sleep(ghx_pki::transport::LiveIdentity::CHECK_EVERY).await;
+    let chosun = federation
+        .nodes
+        .iter()
+        .find(|n| n.profile.id == "chosun")
+        .unwrap();
+    assert_eq!(
+        presented(&federation, chosun.addr().port(), "chosun").await,
+        file_der(&files.cert)
+    );
+    let audit = federation.coordinator_audit();
+    let renewal = audit
+        .iter()
+        .find(|e| e.action == "renew-certificate")
+        .expect("the coordinator audited the renewal");
+    assert_eq!(
+        (renewal.caller.as_str(), renewal.decision.as_str()),
+        ("chosun", "done")
+    );
+
+    // Only a node renews, and only with a real signing request.
+    let csr = ghx_pki::signing_request("chosun", &key_before).unwrap();
+    let refused = federation
+        .client(REQUESTER)
+        .await
+        .unwrap()
+        .renew_certificate(pb::RenewCertificateRequest { csr_pem: csr })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let garbage = federation
+        .client("chosun")
+        .await
+        .unwrap()
+        .renew_certificate(pb::RenewCertificateRequest {
+            csr_pem:
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                    .to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(garbage.code(), tonic::Code::InvalidArgument, "{garbage:?}");
+    assert!(
+        garbage.message().contains("certificate signing request"),
+        "{}",
+        garbage.message()
+    );
+
+    let study = federation
+        .approved_study(
+            REQUESTER,
+            manifest_for("renewed", "HRESCH", &[("e11", E11)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(run(&federation, &study).await.per_node.len(), 3);
+    federation.shutdown().await;
+}

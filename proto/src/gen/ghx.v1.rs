@@ -1157,6 +1157,20 @@ pub mod node_service_server {
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewCertificateRequest {
+    /// A PKCS#10 certificate signing request (PEM); only its public key is used.
+    #[prost(string, tag = "1")]
+    pub csr_pem: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewCertificateResponse {
+    #[prost(string, tag = "1")]
+    pub cert_pem: ::prost::alloc::string::String,
+    /// RFC 3339.
+    #[prost(string, tag = "2")]
+    pub expires_at: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StartTrainingRequest {
     #[prost(string, tag = "1")]
     pub study_id: ::prost::alloc::string::String,
@@ -1806,6 +1820,35 @@ pub mod coordinator_service_client {
                 .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "ValidateModel"));
             self.inner.unary(req, path, codec).await
         }
+        /// A registered node renews its own short-lived certificate: the
+        /// coordinator's issuing CA signs the key in the request for the identity
+        /// and hosts of the certificate the node is calling with.
+        pub async fn renew_certificate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RenewCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewCertificateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.CoordinatorService/RenewCertificate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("ghx.v1.CoordinatorService", "RenewCertificate"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1905,6 +1948,16 @@ pub mod coordinator_service_server {
             request: tonic::Request<super::ValidateModelRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ValidateModelResponse>,
+            tonic::Status,
+        >;
+        /// A registered node renews its own short-lived certificate: the
+        /// coordinator's issuing CA signs the key in the request for the identity
+        /// and hosts of the certificate the node is calling with.
+        async fn renew_certificate(
+            &self,
+            request: tonic::Request<super::RenewCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewCertificateResponse>,
             tonic::Status,
         >;
     }
@@ -2564,6 +2617,55 @@ pub mod coordinator_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ValidateModelSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.CoordinatorService/RenewCertificate" => {
+                    #[allow(non_camel_case_types)]
+                    struct RenewCertificateSvc<T: CoordinatorService>(pub Arc<T>);
+                    impl<
+                        T: CoordinatorService,
+                    > tonic::server::UnaryService<super::RenewCertificateRequest>
+                    for RenewCertificateSvc<T> {
+                        type Response = super::RenewCertificateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RenewCertificateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as CoordinatorService>::renew_certificate(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RenewCertificateSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
