@@ -79,6 +79,23 @@ pub struct LocalFederationOptions {
     pub node_link: NodeLink,
 }
 
+impl LocalFederationOptions {
+    /// `patients_per_node` synthetic patients from `seed` under `dir`; cell
+    /// size 10, a committee quorum of one, default audit checkpoints, nodes
+    /// that listen.
+    pub fn new(dir: &Path, patients_per_node: usize, seed: u64) -> Self {
+        LocalFederationOptions {
+            dir: dir.to_owned(),
+            patients_per_node,
+            seed,
+            min_cell_size: 10,
+            committee_quorum: 1,
+            audit_checkpoint_every: None,
+            node_link: NodeLink::Listen,
+        }
+    }
+}
+
 /// How the coordinator and the nodes connect.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum NodeLink {
@@ -368,6 +385,29 @@ impl LocalFederation {
             &self.pki.tls_files(member),
         )
         .await
+    }
+
+    /// Runs `query` (empty: the first) of an approved study as [`REQUESTER`]
+    /// and returns the combined result.
+    pub async fn run_study(
+        &self,
+        study_id: &str,
+        query: &str,
+    ) -> Result<ghx_proto::v1::StudyResult, Error> {
+        self.client(REQUESTER)
+            .await?
+            .run_study(ghx_proto::v1::RunStudyRequest {
+                study_id: study_id.to_owned(),
+                query: query.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .result
+            .ok_or_else(|| {
+                Error::Rpc(tonic::Status::internal(
+                    "RunStudy answered without a result",
+                ))
+            })
     }
 
     /// Submits a manifest as `requester` and has [`COMMITTEE`] approve it

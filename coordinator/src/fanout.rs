@@ -87,7 +87,7 @@ impl NodeRegistry {
         if endpoint == OUTBOUND {
             // Until it dials in, calls to it fail with a clear reason.
             let channel = Endpoint::from_static("http://outbound.invalid")
-                .connect_with_connector_lazy(NotDialledIn { id: id.to_owned() });
+                .connect_with_connector_lazy(Dialled::new(id, None));
             self.insert(id, endpoint, display_name, channel.clone(), channel);
             return Ok(());
         }
@@ -167,7 +167,7 @@ impl NodeRegistry {
             .http2_keep_alive_interval(TUNNEL_KEEPALIVE)
             .keep_alive_timeout(TUNNEL_KEEPALIVE)
             .keep_alive_while_idle(true)
-            .connect_with_connector(Dialled::new(conn))
+            .connect_with_connector(Dialled::new(&peer.name, Some(conn)))
             .await
             .map_err(|e| Error::Tunnel(format!("HTTP/2 with node `{}`: {e}", peer.name)))?;
         self.insert(
@@ -281,45 +281,20 @@ const TUNNEL_KEEPALIVE: Duration = Duration::from_secs(15);
 type Connecting<T> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, std::io::Error>> + Send>>;
 
-/// The connector of a node registered as outbound that has not dialled in.
+/// The connector of a node registered as outbound: the connection it
+/// dialled, once; none before it dials in or after that connection closed.
 #[derive(Clone)]
-struct NotDialledIn {
+struct Dialled {
     id: String,
+    conn: std::sync::Arc<std::sync::Mutex<Option<Conn>>>,
 }
-
-impl tonic::codegen::Service<Uri> for NotDialledIn {
-    type Response = hyper_util::rt::TokioIo<Conn>;
-    type Error = std::io::Error;
-    type Future = Connecting<Self::Response>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let message = format!(
-            "node `{}` connects outbound and is not connected now",
-            self.id
-        );
-        Box::pin(async move {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                message,
-            ))
-        })
-    }
-}
-
-/// The connector of a node's tunnel: the connection it dialled, once.
-#[derive(Clone)]
-struct Dialled(std::sync::Arc<std::sync::Mutex<Option<Conn>>>);
 
 impl Dialled {
-    fn new(conn: Conn) -> Dialled {
-        Dialled(std::sync::Arc::new(std::sync::Mutex::new(Some(conn))))
+    fn new(id: &str, conn: Option<Conn>) -> Dialled {
+        Dialled {
+            id: id.to_owned(),
+            conn: std::sync::Arc::new(std::sync::Mutex::new(conn)),
+        }
     }
 }
 
@@ -336,14 +311,14 @@ impl tonic::codegen::Service<Uri> for Dialled {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let conn = self.0.lock().expect("tunnel lock").take();
+        let conn = self.conn.lock().expect("tunnel lock").take();
+        let message = format!(
+            "node `{}` connects outbound and is not connected now; waiting for it to dial in",
+            self.id
+        );
         Box::pin(async move {
-            conn.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotConnected,
-                    "the node's outbound connection closed; waiting for it to dial in again",
-                )
-            })
+            conn.map(hyper_util::rt::TokioIo::new)
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, message))
         })
     }
 }

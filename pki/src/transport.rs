@@ -525,6 +525,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 pub struct Conn {
     io: Box<dyn Io>,
     peer: Peer,
+    /// Dropped with the connection: tells a dialler to dial again.
+    _closed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Conn {
@@ -532,6 +534,7 @@ impl Conn {
         Conn {
             io: Box::new(io),
             peer,
+            _closed: None,
         }
     }
 
@@ -553,48 +556,10 @@ impl Conn {
         )
     }
 
-    /// Wraps `io` so that `closed` fires when the server lets go of it.
-    pub fn with_close_signal(self, closed: tokio::sync::oneshot::Sender<()>) -> Conn {
-        Conn {
-            io: Box::new(SignalOnDrop {
-                io: self.io,
-                _closed: closed,
-            }),
-            peer: self.peer,
-        }
-    }
-}
-
-struct SignalOnDrop {
-    io: Box<dyn Io>,
-    _closed: tokio::sync::oneshot::Sender<()>,
-}
-
-impl AsyncRead for SignalOnDrop {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SignalOnDrop {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_shutdown(cx)
+    /// `closed` fires when the server lets go of this connection.
+    pub fn with_close_signal(mut self, closed: tokio::sync::oneshot::Sender<()>) -> Conn {
+        self._closed = Some(closed);
+        self
     }
 }
 

@@ -13,3 +13,6 @@ pub mod consented;
 pub mod postgres;
 pub mod proxy;
 pub mod reference;
+
+/// A count of patients with a type 2 diabetes (KCD-8 E11) diagnosis.
+pub const E11_COUNT: &str = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},"analysis":{"kind":"count"}}"#;

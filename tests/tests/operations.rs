@@ -5,35 +5,18 @@
 use ghx::local_federation::{LocalFederation, LocalFederationOptions, REQUESTER, manifest_for};
 use ghx_proto::v1 as pb;
 
-const E11: &str = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},"analysis":{"kind":"count"}}"#;
+const E11: &str = ghx_federation_tests::E11_COUNT;
 
 async fn run(federation: &LocalFederation, study: &str) -> pb::StudyResult {
-    federation
-        .client(REQUESTER)
-        .await
-        .unwrap()
-        .run_study(pb::RunStudyRequest {
-            study_id: study.to_owned(),
-            query: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap()
+    federation.run_study(study, "").await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_while_the_coordinator_runs_answers_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut federation = LocalFederation::start(&LocalFederationOptions {
-        dir: dir.path().to_owned(),
-        patients_per_node: 300,
-        seed: 21,
-        min_cell_size: 10,
-        committee_quorum: 1,
         audit_checkpoint_every: Some(4),
-        node_link: Default::default(),
+        ..LocalFederationOptions::new(dir.path(), 300, 21)
     })
     .await
     .unwrap();
@@ -87,17 +70,9 @@ fn file_der(path: &std::path::Path) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_renewed_during_traffic_fail_no_request() {
     let dir = tempfile::tempdir().unwrap();
-    let federation = LocalFederation::start(&LocalFederationOptions {
-        dir: dir.path().to_owned(),
-        patients_per_node: 200,
-        seed: 22,
-        min_cell_size: 10,
-        committee_quorum: 1,
-        audit_checkpoint_every: None,
-        node_link: Default::default(),
-    })
-    .await
-    .unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions::new(dir.path(), 200, 22))
+        .await
+        .unwrap();
     let study = federation
         .approved_study(REQUESTER, manifest_for("rotate", "HRESCH", &[("e11", E11)]))
         .await
@@ -203,17 +178,9 @@ async fn certificates_renewed_during_traffic_fail_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_renews_its_short_lived_certificate_through_the_coordinator() {
     let dir = tempfile::tempdir().unwrap();
-    let federation = LocalFederation::start(&LocalFederationOptions {
-        dir: dir.path().to_owned(),
-        patients_per_node: 100,
-        seed: 23,
-        min_cell_size: 10,
-        committee_quorum: 1,
-        audit_checkpoint_every: None,
-        node_link: Default::default(),
-    })
-    .await
-    .unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions::new(dir.path(), 100, 23))
+        .await
+        .unwrap();
     let files = federation.pki.tls_files("chosun");
     let key_before = std::fs::read_to_string(&files.key).unwrap();
     // Chosun's certificate now has two minutes left: the last third of its

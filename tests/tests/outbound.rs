@@ -14,22 +14,10 @@ use ghx_federation_tests::proxy::Relay;
 use ghx_proto::v1 as pb;
 use tokio::io::AsyncReadExt;
 
-const E11: &str = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},"analysis":{"kind":"count"}}"#;
+const E11: &str = ghx_federation_tests::E11_COUNT;
 
 async fn run(federation: &LocalFederation, study: &str) -> pb::StudyResult {
-    federation
-        .client(REQUESTER)
-        .await
-        .unwrap()
-        .run_study(pb::RunStudyRequest {
-            study_id: study.to_owned(),
-            query: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap()
+    federation.run_study(study, "").await.unwrap()
 }
 
 /// Runs the study until all three nodes answer (they dial in on their own
@@ -55,15 +43,10 @@ async fn nodes_that_only_dial_out_answer_and_dial_again_after_a_cut() {
     let relay = Relay::start().await;
     let dir = tempfile::tempdir().unwrap();
     let federation = LocalFederation::start(&LocalFederationOptions {
-        dir: dir.path().to_owned(),
-        patients_per_node: 200,
-        seed: 31,
-        min_cell_size: 10,
-        committee_quorum: 1,
-        audit_checkpoint_every: None,
         node_link: NodeLink::Outbound {
             via: Some(relay.addr),
         },
+        ..LocalFederationOptions::new(dir.path(), 200, 31)
     })
     .await
     .unwrap();
@@ -89,17 +72,9 @@ async fn nodes_that_only_dial_out_answer_and_dial_again_after_a_cut() {
 
     // The same answer as a federation whose nodes listen.
     let direct_dir = tempfile::tempdir().unwrap();
-    let direct = LocalFederation::start(&LocalFederationOptions {
-        dir: direct_dir.path().to_owned(),
-        patients_per_node: 200,
-        seed: 31,
-        min_cell_size: 10,
-        committee_quorum: 1,
-        audit_checkpoint_every: None,
-        node_link: NodeLink::Listen,
-    })
-    .await
-    .unwrap();
+    let direct = LocalFederation::start(&LocalFederationOptions::new(direct_dir.path(), 200, 31))
+        .await
+        .unwrap();
     let direct_study = direct
         .approved_study(REQUESTER, manifest_for("direct", "HRESCH", &[("e11", E11)]))
         .await

@@ -30,17 +30,9 @@ async fn run(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_under_load_finishes_what_it_was_answering() {
     let dir = tempfile::tempdir().unwrap();
-    let mut federation = LocalFederation::start(&LocalFederationOptions {
-        dir: dir.path().to_owned(),
-        patients_per_node: 2000,
-        seed: 41,
-        min_cell_size: 10,
-        committee_quorum: 1,
-        audit_checkpoint_every: None,
-        node_link: Default::default(),
-    })
-    .await
-    .unwrap();
+    let mut federation = LocalFederation::start(&LocalFederationOptions::new(dir.path(), 2000, 41))
+        .await
+        .unwrap();
     let study = federation
         .approved_study(
             REQUESTER,

@@ -22,17 +22,11 @@ const NOISY_COUNT: &str = r#"{"version":"ghx.query/v1",
     "analysis":{"kind":"count","group_by":["sex"]},
     "noise":{"mechanism":"laplace","epsilon":0.2}}"#;
 
-async fn run(federation: &LocalFederation, study: &str) -> Result<pb::StudyResult, tonic::Status> {
-    federation
-        .client(REQUESTER)
-        .await
-        .unwrap()
-        .run_study(pb::RunStudyRequest {
-            study_id: study.to_owned(),
-            query: String::new(),
-        })
-        .await
-        .map(|r| r.into_inner().result.unwrap())
+async fn run(
+    federation: &LocalFederation,
+    study: &str,
+) -> Result<pb::StudyResult, ghx::local_federation::Error> {
+    federation.run_study(study, "").await
 }
 
 fn parent_of<'a>(spans: &'a [SeenSpan], span: &SeenSpan) -> Option<&'a SeenSpan> {
@@ -61,17 +55,9 @@ async fn a_federated_query_is_one_trace_and_its_decisions_are_counted() {
     assert!(telemetry.exporting());
 
     let dir = tempfile::tempdir().unwrap();
-    let federation = LocalFederation::start(&LocalFederationOptions {
-        dir: dir.path().to_owned(),
-        patients_per_node: 300,
-        seed: 5,
-        min_cell_size: 10,
-        committee_quorum: 1,
-        audit_checkpoint_every: None,
-        node_link: Default::default(),
-    })
-    .await
-    .unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions::new(dir.path(), 300, 5))
+        .await
+        .unwrap();
     // Budget for one noised query: the second is refused by every node.
     let study = federation
         .approved_study(
