@@ -39,6 +39,8 @@ pub struct BenchOptions {
     pub patients_per_node: usize,
     pub runs: usize,
     pub seed: u64,
+    /// Nodes dial the coordinator (outbound-only mode) instead of listening.
+    pub outbound: bool,
 }
 
 impl BenchReport {
@@ -109,13 +111,12 @@ pub struct BenchReport {
 pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
     let started = Instant::now();
     let federation = LocalFederation::start(&LocalFederationOptions {
-        dir: options.dir.clone(),
-        patients_per_node: options.patients_per_node,
-        seed: options.seed,
-        min_cell_size: 10,
-        committee_quorum: 1,
-        audit_checkpoint_every: None,
-        node_link: Default::default(),
+        node_link: if options.outbound {
+            crate::local_federation::NodeLink::Outbound { via: None }
+        } else {
+            crate::local_federation::NodeLink::Listen
+        },
+        ..LocalFederationOptions::new(&options.dir, options.patients_per_node, options.seed)
     })
     .await?;
     let setup = started.elapsed();

@@ -210,6 +210,9 @@ struct BenchArgs {
     /// Working directory (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Nodes dial the coordinator (outbound-only mode) instead of listening.
+    #[arg(long)]
+    outbound: bool,
 }
 
 #[derive(Args)]
@@ -913,6 +916,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
         patients_per_node: args.patients,
         runs: args.runs,
         seed: args.seed,
+        outbound: args.outbound,
     })
     .await?;
     println!(

@@ -121,7 +121,10 @@ pub fn cohort_members(
         sensitive,
         Output::Members,
     );
-    Ok(store.cohort_rows(&sql, &binds)?)
+    // The store's own span: the one SQL statement, on the index tables.
+    let rows = tracing::info_span!("store", backend = ?store.dialect())
+        .in_scope(|| store.cohort_rows(&sql, &binds))?;
+    Ok(rows)
 }
 
 fn diagnosis_label(groups: &[ghx_study::query::DiagnosisGroup], index: i64) -> String {

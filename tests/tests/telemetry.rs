@@ -1,8 +1,8 @@
 //! OpenTelemetry export end to end: with an OTLP endpoint configured, a
 //! federated query is one trace from the coordinator's RunStudy through a
 //! call per node into each node's RunAggregate (the context crosses mTLS gRPC
-//! in `traceparent` metadata) with spans for gate, consent, engine, release
-//! and audit; metrics count node decisions, refusals by kind and query
+//! in `traceparent` metadata) with spans for gate, consent, engine (and the
+//! store's SQL below it), release and audit; metrics count node decisions, refusals by kind and query
 //! latency. Exported attributes carry no patient identifiers.
 //!
 //! The services of one process share one global telemetry, so this is the
@@ -147,6 +147,17 @@ async fn a_federated_query_is_one_trace_and_its_decisions_are_counted() {
         ] {
             assert!(stages.contains(stage), "{stage} missing from {stages:?}");
         }
+        // The engine's SQL runs in the store's own span.
+        let engine = trace
+            .iter()
+            .find(|s| s.name == "engine" && s.parent_span_id == request.span_id)
+            .unwrap();
+        assert!(
+            trace
+                .iter()
+                .any(|s| s.name == "store" && s.parent_span_id == engine.span_id),
+            "a store span below the engine"
+        );
     }
     for call in &calls {
         let mut up = parent_of(&spans, call).expect("a call has its parent");
