@@ -61,6 +61,8 @@ pub enum Error {
     Connect(#[from] tonic::transport::Error),
     #[error("coordinator: {}", .0.message())]
     Rpc(#[from] tonic::Status),
+    #[error("nodes did not dial in to the coordinator within a minute: {0:?}")]
+    NotDialledIn(Vec<String>),
 }
 
 /// How big a local federation to start.
@@ -226,6 +228,7 @@ impl LocalFederation {
         };
         let tunnel_addr = tunnel.as_ref().map(|(_, addr)| *addr);
         let mut nodes = Vec::new();
+        let mut pending = Vec::new();
         for profile in &HOSPITALS {
             let data_dir = dir.join("data").join(profile.id);
             ghx_synth::write_ndjson_dir(
@@ -300,15 +303,10 @@ impl LocalFederation {
                 .await
                 .expect("import task")?
             };
+            // Served once the coordinator accepts: an outbound node would
+            // otherwise dial an idle port and back off.
             let (stop, stopped) = oneshot::channel::<()>();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = node
-                    .serve(listener, async { stopped.await.unwrap_or(()) })
-                    .await
-                {
-                    tracing::error!(error = %e, "node stopped with an error");
-                }
-            }));
+            pending.push((node, listener, stopped));
             stops.push(stop);
             nodes.push(LocalNode {
                 profile,
@@ -357,15 +355,42 @@ impl LocalFederation {
         let listener = coordinator_listener;
         let coordinator_api = coordinator.api();
         let (stop, stopped) = oneshot::channel::<()>();
-        tasks.push(tokio::spawn(async move {
+        let coordinator_task = tokio::spawn(async move {
             if let Err(e) = coordinator
                 .serve(listener, async { stopped.await.unwrap_or(()) })
                 .await
             {
                 tracing::error!(error = %e, "coordinator stopped with an error");
             }
-        }));
+        });
+        // Node tasks and stops come first, in order (`stop_node` relies on it).
+        for (node, listener, stopped) in pending {
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = node
+                    .serve(listener, async { stopped.await.unwrap_or(()) })
+                    .await
+                {
+                    tracing::error!(error = %e, "node stopped with an error");
+                }
+            }));
+        }
+        tasks.push(coordinator_task);
         stops.push(stop);
+        // Outbound nodes that dial the coordinator directly answer once
+        // they have dialled in; through `via`, that is up to the caller.
+        let waiting_since = std::time::Instant::now();
+        if options.node_link == (NodeLink::Outbound { via: None }) {
+            loop {
+                let waiting = coordinator_api.awaiting_dial_in();
+                if waiting.is_empty() {
+                    break;
+                }
+                if waiting_since.elapsed() > std::time::Duration::from_secs(60) {
+                    return Err(Error::NotDialledIn(waiting));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
         Ok(LocalFederation {
             dir,
             pki,

@@ -143,6 +143,11 @@ impl CoordinatorApi {
         &self.inner.registry
     }
 
+    /// Nodes registered as outbound that have not dialled in yet.
+    pub fn awaiting_dial_in(&self) -> Vec<String> {
+        self.inner.registry.awaiting_dial_in()
+    }
+
     pub fn new(
         registry: NodeRegistry,
         signer: Signer,

@@ -66,6 +66,8 @@ pub struct NodeRegistry {
     tls: Transport,
     deadline: Duration,
     nodes: RwLock<BTreeMap<String, RegisteredNode>>,
+    /// Outbound nodes that have dialled in since they were registered.
+    dialled_in: RwLock<std::collections::BTreeSet<String>>,
 }
 
 impl NodeRegistry {
@@ -74,6 +76,7 @@ impl NodeRegistry {
             tls,
             deadline,
             nodes: RwLock::new(BTreeMap::new()),
+            dialled_in: RwLock::default(),
         }
     }
 
@@ -85,6 +88,7 @@ impl NodeRegistry {
             message,
         };
         if endpoint == OUTBOUND {
+            self.dialled_in.write().expect("registry lock").remove(id);
             // Until it dials in, calls to it fail with a clear reason.
             let channel = Endpoint::from_static("http://outbound.invalid")
                 .connect_with_connector_lazy(Dialled::new(id, None));
@@ -177,7 +181,21 @@ impl NodeRegistry {
             channel.clone(),
             channel,
         );
+        self.dialled_in
+            .write()
+            .expect("registry lock")
+            .insert(peer.name.clone());
         Ok(peer.name)
+    }
+
+    /// Nodes registered as [`OUTBOUND`] that have not dialled in yet.
+    pub fn awaiting_dial_in(&self) -> Vec<String> {
+        let dialled = self.dialled_in.read().expect("registry lock");
+        self.list()
+            .into_iter()
+            .filter(|n| n.endpoint == OUTBOUND && !dialled.contains(&n.id))
+            .map(|n| n.id)
+            .collect()
     }
 
     pub fn list(&self) -> Vec<RegisteredNode> {

@@ -337,6 +337,12 @@ impl Transport {
                             );
                             let _ = sender.send(conn).await;
                         }
+                        // Closed before saying anything: a port probe, or a
+                        // client that gave up while this side was not yet
+                        // accepting.
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            tracing::debug!(peer = %addr, "connection closed before TLS")
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(peer = %addr, error = %e, "TLS handshake refused")
                         }
