@@ -544,12 +544,7 @@ fn main() -> Result<()> {
             | Command::Coordinator(CoordinatorCommand::Run { .. })
     );
     if !service {
-        let plain = ghx_telemetry::Service {
-            name: "ghx",
-            instance: "cli",
-        };
-        ghx_telemetry::Telemetry::install(plain, &ghx_telemetry::Settings::default(), "warn")?
-            .shutdown()?;
+        ghx_telemetry::Telemetry::logs_only("warn")?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -579,24 +579,27 @@ impl NodeApi {
                     .verifier
                     .read()
                     .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))?;
-                gate::admit_training(
-                    &verifier,
-                    &inner.store,
-                    &inner.policy,
-                    facts,
-                    gate::Request {
-                        caller,
-                        token: &message.capability,
-                        query_json: &message.training_json,
-                        manifest_json: &message.manifest_json,
-                    },
-                    action,
-                )
-                .inspect_err(|e| {
-                    if let gate::Error::Forbidden { decision, .. } = e {
-                        entry.policy_reasons = decision.summary();
-                    }
-                })?
+                tracing::info_span!("gate")
+                    .in_scope(|| {
+                        gate::admit_training(
+                            &verifier,
+                            &inner.store,
+                            &inner.policy,
+                            facts,
+                            gate::Request {
+                                caller,
+                                token: &message.capability,
+                                query_json: &message.training_json,
+                                manifest_json: &message.manifest_json,
+                            },
+                            action,
+                        )
+                    })
+                    .inspect_err(|e| {
+                        if let gate::Error::Forbidden { decision, .. } = e {
+                            entry.policy_reasons = decision.summary();
+                        }
+                    })?
             };
             note_capability(&mut entry, &admitted.claims);
             entry.policy_reasons = admitted.access.summary();
@@ -611,7 +614,8 @@ impl NodeApi {
                 }
                 .into());
             }
-            let prepared = inner.eligibility.prepare(&inner.store, &admitted.consent)?;
+            let prepared = tracing::info_span!("consent")
+                .in_scope(|| inner.eligibility.prepare(&inner.store, &admitted.consent))?;
             entry.consent_excluded =
                 i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
             let started = std::time::Instant::now();
@@ -619,6 +623,7 @@ impl NodeApi {
                 "{}/{}/{}",
                 admitted.claims.sub, entry.query_sha256, prepared.context
             );
+            let _engine = tracing::info_span!("engine").entered();
             let data = inner.rounds.data(&key, || {
                 training::extract(
                     &inner.store,

@@ -169,17 +169,7 @@ impl Node {
         let mut feeders = Vec::new();
         if let Some(listener) = listener {
             tracing::info!(node = %self.config.id, addr = ?listener.local_addr().ok(), "node listening");
-            let accepted = self.tls.incoming(listener);
-            let connections = connections.clone();
-            feeders.push(tokio::spawn(async move {
-                use futures::StreamExt;
-                let mut accepted = std::pin::pin!(accepted);
-                while let Some(Ok(conn)) = accepted.next().await {
-                    if connections.send(conn).await.is_err() {
-                        return;
-                    }
-                }
-            }));
+            feeders.push(self.tls.accept(listener, connections.clone()));
         }
         if let Some(outbound) = &self.config.outbound {
             tracing::info!(node = %self.config.id, coordinator = %outbound.coordinator, "node dialling the coordinator");

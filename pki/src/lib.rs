@@ -26,7 +26,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 use time::{Duration, OffsetDateTime};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
 
 /// Everything that can go wrong creating, loading or reading certificates.
 #[derive(Debug, thiserror::Error)]
@@ -516,17 +516,6 @@ impl TlsMaterial {
                 key_pem: read("the private key", &files.key)?,
             },
         })
-    }
-
-    /// Server side: present our certificate and require a client certificate
-    /// signed by the federation CA.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(TlsIdentity::from_pem(
-                &self.identity.cert_pem,
-                &self.identity.key_pem,
-            ))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
     }
 
     /// Client side: trust only the federation CA, expect the server to be

@@ -297,17 +297,29 @@ impl Transport {
     }
 
     /// Accepts connections on `listener` and yields each one whose TLS
-    /// handshake succeeded (handshakes run concurrently, each bounded by
-    /// [`HANDSHAKE_TIMEOUT`]; a failed one is logged and dropped). For
-    /// tonic's `serve_with_incoming*`.
-    pub fn incoming(
+    /// handshake succeeded, for tonic's `serve_with_incoming*`. The accept
+    /// loop stops when the stream is dropped.
+    pub fn incoming(&self, listener: TcpListener) -> Connections {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Conn>(64);
+        let accept = self.accept(listener, sender);
+        Connections {
+            receiver,
+            _accept: Some(AbortOnDrop(accept)),
+        }
+    }
+
+    /// Accepts connections on `listener` and sends each one whose TLS
+    /// handshake succeeded to `into` (handshakes run concurrently, each
+    /// bounded by [`HANDSHAKE_TIMEOUT`]; a failed one is logged and
+    /// dropped), until `into` closes or the task is aborted.
+    pub fn accept(
         &self,
         listener: TcpListener,
-    ) -> impl futures::Stream<Item = Result<Conn, io::Error>> + Send + 'static {
-        let (sender, receiver) = tokio::sync::mpsc::channel::<Conn>(64);
+        into: tokio::sync::mpsc::Sender<Conn>,
+    ) -> tokio::task::JoinHandle<()> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.server.clone());
-        let accept = tokio::spawn(async move {
-            loop {
+        tokio::spawn(async move {
+            while !into.is_closed() {
                 let (tcp, addr) = match listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -318,7 +330,7 @@ impl Transport {
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
-                let sender = sender.clone();
+                let into = into.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
@@ -335,7 +347,7 @@ impl Transport {
                                     addr: Some(addr),
                                 },
                             );
-                            let _ = sender.send(conn).await;
+                            let _ = into.send(conn).await;
                         }
                         // Closed before saying anything: a port probe, or a
                         // client that gave up while this side was not yet
@@ -350,11 +362,7 @@ impl Transport {
                     }
                 });
             }
-        });
-        Incoming {
-            receiver,
-            _accept: AbortOnDrop(accept),
-        }
+        })
     }
 
     /// Dials `addr` and completes the TLS handshake, expecting the server's
@@ -394,13 +402,19 @@ async fn dial(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
-/// Connections handed over one by one (from a listener, a dialler, or
-/// both), as tonic's incoming stream.
-pub struct Connections(tokio::sync::mpsc::Receiver<Conn>);
+/// Verified connections handed over one by one (by [`Transport::accept`],
+/// [`dial_out`], or both), as tonic's incoming stream.
+pub struct Connections {
+    receiver: tokio::sync::mpsc::Receiver<Conn>,
+    _accept: Option<AbortOnDrop>,
+}
 
 impl Connections {
     pub fn new(receiver: tokio::sync::mpsc::Receiver<Conn>) -> Connections {
-        Connections(receiver)
+        Connections {
+            receiver,
+            _accept: None,
+        }
     }
 }
 
@@ -408,7 +422,7 @@ impl futures::Stream for Connections {
     type Item = Result<Conn, io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx).map(|c| c.map(Ok))
+        self.receiver.poll_recv(cx).map(|c| c.map(Ok))
     }
 }
 
@@ -473,19 +487,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-struct Incoming {
-    receiver: tokio::sync::mpsc::Receiver<Conn>,
-    _accept: AbortOnDrop,
-}
-
-impl futures::Stream for Incoming {
-    type Item = Result<Conn, io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.receiver.poll_recv(cx).map(|c| c.map(Ok))
     }
 }
 

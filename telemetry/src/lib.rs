@@ -212,6 +212,15 @@ impl Telemetry {
         })
     }
 
+    /// Logging to stderr only, for the commands that are not services.
+    pub fn logs_only(default_level: &str) -> Result<(), Error> {
+        let plain = Service {
+            name: "ghx",
+            instance: "cli",
+        };
+        Telemetry::install(plain, &Settings::default(), default_level).map(drop)
+    }
+
     /// Whether traces and metrics leave the process.
     pub fn exporting(&self) -> bool {
         self.traces.is_some()

@@ -120,3 +120,24 @@ async fn nodes_that_only_dial_out_answer_and_dial_again_after_a_cut() {
 
     federation.shutdown().await;
 }
+
+/// Dialling the coordinator directly, a local federation is ready when
+/// `start` returns: every node has dialled in and the first query reaches
+/// all three (what `ghx bench --outbound` relies on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_federation_answers_as_soon_as_it_has_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        node_link: NodeLink::Outbound { via: None },
+        ..LocalFederationOptions::new(dir.path(), 100, 32)
+    })
+    .await
+    .unwrap();
+    let study = federation
+        .approved_study(REQUESTER, manifest_for("ready", "HRESCH", &[("e11", E11)]))
+        .await
+        .unwrap();
+    let first = run(&federation, &study).await;
+    assert_eq!(first.per_node.len(), 3, "{:?}", first.failures);
+    federation.shutdown().await;
+}
