@@ -204,15 +204,14 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
                 let mut samples = Vec::with_capacity(runs);
                 for _ in 0..runs {
                     let t = Instant::now();
-                    let members = ghx_node::engine::cohort_members(
+                    let members = ghx_node::engine::cohort_for_analysis(
                         &store,
                         &spec,
                         &prepared.context,
                         &eligibility.rules().sensitive,
                     )?;
                     ghx_node::engine::analyse(&spec, &members, false);
-                    let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
-                    ghx_node::differencing::CohortPrint::of(&ids);
+                    ghx_node::differencing::CohortPrint::of_members(&members);
                     samples.push(t.elapsed());
                 }
                 out.push(latency(&format!("node work {name} ({id})"), samples));

@@ -315,7 +315,7 @@ impl NodeApi {
             // cohort print.
             let spec = &admitted.spec;
             let (members, analysed) = tracing::info_span!("engine").in_scope(|| {
-                let members = engine::cohort_members(
+                let members = engine::cohort_for_analysis(
                     &inner.store,
                     spec,
                     &prepared.context,
@@ -324,8 +324,8 @@ impl NodeApi {
                 let analysed = engine::analyse(spec, &members, spec.noise.is_some());
                 Ok::<_, ApiError>((members, analysed))
             })?;
-            let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
-            let cohort = differencing::CohortPrint::of(&ids);
+            let cohort = differencing::CohortPrint::of_members(&members);
+            drop(members);
             let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
             let _differencing = tracing::info_span!("differencing").entered();
             // Refuse a cohort a few patients away from one already

@@ -37,18 +37,31 @@ pub enum Error {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CohortPrint(Vec<u64>);
 
+/// A patient's 64-bit hash in cohort prints: the first eight bytes of the
+/// SHA-256 of its id. Consent decisions store it per patient
+/// ([`crate::store::Member::print`]), so a query does not hash ids.
+pub fn patient_hash(patient_id: &str) -> u64 {
+    let digest = Sha256::digest(patient_id.as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
 impl CohortPrint {
     pub fn of(patient_ids: &[String]) -> Self {
-        let mut hashes: Vec<u64> = patient_ids
-            .iter()
-            .map(|id| {
-                let digest = Sha256::digest(id.as_bytes());
-                u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
-            })
-            .collect();
+        Self::of_hashes(patient_ids.iter().map(|id| patient_hash(id)).collect())
+    }
+
+    /// The print of a cohort whose members' hashes ([`patient_hash`]) are
+    /// known.
+    pub fn of_hashes(mut hashes: Vec<u64>) -> Self {
         hashes.sort_unstable();
         hashes.dedup();
         CohortPrint(hashes)
+    }
+
+    /// The print of cohort members as the engine returns them.
+    pub fn of_members(members: &[crate::store::Member]) -> Self {
+        // Stored as the same 64 bits in a signed column.
+        Self::of_hashes(members.iter().map(|m| m.print as u64).collect())
     }
 
     pub fn len(&self) -> usize {

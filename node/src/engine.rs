@@ -12,7 +12,7 @@
 //! criterion is not tested again per candidate when the index lookup says
 //! all of it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ghx_study::query::{
     Analysis, CodeCriterion, CodeMatch, Dimension, EncounterCriterion, Event, NO_DIAGNOSIS, Named,
@@ -99,31 +99,64 @@ pub fn count(
         .collect())
 }
 
-/// The consenting patients of the query's cohort, with what the analysis
-/// needs: what differencing detection compares and what [`analyse`]
-/// aggregates. They never leave the node. A view variable is materialised
-/// first if the data changed since it last was ([`crate::views`]).
+/// The consenting patients of the query's cohort, with every column of
+/// [`Member`] (training joins features by id and reads sex). They never
+/// leave the node. A view variable is materialised first if the data
+/// changed since it last was ([`crate::views`]).
 pub fn cohort_members(
     store: &Store,
     spec: &QuerySpec,
     consent_context: &str,
     sensitive: &SensitiveCodes,
 ) -> Result<Vec<Member>, crate::views::Error> {
+    members(store, spec, consent_context, sensitive, Output::Members)
+}
+
+/// The consenting patients of the query's cohort with only what the
+/// analysis needs: their print hashes (what differencing compares) and the
+/// columns [`analyse`] reads for this query; the others are empty (no id,
+/// and sex or birth date only when grouped or measured by them).
+pub fn cohort_for_analysis(
+    store: &Store,
+    spec: &QuerySpec,
+    consent_context: &str,
+    sensitive: &SensitiveCodes,
+) -> Result<Vec<Member>, crate::views::Error> {
+    members(store, spec, consent_context, sensitive, Output::Analysis)
+}
+
+fn members(
+    store: &Store,
+    spec: &QuerySpec,
+    consent_context: &str,
+    sensitive: &SensitiveCodes,
+    output: Output,
+) -> Result<Vec<Member>, crate::views::Error> {
     if let Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } =
         &spec.analysis
     {
         crate::views::ensure(store, variable)?;
     }
-    let (sql, binds) = compile(
-        spec,
-        store.dialect(),
-        consent_context,
-        sensitive,
-        Output::Members,
-    );
+    // A plain count reads nothing of its members but their prints.
+    let plain_count =
+        matches!(spec.analysis, Analysis::Count { .. }) && spec.dimensions().is_empty();
+    let output = if output == Output::Analysis && plain_count {
+        Output::Prints
+    } else {
+        output
+    };
+    let (sql, binds) = compile(spec, store.dialect(), consent_context, sensitive, output);
     // The store's own span: the one SQL statement, on the index tables.
-    let rows = tracing::info_span!("store", backend = ?store.dialect())
-        .in_scope(|| store.cohort_rows(&sql, &binds))?;
+    let span = tracing::info_span!("store", backend = ?store.dialect());
+    let rows = span.in_scope(|| {
+        if output == Output::Prints {
+            store
+                .cohort_prints(&sql, &binds)
+                .map(|prints| prints.into_iter().map(Member::printed).collect())
+        } else {
+            store.cohort_rows(&sql, &binds)
+        }
+    })?;
     Ok(rows)
 }
 
@@ -154,14 +187,19 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
         Analysis::Summary { clip, .. } => (None, *clip),
         _ => (None, None),
     };
-    let key_of = |m: &Member| -> Vec<String> {
+    // Members are counted under a compact key (sex, band, diagnosis group,
+    // bin) first; each group's text key is made once.
+    let by_sex = dims.contains(&Dimension::SEX);
+    let by_band = dims.contains(&Dimension::AGE_BAND);
+    let by_dx = dims
+        .iter()
+        .any(|d| matches!(d, Dimension::Diagnosis { .. }));
+    let text_key = |sex: &str, band_index: i64, dx: i64| -> Vec<String> {
         dims.iter()
             .map(|d| match d {
-                Dimension::Named(Named::Sex) => m.gender.clone(),
-                Dimension::Named(Named::AgeBand) => {
-                    ghx_study::query::age_band_label(band(as_of, m.birth_ymd))
-                }
-                Dimension::Diagnosis { diagnosis } => diagnosis_label(diagnosis, m.dx),
+                Dimension::Named(Named::Sex) => sex.to_owned(),
+                Dimension::Named(Named::AgeBand) => ghx_study::query::age_band_label(band_index),
+                Dimension::Diagnosis { diagnosis } => diagnosis_label(diagnosis, dx),
             })
             .collect()
     };
@@ -182,18 +220,26 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
         }
     }
     let mut without_value = 0;
+    let mut groups: HashMap<(&str, i64, i64, usize), Raw> = HashMap::new();
     for m in members {
-        let mut key = key_of(m);
         let value = value_of(m);
-        if let Some(bins) = bins {
-            let Some(v) = value else {
-                without_value += 1;
-                continue;
-            };
-            key.push(bins.label(bins.index(v)));
-        }
-        let cell = cells.entry(key).or_insert_with(empty);
-        match cell {
+        let bin = match bins {
+            Some(bins) => {
+                let Some(v) = value else {
+                    without_value += 1;
+                    continue;
+                };
+                bins.index(v)
+            }
+            None => 0,
+        };
+        let compact = (
+            if by_sex { m.gender.as_str() } else { "" },
+            if by_band { band(as_of, m.birth_ymd) } else { 0 },
+            if by_dx { m.dx } else { 0 },
+            bin,
+        );
+        match groups.entry(compact).or_insert_with(empty) {
             Raw::Count(n) => *n += 1,
             Raw::Values(values) => match value {
                 Some(v) => values.push(clip.map_or(v, |r| v.clamp(r.min, r.max))),
@@ -204,6 +250,13 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
                 *events += u64::from(m.event != 0);
             }
         }
+    }
+    for ((sex, band_index, dx, bin), raw) in groups {
+        let mut key = text_key(sex, band_index, dx);
+        if let Some(bins) = bins {
+            key.push(bins.label(bin));
+        }
+        merge(cells.entry(key).or_insert_with(empty), raw);
     }
     if cells.is_empty() && dims.is_empty() && bins.is_none() {
         cells.insert(Vec::new(), empty());
@@ -221,6 +274,26 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
     Analysed {
         cells,
         without_value,
+    }
+}
+
+/// Adds one group's raw value to a cell's (both of the same analysis).
+fn merge(into: &mut Raw, from: Raw) {
+    match (into, from) {
+        (Raw::Count(a), Raw::Count(b)) => *a += b,
+        (Raw::Values(a), Raw::Values(b)) => a.extend(b),
+        (
+            Raw::Rate { events, population },
+            Raw::Rate {
+                events: e,
+                population: p,
+            },
+        ) => {
+            *events += e;
+            *population += p;
+        }
+        // One analysis makes one kind of cell (values are not printed).
+        _ => unreachable!("cells of one analysis are of one kind"),
     }
 }
 
@@ -292,8 +365,12 @@ fn ymd(d: time::Date) -> i64 {
 pub(crate) enum Output {
     /// Group keys and counts.
     Counts,
-    /// The cohort's patients with their analysis columns.
+    /// The cohort's patients with every member column.
     Members,
+    /// The cohort's patients with the columns the analysis reads.
+    Analysis,
+    /// The cohort's patients' print hashes only (a plain count).
+    Prints,
 }
 
 /// SQL text under construction with its binds.
@@ -353,7 +430,7 @@ impl Sql<'_> {
             })
             .collect();
         let codes = format!(
-            "c.patient_id = p.id AND c.system = {system} AND ({})",
+            "c.patient_id = p.patient_id AND c.system = {system} AND ({})",
             tests.join(" OR ")
         );
         if !may_be_sensitive {
@@ -363,7 +440,7 @@ impl Sql<'_> {
         // category.
         let sensitive = self.sensitive;
         let category_bit = sensitive.sql_category_bit(|prefix| self.param(Bind::Text(prefix)));
-        format!("{codes} AND (CAST({category_bit} AS BIGINT) & ~e.sensitive_mask) = 0")
+        format!("{codes} AND (CAST({category_bit} AS BIGINT) & ~p.sensitive_mask) = 0")
     }
 
     fn condition(&mut self, criterion: &CodeCriterion) -> String {
@@ -383,7 +460,7 @@ impl Sql<'_> {
         let code = self.code_test("m", code_text, criterion.matching);
         let window = self.window("m.authored_at", &criterion.window);
         format!(
-            "EXISTS (SELECT 1 FROM medication_codes m WHERE m.patient_id = p.id \
+            "EXISTS (SELECT 1 FROM medication_codes m WHERE m.patient_id = p.patient_id \
              AND m.system = {system} AND {code}{window})"
         )
     }
@@ -403,7 +480,7 @@ impl Sql<'_> {
         }
         let window = self.window("o.effective_at", &criterion.window);
         format!(
-            "EXISTS (SELECT 1 FROM observation_values o WHERE o.patient_id = p.id \
+            "EXISTS (SELECT 1 FROM observation_values o WHERE o.patient_id = p.patient_id \
              AND o.system = {system} AND o.code = {code}{range}{window})"
         )
     }
@@ -417,7 +494,7 @@ impl Sql<'_> {
             None => String::new(),
         };
         let window = self.window("n.start_at", &criterion.window);
-        let rows = format!("FROM encounters n WHERE n.patient_id = p.id{class}{window}");
+        let rows = format!("FROM encounters n WHERE n.patient_id = p.patient_id{class}{window}");
         if criterion.min_count <= 1 {
             format!("EXISTS (SELECT 1 {rows})")
         } else {
@@ -519,7 +596,7 @@ impl Sql<'_> {
             };
             return format!(
                 "(SELECT {aggregate} FROM view_values v \
-                 WHERE v.view_sha256 = {sha} AND v.patient_id = p.id)"
+                 WHERE v.view_sha256 = {sha} AND v.patient_id = p.patient_id)"
             );
         }
         let Variable::Observation {
@@ -538,7 +615,7 @@ impl Sql<'_> {
         ));
         let window = self.window("o.effective_at", window);
         let rows = format!(
-            "FROM observation_values o WHERE o.patient_id = p.id AND o.system = {system} \
+            "FROM observation_values o WHERE o.patient_id = p.patient_id AND o.system = {system} \
              AND o.code = {code} AND o.value IS NOT NULL{window}"
         );
         match pick {
@@ -610,7 +687,35 @@ pub(crate) fn compile(
             let dx = dx(&mut sql);
             format!("{sex} AS k_sex, {band} AS k_band, {dx} AS k_dx, COUNT(*) AS n")
         }
-        Output::Members => {
+        Output::Prints => "p.print AS print".to_owned(),
+        Output::Members | Output::Analysis => {
+            let full = output == Output::Members;
+            let dims = spec.dimensions();
+            let id = if full {
+                "p.patient_id"
+            } else {
+                "CAST('' AS TEXT)"
+            };
+            let gender = if full || dims.contains(&Dimension::SEX) {
+                "p.gender"
+            } else {
+                "CAST('' AS TEXT)"
+            };
+            let by_age = matches!(
+                &spec.analysis,
+                Analysis::Summary {
+                    variable: Variable::Age,
+                    ..
+                } | Analysis::Histogram {
+                    variable: Variable::Age,
+                    ..
+                }
+            );
+            let birth = if full || by_age || dims.contains(&Dimension::AGE_BAND) {
+                "p.birth_ymd"
+            } else {
+                "CAST(NULL AS BIGINT)"
+            };
             let dx = dx(&mut sql);
             let value = match &spec.analysis {
                 Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } => {
@@ -623,26 +728,27 @@ pub(crate) fn compile(
                 _ => "0".to_owned(),
             };
             format!(
-                "p.id AS id, p.gender AS gender, p.birth_ymd AS birth_ymd, {dx} AS dx, \
+                "{id} AS id, p.print AS print, {gender} AS gender, {birth} AS birth_ymd, {dx} AS dx, \
                  {value} AS value, CAST({event} AS BIGINT) AS event"
             )
         }
     };
-    // Only patients whose consent permits this request take part.
+    // Only patients whose consent permits this request take part. Their
+    // decisions carry the demographics, so a candidate is one lookup.
     let context = sql.param(Bind::Text(consent_context.to_owned()));
-    let mut text = format!(
-        "SELECT {selected} FROM patients p \
-         JOIN consent_eligibility e ON e.patient_id = p.id AND e.context = {context} WHERE "
-    );
+    let mut text =
+        format!("SELECT {selected} FROM consent_eligibility p WHERE p.context = {context}");
     let born = sql.param(Bind::Int(as_of));
-    text.push_str(&format!("(p.birth_ymd IS NULL OR p.birth_ymd <= {born})"));
+    text.push_str(&format!(
+        " AND (p.birth_ymd IS NULL OR p.birth_ymd <= {born})"
+    ));
     // Drive the plan from the coded criterion that selects fewest patients:
     // the candidates with that code, looked up by code index, instead of a
     // probe per consenting patient. The criterion's full test (window,
     // sensitive categories) still follows.
     let mut rest = None;
     if let Some((driver, implied)) = sql.driver(&spec.cohort) {
-        text.push_str(&format!(" AND p.id IN ({driver})"));
+        text.push_str(&format!(" AND p.patient_id IN ({driver})"));
         rest = implied;
     }
     if !spec.cohort.sex.is_empty() {

@@ -336,6 +336,15 @@ fn changed_resources_get_new_versions_and_deletes_leave_tombstones(f: Fixture) {
         versions[0].1.as_deref().unwrap().contains("male")
             && versions[1].1.as_deref().unwrap().contains("female")
     );
+    // Queries read sex and birth date from the consent decisions, which
+    // the update made again: the patient now counts as female only.
+    let e11_of = |sex: &str| {
+        format!(
+            r#""sex":["{sex}"],"conditions":[{{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11.9"}}]"#
+        )
+    };
+    assert_eq!(count_query(&f.store, &e11_of("female")), 1);
+    assert_eq!(count_query(&f.store, &e11_of("male")), 0);
 
     // A transaction Bundle deletes the condition: the count drops.
     let bundle = f.dir.path().join("delete.json");
@@ -729,8 +738,12 @@ fn cohorts_a_few_patients_apart_are_refused_per_organisation(f: Fixture) {
             &eligibility.rules().sensitive,
         )
         .unwrap();
-        let ids: Vec<String> = members.into_iter().map(|m| m.id).collect();
-        CohortPrint::of(&ids)
+        // The node prints a cohort from the hashes its consent decisions
+        // store: they are the hashes of the members' ids.
+        let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
+        let print = CohortPrint::of_members(&members);
+        assert_eq!(print, CohortPrint::of(&ids));
+        print
     };
     let all = cohort(99);
     assert_eq!(all.len(), 15);
@@ -784,7 +797,7 @@ fn counting_members_equals_counting_in_sql(f: Fixture) {
         let sensitive = &eligibility.rules().sensitive;
         let sql = ghx_node::engine::count(&f.store, &spec, &prepared.context, sensitive).unwrap();
         let members =
-            ghx_node::engine::cohort_members(&f.store, &spec, &prepared.context, sensitive)
+            ghx_node::engine::cohort_for_analysis(&f.store, &spec, &prepared.context, sensitive)
                 .unwrap();
         let mut counted = ghx_node::engine::analyse(&spec, &members, false).cells;
         let mut sql = sql;
@@ -805,7 +818,7 @@ fn analysed(store: &Store, json: &str) -> Vec<ghx_node::engine::RawCell> {
     let prepared = eligibility.prepare(store, &request).unwrap();
     let sensitive = &eligibility.rules().sensitive;
     let members =
-        ghx_node::engine::cohort_members(store, &spec, &prepared.context, sensitive).unwrap();
+        ghx_node::engine::cohort_for_analysis(store, &spec, &prepared.context, sensitive).unwrap();
     ghx_node::engine::analyse(&spec, &members, false).cells
 }
 

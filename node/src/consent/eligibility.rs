@@ -95,13 +95,17 @@ impl Eligibility {
         for patient in &inputs.patients {
             summary.patients += 1;
             let consents = by_patient
-                .get(patient.as_str())
+                .get(patient.id.as_str())
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
             match super::evaluate(&self.rules, consents, request) {
                 Outcome::Included { sensitive } => {
                     summary.included += 1;
-                    rows.push((patient.as_str(), sensitive.0));
+                    rows.push(store::Decision {
+                        patient,
+                        sensitive_mask: sensitive.0,
+                        print: crate::differencing::patient_hash(&patient.id) as i64,
+                    });
                 }
                 Outcome::Excluded(why) => *summary.excluded.entry(why).or_default() += 1,
             }

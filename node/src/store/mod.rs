@@ -733,12 +733,19 @@ impl Store {
     /// Every patient id and every consent, for consent evaluation.
     pub fn consent_inputs(&self) -> Result<ConsentInputs> {
         type Row = (String, String, String, String, String, i64, String);
-        let (patients, rows): (Vec<String>, Vec<Row>) = with_conn!(self.backend, |conn| conn
-            .transaction(|conn| {
+        let (patients, rows): (Vec<PatientRow>, Vec<Row>) =
+            with_conn!(self.backend, |conn| conn.transaction(|conn| {
                 let patients = patients::table
-                    .select(patients::id)
+                    .select((patients::id, patients::gender, patients::birth_ymd))
                     .order(patients::id)
-                    .load::<String>(conn)?;
+                    .load::<(String, String, Option<i64>)>(conn)?
+                    .into_iter()
+                    .map(|(id, gender, birth_ymd)| PatientRow {
+                        id,
+                        gender,
+                        birth_ymd,
+                    })
+                    .collect();
                 let rows = consents::table
                     .select((
                         consents::consent_id,
@@ -776,7 +783,7 @@ impl Store {
         context: &str,
         generation: i64,
         summary: &str,
-        included: &[(&str, i64)],
+        included: &[Decision<'_>],
     ) -> Result<()> {
         let now = now_rfc3339();
         with_conn!(self.backend, |conn| conn.transaction(|conn| {
@@ -806,11 +813,14 @@ impl Store {
             .execute(conn)?;
             let rows: Vec<_> = included
                 .iter()
-                .map(|(patient, mask)| {
+                .map(|d| {
                     (
                         consent_eligibility::context.eq(context),
-                        consent_eligibility::patient_id.eq(*patient),
-                        consent_eligibility::sensitive_mask.eq(*mask),
+                        consent_eligibility::patient_id.eq(&d.patient.id),
+                        consent_eligibility::sensitive_mask.eq(d.sensitive_mask),
+                        consent_eligibility::gender.eq(&d.patient.gender),
+                        consent_eligibility::birth_ymd.eq(d.patient.birth_ymd),
+                        consent_eligibility::print.eq(d.print),
                     )
                 })
                 .collect();
@@ -1000,6 +1010,13 @@ impl Store {
         self.run_compiled(sql, binds)
     }
 
+    /// Runs a cohort query compiled by the engine that selects only the
+    /// members' print hashes.
+    pub fn cohort_prints(&self, sql: &str, binds: &[Bind]) -> Result<Vec<i64>> {
+        let rows: Vec<PrintRow> = self.run_compiled(sql, binds)?;
+        Ok(rows.into_iter().map(|r| r.print).collect())
+    }
+
     fn run_compiled<T>(&self, sql: &str, binds: &[Bind]) -> Result<Vec<T>>
     where
         T: QueryableByName<diesel::sqlite::Sqlite> + QueryableByName<diesel::pg::Pg> + 'static,
@@ -1168,6 +1185,10 @@ pub enum ChargeOutcome {
 pub struct Member {
     #[diesel(sql_type = Text)]
     pub id: String,
+    /// The patient's hash in cohort prints
+    /// ([`crate::differencing::patient_hash`], as a signed column).
+    #[diesel(sql_type = BigInt)]
+    pub print: i64,
     #[diesel(sql_type = Text)]
     pub gender: String,
     #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
@@ -1181,6 +1202,28 @@ pub struct Member {
     /// 1 when the patient has a rate's event.
     #[diesel(sql_type = BigInt)]
     pub event: i64,
+}
+
+/// A cohort member's print hash alone: all a plain count reads.
+#[derive(Debug, Clone, Copy, QueryableByName)]
+struct PrintRow {
+    #[diesel(sql_type = BigInt)]
+    print: i64,
+}
+
+impl Member {
+    /// A member known by its print hash alone (a plain count's).
+    pub fn printed(print: i64) -> Self {
+        Member {
+            id: String::new(),
+            print,
+            gender: String::new(),
+            birth_ymd: None,
+            dx: -1,
+            value: None,
+            event: 0,
+        }
+    }
 }
 
 /// One row of a grouped count: the group's key columns and its size.
@@ -1301,10 +1344,13 @@ pub struct StoredResource {
     pub content_sha256: String,
 }
 
+/// A patient's indexed demographics; consent decisions carry a copy, which
+/// the engine reads instead of `patients`.
 #[derive(Debug, Clone)]
 pub struct PatientRow {
     pub id: String,
     pub gender: String,
+    /// Birth date as YYYYMMDD.
     pub birth_ymd: Option<i64>,
 }
 
@@ -1359,10 +1405,20 @@ pub struct ConsentRow {
     pub provision: String,
 }
 
+/// One included patient of a consent context, as stored.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision<'a> {
+    pub patient: &'a PatientRow,
+    /// Bit mask of the sensitive categories the patient permits.
+    pub sensitive_mask: i64,
+    /// The patient's cohort-print hash, as a signed column.
+    pub print: i64,
+}
+
 /// Everything consent evaluation needs: every patient and every consent.
 #[derive(Debug, Clone, Default)]
 pub struct ConsentInputs {
-    pub patients: Vec<String>,
+    pub patients: Vec<PatientRow>,
     pub consents: Vec<ConsentRow>,
 }
 

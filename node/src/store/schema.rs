@@ -125,6 +125,9 @@ diesel::table! {
         context -> Text,
         patient_id -> Text,
         sensitive_mask -> BigInt,
+        gender -> Text,
+        birth_ymd -> Nullable<BigInt>,
+        print -> BigInt,
     }
 }
 
