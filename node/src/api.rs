@@ -222,6 +222,14 @@ impl NodeApi {
     /// Makes sure the key a token names is trusted if the operator has
     /// installed it: a rotated coordinator key placed in the keys directory
     /// as `<kid>.pub.pem` is picked up without a restart.
+    /// The capability verifier, for one request.
+    fn verifier(&self) -> Result<std::sync::RwLockReadGuard<'_, Verifier>, ApiError> {
+        self.inner
+            .verifier
+            .read()
+            .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))
+    }
+
     fn load_rotated_key(&self, token: &str) {
         let (Some(dir), Some(kid)) = (&self.inner.keys_dir, Verifier::key_id(token)) else {
             return;
@@ -281,10 +289,7 @@ impl NodeApi {
             now: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
         let outcome = (|| -> Result<AggregateResult, ApiError> {
-            let verifier = inner
-                .verifier
-                .read()
-                .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))?;
+            let verifier = self.verifier()?;
             let admitted = tracing::info_span!("gate")
                 .in_scope(|| {
                     gate::admit(
@@ -516,10 +521,8 @@ impl NodeApi {
                 }
                 .into());
             }
-            let revocation = inner
-                .verifier
-                .read()
-                .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))?
+            let revocation = self
+                .verifier()?
                 .verify_revocation(token)
                 .map_err(gate::Error::from)?;
             entry.study_id = revocation.sub.clone();
@@ -575,10 +578,7 @@ impl NodeApi {
                 crate::policy::Action::Training
             };
             let admitted = {
-                let verifier = inner
-                    .verifier
-                    .read()
-                    .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))?;
+                let verifier = self.verifier()?;
                 tracing::info_span!("gate")
                     .in_scope(|| {
                         gate::admit_training(

@@ -115,14 +115,23 @@ pub fn cohort_members(
 /// The consenting patients of the query's cohort with only what the
 /// analysis needs: their print hashes (what differencing compares) and the
 /// columns [`analyse`] reads for this query; the others are empty (no id,
-/// and sex or birth date only when grouped or measured by them).
+/// and sex or birth date only when grouped or measured by them; a plain
+/// count selects the print hashes alone).
 pub fn cohort_for_analysis(
     store: &Store,
     spec: &QuerySpec,
     consent_context: &str,
     sensitive: &SensitiveCodes,
 ) -> Result<Vec<Member>, crate::views::Error> {
-    members(store, spec, consent_context, sensitive, Output::Analysis)
+    // A plain count reads nothing of its members but their prints.
+    let plain_count =
+        matches!(spec.analysis, Analysis::Count { .. }) && spec.dimensions().is_empty();
+    let output = if plain_count {
+        Output::Prints
+    } else {
+        Output::Analysis
+    };
+    members(store, spec, consent_context, sensitive, output)
 }
 
 fn members(
@@ -137,14 +146,6 @@ fn members(
     {
         crate::views::ensure(store, variable)?;
     }
-    // A plain count reads nothing of its members but their prints.
-    let plain_count =
-        matches!(spec.analysis, Analysis::Count { .. }) && spec.dimensions().is_empty();
-    let output = if output == Output::Analysis && plain_count {
-        Output::Prints
-    } else {
-        output
-    };
     let (sql, binds) = compile(spec, store.dialect(), consent_context, sensitive, output);
     // The store's own span: the one SQL statement, on the index tables.
     let span = tracing::info_span!("store", backend = ?store.dialect());

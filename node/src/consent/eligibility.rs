@@ -1,5 +1,7 @@
 //! Materialised consent decisions: for one request context, which patients
-//! take part and which sensitive categories of theirs may be used.
+//! take part and which sensitive categories of theirs may be used, stored
+//! with each included patient's sex, birth date and cohort-print hash so a
+//! query reads one row per candidate.
 //!
 //! Evaluating every patient's provisions for every query would make each
 //! query cost a pass over all consents, so decisions are stored in

@@ -730,7 +730,8 @@ impl Store {
             .optional()?))
     }
 
-    /// Every patient id and every consent, for consent evaluation.
+    /// Every patient (id and the demographics consent decisions copy) and
+    /// every consent, for consent evaluation.
     pub fn consent_inputs(&self) -> Result<ConsentInputs> {
         type Row = (String, String, String, String, String, i64, String);
         let (patients, rows): (Vec<PatientRow>, Vec<Row>) =
