@@ -945,6 +945,9 @@ async fn bench(args: BenchArgs) -> Result<()> {
         if let Some((ratio, node)) = report.overhead(name) {
             println!("federated {name} p50 / slowest local SQL p50 ({node}): {ratio:.2}x");
         }
+        if let Some((ratio, node)) = report.over_node_work(name) {
+            println!("federated {name} p50 / slowest node work p50 ({node}): {ratio:.2}x");
+        }
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use ghx_study::query;
 use ghx_study::result::{AggregateResult, CellValue};
 use tonic::{Request, Response, Status};
 
+use crate::cohort_index::CohortIndex;
 use crate::consent::eligibility::{self, Eligibility};
 use crate::policy::PolicyDir;
 use crate::store::{AuditEntry, Store};
@@ -36,6 +37,8 @@ struct Inner {
     keys_dir: Option<PathBuf>,
     policy: PolicyDir,
     eligibility: Eligibility,
+    /// Cohorts by code, sex and age answered from memory.
+    cohorts: CohortIndex,
     /// Serialises check-then-record of released cohorts.
     releasing: std::sync::Mutex<()>,
     /// Most epsilon one organisation may spend here over all studies.
@@ -189,6 +192,7 @@ impl NodeApi {
                 keys_dir,
                 policy,
                 eligibility,
+                cohorts: CohortIndex::new(),
                 releasing: std::sync::Mutex::new(()),
                 organisation_epsilon: None,
                 rounds: Rounds::default(),
@@ -320,7 +324,7 @@ impl NodeApi {
             // cohort print.
             let spec = &admitted.spec;
             let (members, analysed) = tracing::info_span!("engine").in_scope(|| {
-                let members = engine::cohort_for_analysis(
+                let members = inner.cohorts.members(
                     &inner.store,
                     spec,
                     &prepared.context,

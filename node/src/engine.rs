@@ -123,15 +123,111 @@ pub fn cohort_for_analysis(
     consent_context: &str,
     sensitive: &SensitiveCodes,
 ) -> Result<Vec<Member>, crate::views::Error> {
-    // A plain count reads nothing of its members but their prints.
-    let plain_count =
-        matches!(spec.analysis, Analysis::Count { .. }) && spec.dimensions().is_empty();
-    let output = if plain_count {
+    members(
+        store,
+        spec,
+        consent_context,
+        sensitive,
+        analysis_output(spec),
+    )
+}
+
+/// What the node's analysis of `spec` selects of its members: a plain
+/// count reads nothing but their prints.
+pub(crate) fn analysis_output(spec: &QuerySpec) -> Output {
+    if matches!(spec.analysis, Analysis::Count { .. }) && spec.dimensions().is_empty() {
         Output::Prints
     } else {
         Output::Analysis
+    }
+}
+
+/// Which demographic columns an [`Output::Analysis`] select fills (the
+/// others are empty): sex when grouped by it, the birth date when grouped
+/// or measured by age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Demographics {
+    pub gender: bool,
+    pub birth: bool,
+}
+
+impl Demographics {
+    pub(crate) fn of(spec: &QuerySpec) -> Self {
+        let dims = spec.dimensions();
+        let by_age = matches!(
+            &spec.analysis,
+            Analysis::Summary {
+                variable: Variable::Age,
+                ..
+            } | Analysis::Histogram {
+                variable: Variable::Age,
+                ..
+            }
+        );
+        Demographics {
+            gender: dims.contains(&Dimension::SEX),
+            birth: by_age || dims.contains(&Dimension::AGE_BAND),
+        }
+    }
+}
+
+/// The index table a coded criterion is looked up in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum CodeTable {
+    Conditions,
+    Medications,
+}
+
+/// SQL selecting the distinct (patient, sensitive category bit) pairs of
+/// the rows of `table` whose code matches one of `codes` (any date): what
+/// [`crate::cohort_index`] loads a coded criterion's patients from. The
+/// bit is that of the row's diagnosis ([`SensitiveCodes::sql_category_bit`]),
+/// 0 for codes that cannot be sensitive and for prescriptions.
+pub(crate) fn compile_code_rows(
+    table: CodeTable,
+    system: &str,
+    codes: &[String],
+    matching: CodeMatch,
+    dialect: Dialect,
+    sensitive: &SensitiveCodes,
+) -> (String, Vec<Bind>) {
+    let mut sql = Sql {
+        dialect,
+        binds: Vec::new(),
+        sensitive,
     };
-    members(store, spec, consent_context, sensitive, output)
+    let system_uri = terminology::canonical_system(system);
+    let codes: Vec<String> = codes
+        .iter()
+        .map(|code| terminology::normalize_code(system_uri, code).into_owned())
+        .collect();
+    let (name, alias) = match table {
+        CodeTable::Conditions => ("condition_codes", "c"),
+        CodeTable::Medications => ("medication_codes", "m"),
+    };
+    let may_be_sensitive = table == CodeTable::Conditions
+        && codes
+            .iter()
+            .any(|code| sensitive.may_match(system_uri, code, matching == CodeMatch::Prefix));
+    // Placeholders in text order: the bit's (rare disease prefixes) first.
+    let bit = if may_be_sensitive {
+        sensitive.sql_category_bit(|prefix| sql.param(Bind::Text(prefix)))
+    } else {
+        "0".to_owned()
+    };
+    let system = sql.param(Bind::Text(system_uri.to_owned()));
+    let tests: Vec<String> = codes
+        .into_iter()
+        .map(|code| sql.code_test(alias, code, matching))
+        .collect();
+    (
+        format!(
+            "SELECT DISTINCT {alias}.patient_id AS patient_id, CAST({bit} AS BIGINT) AS category_bit \
+             FROM {name} {alias} WHERE {alias}.system = {system} AND ({})",
+            tests.join(" OR ")
+        ),
+        sql.binds,
+    )
 }
 
 fn members(
@@ -357,7 +453,7 @@ pub fn member_value(spec: &QuerySpec, m: &Member) -> Option<f64> {
     }
 }
 
-fn ymd(d: time::Date) -> i64 {
+pub(crate) fn ymd(d: time::Date) -> i64 {
     i64::from(d.year()) * 10000 + i64::from(u8::from(d.month())) * 100 + i64::from(d.day())
 }
 
@@ -691,28 +787,18 @@ pub(crate) fn compile(
         Output::Prints => "p.print AS print".to_owned(),
         Output::Members | Output::Analysis => {
             let full = output == Output::Members;
-            let dims = spec.dimensions();
+            let demographics = Demographics::of(spec);
             let id = if full {
                 "p.patient_id"
             } else {
                 "CAST('' AS TEXT)"
             };
-            let gender = if full || dims.contains(&Dimension::SEX) {
+            let gender = if full || demographics.gender {
                 "p.gender"
             } else {
                 "CAST('' AS TEXT)"
             };
-            let by_age = matches!(
-                &spec.analysis,
-                Analysis::Summary {
-                    variable: Variable::Age,
-                    ..
-                } | Analysis::Histogram {
-                    variable: Variable::Age,
-                    ..
-                }
-            );
-            let birth = if full || by_age || dims.contains(&Dimension::AGE_BAND) {
+            let birth = if full || demographics.birth {
                 "p.birth_ymd"
             } else {
                 "CAST(NULL AS BIGINT)"

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cohort_index;
 pub mod config;
 pub mod consent;
 pub mod differencing;

@@ -1,7 +1,9 @@
 //! Running the node's engine the way its API does: consent decisions
-//! prepared for a request first, then the count over them.
+//! prepared for a request first, then the count over them (in SQL, and
+//! from the cohort index, which must agree).
 
 use ghx_node::Store;
+use ghx_node::cohort_index::CohortIndex;
 use ghx_node::consent::eligibility::{Eligibility, Summary};
 use ghx_node::consent::{ConsentRules, DefaultConsent, SensitiveCodes};
 use ghx_node::engine::{self, RawCell};
@@ -32,5 +34,20 @@ pub fn count(store: &Store, spec: &QuerySpec, rules: ConsentRules) -> (Vec<RawCe
         &eligibility.rules().sensitive,
     )
     .expect("count");
+    // The node answers from its cohort index where that covers the query:
+    // its members must count to the same cells.
+    let members = CohortIndex::new()
+        .members(
+            store,
+            spec,
+            &prepared.context,
+            &eligibility.rules().sensitive,
+        )
+        .expect("members from the cohort index");
+    let mut indexed = engine::analyse(spec, &members, false).cells;
+    let mut sql = cells.clone();
+    indexed.sort_by(|a, b| a.key.cmp(&b.key));
+    sql.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(indexed, sql, "the cohort index and the SQL disagree");
     (cells, prepared.summary)
 }

@@ -9,6 +9,7 @@ use ghx_federation_tests::consented;
 use ghx_federation_tests::postgres::TestDatabase;
 use ghx_federation_tests::reference::Export;
 use ghx_node::Store;
+use ghx_node::cohort_index::CohortIndex;
 use ghx_node::import::{
     ImportOptions, Location, RrnPolicy, import_path, load_edi_loinc_map, reindex,
 };
@@ -72,6 +73,7 @@ suite!(
     statistics_match_an_independent_computation_from_the_export,
     privacy_budget_charges_refuse_overspending,
     view_variables_match_native_variables_and_rebuild_after_import,
+    the_cohort_index_follows_imports,
 );
 
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
@@ -779,6 +781,7 @@ fn counting_members_equals_counting_in_sql(f: Fixture) {
     import_path(&f.store, &data, &ImportOptions::default()).unwrap();
     let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
     let eligibility = Eligibility::new(consented::opt_in());
+    let index = CohortIndex::new();
     let queries = [
         format!(r#""conditions":[{{"system":"{kcd}","code":"E11","match":"prefix"}}]}},"analysis":{{"kind":"count","group_by":["sex","age_band"]}}"#),
         format!(r#""conditions":[{{"system":"{kcd}","code":"I10"}}]}},"analysis":{{"kind":"count","group_by":["age_band"]}}"#),
@@ -799,6 +802,14 @@ fn counting_members_equals_counting_in_sql(f: Fixture) {
         let members =
             ghx_node::engine::cohort_for_analysis(&f.store, &spec, &prepared.context, sensitive)
                 .unwrap();
+        // The cohort index gives the SQL's members where it covers the
+        // query (codes without windows, sex, age), and runs it elsewhere.
+        let covered = !q.contains("observations") && !q.contains("encounters");
+        assert_eq!(CohortIndex::covers(&spec), covered, "{q}");
+        let from_index = index
+            .members(&f.store, &spec, &prepared.context, sensitive)
+            .unwrap();
+        assert_eq!(by_print(from_index), by_print(members.clone()), "{q}");
         let mut counted = ghx_node::engine::analyse(&spec, &members, false).cells;
         let mut sql = sql;
         let by_key =
@@ -807,6 +818,109 @@ fn counting_members_equals_counting_in_sql(f: Fixture) {
         sql.sort_by(by_key);
         assert_eq!(counted, sql, "{q}");
     }
+}
+
+/// Members in a comparable order.
+fn by_print(mut members: Vec<ghx_node::engine::Member>) -> Vec<ghx_node::engine::Member> {
+    members.sort_by_key(|m| m.print);
+    members
+}
+
+fn the_cohort_index_follows_imports(f: Fixture) {
+    use ghx_node::consent::eligibility::Eligibility;
+    let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+    let data = f.dir.path().join("index");
+    std::fs::create_dir_all(&data).unwrap();
+    let patient = |id: &str, gender: &str, born: &str| {
+        format!(
+            r#"{{"resourceType":"Patient","id":"{id}","gender":"{gender}","birthDate":"{born}"}}"#
+        )
+    };
+    let condition = |id: &str, patient: &str, code: &str| {
+        format!(
+            r#"{{"resourceType":"Condition","id":"{id}","subject":{{"reference":"Patient/{patient}"}},"code":{{"coding":[{{"system":"{kcd}","code":"{code}"}}]}}}}"#
+        )
+    };
+    let consent = |i: usize, id: &str| {
+        CONSENTED
+            .replace("\"k1\"", &format!("\"ik{i}\""))
+            .replace("Patient/v1", &format!("Patient/{id}"))
+    };
+    let people = [
+        ("i1", "female", "1950-02-01"),
+        ("i2", "male", "1970-02-01"),
+        ("i3", "female", "2030-01-01"),
+    ];
+    write(
+        &data.join("Patient.ndjson"),
+        &people
+            .iter()
+            .map(|(id, g, b)| patient(id, g, b))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    write(
+        &data.join("Consent.ndjson"),
+        &people
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _, _))| consent(i, id))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    write(
+        &data.join("Condition.ndjson"),
+        &[
+            &condition("ic1", "i1", "E11.9"),
+            &condition("ic2", "i2", "I10"),
+            // Born after the reference date: never in a cohort.
+            &condition("ic3", "i3", "E11.9"),
+        ],
+    );
+    import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+
+    let eligibility = Eligibility::new(consented::opt_in());
+    let index = CohortIndex::new();
+    let query = format!(
+        r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[{{"system":"{kcd}","code":"E11","match":"prefix"}}]}},"analysis":{{"kind":"count","group_by":["sex",{{"diagnosis":[{{"label":"htn","system":"{kcd}","codes":["I10"]}}]}}]}}}}"#
+    );
+    let spec = QuerySpec::parse(query.as_bytes()).unwrap();
+    let cells = || {
+        let request = ghx_node::gate::consent_request("HRESCH", &spec, 1_780_272_000);
+        let prepared = eligibility.prepare(&f.store, &request).unwrap();
+        let sensitive = &eligibility.rules().sensitive;
+        let members = index
+            .members(&f.store, &spec, &prepared.context, sensitive)
+            .unwrap();
+        let sql =
+            ghx_node::engine::cohort_for_analysis(&f.store, &spec, &prepared.context, sensitive)
+                .unwrap();
+        assert_eq!(by_print(members.clone()), by_print(sql));
+        ghx_node::engine::analyse(&spec, &members, false)
+            .cells
+            .into_iter()
+            .map(|c| (c.key.join("/"), c.value.patients()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(cells(), [("female/none".to_owned(), 1)]);
+    // A diagnosis imported later reaches the sets the index already holds
+    // (same consent context, newer data generation): i2 joins the cohort
+    // and is counted in the hypertension group.
+    write(
+        &data.join("Condition.ndjson"),
+        &[&condition("ic4", "i2", "E11.2")],
+    );
+    std::fs::remove_file(data.join("Patient.ndjson")).unwrap();
+    std::fs::remove_file(data.join("Consent.ndjson")).unwrap();
+    import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    assert_eq!(
+        cells(),
+        [("female/none".to_owned(), 1), ("male/htn".to_owned(), 1)]
+    );
 }
 
 /// Runs a query's members through the engine, as the node does.

@@ -147,16 +147,20 @@ async fn a_federated_query_is_one_trace_and_its_decisions_are_counted() {
         ] {
             assert!(stages.contains(stage), "{stage} missing from {stages:?}");
         }
-        // The engine's SQL runs in the store's own span.
-        let engine = trace
-            .iter()
-            .find(|s| s.name == "engine" && s.parent_span_id == request.span_id)
-            .unwrap();
-        assert!(
+        // The engine's members come from the cohort index (a coded
+        // cohort), which loads from the store in the store's own span on
+        // the context's first query (this one).
+        let child = |parent: &SeenSpan, name: &str| {
             trace
                 .iter()
-                .any(|s| s.name == "store" && s.parent_span_id == engine.span_id),
-            "a store span below the engine"
+                .find(|s| s.name == name && s.parent_span_id == parent.span_id)
+                .copied()
+        };
+        let engine = child(request, "engine").unwrap();
+        let index = child(engine, "cohort_index").expect("a cohort_index span below the engine");
+        assert!(
+            child(index, "store").is_some(),
+            "a store span below the cohort index"
         );
     }
     for call in &calls {

@@ -1018,6 +1018,40 @@ impl Store {
         Ok(rows.into_iter().map(|r| r.print).collect())
     }
 
+    /// Runs a code-rows query compiled by the engine
+    /// (`engine::compile_code_rows`).
+    pub fn code_rows(&self, sql: &str, binds: &[Bind]) -> Result<Vec<CodeRow>> {
+        self.run_compiled(sql, binds)
+    }
+
+    /// The included patients of a stored consent context, by patient id.
+    pub fn consent_decisions(&self, context: &str) -> Result<Vec<StoredDecision>> {
+        type Row = (String, i64, String, Option<i64>, i64);
+        let rows: Vec<Row> = with_conn!(self.backend, |conn| consent_eligibility::table
+            .filter(consent_eligibility::context.eq(context))
+            .select((
+                consent_eligibility::patient_id,
+                consent_eligibility::sensitive_mask,
+                consent_eligibility::gender,
+                consent_eligibility::birth_ymd,
+                consent_eligibility::print,
+            ))
+            .order(consent_eligibility::patient_id)
+            .load::<Row>(conn)?);
+        Ok(rows
+            .into_iter()
+            .map(
+                |(patient_id, sensitive_mask, gender, birth_ymd, print)| StoredDecision {
+                    patient_id,
+                    sensitive_mask,
+                    gender,
+                    birth_ymd,
+                    print,
+                },
+            )
+            .collect())
+    }
+
     fn run_compiled<T>(&self, sql: &str, binds: &[Bind]) -> Result<Vec<T>>
     where
         T: QueryableByName<diesel::sqlite::Sqlite> + QueryableByName<diesel::pg::Pg> + 'static,
@@ -1414,6 +1448,26 @@ pub struct Decision<'a> {
     pub sensitive_mask: i64,
     /// The patient's cohort-print hash, as a signed column.
     pub print: i64,
+}
+
+/// One included patient of a consent context, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDecision {
+    pub patient_id: String,
+    pub sensitive_mask: i64,
+    pub gender: String,
+    pub birth_ymd: Option<i64>,
+    pub print: i64,
+}
+
+/// A patient with a coded row, and the sensitive category bit of the
+/// row's code (0 when it has none).
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct CodeRow {
+    #[diesel(sql_type = Text)]
+    pub patient_id: String,
+    #[diesel(sql_type = BigInt)]
+    pub category_bit: i64,
 }
 
 /// Everything consent evaluation needs: every patient and every consent.
