@@ -181,13 +181,32 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
     }
     let _ = writeln!(out, "\n## Privacy\n");
     let dropped: usize = record.rounds.iter().map(|r| r.failures.len()).sum();
+    let noise = match spec.and_then(|s| s.privacy) {
+        Some(p) => {
+            let rounds = record.rounds.len() as u64;
+            format!(
+                "Model updates were noised (DP-FedSGD): each round every site sent the sum of its patients' gradients clipped to L2 norm {}, and their count, with Gaussian noise of standard deviation {:.4} (noise multiplier {}). {rounds} rounds cost epsilon {:.4} at delta {:e} (zero-concentrated DP rho {:.4}), charged round by round to the study's budget at each site (budget epsilon {}, delta {:e}). The standardisation moments and evaluation sums are not noised.",
+                p.clip,
+                p.noise_std(),
+                p.noise_multiplier,
+                p.epsilon_after(rounds),
+                p.delta,
+                p.rho_per_round() * rounds as f64,
+                manifest.privacy_budget,
+                manifest.privacy_delta,
+            )
+        }
+        None => format!(
+            "No noise was added: differential-privacy cost of this run is epsilon 0 (the study's budget is {}).",
+            manifest.privacy_budget
+        ),
+    };
     let _ = writeln!(
         out,
-        "- Every round went through secure aggregation: the coordinator received only the sum of the participating sites' contributions (sample-weighted models, moments, score histograms), never one site's.\n\
-         - No noise was added: differential-privacy cost of this run is epsilon 0 (the study's budget is {}).\n\
+        "- Every round went through secure aggregation: the coordinator received only the sum of the participating sites' contributions (sample-weighted models or gradients, moments, score histograms), never one site's.\n\
+         - {noise}\n\
          - Sites left out of a round (down, refused or late): {dropped} over {} rounds.\n\
          - Per-site metrics are released by each site only when at least its minimum cell size of patients is held out; calibration bins with fewer patients stay at the site.",
-        manifest.privacy_budget,
         record.rounds.len()
     );
     if !record.rounds.is_empty() {

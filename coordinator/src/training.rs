@@ -586,7 +586,20 @@ pub async fn advance(
                 Some(model),
             )
             .await?;
-            let totals = federated::read_training_sum(&round.sum, spec.features.len())?;
+            let totals = match &spec.privacy {
+                // Noised rounds sum clipped gradients: one step from the
+                // global model.
+                Some(_) => federated::read_private_training_sum(
+                    &round.sum,
+                    &Logistic {
+                        weights: model.weights.clone(),
+                        bias: model.bias,
+                    },
+                    spec.optimiser.learning_rate,
+                    spec.optimiser.l2,
+                )?,
+                None => federated::read_training_sum(&round.sum, spec.features.len())?,
+            };
             let standardiser = Standardiser {
                 mean: model.mean.clone(),
                 sd: model.sd.clone(),

@@ -242,6 +242,94 @@ pub fn training_contribution(
     Ok(out)
 }
 
+/// What a node sends in a noised training round (DP-FedSGD, see
+/// `ghx_study::training::TrainingPrivacy`): the sum over its training rows
+/// of each row's log-loss gradient at `global` (weights, then bias),
+/// clipped to L2 norm `clip`, and the row count, each with Gaussian noise
+/// of standard deviation `noise_std`; then, unnoised like any round's, the
+/// global model's summed training loss and its evaluation on held-out rows.
+/// Same layout as [`training_contribution`]; read with
+/// [`read_private_training_sum`].
+pub fn private_training_contribution(
+    global: &Logistic,
+    train: &Dataset,
+    holdout: &Dataset,
+    clip: f64,
+    noise_std: f64,
+    rng: &mut impl Rng,
+) -> Result<Vec<f64>, Error> {
+    let dim = global.weights.len();
+    if train.dim() != dim {
+        return Err(Error::WrongWidth {
+            row: 0,
+            got: train.dim(),
+            expected: dim,
+        });
+    }
+    let noise = rand_distr::Normal::new(0.0, noise_std).map_err(|_| Error::BadSetting {
+        setting: "noise standard deviation",
+        value: noise_std,
+        expected: "expected a finite number, 0 or more",
+    })?;
+    let mut out = vec![0.0; dim + 2];
+    for i in 0..train.len() {
+        let row = train.row(i);
+        let error = global.predict(row) - train.label(i);
+        // The gradient is error * (x, 1); its norm is |error| * |(x, 1)|.
+        let norm = error.abs() * (row.iter().map(|x| x * x).sum::<f64>() + 1.0).sqrt();
+        let scale = if norm > clip { clip / norm } else { 1.0 };
+        for (g, x) in out.iter_mut().zip(row) {
+            *g += scale * error * x;
+        }
+        out[dim] += scale * error;
+    }
+    out[dim + 1] = train.len() as f64;
+    for v in &mut out {
+        *v += rng.sample(noise);
+    }
+    out.push(global.log_loss(train) * train.len() as f64);
+    out.extend(EvaluationSums::of(global, holdout).to_vec());
+    Ok(out)
+}
+
+/// Reads the sum of every contributor's [`private_training_contribution`]:
+/// one gradient step from `global` with the mean of the noisy gradient sum
+/// over the noisy count, plus the L2 penalty's own (data-free) gradient.
+pub fn read_private_training_sum(
+    sum: &[f64],
+    global: &Logistic,
+    learning_rate: f64,
+    l2: f64,
+) -> Result<RoundTotals, Error> {
+    let dim = global.weights.len();
+    if sum.len() != training_len(dim) {
+        return Err(Error::WrongSumLength {
+            what: "a training round",
+            got: sum.len(),
+            dim,
+        });
+    }
+    let (gradient, rest) = sum.split_at(dim + 2);
+    let train_rows = gradient[dim + 1];
+    // A noisy count near zero would blow the step up: one row at least.
+    let n = train_rows.max(1.0);
+    let model = Logistic {
+        weights: global
+            .weights
+            .iter()
+            .zip(gradient)
+            .map(|(w, g)| w - learning_rate * (g / n + l2 * w))
+            .collect(),
+        bias: global.bias - learning_rate * gradient[dim] / n,
+    };
+    Ok(RoundTotals {
+        model,
+        train_rows,
+        train_loss: rest[0] / n,
+        evaluation: EvaluationSums::from_vec(&rest[1..])?,
+    })
+}
+
 /// The federation's total of a training round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundTotals {
@@ -310,6 +398,34 @@ mod tests {
         assert_eq!(pooled.positives, 3);
         assert!((pooled.log_loss - model.log_loss(&all)).abs() < 1e-12);
         assert!((pooled.accuracy - metrics::accuracy(&scores, all.labels())).abs() < 1e-12);
+    }
+
+    #[test]
+    fn private_rounds_clip_each_rows_gradient_and_step_from_the_global_model() {
+        // At the zero model every prediction is 0.5. Row 1 (label 0) has
+        // gradient 0.5 * (3, 4, 1), norm 0.5 * sqrt(26) > 1: scaled to
+        // norm 1. Row 2 (label 1) has -0.5 * (0.1, 0, 1), norm
+        // 0.5 * sqrt(1.01) < 1: kept.
+        let a = data(&[(&[3.0, 4.0], false), (&[0.1, 0.0], true)]);
+        let global = Logistic::zeros(2);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+        let v = private_training_contribution(&global, &a, &a, 1.0, 0.0, &mut rng).unwrap();
+        assert_eq!(v.len(), training_len(2));
+        let k = 1.0 / 26f64.sqrt();
+        let expected = [3.0 * k - 0.05, 4.0 * k, k - 0.5, 2.0];
+        for (got, want) in v.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-12, "{v:?}");
+        }
+        // The coordinator's step: w - lr * (g / n + l2 * w).
+        let totals = read_private_training_sum(&v, &global, 0.5, 0.0).unwrap();
+        assert!((totals.model.weights[0] + 0.5 * expected[0] / 2.0).abs() < 1e-12);
+        assert!((totals.model.bias + 0.5 * expected[2] / 2.0).abs() < 1e-12);
+        assert_eq!(totals.train_rows, 2.0);
+        // With noise, the gradient and count move; the evaluation does not.
+        let noisy = private_training_contribution(&global, &a, &a, 1.0, 5.0, &mut rng).unwrap();
+        assert!(noisy[..4].iter().zip(&v).all(|(x, y)| x != y));
+        assert_eq!(noisy[4..], v[4..]);
+        assert!(read_private_training_sum(&v[1..], &global, 0.5, 0.0).is_err());
     }
 
     #[test]

@@ -65,7 +65,7 @@ enum ApiError {
     #[error("materialising the query's view: {0}")]
     View(#[from] crate::views::Error),
     #[error(
-        "privacy budget {scope}: {spent:.4} of {limit:.4} {quantity} already spent, this query asks {asked:.4}"
+        "privacy budget {scope}: {spent:.4} of {limit:.4} {quantity} already spent, this request asks {asked:.4}"
     )]
     BudgetSpent {
         scope: String,
@@ -357,7 +357,12 @@ impl NodeApi {
                     None,
                 ),
                 Some(noise) => {
-                    let note = self.charge(&admitted, noise)?;
+                    let note = self.charge(
+                        &admitted.claims,
+                        &admitted.manifest,
+                        &entry.query_sha256,
+                        (noise.epsilon, noise.delta),
+                    )?;
                     entry.epsilon = noise.epsilon;
                     let (candidates, statement) =
                         crate::noise::perturb(spec, noise, &analysed.cells, &mut rand::rngs::OsRng);
@@ -440,21 +445,27 @@ impl NodeApi {
     /// Charges a noised query to its organisation's privacy budget for the
     /// study (from the manifest) and at this node overall; refuses when
     /// either would be exceeded. Returns the budget note for the result.
-    fn charge(&self, admitted: &gate::Admitted, noise: &query::Noise) -> Result<String, ApiError> {
-        let manifest = &admitted.manifest;
+    fn charge(
+        &self,
+        claims: &ghx_study::capability::Claims,
+        manifest: &ghx_study::manifest::StudyManifest,
+        request_sha256: &str,
+        (epsilon, delta): (f64, f64),
+    ) -> Result<String, ApiError> {
         let charge = store::PrivacyCharge {
-            organisation: &admitted.claims.org,
-            study_id: &admitted.claims.sub,
-            capability_id: &admitted.claims.jti,
-            epsilon: noise.epsilon,
-            delta: noise.delta,
+            organisation: &claims.org,
+            study_id: &claims.sub,
+            capability_id: &claims.jti,
+            request_sha256,
+            epsilon,
+            delta,
             study_epsilon: manifest.privacy_budget,
             study_delta: manifest.privacy_delta,
             organisation_epsilon: self.inner.organisation_epsilon,
         };
         match self.inner.store.charge_privacy(&charge)? {
             store::ChargeOutcome::Charged { study } => Ok(format!(
-                "privacy budget: this study has now spent epsilon {:.4} of {:.4}{} over {} noised queries at this node",
+                "privacy budget: this study has now spent epsilon {:.4} of {:.4}{} over {} noised queries and training rounds at this node",
                 study.epsilon,
                 manifest.privacy_budget,
                 if manifest.privacy_delta > 0.0 {
@@ -473,27 +484,24 @@ impl NodeApi {
             } => {
                 let (scope, limit) = match which {
                     store::BudgetScope::Study => (
-                        format!(
-                            "of study {} for {}",
-                            admitted.claims.sub, admitted.claims.org
-                        ),
+                        format!("of study {} for {}", claims.sub, claims.org),
                         manifest.privacy_budget,
                     ),
                     store::BudgetScope::Organisation => (
-                        format!("of {} at this node over all studies", admitted.claims.org),
+                        format!("of {} at this node over all studies", claims.org),
                         self.inner.organisation_epsilon.unwrap_or(0.0),
                     ),
                 };
                 // Only a study's budget has a delta limit.
                 let delta_spent = which == store::BudgetScope::Study
-                    && spent.delta + noise.delta > manifest.privacy_delta;
+                    && spent.delta + delta > manifest.privacy_delta;
                 Err(if delta_spent {
                     ApiError::BudgetSpent {
                         scope,
                         quantity: "delta",
                         spent: spent.delta,
                         limit: manifest.privacy_delta,
-                        asked: noise.delta,
+                        asked: delta,
                     }
                 } else {
                     ApiError::BudgetSpent {
@@ -501,7 +509,7 @@ impl NodeApi {
                         quantity: "epsilon",
                         spent: spent.epsilon,
                         limit,
-                        asked: noise.epsilon,
+                        asked: epsilon,
                     }
                 })
             }
@@ -622,6 +630,34 @@ impl NodeApi {
                 .in_scope(|| inner.eligibility.prepare(&inner.store, &admitted.consent))?;
             entry.consent_excluded =
                 i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
+            // A noised training round is paid for before it is computed:
+            // the growth of the training's epsilon from the rounds this
+            // node already charged for it (over every run) to one more.
+            let budget_note = match (&spec.privacy, phase) {
+                (Some(privacy), Phase::Train) => {
+                    let _charging = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
+                    let charged = inner.store.privacy_charges_for(
+                        &admitted.claims.org,
+                        &admitted.claims.sub,
+                        &entry.query_sha256,
+                    )?;
+                    let cost = privacy.round_charge(charged + 1);
+                    let note = self.charge(
+                        &admitted.claims,
+                        &admitted.manifest,
+                        &entry.query_sha256,
+                        cost,
+                    )?;
+                    entry.epsilon = cost.0;
+                    Some(format!(
+                        "{note}; this training's noised rounds here: {} (epsilon {:.4} at delta {:e})",
+                        charged + 1,
+                        privacy.epsilon_after(charged + 1),
+                        privacy.delta
+                    ))
+                }
+                _ => None,
+            };
             let started = std::time::Instant::now();
             let key = format!(
                 "{}/{}/{}",
@@ -659,11 +695,12 @@ impl NodeApi {
                 lifetime,
             )?;
             entry.reason = format!(
-                "round {}: {} training and {} held-out patients, {} left out for missing features",
+                "round {}: {} training and {} held-out patients, {} left out for missing features{}",
                 params.round,
                 data.train.len(),
                 data.holdout.len(),
-                data.incomplete
+                data.incomplete,
+                budget_note.map(|n| format!("; {n}")).unwrap_or_default()
             );
             let node_metrics_json = match &contribution.metrics {
                 Some(m) => serde_json::to_vec(m).map_err(|e| ApiError::Task(e.to_string()))?,

@@ -252,13 +252,24 @@ pub fn contribution(
         });
     }
     let train = standardised(&data.train, &model);
-    let values = federated::training_contribution(
-        &global,
-        &train,
-        &holdout,
-        &train_config(spec),
-        &mut rand::rngs::OsRng,
-    )?;
+    let values = match &spec.privacy {
+        // Clipped, noised gradients; the caller charged the round first.
+        Some(privacy) => federated::private_training_contribution(
+            &global,
+            &train,
+            &holdout,
+            privacy.clip,
+            privacy.noise_std(),
+            &mut rand::rngs::OsRng,
+        )?,
+        None => federated::training_contribution(
+            &global,
+            &train,
+            &holdout,
+            &train_config(spec),
+            &mut rand::rngs::OsRng,
+        )?,
+    };
     Ok(Contribution {
         values,
         metrics: None,

@@ -243,6 +243,23 @@ impl StudyManifest {
             for q in t.queries() {
                 self.check_declared(&t.name, &q)?;
             }
+            // A noised training must be affordable in full: its rounds are
+            // charged one by one at each node, and one refused halfway
+            // leaves a half-trained model.
+            if let Some(privacy) = &t.privacy {
+                let epsilon = privacy.epsilon_after(u64::from(t.rounds));
+                // The nodes' ledgers allow the same rounding slack.
+                if epsilon > self.privacy_budget + 1e-9 || privacy.delta > self.privacy_delta {
+                    return Err(invalid(
+                        &format!("trainings[{i}].privacy"),
+                        format!(
+                            "{} rounds cost epsilon {epsilon:.3} at delta {:e}; the study's \
+                             budget is epsilon {} and delta {:e}",
+                            t.rounds, privacy.delta, self.privacy_budget, self.privacy_delta
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }

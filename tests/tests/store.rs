@@ -1096,6 +1096,7 @@ fn statistics_match_an_independent_computation_from_the_export(f: Fixture) {
 fn privacy_budget_charges_refuse_overspending(f: Fixture) {
     use ghx_node::store::{BudgetScope, ChargeOutcome, PrivacyCharge};
     let charge = |id: &'static str, study: &'static str, epsilon: f64| PrivacyCharge {
+        request_sha256: "q",
         organisation: "acme",
         study_id: study,
         capability_id: id,
@@ -1160,6 +1161,7 @@ fn privacy_budget_charges_refuse_overspending(f: Fixture) {
                 scope.spawn(move || {
                     let id = format!("race{i}");
                     let c = PrivacyCharge {
+                        request_sha256: "q",
                         organisation: "other",
                         study_id: "s3",
                         capability_id: &id,

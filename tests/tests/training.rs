@@ -17,13 +17,18 @@ use ghx_study::training::TrainingSpec;
 use rand::SeedableRng;
 
 const MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model.json");
+const DP_MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model-dp.json");
 const PATIENTS: usize = 1500;
 
 async fn start() -> (LocalFederation, tempfile::TempDir) {
+    start_with(PATIENTS).await
+}
+
+async fn start_with(patients: usize) -> (LocalFederation, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let federation = LocalFederation::start(&LocalFederationOptions {
         dir: dir.path().to_owned(),
-        patients_per_node: PATIENTS,
+        patients_per_node: patients,
         seed: 77,
         min_cell_size: 10,
         committee_quorum: 1,
@@ -405,5 +410,93 @@ async fn revoking_the_study_stops_a_running_training() {
     assert_eq!(record.status, RunStatus::Failed);
     assert!(record.detail.contains("revoked"), "{}", record.detail);
     assert!(record.rounds.len() < 500);
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noised_training_is_charged_round_by_round_and_stops_when_the_budget_is_spent() {
+    // Noise of the example's size (epsilon under 0.5, what the hospitals'
+    // policies allow a study) needs a few thousand patients to learn from.
+    let (federation, _dir) = start_with(4000).await;
+    // The example's DP-FedSGD training: one clipped, noised full-batch
+    // gradient per round; fewer rounds here.
+    let mut manifest: serde_json::Value = serde_json::from_str(DP_MANIFEST).unwrap();
+    let rounds: u64 = 12;
+    manifest["trainings"][0]["rounds"] = rounds.into();
+    let privacy: ghx_study::training::TrainingPrivacy =
+        serde_json::from_value(manifest["trainings"][0]["privacy"].clone()).unwrap();
+    let cost = privacy.epsilon_after(rounds);
+    // Room for the run and two rounds more, not for a second run.
+    manifest["privacy_budget"] = (privacy.epsilon_after(rounds + 2) + 1e-6).into();
+    let study_id = federation
+        .approved_study(RESEARCHER, serde_json::to_vec(&manifest).unwrap())
+        .await
+        .unwrap();
+    let client = federation.client(RESEARCHER).await.unwrap();
+    let start = || {
+        let mut client = client.clone();
+        let request = pb::StartTrainingRequest {
+            study_id: study_id.clone(),
+            training: String::new(),
+        };
+        async move {
+            client
+                .start_training(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .run_id
+        }
+    };
+    let run_id = start().await;
+    let record = finished(&federation, RESEARCHER, &run_id).await;
+    assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
+    assert_eq!(record.rounds.len(), rounds as usize);
+    // The noise (sd 85 per value per site) is small against gradients
+    // summed over thousands of patients: the model still learns.
+    let auc = record.evaluation.as_ref().unwrap().pooled.auc.unwrap();
+    eprintln!("noised training: {rounds} rounds, epsilon {cost:.4}, pooled held-out AUC {auc:.4}");
+    assert!(auc > 0.7, "AUC {auc}");
+    // Each site charged every round: the charges add up to the stated
+    // cost of the whole training, with delta once.
+    let org = "Chonnam National University Medical School";
+    for node in &federation.nodes {
+        let spent = node.store.privacy_spent(org, &record.study_id).unwrap();
+        assert!(
+            (spent.epsilon - cost).abs() < 1e-9,
+            "{}: spent {} of {cost}",
+            node.profile.id,
+            spent.epsilon
+        );
+        assert!((spent.delta - privacy.delta).abs() < 1e-15);
+        assert_eq!(spent.queries, rounds as i64);
+    }
+    let card = ghx::training_report::model_card(
+        &record,
+        &StudyManifest::parse(&serde_json::to_vec(&manifest).unwrap()).unwrap(),
+    );
+    assert!(
+        card.contains(&format!(
+            "{rounds} rounds cost epsilon {cost:.4} at delta 1e-6"
+        )),
+        "{card}"
+    );
+
+    // A second run continues the same training's account at each site: two
+    // more rounds fit, the third is refused everywhere and the run fails
+    // saying why, with nothing charged beyond the budget.
+    let run_id = start().await;
+    let record = finished(&federation, RESEARCHER, &run_id).await;
+    assert_eq!(record.status, RunStatus::Failed);
+    assert!(
+        record.detail.contains("privacy budget"),
+        "{}",
+        record.detail
+    );
+    assert_eq!(record.rounds.len(), 2, "{}", record.detail);
+    for node in &federation.nodes {
+        let spent = node.store.privacy_spent(org, &record.study_id).unwrap();
+        assert!((spent.epsilon - privacy.epsilon_after(rounds + 2)).abs() < 1e-9);
+    }
     federation.shutdown().await;
 }

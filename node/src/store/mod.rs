@@ -871,6 +871,23 @@ impl Store {
         )?))
     }
 
+    /// How many charges `organisation` paid for `request_sha256` (a
+    /// query's or training's digest) in `study_id`.
+    pub fn privacy_charges_for(
+        &self,
+        organisation: &str,
+        study_id: &str,
+        request_sha256: &str,
+    ) -> Result<u64> {
+        let n: i64 = with_conn!(self.backend, |conn| privacy_charges::table
+            .filter(privacy_charges::organisation.eq(organisation))
+            .filter(privacy_charges::study_id.eq(study_id))
+            .filter(privacy_charges::request_sha256.eq(request_sha256))
+            .count()
+            .get_result(conn)?);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Charges a query's privacy cost to its organisation's ledger for the
     /// study and in total, unless either would then exceed its limit. Both
     /// rows are changed by conditional updates in one transaction, so two
@@ -933,6 +950,7 @@ impl Store {
                         privacy_charges::epsilon.eq(charge.epsilon),
                         privacy_charges::delta.eq(charge.delta),
                         privacy_charges::charged_at.eq(&now),
+                        privacy_charges::request_sha256.eq(charge.request_sha256),
                     ))
                     .execute(conn)?;
                 Ok(())
@@ -1168,6 +1186,8 @@ pub struct PrivacyCharge<'a> {
     pub organisation: &'a str,
     pub study_id: &'a str,
     pub capability_id: &'a str,
+    /// Digest of the query or training spec charged for.
+    pub request_sha256: &'a str,
     pub epsilon: f64,
     pub delta: f64,
     /// The study's budget (from its manifest).

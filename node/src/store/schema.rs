@@ -179,6 +179,7 @@ diesel::table! {
         epsilon -> Double,
         delta -> Double,
         charged_at -> Text,
+        request_sha256 -> Text,
     }
 }
 
