@@ -302,14 +302,7 @@ pub fn read_private_training_sum(
     l2: f64,
 ) -> Result<RoundTotals, Error> {
     let dim = global.weights.len();
-    if sum.len() != training_len(dim) {
-        return Err(Error::WrongSumLength {
-            what: "a training round",
-            got: sum.len(),
-            dim,
-        });
-    }
-    let (gradient, rest) = sum.split_at(dim + 2);
+    let (gradient, loss, evaluation) = split_training_sum(sum, dim)?;
     let train_rows = gradient[dim + 1];
     // A noisy count near zero would blow the step up: one row at least.
     let n = train_rows.max(1.0);
@@ -325,15 +318,16 @@ pub fn read_private_training_sum(
     Ok(RoundTotals {
         model,
         train_rows,
-        train_loss: rest[0] / n,
-        evaluation: EvaluationSums::from_vec(&rest[1..])?,
+        train_loss: loss / n,
+        evaluation,
     })
 }
 
 /// The federation's total of a training round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundTotals {
-    /// FedAvg (or FedProx) of the nodes' local models.
+    /// FedAvg (or FedProx) of the nodes' local models, or for a noised
+    /// round the global model after one step with the summed gradients.
     pub model: Logistic,
     /// Training rows that took part.
     pub train_rows: f64,
@@ -345,6 +339,21 @@ pub struct RoundTotals {
 
 /// Reads the sum of every contributor's [`training_contribution`].
 pub fn read_training_sum(sum: &[f64], dim: usize) -> Result<RoundTotals, Error> {
+    let (weighted, loss, evaluation) = split_training_sum(sum, dim)?;
+    let model = Logistic::average_of(weighted)?;
+    let train_rows = weighted[dim + 1];
+    Ok(RoundTotals {
+        model,
+        train_rows,
+        train_loss: loss / train_rows,
+        evaluation,
+    })
+}
+
+/// The parts of a training round's sum, in either layout: the model part
+/// (`dim + 1` parameters, then the row count), the summed training loss
+/// and the evaluation sums.
+fn split_training_sum(sum: &[f64], dim: usize) -> Result<(&[f64], f64, EvaluationSums), Error> {
     if sum.len() != training_len(dim) {
         return Err(Error::WrongSumLength {
             what: "a training round",
@@ -352,15 +361,8 @@ pub fn read_training_sum(sum: &[f64], dim: usize) -> Result<RoundTotals, Error> 
             dim,
         });
     }
-    let (weighted, rest) = sum.split_at(dim + 2);
-    let model = Logistic::average_of(weighted)?;
-    let train_rows = weighted[dim + 1];
-    Ok(RoundTotals {
-        model,
-        train_rows,
-        train_loss: rest[0] / train_rows,
-        evaluation: EvaluationSums::from_vec(&rest[1..])?,
-    })
+    let (model, rest) = sum.split_at(dim + 2);
+    Ok((model, rest[0], EvaluationSums::from_vec(&rest[1..])?))
 }
 
 #[cfg(test)]

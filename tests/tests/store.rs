@@ -301,7 +301,8 @@ fn count_query(store: &Store, cohort: &str) -> u64 {
         .sum()
 }
 
-fn write(path: &Path, lines: &[&str]) {
+fn write(path: &Path, lines: &[impl AsRef<str>]) {
+    let lines: Vec<&str> = lines.iter().map(AsRef::as_ref).collect();
     std::fs::write(path, lines.join("\n")).unwrap();
 }
 
@@ -856,9 +857,6 @@ fn the_cohort_index_follows_imports(f: Fixture) {
         &people
             .iter()
             .map(|(id, g, b)| patient(id, g, b))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(String::as_str)
             .collect::<Vec<_>>(),
     );
     write(
@@ -867,9 +865,6 @@ fn the_cohort_index_follows_imports(f: Fixture) {
             .iter()
             .enumerate()
             .map(|(i, (id, _, _))| consent(i, id))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(String::as_str)
             .collect::<Vec<_>>(),
     );
     write(
