@@ -78,8 +78,9 @@ pub struct TrainBenchReport {
     pub ghx: Timing,
     /// Flower's timings, or why it did not run.
     pub flower: Result<Timing, String>,
-    /// ghx's mean wall time per secure-aggregation step (advertise with
-    /// local computation, share keys, masked input, unmask), ms.
+    /// ghx's mean wall time per round of: the keys (agreed ahead), the
+    /// masked input with local computation, unmasking, the rest (see
+    /// `RoundRecord::steps_ms`), ms.
     pub ghx_steps_ms: [f64; 4],
 }
 

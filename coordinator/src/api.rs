@@ -551,6 +551,7 @@ impl CoordinatorApi {
 
     /// Runs rounds until the run completes or fails, saving after each.
     async fn drive(&self, mut record: TrainingRecord) {
+        let mut pipeline = training::Pipeline::default();
         loop {
             let step = async {
                 let study = self.inner.studies.runnable(&record.study_id)?;
@@ -563,7 +564,7 @@ impl CoordinatorApi {
                         name: record.training.clone(),
                     })?;
                 let fed = self.federation(&study, &spec);
-                Ok::<_, ApiError>(training::advance(&fed, &record).await?)
+                Ok::<_, ApiError>(training::advance(&fed, &record, &mut pipeline).await?)
             };
             match step.await {
                 Ok(Some(next)) => {
@@ -582,6 +583,7 @@ impl CoordinatorApi {
                 tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
                 return;
             }
+            pipeline.mark();
             if record.status != RunStatus::Running {
                 let outcome = if record.status == RunStatus::Completed {
                     "done"

@@ -5,13 +5,18 @@
 //! for standardisation), then the training's rounds (each node trains from
 //! the global model; the coordinator receives only the sum of the
 //! sample-weighted local models and averages it), then an evaluation round
-//! of the final model. Every round is one [`secure_round`]: the coordinator
-//! relays keys and encrypted shares and learns only the sum of the
-//! contributions of the nodes that completed it. A round needs the
-//! training's quorum of nodes at every step; a node that is down, refuses
-//! or misses a step's deadline is left out of that round and named, and the
-//! round completes without it if the quorum holds. A round that fails is
-//! retried; after [`ATTEMPTS`] failures the run fails with the reason.
+//! of the final model. Every round is one secure-aggregation round: the
+//! coordinator relays keys and encrypted shares and learns only the sum of
+//! the contributions of the nodes that completed it. A round's first two
+//! steps (keys, [`agree_keys`]) need no model, so they run while the round
+//! before computes; its last two ([`complete_round`]) carry the model and
+//! return the sum. A round's critical path is then two requests per node.
+//! A round needs the training's quorum of nodes at every step; a node that
+//! is down, refuses or misses a step's deadline is left out of that round
+//! and named, and the round completes without it if the quorum holds. A
+//! round that fails is retried; after [`ATTEMPTS`] failures the run fails
+//! with the reason. Nodes sign the keys they advertise and check each
+//! other's signatures, so the coordinator can only relay them.
 //!
 //! The run's state ([`TrainingRecord`]: aggregates only) is saved after
 //! every completed round, so a coordinator that restarts resumes a running
@@ -104,15 +109,23 @@ pub struct RoundRecord {
     pub train_loss: f64,
     /// The model the round started from, on the pooled held-out rows.
     pub holdout: Metrics,
-    /// Wall time of the round at the coordinator.
+    /// Wall time of the round on the run's critical path: from the end of
+    /// the step before (its state saved) to this round's model.
     pub seconds: f64,
     /// The slowest node's local computation.
     pub local_seconds: f64,
-    /// Wall time of each secure-aggregation step at the coordinator
-    /// (advertise incl. local computation, share keys, masked input,
-    /// unmask and sum), ms.
+    /// Wall time at the coordinator, ms, of: agreeing the round's keys
+    /// (advertise and share keys; agreed while the round before computed,
+    /// off the critical path, unless that failed or this is a run's first
+    /// step after a restart), the masked input (the nodes' local
+    /// computation included), unmasking and summing, and the rest of the
+    /// round's time (the state saved after the round before, the study
+    /// looked up, waiting for the next round's keys).
     #[serde(default)]
     pub steps_ms: [f64; 4],
+    /// Whether the round's keys were agreed while the step before computed.
+    #[serde(default)]
+    pub keys_ahead: bool,
     /// The global model after the round (standardised features).
     pub weights: Vec<f64>,
     pub bias: f64,
@@ -187,10 +200,13 @@ pub struct RoundSum {
     pub contributors: Vec<String>,
     pub failures: Vec<NodeFailure>,
     pub node_metrics: BTreeMap<String, Metrics>,
+    /// Wall time of the round (with its keys unless agreed ahead).
     pub seconds: f64,
     pub local_seconds: f64,
-    /// Wall time of each of the four steps at the coordinator, ms.
+    /// As [`RoundRecord::steps_ms`].
     pub steps_ms: [f64; 4],
+    /// Whether the round completed keys agreed ahead of it.
+    pub keys_ahead: bool,
 }
 
 /// Runs one step on `nodes` concurrently, each bounded by `deadline`;
@@ -245,14 +261,55 @@ fn keep(nodes: &[RegisteredNode], ids: &[String]) -> Vec<RegisteredNode> {
         .collect()
 }
 
-/// One round of secure aggregation over every registered node: the
-/// coordinator learns only the sum of the completing nodes' contributions.
-pub async fn secure_round(
+/// A round whose keys are agreed (steps 1 and 2): what steps 3 and 4 need.
+/// Made before the model it will train from exists, so the coordinator
+/// agrees the next round's keys while the current round computes.
+pub struct Keyed {
+    round_id: String,
+    phase: Phase,
+    aggregator: Aggregator,
+    /// Node ids whose shares were all routed, in order.
+    holders: Vec<String>,
+    /// The shares addressed to each holder.
+    for_node: BTreeMap<String, Vec<pb::EncryptedShare>>,
+    failures: Vec<NodeFailure>,
+    claims: capability::Claims,
+    request_sha256: String,
+    /// Wall time of steps 1 and 2, ms.
+    keys_ms: f64,
+}
+
+impl Keyed {
+    pub fn round_id(&self) -> &str {
+        &self.round_id
+    }
+}
+
+fn quorum_error(
+    round: &str,
+    need: usize,
+    step: &'static str,
+    have: usize,
+    failures: &[NodeFailure],
+) -> Error {
+    let mut failures = failures.to_vec();
+    failures.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    Error::Quorum {
+        round: round.to_owned(),
+        step,
+        have,
+        need,
+        failures,
+    }
+}
+
+/// Steps 1 and 2 of a round over every registered node: admission and
+/// keys, then encrypted shares relayed. No model is involved.
+pub async fn agree_keys(
     fed: &Federation<'_>,
     round_id: &str,
     phase: Phase,
-    model: Option<&ModelDocument>,
-) -> Result<RoundSum, Error> {
+) -> Result<Keyed, Error> {
     let started = Instant::now();
     let nodes = fed.registry.list();
     if nodes.is_empty() {
@@ -268,17 +325,6 @@ pub async fn secure_round(
         dim,
     )?;
     let need = usize::from(spec.quorum);
-    let quorum_error = |step: &'static str, have: usize, failures: &[NodeFailure]| {
-        let mut failures = failures.to_vec();
-        failures.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        Error::Quorum {
-            round: round_id.to_owned(),
-            step,
-            have,
-            need,
-            failures,
-        }
-    };
     let training_json = spec.canonical_json();
     let claims = capability::claims_for(
         fed.manifest,
@@ -288,13 +334,10 @@ pub async fn secure_round(
         time::Duration::try_from(fed.capability_valid_for).unwrap_or(time::Duration::minutes(5)),
     );
     let token = fed.signer.sign(&claims)?;
-    let model_json = model
-        .map(|m| serde_json::to_vec(m).expect("a model serializes"))
-        .unwrap_or_default();
     let deadline = Duration::from_secs(u64::from(spec.round_deadline_seconds));
     let wire_params = round::params_to_wire(&params);
 
-    // Step 1: admission, local computation, keys.
+    // Step 1: admission and keys.
     let (advertised, mut failures) = step(&nodes, deadline, |node| {
         let request = pb::RoundAdvertiseRequest {
             capability: token.clone(),
@@ -302,7 +345,6 @@ pub async fn secure_round(
             training_json: training_json.clone(),
             params: Some(wire_params.clone()),
             phase: phase.name().to_owned(),
-            model_json: model_json.clone(),
         };
         async move {
             let response = node
@@ -311,40 +353,21 @@ pub async fn secure_round(
                 .await
                 .map_err(|s| describe(&s))?
                 .into_inner();
-            let keys = round::advertise_from_wire(response.keys.unwrap_or_default())?;
+            let wire = response.keys.unwrap_or_default();
+            let keys = round::advertise_from_wire(wire.clone())?;
             if keys.node != node.id {
                 return Err(format!("advertised keys as `{}`", keys.node));
             }
-            let metrics = if response.node_metrics_json.is_empty() {
-                None
-            } else {
-                Some(
-                    serde_json::from_slice::<Metrics>(&response.node_metrics_json)
-                        .map_err(|e| format!("unreadable metrics: {e}"))?,
-                )
-            };
-            Ok((keys, response.local_micros, metrics))
+            // Relayed as signed: the other nodes check the signature.
+            Ok((keys, wire))
         }
     })
     .await;
-    // What steps 1 and 3 send each node, for the audit log.
-    let sent = dispatch::Sent {
-        action: "",
-        study_id: fed.study_id,
-        capability_id: &claims.jti,
-        request_sha256: ghx_audit::digest(&training_json),
-        requester: &claims.requester,
-        requester_org: &claims.org,
-        purpose: &claims.purpose,
-        epsilon: 0.0,
-    };
+    let request_sha256 = ghx_audit::digest(&training_json);
     let action = ghx_audit::action::round(phase.name());
     dispatch::record(
         fed.audit,
-        &dispatch::Sent {
-            action: &action,
-            ..sent.clone()
-        },
+        &sent(fed, &claims, &action, &request_sha256),
         advertised
             .iter()
             .map(|(id, _)| (id.clone(), dispatch::Answer::default())),
@@ -352,27 +375,24 @@ pub async fn secure_round(
     )?;
     if advertised.len() < need {
         return Err(quorum_error(
+            round_id,
+            need,
             "advertising keys",
             advertised.len(),
             &failures,
         ));
     }
     let mut aggregator = Aggregator::new(params.clone());
-    let mut local_seconds: f64 = 0.0;
-    let mut node_metrics = BTreeMap::new();
-    for (id, (keys, micros, metrics)) in advertised {
+    let mut signed = BTreeMap::new();
+    for (id, (keys, wire)) in advertised {
         aggregator.advertise(keys)?;
-        local_seconds = local_seconds.max(micros as f64 / 1e6);
-        if let Some(m) = metrics {
-            node_metrics.insert(id, m);
-        }
+        signed.insert(id, wire);
     }
     let keys = aggregator.advertisements()?;
     let ids: Vec<String> = keys.iter().map(|a| a.node.clone()).collect();
-    let wire_keys: Vec<pb::AdvertisedKeys> = keys.iter().map(round::advertise_to_wire).collect();
+    let wire_keys: Vec<pb::AdvertisedKeys> =
+        ids.iter().filter_map(|id| signed.remove(id)).collect();
 
-    let mut steps_ms = [0.0; 4];
-    steps_ms[0] = started.elapsed().as_secs_f64() * 1000.0;
     // Step 2: encrypted shares, relayed.
     let (shared, more) = step(&keep(&nodes, &ids), deadline, |node| {
         let request = pb::RoundShareKeysRequest {
@@ -400,9 +420,6 @@ pub async fn secure_round(
             });
         }
     }
-
-    steps_ms[1] = started.elapsed().as_secs_f64() * 1000.0 - steps_ms[0];
-    // Step 3: masked contributions.
     let mut holders = Vec::new();
     let mut for_node = BTreeMap::new();
     for id in &ids {
@@ -414,12 +431,80 @@ pub async fn secure_round(
         }
     }
     if holders.len() < need {
-        return Err(quorum_error("sharing keys", holders.len(), &failures));
+        return Err(quorum_error(
+            round_id,
+            need,
+            "sharing keys",
+            holders.len(),
+            &failures,
+        ));
     }
+    Ok(Keyed {
+        round_id: round_id.to_owned(),
+        phase,
+        aggregator,
+        holders,
+        for_node,
+        failures,
+        claims,
+        request_sha256,
+        keys_ms: started.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// What the coordinator's audit log records as sent for `action`.
+fn sent<'a>(
+    fed: &Federation<'a>,
+    claims: &'a capability::Claims,
+    action: &'a str,
+    request_sha256: &str,
+) -> dispatch::Sent<'a> {
+    dispatch::Sent {
+        action,
+        study_id: fed.study_id,
+        capability_id: &claims.jti,
+        request_sha256: request_sha256.to_owned(),
+        requester: &claims.requester,
+        requester_org: &claims.org,
+        purpose: &claims.purpose,
+        epsilon: 0.0,
+    }
+}
+
+/// Steps 3 and 4 of a keyed round: the model goes out with the shares, each
+/// node computes and sends its masked contribution, and the survivors'
+/// sum is unmasked. The coordinator learns only that sum.
+pub async fn complete_round(
+    fed: &Federation<'_>,
+    keyed: Keyed,
+    model: Option<&ModelDocument>,
+) -> Result<RoundSum, Error> {
+    let started = Instant::now();
+    let Keyed {
+        round_id,
+        mut aggregator,
+        holders,
+        for_node,
+        mut failures,
+        claims,
+        request_sha256,
+        keys_ms,
+        ..
+    } = keyed;
+    let round_id = round_id.as_str();
+    let nodes = fed.registry.list();
+    let need = usize::from(fed.spec.quorum);
+    let deadline = Duration::from_secs(u64::from(fed.spec.round_deadline_seconds));
+    let model_json = model
+        .map(|m| serde_json::to_vec(m).expect("a model serializes"))
+        .unwrap_or_default();
+
+    // Step 3: the model out, masked contributions back.
     let (masked, more) = step(&keep(&nodes, &holders), deadline, |node| {
         let request = pb::RoundMaskedInputRequest {
             round: round_id.to_owned(),
             shares: for_node.get(&node.id).cloned().unwrap_or_default(),
+            model_json: model_json.clone(),
         };
         async move {
             let m = node
@@ -431,36 +516,55 @@ pub async fn secure_round(
             if m.node != node.id {
                 return Err(format!("sent a masked input as `{}`", m.node));
             }
-            Ok(round::masked_from_wire(m))
+            let metrics = if m.node_metrics_json.is_empty() {
+                None
+            } else {
+                Some(
+                    serde_json::from_slice::<Metrics>(&m.node_metrics_json)
+                        .map_err(|e| format!("unreadable metrics: {e}"))?,
+                )
+            };
+            let micros = m.local_micros;
+            Ok((round::masked_from_wire(m), micros, metrics))
         }
     })
     .await;
     dispatch::record(
         fed.audit,
-        &dispatch::Sent {
-            action: ghx_audit::action::MASKED_INPUT,
-            ..sent
-        },
+        &sent(
+            fed,
+            &claims,
+            ghx_audit::action::MASKED_INPUT,
+            &request_sha256,
+        ),
         masked
             .iter()
-            .map(|(id, input)| (id.clone(), dispatch::Answer::of_masked(&input.values))),
+            .map(|(id, (input, _, _))| (id.clone(), dispatch::Answer::of_masked(&input.values))),
         &more,
     )?;
     failures.extend(more);
-    for (id, input) in masked {
-        if let Err(e) = aggregator.submit_masked(input) {
-            failures.push(NodeFailure {
+    let mut local_seconds: f64 = 0.0;
+    let mut node_metrics = BTreeMap::new();
+    for (id, (input, micros, metrics)) in masked {
+        match aggregator.submit_masked(input) {
+            Ok(()) => {
+                local_seconds = local_seconds.max(micros as f64 / 1e6);
+                if let Some(m) = metrics {
+                    node_metrics.insert(id, m);
+                }
+            }
+            Err(e) => failures.push(NodeFailure {
                 node_id: id,
                 reason: e.to_string(),
-            });
+            }),
         }
     }
     let survivors = match aggregator.survivors() {
         Ok(s) => s,
-        Err(_) => return Err(quorum_error("masked input", 0, &failures)),
+        Err(_) => return Err(quorum_error(round_id, need, "masked input", 0, &failures)),
     };
+    let masked_ms = started.elapsed().as_secs_f64() * 1000.0;
 
-    steps_ms[2] = started.elapsed().as_secs_f64() * 1000.0 - steps_ms[0] - steps_ms[1];
     // Step 4: unmasking.
     let (unmasked, more) = step(&keep(&nodes, &survivors), deadline, |node| {
         let request = pb::RoundUnmaskRequest {
@@ -486,27 +590,40 @@ pub async fn secure_round(
     let aggregate = aggregator.finish(&unmaskings)?;
     failures.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     node_metrics.retain(|id, _| aggregate.contributors.contains(id));
+    let seconds = started.elapsed().as_secs_f64();
     Ok(RoundSum {
         sum: ghx_secagg::decode(&aggregate.sum),
         contributors: aggregate.contributors,
         failures,
         node_metrics,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         local_seconds,
-        steps_ms: {
-            steps_ms[3] =
-                started.elapsed().as_secs_f64() * 1000.0 - steps_ms[0] - steps_ms[1] - steps_ms[2];
-            steps_ms
-        },
+        steps_ms: [keys_ms, masked_ms, seconds * 1000.0 - masked_ms, 0.0],
+        keys_ahead: false,
     })
 }
 
-/// Runs a round, retrying a failed one.
+/// One whole round of secure aggregation over every registered node.
+pub async fn secure_round(
+    fed: &Federation<'_>,
+    round_id: &str,
+    phase: Phase,
+    model: Option<&ModelDocument>,
+) -> Result<RoundSum, Error> {
+    let keyed = agree_keys(fed, round_id, phase).await?;
+    let mut sum = complete_round(fed, keyed, model).await?;
+    sum.seconds += sum.steps_ms[0] / 1000.0;
+    Ok(sum)
+}
+
+/// Runs a round, retrying a failed one. The first attempt completes the
+/// keys agreed ahead for it, when there are any.
 async fn with_retries(
     fed: &Federation<'_>,
     round_id: &str,
     phase: Phase,
     model: Option<&ModelDocument>,
+    mut ahead: Option<Keyed>,
 ) -> Result<RoundSum, Error> {
     let mut attempt = 1;
     loop {
@@ -517,7 +634,19 @@ async fn with_retries(
         };
         let span = tracing::info_span!("training_round", round = %id, phase = phase.name());
         let started = Instant::now();
-        let outcome = secure_round(fed, &id, phase, model).instrument(span).await;
+        let keyed = ahead
+            .take()
+            .filter(|k| k.round_id == id && k.phase == phase);
+        let outcome = match keyed {
+            Some(keyed) => complete_round(fed, keyed, model)
+                .instrument(span)
+                .await
+                .map(|sum| RoundSum {
+                    keys_ahead: true,
+                    ..sum
+                }),
+            None => secure_round(fed, &id, phase, model).instrument(span).await,
+        };
         ghx_telemetry::metrics::training_round(
             phase.name(),
             if outcome.is_ok() {
@@ -539,6 +668,66 @@ async fn with_retries(
     }
 }
 
+/// What a run's driver carries from one step to the next: the keys agreed
+/// ahead for the next round, and when the step before ended.
+#[derive(Default)]
+pub struct Pipeline {
+    ahead: Option<Keyed>,
+    since: Option<Instant>,
+}
+
+impl Pipeline {
+    /// The step before is over (its state saved): the next round's time
+    /// starts now.
+    pub fn mark(&mut self) {
+        self.since = Some(Instant::now());
+    }
+}
+
+/// Runs the round `round_id` and, at the same time, agrees the keys of
+/// the run's next round (`next`), which needs no model; keys that cannot
+/// be agreed ahead are agreed again when their round comes.
+async fn round_and_next(
+    fed: &Federation<'_>,
+    pipeline: &mut Pipeline,
+    (round_id, phase): (&str, Phase),
+    model: Option<&ModelDocument>,
+    next: Option<(String, Phase)>,
+) -> Result<RoundSum, Error> {
+    let ahead = pipeline.ahead.take();
+    let prefetch = async {
+        let (id, phase) = next?;
+        match agree_keys(fed, &id, phase)
+            .instrument(tracing::info_span!("agree_keys_ahead", round = %id))
+            .await
+        {
+            Ok(keyed) => Some(keyed),
+            Err(e) => {
+                tracing::warn!(round = %id, error = %e, "keys not agreed ahead; agreeing them when the round comes");
+                None
+            }
+        }
+    };
+    let (outcome, next_keys) =
+        tokio::join!(with_retries(fed, round_id, phase, model, ahead), prefetch);
+    let mut round = outcome?;
+    pipeline.ahead = next_keys;
+    // The round's time on the run's critical path: from the end of the
+    // step before (state saved) to now, when that is known.
+    if let Some(since) = pipeline.since {
+        round.seconds = round.seconds.max(since.elapsed().as_secs_f64());
+    }
+    let on_path = round.steps_ms[1]
+        + round.steps_ms[2]
+        + if round.keys_ahead {
+            0.0
+        } else {
+            round.steps_ms[0]
+        };
+    round.steps_ms[3] = (round.seconds * 1000.0 - on_path).max(0.0);
+    Ok(round)
+}
+
 /// The model document of a logistic model under a standardisation.
 fn document(spec: &TrainingSpec, standardiser: &Standardiser, model: &Logistic) -> ModelDocument {
     ModelDocument {
@@ -554,10 +743,13 @@ fn document(spec: &TrainingSpec, standardiser: &Standardiser, model: &Logistic) 
 }
 
 /// Advances a run by one step (a moments, training or evaluation round)
-/// and returns the new record; `Ok(None)` when the run is finished.
+/// and returns the new record; `Ok(None)` when the run is finished. While
+/// a step's round computes, the keys of the run's next round are agreed
+/// and kept in `pipeline`.
 pub async fn advance(
     fed: &Federation<'_>,
     record: &TrainingRecord,
+    pipeline: &mut Pipeline,
 ) -> Result<Option<TrainingRecord>, Error> {
     if record.status != RunStatus::Running {
         return Ok(None);
@@ -565,10 +757,23 @@ pub async fn advance(
     let spec = fed.spec;
     let mut next = record.clone();
     let prefix = format!("{}/{}/{}", record.study_id, spec.name, record.run_id);
+    let training_round = |number: u32| {
+        if number <= record.rounds_total {
+            (format!("{prefix}/round-{number}"), Phase::Train)
+        } else {
+            (format!("{prefix}/evaluation"), Phase::Evaluate)
+        }
+    };
     match &record.model {
         None => {
-            let round =
-                with_retries(fed, &format!("{prefix}/moments"), Phase::Moments, None).await?;
+            let round = round_and_next(
+                fed,
+                pipeline,
+                (&format!("{prefix}/moments"), Phase::Moments),
+                None,
+                Some(training_round(1)),
+            )
+            .await?;
             let standardiser = Standardiser::from_sums(&round.sum)?;
             next.moments_rows = round.sum[0].round().max(0.0) as u64;
             next.model = Some(document(
@@ -579,11 +784,12 @@ pub async fn advance(
         }
         Some(model) if (record.rounds.len() as u32) < record.rounds_total => {
             let number = record.rounds.len() as u32 + 1;
-            let round = with_retries(
+            let round = round_and_next(
                 fed,
-                &format!("{prefix}/round-{number}"),
-                Phase::Train,
+                pipeline,
+                (&format!("{prefix}/round-{number}"), Phase::Train),
                 Some(model),
+                Some(training_round(number + 1)),
             )
             .await?;
             let totals = match &spec.privacy {
@@ -617,16 +823,18 @@ pub async fn advance(
                 seconds: round.seconds,
                 local_seconds: round.local_seconds,
                 steps_ms: round.steps_ms,
+                keys_ahead: round.keys_ahead,
                 weights: totals.model.weights.clone(),
                 bias: totals.model.bias,
             });
         }
         Some(model) => {
-            let round = with_retries(
+            let round = round_and_next(
                 fed,
-                &format!("{prefix}/evaluation"),
-                Phase::Evaluate,
+                pipeline,
+                (&format!("{prefix}/evaluation"), Phase::Evaluate),
                 Some(model),
+                None,
             )
             .await?;
             next.evaluation = Some(evaluation(round)?);

@@ -47,6 +47,13 @@ struct Inner {
     rounds: Rounds,
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
+    /// This node's certificate and key, to sign the keys it advertises in
+    /// training rounds, and the federation's certificates that vouch for
+    /// the other nodes' keys.
+    round_keys: Option<(
+        Arc<ghx_pki::transport::LiveIdentity>,
+        ghx_pki::signed::MemberKeys,
+    )>,
 }
 
 /// Everything that can stop a request, before mapping to a status.
@@ -139,8 +146,11 @@ fn status(error: &ApiError) -> Status {
             Status::failed_precondition(error.to_string())
         }
         ApiError::Training(training::Error::NoSuchRound(_)) => Status::not_found(error.to_string()),
-        ApiError::Training(training::Error::RoundExists(_)) => {
-            Status::already_exists(error.to_string())
+        ApiError::Training(
+            training::Error::RoundExists(_) | training::Error::AlreadyComputed(_),
+        ) => Status::already_exists(error.to_string()),
+        ApiError::Training(training::Error::UnvouchedKeys { .. }) => {
+            Status::permission_denied(error.to_string())
         }
         ApiError::Malformed(_)
         | ApiError::Training(
@@ -159,6 +169,8 @@ fn status(error: &ApiError) -> Status {
         | ApiError::Consent(_)
         | ApiError::Training(
             training::Error::Learn(_)
+            | training::Error::NoSigningKey
+            | training::Error::Signing(_)
             | training::Error::Consent(_)
             | training::Error::Extract(crate::views::Error::Store(_)),
         )
@@ -197,6 +209,7 @@ impl NodeApi {
                 organisation_epsilon: None,
                 rounds: Rounds::default(),
                 audit: store.audit_log().clone(),
+                round_keys: None,
                 store,
             }),
         }
@@ -215,6 +228,17 @@ impl NodeApi {
     pub fn with_audit_signer(mut self, signer: ghx_audit::checkpoint::Signer, every: i64) -> Self {
         let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
         inner.audit = inner.audit.clone().signed_by(signer, every);
+        self
+    }
+
+    /// Signs the keys this node advertises in training rounds with its
+    /// certificate key, and checks the other nodes' against the federation
+    /// CA; without it the node takes part in no round.
+    pub fn with_round_keys(mut self, identity: Arc<ghx_pki::transport::LiveIdentity>) -> Self {
+        let members = ghx_pki::signed::MemberKeys::new(identity.ca_pem());
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before it is shared")
+            .round_keys = Some((identity, members));
         self
     }
 
@@ -630,86 +654,63 @@ impl NodeApi {
                 .in_scope(|| inner.eligibility.prepare(&inner.store, &admitted.consent))?;
             entry.consent_excluded =
                 i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
-            // A noised training round is paid for before it is computed:
-            // the growth of the training's epsilon from the rounds this
-            // node already charged for it (over every run) to one more.
-            let budget_note = match (&spec.privacy, phase) {
-                (Some(privacy), Phase::Train) => {
-                    let _charging = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
-                    let charged = inner.store.privacy_charges_for(
-                        &admitted.claims.org,
-                        &admitted.claims.sub,
-                        &entry.query_sha256,
-                    )?;
-                    let cost = privacy.round_charge(charged + 1);
-                    let note = self.charge(
-                        &admitted.claims,
-                        &admitted.manifest,
-                        &entry.query_sha256,
-                        cost,
-                    )?;
-                    entry.epsilon = cost.0;
-                    Some(format!(
-                        "{note}; this training's noised rounds here: {} (epsilon {:.4} at delta {:e})",
-                        charged + 1,
-                        privacy.epsilon_after(charged + 1),
-                        privacy.delta
-                    ))
-                }
-                _ => None,
-            };
-            let started = std::time::Instant::now();
             let key = format!(
                 "{}/{}/{}",
                 admitted.claims.sub, entry.query_sha256, prepared.context
             );
-            let _engine = tracing::info_span!("engine").entered();
-            let data = inner.rounds.data(&key, || {
-                training::extract(
-                    &inner.store,
-                    spec,
-                    &prepared.context,
-                    &inner.policy.consent.sensitive,
-                )
-            })?;
-            let contribution = training::contribution(
-                phase,
-                spec,
-                &data,
-                &message.model_json,
-                admitted.min_cell_size,
-            )?;
-            let local_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let data = {
+                let _engine = tracing::info_span!("engine").entered();
+                inner.rounds.data(&key, || {
+                    training::extract(
+                        &inner.store,
+                        spec,
+                        &prepared.context,
+                        &inner.policy.consent.sensitive,
+                    )
+                })?
+            };
             // Steps 2 to 4 must all happen within the round's deadline.
             let lifetime =
                 std::time::Duration::from_secs(u64::from(spec.round_deadline_seconds) * 4 + 30);
+            entry.reason = format!(
+                "round {}: admitted; {} training and {} held-out patients, {} left out for missing features",
+                params.round,
+                data.train.len(),
+                data.holdout.len(),
+                data.incomplete,
+            );
+            let round = params.round.clone();
             let advertise = inner.rounds.start(
-                params.clone(),
+                params,
                 &inner.node_id,
                 &training::RoundOrigin {
                     study: admitted.claims.sub.clone(),
                     capability: admitted.claims.jti.clone(),
                     request_sha256: entry.query_sha256.clone(),
                 },
-                &contribution.values,
+                Arc::new(training::RoundWork {
+                    phase,
+                    spec: admitted.training,
+                    data,
+                    min_cell_size: admitted.min_cell_size,
+                    claims: admitted.claims,
+                    manifest: Arc::new(admitted.manifest),
+                }),
                 lifetime,
             )?;
-            entry.reason = format!(
-                "round {}: {} training and {} held-out patients, {} left out for missing features{}",
-                params.round,
-                data.train.len(),
-                data.holdout.len(),
-                data.incomplete,
-                budget_note.map(|n| format!("; {n}")).unwrap_or_default()
-            );
-            let node_metrics_json = match &contribution.metrics {
-                Some(m) => serde_json::to_vec(m).map_err(|e| ApiError::Task(e.to_string()))?,
-                None => Vec::new(),
-            };
+            let (identity, _) = inner
+                .round_keys
+                .as_ref()
+                .ok_or(training::Error::NoSigningKey)?;
+            let current = identity.current_pem();
+            let signature = ghx_pki::signed::sign(&current.key_pem, &advertise.statement(&round))
+                .map_err(|e| training::Error::Signing(e.to_string()))?;
             Ok(pb::RoundAdvertiseResponse {
-                keys: Some(ghx_proto::round::advertise_to_wire(&advertise)),
-                local_micros,
-                node_metrics_json,
+                keys: Some(pb::AdvertisedKeys {
+                    signature,
+                    certificate_pem: current.cert_pem,
+                    ..ghx_proto::round::advertise_to_wire(&advertise)
+                }),
             })
         })();
         entry.decision = match &outcome {
@@ -727,6 +728,36 @@ impl NodeApi {
         outcome
     }
 
+    /// Step 2: every advertised key must be signed by its node's
+    /// certificate key (so the coordinator relaying them cannot substitute
+    /// its own); then this node's shares, encrypted to each node.
+    fn round_share_keys(
+        &self,
+        caller: &PeerIdentity,
+        message: pb::RoundShareKeysRequest,
+    ) -> Result<pb::RoundShareKeysResponse, ApiError> {
+        Self::require_coordinator(caller)?;
+        let (_, members) = self
+            .inner
+            .round_keys
+            .as_ref()
+            .ok_or(training::Error::NoSigningKey)?;
+        let mut advertised = Vec::with_capacity(message.advertised.len());
+        for wire in message.advertised {
+            let (signature, certificate) = (wire.signature.clone(), wire.certificate_pem.clone());
+            let keys = ghx_proto::round::advertise_from_wire(wire).map_err(ApiError::Malformed)?;
+            training::check_keys(members, &message.round, &keys, &certificate, &signature)?;
+            advertised.push(keys);
+        }
+        let shares = self.inner.rounds.share_keys(&message.round, &advertised)?;
+        Ok(pb::RoundShareKeysResponse {
+            shares: shares
+                .into_iter()
+                .map(ghx_proto::round::share_to_wire)
+                .collect(),
+        })
+    }
+
     fn require_coordinator(caller: &PeerIdentity) -> Result<(), ApiError> {
         if caller.role == ghx_pki::Role::Coordinator {
             Ok(())
@@ -739,46 +770,102 @@ impl NodeApi {
         }
     }
 
-    /// Step 3, the only step that releases the contribution (masked): the
-    /// study must still stand. Audited.
+    /// Step 3, the only step that computes and releases the contribution
+    /// (masked): the study must still stand, and a noised training round
+    /// is charged to the budget ledger before anything leaves. Audited.
     fn round_masked(
         &self,
         caller: &PeerIdentity,
         message: pb::RoundMaskedInputRequest,
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         Self::require_coordinator(caller)?;
+        let started = std::time::Instant::now();
         let inner = &self.inner;
-        let origin = inner.rounds.origin_of(&message.round)?;
-        if inner.store.is_revoked(&origin.study)? {
-            return Err(gate::Error::Revoked {
-                study: origin.study,
+        let (origin, work) = inner.rounds.begin_masked(&message.round)?;
+        let mut entry = AuditEntry {
+            query_sha256: origin.request_sha256.clone(),
+            ..audit_entry(caller, ghx_audit::action::MASKED_INPUT)
+        };
+        note_capability(&mut entry, &work.claims);
+        let outcome = (|| -> Result<pb::RoundMaskedInputResponse, ApiError> {
+            if inner.store.is_revoked(&origin.study)? {
+                return Err(gate::Error::Revoked {
+                    study: origin.study.clone(),
+                }
+                .into());
             }
-            .into());
-        }
-        let shares: Vec<_> = message
-            .shares
-            .into_iter()
-            .map(ghx_proto::round::share_from_wire)
-            .collect();
-        let masked = inner.rounds.masked_input(&message.round, &shares)?;
-        inner
-            .audit
-            .append(&AuditEntry {
-                study_id: origin.study,
-                capability_id: origin.capability,
-                query_sha256: origin.request_sha256,
-                result_sha256: ghx_audit::digest_words(&masked.values),
-                result_cells: i64::try_from(masked.values.len()).unwrap_or(i64::MAX),
-                decision: ghx_audit::ANSWERED.to_owned(),
-                reason: format!(
-                    "round {}: sent the masked contribution ({} values)",
-                    message.round,
-                    masked.values.len()
-                ),
-                ..audit_entry(caller, ghx_audit::action::MASKED_INPUT)
+            let computing = std::time::Instant::now();
+            let contribution = {
+                let _engine = tracing::info_span!("engine").entered();
+                training::contribution(
+                    work.phase,
+                    &work.spec,
+                    &work.data,
+                    &message.model_json,
+                    work.min_cell_size,
+                )?
+            };
+            let local_micros = u64::try_from(computing.elapsed().as_micros()).unwrap_or(u64::MAX);
+            // A noised training round is paid for before it is released:
+            // the growth of the training's epsilon from the rounds this
+            // node already charged for it (over every run) to one more.
+            let budget_note = match (&work.spec.privacy, work.phase) {
+                (Some(privacy), Phase::Train) => {
+                    let _charging = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
+                    let charged = inner.store.privacy_charges_for(
+                        &work.claims.org,
+                        &work.claims.sub,
+                        &origin.request_sha256,
+                    )?;
+                    let cost = privacy.round_charge(charged + 1);
+                    let note =
+                        self.charge(&work.claims, &work.manifest, &origin.request_sha256, cost)?;
+                    entry.epsilon = cost.0;
+                    Some(format!(
+                        "{note}; this training's noised rounds here: {} (epsilon {:.4} at delta {:e})",
+                        charged + 1,
+                        privacy.epsilon_after(charged + 1),
+                        privacy.delta
+                    ))
+                }
+                _ => None,
+            };
+            let shares: Vec<_> = message
+                .shares
+                .into_iter()
+                .map(ghx_proto::round::share_from_wire)
+                .collect();
+            let masked =
+                inner
+                    .rounds
+                    .masked_input(&message.round, &shares, &contribution.values)?;
+            entry.result_sha256 = ghx_audit::digest_words(&masked.values);
+            entry.result_cells = i64::try_from(masked.values.len()).unwrap_or(i64::MAX);
+            entry.reason = format!(
+                "round {}: sent the masked contribution ({} values){}",
+                message.round,
+                masked.values.len(),
+                budget_note.map(|n| format!("; {n}")).unwrap_or_default()
+            );
+            let node_metrics_json = match &contribution.metrics {
+                Some(m) => serde_json::to_vec(m).map_err(|e| ApiError::Task(e.to_string()))?,
+                None => Vec::new(),
+            };
+            Ok(pb::RoundMaskedInputResponse {
+                local_micros,
+                node_metrics_json,
+                ..ghx_proto::round::masked_to_wire(masked)
             })
-            .map_err(ApiError::Audit)?;
-        Ok(ghx_proto::round::masked_to_wire(masked))
+        })();
+        entry.decision = match &outcome {
+            Ok(_) => ghx_audit::ANSWERED.to_owned(),
+            Err(e) => {
+                entry.reason = e.to_string();
+                "refused".to_owned()
+            }
+        };
+        self.settle("masked input", started, &entry, &outcome)?;
+        outcome
     }
 }
 
@@ -924,26 +1011,11 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::RoundShareKeysRequest>,
     ) -> Result<Response<pb::RoundShareKeysResponse>, Status> {
-        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
-        NodeApi::require_coordinator(&caller).map_err(|e| status(&e))?;
-        let message = request.into_inner();
-        let advertised = message
-            .advertised
-            .into_iter()
-            .map(ghx_proto::round::advertise_from_wire)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| status(&ApiError::Malformed(e)))?;
-        let shares = self
-            .inner
-            .rounds
-            .share_keys(&message.round, &advertised)
-            .map_err(|e| status(&e.into()))?;
-        Ok(Response::new(pb::RoundShareKeysResponse {
-            shares: shares
-                .into_iter()
-                .map(ghx_proto::round::share_to_wire)
-                .collect(),
-        }))
+        self.blocking(request, |api, caller, message| {
+            api.round_share_keys(caller, message)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn round_masked_input(

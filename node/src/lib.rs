@@ -151,7 +151,8 @@ impl Node {
             )
             .map_err(ghx_db::audit::Error::from)?,
             self.config.audit.checkpoint_every,
-        );
+        )
+        .with_round_keys(self.tls.identity().clone());
         let audit = api.audit_log().clone();
         let upkeep = ghx_db::audit::spawn_upkeep(audit.clone(), self.config.audit.clone());
         // grpc.health.v1: serving while the database answers and the

@@ -9,10 +9,11 @@
 //! evaluation or not by a hash of the training and its id, so the split is
 //! stable across rounds and runs.
 //!
-//! A round's contribution is computed in step 1 and kept, with the
-//! round's secrets, in memory until step 3 sends it masked; nothing of it
-//! is stored. Patient rows stay in this module's cache for the length of a
-//! run and never leave the node.
+//! Step 1 admits a round and reads the training's rows (once per run);
+//! step 3 brings the global model, and the round's contribution is computed
+//! then, masked and sent; nothing of it is stored. The round's secrets stay
+//! in memory until step 4. Patient rows stay in this module's cache for the
+//! length of a run and never leave the node.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -62,6 +63,18 @@ pub enum Error {
     NoSuchRound(String),
     #[error("round {0} was already started here")]
     RoundExists(String),
+    #[error("round {0} already computed its masked input here")]
+    AlreadyComputed(String),
+    #[error("round {round}: the keys advertised as {node}'s are refused: {reason}")]
+    UnvouchedKeys {
+        round: String,
+        node: String,
+        reason: ghx_pki::signed::Refusal,
+    },
+    #[error("this node has no certificate key to sign its round keys with")]
+    NoSigningKey,
+    #[error("signing this node's round keys: {0}")]
+    Signing(String),
     #[error("consent evaluation: {0}")]
     Consent(#[from] crate::consent::eligibility::Error),
 }
@@ -190,7 +203,7 @@ fn standardised(data: &Dataset, model: &ModelDocument) -> Dataset {
     out
 }
 
-/// What step 1 computed.
+/// What step 3 computed.
 pub struct Contribution {
     pub values: Vec<f64>,
     /// This node's own metrics, for an evaluation with enough held out.
@@ -276,11 +289,48 @@ pub fn contribution(
     })
 }
 
+/// Checks that `keys`, advertised in `round`, were signed by the node they
+/// name with the key of `certificate_pem`, a node certificate of the
+/// federation valid now.
+pub fn check_keys(
+    members: &ghx_pki::signed::MemberKeys,
+    round: &str,
+    keys: &Advertise,
+    certificate_pem: &str,
+    signature: &[u8],
+) -> Result<(), Error> {
+    members
+        .verify_node(
+            &keys.node,
+            certificate_pem,
+            &keys.statement(round),
+            signature,
+        )
+        .map_err(|reason| Error::UnvouchedKeys {
+            round: round.to_owned(),
+            node: keys.node.clone(),
+            reason,
+        })
+}
+
 struct Session {
     client: Client,
-    input: Vec<u64>,
     origin: RoundOrigin,
+    work: Arc<RoundWork>,
+    /// Set when step 3 begins: a round computes and releases once.
+    computing: bool,
     expires: Instant,
+}
+
+/// What step 1 admitted a round to compute, for step 3: the round's phase,
+/// the training and its rows, and what a noised round is charged under.
+pub struct RoundWork {
+    pub phase: Phase,
+    pub spec: TrainingSpec,
+    pub data: Arc<Extracted>,
+    pub min_cell_size: u32,
+    pub claims: ghx_study::capability::Claims,
+    pub manifest: Arc<ghx_study::manifest::StudyManifest>,
 }
 
 /// What a round was admitted under at step 1, for the steps after it.
@@ -323,19 +373,18 @@ impl Rounds {
         Ok(rows)
     }
 
-    /// Step 1: starts the round with this node's encoded contribution.
+    /// Step 1: starts the round: its keys, and what step 3 will compute.
     pub fn start(
         &self,
         params: RoundParams,
         node: &str,
         origin: &RoundOrigin,
-        values: &[f64],
+        work: Arc<RoundWork>,
         lifetime: Duration,
     ) -> Result<Advertise, Error> {
         if !params.participants.iter().any(|p| p == node) {
             return Err(Error::NotParticipant(params.round));
         }
-        let input = ghx_secagg::encode(values)?;
         let round = params.round.clone();
         let (client, advertise) = Client::new(params, node)?;
         let now = Instant::now();
@@ -348,8 +397,9 @@ impl Rounds {
             round,
             Session {
                 client,
-                input,
                 origin: origin.clone(),
+                work,
+                computing: false,
                 expires: now + lifetime,
             },
         );
@@ -371,11 +421,6 @@ impl Rounds {
         }
     }
 
-    /// What a round was admitted under.
-    pub fn origin_of(&self, round: &str) -> Result<RoundOrigin, Error> {
-        self.with(round, |s| Ok(s.origin.clone()))
-    }
-
     /// Step 2.
     pub fn share_keys(
         &self,
@@ -385,16 +430,27 @@ impl Rounds {
         self.with(round, |s| Ok(s.client.share_keys(advertised)?))
     }
 
-    /// Step 3: the masked contribution.
+    /// Step 3 begins: what the round computes, once. The caller computes
+    /// without holding the rounds' lock, then calls [`Rounds::masked_input`].
+    pub fn begin_masked(&self, round: &str) -> Result<(RoundOrigin, Arc<RoundWork>), Error> {
+        self.with(round, |s| {
+            if s.computing {
+                return Err(Error::AlreadyComputed(round.to_owned()));
+            }
+            s.computing = true;
+            Ok((s.origin.clone(), s.work.clone()))
+        })
+    }
+
+    /// Step 3: the contribution `values`, encoded and masked.
     pub fn masked_input(
         &self,
         round: &str,
         shares: &[EncryptedShare],
+        values: &[f64],
     ) -> Result<MaskedInput, Error> {
-        self.with(round, |s| {
-            let input = s.input.clone();
-            Ok(s.client.mask_input(shares, &input)?)
-        })
+        let input = ghx_secagg::encode(values)?;
+        self.with(round, |s| Ok(s.client.mask_input(shares, &input)?))
     }
 
     /// Step 4; the round is over for this node afterwards.
@@ -457,41 +513,101 @@ mod tests {
         assert_eq!(ok.values[0], 30.0);
     }
 
+    fn example_work() -> Arc<RoundWork> {
+        let manifest = ghx_study::manifest::StudyManifest::parse(include_bytes!(
+            "../../deploy/examples/study-t2d-model.json"
+        ))
+        .unwrap();
+        Arc::new(RoundWork {
+            phase: Phase::Moments,
+            spec: manifest.trainings[0].clone(),
+            data: Arc::new(Extracted {
+                train: Dataset::new(5),
+                holdout: Dataset::new(5),
+                incomplete: 0,
+            }),
+            min_cell_size: 10,
+            claims: ghx_study::capability::claims_for(
+                &manifest,
+                "study-0001",
+                vec!["a".to_owned()],
+                b"{}",
+                time::Duration::minutes(5),
+            ),
+            manifest: Arc::new(manifest),
+        })
+    }
+
     #[test]
     fn a_node_outside_the_round_cannot_start_it() {
         let rounds = Rounds::default();
         let params = RoundParams::new("r1", ["a", "b"], 2, 3).unwrap();
-        let e = rounds
-            .start(
+        let start = |node: &str| {
+            rounds.start(
                 params.clone(),
-                "c",
+                node,
                 &RoundOrigin::default(),
-                &[1.0, 2.0, 3.0],
+                example_work(),
                 Duration::from_secs(5),
             )
-            .unwrap_err();
-        assert!(matches!(e, Error::NotParticipant(_)));
+        };
+        assert!(matches!(start("c"), Err(Error::NotParticipant(_))));
+        start("a").unwrap();
+        assert!(matches!(start("a"), Err(Error::RoundExists(_))));
+        assert!(matches!(
+            rounds.share_keys("r2", &[]),
+            Err(Error::NoSuchRound(_))
+        ));
+    }
+
+    #[test]
+    fn keys_the_coordinator_substituted_or_replayed_are_refused() {
+        use ghx_pki::{CertificateAuthority, CertificateRequest, Role};
+        let ca = CertificateAuthority::create("test").unwrap();
+        let a = ca
+            .issue(&CertificateRequest::new("a", Role::Node, "A Hospital"))
+            .unwrap();
+        let members = ghx_pki::signed::MemberKeys::new(ca.cert_pem());
+        let params = RoundParams::new("r1", ["a", "b"], 2, 3).unwrap();
+        let (_, keys) = Client::new(params.clone(), "a").unwrap();
+        let signature = ghx_pki::signed::sign(&a.key_pem, &keys.statement("r1")).unwrap();
+        check_keys(&members, "r1", &keys, &a.cert_pem, &signature).unwrap();
+        // A coordinator that swaps in keys of its own under a's name (it has
+        // no key of a's to sign them with) is refused by name.
+        let (_, own) = Client::new(params, "a").unwrap();
+        let e = check_keys(&members, "r1", &own, &a.cert_pem, &signature).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "round r1: the keys advertised as a's are refused: its signature does not verify"
+        );
+        // a's keys of round r1, replayed in another round, are refused too.
+        assert!(matches!(
+            check_keys(&members, "r2", &keys, &a.cert_pem, &signature),
+            Err(Error::UnvouchedKeys { .. })
+        ));
+    }
+
+    #[test]
+    fn a_round_is_computed_once() {
+        let rounds = Rounds::default();
+        let params = RoundParams::new("r1", ["a", "b"], 2, 3).unwrap();
         rounds
             .start(
-                params.clone(),
-                "a",
-                &RoundOrigin::default(),
-                &[1.0, 2.0, 3.0],
-                Duration::from_secs(5),
-            )
-            .unwrap();
-        assert!(matches!(
-            rounds.start(
                 params,
                 "a",
                 &RoundOrigin::default(),
-                &[1.0, 2.0, 3.0],
-                Duration::from_secs(5)
-            ),
-            Err(Error::RoundExists(_))
+                example_work(),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        let (_, work) = rounds.begin_masked("r1").unwrap();
+        assert_eq!(work.phase, Phase::Moments);
+        assert!(matches!(
+            rounds.begin_masked("r1"),
+            Err(Error::AlreadyComputed(_))
         ));
         assert!(matches!(
-            rounds.share_keys("r2", &[]),
+            rounds.begin_masked("r2"),
             Err(Error::NoSuchRound(_))
         ));
     }

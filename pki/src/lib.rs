@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod readiness;
+pub mod signed;
 pub mod transport;
 
 use std::fmt;

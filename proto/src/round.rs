@@ -32,6 +32,7 @@ pub fn advertise_to_wire(a: &Advertise) -> pb::AdvertisedKeys {
         channel_key: a.channel_key.to_vec(),
         mask_key: a.mask_key.to_vec(),
         self_mask_commitment: a.self_mask_commitment.to_vec(),
+        ..Default::default()
     }
 }
 
@@ -64,6 +65,7 @@ pub fn masked_to_wire(m: MaskedInput) -> pb::RoundMaskedInputResponse {
     pb::RoundMaskedInputResponse {
         node: m.node,
         values: m.values,
+        ..Default::default()
     }
 }
 

@@ -17,6 +17,13 @@
 //!    stream of its self-mask seed and, for every other node that shared
 //!    keys, the stream of their pairwise secret: added if its id sorts
 //!    first, subtracted otherwise. Pairwise streams cancel in the sum.
+//!    A node masks once per round.
+//!
+//! Steps 1 and 2 do not depend on the update, so a caller can agree the
+//! keys of a round while the round before it is still computing; the key
+//! agreements step 3 needs are worked out at step 2, leaving step 3 (on
+//! the critical path, after the update exists) only decryption and
+//! stream additions.
 //! 4. **Unmask.** Given the nodes whose masked input arrived (survivors),
 //!    each node reveals its share of each survivor's self-mask seed and of
 //!    each dropped node's mask key, never both for one node. From `t` shares
@@ -30,10 +37,15 @@
 //! are summed exactly. With two survivors each learns the other's update
 //! from the sum, as with any sum; rounds need three.
 //!
-//! Left to the caller: authenticating advertised keys between nodes (the
-//! semi-honest model trusts the coordinator to route keys faithfully; the
-//! coordinator cannot read shares, but a coordinator that substitutes keys
-//! is the active model's problem, solved there by signing advertisements).
+//! Left to the caller: authenticating advertised keys between nodes. The
+//! coordinator routes keys; one that substituted its own could read shares.
+//! [`Advertise::statement`] is what a node signs to vouch for its keys; ghx
+//! nodes sign it with their certificate key and every node checks the
+//! others' signatures before dealing shares (`ghx_pki::signed`), which
+//! closes that attack. The rest of the protocol is the semi-honest one
+//! (e.g. a coordinator lying about who survived is refused by
+//! [`Client::unmask`], but one sending different nodes different survivor
+//! sets would need the active protocol's consistency round).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -195,6 +207,25 @@ pub struct Advertise {
     pub self_mask_commitment: [u8; 32],
 }
 
+impl Advertise {
+    /// The bytes a node signs to vouch for its advertisement in `round`
+    /// (see the module doc: authenticating keys is the caller's part).
+    pub fn statement(&self, round: &str) -> Vec<u8> {
+        [
+            b"ghx-secagg/v1 keys".as_slice(),
+            &[0],
+            round.as_bytes(),
+            &[0],
+            self.node.as_bytes(),
+            &[0],
+            &self.channel_key,
+            &self.mask_key,
+            &self.self_mask_commitment,
+        ]
+        .concat()
+    }
+}
+
 /// Step 2, node to coordinator to one node: a share pair, encrypted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EncryptedShare {
@@ -304,6 +335,12 @@ fn share_aad(round: &str, from: &str, to: &str) -> Vec<u8> {
     [round.as_bytes(), &[0], from.as_bytes(), &[0], to.as_bytes()].concat()
 }
 
+/// What a node agreed with one peer at step 2.
+struct Agreed {
+    share_key: [u8; 32],
+    pair_seed: [u8; 32],
+}
+
 /// One node's side of a round. Secrets stay in here.
 pub struct Client {
     params: RoundParams,
@@ -313,6 +350,10 @@ pub struct Client {
     self_mask: [u8; 32],
     /// Advertised keys of the nodes that took part in step 1.
     peers: BTreeMap<NodeId, Advertise>,
+    /// Worked out at step 2, so step 3 (on the round's critical path) does
+    /// no key agreement: per peer, the key its share to this node is
+    /// encrypted under and the pair's mask seed.
+    agreed: BTreeMap<NodeId, Agreed>,
     /// Shares held for each node (own included): (mask key, self mask).
     held: BTreeMap<NodeId, (Vec<u8>, Vec<u8>)>,
     /// Nodes whose pairwise masks are in this node's masked input.
@@ -344,6 +385,7 @@ impl Client {
                 mask,
                 self_mask,
                 peers: BTreeMap::new(),
+                agreed: BTreeMap::new(),
                 held: BTreeMap::new(),
                 masked_with: None,
                 revealed_for: None,
@@ -356,6 +398,13 @@ impl Client {
     /// node's included), returns one encrypted share pair per other node.
     pub fn share_keys(&mut self, advertised: &[Advertise]) -> Result<Vec<EncryptedShare>, Error> {
         let round = self.params.round.clone();
+        if !self.peers.is_empty() {
+            return Err(Error::Duplicate {
+                round,
+                node: self.node.clone(),
+                step: "key shares",
+            });
+        }
         let mut peers = BTreeMap::new();
         for a in advertised {
             self.params.check_participant(&a.node)?;
@@ -389,6 +438,13 @@ impl Client {
                 .channel
                 .diffie_hellman(&PublicKey::from(advert.channel_key));
             let key = derive(shared.as_bytes(), &round, SHARE_INFO, &self.node, peer);
+            self.agreed.insert(
+                peer.clone(),
+                Agreed {
+                    share_key: derive(shared.as_bytes(), &round, SHARE_INFO, peer, &self.node),
+                    pair_seed: pair_seed(&round, &self.mask, &advert.mask_key, &self.node, peer),
+                },
+            );
             let mut plaintext = Vec::with_capacity(2 + m.len() + s.len());
             plaintext.extend_from_slice(&u16::try_from(m.len()).unwrap_or(u16::MAX).to_be_bytes());
             plaintext.extend_from_slice(&m);
@@ -430,6 +486,15 @@ impl Client {
                 step: "masked input",
             });
         }
+        // A second masked input over other peers would let the difference
+        // of the two reveal pairwise masks.
+        if self.masked_with.is_some() {
+            return Err(Error::Duplicate {
+                round,
+                node: self.node.clone(),
+                step: "masked input",
+            });
+        }
         if input.len() != self.params.dim {
             return Err(Error::WrongLength {
                 round,
@@ -445,25 +510,15 @@ impl Client {
                 from: share.from.clone(),
                 to: share.to.clone(),
             };
-            let Some(advert) = self.peers.get(&share.from) else {
+            let Some(agreed) = self.agreed.get(&share.from) else {
                 return Err(bad());
             };
             if share.to != self.node || share.from == self.node || !with.insert(share.from.clone())
             {
                 return Err(bad());
             }
-            let shared = self
-                .channel
-                .diffie_hellman(&PublicKey::from(advert.channel_key));
-            let key = derive(
-                shared.as_bytes(),
-                &round,
-                SHARE_INFO,
-                &share.from,
-                &self.node,
-            );
             let mut buffer = share.ciphertext.clone();
-            let plain = aead_key(key)
+            let plain = aead_key(agreed.share_key)
                 .open_in_place(
                     aead::Nonce::assume_unique_for_key([0; 12]),
                     aead::Aad::from(share_aad(&round, &share.from, &self.node)),
@@ -485,9 +540,7 @@ impl Client {
         let mut values = input.to_vec();
         apply_stream(&mut values, self.self_mask, true);
         for peer in with.iter().filter(|p| **p != self.node) {
-            let advert = &self.peers[peer];
-            let seed = pair_seed(&round, &self.mask, &advert.mask_key, &self.node, peer);
-            apply_stream(&mut values, seed, self.node < *peer);
+            apply_stream(&mut values, self.agreed[peer].pair_seed, self.node < *peer);
         }
         self.masked_with = Some(with);
         Ok(MaskedInput {

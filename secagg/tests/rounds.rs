@@ -274,6 +274,26 @@ fn a_tampered_or_misrouted_share_is_refused_naming_its_sender() {
 }
 
 #[test]
+fn a_node_masks_its_input_once_and_deals_its_keys_once() {
+    let (mut clients, aggregator, nodes) = shared_round();
+    let shares = aggregator.shares_for(&nodes[0]).unwrap();
+    clients[0].mask_input(&shares, &[1, 2]).unwrap();
+    // Two masked inputs over different peers would differ by pairwise
+    // masks; the second is refused whatever shares it comes with.
+    let err = clients[0].mask_input(&shares[..1], &[1, 2]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "round r: hospital-0 sent its masked input twice"
+    );
+    let advertised = aggregator.advertisements().unwrap();
+    let err = clients[1].share_keys(&advertised).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "round r: hospital-1 sent its key shares twice"
+    );
+}
+
+#[test]
 fn a_node_refuses_to_unmask_for_two_different_survivor_sets() {
     let (mut clients, aggregator, nodes) = shared_round();
     let mut masked: Vec<Unmasking> = Vec::new();

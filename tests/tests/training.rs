@@ -148,6 +148,9 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     for round in &record.rounds {
         assert_eq!(round.contributors, nodes, "round {}", round.round);
         assert!(round.failures.is_empty());
+        // Every round's keys were agreed while the step before it (the
+        // moments round, then the round before) computed.
+        assert!(round.keys_ahead, "round {}", round.round);
     }
     // The loss of the global model falls as rounds go by.
     let first = record.rounds.first().unwrap().train_loss;
@@ -294,6 +297,10 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     assert_eq!(record.resumed, 1);
     assert_eq!(record.rounds.len(), spec.rounds as usize);
     assert_eq!(record.rounds[..3], interrupted.rounds[..]);
+    // The restarted coordinator agreed round 4's keys when it came, and
+    // each later round's ahead of it again.
+    assert!(!record.rounds[3].keys_ahead);
+    assert!(record.rounds[4..].iter().all(|r| r.keys_ahead));
     let resumed_model = record.model.unwrap();
     let resumed_auc = metrics::auc(
         &Logistic {
@@ -498,5 +505,133 @@ async fn noised_training_is_charged_round_by_round_and_stops_when_the_budget_is_
         let spent = node.store.privacy_spent(org, &record.study_id).unwrap();
         assert!((spent.epsilon - privacy.epsilon_after(rounds + 2)).abs() < 1e-9);
     }
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
+    use ghx_proto::v1::node_service_client::NodeServiceClient;
+    use ghx_study::capability::{Signer, claims_for};
+
+    let (federation, _dir) = start().await;
+    let study_id = federation
+        .approved_study(RESEARCHER, MANIFEST.as_bytes().to_vec())
+        .await
+        .unwrap();
+    // The manifest as the coordinator keeps it (requester filled in).
+    let manifest_json = federation
+        .client(RESEARCHER)
+        .await
+        .unwrap()
+        .get_study(pb::GetStudyRequest {
+            study_id: study_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .manifest_json;
+    let manifest = StudyManifest::parse(&manifest_json).unwrap();
+    let spec = &manifest.trainings[0];
+    let training_json = spec.canonical_json();
+    // As if the coordinator host were compromised: its certificate and
+    // capability key, driving a round itself.
+    let key =
+        std::fs::read_to_string(federation.pki.root().join("coordinator-signing.pem")).unwrap();
+    let signer = Signer::from_pem(ghx::local_federation::SIGNING_KID, &key).unwrap();
+    let nodes = &federation.nodes[..2];
+    let ids: Vec<String> = nodes.iter().map(|n| n.profile.id.to_owned()).collect();
+    let token = signer
+        .sign(&claims_for(
+            &manifest,
+            &study_id,
+            ids.clone(),
+            &training_json,
+            time::Duration::minutes(5),
+        ))
+        .unwrap();
+    let round = "attack/moments".to_owned();
+    let mut clients = Vec::new();
+    let mut advertised = Vec::new();
+    for node in nodes {
+        let tls = ghx_pki::TlsMaterial::load(&federation.pki.tls_files("coordinator")).unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!(
+            "https://localhost:{}",
+            node.addr().port()
+        ))
+        .unwrap()
+        .tls_config(tls.client_config(node.profile.id))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+        let mut client = NodeServiceClient::new(channel);
+        let keys = client
+            .round_advertise(pb::RoundAdvertiseRequest {
+                capability: token.clone(),
+                manifest_json: manifest_json.clone(),
+                training_json: training_json.clone(),
+                params: Some(pb::RoundParams {
+                    round: round.clone(),
+                    participants: ids.clone(),
+                    threshold: 2,
+                    dim: training::Phase::Moments.len(spec.features.len()) as u32,
+                }),
+                phase: "moments".to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+            .unwrap();
+        assert_eq!(keys.node, node.profile.id);
+        assert!(!keys.signature.is_empty() && keys.certificate_pem.contains("CERTIFICATE"));
+        clients.push(client);
+        advertised.push(keys);
+    }
+    let share = |keys: Vec<pb::AdvertisedKeys>| pb::RoundShareKeysRequest {
+        round: round.clone(),
+        advertised: keys,
+    };
+    // The second node's keys swapped for others under its signature, or
+    // vouched for by the first node's certificate: the first node refuses
+    // to deal shares, naming whose keys and why.
+    let mut swapped = advertised.clone();
+    swapped[1].mask_key = advertised[0].mask_key.clone();
+    let err = clients[0]
+        .round_share_keys(share(swapped))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        format!(
+            "round {round}: the keys advertised as {}'s are refused: its signature does not verify",
+            ids[1]
+        )
+    );
+    let mut borrowed = advertised.clone();
+    borrowed[1].signature = advertised[0].signature.clone();
+    borrowed[1].certificate_pem = advertised[0].certificate_pem.clone();
+    let err = clients[0]
+        .round_share_keys(share(borrowed))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains(&format!(
+            "its certificate names `{}`, not `{}`",
+            ids[0], ids[1]
+        )),
+        "{}",
+        err.message()
+    );
+    // The keys as the nodes signed them are taken.
+    let shares = clients[0]
+        .round_share_keys(share(advertised))
+        .await
+        .unwrap()
+        .into_inner()
+        .shares;
+    assert_eq!(shares.len(), 1);
+    assert_eq!(shares[0].to, ids[1]);
     federation.shutdown().await;
 }

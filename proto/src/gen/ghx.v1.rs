@@ -129,10 +129,6 @@ pub struct RoundAdvertiseRequest {
     /// "moments", "train" or "evaluate".
     #[prost(string, tag = "5")]
     pub phase: ::prost::alloc::string::String,
-    /// The global model (a ghx.model/v1 document) the round starts from;
-    /// empty for a moments round.
-    #[prost(bytes = "vec", tag = "6")]
-    pub model_json: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AdvertisedKeys {
@@ -144,18 +140,19 @@ pub struct AdvertisedKeys {
     pub mask_key: ::prost::alloc::vec::Vec<u8>,
     #[prost(bytes = "vec", tag = "4")]
     pub self_mask_commitment: ::prost::alloc::vec::Vec<u8>,
+    /// ECDSA P-256 (DER) over the keys and the round, by the node's
+    /// certificate key: every node checks it before dealing shares, so the
+    /// coordinator that relays keys cannot substitute its own.
+    #[prost(bytes = "vec", tag = "5")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+    /// The node's certificate (PEM), issued by the federation CA.
+    #[prost(string, tag = "6")]
+    pub certificate_pem: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RoundAdvertiseResponse {
     #[prost(message, optional, tag = "1")]
     pub keys: ::core::option::Option<AdvertisedKeys>,
-    /// Time the node spent computing its contribution.
-    #[prost(uint64, tag = "2")]
-    pub local_micros: u64,
-    /// For an evaluation: this node's own metrics on its held-out patients
-    /// (aggregate, JSON), released only when enough patients are held out.
-    #[prost(bytes = "vec", tag = "3")]
-    pub node_metrics_json: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EncryptedShare {
@@ -185,6 +182,11 @@ pub struct RoundMaskedInputRequest {
     /// The shares addressed to this node.
     #[prost(message, repeated, tag = "2")]
     pub shares: ::prost::alloc::vec::Vec<EncryptedShare>,
+    /// The global model (a ghx.model/v1 document) the round starts from;
+    /// empty for a moments round. The node computes its contribution on
+    /// receiving it.
+    #[prost(bytes = "vec", tag = "3")]
+    pub model_json: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RoundMaskedInputResponse {
@@ -192,6 +194,13 @@ pub struct RoundMaskedInputResponse {
     pub node: ::prost::alloc::string::String,
     #[prost(fixed64, repeated, tag = "2")]
     pub values: ::prost::alloc::vec::Vec<u64>,
+    /// Time the node spent computing its contribution.
+    #[prost(uint64, tag = "3")]
+    pub local_micros: u64,
+    /// For an evaluation: this node's own metrics on its held-out patients
+    /// (aggregate, JSON), released only when enough patients are held out.
+    #[prost(bytes = "vec", tag = "4")]
+    pub node_metrics_json: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RoundUnmaskRequest {
@@ -503,10 +512,12 @@ pub mod node_service_client {
         }
         /// A federated training or evaluation round, in the four steps of secure
         /// aggregation. The first step is admitted under a capability bound to the
-        /// approved training; the node computes its contribution (a sum over its
-        /// patients) and keeps it, masked, until step 3. The coordinator relays
-        /// keys and encrypted shares between nodes and learns only the sum of
-        /// the contributions of the nodes that completed the round.
+        /// approved training and makes the round's keys; the first two steps need
+        /// no model, so the coordinator agrees a round's keys while the round
+        /// before it computes. Step 3 carries the global model: the node computes
+        /// its contribution (a sum over its patients) and sends it masked. The
+        /// coordinator relays keys and encrypted shares between nodes and learns
+        /// only the sum of the contributions of the nodes that completed the round.
         pub async fn round_advertise(
             &mut self,
             request: impl tonic::IntoRequest<super::RoundAdvertiseRequest>,
@@ -646,10 +657,12 @@ pub mod node_service_server {
         >;
         /// A federated training or evaluation round, in the four steps of secure
         /// aggregation. The first step is admitted under a capability bound to the
-        /// approved training; the node computes its contribution (a sum over its
-        /// patients) and keeps it, masked, until step 3. The coordinator relays
-        /// keys and encrypted shares between nodes and learns only the sum of
-        /// the contributions of the nodes that completed the round.
+        /// approved training and makes the round's keys; the first two steps need
+        /// no model, so the coordinator agrees a round's keys while the round
+        /// before it computes. Step 3 carries the global model: the node computes
+        /// its contribution (a sum over its patients) and sends it masked. The
+        /// coordinator relays keys and encrypted shares between nodes and learns
+        /// only the sum of the contributions of the nodes that completed the round.
         async fn round_advertise(
             &self,
             request: tonic::Request<super::RoundAdvertiseRequest>,
