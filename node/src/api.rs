@@ -171,6 +171,7 @@ fn status(error: &ApiError) -> Status {
             training::Error::Learn(_)
             | training::Error::NoSigningKey
             | training::Error::Signing(_)
+            | training::Error::Random(_)
             | training::Error::Consent(_)
             | training::Error::Extract(crate::views::Error::Store(_)),
         )

@@ -75,6 +75,8 @@ pub enum Error {
     NoSigningKey,
     #[error("signing this node's round keys: {0}")]
     Signing(String),
+    #[error("the operating system's random source failed: {0}")]
+    Random(String),
     #[error("consent evaluation: {0}")]
     Consent(#[from] crate::consent::eligibility::Error),
 }
@@ -265,22 +267,30 @@ pub fn contribution(
         });
     }
     let train = standardised(&data.train, &model);
+    // One generator per round, seeded from the operating system: a
+    // cryptographic generator (ChaCha12) for the noise, and no system call
+    // per shuffled row, which drawing from the OS directly cost.
+    let mut rng = {
+        use rand::SeedableRng;
+        rand::rngs::StdRng::from_rng(rand::rngs::OsRng).map_err(|e| Error::Random(e.to_string()))?
+    };
     let values = match &spec.privacy {
-        // Clipped, noised gradients; the caller charged the round first.
+        // Clipped, noised gradients; the node charges the round before
+        // releasing it.
         Some(privacy) => federated::private_training_contribution(
             &global,
             &train,
             &holdout,
             privacy.clip,
             privacy.noise_std(),
-            &mut rand::rngs::OsRng,
+            &mut rng,
         )?,
         None => federated::training_contribution(
             &global,
             &train,
             &holdout,
             &train_config(spec),
-            &mut rand::rngs::OsRng,
+            &mut rng,
         )?,
     };
     Ok(Contribution {
