@@ -584,8 +584,10 @@ impl NodeApi {
 }
 
 impl NodeApi {
-    /// Step 1 of a round: admits it under its capability, computes this
-    /// node's contribution and starts secure aggregation. Audited.
+    /// Step 1 of a round: admits it under its capability, reads the
+    /// training's rows (once per run) and starts secure aggregation with
+    /// keys signed by this node; the contribution is computed at step 3.
+    /// Audited.
     fn round_advertise(
         &self,
         caller: &PeerIdentity,
