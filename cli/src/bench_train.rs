@@ -78,7 +78,7 @@ pub struct TrainBenchReport {
     pub ghx: Timing,
     /// Flower's timings, or why it did not run.
     pub flower: Result<Timing, String>,
-    /// ghx's mean wall time per round of: the keys (agreed ahead), the
+    /// ghx's median wall time per round of: the keys (agreed ahead), the
     /// masked input with local computation, unmasking, the rest (see
     /// `RoundRecord::steps_ms`), ms.
     pub ghx_steps_ms: [f64; 4],
@@ -213,10 +213,8 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
     let ghx = timing(&ghx_rounds, ghx_total, auc_of(&model.weights, model.bias));
     let train_rows: usize = parts.iter().map(|p| p.train.len()).sum();
     let mut ghx_steps_ms = [0.0; 4];
-    for r in &record.rounds {
-        for (total, step) in ghx_steps_ms.iter_mut().zip(r.steps_ms) {
-            *total += step / record.rounds.len() as f64;
-        }
+    for (i, step) in ghx_steps_ms.iter_mut().enumerate() {
+        *step = p50(record.rounds.iter().map(|r| r.steps_ms[i]).collect());
     }
 
     let flower = match &options.flower_python {

@@ -874,7 +874,7 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
     line("ghx (mTLS gRPC, secure aggregation)", &report.ghx);
     let s = report.ghx_steps_ms;
     println!(
-        "ghx mean per round: keys {:.2} ms (agreed while the round before computes), masked input incl. local {:.2} ms, unmask and sum {:.2} ms, rest (state saved, next request) {:.2} ms",
+        "ghx median per round: keys {:.2} ms (agreed while the round before computes), masked input incl. local {:.2} ms, unmask and sum {:.2} ms, rest (state saved, next request) {:.2} ms",
         s[0], s[1], s[2], s[3]
     );
     match &report.flower {

@@ -124,6 +124,8 @@ pub enum Error {
         node: NodeId,
         what: &'static str,
     },
+    #[error("round {round}: the keys listed as {node}'s own are not the ones it advertised")]
+    NotOwnKeys { round: String, node: NodeId },
     #[error("update value {index} is {value}; updates must be finite and within ±{MAX_MAGNITUDE}")]
     OutOfRange { index: usize, value: f64 },
 }
@@ -348,6 +350,8 @@ pub struct Client {
     channel: StaticSecret,
     mask: StaticSecret,
     self_mask: [u8; 32],
+    /// What this node advertised.
+    own: Advertise,
     /// Advertised keys of the nodes that took part in step 1.
     peers: BTreeMap<NodeId, Advertise>,
     /// Worked out at step 2, so step 3 (on the round's critical path) does
@@ -384,6 +388,7 @@ impl Client {
                 channel,
                 mask,
                 self_mask,
+                own: advertise.clone(),
                 peers: BTreeMap::new(),
                 agreed: BTreeMap::new(),
                 held: BTreeMap::new(),
@@ -416,12 +421,23 @@ impl Client {
                 });
             }
         }
-        if !peers.contains_key(&self.node) {
-            return Err(Error::OutOfOrder {
-                round,
-                node: self.node.clone(),
-                step: "key shares",
-            });
+        match peers.get(&self.node) {
+            None => {
+                return Err(Error::OutOfOrder {
+                    round,
+                    node: self.node.clone(),
+                    step: "key shares",
+                });
+            }
+            // The list every node deals to must hold this node's keys as
+            // it made them.
+            Some(listed) if *listed != self.own => {
+                return Err(Error::NotOwnKeys {
+                    round,
+                    node: self.node.clone(),
+                });
+            }
+            Some(_) => {}
         }
         self.params.enough("key sharing", peers.len())?;
         let dealer = blahaj::Sharks(self.params.threshold);

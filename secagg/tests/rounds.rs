@@ -274,6 +274,26 @@ fn a_tampered_or_misrouted_share_is_refused_naming_its_sender() {
 }
 
 #[test]
+fn a_node_deals_shares_only_to_a_list_holding_its_own_keys() {
+    let nodes = names(3);
+    let params = RoundParams::new("r", nodes.clone(), 2, 2).unwrap();
+    let mut aggregator = Aggregator::new(params.clone());
+    let mut clients = Vec::new();
+    for node in &nodes {
+        let (client, advertise) = Client::new(params.clone(), node).unwrap();
+        aggregator.advertise(advertise).unwrap();
+        clients.push(client);
+    }
+    let mut advertised = aggregator.advertisements().unwrap();
+    advertised[0].mask_key = advertised[1].mask_key;
+    let err = clients[0].share_keys(&advertised).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "round r: the keys listed as hospital-0's own are not the ones it advertised"
+    );
+}
+
+#[test]
 fn a_node_masks_its_input_once_and_deals_its_keys_once() {
     let (mut clients, aggregator, nodes) = shared_round();
     let shares = aggregator.shares_for(&nodes[0]).unwrap();
