@@ -279,12 +279,6 @@ pub struct Keyed {
     keys_ms: f64,
 }
 
-impl Keyed {
-    pub fn round_id(&self) -> &str {
-        &self.round_id
-    }
-}
-
 fn quorum_error(
     round: &str,
     need: usize,

@@ -233,8 +233,8 @@ fn bad_parameters_and_out_of_range_updates_are_named() {
     ));
 }
 
-/// Three clients through step 2, for the tests that tamper.
-fn shared_round() -> (Vec<Client>, Aggregator, Vec<String>) {
+/// Three clients through step 1, for the tests that tamper.
+fn advertised_round() -> (Vec<Client>, Aggregator, Vec<String>) {
     let nodes = names(3);
     let params = RoundParams::new("r", nodes.clone(), 2, 2).unwrap();
     let mut aggregator = Aggregator::new(params.clone());
@@ -244,6 +244,12 @@ fn shared_round() -> (Vec<Client>, Aggregator, Vec<String>) {
         aggregator.advertise(advertise).unwrap();
         clients.push(client);
     }
+    (clients, aggregator, nodes)
+}
+
+/// Three clients through step 2, for the tests that tamper.
+fn shared_round() -> (Vec<Client>, Aggregator, Vec<String>) {
+    let (mut clients, mut aggregator, nodes) = advertised_round();
     let advertised = aggregator.advertisements().unwrap();
     for (client, node) in clients.iter_mut().zip(&nodes) {
         let shares = client.share_keys(&advertised).unwrap();
@@ -275,15 +281,7 @@ fn a_tampered_or_misrouted_share_is_refused_naming_its_sender() {
 
 #[test]
 fn a_node_deals_shares_only_to_a_list_holding_its_own_keys() {
-    let nodes = names(3);
-    let params = RoundParams::new("r", nodes.clone(), 2, 2).unwrap();
-    let mut aggregator = Aggregator::new(params.clone());
-    let mut clients = Vec::new();
-    for node in &nodes {
-        let (client, advertise) = Client::new(params.clone(), node).unwrap();
-        aggregator.advertise(advertise).unwrap();
-        clients.push(client);
-    }
+    let (mut clients, aggregator, _) = advertised_round();
     let mut advertised = aggregator.advertisements().unwrap();
     advertised[0].mask_key = advertised[1].mask_key;
     let err = clients[0].share_keys(&advertised).unwrap_err();
