@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ghx_coordinator::training::{RunStatus, TrainingRecord};
-use ghx_learn::{Dataset, Logistic, Standardiser, metrics};
+use ghx_learn::{Dataset, Model, Standardiser, metrics};
 use ghx_proto::v1 as pb;
 use ghx_study::manifest::StudyManifest;
 
@@ -198,19 +198,13 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
     let dim = spec.features.len();
     let mut holdout = pooled(parts.iter().map(|p| p.holdout.clone()), dim);
     standardiser.apply(&mut holdout);
-    let auc_of = |weights: &[f64], bias: f64| {
-        let m = Logistic {
-            weights: weights.to_vec(),
-            bias,
-        };
-        metrics::auc(&m.predict_all(&holdout), holdout.labels())
-    };
+    let auc_of = |m: &Model| metrics::auc(&m.predict_all(&holdout), holdout.labels());
     let ghx_rounds: Vec<(f64, f64)> = record
         .rounds
         .iter()
         .map(|r| (r.seconds, r.local_seconds))
         .collect();
-    let ghx = timing(&ghx_rounds, ghx_total, auc_of(&model.weights, model.bias));
+    let ghx = timing(&ghx_rounds, ghx_total, auc_of(&model.model()));
     let train_rows: usize = parts.iter().map(|p| p.train.len()).sum();
     let mut ghx_steps_ms = [0.0; 4];
     for (i, step) in ghx_steps_ms.iter_mut().enumerate() {
@@ -274,9 +268,10 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
                             .as_array()
                             .map(|w| w.iter().filter_map(serde_json::Value::as_f64).collect())
                             .unwrap_or_default();
-                        let auc = (weights.len() == dim + 1)
-                            .then(|| auc_of(&weights[..dim], weights[dim]))
-                            .flatten();
+                        let auc = Model::zeros(dim)
+                            .with_params(&weights)
+                            .ok()
+                            .and_then(|m| auc_of(&m));
                         Ok(timing(
                             &rounds,
                             v["total_seconds"].as_f64().unwrap_or(0.0),

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use ghx_coordinator::training::{RoundRecord, TrainingRecord};
 use ghx_learn::federated::Metrics;
 use ghx_study::manifest::StudyManifest;
+use ghx_study::training::{Feature, ModelKind};
 
 fn opt(x: Option<f64>) -> String {
     x.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"))
@@ -22,6 +23,14 @@ fn metrics_row(name: &str, m: &Metrics) -> String {
         m.brier,
         m.expected_calibration_error
     )
+}
+
+fn definition(f: &Feature) -> String {
+    match (&f.variable, f.sex_is) {
+        (Some(v), _) => serde_json::to_string(v).unwrap_or_default(),
+        (None, Some(sex)) => format!("1 if sex is {}", sex.code()),
+        (None, None) => String::new(),
+    }
 }
 
 /// One line of progress for a completed round.
@@ -80,9 +89,16 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
     );
     if let Some(spec) = spec {
         let o = &spec.optimiser;
+        let kind = match spec.hidden_units {
+            Some(units) if spec.model == ModelKind::Mlp => format!(
+                "multilayer perceptron, one hidden layer of {units} tanh units, sigmoid output ({} parameters)",
+                spec.param_count()
+            ),
+            _ => "logistic regression".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "- Model: logistic regression; {:?} (mu {}), learning rate {}, {} local epoch(s), batch {}, L2 {}; quorum {} nodes per round; {:.0}% of each site's patients held out",
+            "- Model: {kind}; {:?} (mu {}), learning rate {}, {} local epoch(s), batch {}, L2 {}; quorum {} nodes per round; {:.0}% of each site's patients held out",
             o.algorithm,
             o.mu,
             o.learning_rate,
@@ -103,7 +119,25 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
             serde_json::to_string(&spec.cohort).unwrap_or_default()
         );
     }
-    if let Some(model) = &record.model {
+    if let Some(model) = record.model.as_ref().filter(|m| m.hidden.is_some()) {
+        let _ = writeln!(out, "\n## Features\n");
+        let _ = writeln!(
+            out,
+            "Each feature is standardised as (x − mean) / sd with the federation's pooled moments and read by every hidden unit; an MLP's weights have no per-feature reading (the model JSON holds them all).\n"
+        );
+        let _ = writeln!(out, "| feature | definition | mean | sd |");
+        let _ = writeln!(out, "|---|---|---:|---:|");
+        for (i, f) in model.features.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | `{}` | {:.4} | {:.4} |",
+                f.name,
+                definition(f),
+                model.mean[i],
+                model.sd[i]
+            );
+        }
+    } else if let Some(model) = &record.model {
         let _ = writeln!(out, "\n## Features and weights\n");
         let _ = writeln!(
             out,
@@ -115,15 +149,11 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
         );
         let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
         for (i, f) in model.features.iter().enumerate() {
-            let definition = match (&f.variable, f.sex_is) {
-                (Some(v), _) => serde_json::to_string(v).unwrap_or_default(),
-                (None, Some(sex)) => format!("1 if sex is {}", sex.code()),
-                (None, None) => String::new(),
-            };
             let _ = writeln!(
                 out,
-                "| {} | `{definition}` | {:.4} | {:.4} | {:.4} | {:.3} |",
+                "| {} | `{}` | {:.4} | {:.4} | {:.4} | {:.3} |",
                 f.name,
+                definition(f),
                 model.mean[i],
                 model.sd[i],
                 model.weights[i],
@@ -376,4 +406,44 @@ pub fn write_outputs(
         serde_json::to_string_pretty(record).expect("records serialize"),
     )?;
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ghx_study::training::ModelDocument;
+    use rand::SeedableRng;
+
+    fn card(manifest_json: &str) -> String {
+        let manifest = StudyManifest::parse(manifest_json.as_bytes()).unwrap();
+        let spec = &manifest.trainings[0];
+        let d = spec.features.len();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let model = spec.initial_model(&mut rng).unwrap();
+        let mut record =
+            TrainingRecord::new("run-0001", "study-0001", spec, "2026-11-30T00:00:00Z");
+        record.model = Some(ModelDocument::new(
+            spec,
+            &vec![0.0; d],
+            &vec![1.0; d],
+            &model,
+        ));
+        model_card(&record, &manifest)
+    }
+
+    #[test]
+    fn the_model_card_says_which_model_and_reads_weights_only_where_they_mean_something() {
+        let mlp = card(include_str!("../../deploy/examples/study-t2d-mlp.json"));
+        assert!(
+            mlp.contains("multilayer perceptron, one hidden layer of 8 tanh units, sigmoid output (57 parameters)"),
+            "{mlp}"
+        );
+        assert!(mlp.contains("no per-feature reading") && !mlp.contains("odds ratio"));
+        let logistic = card(include_str!("../../deploy/examples/study-t2d-model.json"));
+        assert!(
+            logistic.contains("- Model: logistic regression;"),
+            "{logistic}"
+        );
+        assert!(logistic.contains("odds ratio per sd"));
+    }
 }

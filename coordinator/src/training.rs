@@ -27,14 +27,14 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use ghx_learn::federated::{self, EvaluationSums, Metrics, Phase};
-use ghx_learn::{Logistic, Standardiser};
+use ghx_learn::{Hidden, Standardiser};
 use ghx_proto::round;
 use ghx_proto::v1 as pb;
 use ghx_secagg::{Aggregator, RoundParams};
 use ghx_study::capability::{self, Signer};
 use ghx_study::manifest::StudyManifest;
 use ghx_study::result::NodeFailure;
-use ghx_study::training::{MODEL_VERSION, ModelDocument, TrainingSpec};
+use ghx_study::training::{ModelDocument, TrainingSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::dispatch;
@@ -62,6 +62,10 @@ pub enum Error {
     Capability(#[from] capability::Error),
     #[error("no nodes are registered")]
     NoNodes,
+    #[error("the operating system's random source failed: {0}")]
+    Random(String),
+    #[error("the training's initial model: {0}")]
+    InitialModel(#[from] ghx_study::training::Error),
     #[error("the audit log could not record the round: {0}")]
     Audit(#[from] ghx_db::audit::Error),
 }
@@ -126,7 +130,10 @@ pub struct RoundRecord {
     /// Whether the round's keys were agreed while the step before computed.
     #[serde(default)]
     pub keys_ahead: bool,
-    /// The global model after the round (standardised features).
+    /// The global model after the round (standardised features): an
+    /// MLP's hidden layer, the output weights and bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<Hidden>,
     pub weights: Vec<f64>,
     pub bias: f64,
 }
@@ -310,7 +317,7 @@ pub async fn agree_keys(
         return Err(Error::NoNodes);
     }
     let spec = fed.spec;
-    let dim = phase.len(spec.features.len());
+    let dim = phase.len(spec.features.len(), spec.param_count());
     let params = RoundParams::new(
         round_id,
         nodes.iter().map(|n| n.id.clone()),
@@ -722,20 +729,6 @@ async fn round_and_next(
     Ok(round)
 }
 
-/// The model document of a logistic model under a standardisation.
-fn document(spec: &TrainingSpec, standardiser: &Standardiser, model: &Logistic) -> ModelDocument {
-    ModelDocument {
-        version: MODEL_VERSION.to_owned(),
-        model: spec.model,
-        features: spec.features.clone(),
-        label: spec.label.clone(),
-        mean: standardiser.mean.clone(),
-        sd: standardiser.sd.clone(),
-        weights: model.weights.clone(),
-        bias: model.bias,
-    }
-}
-
 /// Advances a run by one step (a moments, training or evaluation round)
 /// and returns the new record; `Ok(None)` when the run is finished. While
 /// a step's round computes, the keys of the run's next round are agreed
@@ -770,10 +763,17 @@ pub async fn advance(
             .await?;
             let standardiser = Standardiser::from_sums(&round.sum)?;
             next.moments_rows = round.sum[0].round().max(0.0) as u64;
-            next.model = Some(document(
+            let mut rng = {
+                use rand::SeedableRng;
+                rand::rngs::StdRng::from_rng(rand::rngs::OsRng)
+                    .map_err(|e| Error::Random(e.to_string()))?
+            };
+            let initial = spec.initial_model(&mut rng)?;
+            next.model = Some(ModelDocument::new(
                 spec,
-                &standardiser,
-                &Logistic::zeros(spec.features.len()),
+                &standardiser.mean,
+                &standardiser.sd,
+                &initial,
             ));
         }
         Some(model) if (record.rounds.len() as u32) < record.rounds_total => {
@@ -786,25 +786,24 @@ pub async fn advance(
                 Some(training_round(number + 1)),
             )
             .await?;
+            let global = model.model();
             let totals = match &spec.privacy {
                 // Noised rounds sum clipped gradients: one step from the
                 // global model.
                 Some(_) => federated::read_private_training_sum(
                     &round.sum,
-                    &Logistic {
-                        weights: model.weights.clone(),
-                        bias: model.bias,
-                    },
+                    &global,
                     spec.optimiser.learning_rate,
                     spec.optimiser.l2,
                 )?,
-                None => federated::read_training_sum(&round.sum, spec.features.len())?,
+                None => federated::read_training_sum(&round.sum, &global)?,
             };
-            let standardiser = Standardiser {
-                mean: model.mean.clone(),
-                sd: model.sd.clone(),
-            };
-            next.model = Some(document(spec, &standardiser, &totals.model));
+            next.model = Some(ModelDocument::new(
+                spec,
+                &model.mean,
+                &model.sd,
+                &totals.model,
+            ));
             let mut holdout = totals.evaluation.metrics();
             holdout.calibration.clear();
             next.rounds.push(RoundRecord {
@@ -818,6 +817,7 @@ pub async fn advance(
                 local_seconds: round.local_seconds,
                 steps_ms: round.steps_ms,
                 keys_ahead: round.keys_ahead,
+                hidden: totals.model.hidden.clone(),
                 weights: totals.model.weights.clone(),
                 bias: totals.model.bias,
             });

@@ -7,7 +7,7 @@
 //!
 //! - a *moments* round: [`Standardiser::local_sums`] of the training rows;
 //! - a *training* round: the locally trained model weighted by its training
-//!   rows ([`Logistic::weighted`]), the global model's summed training log
+//!   rows ([`Model::weighted`]), the global model's summed training log
 //!   loss, and [`EvaluationSums`] of the global model on held-out rows;
 //! - an *evaluation* round: [`EvaluationSums`] alone.
 //!
@@ -19,7 +19,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{self, CalibrationBin};
-use crate::{Dataset, Error, Logistic, Standardiser, TrainConfig};
+use crate::{Dataset, Error, Model, Standardiser, TrainConfig};
 
 /// Bins of predicted probability in the score histograms.
 pub const SCORE_BINS: usize = 1000;
@@ -65,7 +65,7 @@ impl EvaluationSums {
     pub const LEN: usize = 5 + 2 * SCORE_BINS + 3 * CALIBRATION_BINS;
 
     /// Evaluates `model` on `data` (already standardised).
-    pub fn of(model: &Logistic, data: &Dataset) -> Self {
+    pub fn of(model: &Model, data: &Dataset) -> Self {
         let scores = model.predict_all(data);
         let labels = data.labels();
         let mut positive_scores = vec![0.0; SCORE_BINS];
@@ -205,11 +205,12 @@ impl Phase {
         }
     }
 
-    /// Length of the summed vector for `dim` features.
-    pub fn len(self, dim: usize) -> usize {
+    /// Length of the summed vector for `dim` features and a model of
+    /// `params` parameters ([`Model::param_count`]).
+    pub fn len(self, dim: usize, params: usize) -> usize {
         match self {
             Phase::Moments => 1 + 2 * dim,
-            Phase::Train => training_len(dim),
+            Phase::Train => training_len(params),
             Phase::Evaluate => EvaluationSums::LEN,
         }
     }
@@ -220,16 +221,18 @@ pub fn moments_contribution(train: &Dataset) -> Vec<f64> {
     Standardiser::local_sums(train)
 }
 
-/// Length of a training round's vector for `dim` features.
-pub fn training_len(dim: usize) -> usize {
-    dim + 2 + 1 + EvaluationSums::LEN
+/// Length of a training round's vector for a model of `params`
+/// parameters: the model part (parameters, then the row count), the
+/// summed training loss and the evaluation sums.
+pub fn training_len(params: usize) -> usize {
+    params + 1 + 1 + EvaluationSums::LEN
 }
 
 /// What a node sends in a training round: trains from `global` on its
 /// (standardised) training rows, and evaluates `global` on them and on its
 /// held-out rows.
 pub fn training_contribution(
-    global: &Logistic,
+    global: &Model,
     train: &Dataset,
     holdout: &Dataset,
     config: &TrainConfig,
@@ -244,46 +247,27 @@ pub fn training_contribution(
 
 /// What a node sends in a noised training round (DP-FedSGD, see
 /// `ghx_study::training::TrainingPrivacy`): the sum over its training rows
-/// of each row's log-loss gradient at `global` (weights, then bias),
-/// clipped to L2 norm `clip`, and the row count, each with Gaussian noise
-/// of standard deviation `noise_std`; then, unnoised like any round's, the
-/// global model's summed training loss and its evaluation on held-out rows.
-/// Same layout as [`training_contribution`]; read with
+/// of each row's log-loss gradient at `global` (in [`Model::params`]
+/// order), clipped to L2 norm `clip`, and the row count, each with
+/// Gaussian noise of standard deviation `noise_std`; then, unnoised like
+/// any round's, the global model's summed training loss and its evaluation
+/// on held-out rows. Same layout as [`training_contribution`]; read with
 /// [`read_private_training_sum`].
 pub fn private_training_contribution(
-    global: &Logistic,
+    global: &Model,
     train: &Dataset,
     holdout: &Dataset,
     clip: f64,
     noise_std: f64,
     rng: &mut impl Rng,
 ) -> Result<Vec<f64>, Error> {
-    let dim = global.weights.len();
-    if train.dim() != dim {
-        return Err(Error::WrongWidth {
-            row: 0,
-            got: train.dim(),
-            expected: dim,
-        });
-    }
     let noise = rand_distr::Normal::new(0.0, noise_std).map_err(|_| Error::BadSetting {
         setting: "noise standard deviation",
         value: noise_std,
         expected: "expected a finite number, 0 or more",
     })?;
-    let mut out = vec![0.0; dim + 2];
-    for i in 0..train.len() {
-        let row = train.row(i);
-        let error = global.predict(row) - train.label(i);
-        // The gradient is error * (x, 1); its norm is |error| * |(x, 1)|.
-        let norm = error.abs() * (row.iter().map(|x| x * x).sum::<f64>() + 1.0).sqrt();
-        let scale = if norm > clip { clip / norm } else { 1.0 };
-        for (g, x) in out.iter_mut().zip(row) {
-            *g += scale * error * x;
-        }
-        out[dim] += scale * error;
-    }
-    out[dim + 1] = train.len() as f64;
+    let mut out = global.clipped_gradient_sum(train, clip)?;
+    out.push(train.len() as f64);
     for v in &mut out {
         *v += rng.sample(noise);
     }
@@ -297,26 +281,18 @@ pub fn private_training_contribution(
 /// over the noisy count, plus the L2 penalty's own (data-free) gradient.
 pub fn read_private_training_sum(
     sum: &[f64],
-    global: &Logistic,
+    global: &Model,
     learning_rate: f64,
     l2: f64,
 ) -> Result<RoundTotals, Error> {
-    let dim = global.weights.len();
-    let (gradient, loss, evaluation) = split_training_sum(sum, dim)?;
-    let train_rows = gradient[dim + 1];
+    let params = global.param_count();
+    let (gradient, loss, evaluation) = split_training_sum(sum, params)?;
+    let train_rows = gradient[params];
     // A noisy count near zero would blow the step up: one row at least.
     let n = train_rows.max(1.0);
-    let model = Logistic {
-        weights: global
-            .weights
-            .iter()
-            .zip(gradient)
-            .map(|(w, g)| w - learning_rate * (g / n + l2 * w))
-            .collect(),
-        bias: global.bias - learning_rate * gradient[dim] / n,
-    };
+    let mean: Vec<f64> = gradient[..params].iter().map(|g| g / n).collect();
     Ok(RoundTotals {
-        model,
+        model: global.step(&mean, learning_rate, l2)?,
         train_rows,
         train_loss: loss / n,
         evaluation,
@@ -328,7 +304,7 @@ pub fn read_private_training_sum(
 pub struct RoundTotals {
     /// FedAvg (or FedProx) of the nodes' local models, or for a noised
     /// round the global model after one step with the summed gradients.
-    pub model: Logistic,
+    pub model: Model,
     /// Training rows that took part.
     pub train_rows: f64,
     /// Mean training log loss of the global model the round started from.
@@ -337,11 +313,13 @@ pub struct RoundTotals {
     pub evaluation: EvaluationSums,
 }
 
-/// Reads the sum of every contributor's [`training_contribution`].
-pub fn read_training_sum(sum: &[f64], dim: usize) -> Result<RoundTotals, Error> {
-    let (weighted, loss, evaluation) = split_training_sum(sum, dim)?;
-    let model = Logistic::average_of(weighted)?;
-    let train_rows = weighted[dim + 1];
+/// Reads the sum of every contributor's [`training_contribution`] from
+/// `global` (which gives the model's shape).
+pub fn read_training_sum(sum: &[f64], global: &Model) -> Result<RoundTotals, Error> {
+    let params = global.param_count();
+    let (weighted, loss, evaluation) = split_training_sum(sum, params)?;
+    let model = global.average_of(weighted)?;
+    let train_rows = weighted[params];
     Ok(RoundTotals {
         model,
         train_rows,
@@ -351,17 +329,17 @@ pub fn read_training_sum(sum: &[f64], dim: usize) -> Result<RoundTotals, Error> 
 }
 
 /// The parts of a training round's sum, in either layout: the model part
-/// (`dim + 1` parameters, then the row count), the summed training loss
-/// and the evaluation sums.
-fn split_training_sum(sum: &[f64], dim: usize) -> Result<(&[f64], f64, EvaluationSums), Error> {
-    if sum.len() != training_len(dim) {
+/// (`params` parameters, then the row count), the summed training loss and
+/// the evaluation sums.
+fn split_training_sum(sum: &[f64], params: usize) -> Result<(&[f64], f64, EvaluationSums), Error> {
+    if sum.len() != training_len(params) {
         return Err(Error::WrongSumLength {
             what: "a training round",
             got: sum.len(),
-            dim,
+            dim: params,
         });
     }
-    let (model, rest) = sum.split_at(dim + 2);
+    let (model, rest) = sum.split_at(params + 1);
     Ok((model, rest[0], EvaluationSums::from_vec(&rest[1..])?))
 }
 
@@ -381,7 +359,8 @@ mod tests {
     fn histogram_auc_matches_exact_auc_and_sums_add_up() {
         let a = data(&[(&[0.1], false), (&[2.0], true), (&[0.5], true)]);
         let b = data(&[(&[-1.0], false), (&[1.5], false), (&[3.0], true)]);
-        let model = Logistic {
+        let model = Model {
+            hidden: None,
             weights: vec![1.3],
             bias: -0.4,
         };
@@ -409,10 +388,10 @@ mod tests {
         // norm 1. Row 2 (label 1) has -0.5 * (0.1, 0, 1), norm
         // 0.5 * sqrt(1.01) < 1: kept.
         let a = data(&[(&[3.0, 4.0], false), (&[0.1, 0.0], true)]);
-        let global = Logistic::zeros(2);
+        let global = Model::zeros(2);
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
         let v = private_training_contribution(&global, &a, &a, 1.0, 0.0, &mut rng).unwrap();
-        assert_eq!(v.len(), training_len(2));
+        assert_eq!(v.len(), training_len(3));
         let k = 1.0 / 26f64.sqrt();
         let expected = [3.0 * k - 0.05, 4.0 * k, k - 0.5, 2.0];
         for (got, want) in v.iter().zip(expected) {
@@ -433,7 +412,7 @@ mod tests {
     #[test]
     fn a_training_sum_reads_back_as_the_weighted_average() {
         let a = data(&[(&[0.1, 1.0], false), (&[2.0, 0.0], true)]);
-        let global = Logistic::zeros(2);
+        let global = Model::zeros(2);
         let config = TrainConfig {
             epochs: 1,
             batch_size: 1,
@@ -443,11 +422,11 @@ mod tests {
         };
         let mut rng = rand::rngs::mock::StepRng::new(0, 1);
         let v = training_contribution(&global, &a, &a, &config, &mut rng).unwrap();
-        assert_eq!(v.len(), training_len(2));
-        let totals = read_training_sum(&v, 2).unwrap();
+        assert_eq!(v.len(), training_len(3));
+        let totals = read_training_sum(&v, &global).unwrap();
         assert_eq!(totals.train_rows, 2.0);
         assert!((totals.train_loss - std::f64::consts::LN_2).abs() < 1e-12);
         assert_eq!(totals.evaluation.rows, 2.0);
-        assert!(read_training_sum(&v[1..], 2).is_err());
+        assert!(read_training_sum(&v[1..], &global).is_err());
     }
 }

@@ -6,9 +6,10 @@
 //! through secure aggregation (`ghx-secagg`) and the coordinator sees only
 //! the federation's total: feature moments for standardisation
 //! ([`Standardiser::local_sums`]), sample-weighted model parameters for
-//! FedAvg and FedProx ([`Logistic::weighted`], [`Logistic::average_of`]).
+//! FedAvg and FedProx ([`Model::weighted`], [`Model::average_of`]).
 //!
-//! Logistic regression is trained by mini-batch SGD on the mean log loss
+//! A [`Model`] is logistic regression or a small MLP (one tanh hidden
+//! layer, sigmoid output), trained by mini-batch SGD on the mean log loss
 //! with optional L2 and, for FedProx, the proximal term
 //! `mu / 2 * ||w - w_global||^2` that keeps local steps near the global
 //! model when hospitals' data differ.
@@ -220,9 +221,39 @@ impl TrainConfig {
     }
 }
 
-/// A logistic regression model on standardised features.
+/// The hidden layer of a small multilayer perceptron: `units` tanh units,
+/// each a weighted sum of the (standardised) features plus a bias.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Logistic {
+pub struct Hidden {
+    /// Row-major, one row of `dim` weights per unit.
+    pub weights: Vec<f64>,
+    /// One per unit.
+    pub bias: Vec<f64>,
+}
+
+impl Hidden {
+    pub fn units(&self) -> usize {
+        self.bias.len()
+    }
+}
+
+/// Most hidden units a model may have.
+pub const MAX_HIDDEN_UNITS: usize = 64;
+
+/// A model on standardised features with a sigmoid output: logistic
+/// regression (no hidden layer), or a small MLP with one tanh hidden layer
+/// whose units the output weighs.
+///
+/// Its parameters flatten as the hidden weights (row by row), the hidden
+/// biases, the output weights and the output bias ([`Self::params`]); a
+/// logistic model is just the output part. That flat vector is what nodes
+/// weight, sum and average.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    /// None for logistic regression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<Hidden>,
+    /// Output weights: one per feature, or per hidden unit.
     pub weights: Vec<f64>,
     pub bias: f64,
 }
@@ -236,32 +267,207 @@ fn sigmoid(z: f64) -> f64 {
     }
 }
 
-impl Logistic {
+/// `log(1 + e^z) - y z`, the log loss at logit `z`, without overflow.
+fn log_loss_at(z: f64, y: f64) -> f64 {
+    let softplus = if z > 0.0 {
+        z + (-z).exp().ln_1p()
+    } else {
+        z.exp().ln_1p()
+    };
+    softplus - y * z
+}
+
+/// The layout of a model's flat parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    dim: usize,
+    /// 0 for logistic regression.
+    units: usize,
+}
+
+impl Shape {
+    fn len(self) -> usize {
+        if self.units == 0 {
+            self.dim + 1
+        } else {
+            self.units * (self.dim + 2) + 1
+        }
+    }
+
+    /// Where the output weights start.
+    fn output(self) -> usize {
+        self.units * (self.dim + 1)
+    }
+
+    /// Whether parameter `i` is a weight (penalised by L2), not a bias.
+    fn is_weight(self, i: usize) -> bool {
+        let hidden_weights = self.units * self.dim;
+        i < hidden_weights || (i >= self.output() && i < self.len() - 1)
+    }
+
+    /// The logit of `row` under parameters `p`; the hidden activations go
+    /// to `act` (length `units`).
+    fn logit(self, p: &[f64], row: &[f64], act: &mut [f64]) -> f64 {
+        let d = self.dim;
+        if self.units == 0 {
+            return p[d] + p[..d].iter().zip(row).map(|(w, x)| w * x).sum::<f64>();
+        }
+        let out = self.output();
+        let biases = &p[self.units * d..out];
+        for (k, a) in act.iter_mut().enumerate() {
+            let w = &p[k * d..(k + 1) * d];
+            *a = (biases[k] + w.iter().zip(row).map(|(w, x)| w * x).sum::<f64>()).tanh();
+        }
+        p[self.len() - 1]
+            + p[out..out + self.units]
+                .iter()
+                .zip(act.iter())
+                .map(|(w, a)| w * a)
+                .sum::<f64>()
+    }
+
+    /// Adds `error` times the gradient of the logit at `row` (activations
+    /// `act` from [`Self::logit`]) to `g`: `error` is the prediction minus
+    /// the label, so this is the log loss's gradient.
+    fn add_gradient(self, p: &[f64], row: &[f64], act: &[f64], error: f64, g: &mut [f64]) {
+        let d = self.dim;
+        let last = self.len() - 1;
+        g[last] += error;
+        if self.units == 0 {
+            for (g, x) in g[..d].iter_mut().zip(row) {
+                *g += error * x;
+            }
+            return;
+        }
+        let out = self.output();
+        for k in 0..self.units {
+            g[out + k] += error * act[k];
+            let delta = error * p[out + k] * (1.0 - act[k] * act[k]);
+            g[self.units * d + k] += delta;
+            for (g, x) in g[k * d..(k + 1) * d].iter_mut().zip(row) {
+                *g += delta * x;
+            }
+        }
+    }
+}
+
+impl Model {
+    /// Logistic regression with every weight 0.
     pub fn zeros(dim: usize) -> Self {
-        Logistic {
+        Model {
+            hidden: None,
             weights: vec![0.0; dim],
             bias: 0.0,
         }
     }
 
-    /// The predicted probability of the label for one row.
-    pub fn predict(&self, row: &[f64]) -> f64 {
-        sigmoid(self.logit(row))
+    /// A small MLP on `dim` features with `units` hidden units, weights
+    /// drawn uniformly at the Glorot scale (biases 0) so units differ.
+    pub fn mlp(dim: usize, units: usize, rng: &mut impl Rng) -> Result<Self, Error> {
+        if units == 0 || units > MAX_HIDDEN_UNITS {
+            return Err(Error::BadSetting {
+                setting: "hidden units",
+                value: units as f64,
+                expected: "expected 1 to 64",
+            });
+        }
+        let hidden_scale = (6.0 / (dim + units) as f64).sqrt();
+        let output_scale = (6.0 / (units + 1) as f64).sqrt();
+        Ok(Model {
+            hidden: Some(Hidden {
+                weights: (0..units * dim)
+                    .map(|_| rng.gen_range(-hidden_scale..hidden_scale))
+                    .collect(),
+                bias: vec![0.0; units],
+            }),
+            weights: (0..units)
+                .map(|_| rng.gen_range(-output_scale..output_scale))
+                .collect(),
+            bias: 0.0,
+        })
     }
 
-    fn logit(&self, row: &[f64]) -> f64 {
-        self.bias
-            + self
-                .weights
-                .iter()
-                .zip(row)
-                .map(|(w, x)| w * x)
-                .sum::<f64>()
+    /// How many features the model reads.
+    pub fn dim(&self) -> usize {
+        match &self.hidden {
+            Some(h) if h.units() > 0 => h.weights.len() / h.units(),
+            Some(_) => 0,
+            None => self.weights.len(),
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        Shape {
+            dim: self.dim(),
+            units: self.hidden.as_ref().map_or(0, Hidden::units),
+        }
+    }
+
+    /// How many parameters [`Self::params`] holds.
+    pub fn param_count(&self) -> usize {
+        self.shape().len()
+    }
+
+    /// Whether the parts' lengths agree (a deserialised model may not).
+    pub fn is_consistent(&self) -> bool {
+        match &self.hidden {
+            None => true,
+            Some(h) => {
+                h.units() > 0
+                    && h.units() <= MAX_HIDDEN_UNITS
+                    && h.weights.len() % h.units() == 0
+                    && self.weights.len() == h.units()
+            }
+        }
+    }
+
+    /// The flat parameters: hidden weights and biases, output weights, bias.
+    pub fn params(&self) -> Vec<f64> {
+        let mut out = Vec::with_capacity(self.param_count());
+        if let Some(h) = &self.hidden {
+            out.extend(&h.weights);
+            out.extend(&h.bias);
+        }
+        out.extend(&self.weights);
+        out.push(self.bias);
+        out
+    }
+
+    /// A model of this one's shape with parameters `p`.
+    pub fn with_params(&self, p: &[f64]) -> Result<Model, Error> {
+        let shape = self.shape();
+        if p.len() != shape.len() {
+            return Err(Error::WrongSumLength {
+                what: "a model's parameters",
+                got: p.len(),
+                dim: shape.dim,
+            });
+        }
+        let out = shape.output();
+        Ok(Model {
+            hidden: self.hidden.as_ref().map(|_| Hidden {
+                weights: p[..shape.units * shape.dim].to_vec(),
+                bias: p[shape.units * shape.dim..out].to_vec(),
+            }),
+            weights: p[out..p.len() - 1].to_vec(),
+            bias: p[p.len() - 1],
+        })
+    }
+
+    /// The predicted probability of the label for one row.
+    pub fn predict(&self, row: &[f64]) -> f64 {
+        let mut act = vec![0.0; self.shape().units];
+        sigmoid(self.shape().logit(&self.params(), row, &mut act))
     }
 
     /// Predictions for every row.
     pub fn predict_all(&self, data: &Dataset) -> Vec<f64> {
-        (0..data.len()).map(|i| self.predict(data.row(i))).collect()
+        let shape = self.shape();
+        let p = self.params();
+        let mut act = vec![0.0; shape.units];
+        (0..data.len())
+            .map(|i| sigmoid(shape.logit(&p, data.row(i), &mut act)))
+            .collect()
     }
 
     /// Mean log loss over `data` (0 for no rows).
@@ -269,19 +475,24 @@ impl Logistic {
         if data.is_empty() {
             return 0.0;
         }
+        let shape = self.shape();
+        let p = self.params();
+        let mut act = vec![0.0; shape.units];
         let total: f64 = (0..data.len())
-            .map(|i| {
-                let z = self.logit(data.row(i));
-                // log(1 + e^z) - y z, computed without overflow.
-                let softplus = if z > 0.0 {
-                    z + (-z).exp().ln_1p()
-                } else {
-                    z.exp().ln_1p()
-                };
-                softplus - data.label(i) * z
-            })
+            .map(|i| log_loss_at(shape.logit(&p, data.row(i), &mut act), data.label(i)))
             .sum();
         total / data.len() as f64
+    }
+
+    fn check_width(&self, data: &Dataset) -> Result<(), Error> {
+        if data.dim != self.dim() {
+            return Err(Error::WrongWidth {
+                row: 0,
+                got: data.dim,
+                expected: self.dim(),
+            });
+        }
+        Ok(())
     }
 
     /// Mini-batch SGD from this (global) model on local `data`; returns the
@@ -291,61 +502,95 @@ impl Logistic {
         data: &Dataset,
         config: &TrainConfig,
         rng: &mut impl Rng,
-    ) -> Result<Logistic, Error> {
+    ) -> Result<Model, Error> {
         config.validate()?;
-        if data.dim != self.weights.len() {
-            return Err(Error::WrongWidth {
-                row: 0,
-                got: data.dim,
-                expected: self.weights.len(),
-            });
-        }
-        let mut model = self.clone();
+        self.check_width(data)?;
+        let shape = self.shape();
+        let start = self.params();
+        let mut p = start.clone();
         let mut order: Vec<usize> = (0..data.len()).collect();
-        let mut gradient = vec![0.0; self.weights.len()];
+        let mut gradient = vec![0.0; p.len()];
+        let mut act = vec![0.0; shape.units];
         for _ in 0..config.epochs {
             order.shuffle(rng);
             for batch in order.chunks(config.batch_size) {
                 gradient.iter_mut().for_each(|g| *g = 0.0);
-                let mut gradient_bias = 0.0;
                 for &i in batch {
                     let row = data.row(i);
-                    let error = model.predict(row) - data.label(i);
-                    for (g, x) in gradient.iter_mut().zip(row) {
-                        *g += error * x;
-                    }
-                    gradient_bias += error;
+                    let error = sigmoid(shape.logit(&p, row, &mut act)) - data.label(i);
+                    shape.add_gradient(&p, row, &act, error, &mut gradient);
                 }
                 let scale = 1.0 / batch.len() as f64;
-                for (j, w) in model.weights.iter_mut().enumerate() {
-                    let g = gradient[j] * scale
-                        + config.l2 * *w
-                        + config.proximal_mu * (*w - self.weights[j]);
+                for (j, w) in p.iter_mut().enumerate() {
+                    let l2 = if shape.is_weight(j) {
+                        config.l2 * *w
+                    } else {
+                        0.0
+                    };
+                    let g = gradient[j] * scale + l2 + config.proximal_mu * (*w - start[j]);
                     *w -= config.learning_rate * g;
                 }
-                let g = gradient_bias * scale + config.proximal_mu * (model.bias - self.bias);
-                model.bias -= config.learning_rate * g;
             }
         }
-        Ok(model)
+        self.with_params(&p)
     }
 
-    /// What a node contributes to FedAvg: `[n w..., n b, n]`.
+    /// The sum over `data` of each row's log-loss gradient at this model,
+    /// each clipped to L2 norm `clip` (DP-SGD's per-row clipping).
+    pub fn clipped_gradient_sum(&self, data: &Dataset, clip: f64) -> Result<Vec<f64>, Error> {
+        self.check_width(data)?;
+        let shape = self.shape();
+        let p = self.params();
+        let mut act = vec![0.0; shape.units];
+        let mut row_gradient = vec![0.0; p.len()];
+        let mut out = vec![0.0; p.len()];
+        for i in 0..data.len() {
+            let row = data.row(i);
+            let error = sigmoid(shape.logit(&p, row, &mut act)) - data.label(i);
+            row_gradient.iter_mut().for_each(|g| *g = 0.0);
+            shape.add_gradient(&p, row, &act, error, &mut row_gradient);
+            let norm = row_gradient.iter().map(|g| g * g).sum::<f64>().sqrt();
+            let scale = if norm > clip { clip / norm } else { 1.0 };
+            for (o, g) in out.iter_mut().zip(&row_gradient) {
+                *o += scale * g;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One gradient step from this model: `p - lr * (g + l2 * w)`, the L2
+    /// penalty on weights only.
+    pub fn step(&self, gradient: &[f64], learning_rate: f64, l2: f64) -> Result<Model, Error> {
+        let shape = self.shape();
+        let p: Vec<f64> = self
+            .params()
+            .iter()
+            .zip(gradient)
+            .enumerate()
+            .map(|(j, (w, g))| {
+                let penalty = if shape.is_weight(j) { l2 * w } else { 0.0 };
+                w - learning_rate * (g + penalty)
+            })
+            .collect();
+        self.with_params(&p)
+    }
+
+    /// What a node contributes to FedAvg: `[n p..., n]` over [`Self::params`].
     pub fn weighted(&self, samples: usize) -> Vec<f64> {
         let n = samples as f64;
-        let mut out: Vec<f64> = self.weights.iter().map(|w| w * n).collect();
-        out.push(self.bias * n);
+        let mut out: Vec<f64> = self.params().iter().map(|w| w * n).collect();
         out.push(n);
         out
     }
 
-    /// The sample-weighted average from the sum of nodes' [`Self::weighted`].
-    pub fn average_of(sum: &[f64]) -> Result<Logistic, Error> {
-        if sum.len() < 2 {
+    /// The sample-weighted average, shaped like this model, from the sum of
+    /// nodes' [`Self::weighted`].
+    pub fn average_of(&self, sum: &[f64]) -> Result<Model, Error> {
+        if sum.len() != self.param_count() + 1 {
             return Err(Error::WrongSumLength {
                 what: "a weighted model",
                 got: sum.len(),
-                dim: 0,
+                dim: self.dim(),
             });
         }
         let (params, n) = sum.split_at(sum.len() - 1);
@@ -353,10 +598,104 @@ impl Logistic {
         if n < 1.0 {
             return Err(Error::NoSamples(n));
         }
-        let (weights, bias) = params.split_at(params.len() - 1);
-        Ok(Logistic {
-            weights: weights.iter().map(|w| w / n).collect(),
-            bias: bias[0] / n,
-        })
+        let averaged: Vec<f64> = params.iter().map(|w| w / n).collect();
+        self.with_params(&averaged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    /// XOR of two signs: no linear model separates it.
+    fn xor(n: usize, rng: &mut StdRng) -> Dataset {
+        let mut d = Dataset::new(2);
+        for _ in 0..n {
+            let (a, b): (f64, f64) = (rng.gen_range(-1.0..1.0), rng.gen_range(-1.0..1.0));
+            d.push(&[a, b], (a > 0.0) != (b > 0.0)).unwrap();
+        }
+        d
+    }
+
+    fn auc(model: &Model, data: &Dataset) -> f64 {
+        metrics::auc(&model.predict_all(data), data.labels()).unwrap()
+    }
+
+    #[test]
+    fn mlp_gradients_match_finite_differences_of_the_log_loss() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let model = Model::mlp(3, 4, &mut rng).unwrap();
+        let mut data = Dataset::new(3);
+        data.push(&[0.3, -1.2, 0.8], true).unwrap();
+        let analytic = model.clipped_gradient_sum(&data, f64::INFINITY).unwrap();
+        let p = model.params();
+        assert_eq!(p.len(), 4 * 3 + 4 + 4 + 1);
+        assert_eq!(analytic.len(), p.len());
+        for j in 0..p.len() {
+            let h = 1e-6;
+            let at = |delta: f64| {
+                let mut q = p.clone();
+                q[j] += delta;
+                model.with_params(&q).unwrap().log_loss(&data)
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            assert!(
+                (numeric - analytic[j]).abs() < 1e-6,
+                "parameter {j}: {numeric} vs {}",
+                analytic[j]
+            );
+        }
+    }
+
+    #[test]
+    fn an_mlp_learns_what_logistic_regression_cannot() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let train = xor(4000, &mut rng);
+        let test = xor(2000, &mut rng);
+        let config = TrainConfig {
+            epochs: 40,
+            batch_size: 32,
+            learning_rate: 0.1,
+            proximal_mu: 0.0,
+            l2: 0.0,
+        };
+        let linear = Model::zeros(2).train(&train, &config, &mut rng).unwrap();
+        let mlp = Model::mlp(2, 8, &mut rng)
+            .unwrap()
+            .train(&train, &config, &mut rng)
+            .unwrap();
+        assert!(auc(&linear, &test) < 0.6, "{}", auc(&linear, &test));
+        assert!(auc(&mlp, &test) > 0.95, "{}", auc(&mlp, &test));
+    }
+
+    #[test]
+    fn parameters_flatten_and_average_back_into_the_same_shape() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let a = Model::mlp(3, 2, &mut rng).unwrap();
+        assert!(a.is_consistent());
+        assert_eq!(a.dim(), 3);
+        assert_eq!(a.with_params(&a.params()).unwrap(), a);
+        let b = a.with_params(&vec![1.0; a.param_count()]).unwrap();
+        let sum: Vec<f64> = a
+            .weighted(1)
+            .iter()
+            .zip(b.weighted(3))
+            .map(|(x, y)| x + y)
+            .collect();
+        let mean = a.average_of(&sum).unwrap();
+        for ((m, x), y) in mean.params().iter().zip(a.params()).zip(b.params()) {
+            assert!((m - (x + 3.0 * y) / 4.0).abs() < 1e-12);
+        }
+        assert!(a.average_of(&sum[1..]).is_err());
+        assert!(a.with_params(&[0.0; 3]).is_err());
+        assert!(Model::mlp(3, 0, &mut rng).is_err());
+        assert!(Model::mlp(3, MAX_HIDDEN_UNITS + 1, &mut rng).is_err());
+        // L2 leaves biases alone.
+        let stepped = b.step(&vec![0.0; b.param_count()], 0.5, 1.0).unwrap();
+        assert_eq!(stepped.bias, 1.0);
+        assert_eq!(stepped.hidden.as_ref().unwrap().bias, vec![1.0, 1.0]);
+        assert_eq!(stepped.weights, vec![0.5, 0.5]);
     }
 }

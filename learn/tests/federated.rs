@@ -7,7 +7,7 @@
 //! goes through a secure aggregation round; the coordinator side only ever
 //! decodes sums.
 
-use ghx_learn::{Dataset, Logistic, Standardiser, TrainConfig, metrics};
+use ghx_learn::{Dataset, Model, Standardiser, TrainConfig, metrics};
 use std::collections::BTreeMap;
 
 use ghx_secagg::{RoundParams, decode, encode, sum_in_process};
@@ -101,8 +101,12 @@ fn pooled(train: &[Dataset]) -> Dataset {
     all
 }
 
-fn federated(setup: &Setup, config: &TrainConfig, rounds: usize) -> Logistic {
-    let mut global = Logistic::zeros(FEATURES);
+fn federated(setup: &Setup, config: &TrainConfig, rounds: usize) -> Model {
+    federated_from(Model::zeros(FEATURES), setup, config, rounds)
+}
+
+fn federated_from(start: Model, setup: &Setup, config: &TrainConfig, rounds: usize) -> Model {
+    let mut global = start;
     let mut rngs: Vec<StdRng> = (0..setup.train.len())
         .map(|i| StdRng::seed_from_u64(7 + i as u64))
         .collect();
@@ -118,26 +122,33 @@ fn federated(setup: &Setup, config: &TrainConfig, rounds: usize) -> Logistic {
                     .weighted(data.len())
             })
             .collect();
-        global = Logistic::average_of(&secure_sum(&format!("round-{round}"), &updates)).unwrap();
+        global = global
+            .average_of(&secure_sum(&format!("round-{round}"), &updates))
+            .unwrap();
     }
     global
 }
 
-#[test]
-fn fedavg_and_fedprox_reach_the_pooled_models_auc_within_0_005() {
-    let setup = setup();
-    let config = TrainConfig {
+/// Each round's local step: one epoch of mini-batch SGD.
+fn one_epoch() -> TrainConfig {
+    TrainConfig {
         epochs: 1,
         batch_size: 64,
         learning_rate: 0.05,
         proximal_mu: 0.0,
         l2: 0.0,
-    };
+    }
+}
+
+#[test]
+fn fedavg_and_fedprox_reach_the_pooled_models_auc_within_0_005() {
+    let setup = setup();
+    let config = one_epoch();
     // The pooled model: the same optimiser, as many passes over all rows.
     let all = pooled(&setup.train);
     let mut rng = StdRng::seed_from_u64(1);
     let rounds = 30;
-    let central = Logistic::zeros(FEATURES)
+    let central = Model::zeros(FEATURES)
         .train(
             &all,
             &TrainConfig {
@@ -182,6 +193,41 @@ fn fedavg_and_fedprox_reach_the_pooled_models_auc_within_0_005() {
 }
 
 #[test]
+fn a_federated_mlp_reaches_the_pooled_mlps_auc() {
+    let setup = setup();
+    let config = one_epoch();
+    let rounds = 20;
+    let start = Model::mlp(FEATURES, 8, &mut StdRng::seed_from_u64(21)).unwrap();
+    let central = start
+        .train(
+            &pooled(&setup.train),
+            &TrainConfig {
+                epochs: rounds as u32,
+                ..config.clone()
+            },
+            &mut StdRng::seed_from_u64(1),
+        )
+        .unwrap();
+    let labels = setup.test.labels();
+    let central_auc = metrics::auc(&central.predict_all(&setup.test), labels).unwrap();
+    let fedavg = federated_from(start.clone(), &setup, &config, rounds);
+    assert_eq!(fedavg.param_count(), start.param_count());
+    let fedavg_auc = metrics::auc(&fedavg.predict_all(&setup.test), labels).unwrap();
+    let untrained_auc = metrics::auc(&start.predict_all(&setup.test), labels).unwrap();
+    eprintln!(
+        "MLP AUC: untrained {untrained_auc:.4}, pooled {central_auc:.4}, FedAvg {fedavg_auc:.4}"
+    );
+    assert!(
+        central_auc > 0.7,
+        "the pooled MLP discriminates: {central_auc}"
+    );
+    assert!(
+        (fedavg_auc - central_auc).abs() < 0.005,
+        "FedAvg MLP AUC {fedavg_auc} vs pooled {central_auc}"
+    );
+}
+
+#[test]
 fn an_untrained_model_does_not_pass_the_same_bar() {
     // The comparison above can fail: a model trained for one round on one
     // small hospital only is measurably worse than the pooled one.
@@ -194,11 +240,11 @@ fn an_untrained_model_does_not_pass_the_same_bar() {
         l2: 0.0,
     };
     let mut rng = StdRng::seed_from_u64(3);
-    let weak = Logistic::zeros(FEATURES)
+    let weak = Model::zeros(FEATURES)
         .train(&setup.train[2], &config, &mut rng)
         .unwrap();
     let all = pooled(&setup.train);
-    let strong = Logistic::zeros(FEATURES)
+    let strong = Model::zeros(FEATURES)
         .train(
             &all,
             &TrainConfig {
@@ -236,7 +282,7 @@ fn bad_settings_and_rows_are_named() {
         proximal_mu: 0.0,
         l2: 0.0,
     };
-    let err = Logistic::zeros(2)
+    let err = Model::zeros(2)
         .train(&data, &config, &mut StdRng::seed_from_u64(0))
         .unwrap_err();
     assert_eq!(
@@ -244,7 +290,7 @@ fn bad_settings_and_rows_are_named() {
         "training setting learning_rate is -1; expected in (0, 10]"
     );
     assert_eq!(
-        Logistic::average_of(&[1.0, 2.0, 0.0]).unwrap_err(),
+        Model::zeros(1).average_of(&[1.0, 2.0, 0.0]).unwrap_err(),
         ghx_learn::Error::NoSamples(0.0)
     );
 }

@@ -158,6 +158,7 @@ fn status(error: &ApiError) -> Status {
             | training::Error::NotParticipant(_)
             | training::Error::Dimension { .. }
             | training::Error::Model(_)
+            | training::Error::ModelShape
             | training::Error::SecAgg(_)
             | training::Error::Extract(crate::views::Error::View(_)),
         ) => Status::invalid_argument(error.to_string()),
@@ -643,7 +644,7 @@ impl NodeApi {
             note_capability(&mut entry, &admitted.claims);
             entry.policy_reasons = admitted.access.summary();
             let spec = &admitted.training;
-            let expected = phase.len(spec.features.len());
+            let expected = phase.len(spec.features.len(), spec.param_count());
             if params.dim != expected {
                 return Err(training::Error::Dimension {
                     round: params.round.clone(),

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 pub use ghx_learn::federated::Phase;
 use ghx_learn::federated::{self, EvaluationSums, Metrics};
-use ghx_learn::{Dataset, Logistic, Standardiser, TrainConfig};
+use ghx_learn::{Dataset, Standardiser, TrainConfig};
 use ghx_secagg::{Advertise, Client, EncryptedShare, MaskedInput, RoundParams, Unmasking};
 use ghx_study::training::{Algorithm, ModelDocument, TrainingSpec};
 use sha2::{Digest, Sha256};
@@ -55,6 +55,8 @@ pub enum Error {
     TooFew { short: Vec<&'static str>, min: u32 },
     #[error("the model sent with the round: {0}")]
     Model(#[from] ghx_study::training::Error),
+    #[error("the model sent with a training round is not of the kind and size the training trains")]
+    ModelShape,
     #[error("training: {0}")]
     Learn(#[from] ghx_learn::Error),
     #[error("secure aggregation: {0}")]
@@ -245,10 +247,7 @@ pub fn contribution(
         });
     }
     let model = ModelDocument::parse_for(model_json, spec)?;
-    let global = Logistic {
-        weights: model.weights.clone(),
-        bias: model.bias,
-    };
+    let global = model.model();
     let holdout = standardised(&data.holdout, &model);
     if phase == Phase::Evaluate {
         let sums = EvaluationSums::of(&global, &holdout);
@@ -265,6 +264,10 @@ pub fn contribution(
             values: sums.to_vec(),
             metrics: releasable.then_some(metrics),
         });
+    }
+    // Nodes sum parameter vectors of the training's shape.
+    if !model.is_shaped_for(spec) {
+        return Err(Error::ModelShape);
     }
     let train = standardised(&data.train, &model);
     // One generator per round, seeded from the operating system: a
@@ -519,7 +522,7 @@ mod tests {
         );
         assert!(!e.contains('3'), "{e}");
         let ok = contribution(Phase::Moments, spec, &data, b"", 3).unwrap();
-        assert_eq!(ok.values.len(), Phase::Moments.len(5));
+        assert_eq!(ok.values.len(), Phase::Moments.len(5, 6));
         assert_eq!(ok.values[0], 30.0);
     }
 

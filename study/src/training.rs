@@ -13,6 +13,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use ghx_learn::{Hidden, Model};
+
 use crate::query::{self, Analysis, Cohort, Event, QuerySpec, Sex, Variable};
 
 /// Most features one model may use.
@@ -58,8 +60,31 @@ pub struct Feature {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
+    /// Logistic regression.
     #[default]
     Logistic,
+    /// A small multilayer perceptron: one hidden layer of
+    /// `hidden_units` tanh units, a sigmoid output.
+    Mlp,
+}
+
+/// The hidden layer's activation; tanh is the only one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    #[default]
+    Tanh,
+}
+
+/// A model document's hidden layer (an MLP's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HiddenLayer {
+    pub activation: Activation,
+    /// One row per unit, one weight per feature in feature order.
+    pub weights: Vec<Vec<f64>>,
+    /// One per unit.
+    pub bias: Vec<f64>,
 }
 
 /// How local updates are combined.
@@ -188,6 +213,10 @@ pub struct TrainingSpec {
     pub label: Event,
     #[serde(default)]
     pub model: ModelKind,
+    /// Hidden units of an MLP (1 to [`ghx_learn::MAX_HIDDEN_UNITS`]);
+    /// only for `mlp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_units: Option<u32>,
     pub optimiser: Optimiser,
     pub rounds: u32,
     /// Fewest nodes that must take part in every step of a round (and hold
@@ -233,6 +262,21 @@ impl TrainingSpec {
         }
         if self.label == Event::default() {
             return Err(invalid("label", "needs at least one criterion"));
+        }
+        match (self.model, self.hidden_units) {
+            (ModelKind::Logistic, Some(_)) => {
+                return Err(invalid("hidden_units", "is only for model `mlp`"));
+            }
+            (ModelKind::Mlp, None) => {
+                return Err(invalid("hidden_units", "model `mlp` needs hidden_units"));
+            }
+            (ModelKind::Mlp, Some(h)) if h == 0 || h as usize > ghx_learn::MAX_HIDDEN_UNITS => {
+                return Err(invalid(
+                    "hidden_units",
+                    format!("must be 1 to {}", ghx_learn::MAX_HIDDEN_UNITS),
+                ));
+            }
+            _ => {}
         }
         let o = &self.optimiser;
         if !(o.learning_rate > 0.0 && o.learning_rate <= 10.0) {
@@ -353,6 +397,27 @@ impl TrainingSpec {
     pub fn feature_names(&self) -> Vec<String> {
         self.features.iter().map(|f| f.name.clone()).collect()
     }
+
+    /// How many parameters the trained model has.
+    pub fn param_count(&self) -> usize {
+        let d = self.features.len();
+        match self.hidden_units {
+            Some(h) if self.model == ModelKind::Mlp => h as usize * (d + 2) + 1,
+            _ => d + 1,
+        }
+    }
+
+    /// The model training starts from: logistic regression at zero, or an
+    /// MLP with random weights (drawn from `rng`) so its units differ.
+    pub fn initial_model(&self, rng: &mut impl rand::Rng) -> Result<Model, Error> {
+        let d = self.features.len();
+        match (self.model, self.hidden_units) {
+            (ModelKind::Mlp, Some(h)) => {
+                Model::mlp(d, h as usize, rng).map_err(|e| invalid("hidden_units", e.to_string()))
+            }
+            _ => Ok(Model::zeros(d)),
+        }
+    }
 }
 
 /// The version of [`ModelDocument`].
@@ -372,11 +437,64 @@ pub struct ModelDocument {
     /// Features are standardised as (x - mean) / sd before weighting.
     pub mean: Vec<f64>,
     pub sd: Vec<f64>,
+    /// An MLP's hidden layer, which reads the standardised features.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<HiddenLayer>,
+    /// Output weights: one per feature, or for an MLP one per hidden unit.
     pub weights: Vec<f64>,
     pub bias: f64,
 }
 
 impl ModelDocument {
+    /// The document of `model`, trained for `spec` on features
+    /// standardised with `mean` and `sd`.
+    pub fn new(spec: &TrainingSpec, mean: &[f64], sd: &[f64], model: &Model) -> Self {
+        let units = model.hidden.as_ref().map_or(0, |h| h.units());
+        ModelDocument {
+            version: MODEL_VERSION.to_owned(),
+            model: if units > 0 {
+                ModelKind::Mlp
+            } else {
+                ModelKind::Logistic
+            },
+            features: spec.features.clone(),
+            label: spec.label.clone(),
+            mean: mean.to_vec(),
+            sd: sd.to_vec(),
+            hidden: model.hidden.as_ref().map(|h| HiddenLayer {
+                activation: Activation::Tanh,
+                weights: h
+                    .weights
+                    .chunks(h.weights.len() / units)
+                    .map(<[f64]>::to_vec)
+                    .collect(),
+                bias: h.bias.clone(),
+            }),
+            weights: model.weights.clone(),
+            bias: model.bias,
+        }
+    }
+
+    /// The model to compute with (on standardised features).
+    pub fn model(&self) -> Model {
+        Model {
+            hidden: self.hidden.as_ref().map(|h| Hidden {
+                weights: h.weights.concat(),
+                bias: h.bias.clone(),
+            }),
+            weights: self.weights.clone(),
+            bias: self.bias,
+        }
+    }
+
+    /// Whether this model has the shape `spec` trains (kind and hidden
+    /// units): a training round's model must, a model sent for external
+    /// validation need not.
+    pub fn is_shaped_for(&self, spec: &TrainingSpec) -> bool {
+        let units = self.hidden.as_ref().map(|h| h.bias.len() as u32);
+        self.model == spec.model && units == spec.hidden_units
+    }
+
     /// Parses a model and checks it is usable with `spec`'s features.
     pub fn parse_for(json: &[u8], spec: &TrainingSpec) -> Result<Self, Error> {
         let doc: ModelDocument =
@@ -394,18 +512,60 @@ impl ModelDocument {
             ));
         }
         let d = spec.features.len();
-        if doc.mean.len() != d || doc.sd.len() != d || doc.weights.len() != d {
+        if doc.mean.len() != d || doc.sd.len() != d {
             return Err(invalid(
                 "model",
-                format!("mean, sd and weights must each hold {d} values"),
+                format!("mean and sd must each hold {d} values"),
             ));
         }
+        let outputs = match (doc.model, &doc.hidden) {
+            (ModelKind::Logistic, None) => d,
+            (ModelKind::Mlp, Some(h)) => {
+                let units = h.bias.len();
+                if units == 0 || units > ghx_learn::MAX_HIDDEN_UNITS {
+                    return Err(invalid(
+                        "model.hidden.bias",
+                        format!(
+                            "must hold one value per hidden unit, 1 to {}",
+                            ghx_learn::MAX_HIDDEN_UNITS
+                        ),
+                    ));
+                }
+                if h.weights.len() != units || h.weights.iter().any(|row| row.len() != d) {
+                    return Err(invalid(
+                        "model.hidden.weights",
+                        format!("must hold {units} rows (one per unit) of {d} values"),
+                    ));
+                }
+                units
+            }
+            (ModelKind::Logistic, Some(_)) => {
+                return Err(invalid("model.hidden", "is only for model `mlp`"));
+            }
+            (ModelKind::Mlp, None) => {
+                return Err(invalid(
+                    "model.hidden",
+                    "model `mlp` needs its hidden layer",
+                ));
+            }
+        };
+        if doc.weights.len() != outputs {
+            return Err(invalid(
+                "model.weights",
+                format!("must hold {outputs} values (one per feature or hidden unit)"),
+            ));
+        }
+        let hidden_values = doc
+            .hidden
+            .iter()
+            .flat_map(|h| h.weights.iter().flatten().chain(&h.bias));
         let finite = doc
             .mean
             .iter()
             .chain(&doc.sd)
             .chain(&doc.weights)
             .chain(std::iter::once(&doc.bias))
+            .chain(hidden_values)
             .all(|x| x.is_finite());
         if !finite || doc.sd.iter().any(|s| *s <= 0.0) {
             return Err(invalid(
@@ -551,18 +711,81 @@ mod tests {
             label: t.label.clone(),
             mean: vec![0.0; d],
             sd: vec![1.0; d],
+            hidden: None,
             weights: vec![0.5; d],
             bias: -1.0,
         };
         let json = serde_json::to_vec(&doc).unwrap();
         assert_eq!(ModelDocument::parse_for(&json, &t).unwrap(), doc);
+        assert!(doc.is_shaped_for(&t));
         let mut short = doc.clone();
         short.weights.pop();
         let e = ModelDocument::parse_for(&serde_json::to_vec(&short).unwrap(), &t).unwrap_err();
-        assert!(e.to_string().contains("must each hold"), "{e}");
+        assert!(e.to_string().contains("one per feature"), "{e}");
         let mut other = doc;
         other.features.reverse();
         let e = ModelDocument::parse_for(&serde_json::to_vec(&other).unwrap(), &t).unwrap_err();
         assert!(e.to_string().contains("differ"), "{e}");
+    }
+
+    #[test]
+    fn an_mlp_training_names_its_hidden_units_and_its_model_carries_them() {
+        let mut t = training();
+        t.model = ModelKind::Mlp;
+        let e = t.validate().unwrap_err().to_string();
+        assert!(e.contains("needs hidden_units"), "{e}");
+        t.hidden_units = Some(0);
+        assert!(t.validate().unwrap_err().to_string().contains("1 to 64"));
+        t.hidden_units = Some(4);
+        t.validate().unwrap();
+        let d = t.features.len();
+        assert_eq!(t.param_count(), 4 * d + 4 + 4 + 1);
+        let mut logistic = training();
+        logistic.hidden_units = Some(4);
+        assert!(
+            logistic
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("only for model `mlp`")
+        );
+        // A logistic training's canonical form has no hidden_units, so
+        // manifests approved before MLPs keep their digest.
+        assert!(
+            !String::from_utf8(training().canonical_json())
+                .unwrap()
+                .contains("hidden")
+        );
+
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let model = t.initial_model(&mut rng).unwrap();
+        assert_eq!(model.param_count(), t.param_count());
+        let doc = ModelDocument::new(&t, &vec![0.0; d], &vec![1.0; d], &model);
+        assert_eq!(doc.model, ModelKind::Mlp);
+        assert!(doc.is_shaped_for(&t) && !doc.is_shaped_for(&training()));
+        let json = serde_json::to_vec(&doc).unwrap();
+        let back = ModelDocument::parse_for(&json, &t).unwrap();
+        // (JSON numbers read back to within an ulp.)
+        let read = back.model().params();
+        assert_eq!(read.len(), model.param_count());
+        assert!(
+            read.iter()
+                .zip(model.params())
+                .all(|(a, b)| (a - b).abs() < 1e-15)
+        );
+        // An MLP may be sent for validation under a logistic training.
+        ModelDocument::parse_for(&json, &training()).unwrap();
+
+        let mut ragged = doc.clone();
+        ragged.hidden.as_mut().unwrap().weights[2].pop();
+        let e = ModelDocument::parse_for(&serde_json::to_vec(&ragged).unwrap(), &t).unwrap_err();
+        assert!(
+            e.to_string().contains("4 rows (one per unit) of 5 values"),
+            "{e}"
+        );
+        let mut headless = doc;
+        headless.hidden = None;
+        let e = ModelDocument::parse_for(&serde_json::to_vec(&headless).unwrap(), &t).unwrap_err();
+        assert!(e.to_string().contains("needs its hidden layer"), "{e}");
     }
 }

@@ -6,18 +6,19 @@ use std::time::Duration;
 
 use ghx::local_federation::{LocalFederation, LocalFederationOptions, RESEARCHER};
 use ghx_coordinator::store::{CoordinatorStore, TrainingRunRow};
-use ghx_coordinator::training::{RunStatus, TrainingRecord};
+use ghx_coordinator::training::{Evaluation, RunStatus, TrainingRecord};
 use ghx_learn::metrics;
-use ghx_learn::{Dataset, Logistic, Standardiser};
+use ghx_learn::{Dataset, Model, Standardiser};
 use ghx_node::policy::PolicyDir;
 use ghx_node::training::{self, Extracted};
 use ghx_proto::v1 as pb;
 use ghx_study::manifest::StudyManifest;
-use ghx_study::training::TrainingSpec;
+use ghx_study::training::{ModelDocument, TrainingSpec};
 use rand::SeedableRng;
 
 const MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model.json");
 const DP_MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model-dp.json");
+const MLP_MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-mlp.json");
 const PATIENTS: usize = 1500;
 
 async fn start() -> (LocalFederation, tempfile::TempDir) {
@@ -57,6 +58,48 @@ async fn finished(federation: &LocalFederation, member: &str, run_id: &str) -> T
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     panic!("training run {run_id} did not finish in 5 minutes");
+}
+
+/// Starts the researcher's run of `training` (empty: the study's first)
+/// and waits for it to stop.
+async fn run_to_end(
+    federation: &LocalFederation,
+    study_id: &str,
+    training: &str,
+) -> TrainingRecord {
+    let status = federation
+        .client(RESEARCHER)
+        .await
+        .unwrap()
+        .start_training(pb::StartTrainingRequest {
+            study_id: study_id.to_owned(),
+            training: training.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    finished(federation, RESEARCHER, &status.run_id).await
+}
+
+/// External validation of `model` as the researcher uploads it.
+async fn validate(
+    federation: &LocalFederation,
+    study_id: &str,
+    training: &str,
+    model: &ModelDocument,
+) -> Result<Evaluation, tonic::Status> {
+    let report = federation
+        .client(RESEARCHER)
+        .await
+        .unwrap()
+        .validate_model(pb::ValidateModelRequest {
+            study_id: study_id.to_owned(),
+            training: training.to_owned(),
+            model_json: serde_json::to_vec(model).unwrap(),
+        })
+        .await?
+        .into_inner();
+    Ok(serde_json::from_slice(&report.report_json).unwrap())
 }
 
 /// Each node's rows, read as the node reads them (same consent context).
@@ -126,18 +169,7 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     );
     assert!(refused.model.is_none());
 
-    let status = federation
-        .client(RESEARCHER)
-        .await
-        .unwrap()
-        .start_training(pb::StartTrainingRequest {
-            study_id: study_id.clone(),
-            training: "t2d-risk".to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let record = finished(&federation, RESEARCHER, &status.run_id).await;
+    let record = run_to_end(&federation, &study_id, "t2d-risk").await;
     assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
     assert_eq!(record.rounds.len(), spec.rounds as usize);
     let nodes: Vec<String> = federation
@@ -177,15 +209,12 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     standardiser.apply(&mut train_s);
     standardiser.apply(&mut holdout_s);
     let config = training::train_config(&spec);
-    let mut central = Logistic::zeros(dim);
+    let mut central = Model::zeros(dim);
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     for _ in 0..spec.rounds {
         central = central.train(&train_s, &config, &mut rng).unwrap();
     }
-    let federated = Logistic {
-        weights: model.weights.clone(),
-        bias: model.bias,
-    };
+    let federated = model.model();
     let pooled_auc =
         metrics::auc(&central.predict_all(&holdout_s), holdout_s.labels()).expect("both classes");
     let federated_auc =
@@ -228,37 +257,18 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     }
 
     // External validation of the model as a requester would upload it.
-    let report = federation
-        .client(RESEARCHER)
+    let validation = validate(&federation, &study_id, &spec.name, &model)
         .await
-        .unwrap()
-        .validate_model(pb::ValidateModelRequest {
-            study_id: study_id.clone(),
-            training: spec.name.clone(),
-            model_json: serde_json::to_vec(&model).unwrap(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let validation: ghx_coordinator::training::Evaluation =
-        serde_json::from_slice(&report.report_json).unwrap();
+        .unwrap();
     assert_eq!(validation.pooled, evaluation.pooled);
     let mut wrong = model.clone();
     wrong.weights.pop();
-    let bad = federation
-        .client(RESEARCHER)
-        .await
-        .unwrap()
-        .validate_model(pb::ValidateModelRequest {
-            study_id: study_id.clone(),
-            training: spec.name.clone(),
-            model_json: serde_json::to_vec(&wrong).unwrap(),
-        })
+    let bad = validate(&federation, &study_id, &spec.name, &wrong)
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(
-        bad.message().contains("must each hold"),
+        bad.message().contains("one per feature"),
         "{}",
         bad.message()
     );
@@ -303,11 +313,7 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     assert!(record.rounds[4..].iter().all(|r| r.keys_ahead));
     let resumed_model = record.model.unwrap();
     let resumed_auc = metrics::auc(
-        &Logistic {
-            weights: resumed_model.weights,
-            bias: resumed_model.bias,
-        }
-        .predict_all(&holdout_s),
+        &resumed_model.model().predict_all(&holdout_s),
         holdout_s.labels(),
     )
     .unwrap();
@@ -316,6 +322,91 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
         "resumed AUC {resumed_auc} vs pooled {pooled_auc}"
     );
 
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_mlp_trains_evaluates_and_validates_like_one_trained_on_pooled_rows() {
+    let (federation, _dir) = start().await;
+    let manifest = StudyManifest::parse(MLP_MANIFEST.as_bytes()).unwrap();
+    let spec = manifest.trainings[0].clone();
+    let units = spec.hidden_units.unwrap() as usize;
+    let study_id = federation
+        .approved_study(RESEARCHER, MLP_MANIFEST.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let record = run_to_end(&federation, &study_id, "").await;
+    assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
+    assert_eq!(record.rounds.len(), spec.rounds as usize);
+    let model = record.model.clone().unwrap();
+    let dim = spec.features.len();
+    assert_eq!(model.model, ghx_study::training::ModelKind::Mlp);
+    let hidden = model
+        .hidden
+        .as_ref()
+        .expect("an MLP document has its hidden layer");
+    assert_eq!(hidden.bias.len(), units);
+    assert!(hidden.weights.iter().all(|row| row.len() == dim));
+    assert_eq!(model.weights.len(), units);
+    for round in &record.rounds {
+        assert_eq!(round.contributors.len(), 3, "round {}", round.round);
+        assert_eq!(round.hidden.as_ref().map(|h| h.units()), Some(units));
+    }
+    let first = record.rounds.first().unwrap().train_loss;
+    let last = record.rounds.last().unwrap().train_loss;
+    assert!(last < first - 0.05, "loss {first} -> {last}");
+
+    // The same rows pooled, the same optimiser as many epochs as rounds,
+    // from an MLP of the same size.
+    let parts = rows_at(&federation, &spec, &manifest.purpose);
+    let mut train = pooled(parts.iter().map(|p| p.train.clone()), dim);
+    let mut holdout = pooled(parts.iter().map(|p| p.holdout.clone()), dim);
+    let standardiser = Standardiser {
+        mean: model.mean.clone(),
+        sd: model.sd.clone(),
+    };
+    standardiser.apply(&mut train);
+    standardiser.apply(&mut holdout);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut central = spec.initial_model(&mut rng).unwrap();
+    let config = training::train_config(&spec);
+    for _ in 0..spec.rounds {
+        central = central.train(&train, &config, &mut rng).unwrap();
+    }
+    let auc = |m: &Model| metrics::auc(&m.predict_all(&holdout), holdout.labels()).unwrap();
+    let (pooled_auc, federated_auc) = (auc(&central), auc(&model.model()));
+    let reported = record.evaluation.as_ref().unwrap().pooled.auc.unwrap();
+    eprintln!(
+        "MLP: pooled AUC {pooled_auc:.4}, federated AUC {federated_auc:.4} (reported {reported:.4})"
+    );
+    assert!(pooled_auc > 0.7, "pooled MLP AUC {pooled_auc}");
+    assert!(
+        (federated_auc - pooled_auc).abs() < 0.01,
+        "federated MLP AUC {federated_auc} vs pooled {pooled_auc}"
+    );
+    // The nodes evaluated the MLP as it is computed here.
+    assert!(
+        (reported - federated_auc).abs() < 0.002,
+        "reported {reported} vs exact {federated_auc}"
+    );
+
+    // External validation takes the MLP document back; a malformed hidden
+    // layer is refused with the field named.
+    let validation = validate(&federation, &study_id, &spec.name, &model)
+        .await
+        .unwrap();
+    assert_eq!(validation.pooled, record.evaluation.unwrap().pooled);
+    let mut ragged = model.clone();
+    ragged.hidden.as_mut().unwrap().weights[0].pop();
+    let bad = validate(&federation, &study_id, &spec.name, &ragged)
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad.message().contains("model.hidden.weights"),
+        "{}",
+        bad.message()
+    );
     federation.shutdown().await;
 }
 
@@ -574,7 +665,8 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
                     round: round.clone(),
                     participants: ids.clone(),
                     threshold: 2,
-                    dim: training::Phase::Moments.len(spec.features.len()) as u32,
+                    dim: training::Phase::Moments.len(spec.features.len(), spec.param_count())
+                        as u32,
                 }),
                 phase: "moments".to_owned(),
             })
