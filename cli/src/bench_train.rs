@@ -46,6 +46,9 @@ pub struct TrainBenchOptions {
     pub patients_per_node: usize,
     pub rounds: u32,
     pub seed: u64,
+    /// Hidden units of an MLP trained instead of logistic regression;
+    /// Flower (logistic regression) is then skipped.
+    pub mlp_hidden_units: Option<u32>,
     /// A Python with `flwr` and `numpy`; None skips the comparison.
     pub flower_python: Option<PathBuf>,
     /// `bench/flower_fedavg.py`.
@@ -148,6 +151,10 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         serde_json::from_str(MANIFEST).expect("the example manifest is JSON");
     manifest_value["trainings"][0]["rounds"] = options.rounds.into();
     manifest_value["trainings"][0]["round_deadline_seconds"] = 600.into();
+    if let Some(units) = options.mlp_hidden_units {
+        manifest_value["trainings"][0]["model"] = "mlp".into();
+        manifest_value["trainings"][0]["hidden_units"] = units.into();
+    }
     let manifest_json = serde_json::to_vec(&manifest_value).expect("JSON serializes");
     let manifest = StudyManifest::parse(&manifest_json)
         .map_err(|e| Error::Incomplete(format!("benchmark manifest: {e}")))?;
@@ -213,6 +220,9 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
 
     let flower = match &options.flower_python {
         None => Err("no --flower-python given".to_owned()),
+        Some(_) if options.mlp_hidden_units.is_some() => {
+            Err("the Flower side trains logistic regression only".to_owned())
+        }
         Some(python) => {
             let mut csvs = Vec::new();
             for (node, part) in federation.nodes.iter().zip(&parts) {

@@ -224,6 +224,10 @@ struct BenchTrainArgs {
     rounds: u32,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Train a small MLP with this many hidden units instead of logistic
+    /// regression (Flower, which runs logistic regression, is then skipped).
+    #[arg(long)]
+    mlp_hidden_units: Option<u32>,
     /// A Python interpreter with flwr and numpy installed
     /// (`pip install flwr numpy`); without it Flower is skipped.
     #[arg(long)]
@@ -820,9 +824,13 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
     let temp = tempfile::tempdir()?;
     let dir = args.dir.unwrap_or_else(|| temp.path().to_owned());
     println!(
-        "bench train: 3 nodes x {} patients, {} rounds of FedAvg ({} build)",
+        "bench train: 3 nodes x {} patients, {} rounds of FedAvg, {} ({} build)",
         args.patients,
         args.rounds,
+        args.mlp_hidden_units.map_or_else(
+            || "logistic regression".to_owned(),
+            |units| format!("MLP with {units} hidden units")
+        ),
         if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -834,6 +842,7 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
         patients_per_node: args.patients,
         rounds: args.rounds,
         seed: args.seed,
+        mlp_hidden_units: args.mlp_hidden_units,
         flower_python: args.flower_python,
         flower_script: args.flower_script,
     })

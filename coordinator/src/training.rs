@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
+use ghx_learn::Standardiser;
 use ghx_learn::federated::{self, EvaluationSums, Metrics, Phase};
-use ghx_learn::{Hidden, Standardiser};
 use ghx_proto::round;
 use ghx_proto::v1 as pb;
 use ghx_secagg::{Aggregator, RoundParams};
@@ -130,11 +130,13 @@ pub struct RoundRecord {
     /// Whether the round's keys were agreed while the step before computed.
     #[serde(default)]
     pub keys_ahead: bool,
-    /// The global model after the round (standardised features): an
-    /// MLP's hidden layer, the output weights and bias.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hidden: Option<Hidden>,
+    /// The global logistic model after the round (standardised features).
+    /// Empty for an MLP: the record is saved whole after every round, and
+    /// keeping every round's MLP would grow it by a whole model each round
+    /// (up to 64 x 66 + 1 parameters); the run's `model` is the latest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub weights: Vec<f64>,
+    #[serde(default)]
     pub bias: f64,
 }
 
@@ -806,6 +808,10 @@ pub async fn advance(
             ));
             let mut holdout = totals.evaluation.metrics();
             holdout.calibration.clear();
+            let (weights, bias) = match &totals.model.hidden {
+                None => (totals.model.weights.clone(), totals.model.bias),
+                Some(_) => (Vec::new(), 0.0),
+            };
             next.rounds.push(RoundRecord {
                 round: number,
                 contributors: round.contributors,
@@ -817,9 +823,8 @@ pub async fn advance(
                 local_seconds: round.local_seconds,
                 steps_ms: round.steps_ms,
                 keys_ahead: round.keys_ahead,
-                hidden: totals.model.hidden.clone(),
-                weights: totals.model.weights.clone(),
-                bias: totals.model.bias,
+                weights,
+                bias,
             });
         }
         Some(model) => {
