@@ -449,10 +449,9 @@ impl ModelDocument {
     /// The document of `model`, trained for `spec` on features
     /// standardised with `mean` and `sd`.
     pub fn new(spec: &TrainingSpec, mean: &[f64], sd: &[f64], model: &Model) -> Self {
-        let units = model.hidden.as_ref().map_or(0, |h| h.units());
         ModelDocument {
             version: MODEL_VERSION.to_owned(),
-            model: if units > 0 {
+            model: if model.hidden.is_some() {
                 ModelKind::Mlp
             } else {
                 ModelKind::Logistic
@@ -465,7 +464,7 @@ impl ModelDocument {
                 activation: Activation::Tanh,
                 weights: h
                     .weights
-                    .chunks(h.weights.len() / units)
+                    .chunks(model.dim().max(1))
                     .map(<[f64]>::to_vec)
                     .collect(),
                 bias: h.bias.clone(),
