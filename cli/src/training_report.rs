@@ -119,48 +119,47 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
             serde_json::to_string(&spec.cohort).unwrap_or_default()
         );
     }
-    if let Some(model) = record.model.as_ref().filter(|m| m.hidden.is_some()) {
-        let _ = writeln!(out, "\n## Features\n");
-        let _ = writeln!(
-            out,
-            "Each feature is standardised as (x − mean) / sd with the federation's pooled moments and read by every hidden unit; an MLP's weights have no per-feature reading (the model JSON holds them all).\n"
-        );
-        let _ = writeln!(out, "| feature | definition | mean | sd |");
-        let _ = writeln!(out, "|---|---|---:|---:|");
-        for (i, f) in model.features.iter().enumerate() {
+    if let Some(model) = &record.model {
+        // A logistic model's weights read per feature; an MLP's do not.
+        let logistic = model.hidden.is_none();
+        if logistic {
+            let _ = writeln!(out, "\n## Features and weights\n");
             let _ = writeln!(
                 out,
-                "| {} | `{}` | {:.4} | {:.4} |",
+                "Each feature is standardised as (x − mean) / sd with the federation's pooled moments; the weight is per standard deviation.\n"
+            );
+            let _ = writeln!(
+                out,
+                "| feature | definition | mean | sd | weight | odds ratio per sd |"
+            );
+            let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
+        } else {
+            let _ = writeln!(out, "\n## Features\n");
+            let _ = writeln!(
+                out,
+                "Each feature is standardised as (x − mean) / sd with the federation's pooled moments and read by every hidden unit; an MLP's weights have no per-feature reading (the model JSON holds them all).\n"
+            );
+            let _ = writeln!(out, "| feature | definition | mean | sd |");
+            let _ = writeln!(out, "|---|---|---:|---:|");
+        }
+        for (i, f) in model.features.iter().enumerate() {
+            let weight = if logistic {
+                format!(" {:.4} | {:.3} |", model.weights[i], model.weights[i].exp())
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "| {} | `{}` | {:.4} | {:.4} |{weight}",
                 f.name,
                 definition(f),
                 model.mean[i],
                 model.sd[i]
             );
         }
-    } else if let Some(model) = &record.model {
-        let _ = writeln!(out, "\n## Features and weights\n");
-        let _ = writeln!(
-            out,
-            "Each feature is standardised as (x − mean) / sd with the federation's pooled moments; the weight is per standard deviation.\n"
-        );
-        let _ = writeln!(
-            out,
-            "| feature | definition | mean | sd | weight | odds ratio per sd |"
-        );
-        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|");
-        for (i, f) in model.features.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "| {} | `{}` | {:.4} | {:.4} | {:.4} | {:.3} |",
-                f.name,
-                definition(f),
-                model.mean[i],
-                model.sd[i],
-                model.weights[i],
-                model.weights[i].exp()
-            );
+        if logistic {
+            let _ = writeln!(out, "| (intercept) | | | | {:.4} | |", model.bias);
         }
-        let _ = writeln!(out, "| (intercept) | | | | {:.4} | |", model.bias);
     }
     let _ = writeln!(out, "\n## Data and evaluation\n");
     let _ = writeln!(
@@ -444,6 +443,12 @@ mod tests {
             logistic.contains("- Model: logistic regression;"),
             "{logistic}"
         );
-        assert!(logistic.contains("odds ratio per sd"));
+        assert!(logistic.contains("odds ratio per sd") && logistic.contains("| (intercept) |"));
+        // Every feature row of the MLP's card has four columns.
+        let age = mlp.lines().find(|l| l.starts_with("| age |")).unwrap();
+        assert_eq!(age.matches('|').count(), 5, "{age}");
+        let age = logistic.lines().find(|l| l.starts_with("| age |")).unwrap();
+        assert_eq!(age.matches('|').count(), 7, "{age}");
+        assert!(!mlp.contains("| (intercept) |"));
     }
 }

@@ -285,13 +285,19 @@ struct Shape {
     units: usize,
 }
 
+/// How many parameters a model on `dim` features has with `units` hidden
+/// units (0: logistic regression).
+pub fn param_count(dim: usize, units: usize) -> usize {
+    if units == 0 {
+        dim + 1
+    } else {
+        units * (dim + 2) + 1
+    }
+}
+
 impl Shape {
     fn len(self) -> usize {
-        if self.units == 0 {
-            self.dim + 1
-        } else {
-            self.units * (self.dim + 2) + 1
-        }
+        param_count(self.dim, self.units)
     }
 
     /// Where the output weights start.
@@ -408,19 +414,6 @@ impl Model {
         self.shape().len()
     }
 
-    /// Whether the parts' lengths agree (a deserialised model may not).
-    pub fn is_consistent(&self) -> bool {
-        match &self.hidden {
-            None => true,
-            Some(h) => {
-                h.units() > 0
-                    && h.units() <= MAX_HIDDEN_UNITS
-                    && h.weights.len() % h.units() == 0
-                    && self.weights.len() == h.units()
-            }
-        }
-    }
-
     /// The flat parameters: hidden weights and biases, output weights, bias.
     pub fn params(&self) -> Vec<f64> {
         let mut out = Vec::with_capacity(self.param_count());
@@ -452,12 +445,6 @@ impl Model {
             weights: p[out..p.len() - 1].to_vec(),
             bias: p[p.len() - 1],
         })
-    }
-
-    /// The predicted probability of the label for one row.
-    pub fn predict(&self, row: &[f64]) -> f64 {
-        let mut act = vec![0.0; self.shape().units];
-        sigmoid(self.shape().logit(&self.params(), row, &mut act))
     }
 
     /// Predictions for every row.
@@ -674,7 +661,6 @@ mod tests {
     fn parameters_flatten_and_average_back_into_the_same_shape() {
         let mut rng = StdRng::seed_from_u64(5);
         let a = Model::mlp(3, 2, &mut rng).unwrap();
-        assert!(a.is_consistent());
         assert_eq!(a.dim(), 3);
         assert_eq!(a.with_params(&a.params()).unwrap(), a);
         let b = a.with_params(&vec![1.0; a.param_count()]).unwrap();

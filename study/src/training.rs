@@ -400,11 +400,11 @@ impl TrainingSpec {
 
     /// How many parameters the trained model has.
     pub fn param_count(&self) -> usize {
-        let d = self.features.len();
-        match self.hidden_units {
-            Some(h) if self.model == ModelKind::Mlp => h as usize * (d + 2) + 1,
-            _ => d + 1,
-        }
+        let units = match self.model {
+            ModelKind::Logistic => 0,
+            ModelKind::Mlp => self.hidden_units.unwrap_or(0) as usize,
+        };
+        ghx_learn::param_count(self.features.len(), units)
     }
 
     /// The model training starts from: logistic regression at zero, or an
