@@ -1,12 +1,14 @@
 """Flower (flwr) FedAvg on the same rows as a ghx training run, for
 `ghx bench train`: a Flower server and one client process per hospital on
-loopback, logistic regression by the same mini-batch SGD (numpy), no
+loopback, logistic regression (or, with --hidden N, a one-hidden-layer
+tanh MLP with ghx's parameter layout: hidden weights row by row, hidden
+biases, output weights, bias) by the same mini-batch SGD (numpy), no
 evaluation rounds. Prints one JSON document: per round the server's wall
 time (configure_fit to the end of aggregate_fit) and the slowest client's
 fit time, plus the final weights.
 
 Usage: python flower_fedavg.py --rounds 50 --lr 0.1 --batch 32 --epochs 1 \
-           --port 18080 node1.csv node2.csv node3.csv
+           [--hidden 8] --port 18080 node1.csv node2.csv node3.csv
 Each CSV holds standardised feature columns and the label (0/1) last.
 """
 
@@ -38,6 +40,41 @@ def sgd(params, x, y, lr, epochs, batch, rng):
     return np.append(w, b)
 
 
+def mlp_sgd(params, x, y, lr, epochs, batch, rng, units):
+    d = x.shape[1]
+    W = params[:units * d].reshape(units, d).copy()
+    b1 = params[units * d:units * d + units].copy()
+    w2 = params[units * d + units:units * d + 2 * units].copy()
+    b2 = float(params[-1])
+    for _ in range(epochs):
+        order = rng.permutation(len(y))
+        for start in range(0, len(y), batch):
+            idx = order[start:start + batch]
+            xb = x[idx]
+            h = np.tanh(xb @ W.T + b1)
+            p = 1.0 / (1.0 + np.exp(-(h @ w2 + b2)))
+            err = (p - y[idx]) / len(idx)
+            dh = np.outer(err, w2) * (1.0 - h * h)
+            w2 -= lr * (h.T @ err)
+            b2 -= lr * err.sum()
+            W -= lr * (dh.T @ xb)
+            b1 -= lr * dh.sum(axis=0)
+    return np.concatenate([W.ravel(), b1, w2, [b2]])
+
+
+def initial(dim, units):
+    """Zeros for logistic regression; Glorot-uniform weights for the MLP."""
+    if not units:
+        return np.zeros(dim + 1)
+    rng = np.random.default_rng(0)
+    a = np.sqrt(6.0 / (dim + units))
+    b = np.sqrt(6.0 / (units + 1))
+    return np.concatenate([
+        rng.uniform(-a, a, units * dim), np.zeros(units),
+        rng.uniform(-b, b, units), [0.0],
+    ])
+
+
 def client_main(path, address, args):
     import flwr as fl
 
@@ -46,11 +83,15 @@ def client_main(path, address, args):
 
     class Client(fl.client.NumPyClient):
         def get_parameters(self, config):
-            return [np.zeros(x.shape[1] + 1)]
+            return [initial(x.shape[1], args.hidden)]
 
         def fit(self, parameters, config):
             started = time.perf_counter()
-            params = sgd(parameters[0], x, y, args.lr, args.epochs, args.batch, rng)
+            if args.hidden:
+                params = mlp_sgd(parameters[0], x, y, args.lr, args.epochs, args.batch, rng,
+                                 args.hidden)
+            else:
+                params = sgd(parameters[0], x, y, args.lr, args.epochs, args.batch, rng)
             return [params], len(y), {"fit_seconds": time.perf_counter() - started}
 
         def evaluate(self, parameters, config):
@@ -66,6 +107,7 @@ def main():
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--hidden", type=int, default=0)
     parser.add_argument("--port", type=int, default=18080)
     parser.add_argument("csv", nargs="+")
     args = parser.parse_args()
@@ -114,7 +156,7 @@ def main():
             min_fit_clients=len(args.csv),
             min_evaluate_clients=0,
             min_available_clients=len(args.csv),
-            initial_parameters=ndarrays_to_parameters([np.zeros(dim + 1)]),
+            initial_parameters=ndarrays_to_parameters([initial(dim, args.hidden)]),
         ),
     )
     total = time.perf_counter() - started

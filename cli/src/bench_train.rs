@@ -46,8 +46,8 @@ pub struct TrainBenchOptions {
     pub patients_per_node: usize,
     pub rounds: u32,
     pub seed: u64,
-    /// Hidden units of an MLP trained instead of logistic regression;
-    /// Flower (logistic regression) is then skipped.
+    /// Hidden units of an MLP trained instead of logistic regression (by
+    /// Flower too).
     pub mlp_hidden_units: Option<u32>,
     /// A Python with `flwr` and `numpy`; None skips the comparison.
     pub flower_python: Option<PathBuf>,
@@ -81,9 +81,9 @@ pub struct TrainBenchReport {
     pub ghx: Timing,
     /// Flower's timings, or why it did not run.
     pub flower: Result<Timing, String>,
-    /// ghx's median wall time per round of: the keys (agreed ahead), the
-    /// masked input with local computation, unmasking, the rest (see
-    /// `RoundRecord::steps_ms`), ms.
+    /// ghx's median wall time per round of: opening the session on the
+    /// round's path, the masked input with local computation, unmasking,
+    /// the rest (see `RoundRecord::steps_ms`), ms.
     pub ghx_steps_ms: [f64; 4],
 }
 
@@ -211,7 +211,8 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         .iter()
         .map(|r| (r.seconds, r.local_seconds))
         .collect();
-    let ghx = timing(&ghx_rounds, ghx_total, auc_of(&model.model()));
+    let ghx_model = model.model();
+    let ghx = timing(&ghx_rounds, ghx_total, auc_of(&ghx_model));
     let train_rows: usize = parts.iter().map(|p| p.train.len()).sum();
     let mut ghx_steps_ms = [0.0; 4];
     for (i, step) in ghx_steps_ms.iter_mut().enumerate() {
@@ -220,9 +221,6 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
 
     let flower = match &options.flower_python {
         None => Err("no --flower-python given".to_owned()),
-        Some(_) if options.mlp_hidden_units.is_some() => {
-            Err("the Flower side trains logistic regression only".to_owned())
-        }
         Some(python) => {
             let mut csvs = Vec::new();
             for (node, part) in federation.nodes.iter().zip(&parts) {
@@ -236,10 +234,12 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
             let script = options.flower_script.clone();
             let o = spec.optimiser.clone();
             let rounds = options.rounds;
+            let hidden = options.mlp_hidden_units.unwrap_or(0);
             let output = tokio::task::spawn_blocking(move || {
                 std::process::Command::new(python)
                     .arg(script)
                     .args(["--rounds", &rounds.to_string()])
+                    .args(["--hidden", &hidden.to_string()])
                     .args(["--lr", &o.learning_rate.to_string()])
                     .args(["--batch", &o.batch_size.to_string()])
                     .args(["--epochs", &o.epochs.to_string()])
@@ -278,7 +278,9 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
                             .as_array()
                             .map(|w| w.iter().filter_map(serde_json::Value::as_f64).collect())
                             .unwrap_or_default();
-                        let auc = Model::zeros(dim)
+                        // Read in ghx's parameter layout, shaped as ghx's
+                        // model of the same kind.
+                        let auc = ghx_model
                             .with_params(&weights)
                             .ok()
                             .and_then(|m| auc_of(&m));

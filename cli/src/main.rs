@@ -225,7 +225,7 @@ struct BenchTrainArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Train a small MLP with this many hidden units instead of logistic
-    /// regression (Flower, which runs logistic regression, is then skipped).
+    /// regression (Flower trains the same MLP).
     #[arg(long)]
     mlp_hidden_units: Option<u32>,
     /// A Python interpreter with flwr and numpy installed
@@ -883,7 +883,7 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
     line("ghx (mTLS gRPC, secure aggregation)", &report.ghx);
     let s = report.ghx_steps_ms;
     println!(
-        "ghx median per round: keys {:.2} ms (agreed while the round before computes), masked input incl. local {:.2} ms, unmask and sum {:.2} ms, rest (state saved, next request) {:.2} ms",
+        "ghx median per round: session opened on the round's path {:.2} ms (opened while the moments round computes), masked input incl. local {:.2} ms, unmasking {:.2} ms (none in a session), rest (state saved, study looked up, model updated) {:.2} ms",
         s[0], s[1], s[2], s[3]
     );
     match &report.flower {

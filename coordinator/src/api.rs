@@ -579,11 +579,13 @@ impl CoordinatorApi {
                     record.detail = e.to_string();
                 }
             }
+            // The next round's time starts before the save: saving is part
+            // of every round's cost.
+            pipeline.mark();
             if let Err(e) = self.save_run(&record) {
                 tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
                 return;
             }
-            pipeline.mark();
             if record.status != RunStatus::Running {
                 let outcome = if record.status == RunStatus::Completed {
                     "done"

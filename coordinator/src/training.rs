@@ -5,18 +5,27 @@
 //! for standardisation), then the training's rounds (each node trains from
 //! the global model; the coordinator receives only the sum of the
 //! sample-weighted local models and averages it), then an evaluation round
-//! of the final model. Every round is one secure-aggregation round: the
-//! coordinator relays keys and encrypted shares and learns only the sum of
-//! the contributions of the nodes that completed it. A round's first two
-//! steps (keys, [`agree_keys`]) need no model, so they run while the round
-//! before computes; its last two ([`complete_round`]) carry the model and
-//! return the sum. A round's critical path is then two requests per node.
-//! A round needs the training's quorum of nodes at every step; a node that
-//! is down, refuses or misses a step's deadline is left out of that round
-//! and named, and the round completes without it if the quorum holds. A
-//! round that fails is retried; after [`ATTEMPTS`] failures the run fails
-//! with the reason. Nodes sign the keys they advertise and check each
-//! other's signatures, so the coordinator can only relay them.
+//! of the final model. The coordinator learns only sums.
+//!
+//! The moments and evaluation rounds (and external validation) are one-off
+//! secure-aggregation rounds: the coordinator relays keys and encrypted
+//! shares and learns only the sum of the contributions of the nodes that
+//! completed it. A round's first two steps (keys, [`agree_keys`]) need no
+//! model, so they run while the step before computes; its last two
+//! ([`complete_round`]) carry the model and return the sum. Such a round
+//! needs the training's quorum of nodes at every step; a node that is
+//! down, refuses or misses a step's deadline is left out of that round and
+//! named, and the round completes without it if the quorum holds.
+//!
+//! The training rounds run in a session ([`crate::session`]), opened while
+//! the moments round computes: one request per node per round, the
+//! critical path of a round being the slowest node's local step and one
+//! trip. A member missing from a session round is named, and the round is
+//! redone in a new session among the members that answered; a session
+//! missing registered nodes invites them again every [`REJOIN_EVERY`]
+//! rounds. A step that fails is retried; after [`ATTEMPTS`] failures the
+//! run fails with the reason. Nodes sign the keys they advertise and check
+//! each other's signatures, so the coordinator can only relay them.
 //!
 //! The run's state ([`TrainingRecord`]: aggregates only) is saved after
 //! every completed round, so a coordinator that restarts resumes a running
@@ -39,6 +48,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dispatch;
 use crate::fanout::{NodeRegistry, RegisteredNode, describe, no_answer};
+use crate::session::{self, Session};
 
 /// Tries per round before a run fails.
 pub const ATTEMPTS: u32 = 3;
@@ -114,20 +124,22 @@ pub struct RoundRecord {
     /// The model the round started from, on the pooled held-out rows.
     pub holdout: Metrics,
     /// Wall time of the round on the run's critical path: from the end of
-    /// the step before (its state saved) to this round's model.
+    /// the step before (its state then saved) to this round's model.
     pub seconds: f64,
     /// The slowest node's local computation.
     pub local_seconds: f64,
-    /// Wall time at the coordinator, ms, of: agreeing the round's keys
-    /// (advertise and share keys; agreed while the round before computed,
-    /// off the critical path, unless that failed or this is a run's first
-    /// step after a restart), the masked input (the nodes' local
-    /// computation included), unmasking and summing, and the rest of the
-    /// round's time (the state saved after the round before, the study
-    /// looked up, waiting for the next round's keys).
+    /// Wall time at the coordinator, ms, of: opening the run's session on
+    /// the round's path (0 when it was opened while the step before
+    /// computed, or was already open; otherwise after a restart, a dropped
+    /// node or an expiring capability), the masked input (the nodes' local
+    /// computation included; with any redone attempt), unmasking (none in a
+    /// session) and the rest of the round's time (the state of the round
+    /// before saved, the study looked up, waiting for what is prepared
+    /// ahead, the sum read into the new model).
     #[serde(default)]
     pub steps_ms: [f64; 4],
-    /// Whether the round's keys were agreed while the step before computed.
+    /// Whether the round found its session open (keys agreed off the
+    /// round's path).
     #[serde(default)]
     pub keys_ahead: bool,
     /// The global logistic model after the round (standardised features).
@@ -220,7 +232,7 @@ pub struct RoundSum {
 
 /// Runs one step on `nodes` concurrently, each bounded by `deadline`;
 /// returns the answers and the failures.
-async fn step<T, F, Fut>(
+pub(crate) async fn step<T, F, Fut>(
     nodes: &[RegisteredNode],
     deadline: Duration,
     call: F,
@@ -262,7 +274,7 @@ where
     (answers, failures)
 }
 
-fn keep(nodes: &[RegisteredNode], ids: &[String]) -> Vec<RegisteredNode> {
+pub(crate) fn keep(nodes: &[RegisteredNode], ids: &[String]) -> Vec<RegisteredNode> {
     nodes
         .iter()
         .filter(|n| ids.contains(&n.id))
@@ -288,7 +300,7 @@ pub struct Keyed {
     keys_ms: f64,
 }
 
-fn quorum_error(
+pub(crate) fn quorum_error(
     round: &str,
     need: usize,
     step: &'static str,
@@ -456,7 +468,7 @@ pub async fn agree_keys(
 }
 
 /// What the coordinator's audit log records as sent for `action`.
-fn sent<'a>(
+pub(crate) fn sent<'a>(
     fed: &Federation<'a>,
     claims: &'a capability::Claims,
     action: &'a str,
@@ -671,52 +683,189 @@ async fn with_retries(
     }
 }
 
-/// What a run's driver carries from one step to the next: the keys agreed
-/// ahead for the next round, and when the step before ended.
+/// What a run's driver carries from one step to the next: the run's
+/// session, the keys agreed ahead for the next one-off round, and when the
+/// step before ended.
 #[derive(Default)]
 pub struct Pipeline {
+    session: Option<Session>,
     ahead: Option<Keyed>,
     since: Option<Instant>,
 }
 
+/// Every this many training rounds, a run whose session lacks registered
+/// nodes opens a session with every node while the round computes, and
+/// moves to it if more nodes joined.
+pub const REJOIN_EVERY: u32 = 10;
+
+/// What a step is: a one-off round (moments, evaluation) or a training
+/// round of the run's session.
+enum This<'a> {
+    Round(&'a str, Phase),
+    Session(u32),
+}
+
+/// What to prepare while a step computes.
+enum Ahead {
+    Keys(String, Phase),
+    Session,
+}
+
+/// What was prepared while a step computed.
+enum Prepared {
+    Keys(Keyed),
+    Session(Session),
+}
+
+/// Training round `number` in the run's session (opened now if there is
+/// none fresh): a member missing from the round is named, a new session is
+/// opened among the members that answered and the round is redone, up to
+/// [`ATTEMPTS`] times.
+async fn session_round(
+    fed: &Federation<'_>,
+    slot: &mut Option<Session>,
+    prefix: &str,
+    number: u32,
+    model: &ModelDocument,
+) -> Result<RoundSum, Error> {
+    let started = Instant::now();
+    let mut open_ms = 0.0;
+    let mut among: Option<Vec<String>> = None;
+    let mut dropped: Vec<NodeFailure> = Vec::new();
+    let mut attempt = 1;
+    loop {
+        let current = slot.take().filter(|s| s.fresh(fed.capability_valid_for));
+        let session = match current {
+            Some(s) => s,
+            None => {
+                let opening = Instant::now();
+                let opened = session::open(fed, prefix, among.as_deref(), dropped.clone())
+                    .instrument(tracing::info_span!("open_session", round = number))
+                    .await;
+                open_ms += opening.elapsed().as_secs_f64() * 1000.0;
+                match opened {
+                    Ok(s) => s,
+                    Err(e) if attempt < ATTEMPTS => {
+                        tracing::warn!(round = number, error = %e, "session not opened; retrying with every node");
+                        attempt += 1;
+                        among = None;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let outcome = session::round(fed, &session, number, model)
+            .instrument(
+                tracing::info_span!("training_round", round = number, session = %session.id),
+            )
+            .await?;
+        match outcome {
+            session::Outcome::Summed(mut sum) => {
+                sum.seconds = started.elapsed().as_secs_f64();
+                sum.steps_ms[0] = open_ms;
+                sum.keys_ahead = open_ms == 0.0;
+                *slot = Some(session);
+                return Ok(sum);
+            }
+            session::Outcome::Dropped { answered, failures } => {
+                let text = failures_text(&failures);
+                tracing::warn!(
+                    round = number,
+                    "round not summed; keying again among the rest{text}"
+                );
+                if attempt >= ATTEMPTS {
+                    return Err(quorum_error(
+                        &format!("{prefix}/round-{number}"),
+                        usize::from(fed.spec.quorum),
+                        "masked input",
+                        answered.len(),
+                        &failures,
+                    ));
+                }
+                attempt += 1;
+                dropped.extend(failures);
+                among = Some(answered);
+            }
+        }
+    }
+}
+
 impl Pipeline {
-    /// The step before is over (its state saved): the next round's time
-    /// starts now.
+    /// The step before is over (its outcome computed, its state not yet
+    /// saved): the next round's time starts now, so it counts saving the
+    /// state too.
     pub fn mark(&mut self) {
         self.since = Some(Instant::now());
     }
 }
 
-/// Runs the round `round_id` and, at the same time, agrees the keys of
-/// the run's next round (`next`), which needs no model; keys that cannot
-/// be agreed ahead are agreed again when their round comes.
+/// Runs a step and, at the same time, prepares what comes next (`next`),
+/// which needs no model: the keys of the next one-off round, or a session
+/// for the training rounds. What cannot be prepared ahead is prepared when
+/// its round comes.
 async fn round_and_next(
     fed: &Federation<'_>,
     pipeline: &mut Pipeline,
-    (round_id, phase): (&str, Phase),
+    prefix: &str,
+    this: This<'_>,
     model: Option<&ModelDocument>,
-    next: Option<(String, Phase)>,
+    next: Option<Ahead>,
 ) -> Result<RoundSum, Error> {
     let ahead = pipeline.ahead.take();
+    let mut slot = pipeline.session.take();
     let prefetch = async {
-        let (id, phase) = next?;
-        match agree_keys(fed, &id, phase)
-            .instrument(tracing::info_span!("agree_keys_ahead", round = %id))
-            .await
-        {
-            Ok(keyed) => Some(keyed),
-            Err(e) => {
-                tracing::warn!(round = %id, error = %e, "keys not agreed ahead; agreeing them when the round comes");
-                None
+        match next? {
+            Ahead::Keys(id, phase) => match agree_keys(fed, &id, phase)
+                .instrument(tracing::info_span!("agree_keys_ahead", round = %id))
+                .await
+            {
+                Ok(keyed) => Some(Prepared::Keys(keyed)),
+                Err(e) => {
+                    tracing::warn!(round = %id, error = %e, "keys not agreed ahead; agreeing them when the round comes");
+                    None
+                }
+            },
+            Ahead::Session => match session::open(fed, prefix, None, Vec::new())
+                .instrument(tracing::info_span!("open_session_ahead"))
+                .await
+            {
+                Ok(s) => Some(Prepared::Session(s)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "session not opened ahead; opening it when a round needs it");
+                    None
+                }
+            },
+        }
+    };
+    let run = async {
+        match this {
+            This::Round(round_id, phase) => with_retries(fed, round_id, phase, model, ahead).await,
+            This::Session(number) => {
+                let model = model.expect("a training round has a model");
+                session_round(fed, &mut slot, prefix, number, model).await
             }
         }
     };
-    let (outcome, next_keys) =
-        tokio::join!(with_retries(fed, round_id, phase, model, ahead), prefetch);
+    let (outcome, prepared) = tokio::join!(run, prefetch);
     let mut round = outcome?;
-    pipeline.ahead = next_keys;
+    pipeline.session = slot;
+    match prepared {
+        Some(Prepared::Keys(keyed)) => pipeline.ahead = Some(keyed),
+        // A session opened ahead replaces one with fewer members.
+        Some(Prepared::Session(opened))
+            if pipeline
+                .session
+                .as_ref()
+                .is_none_or(|s| opened.members.len() > s.members.len()) =>
+        {
+            pipeline.session = Some(opened);
+        }
+        Some(Prepared::Session(_)) | None => {}
+    }
     // The round's time on the run's critical path: from the end of the
-    // step before (state saved) to now, when that is known.
+    // step before (its state saved since) to now, when that is known.
     if let Some(since) = pipeline.since {
         round.seconds = round.seconds.max(since.elapsed().as_secs_f64());
     }
@@ -746,21 +895,36 @@ pub async fn advance(
     let spec = fed.spec;
     let mut next = record.clone();
     let prefix = format!("{}/{}/{}", record.study_id, spec.name, record.run_id);
-    let training_round = |number: u32| {
-        if number <= record.rounds_total {
-            (format!("{prefix}/round-{number}"), Phase::Train)
-        } else {
-            (format!("{prefix}/evaluation"), Phase::Evaluate)
+    // What to prepare while the step before training round `number`
+    // computes: the evaluation's keys after the last round; the session
+    // while the moments round computes; later, a session with every node
+    // when the run's session lacks some (every REJOIN_EVERY rounds). A
+    // training round otherwise leaves its session to the next.
+    let ahead_of = |number: u32, pipeline: &Pipeline| {
+        if number > record.rounds_total {
+            return Some(Ahead::Keys(format!("{prefix}/evaluation"), Phase::Evaluate));
+        }
+        match &pipeline.session {
+            None if number == 1 => Some(Ahead::Session),
+            Some(s)
+                if number.is_multiple_of(REJOIN_EVERY)
+                    && s.members.len() < fed.registry.list().len() =>
+            {
+                Some(Ahead::Session)
+            }
+            _ => None,
         }
     };
     match &record.model {
         None => {
+            let ahead = ahead_of(1, pipeline);
             let round = round_and_next(
                 fed,
                 pipeline,
-                (&format!("{prefix}/moments"), Phase::Moments),
+                &prefix,
+                This::Round(&format!("{prefix}/moments"), Phase::Moments),
                 None,
-                Some(training_round(1)),
+                ahead,
             )
             .await?;
             let standardiser = Standardiser::from_sums(&round.sum)?;
@@ -780,14 +944,17 @@ pub async fn advance(
         }
         Some(model) if (record.rounds.len() as u32) < record.rounds_total => {
             let number = record.rounds.len() as u32 + 1;
+            let ahead = ahead_of(number + 1, pipeline);
             let round = round_and_next(
                 fed,
                 pipeline,
-                (&format!("{prefix}/round-{number}"), Phase::Train),
+                &prefix,
+                This::Session(number),
                 Some(model),
-                Some(training_round(number + 1)),
+                ahead,
             )
             .await?;
+            let updating = Instant::now();
             let global = model.model();
             let totals = match &spec.privacy {
                 // Noised rounds sum clipped gradients: one step from the
@@ -812,6 +979,10 @@ pub async fn advance(
                 None => (totals.model.weights.clone(), totals.model.bias),
                 Some(_) => (Vec::new(), 0.0),
             };
+            // Reading the sum into the new model is part of the round.
+            let update = updating.elapsed().as_secs_f64();
+            let mut steps_ms = round.steps_ms;
+            steps_ms[3] += update * 1000.0;
             next.rounds.push(RoundRecord {
                 round: number,
                 contributors: round.contributors,
@@ -819,9 +990,9 @@ pub async fn advance(
                 train_rows: totals.train_rows.round().max(0.0) as u64,
                 train_loss: totals.train_loss,
                 holdout,
-                seconds: round.seconds,
+                seconds: round.seconds + update,
                 local_seconds: round.local_seconds,
-                steps_ms: round.steps_ms,
+                steps_ms,
                 keys_ahead: round.keys_ahead,
                 weights,
                 bias,
@@ -831,7 +1002,8 @@ pub async fn advance(
             let round = round_and_next(
                 fed,
                 pipeline,
-                (&format!("{prefix}/evaluation"), Phase::Evaluate),
+                &prefix,
+                This::Round(&format!("{prefix}/evaluation"), Phase::Evaluate),
                 Some(model),
                 None,
             )

@@ -149,12 +149,13 @@ fn status(error: &ApiError) -> Status {
         ApiError::Training(
             training::Error::RoundExists(_) | training::Error::AlreadyComputed(_),
         ) => Status::already_exists(error.to_string()),
-        ApiError::Training(training::Error::UnvouchedKeys { .. }) => {
-            Status::permission_denied(error.to_string())
-        }
+        ApiError::Training(
+            training::Error::UnvouchedKeys { .. } | training::Error::CapabilityExpired(_),
+        ) => Status::permission_denied(error.to_string()),
         ApiError::Malformed(_)
         | ApiError::Training(
             training::Error::Phase(_)
+            | training::Error::SessionPhase(_)
             | training::Error::NotParticipant(_)
             | training::Error::Dimension { .. }
             | training::Error::Model(_)
@@ -384,6 +385,7 @@ impl NodeApi {
                 ),
                 Some(noise) => {
                     let note = self.charge(
+                        &admitted.claims.jti,
                         &admitted.claims,
                         &admitted.manifest,
                         &entry.query_sha256,
@@ -471,8 +473,11 @@ impl NodeApi {
     /// Charges a noised query to its organisation's privacy budget for the
     /// study (from the manifest) and at this node overall; refuses when
     /// either would be exceeded. Returns the budget note for the result.
+    /// `charge_id` names the charge in the ledger, once: the capability's
+    /// id, or for a session's round the capability's id and the round.
     fn charge(
         &self,
+        charge_id: &str,
         claims: &ghx_study::capability::Claims,
         manifest: &ghx_study::manifest::StudyManifest,
         request_sha256: &str,
@@ -481,7 +486,7 @@ impl NodeApi {
         let charge = store::PrivacyCharge {
             organisation: &claims.org,
             study_id: &claims.sub,
-            capability_id: &claims.jti,
+            capability_id: charge_id,
             request_sha256,
             epsilon,
             delta,
@@ -594,6 +599,83 @@ impl NodeApi {
         caller: &PeerIdentity,
         message: pb::RoundAdvertiseRequest,
     ) -> Result<pb::RoundAdvertiseResponse, ApiError> {
+        self.admitted_round(caller, message, |api, admitted| {
+            let round = admitted.params.round.clone();
+            let advertise = api.inner.rounds.start(
+                admitted.params,
+                &api.inner.node_id,
+                &admitted.origin,
+                admitted.work,
+                admitted.lifetime,
+            )?;
+            let (signature, certificate_pem) = api.sign_keys(&advertise.statement(&round))?;
+            Ok(pb::RoundAdvertiseResponse {
+                keys: Some(pb::AdvertisedKeys {
+                    signature,
+                    certificate_pem,
+                    ..ghx_proto::round::advertise_to_wire(&advertise)
+                }),
+            })
+        })
+    }
+
+    /// Opens a training run's session: admitted as a round's step 1 (a
+    /// training phase only), refused up front when this node's rows are
+    /// too few for the cell size, keyed once for the run. Audited.
+    fn session_open(
+        &self,
+        caller: &PeerIdentity,
+        message: pb::RoundAdvertiseRequest,
+    ) -> Result<pb::SessionOpenResponse, ApiError> {
+        self.admitted_round(caller, message, |api, admitted| {
+            if admitted.work.phase != Phase::Train {
+                return Err(
+                    training::Error::SessionPhase(admitted.work.phase.name().to_owned()).into(),
+                );
+            }
+            training::check_enough(&admitted.work.data, admitted.work.min_cell_size)?;
+            let session = admitted.params.round.clone();
+            let keys = api.inner.rounds.open_session(
+                admitted.params,
+                &api.inner.node_id,
+                &admitted.origin,
+                admitted.work,
+                admitted.lifetime,
+            )?;
+            let (signature, certificate_pem) = api.sign_keys(&keys.statement(&session))?;
+            Ok(pb::SessionOpenResponse {
+                keys: Some(pb::SessionKeys {
+                    signature,
+                    certificate_pem,
+                    ..ghx_proto::round::session_keys_to_wire(&keys)
+                }),
+            })
+        })
+    }
+
+    /// Signs a statement of this node's round or session keys with its
+    /// certificate key: (signature, certificate PEM).
+    fn sign_keys(&self, statement: &[u8]) -> Result<(Vec<u8>, String), ApiError> {
+        let (identity, _) = self
+            .inner
+            .round_keys
+            .as_ref()
+            .ok_or(training::Error::NoSigningKey)?;
+        let current = identity.current_pem();
+        let signature = ghx_pki::signed::sign(&current.key_pem, statement)
+            .map_err(|e| training::Error::Signing(e.to_string()))?;
+        Ok((signature, current.cert_pem))
+    }
+
+    /// Admits a round or session under its capability and reads the
+    /// training's rows (once per run), then `start`s it; audits the
+    /// outcome either way.
+    fn admitted_round<T>(
+        &self,
+        caller: &PeerIdentity,
+        message: pb::RoundAdvertiseRequest,
+        start: impl FnOnce(&NodeApi, AdmittedRound) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
         let started = std::time::Instant::now();
         self.load_rotated_key(&message.capability);
         let inner = &self.inner;
@@ -607,7 +689,7 @@ impl NodeApi {
             min_cell_size: inner.min_cell_size,
             now: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
-        let outcome = (|| -> Result<pb::RoundAdvertiseResponse, ApiError> {
+        let outcome = (|| -> Result<T, ApiError> {
             let phase = Phase::parse(&message.phase)
                 .ok_or_else(|| training::Error::Phase(message.phase.clone()))?;
             let params = ghx_proto::round::params_from_wire(message.params.unwrap_or_default())
@@ -683,39 +765,26 @@ impl NodeApi {
                 data.holdout.len(),
                 data.incomplete,
             );
-            let round = params.round.clone();
-            let advertise = inner.rounds.start(
-                params,
-                &inner.node_id,
-                &training::RoundOrigin {
-                    study: admitted.claims.sub.clone(),
-                    capability: admitted.claims.jti.clone(),
-                    request_sha256: entry.query_sha256.clone(),
+            start(
+                self,
+                AdmittedRound {
+                    params,
+                    origin: training::RoundOrigin {
+                        study: admitted.claims.sub.clone(),
+                        capability: admitted.claims.jti.clone(),
+                        request_sha256: entry.query_sha256.clone(),
+                    },
+                    work: Arc::new(training::RoundWork {
+                        phase,
+                        spec: admitted.training,
+                        data,
+                        min_cell_size: admitted.min_cell_size,
+                        claims: admitted.claims,
+                        manifest: Arc::new(admitted.manifest),
+                    }),
+                    lifetime,
                 },
-                Arc::new(training::RoundWork {
-                    phase,
-                    spec: admitted.training,
-                    data,
-                    min_cell_size: admitted.min_cell_size,
-                    claims: admitted.claims,
-                    manifest: Arc::new(admitted.manifest),
-                }),
-                lifetime,
-            )?;
-            let (identity, _) = inner
-                .round_keys
-                .as_ref()
-                .ok_or(training::Error::NoSigningKey)?;
-            let current = identity.current_pem();
-            let signature = ghx_pki::signed::sign(&current.key_pem, &advertise.statement(&round))
-                .map_err(|e| training::Error::Signing(e.to_string()))?;
-            Ok(pb::RoundAdvertiseResponse {
-                keys: Some(pb::AdvertisedKeys {
-                    signature,
-                    certificate_pem: current.cert_pem,
-                    ..ghx_proto::round::advertise_to_wire(&advertise)
-                }),
-            })
+            )
         })();
         entry.decision = match &outcome {
             Ok(_) => "answered".to_owned(),
@@ -741,22 +810,16 @@ impl NodeApi {
         message: pb::RoundShareKeysRequest,
     ) -> Result<pb::RoundShareKeysResponse, ApiError> {
         Self::require_coordinator(caller)?;
-        let (_, members) = self
-            .inner
-            .round_keys
-            .as_ref()
-            .ok_or(training::Error::NoSigningKey)?;
-        let mut advertised = Vec::with_capacity(message.advertised.len());
-        for wire in message.advertised {
-            let (signature, certificate) = (wire.signature.clone(), wire.certificate_pem.clone());
-            let keys = ghx_proto::round::advertise_from_wire(wire).map_err(ApiError::Malformed)?;
-            // This node's own keys are checked against what it made, by
-            // its secagg client.
-            if keys.node != self.inner.node_id {
-                training::check_keys(members, &message.round, &keys, &certificate, &signature)?;
-            }
-            advertised.push(keys);
-        }
+        let round = &message.round;
+        let advertised = self.vouched(
+            round,
+            message.advertised,
+            |w| {
+                let signed = (w.certificate_pem.clone(), w.signature.clone());
+                Ok((ghx_proto::round::advertise_from_wire(w)?, signed))
+            },
+            |k| (k.node.clone(), k.statement(round)),
+        )?;
         let shares = self.inner.rounds.share_keys(&message.round, &advertised)?;
         Ok(pb::RoundShareKeysResponse {
             shares: shares
@@ -779,17 +842,137 @@ impl NodeApi {
     }
 
     /// Step 3, the only step that computes and releases the contribution
-    /// (masked): the study must still stand, and a noised training round
-    /// is charged to the budget ledger before anything leaves. Audited.
+    /// (masked). Audited.
     fn round_masked(
         &self,
         caller: &PeerIdentity,
         message: pb::RoundMaskedInputRequest,
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         Self::require_coordinator(caller)?;
+        let (origin, work) = self.inner.rounds.begin_masked(&message.round)?;
+        let release = Release {
+            label: &message.round,
+            charge_id: &work.claims.jti,
+            origin: &origin,
+            work: &work,
+            model_json: &message.model_json,
+            in_session: false,
+        };
+        self.release_masked(caller, release, |values| {
+            let shares: Vec<_> = message
+                .shares
+                .into_iter()
+                .map(ghx_proto::round::share_from_wire)
+                .collect();
+            Ok(self
+                .inner
+                .rounds
+                .masked_input(&message.round, &shares, values)?)
+        })
+    }
+
+    /// Round n of a training run's session: the round number is claimed
+    /// (never masked twice), the capability must be unexpired, then as
+    /// step 3. Audited.
+    fn session_input(
+        &self,
+        caller: &PeerIdentity,
+        message: pb::SessionInputRequest,
+    ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
+        Self::require_coordinator(caller)?;
+        let (origin, work) = self
+            .inner
+            .rounds
+            .begin_session_round(&message.session, message.round)?;
+        let label = format!("{} round {}", message.session, message.round);
+        let charge_id = format!("{}/round-{}", work.claims.jti, message.round);
+        let release = Release {
+            label: &label,
+            charge_id: &charge_id,
+            origin: &origin,
+            work: &work,
+            model_json: &message.model_json,
+            in_session: true,
+        };
+        self.release_masked(caller, release, |values| {
+            Ok(self
+                .inner
+                .rounds
+                .session_masked_input(&message.session, message.round, values)?)
+        })
+    }
+
+    /// Relays a session's keys: every member's key must be signed by its
+    /// node's certificate key, as at a round's step 2; nothing is dealt.
+    fn session_agree(
+        &self,
+        caller: &PeerIdentity,
+        message: pb::SessionAgreeRequest,
+    ) -> Result<pb::SessionAgreeResponse, ApiError> {
+        Self::require_coordinator(caller)?;
+        let session = &message.session;
+        let keys = self.vouched(
+            session,
+            message.keys,
+            |w| {
+                let signed = (w.certificate_pem.clone(), w.signature.clone());
+                Ok((ghx_proto::round::session_keys_from_wire(w)?, signed))
+            },
+            |k| (k.node.clone(), k.statement(session)),
+        )?;
+        self.inner.rounds.agree_session(session, &keys)?;
+        Ok(pb::SessionAgreeResponse {})
+    }
+
+    /// Reads the keys of `round` (a round or a session) the coordinator
+    /// relayed, each with (certificate PEM, signature), and checks that
+    /// every other node's were signed by that node: `statement` says whose
+    /// keys they are and what was signed. This node's own keys are checked
+    /// against what it made, by its secagg client.
+    fn vouched<W, K>(
+        &self,
+        round: &str,
+        wires: Vec<W>,
+        read: impl Fn(W) -> Result<(K, (String, Vec<u8>)), String>,
+        statement: impl Fn(&K) -> (String, Vec<u8>),
+    ) -> Result<Vec<K>, ApiError> {
+        let (_, members) = self
+            .inner
+            .round_keys
+            .as_ref()
+            .ok_or(training::Error::NoSigningKey)?;
+        let mut out = Vec::with_capacity(wires.len());
+        for wire in wires {
+            let (keys, (certificate, signature)) = read(wire).map_err(ApiError::Malformed)?;
+            let (node, signed) = statement(&keys);
+            if node != self.inner.node_id {
+                training::check_keys(members, round, &node, &signed, (&certificate, &signature))?;
+            }
+            out.push(keys);
+        }
+        Ok(out)
+    }
+
+    /// Computes and releases a round's masked contribution: the study must
+    /// still stand (and, in a session, the capability be unexpired), and a
+    /// noised training round is charged to the budget ledger before
+    /// anything leaves; `mask` masks the contribution. Audited.
+    fn release_masked(
+        &self,
+        caller: &PeerIdentity,
+        release: Release<'_>,
+        mask: impl FnOnce(&[f64]) -> Result<ghx_secagg::MaskedInput, ApiError>,
+    ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
+        let Release {
+            label,
+            charge_id,
+            origin,
+            work,
+            model_json,
+            in_session,
+        } = release;
         let started = std::time::Instant::now();
         let inner = &self.inner;
-        let (origin, work) = inner.rounds.begin_masked(&message.round)?;
         let mut entry = AuditEntry {
             query_sha256: origin.request_sha256.clone(),
             ..audit_entry(caller, ghx_audit::action::MASKED_INPUT)
@@ -802,6 +985,9 @@ impl NodeApi {
                 }
                 .into());
             }
+            if in_session && time::OffsetDateTime::now_utc().unix_timestamp() >= work.claims.exp {
+                return Err(training::Error::CapabilityExpired(label.to_owned()).into());
+            }
             let computing = std::time::Instant::now();
             let contribution = {
                 let _engine = tracing::info_span!("engine").entered();
@@ -809,7 +995,7 @@ impl NodeApi {
                     work.phase,
                     &work.spec,
                     &work.data,
-                    &message.model_json,
+                    model_json,
                     work.min_cell_size,
                 )?
             };
@@ -826,8 +1012,13 @@ impl NodeApi {
                         &origin.request_sha256,
                     )?;
                     let cost = privacy.round_charge(charged + 1);
-                    let note =
-                        self.charge(&work.claims, &work.manifest, &origin.request_sha256, cost)?;
+                    let note = self.charge(
+                        charge_id,
+                        &work.claims,
+                        &work.manifest,
+                        &origin.request_sha256,
+                        cost,
+                    )?;
                     entry.epsilon = cost.0;
                     Some(format!(
                         "{note}; this training's noised rounds here: {} (epsilon {:.4} at delta {:e})",
@@ -838,20 +1029,12 @@ impl NodeApi {
                 }
                 _ => None,
             };
-            let shares: Vec<_> = message
-                .shares
-                .into_iter()
-                .map(ghx_proto::round::share_from_wire)
-                .collect();
-            let masked =
-                inner
-                    .rounds
-                    .masked_input(&message.round, &shares, &contribution.values)?;
+            let masked = mask(&contribution.values)?;
             entry.result_sha256 = ghx_audit::digest_words(&masked.values);
             entry.result_cells = i64::try_from(masked.values.len()).unwrap_or(i64::MAX);
             entry.reason = format!(
                 "round {}: sent the masked contribution ({} values){}",
-                message.round,
+                label,
                 masked.values.len(),
                 budget_note.map(|n| format!("; {n}")).unwrap_or_default()
             );
@@ -875,6 +1058,28 @@ impl NodeApi {
         self.settle("masked input", started, &entry, &outcome)?;
         outcome
     }
+}
+
+/// A round or session admitted at step 1, to be started.
+struct AdmittedRound {
+    params: ghx_secagg::RoundParams,
+    origin: training::RoundOrigin,
+    work: Arc<training::RoundWork>,
+    /// How long the round (or session, past its last use) is kept.
+    lifetime: std::time::Duration,
+}
+
+/// What a masked contribution is computed for.
+struct Release<'a> {
+    /// The round, as the audit entry names it.
+    label: &'a str,
+    /// The round's charge in the privacy ledger, if it is noised.
+    charge_id: &'a str,
+    origin: &'a training::RoundOrigin,
+    work: &'a training::RoundWork,
+    model_json: &'a [u8],
+    /// A session round: the capability must still be unexpired.
+    in_session: bool,
 }
 
 /// An audit entry for `caller` doing `action`, to be filled in.
@@ -1052,6 +1257,39 @@ impl pb::node_service_server::NodeService for NodeApi {
         Ok(Response::new(ghx_proto::round::unmasking_to_wire(
             unmasking,
         )))
+    }
+
+    async fn session_open(
+        &self,
+        request: Request<pb::RoundAdvertiseRequest>,
+    ) -> Result<Response<pb::SessionOpenResponse>, Status> {
+        self.blocking(request, |api, caller, message| {
+            api.session_open(caller, message)
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn session_agree(
+        &self,
+        request: Request<pb::SessionAgreeRequest>,
+    ) -> Result<Response<pb::SessionAgreeResponse>, Status> {
+        self.blocking(request, |api, caller, message| {
+            api.session_agree(caller, message)
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn session_input(
+        &self,
+        request: Request<pb::SessionInputRequest>,
+    ) -> Result<Response<pb::RoundMaskedInputResponse>, Status> {
+        self.blocking(request, |api, caller, message| {
+            api.session_input(caller, message)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn revoke_study(

@@ -12,7 +12,11 @@
 //! Step 1 admits a round and reads the training's rows (once per run);
 //! step 3 brings the global model, and the round's contribution is computed
 //! then, masked and sent; nothing of it is stored. The round's secrets stay
-//! in memory until step 4. Patient rows stay in this module's cache for the
+//! in memory until step 4. A training run's rounds go through a session
+//! instead (`ghx_secagg::session`): admitted and keyed once, then one
+//! request per round, each checked against revocation and the
+//! capability's expiry; the session's secret stays in memory while the
+//! run uses it. Patient rows stay in this module's cache for the
 //! length of a run and never leave the node.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,7 +26,10 @@ use std::time::{Duration, Instant};
 pub use ghx_learn::federated::Phase;
 use ghx_learn::federated::{self, EvaluationSums, Metrics};
 use ghx_learn::{Dataset, Standardiser, TrainConfig};
-use ghx_secagg::{Advertise, Client, EncryptedShare, MaskedInput, RoundParams, Unmasking};
+use ghx_secagg::{
+    Advertise, Client, EncryptedShare, MaskedInput, RoundParams, SessionClient, SessionKeys,
+    Unmasking,
+};
 use ghx_study::training::{Algorithm, ModelDocument, TrainingSpec};
 use sha2::{Digest, Sha256};
 
@@ -81,6 +88,10 @@ pub enum Error {
     Random(String),
     #[error("consent evaluation: {0}")]
     Consent(#[from] crate::consent::eligibility::Error),
+    #[error("a session trains; `{0}` rounds are run one at a time")]
+    SessionPhase(String),
+    #[error("session {0}: its capability has expired; the coordinator must open a new session")]
+    CapabilityExpired(String),
 }
 
 /// What one node holds for a training: complete-case rows, split.
@@ -214,14 +225,9 @@ pub struct Contribution {
     pub metrics: Option<Metrics>,
 }
 
-/// Computes this node's contribution to a round.
-pub fn contribution(
-    phase: Phase,
-    spec: &TrainingSpec,
-    data: &Extracted,
-    model_json: &[u8],
-    min_cell_size: u32,
-) -> Result<Contribution, Error> {
+/// Refuses rows too few for the cell size: training or held-out rows, or
+/// either class of the training rows.
+pub fn check_enough(data: &Extracted, min_cell_size: u32) -> Result<(), Error> {
     let min = min_cell_size as usize;
     let positives = data.positives();
     let short: Vec<&'static str> = [
@@ -240,6 +246,19 @@ pub fn contribution(
             min: min_cell_size,
         });
     }
+    Ok(())
+}
+
+/// Computes this node's contribution to a round.
+pub fn contribution(
+    phase: Phase,
+    spec: &TrainingSpec,
+    data: &Extracted,
+    model_json: &[u8],
+    min_cell_size: u32,
+) -> Result<Contribution, Error> {
+    check_enough(data, min_cell_size)?;
+    let min = min_cell_size as usize;
     if phase == Phase::Moments {
         return Ok(Contribution {
             values: federated::moments_contribution(&data.train),
@@ -302,26 +321,22 @@ pub fn contribution(
     })
 }
 
-/// Checks that `keys`, advertised in `round`, were signed by the node they
-/// name with the key of `certificate_pem`, a node certificate of the
-/// federation valid now.
+/// Checks that keys advertised as `node`'s in `round` (a round or a
+/// session), whose signed form is `statement`, were signed by that node
+/// with the key of `certificate_pem`, a node certificate of the federation
+/// valid now.
 pub fn check_keys(
     members: &ghx_pki::signed::MemberKeys,
     round: &str,
-    keys: &Advertise,
-    certificate_pem: &str,
-    signature: &[u8],
+    node: &str,
+    statement: &[u8],
+    (certificate_pem, signature): (&str, &[u8]),
 ) -> Result<(), Error> {
     members
-        .verify_node(
-            &keys.node,
-            certificate_pem,
-            &keys.statement(round),
-            signature,
-        )
+        .verify_node(node, certificate_pem, statement, signature)
         .map_err(|reason| Error::UnvouchedKeys {
             round: round.to_owned(),
-            node: keys.node.clone(),
+            node: node.to_owned(),
             reason,
         })
 }
@@ -356,10 +371,47 @@ pub struct RoundOrigin {
     pub request_sha256: String,
 }
 
+/// A training run's secure-aggregation session at this node.
+struct RunSession {
+    client: SessionClient,
+    origin: RoundOrigin,
+    work: Arc<RoundWork>,
+    /// How long the session lives past its last use.
+    lifetime: Duration,
+    expires: Instant,
+}
+
+/// Refuses a round or session this node is not a participant of.
+fn check_participant(params: &RoundParams, node: &str) -> Result<(), Error> {
+    if params.participants.iter().any(|p| p == node) {
+        Ok(())
+    } else {
+        Err(Error::NotParticipant(params.round.clone()))
+    }
+}
+
+/// Adds `entry` as round (or session) `id` to `map`, first dropping the
+/// entries no longer `live`; refuses an id already there.
+fn insert_new<S>(
+    map: &Mutex<HashMap<String, S>>,
+    id: String,
+    entry: S,
+    live: impl Fn(&S) -> bool,
+) -> Result<(), Error> {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    map.retain(|_, s| live(s));
+    if map.contains_key(&id) {
+        return Err(Error::RoundExists(id));
+    }
+    map.insert(id, entry);
+    Ok(())
+}
+
 /// Rounds in progress and the rows of trainings being run.
 #[derive(Default)]
 pub struct Rounds {
     sessions: Mutex<HashMap<String, Session>>,
+    runs: Mutex<HashMap<String, RunSession>>,
     data: Mutex<HashMap<String, (Arc<Extracted>, Instant)>>,
 }
 
@@ -395,18 +447,12 @@ impl Rounds {
         work: Arc<RoundWork>,
         lifetime: Duration,
     ) -> Result<Advertise, Error> {
-        if !params.participants.iter().any(|p| p == node) {
-            return Err(Error::NotParticipant(params.round));
-        }
+        check_participant(&params, node)?;
         let round = params.round.clone();
         let (client, advertise) = Client::new(params, node)?;
         let now = Instant::now();
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.retain(|_, s| s.expires > now);
-        if sessions.contains_key(&round) {
-            return Err(Error::RoundExists(round));
-        }
-        sessions.insert(
+        insert_new(
+            &self.sessions,
             round,
             Session {
                 client,
@@ -415,7 +461,8 @@ impl Rounds {
                 computing: false,
                 expires: now + lifetime,
             },
-        );
+            |s| s.expires > now,
+        )?;
         Ok(advertise)
     }
 
@@ -464,6 +511,84 @@ impl Rounds {
     ) -> Result<MaskedInput, Error> {
         let input = ghx_secagg::encode(values)?;
         self.with(round, |s| Ok(s.client.mask_input(shares, &input)?))
+    }
+
+    /// Opens a training run's session (admitted as a round's step 1):
+    /// returns this node's key to sign and advertise.
+    pub fn open_session(
+        &self,
+        params: RoundParams,
+        node: &str,
+        origin: &RoundOrigin,
+        work: Arc<RoundWork>,
+        lifetime: Duration,
+    ) -> Result<SessionKeys, Error> {
+        check_participant(&params, node)?;
+        let session = params.round.clone();
+        let (client, keys) = SessionClient::new(params, node)?;
+        let now = Instant::now();
+        insert_new(
+            &self.runs,
+            session,
+            RunSession {
+                client,
+                origin: origin.clone(),
+                work,
+                lifetime,
+                expires: now + lifetime,
+            },
+            |s| s.expires > now,
+        )?;
+        Ok(keys)
+    }
+
+    fn with_session<T>(
+        &self,
+        session: &str,
+        step: impl FnOnce(&mut RunSession) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match runs.get_mut(session) {
+            Some(s) if s.expires > now => {
+                s.expires = now + s.lifetime;
+                step(s)
+            }
+            _ => {
+                runs.remove(session);
+                Err(Error::NoSuchRound(session.to_owned()))
+            }
+        }
+    }
+
+    /// The members' keys (checked by the caller), once per session.
+    pub fn agree_session(&self, session: &str, keys: &[SessionKeys]) -> Result<(), Error> {
+        self.with_session(session, |s| Ok(s.client.agree(keys)?))
+    }
+
+    /// Round `number` of a session begins: the number is claimed (never
+    /// masked again, even if computing fails); returns what it computes.
+    pub fn begin_session_round(
+        &self,
+        session: &str,
+        number: u32,
+    ) -> Result<(RoundOrigin, Arc<RoundWork>), Error> {
+        self.with_session(session, |s| {
+            s.client.claim(number)?;
+            Ok((s.origin.clone(), s.work.clone()))
+        })
+    }
+
+    /// Round `number` of a session: the contribution `values`, encoded and
+    /// masked.
+    pub fn session_masked_input(
+        &self,
+        session: &str,
+        number: u32,
+        values: &[f64],
+    ) -> Result<MaskedInput, Error> {
+        let input = ghx_secagg::encode(values)?;
+        self.with_session(session, |s| Ok(s.client.mask(number, &input)?))
     }
 
     /// Step 4; the round is over for this node afterwards.
@@ -584,18 +709,46 @@ mod tests {
         let params = RoundParams::new("r1", ["a", "b"], 2, 3).unwrap();
         let (_, keys) = Client::new(params.clone(), "a").unwrap();
         let signature = ghx_pki::signed::sign(&a.key_pem, &keys.statement("r1")).unwrap();
-        check_keys(&members, "r1", &keys, &a.cert_pem, &signature).unwrap();
+        let check = |round: &str, keys: &Advertise| {
+            check_keys(
+                &members,
+                round,
+                &keys.node,
+                &keys.statement(round),
+                (&a.cert_pem, &signature),
+            )
+        };
+        check("r1", &keys).unwrap();
         // A coordinator that swaps in keys of its own under a's name (it has
         // no key of a's to sign them with) is refused by name.
-        let (_, own) = Client::new(params, "a").unwrap();
-        let e = check_keys(&members, "r1", &own, &a.cert_pem, &signature).unwrap_err();
+        let (_, own) = Client::new(params.clone(), "a").unwrap();
+        let e = check("r1", &own).unwrap_err();
         assert_eq!(
             e.to_string(),
             "round r1: the keys advertised as a's are refused: its signature does not verify"
         );
         // a's keys of round r1, replayed in another round, are refused too.
         assert!(matches!(
-            check_keys(&members, "r2", &keys, &a.cert_pem, &signature),
+            check("r2", &keys),
+            Err(Error::UnvouchedKeys { .. })
+        ));
+        // A session key is vouched for by a signature over its own
+        // statement, never by a round's.
+        let (_, session_keys) = SessionClient::new(params, "a").unwrap();
+        let session_signature =
+            ghx_pki::signed::sign(&a.key_pem, &session_keys.statement("r1")).unwrap();
+        let session_check = |signature: &[u8]| {
+            check_keys(
+                &members,
+                "r1",
+                "a",
+                &session_keys.statement("r1"),
+                (&a.cert_pem, signature),
+            )
+        };
+        session_check(&session_signature).unwrap();
+        assert!(matches!(
+            session_check(&signature),
             Err(Error::UnvouchedKeys { .. })
         ));
     }

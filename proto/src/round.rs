@@ -2,7 +2,7 @@
 //! the wire, in both directions. Keys must be exactly 32 bytes; anything
 //! else from a peer is an error that says which field was wrong.
 
-use ghx_secagg::{Advertise, EncryptedShare, MaskedInput, RoundParams, Unmasking};
+use ghx_secagg::{Advertise, EncryptedShare, MaskedInput, RoundParams, SessionKeys, Unmasking};
 
 use crate::v1 as pb;
 
@@ -42,6 +42,21 @@ pub fn advertise_from_wire(a: pb::AdvertisedKeys) -> Result<Advertise, String> {
         mask_key: key("mask_key", &a.mask_key)?,
         self_mask_commitment: key("self_mask_commitment", &a.self_mask_commitment)?,
         node: a.node,
+    })
+}
+
+pub fn session_keys_to_wire(k: &SessionKeys) -> pb::SessionKeys {
+    pb::SessionKeys {
+        node: k.node.clone(),
+        mask_key: k.mask_key.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn session_keys_from_wire(k: pb::SessionKeys) -> Result<SessionKeys, String> {
+    Ok(SessionKeys {
+        mask_key: key("mask_key", &k.mask_key)?,
+        node: k.node,
     })
 }
 

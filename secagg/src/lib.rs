@@ -37,6 +37,11 @@
 //! are summed exactly. With two survivors each learns the other's update
 //! from the sum, as with any sum; rounds need three.
 //!
+//! A training run's rounds, always among the same few nodes, use a
+//! [`session`] instead: keys agreed once per run and one trip per round,
+//! with a dropped node answered by re-keying among the rest rather than by
+//! unmasking.
+//!
 //! Left to the caller: authenticating advertised keys between nodes. The
 //! coordinator routes keys; one that substituted its own could read shares.
 //! [`Advertise::statement`] is what a node signs to vouch for its keys; ghx
@@ -48,6 +53,9 @@
 //! sets would need the active protocol's consistency round).
 
 use std::collections::{BTreeMap, BTreeSet};
+
+pub mod session;
+pub use session::{SessionClient, SessionKeys};
 
 use hkdf::Hkdf;
 use rand::RngCore;
@@ -128,6 +136,19 @@ pub enum Error {
     NotOwnKeys { round: String, node: NodeId },
     #[error("update value {index} is {value}; updates must be finite and within ±{MAX_MAGNITUDE}")]
     OutOfRange { index: usize, value: f64 },
+    #[error(
+        "session {session}: round {number} was asked for after round {last}; each round is masked once, in order"
+    )]
+    Replayed {
+        session: String,
+        number: u32,
+        last: u32,
+    },
+    #[error("session {session}: no masked input from {}; the round cannot be summed without every member", missing.join(", "))]
+    Incomplete {
+        session: String,
+        missing: Vec<NodeId>,
+    },
 }
 
 /// What every participant of a round agrees on before it starts.

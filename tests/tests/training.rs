@@ -246,14 +246,24 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
         holdout.len()
     );
 
-    // Every node audited the rounds it took part in.
+    // Every node audited the run: one session opened for every training
+    // round (admitted once), and one masked contribution released per
+    // round (moments, each training round, evaluation).
     for node in &federation.nodes {
         let audit = node.store.audit_entries().unwrap();
-        let rounds = audit
-            .iter()
-            .filter(|e| e.action == "round:train" && e.decision == "answered")
-            .count();
-        assert_eq!(rounds, spec.rounds as usize, "{}", node.profile.id);
+        let answered = |action: &str| {
+            audit
+                .iter()
+                .filter(|e| e.action == action && e.decision == "answered")
+                .count()
+        };
+        assert_eq!(answered("round:train"), 1, "{}", node.profile.id);
+        assert_eq!(
+            answered(ghx_audit::action::MASKED_INPUT),
+            spec.rounds as usize + 2,
+            "{}",
+            node.profile.id
+        );
     }
 
     // External validation of the model as a requester would upload it.
@@ -569,6 +579,15 @@ async fn noised_training_is_charged_round_by_round_and_stops_when_the_budget_is_
         );
         assert!((spent.delta - privacy.delta).abs() < 1e-15);
         assert_eq!(spent.queries, rounds as i64);
+        // Every round charged within the one session the run opened.
+        let opened = node
+            .store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == "round:train" && e.decision == "answered")
+            .count();
+        assert_eq!(opened, 1, "{}", node.profile.id);
     }
     let card = ghx::training_report::model_card(
         &record,
@@ -618,7 +637,7 @@ async fn a_node_refusing_a_noised_round_for_too_few_patients_is_not_charged() {
     assert_eq!(record.rounds.len(), rounds as usize);
     for round in &record.rounds {
         assert_eq!(round.contributors, ["chonnam", "chosun"]);
-        assert_eq!(round.failures.len(), 1);
+        assert_eq!(round.failures.len(), 1, "{:?}", round.failures);
         assert_eq!(round.failures[0].node_id, "christian");
         assert!(
             round.failures[0].reason.contains("too few patients"),
@@ -672,15 +691,19 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     let signer = Signer::from_pem(ghx::local_federation::SIGNING_KID, &key).unwrap();
     let nodes = &federation.nodes[..2];
     let ids: Vec<String> = nodes.iter().map(|n| n.profile.id.to_owned()).collect();
-    let token = signer
-        .sign(&claims_for(
-            &manifest,
-            &study_id,
-            ids.clone(),
-            &training_json,
-            time::Duration::minutes(5),
-        ))
-        .unwrap();
+    // Capabilities are single-use at each node: one per opening.
+    let fresh_token = || {
+        signer
+            .sign(&claims_for(
+                &manifest,
+                &study_id,
+                ids.clone(),
+                &training_json,
+                time::Duration::minutes(5),
+            ))
+            .unwrap()
+    };
+    let token = fresh_token();
     let round = "attack/moments".to_owned();
     let mut clients = Vec::new();
     let mut advertised = Vec::new();
@@ -759,12 +782,104 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     );
     // The keys as the nodes signed them are taken.
     let shares = clients[0]
-        .round_share_keys(share(advertised))
+        .round_share_keys(share(advertised.clone()))
         .await
         .unwrap()
         .into_inner()
         .shares;
     assert_eq!(shares.len(), 1);
     assert_eq!(shares[0].to, ids[1]);
+
+    // A session for the training rounds: a moments phase is refused; the
+    // members' keys must be signed by their nodes; each round number is
+    // masked once, in order.
+    let session = "attack/session".to_owned();
+    let open = |phase: &str, session: &str| pb::RoundAdvertiseRequest {
+        capability: fresh_token(),
+        manifest_json: manifest_json.clone(),
+        training_json: training_json.clone(),
+        params: Some(pb::RoundParams {
+            round: session.to_owned(),
+            participants: ids.clone(),
+            threshold: 2,
+            dim: training::Phase::parse(phase)
+                .unwrap()
+                .len(spec.features.len(), spec.param_count()) as u32,
+        }),
+        phase: phase.to_owned(),
+    };
+    let err = clients[0]
+        .session_open(open("moments", "attack/other"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("a session trains"),
+        "{}",
+        err.message()
+    );
+    let mut keys = Vec::new();
+    for client in &mut clients {
+        let k = client
+            .session_open(open("train", &session))
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+            .unwrap();
+        assert!(!k.signature.is_empty());
+        keys.push(k);
+    }
+    let agree = |keys: Vec<pb::SessionKeys>| pb::SessionAgreeRequest {
+        session: session.clone(),
+        keys,
+    };
+    let mut swapped = keys.clone();
+    swapped[1].mask_key = keys[0].mask_key.clone();
+    let err = clients[0].session_agree(agree(swapped)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains(&format!("the keys advertised as {}'s are refused", ids[1])),
+        "{}",
+        err.message()
+    );
+    // A round's signature over the same bytes does not vouch for them.
+    let mut round_signed = keys.clone();
+    round_signed[1].signature = advertised[1].signature.clone();
+    assert!(clients[0].session_agree(agree(round_signed)).await.is_err());
+    for client in &mut clients {
+        client.session_agree(agree(keys.clone())).await.unwrap();
+    }
+    let dim = spec.features.len();
+    let model = ModelDocument::new(spec, &vec![0.0; dim], &vec![1.0; dim], &Model::zeros(dim));
+    let input = |round: u32| pb::SessionInputRequest {
+        session: session.clone(),
+        round,
+        model_json: serde_json::to_vec(&model).unwrap(),
+    };
+    let mut masked = Vec::new();
+    for client in &mut clients {
+        masked.push(client.session_input(input(1)).await.unwrap().into_inner());
+    }
+    assert_ne!(masked[0].values, masked[1].values);
+    for again in [1, 0] {
+        let err = clients[0].session_input(input(again)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message()
+                .contains(&format!("round {again} was asked for after round 1")),
+            "{}",
+            err.message()
+        );
+    }
+    let err = clients[0]
+        .session_input(pb::SessionInputRequest {
+            session: "attack/unknown".to_owned(),
+            ..input(2)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
     federation.shutdown().await;
 }

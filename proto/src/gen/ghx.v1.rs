@@ -226,6 +226,45 @@ pub struct RoundUnmaskResponse {
     #[prost(message, repeated, tag = "3")]
     pub mask_key_shares: ::prost::alloc::vec::Vec<NodeShare>,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SessionKeys {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub mask_key: ::prost::alloc::vec::Vec<u8>,
+    /// ECDSA P-256 (DER) over the key and the session, by the node's
+    /// certificate key, checked by every member as for AdvertisedKeys.
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+    #[prost(string, tag = "4")]
+    pub certificate_pem: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SessionOpenResponse {
+    #[prost(message, optional, tag = "1")]
+    pub keys: ::core::option::Option<SessionKeys>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SessionAgreeRequest {
+    #[prost(string, tag = "1")]
+    pub session: ::prost::alloc::string::String,
+    /// The members' keys, this node's included.
+    #[prost(message, repeated, tag = "2")]
+    pub keys: ::prost::alloc::vec::Vec<SessionKeys>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SessionAgreeResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SessionInputRequest {
+    #[prost(string, tag = "1")]
+    pub session: ::prost::alloc::string::String,
+    /// The round number, above every one this session masked before.
+    #[prost(uint32, tag = "2")]
+    pub round: u32,
+    /// The global model (a ghx.model/v1 document) the round starts from.
+    #[prost(bytes = "vec", tag = "3")]
+    pub model_json: ::prost::alloc::vec::Vec<u8>,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HealthRequest {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -614,6 +653,88 @@ pub mod node_service_client {
                 .insert(GrpcMethod::new("ghx.v1.NodeService", "RoundUnmask"));
             self.inner.unary(req, path, codec).await
         }
+        /// A training run's rounds, in a secure-aggregation session: keys agreed
+        /// once per run, then one trip per node per round. SessionOpen is admitted
+        /// exactly as RoundAdvertise (phase "train"; params.round names the
+        /// session) and returns the node's signed session key; SessionAgree
+        /// relays the members' keys; SessionInput carries round n's global model
+        /// and returns the node's contribution masked with stream n of its pair
+        /// secrets. A node masks each round number of a session once, in order;
+        /// the study must still stand and the capability be unexpired at every
+        /// round. A round missing a member is not summed: the coordinator opens a
+        /// new session among the rest.
+        pub async fn session_open(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RoundAdvertiseRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SessionOpenResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/SessionOpen",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "SessionOpen"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn session_agree(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SessionAgreeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SessionAgreeResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/SessionAgree",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "SessionAgree"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn session_input(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SessionInputRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundMaskedInputResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/SessionInput",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "SessionInput"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -689,6 +810,37 @@ pub mod node_service_server {
             request: tonic::Request<super::RoundUnmaskRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RoundUnmaskResponse>,
+            tonic::Status,
+        >;
+        /// A training run's rounds, in a secure-aggregation session: keys agreed
+        /// once per run, then one trip per node per round. SessionOpen is admitted
+        /// exactly as RoundAdvertise (phase "train"; params.round names the
+        /// session) and returns the node's signed session key; SessionAgree
+        /// relays the members' keys; SessionInput carries round n's global model
+        /// and returns the node's contribution masked with stream n of its pair
+        /// secrets. A node masks each round number of a session once, in order;
+        /// the study must still stand and the capability be unexpired at every
+        /// round. A round missing a member is not summed: the coordinator opens a
+        /// new session among the rest.
+        async fn session_open(
+            &self,
+            request: tonic::Request<super::RoundAdvertiseRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SessionOpenResponse>,
+            tonic::Status,
+        >;
+        async fn session_agree(
+            &self,
+            request: tonic::Request<super::SessionAgreeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SessionAgreeResponse>,
+            tonic::Status,
+        >;
+        async fn session_input(
+            &self,
+            request: tonic::Request<super::SessionInputRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RoundMaskedInputResponse>,
             tonic::Status,
         >;
     }
@@ -1114,6 +1266,141 @@ pub mod node_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RoundUnmaskSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.NodeService/SessionOpen" => {
+                    #[allow(non_camel_case_types)]
+                    struct SessionOpenSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::RoundAdvertiseRequest>
+                    for SessionOpenSvc<T> {
+                        type Response = super::SessionOpenResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RoundAdvertiseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::session_open(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SessionOpenSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.NodeService/SessionAgree" => {
+                    #[allow(non_camel_case_types)]
+                    struct SessionAgreeSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::SessionAgreeRequest>
+                    for SessionAgreeSvc<T> {
+                        type Response = super::SessionAgreeResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SessionAgreeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::session_agree(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SessionAgreeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.NodeService/SessionInput" => {
+                    #[allow(non_camel_case_types)]
+                    struct SessionInputSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::SessionInputRequest>
+                    for SessionInputSvc<T> {
+                        type Response = super::RoundMaskedInputResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SessionInputRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::session_input(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SessionInputSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

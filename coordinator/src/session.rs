@@ -1,0 +1,276 @@
+//! A training run's secure-aggregation sessions at the coordinator
+//! (`ghx_secagg::session`): the nodes are admitted and keyed once, then
+//! each training round is one request per member and the sum of the
+//! answers.
+//!
+//! A session is opened under one capability for the run's training and
+//! its members' signed keys are relayed once. A round sums only when every
+//! member answered; a member that is down, refuses or misses the deadline
+//! is named, and the driver ([`crate::training`]) opens a new session
+//! among the members that did answer and redoes the round under fresh
+//! keys. Nothing is ever unmasked, so no live node's secret is
+//! reconstructed. A session is replaced before half of its capability's
+//! validity is left, so revocation and expiry keep biting during a run.
+
+use std::time::{Duration, Instant};
+
+use ghx_learn::federated::Phase;
+use ghx_proto::round;
+use ghx_proto::v1 as pb;
+use ghx_secagg::{MaskedInput, RoundParams};
+use ghx_study::capability;
+use ghx_study::result::NodeFailure;
+use ghx_study::training::ModelDocument;
+
+use crate::dispatch;
+use crate::fanout::{RegisteredNode, describe};
+use crate::training::{Error, Federation, RoundSum, keep, quorum_error, sent, step};
+
+/// An open session: who is in it and under what capability.
+pub struct Session {
+    pub id: String,
+    /// Node ids, sorted.
+    pub members: Vec<String>,
+    /// Registered nodes outside the session and why (refused or failed
+    /// opening it, or dropped from a session before it): named in every
+    /// round the session sums.
+    pub left_out: Vec<NodeFailure>,
+    claims: capability::Claims,
+    request_sha256: String,
+    dim: usize,
+}
+
+impl Session {
+    /// Whether more than half of the session capability's validity is
+    /// left, so a round started now ends well before it expires.
+    pub fn fresh(&self, valid_for: Duration) -> bool {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.claims.exp - now > i64::try_from(valid_for.as_secs() / 2).unwrap_or(i64::MAX)
+    }
+}
+
+/// A session round's outcome.
+pub enum Outcome {
+    Summed(RoundSum),
+    /// Some member did not answer: the round cannot be summed.
+    Dropped {
+        answered: Vec<String>,
+        failures: Vec<NodeFailure>,
+    },
+}
+
+/// Opens a session among `among` (every registered node when `None`):
+/// admission and keys, then the keys relayed. Nodes that fail either step
+/// are left out (and named with `left_out`); the session needs the
+/// training's quorum.
+pub async fn open(
+    fed: &Federation<'_>,
+    prefix: &str,
+    among: Option<&[String]>,
+    mut left_out: Vec<NodeFailure>,
+) -> Result<Session, Error> {
+    let registered = fed.registry.list();
+    if registered.is_empty() {
+        return Err(Error::NoNodes);
+    }
+    let mut nodes: Vec<RegisteredNode> = match among {
+        None => registered,
+        Some(ids) => keep(&registered, ids),
+    };
+    let spec = fed.spec;
+    let need = usize::from(spec.quorum);
+    let dim = Phase::Train.len(spec.features.len(), spec.param_count());
+    let training_json = spec.canonical_json();
+    let request_sha256 = ghx_audit::digest(&training_json);
+    let deadline = Duration::from_secs(u64::from(spec.round_deadline_seconds));
+    let valid_for =
+        time::Duration::try_from(fed.capability_valid_for).unwrap_or(time::Duration::minutes(5));
+    // Each pass either keys every node it opened with or drops some.
+    loop {
+        let id = format!(
+            "{prefix}/session-{}",
+            time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+        );
+        if nodes.len() < need {
+            return Err(quorum_error(
+                &id,
+                need,
+                "opening a session",
+                nodes.len(),
+                &left_out,
+            ));
+        }
+        let threshold = spec
+            .quorum
+            .min(u8::try_from(nodes.len()).unwrap_or(u8::MAX));
+        let params = RoundParams::new(&id, nodes.iter().map(|n| n.id.clone()), threshold, dim)?;
+        let claims = capability::claims_for(
+            fed.manifest,
+            fed.study_id,
+            params.participants.clone(),
+            &training_json,
+            valid_for,
+        );
+        let token = fed.signer.sign(&claims)?;
+        let wire_params = round::params_to_wire(&params);
+        let (opened, failures) = step(&nodes, deadline, |node| {
+            let request = pb::RoundAdvertiseRequest {
+                capability: token.clone(),
+                manifest_json: fed.manifest_json.to_vec(),
+                training_json: training_json.clone(),
+                params: Some(wire_params.clone()),
+                phase: Phase::Train.name().to_owned(),
+            };
+            async move {
+                let keys = node
+                    .round_client()
+                    .session_open(request)
+                    .await
+                    .map_err(|s| describe(&s))?
+                    .into_inner()
+                    .keys
+                    .unwrap_or_default();
+                if keys.node != node.id {
+                    return Err(format!("opened the session as `{}`", keys.node));
+                }
+                // Relayed as signed: the other members check the signature.
+                round::session_keys_from_wire(keys.clone())?;
+                Ok(keys)
+            }
+        })
+        .await;
+        let action = ghx_audit::action::round(Phase::Train.name());
+        dispatch::record(
+            fed.audit,
+            &sent(fed, &claims, &action, &request_sha256),
+            opened
+                .iter()
+                .map(|(id, _)| (id.clone(), dispatch::Answer::default())),
+            &failures,
+        )?;
+        left_out.extend(failures);
+        if opened.len() < need {
+            return Err(quorum_error(
+                &id,
+                need,
+                "opening a session",
+                opened.len(),
+                &left_out,
+            ));
+        }
+        let ids: Vec<String> = opened.iter().map(|(id, _)| id.clone()).collect();
+        let keys: Vec<pb::SessionKeys> = opened.into_iter().map(|(_, k)| k).collect();
+        let members = keep(&nodes, &ids);
+        let (agreed, failures) = step(&members, deadline, |node| {
+            let request = pb::SessionAgreeRequest {
+                session: id.clone(),
+                keys: keys.clone(),
+            };
+            async move {
+                node.round_client()
+                    .session_agree(request)
+                    .await
+                    .map_err(|s| describe(&s))?;
+                Ok(())
+            }
+        })
+        .await;
+        if failures.is_empty() {
+            let mut members = ids;
+            members.sort();
+            left_out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            return Ok(Session {
+                id,
+                members,
+                left_out,
+                claims,
+                request_sha256,
+                dim,
+            });
+        }
+        // Those that agreed hold pair secrets with those that did not:
+        // key again among the former.
+        left_out.extend(failures);
+        let agreed: Vec<String> = agreed.into_iter().map(|(id, ())| id).collect();
+        nodes = keep(&nodes, &agreed);
+    }
+}
+
+/// Round `number` of the run in `session`: the model out, every member's
+/// masked contribution back, summed.
+pub async fn round(
+    fed: &Federation<'_>,
+    session: &Session,
+    number: u32,
+    model: &ModelDocument,
+) -> Result<Outcome, Error> {
+    let started = Instant::now();
+    let deadline = Duration::from_secs(u64::from(fed.spec.round_deadline_seconds));
+    let model_json = serde_json::to_vec(model).expect("a model serializes");
+    let nodes = keep(&fed.registry.list(), &session.members);
+    let (inputs, mut failures) = step(&nodes, deadline, |node| {
+        let request = pb::SessionInputRequest {
+            session: session.id.clone(),
+            round: number,
+            model_json: model_json.clone(),
+        };
+        async move {
+            let m = node
+                .round_client()
+                .session_input(request)
+                .await
+                .map_err(|s| describe(&s))?
+                .into_inner();
+            if m.node != node.id {
+                return Err(format!("sent a masked input as `{}`", m.node));
+            }
+            let micros = m.local_micros;
+            Ok((round::masked_from_wire(m), micros))
+        }
+    })
+    .await;
+    dispatch::record(
+        fed.audit,
+        &sent(
+            fed,
+            &session.claims,
+            ghx_audit::action::MASKED_INPUT,
+            &session.request_sha256,
+        ),
+        inputs
+            .iter()
+            .map(|(id, (input, _))| (id.clone(), dispatch::Answer::of_masked(&input.values))),
+        &failures,
+    )?;
+    for member in &session.members {
+        if !nodes.iter().any(|n| n.id == *member) {
+            failures.push(NodeFailure {
+                node_id: member.clone(),
+                reason: "no longer registered".to_owned(),
+            });
+        }
+    }
+    if !failures.is_empty() {
+        return Ok(Outcome::Dropped {
+            answered: inputs.into_iter().map(|(id, _)| id).collect(),
+            failures,
+        });
+    }
+    let local_seconds = inputs
+        .iter()
+        .map(|(_, (_, micros))| *micros as f64 / 1e6)
+        .fold(0.0, f64::max);
+    let masked: Vec<MaskedInput> = inputs.into_iter().map(|(_, (m, _))| m).collect();
+    let sum = ghx_secagg::session::sum(&session.id, &session.members, session.dim, &masked)?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Outcome::Summed(RoundSum {
+        sum: ghx_secagg::decode(&sum),
+        contributors: session.members.clone(),
+        failures: session.left_out.clone(),
+        node_metrics: Default::default(),
+        seconds,
+        local_seconds,
+        steps_ms: [0.0, seconds * 1000.0, 0.0, 0.0],
+        keys_ahead: true,
+    }))
+}
