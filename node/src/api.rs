@@ -778,6 +778,7 @@ impl NodeApi {
                         phase,
                         spec: admitted.training,
                         data,
+                        standardised: Default::default(),
                         min_cell_size: admitted.min_cell_size,
                         claims: admitted.claims,
                         manifest: Arc::new(admitted.manifest),
@@ -994,7 +995,7 @@ impl NodeApi {
                 training::contribution(
                     work.phase,
                     &work.spec,
-                    &work.data,
+                    (&work.data, &work.standardised),
                     model_json,
                     work.min_cell_size,
                 )?

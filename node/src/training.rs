@@ -208,14 +208,46 @@ pub fn train_config(spec: &TrainingSpec) -> TrainConfig {
     }
 }
 
-fn standardised(data: &Dataset, model: &ModelDocument) -> Dataset {
-    let mut out = data.clone();
-    Standardiser {
-        mean: model.mean.clone(),
-        sd: model.sd.clone(),
+/// Rows standardised by some means and SDs, with those means and SDs.
+type Slot = Mutex<Option<(Vec<f64>, Vec<f64>, Arc<Dataset>)>>;
+
+/// A round's (or session's) training and held-out rows, standardised by
+/// the model sent and kept for as long as the models sent keep the same
+/// means and SDs (every round of a run after its moments round), so a
+/// session's rounds standardise the rows once.
+#[derive(Default)]
+pub struct Standardised {
+    train: Slot,
+    holdout: Slot,
+}
+
+impl Standardised {
+    fn get(slot: &Slot, data: &Dataset, model: &ModelDocument) -> Arc<Dataset> {
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((mean, sd, rows)) = slot.as_ref()
+            && *mean == model.mean
+            && *sd == model.sd
+        {
+            return rows.clone();
+        }
+        let mut rows = data.clone();
+        Standardiser {
+            mean: model.mean.clone(),
+            sd: model.sd.clone(),
+        }
+        .apply(&mut rows);
+        let rows = Arc::new(rows);
+        *slot = Some((model.mean.clone(), model.sd.clone(), rows.clone()));
+        rows
     }
-    .apply(&mut out);
-    out
+
+    fn train(&self, data: &Extracted, model: &ModelDocument) -> Arc<Dataset> {
+        Self::get(&self.train, &data.train, model)
+    }
+
+    fn holdout(&self, data: &Extracted, model: &ModelDocument) -> Arc<Dataset> {
+        Self::get(&self.holdout, &data.holdout, model)
+    }
 }
 
 /// What step 3 computed.
@@ -249,11 +281,12 @@ pub fn check_enough(data: &Extracted, min_cell_size: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// Computes this node's contribution to a round.
+/// Computes this node's contribution to a round, standardising rows
+/// through `standardised` (kept with the round or session).
 pub fn contribution(
     phase: Phase,
     spec: &TrainingSpec,
-    data: &Extracted,
+    (data, standardised): (&Extracted, &Standardised),
     model_json: &[u8],
     min_cell_size: u32,
 ) -> Result<Contribution, Error> {
@@ -267,7 +300,7 @@ pub fn contribution(
     }
     let model = ModelDocument::parse_for(model_json, spec)?;
     let global = model.model();
-    let holdout = standardised(&data.holdout, &model);
+    let holdout = standardised.holdout(data, &model);
     if phase == Phase::Evaluate {
         let sums = EvaluationSums::of(&global, &holdout);
         let mut metrics = sums.metrics();
@@ -288,7 +321,7 @@ pub fn contribution(
     if !model.is_shaped_for(spec) {
         return Err(Error::ModelShape);
     }
-    let train = standardised(&data.train, &model);
+    let train = standardised.train(data, &model);
     // One generator per round, seeded from the operating system: a
     // cryptographic generator (ChaCha12) for the noise, and no system call
     // per shuffled row, which drawing from the OS directly cost.
@@ -356,6 +389,9 @@ pub struct RoundWork {
     pub phase: Phase,
     pub spec: TrainingSpec,
     pub data: Arc<Extracted>,
+    /// The rows standardised for the models sent, kept across a session's
+    /// rounds.
+    pub standardised: Standardised,
     pub min_cell_size: u32,
     pub claims: ghx_study::capability::Claims,
     pub manifest: Arc<ghx_study::manifest::StudyManifest>,
@@ -617,6 +653,43 @@ mod tests {
     }
 
     #[test]
+    fn rows_are_standardised_once_per_mean_and_sd() {
+        let manifest = ghx_study::manifest::StudyManifest::parse(include_bytes!(
+            "../../deploy/examples/study-t2d-model.json"
+        ))
+        .unwrap();
+        let spec = &manifest.trainings[0];
+        let dim = spec.features.len();
+        let mut data = Extracted {
+            train: Dataset::new(dim),
+            holdout: Dataset::new(dim),
+            incomplete: 0,
+        };
+        data.train.push(&vec![3.0; dim], true).unwrap();
+        data.holdout.push(&vec![5.0; dim], false).unwrap();
+        let model = |mean: f64| {
+            ModelDocument::new(
+                spec,
+                &vec![mean; dim],
+                &vec![2.0; dim],
+                &ghx_learn::Model::zeros(dim),
+            )
+        };
+        let cache = Standardised::default();
+        let first = cache.train(&data, &model(1.0));
+        assert_eq!(first.row(0), vec![1.0; dim].as_slice());
+        assert!(Arc::ptr_eq(&first, &cache.train(&data, &model(1.0))));
+        assert_eq!(
+            cache.holdout(&data, &model(1.0)).row(0),
+            vec![2.0; dim].as_slice()
+        );
+        // Other means: standardised again.
+        let other = cache.train(&data, &model(3.0));
+        assert_eq!(other.row(0), vec![0.0; dim].as_slice());
+        assert!(!Arc::ptr_eq(&first, &other));
+    }
+
+    #[test]
     fn too_few_patients_says_which_groups_but_not_their_counts() {
         let manifest = ghx_study::manifest::StudyManifest::parse(include_bytes!(
             "../../deploy/examples/study-t2d-model.json"
@@ -636,17 +709,30 @@ mod tests {
             holdout,
             incomplete: 0,
         };
-        let e = contribution(Phase::Moments, spec, &data, b"", 10)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = contribution(
+            Phase::Moments,
+            spec,
+            (&data, &Standardised::default()),
+            b"",
+            10,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert_eq!(
             e,
             "too few patients here for this training: training rows with the label \
              below the minimum cell size 10"
         );
         assert!(!e.contains('3'), "{e}");
-        let ok = contribution(Phase::Moments, spec, &data, b"", 3).unwrap();
+        let ok = contribution(
+            Phase::Moments,
+            spec,
+            (&data, &Standardised::default()),
+            b"",
+            3,
+        )
+        .unwrap();
         assert_eq!(ok.values.len(), Phase::Moments.len(5, 6));
         assert_eq!(ok.values[0], 30.0);
     }
@@ -664,6 +750,7 @@ mod tests {
                 holdout: Dataset::new(5),
                 incomplete: 0,
             }),
+            standardised: Standardised::default(),
             min_cell_size: 10,
             claims: ghx_study::capability::claims_for(
                 &manifest,
