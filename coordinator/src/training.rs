@@ -785,6 +785,8 @@ async fn session_round(
                     ));
                 }
                 attempt += 1;
+                // Those left out of this session stay named in the next.
+                dropped = session.left_out.clone();
                 dropped.extend(failures);
                 among = Some(answered);
             }
