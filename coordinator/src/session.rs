@@ -274,3 +274,39 @@ pub async fn round(
         keys_ahead: true,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session_valid_for(seconds: i64) -> Session {
+        let manifest = ghx_study::manifest::StudyManifest::parse(include_bytes!(
+            "../../deploy/examples/study-t2d-model.json"
+        ))
+        .unwrap();
+        let training_json = manifest.trainings[0].canonical_json();
+        Session {
+            id: "s".to_owned(),
+            members: vec!["a".to_owned(), "b".to_owned()],
+            left_out: Vec::new(),
+            claims: capability::claims_for(
+                &manifest,
+                "study-0001",
+                vec!["a".to_owned(), "b".to_owned()],
+                &training_json,
+                time::Duration::seconds(seconds),
+            ),
+            request_sha256: String::new(),
+            dim: 8,
+        }
+    }
+
+    #[test]
+    fn a_session_is_replaced_before_half_its_capability_is_left() {
+        let valid_for = Duration::from_secs(300);
+        assert!(session_valid_for(300).fresh(valid_for));
+        assert!(session_valid_for(200).fresh(valid_for));
+        assert!(!session_valid_for(150).fresh(valid_for));
+        assert!(!session_valid_for(-10).fresh(valid_for));
+    }
+}

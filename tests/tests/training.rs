@@ -475,6 +475,67 @@ async fn a_hospital_going_offline_mid_training_does_not_stall_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hospital_back_online_rejoins_the_running_training() {
+    let (mut federation, _dir) = start().await;
+    let mut manifest: serde_json::Value = serde_json::from_str(MANIFEST).unwrap();
+    manifest["trainings"][0]["rounds"] = 300.into();
+    let study_id = federation
+        .approved_study(RESEARCHER, serde_json::to_vec(&manifest).unwrap())
+        .await
+        .unwrap();
+    let mut client = federation.client(RESEARCHER).await.unwrap();
+    let run_id = client
+        .start_training(pb::StartTrainingRequest {
+            study_id,
+            training: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let wait_for = |rounds: u32| {
+        let mut client = client.clone();
+        let run_id = run_id.clone();
+        async move {
+            loop {
+                let now = client
+                    .get_training(pb::GetTrainingRequest {
+                        run_id: run_id.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if now.rounds_done >= rounds || now.status != "running" {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(3).await;
+    federation.stop_node("christian").await;
+    wait_for(25).await;
+    federation.restart_node("christian").await.unwrap();
+    let record = finished(&federation, RESEARCHER, &run_id).await;
+    assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
+    let all = ["chonnam", "chosun", "christian"];
+    // Rounds ran without Christian while it was away, naming it...
+    let away: Vec<_> = record
+        .rounds
+        .iter()
+        .filter(|r| r.contributors == ["chonnam", "chosun"])
+        .collect();
+    assert!(!away.is_empty());
+    assert!(away.iter().all(|r| r.failures[0].node_id == "christian"));
+    // ...and it was invited back into a session with everyone.
+    let last = record.rounds.last().unwrap();
+    assert_eq!(last.contributors, all);
+    assert!(last.failures.is_empty(), "{:?}", last.failures);
+    assert_eq!(record.evaluation.unwrap().contributors, all);
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_the_study_stops_a_running_training() {
     let (federation, _dir) = start().await;
     let mut manifest: serde_json::Value = serde_json::from_str(MANIFEST).unwrap();
@@ -881,5 +942,56 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // Once the session's capability has expired, its rounds are refused.
+    let short = signer
+        .sign(&claims_for(
+            &manifest,
+            &study_id,
+            ids.clone(),
+            &training_json,
+            time::Duration::seconds(2),
+        ))
+        .unwrap();
+    let expiring = "attack/expiring".to_owned();
+    let mut keys = Vec::new();
+    for client in &mut clients {
+        let request = pb::RoundAdvertiseRequest {
+            capability: short.clone(),
+            ..open("train", &expiring)
+        };
+        keys.push(
+            client
+                .session_open(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .keys
+                .unwrap(),
+        );
+    }
+    for client in &mut clients {
+        client
+            .session_agree(pb::SessionAgreeRequest {
+                session: expiring.clone(),
+                keys: keys.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let err = clients[0]
+        .session_input(pb::SessionInputRequest {
+            session: expiring.clone(),
+            ..input(1)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("its capability has expired"),
+        "{}",
+        err.message()
+    );
     federation.shutdown().await;
 }

@@ -1185,6 +1185,8 @@ pub enum Bind {
 pub struct PrivacyCharge<'a> {
     pub organisation: &'a str,
     pub study_id: &'a str,
+    /// The charge's key in the ledger, charged once: the capability's id,
+    /// or for a training session's round the capability's id and round.
     pub capability_id: &'a str,
     /// Digest of the query or training spec charged for.
     pub request_sha256: &'a str,
