@@ -396,19 +396,29 @@ impl CoordinatorApi {
 }
 
 impl CoordinatorApi {
-    fn save_run(&self, record: &TrainingRecord) -> Result<(), ApiError> {
+    /// Saves a run's state and its rounds from `saved` on (those before
+    /// are stored already): each round is its own row, so a save costs the
+    /// same at round 1000 as at round 1.
+    fn save_run(&self, record: &mut TrainingRecord, saved: usize) -> Result<(), ApiError> {
+        let rounds = std::mem::take(&mut record.rounds);
+        let state = serde_json::to_string(&*record).expect("records serialize");
+        record.rounds = rounds;
+        let new_rounds: Vec<(u32, String)> = record.rounds[saved.min(record.rounds.len())..]
+            .iter()
+            .map(|r| (r.round, serde_json::to_string(r).expect("rounds serialize")))
+            .collect();
         let row = crate::store::TrainingRunRow {
             id: record.run_id.clone(),
             study_id: record.study_id.clone(),
             training: record.training.clone(),
             status: record.status.name().to_owned(),
-            record_json: serde_json::to_string(record).expect("records serialize"),
+            record_json: state,
             updated_at: now_rfc3339(),
         };
         self.inner
             .studies
             .store()
-            .save_training_run(&row)
+            .save_training_run(&row, &new_rounds)
             .map_err(|e| ApiError::Study(e.into()))
     }
 
@@ -421,11 +431,29 @@ impl CoordinatorApi {
             .training_run(run_id)
             .map_err(|e| ApiError::Study(e.into()))?
             .ok_or_else(|| ApiError::NoSuchRun(run_id.to_owned()))?;
-        serde_json::from_str(&row.record_json).map_err(|e| {
+        let unreadable = |e: serde_json::Error| {
             ApiError::Study(studies::Error::Store(format!(
                 "stored training run {run_id} is unreadable: {e}"
             )))
-        })
+        };
+        let mut record: TrainingRecord =
+            serde_json::from_str(&row.record_json).map_err(unreadable)?;
+        let rounds = self
+            .inner
+            .studies
+            .store()
+            .training_rounds(run_id)
+            .map_err(|e| ApiError::Study(e.into()))?;
+        // A run saved before rounds had rows of their own keeps them in its
+        // record until it is saved again.
+        if !rounds.is_empty() {
+            record.rounds = rounds
+                .iter()
+                .map(|r| serde_json::from_str(r))
+                .collect::<Result<_, _>>()
+                .map_err(unreadable)?;
+        }
+        Ok(record)
     }
 
     /// What a round of `spec` in `study` runs with.
@@ -500,8 +528,8 @@ impl CoordinatorApi {
                 .training_run_count()
                 .map_err(|e| ApiError::Study(e.into()))?;
             let run_id = format!("run-{:04}", runs + 1);
-            let record = TrainingRecord::new(&run_id, &study.id, &spec, &now_rfc3339());
-            self.save_run(&record)?;
+            let mut record = TrainingRecord::new(&run_id, &study.id, &spec, &now_rfc3339());
+            self.save_run(&mut record, 0)?;
             record
         };
         self.spawn_driver(record.clone());
@@ -549,24 +577,52 @@ impl CoordinatorApi {
         });
     }
 
+    /// The study and training a run's next step runs with: `known` if the
+    /// study is still approved, else read (and checked) again.
+    fn still_running(
+        &self,
+        record: &TrainingRecord,
+        known: Option<(studies::Study, ghx_study::training::TrainingSpec)>,
+    ) -> Result<(studies::Study, ghx_study::training::TrainingSpec), ApiError> {
+        if let Some((study, spec)) = known {
+            self.inner.studies.still_runnable(&study)?;
+            return Ok((study, spec));
+        }
+        let study = self.inner.studies.runnable(&record.study_id)?;
+        let spec = study
+            .manifest
+            .training_named(&record.training)
+            .cloned()
+            .ok_or_else(|| ApiError::NoSuchTraining {
+                id: record.study_id.clone(),
+                name: record.training.clone(),
+            })?;
+        Ok((study, spec))
+    }
+
     /// Runs rounds until the run completes or fails, saving after each.
     async fn drive(&self, mut record: TrainingRecord) {
         let mut pipeline = training::Pipeline::default();
+        // Rounds stored as of the last save (a resumed run's first save
+        // stores its rounds again, where a run saved before rounds had rows
+        // of their own keeps them).
+        let mut saved = 0;
+        // The study and training, read once; every step checks the study
+        // is still approved (a revoked study stops its runs).
+        let mut running: Option<(studies::Study, ghx_study::training::TrainingSpec)> = None;
         loop {
-            let step = async {
-                let study = self.inner.studies.runnable(&record.study_id)?;
-                let spec = study
-                    .manifest
-                    .training_named(&record.training)
-                    .cloned()
-                    .ok_or_else(|| ApiError::NoSuchTraining {
-                        id: record.study_id.clone(),
-                        name: record.training.clone(),
-                    })?;
-                let fed = self.federation(&study, &spec);
-                Ok::<_, ApiError>(training::advance(&fed, &record, &mut pipeline).await?)
+            let step = match self.still_running(&record, running.take()) {
+                Ok((study, spec)) => {
+                    let advanced = {
+                        let fed = self.federation(&study, &spec);
+                        training::advance(&fed, &record, &mut pipeline).await
+                    };
+                    running = Some((study, spec));
+                    advanced.map_err(ApiError::from)
+                }
+                Err(e) => Err(e),
             };
-            match step.await {
+            match step {
                 Ok(Some(next)) => {
                     record = next;
                     if let Some(r) = record.rounds.last() {
@@ -582,10 +638,11 @@ impl CoordinatorApi {
             // The next round's time starts before the save: saving is part
             // of every round's cost.
             pipeline.mark();
-            if let Err(e) = self.save_run(&record) {
+            if let Err(e) = self.save_run(&mut record, saved) {
                 tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
                 return;
             }
+            saved = record.rounds.len();
             if record.status != RunStatus::Running {
                 let outcome = if record.status == RunStatus::Completed {
                     "done"

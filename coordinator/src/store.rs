@@ -55,9 +55,17 @@ mod schema {
             updated_at -> Text,
         }
     }
+
+    diesel::table! {
+        training_rounds (run_id, round) {
+            run_id -> Text,
+            round -> BigInt,
+            record_json -> Text,
+        }
+    }
 }
 
-use schema::{results, studies, training_runs, votes};
+use schema::{results, studies, training_rounds, training_runs, votes};
 
 pub use ghx_db::{Error, Result};
 
@@ -146,6 +154,16 @@ impl CoordinatorStore {
                 diesel::QueryResult::Ok(id)
             }
         )?))
+    }
+
+    /// One study's status alone (a study's manifest never changes; its
+    /// status does).
+    pub fn study_status(&self, id: &str) -> Result<Option<String>> {
+        Ok(with_conn!(self.backend, |conn| studies::table
+            .filter(studies::id.eq(id))
+            .select(studies::status)
+            .first::<String>(conn)
+            .optional()?))
     }
 
     /// One study with its votes.
@@ -290,28 +308,51 @@ impl CoordinatorStore {
             .optional()?))
     }
 
-    /// Stores a training run's state, new or updated.
-    pub fn save_training_run(&self, run: &TrainingRunRow) -> Result<()> {
-        with_conn!(self.backend, |conn| diesel::insert_into(
-            training_runs::table
-        )
-        .values((
-            training_runs::id.eq(&run.id),
-            training_runs::study_id.eq(&run.study_id),
-            training_runs::training.eq(&run.training),
-            training_runs::status.eq(&run.status),
-            training_runs::record_json.eq(&run.record_json),
-            training_runs::updated_at.eq(&run.updated_at),
-        ))
-        .on_conflict(training_runs::id)
-        .do_update()
-        .set((
-            training_runs::status.eq(excluded(training_runs::status)),
-            training_runs::record_json.eq(excluded(training_runs::record_json)),
-            training_runs::updated_at.eq(excluded(training_runs::updated_at)),
-        ))
-        .execute(conn)?);
+    /// Stores a training run's state, new or updated, and its `rounds`
+    /// (round number, record) not stored yet, in one transaction: a round
+    /// and the state it led to are stored together or not at all.
+    pub fn save_training_run(&self, run: &TrainingRunRow, rounds: &[(u32, String)]) -> Result<()> {
+        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+            diesel::insert_into(training_runs::table)
+                .values((
+                    training_runs::id.eq(&run.id),
+                    training_runs::study_id.eq(&run.study_id),
+                    training_runs::training.eq(&run.training),
+                    training_runs::status.eq(&run.status),
+                    training_runs::record_json.eq(&run.record_json),
+                    training_runs::updated_at.eq(&run.updated_at),
+                ))
+                .on_conflict(training_runs::id)
+                .do_update()
+                .set((
+                    training_runs::status.eq(excluded(training_runs::status)),
+                    training_runs::record_json.eq(excluded(training_runs::record_json)),
+                    training_runs::updated_at.eq(excluded(training_runs::updated_at)),
+                ))
+                .execute(conn)?;
+            for (round, json) in rounds {
+                diesel::insert_into(training_rounds::table)
+                    .values((
+                        training_rounds::run_id.eq(&run.id),
+                        training_rounds::round.eq(i64::from(*round)),
+                        training_rounds::record_json.eq(json),
+                    ))
+                    .on_conflict((training_rounds::run_id, training_rounds::round))
+                    .do_nothing()
+                    .execute(conn)?;
+            }
+            Ok::<_, diesel::result::Error>(())
+        })?);
         Ok(())
+    }
+
+    /// A training run's stored rounds (their records), in order.
+    pub fn training_rounds(&self, run_id: &str) -> Result<Vec<String>> {
+        Ok(with_conn!(self.backend, |conn| training_rounds::table
+            .filter(training_rounds::run_id.eq(run_id))
+            .order(training_rounds::round)
+            .select(training_rounds::record_json)
+            .load::<String>(conn)?))
     }
 
     /// One training run.

@@ -328,6 +328,16 @@ impl StudyBook {
         }
     }
 
+    /// Whether `study`, runnable when it was read, still is: only its
+    /// status is read again (the manifest cannot change); the error is
+    /// [`Self::runnable`]'s.
+    pub fn still_runnable(&self, study: &Study) -> Result<(), Error> {
+        match self.store.study_status(&study.id)?.as_deref() {
+            Some(status) if status == StudyStatus::Approved.name() => Ok(()),
+            _ => self.runnable(&study.id).map(|_| ()),
+        }
+    }
+
     pub fn record_result(&self, id: &str, result: &StudyResult) -> Result<(), Error> {
         let json = serde_json::to_string(result).expect("results serialise");
         Ok(self

@@ -28,8 +28,9 @@
 //! each other's signatures, so the coordinator can only relay them.
 //!
 //! The run's state ([`TrainingRecord`]: aggregates only) is saved after
-//! every completed round, so a coordinator that restarts resumes a running
-//! run from its last completed round.
+//! every completed round (each round its own row, so a save does not grow
+//! with the rounds before it), so a coordinator that restarts resumes a
+//! running run from its last completed round.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -238,20 +238,45 @@ fn training_runs_are_saved_updated_and_listed_by_status(f: Fixture) {
         record_json: json.to_owned(),
         updated_at: "2026-11-29T00:00:00Z".to_owned(),
     };
+    let round = |n: u32| (n, format!(r#"{{"round":{n}}}"#));
     store
-        .save_training_run(&row("run-0001", "running", "{}"))
+        .save_training_run(&row("run-0001", "running", "{}"), &[round(1)])
         .unwrap();
     store
-        .save_training_run(&row("run-0002", "running", "{}"))
+        .save_training_run(&row("run-0002", "running", "{}"), &[])
         .unwrap();
-    // An update replaces status and record, keeping one row per run.
+    // An update replaces status and record, keeping one row per run; its
+    // rounds are added to those stored, a round stored before is kept as
+    // it was.
     store
-        .save_training_run(&row("run-0001", "completed", r#"{"done":true}"#))
+        .save_training_run(
+            &row("run-0001", "completed", r#"{"done":true}"#),
+            &[(1, "changed".to_owned()), round(2), round(3)],
+        )
         .unwrap();
     let all = store.training_runs(None).unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].status, "completed");
     assert_eq!(all[0].record_json, r#"{"done":true}"#);
+    assert_eq!(
+        store.training_rounds("run-0001").unwrap(),
+        vec![round(1).1, round(2).1, round(3).1]
+    );
+    assert!(store.training_rounds("run-0002").unwrap().is_empty());
+    // A round of a run that is not stored is refused with the run, which
+    // is not stored either.
+    assert!(
+        store
+            .save_training_run(
+                &TrainingRunRow {
+                    study_id: "no-such-study".to_owned(),
+                    ..row("run-0003", "running", "{}")
+                },
+                &[round(1)],
+            )
+            .is_err()
+    );
+    assert!(store.training_rounds("run-0003").unwrap().is_empty());
     // A restarted coordinator finds what is still running.
     let reopened = CoordinatorStore::open(&f.url).unwrap();
     let running = reopened.training_runs(Some("running")).unwrap();

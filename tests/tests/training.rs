@@ -301,14 +301,17 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     after_three.weights = record.rounds[2].weights.clone();
     after_three.bias = record.rounds[2].bias;
     store
-        .save_training_run(&TrainingRunRow {
-            id: interrupted.run_id.clone(),
-            study_id: study_id.clone(),
-            training: spec.name.clone(),
-            status: "running".to_owned(),
-            record_json: serde_json::to_string(&interrupted).unwrap(),
-            updated_at: "2026-11-29T00:00:00Z".to_owned(),
-        })
+        .save_training_run(
+            &TrainingRunRow {
+                id: interrupted.run_id.clone(),
+                study_id: study_id.clone(),
+                training: spec.name.clone(),
+                status: "running".to_owned(),
+                record_json: serde_json::to_string(&interrupted).unwrap(),
+                updated_at: "2026-11-29T00:00:00Z".to_owned(),
+            },
+            &[],
+        )
         .unwrap();
     let resumed = federation.coordinator_api().resume_training().unwrap();
     assert_eq!(resumed, vec!["run-0099".to_owned()]);
