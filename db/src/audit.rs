@@ -15,7 +15,7 @@ use diesel::sql_types::{BigInt, Double, Text};
 use ghx_audit::checkpoint::{Checkpoint, Signer};
 use ghx_audit::{Entry, GENESIS};
 
-use crate::{Backend, Dialect, Result, with_conn};
+use crate::{Backend, Result, with_conn};
 
 /// Checkpoints are signed every this many entries unless configured.
 pub const DEFAULT_CHECKPOINT_EVERY: i64 = 64;
@@ -179,43 +179,94 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
-fn insert_sql(dialect: Dialect) -> String {
-    let placeholders: Vec<String> = (1..=23).map(|n| dialect.placeholder(n)).collect();
-    format!(
-        "INSERT INTO audit_log ({COLUMNS}) VALUES ({})",
-        placeholders.join(", ")
-    )
+/// The INSERT of one entry, written so the backend's prepared statement
+/// is kept and reused (diesel's `sql_query` prepares it again every
+/// time): an audited request's own cost includes this.
+struct InsertEntry<'a>(&'a Entry);
+
+impl<DB> diesel::query_builder::QueryFragment<DB> for InsertEntry<'_>
+where
+    DB: diesel::backend::Backend
+        + diesel::sql_types::HasSqlType<Text>
+        + diesel::sql_types::HasSqlType<BigInt>
+        + diesel::sql_types::HasSqlType<Double>,
+    str: diesel::serialize::ToSql<Text, DB>,
+    i64: diesel::serialize::ToSql<BigInt, DB>,
+    f64: diesel::serialize::ToSql<Double, DB>,
+{
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, DB>,
+    ) -> diesel::QueryResult<()> {
+        let e = self.0;
+        out.push_sql(&format!("INSERT INTO audit_log ({COLUMNS}) VALUES ("));
+        out.push_bind_param::<BigInt, _>(&e.seq)?;
+        for text in [
+            &e.at,
+            &e.caller,
+            &e.caller_role,
+            &e.caller_org,
+            &e.source,
+            &e.requester,
+            &e.requester_org,
+            &e.study_id,
+            &e.capability_id,
+            &e.action,
+            &e.peer,
+            &e.decision,
+            &e.reason,
+            &e.purpose,
+            &e.policy_reasons,
+            &e.query_sha256,
+            &e.result_sha256,
+        ] {
+            out.push_sql(", ");
+            out.push_bind_param::<Text, str>(text.as_str())?;
+        }
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&e.result_cells)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&e.consent_excluded)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Double, _>(&e.epsilon)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, str>(e.prev_hash.as_str())?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, str>(e.hash.as_str())?;
+        out.push_sql(")");
+        Ok(())
+    }
 }
 
+impl diesel::query_builder::QueryId for InsertEntry<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Conn> diesel::query_dsl::RunQueryDsl<Conn> for InsertEntry<'_> {}
+
 macro_rules! insert_entry {
-    ($conn:expr, $sql:expr, $e:expr) => {{
-        let e: &Entry = $e;
-        diesel::sql_query($sql)
-            .bind::<BigInt, _>(e.seq)
-            .bind::<Text, _>(&e.at)
-            .bind::<Text, _>(&e.caller)
-            .bind::<Text, _>(&e.caller_role)
-            .bind::<Text, _>(&e.caller_org)
-            .bind::<Text, _>(&e.source)
-            .bind::<Text, _>(&e.requester)
-            .bind::<Text, _>(&e.requester_org)
-            .bind::<Text, _>(&e.study_id)
-            .bind::<Text, _>(&e.capability_id)
-            .bind::<Text, _>(&e.action)
-            .bind::<Text, _>(&e.peer)
-            .bind::<Text, _>(&e.decision)
-            .bind::<Text, _>(&e.reason)
-            .bind::<Text, _>(&e.purpose)
-            .bind::<Text, _>(&e.policy_reasons)
-            .bind::<Text, _>(&e.query_sha256)
-            .bind::<Text, _>(&e.result_sha256)
-            .bind::<BigInt, _>(e.result_cells)
-            .bind::<BigInt, _>(e.consent_excluded)
-            .bind::<Double, _>(e.epsilon)
-            .bind::<Text, _>(&e.prev_hash)
-            .bind::<Text, _>(&e.hash)
-            .execute($conn)?;
+    ($conn:expr, $e:expr) => {{
+        InsertEntry($e).execute($conn)?;
     }};
+}
+
+/// The two columns of the chain the head is read from, for statements
+/// the backend keeps prepared.
+mod chain {
+    diesel::table! {
+        audit_log (seq) {
+            seq -> BigInt,
+            hash -> Text,
+        }
+    }
+
+    diesel::table! {
+        audit_checkpoints (seq) {
+            seq -> BigInt,
+            hash -> Text,
+        }
+    }
 }
 
 /// The last link of the chain: the last entry, or the last checkpoint when
@@ -224,25 +275,30 @@ macro_rules! insert_entry {
 /// deletion instead of a fresh chain hiding it).
 macro_rules! head {
     ($conn:expr) => {{
-        let last: Option<Link> =
-            diesel::sql_query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .get_result($conn)
-                .optional()?;
-        match last {
+        let last: Option<(i64, String)> = chain::audit_log::table
+            .select((chain::audit_log::seq, chain::audit_log::hash))
+            .order(chain::audit_log::seq.desc())
+            .first($conn)
+            .optional()?;
+        let last = match last {
             Some(l) => Some(l),
-            None => diesel::sql_query(
-                "SELECT seq, hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
-            )
-            .get_result($conn)
-            .optional()?,
-        }
+            None => chain::audit_checkpoints::table
+                .select((
+                    chain::audit_checkpoints::seq,
+                    chain::audit_checkpoints::hash,
+                ))
+                .order(chain::audit_checkpoints::seq.desc())
+                .first($conn)
+                .optional()?,
+        };
+        last.map(|(seq, hash)| Link { seq, hash })
     }};
 }
 
 /// Appends `$entries` after the head, signing a checkpoint at every
 /// multiple of the interval; evaluates to the chained entries.
 macro_rules! append_body {
-    ($self:expr, $conn:expr, $sql:expr, $cp_sql:expr, $entries:expr) => {{
+    ($self:expr, $conn:expr, $cp_sql:expr, $entries:expr) => {{
         let head: Option<Link> = head!($conn);
         let (mut seq, mut prev) = match head {
             Some(l) => (l.seq, l.hash),
@@ -253,7 +309,7 @@ macro_rules! append_body {
             let mut e = entry.clone();
             seq += 1;
             e.chain(seq, &prev);
-            insert_entry!($conn, &$sql, &e);
+            insert_entry!($conn, &e);
             prev = e.hash.clone();
             if let Some(signer) = &$self.signer
                 && seq % $self.checkpoint_every == 0
@@ -340,19 +396,18 @@ impl AuditLog {
             return Ok(Vec::new());
         }
         let _guard = self.append.lock().unwrap_or_else(|e| e.into_inner());
-        let sql = insert_sql(self.backend.dialect());
         let cp_sql = self.checkpoint_sql();
         match &self.backend {
             Backend::Sqlite(pool) => {
                 let mut conn = pool.get().map_err(crate::Error::from)?;
-                conn.immediate_transaction(|conn| append_body!(self, conn, sql, cp_sql, entries))
+                conn.immediate_transaction(|conn| append_body!(self, conn, cp_sql, entries))
             }
             Backend::Postgres(pool) => {
                 let mut conn = pool.get().map_err(crate::Error::from)?;
                 conn.transaction(|conn| {
                     diesel::sql_query(format!("SELECT pg_advisory_xact_lock({PG_APPEND_LOCK})"))
                         .execute(conn)?;
-                    append_body!(self, conn, sql, cp_sql, entries)
+                    append_body!(self, conn, cp_sql, entries)
                 })
             }
         }
