@@ -199,7 +199,9 @@ where
         mut out: diesel::query_builder::AstPass<'_, 'b, DB>,
     ) -> diesel::QueryResult<()> {
         let e = self.0;
-        out.push_sql(&format!("INSERT INTO audit_log ({COLUMNS}) VALUES ("));
+        out.push_sql("INSERT INTO audit_log (");
+        out.push_sql(COLUMNS);
+        out.push_sql(") VALUES (");
         out.push_bind_param::<BigInt, _>(&e.seq)?;
         for text in [
             &e.at,
@@ -244,12 +246,6 @@ impl diesel::query_builder::QueryId for InsertEntry<'_> {
 }
 
 impl<Conn> diesel::query_dsl::RunQueryDsl<Conn> for InsertEntry<'_> {}
-
-macro_rules! insert_entry {
-    ($conn:expr, $e:expr) => {{
-        InsertEntry($e).execute($conn)?;
-    }};
-}
 
 /// The two columns of the chain the head is read from, for statements
 /// the backend keeps prepared.
@@ -309,7 +305,7 @@ macro_rules! append_body {
             let mut e = entry.clone();
             seq += 1;
             e.chain(seq, &prev);
-            insert_entry!($conn, &e);
+            InsertEntry(&e).execute($conn)?;
             prev = e.hash.clone();
             if let Some(signer) = &$self.signer
                 && seq % $self.checkpoint_every == 0

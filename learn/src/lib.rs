@@ -613,6 +613,20 @@ mod tests {
     }
 
     #[test]
+    fn sigmoid_and_log_loss_stay_finite_at_extreme_logits() {
+        // Both are written on exp(-|z|), which never overflows.
+        assert_eq!(sigmoid(1000.0), 1.0);
+        assert_eq!(sigmoid(-1000.0), 0.0);
+        assert_eq!(sigmoid(0.0), 0.5);
+        assert!((sigmoid(2.0) + sigmoid(-2.0) - 1.0).abs() < 1e-15);
+        assert_eq!(log_loss_at(1000.0, 0.0), 1000.0);
+        assert_eq!(log_loss_at(-1000.0, 1.0), 1000.0);
+        assert_eq!(log_loss_at(1000.0, 1.0), 0.0);
+        assert_eq!(log_loss_at(-1000.0, 0.0), 0.0);
+        assert!((log_loss_at(0.0, 1.0) - std::f64::consts::LN_2).abs() < 1e-15);
+    }
+
+    #[test]
     fn mlp_gradients_match_finite_differences_of_the_log_loss() {
         let mut rng = StdRng::seed_from_u64(3);
         let model = Model::mlp(3, 4, &mut rng).unwrap();
