@@ -4,8 +4,10 @@ loopback, logistic regression (or, with --hidden N, a one-hidden-layer
 tanh MLP with ghx's parameter layout: hidden weights row by row, hidden
 biases, output weights, bias) by the same mini-batch SGD (numpy), no
 evaluation rounds. Prints one JSON document: per round the server's wall
-time (configure_fit to the end of aggregate_fit) and the slowest client's
-fit time, plus the final weights.
+time (configure_fit to the end of aggregate_fit), the slowest client's
+fit time and the time during which some client was fitting (the union of
+the fits, on the machine's monotonic clock, which every process on it
+shares), plus the final weights.
 
 Usage: python flower_fedavg.py --rounds 50 --lr 0.1 --batch 32 --epochs 1 \
            [--hidden 8] --port 18080 node1.csv node2.csv node3.csv
@@ -62,6 +64,16 @@ def mlp_sgd(params, x, y, lr, epochs, batch, rng, units):
     return np.concatenate([W.ravel(), b1, w2, [b2]])
 
 
+def busy(spans, lo, hi):
+    """Length of the union of `spans` (start, end) within [lo, hi]."""
+    total, end = 0.0, lo
+    for s, e in sorted((max(s, lo), min(e, hi)) for s, e in spans):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
 def initial(dim, units):
     """Zeros for logistic regression; Glorot-uniform weights for the MLP."""
     if not units:
@@ -86,13 +98,18 @@ def client_main(path, address, args):
             return [initial(x.shape[1], args.hidden)]
 
         def fit(self, parameters, config):
+            began = time.monotonic()
             started = time.perf_counter()
             if args.hidden:
                 params = mlp_sgd(parameters[0], x, y, args.lr, args.epochs, args.batch, rng,
                                  args.hidden)
             else:
                 params = sgd(parameters[0], x, y, args.lr, args.epochs, args.batch, rng)
-            return [params], len(y), {"fit_seconds": time.perf_counter() - started}
+            return [params], len(y), {
+                "fit_seconds": time.perf_counter() - started,
+                "fit_began": began,
+                "fit_ended": time.monotonic(),
+            }
 
         def evaluate(self, parameters, config):
             return 0.0, len(y), {}
@@ -125,16 +142,19 @@ def main():
             # Round 1 would otherwise include the clients' start-up.
             client_manager.wait_for(len(args.csv))
             self.started = time.perf_counter()
+            self.began = time.monotonic()
             return super().configure_fit(server_round, parameters, client_manager)
 
         def aggregate_fit(self, server_round, results, failures):
             out = super().aggregate_fit(server_round, results, failures)
             seconds = time.perf_counter() - self.started
             local = max((r.metrics.get("fit_seconds", 0.0) for _, r in results), default=0.0)
+            spans = [(r.metrics["fit_began"], r.metrics["fit_ended"]) for _, r in results]
             rounds.append({
                 "round": server_round,
                 "seconds": seconds,
                 "local_seconds": local,
+                "busy_seconds": busy(spans, self.began, time.monotonic()),
                 "clients": len(results),
             })
             if out[0] is not None:

@@ -854,7 +854,7 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
         report.holdout_rows
     );
     println!(
-        "{:<34} {:>7} {:>10} {:>10} {:>10} {:>12} {:>13} {:>9} {:>7}",
+        "{:<34} {:>7} {:>10} {:>10} {:>10} {:>12} {:>13} {:>10} {:>10} {:>10} {:>9} {:>7}",
         "framework",
         "rounds",
         "total s",
@@ -862,12 +862,15 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
         "local p50",
         "overhead p50",
         "overhead mean",
+        "busy p50",
+        "idle p50",
+        "idle mean",
         "rounds s",
         "AUC"
     );
     let line = |name: &str, t: &ghx::bench_train::Timing| {
         println!(
-            "{:<34} {:>7} {:>10.2} {:>8.2}ms {:>8.2}ms {:>10.2}ms {:>11.2}ms {:>9.2} {:>7}",
+            "{:<34} {:>7} {:>10.2} {:>8.2}ms {:>8.2}ms {:>10.2}ms {:>11.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>9.2} {:>7}",
             name,
             t.rounds,
             t.total_seconds,
@@ -875,11 +878,17 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
             t.local_p50_ms,
             t.overhead_p50_ms,
             t.overhead_mean_ms,
+            t.busy_p50_ms,
+            t.idle_p50_ms,
+            t.idle_mean_ms,
             t.rounds_seconds,
             t.auc
                 .map_or_else(|| "n/a".to_owned(), |a| format!("{a:.4}"))
         );
     };
+    println!(
+        "(local: the slowest node's computation; overhead: round time outside it; busy: time some node was computing; idle: round time when none was)"
+    );
     line("ghx (mTLS gRPC, secure aggregation)", &report.ghx);
     let s = report.ghx_steps_ms;
     println!(
@@ -894,6 +903,13 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
                     "per-round overhead p50: Flower / ghx = {:.1}x (mean {:.1}x)",
                     flower.overhead_p50_ms / report.ghx.overhead_p50_ms,
                     flower.overhead_mean_ms / report.ghx.overhead_mean_ms.max(1e-9)
+                );
+            }
+            if report.ghx.idle_p50_ms > 0.0 {
+                println!(
+                    "per-round time with no node computing p50: Flower / ghx = {:.1}x (mean {:.1}x)",
+                    flower.idle_p50_ms / report.ghx.idle_p50_ms,
+                    flower.idle_mean_ms / report.ghx.idle_mean_ms.max(1e-9)
                 );
             }
         }

@@ -400,6 +400,17 @@ impl CoordinatorApi {
     /// are stored already): each round is its own row, so a save costs the
     /// same at round 1000 as at round 1.
     fn save_run(&self, record: &mut TrainingRecord, saved: usize) -> Result<(), ApiError> {
+        self.run_saver(record, saved)()
+    }
+
+    /// What stores `record` (its rounds from `saved` on) as it is now: the
+    /// state is read at once, the writing is left to the caller (so a
+    /// driver can write while the next round computes).
+    fn run_saver(
+        &self,
+        record: &mut TrainingRecord,
+        saved: usize,
+    ) -> impl FnOnce() -> Result<(), ApiError> + Send + 'static {
         let rounds = std::mem::take(&mut record.rounds);
         let state = serde_json::to_string(&*record).expect("records serialize");
         record.rounds = rounds;
@@ -415,11 +426,12 @@ impl CoordinatorApi {
             record_json: state,
             updated_at: now_rfc3339(),
         };
-        self.inner
-            .studies
-            .store()
-            .save_training_run(&row, &new_rounds)
-            .map_err(|e| ApiError::Study(e.into()))
+        let store = self.inner.studies.store().clone();
+        move || {
+            store
+                .save_training_run(&row, &new_rounds)
+                .map_err(|e| ApiError::Study(e.into()))
+        }
     }
 
     /// A stored training run.
@@ -600,7 +612,11 @@ impl CoordinatorApi {
         Ok((study, spec))
     }
 
-    /// Runs rounds until the run completes or fails, saving after each.
+    /// Runs rounds until the run completes or fails, saving after each:
+    /// a round's state is written while the next round computes (off the
+    /// rounds' critical path), and that write must succeed before the next
+    /// round's state is taken; the last state is written before the run is
+    /// reported done. A restart resumes from the last round written.
     async fn drive(&self, mut record: TrainingRecord) {
         let mut pipeline = training::Pipeline::default();
         // Rounds stored as of the last save (a resumed run's first save
@@ -610,40 +626,53 @@ impl CoordinatorApi {
         // The study and training, read once; every step checks the study
         // is still approved (a revoked study stops its runs).
         let mut running: Option<(studies::Study, ghx_study::training::TrainingSpec)> = None;
+        // The write of the last round's state, while this round computes.
+        let mut writing: Option<tokio::task::JoinHandle<Result<(), ApiError>>> = None;
         loop {
             let step = match self.still_running(&record, running.take()) {
                 Ok((study, spec)) => {
                     let advanced = {
                         let fed = self.federation(&study, &spec);
-                        training::advance(&fed, &record, &mut pipeline).await
+                        training::advance(&fed, &mut record, &mut pipeline).await
                     };
                     running = Some((study, spec));
                     advanced.map_err(ApiError::from)
                 }
                 Err(e) => Err(e),
             };
+            if let Some(write) = writing.take()
+                && let Err(e) = written(write).await
+            {
+                tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
+                return;
+            }
             match step {
-                Ok(Some(next)) => {
-                    record = next;
+                Ok(true) => {
                     if let Some(r) = record.rounds.last() {
                         tracing::info!(run = %record.run_id, round = r.round, auc = ?r.holdout.auc, "training round done");
                     }
                 }
-                Ok(None) => return,
+                Ok(false) => return,
                 Err(e) => {
                     record.status = RunStatus::Failed;
                     record.detail = e.to_string();
                 }
             }
-            // The next round's time starts before the save: saving is part
-            // of every round's cost.
+            // The next round's time starts here: reading the state to save
+            // is part of every round's cost; writing it overlaps the next.
             pipeline.mark();
-            if let Err(e) = self.save_run(&mut record, saved) {
+            let save = self.run_saver(&mut record, saved);
+            saved = record.rounds.len();
+            let write = tokio::task::spawn_blocking(save);
+            if record.status == RunStatus::Running {
+                writing = Some(write);
+                continue;
+            }
+            if let Err(e) = written(write).await {
                 tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
                 return;
             }
-            saved = record.rounds.len();
-            if record.status != RunStatus::Running {
+            {
                 let outcome = if record.status == RunStatus::Completed {
                     "done"
                 } else {
@@ -687,6 +716,15 @@ impl CoordinatorApi {
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
         Ok(training::validate(&self.federation(&study, &spec), &model).await?)
     }
+}
+
+/// The outcome of a training run's state written by a blocking task.
+async fn written(write: tokio::task::JoinHandle<Result<(), ApiError>>) -> Result<(), ApiError> {
+    write.await.unwrap_or_else(|e| {
+        Err(ApiError::Study(studies::Error::Store(format!(
+            "the task saving a training run failed: {e}"
+        ))))
+    })
 }
 
 fn now_rfc3339() -> String {
@@ -1105,16 +1143,23 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
         request: Request<pb::GetTrainingRequest>,
     ) -> Result<Response<pb::TrainingStatus>, Status> {
         let caller = identity(&request)?;
-        let record = self
-            .training_run(&request.into_inner().run_id)
-            .map_err(status)?;
-        let study = self
-            .inner
-            .studies
-            .get(&record.study_id)
-            .map_err(|e| status(e.into()))?;
-        check_access(&caller, &study).map_err(status)?;
-        Ok(Response::new(training_status(&record)))
+        let run_id = request.into_inner().run_id;
+        // Reading a long run's record is database work and parsing: off the
+        // runtime's workers, which drive the rounds (a requester following
+        // progress must not slow the training it follows).
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let record = api.training_run(&run_id).map_err(status)?;
+            let study = api
+                .inner
+                .studies
+                .get(&record.study_id)
+                .map_err(|e| status(e.into()))?;
+            check_access(&caller, &study).map_err(status)?;
+            Ok(Response::new(training_status(&record)))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the training run failed: {e}")))?
     }
 
     async fn validate_model(

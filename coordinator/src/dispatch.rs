@@ -57,6 +57,36 @@ pub fn record(
     answered: impl IntoIterator<Item = (String, Answer)>,
     failures: &[NodeFailure],
 ) -> Result<(), Error> {
+    log.append_all(&entries(sent, answered, failures))?;
+    Ok(())
+}
+
+/// A write of entries started earlier, to be waited for before the next.
+pub type Behind = tokio::task::JoinHandle<Result<(), Error>>;
+
+/// As [`record`], written by a blocking task started now; a failed write
+/// is logged as well as returned, so it is never lost unseen.
+pub fn record_behind(
+    log: &AuditLog,
+    sent: &Sent<'_>,
+    answered: impl IntoIterator<Item = (String, Answer)>,
+    failures: &[NodeFailure],
+) -> Behind {
+    let entries = entries(sent, answered, failures);
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || {
+        log.append_all(&entries).map(|_| ()).inspect_err(|e| {
+            tracing::error!(error = %e, "the audit log could not record a round's requests");
+        })
+    })
+}
+
+/// One entry per node, answered or failed.
+fn entries(
+    sent: &Sent<'_>,
+    answered: impl IntoIterator<Item = (String, Answer)>,
+    failures: &[NodeFailure],
+) -> Vec<Entry> {
     let at = ghx_audit::now_rfc3339();
     let entry = |node: &str, decision: &str| Entry {
         at: at.clone(),
@@ -93,6 +123,5 @@ pub fn record(
             ..entry(&f.node_id, decision)
         }
     }));
-    log.append_all(&entries)?;
-    Ok(())
+    entries
 }

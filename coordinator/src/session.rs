@@ -24,7 +24,7 @@ use ghx_study::training::ModelDocument;
 
 use crate::dispatch;
 use crate::fanout::{RegisteredNode, describe};
-use crate::training::{Error, Federation, RoundSum, keep, quorum_error, sent, step};
+use crate::training::{Computation, Error, Federation, RoundSum, keep, quorum_error, sent, step};
 
 /// An open session: who is in it and under what capability.
 pub struct Session {
@@ -197,12 +197,16 @@ pub async fn open(
 }
 
 /// Round `number` of the run in `session`: the model out, every member's
-/// masked contribution back, summed.
+/// masked contribution back, summed. What was sent and received is
+/// audited by a write started as the round ends (`behind`), once the write
+/// of the round before (which overlapped this round's computation) has
+/// succeeded: a failed audit write stops the run at the next round.
 pub async fn round(
     fed: &Federation<'_>,
     session: &Session,
     number: u32,
     model: &ModelDocument,
+    behind: &mut Option<dispatch::Behind>,
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
     let deadline = Duration::from_secs(u64::from(fed.spec.round_deadline_seconds));
@@ -215,21 +219,24 @@ pub async fn round(
             model_json: model_json.clone(),
         };
         async move {
+            let sent = started.elapsed().as_secs_f64();
             let m = node
                 .round_client()
                 .session_input(request)
                 .await
                 .map_err(|s| describe(&s))?
                 .into_inner();
+            let computed = Computation::placed(sent, started.elapsed().as_secs_f64(), &m);
             if m.node != node.id {
                 return Err(format!("sent a masked input as `{}`", m.node));
             }
-            let micros = m.local_micros;
-            Ok((round::masked_from_wire(m), micros))
+            Ok((round::masked_from_wire(m), computed))
         }
     })
     .await;
-    dispatch::record(
+    let answered_at = started.elapsed().as_secs_f64();
+    crate::training::settle(behind.take()).await?;
+    *behind = Some(dispatch::record_behind(
         fed.audit,
         &sent(
             fed,
@@ -241,7 +248,7 @@ pub async fn round(
             .iter()
             .map(|(id, (input, _))| (id.clone(), dispatch::Answer::of_masked(&input.values))),
         &failures,
-    )?;
+    ));
     for member in &session.members {
         if !nodes.iter().any(|n| n.id == *member) {
             failures.push(NodeFailure {
@@ -256,13 +263,28 @@ pub async fn round(
             failures,
         });
     }
-    let local_seconds = inputs
+    let computations: Vec<Computation> = inputs.iter().map(|(_, (_, c))| *c).collect();
+    let local_seconds = computations
         .iter()
-        .map(|(_, (_, micros))| *micros as f64 / 1e6)
+        .map(|c| c.end - c.start)
         .fold(0.0, f64::max);
     let masked: Vec<MaskedInput> = inputs.into_iter().map(|(_, (m, _))| m).collect();
     let sum = ghx_secagg::session::sum(&session.id, &session.members, session.dim, &masked)?;
     let seconds = started.elapsed().as_secs_f64();
+    // Where the round's time went, µs from its start (GHX_LOG=debug).
+    let us = |s: f64| (s * 1e6).round() as i64;
+    tracing::debug!(
+        round = number,
+        first_start = us(computations
+            .iter()
+            .map(|c| c.start)
+            .fold(f64::MAX, f64::min)),
+        first_end = us(computations.iter().map(|c| c.end).fold(f64::MAX, f64::min)),
+        last_end = us(computations.iter().map(|c| c.end).fold(0.0, f64::max)),
+        answered = us(answered_at),
+        summed = us(seconds),
+        "session round timeline"
+    );
     Ok(Outcome::Summed(RoundSum {
         sum: ghx_secagg::decode(&sum),
         contributors: session.members.clone(),
@@ -270,6 +292,7 @@ pub async fn round(
         node_metrics: Default::default(),
         seconds,
         local_seconds,
+        busy_seconds: Computation::busy_seconds(&computations),
         steps_ms: [0.0, seconds * 1000.0, 0.0, 0.0],
         keys_ahead: true,
     }))

@@ -79,6 +79,17 @@ pub enum Error {
     InitialModel(#[from] ghx_study::training::Error),
     #[error("the audit log could not record the round: {0}")]
     Audit(#[from] ghx_db::audit::Error),
+    #[error("the task writing a round's audit entries failed: {0}")]
+    AuditTask(String),
+}
+
+/// Waits for the audit write `behind` (if any), started by the round
+/// before: its outcome.
+pub(crate) async fn settle(behind: Option<dispatch::Behind>) -> Result<(), Error> {
+    match behind {
+        None => Ok(()),
+        Some(write) => Ok(write.await.map_err(|e| Error::AuditTask(e.to_string()))??),
+    }
 }
 
 fn failures_text(failures: &[NodeFailure]) -> String {
@@ -129,6 +140,13 @@ pub struct RoundRecord {
     pub seconds: f64,
     /// The slowest node's local computation.
     pub local_seconds: f64,
+    /// Time in the round during which at least one node was computing: the
+    /// union of the nodes' computations on the coordinator's time line (see
+    /// [`Computation`]). At least `local_seconds`; more when the nodes
+    /// computed at different times (or shared cores and waited). 0 in
+    /// records from before it was kept.
+    #[serde(default)]
+    pub busy_seconds: f64,
     /// Wall time at the coordinator, ms, of: opening the run's session on
     /// the round's path (0 when it was opened while the step before
     /// computed, or was already open; otherwise after a restart, a dropped
@@ -225,10 +243,56 @@ pub struct RoundSum {
     /// Wall time of the round (with its keys unless agreed ahead).
     pub seconds: f64,
     pub local_seconds: f64,
+    /// As [`RoundRecord::busy_seconds`].
+    pub busy_seconds: f64,
     /// As [`RoundRecord::steps_ms`].
     pub steps_ms: [f64; 4],
     /// Whether the round completed keys agreed ahead of it.
     pub keys_ahead: bool,
+}
+
+/// One node's local computation placed on the coordinator's time line:
+/// seconds after an origin of the coordinator's choosing. The node says
+/// when, after its handler received the request, it started computing and
+/// for how long, and how long its handler held the request; the time the
+/// call took beyond that is taken as spent equally on the way there and
+/// back (as NTP does), so the clocks of the two machines need not agree.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Computation {
+    pub start: f64,
+    pub end: f64,
+}
+
+impl Computation {
+    /// The computation of a call sent `sent` and answered `back` (both
+    /// measured from the origin, s) whose answer says `m`.
+    pub fn placed(sent: f64, back: f64, m: &pb::RoundMaskedInputResponse) -> Computation {
+        let handled = m.handled_micros as f64 / 1e6;
+        let way = ((back - sent) - handled).max(0.0) / 2.0;
+        let start = (sent + way + m.local_started_micros as f64 / 1e6).min(back);
+        let end = (start + m.local_micros as f64 / 1e6).min(back);
+        Computation { start, end }
+    }
+
+    /// The length of the union of `computations`: the time during which at
+    /// least one of them ran.
+    pub fn busy_seconds(computations: &[Computation]) -> f64 {
+        let mut spans: Vec<(f64, f64)> = computations.iter().map(|c| (c.start, c.end)).collect();
+        spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut busy = 0.0;
+        let mut open: Option<(f64, f64)> = None;
+        for (start, end) in spans {
+            open = match open {
+                Some((s, e)) if start <= e => Some((s, e.max(end))),
+                Some((s, e)) => {
+                    busy += e - s;
+                    Some((start, end))
+                }
+                None => Some((start, end)),
+            };
+        }
+        busy + open.map(|(s, e)| e - s).unwrap_or(0.0)
+    }
 }
 
 /// Runs one step on `nodes` concurrently, each bounded by `deadline`;
@@ -523,12 +587,14 @@ pub async fn complete_round(
             model_json: model_json.clone(),
         };
         async move {
+            let sent = started.elapsed().as_secs_f64();
             let m = node
                 .round_client()
                 .round_masked_input(request)
                 .await
                 .map_err(|s| describe(&s))?
                 .into_inner();
+            let computed = Computation::placed(sent, started.elapsed().as_secs_f64(), &m);
             if m.node != node.id {
                 return Err(format!("sent a masked input as `{}`", m.node));
             }
@@ -540,8 +606,7 @@ pub async fn complete_round(
                         .map_err(|e| format!("unreadable metrics: {e}"))?,
                 )
             };
-            let micros = m.local_micros;
-            Ok((round::masked_from_wire(m), micros, metrics))
+            Ok((round::masked_from_wire(m), computed, metrics))
         }
     })
     .await;
@@ -559,12 +624,12 @@ pub async fn complete_round(
         &more,
     )?;
     failures.extend(more);
-    let mut local_seconds: f64 = 0.0;
+    let mut computations = Vec::new();
     let mut node_metrics = BTreeMap::new();
-    for (id, (input, micros, metrics)) in masked {
+    for (id, (input, computed, metrics)) in masked {
         match aggregator.submit_masked(input) {
             Ok(()) => {
-                local_seconds = local_seconds.max(micros as f64 / 1e6);
+                computations.push(computed);
                 if let Some(m) = metrics {
                     node_metrics.insert(id, m);
                 }
@@ -613,7 +678,11 @@ pub async fn complete_round(
         failures,
         node_metrics,
         seconds,
-        local_seconds,
+        local_seconds: computations
+            .iter()
+            .map(|c| c.end - c.start)
+            .fold(0.0, f64::max),
+        busy_seconds: Computation::busy_seconds(&computations),
         steps_ms: [keys_ms, masked_ms, seconds * 1000.0 - masked_ms, 0.0],
         keys_ahead: false,
     })
@@ -692,6 +761,9 @@ pub struct Pipeline {
     session: Option<Session>,
     ahead: Option<Keyed>,
     since: Option<Instant>,
+    /// The audit write of the last session round's requests, done while
+    /// the next round computes; every round waits for the one before's.
+    behind: Option<dispatch::Behind>,
 }
 
 /// Every this many training rounds, a run whose session lacks registered
@@ -725,6 +797,7 @@ enum Prepared {
 async fn session_round(
     fed: &Federation<'_>,
     slot: &mut Option<Session>,
+    behind: &mut Option<dispatch::Behind>,
     prefix: &str,
     number: u32,
     model: &ModelDocument,
@@ -757,7 +830,7 @@ async fn session_round(
                 }
             }
         };
-        let outcome = session::round(fed, &session, number, model)
+        let outcome = session::round(fed, &session, number, model, behind)
             .instrument(
                 tracing::info_span!("training_round", round = number, session = %session.id),
             )
@@ -818,6 +891,7 @@ async fn round_and_next(
 ) -> Result<RoundSum, Error> {
     let ahead = pipeline.ahead.take();
     let mut slot = pipeline.session.take();
+    let mut behind = pipeline.behind.take();
     let prefetch = async {
         match next? {
             Ahead::Keys(id, phase) => match agree_keys(fed, &id, phase)
@@ -844,14 +918,18 @@ async fn round_and_next(
     };
     let run = async {
         match this {
-            This::Round(round_id, phase) => with_retries(fed, round_id, phase, model, ahead).await,
+            This::Round(round_id, phase) => {
+                settle(behind.take()).await?;
+                with_retries(fed, round_id, phase, model, ahead).await
+            }
             This::Session(number) => {
                 let model = model.expect("a training round has a model");
-                session_round(fed, &mut slot, prefix, number, model).await
+                session_round(fed, &mut slot, &mut behind, prefix, number, model).await
             }
         }
     };
     let (outcome, prepared) = tokio::join!(run, prefetch);
+    pipeline.behind = behind;
     let mut round = outcome?;
     pipeline.session = slot;
     match prepared {
@@ -883,28 +961,31 @@ async fn round_and_next(
     Ok(round)
 }
 
-/// Advances a run by one step (a moments, training or evaluation round)
-/// and returns the new record; `Ok(None)` when the run is finished. While
-/// a step's round computes, the keys of the run's next round are agreed
-/// and kept in `pipeline`.
+/// Advances a run by one step (a moments, training or evaluation round),
+/// updating `record` in place (its rounds are not copied: a long run's
+/// step costs the same as a short one's); `Ok(false)` when the run is
+/// finished. On an error `record` is as it was. While a step's round
+/// computes, the keys of the run's next round are agreed and kept in
+/// `pipeline`.
 pub async fn advance(
     fed: &Federation<'_>,
-    record: &TrainingRecord,
+    record: &mut TrainingRecord,
     pipeline: &mut Pipeline,
-) -> Result<Option<TrainingRecord>, Error> {
+) -> Result<bool, Error> {
     if record.status != RunStatus::Running {
-        return Ok(None);
+        return Ok(false);
     }
     let spec = fed.spec;
-    let mut next = record.clone();
     let prefix = format!("{}/{}/{}", record.study_id, spec.name, record.run_id);
+    let rounds_done = record.rounds.len() as u32;
+    let rounds_total = record.rounds_total;
     // What to prepare while the step before training round `number`
     // computes: the evaluation's keys after the last round; the session
     // while the moments round computes; later, a session with every node
     // when the run's session lacks some (every REJOIN_EVERY rounds). A
     // training round otherwise leaves its session to the next.
     let ahead_of = |number: u32, pipeline: &Pipeline| {
-        if number > record.rounds_total {
+        if number > rounds_total {
             return Some(Ahead::Keys(format!("{prefix}/evaluation"), Phase::Evaluate));
         }
         match &pipeline.session {
@@ -918,7 +999,7 @@ pub async fn advance(
             _ => None,
         }
     };
-    match &record.model {
+    match record.model.clone() {
         None => {
             let ahead = ahead_of(1, pipeline);
             let round = round_and_next(
@@ -931,29 +1012,29 @@ pub async fn advance(
             )
             .await?;
             let standardiser = Standardiser::from_sums(&round.sum)?;
-            next.moments_rows = round.sum[0].round().max(0.0) as u64;
             let mut rng = {
                 use rand::SeedableRng;
                 rand::rngs::StdRng::from_rng(rand::rngs::OsRng)
                     .map_err(|e| Error::Random(e.to_string()))?
             };
             let initial = spec.initial_model(&mut rng)?;
-            next.model = Some(ModelDocument::new(
+            record.moments_rows = round.sum[0].round().max(0.0) as u64;
+            record.model = Some(ModelDocument::new(
                 spec,
                 &standardiser.mean,
                 &standardiser.sd,
                 &initial,
             ));
         }
-        Some(model) if (record.rounds.len() as u32) < record.rounds_total => {
-            let number = record.rounds.len() as u32 + 1;
+        Some(model) if rounds_done < rounds_total => {
+            let number = rounds_done + 1;
             let ahead = ahead_of(number + 1, pipeline);
             let round = round_and_next(
                 fed,
                 pipeline,
                 &prefix,
                 This::Session(number),
-                Some(model),
+                Some(&model),
                 ahead,
             )
             .await?;
@@ -970,7 +1051,7 @@ pub async fn advance(
                 )?,
                 None => federated::read_training_sum(&round.sum, &global)?,
             };
-            next.model = Some(ModelDocument::new(
+            record.model = Some(ModelDocument::new(
                 spec,
                 &model.mean,
                 &model.sd,
@@ -986,7 +1067,7 @@ pub async fn advance(
             let update = updating.elapsed().as_secs_f64();
             let mut steps_ms = round.steps_ms;
             steps_ms[3] += update * 1000.0;
-            next.rounds.push(RoundRecord {
+            record.rounds.push(RoundRecord {
                 round: number,
                 contributors: round.contributors,
                 failures: round.failures,
@@ -995,6 +1076,7 @@ pub async fn advance(
                 holdout,
                 seconds: round.seconds + update,
                 local_seconds: round.local_seconds,
+                busy_seconds: round.busy_seconds,
                 steps_ms,
                 keys_ahead: round.keys_ahead,
                 weights,
@@ -1007,15 +1089,15 @@ pub async fn advance(
                 pipeline,
                 &prefix,
                 This::Round(&format!("{prefix}/evaluation"), Phase::Evaluate),
-                Some(model),
+                Some(&model),
                 None,
             )
             .await?;
-            next.evaluation = Some(evaluation(round)?);
-            next.status = RunStatus::Completed;
+            record.evaluation = Some(evaluation(round)?);
+            record.status = RunStatus::Completed;
         }
     }
-    Ok(Some(next))
+    Ok(true)
 }
 
 /// Evaluates a model at every node (external validation).
@@ -1037,4 +1119,44 @@ fn evaluation(round: RoundSum) -> Result<Evaluation, Error> {
         contributors: round.contributors,
         failures: round.failures,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(started_us: u64, local_us: u64, handled_us: u64) -> pb::RoundMaskedInputResponse {
+        pb::RoundMaskedInputResponse {
+            local_started_micros: started_us,
+            local_micros: local_us,
+            handled_micros: handled_us,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_computation_is_placed_halfway_through_the_transport() {
+        // Sent at 1 s, back at 1.010 s; the handler held it 6 ms and
+        // computed from 1 ms to 5 ms into that: 2 ms each way.
+        let c = Computation::placed(1.0, 1.010, &answer(1_000, 4_000, 6_000));
+        assert!((c.start - 1.003).abs() < 1e-12, "{c:?}");
+        assert!((c.end - 1.007).abs() < 1e-12, "{c:?}");
+        // A node claiming more than the call took stays inside the call.
+        let c = Computation::placed(1.0, 1.010, &answer(9_000, 40_000, 60_000));
+        assert!(
+            c.start <= 1.010 && c.end <= 1.010 && c.start >= 1.0,
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn busy_time_is_the_union_of_the_computations() {
+        let c = |start, end| Computation { start, end };
+        assert_eq!(Computation::busy_seconds(&[]), 0.0);
+        let busy = Computation::busy_seconds(&[c(2.0, 5.0), c(1.0, 3.0), c(7.0, 8.0), c(7.2, 7.5)]);
+        assert!((busy - 5.0).abs() < 1e-12, "{busy}");
+        // Touching spans join; a span inside another adds nothing.
+        let busy = Computation::busy_seconds(&[c(0.0, 1.0), c(1.0, 2.0), c(0.5, 0.7)]);
+        assert!((busy - 2.0).abs() < 1e-12, "{busy}");
+    }
 }

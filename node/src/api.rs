@@ -848,6 +848,7 @@ impl NodeApi {
         &self,
         caller: &PeerIdentity,
         message: pb::RoundMaskedInputRequest,
+        received: std::time::Instant,
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         Self::require_coordinator(caller)?;
         let (origin, work) = self.inner.rounds.begin_masked(&message.round)?;
@@ -858,6 +859,7 @@ impl NodeApi {
             work: &work,
             model_json: &message.model_json,
             in_session: false,
+            received,
         };
         self.release_masked(caller, release, |values| {
             let shares: Vec<_> = message
@@ -879,6 +881,7 @@ impl NodeApi {
         &self,
         caller: &PeerIdentity,
         message: pb::SessionInputRequest,
+        received: std::time::Instant,
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         Self::require_coordinator(caller)?;
         let (origin, work) = self
@@ -894,6 +897,7 @@ impl NodeApi {
             work: &work,
             model_json: &message.model_json,
             in_session: true,
+            received,
         };
         self.release_masked(caller, release, |values| {
             Ok(self
@@ -971,6 +975,7 @@ impl NodeApi {
             work,
             model_json,
             in_session,
+            received,
         } = release;
         let started = std::time::Instant::now();
         let inner = &self.inner;
@@ -1000,7 +1005,8 @@ impl NodeApi {
                     work.min_cell_size,
                 )?
             };
-            let local_micros = u64::try_from(computing.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let local_micros = micros(computing.elapsed());
+            let local_started_micros = micros(computing.saturating_duration_since(received));
             // A noised training round is paid for before it is released:
             // the growth of the training's epsilon from the rounds this
             // node already charged for it (over every run) to one more.
@@ -1045,6 +1051,7 @@ impl NodeApi {
             };
             Ok(pb::RoundMaskedInputResponse {
                 local_micros,
+                local_started_micros,
                 node_metrics_json,
                 ..ghx_proto::round::masked_to_wire(masked)
             })
@@ -1081,6 +1088,8 @@ struct Release<'a> {
     model_json: &'a [u8],
     /// A session round: the capability must still be unexpired.
     in_session: bool,
+    /// When the node's handler received the request.
+    received: std::time::Instant,
 }
 
 /// An audit entry for `caller` doing `action`, to be filled in.
@@ -1142,6 +1151,20 @@ impl NodeApi {
             .map_err(|e| status(&ApiError::Task(e.to_string())))?
             .map_err(|e| status(&e))
     }
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// `response` stamped with how long the handler held its request, from
+/// `received`.
+fn handled(
+    mut response: pb::RoundMaskedInputResponse,
+    received: std::time::Instant,
+) -> pb::RoundMaskedInputResponse {
+    response.handled_micros = micros(received.elapsed());
+    response
 }
 
 fn now_rfc3339() -> String {
@@ -1236,11 +1259,12 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::RoundMaskedInputRequest>,
     ) -> Result<Response<pb::RoundMaskedInputResponse>, Status> {
-        self.blocking(request, |api, caller, message| {
-            api.round_masked(caller, message)
+        let received = std::time::Instant::now();
+        self.blocking(request, move |api, caller, message| {
+            api.round_masked(caller, message, received)
         })
         .await
-        .map(Response::new)
+        .map(|r| Response::new(handled(r, received)))
     }
 
     async fn round_unmask(
@@ -1286,11 +1310,12 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::SessionInputRequest>,
     ) -> Result<Response<pb::RoundMaskedInputResponse>, Status> {
-        self.blocking(request, |api, caller, message| {
-            api.session_input(caller, message)
+        let received = std::time::Instant::now();
+        self.blocking(request, move |api, caller, message| {
+            api.session_input(caller, message, received)
         })
         .await
-        .map(Response::new)
+        .map(|r| Response::new(handled(r, received)))
     }
 
     async fn revoke_study(

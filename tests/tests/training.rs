@@ -265,6 +265,35 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
             node.profile.id
         );
     }
+    // The coordinator recorded every masked contribution it received, one
+    // entry per node per round, the session rounds' entries written while
+    // the next round computed (the last one's before the evaluation), each
+    // with the digest the node recorded of what it sent.
+    let coordinator_db = federation.dir.join("ghx-coordinator.db");
+    let cert = std::fs::read_to_string(federation.pki.tls_files("coordinator").cert).unwrap();
+    let log = ghx::audit_files::read_database(coordinator_db.to_str().unwrap(), &cert).unwrap();
+    let received: Vec<_> = log
+        .entries
+        .iter()
+        .filter(|e| e.action == ghx_audit::action::MASKED_INPUT && e.decision == "answered")
+        .collect();
+    assert_eq!(received.len(), 3 * (spec.rounds as usize + 2));
+    for node in &federation.nodes {
+        let sent: std::collections::BTreeSet<String> = node
+            .store
+            .audit_entries()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == ghx_audit::action::MASKED_INPUT)
+            .map(|e| e.result_sha256)
+            .collect();
+        let got: std::collections::BTreeSet<String> = received
+            .iter()
+            .filter(|e| e.peer == node.profile.id)
+            .map(|e| e.result_sha256.clone())
+            .collect();
+        assert_eq!(got, sent, "{}", node.profile.id);
+    }
 
     // External validation of the model as a requester would upload it.
     let validation = validate(&federation, &study_id, &spec.name, &model)

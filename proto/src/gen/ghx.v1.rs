@@ -201,6 +201,14 @@ pub struct RoundMaskedInputResponse {
     /// (aggregate, JSON), released only when enough patients are held out.
     #[prost(bytes = "vec", tag = "4")]
     pub node_metrics_json: ::prost::alloc::vec::Vec<u8>,
+    /// When the computation started, microseconds after the node's handler
+    /// received the request, and how long the handler held the request (to
+    /// the response ready). With its own clock of the call the coordinator
+    /// places the computation on its time line without the clocks agreeing.
+    #[prost(uint64, tag = "5")]
+    pub local_started_micros: u64,
+    #[prost(uint64, tag = "6")]
+    pub handled_micros: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RoundUnmaskRequest {
