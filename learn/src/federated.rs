@@ -66,7 +66,7 @@ impl EvaluationSums {
 
     /// Evaluates `model` on `data` (already standardised).
     pub fn of(model: &Model, data: &Dataset) -> Self {
-        let scores = model.predict_all(data);
+        let (scores, log_loss) = model.predict_all_with_log_loss(data);
         let labels = data.labels();
         let mut positive_scores = vec![0.0; SCORE_BINS];
         let mut negative_scores = vec![0.0; SCORE_BINS];
@@ -81,7 +81,7 @@ impl EvaluationSums {
         EvaluationSums {
             rows,
             positives: labels.iter().sum(),
-            log_loss: model.log_loss(data) * rows,
+            log_loss: log_loss * rows,
             brier: metrics::brier(&scores, labels) * rows,
             correct: metrics::accuracy(&scores, labels) * rows,
             positive_scores,

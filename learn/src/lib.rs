@@ -272,6 +272,14 @@ fn log_loss_at(z: f64, y: f64) -> f64 {
     softplus - y * z
 }
 
+/// [`sigmoid`] and [`log_loss_at`] of one logit, sharing its exp.
+fn score_and_log_loss_at(z: f64, y: f64) -> (f64, f64) {
+    let e = (-z.abs()).exp();
+    let r = 1.0 / (1.0 + e);
+    let score = if z >= 0.0 { r } else { e * r };
+    (score, z.max(0.0) + e.ln_1p() - y * z)
+}
+
 /// The layout of a model's flat parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Shape {
@@ -452,6 +460,28 @@ impl Model {
             .collect()
     }
 
+    /// Predictions for every row and the mean log loss (0 for no rows),
+    /// in one pass: [`Model::predict_all`] and [`Model::log_loss`] alike.
+    pub fn predict_all_with_log_loss(&self, data: &Dataset) -> (Vec<f64>, f64) {
+        let shape = self.shape();
+        let p = self.params();
+        let mut act = vec![0.0; shape.units];
+        let mut scores = Vec::with_capacity(data.len());
+        let mut total = 0.0;
+        for i in 0..data.len() {
+            let z = shape.logit(&p, data.row(i), &mut act);
+            let (score, loss) = score_and_log_loss_at(z, data.label(i));
+            scores.push(score);
+            total += loss;
+        }
+        let mean = if data.is_empty() {
+            0.0
+        } else {
+            total / data.len() as f64
+        };
+        (scores, mean)
+    }
+
     /// Mean log loss over `data` (0 for no rows).
     pub fn log_loss(&self, data: &Dataset) -> f64 {
         if data.is_empty() {
@@ -624,6 +654,41 @@ mod tests {
         assert_eq!(log_loss_at(1000.0, 1.0), 0.0);
         assert_eq!(log_loss_at(-1000.0, 0.0), 0.0);
         assert!((log_loss_at(0.0, 1.0) - std::f64::consts::LN_2).abs() < 1e-15);
+        for z in [-1000.0, -30.0, -2.5, -1e-9, 0.0, 1e-9, 0.7, 40.0, 1000.0] {
+            for y in [0.0, 1.0] {
+                let (score, loss) = score_and_log_loss_at(z, y);
+                assert_eq!(score.to_bits(), sigmoid(z).to_bits(), "{z}");
+                assert_eq!(loss.to_bits(), log_loss_at(z, y).to_bits(), "{z} {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_pass_scores_and_loss_equal_the_two_passes() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut data = Dataset::new(3);
+        for _ in 0..200 {
+            let row: Vec<f64> = (0..3).map(|_| rng.gen_range(-4.0..4.0)).collect();
+            data.push(&row, rng.gen_bool(0.3)).unwrap();
+        }
+        let mlp = Model::mlp(3, 5, &mut rng).unwrap();
+        let logistic = Model {
+            hidden: None,
+            weights: vec![1.5, -0.7, 2.0],
+            bias: -0.3,
+        };
+        for model in [&mlp, &logistic] {
+            let (scores, loss) = model.predict_all_with_log_loss(&data);
+            assert_eq!(scores, model.predict_all(&data));
+            assert!(
+                (loss - model.log_loss(&data)).abs() <= 1e-15 * loss.abs(),
+                "{loss}"
+            );
+        }
+        assert_eq!(
+            logistic.predict_all_with_log_loss(&Dataset::new(3)),
+            (Vec::new(), 0.0)
+        );
     }
 
     #[test]
