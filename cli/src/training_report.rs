@@ -240,17 +240,26 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
     );
     if !record.rounds.is_empty() {
         let total: f64 = record.rounds.iter().map(|r| r.seconds).sum();
-        let overhead: f64 = record
-            .rounds
-            .iter()
-            .map(|r| (r.seconds - r.local_seconds).max(0.0))
-            .sum();
-        let _ = writeln!(
+        let n = record.rounds.len() as f64;
+        let mean_ms = |f: &dyn Fn(&RoundRecord) -> f64| {
+            record.rounds.iter().map(|r| f(r).max(0.0)).sum::<f64>() / n * 1000.0
+        };
+        let overhead = mean_ms(&|r| r.seconds - r.local_seconds);
+        let _ = write!(
             out,
-            "\n## Timing\n\n{} rounds in {total:.2} s; coordination overhead (round time outside the slowest site's local computation) {:.1} ms per round on average.",
+            "\n## Timing\n\n{} rounds in {total:.2} s; coordination overhead (round time outside the slowest site's local computation) {overhead:.1} ms per round on average",
             record.rounds.len(),
-            overhead / record.rounds.len() as f64 * 1000.0
         );
+        // Runs recorded before the union of the sites' computations was
+        // kept have no busy time to report.
+        if record.rounds.iter().all(|r| r.busy_seconds > 0.0) {
+            let idle = mean_ms(&|r| r.seconds - r.busy_seconds);
+            let _ = write!(
+                out,
+                "; time with no site computing {idle:.1} ms per round on average"
+            );
+        }
+        let _ = writeln!(out, ".");
     }
     out
 }

@@ -59,6 +59,8 @@ async fn a_requester_trains_follows_and_validates_from_the_command_line() {
     );
     assert!(card.contains("| pooled |"), "{card}");
     assert!(card.contains("| creatinine |"), "{card}");
+    // Every round placed its sites' computations on the coordinator's clock.
+    assert!(card.contains("time with no site computing"), "{card}");
     let svg = std::fs::read_to_string(out_dir.join("curves.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2);
 
