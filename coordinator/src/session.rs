@@ -264,10 +264,6 @@ pub async fn round(
         });
     }
     let computations: Vec<Computation> = inputs.iter().map(|(_, (_, c))| *c).collect();
-    let local_seconds = computations
-        .iter()
-        .map(|c| c.end - c.start)
-        .fold(0.0, f64::max);
     let masked: Vec<MaskedInput> = inputs.into_iter().map(|(_, (m, _))| m).collect();
     let sum = ghx_secagg::session::sum(&session.id, &session.members, session.dim, &masked)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -291,7 +287,7 @@ pub async fn round(
         failures: session.left_out.clone(),
         node_metrics: Default::default(),
         seconds,
-        local_seconds,
+        local_seconds: Computation::longest(&computations),
         busy_seconds: Computation::busy_seconds(&computations),
         steps_ms: [0.0, seconds * 1000.0, 0.0, 0.0],
         keys_ahead: true,

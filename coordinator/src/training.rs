@@ -274,6 +274,14 @@ impl Computation {
         Computation { start, end }
     }
 
+    /// The longest of `computations` (the slowest node's), s.
+    pub fn longest(computations: &[Computation]) -> f64 {
+        computations
+            .iter()
+            .map(|c| c.end - c.start)
+            .fold(0.0, f64::max)
+    }
+
     /// The length of the union of `computations`: the time during which at
     /// least one of them ran.
     pub fn busy_seconds(computations: &[Computation]) -> f64 {
@@ -678,10 +686,7 @@ pub async fn complete_round(
         failures,
         node_metrics,
         seconds,
-        local_seconds: computations
-            .iter()
-            .map(|c| c.end - c.start)
-            .fold(0.0, f64::max),
+        local_seconds: Computation::longest(&computations),
         busy_seconds: Computation::busy_seconds(&computations),
         steps_ms: [keys_ms, masked_ms, seconds * 1000.0 - masked_ms, 0.0],
         keys_ahead: false,
@@ -1158,5 +1163,7 @@ mod tests {
         // Touching spans join; a span inside another adds nothing.
         let busy = Computation::busy_seconds(&[c(0.0, 1.0), c(1.0, 2.0), c(0.5, 0.7)]);
         assert!((busy - 2.0).abs() < 1e-12, "{busy}");
+        assert!((Computation::longest(&[c(0.0, 1.0), c(0.5, 2.5)]) - 2.0).abs() < 1e-12);
+        assert_eq!(Computation::longest(&[]), 0.0);
     }
 }

@@ -567,28 +567,29 @@ async fn a_hospital_back_online_rejoins_the_running_training() {
     federation.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoking_the_study_stops_a_running_training() {
-    let (federation, _dir) = start().await;
+/// A run of the example training with `rounds` rounds, started and past
+/// its second round: (study id, run id).
+async fn training_under_way(federation: &LocalFederation, rounds: u32) -> (String, String) {
     let mut manifest: serde_json::Value = serde_json::from_str(MANIFEST).unwrap();
-    manifest["trainings"][0]["rounds"] = 500.into();
+    manifest["trainings"][0]["rounds"] = rounds.into();
     let study_id = federation
         .approved_study(RESEARCHER, serde_json::to_vec(&manifest).unwrap())
         .await
         .unwrap();
     let mut client = federation.client(RESEARCHER).await.unwrap();
-    let status = client
+    let run_id = client
         .start_training(pb::StartTrainingRequest {
             study_id: study_id.clone(),
             training: String::new(),
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .run_id;
     loop {
         let now = client
             .get_training(pb::GetTrainingRequest {
-                run_id: status.run_id.clone(),
+                run_id: run_id.clone(),
             })
             .await
             .unwrap()
@@ -598,6 +599,44 @@ async fn revoking_the_study_stops_a_running_training() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (study_id, run_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_the_coordinator_cannot_audit_stops_the_training() {
+    use diesel::connection::SimpleConnection;
+    use diesel::prelude::*;
+    let (federation, _dir) = start().await;
+    let (_, run_id) = training_under_way(&federation, 500).await;
+    // From now on the coordinator's audit log takes no entry. A session
+    // round's entries are written while the next round computes; that
+    // round must not be taken once the write failed.
+    let db = federation.dir.join("ghx-coordinator.db");
+    SqliteConnection::establish(db.to_str().unwrap())
+        .unwrap()
+        .batch_execute(
+            "PRAGMA busy_timeout = 10000; \
+             CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log \
+             BEGIN SELECT RAISE(ABORT, 'audit volume full'); END;",
+        )
+        .unwrap();
+    let record = finished(&federation, RESEARCHER, &run_id).await;
+    assert_eq!(record.status, RunStatus::Failed);
+    assert!(
+        record.detail.contains("audit log could not record")
+            && record.detail.contains("audit volume full"),
+        "{}",
+        record.detail
+    );
+    assert!(record.rounds.len() < 500, "{} rounds", record.rounds.len());
+    assert!(record.evaluation.is_none());
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_study_stops_a_running_training() {
+    let (federation, _dir) = start().await;
+    let (study_id, run_id) = training_under_way(&federation, 500).await;
     federation
         .client(ghx::local_federation::COMMITTEE)
         .await
@@ -608,7 +647,7 @@ async fn revoking_the_study_stops_a_running_training() {
         })
         .await
         .unwrap();
-    let record = finished(&federation, RESEARCHER, &status.run_id).await;
+    let record = finished(&federation, RESEARCHER, &run_id).await;
     assert_eq!(record.status, RunStatus::Failed);
     assert!(record.detail.contains("revoked"), "{}", record.detail);
     assert!(record.rounds.len() < 500);
