@@ -89,8 +89,12 @@ pub struct TrainBenchReport {
     pub train_rows: usize,
     pub holdout_rows: usize,
     pub ghx: Timing,
-    /// Flower's timings, or why it did not run.
+    /// Flower's timings, or why it did not run: fit rounds only.
     pub flower: Result<Timing, String>,
+    /// Flower with what a ghx round also gives (the received model's
+    /// training loss from each fit, and an evaluation round on held-out
+    /// rows after each fit round), or why it did not run.
+    pub flower_evaluating: Result<Timing, String>,
     /// ghx's median wall time per round of: opening the session on the
     /// round's path, the masked input with local computation, unmasking,
     /// the rest (see `RoundRecord::steps_ms`), ms.
@@ -250,78 +254,39 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         *step = p50(record.rounds.iter().map(|r| r.steps_ms[i]).collect());
     }
 
-    let flower = match &options.flower_python {
-        None => Err("no --flower-python given".to_owned()),
+    let (flower, flower_evaluating) = match &options.flower_python {
+        None => {
+            let why = "no --flower-python given".to_owned();
+            (Err(why.clone()), Err(why))
+        }
         Some(python) => {
-            let mut csvs = Vec::new();
+            let mut trains = Vec::new();
+            let mut holdouts = Vec::new();
             for (node, part) in federation.nodes.iter().zip(&parts) {
-                let mut train = part.train.clone();
-                standardiser.apply(&mut train);
-                let path = options.dir.join(format!("flower-{}.csv", node.profile.id));
-                write_csv(&path, &train)?;
-                csvs.push(path);
+                for (rows, kind, paths) in [
+                    (&part.train, "train", &mut trains),
+                    (&part.holdout, "holdout", &mut holdouts),
+                ] {
+                    let mut rows = rows.clone();
+                    standardiser.apply(&mut rows);
+                    let path = options
+                        .dir
+                        .join(format!("flower-{}-{kind}.csv", node.profile.id));
+                    write_csv(&path, &rows)?;
+                    paths.push(path);
+                }
             }
-            let python = python.clone();
-            let script = options.flower_script.clone();
-            let o = spec.optimiser.clone();
-            let rounds = options.rounds;
-            let hidden = options.mlp_hidden_units.unwrap_or(0);
-            let output = tokio::task::spawn_blocking(move || {
-                std::process::Command::new(python)
-                    .arg(script)
-                    .args(["--rounds", &rounds.to_string()])
-                    .args(["--hidden", &hidden.to_string()])
-                    .args(["--lr", &o.learning_rate.to_string()])
-                    .args(["--batch", &o.batch_size.to_string()])
-                    .args(["--epochs", &o.epochs.to_string()])
-                    .args(&csvs)
-                    .output()
-            })
-            .await?;
-            match output {
-                Err(e) => Err(format!("cannot start Python: {e}")),
-                Ok(out) if !out.status.success() => Err(format!(
-                    "Flower run failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                        .lines()
-                        .rev()
-                        .take(5)
-                        .collect::<Vec<_>>()
-                        .join(" | ")
-                )),
-                Ok(out) => match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-                    Err(e) => Err(format!("unreadable Flower output: {e}")),
-                    Ok(v) => {
-                        let rounds: Vec<RoundTime> = v["rounds"]
-                            .as_array()
-                            .map(|rs| {
-                                rs.iter()
-                                    .map(|r| RoundTime {
-                                        seconds: r["seconds"].as_f64().unwrap_or(0.0),
-                                        local: r["local_seconds"].as_f64().unwrap_or(0.0),
-                                        busy: r["busy_seconds"].as_f64().unwrap_or(0.0),
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        let weights: Vec<f64> = v["weights"]
-                            .as_array()
-                            .map(|w| w.iter().filter_map(serde_json::Value::as_f64).collect())
-                            .unwrap_or_default();
-                        // Read in ghx's parameter layout, shaped as ghx's
-                        // model of the same kind.
-                        let auc = ghx_model
-                            .with_params(&weights)
-                            .ok()
-                            .and_then(|m| auc_of(&m));
-                        Ok(timing(
-                            &rounds,
-                            v["total_seconds"].as_f64().unwrap_or(0.0),
-                            auc,
-                        ))
-                    }
-                },
-            }
+            let run = FlowerRun {
+                python: python.clone(),
+                script: options.flower_script.clone(),
+                optimiser: spec.optimiser.clone(),
+                rounds: options.rounds,
+                hidden: options.mlp_hidden_units.unwrap_or(0),
+                trains,
+            };
+            let fit_only = run.clone().timing(None, &ghx_model, &auc_of).await?;
+            let evaluating = run.timing(Some(holdouts), &ghx_model, &auc_of).await?;
+            (fit_only, evaluating)
         }
     };
     federation.shutdown().await;
@@ -331,8 +296,93 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         holdout_rows: holdout.len(),
         ghx,
         flower,
+        flower_evaluating,
         ghx_steps_ms,
     })
+}
+
+/// One run of `bench/flower_fedavg.py` on the rows written for it.
+#[derive(Clone)]
+struct FlowerRun {
+    python: PathBuf,
+    script: PathBuf,
+    optimiser: ghx_study::training::Optimiser,
+    rounds: u32,
+    hidden: u32,
+    /// Each client's standardised training rows (CSV).
+    trains: Vec<PathBuf>,
+}
+
+impl FlowerRun {
+    /// Runs Flower, with an evaluation round after every fit round on the
+    /// clients' `holdouts` when given; the final model's pooled AUC by
+    /// `auc_of`, read in `like`'s shape. Err says why Flower gave no
+    /// timings.
+    async fn timing(
+        self,
+        holdouts: Option<Vec<PathBuf>>,
+        like: &Model,
+        auc_of: &dyn Fn(&Model) -> Option<f64>,
+    ) -> Result<Result<Timing, String>, Error> {
+        let output = tokio::task::spawn_blocking(move || {
+            let mut command = std::process::Command::new(&self.python);
+            command
+                .arg(&self.script)
+                .args(["--rounds", &self.rounds.to_string()])
+                .args(["--hidden", &self.hidden.to_string()])
+                .args(["--lr", &self.optimiser.learning_rate.to_string()])
+                .args(["--batch", &self.optimiser.batch_size.to_string()])
+                .args(["--epochs", &self.optimiser.epochs.to_string()]);
+            command.args(&self.trains);
+            // After the training CSVs: `--holdout` takes several too.
+            if let Some(holdouts) = &holdouts {
+                command.arg("--holdout").args(holdouts);
+            }
+            command.output()
+        })
+        .await?;
+        Ok(match output {
+            Err(e) => Err(format!("cannot start Python: {e}")),
+            Ok(out) if !out.status.success() => Err(format!(
+                "Flower run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            )),
+            Ok(out) => match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                Err(e) => Err(format!("unreadable Flower output: {e}")),
+                Ok(v) => {
+                    let rounds: Vec<RoundTime> = v["rounds"]
+                        .as_array()
+                        .map(|rs| {
+                            rs.iter()
+                                .map(|r| RoundTime {
+                                    seconds: r["seconds"].as_f64().unwrap_or(0.0),
+                                    local: r["local_seconds"].as_f64().unwrap_or(0.0),
+                                    busy: r["busy_seconds"].as_f64().unwrap_or(0.0),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let weights: Vec<f64> = v["weights"]
+                        .as_array()
+                        .map(|w| w.iter().filter_map(serde_json::Value::as_f64).collect())
+                        .unwrap_or_default();
+                    // Read in ghx's parameter layout, shaped as ghx's model
+                    // of the same kind.
+                    let auc = like.with_params(&weights).ok().and_then(|m| auc_of(&m));
+                    Ok(timing(
+                        &rounds,
+                        v["total_seconds"].as_f64().unwrap_or(0.0),
+                        auc,
+                    ))
+                }
+            },
+        })
+    }
 }
 
 #[cfg(test)]

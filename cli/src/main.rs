@@ -895,25 +895,27 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
         "ghx median per round: session opened on the round's path {:.2} ms (opened while the moments round computes), masked input incl. local {:.2} ms, unmasking {:.2} ms (none in a session), rest (state saved, study looked up, model updated) {:.2} ms",
         s[0], s[1], s[2], s[3]
     );
-    match &report.flower {
-        Ok(flower) => {
-            line("Flower FedAvg (gRPC, no TLS)", flower);
-            if report.ghx.overhead_p50_ms > 0.0 {
+    for (name, flower) in [
+        ("Flower FedAvg, fit rounds only", &report.flower),
+        (
+            "Flower FedAvg + evaluation rounds",
+            &report.flower_evaluating,
+        ),
+    ] {
+        match flower {
+            Ok(flower) => {
+                line(name, flower);
+                let ratio = |theirs: f64, ours: f64| theirs / ours.max(1e-9);
                 println!(
-                    "per-round overhead p50: Flower / ghx = {:.1}x (mean {:.1}x)",
-                    flower.overhead_p50_ms / report.ghx.overhead_p50_ms,
-                    flower.overhead_mean_ms / report.ghx.overhead_mean_ms.max(1e-9)
+                    "  {name} / ghx: per-round overhead p50 {:.1}x (mean {:.1}x); time with no node computing p50 {:.1}x (mean {:.1}x)",
+                    ratio(flower.overhead_p50_ms, report.ghx.overhead_p50_ms),
+                    ratio(flower.overhead_mean_ms, report.ghx.overhead_mean_ms),
+                    ratio(flower.idle_p50_ms, report.ghx.idle_p50_ms),
+                    ratio(flower.idle_mean_ms, report.ghx.idle_mean_ms),
                 );
             }
-            if report.ghx.idle_p50_ms > 0.0 {
-                println!(
-                    "per-round time with no node computing p50: Flower / ghx = {:.1}x (mean {:.1}x)",
-                    flower.idle_p50_ms / report.ghx.idle_p50_ms,
-                    flower.idle_mean_ms / report.ghx.idle_mean_ms.max(1e-9)
-                );
-            }
+            Err(why) => println!("{name}: not run ({why})"),
         }
-        Err(why) => println!("Flower: not run ({why})"),
     }
     Ok(())
 }

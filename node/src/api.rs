@@ -984,6 +984,7 @@ impl NodeApi {
             ..audit_entry(caller, ghx_audit::action::MASKED_INPUT)
         };
         note_capability(&mut entry, &work.claims);
+        let (mut checked_at, mut computed_at) = (None, None);
         let outcome = (|| -> Result<pb::RoundMaskedInputResponse, ApiError> {
             if inner.store.is_revoked(&origin.study)? {
                 return Err(gate::Error::Revoked {
@@ -995,6 +996,7 @@ impl NodeApi {
                 return Err(training::Error::CapabilityExpired(label.to_owned()).into());
             }
             let computing = std::time::Instant::now();
+            checked_at = Some(computing);
             let contribution = {
                 let _engine = tracing::info_span!("engine").entered();
                 training::contribution(
@@ -1005,6 +1007,7 @@ impl NodeApi {
                     work.min_cell_size,
                 )?
             };
+            computed_at = Some(std::time::Instant::now());
             let local_micros = micros(computing.elapsed());
             let local_started_micros = micros(computing.saturating_duration_since(received));
             // A noised training round is paid for before it is released:
@@ -1063,7 +1066,20 @@ impl NodeApi {
                 "refused".to_owned()
             }
         };
+        let masked_at = std::time::Instant::now();
         self.settle("masked input", started, &entry, &outcome)?;
+        // Where the handler's time went, µs from receiving the request
+        // (GHX_LOG=ghx_node::api=debug).
+        let us = |at: std::time::Instant| micros(at.saturating_duration_since(received));
+        tracing::debug!(
+            label,
+            started = us(started),
+            checked = us(checked_at.unwrap_or(started)),
+            computed = us(computed_at.unwrap_or(started)),
+            masked = us(masked_at),
+            audited = us(std::time::Instant::now()),
+            "masked input timeline"
+        );
         outcome
     }
 }
