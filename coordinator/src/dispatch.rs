@@ -64,17 +64,31 @@ pub fn record(
 /// A write of entries started earlier, to be waited for before the next.
 pub type Behind = tokio::task::JoinHandle<Result<(), Error>>;
 
-/// As [`record`], written by a blocking task started now; a failed write
-/// is logged as well as returned, so it is never lost unseen.
-pub fn record_behind(
+/// As [`record`] for masked training contributions (node, values),
+/// written by a blocking task started now, which also digests them (off
+/// the round's path); a failed write is logged as well as returned, so it
+/// is never lost unseen.
+pub fn record_masked_behind(
     log: &AuditLog,
     sent: &Sent<'_>,
-    answered: impl IntoIterator<Item = (String, Answer)>,
+    answered: Vec<(String, Vec<u64>)>,
     failures: &[NodeFailure],
 ) -> Behind {
-    let entries = entries(sent, answered, failures);
+    let mut entries = entries(
+        sent,
+        answered
+            .iter()
+            .map(|(node, _)| (node.clone(), Answer::default())),
+        failures,
+    );
     let log = log.clone();
     tokio::task::spawn_blocking(move || {
+        // Answered entries come first, in order.
+        for (entry, (_, values)) in entries.iter_mut().zip(&answered) {
+            let answer = Answer::of_masked(values);
+            entry.result_sha256 = answer.result_sha256;
+            entry.result_cells = answer.cells;
+        }
         log.append_all(&entries).map(|_| ()).inspect_err(|e| {
             tracing::error!(error = %e, "the audit log could not record a round's requests");
         })

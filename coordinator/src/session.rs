@@ -236,19 +236,12 @@ pub async fn round(
     .await;
     let answered_at = started.elapsed().as_secs_f64();
     crate::training::settle(behind.take()).await?;
-    *behind = Some(dispatch::record_behind(
-        fed.audit,
-        &sent(
-            fed,
-            &session.claims,
-            ghx_audit::action::MASKED_INPUT,
-            &session.request_sha256,
-        ),
-        inputs
-            .iter()
-            .map(|(id, (input, _))| (id.clone(), dispatch::Answer::of_masked(&input.values))),
-        &failures,
-    ));
+    let computations: Vec<Computation> = inputs.iter().map(|(_, (_, c))| *c).collect();
+    let answered: Vec<String> = inputs.iter().map(|(id, _)| id.clone()).collect();
+    let masked: Vec<MaskedInput> = inputs.into_iter().map(|(_, (m, _))| m).collect();
+    // Audited as sent and answered: a member gone from the registry was
+    // sent nothing.
+    let audited_failures = failures.clone();
     for member in &session.members {
         if !nodes.iter().any(|n| n.id == *member) {
             failures.push(NodeFailure {
@@ -257,15 +250,24 @@ pub async fn round(
             });
         }
     }
-    if !failures.is_empty() {
-        return Ok(Outcome::Dropped {
-            answered: inputs.into_iter().map(|(id, _)| id).collect(),
-            failures,
-        });
-    }
-    let computations: Vec<Computation> = inputs.iter().map(|(_, (_, c))| *c).collect();
-    let masked: Vec<MaskedInput> = inputs.into_iter().map(|(_, (m, _))| m).collect();
-    let sum = ghx_secagg::session::sum(&session.id, &session.members, session.dim, &masked)?;
+    let sum = failures
+        .is_empty()
+        .then(|| ghx_secagg::session::sum(&session.id, &session.members, session.dim, &masked));
+    *behind = Some(dispatch::record_masked_behind(
+        fed.audit,
+        &sent(
+            fed,
+            &session.claims,
+            ghx_audit::action::MASKED_INPUT,
+            &session.request_sha256,
+        ),
+        masked.into_iter().map(|m| (m.node, m.values)).collect(),
+        &audited_failures,
+    ));
+    let Some(sum) = sum else {
+        return Ok(Outcome::Dropped { answered, failures });
+    };
+    let sum = sum?;
     let seconds = started.elapsed().as_secs_f64();
     // Where the round's time went, µs from its start (GHX_LOG=debug).
     let us = |s: f64| (s * 1e6).round() as i64;

@@ -1327,11 +1327,22 @@ impl pb::node_service_server::NodeService for NodeApi {
         request: Request<pb::SessionInputRequest>,
     ) -> Result<Response<pb::RoundMaskedInputResponse>, Status> {
         let received = std::time::Instant::now();
-        self.blocking(request, move |api, caller, message| {
-            api.session_input(caller, message, received)
-        })
-        .await
-        .map(|r| Response::new(handled(r, received)))
+        let (session, next) = (
+            request.get_ref().session.clone(),
+            request.get_ref().round.saturating_add(1),
+        );
+        let answer = self
+            .blocking(request, move |api, caller, message| {
+                api.session_input(caller, message, received)
+            })
+            .await
+            .map(|r| Response::new(handled(r, received)))?;
+        // The next round's mask, off that round's path.
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || {
+            api.inner.rounds.prepare_session_round(&session, next);
+        });
+        Ok(answer)
     }
 
     async fn revoke_study(

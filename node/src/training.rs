@@ -627,6 +627,15 @@ impl Rounds {
         self.with_session(session, |s| Ok(s.client.mask(number, &input)?))
     }
 
+    /// Computes the mask of a session's round `number` ahead of it, while
+    /// the coordinator sums the round before: that round then only adds it.
+    pub fn prepare_session_round(&self, session: &str, number: u32) {
+        let _ = self.with_session(session, |s| {
+            s.client.prepare(number);
+            Ok(())
+        });
+    }
+
     /// Step 4; the round is over for this node afterwards.
     pub fn unmask(&self, round: &str, survivors: &[String]) -> Result<Unmasking, Error> {
         let out = self.with(round, |s| Ok(s.client.unmask(survivors)?));

@@ -94,6 +94,8 @@ pub struct SessionClient {
     pairs: Option<BTreeMap<NodeId, [u8; 32]>>,
     /// The last round number masked.
     last: Option<u32>,
+    /// A round's mask computed ahead of it ([`SessionClient::prepare`]).
+    prepared: Option<(u32, Vec<u64>)>,
 }
 
 impl SessionClient {
@@ -114,6 +116,7 @@ impl SessionClient {
                 own: own.clone(),
                 pairs: None,
                 last: None,
+                prepared: None,
             },
             own,
         ))
@@ -195,9 +198,27 @@ impl SessionClient {
         Ok(())
     }
 
+    /// Computes round `number`'s mask (the sum of its pair streams) ahead
+    /// of the round, between rounds, so that [`SessionClient::mask`] of
+    /// that round only adds it. Nothing before the keys are agreed or for
+    /// a round already claimed; the mask is the same either way.
+    pub fn prepare(&mut self, number: u32) {
+        let Some(pairs) = &self.pairs else {
+            return;
+        };
+        if self.last.is_some_and(|last| number <= last) {
+            return;
+        }
+        let mut mask = vec![0u64; self.params.dim];
+        for (peer, secret) in pairs {
+            apply_round_stream(&mut mask, *secret, number, self.node < *peer);
+        }
+        self.prepared = Some((number, mask));
+    }
+
     /// Step 3 for round `number` (claimed with [`SessionClient::claim`]):
     /// masks `input` (already [`crate::encode`]d).
-    pub fn mask(&self, number: u32, input: &[u64]) -> Result<MaskedInput, Error> {
+    pub fn mask(&mut self, number: u32, input: &[u64]) -> Result<MaskedInput, Error> {
         let (Some(pairs), Some(last)) = (&self.pairs, self.last) else {
             return Err(Error::OutOfOrder {
                 round: self.params.round.clone(),
@@ -221,8 +242,17 @@ impl SessionClient {
             });
         }
         let mut values = input.to_vec();
-        for (peer, secret) in pairs {
-            apply_round_stream(&mut values, *secret, number, self.node < *peer);
+        match self.prepared.take() {
+            Some((prepared, mask)) if prepared == number => {
+                for (v, m) in values.iter_mut().zip(mask) {
+                    *v = v.wrapping_add(m);
+                }
+            }
+            _ => {
+                for (peer, secret) in pairs {
+                    apply_round_stream(&mut values, *secret, number, self.node < *peer);
+                }
+            }
         }
         Ok(MaskedInput {
             node: self.node.clone(),
@@ -327,6 +357,33 @@ mod tests {
             let total = decode(&sum("s-1", &members, 3, &out).unwrap());
             assert_eq!(total, vec![1.0, 3.0, 3.75]);
         }
+    }
+
+    #[test]
+    fn a_mask_prepared_ahead_is_the_mask_of_its_round() {
+        let nodes = ["a", "b", "c"];
+        let members: Vec<NodeId> = nodes.iter().map(|n| (*n).to_owned()).collect();
+        let mut clients = session(&nodes);
+        let inputs = [[1.5, -2.0, 0.25], [0.5, 1.0, 0.0], [-1.0, 4.0, 3.5]];
+        // Round 1 unprepared; then a prepares 2 and b a wrong round, c
+        // none; a prepares 3 only after claiming it (ignored).
+        let plain = masked(&mut clients, 1, &inputs);
+        clients[0].prepare(2);
+        clients[1].prepare(7);
+        clients[1].prepare(1);
+        let out = masked(&mut clients, 2, &inputs);
+        assert_eq!(
+            decode(&sum("s-1", &members, 3, &out).unwrap()),
+            vec![1.0, 3.0, 3.75]
+        );
+        assert_ne!(out[0].values, plain[0].values);
+        // The prepared mask is used once: the same round masked again by
+        // its streams gives the same values.
+        let again = clients[0].mask(2, &encode(&inputs[0]).unwrap()).unwrap();
+        assert_eq!(again.values, out[0].values);
+        clients[0].claim(3).unwrap();
+        clients[0].prepare(3);
+        assert!(clients[0].prepared.is_none());
     }
 
     #[test]
