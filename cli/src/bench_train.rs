@@ -1,7 +1,10 @@
 //! `ghx bench train`: federated training on a local three-hospital
 //! federation, per-round coordination overhead and total time, against
 //! Flower (the `flwr` Python package) running FedAvg on the same rows in the
-//! same run. Overhead is measured two ways, for both frameworks alike: round
+//! same run, twice: fit rounds only, and with what every ghx round also
+//! gives for the training curves (the received model's training loss, and
+//! an evaluation round on held-out rows after each fit round). Overhead is
+//! measured two ways, for all three runs alike: round
 //! wall time outside the slowest node's local computation, and round wall
 //! time during which no node was computing (outside the union of the nodes'
 //! computations: on one machine the nodes share its cores, so a node waiting
