@@ -209,11 +209,17 @@ impl SessionClient {
         if self.last.is_some_and(|last| number <= last) {
             return;
         }
+        self.prepared = Some((number, self.round_mask(pairs, number)));
+    }
+
+    /// Round `number`'s mask: the sum of its stream of every pair secret,
+    /// added or subtracted by the order of the pair's members.
+    fn round_mask(&self, pairs: &BTreeMap<NodeId, [u8; 32]>, number: u32) -> Vec<u64> {
         let mut mask = vec![0u64; self.params.dim];
         for (peer, secret) in pairs {
             apply_round_stream(&mut mask, *secret, number, self.node < *peer);
         }
-        self.prepared = Some((number, mask));
+        mask
     }
 
     /// Step 3 for round `number` (claimed with [`SessionClient::claim`]):
@@ -241,22 +247,17 @@ impl SessionClient {
                 expected: self.params.dim,
             });
         }
-        let mut values = input.to_vec();
-        match self.prepared.take() {
-            Some((prepared, mask)) if prepared == number => {
-                for (v, m) in values.iter_mut().zip(mask) {
-                    *v = v.wrapping_add(m);
-                }
-            }
-            _ => {
-                for (peer, secret) in pairs {
-                    apply_round_stream(&mut values, *secret, number, self.node < *peer);
-                }
-            }
-        }
+        let mask = match self.prepared.take() {
+            Some((prepared, mask)) if prepared == number => mask,
+            _ => self.round_mask(pairs, number),
+        };
         Ok(MaskedInput {
             node: self.node.clone(),
-            values,
+            values: input
+                .iter()
+                .zip(mask)
+                .map(|(v, m)| v.wrapping_add(m))
+                .collect(),
         })
     }
 }
