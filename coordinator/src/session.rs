@@ -1,7 +1,7 @@
 //! A training run's secure-aggregation sessions at the coordinator
 //! (`ghx_secagg::session`): the nodes are admitted and keyed once, then
-//! each training round is one request per member and the sum of the
-//! answers.
+//! each training round is one message per member, on the member's
+//! `SessionRounds` stream of the session, and the sum of the answers.
 //!
 //! A session is opened under one capability for the run's training and
 //! its members' signed keys are relayed once. A round sums only when every
@@ -12,6 +12,7 @@
 //! reconstructed. A session is replaced before half of its capability's
 //! validity is left, so revocation and expiry keep biting during a run.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ghx_learn::federated::Phase;
@@ -38,6 +39,60 @@ pub struct Session {
     claims: capability::Claims,
     request_sha256: String,
     dim: usize,
+    /// Each member's stream of rounds, opened at its first round.
+    links: HashMap<String, tokio::sync::Mutex<Option<Link>>>,
+}
+
+/// A member's `SessionRounds` stream: the session's rounds go out one
+/// message each, answered in order.
+struct Link {
+    requests: tokio::sync::mpsc::Sender<pb::SessionInputRequest>,
+    answers: tonic::Streaming<pb::RoundMaskedInputResponse>,
+}
+
+impl Link {
+    async fn open(node: &RegisteredNode) -> Result<Link, String> {
+        let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+        let outgoing = futures::stream::unfold(outgoing, |mut outgoing| async move {
+            outgoing.recv().await.map(|m| (m, outgoing))
+        });
+        let answers = node
+            .round_client()
+            .session_rounds(outgoing)
+            .await
+            .map_err(|s| describe(&s))?
+            .into_inner();
+        Ok(Link { requests, answers })
+    }
+}
+
+/// Sends `request` to `node` on its stream in `slot` (opened first when
+/// there is none) and returns the answer. The stream is taken out while in
+/// use and put back only after a whole exchange, so a round given up
+/// midway (its deadline) leaves no half-used stream behind: the next round
+/// opens a fresh one.
+async fn exchange(
+    node: &RegisteredNode,
+    slot: &tokio::sync::Mutex<Option<Link>>,
+    request: pb::SessionInputRequest,
+) -> Result<pb::RoundMaskedInputResponse, String> {
+    let mut slot = slot.lock().await;
+    let mut link = match slot.take() {
+        Some(link) => link,
+        None => Link::open(node).await?,
+    };
+    link.requests
+        .send(request)
+        .await
+        .map_err(|_| "closed the session's stream".to_owned())?;
+    let answer = link
+        .answers
+        .message()
+        .await
+        .map_err(|s| describe(&s))?
+        .ok_or_else(|| "ended the session's stream without an answer".to_owned())?;
+    *slot = Some(link);
+    Ok(answer)
 }
 
 impl Session {
@@ -179,6 +234,10 @@ pub async fn open(
             let mut members = ids;
             members.sort();
             left_out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            let links = members
+                .iter()
+                .map(|m| (m.clone(), tokio::sync::Mutex::new(None)))
+                .collect();
             return Ok(Session {
                 id,
                 members,
@@ -186,6 +245,7 @@ pub async fn open(
                 claims,
                 request_sha256,
                 dim,
+                links,
             });
         }
         // Those that agreed hold pair secrets with those that did not:
@@ -218,14 +278,11 @@ pub async fn round(
             round: number,
             model_json: model_json.clone(),
         };
+        let slot = session.links.get(&node.id);
         async move {
             let sent = started.elapsed().as_secs_f64();
-            let m = node
-                .round_client()
-                .session_input(request)
-                .await
-                .map_err(|s| describe(&s))?
-                .into_inner();
+            let slot = slot.ok_or_else(|| "is not a member of the session".to_owned())?;
+            let m = exchange(&node, slot, request).await?;
             let computed = Computation::placed(sent, started.elapsed().as_secs_f64(), &m);
             if m.node != node.id {
                 return Err(format!("sent a masked input as `{}`", m.node));
@@ -319,6 +376,7 @@ mod tests {
             ),
             request_sha256: String::new(),
             dim: 8,
+            links: HashMap::new(),
         }
     }
 

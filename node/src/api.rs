@@ -54,6 +54,9 @@ struct Inner {
         Arc<ghx_pki::transport::LiveIdentity>,
         ghx_pki::signed::MemberKeys,
     )>,
+    /// Set when the node shuts down: session streams end then, rather
+    /// than keeping the server's graceful shutdown waiting on them.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Everything that can stop a request, before mapping to a status.
@@ -213,9 +216,18 @@ impl NodeApi {
                 rounds: Rounds::default(),
                 audit: store.audit_log().clone(),
                 round_keys: None,
+                stopping: tokio::sync::watch::Sender::new(false),
                 store,
             }),
         }
+    }
+
+    /// Ends every session stream (each with `UNAVAILABLE`, naming the
+    /// shutdown) once its round in progress is answered, and any opened
+    /// later at once: what the node does when it is shut down, since the
+    /// server's graceful shutdown waits for open streams to end.
+    pub fn stop_sessions(&self) {
+        self.inner.stopping.send_replace(true);
     }
 
     /// Caps what one organisation may spend at this node over all studies.
@@ -1189,6 +1201,12 @@ fn now_rfc3339() -> String {
         .expect("RFC 3339 formatting of now")
 }
 
+/// The answers of a [`pb::node_service_server::NodeService::session_rounds`]
+/// stream, in the order of its requests.
+pub type SessionAnswers = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<pb::RoundMaskedInputResponse, Status>> + Send>,
+>;
+
 #[tonic::async_trait]
 impl pb::node_service_server::NodeService for NodeApi {
     async fn health(
@@ -1343,6 +1361,66 @@ impl pb::node_service_server::NodeService for NodeApi {
             api.inner.rounds.prepare_session_round(&session, next);
         });
         Ok(answer)
+    }
+
+    type SessionRoundsStream = SessionAnswers;
+
+    async fn session_rounds(
+        &self,
+        request: Request<tonic::Streaming<pb::SessionInputRequest>>,
+    ) -> Result<Response<Self::SessionRoundsStream>, Status> {
+        // The caller is read and checked once, for the whole stream.
+        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        Self::require_coordinator(&caller).map_err(|e| status(&e))?;
+        let caller = Arc::new(caller);
+        let mut requests = request.into_inner();
+        // One answer in flight per request: the coordinator sends a round
+        // only once it has the answer to the one before.
+        let (answers, answered) = tokio::sync::mpsc::channel(1);
+        let api = self.clone();
+        let span = tracing::Span::current();
+        let mut stopping = self.inner.stopping.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    message = requests.message() => match message {
+                        Ok(Some(message)) => message,
+                        // The coordinator closed the stream (the session
+                        // is over) or the connection went.
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = async { stopping.wait_for(|stop| *stop).await.is_ok() } => {
+                        let shutting = Status::unavailable("the node is shutting down");
+                        let _ = answers.send(Err(shutting)).await;
+                        break;
+                    }
+                };
+                let received = std::time::Instant::now();
+                let (session, next) = (message.session.clone(), message.round.saturating_add(1));
+                let (worker, caller) = (api.clone(), caller.clone());
+                let span = span.clone();
+                let answer = tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| worker.session_input(&caller, message, received))
+                })
+                .await
+                .map_err(|e| ApiError::Task(e.to_string()))
+                .and_then(|r| r);
+                let refused = answer.is_err();
+                let answer = answer.map(|r| handled(r, received)).map_err(|e| status(&e));
+                if answers.send(answer).await.is_err() || refused {
+                    break;
+                }
+                // The next round's mask, off that round's path.
+                let api = api.clone();
+                tokio::task::spawn_blocking(move || {
+                    api.inner.rounds.prepare_session_round(&session, next);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            answered,
+            |mut answered| async move { answered.recv().await.map(|a| (a, answered)) },
+        ))))
     }
 
     async fn revoke_study(

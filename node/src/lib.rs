@@ -154,6 +154,13 @@ impl Node {
         )
         .with_round_keys(self.tls.identity().clone());
         let audit = api.audit_log().clone();
+        // Session streams end when shutdown begins, so that the graceful
+        // shutdown below, which waits for open streams, can finish.
+        let stopping = api.clone();
+        let shutdown = async move {
+            shutdown.await;
+            stopping.stop_sessions();
+        };
         let upkeep = ghx_db::audit::spawn_upkeep(audit.clone(), self.config.audit.clone());
         // grpc.health.v1: serving while the database answers and the
         // certificate is valid.

@@ -1013,6 +1013,44 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+    // On a session's stream the same: round 2 is answered, masked like
+    // a call's; asked again, it is refused and the stream ends there.
+    let mut answers = clients[0]
+        .session_rounds(futures::stream::iter([input(2), input(2), input(3)]))
+        .await
+        .unwrap()
+        .into_inner();
+    let streamed = answers.message().await.unwrap().unwrap();
+    assert_eq!(streamed.node, masked[0].node);
+    assert_eq!(streamed.values.len(), masked[0].values.len());
+    assert_ne!(streamed.values, masked[0].values);
+    let err = answers.message().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("round 2 was asked for after round 2"),
+        "{}",
+        err.message()
+    );
+    assert!(matches!(answers.message().await, Ok(None) | Err(_)));
+    // Only the coordinator opens one: another node's certificate is
+    // refused before any round is read.
+    let tls = ghx_pki::TlsMaterial::load(&federation.pki.tls_files(&ids[1])).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "https://localhost:{}",
+        nodes[0].addr().port()
+    ))
+    .unwrap()
+    .tls_config(tls.client_config(nodes[0].profile.id))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let err = NodeServiceClient::new(channel)
+        .session_rounds(futures::stream::iter([input(4)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
 
     // Once the session's capability has expired, its rounds are refused.
     let short = signer

@@ -743,6 +743,38 @@ pub mod node_service_client {
                 .insert(GrpcMethod::new("ghx.v1.NodeService", "SessionInput"));
             self.inner.unary(req, path, codec).await
         }
+        /// SessionInput's rounds on one stream per session: each request message
+        /// is answered by one response message, in order, with exactly what
+        /// SessionInput would answer; the caller is identified once, when the
+        /// stream opens. A request the node refuses ends the stream with the
+        /// status SessionInput would return. This saves a round the per-request
+        /// work of a call (headers, routing, the caller's certificate read).
+        pub async fn session_rounds(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<
+                Message = super::SessionInputRequest,
+            >,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::RoundMaskedInputResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/SessionRounds",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "SessionRounds"));
+            self.inner.streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -849,6 +881,28 @@ pub mod node_service_server {
             request: tonic::Request<super::SessionInputRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RoundMaskedInputResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the SessionRounds method.
+        type SessionRoundsStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<
+                    super::RoundMaskedInputResponse,
+                    tonic::Status,
+                >,
+            >
+            + std::marker::Send
+            + 'static;
+        /// SessionInput's rounds on one stream per session: each request message
+        /// is answered by one response message, in order, with exactly what
+        /// SessionInput would answer; the caller is identified once, when the
+        /// stream opens. A request the node refuses ends the stream with the
+        /// status SessionInput would return. This saves a round the per-request
+        /// work of a call (headers, routing, the caller's certificate read).
+        async fn session_rounds(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::SessionInputRequest>>,
+        ) -> std::result::Result<
+            tonic::Response<Self::SessionRoundsStream>,
             tonic::Status,
         >;
     }
@@ -1420,6 +1474,54 @@ pub mod node_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.NodeService/SessionRounds" => {
+                    #[allow(non_camel_case_types)]
+                    struct SessionRoundsSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::StreamingService<super::SessionInputRequest>
+                    for SessionRoundsSvc<T> {
+                        type Response = super::RoundMaskedInputResponse;
+                        type ResponseStream = T::SessionRoundsStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::SessionInputRequest>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::session_rounds(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SessionRoundsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
