@@ -1179,6 +1179,15 @@ impl NodeApi {
             .map_err(|e| status(&ApiError::Task(e.to_string())))?
             .map_err(|e| status(&e))
     }
+
+    /// Expands round `next`'s mask of `session` on the blocking pool, off
+    /// that round's path (after answering the round before).
+    fn prepare_ahead(&self, session: String, next: u32) {
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || {
+            api.inner.rounds.prepare_session_round(&session, next);
+        });
+    }
 }
 
 fn micros(d: std::time::Duration) -> u64 {
@@ -1355,11 +1364,7 @@ impl pb::node_service_server::NodeService for NodeApi {
             })
             .await
             .map(|r| Response::new(handled(r, received)))?;
-        // The next round's mask, off that round's path.
-        let api = self.clone();
-        tokio::task::spawn_blocking(move || {
-            api.inner.rounds.prepare_session_round(&session, next);
-        });
+        self.prepare_ahead(session, next);
         Ok(answer)
     }
 
@@ -1383,17 +1388,19 @@ impl pb::node_service_server::NodeService for NodeApi {
         tokio::spawn(async move {
             loop {
                 let message = tokio::select! {
+                    // No round starts once the node is stopping.
+                    biased;
+                    _ = async { stopping.wait_for(|stop| *stop).await.is_ok() } => {
+                        let shutting = Status::unavailable("the node is shutting down");
+                        let _ = answers.send(Err(shutting)).await;
+                        break;
+                    }
                     message = requests.message() => match message {
                         Ok(Some(message)) => message,
                         // The coordinator closed the stream (the session
                         // is over) or the connection went.
                         Ok(None) | Err(_) => break,
                     },
-                    _ = async { stopping.wait_for(|stop| *stop).await.is_ok() } => {
-                        let shutting = Status::unavailable("the node is shutting down");
-                        let _ = answers.send(Err(shutting)).await;
-                        break;
-                    }
                 };
                 let received = std::time::Instant::now();
                 let (session, next) = (message.session.clone(), message.round.saturating_add(1));
@@ -1410,11 +1417,7 @@ impl pb::node_service_server::NodeService for NodeApi {
                 if answers.send(answer).await.is_err() || refused {
                     break;
                 }
-                // The next round's mask, off that round's path.
-                let api = api.clone();
-                tokio::task::spawn_blocking(move || {
-                    api.inner.rounds.prepare_session_round(&session, next);
-                });
+                api.prepare_ahead(session, next);
             }
         });
         Ok(Response::new(Box::pin(futures::stream::unfold(

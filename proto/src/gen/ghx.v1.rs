@@ -747,8 +747,10 @@ pub mod node_service_client {
         /// is answered by one response message, in order, with exactly what
         /// SessionInput would answer; the caller is identified once, when the
         /// stream opens. A request the node refuses ends the stream with the
-        /// status SessionInput would return. This saves a round the per-request
-        /// work of a call (headers, routing, the caller's certificate read).
+        /// status SessionInput would return; a node shutting down ends it with
+        /// UNAVAILABLE once the round in hand is answered. This saves a round the
+        /// per-request work of a call (headers, routing, the caller's certificate
+        /// read).
         pub async fn session_rounds(
             &mut self,
             request: impl tonic::IntoStreamingRequest<
@@ -896,8 +898,10 @@ pub mod node_service_server {
         /// is answered by one response message, in order, with exactly what
         /// SessionInput would answer; the caller is identified once, when the
         /// stream opens. A request the node refuses ends the stream with the
-        /// status SessionInput would return. This saves a round the per-request
-        /// work of a call (headers, routing, the caller's certificate read).
+        /// status SessionInput would return; a node shutting down ends it with
+        /// UNAVAILABLE once the round in hand is answered. This saves a round the
+        /// per-request work of a call (headers, routing, the caller's certificate
+        /// read).
         async fn session_rounds(
             &self,
             request: tonic::Request<tonic::Streaming<super::SessionInputRequest>>,
