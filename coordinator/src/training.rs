@@ -18,12 +18,12 @@
 //! named, and the round completes without it if the quorum holds.
 //!
 //! The training rounds run in a session ([`crate::session`]), opened while
-//! the moments round computes: one request per node per round, the
-//! critical path of a round being the slowest node's local step and one
-//! trip. A member missing from a session round is named, and the round is
-//! redone in a new session among the members that answered; a session
-//! missing registered nodes invites them again every [`REJOIN_EVERY`]
-//! rounds. A step that fails is retried; after [`ATTEMPTS`] failures the
+//! the moments round computes: one message per node per round, on the
+//! node's stream for the session, the critical path of a round being the
+//! slowest node's local step and one trip. A member missing from a session
+//! round is named, and the round is redone in a new session among the
+//! members that answered; a session missing registered nodes invites them
+//! again every [`REJOIN_EVERY`] rounds. A step that fails is retried; after [`ATTEMPTS`] failures the
 //! run fails with the reason. Nodes sign the keys they advertise and check
 //! each other's signatures, so the coordinator can only relay them.
 //!

@@ -12,6 +12,7 @@ use ghx_study::capability::Verifier;
 use ghx_study::query;
 use ghx_study::result::{AggregateResult, CellValue};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::cohort_index::CohortIndex;
 use crate::consent::eligibility::{self, Eligibility};
@@ -1171,7 +1172,17 @@ impl NodeApi {
         work: impl FnOnce(&NodeApi, &PeerIdentity, M) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, Status> {
         let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
-        let message = request.into_inner();
+        self.on_blocking_pool(Arc::new(caller), request.into_inner(), work)
+            .await
+    }
+
+    /// [`Self::blocking`] for a caller already read (a stream's, read once).
+    async fn on_blocking_pool<M: Send + 'static, T: Send + 'static>(
+        &self,
+        caller: Arc<PeerIdentity>,
+        message: M,
+        work: impl FnOnce(&NodeApi, &PeerIdentity, M) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, Status> {
         let api = self.clone();
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || span.in_scope(|| work(&api, &caller, message)))
@@ -1383,43 +1394,43 @@ impl pb::node_service_server::NodeService for NodeApi {
         // only once it has the answer to the one before.
         let (answers, answered) = tokio::sync::mpsc::channel(1);
         let api = self.clone();
-        let span = tracing::Span::current();
         let mut stopping = self.inner.stopping.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    // No round starts once the node is stopping.
-                    biased;
-                    _ = async { stopping.wait_for(|stop| *stop).await.is_ok() } => {
-                        let shutting = Status::unavailable("the node is shutting down");
-                        let _ = answers.send(Err(shutting)).await;
+        tokio::spawn(
+            async move {
+                loop {
+                    let message = tokio::select! {
+                        // No round starts once the node is stopping.
+                        biased;
+                        _ = async { stopping.wait_for(|stop| *stop).await.is_ok() } => {
+                            let shutting = Status::unavailable("the node is shutting down");
+                            let _ = answers.send(Err(shutting)).await;
+                            break;
+                        }
+                        message = requests.message() => match message {
+                            Ok(Some(message)) => message,
+                            // The coordinator closed the stream (the session
+                            // is over) or the connection went.
+                            Ok(None) | Err(_) => break,
+                        },
+                    };
+                    let received = std::time::Instant::now();
+                    let (session, next) =
+                        (message.session.clone(), message.round.saturating_add(1));
+                    let answer = api
+                        .on_blocking_pool(caller.clone(), message, move |api, caller, message| {
+                            api.session_input(caller, message, received)
+                        })
+                        .await
+                        .map(|r| handled(r, received));
+                    let refused = answer.is_err();
+                    if answers.send(answer).await.is_err() || refused {
                         break;
                     }
-                    message = requests.message() => match message {
-                        Ok(Some(message)) => message,
-                        // The coordinator closed the stream (the session
-                        // is over) or the connection went.
-                        Ok(None) | Err(_) => break,
-                    },
-                };
-                let received = std::time::Instant::now();
-                let (session, next) = (message.session.clone(), message.round.saturating_add(1));
-                let (worker, caller) = (api.clone(), caller.clone());
-                let span = span.clone();
-                let answer = tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| worker.session_input(&caller, message, received))
-                })
-                .await
-                .map_err(|e| ApiError::Task(e.to_string()))
-                .and_then(|r| r);
-                let refused = answer.is_err();
-                let answer = answer.map(|r| handled(r, received)).map_err(|e| status(&e));
-                if answers.send(answer).await.is_err() || refused {
-                    break;
+                    api.prepare_ahead(session, next);
                 }
-                api.prepare_ahead(session, next);
             }
-        });
+            .instrument(tracing::Span::current()),
+        );
         Ok(Response::new(Box::pin(futures::stream::unfold(
             answered,
             |mut answered| async move { answered.recv().await.map(|a| (a, answered)) },
