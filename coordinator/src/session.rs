@@ -283,7 +283,17 @@ pub async fn round(
             let sent = started.elapsed().as_secs_f64();
             let slot = slot.ok_or_else(|| "is not a member of the session".to_owned())?;
             let m = exchange(&node, slot, request).await?;
-            let computed = Computation::placed(sent, started.elapsed().as_secs_f64(), &m);
+            let back = started.elapsed().as_secs_f64();
+            let computed = Computation::placed(sent, back, &m);
+            tracing::trace!(
+                node = %node.id,
+                sent = (sent * 1e6) as i64,
+                back = (back * 1e6) as i64,
+                handled = m.handled_micros,
+                local_started = m.local_started_micros,
+                local = m.local_micros,
+                "session exchange"
+            );
             if m.node != node.id {
                 return Err(format!("sent a masked input as `{}`", m.node));
             }

@@ -189,8 +189,11 @@ fn connect(url: &str, create: bool) -> Result<Backend, Error> {
         } else if !std::path::Path::new(path).is_file() {
             return Err(open_err("no such database file".to_owned()));
         }
+        // An SQLite connection is a file handle that cannot go stale the
+        // way a server's socket can: no `SELECT 1` before every use.
         let pool = Pool::builder()
             .max_size(4)
+            .test_on_check_out(false)
             .connection_timeout(Duration::from_secs(10))
             .connection_customizer(Box::new(SqlitePragmas))
             .build(ConnectionManager::<SqliteConnection>::new(path))
