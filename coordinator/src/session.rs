@@ -95,6 +95,11 @@ async fn exchange(
     Ok(answer)
 }
 
+/// `seconds` from a round's start as whole µs, for its timing logs.
+fn micros(seconds: f64) -> i64 {
+    (seconds * 1e6).round() as i64
+}
+
 impl Session {
     /// Whether more than half of the session capability's validity is
     /// left, so a round started now ends well before it expires.
@@ -287,8 +292,8 @@ pub async fn round(
             let computed = Computation::placed(sent, back, &m);
             tracing::trace!(
                 node = %node.id,
-                sent = (sent * 1e6) as i64,
-                back = (back * 1e6) as i64,
+                sent = micros(sent),
+                back = micros(back),
                 handled = m.handled_micros,
                 local_started = m.local_started_micros,
                 local = m.local_micros,
@@ -337,17 +342,18 @@ pub async fn round(
     let sum = sum?;
     let seconds = started.elapsed().as_secs_f64();
     // Where the round's time went, µs from its start (GHX_LOG=debug).
-    let us = |s: f64| (s * 1e6).round() as i64;
     tracing::debug!(
         round = number,
-        first_start = us(computations
-            .iter()
-            .map(|c| c.start)
-            .fold(f64::MAX, f64::min)),
-        first_end = us(computations.iter().map(|c| c.end).fold(f64::MAX, f64::min)),
-        last_end = us(computations.iter().map(|c| c.end).fold(0.0, f64::max)),
-        answered = us(answered_at),
-        summed = us(seconds),
+        first_start = micros(
+            computations
+                .iter()
+                .map(|c| c.start)
+                .fold(f64::MAX, f64::min)
+        ),
+        first_end = micros(computations.iter().map(|c| c.end).fold(f64::MAX, f64::min)),
+        last_end = micros(computations.iter().map(|c| c.end).fold(0.0, f64::max)),
+        answered = micros(answered_at),
+        summed = micros(seconds),
         "session round timeline"
     );
     Ok(Outcome::Summed(RoundSum {

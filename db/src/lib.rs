@@ -204,7 +204,20 @@ fn connect(url: &str, create: bool) -> Result<Backend, Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{Backend, connect, redact_url};
+
+    #[test]
+    fn sqlite_connections_are_not_pinged_on_every_checkout() {
+        let dir = std::env::temp_dir().join(format!("ghx-db-pool-{}", std::process::id()));
+        let path = dir.join("pool.db");
+        let backend = connect(path.to_str().expect("a UTF-8 path"), true).unwrap();
+        match &backend {
+            Backend::Sqlite(pool) => assert!(!pool.test_on_check_out()),
+            Backend::Postgres(_) => panic!("a file path opens SQLite"),
+        }
+        drop(backend);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn passwords_never_appear_in_printed_urls() {
