@@ -8,7 +8,11 @@
 //! wall time outside the slowest node's local computation, and round wall
 //! time during which no node was computing (outside the union of the nodes'
 //! computations: on one machine the nodes share its cores, so a node waiting
-//! for a core while another computes is not coordination).
+//! for a core while another computes is not coordination). With
+//! `repeat` above 1 the three runs take turns that many times on the same
+//! federation and rows, and each figure is also given as its median over
+//! the repetitions (a shared VM's speed drifts from minute to minute; taking
+//! turns spreads the drift over all three alike).
 //! Numbers, not a test: nothing here asserts a timing.
 
 use std::io::Write as _;
@@ -60,6 +64,8 @@ pub struct TrainBenchOptions {
     pub flower_python: Option<PathBuf>,
     /// `bench/flower_fedavg.py`.
     pub flower_script: PathBuf,
+    /// How many times each of the three runs is made (at least once).
+    pub repeat: u32,
 }
 
 /// Per-round timings of one framework.
@@ -91,6 +97,13 @@ pub struct TrainBenchReport {
     pub setup: Duration,
     pub train_rows: usize,
     pub holdout_rows: usize,
+    /// Each repetition, in the order run.
+    pub repetitions: Vec<Repetition>,
+}
+
+/// One turn of the three runs.
+#[derive(Debug, Clone)]
+pub struct Repetition {
     pub ghx: Timing,
     /// Flower's timings, or why it did not run: fit rounds only.
     pub flower: Result<Timing, String>,
@@ -119,6 +132,55 @@ pub struct RoundTime {
     pub seconds: f64,
     pub local: f64,
     pub busy: f64,
+}
+
+impl TrainBenchReport {
+    /// Each figure's median over the repetitions (a run's p50 becomes the
+    /// median of the runs' p50s); Flower's over the repetitions it ran in,
+    /// or the first reason it did not run.
+    pub fn median(&self) -> Repetition {
+        let reps = &self.repetitions;
+        let flower = |pick: &dyn Fn(&Repetition) -> &Result<Timing, String>| {
+            let ran: Vec<Timing> = reps.iter().filter_map(|r| pick(r).clone().ok()).collect();
+            if ran.is_empty() {
+                Err(reps
+                    .first()
+                    .and_then(|r| pick(r).clone().err())
+                    .unwrap_or_else(|| "no repetition ran".to_owned()))
+            } else {
+                Ok(median_timing(&ran))
+            }
+        };
+        let mut ghx_steps_ms = [0.0; 4];
+        for (i, step) in ghx_steps_ms.iter_mut().enumerate() {
+            *step = p50(reps.iter().map(|r| r.ghx_steps_ms[i]).collect());
+        }
+        Repetition {
+            ghx: median_timing(&reps.iter().map(|r| r.ghx.clone()).collect::<Vec<_>>()),
+            flower: flower(&|r| &r.flower),
+            flower_evaluating: flower(&|r| &r.flower_evaluating),
+            ghx_steps_ms,
+        }
+    }
+}
+
+/// Each field's median over `runs`.
+fn median_timing(runs: &[Timing]) -> Timing {
+    let m = |f: &dyn Fn(&Timing) -> f64| p50(runs.iter().map(f).collect());
+    let aucs: Vec<f64> = runs.iter().filter_map(|t| t.auc).collect();
+    Timing {
+        rounds: runs.first().map_or(0, |t| t.rounds),
+        rounds_seconds: m(&|t| t.rounds_seconds),
+        total_seconds: m(&|t| t.total_seconds),
+        round_p50_ms: m(&|t| t.round_p50_ms),
+        local_p50_ms: m(&|t| t.local_p50_ms),
+        overhead_p50_ms: m(&|t| t.overhead_p50_ms),
+        overhead_mean_ms: m(&|t| t.overhead_mean_ms),
+        busy_p50_ms: m(&|t| t.busy_p50_ms),
+        idle_p50_ms: m(&|t| t.idle_p50_ms),
+        idle_mean_ms: m(&|t| t.idle_mean_ms),
+        auc: (!aucs.is_empty()).then(|| p50(aucs)),
+    }
 }
 
 fn timing(rounds: &[RoundTime], total_seconds: f64, auc: Option<f64>) -> Timing {
@@ -195,113 +257,167 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
     let spec = manifest.trainings[0].clone();
     let study_id = federation.approved_study(RESEARCHER, manifest_json).await?;
     let mut client = federation.client(RESEARCHER).await?;
-    let train_started = Instant::now();
-    let status = client
-        .start_training(pb::StartTrainingRequest {
-            study_id,
-            training: spec.name.clone(),
-        })
-        .await?
-        .into_inner();
-    let record: TrainingRecord =
-        crate::training_report::follow(&mut client, &status.run_id, |r, total| {
-            if r.round % 10 == 0 || r.round == total {
-                eprintln!("{}", crate::training_report::progress_line(r, total));
-            }
-        })
-        .await?;
-    let ghx_total = train_started.elapsed().as_secs_f64();
-    if record.status != RunStatus::Completed {
-        return Err(Error::Incomplete(record.detail));
-    }
-    let model = record.model.clone().expect("a completed run has a model");
-
-    // The same rows, standardised as the run did, for Flower and for AUC.
-    let mut parts = Vec::new();
-    for node in &federation.nodes {
-        let policy = ghx_node::policy::PolicyDir::load(
-            &federation.dir.join("policies").join(node.profile.id),
-        )?;
-        let store = node.store.clone();
-        let spec = spec.clone();
-        let purpose = manifest.purpose.clone();
-        parts.push(
-            tokio::task::spawn_blocking(move || {
-                ghx_node::training::extract_under_policy(&store, &policy, &purpose, &spec)
+    let turns = options.repeat.max(1);
+    let mut rows: Option<Rows> = None;
+    let mut repetitions = Vec::new();
+    for turn in 1..=turns {
+        if turns > 1 {
+            eprintln!("repetition {turn} of {turns}");
+        }
+        let train_started = Instant::now();
+        let status = client
+            .start_training(pb::StartTrainingRequest {
+                study_id: study_id.clone(),
+                training: spec.name.clone(),
             })
-            .await??,
-        );
-    }
-    let standardiser = Standardiser {
-        mean: model.mean.clone(),
-        sd: model.sd.clone(),
-    };
-    let dim = spec.features.len();
-    let mut holdout = pooled(parts.iter().map(|p| p.holdout.clone()), dim);
-    standardiser.apply(&mut holdout);
-    let auc_of = |m: &Model| metrics::auc(&m.predict_all(&holdout), holdout.labels());
-    let ghx_rounds: Vec<RoundTime> = record
-        .rounds
-        .iter()
-        .map(|r| RoundTime {
-            seconds: r.seconds,
-            local: r.local_seconds,
-            busy: r.busy_seconds,
-        })
-        .collect();
-    let ghx_model = model.model();
-    let ghx = timing(&ghx_rounds, ghx_total, auc_of(&ghx_model));
-    let train_rows: usize = parts.iter().map(|p| p.train.len()).sum();
-    let mut ghx_steps_ms = [0.0; 4];
-    for (i, step) in ghx_steps_ms.iter_mut().enumerate() {
-        *step = p50(record.rounds.iter().map(|r| r.steps_ms[i]).collect());
-    }
-
-    let (flower, flower_evaluating) = match &options.flower_python {
-        None => {
-            let why = "no --flower-python given".to_owned();
-            (Err(why.clone()), Err(why))
-        }
-        Some(python) => {
-            let mut trains = Vec::new();
-            let mut holdouts = Vec::new();
-            for (node, part) in federation.nodes.iter().zip(&parts) {
-                for (rows, kind, paths) in [
-                    (&part.train, "train", &mut trains),
-                    (&part.holdout, "holdout", &mut holdouts),
-                ] {
-                    let mut rows = rows.clone();
-                    standardiser.apply(&mut rows);
-                    let path = options
-                        .dir
-                        .join(format!("flower-{}-{kind}.csv", node.profile.id));
-                    write_csv(&path, &rows)?;
-                    paths.push(path);
+            .await?
+            .into_inner();
+        let record: TrainingRecord =
+            crate::training_report::follow(&mut client, &status.run_id, |r, total| {
+                if r.round % 10 == 0 || r.round == total {
+                    eprintln!("{}", crate::training_report::progress_line(r, total));
                 }
-            }
-            let run = FlowerRun {
-                python: python.clone(),
-                script: options.flower_script.clone(),
-                optimiser: spec.optimiser.clone(),
-                rounds: options.rounds,
-                hidden: options.mlp_hidden_units.unwrap_or(0),
-                trains,
-            };
-            let fit_only = run.clone().timing(None, &ghx_model, &auc_of).await?;
-            let evaluating = run.timing(Some(holdouts), &ghx_model, &auc_of).await?;
-            (fit_only, evaluating)
+            })
+            .await?;
+        let ghx_total = train_started.elapsed().as_secs_f64();
+        if record.status != RunStatus::Completed {
+            return Err(Error::Incomplete(record.detail));
         }
-    };
+        let model = record.model.clone().expect("a completed run has a model");
+        let rows = match &mut rows {
+            Some(rows) => rows,
+            empty => {
+                empty.insert(Rows::extract(&federation, options, &manifest, &spec, &model).await?)
+            }
+        };
+        let ghx_rounds: Vec<RoundTime> = record
+            .rounds
+            .iter()
+            .map(|r| RoundTime {
+                seconds: r.seconds,
+                local: r.local_seconds,
+                busy: r.busy_seconds,
+            })
+            .collect();
+        let ghx_model = model.model();
+        let ghx = timing(&ghx_rounds, ghx_total, rows.auc_of(&ghx_model));
+        let mut ghx_steps_ms = [0.0; 4];
+        for (i, step) in ghx_steps_ms.iter_mut().enumerate() {
+            *step = p50(record.rounds.iter().map(|r| r.steps_ms[i]).collect());
+        }
+        let (flower, flower_evaluating) = match &rows.flower {
+            Err(why) => (Err(why.clone()), Err(why.clone())),
+            Ok((run, holdouts)) => {
+                let auc_of = |m: &Model| rows.auc_of(m);
+                let fit_only = run.clone().timing(None, &ghx_model, &auc_of).await?;
+                let evaluating = run
+                    .clone()
+                    .timing(Some(holdouts.clone()), &ghx_model, &auc_of)
+                    .await?;
+                (fit_only, evaluating)
+            }
+        };
+        repetitions.push(Repetition {
+            ghx,
+            flower,
+            flower_evaluating,
+            ghx_steps_ms,
+        });
+    }
     federation.shutdown().await;
+    let rows = rows.expect("at least one repetition ran");
     Ok(TrainBenchReport {
         setup,
-        train_rows,
-        holdout_rows: holdout.len(),
-        ghx,
-        flower,
-        flower_evaluating,
-        ghx_steps_ms,
+        train_rows: rows.train_rows,
+        holdout_rows: rows.holdout.len(),
+        repetitions,
     })
+}
+
+/// The rows every repetition is measured on: the pooled held-out rows for
+/// AUC, and Flower's run on each node's rows (or why it does not run).
+struct Rows {
+    train_rows: usize,
+    /// Standardised as the ghx run did.
+    holdout: Dataset,
+    /// Flower's fit-only run and the clients' held-out CSVs.
+    flower: Result<(FlowerRun, Vec<PathBuf>), String>,
+}
+
+impl Rows {
+    /// The same rows the run trained on, standardised as `model` was, for
+    /// Flower (written as CSV when it runs) and for AUC.
+    async fn extract(
+        federation: &LocalFederation,
+        options: &TrainBenchOptions,
+        manifest: &StudyManifest,
+        spec: &ghx_study::training::TrainingSpec,
+        model: &ghx_study::training::ModelDocument,
+    ) -> Result<Rows, Error> {
+        let mut parts = Vec::new();
+        for node in &federation.nodes {
+            let policy = ghx_node::policy::PolicyDir::load(
+                &federation.dir.join("policies").join(node.profile.id),
+            )?;
+            let store = node.store.clone();
+            let spec = spec.clone();
+            let purpose = manifest.purpose.clone();
+            parts.push(
+                tokio::task::spawn_blocking(move || {
+                    ghx_node::training::extract_under_policy(&store, &policy, &purpose, &spec)
+                })
+                .await??,
+            );
+        }
+        let standardiser = Standardiser {
+            mean: model.mean.clone(),
+            sd: model.sd.clone(),
+        };
+        let dim = spec.features.len();
+        let mut holdout = pooled(parts.iter().map(|p| p.holdout.clone()), dim);
+        standardiser.apply(&mut holdout);
+        let train_rows = parts.iter().map(|p| p.train.len()).sum();
+        let flower = match &options.flower_python {
+            None => Err("no --flower-python given".to_owned()),
+            Some(python) => {
+                let mut trains = Vec::new();
+                let mut holdouts = Vec::new();
+                for (node, part) in federation.nodes.iter().zip(&parts) {
+                    for (rows, kind, paths) in [
+                        (&part.train, "train", &mut trains),
+                        (&part.holdout, "holdout", &mut holdouts),
+                    ] {
+                        let mut rows = rows.clone();
+                        standardiser.apply(&mut rows);
+                        let path = options
+                            .dir
+                            .join(format!("flower-{}-{kind}.csv", node.profile.id));
+                        write_csv(&path, &rows)?;
+                        paths.push(path);
+                    }
+                }
+                let run = FlowerRun {
+                    python: python.clone(),
+                    script: options.flower_script.clone(),
+                    optimiser: spec.optimiser.clone(),
+                    rounds: options.rounds,
+                    hidden: options.mlp_hidden_units.unwrap_or(0),
+                    trains,
+                };
+                Ok((run, holdouts))
+            }
+        };
+        Ok(Rows {
+            train_rows,
+            holdout,
+            flower,
+        })
+    }
+
+    /// AUC of `model` on the pooled held-out rows.
+    fn auc_of(&self, model: &Model) -> Option<f64> {
+        metrics::auc(&model.predict_all(&self.holdout), self.holdout.labels())
+    }
 }
 
 /// One run of `bench/flower_fedavg.py` on the rows written for it.
@@ -416,5 +532,60 @@ mod tests {
         assert!((t.idle_p50_ms - 4.0).abs() < 1e-9, "{t:?}");
         assert!((t.idle_mean_ms - 5.0).abs() < 1e-9, "{t:?}");
         assert!((t.busy_p50_ms - 9.0).abs() < 1e-9, "{t:?}");
+    }
+
+    fn flat(ms: f64, auc: Option<f64>) -> Timing {
+        let s = ms / 1000.0;
+        timing(&[round_of(s)], s, auc)
+    }
+
+    fn round_of(seconds: f64) -> RoundTime {
+        RoundTime {
+            seconds,
+            local: seconds / 2.0,
+            busy: seconds / 2.0,
+        }
+    }
+
+    #[test]
+    fn repetitions_give_each_figure_its_median() {
+        let rep = |ghx_ms: f64, flower: Result<Timing, String>| Repetition {
+            ghx: flat(ghx_ms, Some(ghx_ms / 100.0)),
+            flower: flower.clone(),
+            flower_evaluating: flower,
+            ghx_steps_ms: [ghx_ms, 0.0, 0.0, 1.0],
+        };
+        let report = TrainBenchReport {
+            setup: Duration::ZERO,
+            train_rows: 0,
+            holdout_rows: 0,
+            repetitions: vec![
+                rep(4.0, Ok(flat(60.0, None))),
+                rep(2.0, Err("Flower run failed: boom".to_owned())),
+                rep(9.0, Ok(flat(40.0, None))),
+            ],
+        };
+        let m = report.median();
+        // ghx: the middle of 2, 4 and 9 ms (each run's overhead is half).
+        assert!((m.ghx.round_p50_ms - 4.0).abs() < 1e-9, "{m:?}");
+        assert!((m.ghx.overhead_p50_ms - 2.0).abs() < 1e-9, "{m:?}");
+        assert_eq!(m.ghx.auc, Some(0.04));
+        assert_eq!(m.ghx_steps_ms, [4.0, 0.0, 0.0, 1.0]);
+        // Flower: over the two repetitions it ran in (the upper middle).
+        let flower = m.flower.expect("Flower ran in two repetitions");
+        assert!((flower.round_p50_ms - 60.0).abs() < 1e-9, "{flower:?}");
+        assert_eq!(flower.auc, None);
+
+        let never = TrainBenchReport {
+            repetitions: vec![
+                rep(1.0, Err("no --flower-python given".to_owned())),
+                rep(2.0, Err("later".to_owned())),
+            ],
+            ..report
+        };
+        assert_eq!(
+            never.median().flower_evaluating.unwrap_err(),
+            "no --flower-python given"
+        );
     }
 }

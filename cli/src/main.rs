@@ -235,6 +235,10 @@ struct BenchTrainArgs {
     /// The Flower side of the comparison.
     #[arg(long, default_value = "bench/flower_fedavg.py")]
     flower_script: PathBuf,
+    /// Make ghx's run and Flower's two runs this many times, taking turns on
+    /// the same federation, and give each figure's median over them too.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Working directory (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -845,6 +849,7 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
         mlp_hidden_units: args.mlp_hidden_units,
         flower_python: args.flower_python,
         flower_script: args.flower_script,
+        repeat: args.repeat,
     })
     .await?;
     println!(
@@ -889,18 +894,34 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
     println!(
         "(local: the slowest node's computation; overhead: round time outside it; busy: time some node was computing; idle: round time when none was)"
     );
-    line("ghx (mTLS gRPC, secure aggregation)", &report.ghx);
-    let s = report.ghx_steps_ms;
+    let turns = report.repetitions.len();
+    for (i, rep) in report.repetitions.iter().enumerate() {
+        if turns > 1 {
+            println!("repetition {} of {turns}:", i + 1);
+        }
+        bench_train_lines(rep, &line);
+    }
+    if turns > 1 {
+        println!("median over the {turns} repetitions:");
+        bench_train_lines(&report.median(), &line);
+    }
+    Ok(())
+}
+
+/// One repetition's (or the medians') lines of `ghx bench train`.
+fn bench_train_lines(
+    rep: &ghx::bench_train::Repetition,
+    line: &dyn Fn(&str, &ghx::bench_train::Timing),
+) {
+    line("ghx (mTLS gRPC, secure aggregation)", &rep.ghx);
+    let s = rep.ghx_steps_ms;
     println!(
         "ghx median per round: session opened on the round's path {:.2} ms (opened while the moments round computes), masked input incl. local {:.2} ms, unmasking {:.2} ms (none in a session), rest (state saved, study looked up, model updated) {:.2} ms",
         s[0], s[1], s[2], s[3]
     );
     for (name, flower) in [
-        ("Flower FedAvg, fit rounds only", &report.flower),
-        (
-            "Flower FedAvg + evaluation rounds",
-            &report.flower_evaluating,
-        ),
+        ("Flower FedAvg, fit rounds only", &rep.flower),
+        ("Flower FedAvg + evaluation rounds", &rep.flower_evaluating),
     ] {
         match flower {
             Ok(flower) => {
@@ -908,16 +929,15 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
                 let ratio = |theirs: f64, ours: f64| theirs / ours.max(1e-9);
                 println!(
                     "  {name} / ghx: per-round overhead p50 {:.1}x (mean {:.1}x); time with no node computing p50 {:.1}x (mean {:.1}x)",
-                    ratio(flower.overhead_p50_ms, report.ghx.overhead_p50_ms),
-                    ratio(flower.overhead_mean_ms, report.ghx.overhead_mean_ms),
-                    ratio(flower.idle_p50_ms, report.ghx.idle_p50_ms),
-                    ratio(flower.idle_mean_ms, report.ghx.idle_mean_ms),
+                    ratio(flower.overhead_p50_ms, rep.ghx.overhead_p50_ms),
+                    ratio(flower.overhead_mean_ms, rep.ghx.overhead_mean_ms),
+                    ratio(flower.idle_p50_ms, rep.ghx.idle_p50_ms),
+                    ratio(flower.idle_mean_ms, rep.ghx.idle_mean_ms),
                 );
             }
             Err(why) => println!("{name}: not run ({why})"),
         }
     }
-    Ok(())
 }
 
 async fn bench(args: BenchArgs) -> Result<()> {
