@@ -1,5 +1,5 @@
 """Flower (flwr) FedAvg on the same rows as a ghx training run, for
-`ghx bench train`: a Flower server and one client process per hospital on
+`ghx bench-train`: a Flower server and one client process per hospital on
 loopback, logistic regression (or, with --hidden N, a one-hidden-layer
 tanh MLP with ghx's parameter layout: hidden weights row by row, hidden
 biases, output weights, bias) by the same mini-batch SGD (numpy). Prints

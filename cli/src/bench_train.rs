@@ -1,4 +1,4 @@
-//! `ghx bench train`: federated training on a local three-hospital
+//! `ghx bench-train`: federated training on a local three-hospital
 //! federation, per-round coordination overhead and total time, against
 //! Flower (the `flwr` Python package) running FedAvg on the same rows in the
 //! same run, twice: fit rounds only, and with what every ghx round also
@@ -117,6 +117,8 @@ pub struct Repetition {
     pub ghx_steps_ms: [f64; 4],
 }
 
+/// The middle value (the upper of the two middle ones for an even count);
+/// 0 for none.
 fn p50(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() {
         return 0.0;
@@ -151,17 +153,30 @@ impl TrainBenchReport {
                 Ok(median_timing(&ran))
             }
         };
-        let mut ghx_steps_ms = [0.0; 4];
-        for (i, step) in ghx_steps_ms.iter_mut().enumerate() {
-            *step = p50(reps.iter().map(|r| r.ghx_steps_ms[i]).collect());
-        }
         Repetition {
             ghx: median_timing(&reps.iter().map(|r| r.ghx.clone()).collect::<Vec<_>>()),
             flower: flower(&|r| &r.flower),
             flower_evaluating: flower(&|r| &r.flower_evaluating),
-            ghx_steps_ms,
+            ghx_steps_ms: p50_each(reps.iter().map(|r| r.ghx_steps_ms)),
         }
     }
+
+    /// In how many repetitions each Flower run gave timings: fit rounds
+    /// only, and with evaluation rounds.
+    pub fn flower_ran(&self) -> (usize, usize) {
+        let ran =
+            |pick: fn(&Repetition) -> bool| self.repetitions.iter().filter(|r| pick(r)).count();
+        (
+            ran(|r| r.flower.is_ok()),
+            ran(|r| r.flower_evaluating.is_ok()),
+        )
+    }
+}
+
+/// The median of each of the four ghx round steps over `steps`.
+fn p50_each(steps: impl Iterator<Item = [f64; 4]>) -> [f64; 4] {
+    let steps: Vec<[f64; 4]> = steps.collect();
+    std::array::from_fn(|i| p50(steps.iter().map(|s| s[i]).collect()))
 }
 
 /// Each field's median over `runs`.
@@ -301,10 +316,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
             .collect();
         let ghx_model = model.model();
         let ghx = timing(&ghx_rounds, ghx_total, rows.auc_of(&ghx_model));
-        let mut ghx_steps_ms = [0.0; 4];
-        for (i, step) in ghx_steps_ms.iter_mut().enumerate() {
-            *step = p50(record.rounds.iter().map(|r| r.steps_ms[i]).collect());
-        }
+        let ghx_steps_ms = p50_each(record.rounds.iter().map(|r| r.steps_ms));
         let (flower, flower_evaluating) = match &rows.flower {
             Err(why) => (Err(why.clone()), Err(why.clone())),
             Ok((run, holdouts)) => {
@@ -565,6 +577,7 @@ mod tests {
                 rep(9.0, Ok(flat(40.0, None))),
             ],
         };
+        assert_eq!(report.flower_ran(), (2, 2));
         let m = report.median();
         // ghx: the middle of 2, 4 and 9 ms (each run's overhead is half).
         assert!((m.ghx.round_p50_ms - 4.0).abs() < 1e-9, "{m:?}");

@@ -902,13 +902,23 @@ async fn bench_train(args: BenchTrainArgs) -> Result<()> {
         bench_train_lines(rep, &line);
     }
     if turns > 1 {
-        println!("median over the {turns} repetitions:");
+        // Flower's medians are over the turns it ran in; say so when it
+        // did not run in every one.
+        let (fit, evaluating) = report.flower_ran();
+        let flower_turns = if (1..turns).contains(&fit) || (1..turns).contains(&evaluating) {
+            format!(
+                " (Flower's over those it ran in: fit rounds only {fit}, with evaluation {evaluating})"
+            )
+        } else {
+            String::new()
+        };
+        println!("median over the {turns} repetitions{flower_turns}:");
         bench_train_lines(&report.median(), &line);
     }
     Ok(())
 }
 
-/// One repetition's (or the medians') lines of `ghx bench train`.
+/// One repetition's (or the medians') lines of `ghx bench-train`.
 fn bench_train_lines(
     rep: &ghx::bench_train::Repetition,
     line: &dyn Fn(&str, &ghx::bench_train::Timing),

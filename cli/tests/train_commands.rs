@@ -1,7 +1,8 @@
 //! The requester's training commands, run as the real `ghx` binary against
 //! a federation started in this process: start a run and follow it to the
 //! model, its card and curves; check its status; validate the model (and
-//! refuse one that does not fit the approved features).
+//! refuse one that does not fit the approved features). And the training
+//! benchmark's turns and medians (`bench-train --repeat`).
 
 use ghx::local_federation::{LocalFederation, LocalFederationOptions, RESEARCHER};
 use ghx_study::training::ModelDocument;
@@ -119,4 +120,56 @@ async fn a_requester_trains_follows_and_validates_from_the_command_line() {
         "{err}"
     );
     federation.shutdown().await;
+}
+
+/// `ghx bench-train --repeat 2`: the runs take turns on one federation,
+/// each turn printed, then the medians; a Flower that cannot start is
+/// named in every turn and in the medians. `--repeat 0` is refused.
+#[test]
+fn the_training_benchmark_takes_turns_and_gives_medians() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = |repeat: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ghx"))
+            .args(["bench-train", "--patients", "300", "--rounds", "2"])
+            .args(["--repeat", repeat, "--flower-python"])
+            .arg(dir.path().join("no-such-python"))
+            .arg("--dir")
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let refused = bench("0");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--repeat"), "{err}");
+
+    let run = bench("2");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ghx_lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("ghx (mTLS gRPC"))
+        .collect();
+    assert_eq!(ghx_lines.len(), 3, "two turns and the medians:\n{out}");
+    for heading in [
+        "repetition 1 of 2:",
+        "repetition 2 of 2:",
+        "median over the 2 repetitions:",
+    ] {
+        assert!(out.contains(heading), "{heading}\n{out}");
+    }
+    // Each turn trained the two rounds asked for.
+    for line in &ghx_lines {
+        assert_eq!(line.split_whitespace().nth(5), Some("2"), "{line}");
+    }
+    assert_eq!(
+        out.matches("Flower FedAvg, fit rounds only: not run (cannot start Python")
+            .count(),
+        3,
+        "{out}"
+    );
 }
