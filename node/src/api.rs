@@ -1418,7 +1418,11 @@ impl pb::node_service_server::NodeService for NodeApi {
                         (message.session.clone(), message.round.saturating_add(1));
                     let answer = api
                         .on_blocking_pool(caller.clone(), message, move |api, caller, message| {
-                            api.session_input(caller, message, received)
+                            // Computed below the priority of the threads
+                            // carrying messages (`crate::priority`).
+                            crate::priority::lowered(|| {
+                                api.session_input(caller, message, received)
+                            })
                         })
                         .await
                         .map(|r| handled(r, received));

@@ -25,6 +25,7 @@ pub mod gate;
 pub mod import;
 pub mod noise;
 pub mod policy;
+pub mod priority;
 pub mod release;
 pub mod renewal;
 pub mod store;
