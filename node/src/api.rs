@@ -202,6 +202,9 @@ impl NodeApi {
         policy: PolicyDir,
     ) -> Self {
         let eligibility = Eligibility::new(policy.consent.clone());
+        // Found out (and logged, when it cannot) at start-up, not at the
+        // first training round.
+        crate::priority::may_lower();
         NodeApi {
             inner: Arc::new(Inner {
                 node_id: node_id.to_owned(),

@@ -26,7 +26,8 @@ pub fn lowered<T>(work: impl FnOnce() -> T) -> T {
 }
 
 /// Whether this process may lower a thread's priority and put it back;
-/// tried once, on a thread that ends afterwards.
+/// tried once, on a thread that ends afterwards (the node asks when its
+/// API is made, so what it found is logged at start-up).
 pub fn may_lower() -> bool {
     static MAY: OnceLock<bool> = OnceLock::new();
     *MAY.get_or_init(|| {
@@ -41,7 +42,7 @@ pub fn may_lower() -> bool {
             .unwrap_or(false);
         if !tried {
             tracing::info!(
-                "training computes at normal priority: this process may not restore a lowered thread's priority (CAP_SYS_NICE, or RLIMIT_NICE: systemd LimitNICE=+0)"
+                "training computes at normal priority: this process cannot lower a thread's priority and put it back (on Linux it needs CAP_SYS_NICE or RLIMIT_NICE; systemd: LimitNICE=+0)"
             );
         }
         tried
