@@ -926,7 +926,7 @@ fn bench_train_lines(
     line("ghx (mTLS gRPC, secure aggregation)", &rep.ghx);
     let s = rep.ghx_steps_ms;
     println!(
-        "ghx median per round: session opened on the round's path {:.2} ms (opened while the moments round computes), masked input incl. local {:.2} ms, unmasking {:.2} ms (none in a session), rest (state saved, study looked up, model updated) {:.2} ms",
+        "ghx median per round: session opened on the round's path {:.2} ms (opened while the moments round computes), masked input incl. local {:.2} ms, unmasking {:.2} ms (none in a session), rest (state read for saving, study check started, model updated) {:.2} ms",
         s[0], s[1], s[2], s[3]
     );
     for (name, flower) in [

@@ -589,16 +589,31 @@ impl CoordinatorApi {
         });
     }
 
-    /// The study and training a run's next step runs with: `known` if the
-    /// study is still approved, else read (and checked) again.
+    /// The study and training a run's next step runs with: read (and
+    /// checked) at the run's first step; after that `known`, checked again
+    /// on the blocking pool while the step runs (the check returned), off
+    /// the rounds' path (with PostgreSQL it is a round trip to the
+    /// database). A revocation that lands during a step stops the run
+    /// after that step; the nodes, told at once, refuse the study's
+    /// capabilities themselves meanwhile.
+    #[allow(clippy::type_complexity)]
     fn still_running(
         &self,
         record: &TrainingRecord,
         known: Option<(studies::Study, ghx_study::training::TrainingSpec)>,
-    ) -> Result<(studies::Study, ghx_study::training::TrainingSpec), ApiError> {
+    ) -> Result<
+        (
+            studies::Study,
+            ghx_study::training::TrainingSpec,
+            Option<tokio::task::JoinHandle<Result<(), studies::Error>>>,
+        ),
+        ApiError,
+    > {
         if let Some((study, spec)) = known {
-            self.inner.studies.still_runnable(&study)?;
-            return Ok((study, spec));
+            let api = self.clone();
+            let id = study.id.clone();
+            let check = tokio::task::spawn_blocking(move || api.inner.studies.still_runnable(&id));
+            return Ok((study, spec, Some(check)));
         }
         let study = self.inner.studies.runnable(&record.study_id)?;
         let spec = study
@@ -609,7 +624,7 @@ impl CoordinatorApi {
                 id: record.study_id.clone(),
                 name: record.training.clone(),
             })?;
-        Ok((study, spec))
+        Ok((study, spec, None))
     }
 
     /// Runs rounds until the run completes or fails, saving after each:
@@ -624,19 +639,29 @@ impl CoordinatorApi {
         // of their own keeps them).
         let mut saved = 0;
         // The study and training, read once; every step checks the study
-        // is still approved (a revoked study stops its runs).
+        // is still approved (a revoked study stops its runs), while it runs.
         let mut running: Option<(studies::Study, ghx_study::training::TrainingSpec)> = None;
         // The write of the last round's state, while this round computes.
         let mut writing: Option<tokio::task::JoinHandle<Result<(), ApiError>>> = None;
         loop {
             let step = match self.still_running(&record, running.take()) {
-                Ok((study, spec)) => {
+                Ok((study, spec, check)) => {
                     let advanced = {
                         let fed = self.federation(&study, &spec);
                         training::advance(&fed, &mut record, &mut pipeline).await
                     };
                     running = Some((study, spec));
-                    advanced.map_err(ApiError::from)
+                    // A failed check explains a step the nodes refused.
+                    match check {
+                        None => advanced.map_err(ApiError::from),
+                        Some(check) => match check.await {
+                            Ok(Ok(())) => advanced.map_err(ApiError::from),
+                            Ok(Err(e)) => Err(e.into()),
+                            Err(e) => Err(ApiError::Study(studies::Error::Store(format!(
+                                "checking the study is still approved: {e}"
+                            )))),
+                        },
+                    }
                 }
                 Err(e) => Err(e),
             };

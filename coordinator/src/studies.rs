@@ -328,13 +328,13 @@ impl StudyBook {
         }
     }
 
-    /// Whether `study`, runnable when it was read, still is: only its
+    /// Whether study `id`, runnable when it was read, still is: only its
     /// status is read again (the manifest cannot change); the error is
     /// [`Self::runnable`]'s.
-    pub fn still_runnable(&self, study: &Study) -> Result<(), Error> {
-        match self.store.study_status(&study.id)?.as_deref() {
+    pub fn still_runnable(&self, id: &str) -> Result<(), Error> {
+        match self.store.study_status(id)?.as_deref() {
             Some(status) if status == StudyStatus::Approved.name() => Ok(()),
-            _ => self.runnable(&study.id).map(|_| ()),
+            _ => self.runnable(id).map(|_| ()),
         }
     }
 

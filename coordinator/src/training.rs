@@ -153,8 +153,8 @@ pub struct RoundRecord {
     /// node or an expiring capability), the masked input (the nodes' local
     /// computation included; with any redone attempt), unmasking (none in a
     /// session) and the rest of the round's time (the state of the round
-    /// before saved, the study looked up, waiting for what is prepared
-    /// ahead, the sum read into the new model).
+    /// before read for saving, the study's check started, waiting for
+    /// what is prepared ahead, the sum read into the new model).
     #[serde(default)]
     pub steps_ms: [f64; 4],
     /// Whether the round found its session open (keys agreed off the
