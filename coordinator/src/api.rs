@@ -589,31 +589,16 @@ impl CoordinatorApi {
         });
     }
 
-    /// The study and training a run's next step runs with: read (and
-    /// checked) at the run's first step; after that `known`, checked again
-    /// on the blocking pool while the step runs (the check returned), off
-    /// the rounds' path (with PostgreSQL it is a round trip to the
-    /// database). A revocation that lands during a step stops the run
-    /// after that step; the nodes, told at once, refuse the study's
-    /// capabilities themselves meanwhile.
-    #[allow(clippy::type_complexity)]
+    /// The study and training a run's next step runs with: `known` (whose
+    /// approval [`Self::still_approved`] checks while the step runs), else
+    /// read and checked.
     fn still_running(
         &self,
         record: &TrainingRecord,
         known: Option<(studies::Study, ghx_study::training::TrainingSpec)>,
-    ) -> Result<
-        (
-            studies::Study,
-            ghx_study::training::TrainingSpec,
-            Option<tokio::task::JoinHandle<Result<(), studies::Error>>>,
-        ),
-        ApiError,
-    > {
-        if let Some((study, spec)) = known {
-            let api = self.clone();
-            let id = study.id.clone();
-            let check = tokio::task::spawn_blocking(move || api.inner.studies.still_runnable(&id));
-            return Ok((study, spec, Some(check)));
+    ) -> Result<(studies::Study, ghx_study::training::TrainingSpec), ApiError> {
+        if let Some(known) = known {
+            return Ok(known);
         }
         let study = self.inner.studies.runnable(&record.study_id)?;
         let spec = study
@@ -624,7 +609,18 @@ impl CoordinatorApi {
                 id: record.study_id.clone(),
                 name: record.training.clone(),
             })?;
-        Ok((study, spec, None))
+        Ok((study, spec))
+    }
+
+    /// Checks on the blocking pool that study `id` is still approved, while
+    /// a step of its run computes: off the rounds' path (with PostgreSQL
+    /// the check is a round trip to the database). A revocation that lands
+    /// during a step stops the run after that step; the nodes, told at
+    /// once, refuse the study's capabilities themselves meanwhile.
+    fn still_approved(&self, id: &str) -> tokio::task::JoinHandle<Result<(), ApiError>> {
+        let api = self.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || Ok(api.inner.studies.still_runnable(&id)?))
     }
 
     /// Runs rounds until the run completes or fails, saving after each:
@@ -644,29 +640,28 @@ impl CoordinatorApi {
         // The write of the last round's state, while this round computes.
         let mut writing: Option<tokio::task::JoinHandle<Result<(), ApiError>>> = None;
         loop {
+            // The first step reads the study; later ones check it meanwhile.
+            let check = running
+                .as_ref()
+                .map(|(study, _)| self.still_approved(&study.id));
             let step = match self.still_running(&record, running.take()) {
-                Ok((study, spec, check)) => {
+                Ok((study, spec)) => {
                     let advanced = {
                         let fed = self.federation(&study, &spec);
                         training::advance(&fed, &mut record, &mut pipeline).await
                     };
                     running = Some((study, spec));
                     // A failed check explains a step the nodes refused.
-                    match check {
-                        None => advanced.map_err(ApiError::from),
-                        Some(check) => match check.await {
-                            Ok(Ok(())) => advanced.map_err(ApiError::from),
-                            Ok(Err(e)) => Err(e.into()),
-                            Err(e) => Err(ApiError::Study(studies::Error::Store(format!(
-                                "checking the study is still approved: {e}"
-                            )))),
-                        },
-                    }
+                    let checked = match check {
+                        Some(check) => joined(check, "checking the study is still approved").await,
+                        None => Ok(()),
+                    };
+                    checked.and(advanced.map_err(ApiError::from))
                 }
                 Err(e) => Err(e),
             };
             if let Some(write) = writing.take()
-                && let Err(e) = written(write).await
+                && let Err(e) = joined(write, "saving a training run").await
             {
                 tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
                 return;
@@ -693,7 +688,7 @@ impl CoordinatorApi {
                 writing = Some(write);
                 continue;
             }
-            if let Err(e) = written(write).await {
+            if let Err(e) = joined(write, "saving a training run").await {
                 tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
                 return;
             }
@@ -743,11 +738,15 @@ impl CoordinatorApi {
     }
 }
 
-/// The outcome of a training run's state written by a blocking task.
-async fn written(write: tokio::task::JoinHandle<Result<(), ApiError>>) -> Result<(), ApiError> {
-    write.await.unwrap_or_else(|e| {
+/// The outcome of a training run's blocking task (its state saved, its
+/// study's approval checked); `doing` names it in the error.
+async fn joined(
+    task: tokio::task::JoinHandle<Result<(), ApiError>>,
+    doing: &str,
+) -> Result<(), ApiError> {
+    task.await.unwrap_or_else(|e| {
         Err(ApiError::Study(studies::Error::Store(format!(
-            "the task saving a training run failed: {e}"
+            "the task {doing} failed: {e}"
         ))))
     })
 }

@@ -602,24 +602,30 @@ async fn training_under_way(federation: &LocalFederation, rounds: u32) -> (Strin
     (study_id, run_id)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_round_the_coordinator_cannot_audit_stops_the_training() {
+/// Runs `sql` on the coordinator's database behind its back (what an
+/// operator or a failure could do to it).
+fn in_coordinator_db(federation: &LocalFederation, sql: &str) {
     use diesel::connection::SimpleConnection;
     use diesel::prelude::*;
+    let db = federation.dir.join("ghx-coordinator.db");
+    SqliteConnection::establish(db.to_str().unwrap())
+        .unwrap()
+        .batch_execute(&format!("PRAGMA busy_timeout = 10000; {sql}"))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_the_coordinator_cannot_audit_stops_the_training() {
     let (federation, _dir) = start().await;
     let (_, run_id) = training_under_way(&federation, 500).await;
     // From now on the coordinator's audit log takes no entry. A session
     // round's entries are written while the next round computes; that
     // round must not be taken once the write failed.
-    let db = federation.dir.join("ghx-coordinator.db");
-    SqliteConnection::establish(db.to_str().unwrap())
-        .unwrap()
-        .batch_execute(
-            "PRAGMA busy_timeout = 10000; \
-             CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log \
-             BEGIN SELECT RAISE(ABORT, 'audit volume full'); END;",
-        )
-        .unwrap();
+    in_coordinator_db(
+        &federation,
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log \
+         BEGIN SELECT RAISE(ABORT, 'audit volume full'); END;",
+    );
     let record = finished(&federation, RESEARCHER, &run_id).await;
     assert_eq!(record.status, RunStatus::Failed);
     assert!(
@@ -630,6 +636,24 @@ async fn a_round_the_coordinator_cannot_audit_stops_the_training() {
     );
     assert!(record.rounds.len() < 500, "{} rounds", record.rounds.len());
     assert!(record.evaluation.is_none());
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_the_nodes_never_heard_of_still_stops_the_training() {
+    let (federation, _dir) = start().await;
+    let (study_id, run_id) = training_under_way(&federation, 500).await;
+    // Revoked in the coordinator's store only, as when delivering the
+    // revocation to the nodes failed: the nodes keep answering, so only the
+    // coordinator's own check, made while each step runs, stops the run.
+    in_coordinator_db(
+        &federation,
+        &format!("UPDATE studies SET status = 'revoked' WHERE id = '{study_id}';"),
+    );
+    let record = finished(&federation, RESEARCHER, &run_id).await;
+    assert_eq!(record.status, RunStatus::Failed);
+    assert!(record.detail.contains("revoked"), "{}", record.detail);
+    assert!(record.rounds.len() < 500, "{} rounds", record.rounds.len());
     federation.shutdown().await;
 }
 
