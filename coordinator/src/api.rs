@@ -615,8 +615,9 @@ impl CoordinatorApi {
     /// Checks on the blocking pool that study `id` is still approved, while
     /// a step of its run computes: off the rounds' path (with PostgreSQL
     /// the check is a round trip to the database). A revocation that lands
-    /// during a step stops the run after that step; the nodes, told at
-    /// once, refuse the study's capabilities themselves meanwhile.
+    /// during a step stops the run with that step, whose outcome is not
+    /// kept; the nodes, told at once, refuse the study's capabilities
+    /// themselves meanwhile.
     fn still_approved(&self, id: &str) -> tokio::task::JoinHandle<Result<(), ApiError>> {
         let api = self.clone();
         let id = id.to_owned();
@@ -646,16 +647,25 @@ impl CoordinatorApi {
                 .map(|(study, _)| self.still_approved(&study.id));
             let step = match self.still_running(&record, running.take()) {
                 Ok((study, spec)) => {
+                    let before = check.is_some().then(|| record.before_step());
                     let advanced = {
                         let fed = self.federation(&study, &spec);
                         training::advance(&fed, &mut record, &mut pipeline).await
                     };
                     running = Some((study, spec));
-                    // A failed check explains a step the nodes refused.
                     let checked = match check {
                         Some(check) => joined(check, "checking the study is still approved").await,
                         None => Ok(()),
                     };
+                    // A step of a study revoked meanwhile is not kept: its
+                    // round, model or evaluation never reaches the
+                    // requester. A failed check also explains a step the
+                    // nodes refused.
+                    if checked.is_err()
+                        && let Some(before) = before
+                    {
+                        record.undo_step(before);
+                    }
                     checked.and(advanced.map_err(ApiError::from))
                 }
                 Err(e) => Err(e),

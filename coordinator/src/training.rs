@@ -219,6 +219,37 @@ impl TrainingRecord {
             resumed: 0,
         }
     }
+
+    /// What a step may change in this record, as it is now: a step whose
+    /// outcome may not be kept is undone with [`Self::undo_step`].
+    pub fn before_step(&self) -> BeforeStep {
+        BeforeStep {
+            status: self.status,
+            model: self.model.clone(),
+            moments_rows: self.moments_rows,
+            rounds: self.rounds.len(),
+            evaluation: self.evaluation.clone(),
+        }
+    }
+
+    /// Puts back what a step changed ([`advance`] adds a round, replaces
+    /// the model, sets the moments rows or the evaluation and status).
+    pub fn undo_step(&mut self, before: BeforeStep) {
+        self.status = before.status;
+        self.model = before.model;
+        self.moments_rows = before.moments_rows;
+        self.rounds.truncate(before.rounds);
+        self.evaluation = before.evaluation;
+    }
+}
+
+/// A [`TrainingRecord`]'s parts that a step changes, as they were before it.
+pub struct BeforeStep {
+    status: RunStatus,
+    model: Option<ModelDocument>,
+    moments_rows: u64,
+    rounds: usize,
+    evaluation: Option<Evaluation>,
 }
 
 /// What the coordinator needs to run rounds.
@@ -1152,6 +1183,67 @@ mod tests {
             c.start <= 1.010 && c.end <= 1.010 && c.start >= 1.0,
             "{c:?}"
         );
+    }
+
+    #[test]
+    fn an_undone_step_leaves_the_record_as_it_was() {
+        use rand::SeedableRng;
+        let manifest =
+            StudyManifest::parse(include_bytes!("../../deploy/examples/study-t2d-model.json"))
+                .unwrap();
+        let spec = &manifest.trainings[0];
+        let n = spec.features.len();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let model = |mean: f64, rng: &mut rand::rngs::StdRng| {
+            let initial = spec.initial_model(rng).unwrap();
+            ModelDocument::new(spec, &vec![mean; n], &vec![1.0; n], &initial)
+        };
+        let metrics = EvaluationSums::from_vec(&vec![1.0; EvaluationSums::LEN])
+            .unwrap()
+            .metrics();
+        let round = |number: u32| RoundRecord {
+            round: number,
+            contributors: vec!["a".to_owned(), "b".to_owned()],
+            failures: Vec::new(),
+            train_rows: 100,
+            train_loss: 0.5,
+            holdout: metrics.clone(),
+            seconds: 0.003,
+            local_seconds: 0.002,
+            busy_seconds: 0.002,
+            steps_ms: [0.0, 2.5, 0.0, 0.5],
+            keys_ahead: true,
+            weights: vec![0.1; n],
+            bias: 0.0,
+        };
+        let mut record = TrainingRecord::new("run-1", "study-1", spec, "2026-12-04T00:00:00Z");
+        // Undoing the moments step takes the initial model away again.
+        let before = record.before_step();
+        record.model = Some(model(0.0, &mut rng));
+        record.moments_rows = 100;
+        record.undo_step(before);
+        assert_eq!(
+            record,
+            TrainingRecord::new("run-1", "study-1", spec, "2026-12-04T00:00:00Z")
+        );
+        // A training round and the evaluation: their round, model,
+        // evaluation and status go.
+        record.model = Some(model(0.0, &mut rng));
+        record.moments_rows = 100;
+        record.rounds.push(round(1));
+        let kept = record.clone();
+        let before = record.before_step();
+        record.rounds.push(round(2));
+        record.model = Some(model(0.5, &mut rng));
+        record.evaluation = Some(Evaluation {
+            pooled: metrics.clone(),
+            per_node: BTreeMap::new(),
+            contributors: vec!["a".to_owned()],
+            failures: Vec::new(),
+        });
+        record.status = RunStatus::Completed;
+        record.undo_step(before);
+        assert_eq!(record, kept);
     }
 
     #[test]

@@ -654,6 +654,21 @@ async fn a_revocation_the_nodes_never_heard_of_still_stops_the_training() {
     assert_eq!(record.status, RunStatus::Failed);
     assert!(record.detail.contains("revoked"), "{}", record.detail);
     assert!(record.rounds.len() < 500, "{} rounds", record.rounds.len());
+    // The step whose check failed was computed (every node released its
+    // masked contribution: the moments round, the rounds kept and that
+    // one) but is not in the record the requester reads.
+    for node in &federation.nodes {
+        let released = node
+            .store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e.action == ghx_audit::action::MASKED_INPUT && e.decision == ghx_audit::ANSWERED
+            })
+            .count();
+        assert_eq!(released, 1 + record.rounds.len() + 1, "{}", node.profile.id);
+    }
     federation.shutdown().await;
 }
 
