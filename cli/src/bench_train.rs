@@ -115,6 +115,11 @@ pub struct Repetition {
     /// round's path, the masked input with local computation, unmasking,
     /// the rest (see `RoundRecord::steps_ms`), ms.
     pub ghx_steps_ms: [f64; 4],
+    /// ghx's median over its rounds of where the answer that ended each
+    /// round spent its time: outside the node's handler (both ways), in
+    /// the handler before computing, after computing (see
+    /// `RoundRecord::last_answer_ms`), ms.
+    pub ghx_last_answer_ms: [f64; 3],
 }
 
 /// The middle value (the upper of the two middle ones for an even count);
@@ -158,6 +163,7 @@ impl TrainBenchReport {
             flower: flower(&|r| &r.flower),
             flower_evaluating: flower(&|r| &r.flower_evaluating),
             ghx_steps_ms: p50_each(reps.iter().map(|r| r.ghx_steps_ms)),
+            ghx_last_answer_ms: p50_each(reps.iter().map(|r| r.ghx_last_answer_ms)),
         }
     }
 
@@ -173,9 +179,10 @@ impl TrainBenchReport {
     }
 }
 
-/// The median of each of the four ghx round steps over `steps`.
-fn p50_each(steps: impl Iterator<Item = [f64; 4]>) -> [f64; 4] {
-    let steps: Vec<[f64; 4]> = steps.collect();
+/// The median of each of a ghx round's times (its steps, or its last
+/// answer's parts) over `steps`.
+fn p50_each<const N: usize>(steps: impl Iterator<Item = [f64; N]>) -> [f64; N] {
+    let steps: Vec<[f64; N]> = steps.collect();
     std::array::from_fn(|i| p50(steps.iter().map(|s| s[i]).collect()))
 }
 
@@ -317,6 +324,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         let ghx_model = model.model();
         let ghx = timing(&ghx_rounds, ghx_total, rows.auc_of(&ghx_model));
         let ghx_steps_ms = p50_each(record.rounds.iter().map(|r| r.steps_ms));
+        let ghx_last_answer_ms = p50_each(record.rounds.iter().map(|r| r.last_answer_ms));
         let (flower, flower_evaluating) = match &rows.flower {
             Err(why) => (Err(why.clone()), Err(why.clone())),
             Ok((run, holdouts)) => {
@@ -334,6 +342,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
             flower,
             flower_evaluating,
             ghx_steps_ms,
+            ghx_last_answer_ms,
         });
     }
     federation.shutdown().await;
@@ -566,6 +575,7 @@ mod tests {
             flower: flower.clone(),
             flower_evaluating: flower,
             ghx_steps_ms: [ghx_ms, 0.0, 0.0, 1.0],
+            ghx_last_answer_ms: [ghx_ms / 10.0, 0.1, 0.2],
         };
         let report = TrainBenchReport {
             setup: Duration::ZERO,
@@ -584,6 +594,7 @@ mod tests {
         assert!((m.ghx.overhead_p50_ms - 2.0).abs() < 1e-9, "{m:?}");
         assert_eq!(m.ghx.auc, Some(0.04));
         assert_eq!(m.ghx_steps_ms, [4.0, 0.0, 0.0, 1.0]);
+        assert_eq!(m.ghx_last_answer_ms, [0.4, 0.1, 0.2]);
         // Flower: over the two repetitions it ran in (the upper middle).
         let flower = m.flower.expect("Flower ran in two repetitions");
         assert!((flower.round_p50_ms - 60.0).abs() < 1e-9, "{flower:?}");

@@ -929,6 +929,11 @@ fn bench_train_lines(
         "ghx median per round: session opened on the round's path {:.2} ms (opened while the moments round computes), masked input incl. local {:.2} ms, unmasking {:.2} ms (none in a session), rest (state read for saving, study check started, model updated) {:.2} ms",
         s[0], s[1], s[2], s[3]
     );
+    let a = rep.ghx_last_answer_ms;
+    println!(
+        "ghx median per round, the answer that ended it: {:.3} ms outside the node's handler (wire, TLS, HTTP/2, both ways), {:.3} ms in the handler before computing (admission, checks), {:.3} ms after (masking, audit write, hand-back)",
+        a[0], a[1], a[2]
+    );
     for (name, flower) in [
         ("Flower FedAvg, fit rounds only", &rep.flower),
         ("Flower FedAvg + evaluation rounds", &rep.flower_evaluating),

@@ -157,6 +157,11 @@ pub struct RoundRecord {
     /// what is prepared ahead, the sum read into the new model).
     #[serde(default)]
     pub steps_ms: [f64; 4],
+    /// Where the answer that ended the round (the last node's) spent its
+    /// time, ms (see [`LastAnswer`]); zeros for rounds outside a session
+    /// and in records from before it was kept.
+    #[serde(default)]
+    pub last_answer_ms: [f64; 3],
     /// Whether the round found its session open (keys agreed off the
     /// round's path).
     #[serde(default)]
@@ -278,6 +283,8 @@ pub struct RoundSum {
     pub busy_seconds: f64,
     /// As [`RoundRecord::steps_ms`].
     pub steps_ms: [f64; 4],
+    /// As [`RoundRecord::last_answer_ms`].
+    pub last_answer_ms: [f64; 3],
     /// Whether the round completed keys agreed ahead of it.
     pub keys_ahead: bool,
 }
@@ -331,6 +338,43 @@ impl Computation {
             };
         }
         busy + open.map(|(s, e)| e - s).unwrap_or(0.0)
+    }
+}
+
+/// Where a node's answer to a round spent its time, seen from the
+/// coordinator: on the wire and in the layers carrying it both ways
+/// (the call's time outside the node's handler), and in the node's
+/// handler before and after its local computation (admission and checks;
+/// masking, the audit write and handing the answer back).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LastAnswer {
+    /// When the answer was back, s from the round's origin.
+    pub back: f64,
+    /// Outside the handler, before computing, after computing; ms.
+    pub ms: [f64; 3],
+}
+
+impl LastAnswer {
+    /// The answer `m` to a call sent `sent` and answered `back` (s from
+    /// the round's origin).
+    pub fn of(sent: f64, back: f64, m: &pb::RoundMaskedInputResponse) -> LastAnswer {
+        let handled = m.handled_micros as f64 / 1e3;
+        let before = (m.local_started_micros as f64 / 1e3).min(handled);
+        let after = (handled - before - m.local_micros as f64 / 1e3).max(0.0);
+        let outside = ((back - sent) * 1e3 - handled).max(0.0);
+        LastAnswer {
+            back,
+            ms: [outside, before, after],
+        }
+    }
+
+    /// The times of the answer that came back last; zeros for none.
+    pub fn of_last(answers: &[LastAnswer]) -> [f64; 3] {
+        answers
+            .iter()
+            .max_by(|a, b| a.back.total_cmp(&b.back))
+            .map(|a| a.ms)
+            .unwrap_or_default()
     }
 }
 
@@ -720,6 +764,7 @@ pub async fn complete_round(
         local_seconds: Computation::longest(&computations),
         busy_seconds: Computation::busy_seconds(&computations),
         steps_ms: [keys_ms, masked_ms, seconds * 1000.0 - masked_ms, 0.0],
+        last_answer_ms: [0.0; 3],
         keys_ahead: false,
     })
 }
@@ -1114,6 +1159,7 @@ pub async fn advance(
                 local_seconds: round.local_seconds,
                 busy_seconds: round.busy_seconds,
                 steps_ms,
+                last_answer_ms: round.last_answer_ms,
                 keys_ahead: round.keys_ahead,
                 weights,
                 bias,
@@ -1171,6 +1217,28 @@ mod tests {
     }
 
     #[test]
+    fn the_last_answer_is_split_into_transport_and_handler_before_and_after() {
+        // Sent at 1 s, back at 1.010 s, held 6 ms by the handler, which
+        // computed from 1 ms to 5 ms into that.
+        let first = LastAnswer::of(1.0, 1.010, &answer(1_000, 4_000, 6_000));
+        assert_eq!(first.back, 1.010);
+        for (got, want) in first.ms.iter().zip([4.0, 1.0, 1.0]) {
+            assert!((got - want).abs() < 1e-9, "{first:?}");
+        }
+        // Sent later but back last: its times are the round's.
+        let last = LastAnswer::of(1.002, 1.012, &answer(500, 8_000, 9_000));
+        let ms = LastAnswer::of_last(&[last, first]);
+        for (got, want) in ms.iter().zip([1.0, 0.5, 0.5]) {
+            assert!((got - want).abs() < 1e-9, "{ms:?}");
+        }
+        assert_eq!(LastAnswer::of_last(&[]), [0.0; 3]);
+        // A handler that claims to have computed longer than it held the
+        // request is read as no time after computing, never negative.
+        let odd = LastAnswer::of(0.0, 0.001, &answer(200, 5_000, 300));
+        assert_eq!(odd.ms[2], 0.0);
+    }
+
+    #[test]
     fn a_computation_is_placed_halfway_through_the_transport() {
         // Sent at 1 s, back at 1.010 s; the handler held it 6 ms and
         // computed from 1 ms to 5 ms into that: 2 ms each way.
@@ -1212,6 +1280,7 @@ mod tests {
             local_seconds: 0.002,
             busy_seconds: 0.002,
             steps_ms: [0.0, 2.5, 0.0, 0.5],
+            last_answer_ms: [0.2, 0.1, 0.2],
             keys_ahead: true,
             weights: vec![0.1; n],
             bias: 0.0,
