@@ -183,6 +183,15 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
         // Every round's keys were agreed while the step before it (the
         // moments round, then the round before) computed.
         assert!(round.keys_ahead, "round {}", round.round);
+        // Every round was a session round: where the answer that ended it
+        // spent its time (outside the node's handler, before and after its
+        // computation) is kept.
+        assert!(
+            round.last_answer_ms.iter().all(|ms| *ms > 0.0),
+            "round {}: {:?}",
+            round.round,
+            round.last_answer_ms
+        );
     }
     // The loss of the global model falls as rounds go by.
     let first = record.rounds.first().unwrap().train_loss;
