@@ -26,7 +26,7 @@ use ghx_study::training::ModelDocument;
 use crate::dispatch;
 use crate::fanout::{RegisteredNode, describe};
 use crate::training::{
-    Computation, Error, Federation, LastAnswer, RoundSum, keep, quorum_error, sent, step,
+    AnswerTimes, Computation, Error, Federation, RoundSum, keep, quorum_error, sent, step,
 };
 
 /// An open session: who is in it and under what capability.
@@ -293,7 +293,7 @@ pub async fn round(
             let back = started.elapsed().as_secs_f64();
             let computed = (
                 Computation::placed(sent, back, &m),
-                LastAnswer::of(sent, back, &m),
+                AnswerTimes::of(sent, back, &m),
             );
             tracing::trace!(
                 node = %node.id,
@@ -314,7 +314,7 @@ pub async fn round(
     let answered_at = started.elapsed().as_secs_f64();
     crate::training::settle(behind.take()).await?;
     let computations: Vec<Computation> = inputs.iter().map(|(_, (_, (c, _)))| *c).collect();
-    let answers: Vec<LastAnswer> = inputs.iter().map(|(_, (_, (_, a)))| *a).collect();
+    let answers: Vec<AnswerTimes> = inputs.iter().map(|(_, (_, (_, a)))| *a).collect();
     let answered: Vec<String> = inputs.iter().map(|(id, _)| id.clone()).collect();
     let masked: Vec<MaskedInput> = inputs.into_iter().map(|(_, (m, _))| m).collect();
     // Audited as sent and answered: a member gone from the registry was
@@ -371,7 +371,7 @@ pub async fn round(
         local_seconds: Computation::longest(&computations),
         busy_seconds: Computation::busy_seconds(&computations),
         steps_ms: [0.0, seconds * 1000.0, 0.0, 0.0],
-        last_answer_ms: LastAnswer::of_last(&answers),
+        last_answer_ms: AnswerTimes::of_last(&answers),
         keys_ahead: true,
     }))
 }

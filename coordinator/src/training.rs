@@ -158,8 +158,9 @@ pub struct RoundRecord {
     #[serde(default)]
     pub steps_ms: [f64; 4],
     /// Where the answer that ended the round (the last node's) spent its
-    /// time, ms (see [`LastAnswer`]); zeros for rounds outside a session
-    /// and in records from before it was kept.
+    /// time, ms (see [`AnswerTimes`]). Zeros in records from before it was
+    /// kept, and for rounds outside a session: those end with an unmasking
+    /// step, whose answers carry no such times.
     #[serde(default)]
     pub last_answer_ms: [f64; 3],
     /// Whether the round found its session open (keys agreed off the
@@ -347,29 +348,29 @@ impl Computation {
 /// handler before and after its local computation (admission and checks;
 /// masking, the audit write and handing the answer back).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LastAnswer {
+pub struct AnswerTimes {
     /// When the answer was back, s from the round's origin.
     pub back: f64,
     /// Outside the handler, before computing, after computing; ms.
     pub ms: [f64; 3],
 }
 
-impl LastAnswer {
+impl AnswerTimes {
     /// The answer `m` to a call sent `sent` and answered `back` (s from
     /// the round's origin).
-    pub fn of(sent: f64, back: f64, m: &pb::RoundMaskedInputResponse) -> LastAnswer {
+    pub fn of(sent: f64, back: f64, m: &pb::RoundMaskedInputResponse) -> AnswerTimes {
         let handled = m.handled_micros as f64 / 1e3;
         let before = (m.local_started_micros as f64 / 1e3).min(handled);
         let after = (handled - before - m.local_micros as f64 / 1e3).max(0.0);
         let outside = ((back - sent) * 1e3 - handled).max(0.0);
-        LastAnswer {
+        AnswerTimes {
             back,
             ms: [outside, before, after],
         }
     }
 
     /// The times of the answer that came back last; zeros for none.
-    pub fn of_last(answers: &[LastAnswer]) -> [f64; 3] {
+    pub fn of_last(answers: &[AnswerTimes]) -> [f64; 3] {
         answers
             .iter()
             .max_by(|a, b| a.back.total_cmp(&b.back))
@@ -1220,21 +1221,21 @@ mod tests {
     fn the_last_answer_is_split_into_transport_and_handler_before_and_after() {
         // Sent at 1 s, back at 1.010 s, held 6 ms by the handler, which
         // computed from 1 ms to 5 ms into that.
-        let first = LastAnswer::of(1.0, 1.010, &answer(1_000, 4_000, 6_000));
+        let first = AnswerTimes::of(1.0, 1.010, &answer(1_000, 4_000, 6_000));
         assert_eq!(first.back, 1.010);
         for (got, want) in first.ms.iter().zip([4.0, 1.0, 1.0]) {
             assert!((got - want).abs() < 1e-9, "{first:?}");
         }
         // Sent later but back last: its times are the round's.
-        let last = LastAnswer::of(1.002, 1.012, &answer(500, 8_000, 9_000));
-        let ms = LastAnswer::of_last(&[last, first]);
+        let last = AnswerTimes::of(1.002, 1.012, &answer(500, 8_000, 9_000));
+        let ms = AnswerTimes::of_last(&[last, first]);
         for (got, want) in ms.iter().zip([1.0, 0.5, 0.5]) {
             assert!((got - want).abs() < 1e-9, "{ms:?}");
         }
-        assert_eq!(LastAnswer::of_last(&[]), [0.0; 3]);
+        assert_eq!(AnswerTimes::of_last(&[]), [0.0; 3]);
         // A handler that claims to have computed longer than it held the
         // request is read as no time after computing, never negative.
-        let odd = LastAnswer::of(0.0, 0.001, &answer(200, 5_000, 300));
+        let odd = AnswerTimes::of(0.0, 0.001, &answer(200, 5_000, 300));
         assert_eq!(odd.ms[2], 0.0);
     }
 
