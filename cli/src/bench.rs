@@ -1,6 +1,7 @@
 //! `ghx bench query`: end-to-end latency of federated queries over mTLS on a
 //! local three-hospital federation, against the same SQL run directly on one
-//! node's database in the same run. Numbers, not a test: nothing here asserts
+//! node's database in the same run, and the node's disclosure control
+//! (suppression audited by linear programming) on its own. Numbers, not a test: nothing here asserts
 //! a timing.
 
 use std::time::{Duration, Instant};
@@ -240,6 +241,26 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
                     samples.push(t.elapsed());
                 }
                 out.push(latency(&format!("node work {name} ({id})"), samples));
+                // Disclosure control alone: suppression with its audit by
+                // linear programming, on this node's table.
+                let members = index.members(
+                    &store,
+                    &spec,
+                    &prepared.context,
+                    &eligibility.rules().sensitive,
+                )?;
+                let cells = ghx_node::engine::analyse(&spec, &members, false).cells;
+                let mut samples = Vec::with_capacity(runs);
+                for _ in 0..runs {
+                    let candidates = cells
+                        .iter()
+                        .map(|c| ghx_node::release::Candidate::exact(c, 10))
+                        .collect();
+                    let t = Instant::now();
+                    ghx_node::release::release(id, &spec, cells.clone(), candidates, 10);
+                    samples.push(t.elapsed());
+                }
+                out.push(latency(&format!("release {name} ({id})"), samples));
             }
             Ok(out)
         })

@@ -262,7 +262,7 @@ impl CoordinatorApi {
     ) -> Result<StudyResult, ApiError> {
         let inner = &self.inner;
         let study = inner.studies.get(study_id)?;
-        check_access(caller, &study)?;
+        check_run(caller, &study)?;
         let study = inner.studies.runnable(study_id)?;
         let named = if query_name.is_empty() {
             study
@@ -494,7 +494,7 @@ impl CoordinatorApi {
         name: &str,
     ) -> Result<(studies::Study, ghx_study::training::TrainingSpec), ApiError> {
         let study = self.inner.studies.get(study_id)?;
-        check_access(caller, &study)?;
+        check_run(caller, &study)?;
         let study = self.inner.studies.runnable(study_id)?;
         study
             .manifest
@@ -815,6 +815,23 @@ fn check_shape(
         }
     }
     (kept, failures)
+}
+
+/// Only the study's own requester runs it (queries, trainings, external
+/// validations): they spend its privacy budget and what is released is
+/// theirs. The committee and auditors approve and read; they do not run.
+/// Other requesters of the same organisation do not run it either: a study
+/// is one requester's, as its manifest and audit entries name them.
+fn check_run(caller: &PeerIdentity, study: &studies::Study) -> Result<(), ApiError> {
+    match caller.role {
+        Role::Requester if caller.name == study.requester() => Ok(()),
+        Role::Requester => Err(ApiError::NotOwner(study.id.clone())),
+        _ => Err(ApiError::Role {
+            actual: caller.role,
+            action: "run a study's queries, trainings or validations",
+            needed: "requester (the study's own)",
+        }),
+    }
 }
 
 /// Requesters see only their own studies; the committee sees all.

@@ -216,7 +216,7 @@ impl NodeApi {
                 eligibility,
                 cohorts: CohortIndex::new(),
                 releasing: std::sync::Mutex::new(()),
-                organisation_epsilon: None,
+                organisation_epsilon: Some(crate::config::DEFAULT_ORGANISATION_EPSILON),
                 rounds: Rounds::default(),
                 audit: store.audit_log().clone(),
                 round_keys: None,
@@ -277,7 +277,12 @@ impl NodeApi {
             .map_err(|_| ApiError::Task("verifier lock poisoned".to_owned()))
     }
 
-    fn load_rotated_key(&self, token: &str) {
+    /// Only for a coordinator's request: nothing another member sends
+    /// makes the node read its keys directory.
+    fn load_rotated_key(&self, caller: &PeerIdentity, token: &str) {
+        if caller.role != ghx_pki::Role::Coordinator {
+            return;
+        }
         let (Some(dir), Some(kid)) = (&self.inner.keys_dir, Verifier::key_id(token)) else {
             return;
         };
@@ -324,7 +329,7 @@ impl NodeApi {
         manifest_json: &[u8],
     ) -> Result<AggregateResult, ApiError> {
         let started = std::time::Instant::now();
-        self.load_rotated_key(token);
+        self.load_rotated_key(caller, token);
         let inner = &self.inner;
         let mut entry = AuditEntry {
             query_sha256: query::digest(query_json),
@@ -421,6 +426,9 @@ impl NodeApi {
                 &cohort,
             )?;
             drop(_differencing);
+            // Suppression is computation on this answer alone: other
+            // answers need not wait for its linear programmes.
+            drop(_releasing);
             let _release = tracing::info_span!("release").entered();
             let mut result = release::release(
                 &inner.node_id,
@@ -447,7 +455,6 @@ impl NodeApi {
                 spec,
                 analysed.without_value,
                 admitted.min_cell_size,
-                noise.is_some(),
             ));
             result.noise = noise;
             result
@@ -455,7 +462,11 @@ impl NodeApi {
                 .insert(0, format!("access: {}", admitted.access.summary()));
             result.notes.insert(
                 1,
-                release::consent_note(&prepared.summary, admitted.min_cell_size),
+                release::consent_note(
+                    &prepared.summary,
+                    admitted.min_cell_size,
+                    release::Values::of(spec),
+                ),
             );
             Ok(result)
         })();
@@ -567,7 +578,7 @@ impl NodeApi {
     fn revoke(&self, caller: &PeerIdentity, token: &str) -> Result<(), ApiError> {
         let started = std::time::Instant::now();
         let inner = &self.inner;
-        self.load_rotated_key(token);
+        self.load_rotated_key(caller, token);
         let mut entry = AuditEntry {
             query_sha256: ghx_audit::digest(token.as_bytes()),
             ..audit_entry(caller, ghx_audit::action::REVOKE)
@@ -693,7 +704,7 @@ impl NodeApi {
         start: impl FnOnce(&NodeApi, AdmittedRound) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let started = std::time::Instant::now();
-        self.load_rotated_key(&message.capability);
+        self.load_rotated_key(caller, &message.capability);
         let inner = &self.inner;
         let phase_name = message.phase.clone();
         let mut entry = AuditEntry {
@@ -706,6 +717,8 @@ impl NodeApi {
             now: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
         let outcome = (|| -> Result<T, ApiError> {
+            // The caller's role before anything it sent is read.
+            Self::require_coordinator(caller)?;
             let phase = Phase::parse(&message.phase)
                 .ok_or_else(|| training::Error::Phase(message.phase.clone()))?;
             let params = ghx_proto::round::params_from_wire(message.params.unwrap_or_default())
@@ -1204,6 +1217,10 @@ impl NodeApi {
     }
 }
 
+/// [`pb::NodeInfo::resource_counts`] are rounded down to a multiple of
+/// this.
+const COUNT_GRAIN: u64 = 100;
+
 fn micros(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -1255,18 +1272,29 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<pb::GetNodeInfoRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
-        PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
-        let store = self.inner.store.clone();
-        let counts = tokio::task::spawn_blocking(move || store.resource_counts())
-            .await
-            .map_err(|e| status(&ApiError::Task(e.to_string())))?
-            .map_err(|e| status(&e.into()))?;
+        let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
+        // How much a hospital holds is the coordinator's business (it plans
+        // fan-out and quorums), not any federation member's, and even it
+        // gets the counts in hundreds: a count that moves by one tells who
+        // was just imported.
+        let counts = if caller.role == ghx_pki::Role::Coordinator {
+            let store = self.inner.store.clone();
+            tokio::task::spawn_blocking(move || store.resource_counts())
+                .await
+                .map_err(|e| status(&ApiError::Task(e.to_string())))?
+                .map_err(|e| status(&e.into()))?
+                .into_iter()
+                .map(|(kind, n)| (kind, n / COUNT_GRAIN * COUNT_GRAIN))
+                .collect()
+        } else {
+            Default::default()
+        };
         Ok(Response::new(pb::NodeInfo {
             node_id: self.inner.node_id.clone(),
             display_name: self.inner.display_name.clone(),
             software_version: env!("CARGO_PKG_VERSION").to_owned(),
             min_cell_size: self.inner.min_cell_size,
-            resource_counts: counts.into_iter().collect(),
+            resource_counts: counts,
         }))
     }
 

@@ -56,9 +56,11 @@ pub struct NodeConfig {
     #[serde(default)]
     pub coordinator_keys_dir: Option<PathBuf>,
     /// Most differential-privacy epsilon one requesting organisation may
-    /// spend at this node over all its studies; none: only each study's own
-    /// budget applies.
-    #[serde(default)]
+    /// spend at this node over all its studies, on top of each study's own
+    /// budget. On by default ([`DEFAULT_ORGANISATION_EPSILON`]): a study
+    /// budget alone starts afresh with every manifest an organisation
+    /// submits.
+    #[serde(default = "default_organisation_epsilon")]
     pub max_epsilon_per_organisation: Option<f64>,
     /// Audit checkpoints and retention.
     #[serde(default)]
@@ -117,6 +119,14 @@ fn default_min_cell_size() -> u32 {
 
 fn default_rrn_policy() -> String {
     "strip".to_owned()
+}
+
+/// What one organisation may spend at a node over all its studies unless
+/// the node's configuration says otherwise.
+pub const DEFAULT_ORGANISATION_EPSILON: f64 = 10.0;
+
+fn default_organisation_epsilon() -> Option<f64> {
+    Some(DEFAULT_ORGANISATION_EPSILON)
 }
 
 impl NodeConfig {
@@ -290,6 +300,12 @@ mod tests {
     fn defaults_apply_and_relative_paths_resolve_against_the_file() {
         let config = parse(GOOD).unwrap();
         assert_eq!(config.min_cell_size, 10);
+        // Issue 38 (10): an organisation's budget over all its studies is
+        // capped unless configured otherwise.
+        assert_eq!(
+            config.max_epsilon_per_organisation,
+            Some(DEFAULT_ORGANISATION_EPSILON)
+        );
         assert!(config.tls.ca.is_absolute());
         assert!(config.database_url.ends_with("/chosun.db"));
     }

@@ -22,13 +22,13 @@ use crate::store::{self, Store};
 /// A cohort too close to one already released.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The message says that a comparison refused it, never by how much
+    /// the cohorts differ: a distance would tell the requester how many
+    /// patients the difference singles out.
     #[error(
-        "the cohort differs from one already released to {organisation} by fewer than {threshold} patients (differencing)"
+        "refused by differencing control: set beside a cohort already released to {organisation}, this release could single out patients"
     )]
-    TooClose {
-        organisation: String,
-        threshold: u32,
-    },
+    TooClose { organisation: String },
     #[error(transparent)]
     Store(#[from] store::Error),
 }
@@ -132,7 +132,6 @@ pub fn check(
         if d > 0 && d < threshold as usize {
             return Err(Error::TooClose {
                 organisation: organisation.to_owned(),
-                threshold,
             });
         }
     }

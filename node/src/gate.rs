@@ -359,8 +359,10 @@ pub fn training_consent(purpose: &str, training: &TrainingSpec, now: i64) -> Con
     consent
 }
 
-/// What consent is asked for a query. Time is taken to the hour so that
-/// requests within the same hour share their consent decisions.
+/// What consent is asked for a query. It is decided for the whole hour
+/// `now` falls in, so that requests within the same hour share their consent
+/// decisions: a permit must hold for all of it, a deny for any second of it
+/// ([`crate::consent`]).
 pub fn consent_request(purpose: &str, spec: &QuerySpec, now: i64) -> ConsentRequest {
     let mut codes: Vec<(String, String, bool)> = spec
         .codes_read()
@@ -381,5 +383,6 @@ pub fn consent_request(purpose: &str, spec: &QuerySpec, now: i64) -> ConsentRequ
         classes: spec.resource_types().into_iter().collect(),
         codes,
         at: now - now.rem_euclid(3600),
+        last: now - now.rem_euclid(3600) + 3599,
     }
 }

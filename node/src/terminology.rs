@@ -10,6 +10,10 @@ use std::borrow::Cow;
 
 pub const KCD8: &str = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
 pub const ICD10: &str = "http://hl7.org/fhir/sid/icd-10";
+/// ICD-10-CM (the United States' clinical modification): the same
+/// three-character categories as WHO ICD-10 and KCD-8 for every category
+/// ghx treats as sensitive, with longer subcodes.
+pub const ICD10CM: &str = "http://hl7.org/fhir/sid/icd-10-cm";
 pub const LOINC: &str = "http://loinc.org";
 /// HIRA EDI procedure codes, which KR Core uses for laboratory tests.
 pub const HIRA_EDI: &str = "http://www.hl7korea.or.kr/CodeSystem/hira-edi-procedure";
@@ -41,12 +45,16 @@ pub fn canonical_system(system: &str) -> &str {
         .unwrap_or(system)
 }
 
+/// Whether `system` (canonical) is KCD-8, WHO ICD-10 or ICD-10-CM, whose
+/// codes share the ICD-10 categories and are written alike.
+pub fn icd10_family(system: &str) -> bool {
+    system == KCD8 || system == ICD10 || system == ICD10CM
+}
+
 /// A code in the form it is indexed and compared in.
 pub fn normalize_code<'a>(system: &str, code: &'a str) -> Cow<'a, str> {
     let code = code.trim();
-    if (system == KCD8 || system == ICD10)
-        && code.bytes().any(|b| b == b'.' || b.is_ascii_lowercase())
-    {
+    if icd10_family(system) && code.bytes().any(|b| b == b'.' || b.is_ascii_lowercase()) {
         return Cow::Owned(
             code.chars()
                 .filter(|c| *c != '.')

@@ -134,8 +134,10 @@ pub enum Error {
     },
     #[error("round {round}: the keys listed as {node}'s own are not the ones it advertised")]
     NotOwnKeys { round: String, node: NodeId },
-    #[error("update value {index} is {value}; updates must be finite and within ±{MAX_MAGNITUDE}")]
-    OutOfRange { index: usize, value: f64 },
+    /// The value itself is never in the message: it is a node's unmasked
+    /// input, and errors travel to the coordinator and its run records.
+    #[error("update value {index} is not a finite number within ±{MAX_MAGNITUDE}; updates must be")]
+    OutOfRange { index: usize },
     #[error(
         "session {session}: round {number} was asked for after round {last}; each round is masked once, in order"
     )]
@@ -293,7 +295,7 @@ pub fn encode(values: &[f64]) -> Result<Vec<u64>, Error> {
         .enumerate()
         .map(|(index, &value)| {
             if !value.is_finite() || value.abs() >= MAX_MAGNITUDE {
-                return Err(Error::OutOfRange { index, value });
+                return Err(Error::OutOfRange { index });
             }
             // Two's complement in the ring; within range by the check.
             Ok((value * f64::from(1u32 << SCALE_BITS)).round() as i64 as u64)

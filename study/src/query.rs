@@ -21,6 +21,17 @@ pub const LOINC_SYSTEM: &str = "http://loinc.org";
 /// Most grouping dimensions one query may ask for; more would make cells too
 /// small to release anyway.
 const MAX_DIMENSIONS: usize = 3;
+/// Most criteria (conditions, observations, encounters and medications
+/// together) a cohort or an event may list.
+pub const MAX_CRITERIA: usize = 32;
+/// Most codes one diagnosis group may list.
+pub const MAX_GROUP_CODES: usize = 200;
+/// Most codes a query may read in all.
+pub const MAX_CODES: usize = 1000;
+/// Most cells a query's full table may have (every combination of its
+/// dimensions' values, times the bins of a histogram): disclosure control
+/// audits each released table, and noise covers every cell of it.
+pub const MAX_CELLS: u64 = 10_000;
 
 /// A query that failed validation; the message names the offending part.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -525,6 +536,29 @@ impl QuerySpec {
     }
 
     fn validate(&self) -> Result<(), Error> {
+        let cohort = &self.cohort;
+        let mut criteria = vec![(
+            "cohort",
+            cohort.conditions.len()
+                + cohort.observations.len()
+                + cohort.encounters.len()
+                + cohort.medications.len(),
+        )];
+        if let Analysis::Rate { event, .. } = &self.analysis {
+            criteria.push((
+                "analysis.event",
+                event.conditions.len()
+                    + event.observations.len()
+                    + event.encounters.len()
+                    + event.medications.len(),
+            ));
+        }
+        if let Some((field, n)) = criteria.into_iter().find(|(_, n)| *n > MAX_CRITERIA) {
+            return Err(invalid(
+                field,
+                format!("at most {MAX_CRITERIA} criteria in all, got {n}"),
+            ));
+        }
         for (index, criterion) in self.cohort.conditions.iter().enumerate() {
             check_code(&criterion.system, &criterion.code).map_err(|p| Error::Condition {
                 index,
@@ -569,6 +603,19 @@ impl QuerySpec {
             if let Dimension::Diagnosis { diagnosis } = d {
                 check_diagnosis_groups(diagnosis)?;
             }
+        }
+        let codes = self.codes_read().len();
+        if codes > MAX_CODES {
+            return Err(invalid(
+                "query",
+                format!("reads at most {MAX_CODES} codes in all, got {codes}"),
+            ));
+        }
+        let cells = self.full_table_cells();
+        if cells > MAX_CELLS {
+            return Err(Error::GroupBy(format!(
+                "the full table would have {cells} cells; at most {MAX_CELLS} (fewer dimensions, groups or bins)"
+            )));
         }
         match &self.analysis {
             Analysis::Count { .. } => {}
@@ -723,6 +770,28 @@ impl QuerySpec {
             | Analysis::Histogram { group_by, .. }
             | Analysis::Rate { group_by, .. } => group_by,
         }
+    }
+
+    /// How many cells the full table of this query has: every value of
+    /// every dimension (4 sexes, 11 age bands with `unknown`, each
+    /// diagnosis group and `none`) combined, times a histogram's bins with
+    /// its underflow and overflow bins.
+    pub fn full_table_cells(&self) -> u64 {
+        let values = |d: &Dimension| -> u64 {
+            match d {
+                Dimension::Named(Named::Sex) => 4,
+                Dimension::Named(Named::AgeBand) => 11,
+                Dimension::Diagnosis { diagnosis } => diagnosis.len() as u64 + 1,
+            }
+        };
+        let bins = match &self.analysis {
+            Analysis::Histogram { bins, .. } => u64::from(bins.count) + 2,
+            _ => 1,
+        };
+        self.dimensions()
+            .iter()
+            .map(values)
+            .fold(bins, u64::saturating_mul)
     }
 
     /// The names of the cell-key components: the grouping dimensions, then
@@ -950,10 +1019,11 @@ fn check_diagnosis_groups(groups: &[DiagnosisGroup]) -> Result<(), Error> {
                 "diagnosis group {i}: labels must be distinct, 1-40 characters, not `{NO_DIAGNOSIS}`"
             )));
         }
-        if g.codes.is_empty() {
+        if g.codes.is_empty() || g.codes.len() > MAX_GROUP_CODES {
             return Err(Error::GroupBy(format!(
-                "diagnosis group `{}` lists no codes",
-                g.label
+                "diagnosis group `{}` lists {} codes; 1 to {MAX_GROUP_CODES} are allowed",
+                g.label,
+                g.codes.len()
             )));
         }
         for code in &g.codes {
@@ -1066,6 +1136,62 @@ mod tests {
         assert_eq!(
             QuerySpec::parse(&canonical).unwrap().canonical_json(),
             canonical
+        );
+    }
+
+    #[test]
+    fn queries_are_limited_in_criteria_codes_and_cells() {
+        // Issue 38 (10): limits with errors that say which and how many.
+        let condition =
+            r#"{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11"}"#;
+        let criteria = vec![condition; MAX_CRITERIA + 1].join(",");
+        let err = QuerySpec::parse(
+            format!(
+                r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[{criteria}]}},"analysis":{{"kind":"count"}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cohort: at most {MAX_CRITERIA} criteria in all, got {}",
+                MAX_CRITERIA + 1
+            )
+        );
+        let codes = (0..=MAX_GROUP_CODES)
+            .map(|i| format!(r#""E{i}""#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = QuerySpec::parse(
+            format!(
+                r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01"}},"analysis":{{"kind":"count","group_by":[{{"diagnosis":[{{"label":"a","system":"urn:x","codes":[{codes}]}}]}}]}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("lists 201 codes; 1 to 200"),
+            "{err}"
+        );
+        // 4 sexes x 11 age bands x 202 bins fits; with a diagnosis of two
+        // groups (3 values) it does not.
+        let histogram = |group_by: &str| {
+            format!(
+                r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01"}},"analysis":{{"kind":"histogram","variable":{{"kind":"age"}},"bins":{{"start":0,"width":1,"count":200}},"group_by":[{group_by}]}}}}"#
+            )
+        };
+        let fits = QuerySpec::parse(histogram(r#""sex","age_band""#).as_bytes()).unwrap();
+        assert_eq!(fits.full_table_cells(), 4 * 11 * 202);
+        let err = QuerySpec::parse(
+            histogram(r#""sex","age_band",{"diagnosis":[{"label":"a","system":"urn:x","codes":["A"]},{"label":"b","system":"urn:x","codes":["B"]}]}"#)
+                .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the full table would have 26664 cells; at most 10000"),
+            "{err}"
         );
     }
 

@@ -1,5 +1,5 @@
 //! Helpers for the whole-federation tests: an independent reference
-//! computation over the synthetic NDJSON, throwaway PostgreSQL databases,
+//! computation over the synthetic NDJSON, an attacker of cell suppression, throwaway PostgreSQL databases,
 //! a stand-in OpenTelemetry collector and a TCP relay that can cut links.
 //!
 //! The reference deliberately shares no code with the node: it reads the raw
@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attack;
 pub mod collector;
 pub mod consented;
 pub mod postgres;

@@ -13,12 +13,22 @@
 //! - Only scopes `research` and `patient-privacy` count. Per scope, the most
 //!   recent Consent that is active, inactive or rejected is the patient's
 //!   current word; an inactive one is a withdrawal, a rejected one a refusal.
+//!   A Consent's time is its dateTime, else its meta.lastUpdated, else when
+//!   it was imported. On equal times the more restrictive wins (a
+//!   withdrawal or refusal, then a Consent whose base rule denies), whatever
+//!   order the records were loaded in.
 //! - The root provision's type is the base rule; nested provisions are
 //!   exceptions to their parent and apply only where the parent applies. An
 //!   applicable nested deny beats an applicable nested permit.
 //! - A provision applies when its period contains the request time and its
 //!   purposes, classes (resource types) and codes, when present, cover the
-//!   request. A permit restricted by something ghx does not evaluate (actor,
+//!   request. A request is decided for a window of time at once (the hour
+//!   its decisions are shared over): a permit applies only if its period
+//!   holds the whole window, a deny if its period touches any of it. A
+//!   permit naming codes covers a request only if every code the request
+//!   reads in those systems lies within one of them (a permit for E11 does
+//!   not cover a request for every E1*); a deny naming codes applies to a
+//!   request that touches any of them. A permit restricted by something ghx does not evaluate (actor,
 //!   action, data, dataPeriod) never applies; a deny so restricted always
 //!   does. So an unsupported clause can only narrow what is counted.
 //! - A research Consent that does not cover the request excludes the
@@ -110,14 +120,21 @@ pub struct Provision {
 pub struct ConsentRecord {
     pub scope: String,
     pub status: String,
-    /// Unix seconds of Consent.dateTime (0 when absent).
+    /// Unix seconds of Consent.dateTime, else of meta.lastUpdated, else of
+    /// the import that stored it.
     pub recorded_at: i64,
     /// `None` when the Consent has no provision: nothing was permitted.
     pub provision: Option<Provision>,
 }
 
-/// Normalises a validated Consent's scope, status, date and provisions.
-pub fn record_of(consent: &Consent, date_time_unix: impl Fn(&DateTime) -> i64) -> ConsentRecord {
+/// Normalises a validated Consent's scope, status, date and provisions;
+/// `imported_at` (Unix seconds) dates a Consent that carries neither
+/// dateTime nor meta.lastUpdated.
+pub fn record_of(
+    consent: &Consent,
+    date_time_unix: impl Fn(&DateTime) -> i64,
+    imported_at: i64,
+) -> ConsentRecord {
     let scope = consent
         .scope
         .coding
@@ -128,7 +145,18 @@ pub fn record_of(consent: &Consent, date_time_unix: impl Fn(&DateTime) -> i64) -
     ConsentRecord {
         scope,
         status: consent.status.as_ref().to_owned(),
-        recorded_at: consent.date_time.as_ref().map(&date_time_unix).unwrap_or(0),
+        recorded_at: consent
+            .date_time
+            .as_ref()
+            .map(&date_time_unix)
+            .or_else(|| {
+                consent
+                    .meta
+                    .as_ref()
+                    .and_then(|m| m.last_updated.as_ref())
+                    .map(|instant| instant.0.unix_timestamp())
+            })
+            .unwrap_or(imported_at),
         provision: consent
             .provision
             .as_ref()
@@ -225,8 +253,10 @@ pub struct ConsentRequest {
     /// Codes the computation selects on, (canonical system, normalised code,
     /// is a prefix).
     pub codes: Vec<(String, String, bool)>,
-    /// Unix seconds the request is evaluated at.
+    /// Unix seconds the request is evaluated from...
     pub at: i64,
+    /// ...to (inclusive): the decision holds for every second between.
+    pub last: i64,
 }
 
 /// Why a patient does not take part. Ordered for stable reports.
@@ -287,7 +317,7 @@ pub fn evaluate(
             continue;
         }
         let slot = latest.entry(c.scope.as_str()).or_insert(c);
-        if c.recorded_at > slot.recorded_at {
+        if (c.recorded_at, restraint(c)) > (slot.recorded_at, restraint(slot)) {
             *slot = c;
         }
     }
@@ -341,6 +371,17 @@ pub fn evaluate(
                 sensitive: CategorySet::default(),
             },
         },
+    }
+}
+
+/// How restrictive a Consent is, for breaking ties between Consents of the
+/// same time: a withdrawal or refusal, then one whose base rule denies (or
+/// that has no provision), then a permit.
+fn restraint(c: &ConsentRecord) -> u8 {
+    match (c.status.as_str(), c.provision.as_ref().and_then(|p| p.rule)) {
+        ("inactive" | "rejected", _) => 2,
+        (_, None | Some(Rule::Deny)) => 1,
+        (_, Some(Rule::Permit)) => 0,
     }
 }
 
@@ -398,8 +439,13 @@ fn not_applicable(
             Rule::Deny => None,
         };
     }
-    let started = p.from.is_none_or(|from| from <= request.at);
-    let not_ended = p.until.is_none_or(|until| request.at <= until);
+    // A permit must hold for the whole window, a deny for any of it.
+    let (start_by, end_after) = match rule {
+        Rule::Permit => (request.at, request.last),
+        Rule::Deny => (request.last, request.at),
+    };
+    let started = p.from.is_none_or(|from| from <= start_by);
+    let not_ended = p.until.is_none_or(|until| end_after <= until);
     if !(started && not_ended) {
         return Some(Exclusion::Expired);
     }
@@ -410,17 +456,33 @@ fn not_applicable(
         if !p.classes.is_empty() && !p.classes.iter().any(|x| x == class) {
             return Some(Exclusion::DataNotCovered);
         }
-        // A provision about specific codes concerns only requests that
-        // select on an overlapping code; a labels-only provision concerns
+        // A provision about specific codes: a deny concerns any request
+        // touching one of them, a permit only a request all of whose codes
+        // in its systems lie within them. A labels-only provision concerns
         // sensitive data, decided in `permitted_categories`.
-        let codes_cover = p.codes.iter().any(|(system, code)| {
-            request.codes.iter().any(|(rs, rc, prefix)| {
-                rs == system
-                    && (rc == code
-                        || (*prefix && code.starts_with(rc.as_str()))
-                        || rc.starts_with(code.as_str()))
-            })
-        });
+        let codes_cover = match rule {
+            Rule::Deny => p.codes.iter().any(|(system, code)| {
+                request.codes.iter().any(|(rs, rc, prefix)| {
+                    rs == system
+                        && (rc == code
+                            || (*prefix && code.starts_with(rc.as_str()))
+                            || rc.starts_with(code.as_str()))
+                })
+            }),
+            Rule::Permit => {
+                let mut read = request
+                    .codes
+                    .iter()
+                    .filter(|(rs, ..)| p.codes.iter().any(|(system, _)| system == rs))
+                    .peekable();
+                read.peek().is_some()
+                    && read.all(|(rs, rc, _)| {
+                        p.codes
+                            .iter()
+                            .any(|(system, code)| system == rs && rc.starts_with(code.as_str()))
+                    })
+            }
+        };
         if (!p.codes.is_empty() && !codes_cover) || (p.codes.is_empty() && !p.labels.is_empty()) {
             return Some(Exclusion::DataNotCovered);
         }

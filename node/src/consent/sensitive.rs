@@ -6,10 +6,18 @@
 //! abortion); rare diseases come from the hospital's policy file. A category
 //! is permitted for a patient only by a consent provision that names it, by
 //! a security label or by a code inside it; a blanket "permit" does not.
+//!
+//! Categories are read from KCD-8, WHO ICD-10 and ICD-10-CM codes, which
+//! share the three-character categories used here. A diagnosis coded in
+//! any other system (SNOMED CT, a local code) cannot be classified without
+//! a map, so it is treated as belonging to every category: it takes part
+//! only for a patient who named them all, and selecting on it counts as
+//! selecting sensitive data. Failing closed keeps a depression coded in
+//! SNOMED CT as protected as one coded in KCD-8.
 
 use std::collections::BTreeSet;
 
-use crate::terminology::{ICD10, KCD8};
+use crate::terminology::{ICD10, ICD10CM, KCD8, icd10_family};
 
 /// The system of ghx's own category codes, usable in Consent security labels.
 pub const CATEGORY_SYSTEM: &str =
@@ -83,6 +91,11 @@ impl Category {
 pub struct CategorySet(pub i64);
 
 impl CategorySet {
+    /// Every category.
+    pub fn all() -> CategorySet {
+        CategorySet(Category::ALL.iter().fold(0, |bits, c| bits | c.bit()))
+    }
+
     pub fn insert(&mut self, category: Category) {
         self.0 |= category.bit();
     }
@@ -122,9 +135,12 @@ const RANGES: &[(Category, &str, &str)] = &[
 ];
 
 impl SensitiveCodes {
-    /// The category of a normalised diagnosis code, if it is sensitive.
+    /// The category of a normalised diagnosis code, if it is sensitive and
+    /// classifiable: a code outside the ICD-10 family has none here (so a
+    /// consent naming one permits no category), though it is treated as in
+    /// every category wherever data is selected.
     pub fn category(&self, system: &str, code: &str) -> Option<Category> {
-        if system != KCD8 && system != ICD10 {
+        if !icd10_family(system) {
             return None;
         }
         let head = code.get(..3).unwrap_or(code);
@@ -143,8 +159,8 @@ impl SensitiveCodes {
     /// Every category a code criterion could select: for a prefix, each
     /// category overlapping the codes it covers.
     pub fn categories_touched(&self, system: &str, code: &str, prefix: bool) -> BTreeSet<Category> {
-        if system != KCD8 && system != ICD10 {
-            return BTreeSet::new();
+        if !icd10_family(system) {
+            return Category::ALL.into_iter().collect();
         }
         if !prefix {
             return self.category(system, code).into_iter().collect();
@@ -175,8 +191,8 @@ impl SensitiveCodes {
     /// tests: conservative, so `false` means no such code can be sensitive
     /// and the per-row test can be left out.
     pub fn may_match(&self, system: &str, code: &str, prefix: bool) -> bool {
-        if system != KCD8 && system != ICD10 {
-            return false;
+        if !icd10_family(system) {
+            return true;
         }
         if !prefix {
             return RANGES
@@ -205,11 +221,15 @@ impl SensitiveCodes {
             .any(|r| r.starts_with(code) || code.starts_with(r.as_str()))
     }
 
-    /// A SQL expression giving the category bit (0 when not sensitive) of the
+    /// A SQL expression giving the category bit (0 when not sensitive; every
+    /// category's bit for a code outside the ICD-10 family) of the
     /// diagnosis row aliased `c`. Fixed categories are literal fragments;
     /// rare-disease prefixes are bound through `param`.
     pub fn sql_category_bit(&self, mut param: impl FnMut(String) -> String) -> String {
-        let mut sql = format!("CASE WHEN c.system NOT IN ('{KCD8}', '{ICD10}') THEN 0");
+        let mut sql = format!(
+            "CASE WHEN c.system NOT IN ('{KCD8}', '{ICD10}', '{ICD10CM}') THEN {}",
+            CategorySet::all().0
+        );
         for (category, first, last) in RANGES {
             // Codes are stored without dots, so a three-character range
             // covers every subcode: `F32` <= `F329` < `F9:` (':' follows '9').
@@ -242,6 +262,28 @@ mod tests {
     }
 
     #[test]
+    fn every_code_system_is_classified_or_treated_as_every_category() {
+        // Issue 38 (7): ICD-10-CM shares the ICD-10 categories.
+        let s = codes();
+        assert_eq!(s.category(ICD10CM, "F329"), Some(Category::MentalHealth));
+        assert!(s.may_match(ICD10CM, "F32", true));
+        assert_eq!(
+            s.categories_touched(ICD10CM, "F3", true),
+            [Category::MentalHealth].into_iter().collect()
+        );
+        // SNOMED CT 35489007 (depressive disorder) cannot be classified
+        // without a map: it counts as every category where data is
+        // selected, and a consent naming it permits none.
+        let snomed = "http://snomed.info/sct";
+        assert_eq!(
+            s.categories_touched(snomed, "35489007", false).len(),
+            Category::ALL.len()
+        );
+        assert!(s.may_match(snomed, "35489007", false));
+        assert_eq!(s.category(snomed, "35489007"), None);
+    }
+
+    #[test]
     fn prefixes_that_could_reach_a_sensitive_code_are_recognised() {
         let s = codes();
         // E11 (diabetes) cannot be sensitive; E7 reaches rare disease E752.
@@ -258,8 +300,8 @@ mod tests {
         assert!(s.may_match(ICD10, "F329", false));
         assert!(s.may_match(ICD10, "T74", true));
         assert!(!s.may_match(ICD10, "T75", true));
-        // Other systems carry no categories.
-        assert!(!s.may_match("http://snomed.info/sct", "F32", true));
+        // A system ghx cannot classify may hold any category.
+        assert!(s.may_match("http://snomed.info/sct", "F32", true));
     }
 
     #[test]

@@ -23,7 +23,7 @@ fn consent(status: &str, date: &str, provision: Value) -> ConsentRecord {
         "provision": provision,
     });
     let parsed: Consent = serde_json::from_value(resource).expect("valid Consent");
-    record_of(&parsed, crate::import::index::date_time_unix)
+    record_of(&parsed, crate::import::index::date_time_unix, NOW)
 }
 
 fn privacy(provision: Value) -> ConsentRecord {
@@ -42,7 +42,36 @@ fn request(purpose: &str, classes: &[&str]) -> ConsentRequest {
         classes: classes.iter().map(|c| (*c).to_owned()).collect(),
         codes: vec![(terminology::KCD8.to_owned(), "E11".to_owned(), true)],
         at: NOW,
+        last: NOW,
     }
+}
+
+/// A research request reading `codes` (KCD-8, normalised) instead of E11*.
+fn reading(codes: &[(&str, bool)]) -> ConsentRequest {
+    ConsentRequest {
+        codes: codes
+            .iter()
+            .map(|(code, prefix)| (terminology::KCD8.to_owned(), (*code).to_owned(), *prefix))
+            .collect(),
+        ..request("HRESCH", &["Patient", "Condition"])
+    }
+}
+
+/// A Consent as `consent` makes it, without a dateTime (and with the given
+/// meta.lastUpdated, if any): import dates it at `NOW`.
+fn undated(status: &str, last_updated: Option<&str>, provision: Value) -> ConsentRecord {
+    let mut resource = json!({
+        "resourceType": "Consent", "id": "c", "status": status,
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+        "patient": {"reference": "Patient/p"},
+        "provision": provision,
+    });
+    if let Some(at) = last_updated {
+        resource["meta"] = json!({"lastUpdated": at});
+    }
+    let parsed: Consent = serde_json::from_value(resource).expect("valid Consent");
+    record_of(&parsed, crate::import::index::date_time_unix, NOW)
 }
 
 fn rules(default: DefaultConsent) -> ConsentRules {
@@ -74,6 +103,25 @@ fn consent_decision_table() {
     let with_obs = request("HRESCH", &["Patient", "Condition", "Observation"]);
     let marketing = request("HMARKT", &["Patient", "Condition"]);
     let permit = json!({"type": "permit", "purpose": purpose("HRESCH")});
+    // Issue 38 (7): codes a permit names must cover what a request reads.
+    let prefix_e1 = reading(&[("E1", true)]);
+    let prefix_e11 = reading(&[("E11", true)]);
+    let e11_and_f32 = reading(&[("E11", true), ("F32", true)]);
+    let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+    let permit_e11 = json!({"type": "permit", "purpose": purpose("HRESCH"),
+        "code": [{"coding": [{"system": kcd, "code": "E11"}]}]});
+    let deny_e11 = json!({"type": "deny",
+        "code": [{"coding": [{"system": kcd, "code": "E11"}]}]});
+    // A request decided for the hour from NOW: periods ending or starting
+    // within it.
+    let hour = ConsentRequest {
+        last: NOW + 3599,
+        ..request("HRESCH", &["Patient", "Condition"])
+    };
+    let permit_until_half_past = json!({"type": "permit", "purpose": purpose("HRESCH"),
+        "period": {"start": "2026-01-01T00:00:00Z", "end": "2026-06-01T00:30:00Z"}});
+    let deny_from_half_past = json!({"type": "permit", "purpose": purpose("HRESCH"),
+        "provision": [{"type": "deny", "period": {"start": "2026-06-01T00:30:00Z"}}]});
     let cases: Vec<(&str, Vec<ConsentRecord>, &ConsentRequest, DefaultConsent)> = vec![
         (
             "permit for research",
@@ -360,6 +408,103 @@ fn consent_decision_table() {
             DefaultConsent::OptIn,
         ),
         (
+            "codes: permit for E11, request for E1*",
+            vec![consent(
+                "active",
+                "2026-01-01T00:00:00Z",
+                permit_e11.clone(),
+            )],
+            &prefix_e1,
+            DefaultConsent::OptIn,
+        ),
+        (
+            "codes: permit for E11, request for E11*",
+            vec![consent(
+                "active",
+                "2026-01-01T00:00:00Z",
+                permit_e11.clone(),
+            )],
+            &prefix_e11,
+            DefaultConsent::OptIn,
+        ),
+        (
+            "codes: permit for E11, request for E11* and F32*",
+            vec![consent("active", "2026-01-01T00:00:00Z", permit_e11)],
+            &e11_and_f32,
+            DefaultConsent::OptIn,
+        ),
+        (
+            "codes: deny of E11, request for E1*",
+            vec![consent("active", "2026-01-01T00:00:00Z", deny_e11)],
+            &prefix_e1,
+            DefaultConsent::OptOut,
+        ),
+        (
+            "tie: withdrawal and permit at one time, withdrawal first",
+            vec![
+                consent("inactive", "2026-03-01T00:00:00Z", permit.clone()),
+                consent("active", "2026-03-01T00:00:00Z", permit.clone()),
+            ],
+            &research,
+            DefaultConsent::OptOut,
+        ),
+        (
+            "tie: withdrawal and permit at one time, permit first",
+            vec![
+                consent("active", "2026-03-01T00:00:00Z", permit.clone()),
+                consent("inactive", "2026-03-01T00:00:00Z", permit.clone()),
+            ],
+            &research,
+            DefaultConsent::OptOut,
+        ),
+        (
+            "tie: deny and permit at one time, permit first",
+            vec![
+                consent("active", "2026-03-01T00:00:00Z", permit.clone()),
+                consent("active", "2026-03-01T00:00:00Z", json!({"type": "deny"})),
+            ],
+            &research,
+            DefaultConsent::OptOut,
+        ),
+        (
+            "undated withdrawal, lastUpdated after the permit",
+            vec![
+                consent("active", "2026-01-01T00:00:00Z", permit.clone()),
+                undated("inactive", Some("2026-02-01T00:00:00Z"), permit.clone()),
+            ],
+            &research,
+            DefaultConsent::OptOut,
+        ),
+        (
+            "undated withdrawal, no lastUpdated: import time",
+            vec![
+                consent("active", "2026-01-01T00:00:00Z", permit.clone()),
+                undated("inactive", None, permit.clone()),
+            ],
+            &research,
+            DefaultConsent::OptOut,
+        ),
+        (
+            "hour: permit ending within the hour",
+            vec![consent(
+                "active",
+                "2026-01-01T00:00:00Z",
+                permit_until_half_past,
+            )],
+            &hour,
+            DefaultConsent::OptIn,
+        ),
+        (
+            "hour: deny starting within the hour",
+            vec![consent(
+                "active",
+                "2026-01-01T00:00:00Z",
+                deny_from_half_past,
+            )],
+            &hour,
+            DefaultConsent::OptIn,
+        ),
+        (
             "privacy consent about treatment only, opt-out",
             vec![privacy(
                 json!({"type": "permit", "purpose": purpose("TREAT")}),
@@ -409,6 +554,17 @@ fn consent_decision_table() {
         sensitive: label under a provision for another purpose  opt-in   HRESCH  -> included
         sensitive: permitted then denied by label               opt-in   HRESCH  -> included, may use mental-health
         privacy consent denying research                        opt-in   HRESCH  -> excluded: consent denies this use
+        codes: permit for E11, request for E1*                  opt-in   HRESCH  -> excluded: consent covers other data
+        codes: permit for E11, request for E11*                 opt-in   HRESCH  -> included
+        codes: permit for E11, request for E11* and F32*        opt-in   HRESCH  -> excluded: consent covers other data
+        codes: deny of E11, request for E1*                     opt-out  HRESCH  -> excluded: consent denies this use
+        tie: withdrawal and permit at one time, withdrawal first opt-out  HRESCH  -> excluded: consent withdrawn
+        tie: withdrawal and permit at one time, permit first    opt-out  HRESCH  -> excluded: consent withdrawn
+        tie: deny and permit at one time, permit first          opt-out  HRESCH  -> excluded: consent denies this use
+        undated withdrawal, lastUpdated after the permit        opt-out  HRESCH  -> excluded: consent withdrawn
+        undated withdrawal, no lastUpdated: import time         opt-out  HRESCH  -> excluded: consent withdrawn
+        hour: permit ending within the hour                     opt-in   HRESCH  -> excluded: consent period not current
+        hour: deny starting within the hour                     opt-in   HRESCH  -> excluded: consent denies this use
         privacy consent about treatment only, opt-out           opt-out  HRESCH  -> included
     "#]].assert_eq(&table);
 }

@@ -27,6 +27,8 @@ pub(crate) struct IndexContext {
     /// (system, code) -> LOINC codes it maps to (HIRA EDI lab codes).
     pub(crate) to_loinc: HashMap<(String, String), Vec<String>>,
     pub(crate) rrn: RrnPolicy,
+    /// Unix seconds of this import: the time of a Consent that states none.
+    pub(crate) imported_at: i64,
 }
 
 /// Why one resource was not accepted.
@@ -258,7 +260,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             let c: Consent = serde_json::from_str(&json).map_err(typed)?;
             let patient = patient_of(c.patient.as_ref())
                 .ok_or_else(|| invalid("Consent.patient is not a Patient reference".to_owned()))?;
-            let record = crate::consent::record_of(&c, date_time_unix);
+            let record = crate::consent::record_of(&c, date_time_unix, ctx.imported_at);
             let decision = record
                 .provision
                 .as_ref()

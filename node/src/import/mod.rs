@@ -213,6 +213,7 @@ pub fn import_path(
     })?;
     let mut ctx = IndexContext {
         rrn: options.rrn,
+        imported_at: time::OffsetDateTime::now_utc().unix_timestamp(),
         ..IndexContext::default()
     };
     for m in code_map.into_iter().filter(|m| m.target_system == LOINC) {
@@ -494,6 +495,7 @@ fn import_json_document(
         full_urls: HashMap::new(),
         to_loinc: ctx.to_loinc.clone(),
         rrn: ctx.rrn,
+        imported_at: ctx.imported_at,
     };
     for entry in &bundle.entry {
         if let (Some(url), Some(resource)) = (entry.full_url, entry.resource)
@@ -736,6 +738,12 @@ pub fn reindex(store: &Store, batch_size: usize) -> Result<u64, Error> {
             ..Batch::default()
         };
         for stored in &page {
+            // A Consent that states no time keeps the time it was stored.
+            ctx.imported_at = time::OffsetDateTime::parse(
+                &stored.last_updated,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .map_or(0, |t| t.unix_timestamp());
             match index_resource(&stored.content, &ctx) {
                 Ok(validated) => batch.items.push(validated.indexed),
                 Err(invalid) => tracing::warn!(

@@ -45,16 +45,22 @@ impl std::str::FromStr for RrnPolicy {
 pub(crate) enum Screened {
     /// Nothing RRN-like: store the JSON as it is.
     Clean,
-    /// RRN identifiers were removed: store this JSON instead.
+    /// The resource was parsed and screened: store this JSON (decoded and
+    /// re-serialised) instead; `removed` RRN identifiers were taken out.
     Stripped { json: String, removed: usize },
     /// The resource must not be stored.
     Rejected(String),
 }
 
-/// Screens one resource's JSON.
+/// Screens one resource's JSON. Detection works on decoded values: a
+/// document with an escape anywhere (`\u0039` could spell a digit, `\u002d`
+/// a hyphen, `\/` a slash of the RRN system) is parsed and screened as
+/// decoded, as is one whose raw text looks suspicious.
 pub(crate) fn screen(json: &str, policy: RrnPolicy) -> Screened {
-    let suspicious =
-        contains_rrn_shape(json.as_bytes()) || json.contains(RRN_SYSTEM) || json.contains("NNKOR");
+    let suspicious = contains_rrn_shape(json.as_bytes())
+        || json.contains(RRN_SYSTEM)
+        || json.contains("NNKOR")
+        || json.contains('\\');
     if !suspicious {
         return Screened::Clean;
     }
@@ -77,15 +83,17 @@ pub(crate) fn screen(json: &str, policy: RrnPolicy) -> Screened {
         ));
     }
     let json = serde_json::to_string(&value).expect("a parsed value serializes");
+    // serde_json writes no escapes for digits, hyphens or letters, so the
+    // text checked here is the decoded one.
     if contains_rrn_shape(json.as_bytes()) || json.contains(RRN_SYSTEM) {
         return Screened::Rejected(
             "contains a value shaped like a resident registration number outside identifier; remove it at the source"
                 .to_owned(),
         );
     }
-    if removed == 0 {
-        return Screened::Clean;
-    }
+    // What was screened is what is stored: the decoded, re-serialised text
+    // (where the raw text and its parse could differ, duplicate keys say,
+    // the raw text was not what was checked).
     Screened::Stripped { json, removed }
 }
 
@@ -184,6 +192,48 @@ mod tests {
         ));
         let clean = r#"{"resourceType":"Patient","id":"p1","gender":"male"}"#;
         assert_eq!(screen(clean, RrnPolicy::Strip), Screened::Clean);
+    }
+
+    #[test]
+    fn an_rrn_spelled_with_json_escapes_is_found_decoded() {
+        // Issue 38 (8): a \u002d hyphen, or escaped digits, hide nothing.
+        let hyphen = r#"{"resourceType":"Patient","id":"p1","identifier":[
+            {"system":"urn:ghx:chosun:mrn","value":"MRN1"},
+            {"system":"urn:other","value":"900101\u002d1234567"}],"gender":"male"}"#;
+        match screen(hyphen, RrnPolicy::Strip) {
+            Screened::Stripped { json, removed } => {
+                assert_eq!(removed, 1);
+                assert!(
+                    !json.contains("900101") && !json.contains("1234567"),
+                    "{json}"
+                );
+            }
+            other => panic!("expected stripped, got {other:?}"),
+        }
+        let digits = r#"{"resourceType":"Condition","id":"c1","note":[{"text":"RRN \u0039\u0030\u00301011234567"}]}"#;
+        assert!(matches!(
+            screen(digits, RrnPolicy::Strip),
+            Screened::Rejected(_)
+        ));
+        let system = r#"{"resourceType":"Patient","id":"p1","identifier":[
+            {"system":"http://www.hl7korea.or.kr/Identifier/rr\u006e","value":"masked"}]}"#;
+        assert!(matches!(
+            screen(system, RrnPolicy::Strip),
+            Screened::Stripped { removed: 1, .. }
+        ));
+        let slashes = r#"{"resourceType":"Patient","id":"p1","identifier":[
+            {"system":"http:\/\/www.hl7korea.or.kr\/Identifier\/rrn","value":"900101-1******"}]}"#;
+        assert!(matches!(
+            screen(slashes, RrnPolicy::Strip),
+            Screened::Stripped { removed: 1, .. }
+        ));
+        // An escape that spells nothing of the kind is kept, decoded.
+        let korean =
+            r#"{"resourceType":"Patient","id":"p1","name":[{"text":"\ud64d\uae38\ub3d9"}]}"#;
+        match screen(korean, RrnPolicy::Strip) {
+            Screened::Stripped { json, removed: 0 } => assert!(json.contains("홍길동"), "{json}"),
+            other => panic!("expected the decoded text, got {other:?}"),
+        }
     }
 
     #[test]

@@ -337,7 +337,9 @@ pub struct NodeInfo {
     /// Smallest cell count this node releases; smaller counts are suppressed.
     #[prost(uint32, tag = "4")]
     pub min_cell_size: u32,
-    /// Number of stored resources per resource type (aggregate only).
+    /// Number of stored resources per resource type, rounded down to a
+    /// multiple of 100; given to the coordinator only (empty for any other
+    /// caller).
     #[prost(map = "string, uint64", tag = "5")]
     pub resource_counts: ::std::collections::HashMap<
         ::prost::alloc::string::String,

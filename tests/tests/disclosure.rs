@@ -1,0 +1,692 @@
+//! Disclosure control against a determined requester: suppressed cells
+//! checked by an attacker that shares no code with the node
+//! (`ghx_federation_tests::attack`), over thousands of random tables and
+//! end to end through a real federation.
+
+use std::collections::BTreeMap;
+
+use ghx::local_federation::{
+    LocalFederation, LocalFederationOptions, REQUESTER, RESEARCHER, manifest_for,
+};
+use ghx_federation_tests::attack::{self, Fact, Margin, Seen, Table};
+use ghx_node::engine::{Raw, RawCell};
+use ghx_node::import::{ImportOptions, import_path};
+use ghx_node::release::{Candidate, release};
+use ghx_proto::v1 as pb;
+use ghx_study::query::QuerySpec;
+use ghx_study::result::CellValue;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+const K: u64 = 10;
+
+/// A count query whose cells have as many dimensions as `dims` (up to 3).
+fn spec(dims: usize) -> QuerySpec {
+    let group_by = [
+        r#""sex""#,
+        r#""age_band""#,
+        r#"{"diagnosis":[{"label":"a","system":"urn:x","codes":["A"]}]}"#,
+    ][..dims]
+        .join(",");
+    QuerySpec::parse(
+        format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01"}},"analysis":{{"kind":"count","group_by":[{group_by}]}}}}"#
+        )
+        .as_bytes(),
+    )
+    .expect("a valid query")
+}
+
+/// The grid's cells in index order, absent where the count is zero (as the
+/// node's SQL leaves empty cells out).
+fn cells(shape: &[usize], counts: &[u64]) -> BTreeMap<Vec<usize>, u64> {
+    let mut out = BTreeMap::new();
+    for (flat, n) in counts.iter().enumerate() {
+        if *n == 0 {
+            continue;
+        }
+        let mut index = vec![0; shape.len()];
+        let mut rest = flat;
+        for d in (0..shape.len()).rev() {
+            index[d] = rest % shape[d];
+            rest /= shape[d];
+        }
+        out.insert(index, *n);
+    }
+    out
+}
+
+/// What the node releases of a table of true counts, as the attacker sees it.
+fn node_release(shape: &[usize], counts: &BTreeMap<Vec<usize>, u64>) -> Table {
+    let raw: Vec<RawCell> = counts
+        .iter()
+        .map(|(index, n)| RawCell {
+            key: index.iter().map(|i| format!("v{i}")).collect(),
+            value: Raw::Count(*n),
+        })
+        .collect();
+    let candidates = raw.iter().map(|c| Candidate::exact(c, K as u32)).collect();
+    let result = release("chosun", &spec(shape.len()), raw, candidates, K as u32);
+    let seen = counts.iter().zip(&result.cells).map(|((index, n), cell)| {
+        let seen = match &cell.value {
+            CellValue::Count(released) => {
+                assert_eq!(released, n, "a released count is exact");
+                Seen::Released(*released)
+            }
+            CellValue::Suppressed { reason } if reason.contains("below the minimum cell size") => {
+                Seen::Small
+            }
+            CellValue::Suppressed { .. } => Seen::Withheld,
+            other => panic!("a count table released {other:?}"),
+        };
+        if *n < K {
+            assert_eq!(seen, Seen::Small, "a small cell is withheld as small");
+        }
+        (index.clone(), seen)
+    });
+    Table {
+        shape: shape.to_vec(),
+        cells: seen.collect(),
+    }
+}
+
+/// What a requester learns of a table from the node's release of each of
+/// its coarser groupings (the same cohort grouped by fewer dimensions),
+/// asked of the node as queries of their own: each released cell a known
+/// total of the table's cells, each withheld one a sum known to be small or
+/// at least k.
+fn margins_of(shape: &[usize], counts: &BTreeMap<Vec<usize>, u64>) -> Vec<Margin> {
+    let dims = shape.len();
+    let mut margins = Vec::new();
+    for kept in 0..(1u32 << dims) - 1 {
+        let kept_dims: Vec<usize> = (0..dims).filter(|d| kept & (1 << d) != 0).collect();
+        let project =
+            |index: &[usize]| -> Vec<usize> { kept_dims.iter().map(|d| index[*d]).collect() };
+        let mut grouped: BTreeMap<Vec<usize>, u64> = BTreeMap::new();
+        for (index, n) in counts {
+            *grouped.entry(project(index)).or_default() += n;
+        }
+        let grouped_shape: Vec<usize> = kept_dims.iter().map(|d| shape[*d]).collect();
+        let released = node_release(&grouped_shape, &grouped);
+        for (cell, seen) in &released.cells {
+            let cells = counts
+                .keys()
+                .filter(|index| project(index) == *cell)
+                .cloned()
+                .collect();
+            let fact = match seen {
+                Seen::Released(n) => Fact::Total(*n),
+                Seen::Small => Fact::Small,
+                Seen::Withheld => Fact::AtLeastK,
+            };
+            margins.push(Margin { cells, fact });
+        }
+    }
+    margins
+}
+
+/// A small count the attacker bounds more tightly than the margins alone
+/// do: a small cell of the table, or a small cell of a coarser grouping.
+#[derive(Debug, PartialEq)]
+struct Narrowed {
+    cells: Vec<Vec<usize>>,
+    /// Its interval from the table and the margins.
+    got: (i64, i64),
+    /// Its interval from the margins alone.
+    allowed: (i64, i64),
+}
+
+/// Every small count whose interval, from `table` and the margins, is
+/// narrower than the margins alone allow.
+fn narrowed(table: &Table, margins: &[Margin]) -> Vec<Narrowed> {
+    let margins_only = attack::all_withheld(table);
+    let small_cells = table
+        .cells
+        .iter()
+        .filter(|(_, seen)| **seen == Seen::Small)
+        .map(|(index, _)| vec![index.clone()]);
+    let small_margins = margins
+        .iter()
+        .filter(|m| m.fact == Fact::Small)
+        .map(|m| m.cells.clone());
+    small_cells
+        .chain(small_margins)
+        .filter_map(|cells| {
+            let got = attack::interval(table, margins, K, &cells);
+            let allowed = attack::interval(&margins_only, margins, K, &cells);
+            (got != allowed).then_some(Narrowed {
+                cells,
+                got,
+                allowed,
+            })
+        })
+        .collect()
+}
+
+/// The secondary suppression ghx used before: until no line holds exactly
+/// one withheld cell, withhold the smallest released cell of such a line.
+/// Kept here as the rule the attacker must be able to beat.
+fn line_pairs_rule(shape: &[usize], counts: &BTreeMap<Vec<usize>, u64>) -> Table {
+    let mut withheld: BTreeMap<&Vec<usize>, Seen> = counts
+        .iter()
+        .filter(|(_, n)| **n < K)
+        .map(|(index, _)| (index, Seen::Small))
+        .collect();
+    let lines = attack::all_lines(shape);
+    loop {
+        let mut changed = false;
+        for line in &lines {
+            let members: Vec<&Vec<usize>> =
+                counts.keys().filter(|index| line.holds(index)).collect();
+            let hidden = members.iter().filter(|i| withheld.contains_key(*i)).count();
+            if hidden != 1 || members.len() < 2 {
+                continue;
+            }
+            let partner = members
+                .iter()
+                .filter(|i| !withheld.contains_key(*i))
+                .min_by_key(|i| (counts[**i], (**i).clone()));
+            if let Some(partner) = partner {
+                withheld.insert(partner, Seen::Withheld);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    Table {
+        shape: shape.to_vec(),
+        cells: counts
+            .iter()
+            .map(|(index, n)| {
+                let seen = withheld.get(index).copied().unwrap_or(Seen::Released(*n));
+                (index.clone(), seen)
+            })
+            .collect(),
+    }
+}
+
+/// A random table: mostly cells of 10..60, some small, some empty.
+fn random_counts(rng: &mut impl Rng, cells: usize) -> Vec<u64> {
+    (0..cells)
+        .map(|_| match rng.gen_range(0..20) {
+            0..=2 => 0,
+            3..=7 => rng.gen_range(1..K),
+            _ => rng.gen_range(K..60),
+        })
+        .collect()
+}
+
+#[test]
+fn the_attacker_pins_cells_the_old_rule_left_and_none_the_node_leaves() {
+    // Regression for issue 38 (1): with no small cell alone in a line, a
+    // table could still give a small cell away exactly. Search seeded
+    // random tables for ones where the independent attacker, holding what
+    // the node releases of the coarser groupings, pins a small cell exactly
+    // under the old rule; the node's release of each must hold.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(38);
+    let mut pinned = 0;
+    for _ in 0..3000 {
+        let shape = vec![rng.gen_range(3..=4), rng.gen_range(3..=6)];
+        let counts = cells(&shape, &random_counts(&mut rng, shape[0] * shape[1]));
+        let margins = margins_of(&shape, &counts);
+        let old = line_pairs_rule(&shape, &counts);
+        let exact = narrowed(&old, &margins)
+            .into_iter()
+            .any(|n| n.got.0 == n.got.1 && n.allowed.0 < n.allowed.1);
+        if !exact {
+            continue;
+        }
+        pinned += 1;
+        let new = node_release(&shape, &counts);
+        assert_eq!(narrowed(&new, &margins), [], "{shape:?} {counts:?}");
+    }
+    assert!(
+        pinned > 0,
+        "the attacker pins some small cell under the old rule"
+    );
+    eprintln!("the old rule gave away {pinned} of 3000 tables exactly");
+}
+
+#[test]
+fn a_small_cell_alone_in_its_column_holds_against_the_groupings_a_requester_can_run() {
+    // Found in review: female/90+ (3) is the only cell of its column. The
+    // node used to take every column total as known, so the cell looked
+    // given away by its own column already and was left unaudited; with
+    // what the groupings by sex and by age band really release, released
+    // cells in other columns gave it away.
+    let shape = [2, 4];
+    let counts = cells(&shape, &[19, 100, 20, 3, 100, 19, 20, 0]);
+    let margins = margins_of(&shape, &counts);
+    let released = node_release(&shape, &counts);
+    assert_eq!(narrowed(&released, &margins), []);
+}
+
+fn grid() -> impl Strategy<Value = (Vec<usize>, Vec<u64>)> {
+    let shape = prop_oneof![
+        4 => (2usize..=4, 2usize..=6).prop_map(|(r, c)| vec![r, c]),
+        1 => (2usize..=3, 2usize..=3, 2usize..=3).prop_map(|(a, b, c)| vec![a, b, c]),
+        1 => (2usize..=8).prop_map(|n| vec![n]),
+    ];
+    shape.prop_flat_map(|shape| {
+        let n: usize = shape.iter().product();
+        let count = prop_oneof![3 => Just(0u64), 5 => 1..K, 12 => K..60];
+        (Just(shape), proptest::collection::vec(count, n))
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1500))]
+
+    /// Issue 38 (1): from a table's released cells and what its coarser
+    /// groupings release, the attacker learns no more of any small count
+    /// than those groupings alone allow.
+    #[test]
+    fn no_small_cell_is_narrowed_by_what_the_node_releases((shape, counts) in grid()) {
+        let counts = cells(&shape, &counts);
+        let margins = margins_of(&shape, &counts);
+        let released = node_release(&shape, &counts);
+        let narrowed = narrowed(&released, &margins);
+        prop_assert!(narrowed.is_empty(), "{:?}: {:?}", counts, narrowed);
+    }
+}
+
+const KCD8: &str = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+/// The rows of the attacked table: diagnosis groups the synthetic data
+/// never holds, so the table is exactly the patients written below.
+const GROUPS: [&str; 3] = ["K21", "K25", "K29"];
+/// Its columns: ten-year age bands at 2026-01-01, and a birth date in each.
+const BANDS: [(&str, &str); 4] = [
+    ("30-39", "1990-06-15"),
+    ("40-49", "1980-06-15"),
+    ("50-59", "1970-06-15"),
+    ("60-69", "1960-06-15"),
+];
+/// Patients per (group, band): a table the old rule gave away (found by
+/// the seeded search above), every row and column total at least k so that
+/// the margin queries release them all.
+const ATTACKED: [[u64; 4]; 3] = [[46, 6, 9, 46], [51, 13, 9, 3], [49, 17, 12, 0]];
+
+fn attack_query(group_by: &str) -> String {
+    format!(
+        r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[{{"system":"{KCD8}","code":"K2","match":"prefix"}}]}},"analysis":{{"kind":"count","group_by":[{group_by}]}}}}"#
+    )
+}
+
+/// Writes the attacked table's patients (each with a research consent and
+/// one diagnosis) as an NDJSON export under `dir`.
+fn write_attacked_patients(dir: &std::path::Path) {
+    let (mut patients, mut conditions, mut consents) = (vec![], vec![], vec![]);
+    for (g, row) in ATTACKED.iter().enumerate() {
+        for (b, n) in row.iter().enumerate() {
+            for i in 0..*n {
+                let id = format!("attack-{g}-{b}-{i}");
+                let patient = format!("Patient/{id}");
+                patients.push(serde_json::json!({
+                    "resourceType": "Patient", "id": id, "active": true,
+                    "gender": if i % 2 == 0 { "female" } else { "male" },
+                    "birthDate": BANDS[b].1,
+                }));
+                conditions.push(serde_json::json!({
+                    "resourceType": "Condition", "id": format!("{id}-c"),
+                    "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                    "code": {"coding": [{"system": KCD8, "code": format!("{}.9", GROUPS[g])}]},
+                    "subject": {"reference": patient},
+                    "onsetDateTime": "2024-03-01",
+                }));
+                consents.push(serde_json::json!({
+                    "resourceType": "Consent", "id": format!("{id}-consent"), "status": "active",
+                    "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+                    "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+                    "patient": {"reference": patient},
+                    "dateTime": "2025-01-10T10:00:00+09:00",
+                    "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+                    "provision": {"type": "permit", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]},
+                }));
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, lines) in [
+        ("Patient", patients),
+        ("Condition", conditions),
+        ("Consent", consents),
+    ] {
+        let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        std::fs::write(dir.join(format!("{name}.ndjson")), text.join("\n")).unwrap();
+    }
+}
+
+/// Chosun's own answer in a federated result.
+fn chosun(result: &pb::StudyResult) -> &pb::AggregateResult {
+    result
+        .per_node
+        .iter()
+        .find(|r| r.node_id == "chosun")
+        .expect("chosun answered")
+}
+
+/// A released count, or none when withheld.
+fn count(cell: &pb::Cell) -> Option<u64> {
+    match cell.value.as_ref().expect("a value") {
+        pb::cell::Value::Count(n) => Some(*n),
+        pb::cell::Value::Suppressed(_) => None,
+        other => panic!("a count query answered {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_with_every_margin_cannot_narrow_a_suppressed_cell() {
+    // Issue 38 (1), end to end: a requester runs a table and, over the same
+    // cohort, the groupings that release its row, column and table totals,
+    // then solves for the withheld cells of one hospital's table.
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions::new(dir.path(), 40, 2026))
+        .await
+        .expect("the local federation starts");
+    let export = dir.path().join("attacked");
+    write_attacked_patients(&export);
+    let store = federation
+        .nodes
+        .iter()
+        .find(|n| n.profile.id == "chosun")
+        .unwrap()
+        .store
+        .clone();
+    let report = tokio::task::spawn_blocking(move || {
+        import_path(&store, &export, &ImportOptions::default())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+
+    let diagnosis = GROUPS
+        .iter()
+        .map(|g| format!(r#"{{"label":"{g}","system":"{KCD8}","codes":["{g}"],"match":"prefix"}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
+    let by_diagnosis = format!(r#"{{"diagnosis":[{diagnosis}]}}"#);
+    let queries = [
+        (
+            "table",
+            attack_query(&format!(r#"{by_diagnosis},"age_band""#)),
+        ),
+        ("rows", attack_query(&by_diagnosis)),
+        ("columns", attack_query(r#""age_band""#)),
+        ("total", attack_query("")),
+    ];
+    let named: Vec<(&str, &str)> = queries.iter().map(|(n, q)| (*n, q.as_str())).collect();
+    let study = federation
+        .approved_study(REQUESTER, manifest_for("Margins", "HRESCH", &named))
+        .await
+        .unwrap();
+    let mut answers = BTreeMap::new();
+    for (name, _) in &queries {
+        let result = federation.run_study(&study, name).await.unwrap();
+        answers.insert(*name, chosun(&result).clone());
+    }
+
+    // What the requester holds: the table as released, and every line
+    // total from the other groupings (all released: each is at least k).
+    let band = |label: &str| BANDS.iter().position(|(b, _)| *b == label).unwrap();
+    let group = |label: &str| GROUPS.iter().position(|g| *g == label).unwrap();
+    let mut table = Table {
+        shape: vec![GROUPS.len(), BANDS.len()],
+        cells: BTreeMap::new(),
+    };
+    for cell in &answers["table"].cells {
+        let seen = match (count(cell), &cell.value) {
+            (Some(n), _) => Seen::Released(n),
+            (None, Some(pb::cell::Value::Suppressed(s)))
+                if s.reason.contains("below the minimum cell size") =>
+            {
+                Seen::Small
+            }
+            _ => Seen::Withheld,
+        };
+        table
+            .cells
+            .insert(vec![group(&cell.key[0]), band(&cell.key[1])], seen);
+    }
+    // What the groupings by row, by column and none released: each cell a
+    // known total, or a sum known small or at least k.
+    let all_cells: Vec<Vec<usize>> = table.cells.keys().cloned().collect();
+    let mut margins = Vec::new();
+    for (query, dimension) in [("rows", Some(0)), ("columns", Some(1)), ("total", None)] {
+        for cell in &answers[query].cells {
+            let wanted = dimension.map(|d| match d {
+                0 => group(&cell.key[0]),
+                _ => band(&cell.key[0]),
+            });
+            let cells = all_cells
+                .iter()
+                .filter(|index| dimension.is_none_or(|d| Some(index[d]) == wanted))
+                .cloned()
+                .collect();
+            let fact = match (count(cell), &cell.value) {
+                (Some(n), _) => Fact::Total(n),
+                (None, Some(pb::cell::Value::Suppressed(s)))
+                    if s.reason.contains("below the minimum cell size") =>
+                {
+                    Fact::Small
+                }
+                _ => Fact::AtLeastK,
+            };
+            margins.push(Margin { cells, fact });
+        }
+    }
+    assert!(
+        margins.iter().all(|m| matches!(m.fact, Fact::Total(_))),
+        "every row, column and the table total are released here"
+    );
+
+    // The true table, for the checks below.
+    let truth: BTreeMap<Vec<usize>, u64> = cells(&[3, 4], &ATTACKED.concat());
+    assert!(
+        table.cells.values().any(|s| *s == Seen::Small),
+        "the table has small cells to attack"
+    );
+    // Against the rule ghx used before, this requester pins a cell exactly...
+    let old = line_pairs_rule(&[3, 4], &truth);
+    assert!(
+        narrowed(&old, &margins).iter().any(|n| n.got.0 == n.got.1),
+        "the old rule gives a cell of this table away"
+    );
+    // ...against the node's, it learns nothing the margins did not say.
+    assert_eq!(narrowed(&table, &margins), []);
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubmitted_manifest_does_not_bring_a_fresh_budget() {
+    // Issue 38 (10): budgets were per study id, so the same manifest
+    // submitted again started afresh. Each node now caps an organisation's
+    // spend over all its studies (10 unless configured). The strictest
+    // hospital's policy allows a study a budget of at most 0.5: the 21st
+    // such study is one too many.
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions::new(dir.path(), 40, 2026))
+        .await
+        .expect("the local federation starts");
+    let noised = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"count","group_by":["sex"]},"noise":{"mechanism":"laplace","epsilon":0.5}}"#;
+    let manifest =
+        ghx::local_federation::manifest_with_budget("Budget", "HRESCH", &[("n", noised)], 0.5);
+    let mut researcher = federation.client(RESEARCHER).await.unwrap();
+    let mut refusals = Vec::new();
+    for _ in 0..21 {
+        // The same manifest again, approved again: each a fresh study budget.
+        let study = federation
+            .approved_study(RESEARCHER, manifest.clone())
+            .await
+            .unwrap();
+        let result = researcher
+            .run_study(pb::RunStudyRequest {
+                study_id: study,
+                query: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap();
+        refusals.push(
+            result
+                .failures
+                .iter()
+                .map(|f| f.reason.clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+    let last = refusals.pop().unwrap();
+    assert!(refusals.iter().all(Vec::is_empty), "{refusals:?}");
+    assert_eq!(last.len(), 3, "{last:?}");
+    assert!(
+        last.iter().all(|r| r
+            .contains("Chonnam National University Medical School at this node over all studies")),
+        "{last:?}"
+    );
+    federation.shutdown().await;
+}
+
+/// Patients with one diagnosis and a research consent, as NDJSON under
+/// `dir`; `psy` adds a nested permit labelled PSY (mental health).
+fn write_diagnosed(dir: &std::path::Path, groups: &[(&str, &str, &str, usize, bool)]) {
+    let (mut patients, mut conditions, mut consents) = (vec![], vec![], vec![]);
+    for (tag, system, code, n, psy) in groups {
+        for i in 0..*n {
+            let id = format!("{tag}-{i}");
+            let patient = format!("Patient/{id}");
+            patients.push(serde_json::json!({
+                "resourceType": "Patient", "id": id, "active": true,
+                "gender": "female", "birthDate": "1980-06-15",
+            }));
+            conditions.push(serde_json::json!({
+                "resourceType": "Condition", "id": format!("{id}-c"),
+                "code": {"coding": [{"system": system, "code": code}]},
+                "subject": {"reference": patient},
+            }));
+            let mut provision = serde_json::json!({"type": "permit", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]});
+            if *psy {
+                provision["provision"] = serde_json::json!([{"type": "permit", "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}]}]);
+            }
+            consents.push(serde_json::json!({
+                "resourceType": "Consent", "id": format!("{id}-consent"), "status": "active",
+                "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+                "patient": {"reference": patient},
+                "dateTime": "2025-01-10T10:00:00+09:00",
+                "provision": provision,
+            }));
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, lines) in [
+        ("Patient", patients),
+        ("Condition", conditions),
+        ("Consent", consents),
+    ] {
+        let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        std::fs::write(dir.join(format!("{name}.ndjson")), text.join("\n")).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
+    // Issue 38 (7): an ICD-10-CM F32 cohort was released to a company
+    // without the patients' mental-health consent. Now ICD-10-CM shares
+    // the ICD-10 categories, and a code ghx cannot classify (SNOMED CT)
+    // counts as every category.
+    const ICD10CM: &str = "http://hl7.org/fhir/sid/icd-10-cm";
+    const SNOMED: &str = "http://snomed.info/sct";
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions::new(dir.path(), 40, 2026))
+        .await
+        .expect("the local federation starts");
+    let export = dir.path().join("diagnosed");
+    write_diagnosed(
+        &export,
+        &[
+            ("cm-no-psy", ICD10CM, "F32.9", 30, false),
+            ("cm-psy", ICD10CM, "F32.9", 12, true),
+            ("sct-psy", SNOMED, "35489007", 30, true),
+        ],
+    );
+    let store = federation
+        .nodes
+        .iter()
+        .find(|n| n.profile.id == "chosun")
+        .unwrap()
+        .store
+        .clone();
+    let report = tokio::task::spawn_blocking(move || {
+        import_path(&store, &export, &ImportOptions::default())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    let query_for = |system: &str, code: &str| {
+        format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[{{"system":"{system}","code":"{code}","match":"prefix"}}]}},"analysis":{{"kind":"count"}}}}"#
+        )
+    };
+    let (f32_cm, depression_sct) = (query_for(ICD10CM, "F32"), query_for(SNOMED, "35489007"));
+    let manifest = manifest_for(
+        "Depression",
+        "HRESCH",
+        &[("f32", &f32_cm), ("sct", &depression_sct)],
+    );
+    // A company may not select on a sensitive diagnosis, in either system.
+    let study = federation
+        .approved_study(REQUESTER, manifest.clone())
+        .await
+        .unwrap();
+    for query in ["f32", "sct"] {
+        let result = federation.run_study(&study, query).await.unwrap();
+        assert!(result.per_node.is_empty(), "{query}: {:?}", result.per_node);
+        assert!(
+            result
+                .failures
+                .iter()
+                .all(|f| f.reason.contains("refuses this request")),
+            "{query}: {:?}",
+            result.failures
+        );
+    }
+    // An academic requester sees only the patients who named mental health:
+    // 12 in ICD-10-CM; none in SNOMED CT, whose code no consent here can
+    // open without naming every category.
+    let study = federation
+        .approved_study(RESEARCHER, manifest)
+        .await
+        .unwrap();
+    let mut researcher = federation.client(RESEARCHER).await.unwrap();
+    let mut chosun_count = async |query: &str| {
+        let result = researcher
+            .run_study(pb::RunStudyRequest {
+                study_id: study.clone(),
+                query: query.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap();
+        // Chosun answers both; a hospital may refuse a selection that
+        // could touch rare diseases (Christian does, for SNOMED CT).
+        assert!(
+            result
+                .failures
+                .iter()
+                .all(|f| f.node_id != "chosun" && f.reason.contains("no-rare-disease-queries")),
+            "{query}: {:?}",
+            result.failures
+        );
+        count(&chosun(&result).cells[0])
+    };
+    assert_eq!(chosun_count("f32").await, Some(12));
+    assert_eq!(chosun_count("sct").await, None, "withheld, as fewer than k");
+    federation.shutdown().await;
+}
