@@ -20,13 +20,21 @@ use rand::{Rng, SeedableRng};
 
 const K: u64 = 10;
 
-/// A count query whose cells have as many dimensions as `dims` (up to 3).
-fn spec(dims: usize) -> QuerySpec {
-    let group_by = [
-        r#""sex""#,
-        r#""age_band""#,
-        r#"{"diagnosis":[{"label":"a","system":"urn:x","codes":["A"]}]}"#,
-    ][..dims]
+/// The grid's dimensions, by position: a grid of up to 3 dimensions is a
+/// table by sex, age band and diagnosis.
+const DIMENSIONS: [&str; 3] = [
+    r#""sex""#,
+    r#""age_band""#,
+    r#"{"diagnosis":[{"label":"a","system":"urn:x","codes":["A"]}]}"#,
+];
+
+/// A count query grouped by the grid dimensions `dims` (indices into
+/// [`DIMENSIONS`]), as a requester would ask it.
+fn spec(dims: &[usize]) -> QuerySpec {
+    let group_by = dims
+        .iter()
+        .map(|d| DIMENSIONS[*d])
+        .collect::<Vec<_>>()
         .join(",");
     QuerySpec::parse(
         format!(
@@ -58,6 +66,13 @@ fn cells(shape: &[usize], counts: &[u64]) -> BTreeMap<Vec<usize>, u64> {
 
 /// What the node releases of a table of true counts, as the attacker sees it.
 fn node_release(shape: &[usize], counts: &BTreeMap<Vec<usize>, u64>) -> Table {
+    let dims: Vec<usize> = (0..shape.len()).collect();
+    grouping_release(&dims, shape, counts)
+}
+
+/// What the node releases of the cohort grouped by the grid dimensions
+/// `dims` (whose sizes are `shape`), as the attacker sees it.
+fn grouping_release(dims: &[usize], shape: &[usize], counts: &BTreeMap<Vec<usize>, u64>) -> Table {
     let raw: Vec<RawCell> = counts
         .iter()
         .map(|(index, n)| RawCell {
@@ -66,7 +81,7 @@ fn node_release(shape: &[usize], counts: &BTreeMap<Vec<usize>, u64>) -> Table {
         })
         .collect();
     let candidates = raw.iter().map(|c| Candidate::exact(c, K as u32)).collect();
-    let result = release("chosun", &spec(shape.len()), raw, candidates, K as u32);
+    let result = release("chosun", &spec(dims), raw, candidates, K as u32);
     let seen = counts.iter().zip(&result.cells).map(|((index, n), cell)| {
         let seen = match &cell.value {
             CellValue::Count(released) => {
@@ -107,7 +122,7 @@ fn margins_of(shape: &[usize], counts: &BTreeMap<Vec<usize>, u64>) -> Vec<Margin
             *grouped.entry(project(index)).or_default() += n;
         }
         let grouped_shape: Vec<usize> = kept_dims.iter().map(|d| shape[*d]).collect();
-        let released = node_release(&grouped_shape, &grouped);
+        let released = grouping_release(&kept_dims, &grouped_shape, &grouped);
         for (cell, seen) in &released.cells {
             let cells = counts
                 .keys()
@@ -689,4 +704,90 @@ async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
     assert_eq!(chosun_count("f32").await, Some(12));
     assert_eq!(chosun_count("sct").await, None, "withheld, as fewer than k");
     federation.shutdown().await;
+}
+
+/// Which cells (by key) a count query's release withholds, for the cells
+/// `counts` (keys in the query's order) under `group_by` (JSON).
+fn withheld_under(group_by: &str, counts: &[(Vec<&str>, u64)]) -> Vec<Vec<String>> {
+    let spec = QuerySpec::parse(
+        format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01"}},"analysis":{{"kind":"count","group_by":[{group_by}]}}}}"#
+        )
+        .as_bytes(),
+    )
+    .expect("a valid query");
+    let raw: Vec<RawCell> = counts
+        .iter()
+        .map(|(key, n)| RawCell {
+            key: key.iter().map(|k| (*k).to_owned()).collect(),
+            value: Raw::Count(*n),
+        })
+        .collect();
+    let candidates = raw.iter().map(|c| Candidate::exact(c, K as u32)).collect();
+    let mut withheld: Vec<Vec<String>> = release("chosun", &spec, raw, candidates, K as u32)
+        .cells
+        .into_iter()
+        .filter(|c| matches!(c.value, CellValue::Suppressed { .. }))
+        .map(|c| c.key)
+        .collect();
+    withheld.sort();
+    withheld
+}
+
+#[test]
+fn the_same_table_asked_another_way_is_suppressed_alike() {
+    // Found by an independent attack: asked by sex and age band, then by
+    // age band and sex, the node withheld two different rectangles around
+    // unknown/30-39 (4); with both releases and the total by sex, it was
+    // 126 - 70 - 52 = 4 exactly. The node now protects every table in one
+    // canonical form.
+    let cells = [
+        ("female", "30-39", 45),
+        ("female", "40-49", 34),
+        ("female", "50-59", 42),
+        ("male", "30-39", 60),
+        ("male", "40-49", 66),
+        ("male", "50-59", 57),
+        ("unknown", "30-39", 4),
+        ("unknown", "40-49", 70),
+        ("unknown", "50-59", 52),
+    ];
+    let by_sex: Vec<(Vec<&str>, u64)> = cells.iter().map(|(s, b, n)| (vec![*s, *b], *n)).collect();
+    let by_band: Vec<(Vec<&str>, u64)> = cells.iter().map(|(s, b, n)| (vec![*b, *s], *n)).collect();
+    let mut transposed: Vec<Vec<String>> = withheld_under(r#""age_band","sex""#, &by_band)
+        .into_iter()
+        .map(|key| vec![key[1].clone(), key[0].clone()])
+        .collect();
+    transposed.sort();
+    assert_eq!(withheld_under(r#""sex","age_band""#, &by_sex), transposed);
+    // Diagnosis groups listed in another order, under other labels.
+    let groups = |order: &[(&str, &str)]| {
+        let listed: Vec<String> = order
+            .iter()
+            .map(|(label, code)| {
+                format!(r#"{{"label":"{label}","system":"urn:x","codes":["{code}"]}}"#)
+            })
+            .collect();
+        format!(r#"{{"diagnosis":[{}]}}"#, listed.join(","))
+    };
+    let first = withheld_under(
+        &groups(&[("a", "A"), ("b", "B"), ("c", "C")]),
+        &[(vec!["a"], 5), (vec!["b"], 30), (vec!["c"], 30)],
+    );
+    let second = withheld_under(
+        &groups(&[("x", "A"), ("z", "C"), ("y", "B")]),
+        &[(vec!["x"], 5), (vec!["z"], 30), (vec!["y"], 30)],
+    );
+    let rename = |label: &str| match label {
+        "x" => "a",
+        "y" => "b",
+        _ => "c",
+    };
+    let second: Vec<Vec<String>> = second
+        .into_iter()
+        .map(|key| vec![rename(&key[0]).to_owned()])
+        .collect();
+    let mut second = second;
+    second.sort();
+    assert_eq!(first, second);
 }

@@ -14,9 +14,10 @@
 //!   recent Consent that is active, inactive or rejected is the patient's
 //!   current word; an inactive one is a withdrawal, a rejected one a refusal.
 //!   A Consent's time is its dateTime, else its meta.lastUpdated, else when
-//!   it was imported. On equal times the more restrictive wins (a
-//!   withdrawal or refusal, then a Consent whose base rule denies), whatever
-//!   order the records were loaded in.
+//!   it was imported if it restricts (a withdrawal, refusal or deny) and
+//!   the beginning of time if it permits. Consents of equal time are each
+//!   decided and the most restrictive outcome stands, whatever order the
+//!   records were loaded in.
 //! - The root provision's type is the base rule; nested provisions are
 //!   exceptions to their parent and apply only where the parent applies. An
 //!   applicable nested deny beats an applicable nested permit.
@@ -121,7 +122,8 @@ pub struct ConsentRecord {
     pub scope: String,
     pub status: String,
     /// Unix seconds of Consent.dateTime, else of meta.lastUpdated, else of
-    /// the import that stored it.
+    /// the import that stored it for a Consent that restricts (withdrawal,
+    /// refusal, deny) and 0 for a permit.
     pub recorded_at: i64,
     /// `None` when the Consent has no provision: nothing was permitted.
     pub provision: Option<Provision>,
@@ -135,6 +137,16 @@ pub fn record_of(
     date_time_unix: impl Fn(&DateTime) -> i64,
     imported_at: i64,
 ) -> ConsentRecord {
+    // A withdrawal, refusal or deny with no time of its own is taken as
+    // recent as its import, so that it is not lost to an older permit; a
+    // permit with no time is taken as the oldest, so that it never
+    // outranks a dated withdrawal.
+    let restricts = consent.status.as_ref() != "active"
+        || consent
+            .provision
+            .as_ref()
+            .and_then(|p| p.r#type.as_ref())
+            .is_none_or(|t| t.as_ref() != "permit");
     let scope = consent
         .scope
         .coding
@@ -156,7 +168,7 @@ pub fn record_of(
                     .and_then(|m| m.last_updated.as_ref())
                     .map(|instant| instant.0.unix_timestamp())
             })
-            .unwrap_or(imported_at),
+            .unwrap_or(if restricts { imported_at } else { 0 }),
         provision: consent
             .provision
             .as_ref()
@@ -304,23 +316,71 @@ pub enum Outcome {
 }
 
 /// Decides one patient's participation from all their Consent records.
+/// Per scope, the decisive Consents of the latest time are the patient's
+/// current word; when several share that time, each is decided and the
+/// most restrictive outcome stands, whatever order they were loaded in.
 pub fn evaluate(
     rules: &ConsentRules,
     consents: &[ConsentRecord],
     request: &ConsentRequest,
 ) -> Outcome {
-    let mut latest: BTreeMap<&str, &ConsentRecord> = BTreeMap::new();
+    let mut tied: BTreeMap<&str, (i64, Vec<&ConsentRecord>)> = BTreeMap::new();
     for c in consents {
         let counted_scope = matches!(c.scope.as_str(), "research" | "patient-privacy");
         let decisive = matches!(c.status.as_str(), "active" | "inactive" | "rejected");
         if !(counted_scope && decisive) {
             continue;
         }
-        let slot = latest.entry(c.scope.as_str()).or_insert(c);
-        if (c.recorded_at, restraint(c)) > (slot.recorded_at, restraint(slot)) {
-            *slot = c;
+        let slot = tied
+            .entry(c.scope.as_str())
+            .or_insert((c.recorded_at, Vec::new()));
+        match c.recorded_at.cmp(&slot.0) {
+            std::cmp::Ordering::Greater => *slot = (c.recorded_at, vec![c]),
+            std::cmp::Ordering::Equal => slot.1.push(c),
+            std::cmp::Ordering::Less => {}
         }
     }
+    // Every way of taking one Consent per scope from the tied ones.
+    let mut choices: Vec<BTreeMap<&str, &ConsentRecord>> = vec![BTreeMap::new()];
+    for (scope, (_, records)) in &tied {
+        choices = choices
+            .into_iter()
+            .flat_map(|choice| {
+                records.iter().map(move |record| {
+                    let mut choice = choice.clone();
+                    choice.insert(*scope, *record);
+                    choice
+                })
+            })
+            .collect();
+    }
+    choices
+        .iter()
+        .map(|latest| evaluate_latest(rules, latest, request))
+        .reduce(most_restrictive)
+        .expect("at least one choice")
+}
+
+/// The more restrictive of two outcomes: any exclusion, else the
+/// sensitive categories both permit.
+fn most_restrictive(a: Outcome, b: Outcome) -> Outcome {
+    match (a, b) {
+        (Outcome::Excluded(x), Outcome::Excluded(y)) => Outcome::Excluded(x.min(y)),
+        (Outcome::Excluded(x), _) | (_, Outcome::Excluded(x)) => Outcome::Excluded(x),
+        (Outcome::Included { sensitive: s }, Outcome::Included { sensitive: t }) => {
+            Outcome::Included {
+                sensitive: CategorySet(s.0 & t.0),
+            }
+        }
+    }
+}
+
+/// The decision from one Consent per scope (the patient's current word).
+fn evaluate_latest(
+    rules: &ConsentRules,
+    latest: &BTreeMap<&str, &ConsentRecord>,
+    request: &ConsentRequest,
+) -> Outcome {
     if latest.is_empty() {
         return match rules.default {
             DefaultConsent::OptIn => Outcome::Excluded(Exclusion::NoConsent),
@@ -371,17 +431,6 @@ pub fn evaluate(
                 sensitive: CategorySet::default(),
             },
         },
-    }
-}
-
-/// How restrictive a Consent is, for breaking ties between Consents of the
-/// same time: a withdrawal or refusal, then one whose base rule denies (or
-/// that has no provision), then a permit.
-fn restraint(c: &ConsentRecord) -> u8 {
-    match (c.status.as_str(), c.provision.as_ref().and_then(|p| p.rule)) {
-        ("inactive" | "rejected", _) => 2,
-        (_, None | Some(Rule::Deny)) => 1,
-        (_, Some(Rule::Permit)) => 0,
     }
 }
 
@@ -463,7 +512,7 @@ fn not_applicable(
         let codes_cover = match rule {
             Rule::Deny => p.codes.iter().any(|(system, code)| {
                 request.codes.iter().any(|(rs, rc, prefix)| {
-                    rs == system
+                    same_system(rs, system)
                         && (rc == code
                             || (*prefix && code.starts_with(rc.as_str()))
                             || rc.starts_with(code.as_str()))
@@ -473,13 +522,13 @@ fn not_applicable(
                 let mut read = request
                     .codes
                     .iter()
-                    .filter(|(rs, ..)| p.codes.iter().any(|(system, _)| system == rs))
+                    .filter(|(rs, ..)| p.codes.iter().any(|(system, _)| same_system(system, rs)))
                     .peekable();
                 read.peek().is_some()
                     && read.all(|(rs, rc, _)| {
-                        p.codes
-                            .iter()
-                            .any(|(system, code)| system == rs && rc.starts_with(code.as_str()))
+                        p.codes.iter().any(|(system, code)| {
+                            same_system(system, rs) && rc.starts_with(code.as_str())
+                        })
                     })
             }
         };
@@ -488,6 +537,13 @@ fn not_applicable(
         }
     }
     None
+}
+
+/// Whether codes of two (canonical) systems compare: the same system, or
+/// two of the ICD-10 family (KCD-8, WHO ICD-10, ICD-10-CM), whose codes
+/// share their categories.
+fn same_system(a: &str, b: &str) -> bool {
+    a == b || (terminology::icd10_family(a) && terminology::icd10_family(b))
 }
 
 /// Sensitive categories named by applicable permits and not by applicable

@@ -485,6 +485,42 @@ fn consent_decision_table() {
             DefaultConsent::OptOut,
         ),
         (
+            "tie: nested deny and nested permit at one time",
+            vec![
+                consent(
+                    "active",
+                    "2026-03-01",
+                    json!({"type": "permit", "provision": [{"type": "deny", "purpose": purpose("HRESCH")}]}),
+                ),
+                consent(
+                    "active",
+                    "2026-03-01",
+                    json!({"type": "deny", "provision": [{"type": "permit", "purpose": purpose("HRESCH")}]}),
+                ),
+            ],
+            &research,
+            DefaultConsent::OptOut,
+        ),
+        (
+            "undated permit after a dated withdrawal",
+            vec![
+                consent("inactive", "2025-06-01T00:00:00Z", permit.clone()),
+                undated("active", None, permit.clone()),
+            ],
+            &research,
+            DefaultConsent::OptOut,
+        ),
+        (
+            "codes: ICD-10 deny of E11, KCD-8 request for E11*",
+            vec![consent(
+                "active",
+                "2026-01-01T00:00:00Z",
+                json!({"type": "deny", "code": [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "E11"}]}]}),
+            )],
+            &prefix_e11,
+            DefaultConsent::OptOut,
+        ),
+        (
             "hour: permit ending within the hour",
             vec![consent(
                 "active",
@@ -563,6 +599,9 @@ fn consent_decision_table() {
         tie: deny and permit at one time, permit first          opt-out  HRESCH  -> excluded: consent denies this use
         undated withdrawal, lastUpdated after the permit        opt-out  HRESCH  -> excluded: consent withdrawn
         undated withdrawal, no lastUpdated: import time         opt-out  HRESCH  -> excluded: consent withdrawn
+        tie: nested deny and nested permit at one time          opt-out  HRESCH  -> excluded: consent denies this use
+        undated permit after a dated withdrawal                 opt-out  HRESCH  -> excluded: consent withdrawn
+        codes: ICD-10 deny of E11, KCD-8 request for E11*       opt-out  HRESCH  -> excluded: consent denies this use
         hour: permit ending within the hour                     opt-in   HRESCH  -> excluded: consent period not current
         hour: deny starting within the hour                     opt-in   HRESCH  -> excluded: consent denies this use
         privacy consent about treatment only, opt-out           opt-out  HRESCH  -> included

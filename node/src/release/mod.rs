@@ -202,8 +202,7 @@ pub fn release(
         .collect();
     let primary = status.iter().filter(|s| **s != Status::Released).count();
     let counts: Vec<Counts> = candidates.iter().map(Candidate::counts).collect();
-    let keys: Vec<&[String]> = raw.iter().map(|c| c.key.as_slice()).collect();
-    let audit = groupings::protect(&keys, &counts, &mut status, threshold, Values::of(spec));
+    let audit = protect_canonically(spec, &raw, &counts, &mut status, threshold);
     let complementary = status.iter().filter(|s| **s == Status::Protecting).count();
     let cells = raw
         .into_iter()
@@ -254,6 +253,68 @@ pub fn release(
         analysis: spec.kind().to_owned(),
         noise: None,
     }
+}
+
+/// Runs [`groupings::protect`] over the table in a canonical form, so that
+/// the same table asked another way (dimensions in another order,
+/// diagnosis groups listed in another order or under other labels) gets
+/// the same suppression: otherwise two patterns of one table could be
+/// combined. Dimensions are taken in order of name, and each cell is keyed
+/// by what it holds (a diagnosis group by its system, match and sorted
+/// codes, not its label) and visited in that key's order.
+fn protect_canonically(
+    spec: &QuerySpec,
+    raw: &[RawCell],
+    counts: &[Counts],
+    status: &mut [Status],
+    threshold: u64,
+) -> Audit {
+    let names = spec.key_names();
+    let mut dims: Vec<usize> = (0..names.len()).collect();
+    dims.sort_by(|a, b| names[*a].cmp(&names[*b]));
+    let groups: std::collections::BTreeMap<&str, String> = spec
+        .dimensions()
+        .iter()
+        .filter_map(|d| match d {
+            ghx_study::query::Dimension::Diagnosis { diagnosis } => Some(diagnosis),
+            _ => None,
+        })
+        .flatten()
+        .map(|g| {
+            let mut codes = g.codes.clone();
+            codes.sort();
+            let canonical = format!("{}|{:?}|{}", g.system, g.matching, codes.join(","));
+            (g.label.as_str(), canonical)
+        })
+        .collect();
+    let canonical = |key: &[String]| -> Vec<String> {
+        dims.iter()
+            .map(|d| {
+                let value = &key[*d];
+                match (names[*d].as_str(), groups.get(value.as_str())) {
+                    ("diagnosis", Some(canonical)) => canonical.clone(),
+                    _ => value.clone(),
+                }
+            })
+            .collect()
+    };
+    let keys: Vec<Vec<String>> = raw.iter().map(|c| canonical(&c.key)).collect();
+    let mut order: Vec<usize> = (0..raw.len()).collect();
+    order.sort_by(|a, b| keys[*a].cmp(&keys[*b]));
+    let sorted_keys: Vec<&[String]> = order.iter().map(|i| keys[*i].as_slice()).collect();
+    let sorted_counts: Vec<Counts> = order.iter().map(|i| counts[*i]).collect();
+    let mut sorted_status: Vec<Status> = order.iter().map(|i| status[*i]).collect();
+    let audit = groupings::protect(
+        &sorted_keys,
+        &sorted_counts,
+        &mut sorted_status,
+        threshold,
+        Values::of(spec),
+    );
+    for (position, i) in order.iter().enumerate() {
+        status[*i] = sorted_status[position];
+    }
+    audit
 }
 
 #[cfg(test)]
