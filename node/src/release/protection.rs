@@ -462,20 +462,26 @@ impl<'a> Table<'a> {
         let roomy = 2 * self.k - 1;
         let mut order: Vec<&Known> = self.known.iter().filter(|s| s.cells.len() > 1).collect();
         order.sort_by_key(|s| s.cells.len());
-        let alone = |sum: &Known, status: &[Status]| {
-            sum.cells.iter().filter(|c| status[**c].withheld()).count() == 1
-        };
+        // The sums each cell is in, and how many withheld cells each sum
+        // holds, kept up to date: closing stays linear in the table's size.
+        let mut sums_of: Vec<Vec<usize>> = vec![Vec::new(); self.counts.len()];
+        for (i, sum) in order.iter().enumerate() {
+            for c in &sum.cells {
+                sums_of[*c].push(i);
+            }
+        }
+        let mut hidden: Vec<usize> = order
+            .iter()
+            .map(|sum| sum.cells.iter().filter(|c| status[**c].withheld()).count())
+            .collect();
         loop {
             let mut changed = false;
             for (i, sum) in order.iter().enumerate() {
-                if !alone(sum, status) {
+                if hidden[i] != 1 {
                     continue;
                 }
-                let closes_another = |c: usize| {
-                    order.iter().enumerate().any(|(j, other)| {
-                        j != i && other.cells.contains(&c) && alone(other, status)
-                    })
-                };
+                let closes_another =
+                    |c: usize| sums_of[c].iter().any(|j| *j != i && hidden[*j] == 1);
                 let partner = sum
                     .cells
                     .iter()
@@ -494,6 +500,9 @@ impl<'a> Table<'a> {
                     });
                 if let Some(partner) = partner {
                     status[partner] = Status::Protecting;
+                    for j in &sums_of[partner] {
+                        hidden[*j] += 1;
+                    }
                     changed = true;
                 }
             }
