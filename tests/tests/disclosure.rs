@@ -329,37 +329,48 @@ fn attack_query(group_by: &str) -> String {
     )
 }
 
-/// Writes the attacked table's patients (each with a research consent and
-/// one diagnosis) as an NDJSON export under `dir`.
-fn write_attacked_patients(dir: &std::path::Path) {
+/// Patients to import: `count` of them born on `born`, each with one
+/// diagnosis and a research consent (naming mental health when `psy`).
+struct Patients<'a> {
+    tag: String,
+    system: &'a str,
+    code: String,
+    born: &'a str,
+    count: u64,
+    psy: bool,
+}
+
+/// Writes `groups` of patients as an NDJSON export under `dir`.
+fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
     let (mut patients, mut conditions, mut consents) = (vec![], vec![], vec![]);
-    for (g, row) in ATTACKED.iter().enumerate() {
-        for (b, n) in row.iter().enumerate() {
-            for i in 0..*n {
-                let id = format!("attack-{g}-{b}-{i}");
-                let patient = format!("Patient/{id}");
-                patients.push(serde_json::json!({
-                    "resourceType": "Patient", "id": id, "active": true,
-                    "gender": if i % 2 == 0 { "female" } else { "male" },
-                    "birthDate": BANDS[b].1,
-                }));
-                conditions.push(serde_json::json!({
-                    "resourceType": "Condition", "id": format!("{id}-c"),
-                    "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
-                    "code": {"coding": [{"system": KCD8, "code": format!("{}.9", GROUPS[g])}]},
-                    "subject": {"reference": patient},
-                    "onsetDateTime": "2024-03-01",
-                }));
-                consents.push(serde_json::json!({
-                    "resourceType": "Consent", "id": format!("{id}-consent"), "status": "active",
-                    "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
-                    "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
-                    "patient": {"reference": patient},
-                    "dateTime": "2025-01-10T10:00:00+09:00",
-                    "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
-                    "provision": {"type": "permit", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]},
-                }));
+    for group in groups {
+        for i in 0..group.count {
+            let id = format!("{}-{i}", group.tag);
+            let patient = format!("Patient/{id}");
+            patients.push(serde_json::json!({
+                "resourceType": "Patient", "id": id, "active": true,
+                "gender": if i % 2 == 0 { "female" } else { "male" },
+                "birthDate": group.born,
+            }));
+            conditions.push(serde_json::json!({
+                "resourceType": "Condition", "id": format!("{id}-c"),
+                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "code": {"coding": [{"system": group.system, "code": group.code}]},
+                "subject": {"reference": patient},
+                "onsetDateTime": "2024-03-01",
+            }));
+            let mut provision = serde_json::json!({"type": "permit", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]});
+            if group.psy {
+                provision["provision"] = serde_json::json!([{"type": "permit", "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}]}]);
             }
+            consents.push(serde_json::json!({
+                "resourceType": "Consent", "id": format!("{id}-consent"), "status": "active",
+                "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+                "patient": {"reference": patient},
+                "dateTime": "2025-01-10T10:00:00+09:00",
+                "provision": provision,
+            }));
         }
     }
     std::fs::create_dir_all(dir).unwrap();
@@ -371,6 +382,24 @@ fn write_attacked_patients(dir: &std::path::Path) {
         let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
         std::fs::write(dir.join(format!("{name}.ndjson")), text.join("\n")).unwrap();
     }
+}
+
+/// Imports an export directory into one node of the federation.
+async fn import_at(federation: &LocalFederation, node: &str, export: std::path::PathBuf) {
+    let store = federation
+        .nodes
+        .iter()
+        .find(|n| n.profile.id == node)
+        .unwrap()
+        .store
+        .clone();
+    let report = tokio::task::spawn_blocking(move || {
+        import_path(&store, &export, &ImportOptions::default())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
 }
 
 /// Chosun's own answer in a federated result.
@@ -401,21 +430,21 @@ async fn a_requester_with_every_margin_cannot_narrow_a_suppressed_cell() {
         .await
         .expect("the local federation starts");
     let export = dir.path().join("attacked");
-    write_attacked_patients(&export);
-    let store = federation
-        .nodes
-        .iter()
-        .find(|n| n.profile.id == "chosun")
-        .unwrap()
-        .store
-        .clone();
-    let report = tokio::task::spawn_blocking(move || {
-        import_path(&store, &export, &ImportOptions::default())
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    let mut groups = Vec::new();
+    for (g, row) in ATTACKED.iter().enumerate() {
+        for (b, count) in row.iter().enumerate() {
+            groups.push(Patients {
+                tag: format!("attack-{g}-{b}"),
+                system: KCD8,
+                code: format!("{}.9", GROUPS[g]),
+                born: BANDS[b].1,
+                count: *count,
+                psy: false,
+            });
+        }
+    }
+    write_patients(&export, &groups);
+    import_at(&federation, "chosun", export).await;
 
     let diagnosis = GROUPS
         .iter()
@@ -565,48 +594,6 @@ async fn a_resubmitted_manifest_does_not_bring_a_fresh_budget() {
     federation.shutdown().await;
 }
 
-/// Patients with one diagnosis and a research consent, as NDJSON under
-/// `dir`; `psy` adds a nested permit labelled PSY (mental health).
-fn write_diagnosed(dir: &std::path::Path, groups: &[(&str, &str, &str, usize, bool)]) {
-    let (mut patients, mut conditions, mut consents) = (vec![], vec![], vec![]);
-    for (tag, system, code, n, psy) in groups {
-        for i in 0..*n {
-            let id = format!("{tag}-{i}");
-            let patient = format!("Patient/{id}");
-            patients.push(serde_json::json!({
-                "resourceType": "Patient", "id": id, "active": true,
-                "gender": "female", "birthDate": "1980-06-15",
-            }));
-            conditions.push(serde_json::json!({
-                "resourceType": "Condition", "id": format!("{id}-c"),
-                "code": {"coding": [{"system": system, "code": code}]},
-                "subject": {"reference": patient},
-            }));
-            let mut provision = serde_json::json!({"type": "permit", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]});
-            if *psy {
-                provision["provision"] = serde_json::json!([{"type": "permit", "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}]}]);
-            }
-            consents.push(serde_json::json!({
-                "resourceType": "Consent", "id": format!("{id}-consent"), "status": "active",
-                "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
-                "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
-                "patient": {"reference": patient},
-                "dateTime": "2025-01-10T10:00:00+09:00",
-                "provision": provision,
-            }));
-        }
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    for (name, lines) in [
-        ("Patient", patients),
-        ("Condition", conditions),
-        ("Consent", consents),
-    ] {
-        let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
-        std::fs::write(dir.join(format!("{name}.ndjson")), text.join("\n")).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
     // Issue 38 (7): an ICD-10-CM F32 cohort was released to a company
@@ -620,28 +607,23 @@ async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
         .await
         .expect("the local federation starts");
     let export = dir.path().join("diagnosed");
-    write_diagnosed(
+    let group = |tag: &str, system, code: &str, count, psy| Patients {
+        tag: tag.to_owned(),
+        system,
+        code: code.to_owned(),
+        born: "1980-06-15",
+        count,
+        psy,
+    };
+    write_patients(
         &export,
         &[
-            ("cm-no-psy", ICD10CM, "F32.9", 30, false),
-            ("cm-psy", ICD10CM, "F32.9", 12, true),
-            ("sct-psy", SNOMED, "35489007", 30, true),
+            group("cm-no-psy", ICD10CM, "F32.9", 30, false),
+            group("cm-psy", ICD10CM, "F32.9", 12, true),
+            group("sct-psy", SNOMED, "35489007", 30, true),
         ],
     );
-    let store = federation
-        .nodes
-        .iter()
-        .find(|n| n.profile.id == "chosun")
-        .unwrap()
-        .store
-        .clone();
-    let report = tokio::task::spawn_blocking(move || {
-        import_path(&store, &export, &ImportOptions::default())
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    import_at(&federation, "chosun", export).await;
     let query_for = |system: &str, code: &str| {
         format!(
             r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[{{"system":"{system}","code":"{code}","match":"prefix"}}]}},"analysis":{{"kind":"count"}}}}"#

@@ -2,10 +2,11 @@
 //!
 //! Every cell whose count is below the node's minimum cell size is replaced
 //! by a suppression marker before anything leaves the node, and enough other
-//! cells are withheld with it that the released cells, with every row,
-//! column and table total, tell a requester no more of a suppressed cell
-//! than those totals alone would (secondary suppression, audited by linear
-//! programming in [`protection`]). The notes say, in aggregate terms only,
+//! cells are withheld with it that the released cells, with what every
+//! coarser grouping of the same cohort releases, tell a requester no more of
+//! a small count than those groupings alone would (secondary suppression:
+//! [`groupings`] works out the coarser releases, [`protection`] audits one
+//! table by linear programming). The notes say, in aggregate terms only,
 //! how many cells were withheld and why.
 
 use ghx_study::query::{Analysis, QuerySpec};
