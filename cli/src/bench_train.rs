@@ -262,6 +262,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         committee_quorum: 1,
         audit_checkpoint_every: None,
         node_link: Default::default(),
+        min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
     })
     .await?;
     let setup = started.elapsed();

@@ -79,6 +79,10 @@ pub struct LocalFederationOptions {
     pub audit_checkpoint_every: Option<i64>,
     /// Whether the coordinator dials the nodes or they dial it.
     pub node_link: NodeLink,
+    /// Fewest nodes a node sums its values with in secure aggregation
+    /// (`secure_aggregation.min_participants`); the three hospitals are
+    /// its members.
+    pub min_sum_participants: u32,
 }
 
 impl LocalFederationOptions {
@@ -94,6 +98,7 @@ impl LocalFederationOptions {
             committee_quorum: 1,
             audit_checkpoint_every: None,
             node_link: NodeLink::Listen,
+            min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         }
     }
 }
@@ -227,6 +232,15 @@ impl LocalFederation {
             NodeLink::Outbound { .. } => Some(bind_loopback().await?),
         };
         let tunnel_addr = tunnel.as_ref().map(|(_, addr)| *addr);
+        let sums_table = format!(
+            "\n[secure_aggregation]\nmin_participants = {}\nmembers = [{}]\n",
+            options.min_sum_participants,
+            HOSPITALS
+                .iter()
+                .map(|h| format!("\"{}\"", h.id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let mut nodes = Vec::new();
         let mut pending = Vec::new();
         for profile in &HOSPITALS {
@@ -277,7 +291,7 @@ impl LocalFederation {
                      policy_dir = \"{policies}\"\ncoordinator_keys_dir = \"{rotated}\"\n\n\
                      [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                      renew_from = \"https://localhost:{coordinator_port}\"\nrenew_check_secs = 1\n\n\
-                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{outbound_table}",
+                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{sums_table}{outbound_table}",
                     id = profile.id,
                     name = profile.name,
                     db = dir.join(format!("{}.db", profile.id)).display(),

@@ -1733,6 +1733,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         committee_quorum: 2,
         audit_checkpoint_every: None,
         node_link: Default::default(),
+        min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
     })
     .await?;
     for node in &federation.nodes {

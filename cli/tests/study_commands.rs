@@ -33,6 +33,7 @@ async fn requester_and_committee_commands_work_end_to_end() {
         committee_quorum: 2,
         audit_checkpoint_every: None,
         node_link: Default::default(),
+        min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
     })
     .await
     .unwrap();

@@ -65,6 +65,20 @@ pub enum Error {
         need: usize,
         failures: Vec<NodeFailure>,
     },
+    /// Nodes unmask a one-off round only for every node it was keyed
+    /// with (a sum over fewer is a sum over another set): a round some
+    /// node dropped out of is redone among those left.
+    #[error(
+        "round {round}: {step} had [{}] of the nodes it was keyed with; it is redone among them{}",
+        left.join(", "),
+        failures_text(.failures)
+    )]
+    Dropped {
+        round: String,
+        step: &'static str,
+        left: Vec<String>,
+        failures: Vec<NodeFailure>,
+    },
     #[error("secure aggregation: {0}")]
     SecAgg(#[from] ghx_secagg::Error),
     #[error("combining the round: {0}")]
@@ -467,15 +481,22 @@ pub(crate) fn quorum_error(
     }
 }
 
-/// Steps 1 and 2 of a round over every registered node: admission and
-/// keys, then encrypted shares relayed. No model is involved.
+/// Steps 1 and 2 of a round over every registered node (or those of
+/// `among`): admission and keys, then encrypted shares relayed. No model
+/// is involved.
 pub async fn agree_keys(
     fed: &Federation<'_>,
     round_id: &str,
     phase: Phase,
+    among: Option<&[String]>,
 ) -> Result<Keyed, Error> {
     let started = Instant::now();
-    let nodes = fed.registry.list();
+    let nodes: Vec<_> = fed
+        .registry
+        .list()
+        .into_iter()
+        .filter(|n| among.is_none_or(|among| among.contains(&n.id)))
+        .collect();
     if nodes.is_empty() {
         return Err(Error::NoNodes);
     }
@@ -554,6 +575,13 @@ pub async fn agree_keys(
     }
     let keys = aggregator.advertisements()?;
     let ids: Vec<String> = keys.iter().map(|a| a.node.clone()).collect();
+    dropped(
+        round_id,
+        "advertising keys",
+        &params.participants,
+        &ids,
+        &failures,
+    )?;
     let wire_keys: Vec<pb::AdvertisedKeys> =
         ids.iter().filter_map(|id| signed.remove(id)).collect();
 
@@ -603,6 +631,7 @@ pub async fn agree_keys(
             &failures,
         ));
     }
+    dropped(round_id, "sharing keys", &ids, &holders, &failures)?;
     Ok(Keyed {
         round_id: round_id.to_owned(),
         phase,
@@ -728,6 +757,7 @@ pub async fn complete_round(
         Ok(s) => s,
         Err(_) => return Err(quorum_error(round_id, need, "masked input", 0, &failures)),
     };
+    dropped(round_id, "masked input", &holders, &survivors, &failures)?;
     let masked_ms = started.elapsed().as_secs_f64() * 1000.0;
 
     // Step 4: unmasking.
@@ -770,14 +800,38 @@ pub async fn complete_round(
     })
 }
 
-/// One whole round of secure aggregation over every registered node.
+/// Refuses to go on with a round when only `left` of the nodes it was
+/// keyed with (`keyed`) are left: [`Error::Dropped`].
+fn dropped(
+    round: &str,
+    step: &'static str,
+    keyed: &[String],
+    left: &[String],
+    failures: &[NodeFailure],
+) -> Result<(), Error> {
+    if keyed.len() == left.len() {
+        return Ok(());
+    }
+    let mut failures = failures.to_vec();
+    failures.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    Err(Error::Dropped {
+        round: round.to_owned(),
+        step,
+        left: left.to_vec(),
+        failures,
+    })
+}
+
+/// One whole round of secure aggregation over every registered node (or
+/// those of `among`).
 pub async fn secure_round(
     fed: &Federation<'_>,
     round_id: &str,
     phase: Phase,
     model: Option<&ModelDocument>,
+    among: Option<&[String]>,
 ) -> Result<RoundSum, Error> {
-    let keyed = agree_keys(fed, round_id, phase).await?;
+    let keyed = agree_keys(fed, round_id, phase, among).await?;
     let mut sum = complete_round(fed, keyed, model).await?;
     sum.seconds += sum.steps_ms[0] / 1000.0;
     Ok(sum)
@@ -791,8 +845,11 @@ async fn with_retries(
     phase: Phase,
     model: Option<&ModelDocument>,
     mut ahead: Option<Keyed>,
+    members: Option<Vec<String>>,
 ) -> Result<RoundSum, Error> {
     let mut attempt = 1;
+    // The run's nodes so far; after a node dropped out, the nodes left.
+    let mut among = members.clone();
     loop {
         let id = if attempt == 1 {
             round_id.to_owned()
@@ -812,7 +869,11 @@ async fn with_retries(
                     keys_ahead: true,
                     ..sum
                 }),
-            None => secure_round(fed, &id, phase, model).instrument(span).await,
+            None => {
+                secure_round(fed, &id, phase, model, among.as_deref())
+                    .instrument(span)
+                    .await
+            }
         };
         ghx_telemetry::metrics::training_round(
             phase.name(),
@@ -828,6 +889,10 @@ async fn with_retries(
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!(round = %id, error = %e, "round failed; retrying");
                 attempt += 1;
+                among = match e {
+                    Error::Dropped { left, .. } => Some(left),
+                    _ => members.clone(),
+                };
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => return Err(e),
@@ -846,6 +911,10 @@ pub struct Pipeline {
     /// The audit write of the last session round's requests, done while
     /// the next round computes; every round waits for the one before's.
     behind: Option<dispatch::Behind>,
+    /// The nodes the run's last round was summed over: a one-off round
+    /// after it is keyed among them, since nodes sum a study's values over
+    /// one set of nodes only.
+    members: Option<Vec<String>>,
 }
 
 /// Every this many training rounds, a run whose session lacks registered
@@ -974,9 +1043,10 @@ async fn round_and_next(
     let ahead = pipeline.ahead.take();
     let mut slot = pipeline.session.take();
     let mut behind = pipeline.behind.take();
+    let members = pipeline.members.clone();
     let prefetch = async {
         match next? {
-            Ahead::Keys(id, phase) => match agree_keys(fed, &id, phase)
+            Ahead::Keys(id, phase) => match agree_keys(fed, &id, phase, members.as_deref())
                 .instrument(tracing::info_span!("agree_keys_ahead", round = %id))
                 .await
             {
@@ -1002,7 +1072,7 @@ async fn round_and_next(
         match this {
             This::Round(round_id, phase) => {
                 settle(behind.take()).await?;
-                with_retries(fed, round_id, phase, model, ahead).await
+                with_retries(fed, round_id, phase, model, ahead, members.clone()).await
             }
             This::Session(number) => {
                 let model = model.expect("a training round has a model");
@@ -1013,6 +1083,7 @@ async fn round_and_next(
     let (outcome, prepared) = tokio::join!(run, prefetch);
     pipeline.behind = behind;
     let mut round = outcome?;
+    pipeline.members = Some(round.contributors.clone());
     pipeline.session = slot;
     match prepared {
         Some(Prepared::Keys(keyed)) => pipeline.ahead = Some(keyed),
@@ -1192,7 +1263,7 @@ pub async fn validate(fed: &Federation<'_>, model: &ModelDocument) -> Result<Eva
         fed.spec.name,
         time::OffsetDateTime::now_utc().unix_timestamp_nanos()
     );
-    evaluation(secure_round(fed, &round_id, Phase::Evaluate, Some(model)).await?)
+    evaluation(secure_round(fed, &round_id, Phase::Evaluate, Some(model), None).await?)
 }
 
 fn evaluation(round: RoundSum) -> Result<Evaluation, Error> {

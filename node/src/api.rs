@@ -46,6 +46,8 @@ struct Inner {
     organisation_epsilon: Option<f64>,
     /// Training rounds in progress.
     rounds: Rounds,
+    /// Which sets of nodes this node sums with.
+    sums: crate::participants::SumRule,
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
     /// This node's certificate and key, to sign the keys it advertises in
@@ -110,6 +112,10 @@ impl ApiError {
             ApiError::Differencing(differencing::Error::TooClose { .. }) => "differencing",
             ApiError::BudgetSpent { .. } => "budget",
             ApiError::Training(training::Error::TooFew { .. }) => "too_few",
+            ApiError::Training(training::Error::Participants(
+                crate::participants::Error::Store(_),
+            )) => "internal",
+            ApiError::Training(training::Error::Participants(_)) => "participants",
             ApiError::Training(_) | ApiError::Malformed(_) => "training",
             ApiError::View(crate::views::Error::View(_)) => "view",
             ApiError::Differencing(_)
@@ -146,9 +152,15 @@ fn status(error: &ApiError) -> Status {
             Status::permission_denied(error.to_string())
         }
         ApiError::BudgetSpent { .. } => Status::resource_exhausted(error.to_string()),
-        ApiError::Training(training::Error::TooFew { .. }) => {
-            Status::failed_precondition(error.to_string())
-        }
+        ApiError::Training(
+            training::Error::TooFew { .. }
+            | training::Error::Participants(
+                crate::participants::Error::TooFew { .. }
+                | crate::participants::Error::NotMember { .. }
+                | crate::participants::Error::OtherSet { .. }
+                | crate::participants::Error::Survivors { .. },
+            ),
+        ) => Status::failed_precondition(error.to_string()),
         ApiError::Training(training::Error::NoSuchRound(_)) => Status::not_found(error.to_string()),
         ApiError::Training(
             training::Error::RoundExists(_) | training::Error::AlreadyComputed(_),
@@ -179,6 +191,7 @@ fn status(error: &ApiError) -> Status {
             | training::Error::Signing(_)
             | training::Error::Random(_)
             | training::Error::Consent(_)
+            | training::Error::Participants(crate::participants::Error::Store(_))
             | training::Error::Extract(crate::views::Error::Store(_)),
         )
         | ApiError::Audit(_)
@@ -218,6 +231,7 @@ impl NodeApi {
                 releasing: std::sync::Mutex::new(()),
                 organisation_epsilon: Some(crate::config::DEFAULT_ORGANISATION_EPSILON),
                 rounds: Rounds::default(),
+                sums: crate::participants::SumRule::new(&Default::default()),
                 audit: store.audit_log().clone(),
                 round_keys: None,
                 stopping: tokio::sync::watch::Sender::new(false),
@@ -239,6 +253,14 @@ impl NodeApi {
         Arc::get_mut(&mut self.inner)
             .expect("configured before it is shared")
             .organisation_epsilon = epsilon;
+        self
+    }
+
+    /// Which sets of nodes this node sums its values with.
+    pub fn with_sum_rule(mut self, settings: &crate::config::SumSettings) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before it is shared")
+            .sums = crate::participants::SumRule::new(settings);
         self
     }
 
@@ -765,6 +787,15 @@ impl NodeApi {
                 }
                 .into());
             }
+            inner
+                .sums
+                .check(
+                    &inner.store,
+                    &admitted.claims.sub,
+                    &params.round,
+                    &params.participants,
+                )
+                .map_err(training::Error::from)?;
             let prepared = tracing::info_span!("consent")
                 .in_scope(|| inner.eligibility.prepare(&inner.store, &admitted.consent))?;
             entry.consent_excluded =
@@ -794,6 +825,7 @@ impl NodeApi {
                 data.holdout.len(),
                 data.incomplete,
             );
+            let participants = params.participants.clone();
             start(
                 self,
                 AdmittedRound {
@@ -802,6 +834,7 @@ impl NodeApi {
                         study: admitted.claims.sub.clone(),
                         capability: admitted.claims.jti.clone(),
                         request_sha256: entry.query_sha256.clone(),
+                        participants,
                     },
                     work: Arc::new(training::RoundWork {
                         phase,
@@ -954,7 +987,14 @@ impl NodeApi {
             },
             |k| (k.node.clone(), k.statement(session)),
         )?;
-        self.inner.rounds.agree_session(session, &keys)?;
+        let inner = &self.inner;
+        inner
+            .rounds
+            .agree_session(session, &keys, |origin, members| {
+                Ok(inner
+                    .sums
+                    .check(&inner.store, &origin.study, session, members)?)
+            })?;
         Ok(pb::SessionAgreeResponse {})
     }
 
@@ -1024,6 +1064,17 @@ impl NodeApi {
             if in_session && time::OffsetDateTime::now_utc().unix_timestamp() >= work.claims.exp {
                 return Err(training::Error::CapabilityExpired(label.to_owned()).into());
             }
+            // A session round's sum is over its nodes as soon as every one
+            // has sent its input: the study is bound to them from now on.
+            // A one-off round binds when it is unmasked.
+            let sums = &inner.sums;
+            let (study, nodes) = (&origin.study, &origin.participants);
+            if in_session {
+                sums.bind(&inner.store, study, label, nodes)
+            } else {
+                sums.check(&inner.store, study, label, nodes)
+            }
+            .map_err(training::Error::from)?;
             let computing = std::time::Instant::now();
             checked_at = Some(computing);
             let contribution = {
@@ -1359,10 +1410,19 @@ impl pb::node_service_server::NodeService for NodeApi {
         let caller = PeerIdentity::from_request(&request).map_err(|e| status(&e.into()))?;
         NodeApi::require_coordinator(&caller).map_err(|e| status(&e))?;
         let message = request.into_inner();
-        let unmasking = self
-            .inner
+        let inner = &self.inner;
+        // Unmasking reveals the sum over the round's nodes: the study is
+        // bound to them from now on.
+        let unmasking = inner
             .rounds
-            .unmask(&message.round, &message.survivors)
+            .unmask(&message.round, &message.survivors, |origin| {
+                Ok(inner.sums.bind(
+                    &inner.store,
+                    &origin.study,
+                    &message.round,
+                    &origin.participants,
+                )?)
+            })
             .map_err(|e| status(&e.into()))?;
         Ok(Response::new(ghx_proto::round::unmasking_to_wire(
             unmasking,

@@ -62,6 +62,10 @@ pub struct NodeConfig {
     /// submits.
     #[serde(default = "default_organisation_epsilon")]
     pub max_epsilon_per_organisation: Option<f64>,
+    /// Which sets of nodes this node sums its values with in secure
+    /// aggregation.
+    #[serde(default)]
+    pub secure_aggregation: SumSettings,
     /// Audit checkpoints and retention.
     #[serde(default)]
     pub audit: ghx_audit::Settings,
@@ -111,6 +115,39 @@ pub struct CoordinatorKey {
     pub kid: String,
     /// Ed25519 public key, SPKI PEM.
     pub public_key: PathBuf,
+}
+
+/// Which sets of nodes this node sums its values with
+/// ([`crate::participants`]).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SumSettings {
+    /// Fewest nodes a sum may be taken over, this node included: with two,
+    /// either one learns the other's values from the sum.
+    #[serde(default = "default_min_participants")]
+    pub min_participants: u32,
+    /// The federation's node ids. When set, a round naming any other node
+    /// is refused, so that whoever can issue node certificates cannot make
+    /// up a node whose values it knows and subtract them. Empty: any node
+    /// holding a certificate of the federation's CA.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+}
+
+impl Default for SumSettings {
+    fn default() -> Self {
+        SumSettings {
+            min_participants: default_min_participants(),
+            members: Vec::new(),
+        }
+    }
+}
+
+/// Fewest nodes in a sum unless configured otherwise.
+pub const DEFAULT_MIN_PARTICIPANTS: u32 = 3;
+
+fn default_min_participants() -> u32 {
+    DEFAULT_MIN_PARTICIPANTS
 }
 
 fn default_min_cell_size() -> u32 {
@@ -256,6 +293,20 @@ impl NodeConfig {
                 problem: "must be a finite, non-negative epsilon".to_owned(),
             });
         }
+        if self.secure_aggregation.min_participants < 2 {
+            return Err(Error::Invalid {
+                key: "secure_aggregation.min_participants",
+                problem: "must be at least 2: a sum over one node is that node's values".to_owned(),
+            });
+        }
+        if !self.secure_aggregation.members.is_empty()
+            && !self.secure_aggregation.members.contains(&self.id)
+        {
+            return Err(Error::Invalid {
+                key: "secure_aggregation.members",
+                problem: format!("must include this node's own id `{}`", self.id),
+            });
+        }
         if self.coordinator_keys.is_empty() {
             return Err(Error::Invalid {
                 key: "coordinator_keys",
@@ -306,6 +357,9 @@ mod tests {
             config.max_epsilon_per_organisation,
             Some(DEFAULT_ORGANISATION_EPSILON)
         );
+        // Issue 38 (4): sums over at least three nodes unless configured.
+        assert_eq!(config.secure_aggregation, SumSettings::default());
+        assert_eq!(config.secure_aggregation.min_participants, 3);
         assert!(config.tls.ca.is_absolute());
         assert!(config.database_url.ends_with("/chosun.db"));
     }
@@ -360,6 +414,24 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("`max_epsilon_per_organisation` must be a finite, non-negative epsilon"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{GOOD}\n[secure_aggregation]\nmin_participants = 1\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`secure_aggregation.min_participants` must be at least 2"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{GOOD}\n[secure_aggregation]\nmembers = [\"chonnam\", \"christian\"]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("must include this node's own id `chosun`"),
             "{err}"
         );
         let err = parse(&format!("rrn_policy = \"keep\"\n{GOOD}")).unwrap_err();

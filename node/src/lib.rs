@@ -24,6 +24,7 @@ pub mod export;
 pub mod gate;
 pub mod import;
 pub mod noise;
+pub mod participants;
 pub mod policy;
 pub mod priority;
 pub mod release;
@@ -145,6 +146,7 @@ impl Node {
             self.policy,
         )
         .with_organisation_budget(self.config.max_epsilon_per_organisation)
+        .with_sum_rule(&self.config.secure_aggregation)
         .with_audit_signer(
             ghx_audit::checkpoint::Signer::from_pem(
                 &self.config.id,

@@ -92,6 +92,8 @@ pub enum Error {
     SessionPhase(String),
     #[error("session {0}: its capability has expired; the coordinator must open a new session")]
     CapabilityExpired(String),
+    #[error(transparent)]
+    Participants(#[from] crate::participants::Error),
 }
 
 /// What one node holds for a training: complete-case rows, split.
@@ -405,6 +407,8 @@ pub struct RoundOrigin {
     pub capability: String,
     /// Hex SHA-256 of the training spec the round trains.
     pub request_sha256: String,
+    /// The nodes the round or session was keyed over, sorted.
+    pub participants: Vec<String>,
 }
 
 /// A training run's secure-aggregation session at this node.
@@ -597,9 +601,25 @@ impl Rounds {
         }
     }
 
-    /// The members' keys (checked by the caller), once per session.
-    pub fn agree_session(&self, session: &str, keys: &[SessionKeys]) -> Result<(), Error> {
-        self.with_session(session, |s| Ok(s.client.agree(keys)?))
+    /// The members' keys (checked by the caller), once per session. The
+    /// session's sums are over the nodes whose keys these are, which
+    /// `check` must accept; they are the session's participants from now
+    /// on.
+    pub fn agree_session(
+        &self,
+        session: &str,
+        keys: &[SessionKeys],
+        check: impl FnOnce(&RoundOrigin, &[String]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        self.with_session(session, |s| {
+            let mut members: Vec<String> = keys.iter().map(|k| k.node.clone()).collect();
+            members.sort();
+            members.dedup();
+            check(&s.origin, &members)?;
+            s.client.agree(keys)?;
+            s.origin.participants = members;
+            Ok(())
+        })
     }
 
     /// Round `number` of a session begins: the number is claimed (never
@@ -636,9 +656,20 @@ impl Rounds {
         });
     }
 
-    /// Step 4; the round is over for this node afterwards.
-    pub fn unmask(&self, round: &str, survivors: &[String]) -> Result<Unmasking, Error> {
-        let out = self.with(round, |s| Ok(s.client.unmask(survivors)?));
+    /// Step 4, for every node the round was keyed with and no fewer, once
+    /// `bind` (which binds the round's study to them) agrees; the round is
+    /// over for this node afterwards.
+    pub fn unmask(
+        &self,
+        round: &str,
+        survivors: &[String],
+        bind: impl FnOnce(&RoundOrigin) -> Result<(), Error>,
+    ) -> Result<Unmasking, Error> {
+        let out = self.with(round, |s| {
+            crate::participants::check_survivors(round, &s.origin.participants, survivors)?;
+            bind(&s.origin)?;
+            Ok(s.client.unmask(survivors)?)
+        });
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())

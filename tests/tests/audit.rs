@@ -367,6 +367,7 @@ async fn the_coordinator_and_the_nodes_reconcile_and_an_injected_query_is_an_ala
         committee_quorum: 1,
         audit_checkpoint_every: Some(2),
         node_link: Default::default(),
+        min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
     })
     .await
     .unwrap();

@@ -27,6 +27,12 @@ fn node_examples_load() {
         assert_eq!(config.listen.is_none(), id == "christian");
         assert_eq!(config.outbound.is_some(), id == "christian");
         assert!(config.tls.renew_from.is_some());
+        // Sums over all three hospitals, and only them.
+        assert_eq!(config.secure_aggregation.min_participants, 3);
+        assert_eq!(
+            config.secure_aggregation.members,
+            ["chonnam", "chosun", "christian"]
+        );
     }
 }
 

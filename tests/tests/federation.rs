@@ -49,6 +49,7 @@ async fn start_with_quorum(patients: usize, quorum: usize) -> (LocalFederation, 
         committee_quorum: quorum,
         audit_checkpoint_every: None,
         node_link: Default::default(),
+        min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
     })
     .await
     .expect("the local federation starts");

@@ -10,7 +10,7 @@ use ghx_coordinator::training::{Evaluation, RunStatus, TrainingRecord};
 use ghx_learn::metrics;
 use ghx_learn::{Dataset, Model, Standardiser};
 use ghx_node::policy::PolicyDir;
-use ghx_node::training::{self, Extracted};
+use ghx_node::training::{self, Extracted, Phase};
 use ghx_proto::v1 as pb;
 use ghx_study::manifest::StudyManifest;
 use ghx_study::training::{ModelDocument, TrainingSpec};
@@ -22,10 +22,15 @@ const MLP_MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-mlp.jso
 const PATIENTS: usize = 1500;
 
 async fn start() -> (LocalFederation, tempfile::TempDir) {
-    start_with(PATIENTS).await
+    start_with(PATIENTS, ghx_node::config::DEFAULT_MIN_PARTICIPANTS).await
 }
 
-async fn start_with(patients: usize) -> (LocalFederation, tempfile::TempDir) {
+/// A federation of `patients` per hospital whose nodes sum over at least
+/// `min_sum_participants` of them.
+async fn start_with(
+    patients: usize,
+    min_sum_participants: u32,
+) -> (LocalFederation, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let federation = LocalFederation::start(&LocalFederationOptions {
         dir: dir.path().to_owned(),
@@ -35,6 +40,7 @@ async fn start_with(patients: usize) -> (LocalFederation, tempfile::TempDir) {
         committee_quorum: 1,
         audit_checkpoint_every: None,
         node_link: Default::default(),
+        min_sum_participants,
     })
     .await
     .expect("the local federation starts");
@@ -463,11 +469,15 @@ async fn a_federated_mlp_trains_evaluates_and_validates_like_one_trained_on_pool
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hospital_going_offline_mid_training_does_not_stall_it() {
+async fn a_hospital_going_offline_stops_the_training_rather_than_summing_over_two() {
+    // Issue 38 (4): nodes sum over at least three hospitals and a study
+    // over one set of them, so the coordinator cannot carry on among the
+    // other two when one drops out (a dropout it could fake, to subtract
+    // the two's sum from the three's). The study runs again once the
+    // hospital is back.
     let (mut federation, _dir) = start().await;
-    // Enough rounds that the hospital leaves long before the end.
     let mut manifest: serde_json::Value = serde_json::from_str(MANIFEST).unwrap();
-    manifest["trainings"][0]["rounds"] = 200.into();
+    manifest["trainings"][0]["rounds"] = 100.into();
     let study_id = federation
         .approved_study(RESEARCHER, serde_json::to_vec(&manifest).unwrap())
         .await
@@ -475,7 +485,7 @@ async fn a_hospital_going_offline_mid_training_does_not_stall_it() {
     let mut client = federation.client(RESEARCHER).await.unwrap();
     let status = client
         .start_training(pb::StartTrainingRequest {
-            study_id,
+            study_id: study_id.clone(),
             training: String::new(),
         })
         .await
@@ -497,82 +507,38 @@ async fn a_hospital_going_offline_mid_training_does_not_stall_it() {
     }
     federation.stop_node("christian").await;
     let record = finished(&federation, RESEARCHER, &status.run_id).await;
-    assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
-    assert_eq!(record.rounds.len(), record.rounds_total as usize);
-    let first = &record.rounds[0];
-    assert_eq!(first.contributors, ["chonnam", "chosun", "christian"]);
-    let last = record.rounds.last().unwrap();
-    assert_eq!(last.contributors, ["chonnam", "chosun"]);
-    assert_eq!(last.failures.len(), 1);
-    assert_eq!(last.failures[0].node_id, "christian");
-    let evaluation = record.evaluation.unwrap();
-    assert_eq!(evaluation.contributors, ["chonnam", "chosun"]);
-    assert_eq!(
-        evaluation.per_node.keys().collect::<Vec<_>>(),
-        ["chonnam", "chosun"]
-    );
-    assert!(evaluation.pooled.auc.unwrap() > 0.7);
-    federation.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hospital_back_online_rejoins_the_running_training() {
-    let (mut federation, _dir) = start().await;
-    let mut manifest: serde_json::Value = serde_json::from_str(MANIFEST).unwrap();
-    manifest["trainings"][0]["rounds"] = 300.into();
-    let study_id = federation
-        .approved_study(RESEARCHER, serde_json::to_vec(&manifest).unwrap())
-        .await
-        .unwrap();
-    let mut client = federation.client(RESEARCHER).await.unwrap();
-    let run_id = client
-        .start_training(pb::StartTrainingRequest {
-            study_id,
-            training: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
-    let wait_for = |rounds: u32| {
-        let mut client = client.clone();
-        let run_id = run_id.clone();
-        async move {
-            loop {
-                let now = client
-                    .get_training(pb::GetTrainingRequest {
-                        run_id: run_id.clone(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                if now.rounds_done >= rounds || now.status != "running" {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    wait_for(3).await;
-    federation.stop_node("christian").await;
-    wait_for(25).await;
-    federation.restart_node("christian").await.unwrap();
-    let record = finished(&federation, RESEARCHER, &run_id).await;
-    assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
+    assert_eq!(record.status, RunStatus::Failed, "{}", record.detail);
     let all = ["chonnam", "chosun", "christian"];
-    // Rounds ran without Christian while it was away, naming it...
-    let away: Vec<_> = record
-        .rounds
-        .iter()
-        .filter(|r| r.contributors == ["chonnam", "chosun"])
-        .collect();
-    assert!(!away.is_empty());
-    assert!(away.iter().all(|r| r.failures[0].node_id == "christian"));
-    // ...and it was invited back into a session with everyone.
-    let last = record.rounds.last().unwrap();
-    assert_eq!(last.contributors, all);
-    assert!(last.failures.is_empty(), "{:?}", last.failures);
-    assert_eq!(record.evaluation.unwrap().contributors, all);
+    assert!(
+        record.rounds.len() >= 3 && record.rounds.len() < 100,
+        "{} rounds: {}",
+        record.rounds.len(),
+        record.detail
+    );
+    assert!(
+        record.rounds.iter().all(|r| r.contributors == all),
+        "{:?}",
+        record
+            .rounds
+            .iter()
+            .map(|r| &r.contributors)
+            .collect::<Vec<_>>()
+    );
+    assert!(record.evaluation.is_none());
+    assert!(record.detail.contains("christian"), "{}", record.detail);
+    assert!(
+        record
+            .detail
+            .contains("this node sums only over at least 3"),
+        "{}",
+        record.detail
+    );
+    // Back online: a new run of the study, over the three again.
+    federation.restart_node("christian").await.unwrap();
+    let again = run_to_end(&federation, &study_id, "").await;
+    assert_eq!(again.status, RunStatus::Completed, "{}", again.detail);
+    assert!(again.rounds.iter().all(|r| r.contributors == all));
+    assert_eq!(again.evaluation.unwrap().contributors, all);
     federation.shutdown().await;
 }
 
@@ -706,7 +672,7 @@ async fn revoking_the_study_stops_a_running_training() {
 async fn noised_training_is_charged_round_by_round_and_stops_when_the_budget_is_spent() {
     // Noise of the example's size (epsilon under 0.5, what the hospitals'
     // policies allow a study) needs a few thousand patients to learn from.
-    let (federation, _dir) = start_with(4000).await;
+    let (federation, _dir) = start_with(4000, ghx_node::config::DEFAULT_MIN_PARTICIPANTS).await;
     // The example's DP-FedSGD training: one clipped, noised full-batch
     // gradient per round; fewer rounds here.
     let mut manifest: serde_json::Value = serde_json::from_str(DP_MANIFEST).unwrap();
@@ -801,7 +767,9 @@ async fn noised_training_is_charged_round_by_round_and_stops_when_the_budget_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refusing_a_noised_round_for_too_few_patients_is_not_charged() {
-    let (federation, _dir) = start().await;
+    // Nodes that accept sums over two hospitals, so that the other two can
+    // carry the run.
+    let (federation, _dir) = start_with(PATIENTS, 2).await;
     // Christian's cell size for this study is above its patient count: it
     // refuses every round; the other two carry the quorum.
     let mut manifest: serde_json::Value = serde_json::from_str(DP_MANIFEST).unwrap();
@@ -844,7 +812,8 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     use ghx_proto::v1::node_service_client::NodeServiceClient;
     use ghx_study::capability::{Signer, claims_for};
 
-    let (federation, _dir) = start().await;
+    // Rounds among two of the hospitals: nodes that accept sums over two.
+    let (federation, _dir) = start_with(PATIENTS, 2).await;
     let study_id = federation
         .approved_study(RESEARCHER, MANIFEST.as_bytes().to_vec())
         .await
@@ -1150,5 +1119,251 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         "{}",
         err.message()
     );
+    federation.shutdown().await;
+}
+
+/// A compromised coordinator host: its certificate and capability key,
+/// driving one study's rounds at the nodes itself.
+struct Compromised<'a> {
+    federation: &'a LocalFederation,
+    signer: ghx_study::capability::Signer,
+    study_id: String,
+    manifest: StudyManifest,
+    manifest_json: Vec<u8>,
+    training_json: Vec<u8>,
+}
+
+type NodeClient = ghx_proto::v1::node_service_client::NodeServiceClient<tonic::transport::Channel>;
+
+impl<'a> Compromised<'a> {
+    /// Approves the example training study and takes the coordinator's
+    /// keys.
+    async fn new(federation: &'a LocalFederation) -> Compromised<'a> {
+        let study_id = federation
+            .approved_study(RESEARCHER, MANIFEST.as_bytes().to_vec())
+            .await
+            .unwrap();
+        let manifest_json = federation
+            .client(RESEARCHER)
+            .await
+            .unwrap()
+            .get_study(pb::GetStudyRequest {
+                study_id: study_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .manifest_json;
+        let manifest = StudyManifest::parse(&manifest_json).unwrap();
+        let training_json = manifest.trainings[0].canonical_json();
+        let key =
+            std::fs::read_to_string(federation.pki.root().join("coordinator-signing.pem")).unwrap();
+        Compromised {
+            federation,
+            signer: ghx_study::capability::Signer::from_pem(
+                ghx::local_federation::SIGNING_KID,
+                &key,
+            )
+            .unwrap(),
+            study_id,
+            manifest,
+            manifest_json,
+            training_json,
+        }
+    }
+
+    /// Node `index`'s id.
+    fn id(&self, index: usize) -> String {
+        self.federation.nodes[index].profile.id.to_owned()
+    }
+
+    async fn client(&self, index: usize) -> NodeClient {
+        let node = &self.federation.nodes[index];
+        let tls =
+            ghx_pki::TlsMaterial::load(&self.federation.pki.tls_files("coordinator")).unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!(
+            "https://localhost:{}",
+            node.addr().port()
+        ))
+        .unwrap()
+        .tls_config(tls.client_config(node.profile.id))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+        NodeClient::new(channel)
+    }
+
+    /// Step 1 of `round` (or a session) over `ids`, with a fresh
+    /// capability naming them.
+    fn advertise(&self, round: &str, ids: &[String], phase: Phase) -> pb::RoundAdvertiseRequest {
+        let spec = &self.manifest.trainings[0];
+        let token = self
+            .signer
+            .sign(&ghx_study::capability::claims_for(
+                &self.manifest,
+                &self.study_id,
+                ids.to_vec(),
+                &self.training_json,
+                time::Duration::minutes(5),
+            ))
+            .unwrap();
+        pb::RoundAdvertiseRequest {
+            capability: token,
+            manifest_json: self.manifest_json.clone(),
+            training_json: self.training_json.clone(),
+            params: Some(pb::RoundParams {
+                round: round.to_owned(),
+                participants: ids.to_vec(),
+                threshold: 2,
+                dim: phase.len(spec.features.len(), spec.param_count()) as u32,
+            }),
+            phase: phase.name().to_owned(),
+        }
+    }
+
+    /// Steps 1 to 3 of a moments round over nodes `members`, each node
+    /// sending its masked input: their clients, for step 4.
+    async fn masked_moments(&self, round: &str, members: &[usize]) -> Vec<NodeClient> {
+        let ids: Vec<String> = members.iter().map(|i| self.id(*i)).collect();
+        let mut clients = Vec::new();
+        let mut advertised = Vec::new();
+        for index in members {
+            let mut client = self.client(*index).await;
+            let keys = client
+                .round_advertise(self.advertise(round, &ids, Phase::Moments))
+                .await
+                .unwrap()
+                .into_inner()
+                .keys
+                .unwrap();
+            advertised.push(keys);
+            clients.push(client);
+        }
+        let mut shares = Vec::new();
+        for client in &mut clients {
+            shares.extend(
+                client
+                    .round_share_keys(pb::RoundShareKeysRequest {
+                        round: round.to_owned(),
+                        advertised: advertised.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .shares,
+            );
+        }
+        for (client, id) in clients.iter_mut().zip(&ids) {
+            let mine = shares.iter().filter(|s| &s.to == id).cloned().collect();
+            client
+                .round_masked_input(pb::RoundMaskedInputRequest {
+                    round: round.to_owned(),
+                    shares: mine,
+                    model_json: Vec::new(),
+                })
+                .await
+                .unwrap();
+        }
+        clients
+    }
+}
+
+/// Issue 38 (4): a coordinator that runs one quantity over {A, B}, {A, C}
+/// and {B, C}, claims a node dropped out to unmask the rest, or opens a
+/// session among fewer nodes, to solve for one hospital's values, is
+/// refused by the nodes, even nodes that accept sums over two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_cannot_choose_who_sums_a_study_to_isolate_a_hospital() {
+    let (federation, _dir) = start_with(PATIENTS, 2).await;
+    let attacker = Compromised::new(&federation).await;
+    let (a, b, c) = (attacker.id(0), attacker.id(1), attacker.id(2));
+    let refused = |err: tonic::Status, says: &str| {
+        assert_eq!(
+            err.code(),
+            tonic::Code::FailedPrecondition,
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains(says), "{}", err.message());
+    };
+
+    // Three subsets of the training's moments. {A, B}: a whole round,
+    // unmasked, so the study is bound to the two at both.
+    let mut ab = attacker.masked_moments("subset/ab", &[0, 1]).await;
+    for client in &mut ab {
+        client
+            .round_unmask(pb::RoundUnmaskRequest {
+                round: "subset/ab".to_owned(),
+                survivors: vec![a.clone(), b.clone()],
+            })
+            .await
+            .unwrap();
+    }
+    // {A, C} and {B, C}: refused at step 1 by A and by B, before anything
+    // is computed: the sums that would isolate C (and A, and B) never exist.
+    let bound = format!("the study are over [{a}, {b}]");
+    for (index, pair) in [(0, [a.clone(), c.clone()]), (1, [b.clone(), c.clone()])] {
+        let round = format!("subset/{}", pair.join("-"));
+        let err = attacker
+            .client(index)
+            .await
+            .round_advertise(attacker.advertise(&round, &pair, Phase::Moments))
+            .await
+            .unwrap_err();
+        refused(err, &bound);
+    }
+    // A node certificate made up by whoever runs the CA is not a member.
+    let made_up = [c.clone(), "madeup".to_owned()];
+    let err = attacker
+        .client(2)
+        .await
+        .round_advertise(attacker.advertise("subset/madeup", &made_up, Phase::Moments))
+        .await
+        .unwrap_err();
+    refused(
+        err,
+        "names `madeup`, which is not one of this node's federation members",
+    );
+
+    // Another study: a round over all three, unmasked. In a second one,
+    // every input sent, claiming that C dropped out to unmask A and B's sum
+    // is refused (and ends the round at the node that refused).
+    let attacker = Compromised::new(&federation).await;
+    let all = [a.clone(), b.clone(), c.clone()];
+    let unmask = |round: &str, survivors: &[String]| pb::RoundUnmaskRequest {
+        round: round.to_owned(),
+        survivors: survivors.to_vec(),
+    };
+    for mut client in attacker.masked_moments("drop/abc", &[0, 1, 2]).await {
+        client.round_unmask(unmask("drop/abc", &all)).await.unwrap();
+    }
+    let mut again = attacker.masked_moments("drop/again", &[0, 1, 2]).await;
+    for client in &mut again[..2] {
+        let err = client
+            .round_unmask(unmask("drop/again", &[a.clone(), b.clone()]))
+            .await
+            .unwrap_err();
+        refused(
+            err,
+            &format!("unmasking for [{a}, {b}] rather than every node"),
+        );
+        let err = client
+            .round_unmask(unmask("drop/again", &all))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
+    }
+    // Re-keying among the two that are left, for the same values or any
+    // other of the study's: refused at opening.
+    for index in [0, 1] {
+        let err = attacker
+            .client(index)
+            .await
+            .session_open(attacker.advertise("drop/session", &[a.clone(), b.clone()], Phase::Train))
+            .await
+            .unwrap_err();
+        refused(err, &format!("the study are over [{a}, {b}, {c}]"));
+    }
     federation.shutdown().await;
 }

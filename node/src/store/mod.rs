@@ -24,7 +24,7 @@ use schema::{
     capability_uses, code_map, condition_codes, consent_contexts, consent_eligibility, consents,
     encounters, import_checkpoints, medication_codes, node_state, observation_values, patients,
     privacy_budget, privacy_charges, released_cohorts, resource_history, resources,
-    revoked_studies, view_materialisations, view_values,
+    revoked_studies, sum_participants, view_materialisations, view_values,
 };
 
 /// The `node_state` key of the consent generation.
@@ -1017,6 +1017,36 @@ impl Store {
             .count()
             .get_result(conn)?);
         Ok(n > 0)
+    }
+
+    /// Binds `study`'s secure-aggregation sums at this node to
+    /// `participants` (sorted node ids, comma-separated) unless it is
+    /// bound already; returns the set it is bound to.
+    pub fn bind_sum_participants(&self, study_id: &str, participants: &str) -> Result<String> {
+        let now = now_rfc3339();
+        with_conn!(self.backend, |conn| {
+            diesel::insert_into(sum_participants::table)
+                .values((
+                    sum_participants::study_id.eq(study_id),
+                    sum_participants::participants.eq(participants),
+                    sum_participants::bound_at.eq(&now),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            Ok(sum_participants::table
+                .filter(sum_participants::study_id.eq(study_id))
+                .select(sum_participants::participants)
+                .first::<String>(conn)?)
+        })
+    }
+
+    /// The set `study`'s sums are bound to at this node, if any.
+    pub fn sum_participants(&self, study_id: &str) -> Result<Option<String>> {
+        Ok(with_conn!(self.backend, |conn| sum_participants::table
+            .filter(sum_participants::study_id.eq(study_id))
+            .select(sum_participants::participants)
+            .first::<String>(conn)
+            .optional()?))
     }
 
     /// Runs a grouped count compiled by the engine.

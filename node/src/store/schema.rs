@@ -149,6 +149,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    sum_participants (study_id) {
+        study_id -> Text,
+        participants -> Text,
+        bound_at -> Text,
+    }
+}
+
+diesel::table! {
     released_cohorts (seq) {
         seq -> BigInt,
         organisation -> Text,

@@ -1,0 +1,1 @@
+DROP TABLE sum_participants;
