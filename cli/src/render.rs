@@ -4,13 +4,30 @@ use ghx_proto::v1 as pb;
 use serde_json::json;
 
 /// An aligned text table: dimension columns, one column per node, a total.
+/// Nodes list every cell of a table's domain, so rows below the minimum
+/// cell size at every hospital (most often empty ones, such as sex
+/// "other") are counted under the table rather than shown; `--json` lists
+/// them.
 pub fn study_table(result: &pb::StudyResult) -> String {
     let mut header: Vec<String> = result.dimensions.clone();
     let nodes: Vec<&pb::AggregateResult> = result.per_node.iter().collect();
     header.extend(nodes.iter().map(|n| n.node_id.clone()));
     header.push("total".to_owned());
     let mut rows = vec![header];
+    let mut small_everywhere = 0;
     for total in &result.total {
+        let small_at_every_node = !nodes.is_empty()
+            && nodes.iter().all(|node| {
+                node.cells.iter().any(|c| {
+                    c.key == total.key
+                        && matches!(&c.value, Some(pb::cell::Value::Suppressed(s))
+                            if !s.reason.starts_with("withheld"))
+                })
+            });
+        if small_at_every_node {
+            small_everywhere += 1;
+            continue;
+        }
         let mut row = total.key.clone();
         for node in &nodes {
             let cell = node.cells.iter().find(|c| c.key == total.key);
@@ -61,6 +78,13 @@ pub fn study_table(result: &pb::StudyResult) -> String {
             out.push_str(&rule.join("  "));
             out.push('\n');
         }
+    }
+    if small_everywhere > 0 {
+        out.push_str(&format!(
+            "({small_everywhere} more {} below the minimum cell size at every hospital, not shown; --json lists {})\n",
+            if small_everywhere == 1 { "row" } else { "rows" },
+            if small_everywhere == 1 { "it" } else { "them" },
+        ));
     }
     let legend_needed = result.total.iter().any(|t| !t.suppressed_at.is_empty());
     if legend_needed {
@@ -269,8 +293,11 @@ mod tests {
             query: "by-sex".into(),
             dimensions: vec!["sex".into()],
             per_node: vec![
-                node("chonnam", vec![count("female", 12), hidden("male")]),
-                node("chosun", vec![count("female", 30)]),
+                node(
+                    "chonnam",
+                    vec![count("female", 12), hidden("male"), hidden("other")],
+                ),
+                node("chosun", vec![count("female", 30), hidden("other")]),
             ],
             failures: vec![pb::NodeFailure {
                 node_id: "christian".into(),
@@ -289,6 +316,13 @@ mod tests {
                     suppressed_at: vec!["chonnam".into()],
                     ..Default::default()
                 },
+                // Small at every hospital that answered: counted, not shown.
+                pb::TotalCell {
+                    key: vec!["other".into()],
+                    count: 0,
+                    suppressed_at: vec!["chonnam".into(), "chosun".into()],
+                    ..Default::default()
+                },
             ],
             ..Default::default()
         };
@@ -297,6 +331,7 @@ mod tests {
             ------  -------  ------  -----
             female       12      30     42
             male        <10       -     0+
+            (1 more row below the minimum cell size at every hospital, not shown; --json lists it)
 
             <N: suppressed at that hospital (fewer than N patients); x: withheld so that a suppressed
             cell cannot be worked out from totals; total+ excludes withheld parts

@@ -400,7 +400,10 @@ impl NodeApi {
                     &prepared.context,
                     &inner.policy.consent.sensitive,
                 )?;
-                let analysed = engine::analyse(spec, &members, spec.noise.is_some());
+                // Every cell of the table's domain, empty or not: which
+                // cells exist must say nothing of the data, or a small cell
+                // listed would be known to hold at least one patient.
+                let analysed = engine::analyse(spec, &members, true);
                 Ok::<_, ApiError>((members, analysed))
             })?;
             let cohort = differencing::CohortPrint::of_members(&members);

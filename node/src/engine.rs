@@ -275,7 +275,9 @@ const SEXES: [&str; 4] = ["female", "male", "other", "unknown"];
 /// Computes the analysis's raw cells from the cohort members. Cells are in
 /// the query's natural key order ([`QuerySpec::key_order`]), and
 /// when `full_domain` is set every possible key is present, empty or not,
-/// so that which cells exist says nothing about the data (needed for noise).
+/// so that which cells exist says nothing about the data (how every
+/// released table is made: otherwise a small cell listed would be known to
+/// hold at least one patient).
 pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analysed {
     let dims = spec.dimensions();
     let as_of = ymd(spec.cohort.as_of);

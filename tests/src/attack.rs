@@ -14,7 +14,8 @@ use microlp::{ComparisonOp, OptimizationDirection, Problem};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
     Released(u64),
-    /// Withheld as below the minimum cell size: 1..k-1 patients.
+    /// Withheld as below the minimum cell size: 0..k-1 patients (every
+    /// cell of the domain is listed, empty or not).
     Small,
     /// Withheld for another reason (to protect a small cell, or too few
     /// events): at least k patients.
@@ -93,7 +94,7 @@ pub fn all_lines(shape: &[usize]) -> Vec<Line> {
 }
 
 /// What a requester learned of a sum of the table's cells from another
-/// release: its total, or that it was withheld as small (1..k-1 patients)
+/// release: its total, or that it was withheld as small (0..k-1 patients)
 /// or for another reason (at least k).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fact {
@@ -111,7 +112,7 @@ pub struct Margin {
 
 /// The whole-number interval `(lo, hi)` of the sum of the cells `target`
 /// consistent with the table and the margins, the attacker knowing that a
-/// small cell holds 1..k-1 patients and any other withheld cell at least k.
+/// small cell holds 0..k-1 patients and any other withheld cell at least k.
 /// Panics if the system is infeasible (the release contradicts the margins).
 pub fn interval(table: &Table, margins: &[Margin], k: u64, target: &[Vec<usize>]) -> (i64, i64) {
     let kf = k as f64;
@@ -128,7 +129,9 @@ pub fn interval(table: &Table, margins: &[Margin], k: u64, target: &[Vec<usize>]
                     }
                     continue;
                 }
-                Seen::Small => (1.0, kf - 1.0),
+                // Tables list every cell of their domain: a small cell may
+                // be empty.
+                Seen::Small => (0.0, kf - 1.0),
                 Seen::Withheld => (kf, f64::INFINITY),
             };
             let objective = if in_target { 1.0 } else { 0.0 };
@@ -152,7 +155,6 @@ pub fn interval(table: &Table, margins: &[Margin], k: u64, target: &[Vec<usize>]
                     problem.add_constraint(terms, ComparisonOp::Eq, total as f64 - known)
                 }
                 Fact::Small => {
-                    problem.add_constraint(terms.clone(), ComparisonOp::Ge, 1.0 - known);
                     problem.add_constraint(terms, ComparisonOp::Le, kf - 1.0 - known);
                 }
                 Fact::AtLeastK => problem.add_constraint(terms, ComparisonOp::Ge, kf - known),

@@ -45,14 +45,11 @@ fn spec(dims: &[usize]) -> QuerySpec {
     .expect("a valid query")
 }
 
-/// The grid's cells in index order, absent where the count is zero (as the
-/// node's SQL leaves empty cells out).
+/// The grid's cells in index order, empty ones included: the node lists
+/// every cell of a table's domain.
 fn cells(shape: &[usize], counts: &[u64]) -> BTreeMap<Vec<usize>, u64> {
     let mut out = BTreeMap::new();
     for (flat, n) in counts.iter().enumerate() {
-        if *n == 0 {
-            continue;
-        }
         let mut index = vec![0; shape.len()];
         let mut rest = flat;
         for d in (0..shape.len()).rev() {
@@ -151,9 +148,10 @@ struct Narrowed {
     allowed: (i64, i64),
 }
 
-/// Every small count whose interval, from `table` and the margins, is
-/// narrower than the margins alone allow.
-fn narrowed(table: &Table, margins: &[Margin]) -> Vec<Narrowed> {
+/// Every small count that is not zero in `truth` whose interval, from
+/// `table` and the margins, is narrower than the margins alone allow. (That
+/// an empty cell is empty may be worked out: it discloses no one.)
+fn narrowed(table: &Table, margins: &[Margin], truth: &BTreeMap<Vec<usize>, u64>) -> Vec<Narrowed> {
     let margins_only = attack::all_withheld(table);
     let small_cells = table
         .cells
@@ -166,6 +164,7 @@ fn narrowed(table: &Table, margins: &[Margin]) -> Vec<Narrowed> {
         .map(|m| m.cells.clone());
     small_cells
         .chain(small_margins)
+        .filter(|cells| cells.iter().map(|c| truth[c]).sum::<u64>() > 0)
         .filter_map(|cells| {
             let got = attack::interval(table, margins, K, &cells);
             let allowed = attack::interval(&margins_only, margins, K, &cells);
@@ -247,7 +246,7 @@ fn the_attacker_pins_cells_the_old_rule_left_and_none_the_node_leaves() {
         let counts = cells(&shape, &random_counts(&mut rng, shape[0] * shape[1]));
         let margins = margins_of(&shape, &counts);
         let old = line_pairs_rule(&shape, &counts);
-        let exact = narrowed(&old, &margins)
+        let exact = narrowed(&old, &margins, &counts)
             .into_iter()
             .any(|n| n.got.0 == n.got.1 && n.allowed.0 < n.allowed.1);
         if !exact {
@@ -255,7 +254,11 @@ fn the_attacker_pins_cells_the_old_rule_left_and_none_the_node_leaves() {
         }
         pinned += 1;
         let new = node_release(&shape, &counts);
-        assert_eq!(narrowed(&new, &margins), [], "{shape:?} {counts:?}");
+        assert_eq!(
+            narrowed(&new, &margins, &counts),
+            [],
+            "{shape:?} {counts:?}"
+        );
     }
     assert!(
         pinned > 0,
@@ -275,7 +278,7 @@ fn a_small_cell_alone_in_its_column_holds_against_the_groupings_a_requester_can_
     let counts = cells(&shape, &[19, 100, 20, 3, 100, 19, 20, 0]);
     let margins = margins_of(&shape, &counts);
     let released = node_release(&shape, &counts);
-    assert_eq!(narrowed(&released, &margins), []);
+    assert_eq!(narrowed(&released, &margins, &counts), []);
 }
 
 fn grid() -> impl Strategy<Value = (Vec<usize>, Vec<u64>)> {
@@ -302,7 +305,7 @@ proptest! {
         let counts = cells(&shape, &counts);
         let margins = margins_of(&shape, &counts);
         let released = node_release(&shape, &counts);
-        let narrowed = narrowed(&released, &margins);
+        let narrowed = narrowed(&released, &margins, &counts);
         prop_assert!(narrowed.is_empty(), "{:?}: {:?}", counts, narrowed);
     }
 }
@@ -330,7 +333,8 @@ fn attack_query(group_by: &str) -> String {
 }
 
 /// Patients to import: `count` of them born on `born`, each with one
-/// diagnosis and a research consent (naming mental health when `psy`).
+/// diagnosis and a research consent (naming mental health when `psy`), all
+/// of `gender` or, without one, women and men in turn.
 struct Patients<'a> {
     tag: String,
     system: &'a str,
@@ -338,6 +342,7 @@ struct Patients<'a> {
     born: &'a str,
     count: u64,
     psy: bool,
+    gender: Option<&'a str>,
 }
 
 /// Writes `groups` of patients as an NDJSON export under `dir`.
@@ -349,7 +354,7 @@ fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
             let patient = format!("Patient/{id}");
             patients.push(serde_json::json!({
                 "resourceType": "Patient", "id": id, "active": true,
-                "gender": if i % 2 == 0 { "female" } else { "male" },
+                "gender": group.gender.unwrap_or(if i % 2 == 0 { "female" } else { "male" }),
                 "birthDate": group.born,
             }));
             conditions.push(serde_json::json!({
@@ -420,6 +425,79 @@ fn count(cell: &pb::Cell) -> Option<u64> {
     }
 }
 
+/// What a requester holds of Chosun's answers to a two-dimensional
+/// `table` and its groupings by `rows`, by `columns` and the `total`: the
+/// table as released over its whole domain (empty cells withheld as small),
+/// and each cell of a grouping as a fact about the table's cells; with the
+/// row and column labels, in the table's order.
+fn requester_view(
+    answers: &BTreeMap<&str, pb::AggregateResult>,
+) -> (Table, Vec<Margin>, Vec<String>, Vec<String>) {
+    // What the requester holds: the table as released over its whole
+    // domain (every diagnosis group and "other", every age band and
+    // "unknown", empty cells withheld as small), and every line total from
+    // the other groupings.
+    let labels = |d: usize| {
+        let mut seen: Vec<String> = Vec::new();
+        for cell in &answers["table"].cells {
+            if !seen.contains(&cell.key[d]) {
+                seen.push(cell.key[d].clone());
+            }
+        }
+        seen
+    };
+    let (rows, columns) = (labels(0), labels(1));
+    let group = |label: &str| rows.iter().position(|g| g == label).unwrap();
+    let band = |label: &str| columns.iter().position(|b| b == label).unwrap();
+    let mut table = Table {
+        shape: vec![rows.len(), columns.len()],
+        cells: BTreeMap::new(),
+    };
+    for cell in &answers["table"].cells {
+        let seen = match (count(cell), &cell.value) {
+            (Some(n), _) => Seen::Released(n),
+            (None, Some(pb::cell::Value::Suppressed(s)))
+                if s.reason.contains("below the minimum cell size") =>
+            {
+                Seen::Small
+            }
+            _ => Seen::Withheld,
+        };
+        table
+            .cells
+            .insert(vec![group(&cell.key[0]), band(&cell.key[1])], seen);
+    }
+    assert_eq!(table.cells.len(), rows.len() * columns.len());
+    // What the groupings by row, by column and none released: each cell a
+    // known total, or a sum known small or at least k.
+    let all_cells: Vec<Vec<usize>> = table.cells.keys().cloned().collect();
+    let mut margins = Vec::new();
+    for (query, dimension) in [("rows", Some(0)), ("columns", Some(1)), ("total", None)] {
+        for cell in &answers[query].cells {
+            let wanted = dimension.map(|d| match d {
+                0 => group(&cell.key[0]),
+                _ => band(&cell.key[0]),
+            });
+            let cells = all_cells
+                .iter()
+                .filter(|index| dimension.is_none_or(|d| Some(index[d]) == wanted))
+                .cloned()
+                .collect();
+            let fact = match (count(cell), &cell.value) {
+                (Some(n), _) => Fact::Total(n),
+                (None, Some(pb::cell::Value::Suppressed(s)))
+                    if s.reason.contains("below the minimum cell size") =>
+                {
+                    Fact::Small
+                }
+                _ => Fact::AtLeastK,
+            };
+            margins.push(Margin { cells, fact });
+        }
+    }
+    (table, margins, rows, columns)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requester_with_every_margin_cannot_narrow_a_suppressed_cell() {
     // Issue 38 (1), end to end: a requester runs a table and, over the same
@@ -440,6 +518,7 @@ async fn a_requester_with_every_margin_cannot_narrow_a_suppressed_cell() {
                 born: BANDS[b].1,
                 count: *count,
                 psy: false,
+                gender: None,
             });
         }
     }
@@ -472,74 +551,132 @@ async fn a_requester_with_every_margin_cannot_narrow_a_suppressed_cell() {
         answers.insert(*name, chosun(&result).clone());
     }
 
-    // What the requester holds: the table as released, and every line
-    // total from the other groupings (all released: each is at least k).
-    let band = |label: &str| BANDS.iter().position(|(b, _)| *b == label).unwrap();
-    let group = |label: &str| GROUPS.iter().position(|g| *g == label).unwrap();
-    let mut table = Table {
-        shape: vec![GROUPS.len(), BANDS.len()],
-        cells: BTreeMap::new(),
-    };
-    for cell in &answers["table"].cells {
-        let seen = match (count(cell), &cell.value) {
-            (Some(n), _) => Seen::Released(n),
-            (None, Some(pb::cell::Value::Suppressed(s)))
-                if s.reason.contains("below the minimum cell size") =>
-            {
-                Seen::Small
-            }
-            _ => Seen::Withheld,
-        };
-        table
-            .cells
-            .insert(vec![group(&cell.key[0]), band(&cell.key[1])], seen);
-    }
-    // What the groupings by row, by column and none released: each cell a
-    // known total, or a sum known small or at least k.
+    let (table, margins, rows, columns) = requester_view(&answers);
+    let group = |label: &str| rows.iter().position(|g| g == label).unwrap();
+    let band = |label: &str| columns.iter().position(|b| b == label).unwrap();
+    assert_eq!((rows.len(), columns.len()), (GROUPS.len() + 1, 11));
     let all_cells: Vec<Vec<usize>> = table.cells.keys().cloned().collect();
-    let mut margins = Vec::new();
-    for (query, dimension) in [("rows", Some(0)), ("columns", Some(1)), ("total", None)] {
-        for cell in &answers[query].cells {
-            let wanted = dimension.map(|d| match d {
-                0 => group(&cell.key[0]),
-                _ => band(&cell.key[0]),
-            });
-            let cells = all_cells
-                .iter()
-                .filter(|index| dimension.is_none_or(|d| Some(index[d]) == wanted))
-                .cloned()
-                .collect();
-            let fact = match (count(cell), &cell.value) {
-                (Some(n), _) => Fact::Total(n),
-                (None, Some(pb::cell::Value::Suppressed(s)))
-                    if s.reason.contains("below the minimum cell size") =>
-                {
-                    Fact::Small
-                }
-                _ => Fact::AtLeastK,
-            };
-            margins.push(Margin { cells, fact });
-        }
-    }
+    let released_lines = margins
+        .iter()
+        .filter(|m| matches!(m.fact, Fact::Total(_)))
+        .count();
     assert!(
-        margins.iter().all(|m| matches!(m.fact, Fact::Total(_))),
-        "every row, column and the table total are released here"
+        released_lines > GROUPS.len() + BANDS.len(),
+        "every row and column of the attacked cells and the table total are released here"
     );
 
-    // The true table, for the checks below.
-    let truth: BTreeMap<Vec<usize>, u64> = cells(&[3, 4], &ATTACKED.concat());
+    // The true table over its domain, for the checks below.
+    let mut truth: BTreeMap<Vec<usize>, u64> = all_cells.iter().map(|i| (i.clone(), 0)).collect();
+    for (g, row) in ATTACKED.iter().enumerate() {
+        for (b, n) in row.iter().enumerate() {
+            truth.insert(vec![group(GROUPS[g]), band(BANDS[b].0)], *n);
+        }
+    }
     assert!(
         table.cells.values().any(|s| *s == Seen::Small),
         "the table has small cells to attack"
     );
     // Against the rule ghx used before, this requester pins a cell exactly...
-    let old = line_pairs_rule(&[3, 4], &truth);
+    let old = line_pairs_rule(&table.shape, &truth);
     assert!(
-        narrowed(&old, &margins).iter().any(|n| n.got.0 == n.got.1),
+        narrowed(&old, &margins, &truth)
+            .iter()
+            .any(|n| n.got.0 == n.got.1),
         "the old rule gives a cell of this table away"
     );
     // ...against the node's, it learns nothing the margins did not say.
-    assert_eq!(narrowed(&table, &margins), []);
+    assert_eq!(narrowed(&table, &margins, &truth), []);
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn which_cells_a_table_lists_says_nothing_of_who_is_in_it() {
+    // Issue 38 (1): a table listed only its non-empty cells, so a small
+    // cell was known to hold at least one patient. Nine women, one in each
+    // of nine age bands: by sex, "female: below the minimum"; by sex and
+    // age band, nine female cells each "below the minimum", so each at
+    // least 1 and at most 9 in all: one woman per band, exactly. Tables now
+    // list their whole domain, empty cells withheld as small, and the
+    // requester with every grouping of the cohort narrows nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions::new(dir.path(), 40, 2026))
+        .await
+        .expect("the local federation starts");
+    let births: Vec<String> = (0..9)
+        .map(|band| format!("{}-06-15", 2020 - 10 * band))
+        .collect();
+    let mut groups = Vec::new();
+    for (band, born) in births.iter().enumerate() {
+        for (gender, count) in [("male", 12), ("female", 1)] {
+            groups.push(Patients {
+                tag: format!("spread-{gender}-{band}"),
+                system: KCD8,
+                code: "K80.9".to_owned(),
+                born,
+                count,
+                psy: false,
+                gender: Some(gender),
+            });
+        }
+    }
+    let export = dir.path().join("spread");
+    write_patients(&export, &groups);
+    import_at(&federation, "chosun", export).await;
+
+    let query = |group_by: &str| {
+        format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[{{"system":"{KCD8}","code":"K80","match":"prefix"}}]}},"analysis":{{"kind":"count","group_by":[{group_by}]}}}}"#
+        )
+    };
+    let queries = [
+        ("table", query(r#""sex","age_band""#)),
+        ("rows", query(r#""sex""#)),
+        ("columns", query(r#""age_band""#)),
+        ("total", query("")),
+    ];
+    let named: Vec<(&str, &str)> = queries.iter().map(|(n, q)| (*n, q.as_str())).collect();
+    let study = federation
+        .approved_study(REQUESTER, manifest_for("Nine women", "HRESCH", &named))
+        .await
+        .unwrap();
+    let mut answers = BTreeMap::new();
+    for (name, _) in &queries {
+        let result = federation.run_study(&study, name).await.unwrap();
+        answers.insert(*name, chosun(&result).clone());
+    }
+    let (table, margins, rows, columns) = requester_view(&answers);
+    // Every sex and every age band, the unknown ones too, whoever is there.
+    assert_eq!(rows, ["female", "male", "other", "unknown"]);
+    assert_eq!(columns.len(), 11);
+    let female = rows.iter().position(|r| r == "female").unwrap();
+    let female_cells: Vec<&Seen> = table
+        .cells
+        .iter()
+        .filter(|(index, _)| index[0] == female)
+        .map(|(_, seen)| seen)
+        .collect();
+    assert_eq!(female_cells.len(), 11);
+    assert!(female_cells.iter().all(|s| **s == Seen::Small));
+    assert!(
+        margins.iter().any(|m| m.fact == Fact::Small),
+        "by sex: female is small"
+    );
+    // The requester narrows no small count, and cannot tell an empty band
+    // from one with a woman in it.
+    let band = |label: &str| columns.iter().position(|c| c == label).unwrap();
+    let mut truth: BTreeMap<Vec<usize>, u64> = table.cells.keys().map(|i| (i.clone(), 0)).collect();
+    let male = rows.iter().position(|r| r == "male").unwrap();
+    for b in 0..9 {
+        let label = ghx_study::query::age_band_label(b);
+        truth.insert(vec![female, band(&label)], 1);
+        truth.insert(vec![male, band(&label)], 12);
+    }
+    assert_eq!(narrowed(&table, &margins, &truth), []);
+    let cells: Vec<Vec<usize>> = (0..11).map(|band| vec![female, band]).collect();
+    for cell in &cells {
+        let (lo, _) = attack::interval(&table, &margins, K, std::slice::from_ref(cell));
+        assert_eq!(lo, 0, "{cell:?} could be empty");
+    }
     federation.shutdown().await;
 }
 
@@ -614,6 +751,7 @@ async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
         born: "1980-06-15",
         count,
         psy,
+        gender: None,
     };
     write_patients(
         &export,

@@ -6,19 +6,25 @@
 //! cells (exactly): what every coarser grouping of the same cohort releases
 //! ([`super::groupings`] works that out, by the same method): each of its
 //! released cells is a known sum of this table's cells, each withheld one a
-//! sum known to be small (1..k-1 patients, k the minimum cell size) or at
-//! least k, as its reason says. Of the table's own withheld cells the
+//! sum known to be small (0..k-1 patients, k the minimum cell size: tables
+//! list every cell of their domain, so an empty cell is withheld as small
+//! and a small one may be empty) or at least k, as its reason says. Of the table's own withheld cells the
 //! requester knows the same from their reasons; for rates, the same of the
 //! events, each cell's events between 0 and its patients.
 //!
-//! **The protection rule.** For every small quantity (the patients of a
-//! small cell of this table or of a coarser grouping; events, or patients
-//! without the event, between 1 and k - 1 in a withheld rate cell), the
+//! **The protection rule.** For every small quantity that is not zero (the
+//! patients of a small cell of this table or of a coarser grouping; events,
+//! or patients without the event, between 1 and k - 1 in a withheld rate
+//! cell), the
 //! interval of values consistent with all of the above is the interval
 //! consistent with the coarser groupings alone (the same programme with
 //! every cell of this table withheld): releasing the table adds nothing.
 //! Where the coarser groupings say nothing more of a small count, that is
-//! all of 1..k-1.
+//! all of 0..k-1. An empty cell is withheld as small, so that a requester
+//! cannot tell it from one with a few patients, but is not itself
+//! protected: that a cell is empty may be worked out (it discloses no one,
+//! and zeros are safe cells in tau-ARGUS and sdcTable too); that a small
+//! cell is not empty never can be.
 //!
 //! **The method.** Start from the cells withheld for being small and close
 //! every known sum that holds a single withheld cell (preferring a partner
@@ -96,7 +102,7 @@ pub(crate) struct Known {
 }
 
 /// A sum of this table's cells that a coarser grouping withheld: small
-/// (1..k-1 patients), or withheld for another reason (at least k).
+/// (0..k-1 patients), or withheld for another reason (at least k).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Withheld {
     pub(crate) cells: Vec<usize>,
@@ -141,7 +147,7 @@ struct Quantity {
     cells: Vec<usize>,
     measure: Measure,
     /// Its patients are a small cell's (here or in a coarser grouping):
-    /// 1..k-1 is the widest a requester could hold.
+    /// 0..k-1 is the widest a requester could hold.
     small: bool,
 }
 
@@ -216,7 +222,10 @@ impl<'a> Table<'a> {
         let small = |n: u64| n > 0 && n < self.k;
         let mut out = Vec::new();
         for (c, (counts, status)) in self.counts.iter().zip(status).enumerate() {
-            if *status == Status::Small {
+            // An empty cell is withheld as small like any other, but only
+            // a count of at least one patient needs protecting: learning
+            // that a cell is empty discloses no one.
+            if *status == Status::Small && counts.patients > 0 {
                 out.push(Quantity {
                     cells: vec![c],
                     measure: Measure::Patients,
@@ -238,7 +247,11 @@ impl<'a> Table<'a> {
                 }
             }
         }
-        for sum in self.withheld.iter().filter(|w| w.small) {
+        for sum in self
+            .withheld
+            .iter()
+            .filter(|w| w.small && self.value(&w.cells, Measure::Patients) > 0)
+        {
             out.push(Quantity {
                 cells: sum.cells.clone(),
                 measure: Measure::Patients,
@@ -286,8 +299,8 @@ impl<'a> Table<'a> {
                 continue;
             }
             let bounds = match status[c] {
-                // A summary cell can be small with no patient at all.
-                Status::Small => variable().min(counts.patients.min(1) as f64).max(k - 1.0),
+                // Empty or not: every cell of the domain is listed.
+                Status::Small => variable().min(0.0).max(k - 1.0),
                 _ => variable().min(k),
             };
             patients[c] = Some(vars.add(bounds));
@@ -338,7 +351,6 @@ impl<'a> Table<'a> {
             let (sum, released) = measure_of(&withheld.cells, Measure::Patients);
             let released = released as f64;
             if withheld.small {
-                constraints.push(sum.clone().geq(1.0 - released));
                 constraints.push(sum.leq(k - 1.0 - released));
             } else {
                 constraints.push(sum.geq(k - released));
@@ -381,11 +393,11 @@ impl<'a> Table<'a> {
     }
 
     /// The widest interval a requester could hold of `quantity` before
-    /// anything is released: for a small count's patients, 1..k-1; none
+    /// anything is released: for a small count's patients, 0..k-1; none
     /// where it has no simple form.
     fn widest(&self, quantity: &Quantity) -> Option<Interval> {
         quantity.small.then(|| Interval {
-            lo: self.value(&quantity.cells, Measure::Patients).min(1),
+            lo: 0,
             hi: i64::try_from(self.k).unwrap_or(i64::MAX) - 1,
         })
     }
@@ -451,8 +463,9 @@ impl<'a> Table<'a> {
     }
 
     /// Until no known sum holds exactly one withheld cell beside released
-    /// ones, withholds a partner in such a sum: a withheld cell alone in a
-    /// known sum would be that sum less the released cells. The partner is,
+    /// ones (empty cells aside), withholds a partner in such a sum: a
+    /// withheld cell alone in a known sum would be that sum less the
+    /// released cells. The partner is,
     /// in order of preference, one that also closes another such sum, one
     /// of at least 2k - 1 patients (whose slack above k can hide any small
     /// value; the smallest such), else the largest. Smaller sums (rows,
@@ -470,9 +483,14 @@ impl<'a> Table<'a> {
                 sums_of[*c].push(i);
             }
         }
+        // An empty cell needs no protection (the module's rule): a sum
+        // whose only withheld cell is empty is left as it is.
+        let guarded = |c: usize| {
+            status[c].withheld() && (status[c] != Status::Small || self.counts[c].patients > 0)
+        };
         let mut hidden: Vec<usize> = order
             .iter()
-            .map(|sum| sum.cells.iter().filter(|c| status[**c].withheld()).count())
+            .map(|sum| sum.cells.iter().filter(|c| guarded(**c)).count())
             .collect();
         loop {
             let mut changed = false;
