@@ -1308,16 +1308,20 @@ async fn follow_and_write(
     let written = training_report::write_outputs(out, &record, &manifest)
         .with_context(|| format!("cannot write into {}", out.display()))?;
     println!("run {} {}", record.run_id, record.status.name());
-    if let Some(e) = &record.evaluation {
-        println!(
+    match record.evaluation.as_ref().map(|e| &e.pooled) {
+        Some(Some(pooled)) => println!(
             "final model on {} held-out patients: AUC {}, accuracy {:.4}, Brier {:.4}",
-            e.pooled.rows,
-            e.pooled
+            pooled.rows,
+            pooled
                 .auc
                 .map_or_else(|| "n/a".to_owned(), |a| format!("{a:.4}")),
-            e.pooled.accuracy,
-            e.pooled.brier
-        );
+            pooled.accuracy,
+            pooled.brier
+        ),
+        Some(None) => println!(
+            "final model: pooled metrics withheld (held-out positives or negatives below the cell size)"
+        ),
+        None => {}
     }
     for path in written {
         println!("wrote {}", path.display());

@@ -177,35 +177,36 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
             "| site | held-out rows | with label | AUC | accuracy | Brier | ECE |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
-        out.push_str(&metrics_row("pooled", &e.pooled));
+        match &e.pooled {
+            Some(pooled) => out.push_str(&metrics_row("pooled", pooled)),
+            None => out.push_str(
+                "| pooled | withheld: held-out positives or negatives below the cell size | | | | | |\n",
+            ),
+        }
         for (node, m) in &e.per_node {
             out.push_str(&metrics_row(node, m));
         }
         for f in &e.failures {
             let _ = writeln!(out, "\nNot evaluated at {}: {}", f.node_id, f.reason);
         }
-        let _ = writeln!(out, "\nCalibration (pooled, by predicted risk):\n");
-        let _ = writeln!(out, "| predicted | rows | mean predicted | observed |");
-        let _ = writeln!(out, "|---|---:|---:|---:|");
-        let min = u64::from(manifest.min_cell_size.default);
-        for b in &e.pooled.calibration {
-            if b.count < min {
-                let _ = writeln!(
-                    out,
-                    "| {:.1}–{:.1} | fewer than {min} | | |",
-                    b.lower, b.upper
-                );
-                continue;
-            }
+        if let Some(pooled) = &e.pooled {
             let _ = writeln!(
                 out,
-                "| {:.1}–{:.1} | {} | {} | {} |",
-                b.lower,
-                b.upper,
-                b.count,
-                opt(b.mean_predicted()),
-                opt(b.observed_rate())
+                "\nCalibration (pooled, by predicted risk; neighbouring bins merged until each holds at least the cell size):\n"
             );
+            let _ = writeln!(out, "| predicted | rows | mean predicted | observed |");
+            let _ = writeln!(out, "|---|---:|---:|---:|");
+            for b in &pooled.calibration {
+                let _ = writeln!(
+                    out,
+                    "| {:.1}–{:.1} | {} | {} | {} |",
+                    b.lower,
+                    b.upper,
+                    b.count,
+                    opt(b.mean_predicted()),
+                    opt(b.observed_rate())
+                );
+            }
         }
     }
     let _ = writeln!(out, "\n## Privacy\n");

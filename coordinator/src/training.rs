@@ -194,7 +194,10 @@ pub struct RoundRecord {
 /// A model's evaluation, pooled and per node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
-    pub pooled: Metrics,
+    /// The pooled metrics as released to the requester ([`Metrics::disclosed`]
+    /// at the study's largest cell size); none when the pooled held-out
+    /// positives or negatives are fewer.
+    pub pooled: Option<Metrics>,
     /// Each node's own metrics on its held-out rows (nodes release these
     /// only when enough rows are held out).
     pub per_node: BTreeMap<String, Metrics>,
@@ -1247,7 +1250,7 @@ pub async fn advance(
                 None,
             )
             .await?;
-            record.evaluation = Some(evaluation(round)?);
+            record.evaluation = Some(evaluation(round, pooled_cell_size(fed))?);
             record.status = RunStatus::Completed;
         }
     }
@@ -1263,12 +1266,21 @@ pub async fn validate(fed: &Federation<'_>, model: &ModelDocument) -> Result<Eva
         fed.spec.name,
         time::OffsetDateTime::now_utc().unix_timestamp_nanos()
     );
-    evaluation(secure_round(fed, &round_id, Phase::Evaluate, Some(model), None).await?)
+    evaluation(
+        secure_round(fed, &round_id, Phase::Evaluate, Some(model), None).await?,
+        pooled_cell_size(fed),
+    )
 }
 
-fn evaluation(round: RoundSum) -> Result<Evaluation, Error> {
+/// The cell size pooled metrics are released under: the study's largest.
+fn pooled_cell_size(fed: &Federation<'_>) -> u64 {
+    let sizes = &fed.manifest.min_cell_size;
+    u64::from(sizes.nodes.values().copied().fold(sizes.default, u32::max))
+}
+
+fn evaluation(round: RoundSum, k: u64) -> Result<Evaluation, Error> {
     Ok(Evaluation {
-        pooled: EvaluationSums::from_vec(&round.sum)?.metrics(),
+        pooled: EvaluationSums::from_vec(&round.sum)?.metrics().disclosed(k),
         per_node: round.node_metrics,
         contributors: round.contributors,
         failures: round.failures,
@@ -1377,7 +1389,7 @@ mod tests {
         record.rounds.push(round(2));
         record.model = Some(model(0.5, &mut rng));
         record.evaluation = Some(Evaluation {
-            pooled: metrics.clone(),
+            pooled: Some(metrics.clone()),
             per_node: BTreeMap::new(),
             contributors: vec!["a".to_owned()],
             failures: Vec::new(),

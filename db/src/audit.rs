@@ -265,6 +265,18 @@ mod chain {
     }
 }
 
+/// The columns a count of one study's entries reads.
+mod by_study {
+    diesel::table! {
+        audit_log (seq) {
+            seq -> BigInt,
+            study_id -> Text,
+            action -> Text,
+            decision -> Text,
+        }
+    }
+}
+
 /// The last link of the chain: the last entry, or the last checkpoint when
 /// there are no entries (expiry always keeps one, so only after tampering;
 /// appends then continue past the checkpoint and verification names the
@@ -432,6 +444,17 @@ impl AuditLog {
         let sql = format!("SELECT {COLUMNS} FROM audit_log ORDER BY seq");
         let rows: Vec<Row> = with_conn!(self.backend, |conn| diesel::sql_query(&sql).load(conn)?);
         Ok(rows.into_iter().map(Entry::from).collect())
+    }
+
+    /// How many entries of `study_id` record `action` decided `decision`.
+    pub fn count(&self, study_id: &str, action: &str, decision: &str) -> Result<i64> {
+        use by_study::audit_log::dsl as log;
+        Ok(with_conn!(self.backend, |conn| log::audit_log
+            .filter(log::study_id.eq(study_id))
+            .filter(log::action.eq(action))
+            .filter(log::decision.eq(decision))
+            .count()
+            .get_result(conn)?))
     }
 
     /// Every stored checkpoint, in order.

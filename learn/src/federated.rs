@@ -175,6 +175,23 @@ impl EvaluationSums {
     }
 }
 
+impl Metrics {
+    /// The metrics as they may leave where they were computed, every
+    /// number resting on at least `k` patients: none unless the rows, the
+    /// positives and the negatives each reach `k`; calibration bins merged
+    /// until each holds `k` rows ([`metrics::coarsen`]) and the calibration
+    /// error taken over those.
+    pub fn disclosed(mut self, k: u64) -> Option<Metrics> {
+        let negatives = self.rows.saturating_sub(self.positives);
+        if self.rows < k || self.positives < k || negatives < k {
+            return None;
+        }
+        self.calibration = metrics::coarsen(&self.calibration, k);
+        self.expected_calibration_error = metrics::expected_calibration_error(&self.calibration);
+        Some(self)
+    }
+}
+
 /// What a round sums: the wire names a phase by [`Phase::name`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -372,6 +389,37 @@ fn split_training_sum(sum: &[f64], params: usize) -> Result<(&[f64], f64, Evalua
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_leave_only_when_both_classes_reach_k_and_with_bins_of_k() {
+        let metrics = |rows: u64, positives: u64| Metrics {
+            rows,
+            positives,
+            auc: Some(0.7),
+            accuracy: 0.8,
+            brier: 0.1,
+            log_loss: 0.3,
+            expected_calibration_error: 0.0,
+            calibration: metrics::calibration(
+                &(0..rows)
+                    .map(|i| i as f64 / rows as f64)
+                    .collect::<Vec<_>>(),
+                &(0..rows)
+                    .map(|i| f64::from(i < positives))
+                    .collect::<Vec<_>>(),
+                10,
+            ),
+        };
+        assert!(metrics(100, 9).disclosed(10).is_none());
+        assert!(metrics(100, 91).disclosed(10).is_none());
+        let out = metrics(100, 30).disclosed(20).unwrap();
+        assert!(out.calibration.iter().all(|b| b.count >= 20));
+        assert_eq!(out.calibration.iter().map(|b| b.count).sum::<u64>(), 100);
+        assert_eq!(
+            out.expected_calibration_error,
+            metrics::expected_calibration_error(&out.calibration)
+        );
+    }
 
     fn data(rows: &[(&[f64], bool)]) -> Dataset {
         let mut d = Dataset::new(rows[0].0.len());

@@ -48,6 +48,8 @@ struct Inner {
     rounds: Rounds,
     /// Which sets of nodes this node sums with.
     sums: crate::participants::SumRule,
+    /// Most evaluation rounds one study may have here.
+    max_evaluations: u32,
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
     /// This node's certificate and key, to sign the keys it advertises in
@@ -116,6 +118,7 @@ impl ApiError {
                 crate::participants::Error::Store(_),
             )) => "internal",
             ApiError::Training(training::Error::Participants(_)) => "participants",
+            ApiError::Training(training::Error::Evaluations { .. }) => "budget",
             ApiError::Training(_) | ApiError::Malformed(_) => "training",
             ApiError::View(crate::views::Error::View(_)) => "view",
             ApiError::Differencing(_)
@@ -151,7 +154,9 @@ fn status(error: &ApiError) -> Status {
         ApiError::Differencing(differencing::Error::TooClose { .. }) => {
             Status::permission_denied(error.to_string())
         }
-        ApiError::BudgetSpent { .. } => Status::resource_exhausted(error.to_string()),
+        ApiError::BudgetSpent { .. } | ApiError::Training(training::Error::Evaluations { .. }) => {
+            Status::resource_exhausted(error.to_string())
+        }
         ApiError::Training(
             training::Error::TooFew { .. }
             | training::Error::Participants(
@@ -232,6 +237,7 @@ impl NodeApi {
                 organisation_epsilon: Some(crate::config::DEFAULT_ORGANISATION_EPSILON),
                 rounds: Rounds::default(),
                 sums: crate::participants::SumRule::new(&Default::default()),
+                max_evaluations: crate::config::DEFAULT_MAX_EVALUATIONS,
                 audit: store.audit_log().clone(),
                 round_keys: None,
                 stopping: tokio::sync::watch::Sender::new(false),
@@ -261,6 +267,14 @@ impl NodeApi {
         Arc::get_mut(&mut self.inner)
             .expect("configured before it is shared")
             .sums = crate::participants::SumRule::new(settings);
+        self
+    }
+
+    /// Most evaluation rounds one study may have here.
+    pub fn with_evaluation_limit(mut self, max: u32) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before it is shared")
+            .max_evaluations = max;
         self
     }
 
@@ -799,6 +813,22 @@ impl NodeApi {
                     &params.participants,
                 )
                 .map_err(training::Error::from)?;
+            // Each evaluation scores the held-out patients with a model
+            // someone chose: a study has a limited number of them here.
+            if phase == Phase::Evaluate {
+                let done = inner.audit.count(
+                    &admitted.claims.sub,
+                    &ghx_audit::action::round(Phase::Evaluate.name()),
+                    ghx_audit::ANSWERED,
+                )?;
+                if done >= i64::from(inner.max_evaluations) {
+                    return Err(training::Error::Evaluations {
+                        study: admitted.claims.sub.clone(),
+                        limit: inner.max_evaluations,
+                    }
+                    .into());
+                }
+            }
             let prepared = tracing::info_span!("consent")
                 .in_scope(|| inner.eligibility.prepare(&inner.store, &admitted.consent))?;
             entry.consent_excluded =
@@ -822,8 +852,9 @@ impl NodeApi {
             let lifetime =
                 std::time::Duration::from_secs(u64::from(spec.round_deadline_seconds) * 4 + 30);
             entry.reason = format!(
-                "round {}: admitted; {} training and {} held-out patients, {} left out for missing features",
+                "round {}: admitted over [{}]; {} training and {} held-out patients, {} left out for missing features",
                 params.round,
+                params.participants.join(", "),
                 data.train.len(),
                 data.holdout.len(),
                 data.incomplete,

@@ -66,6 +66,12 @@ pub struct NodeConfig {
     /// aggregation.
     #[serde(default)]
     pub secure_aggregation: SumSettings,
+    /// Most model evaluations (a training run's final one, or an external
+    /// validation) one study may have at this node: each scores the
+    /// held-out patients with a model the requester or the coordinator
+    /// chose, so each can be crafted to read something of them.
+    #[serde(default = "default_max_evaluations")]
+    pub max_evaluations_per_study: u32,
     /// Audit checkpoints and retention.
     #[serde(default)]
     pub audit: ghx_audit::Settings,
@@ -141,6 +147,13 @@ impl Default for SumSettings {
             members: Vec::new(),
         }
     }
+}
+
+/// Evaluations one study may have at a node unless configured otherwise.
+pub const DEFAULT_MAX_EVALUATIONS: u32 = 20;
+
+fn default_max_evaluations() -> u32 {
+    DEFAULT_MAX_EVALUATIONS
 }
 
 /// Fewest nodes in a sum unless configured otherwise.
@@ -360,6 +373,7 @@ mod tests {
         // Issue 38 (4): sums over at least three nodes unless configured.
         assert_eq!(config.secure_aggregation, SumSettings::default());
         assert_eq!(config.secure_aggregation.min_participants, 3);
+        assert_eq!(config.max_evaluations_per_study, DEFAULT_MAX_EVALUATIONS);
         assert!(config.tls.ca.is_absolute());
         assert!(config.database_url.ends_with("/chosun.db"));
     }

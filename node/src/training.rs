@@ -94,6 +94,11 @@ pub enum Error {
     CapabilityExpired(String),
     #[error(transparent)]
     Participants(#[from] crate::participants::Error),
+    #[error(
+        "study {study} has had the {limit} model evaluations this node allows a study \
+         (max_evaluations_per_study)"
+    )]
+    Evaluations { study: String, limit: u32 },
 }
 
 /// What one node holds for a training: complete-case rows, split.
@@ -293,7 +298,6 @@ pub fn contribution(
     min_cell_size: u32,
 ) -> Result<Contribution, Error> {
     check_enough(data, min_cell_size)?;
-    let min = min_cell_size as usize;
     if phase == Phase::Moments {
         return Ok(Contribution {
             values: federated::moments_contribution(&data.train),
@@ -305,18 +309,13 @@ pub fn contribution(
     let holdout = standardised.holdout(data, &model);
     if phase == Phase::Evaluate {
         let sums = EvaluationSums::of(&global, &holdout);
-        let mut metrics = sums.metrics();
-        // This node's own metrics are released only when both classes
-        // of its held-out patients reach the cell size; calibration bins
-        // of fewer patients stay here.
-        let held_positives = metrics.positives as usize;
-        let releasable = held_positives >= min && data.holdout.len() - held_positives >= min;
-        metrics
-            .calibration
-            .retain(|b| b.count >= u64::from(min_cell_size));
+        // This node's own metrics, in the clear: only when both classes of
+        // its held-out patients reach the cell size, calibration bins
+        // merged to at least that many patients each (a bin left out would
+        // be the totals less the others).
         return Ok(Contribution {
             values: sums.to_vec(),
-            metrics: releasable.then_some(metrics),
+            metrics: sums.metrics().disclosed(u64::from(min_cell_size)),
         });
     }
     // Nodes sum parameter vectors of the training's shape.

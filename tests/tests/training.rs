@@ -241,8 +241,11 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     );
     // The coordinator's own evaluation, from summed score histograms.
     let evaluation = record.evaluation.clone().unwrap();
-    assert_eq!(evaluation.pooled.rows, holdout.len() as u64);
-    let reported = evaluation.pooled.auc.unwrap();
+    assert_eq!(
+        evaluation.pooled.as_ref().unwrap().rows,
+        holdout.len() as u64
+    );
+    let reported = evaluation.pooled.as_ref().unwrap().auc.unwrap();
     assert!(
         (reported - federated_auc).abs() < 0.002,
         "reported {reported} vs exact {federated_auc}"
@@ -326,6 +329,54 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
         "{}",
         bad.message()
     );
+
+    // Issue 38 (3): a model crafted so that one held-out patient alone
+    // scores in the top calibration bin, whose observed sum would be that
+    // patient's label. Every bin released (pooled, and each node's own)
+    // holds at least k patients, and no bin is left out (its count and
+    // label would be the totals less the others').
+    let (feature, top, second) = (0..dim)
+        .find_map(|j| {
+            let mut values: Vec<f64> = parts
+                .iter()
+                .flat_map(|p| (0..p.holdout.len()).map(move |i| p.holdout.row(i)[j]))
+                .collect();
+            values.sort_by(f64::total_cmp);
+            let (top, second) = (values[values.len() - 1], values[values.len() - 2]);
+            (top > second).then_some((j, top, second))
+        })
+        .expect("a feature whose largest held-out value is one patient's");
+    let mut params = vec![0.0; dim + 1];
+    let weight = 40.0 / (top - second);
+    params[feature] = weight;
+    params[dim] = -weight * (top + second) / 2.0;
+    let singled_out = Model::zeros(dim).with_params(&params).unwrap();
+    let alone: usize = parts
+        .iter()
+        .map(|p| {
+            let scores = singled_out.predict_all(&p.holdout);
+            scores.iter().filter(|s| **s >= 0.9).count()
+        })
+        .sum();
+    assert_eq!(
+        alone, 1,
+        "the crafted model puts one patient in the top bin"
+    );
+    let crafted = ModelDocument::new(&spec, &vec![0.0; dim], &vec![1.0; dim], &singled_out);
+    let seen = validate(&federation, &study_id, &spec.name, &crafted)
+        .await
+        .unwrap();
+    let k = u64::from(manifest.min_cell_size.default);
+    let pooled = seen
+        .pooled
+        .expect("both classes pooled reach the cell size");
+    let mut released = vec![("pooled".to_owned(), pooled)];
+    released.extend(seen.per_node.clone());
+    for (who, m) in &released {
+        let bins = &m.calibration;
+        assert_eq!(bins.iter().map(|b| b.count).sum::<u64>(), m.rows, "{who}");
+        assert!(bins.iter().all(|b| b.count >= k), "{who}: {bins:?}");
+    }
 
     // A coordinator that stopped after round 3 resumes from there.
     let store = CoordinatorStore::open(
@@ -433,7 +484,15 @@ async fn a_federated_mlp_trains_evaluates_and_validates_like_one_trained_on_pool
     }
     let auc = |m: &Model| metrics::auc(&m.predict_all(&holdout), holdout.labels()).unwrap();
     let (pooled_auc, federated_auc) = (auc(&central), auc(&model.model()));
-    let reported = record.evaluation.as_ref().unwrap().pooled.auc.unwrap();
+    let reported = record
+        .evaluation
+        .as_ref()
+        .unwrap()
+        .pooled
+        .as_ref()
+        .unwrap()
+        .auc
+        .unwrap();
     eprintln!(
         "MLP: pooled AUC {pooled_auc:.4}, federated AUC {federated_auc:.4} (reported {reported:.4})"
     );
@@ -709,7 +768,15 @@ async fn noised_training_is_charged_round_by_round_and_stops_when_the_budget_is_
     assert_eq!(record.rounds.len(), rounds as usize);
     // The noise (sd 85 per value per site) is small against gradients
     // summed over thousands of patients: the model still learns.
-    let auc = record.evaluation.as_ref().unwrap().pooled.auc.unwrap();
+    let auc = record
+        .evaluation
+        .as_ref()
+        .unwrap()
+        .pooled
+        .as_ref()
+        .unwrap()
+        .auc
+        .unwrap();
     eprintln!("noised training: {rounds} rounds, epsilon {cost:.4}, pooled held-out AUC {auc:.4}");
     assert!(auc > 0.7, "AUC {auc}");
     // Each site charged every round: the charges add up to the stated
@@ -1300,6 +1367,16 @@ async fn a_coordinator_cannot_choose_who_sums_a_study_to_isolate_a_hospital() {
             .await
             .unwrap();
     }
+    // Each node's audit log says over which nodes it was asked to sum.
+    let admitted = format!("round subset/ab: admitted over [{a}, {b}]");
+    for node in &federation.nodes[..2] {
+        let entries = node.store.audit_entries().unwrap();
+        assert!(
+            entries.iter().any(|e| e.reason.starts_with(&admitted)),
+            "{}",
+            node.profile.id
+        );
+    }
     // {A, C} and {B, C}: refused at step 1 by A and by B, before anything
     // is computed: the sums that would isolate C (and A, and B) never exist.
     let bound = format!("the study are over [{a}, {b}]");
@@ -1365,5 +1442,35 @@ async fn a_coordinator_cannot_choose_who_sums_a_study_to_isolate_a_hospital() {
             .unwrap_err();
         refused(err, &format!("the study are over [{a}, {b}, {c}]"));
     }
+
+    // Issue 38 (3): each evaluation scores the held-out patients with a
+    // model someone chose; a study has a limited number at each node.
+    let attacker = Compromised::new(&federation).await;
+    let mut client = attacker.client(0).await;
+    let limit = ghx_node::config::DEFAULT_MAX_EVALUATIONS;
+    for n in 0..limit {
+        let round = format!("evaluate/{n}");
+        client
+            .round_advertise(attacker.advertise(&round, &all, Phase::Evaluate))
+            .await
+            .unwrap();
+    }
+    let err = client
+        .round_advertise(attacker.advertise("evaluate/more", &all, Phase::Evaluate))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(&format!(
+            "has had the {limit} model evaluations this node allows"
+        )),
+        "{}",
+        err.message()
+    );
     federation.shutdown().await;
 }
