@@ -162,9 +162,8 @@ pub async fn open(
                 &left_out,
             ));
         }
-        let threshold = spec
-            .quorum
-            .min(u8::try_from(nodes.len()).unwrap_or(u8::MAX));
+        // As a one-off round's: every member (nodes refuse fewer).
+        let threshold = u8::try_from(nodes.len()).unwrap_or(u8::MAX);
         let params = RoundParams::new(&id, nodes.iter().map(|n| n.id.clone()), threshold, dim)?;
         let claims = capability::claims_for(
             fed.manifest,

@@ -508,8 +508,10 @@ pub async fn agree_keys(
     let params = RoundParams::new(
         round_id,
         nodes.iter().map(|n| n.id.clone()),
-        spec.quorum
-            .min(u8::try_from(nodes.len()).unwrap_or(u8::MAX)),
+        // Every node's shares are needed to unmask: nodes refuse a round
+        // that fewer could unmask (so every participant unmasks, and binds
+        // its study to the set).
+        u8::try_from(nodes.len()).unwrap_or(u8::MAX),
         dim,
     )?;
     let need = usize::from(spec.quorum);
@@ -742,9 +744,11 @@ pub async fn complete_round(
     failures.extend(more);
     let mut computations = Vec::new();
     let mut node_metrics = BTreeMap::new();
+    let mut arrived = Vec::new();
     for (id, (input, computed, metrics)) in masked {
         match aggregator.submit_masked(input) {
             Ok(()) => {
+                arrived.push(id.clone());
                 computations.push(computed);
                 if let Some(m) = metrics {
                     node_metrics.insert(id, m);
@@ -758,6 +762,13 @@ pub async fn complete_round(
     }
     let survivors = match aggregator.survivors() {
         Ok(s) => s,
+        // Fewer inputs than every node's (the threshold): redone among
+        // those that sent one, if they are enough.
+        Err(_) if arrived.len() >= need.max(2) => {
+            arrived.sort();
+            dropped(round_id, "masked input", &holders, &arrived, &failures)?;
+            return Err(quorum_error(round_id, need, "masked input", 0, &failures));
+        }
         Err(_) => return Err(quorum_error(round_id, need, "masked input", 0, &failures)),
     };
     dropped(round_id, "masked input", &holders, &survivors, &failures)?;
@@ -955,10 +966,12 @@ async fn session_round(
     prefix: &str,
     number: u32,
     model: &ModelDocument,
+    members: Option<Vec<String>>,
 ) -> Result<RoundSum, Error> {
     let started = Instant::now();
     let mut open_ms = 0.0;
-    let mut among: Option<Vec<String>> = None;
+    // The run's nodes so far (nodes sum a study over one set of them).
+    let mut among: Option<Vec<String>> = members.clone();
     let mut dropped: Vec<NodeFailure> = Vec::new();
     let mut attempt = 1;
     loop {
@@ -974,9 +987,9 @@ async fn session_round(
                 match opened {
                     Ok(s) => s,
                     Err(e) if attempt < ATTEMPTS => {
-                        tracing::warn!(round = number, error = %e, "session not opened; retrying with every node");
+                        tracing::warn!(round = number, error = %e, "session not opened; retrying with the run's nodes");
                         attempt += 1;
-                        among = None;
+                        among = members.clone();
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     }
@@ -1059,7 +1072,7 @@ async fn round_and_next(
                     None
                 }
             },
-            Ahead::Session => match session::open(fed, prefix, None, Vec::new())
+            Ahead::Session => match session::open(fed, prefix, members.as_deref(), Vec::new())
                 .instrument(tracing::info_span!("open_session_ahead"))
                 .await
             {
@@ -1079,7 +1092,16 @@ async fn round_and_next(
             }
             This::Session(number) => {
                 let model = model.expect("a training round has a model");
-                session_round(fed, &mut slot, &mut behind, prefix, number, model).await
+                session_round(
+                    fed,
+                    &mut slot,
+                    &mut behind,
+                    prefix,
+                    number,
+                    model,
+                    members.clone(),
+                )
+                .await
             }
         }
     };

@@ -163,6 +163,7 @@ fn status(error: &ApiError) -> Status {
                 crate::participants::Error::TooFew { .. }
                 | crate::participants::Error::NotMember { .. }
                 | crate::participants::Error::OtherSet { .. }
+                | crate::participants::Error::Threshold { .. }
                 | crate::participants::Error::Survivors { .. },
             ),
         ) => Status::failed_precondition(error.to_string()),
@@ -812,6 +813,13 @@ impl NodeApi {
                     &params.round,
                     &params.participants,
                 )
+                .and_then(|()| {
+                    crate::participants::check_threshold(
+                        &params.round,
+                        params.threshold,
+                        params.participants.len(),
+                    )
+                })
                 .map_err(training::Error::from)?;
             // Each evaluation scores the held-out patients with a model
             // someone chose: a study has a limited number of them here.

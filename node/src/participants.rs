@@ -63,6 +63,16 @@ pub enum Error {
          would reveal a sum over another set of nodes"
     )]
     Survivors { round: String, survivors: String },
+    #[error(
+        "round {round} can be unmasked with {threshold} of its {participants} nodes' shares; \
+         this node takes part only in rounds that need every node's, so that no sum is \
+         revealed without every participant's consent"
+    )]
+    Threshold {
+        round: String,
+        threshold: u8,
+        participants: usize,
+    },
     #[error("storage: {0}")]
     Store(#[from] store::Error),
 }
@@ -131,6 +141,21 @@ impl SumRule {
             });
         }
         Ok(())
+    }
+}
+
+/// A round must need every participant's shares to be unmasked: else a
+/// coordinator could unmask it at some nodes only, which never bind the
+/// study, and unmask a round over another set at others.
+pub fn check_threshold(round: &str, threshold: u8, participants: usize) -> Result<(), Error> {
+    if usize::from(threshold) == participants {
+        Ok(())
+    } else {
+        Err(Error::Threshold {
+            round: round.to_owned(),
+            threshold,
+            participants,
+        })
     }
 }
 
