@@ -425,6 +425,26 @@ fn count(cell: &pb::Cell) -> Option<u64> {
     }
 }
 
+/// Chosun's answers to `queries` (name, query JSON), run as one study a
+/// requester had approved under `title`.
+async fn chosun_answers<'a>(
+    federation: &LocalFederation,
+    title: &str,
+    queries: &'a [(&'a str, String)],
+) -> BTreeMap<&'a str, pb::AggregateResult> {
+    let named: Vec<(&str, &str)> = queries.iter().map(|(n, q)| (*n, q.as_str())).collect();
+    let study = federation
+        .approved_study(REQUESTER, manifest_for(title, "HRESCH", &named))
+        .await
+        .unwrap();
+    let mut answers = BTreeMap::new();
+    for (name, _) in queries {
+        let result = federation.run_study(&study, name).await.unwrap();
+        answers.insert(*name, chosun(&result).clone());
+    }
+    answers
+}
+
 /// What a requester holds of Chosun's answers to a two-dimensional
 /// `table` and its groupings by `rows`, by `columns` and the `total`: the
 /// table as released over its whole domain (empty cells withheld as small),
@@ -540,16 +560,7 @@ async fn a_requester_with_every_margin_cannot_narrow_a_suppressed_cell() {
         ("columns", attack_query(r#""age_band""#)),
         ("total", attack_query("")),
     ];
-    let named: Vec<(&str, &str)> = queries.iter().map(|(n, q)| (*n, q.as_str())).collect();
-    let study = federation
-        .approved_study(REQUESTER, manifest_for("Margins", "HRESCH", &named))
-        .await
-        .unwrap();
-    let mut answers = BTreeMap::new();
-    for (name, _) in &queries {
-        let result = federation.run_study(&study, name).await.unwrap();
-        answers.insert(*name, chosun(&result).clone());
-    }
+    let answers = chosun_answers(&federation, "Margins", &queries).await;
 
     let (table, margins, rows, columns) = requester_view(&answers);
     let group = |label: &str| rows.iter().position(|g| g == label).unwrap();
@@ -634,16 +645,7 @@ async fn which_cells_a_table_lists_says_nothing_of_who_is_in_it() {
         ("columns", query(r#""age_band""#)),
         ("total", query("")),
     ];
-    let named: Vec<(&str, &str)> = queries.iter().map(|(n, q)| (*n, q.as_str())).collect();
-    let study = federation
-        .approved_study(REQUESTER, manifest_for("Nine women", "HRESCH", &named))
-        .await
-        .unwrap();
-    let mut answers = BTreeMap::new();
-    for (name, _) in &queries {
-        let result = federation.run_study(&study, name).await.unwrap();
-        answers.insert(*name, chosun(&result).clone());
-    }
+    let answers = chosun_answers(&federation, "Nine women", &queries).await;
     let (table, margins, rows, columns) = requester_view(&answers);
     // Every sex and every age band, the unknown ones too, whoever is there.
     assert_eq!(rows, ["female", "male", "other", "unknown"]);
