@@ -1703,14 +1703,18 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// The demo study: patients with type 2 diabetes by sex and age band.
+/// The demo study: adult women and men with type 2 diabetes by sex and age
+/// band. A table lists every category its cohort admits, empty or not, and
+/// protects each; the cohort admits only those the study reports.
 const DEMO_QUERY: &str = r#"{
   "version": "ghx.query/v1",
   "cohort": {
     "as_of": "2026-01-01",
     "conditions": [
       {"system": "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8", "code": "E11", "match": "prefix"}
-    ]
+    ],
+    "sex": ["female", "male"],
+    "age": {"min": 18}
   },
   "analysis": {"kind": "count", "group_by": ["sex", "age_band"]}
 }"#;

@@ -15,8 +15,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ghx_study::query::{
-    Analysis, CodeCriterion, CodeMatch, Dimension, EncounterCriterion, Event, NO_DIAGNOSIS, Named,
-    ObservationCriterion, Pick, QuerySpec, Variable, Window,
+    AgeRange, Analysis, CodeCriterion, CodeMatch, Dimension, EncounterCriterion, Event,
+    NO_DIAGNOSIS, Named, ObservationCriterion, Pick, QuerySpec, Variable, Window,
 };
 
 use crate::consent::SensitiveCodes;
@@ -410,9 +410,9 @@ fn domain(spec: &QuerySpec) -> Vec<Vec<String>> {
                 };
                 allowed.into_iter().map(str::to_owned).collect()
             }
-            Dimension::Named(Named::AgeBand) => {
-                (-1..=9).map(ghx_study::query::age_band_label).collect()
-            }
+            Dimension::Named(Named::AgeBand) => age_bands(spec.cohort.age)
+                .map(ghx_study::query::age_band_label)
+                .collect(),
             Dimension::Diagnosis { diagnosis } => (0..=diagnosis.len() as i64)
                 .map(|i| diagnosis_label(diagnosis, i))
                 .collect(),
@@ -435,6 +435,26 @@ fn domain(spec: &QuerySpec) -> Vec<Vec<String>> {
                 })
             })
             .collect()
+    })
+}
+
+/// The age bands (as [`ghx_study::query::age_band_label`] numbers them) a
+/// cohort of ages `range` can fill: every band, "unknown" (-1) included,
+/// without a range; with one, the bands it overlaps (a patient without a
+/// birth date never meets a range). The query alone decides, so that which
+/// cells a table lists says nothing of who is in it.
+fn age_bands(range: Option<AgeRange>) -> impl Iterator<Item = i64> {
+    let (min, max) = match range {
+        None => (None, None),
+        Some(r) => (r.min.map(i64::from), r.max.map(i64::from)),
+    };
+    let unknown = range.is_none_or(|r| r.min.is_none() && r.max.is_none());
+    (-1..=9).filter(move |band| match *band {
+        -1 => unknown,
+        b => {
+            let (lo, hi) = (b * 10, if b == 9 { i64::MAX } else { b * 10 + 9 });
+            min.is_none_or(|m| hi >= m) && max.is_none_or(|m| lo <= m)
+        }
     })
 }
 
@@ -875,4 +895,27 @@ pub(crate) fn compile(
         text.push_str(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
     }
     (text, sql.binds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tables_age_bands_are_those_its_cohorts_age_range_can_fill() {
+        let bands = |min: Option<u32>, max: Option<u32>| -> Vec<String> {
+            age_bands(Some(AgeRange { min, max }))
+                .map(ghx_study::query::age_band_label)
+                .collect()
+        };
+        assert_eq!(age_bands(None).count(), 11);
+        assert_eq!(bands(None, None).len(), 11);
+        assert_eq!(
+            bands(Some(30), None),
+            ["30-39", "40-49", "50-59", "60-69", "70-79", "80-89", "90+"]
+        );
+        assert_eq!(bands(Some(35), Some(40)), ["30-39", "40-49"]);
+        assert_eq!(bands(None, Some(9)), ["0-9"]);
+        assert_eq!(bands(Some(95), Some(120)), ["90+"]);
+    }
 }

@@ -12,19 +12,18 @@
 //! requester knows the same from their reasons; for rates, the same of the
 //! events, each cell's events between 0 and its patients.
 //!
-//! **The protection rule.** For every small quantity that is not zero (the
-//! patients of a small cell of this table or of a coarser grouping; events,
+//! **The protection rule.** For every small quantity (the patients of a
+//! small cell of this table or of a coarser grouping, empty or not; events,
 //! or patients without the event, between 1 and k - 1 in a withheld rate
-//! cell), the
-//! interval of values consistent with all of the above is the interval
-//! consistent with the coarser groupings alone (the same programme with
-//! every cell of this table withheld): releasing the table adds nothing.
-//! Where the coarser groupings say nothing more of a small count, that is
-//! all of 0..k-1. An empty cell is withheld as small, so that a requester
-//! cannot tell it from one with a few patients, but is not itself
-//! protected: that a cell is empty may be worked out (it discloses no one,
-//! and zeros are safe cells in tau-ARGUS and sdcTable too); that a small
-//! cell is not empty never can be.
+//! cell), the interval of values consistent with all of the above is the
+//! interval consistent with the coarser groupings alone (the same programme
+//! with every cell of this table withheld): releasing the table adds
+//! nothing. Where the coarser groupings say nothing more of a small count,
+//! that is all of 0..k-1. An empty cell is protected like any small one:
+//! were it not, the cells withheld to protect the others would be chosen
+//! by which small cells are empty, and the pattern itself would say so
+//! (a partner withheld beside a small cell exactly when that cell is not
+//! empty gives the cells it pins away).
 //!
 //! **The method.** Start from the cells withheld for being small and close
 //! every known sum that holds a single withheld cell (preferring a partner
@@ -222,10 +221,9 @@ impl<'a> Table<'a> {
         let small = |n: u64| n > 0 && n < self.k;
         let mut out = Vec::new();
         for (c, (counts, status)) in self.counts.iter().zip(status).enumerate() {
-            // An empty cell is withheld as small like any other, but only
-            // a count of at least one patient needs protecting: learning
-            // that a cell is empty discloses no one.
-            if *status == Status::Small && counts.patients > 0 {
+            // Empty or not: which small cells are protected must not
+            // depend on what they hold (the module's rule).
+            if *status == Status::Small {
                 out.push(Quantity {
                     cells: vec![c],
                     measure: Measure::Patients,
@@ -247,11 +245,7 @@ impl<'a> Table<'a> {
                 }
             }
         }
-        for sum in self
-            .withheld
-            .iter()
-            .filter(|w| w.small && self.value(&w.cells, Measure::Patients) > 0)
-        {
+        for sum in self.withheld.iter().filter(|w| w.small) {
             out.push(Quantity {
                 cells: sum.cells.clone(),
                 measure: Measure::Patients,
@@ -463,7 +457,7 @@ impl<'a> Table<'a> {
     }
 
     /// Until no known sum holds exactly one withheld cell beside released
-    /// ones (empty cells aside), withholds a partner in such a sum: a
+    /// ones, withholds a partner in such a sum: a
     /// withheld cell alone in a known sum would be that sum less the
     /// released cells. The partner is,
     /// in order of preference, one that also closes another such sum, one
@@ -483,14 +477,11 @@ impl<'a> Table<'a> {
                 sums_of[*c].push(i);
             }
         }
-        // An empty cell needs no protection (the module's rule): a sum
-        // whose only withheld cell is empty is left as it is.
-        let guarded = |c: usize| {
-            status[c].withheld() && (status[c] != Status::Small || self.counts[c].patients > 0)
-        };
+        // Statuses alone decide, never what a withheld cell holds (the
+        // module's rule).
         let mut hidden: Vec<usize> = order
             .iter()
-            .map(|sum| sum.cells.iter().filter(|c| guarded(**c)).count())
+            .map(|sum| sum.cells.iter().filter(|c| status[**c].withheld()).count())
             .collect();
         loop {
             let mut changed = false;
