@@ -13,8 +13,8 @@
 //! events, each cell's events between 0 and its patients.
 //!
 //! **The protection rule.** For every small quantity (the patients of a
-//! small cell of this table or of a coarser grouping, empty or not; events,
-//! or patients without the event, between 1 and k - 1 in a withheld rate
+//! small cell of this table or of a coarser grouping, empty or not; the
+//! events, and the patients without the event, of every withheld rate
 //! cell), the interval of values consistent with all of the above is the
 //! interval consistent with the coarser groupings alone (the same programme
 //! with every cell of this table withheld): releasing the table adds
@@ -218,7 +218,6 @@ impl<'a> Table<'a> {
 
     /// The small quantities a requester must learn no more of.
     fn protected(&self, status: &[Status]) -> Vec<Quantity> {
-        let small = |n: u64| n > 0 && n < self.k;
         let mut out = Vec::new();
         for (c, (counts, status)) in self.counts.iter().zip(status).enumerate() {
             // Empty or not: which small cells are protected must not
@@ -230,18 +229,16 @@ impl<'a> Table<'a> {
                     small: true,
                 });
             }
-            if let (Some(events), true) = (counts.events, status.withheld()) {
-                for (measure, n) in [
-                    (Measure::Events, events),
-                    (Measure::NonEvents, counts.patients - events),
-                ] {
-                    if small(n) {
-                        out.push(Quantity {
-                            cells: vec![c],
-                            measure,
-                            small: false,
-                        });
-                    }
+            // Both sides of every withheld rate cell, whatever they hold:
+            // protecting only the sides of 1..k-1 would choose partners by
+            // whether a side is empty or small (the module's rule).
+            if let (Some(_), true) = (counts.events, status.withheld()) {
+                for measure in [Measure::Events, Measure::NonEvents] {
+                    out.push(Quantity {
+                        cells: vec![c],
+                        measure,
+                        small: false,
+                    });
                 }
             }
         }
