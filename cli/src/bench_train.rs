@@ -1,9 +1,10 @@
 //! `ghx bench-train`: federated training on a local three-hospital
 //! federation, per-round coordination overhead and total time, against
 //! Flower (the `flwr` Python package) running FedAvg on the same rows in the
-//! same run, twice: fit rounds only, and with what every ghx round also
-//! gives for the training curves (the received model's training loss, and
-//! an evaluation round on held-out rows after each fit round). Overhead is
+//! same run, twice: fit rounds only (what a ghx round gives: the local
+//! model and nothing else), and with what federations that monitor every
+//! round give (the received model's training loss, and an evaluation round
+//! on held-out rows after each fit round). Overhead is
 //! measured two ways, for all three runs alike: round
 //! wall time outside the slowest node's local computation, and round wall
 //! time during which no node was computing (outside the union of the nodes'
@@ -107,9 +108,9 @@ pub struct Repetition {
     pub ghx: Timing,
     /// Flower's timings, or why it did not run: fit rounds only.
     pub flower: Result<Timing, String>,
-    /// Flower with what a ghx round also gives (the received model's
-    /// training loss from each fit, and an evaluation round on held-out
-    /// rows after each fit round), or why it did not run.
+    /// Flower monitoring every round (the received model's training loss
+    /// from each fit, and an evaluation round on held-out rows after each
+    /// fit round; more than a ghx round gives), or why it did not run.
     pub flower_evaluating: Result<Timing, String>,
     /// ghx's median wall time per round of: opening the session on the
     /// round's path, the masked input with local computation, unmasking,

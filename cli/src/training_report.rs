@@ -35,12 +35,19 @@ fn definition(f: &Feature) -> String {
 
 /// One line of progress for a completed round.
 pub fn progress_line(r: &RoundRecord, total: u32) -> String {
+    // Records from before rounds stopped carrying a loss and an
+    // evaluation still show theirs.
+    let metrics = match (r.train_loss, &r.holdout) {
+        (Some(loss), Some(holdout)) => format!(
+            "train loss {loss:.4}, held-out AUC {} (model before the round), ",
+            opt(holdout.auc)
+        ),
+        _ => String::new(),
+    };
     format!(
-        "round {:>3}/{total}: train loss {:.4}, held-out AUC {} (model before the round), \
-         {} nodes, {:.1} ms ({:.1} ms local)",
+        "round {:>3}/{total}: {metrics}{} training rows, {} nodes, {:.1} ms ({:.1} ms local)",
         r.round,
-        r.train_loss,
-        opt(r.holdout.auc),
+        r.train_rows,
         r.contributors.len(),
         r.seconds * 1000.0,
         r.local_seconds * 1000.0
@@ -170,7 +177,7 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
     if let Some(e) = &record.evaluation {
         let _ = writeln!(
             out,
-            "Held-out evaluation of the final model (pooled from summed score histograms; per site as each site released it):\n"
+            "Held-out evaluation of the final model (pooled from summed score histograms, every figure read off score bins merged until each holds at least the cell size; Brier and log loss take each patient's score as the middle of their bin; no site's own figures, which with the pooled ones would show a few patients of one site):\n"
         );
         let _ = writeln!(
             out,
@@ -192,14 +199,14 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
         if let Some(pooled) = &e.pooled {
             let _ = writeln!(
                 out,
-                "\nCalibration (pooled, by predicted risk; neighbouring bins merged until each holds at least the cell size):\n"
+                "\nCalibration (pooled, by predicted risk; the merged bins above, each patient's prediction taken as the middle of their bin):\n"
             );
             let _ = writeln!(out, "| predicted | rows | mean predicted | observed |");
             let _ = writeln!(out, "|---|---:|---:|---:|");
             for b in &pooled.calibration {
                 let _ = writeln!(
                     out,
-                    "| {:.1}–{:.1} | {} | {} | {} |",
+                    "| {:.3}–{:.3} | {} | {} | {} |",
                     b.lower,
                     b.upper,
                     b.count,
@@ -215,7 +222,7 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
         Some(p) => {
             let rounds = record.rounds.len() as u64;
             format!(
-                "Model updates were noised (DP-FedSGD): each round every site sent the sum of its patients' gradients clipped to L2 norm {}, and their count, with Gaussian noise of standard deviation {:.4} (noise multiplier {}). {rounds} rounds cost epsilon {:.4} at delta {:e} (zero-concentrated DP rho {:.4}), charged round by round to the study's budget at each site (budget epsilon {}, delta {:e}). The standardisation moments and evaluation sums are not noised.",
+                "Model updates were noised (DP-FedSGD): each round every site sent the sum of its patients' gradients clipped to L2 norm {}, and their count, with Gaussian noise of standard deviation {:.4} (noise multiplier {}). {rounds} rounds cost epsilon {:.4} at delta {:e} (zero-concentrated DP rho {:.4}), charged round by round to the study's budget at each site (budget epsilon {}, delta {:e}). The standardisation moments and the final evaluation's counts are not noised.",
                 p.clip,
                 p.noise_std(),
                 p.noise_multiplier,
@@ -233,10 +240,10 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
     };
     let _ = writeln!(
         out,
-        "- Every round went through secure aggregation: the coordinator received only the sum of the participating sites' contributions (sample-weighted models or gradients, moments, score histograms), never one site's.\n\
+        "- Every round went through secure aggregation: the coordinator received only the sum of the participating sites' contributions (sample-weighted models or gradients, moments, score histograms), never one site's. Training rounds carried no loss and no evaluation; the final model's evaluation is the run's one.\n\
          - {noise}\n\
          - Sites left out of a round (down, refused or late): {dropped} over {} rounds.\n\
-         - Per-site metrics are released by each site only when at least its minimum cell size of patients is held out; calibration bins with fewer patients stay at the site.",
+         - The evaluation is released pooled only, when the held-out positives and negatives each reach the study's largest cell size, read off score bins of at least that many patients.",
         record.rounds.len()
     );
     if !record.rounds.is_empty() {
@@ -327,7 +334,12 @@ fn panel(out: &mut String, title: &str, values: &[(u32, f64)], x0: f64, y0: f64)
     );
 }
 
-/// Training loss and held-out AUC per round, as an SVG document.
+/// How far the model moved in each round (the L2 norm of the change in a
+/// logistic model's weights and bias; none for a network), as an SVG
+/// document; records from before rounds stopped carrying a loss and an
+/// evaluation show those instead. Rounds carry no evaluation (a loss
+/// summed over patients gives one patient's label to whoever chooses the
+/// model), so the run's one evaluation is its last.
 pub fn curves_svg(record: &TrainingRecord) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -338,23 +350,68 @@ pub fn curves_svg(record: &TrainingRecord) -> String {
     let loss: Vec<(u32, f64)> = record
         .rounds
         .iter()
-        .map(|r| (r.round, r.train_loss))
+        .filter_map(|r| r.train_loss.map(|l| (r.round, l)))
         .collect();
     let auc: Vec<(u32, f64)> = record
         .rounds
         .iter()
-        .filter_map(|r| r.holdout.auc.map(|a| (r.round, a)))
+        .filter_map(|r| r.holdout.as_ref().and_then(|h| h.auc).map(|a| (r.round, a)))
         .collect();
-    panel(
-        &mut out,
-        &format!("{}: training log loss", record.training),
-        &loss,
-        0.0,
-        10.0,
-    );
-    panel(&mut out, "held-out AUC (pooled)", &auc, 430.0, 10.0);
+    if loss.is_empty() {
+        panel(
+            &mut out,
+            &format!("{}: model step per round (L2)", record.training),
+            &steps(record),
+            0.0,
+            10.0,
+        );
+        panel(
+            &mut out,
+            "training rows per round",
+            &rows(record),
+            430.0,
+            10.0,
+        );
+    } else {
+        panel(
+            &mut out,
+            &format!("{}: training log loss", record.training),
+            &loss,
+            0.0,
+            10.0,
+        );
+        panel(&mut out, "held-out AUC (pooled)", &auc, 430.0, 10.0);
+    }
     out.push_str("</svg>\n");
     out
+}
+
+/// The L2 norm of each round's change in a logistic model's parameters
+/// (from the round before, none for the first); empty for a network.
+fn steps(record: &TrainingRecord) -> Vec<(u32, f64)> {
+    record
+        .rounds
+        .windows(2)
+        .filter(|w| !w[1].weights.is_empty() && w[0].weights.len() == w[1].weights.len())
+        .map(|w| {
+            let squares: f64 = w[0]
+                .weights
+                .iter()
+                .zip(&w[1].weights)
+                .map(|(a, b)| (b - a).powi(2))
+                .sum::<f64>()
+                + (w[1].bias - w[0].bias).powi(2);
+            (w[1].round, squares.sqrt())
+        })
+        .collect()
+}
+
+fn rows(record: &TrainingRecord) -> Vec<(u32, f64)> {
+    record
+        .rounds
+        .iter()
+        .map(|r| (r.round, r.train_rows as f64))
+        .collect()
 }
 
 /// Polls a run until it stops running, calling `progress` once per newly

@@ -679,7 +679,7 @@ impl CoordinatorApi {
             match step {
                 Ok(true) => {
                     if let Some(r) = record.rounds.last() {
-                        tracing::info!(run = %record.run_id, round = r.round, auc = ?r.holdout.auc, "training round done");
+                        tracing::info!(run = %record.run_id, round = r.round, rows = r.train_rows, "training round done");
                     }
                 }
                 Ok(false) => return,

@@ -145,10 +145,16 @@ pub struct RoundRecord {
     /// Nodes left out of this round, and why.
     pub failures: Vec<NodeFailure>,
     pub train_rows: u64,
-    /// Mean training log loss of the model the round started from.
-    pub train_loss: f64,
-    /// The model the round started from, on the pooled held-out rows.
-    pub holdout: Metrics,
+    /// Mean training log loss of the model the round started from, in
+    /// records from before rounds stopped carrying it: a loss summed over
+    /// patients lets whoever chooses the model read one patient's label
+    /// (`ghx_learn::federated`). The run's evaluation is a round of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    /// The model the round started from, on the pooled held-out rows; in
+    /// records from before, as `train_loss`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<Metrics>,
     /// Wall time of the round on the run's critical path: from the end of
     /// the step before (its state then saved) to this round's model.
     pub seconds: f64,
@@ -194,12 +200,14 @@ pub struct RoundRecord {
 /// A model's evaluation, pooled and per node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
-    /// The pooled metrics as released to the requester ([`Metrics::disclosed`]
+    /// The pooled metrics as released to the requester ([`EvaluationSums::disclosed`]
     /// at the study's largest cell size); none when the pooled held-out
     /// positives or negatives are fewer.
     pub pooled: Option<Metrics>,
-    /// Each node's own metrics on its held-out rows (nodes release these
-    /// only when enough rows are held out).
+    /// Each node's own metrics on its held-out rows, in records from
+    /// before nodes stopped releasing them beside the pooled ones (the
+    /// pooled less the others' were one node's, in bins of a few of its
+    /// patients); empty now.
     pub per_node: BTreeMap<String, Metrics>,
     pub contributors: Vec<String>,
     pub failures: Vec<NodeFailure>,
@@ -1235,8 +1243,6 @@ pub async fn advance(
                 &model.sd,
                 &totals.model,
             ));
-            let mut holdout = totals.evaluation.metrics();
-            holdout.calibration.clear();
             let (weights, bias) = match &totals.model.hidden {
                 None => (totals.model.weights.clone(), totals.model.bias),
                 Some(_) => (Vec::new(), 0.0),
@@ -1250,8 +1256,8 @@ pub async fn advance(
                 contributors: round.contributors,
                 failures: round.failures,
                 train_rows: totals.train_rows.round().max(0.0) as u64,
-                train_loss: totals.train_loss,
-                holdout,
+                train_loss: None,
+                holdout: None,
                 seconds: round.seconds + update,
                 local_seconds: round.local_seconds,
                 busy_seconds: round.busy_seconds,
@@ -1302,7 +1308,7 @@ fn pooled_cell_size(fed: &Federation<'_>) -> u64 {
 
 fn evaluation(round: RoundSum, k: u64) -> Result<Evaluation, Error> {
     Ok(Evaluation {
-        pooled: EvaluationSums::from_vec(&round.sum)?.metrics().disclosed(k),
+        pooled: EvaluationSums::from_vec(&round.sum)?.disclosed(k),
         per_node: round.node_metrics,
         contributors: round.contributors,
         failures: round.failures,
@@ -1380,8 +1386,8 @@ mod tests {
             contributors: vec!["a".to_owned(), "b".to_owned()],
             failures: Vec::new(),
             train_rows: 100,
-            train_loss: 0.5,
-            holdout: metrics.clone(),
+            train_loss: None,
+            holdout: None,
             seconds: 0.003,
             local_seconds: 0.002,
             busy_seconds: 0.002,

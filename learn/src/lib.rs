@@ -14,6 +14,7 @@
 //! `mu / 2 * ||w - w_global||^2` that keeps local steps near the global
 //! model when hospitals' data differ.
 
+pub mod evaluation;
 pub mod federated;
 pub mod metrics;
 

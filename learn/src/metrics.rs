@@ -112,40 +112,6 @@ pub fn merge(tables: &[Vec<CalibrationBin>]) -> Vec<CalibrationBin> {
     out
 }
 
-/// Merges adjacent bins until each holds at least `k` rows (a short last
-/// run joins the bin before it), so that no bin released says the labels
-/// of fewer than `k` patients, and none is left out, whose rows and labels
-/// would be the totals less the others'. Empty when all the bins together
-/// hold fewer than `k` rows.
-pub fn coarsen(bins: &[CalibrationBin], k: u64) -> Vec<CalibrationBin> {
-    fn add(into: &mut CalibrationBin, b: &CalibrationBin) {
-        into.upper = b.upper;
-        into.count += b.count;
-        into.predicted_sum += b.predicted_sum;
-        into.observed_sum += b.observed_sum;
-    }
-    let mut out: Vec<CalibrationBin> = Vec::new();
-    let mut open: Option<CalibrationBin> = None;
-    for b in bins {
-        let run = match open.take() {
-            None => b.clone(),
-            Some(mut run) => {
-                add(&mut run, b);
-                run
-            }
-        };
-        if run.count >= k {
-            out.push(run);
-        } else {
-            open = Some(run);
-        }
-    }
-    if let (Some(rest), Some(last)) = (open, out.last_mut()) {
-        add(last, &rest);
-    }
-    out
-}
-
 /// Expected calibration error: the count-weighted mean gap between mean
 /// predicted probability and observed rate over bins.
 pub fn expected_calibration_error(bins: &[CalibrationBin]) -> f64 {
@@ -163,27 +129,6 @@ pub fn expected_calibration_error(bins: &[CalibrationBin]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bins_are_merged_until_each_holds_k_rows_and_none_is_left_out() {
-        // One patient alone near 1 (a crafted model's top bin), a few
-        // below, most near 0.
-        let mut scores = vec![0.05; 40];
-        scores.extend([0.35, 0.45, 0.55, 0.97]);
-        let labels: Vec<f64> = (0..scores.len()).map(|i| (i % 2) as f64).collect();
-        let bins = calibration(&scores, &labels, 10);
-        assert_eq!(bins[9].count, 1);
-        let coarse = coarsen(&bins, 10);
-        assert!(coarse.iter().all(|b| b.count >= 10), "{coarse:?}");
-        assert_eq!(coarse.iter().map(|b| b.count).sum::<u64>(), 44);
-        let observed: f64 = coarse.iter().map(|b| b.observed_sum).sum();
-        assert_eq!(observed, labels.iter().sum::<f64>());
-        // The short run above the first bin joins it: one bin, 0 to 1.
-        assert_eq!(coarse.len(), 1);
-        assert_eq!((coarse[0].lower, coarse[0].upper), (0.0, 1.0));
-        // Too few rows in all: nothing.
-        assert!(coarsen(&calibration(&[0.5; 9], &[1.0; 9], 10), 10).is_empty());
-    }
 
     /// AUC by comparing every positive with every negative.
     fn auc_by_pairs(scores: &[f64], labels: &[f64]) -> f64 {

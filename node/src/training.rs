@@ -306,16 +306,16 @@ pub fn contribution(
     }
     let model = ModelDocument::parse_for(model_json, spec)?;
     let global = model.model();
-    let holdout = standardised.holdout(data, &model);
     if phase == Phase::Evaluate {
+        let holdout = standardised.holdout(data, &model);
         let sums = EvaluationSums::of(&global, &holdout);
-        // This node's own metrics, in the clear: only when both classes of
-        // its held-out patients reach the cell size, calibration bins
-        // merged to at least that many patients each (a bin left out would
-        // be the totals less the others).
+        // No metrics of this node's own beside the sum: the pooled figures
+        // less the other nodes' would be this node's, in bins the pooled
+        // merge made for more patients than it holds (a crafted model can
+        // line every node's bins up), so a bin of a few of its patients.
         return Ok(Contribution {
             values: sums.to_vec(),
-            metrics: sums.metrics().disclosed(u64::from(min_cell_size)),
+            metrics: None,
         });
     }
     // Nodes sum parameter vectors of the training's shape.
@@ -336,18 +336,11 @@ pub fn contribution(
         Some(privacy) => federated::private_training_contribution(
             &global,
             &train,
-            &holdout,
             privacy.clip,
             privacy.noise_std(),
             &mut rng,
         )?,
-        None => federated::training_contribution(
-            &global,
-            &train,
-            &holdout,
-            &train_config(spec),
-            &mut rng,
-        )?,
+        None => federated::training_contribution(&global, &train, &train_config(spec), &mut rng)?,
     };
     Ok(Contribution {
         values,

@@ -199,10 +199,15 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
             round.last_answer_ms
         );
     }
-    // The loss of the global model falls as rounds go by.
-    let first = record.rounds.first().unwrap().train_loss;
-    let last = record.rounds.last().unwrap().train_loss;
-    assert!(last < first - 0.05, "loss {first} -> {last}");
+    // Rounds sum the local models and nothing that evaluates the model the
+    // coordinator sent (a loss would give a crafted model's patient's
+    // label): the run's one evaluation is its last.
+    assert!(
+        record
+            .rounds
+            .iter()
+            .all(|r| r.train_loss.is_none() && r.holdout.is_none())
+    );
 
     // The same rows, pooled, with the same standardisation and the same
     // optimiser run for as many epochs as there were rounds.
@@ -246,17 +251,22 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
         holdout.len() as u64
     );
     let reported = evaluation.pooled.as_ref().unwrap().auc.unwrap();
+    // Released from merged score bins, ties within a bin counting half: off
+    // the exact AUC by at most half the pairs a bin holds.
+    let slack = within_bins(evaluation.pooled.as_ref().unwrap());
     assert!(
-        (reported - federated_auc).abs() < 0.002,
-        "reported {reported} vs exact {federated_auc}"
+        (reported - federated_auc).abs() <= slack + 1e-9,
+        "reported {reported} vs exact {federated_auc} (bins allow {slack})"
     );
-    assert_eq!(
-        evaluation.per_node.keys().cloned().collect::<Vec<_>>(),
-        nodes
+    assert!(slack < 0.05, "merging bounds the AUC's error here: {slack}");
+    eprintln!(
+        "released AUC {reported:.4} vs exact {federated_auc:.4}: off by {:.4}, bins allow {slack:.4}",
+        (reported - federated_auc).abs()
     );
-    for (node, part) in nodes.iter().zip(&parts) {
-        assert_eq!(evaluation.per_node[node].rows, part.holdout.len() as u64);
-    }
+    // No node's own figures beside the pooled ones: the pooled less the
+    // others' would be one node's in bins of a few of its patients.
+    assert!(evaluation.per_node.is_empty(), "{:?}", evaluation.per_node);
+    assert_eq!(evaluation.contributors, nodes);
     eprintln!(
         "pooled AUC {pooled_auc:.4}, federated AUC {federated_auc:.4} (reported {reported:.4}), \
          {} training rows, {} held out",
@@ -332,9 +342,9 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
 
     // Issue 38 (3): a model crafted so that one held-out patient alone
     // scores in the top calibration bin, whose observed sum would be that
-    // patient's label. Every bin released (pooled, and each node's own)
-    // holds at least k patients, and no bin is left out (its count and
-    // label would be the totals less the others').
+    // patient's label. Every bin released holds at least k patients (the
+    // lone one among them), and no bin is left out (its count and label
+    // would be the totals less the others').
     let (feature, top, second) = (0..dim)
         .find_map(|j| {
             let mut values: Vec<f64> = parts
@@ -376,6 +386,10 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
         let bins = &m.calibration;
         assert_eq!(bins.iter().map(|b| b.count).sum::<u64>(), m.rows, "{who}");
         assert!(bins.iter().all(|b| b.count >= k), "{who}: {bins:?}");
+        // The patient alone above 0.9 shares a bin with k - 1 others at
+        // least.
+        let top = bins.last().unwrap();
+        assert!(top.count >= k && top.lower < 0.9, "{who}: {top:?}");
     }
 
     // A coordinator that stopped after round 3 resumes from there.
@@ -461,9 +475,12 @@ async fn a_federated_mlp_trains_evaluates_and_validates_like_one_trained_on_pool
         // Only the latest MLP is kept (the record is saved every round).
         assert!(round.weights.is_empty());
     }
-    let first = record.rounds.first().unwrap().train_loss;
-    let last = record.rounds.last().unwrap().train_loss;
-    assert!(last < first - 0.05, "loss {first} -> {last}");
+    assert!(
+        record
+            .rounds
+            .iter()
+            .all(|r| r.train_loss.is_none() && r.holdout.is_none())
+    );
 
     // The same rows pooled, the same optimiser as many epochs as rounds,
     // from an MLP of the same size.
@@ -501,10 +518,12 @@ async fn a_federated_mlp_trains_evaluates_and_validates_like_one_trained_on_pool
         (federated_auc - pooled_auc).abs() < 0.01,
         "federated MLP AUC {federated_auc} vs pooled {pooled_auc}"
     );
-    // The nodes evaluated the MLP as it is computed here.
+    // The nodes evaluated the MLP as it is computed here, up to the merged
+    // bins the evaluation is released in.
+    let slack = within_bins(record.evaluation.as_ref().unwrap().pooled.as_ref().unwrap());
     assert!(
-        (reported - federated_auc).abs() < 0.002,
-        "reported {reported} vs exact {federated_auc}"
+        (reported - federated_auc).abs() <= slack + 1e-9,
+        "reported {reported} vs exact {federated_auc} (bins allow {slack})"
     );
 
     // External validation takes the MLP document back; a malformed hidden
@@ -1495,4 +1514,18 @@ async fn a_coordinator_cannot_choose_who_sums_a_study_to_isolate_a_hospital() {
         err.message()
     );
     federation.shutdown().await;
+}
+
+/// How far an AUC read off `m`'s merged score bins (ties within a bin
+/// counting half) can be from the exact one: half the positive-negative
+/// pairs within a bin, as a share of all pairs.
+fn within_bins(m: &ghx_learn::federated::Metrics) -> f64 {
+    let positives: f64 = m.calibration.iter().map(|b| b.observed_sum).sum();
+    let negatives = m.rows as f64 - positives;
+    let tied: f64 = m
+        .calibration
+        .iter()
+        .map(|b| b.observed_sum * (b.count as f64 - b.observed_sum))
+        .sum();
+    tied / (2.0 * positives * negatives)
 }
