@@ -48,8 +48,9 @@ struct Inner {
     rounds: Rounds,
     /// Which sets of nodes this node sums with.
     sums: crate::participants::SumRule,
-    /// Most evaluation rounds one study may have here.
-    max_evaluations: u32,
+    /// Most evaluation rounds one study may have here, and those admitted
+    /// but not yet in the audit log.
+    evaluations: crate::evaluations::EvaluationLimit,
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
     /// This node's certificate and key, to sign the keys it advertises in
@@ -238,7 +239,9 @@ impl NodeApi {
                 organisation_epsilon: Some(crate::config::DEFAULT_ORGANISATION_EPSILON),
                 rounds: Rounds::default(),
                 sums: crate::participants::SumRule::new(&Default::default()),
-                max_evaluations: crate::config::DEFAULT_MAX_EVALUATIONS,
+                evaluations: crate::evaluations::EvaluationLimit::new(
+                    crate::config::DEFAULT_MAX_EVALUATIONS,
+                ),
                 audit: store.audit_log().clone(),
                 round_keys: None,
                 stopping: tokio::sync::watch::Sender::new(false),
@@ -275,7 +278,7 @@ impl NodeApi {
     pub fn with_evaluation_limit(mut self, max: u32) -> Self {
         Arc::get_mut(&mut self.inner)
             .expect("configured before it is shared")
-            .max_evaluations = max;
+            .evaluations = crate::evaluations::EvaluationLimit::new(max);
         self
     }
 
@@ -756,6 +759,9 @@ impl NodeApi {
             min_cell_size: inner.min_cell_size,
             now: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
+        // An admitted evaluation counts against the study's limit until its
+        // audit entry is written.
+        let mut reservation = None;
         let outcome = (|| -> Result<T, ApiError> {
             // The caller's role before anything it sent is read.
             Self::require_coordinator(caller)?;
@@ -824,18 +830,20 @@ impl NodeApi {
             // Each evaluation scores the held-out patients with a model
             // someone chose: a study has a limited number of them here.
             if phase == Phase::Evaluate {
-                let done = inner.audit.count(
-                    &admitted.claims.sub,
-                    &ghx_audit::action::round(Phase::Evaluate.name()),
-                    ghx_audit::ANSWERED,
-                )?;
-                if done >= i64::from(inner.max_evaluations) {
-                    return Err(training::Error::Evaluations {
-                        study: admitted.claims.sub.clone(),
-                        limit: inner.max_evaluations,
-                    }
-                    .into());
-                }
+                let study = &admitted.claims.sub;
+                let action = ghx_audit::action::round(Phase::Evaluate.name());
+                let admitted_one = inner
+                    .evaluations
+                    .reserve(study, || {
+                        inner.audit.count(study, &action, ghx_audit::ANSWERED)
+                    })
+                    .map_err(|refusal| match refusal {
+                        crate::evaluations::Refusal::Spent { study, limit } => {
+                            ApiError::from(training::Error::Evaluations { study, limit })
+                        }
+                        crate::evaluations::Refusal::Count(e) => ApiError::from(e),
+                    })?;
+                reservation = Some(admitted_one);
             }
             let prepared = tracing::info_span!("consent")
                 .in_scope(|| inner.eligibility.prepare(&inner.store, &admitted.consent))?;
@@ -898,7 +906,9 @@ impl NodeApi {
                 "refused".to_owned()
             }
         };
-        self.settle("training", started, &entry, &outcome)?;
+        let settled = self.settle("training", started, &entry, &outcome);
+        drop(reservation);
+        settled?;
         tracing::info!(
             study = %entry.study_id, phase = %phase_name, decision = %entry.decision,
             "training round"

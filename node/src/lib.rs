@@ -20,6 +20,7 @@ pub mod config;
 pub mod consent;
 pub mod differencing;
 pub mod engine;
+mod evaluations;
 pub mod export;
 pub mod gate;
 pub mod import;
