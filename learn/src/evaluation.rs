@@ -152,11 +152,6 @@ impl EvaluationSums {
         })
     }
 
-    /// AUC from the score histograms: ties within a bin count half.
-    pub fn histogram_auc(&self) -> Option<f64> {
-        auc(&self.runs(SCORE_BINS))
-    }
-
     /// The score bins in runs of `width`.
     fn runs(&self, width: usize) -> Vec<Run> {
         (0..SCORE_BINS)
@@ -179,7 +174,7 @@ impl EvaluationSums {
     /// release: see [`Self::disclosed`].
     pub fn metrics(&self) -> Metrics {
         let fine = self.runs(1);
-        let mut out = metrics_of(self, &fine);
+        let mut out = metrics_of(&fine);
         out.calibration = calibration(&self.runs(SCORE_BINS / CALIBRATION_BINS));
         out.expected_calibration_error = metrics::expected_calibration_error(&out.calibration);
         out
@@ -198,7 +193,7 @@ impl EvaluationSums {
             return None;
         }
         let runs = merged(&fine, k);
-        let mut out = metrics_of(self, &runs);
+        let mut out = metrics_of(&runs);
         out.calibration = calibration(&runs);
         out.expected_calibration_error = metrics::expected_calibration_error(&out.calibration);
         Some(out)
@@ -263,8 +258,9 @@ fn auc(runs: &[Run]) -> Option<f64> {
 }
 
 /// The metrics read off `runs` alone (calibration left to the caller).
-fn metrics_of(sums: &EvaluationSums, runs: &[Run]) -> Metrics {
+fn metrics_of(runs: &[Run]) -> Metrics {
     let rows: f64 = runs.iter().map(Run::rows).sum();
+    let positives: f64 = runs.iter().map(|r| r.positives).sum();
     let per_row = |x: f64| if rows > 0.0 { x / rows } else { 0.0 };
     let half = SCORE_BINS / 2;
     let mut correct = 0.0;
@@ -283,8 +279,8 @@ fn metrics_of(sums: &EvaluationSums, runs: &[Run]) -> Metrics {
         log_loss -= run.positives * p.ln() + run.negatives * (1.0 - p).ln();
     }
     Metrics {
-        rows: sums.rows.max(0.0) as u64,
-        positives: sums.positives.max(0.0) as u64,
+        rows: rows as u64,
+        positives: positives as u64,
         auc: auc(runs),
         accuracy: per_row(correct),
         brier: per_row(brier),
@@ -309,10 +305,11 @@ fn calibration(runs: &[Run]) -> Vec<CalibrationBin> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn data(rows: &[(&[f64], bool)]) -> Dataset {
+    /// A dataset of `(features, label)` rows.
+    pub(crate) fn data(rows: &[(&[f64], bool)]) -> Dataset {
         let mut d = Dataset::new(rows[0].0.len());
         for (r, y) in rows {
             d.push(r, *y).unwrap();

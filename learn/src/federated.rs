@@ -169,14 +169,7 @@ fn checked_training_sum(sum: &[f64], params: usize) -> Result<&[f64], Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(rows: &[(&[f64], bool)]) -> Dataset {
-        let mut d = Dataset::new(rows[0].0.len());
-        for (r, y) in rows {
-            d.push(r, *y).unwrap();
-        }
-        d
-    }
+    use crate::evaluation::tests::data;
 
     #[test]
     fn private_rounds_clip_each_rows_gradient_and_step_from_the_global_model() {
