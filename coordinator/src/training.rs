@@ -13,16 +13,19 @@
 //! completed it. A round's first two steps (keys, [`agree_keys`]) need no
 //! model, so they run while the step before computes; its last two
 //! ([`complete_round`]) carry the model and return the sum. Such a round
-//! needs the training's quorum of nodes at every step; a node that is
-//! down, refuses or misses a step's deadline is left out of that round and
-//! named, and the round completes without it if the quorum holds.
+//! needs the training's quorum of nodes at every step and is unmasked
+//! only with every node it was keyed with (nodes refuse less,
+//! `ghx_node::participants`); a node that is down, refuses or misses a
+//! step's deadline is named, and the round is redone among the nodes left
+//! ([`Error::Dropped`]), which the nodes accept only if that set is the
+//! study's (with three hospitals and the default minimum, the run stops).
 //!
 //! The training rounds run in a session ([`crate::session`]), opened while
 //! the moments round computes: one message per node per round, on the
 //! node's stream for the session, the critical path of a round being the
 //! slowest node's local step and one trip. A member missing from a session
 //! round is named, and the round is redone in a new session among the
-//! members that answered; a session missing registered nodes invites them
+//! members that answered (again, if the nodes accept that set); a session missing registered nodes invites them
 //! again every [`REJOIN_EVERY`] rounds. A step that fails is retried; after [`ATTEMPTS`] failures the
 //! run fails with the reason. Nodes sign the keys they advertise and check
 //! each other's signatures, so the coordinator can only relay them.
