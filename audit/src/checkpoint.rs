@@ -173,6 +173,11 @@ impl Verifier {
 
     /// Checks one checkpoint: signed by this keeper, over its own row.
     pub fn check(&self, checkpoint: &Checkpoint) -> Result<(), Flaw> {
+        self.claims(checkpoint).map(|_| ())
+    }
+
+    /// What a genuine checkpoint's token says (its signed time among it).
+    pub fn claims(&self, checkpoint: &Checkpoint) -> Result<Claims, Flaw> {
         let mut validation = Validation::new(self.algorithm);
         validation.required_spec_claims.clear();
         validation.validate_exp = false;
@@ -183,7 +188,7 @@ impl Verifier {
         if claims.seq != checkpoint.seq || claims.hash != checkpoint.hash {
             return Err(Flaw::Claims);
         }
-        Ok(())
+        Ok(claims)
     }
 }
 

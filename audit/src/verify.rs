@@ -26,6 +26,13 @@ pub enum Problem {
     Truncated { signed_through: i64 },
     /// A checkpoint row is not the keeper's signature over this entry.
     BadCheckpoint(String),
+    /// The log starts after 1, anchored by a checkpoint signed at
+    /// `anchored_at`, less than the retention period ago: the entries
+    /// before it were deleted, not expired.
+    EarlyExpiry {
+        anchored_at: String,
+        retention_days: u32,
+    },
 }
 
 impl std::fmt::Display for Problem {
@@ -49,6 +56,13 @@ impl std::fmt::Display for Problem {
                 "it and the entries after it are gone, though a signed checkpoint covers up to {signed_through}"
             ),
             Problem::BadCheckpoint(why) => write!(f, "its checkpoint is not genuine: {why}"),
+            Problem::EarlyExpiry {
+                anchored_at,
+                retention_days,
+            } => write!(
+                f,
+                "the entries before it are gone, though the checkpoint anchoring the log here was signed at {anchored_at}, less than the {retention_days}-day retention period ago (deleted, not expired)"
+            ),
         }
     }
 }
@@ -211,6 +225,55 @@ pub fn verify(
         unsigned_tail,
         broken: problems.into_iter().next(),
     }
+}
+
+/// How long entries are kept: expiry deletes them only through a
+/// checkpoint signed more than `days` before `now`.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub days: u32,
+    pub now: time::OffsetDateTime,
+}
+
+/// [`verify`], and a log that starts after 1 must be anchored by a
+/// checkpoint signed more than the retention period ago: deleting the head
+/// up to a recent checkpoint is not expiry. The signed time is the
+/// token's when a `verifier` checks it, else the row's.
+pub fn verify_retained(
+    entries: &[Entry],
+    checkpoints: &[Checkpoint],
+    verifier: Option<&Verifier>,
+    retention: Retention,
+) -> Verification {
+    let mut verdict = verify(entries, checkpoints, verifier);
+    let Some(first) = verdict.first_seq.filter(|first| *first > 1) else {
+        return verdict;
+    };
+    let Some(anchor) = checkpoints.iter().find(|c| c.seq == first - 1) else {
+        // Unanchored: reported already.
+        return verdict;
+    };
+    let signed_at = match verifier {
+        Some(v) => v.claims(anchor).ok().map(|c| c.iat),
+        None => {
+            time::OffsetDateTime::parse(&anchor.at, &time::format_description::well_known::Rfc3339)
+                .ok()
+                .map(|t| t.unix_timestamp())
+        }
+    };
+    let cutoff = (retention.now - time::Duration::days(i64::from(retention.days))).unix_timestamp();
+    if signed_at.is_none_or(|t| t >= cutoff)
+        && verdict.broken.as_ref().is_none_or(|b| b.seq > first)
+    {
+        verdict.broken = Some(Broken {
+            seq: first,
+            problem: Problem::EarlyExpiry {
+                anchored_at: anchor.at.clone(),
+                retention_days: retention.days,
+            },
+        });
+    }
+    verdict
 }
 
 /// Chains `entries` from `prev_hash`, numbering them from `first_seq`:

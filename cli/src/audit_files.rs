@@ -130,9 +130,19 @@ pub fn verifier_for(
     Ok(Some(verifier))
 }
 
-/// Verifies a log.
+/// Verifies a log, holding its start to the legal minimum retention (two
+/// years): a log whose head was deleted up to a younger checkpoint is
+/// broken, not expired.
 pub fn verify(log: &LogExport, verifier: Option<&Verifier>) -> Verification {
-    ghx_audit::verify::verify(&log.entries, &log.checkpoints, verifier)
+    ghx_audit::verify::verify_retained(
+        &log.entries,
+        &log.checkpoints,
+        verifier,
+        ghx_audit::verify::Retention {
+            days: ghx_audit::MIN_RETENTION_DAYS,
+            now: time::OffsetDateTime::now_utc(),
+        },
+    )
 }
 
 /// Verifies a log against the certificate inside it, trusted only when

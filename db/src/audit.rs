@@ -534,11 +534,15 @@ impl AuditLog {
         let d = self.backend.dialect();
         let find = format!(
             "SELECT c.seq AS seq, c.hash AS hash FROM audit_checkpoints c \
-             JOIN audit_log l ON l.seq = c.seq WHERE l.at < {} \
+             JOIN audit_log l ON l.seq = c.seq WHERE l.at < {} AND c.at < {} \
              AND c.seq < (SELECT MAX(seq) FROM audit_log) ORDER BY c.seq DESC LIMIT 1",
-            d.placeholder(1)
+            d.placeholder(1),
+            d.placeholder(2)
         );
+        // The anchor itself must be past retention: verification accepts a
+        // log's start only on a checkpoint signed that long ago.
         let anchor: Option<Link> = with_conn!(self.backend, |conn| diesel::sql_query(&find)
+            .bind::<Text, _>(cutoff)
             .bind::<Text, _>(cutoff)
             .get_result(conn)
             .optional()?);

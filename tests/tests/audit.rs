@@ -312,6 +312,34 @@ fn expiry_keeps_the_rest_verifiable(f: Fixture) {
     let expired = f.log.expire_before(&cutoff).unwrap();
     assert_eq!((expired.deleted, expired.anchor), (8, Some(8)));
     assert_eq!(f.broken(), None);
+    // Issue 38 (9): a start is taken for expiry only on a checkpoint
+    // signed more than the retention period ago. Today, the head deleted up
+    // to a checkpoint signed just now is a deletion; in two years and a
+    // day, the same log is expired as it should be.
+    let retained = |days_on: i64| {
+        ghx_audit::verify::verify_retained(
+            &f.log.entries().unwrap(),
+            &f.log.checkpoints().unwrap(),
+            Some(&f.verifier),
+            ghx_audit::verify::Retention {
+                days: ghx_audit::MIN_RETENTION_DAYS,
+                now: time::OffsetDateTime::now_utc() + time::Duration::days(days_on),
+            },
+        )
+    };
+    let early = retained(0).broken.expect("a head deleted, not expired");
+    assert_eq!(early.seq, 9);
+    assert!(
+        matches!(
+            early.problem,
+            Problem::EarlyExpiry {
+                retention_days: 730,
+                ..
+            }
+        ),
+        "{early}"
+    );
+    assert!(retained(731).is_intact(), "{:?}", retained(731).broken);
 
     // Appending continues the chain, and the log verifies from its new
     // first entry, anchored by the signed checkpoint at 8.
