@@ -15,13 +15,14 @@ pub fn study_table(result: &pb::StudyResult) -> String {
     header.push("total".to_owned());
     let mut rows = vec![header];
     let mut small_everywhere = 0;
+    let mut one_sided = false;
     for total in &result.total {
         let small_at_every_node = !nodes.is_empty()
             && nodes.iter().all(|node| {
                 node.cells.iter().any(|c| {
                     c.key == total.key
                         && matches!(&c.value, Some(pb::cell::Value::Suppressed(s))
-                            if !s.reason.starts_with("withheld"))
+                            if !s.reason.starts_with("withheld") && !s.reason.starts_with("fewer"))
                 })
             });
         if small_at_every_node {
@@ -37,6 +38,10 @@ pub fn study_table(result: &pb::StudyResult) -> String {
                 Some(pb::cell::Value::Rate(r)) => rate(r, result.rate_per),
                 Some(pb::cell::Value::Suppressed(s)) if s.reason.starts_with("withheld") => {
                     "x".to_owned()
+                }
+                Some(pb::cell::Value::Suppressed(s)) if s.reason.starts_with("fewer") => {
+                    one_sided = true;
+                    format!("s<{}", node.min_cell_size)
                 }
                 Some(pb::cell::Value::Suppressed(_)) => format!("<{}", node.min_cell_size),
                 None => "-".to_owned(),
@@ -89,6 +94,9 @@ pub fn study_table(result: &pb::StudyResult) -> String {
     let legend_needed = result.total.iter().any(|t| !t.suppressed_at.is_empty());
     if legend_needed {
         out.push_str("\n<N: suppressed at that hospital (fewer than N patients); x: withheld so that a suppressed\ncell cannot be worked out from totals; total+ excludes withheld parts\n");
+    }
+    if one_sided {
+        out.push_str("s<N: suppressed at that hospital: fewer than N of its patients have (or lack) the event or value\n");
     }
     if result.rate_per > 0 {
         out.push_str(&format!(

@@ -113,6 +113,9 @@ impl ApiError {
             ApiError::Gate(gate::Error::Revoked { .. }) => "revoked",
             ApiError::Gate(_) => "manifest",
             ApiError::Differencing(differencing::Error::TooClose { .. }) => "differencing",
+            ApiError::Differencing(
+                differencing::Error::BoundsFixed { .. } | differencing::Error::ExactView,
+            ) => "bounds",
             ApiError::BudgetSpent { .. } => "budget",
             ApiError::Training(training::Error::TooFew { .. }) => "too_few",
             ApiError::Training(training::Error::Participants(
@@ -152,9 +155,11 @@ fn status(error: &ApiError) -> Status {
             | gate::Error::Manifest(_)
             | gate::Error::ClaimsDisagree { .. },
         ) => Status::permission_denied(error.to_string()),
-        ApiError::Differencing(differencing::Error::TooClose { .. }) => {
-            Status::permission_denied(error.to_string())
-        }
+        ApiError::Differencing(
+            differencing::Error::TooClose { .. }
+            | differencing::Error::BoundsFixed { .. }
+            | differencing::Error::ExactView,
+        ) => Status::permission_denied(error.to_string()),
         ApiError::BudgetSpent { .. } | ApiError::Training(training::Error::Evaluations { .. }) => {
             Status::resource_exhausted(error.to_string())
         }
@@ -187,7 +192,9 @@ fn status(error: &ApiError) -> Status {
             | training::Error::Extract(crate::views::Error::View(_)),
         ) => Status::invalid_argument(error.to_string()),
         ApiError::View(crate::views::Error::View(e)) => Status::invalid_argument(e.to_string()),
-        ApiError::Differencing(differencing::Error::Store(_))
+        ApiError::Differencing(
+            differencing::Error::Store(_) | differencing::Error::CorruptRecord,
+        )
         | ApiError::View(crate::views::Error::Store(_))
         | ApiError::Gate(gate::Error::Policy(_) | gate::Error::Ledger(_))
         | ApiError::Store(_)
@@ -426,28 +433,76 @@ impl NodeApi {
             })?;
             let cohort = differencing::CohortPrint::of_members(&members);
             drop(members);
-            let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
-            let _differencing = tracing::info_span!("differencing").entered();
-            // Refuse a cohort a few patients away from one already
-            // released to the same organisation.
-            differencing::check(
-                &inner.store,
-                &admitted.claims.org,
-                &cohort,
-                admitted.min_cell_size,
-            )?;
-            // Noise is paid for before anything is released.
-            let (candidates, noise, budget_note) = match &spec.noise {
-                None => (
-                    analysed
+            let org = &admitted.claims.org;
+            let mut result = match &spec.noise {
+                // An exact table is worked out first: which of its cells are
+                // released decides the sets of patients compared with what
+                // the organisation has had before.
+                None => {
+                    let candidates = analysed
                         .cells
                         .iter()
-                        .map(|c| release::Candidate::exact(c, admitted.min_cell_size))
-                        .collect(),
-                    None,
-                    None,
-                ),
+                        .zip(&analysed.members)
+                        .map(|(c, who)| {
+                            release::Candidate::exact(c, admitted.min_cell_size)
+                                .lacking((who.patients.len() - who.events.len()) as u64)
+                        })
+                        .collect();
+                    let (result, lines) = tracing::info_span!("release").in_scope(|| {
+                        release::release_with_lines(
+                            &inner.node_id,
+                            spec,
+                            analysed.cells,
+                            candidates,
+                            admitted.min_cell_size,
+                        )
+                    });
+                    let released: Vec<bool> = result
+                        .cells
+                        .iter()
+                        .map(|c| c.value.patients().is_some())
+                        .collect();
+                    let sets = differencing::cells::TableSets::of(
+                        spec,
+                        &cohort,
+                        &analysed.members,
+                        &released,
+                        &lines,
+                        admitted.min_cell_size,
+                    );
+                    let bounds = differencing::bounds::Bounds::of(spec)?;
+                    let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
+                    let _differencing = tracing::info_span!("differencing").entered();
+                    // Refuse a cohort, or a set of patients behind any of
+                    // the table's numbers, a few patients away from one
+                    // already released to the same organisation, and
+                    // bounds other than the variable's fixed ones.
+                    if let Some(bounds) = &bounds {
+                        bounds.check(&inner.store, org)?;
+                    }
+                    differencing::check(&inner.store, org, &cohort, admitted.min_cell_size)?;
+                    differencing::cells::check(&inner.store, org, &sets, admitted.min_cell_size)?;
+                    let study = &admitted.claims.sub;
+                    differencing::record(&inner.store, org, study, &entry.query_sha256, &cohort)?;
+                    differencing::cells::record(
+                        &inner.store,
+                        org,
+                        study,
+                        &entry.query_sha256,
+                        &sets,
+                    )?;
+                    if let Some(bounds) = &bounds {
+                        bounds.fix(&inner.store, org, study)?;
+                    }
+                    result
+                }
                 Some(noise) => {
+                    let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
+                    let differencing_span = tracing::info_span!("differencing").entered();
+                    // Refuse a cohort a few patients away from one already
+                    // released to the same organisation.
+                    differencing::check(&inner.store, org, &cohort, admitted.min_cell_size)?;
+                    // Noise is paid for before anything is released.
                     let note = self.charge(
                         &admitted.claims.jti,
                         &admitted.claims,
@@ -458,48 +513,54 @@ impl NodeApi {
                     entry.epsilon = noise.epsilon;
                     let (candidates, statement) =
                         crate::noise::perturb(spec, noise, &analysed.cells, &mut rand::rngs::OsRng);
-                    (candidates, Some(statement), Some(note))
+                    differencing::record(
+                        &inner.store,
+                        org,
+                        &admitted.claims.sub,
+                        &entry.query_sha256,
+                        &cohort,
+                    )?;
+                    drop(differencing_span);
+                    // Suppression is computation on this answer alone:
+                    // other answers need not wait for its linear programmes.
+                    drop(_releasing);
+                    let _release = tracing::info_span!("release").entered();
+                    let mut result = release::release(
+                        &inner.node_id,
+                        spec,
+                        analysed.cells,
+                        candidates,
+                        admitted.min_cell_size,
+                    );
+                    result.notes.push(format!(
+                        "noise: {} mechanism, epsilon {}{} ({})",
+                        statement.mechanism,
+                        statement.epsilon,
+                        if statement.delta > 0.0 {
+                            format!(", delta {:e}", statement.delta)
+                        } else {
+                            String::new()
+                        },
+                        statement.detail
+                    ));
+                    result.notes.push(note);
+                    result.noise = Some(statement);
+                    result
                 }
             };
-            differencing::record(
-                &inner.store,
-                &admitted.claims.org,
-                &admitted.claims.sub,
-                &entry.query_sha256,
-                &cohort,
-            )?;
-            drop(_differencing);
-            // Suppression is computation on this answer alone: other
-            // answers need not wait for its linear programmes.
-            drop(_releasing);
-            let _release = tracing::info_span!("release").entered();
-            let mut result = release::release(
-                &inner.node_id,
-                spec,
-                analysed.cells,
-                candidates,
-                admitted.min_cell_size,
-            );
-            if let Some(statement) = &noise {
-                result.notes.push(format!(
-                    "noise: {} mechanism, epsilon {}{} ({})",
-                    statement.mechanism,
-                    statement.epsilon,
-                    if statement.delta > 0.0 {
-                        format!(", delta {:e}", statement.delta)
-                    } else {
-                        String::new()
-                    },
-                    statement.detail
-                ));
-            }
-            result.notes.extend(budget_note);
+            let with_value = analysed
+                .members
+                .iter()
+                .map(|m| match spec.analysis {
+                    ghx_study::query::Analysis::Summary { .. } => m.events.len(),
+                    _ => m.patients.len(),
+                } as u64)
+                .sum();
             result.notes.extend(release::analysis_notes(
                 spec,
-                analysed.without_value,
+                (with_value, analysed.without_value),
                 admitted.min_cell_size,
             ));
-            result.noise = noise;
             result
                 .notes
                 .insert(0, format!("access: {}", admitted.access.summary()));

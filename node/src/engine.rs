@@ -58,8 +58,36 @@ impl Raw {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Analysed {
     pub cells: Vec<RawCell>,
+    /// Who is behind each cell's value, in the order of `cells`.
+    pub members: Vec<CellMembers>,
     /// Cohort members without a value of the analysis variable.
     pub without_value: u64,
+}
+
+/// The patients behind a raw cell's value, as their print hashes
+/// ([`Member::print`]): the cell's patients (for a histogram, those with a
+/// value), and those of them with a rate's event or a summary's value.
+/// Differencing compares them with earlier releases
+/// ([`crate::differencing::cells`]); a summary's release protects both
+/// sides ([`crate::release::Candidate::lacking`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CellMembers {
+    pub patients: Vec<i64>,
+    pub events: Vec<i64>,
+    /// For a summary, each patient with a value paired with it
+    /// ([`valued`]): the same patients with a value changed differ here.
+    pub valued: Vec<i64>,
+}
+
+/// A patient's print paired with a value (as the summary uses it, clipped),
+/// as one 64-bit hash.
+pub fn valued(print: i64, value: f64) -> i64 {
+    // SplitMix64's finaliser over the two, mixed.
+    let mut z = (print as u64) ^ value.to_bits().rotate_left(29);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as i64
 }
 
 /// Counts distinct consenting patients in the query's cohort, per group,
@@ -319,7 +347,7 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
         }
     }
     let mut without_value = 0;
-    let mut groups: HashMap<(&str, i64, i64, usize), Raw> = HashMap::new();
+    let mut groups: HashMap<(&str, i64, i64, usize), (Raw, CellMembers)> = HashMap::new();
     for m in members {
         let value = value_of(m);
         let bin = match bins {
@@ -338,23 +366,40 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
             if by_dx { m.dx } else { 0 },
             bin,
         );
-        match groups.entry(compact).or_insert_with(empty) {
+        let (raw, who) = groups
+            .entry(compact)
+            .or_insert_with(|| (empty(), CellMembers::default()));
+        match raw {
             Raw::Count(n) => *n += 1,
             Raw::Values(values) => match value {
-                Some(v) => values.push(clip.map_or(v, |r| v.clamp(r.min, r.max))),
+                Some(v) => {
+                    let v = clip.map_or(v, |r| v.clamp(r.min, r.max));
+                    values.push(v);
+                    who.events.push(m.print);
+                    who.valued.push(valued(m.print, v));
+                }
                 None => without_value += 1,
             },
             Raw::Rate { events, population } => {
                 *population += 1;
                 *events += u64::from(m.event != 0);
+                if m.event != 0 {
+                    who.events.push(m.print);
+                }
             }
         }
+        who.patients.push(m.print);
     }
-    for ((sex, band_index, dx, bin), raw) in groups {
+    let mut who_by_key: HashMap<Vec<String>, CellMembers> = HashMap::new();
+    for ((sex, band_index, dx, bin), (raw, who)) in groups {
         let mut key = text_key(sex, band_index, dx);
         if let Some(bins) = bins {
             key.push(bins.label(bin));
         }
+        let into = who_by_key.entry(key.clone()).or_default();
+        into.patients.extend(who.patients);
+        into.events.extend(who.events);
+        into.valued.extend(who.valued);
         merge(cells.entry(key).or_insert_with(empty), raw);
     }
     if cells.is_empty() && dims.is_empty() && bins.is_none() {
@@ -370,8 +415,13 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
         })
         .collect();
     cells.sort_by_cached_key(|c| spec.key_order(&c.key));
+    let members = cells
+        .iter()
+        .map(|c| who_by_key.remove(&c.key).unwrap_or_default())
+        .collect();
     Analysed {
         cells,
+        members,
         without_value,
     }
 }

@@ -143,18 +143,21 @@ pub fn perturb(
                         let sum = third.real(values.iter().sum(), bound, rng);
                         let sum_sq =
                             third.real(values.iter().map(|v| v * v).sum(), bound * bound, rng);
-                        Candidate::Summary(if n == 0 {
-                            Moments::EMPTY
-                        } else {
-                            let mean = (sum / n as f64).clamp(clip.min, clip.max);
-                            Moments {
-                                n,
-                                mean,
-                                m2: (sum_sq - n as f64 * mean * mean).max(0.0),
-                                min: None,
-                                max: None,
-                            }
-                        })
+                        Candidate::Summary(
+                            if n == 0 {
+                                Moments::EMPTY
+                            } else {
+                                let mean = (sum / n as f64).clamp(clip.min, clip.max);
+                                Moments {
+                                    n,
+                                    mean,
+                                    m2: (sum_sq - n as f64 * mean * mean).max(0.0),
+                                    min: None,
+                                    max: None,
+                                }
+                            },
+                            None,
+                        )
                     })
                     .collect(),
                 vec![

@@ -229,6 +229,7 @@ impl StudyManifest {
             })?;
             self.check_declared(&q.name, &q.query)?;
         }
+        self.check_fixed_bounds()?;
         for (i, t) in self.trainings.iter().enumerate() {
             if self.trainings[..i].iter().any(|other| other.name == t.name) {
                 return Err(invalid(
@@ -260,6 +261,49 @@ impl StudyManifest {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Exact summaries of one measurement share one clip range, and exact
+    /// histograms one set of bins: nodes fix them per organisation at the
+    /// first release and refuse others, so a manifest that mixes them
+    /// could not run all its queries.
+    fn check_fixed_bounds(&self) -> Result<(), Error> {
+        let mut seen: Vec<(String, &str, String, &str)> = Vec::new();
+        for q in self.queries.iter().filter(|q| q.query.noise.is_none()) {
+            let (variable, kind, bounds) = match &q.query.analysis {
+                query::Analysis::Summary { variable, clip, .. } => {
+                    (variable, "clip range", format!("{clip:?}"))
+                }
+                query::Analysis::Histogram { variable, bins, .. } => {
+                    (variable, "bins", format!("{bins:?}"))
+                }
+                _ => continue,
+            };
+            if matches!(variable, query::Variable::View { .. }) {
+                return Err(invalid(
+                    "queries",
+                    format!(
+                        "`{}`: an exact summary or histogram of a view column is not released (a view computes its column, so no clip range bounds it); add noise",
+                        q.name
+                    ),
+                ));
+            }
+            let measurement = variable.measurement();
+            let earlier = seen
+                .iter()
+                .find(|(m, k, b, _)| *m == measurement && *k == kind && *b != bounds);
+            if let Some((_, _, _, other)) = earlier {
+                return Err(invalid(
+                    "queries",
+                    format!(
+                        "`{other}` and `{}`: exact analyses of {measurement} must share one {kind} (two give, by difference, what the patients between them hold)",
+                        q.name
+                    ),
+                ));
+            }
+            seen.push((measurement, kind, bounds, &q.name));
         }
         Ok(())
     }
@@ -402,6 +446,29 @@ mod tests {
             e,
             "manifest `privacy_delta`: must be at least 0 and below 0.001"
         );
+    }
+
+    #[test]
+    fn exact_analyses_of_one_measurement_share_their_clip_range_and_bins() {
+        let statistics = include_str!("../../deploy/examples/study-e11-statistics.json");
+        let mut v: serde_json::Value = serde_json::from_str(statistics).unwrap();
+        assert!(StudyManifest::parse(v.to_string().as_bytes()).is_ok());
+        let mut second = v["queries"][0].clone();
+        second["name"] = "hba1c-clipped".into();
+        second["query"]["analysis"]["clip"] = serde_json::json!({"min": 4, "max": 12});
+        v["queries"].as_array_mut().unwrap().push(second.clone());
+        let e = StudyManifest::parse(v.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "manifest `queries`: `hba1c-by-sex` and `hba1c-clipped`: exact analyses of observation http://loinc.org|4548-4 must share one clip range (two give, by difference, what the patients between them hold)"
+        );
+        // Noised, the clip range calibrates the noise and may differ.
+        let last = v["queries"].as_array().unwrap().len() - 1;
+        v["queries"][last]["query"]["noise"] =
+            serde_json::json!({"mechanism": "laplace", "epsilon": 0.1});
+        assert!(StudyManifest::parse(v.to_string().as_bytes()).is_ok());
     }
 
     #[test]

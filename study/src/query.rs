@@ -397,6 +397,21 @@ pub enum Variable {
 pub const VIEW_RESOURCES: [&str; 2] = ["Patient", "Observation"];
 
 impl Variable {
+    /// What the variable measures, whichever of a patient's values it
+    /// picks: `age`, an observation's `system|code`, a view's digest and
+    /// column. Exact summaries of one measurement share one clip range,
+    /// and exact histograms one set of bins (two give, by difference, what
+    /// the patients between them hold).
+    pub fn measurement(&self) -> String {
+        match self {
+            Variable::Age => "age".to_owned(),
+            Variable::Observation { system, code, .. } => format!("observation {system}|{code}"),
+            Variable::View { column, .. } => {
+                format!("view {} {column}", self.view_digest().unwrap_or_default())
+            }
+        }
+    }
+
     /// The SHA-256 of a view variable's canonical ViewDefinition (keys
     /// sorted), under which the node materialises it.
     pub fn view_digest(&self) -> Option<String> {

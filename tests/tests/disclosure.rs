@@ -728,6 +728,138 @@ async fn which_cells_a_table_lists_says_nothing_of_who_is_in_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cohort_analysed_two_ways_singles_no_one_out() {
+    // Issue 38 (2): differencing compared whole cohorts, so one cohort
+    // analysed two ways passed: diagnosis groups [K80.0] and then [K80.0,
+    // K80.1] gave, by difference, the 3 patients with K80.1; a rate event
+    // widened from K80.0 to K80 the same; and summaries clipped at 70, then
+    // 60, what the one patient above 60 holds. A cell is a set of patients:
+    // a set 1..k-1 patients from one released before is refused, and a
+    // variable's clip range is fixed by its first exact summary.
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions::new(dir.path(), 40, 2026))
+        .await
+        .expect("the local federation starts");
+    let group = |tag: &str, code: &str, born: &'static str, count| Patients {
+        tag: tag.to_owned(),
+        system: KCD8,
+        code: code.to_owned(),
+        born,
+        count,
+        psy: false,
+        gender: None,
+    };
+    let export = dir.path().join("gallbladder");
+    write_patients(
+        &export,
+        &[
+            group("stones", "K80.0", "1970-06-15", 30),
+            group("stones-with-cholecystitis", "K80.1", "1970-06-15", 3),
+            group("other", "K82.0", "1970-06-15", 20),
+            group("old", "K82.0", "1950-06-15", 1),
+        ],
+    );
+    import_at(&federation, "chosun", export).await;
+
+    let cohort = format!(
+        r#""cohort":{{"as_of":"2026-01-01","conditions":[{{"system":"{KCD8}","code":"K8","match":"prefix"}}]}}"#
+    );
+    let codes = |codes: &[&str]| {
+        codes
+            .iter()
+            .map(|c| format!(r#"{{"system":"{KCD8}","code":"{c}","match":"prefix"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let by_groups = |g: &[&str]| {
+        format!(
+            r#"{{"version":"ghx.query/v1",{cohort},"analysis":{{"kind":"count","group_by":[{{"diagnosis":[{{"label":"g","system":"{KCD8}","codes":{},"match":"prefix"}}]}}]}}}}"#,
+            serde_json::to_string(g).unwrap()
+        )
+    };
+    let rate = |events: &[&str]| {
+        format!(
+            r#"{{"version":"ghx.query/v1",{cohort},"analysis":{{"kind":"rate","event":{{"conditions":[{}]}}}}}}"#,
+            codes(events)
+        )
+    };
+    let age = |max: u32| {
+        format!(
+            r#"{{"version":"ghx.query/v1",{cohort},"analysis":{{"kind":"summary","variable":{{"kind":"age"}},"clip":{{"min":0,"max":{max}}}}}}}"#
+        )
+    };
+    let queries = [
+        ("stones", by_groups(&["K800"])),
+        ("stones-or-cholecystitis", by_groups(&["K800", "K801"])),
+        ("rate-stones", rate(&["K800"])),
+        ("rate-stones-or-cholecystitis", rate(&["K80"])),
+        ("age-to-70", age(70)),
+    ];
+    let named: Vec<(&str, &str)> = queries.iter().map(|(n, q)| (*n, q.as_str())).collect();
+    let study = federation
+        .approved_study(REQUESTER, manifest_for("Gallbladder", "HRESCH", &named))
+        .await
+        .unwrap();
+    // What Chosun did with each query: its cells, or its refusal.
+    let at_chosun = |result: pb::StudyResult| -> Result<pb::AggregateResult, String> {
+        match result.failures.iter().find(|f| f.node_id == "chosun") {
+            Some(failure) => Err(failure.reason.clone()),
+            None => Ok(chosun(&result).clone()),
+        }
+    };
+    let mut answers = BTreeMap::new();
+    for (name, _) in &queries {
+        let result = federation.run_study(&study, name).await.unwrap();
+        answers.insert(*name, at_chosun(result));
+    }
+    let released = |name: &str| -> Vec<u64> {
+        let answer = answers[name].as_ref().expect("answered");
+        answer.cells.iter().filter_map(count).collect()
+    };
+    // The first analyses are answered in full: 30 with stones, 24 without.
+    assert_eq!(released("stones"), [30, 24]);
+    let rate_cells = &answers["rate-stones"].as_ref().expect("answered").cells;
+    assert!(
+        matches!(&rate_cells[0].value, Some(pb::cell::Value::Rate(r)) if r.events == 30 && r.population == 54),
+        "{rate_cells:?}"
+    );
+    // Those that would single out the three with K80.1 are refused,
+    // without saying by how much they differ.
+    for name in ["stones-or-cholecystitis", "rate-stones-or-cholecystitis"] {
+        let refusal = answers[name].as_ref().expect_err("refused");
+        assert!(
+            refusal.contains("refused by differencing control"),
+            "{name}: {refusal}"
+        );
+        assert!(
+            !refusal.chars().any(|c| c.is_ascii_digit()),
+            "{name}: {refusal}"
+        );
+    }
+    assert!(answers["age-to-70"].is_ok());
+
+    // A second study of the same organisation clips age at 60: set beside
+    // the first, the sums would give the one patient above 60 (75, clipped
+    // to 70). The node holds the organisation to the first clip range.
+    let lower = age(60);
+    let second = federation
+        .approved_study(
+            REQUESTER,
+            manifest_for("Gallbladder again", "HRESCH", &[("age-to-60", &lower)]),
+        )
+        .await
+        .unwrap();
+    let refusal =
+        at_chosun(federation.run_study(&second, "age-to-60").await.unwrap()).expect_err("refused");
+    assert!(
+        refusal.contains("exact summaries of age released to")
+            && refusal.contains("clip range 0..70"),
+        "{refusal}"
+    );
+    federation.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resubmitted_manifest_does_not_bring_a_fresh_budget() {
     // Issue 38 (10): budgets were per study id, so the same manifest
     // submitted again started afresh. Each node now caps an organisation's

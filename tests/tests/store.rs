@@ -758,7 +758,7 @@ fn cohorts_a_few_patients_apart_are_refused_per_organisation(f: Fixture) {
     let err = differencing::check(&f.store, "Acme", &cohort(45), 10).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "refused by differencing control: set beside a cohort already released to Acme, this release could single out patients"
+        "refused by differencing control: set beside what was already released to Acme, this release could single out patients"
     );
     // Ten fewer is far enough; another organisation has no earlier cohort.
     differencing::check(&f.store, "Acme", &cohort(36), 10).unwrap();

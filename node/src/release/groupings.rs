@@ -83,15 +83,8 @@ fn knowledge(coarser: &[&Grouping], sums: &[Vec<usize>]) -> (Vec<Known>, Vec<Wit
     (known, withheld)
 }
 
-/// Withholds further cells of a table (marked [`Status::Protecting`]) so
-/// that, with what every coarser grouping of it releases, no small count is
-/// narrowed by releasing it ([`super::protection`]). `keys`, `counts` and
-/// `status` describe the cells; `status` holds the primary suppression on
-/// entry and the final pattern on return.
-///
-/// Noised values are closed by known sums only, not audited: a requester
-/// knows neither a noised cell nor any coarser cell exactly, so there is no
-/// exact system to solve, and noise, not suppression, is what protects them.
+/// [`protect_with_lines`] without the lines.
+#[cfg(test)]
 pub(crate) fn protect(
     keys: &[&[String]],
     counts: &[Counts],
@@ -99,6 +92,28 @@ pub(crate) fn protect(
     k: u64,
     values: Values,
 ) -> Audit {
+    protect_with_lines(keys, counts, status, k, values).0
+}
+
+/// Withholds further cells of a table (marked [`Status::Protecting`]) so
+/// that, with what every coarser grouping of it releases, no small count is
+/// narrowed by releasing it ([`super::protection`]). `keys`, `counts` and
+/// `status` describe the cells; `status` holds the primary suppression on
+/// entry and the final pattern on return. Also returns the cells of every
+/// coarser grouping that grouping releases (as lists of the table's cells
+/// it sums): what the node gives a requester who asks for them, and what
+/// it took as known while auditing the table; none for noised tables.
+///
+/// Noised values are closed by known sums only, not audited: a requester
+/// knows neither a noised cell nor any coarser cell exactly, so there is no
+/// exact system to solve, and noise, not suppression, is what protects them.
+pub(crate) fn protect_with_lines(
+    keys: &[&[String]],
+    counts: &[Counts],
+    status: &mut [Status],
+    k: u64,
+    values: Values,
+) -> (Audit, Vec<Vec<usize>>) {
     let dims = keys.first().map_or(0, |key| key.len());
     let full: u32 = (1 << dims) - 1;
     let base: Vec<Vec<usize>> = (0..counts.len()).map(|i| vec![i]).collect();
@@ -112,7 +127,7 @@ pub(crate) fn protect(
             })
             .collect();
         Table::new(counts, known, Vec::new(), k).close(status);
-        return Audit::Protected;
+        return (Audit::Protected, Vec::new());
     }
     // Coarsest first, so that each grouping is audited against those
     // coarser than itself.
@@ -137,7 +152,18 @@ pub(crate) fn protect(
     }
     let coarser: Vec<&Grouping> = groupings.iter().collect();
     let (known, withheld) = knowledge(&coarser, &base);
-    Table::new(counts, known, withheld, k).protect(status)
+    let audit = Table::new(counts, known, withheld, k).protect(status);
+    let lines = groupings
+        .into_iter()
+        .flat_map(|g| {
+            g.sums
+                .into_iter()
+                .zip(g.status)
+                .filter(|(_, status)| *status == Status::Released)
+                .map(|(cells, _)| cells)
+        })
+        .collect();
+    (audit, lines)
 }
 
 #[cfg(test)]

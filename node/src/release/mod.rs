@@ -85,9 +85,14 @@ pub fn consent_note(summary: &Summary, min_cell_size: u32, values: Values) -> St
 
 /// What a requester needs to read the analysis's numbers right, in
 /// aggregate terms: patients left out for lack of a value (shown as "fewer
-/// than" below the minimum cell size, and without a number under noise) and
-/// how extremes are protected.
-pub fn analysis_notes(spec: &QuerySpec, without_value: u64, min_cell_size: u32) -> Vec<String> {
+/// than" below the minimum cell size, and without a number under noise or
+/// when those with a value are fewer than it: the cohort's size less it
+/// would give them) and how extremes are protected.
+pub fn analysis_notes(
+    spec: &QuerySpec,
+    (with_value, without_value): (u64, u64),
+    min_cell_size: u32,
+) -> Vec<String> {
     let values = Values::of(spec);
     let mut notes = Vec::new();
     if matches!(
@@ -95,7 +100,11 @@ pub fn analysis_notes(spec: &QuerySpec, without_value: u64, min_cell_size: u32) 
         Analysis::Summary { .. } | Analysis::Histogram { .. }
     ) && without_value > 0
     {
-        let shown = shown(without_value, min_cell_size, values);
+        let few_with = with_value > 0 && with_value < u64::from(min_cell_size);
+        let shown = match values {
+            Values::Exact if few_with => "some".to_owned(),
+            _ => shown(without_value, min_cell_size, values),
+        };
         notes.push(format!(
             "values: {shown} patients of the cohort have no value of the variable and are not included"
         ));
@@ -121,6 +130,7 @@ pub fn analysis_notes(spec: &QuerySpec, without_value: u64, min_cell_size: u32) 
 /// Why a released cell is withheld.
 const PRIMARY: &str = "count below the minimum cell size";
 const FEW_EVENTS: &str = "fewer events (or non-events) than the minimum cell size";
+const FEW_VALUES: &str = "fewer patients with (or without) a value than the minimum cell size";
 const COMPLEMENTARY: &str =
     "withheld to protect a suppressed cell in the same row, column or total";
 
@@ -129,7 +139,11 @@ const COMPLEMENTARY: &str =
 #[derive(Debug, Clone, PartialEq)]
 pub enum Candidate {
     Count(u64),
-    Summary(Moments),
+    /// A summary, and the cell's patients without a value when exact
+    /// ([`Candidate::lacking`]): then the cell is held, like a rate, to
+    /// k or more (or none) on each side, since a count of the same cell
+    /// less its n would give those without a value.
+    Summary(Moments, Option<u64>),
     Rate(RateCounts),
 }
 
@@ -137,7 +151,7 @@ impl Candidate {
     fn patients(&self) -> u64 {
         match self {
             Candidate::Count(n) => *n,
-            Candidate::Summary(m) => m.n,
+            Candidate::Summary(m, lacking) => m.n + lacking.unwrap_or(0),
             Candidate::Rate(r) => r.population,
         }
     }
@@ -148,8 +162,18 @@ impl Candidate {
             patients: self.patients(),
             events: match self {
                 Candidate::Rate(r) => Some(r.events),
+                Candidate::Summary(m, Some(_)) => Some(m.n),
                 _ => None,
             },
+        }
+    }
+
+    /// A summary candidate told how many of its cell's patients have no
+    /// value; anything else as it is.
+    pub fn lacking(self, lacking: u64) -> Candidate {
+        match self {
+            Candidate::Summary(m, _) => Candidate::Summary(m, Some(lacking)),
+            other => other,
         }
     }
 
@@ -175,7 +199,7 @@ impl Candidate {
                 };
                 m.min = lo.copied();
                 m.max = hi.copied();
-                Candidate::Summary(m)
+                Candidate::Summary(m, None)
             }
         }
     }
@@ -187,7 +211,9 @@ impl Candidate {
 /// table total another query of the same cohort could ask for) narrows what
 /// a requester can know of a suppressed cell. A rate cell is also
 /// suppressed when its events, or its patients without the event, are
-/// fewer than the minimum cell size but not zero.
+/// fewer than the minimum cell size but not zero; so is an exact summary's
+/// cell whose patients with a value, or without one, are
+/// ([`Candidate::lacking`]).
 pub fn release(
     node_id: &str,
     spec: &QuerySpec,
@@ -195,15 +221,30 @@ pub fn release(
     candidates: Vec<Candidate>,
     min_cell_size: u32,
 ) -> AggregateResult {
+    release_with_lines(node_id, spec, raw, candidates, min_cell_size).0
+}
+
+/// [`release`], and the line totals (lists of the table's cells, by index)
+/// the node would release of the table's coarser groupings if asked: with
+/// the released cells, what differencing records of the table
+/// ([`crate::differencing::cells`]).
+pub fn release_with_lines(
+    node_id: &str,
+    spec: &QuerySpec,
+    raw: Vec<RawCell>,
+    candidates: Vec<Candidate>,
+    min_cell_size: u32,
+) -> (AggregateResult, Vec<Vec<usize>>) {
     let threshold = u64::from(min_cell_size);
     let total = raw.len();
     let mut status: Vec<Status> = candidates
         .iter()
         .map(|c| c.counts().primary(threshold))
         .collect();
-    let primary = status.iter().filter(|s| **s != Status::Released).count();
+    let primary = status.iter().filter(|s| **s == Status::Small).count();
+    let one_sided = status.iter().filter(|s| **s == Status::FewEvents).count();
     let counts: Vec<Counts> = candidates.iter().map(Candidate::counts).collect();
-    let audit = protect_canonically(spec, &raw, &counts, &mut status, threshold);
+    let (audit, lines) = protect_canonically(spec, &raw, &counts, &mut status, threshold);
     let complementary = status.iter().filter(|s| **s == Status::Protecting).count();
     let cells = raw
         .into_iter()
@@ -216,14 +257,18 @@ pub fn release(
                     reason: format!("{PRIMARY} of {min_cell_size}"),
                 },
                 Status::FewEvents => CellValue::Suppressed {
-                    reason: FEW_EVENTS.to_owned(),
+                    reason: match spec.analysis {
+                        Analysis::Summary { .. } => FEW_VALUES,
+                        _ => FEW_EVENTS,
+                    }
+                    .to_owned(),
                 },
                 Status::Protecting => CellValue::Suppressed {
                     reason: COMPLEMENTARY.to_owned(),
                 },
                 Status::Released => match candidate {
                     Candidate::Count(n) => CellValue::Count(n),
-                    Candidate::Summary(m) => CellValue::Summary(m),
+                    Candidate::Summary(m, _) => CellValue::Summary(m),
                     Candidate::Rate(r) => CellValue::Rate(r),
                 },
             },
@@ -235,6 +280,13 @@ pub fn release(
             "{primary} of {total} cells suppressed: {PRIMARY} of {min_cell_size}"
         ));
     }
+    if one_sided > 0 {
+        let reason = match spec.analysis {
+            Analysis::Summary { .. } => FEW_VALUES,
+            _ => FEW_EVENTS,
+        };
+        notes.push(format!("{one_sided} of {total} cells suppressed: {reason}"));
+    }
     if complementary > 0 {
         notes.push(format!(
             "{complementary} more cells {COMPLEMENTARY} (complementary suppression)"
@@ -245,7 +297,7 @@ pub fn release(
             "every cell withheld: this table has too many small cells for disclosure control to show each one protected; coarsen its grouping or bins".to_owned()
         );
     }
-    AggregateResult {
+    let result = AggregateResult {
         node_id: node_id.to_owned(),
         dimensions: spec.key_names(),
         cells,
@@ -253,10 +305,11 @@ pub fn release(
         notes,
         analysis: spec.kind().to_owned(),
         noise: None,
-    }
+    };
+    (result, lines)
 }
 
-/// Runs [`groupings::protect`] over the table in a canonical form, so that
+/// Runs [`groupings::protect_with_lines`] over the table in a canonical form, so that
 /// the same table asked another way (dimensions in another order,
 /// diagnosis groups listed in another order or under other labels) gets
 /// the same suppression: otherwise two patterns of one table could be
@@ -269,7 +322,7 @@ fn protect_canonically(
     counts: &[Counts],
     status: &mut [Status],
     threshold: u64,
-) -> Audit {
+) -> (Audit, Vec<Vec<usize>>) {
     let names = spec.key_names();
     let mut dims: Vec<usize> = (0..names.len()).collect();
     dims.sort_by(|a, b| names[*a].cmp(&names[*b]));
@@ -305,7 +358,7 @@ fn protect_canonically(
     let sorted_keys: Vec<&[String]> = order.iter().map(|i| keys[*i].as_slice()).collect();
     let sorted_counts: Vec<Counts> = order.iter().map(|i| counts[*i]).collect();
     let mut sorted_status: Vec<Status> = order.iter().map(|i| status[*i]).collect();
-    let audit = groupings::protect(
+    let (audit, lines) = groupings::protect_with_lines(
         &sorted_keys,
         &sorted_counts,
         &mut sorted_status,
@@ -315,7 +368,11 @@ fn protect_canonically(
     for (position, i) in order.iter().enumerate() {
         status[*i] = sorted_status[position];
     }
-    audit
+    let lines = lines
+        .into_iter()
+        .map(|cells| cells.into_iter().map(|position| order[position]).collect())
+        .collect();
+    (audit, lines)
 }
 
 #[cfg(test)]
@@ -402,15 +459,19 @@ mod tests {
                  "analysis":{"kind":"summary","variable":{"kind":"age"},"clip":{"min":0,"max":100}}}"#,
         )
         .unwrap();
-        let notes = analysis_notes(&spec, 3, 10);
+        let notes = analysis_notes(&spec, (50, 3), 10);
         assert_eq!(
             notes[0],
             "values: fewer than 10 patients of the cohort have no value of the variable and are not included"
         );
         assert_eq!(notes[1], "values: clipped to [0, 100] before any statistic");
         assert!(notes[2].starts_with("min and max: the 10th smallest"));
-        let notes = analysis_notes(&spec, 42, 10);
+        let notes = analysis_notes(&spec, (50, 42), 10);
         assert!(notes[0].starts_with("values: 42 patients"));
+        // With 3 patients with a value, 42 without would give them away
+        // beside the cohort's size.
+        let notes = analysis_notes(&spec, (3, 42), 10);
+        assert!(notes[0].starts_with("values: some patients"), "{notes:?}");
         // Issue 38 (5): a noised result carries no exact count.
         let noised = QuerySpec::parse(
             br#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},
@@ -418,7 +479,7 @@ mod tests {
                  "noise":{"mechanism":"laplace","epsilon":1.0}}"#,
         )
         .unwrap();
-        let notes = analysis_notes(&noised, 42, 10);
+        let notes = analysis_notes(&noised, (50, 42), 10);
         assert_eq!(
             notes[0],
             "values: some patients of the cohort have no value of the variable and are not included"
@@ -433,7 +494,7 @@ mod tests {
             value: Raw::Values((1..=n).map(|v| v as f64).collect()),
         };
         let extremes = |n| match Candidate::exact(&cell(n), 10) {
-            Candidate::Summary(m) => (m.min, m.max),
+            Candidate::Summary(m, _) => (m.min, m.max),
             other => panic!("{other:?}"),
         };
         assert_eq!(extremes(25), (Some(10.0), Some(16.0)));

@@ -159,7 +159,10 @@ pub(crate) struct Interval {
 
 /// How far `got` falls short of `needed` on either side, in patients.
 fn shortfall(got: Interval, needed: Interval) -> i64 {
-    (got.lo - needed.lo).max(0) + (needed.hi - got.hi).max(0)
+    got.lo
+        .saturating_sub(needed.lo)
+        .max(0)
+        .saturating_add(needed.hi.saturating_sub(got.hi).max(0))
 }
 
 /// Which side of an interval to compute.
@@ -359,24 +362,33 @@ impl<'a> Table<'a> {
                 Direction::Highest => vars.maximise(objective.clone()),
                 Direction::Lowest => vars.minimise(objective.clone()),
             };
-            let solution = problem
+            match problem
                 .using(microlp)
                 .with_all(constraints.iter().cloned())
                 .solve()
-                .ok()?;
-            Some(solution.eval(&objective))
+            {
+                Ok(solution) => Some(solution.eval(&objective)),
+                // Nothing bounds it on that side (a withheld line total
+                // says only "at least k"): the interval is open there.
+                Err(good_lp::ResolutionError::Unbounded) => Some(match direction {
+                    Direction::Highest => f64::INFINITY,
+                    Direction::Lowest => f64::NEG_INFINITY,
+                }),
+                Err(_) => None,
+            }
         };
         // A side not asked for is taken at the true value, the narrowest it
         // could be, so that it never looks better than it is.
         let value = self.value(&quantity.cells, quantity.measure);
         const EPS: f64 = 1e-6;
+        // Casts saturate: an open side is i64::MIN or i64::MAX.
         let lo = if sides.lo {
-            constant + (solve(Direction::Lowest)? - EPS).ceil() as i64
+            constant.saturating_add((solve(Direction::Lowest)? - EPS).ceil() as i64)
         } else {
             value
         };
         let hi = if sides.hi {
-            constant + (solve(Direction::Highest)? + EPS).floor() as i64
+            constant.saturating_add((solve(Direction::Highest)? + EPS).floor() as i64)
         } else {
             value
         };

@@ -8,7 +8,10 @@
 //! suite runs on both. Migrations are embedded in the binary and applied when
 //! the store opens.
 
+mod released;
 pub(crate) mod schema;
+
+pub use released::NewReleasedCell;
 
 use std::collections::{BTreeMap, HashMap};
 

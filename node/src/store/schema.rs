@@ -207,3 +207,40 @@ diesel::table! {
         value -> Double,
     }
 }
+
+diesel::table! {
+    released_cells (seq) {
+        seq -> BigInt,
+        organisation -> Text,
+        study_id -> Text,
+        query_sha256 -> Text,
+        released_at -> Text,
+        size -> BigInt,
+        members -> Binary,
+        print_sha256 -> Text,
+        exact -> Bool,
+    }
+}
+
+diesel::table! {
+    analysis_bounds (organisation, variable, kind) {
+        organisation -> Text,
+        variable -> Text,
+        kind -> Text,
+        bounds -> Text,
+        study_id -> Text,
+        fixed_at -> Text,
+    }
+}
+
+diesel::table! {
+    released_tables (seq) {
+        seq -> BigInt,
+        organisation -> Text,
+        study_id -> Text,
+        query_sha256 -> Text,
+        released_at -> Text,
+        parts -> Binary,
+        parts_sha256 -> Text,
+    }
+}

@@ -12,8 +12,13 @@
 //! organisation (by the digest of its print), so asking the same query again
 //! does not make later checks read more.
 //!
-//! Known limit: differences are measured on whole cohorts, not per cell of
-//! a grouped table.
+//! Whole cohorts are one check; [`cells`] compares every set of patients an
+//! exact table releases numbers of, and [`bounds`] fixes each variable's
+//! clip range and bins, so that one cohort analysed two ways singles no
+//! one out either.
+
+pub mod bounds;
+pub mod cells;
 
 use sha2::{Digest, Sha256};
 
@@ -26,9 +31,31 @@ pub enum Error {
     /// the cohorts differ: a distance would tell the requester how many
     /// patients the difference singles out.
     #[error(
-        "refused by differencing control: set beside a cohort already released to {organisation}, this release could single out patients"
+        "refused by differencing control: set beside what was already released to {organisation}, this release could single out patients"
     )]
     TooClose { organisation: String },
+    /// An exact analysis of a variable under other bounds than the ones
+    /// fixed for the organisation: the bounds are the query's, not data.
+    #[error(
+        "refused: exact {analysis} of {variable} released to {organisation} use {fixed}; ask with the same (two {what} of one variable give, by difference, what the patients between them hold)"
+    )]
+    BoundsFixed {
+        analysis: &'static str,
+        what: &'static str,
+        variable: String,
+        organisation: String,
+        fixed: String,
+    },
+    #[error(
+        "refused: exact summaries and histograms of a view column are not released (a view computes its column, so no clip range bounds it); ask with noise"
+    )]
+    ExactView,
+    /// A record of what was released does not read back: nothing more is
+    /// released until it is looked at.
+    #[error(
+        "a differencing record of this node does not read back; nothing is released until it is repaired"
+    )]
+    CorruptRecord,
     #[error(transparent)]
     Store(#[from] store::Error),
 }
@@ -89,6 +116,22 @@ impl CohortPrint {
                 .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                 .collect(),
         )
+    }
+
+    /// The members of `self` not in `other`.
+    pub fn minus(&self, other: &CohortPrint) -> CohortPrint {
+        let (a, b) = (&self.0, &other.0);
+        let mut out = Vec::with_capacity(a.len());
+        let mut j = 0;
+        for x in a {
+            while j < b.len() && b[j] < *x {
+                j += 1;
+            }
+            if j >= b.len() || b[j] != *x {
+                out.push(*x);
+            }
+        }
+        CohortPrint(out)
     }
 
     /// Size of the symmetric difference, counting no further than `limit`.
@@ -189,6 +232,9 @@ mod tests {
             let expected = xs.symmetric_difference(&ys).count();
             let got = CohortPrint::of(&name(&xs)).difference(&CohortPrint::of(&name(&ys)), 1000);
             proptest::prop_assert_eq!(got, expected);
+            let minus = CohortPrint::of(&name(&xs)).minus(&CohortPrint::of(&name(&ys)));
+            let only: std::collections::BTreeSet<u32> = xs.difference(&ys).copied().collect();
+            proptest::prop_assert_eq!(minus, CohortPrint::of(&name(&only)));
         }
     }
 }
