@@ -53,6 +53,13 @@ enum ApiError {
     },
     #[error("study `{0}` belongs to another requester")]
     NotOwner(String),
+    /// A node-admin registers or redirects its own organisation's nodes
+    /// only.
+    #[error("a node-admin of {organisation} registers only {organisation}'s nodes: {problem}")]
+    OtherOrganisation {
+        organisation: String,
+        problem: String,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -82,7 +89,9 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
             ApiError::Identity(_) => "identity",
-            ApiError::Role { .. } | ApiError::NotOwner(_) => "permission",
+            ApiError::Role { .. } | ApiError::NotOwner(_) | ApiError::OtherOrganisation { .. } => {
+                "permission"
+            }
             ApiError::Invalid(_) | ApiError::Manifest(_) | ApiError::Registry(_) => "invalid",
             ApiError::Study(_) => "study_state",
             ApiError::Capability(_) => "capability",
@@ -100,7 +109,9 @@ fn status(error: ApiError) -> Status {
     let message = error.to_string();
     match error {
         ApiError::Identity(_) => Status::unauthenticated(message),
-        ApiError::Role { .. } | ApiError::NotOwner(_) => Status::permission_denied(message),
+        ApiError::Role { .. } | ApiError::NotOwner(_) | ApiError::OtherOrganisation { .. } => {
+            Status::permission_denied(message)
+        }
         ApiError::Invalid(_) | ApiError::Manifest(_) | ApiError::Registry(_) => {
             Status::invalid_argument(message)
         }
@@ -928,6 +939,33 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
             .into_inner()
             .node
             .ok_or_else(|| status(ApiError::Invalid("request has no node".to_owned())))?;
+        // A node is its hospital's: its display name is the organisation,
+        // and an id registered to one hospital is not redirected by
+        // another's administrator.
+        let other = |problem: String| {
+            status(ApiError::OtherOrganisation {
+                organisation: caller.organisation.clone(),
+                problem,
+            })
+        };
+        if node.display_name != caller.organisation {
+            return Err(other(format!(
+                "the node's display name must be `{}`, not `{}`",
+                caller.organisation, node.display_name
+            )));
+        }
+        if let Some(existing) = self
+            .inner
+            .registry
+            .list()
+            .into_iter()
+            .find(|n| n.id == node.node_id && n.display_name != caller.organisation)
+        {
+            return Err(other(format!(
+                "node `{}` is registered to {}",
+                existing.id, existing.display_name
+            )));
+        }
         self.inner
             .registry
             .register(&node.node_id, &node.endpoint, &node.display_name)

@@ -69,7 +69,7 @@ async fn coordinator_call(
                 node: Some(pb::NodeRecord {
                     node_id: format!("roles-node-{caller}"),
                     endpoint: "https://localhost:9".into(),
-                    display_name: "Roles test".into(),
+                    display_name: "Chosun University Hospital".into(),
                 }),
             })
             .await),
@@ -382,5 +382,46 @@ async fn every_role_reaches_exactly_the_rpcs_it_needs() {
         SessionInput                no          no          no          no          no          no         yes
         SessionRounds               no          no          no          no          no          no         yes
     "#]].assert_eq(&got);
+
+    // Issue 38 (10): a node-admin registers its own hospital's nodes only;
+    // Chosun's cannot redirect Christian's node, nor register one under
+    // another hospital's name.
+    let mut admin = federation.client("roles-admin").await.unwrap();
+    let register = |id: &str, name: &str| pb::RegisterNodeRequest {
+        node: Some(pb::NodeRecord {
+            node_id: id.to_owned(),
+            endpoint: "https://attacker.invalid:443".into(),
+            display_name: name.to_owned(),
+        }),
+    };
+    for (id, name, why) in [
+        (
+            "christian",
+            "Chosun University Hospital",
+            "node `christian` is registered to Gwangju Christian Hospital",
+        ),
+        (
+            "christian",
+            "Gwangju Christian Hospital",
+            "the node's display name must be `Chosun University Hospital`",
+        ),
+        (
+            "roles-new",
+            "Gwangju Christian Hospital",
+            "the node's display name must be `Chosun University Hospital`",
+        ),
+    ] {
+        let refused = admin.register_node(register(id, name)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains(why), "{}", refused.message());
+    }
+    let listed = admin
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    let christian = listed.iter().find(|n| n.node_id == "christian").unwrap();
+    assert!(!christian.endpoint.contains("attacker"), "{christian:?}");
     federation.shutdown().await;
 }
