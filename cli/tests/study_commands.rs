@@ -94,13 +94,14 @@ async fn requester_and_committee_commands_work_end_to_end() {
     assert!(ok, "{out}");
     assert_eq!(json(&out)[0]["status"], "approved");
 
-    // Hospital IT registers a fourth node that is not running: the run
-    // reports it by name with the reason, and the others still answer.
+    // Hospital IT registers a fourth node that is not running (its own
+    // hospital's: a node-admin registers only those): the run reports it
+    // by name with the reason, and the others still answer.
     federation
         .pki
         .issue(
             &federation.pki.load_ca().unwrap(),
-            &CertificateRequest::new("it-admin", Role::NodeAdmin, "G-Health"),
+            &CertificateRequest::new("it-admin", Role::NodeAdmin, "A hospital that is down"),
         )
         .unwrap();
     let mut admin = federation.client("it-admin").await.unwrap();
