@@ -145,15 +145,6 @@ impl TableSets {
         }
     }
 
-    /// How many distinct sets the table releases numbers of.
-    pub fn len(&self) -> usize {
-        self.sets.len() + self.valued.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The partition as stored: per part, a released flag byte, its size
     /// (u32, little-endian) and its sorted hashes.
     fn parts_to_bytes(&self) -> Vec<u8> {
@@ -274,7 +265,7 @@ pub fn check(
             continue;
         }
         for (_, _, earlier) in near {
-            if close(set.difference(&CohortPrint::from_bytes(&earlier), limit)) {
+            if set.close_to(&CohortPrint::from_bytes(&earlier), threshold) {
                 return Err(refused());
             }
         }
@@ -312,10 +303,10 @@ pub fn record(
         .map(|(set, exact)| (set, *exact))
         .chain(table.valued.iter().map(|set| (set, true)))
         .map(|(set, exact)| {
-            let members = set.to_bytes();
+            let (size, members, print_sha256) = set.stored();
             crate::store::NewReleasedCell {
-                size: i64::try_from(set.len()).unwrap_or(i64::MAX),
-                print_sha256: CohortPrint::digest(&members),
+                size,
+                print_sha256,
                 members,
                 exact,
             }

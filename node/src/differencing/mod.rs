@@ -134,6 +134,20 @@ impl CohortPrint {
         CohortPrint(out)
     }
 
+    /// Whether `other` differs from this print by 1 to `threshold - 1`
+    /// patients: what differencing refuses.
+    pub fn close_to(&self, other: &CohortPrint, threshold: u32) -> bool {
+        let d = self.difference(other, threshold as usize);
+        d > 0 && d < threshold as usize
+    }
+
+    /// The print as it is stored: its size, its bytes and their digest.
+    fn stored(&self) -> (i64, Vec<u8>, String) {
+        let bytes = self.to_bytes();
+        let digest = Self::digest(&bytes);
+        (i64::try_from(self.len()).unwrap_or(i64::MAX), bytes, digest)
+    }
+
     /// Size of the symmetric difference, counting no further than `limit`.
     pub fn difference(&self, other: &CohortPrint, limit: usize) -> usize {
         let (a, b) = (&self.0, &other.0);
@@ -170,9 +184,7 @@ pub fn check(
     let size = i64::try_from(cohort.len()).unwrap_or(i64::MAX);
     let digest = CohortPrint::digest(&cohort.to_bytes());
     for earlier in store.cohorts_near(organisation, size, radius, &digest)? {
-        let earlier = CohortPrint::from_bytes(&earlier);
-        let d = cohort.difference(&earlier, threshold as usize);
-        if d > 0 && d < threshold as usize {
+        if cohort.close_to(&CohortPrint::from_bytes(&earlier), threshold) {
             return Err(Error::TooClose {
                 organisation: organisation.to_owned(),
             });
@@ -189,16 +201,8 @@ pub fn record(
     query_sha256: &str,
     cohort: &CohortPrint,
 ) -> Result<(), Error> {
-    let size = i64::try_from(cohort.len()).unwrap_or(i64::MAX);
-    let bytes = cohort.to_bytes();
-    store.record_cohort(
-        organisation,
-        study_id,
-        query_sha256,
-        size,
-        &bytes,
-        &CohortPrint::digest(&bytes),
-    )?;
+    let (size, bytes, digest) = cohort.stored();
+    store.record_cohort(organisation, study_id, query_sha256, size, &bytes, &digest)?;
     Ok(())
 }
 
