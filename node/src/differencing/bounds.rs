@@ -149,6 +149,22 @@ mod tests {
     }
 
     #[test]
+    fn an_exact_summary_of_a_view_column_is_refused_and_a_noised_one_is_not_held() {
+        let view = r#"{"kind":"view","view":{"resourceType":"ViewDefinition","resource":"Observation","select":[{"column":[{"name":"patient","path":"subject.getReferenceKey(Patient)"},{"name":"v","path":"value.ofType(Quantity).value"}]}]},"column":"v","pick":"max"}"#;
+        let spec = |noise: &str| -> QuerySpec {
+            serde_json::from_str(&format!(
+                r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01"}},"analysis":{{"kind":"summary","variable":{view},"clip":{{"min":0,"max":10}}}}{noise}}}"#
+            ))
+            .unwrap()
+        };
+        let refused = Bounds::of(&spec("")).unwrap_err();
+        assert!(matches!(refused, Error::ExactView), "{refused}");
+        assert!(refused.to_string().contains("ask with noise"));
+        let noised = spec(r#","noise":{"mechanism":"laplace","epsilon":1.0}"#);
+        assert_eq!(Bounds::of(&noised).unwrap(), None);
+    }
+
+    #[test]
     fn a_variable_is_its_measurement_whatever_value_is_picked() {
         let latest = bounds(
             r#"{"kind":"summary","variable":{"kind":"observation","system":"http://loinc.org","code":"4548-4"},"clip":{"min":3,"max":20}}"#,

@@ -5,7 +5,7 @@
 //! by age band, and none (the cohort's total). Each is a table of its own
 //! whose cells are sums of this table's cells, and the node would release
 //! it, if asked, under the same disclosure control. So before auditing a
-//! table, [`protect`] works out what each coarser grouping releases, from
+//! table, [`protect_with_lines`] works out what each coarser grouping releases, from
 //! the coarsest up (each audited against the groupings coarser than itself),
 //! and hands the result to [`protection`] as what a requester knows: a
 //! released cell of a coarser grouping is a known sum, a withheld one a sum
