@@ -40,6 +40,45 @@ pub struct Claims {
     pub seq: i64,
     pub hash: String,
     pub iat: i64,
+    /// When it was signed, in unix milliseconds (`iat` is whole seconds):
+    /// a witness compares a head with a log read in the same second.
+    /// Absent in tokens from before witnesses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms: Option<i64>,
+}
+
+impl Claims {
+    /// When it was signed, in unix milliseconds.
+    pub fn signed_ms(&self) -> i64 {
+        self.ms.unwrap_or(self.iat.saturating_mul(1000))
+    }
+}
+
+impl Checkpoint {
+    /// The checkpoint a token claims to be, read without checking its
+    /// signature (a witness stores what it receives; [`Verifier::claims`]
+    /// decides later). `None` when the token does not parse.
+    pub fn from_token(token: &str) -> Option<(Checkpoint, Claims)> {
+        let claims = peek(token)?;
+        let at = time::OffsetDateTime::from_unix_timestamp(claims.iat)
+            .ok()?
+            .format(&time::format_description::well_known::Rfc3339)
+            .ok()?;
+        Some((
+            Checkpoint {
+                seq: claims.seq,
+                hash: claims.hash.clone(),
+                at,
+                token: token.to_owned(),
+            },
+            claims,
+        ))
+    }
+}
+
+/// What a token claims, its signature unchecked.
+pub fn peek(token: &str) -> Option<Claims> {
+    jsonwebtoken::dangerous::insecure_decode_claims::<Claims>(token).ok()
 }
 
 /// Signs checkpoints with the keeper's private key.
@@ -87,6 +126,7 @@ impl Signer {
             seq,
             hash: hash.to_owned(),
             iat: now.unix_timestamp(),
+            ms: i64::try_from(now.unix_timestamp_nanos() / 1_000_000).ok(),
         };
         let token = jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
             .map_err(|e| Error::Sign(e.to_string()))?;
@@ -142,6 +182,10 @@ impl Verifier {
         let cert = pem
             .parse_x509()
             .map_err(|e| Error::Certificate(e.to_string()))?;
+        Self::from_x509(&cert)
+    }
+
+    fn from_x509(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<Self, Error> {
         let keeper = cert
             .subject()
             .iter_common_name()
@@ -164,6 +208,14 @@ impl Verifier {
             key,
             algorithm,
         })
+    }
+
+    /// A verifier from the keeper's certificate (DER), as a TLS peer
+    /// presented it.
+    pub fn from_certificate_der(der: &[u8]) -> Result<Self, Error> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        Self::from_x509(&cert)
     }
 
     /// The keeper the certificate names.
@@ -237,6 +289,23 @@ mod tests {
             .sign(7, &cp.hash)
             .unwrap();
         assert!(verifier.check(&other).is_err());
+
+        // A witness reads the token alone; the signature decides later.
+        let (read, claims) = Checkpoint::from_token(&cp.token).unwrap();
+        assert_eq!(
+            (read.seq, &read.hash, &claims.iss),
+            (7, &cp.hash, &"chonnam".to_owned())
+        );
+        verifier.check(&read).unwrap();
+        assert!(Checkpoint::from_token("not a token").is_none());
+        let der = x509_parser::pem::parse_x509_pem(cert.as_bytes())
+            .unwrap()
+            .1
+            .contents;
+        Verifier::from_certificate_der(&der)
+            .unwrap()
+            .check(&read)
+            .unwrap();
     }
 
     #[test]

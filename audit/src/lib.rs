@@ -23,11 +23,16 @@ pub mod fhir;
 pub mod reconcile;
 pub mod report;
 pub mod verify;
+pub mod witness;
 
 use serde::{Deserialize, Serialize};
 
 use sha2::{Digest, Sha256};
 pub use time::OffsetDateTime;
+
+/// The coordinator's name as a keeper: its checkpoints' `iss`, and the
+/// common name of the certificate that verifies them.
+pub const COORDINATOR: &str = "coordinator";
 
 /// The `prev_hash` of the first entry of a log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -278,6 +283,24 @@ pub struct LogExport {
     pub certificate_pem: String,
     pub entries: Vec<Entry>,
     pub checkpoints: Vec<checkpoint::Checkpoint>,
+    /// When the log was read (RFC 3339): heads of it that others hold are
+    /// compared only if signed before this. Empty in exports from before.
+    #[serde(default)]
+    pub exported_at: String,
+    /// The heads of other keepers' logs this keeper holds.
+    #[serde(default)]
+    pub witnessed: Vec<WitnessedHead>,
+}
+
+/// Another keeper's signed head, as a witness received it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WitnessedHead {
+    /// Whose head it is (the token's `iss`): a node id or `coordinator`.
+    pub keeper: String,
+    /// The checkpoint token as received.
+    pub token: String,
+    /// The witness's clock, RFC 3339.
+    pub received_at: String,
 }
 
 /// The `format` of a [`LogExport`].

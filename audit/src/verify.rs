@@ -33,6 +33,13 @@ pub enum Problem {
         anchored_at: String,
         retention_days: u32,
     },
+    /// Another keeper (`by`) holds this keeper's signed head of this entry,
+    /// and the entry differs from it: rewritten (and rechained).
+    WitnessDiffers { by: String },
+    /// The log ends before this entry, though `by` holds this keeper's
+    /// signed head of entry `witnessed_through`: the tail was deleted,
+    /// with any checkpoints above it.
+    EndsBeforeWitness { witnessed_through: i64, by: String },
 }
 
 impl std::fmt::Display for Problem {
@@ -62,6 +69,17 @@ impl std::fmt::Display for Problem {
             } => write!(
                 f,
                 "the entries before it are gone, though the checkpoint anchoring the log here was signed at {anchored_at}, less than the {retention_days}-day retention period ago (deleted, not expired)"
+            ),
+            Problem::WitnessDiffers { by } => write!(
+                f,
+                "it differs from the keeper's signed head of it that {by} holds (rewritten)"
+            ),
+            Problem::EndsBeforeWitness {
+                witnessed_through,
+                by,
+            } => write!(
+                f,
+                "the log ends here, though {by} holds the keeper's signed head of entry {witnessed_through} (entries deleted)"
             ),
         }
     }
@@ -94,6 +112,9 @@ pub struct Verification {
     pub signed_through: Option<i64>,
     /// Entries after the last signed checkpoint: chained, not yet signed.
     pub unsigned_tail: usize,
+    /// What other keepers witnessed of this log, when compared with it
+    /// ([`crate::witness::compare`]); `None` when no witness was given.
+    pub witnessed: Option<crate::witness::Witnessed>,
     pub broken: Option<Broken>,
 }
 
@@ -223,6 +244,7 @@ pub fn verify(
         checkpoints_checked: checked,
         signed_through,
         unsigned_tail,
+        witnessed: None,
         broken: problems.into_iter().next(),
     }
 }

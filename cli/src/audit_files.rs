@@ -11,10 +11,11 @@
 
 use std::path::{Path, PathBuf};
 
-use ghx_audit::checkpoint::Verifier;
+use ghx_audit::checkpoint::{Checkpoint, Verifier};
 use ghx_audit::reconcile::Reconciliation;
 use ghx_audit::verify::Verification;
-use ghx_audit::{EXPORT_FORMAT, LogExport};
+use ghx_audit::witness::Witness;
+use ghx_audit::{EXPORT_FORMAT, LogExport, WitnessedHead};
 use ghx_db::audit::AuditLog;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,23 @@ pub enum Error {
     Month(String),
     #[error("`{0}` is not a date; expected YYYY-MM-DD")]
     Date(String),
+    #[error(
+        "a retention period of {0} days is shorter than the legal minimum of {min} days",
+        min = ghx_audit::MIN_RETENTION_DAYS
+    )]
+    Retention(u32),
+    #[error(
+        "the export of {0}'s log does not say when it was made (an older ghx wrote it), so the heads others hold cannot be compared with it: export it again"
+    )]
+    Undated(String),
+    #[error(
+        "the export of {keeper}'s log was made at {exported_at}, before the end of the period under review ({until}): export it again"
+    )]
+    ExportedEarly {
+        keeper: String,
+        exported_at: String,
+        until: String,
+    },
 }
 
 fn read(path: &Path) -> Result<String, Error> {
@@ -69,13 +87,89 @@ pub fn read_database(url: &str, certificate_pem: &str) -> Result<LogExport, Erro
         .keeper()
         .to_owned();
     let log = AuditLog::new(ghx_db::open_existing(url)?);
+    // Before the entries are read: a head signed before this is of an
+    // entry the log then held.
+    let exported_at = ghx_audit::now_rfc3339();
     Ok(LogExport {
         format: EXPORT_FORMAT.to_owned(),
         keeper,
         certificate_pem: certificate_pem.to_owned(),
         entries: log.entries()?,
         checkpoints: log.checkpoints()?,
+        exported_at,
+        witnessed: log.witnesses().all()?,
     })
+}
+
+/// The heads of other keepers held in the database at `url` (another
+/// keeper's: read before the log it witnesses).
+pub fn read_witnessed(url: &str) -> Result<Vec<WitnessedHead>, Error> {
+    Ok(AuditLog::new(ghx_db::open_existing(url)?)
+        .witnesses()
+        .all()?)
+}
+
+/// The heads of `keeper`'s log among `held`, held by `by`.
+pub fn witnesses_for(keeper: &str, by: &str, held: &[WitnessedHead]) -> Vec<Witness> {
+    held.iter()
+        .filter(|w| w.keeper == keeper)
+        .filter_map(|w| Checkpoint::from_token(&w.token))
+        .map(|(checkpoint, _)| Witness {
+            by: by.to_owned(),
+            checkpoint,
+        })
+        .collect()
+}
+
+/// The heads of `log`'s keeper that every other log of `all` holds.
+pub fn witnesses_among(log: &LogExport, all: &[LogExport]) -> Vec<Witness> {
+    all.iter()
+        .filter(|other| other.keeper != log.keeper)
+        .flat_map(|other| witnesses_for(&log.keeper, &other.keeper, &other.witnessed))
+        .collect()
+}
+
+/// How a log is held to its retention period and its witnesses.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect<'a> {
+    /// At least [`ghx_audit::MIN_RETENTION_DAYS`].
+    pub retention_days: u32,
+    /// Heads of the log held elsewhere; `None` when no witness was given.
+    pub witnesses: Option<&'a [Witness]>,
+    /// Which of them count.
+    pub window: Window,
+}
+
+impl Default for Expect<'_> {
+    fn default() -> Self {
+        Expect {
+            retention_days: ghx_audit::MIN_RETENTION_DAYS,
+            witnesses: None,
+            window: Window::Exported,
+        }
+    }
+}
+
+/// Which witnessed heads a log must hold: those signed before it was read.
+#[derive(Debug, Clone, Copy)]
+pub enum Window {
+    /// The witnesses were read before the log: every head they hold.
+    ReadFirst,
+    /// Those signed before the log says it was read (`exported_at`, which
+    /// whoever made the export wrote).
+    Exported,
+    /// Those signed before this instant (the end of the month under review),
+    /// and the export must have been made after it: an export dated back
+    /// before a cut cannot leave that cut's heads out.
+    Until(time::OffsetDateTime),
+}
+
+/// A retention period the law allows.
+pub fn retention(days: u32) -> Result<u32, Error> {
+    if days < ghx_audit::MIN_RETENTION_DAYS {
+        return Err(Error::Retention(days));
+    }
+    Ok(days)
 }
 
 /// A chain export written by `ghx audit export --format chain`.
@@ -130,26 +224,71 @@ pub fn verifier_for(
     Ok(Some(verifier))
 }
 
-/// Verifies a log, holding its start to the legal minimum retention (two
-/// years): a log whose head was deleted up to a younger checkpoint is
-/// broken, not expired.
-pub fn verify(log: &LogExport, verifier: Option<&Verifier>) -> Verification {
-    ghx_audit::verify::verify_retained(
+/// Verifies a log, holding its start to the retention period (a log whose
+/// head was deleted up to a younger checkpoint is broken, not expired) and
+/// its entries to the heads of it that witnesses hold, signed before the
+/// log was read (a log whose tail was deleted or rewritten is broken).
+pub fn verify(
+    log: &LogExport,
+    verifier: Option<&Verifier>,
+    expect: Expect<'_>,
+) -> Result<Verification, Error> {
+    let verdict = ghx_audit::verify::verify_retained(
         &log.entries,
         &log.checkpoints,
         verifier,
         ghx_audit::verify::Retention {
-            days: ghx_audit::MIN_RETENTION_DAYS,
+            days: expect.retention_days,
             now: time::OffsetDateTime::now_utc(),
         },
-    )
+    );
+    let Some(witnesses) = expect.witnesses else {
+        return Ok(verdict);
+    };
+    let millis = |t: time::OffsetDateTime| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok();
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let read_at = || {
+        time::OffsetDateTime::parse(
+            &log.exported_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_err(|_| Error::Undated(log.keeper.clone()))
+    };
+    let signed_before = match expect.window {
+        Window::ReadFirst => None,
+        Window::Exported => millis(read_at()?),
+        Window::Until(until) => {
+            if read_at()? < until {
+                return Err(Error::ExportedEarly {
+                    keeper: log.keeper.clone(),
+                    exported_at: log.exported_at.clone(),
+                    until: rfc3339(until),
+                });
+            }
+            millis(until)
+        }
+    };
+    Ok(ghx_audit::witness::compare(
+        verdict,
+        &log.entries,
+        witnesses,
+        verifier,
+        signed_before,
+    ))
 }
 
 /// Verifies a log against the certificate inside it, trusted only when
 /// the federation CA (`ca_pem`) issued it; without a CA, the chain only.
-pub fn verify_with_ca(log: &LogExport, ca_pem: Option<&str>) -> Result<Verification, Error> {
+pub fn verify_with_ca(
+    log: &LogExport,
+    ca_pem: Option<&str>,
+    expect: Expect<'_>,
+) -> Result<Verification, Error> {
     let verifier = verifier_for(log, None, ca_pem)?;
-    Ok(verify(log, verifier.as_ref()))
+    verify(log, verifier.as_ref(), expect)
 }
 
 /// Reconciles the coordinator's log with the nodes' logs over `period`.
@@ -186,8 +325,32 @@ pub fn verification_text(keeper: &str, v: &Verification) -> String {
             v.unsigned_tail
         ),
     };
+    let witnessed = match &v.witnessed {
+        None => {
+            "heads NOT compared with any witness (give --witness-db or --witness-file)".to_owned()
+        }
+        Some(w) => {
+            let mut skipped = String::new();
+            if w.unverified > 0 {
+                skipped.push_str(&format!(
+                    ", {} whose signature does not verify skipped",
+                    w.unverified
+                ));
+            }
+            if w.later > 0 {
+                skipped.push_str(&format!(", {} signed after it was read skipped", w.later));
+            }
+            match &w.through {
+                Some((seq, by)) => format!(
+                    "witnessed through entry {seq} by {by} ({} heads compared{skipped}); {} later entries not yet witnessed",
+                    w.compared, w.unwitnessed_tail
+                ),
+                None => format!("no witness holds a head of it yet (0 heads compared{skipped})"),
+            }
+        }
+    };
     match &v.broken {
-        None => format!("{keeper}: audit log intact: {range}, {signatures}, {tail}"),
+        None => format!("{keeper}: audit log intact: {range}, {signatures}, {tail}; {witnessed}"),
         Some(b) => format!("{keeper}: audit log BROKEN at {b} ({range}, {signatures})"),
     }
 }
@@ -242,4 +405,48 @@ pub fn reconciliation_text(r: &Reconciliation) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(exported_at: &str) -> LogExport {
+        LogExport {
+            format: EXPORT_FORMAT.to_owned(),
+            keeper: "chosun".to_owned(),
+            exported_at: exported_at.to_owned(),
+            ..LogExport::default()
+        }
+    }
+
+    #[test]
+    fn an_export_that_cannot_say_when_it_was_made_is_not_compared_silently() {
+        let none: [Witness; 0] = [];
+        let expect = Expect {
+            witnesses: Some(&none),
+            ..Expect::default()
+        };
+        assert!(matches!(
+            verify(&export(""), None, expect),
+            Err(Error::Undated(keeper)) if keeper == "chosun"
+        ));
+        // Without witnesses there is nothing to compare, and no date needed.
+        assert!(verify(&export(""), None, Expect::default()).is_ok());
+
+        // Reviewing November: an export dated before its end is refused,
+        // one made after it is compared up to the end.
+        let end = time::macros::datetime!(2026-12-01 00:00 UTC);
+        let november = Expect {
+            witnesses: Some(&none),
+            window: Window::Until(end),
+            ..Expect::default()
+        };
+        assert!(matches!(
+            verify(&export("2026-11-30T23:00:00Z"), None, november),
+            Err(Error::ExportedEarly { .. })
+        ));
+        let v = verify(&export("2026-12-02T08:00:00Z"), None, november).unwrap();
+        assert_eq!(v.witnessed.map(|w| w.compared), Some(0));
+    }
 }

@@ -92,6 +92,20 @@ struct LogArgs {
     /// one inside an export) must be one it issued.
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// Another keeper's database, for the signed heads of this log it holds
+    /// (the coordinator's for a node's log, any node's for the
+    /// coordinator's): the log must reach and agree with each. Read before
+    /// the log, as it is. Repeatable.
+    #[arg(long = "witness-db")]
+    witness_dbs: Vec<String>,
+    /// Another keeper's chain export, for the heads of this log it holds.
+    /// Repeatable.
+    #[arg(long = "witness-file")]
+    witness_files: Vec<PathBuf>,
+    /// The retention period in days: a log that starts after entry 1 must
+    /// be anchored by a checkpoint signed at least this long ago.
+    #[arg(long, default_value_t = ghx_audit::MIN_RETENTION_DAYS)]
+    retention_days: u32,
 }
 
 #[derive(Subcommand)]
@@ -136,6 +150,9 @@ enum AuditCommand {
         /// Limit to one calendar month, YYYY-MM.
         #[arg(long)]
         month: Option<String>,
+        /// The retention period in days (see `verify`).
+        #[arg(long, default_value_t = ghx_audit::MIN_RETENTION_DAYS)]
+        retention_days: u32,
     },
     /// The review of a period per requester and per study: requests,
     /// answers, refusals with reasons, cells released, budget spent.
@@ -575,6 +592,16 @@ fn checked_log(args: &LogArgs) -> Result<(ghx_audit::LogExport, ghx_audit::verif
         .map(audit_files::read_pem)
         .transpose()?;
     let ca = args.ca.as_deref().map(audit_files::read_pem).transpose()?;
+    let retention_days = audit_files::retention(args.retention_days)?;
+    // Witnesses first: every head they hold was signed before the log is read.
+    let mut held = Vec::new();
+    for url in &args.witness_dbs {
+        held.push((ghx_db::redact_url(url), audit_files::read_witnessed(url)?));
+    }
+    for path in &args.witness_files {
+        let export = audit_files::read_export(path)?;
+        held.push((export.keeper, export.witnessed));
+    }
     let log = match (&args.db, &args.file) {
         (Some(url), _) => audit_files::read_database(
             url,
@@ -584,7 +611,26 @@ fn checked_log(args: &LogArgs) -> Result<(ghx_audit::LogExport, ghx_audit::verif
         (None, None) => bail!("give --db or --file"),
     };
     let verifier = audit_files::verifier_for(&log, cert.as_deref(), ca.as_deref())?;
-    let verdict = audit_files::verify(&log, verifier.as_ref());
+    let witnesses: Vec<_> = held
+        .iter()
+        .flat_map(|(by, heads)| audit_files::witnesses_for(&log.keeper, by, heads))
+        .collect();
+    let given = !args.witness_dbs.is_empty() || !args.witness_files.is_empty();
+    let verdict = audit_files::verify(
+        &log,
+        verifier.as_ref(),
+        audit_files::Expect {
+            retention_days,
+            witnesses: given.then_some(witnesses.as_slice()),
+            // A database is read after its witnesses; an export says when
+            // it was made.
+            window: if args.db.is_some() {
+                audit_files::Window::ReadFirst
+            } else {
+                audit_files::Window::Exported
+            },
+        },
+    )?;
     println!("{}", audit_files::verification_text(&log.keeper, &verdict));
     Ok((log, verdict))
 }
@@ -641,20 +687,44 @@ fn audit(command: AuditCommand) -> Result<()> {
             nodes,
             ca,
             month,
+            retention_days,
         } => {
             let ca = ca.as_deref().map(audit_files::read_pem).transpose()?;
             let period = audit_files::period(month.as_deref(), None, None)?;
+            let retention_days = audit_files::retention(retention_days)?;
+            // Each export carries the heads of the others it holds: the
+            // coordinator's log is compared with what every node holds of
+            // it, each node's with what the coordinator holds.
+            let mut logs = vec![audit_files::read_export(&coordinator)?];
+            for path in &nodes {
+                logs.push(audit_files::read_export(path)?);
+            }
+            // Reviewing a month that has ended: every head signed before
+            // its end must be in an export made after it. Otherwise each
+            // export's own date decides.
+            let window = match period.1 {
+                Some(end) if month.is_some() && end <= time::OffsetDateTime::now_utc() => {
+                    audit_files::Window::Until(end)
+                }
+                _ => audit_files::Window::Exported,
+            };
             let mut intact = true;
-            let mut read = |path: &Path| -> Result<ghx_audit::LogExport> {
-                let log = audit_files::read_export(path)?;
-                let verdict = audit_files::verify_with_ca(&log, ca.as_deref())?;
+            for log in &logs {
+                let witnesses = audit_files::witnesses_among(log, &logs);
+                let verdict = audit_files::verify_with_ca(
+                    log,
+                    ca.as_deref(),
+                    audit_files::Expect {
+                        retention_days,
+                        witnesses: Some(&witnesses),
+                        window,
+                    },
+                )?;
                 println!("{}", audit_files::verification_text(&log.keeper, &verdict));
                 intact &= verdict.is_intact();
-                Ok(log)
-            };
-            let coordinator_log = read(&coordinator)?;
-            let node_logs = nodes.iter().map(|p| read(p)).collect::<Result<Vec<_>>>()?;
-            let result = audit_files::reconcile_logs(&coordinator_log, &node_logs, period);
+            }
+            let (coordinator_log, node_logs) = logs.split_first().context("no coordinator log")?;
+            let result = audit_files::reconcile_logs(coordinator_log, node_logs, period);
             print!("{}", audit_files::reconciliation_text(&result));
             if !intact || result.alarms() > 0 {
                 std::process::exit(1);
@@ -1839,7 +1909,15 @@ fn demo_audit(keepers: &local_federation::AuditKeepers) -> Result<()> {
     let ca = audit_files::read_pem(&keepers.ca())?;
     let logs = keepers.read()?;
     for log in &logs {
-        let verdict = audit_files::verify_with_ca(log, Some(&ca))?;
+        let witnesses = audit_files::witnesses_among(log, &logs);
+        let verdict = audit_files::verify_with_ca(
+            log,
+            Some(&ca),
+            audit_files::Expect {
+                witnesses: Some(&witnesses),
+                ..Default::default()
+            },
+        )?;
         println!("{}", audit_files::verification_text(&log.keeper, &verdict));
         if let Some(broken) = verdict.broken {
             bail!("{}'s audit log is broken at {broken}", log.keeper);

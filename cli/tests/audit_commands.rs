@@ -248,6 +248,42 @@ async fn audit_commands_verify_export_reconcile_and_review() {
         "{stdout}"
     );
 
+    // Chosun's log checked against the heads of it the coordinator holds:
+    // intact up to the injected entry, which no head covers yet.
+    let chosun_cert = cert("chosun");
+    let verify_args = [
+        "audit",
+        "verify",
+        "--db",
+        &keepers[2].1,
+        "--cert",
+        &chosun_cert,
+        "--witness-db",
+        &keepers[0].1,
+    ];
+    let verify_chosun = || ghx(&federation, REQUESTER, &verify_args);
+    let (ok, stdout, stderr) = verify_chosun().await;
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("witnessed through entry")
+            && stdout.contains("1 later entries not yet witnessed"),
+        "{stdout}"
+    );
+    // Then emptied, checkpoints and all (it answered one query, the
+    // injected entry followed): nothing left to contradict, caught only
+    // against the coordinator's heads.
+    SqliteConnection::establish(&keepers[2].1)
+        .unwrap()
+        .batch_execute("DELETE FROM audit_log; DELETE FROM audit_checkpoints;")
+        .unwrap();
+    let (ok, stdout, _) = verify_chosun().await;
+    assert!(!ok, "a cut log fails against its witness");
+    assert!(
+        stdout.contains("chosun: audit log BROKEN at entry 1: the log ends here, though")
+            && stdout.contains("holds the keeper's signed head of entry"),
+        "{stdout}"
+    );
+
     // A database that is not there is named, and none is created.
     let missing = path("nowhere.db");
     let (ok, _, stderr) = ghx(

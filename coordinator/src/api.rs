@@ -166,6 +166,7 @@ impl CoordinatorApi {
         committee: Committee,
         store: CoordinatorStore,
     ) -> Self {
+        registry.witness_with(store.audit_log().clone());
         CoordinatorApi {
             inner: Arc::new(Inner {
                 registry,
@@ -197,6 +198,7 @@ impl CoordinatorApi {
     pub fn with_audit_signer(mut self, signer: ghx_audit::checkpoint::Signer, every: i64) -> Self {
         let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
         inner.audit = inner.audit.clone().signed_by(signer, every);
+        inner.registry.witness_with(inner.audit.clone());
         self
     }
 

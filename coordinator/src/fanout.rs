@@ -18,8 +18,12 @@ use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
-/// A client of one node; every call carries the caller's trace context.
-pub type NodeClient = NodeServiceClient<InterceptedService<Channel, Propagate>>;
+use crate::witness::{SharedAudit, Witnessed};
+
+/// A client of one node; every call carries the caller's trace context and
+/// the coordinator's audit head, and the node's head is kept from every
+/// response.
+pub type NodeClient = NodeServiceClient<Witnessed<InterceptedService<Channel, Propagate>>>;
 
 /// The endpoint of a node that dials the coordinator's tunnel port itself
 /// (hospital networks that allow outbound connections only).
@@ -47,17 +51,26 @@ pub struct RegisteredNode {
     /// For training rounds: no channel-wide deadline, since each round step
     /// has its own (the training's `round_deadline_seconds`).
     round_channel: Channel,
+    audit: SharedAudit,
 }
 
 impl RegisteredNode {
     /// A client for training rounds.
     pub fn round_client(&self) -> NodeClient {
-        NodeServiceClient::with_interceptor(self.round_channel.clone(), Propagate)
+        self.witnessed(self.round_channel.clone())
     }
 
     /// A client for queries and revocations, bounded by the node deadline.
     fn client(&self) -> NodeClient {
-        NodeServiceClient::with_interceptor(self.channel.clone(), Propagate)
+        self.witnessed(self.channel.clone())
+    }
+
+    fn witnessed(&self, channel: Channel) -> NodeClient {
+        NodeServiceClient::new(Witnessed::new(
+            InterceptedService::new(channel, Propagate),
+            &self.id,
+            self.audit.clone(),
+        ))
     }
 }
 
@@ -68,6 +81,9 @@ pub struct NodeRegistry {
     nodes: RwLock<BTreeMap<String, RegisteredNode>>,
     /// Outbound nodes that have dialled in since they were registered.
     dialled_in: RwLock<std::collections::BTreeSet<String>>,
+    /// The coordinator's audit log, whose head every call carries and
+    /// where the nodes' heads are kept.
+    audit: SharedAudit,
 }
 
 impl NodeRegistry {
@@ -77,7 +93,14 @@ impl NodeRegistry {
             deadline,
             nodes: RwLock::new(BTreeMap::new()),
             dialled_in: RwLock::default(),
+            audit: SharedAudit::default(),
         }
+    }
+
+    /// Sends the coordinator's signed head with every call and keeps the
+    /// nodes' heads in `audit` (audit witnesses).
+    pub fn witness_with(&self, audit: ghx_db::audit::AuditLog) {
+        *self.audit.write().expect("audit lock") = Some(audit);
     }
 
     /// Adds or replaces a node. Connections are made lazily, on first use.
@@ -130,6 +153,7 @@ impl NodeRegistry {
                 display_name: display_name.to_owned(),
                 channel,
                 round_channel,
+                audit: self.audit.clone(),
             },
         );
     }

@@ -19,6 +19,7 @@ pub mod session;
 pub mod store;
 pub mod studies;
 pub mod training;
+pub mod witness;
 
 use std::future::Future;
 use std::time::Duration;
@@ -95,7 +96,7 @@ impl Coordinator {
         )
         .with_audit_signer(
             ghx_audit::checkpoint::Signer::from_pem(
-                "coordinator",
+                ghx_audit::COORDINATOR,
                 &tls.identity().current_pem().key_pem,
             )
             .map_err(ghx_db::audit::Error::from)?,

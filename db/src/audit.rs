@@ -15,6 +15,7 @@ use diesel::sql_types::{BigInt, Double, Text};
 use ghx_audit::checkpoint::{Checkpoint, Signer};
 use ghx_audit::{Entry, GENESIS};
 
+use crate::witnesses::Witnesses;
 use crate::{Backend, Result, with_conn};
 
 /// Checkpoints are signed every this many entries unless configured.
@@ -167,6 +168,15 @@ pub struct AuditLog {
     append: Arc<Mutex<()>>,
     signer: Option<Arc<Signer>>,
     checkpoint_every: i64,
+    /// The last committed link, and the signed head over it once asked.
+    head: Arc<Mutex<Option<Head>>>,
+    witnesses: Witnesses,
+}
+
+/// The log's last link, and its signature once one was asked for.
+struct Head {
+    link: Link,
+    token: Option<String>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -348,10 +358,12 @@ impl AuditLog {
     /// Unsigned until [`AuditLog::signed_by`].
     pub fn new(backend: Backend) -> Self {
         AuditLog {
+            witnesses: Witnesses::new(backend.clone()),
             backend,
             append: Arc::new(Mutex::new(())),
             signer: None,
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            head: Arc::default(),
         }
     }
 
@@ -405,7 +417,7 @@ impl AuditLog {
         }
         let _guard = self.append.lock().unwrap_or_else(|e| e.into_inner());
         let cp_sql = self.checkpoint_sql();
-        match &self.backend {
+        let chained: Vec<Entry> = match &self.backend {
             Backend::Sqlite(pool) => {
                 let mut conn = pool.get().map_err(crate::Error::from)?;
                 conn.immediate_transaction(|conn| append_body!(self, conn, cp_sql, entries))
@@ -418,7 +430,45 @@ impl AuditLog {
                     append_body!(self, conn, cp_sql, entries)
                 })
             }
+        }?;
+        // Committed: the head a witness may now be given.
+        if let Some(last) = chained.last() {
+            *self.head.lock().unwrap_or_else(|e| e.into_inner()) = Some(Head {
+                link: Link {
+                    seq: last.seq,
+                    hash: last.hash.clone(),
+                },
+                token: None,
+            });
         }
+        Ok(chained)
+    }
+
+    /// The keeper's signed head: a checkpoint token over the last committed
+    /// entry, for the other side of a call to witness. Signed once per head
+    /// and not stored here (the other side keeps it). `None` without a
+    /// signer or entries.
+    pub fn signed_head(&self) -> Result<Option<String>, Error> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+        if head.is_none() {
+            let link: Option<Link> = with_conn!(self.backend, |conn| head!(conn));
+            *head = link.map(|link| Head { link, token: None });
+        }
+        let Some(head) = head.as_mut() else {
+            return Ok(None);
+        };
+        if head.token.is_none() {
+            head.token = Some(signer.sign(head.link.seq, &head.link.hash)?.token);
+        }
+        Ok(head.token.clone())
+    }
+
+    /// The heads of other keepers' logs this keeper holds.
+    pub fn witnesses(&self) -> &Witnesses {
+        &self.witnesses
     }
 
     /// Signs a checkpoint at the current head unless one is there already
@@ -522,7 +572,11 @@ impl AuditLog {
     /// older than the retention period.
     pub fn maintain(&self, settings: &ghx_audit::Settings) -> Result<Expired, Error> {
         self.checkpoint_now()?;
-        Ok(self.expire_before(&settings.cutoff(time_now()))?)
+        let now = time_now();
+        let expired = self.expire_before(&settings.cutoff(now))?;
+        let cutoff = now.unix_timestamp() - i64::from(settings.retention_days) * 86_400;
+        self.witnesses.expire_before(cutoff)?;
+        Ok(expired)
     }
 
     /// Deletes the entries recorded before `cutoff` (RFC 3339), but only up

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod witnesses;
 
 use std::time::Duration;
 

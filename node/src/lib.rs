@@ -34,6 +34,7 @@ pub mod store;
 pub mod terminology;
 pub mod training;
 pub mod views;
+pub mod witness;
 
 use std::future::Future;
 
@@ -222,7 +223,12 @@ impl Node {
             // Each request runs in a span that continues the caller's trace.
             .trace_fn(ghx_telemetry::propagation::server_span)
             .add_service(health_service)
-            .add_service(NodeServiceServer::new(api))
+            // Responses carry the node's signed audit head; the
+            // coordinator's head on requests is kept (audit witnesses).
+            .add_service(witness::Witnessing::new(
+                NodeServiceServer::new(api),
+                audit.clone(),
+            ))
             .serve_with_incoming_shutdown(ghx_pki::transport::Connections::new(incoming), shutdown)
             .await?;
         for feeder in feeders {

@@ -22,3 +22,9 @@ pub mod v1 {
 
 pub mod convert;
 pub mod round;
+
+/// The gRPC metadata key under which a keeper sends its signed audit head
+/// (a checkpoint token over the last entry it committed) for the other side
+/// to witness: the coordinator on every request to a node, a node on every
+/// response to the coordinator.
+pub const AUDIT_HEAD_METADATA: &str = "ghx-audit-head";

@@ -6,10 +6,15 @@
 //!
 //! Then across a running federation: the coordinator's record of what it
 //! sent reconciles with every node's record of what it answered, and a query
-//! injected at one node is an alarm naming it.
+//! injected at one node is an alarm naming it; and each side holds the
+//! other's signed heads, so a tail deleted or rewritten together with its
+//! checkpoints is caught against the other side's database.
 
 use diesel::prelude::*;
-use ghx::local_federation::{LocalFederation, LocalFederationOptions, REQUESTER, manifest_for};
+use ghx::audit_files::{Expect, witnesses_among};
+use ghx::local_federation::{
+    LocalFederation, LocalFederationOptions, NodeLink, REQUESTER, manifest_for,
+};
 use ghx_audit::checkpoint::{Signer, Verifier};
 use ghx_audit::verify::{Broken, Problem, verify};
 use ghx_audit::{Entry, GENESIS};
@@ -130,6 +135,7 @@ macro_rules! suite {
 }
 
 suite!(
+    heads_are_signed_once_each_and_witnessed_once_per_entry,
     an_untouched_log_verifies_with_its_signatures,
     an_edited_entry_is_named,
     a_deleted_entry_is_named,
@@ -162,6 +168,49 @@ fn an_untouched_log_verifies_with_its_signatures(f: Fixture) {
     let entries = f.log.entries().unwrap();
     assert_eq!(entries[0].prev_hash, GENESIS);
     assert_eq!(entries[5].prev_hash, entries[4].hash);
+}
+
+fn heads_are_signed_once_each_and_witnessed_once_per_entry(f: Fixture) {
+    use ghx_audit::checkpoint::Checkpoint;
+    use ghx_db::witnesses::{NoteError, Refused};
+    let head = f
+        .log
+        .signed_head()
+        .unwrap()
+        .expect("a signed log has a head");
+    let (cp, _) = Checkpoint::from_token(&head).unwrap();
+    assert_eq!(cp.seq, 10);
+    f.verifier.check(&cp).unwrap();
+    assert_eq!(f.log.signed_head().unwrap().as_ref(), Some(&head));
+
+    // Kept once per entry, only under the keeper that signed it; this
+    // database stands for the other side's.
+    let witnesses = f.log.witnesses();
+    assert!(witnesses.all().unwrap().is_empty());
+    assert!(witnesses.note("chonnam", &head).unwrap());
+    assert!(!witnesses.note("chonnam", &head).unwrap());
+    assert!(matches!(
+        witnesses.note("chosun", &head),
+        Err(NoteError::Refused(Refused::OtherKeeper { .. }))
+    ));
+    assert!(matches!(
+        witnesses.note("chonnam", "not a token"),
+        Err(NoteError::Refused(Refused::NotAToken))
+    ));
+    f.log.append(&entry(10, &ghx_audit::now_rfc3339())).unwrap();
+    let next = f.log.signed_head().unwrap().unwrap();
+    assert_ne!(next, head);
+    assert!(witnesses.note("chonnam", &next).unwrap());
+    let held = witnesses.all().unwrap();
+    assert_eq!(held.len(), 2);
+    assert!(held.iter().all(|h| h.keeper == "chonnam"));
+
+    // Past retention, each keeper's newest head stays.
+    let far = ghx_audit::OffsetDateTime::now_utc().unix_timestamp() + 10;
+    assert_eq!(witnesses.expire_before(far).unwrap(), 1);
+    let held = witnesses.all().unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].token, next);
 }
 
 fn an_edited_entry_is_named(f: Fixture) {
@@ -429,7 +478,7 @@ async fn the_coordinator_and_the_nodes_reconcile_and_an_injected_query_is_an_ala
         let verifier = ghx::audit_files::verifier_for(&log, None, Some(&ca))
             .unwrap()
             .expect("the CA vouches for the keeper's certificate");
-        let v = ghx::audit_files::verify(&log, Some(&verifier));
+        let v = ghx::audit_files::verify(&log, Some(&verifier), Default::default()).unwrap();
         assert!(v.is_intact(), "{keeper}: {:?}", v.broken);
         assert!(v.checkpoints_checked > 0, "{keeper} signs checkpoints");
         log
@@ -507,4 +556,174 @@ async fn the_coordinator_and_the_nodes_reconcile_and_an_injected_query_is_an_ala
         "the requester the capability names is an agent"
     );
     federation.shutdown().await;
+}
+
+/// Runs SQL straight against a keeper's SQLite database, as an intruder
+/// would.
+fn tamper(db: &std::path::Path, sql: &str) {
+    use diesel::connection::SimpleConnection;
+    SqliteConnection::establish(db.to_str().unwrap())
+        .unwrap()
+        .batch_execute(sql)
+        .unwrap();
+}
+
+/// Outbound nodes (the heads cross the tunnel both ways): three queries,
+/// then each keeper's database is attacked after shutdown, the way issue
+/// 38 part 9 describes, and checked against the other side's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_deleted_or_rewritten_with_its_checkpoints_fails_against_the_other_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        dir: dir.path().to_owned(),
+        patients_per_node: 200,
+        seed: 12,
+        min_cell_size: 10,
+        committee_quorum: 1,
+        audit_checkpoint_every: Some(1),
+        node_link: NodeLink::Outbound { via: None },
+        min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+    })
+    .await
+    .unwrap();
+    let manifest = manifest_for(
+        "witness",
+        "HRESCH",
+        &[(
+            "e11",
+            r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},"analysis":{"kind":"count"}}"#,
+        )],
+    );
+    let study = federation
+        .approved_study(REQUESTER, manifest)
+        .await
+        .unwrap();
+    let mut client = federation.client(REQUESTER).await.unwrap();
+    for _ in 0..3 {
+        client
+            .run_study(ghx_proto::v1::RunStudyRequest {
+                study_id: study.clone(),
+                query: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let keepers = federation.audit_keepers();
+    let ca = std::fs::read_to_string(keepers.ca()).unwrap();
+    federation.shutdown().await;
+
+    let check = |logs: &[ghx_audit::LogExport], keeper: &str, witnessed: bool| {
+        let log = logs.iter().find(|l| l.keeper == keeper).unwrap();
+        let witnesses = witnesses_among(log, logs);
+        let expect = Expect {
+            witnesses: witnessed.then_some(witnesses.as_slice()),
+            ..Default::default()
+        };
+        ghx::audit_files::verify_with_ca(log, Some(&ca), expect).unwrap()
+    };
+
+    // Untouched: every log agrees with every head the other side holds;
+    // each node's log is witnessed to its last entry (the response to the
+    // coordinator's last call carried it), the coordinator's in part.
+    let logs = keepers.read().unwrap();
+    for log in &logs {
+        let v = check(&logs, &log.keeper, true);
+        assert!(v.is_intact(), "{}: {:?}", log.keeper, v.broken);
+        let seen = v.witnessed.unwrap();
+        assert_eq!((seen.unverified, seen.later), (0, 0), "{}", log.keeper);
+        let (through, by) = seen.through.expect("witnessed");
+        if log.keeper == "coordinator" {
+            assert!(by != "coordinator" && through > 1, "{by} {through}");
+        } else {
+            assert_eq!((through, by.as_str()), (v.last_seq.unwrap(), "coordinator"));
+            assert_eq!(seen.unwitnessed_tail, 0);
+        }
+    }
+    let node_head = |logs: &[ghx_audit::LogExport], node: &str| {
+        check(logs, node, true)
+            .witnessed
+            .and_then(|w| w.through)
+            .unwrap()
+            .0
+    };
+
+    // 1. Chosun's tail deleted with the checkpoints above the cut: alone it
+    // verifies (a shorter, signed log), against the coordinator's heads not.
+    let chosun_head = node_head(&logs, "chosun");
+    let cut = chosun_head - 2;
+    tamper(
+        &keepers.dir().join("chosun.db"),
+        &format!(
+            "DELETE FROM audit_log WHERE seq > {cut}; DELETE FROM audit_checkpoints WHERE seq > {cut};"
+        ),
+    );
+
+    // 2. Christian's last entry rewritten (a refusal instead of an answer)
+    // and rechained, its checkpoint deleted.
+    let christian = logs.iter().find(|l| l.keeper == "christian").unwrap();
+    let mut last = christian.entries.last().unwrap().clone();
+    let prev = christian.entries[christian.entries.len() - 2].hash.clone();
+    last.decision = "refused".into();
+    last.result_sha256 = String::new();
+    let seq = last.seq;
+    last.chain(seq, &prev);
+    tamper(
+        &keepers.dir().join("christian.db"),
+        &format!(
+            "UPDATE audit_log SET decision = 'refused', result_sha256 = '', hash = '{}' WHERE seq = {seq}; \
+             DELETE FROM audit_checkpoints WHERE seq >= {seq};",
+            last.hash
+        ),
+    );
+
+    // 3. The coordinator's tail, from the newest head any node holds, with
+    // its checkpoints.
+    let coordinator_head = check(&logs, "coordinator", true)
+        .witnessed
+        .and_then(|w| w.through)
+        .unwrap();
+    tamper(
+        &keepers.dir().join("ghx-coordinator.db"),
+        &format!(
+            "DELETE FROM audit_log WHERE seq >= {0}; DELETE FROM audit_checkpoints WHERE seq >= {0};",
+            coordinator_head.0
+        ),
+    );
+
+    let logs = keepers.read().unwrap();
+    for keeper in ["chosun", "christian", "coordinator"] {
+        let alone = check(&logs, keeper, false);
+        assert!(alone.is_intact(), "{keeper} alone: {:?}", alone.broken);
+    }
+    assert_eq!(
+        check(&logs, "chosun", true).broken,
+        Some(Broken {
+            seq: cut + 1,
+            problem: Problem::EndsBeforeWitness {
+                witnessed_through: chosun_head,
+                by: "coordinator".into()
+            }
+        })
+    );
+    assert_eq!(
+        check(&logs, "christian", true).broken,
+        Some(Broken {
+            seq,
+            problem: Problem::WitnessDiffers {
+                by: "coordinator".into()
+            }
+        })
+    );
+    assert_eq!(
+        check(&logs, "coordinator", true).broken,
+        Some(Broken {
+            seq: coordinator_head.0,
+            problem: Problem::EndsBeforeWitness {
+                witnessed_through: coordinator_head.0,
+                by: coordinator_head.1.clone()
+            }
+        })
+    );
+    // Chonnam, untouched, still verifies against the coordinator's heads.
+    assert!(check(&logs, "chonnam", true).is_intact());
 }
