@@ -124,3 +124,70 @@ fn keep(audit: &AuditLog, token: &str, cert_der: &[u8]) -> Result<bool, KeepErro
     verifier.check(&checkpoint).map_err(KeepError::Signature)?;
     Ok(audit.witnesses().note(verifier.keeper(), token)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ghx_audit::checkpoint::Signer;
+    use ghx_pki::{CertificateAuthority, CertificateRequest, CertifiedKey};
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    use super::*;
+
+    fn der(cert: &CertifiedKey) -> Vec<u8> {
+        CertificateDer::from_pem_slice(cert.cert_pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    fn request_from(cert: &CertifiedKey) -> http::Request<()> {
+        let mut request = http::Request::new(());
+        request.extensions_mut().insert(ghx_pki::transport::Peer {
+            certs: Arc::new(vec![CertificateDer::from(der(cert))]),
+            addr: None,
+        });
+        request
+    }
+
+    #[test]
+    fn only_heads_the_coordinators_own_certificate_signed_are_kept() {
+        let ca = CertificateAuthority::create("G-Health").unwrap();
+        let issue = |name: &str, role: Role| {
+            ca.issue(&CertificateRequest::new(name, role, "G-Health"))
+                .unwrap()
+        };
+        let coordinator = issue("coordinator", Role::Coordinator);
+        let relay = issue("relay", Role::Coordinator);
+        let named_so = issue("coordinator", Role::Requester);
+        assert!(coordinator_certificate(&request_from(&coordinator)).is_some());
+        assert!(coordinator_certificate(&request_from(&relay)).is_none());
+        assert!(coordinator_certificate(&request_from(&named_so)).is_none());
+        assert!(coordinator_certificate(&http::Request::new(())).is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::Store::open(dir.path().join("node.db").to_str().unwrap()).unwrap();
+        let audit = store.audit_log().clone();
+        let sign = |key: &CertifiedKey, seq: i64| {
+            Signer::from_pem("coordinator", &key.key_pem)
+                .unwrap()
+                .sign(seq, &"a".repeat(64))
+                .unwrap()
+                .token
+        };
+        assert!(keep(&audit, &sign(&coordinator, 5), &der(&coordinator)).unwrap());
+        // Signed in the coordinator's name with another key: not kept.
+        assert!(matches!(
+            keep(&audit, &sign(&relay, 6), &der(&coordinator)),
+            Err(KeepError::Signature(_))
+        ));
+        assert!(matches!(
+            keep(&audit, "not a token", &der(&coordinator)),
+            Err(KeepError::NotAToken)
+        ));
+        let held = audit.witnesses().all().unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].keeper, "coordinator");
+    }
+}
