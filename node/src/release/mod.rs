@@ -49,19 +49,35 @@ fn shown(n: u64, min_cell_size: u32, values: Values) -> String {
     }
 }
 
+/// A node-wide number as a consent note shows it in an exact result: the
+/// band of `step` it lies in ("1500-1599"), "fewer than `step`" below it.
+/// Exact totals, compared between two results, would say that one more
+/// patient withdrew (or was imported); a band changes only at its edges.
+fn band(n: u64, step: u64) -> String {
+    let step = step.max(1);
+    if n < step {
+        return format!("fewer than {step}");
+    }
+    let low = n - n % step;
+    format!("{low}-{}", low + step - 1)
+}
+
+/// Patients of the node, banded by this many in consent notes (as
+/// `GetNodeInfo` rounds resource counts).
+const PATIENT_BAND: u64 = 100;
+
 /// What consent excluded, in aggregate form: totals over the whole node
-/// (not the cohort), any number below the minimum cell size shown only as
-/// "fewer than" it, and in a noised result only the reasons.
+/// (not the cohort), each in a band (of the minimum cell size for
+/// exclusions, of [`PATIENT_BAND`] for the node's patients), and in a
+/// noised result only the reasons.
 pub fn consent_note(summary: &Summary, min_cell_size: u32, values: Values) -> String {
-    let shown = |n: u64| shown(n, min_cell_size, values);
+    let k = u64::from(min_cell_size);
     let total = summary.excluded_total();
+    let patients = band(summary.patients, PATIENT_BAND);
     if total == 0 {
         return match values {
             Values::Noised => "consent: no patients excluded".to_owned(),
-            Values::Exact => format!(
-                "consent: none of {} patients excluded",
-                shown(summary.patients)
-            ),
+            Values::Exact => format!("consent: none of {patients} patients excluded"),
         };
     }
     let reasons: Vec<String> = summary
@@ -69,15 +85,14 @@ pub fn consent_note(summary: &Summary, min_cell_size: u32, values: Values) -> St
         .iter()
         .map(|(why, n)| match values {
             Values::Noised => why.describe().to_string(),
-            Values::Exact => format!("{} {}", why.describe(), shown(*n)),
+            Values::Exact => format!("{} {}", why.describe(), band(*n, k)),
         })
         .collect();
     match values {
         Values::Noised => format!("consent: some patients excluded ({})", reasons.join("; ")),
         Values::Exact => format!(
-            "consent: {} of {} patients excluded ({})",
-            shown(total),
-            shown(summary.patients),
+            "consent: {} of {patients} patients excluded ({})",
+            band(total, k),
             reasons.join("; ")
         ),
     }
@@ -485,6 +500,38 @@ mod tests {
             "values: some patients of the cohort have no value of the variable and are not included"
         );
         assert_eq!(notes[2], "min and max: not released under noise");
+    }
+
+    #[test]
+    fn consent_notes_band_node_wide_totals_so_one_withdrawal_rarely_shows() {
+        use crate::consent::Exclusion;
+        let summary = |withdrawn: u64, patients: u64| Summary {
+            patients,
+            included: patients - withdrawn - 4,
+            excluded: [(Exclusion::Withdrawn, withdrawn), (Exclusion::NoConsent, 4)]
+                .into_iter()
+                .collect(),
+        };
+        let note = |s: &Summary| consent_note(s, 10, Values::Exact);
+        assert_eq!(
+            note(&summary(23, 1543)),
+            "consent: 20-29 of 1500-1599 patients excluded (no research consent (opt-in hospital) fewer than 10; consent withdrawn 20-29)"
+        );
+        // One more withdrawal inside a band: the same note.
+        assert_eq!(note(&summary(24, 1543)), note(&summary(23, 1543)));
+        assert_eq!(
+            consent_note(&summary(23, 1543), 10, Values::Noised),
+            "consent: some patients excluded (no research consent (opt-in hospital); consent withdrawn)"
+        );
+        let none = Summary {
+            patients: 64,
+            included: 64,
+            excluded: Default::default(),
+        };
+        assert_eq!(
+            note(&none),
+            "consent: none of fewer than 100 patients excluded"
+        );
     }
 
     #[test]
