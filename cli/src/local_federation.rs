@@ -334,7 +334,8 @@ impl LocalFederation {
 
         let tls = pki.tls_files("coordinator");
         let mut config = format!(
-            "listen = \"{coordinator_addr}\"\nnode_deadline_secs = 30\n{tunnel}\n\
+            "listen = \"{coordinator_addr}\"\nnode_deadline_secs = 30\n\
+             exchange_heads_every_secs = 2\n{tunnel}\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [signing_key]\nkid = \"{SIGNING_KID}\"\nprivate_key = \"{}\"\n\n\
              [issuer]\nca_cert = \"{ca_cert}\"\nca_key = \"{ca_key}\"\n\n\

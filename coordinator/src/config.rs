@@ -39,6 +39,11 @@ pub struct CoordinatorConfig {
     /// How long the coordinator waits for each node's answer.
     #[serde(default = "default_deadline_secs")]
     pub node_deadline_secs: u64,
+    /// How often the coordinator asks every node for its signed audit head
+    /// (and gives its own), so that the heads of an idle node, or an idle
+    /// coordinator, are witnessed too.
+    #[serde(default = "default_heads_secs")]
+    pub exchange_heads_every_secs: u64,
     #[serde(default)]
     pub nodes: Vec<NodeEntry>,
     #[serde(default)]
@@ -135,6 +140,10 @@ fn default_capability_secs() -> u64 {
 
 fn default_deadline_secs() -> u64 {
     30
+}
+
+fn default_heads_secs() -> u64 {
+    3600
 }
 
 impl CoordinatorConfig {
@@ -243,9 +252,13 @@ impl CoordinatorConfig {
                 ),
             });
         }
-        if self.node_deadline_secs == 0 || self.capability_valid_for_secs == 0 {
+        if self.node_deadline_secs == 0
+            || self.capability_valid_for_secs == 0
+            || self.exchange_heads_every_secs == 0
+        {
             return Err(Error::Invalid {
-                key: "node_deadline_secs/capability_valid_for_secs".to_owned(),
+                key: "node_deadline_secs/capability_valid_for_secs/exchange_heads_every_secs"
+                    .to_owned(),
                 problem: "must be at least 1 second".to_owned(),
             });
         }
@@ -254,5 +267,9 @@ impl CoordinatorConfig {
 
     pub fn node_deadline(&self) -> Duration {
         Duration::from_secs(self.node_deadline_secs)
+    }
+
+    pub fn exchange_heads_every(&self) -> Duration {
+        Duration::from_secs(self.exchange_heads_every_secs)
     }
 }

@@ -233,6 +233,22 @@ impl NodeRegistry {
 
     /// Runs the query on every node concurrently, each bounded by the
     /// deadline, and returns the released results and the failures.
+    /// Asks every node for its information, only so that the node's signed
+    /// audit head comes back (and the coordinator's goes out) with the call
+    /// (audit witnesses); a node that does not answer is tried next time.
+    pub async fn exchange_heads(&self) {
+        let deadline = self.deadline;
+        let calls = self.list().into_iter().map(|node| async move {
+            let mut client = node.client();
+            let mut request = tonic::Request::new(pb::GetNodeInfoRequest {});
+            request.set_timeout(deadline);
+            if let Err(status) = client.get_node_info(request).await {
+                tracing::debug!(node = %node.id, error = %status.message(), "no audit head exchanged");
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
     /// Tells every node that a study is revoked; returns the nodes that
     /// could not be told, and why.
     pub async fn revoke(&self, revocation: &str) -> Vec<NodeFailure> {

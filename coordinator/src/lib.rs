@@ -62,6 +62,8 @@ pub struct Coordinator {
     tls: Transport,
     tunnel: Option<tokio::net::TcpListener>,
     audit: ghx_audit::Settings,
+    /// How often every node's audit head is asked for.
+    heads_every: Duration,
     store: store::CoordinatorStore,
 }
 
@@ -126,6 +128,7 @@ impl Coordinator {
             tls,
             tunnel: None,
             audit: config.audit.clone(),
+            heads_every: config.exchange_heads_every(),
             store,
         })
     }
@@ -159,6 +162,18 @@ impl Coordinator {
         }
         let audit = self.api.audit_log().clone();
         let upkeep = ghx_db::audit::spawn_upkeep(audit.clone(), self.audit);
+        let heads = {
+            let api = self.api.clone();
+            let every = self.heads_every;
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    api.registry().exchange_heads().await;
+                }
+            })
+        };
         // grpc.health.v1: serving while the database answers and the
         // certificate is valid.
         let tunnels = self.tunnel.map(|listener| {
@@ -201,6 +216,7 @@ impl Coordinator {
             .serve_with_incoming_shutdown(self.tls.incoming(listener), shutdown)
             .await?;
         upkeep.abort();
+        heads.abort();
         readiness.abort();
         if let Some(tunnels) = tunnels {
             tunnels.abort();

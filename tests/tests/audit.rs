@@ -615,6 +615,37 @@ async fn a_tail_deleted_or_rewritten_with_its_checkpoints_fails_against_the_othe
             .await
             .unwrap();
     }
+    // Something Chonnam records on its own, with no query after it: the
+    // coordinator's periodic exchange (every 2 s here) brings its head.
+    let local = federation.nodes[0]
+        .store
+        .append_audit(&Entry {
+            at: ghx_audit::now_rfc3339(),
+            caller: "chonnam-it".into(),
+            action: "import".into(),
+            decision: "done".into(),
+            ..Entry::default()
+        })
+        .unwrap();
+    let coordinator = federation.coordinator_api();
+    let witnessed_through = |keeper: &str| {
+        coordinator
+            .audit_log()
+            .witnesses()
+            .all()
+            .unwrap()
+            .iter()
+            .filter(|h| h.keeper == keeper)
+            .filter_map(|h| ghx_audit::checkpoint::peek(&h.token))
+            .map(|c| c.seq)
+            .max()
+    };
+    let mut waited = 0;
+    while witnessed_through("chonnam") < Some(local) && waited < 100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    assert_eq!(witnessed_through("chonnam"), Some(local));
     let keepers = federation.audit_keepers();
     let ca = std::fs::read_to_string(keepers.ca()).unwrap();
     federation.shutdown().await;
