@@ -23,6 +23,13 @@ pub const VERSION: &str = "ghx.manifest/v1";
 /// Most queries one manifest may hold.
 const MAX_QUERIES: usize = 64;
 
+/// The most days `valid_until` may be after `valid_from`: under the audit
+/// log's minimum retention (730 days), with a day to spare for time zones.
+/// What a node counts per study from its audit log (the study's evaluation
+/// rounds) then stays counted for as long as the study can run: no entry
+/// it counts expires before the study does.
+pub const MAX_VALIDITY_DAYS: i64 = 728;
+
 /// A manifest that is malformed, or work it does not cover.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -190,6 +197,14 @@ impl StudyManifest {
         }
         if self.valid_until < self.valid_from {
             return Err(invalid("valid_until", "is before valid_from"));
+        }
+        if (self.valid_until - self.valid_from).whole_days() > MAX_VALIDITY_DAYS {
+            return Err(invalid(
+                "valid_until",
+                format!(
+                    "is more than {MAX_VALIDITY_DAYS} days after valid_from: a study is approved for under two years (a node counts a study's evaluations from its audit log, which keeps two years); submit it again for the years after"
+                ),
+            ));
         }
         if self.min_cell_size.default == 0 || self.min_cell_size.nodes.values().any(|n| *n == 0) {
             return Err(invalid("min_cell_size", "every size must be at least 1"));
@@ -428,6 +443,8 @@ mod tests {
         );
         let e = edited(|v| v["valid_until"] = "2020-01-01".into());
         assert_eq!(e, "manifest `valid_until`: is before valid_from");
+        let e = edited(|v| v["valid_until"] = "2028-10-30".into());
+        assert!(e.contains("is more than 728 days after valid_from"), "{e}");
         let e = edited(|v| v["data"]["resource_types"] = serde_json::json!(["Patient"]));
         assert!(e.contains("reads resource type Condition"), "{e}");
         let e = edited(|v| v["data"]["codes"][0]["code"] = "E10".into());
