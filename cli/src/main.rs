@@ -632,6 +632,12 @@ fn checked_log(args: &LogArgs) -> Result<(ghx_audit::LogExport, ghx_audit::verif
         },
     )?;
     println!("{}", audit_files::verification_text(&log.keeper, &verdict));
+    if given && witnesses.is_empty() {
+        eprintln!(
+            "warning: no witness given holds a head of {}'s log: is it the other side's database or export (the coordinator's for a node, a node's for the coordinator)?",
+            log.keeper
+        );
+    }
     Ok((log, verdict))
 }
 
