@@ -1062,6 +1062,7 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
             // Parse, then stamp the requester from the certificate: what the
             // file says about who is asking is never trusted.
             let mut manifest = StudyManifest::parse(&json)?;
+            manifest.check_validity_span()?;
             manifest.requester.user = caller.name.clone();
             manifest.requester.organisation = caller.organisation.clone();
             Ok(self.inner.studies.submit(manifest)?)

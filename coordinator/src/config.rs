@@ -252,13 +252,18 @@ impl CoordinatorConfig {
                 ),
             });
         }
-        if self.node_deadline_secs == 0
-            || self.capability_valid_for_secs == 0
-            || self.exchange_heads_every_secs == 0
-        {
+        if !(1..=86_400).contains(&self.exchange_heads_every_secs) {
             return Err(Error::Invalid {
-                key: "node_deadline_secs/capability_valid_for_secs/exchange_heads_every_secs"
-                    .to_owned(),
+                key: "exchange_heads_every_secs".to_owned(),
+                problem: format!(
+                    "must be between 1 second and a day (witnesses accept heads up to a day old), got {}",
+                    self.exchange_heads_every_secs
+                ),
+            });
+        }
+        if self.node_deadline_secs == 0 || self.capability_valid_for_secs == 0 {
+            return Err(Error::Invalid {
+                key: "node_deadline_secs/capability_valid_for_secs".to_owned(),
                 problem: "must be at least 1 second".to_owned(),
             });
         }

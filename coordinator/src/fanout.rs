@@ -231,8 +231,6 @@ impl NodeRegistry {
             .collect()
     }
 
-    /// Runs the query on every node concurrently, each bounded by the
-    /// deadline, and returns the released results and the failures.
     /// Asks every node for its information, only so that the node's signed
     /// audit head comes back (and the coordinator's goes out) with the call
     /// (audit witnesses); a node that does not answer is tried next time.
@@ -242,8 +240,12 @@ impl NodeRegistry {
             let mut client = node.client();
             let mut request = tonic::Request::new(pb::GetNodeInfoRequest {});
             request.set_timeout(deadline);
-            if let Err(status) = client.get_node_info(request).await {
-                tracing::debug!(node = %node.id, error = %status.message(), "no audit head exchanged");
+            match tokio::time::timeout(deadline, client.get_node_info(request)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => {
+                    tracing::debug!(node = %node.id, error = %status.message(), "no audit head exchanged")
+                }
+                Err(_) => tracing::debug!(node = %node.id, "no audit head exchanged: no answer"),
             }
         });
         futures::future::join_all(calls).await;
@@ -278,6 +280,8 @@ impl NodeRegistry {
             .collect()
     }
 
+    /// Runs the query on every node concurrently, each bounded by the
+    /// deadline, and returns the released results and the failures.
     pub async fn run_aggregate(
         &self,
         capability: &str,

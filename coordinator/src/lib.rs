@@ -166,7 +166,9 @@ impl Coordinator {
             let api = self.api.clone();
             let every = self.heads_every;
             tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(every);
+                // Not at once: nodes that dial in need a moment first.
+                let first = tokio::time::Instant::now() + every.min(Duration::from_secs(5));
+                let mut ticks = tokio::time::interval_at(first, every);
                 ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     ticks.tick().await;

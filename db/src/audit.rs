@@ -176,8 +176,12 @@ pub struct AuditLog {
 /// The log's last link, and its signature once one was asked for.
 struct Head {
     link: Link,
-    token: Option<String>,
+    token: Option<(String, std::time::Instant)>,
 }
+
+/// A signed head is signed again once this old, so that an idle keeper's
+/// head stays within the clock window witnesses accept.
+const HEAD_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -446,8 +450,8 @@ impl AuditLog {
 
     /// The keeper's signed head: a checkpoint token over the last committed
     /// entry, for the other side of a call to witness. Signed once per head
-    /// and not stored here (the other side keeps it). `None` without a
-    /// signer or entries.
+    /// (again once it is an hour old) and not stored here (the other side
+    /// keeps it). `None` without a signer or entries.
     pub fn signed_head(&self) -> Result<Option<String>, Error> {
         let Some(signer) = &self.signer else {
             return Ok(None);
@@ -460,10 +464,15 @@ impl AuditLog {
         let Some(head) = head.as_mut() else {
             return Ok(None);
         };
-        if head.token.is_none() {
-            head.token = Some(signer.sign(head.link.seq, &head.link.hash)?.token);
+        let fresh = head
+            .token
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < HEAD_FRESH_FOR);
+        if !fresh {
+            let token = signer.sign(head.link.seq, &head.link.hash)?.token;
+            head.token = Some((token, std::time::Instant::now()));
         }
-        Ok(head.token.clone())
+        Ok(head.token.as_ref().map(|(token, _)| token.clone()))
     }
 
     /// The heads of other keepers' logs this keeper holds.

@@ -6,10 +6,10 @@
 //! Key decision: store, never judge. A head is kept as received when its
 //! token parses and names the keeper it came from; its signature is
 //! checked when a log is verified (`ghx_audit::witness`). Each distinct
-//! (keeper, seq) is kept once, a head equal to the last one noted is not
-//! written again, and a newer head replaces the keeper's earlier heads of
-//! the same day: a keeper costs a row per day it is heard from, the day's
-//! newest head, which covers every entry before it.
+//! (keeper, seq) is kept once and a head equal to the last one noted is not
+//! written again: a row per entry the keeper adds, as its own log has.
+//! Nothing is deleted before retention: a newer head vouches only for the
+//! chain as it is now, so an older one is the evidence of a rewrite.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -85,6 +85,9 @@ impl Witnesses {
             return Err(Refused::TooLong.into());
         }
         let (cp, claims) = Checkpoint::from_token(token).ok_or(Refused::NotAToken)?;
+        if claims.iss == sender && self.is_last(sender, cp.seq) {
+            return Ok(false);
+        }
         // A head far off this clock would never expire, or expire at once:
         // whoever sent it does not keep time with the federation.
         let now = ghx_audit::OffsetDateTime::now_utc().unix_timestamp();
@@ -121,23 +124,6 @@ impl Witnesses {
             .bind::<Text, _>(ghx_audit::now_rfc3339())
             .execute(conn)
             .map_err(crate::Error::from)?);
-        if stored > 0 {
-            // One head per keeper and day is enough: each covers every entry
-            // before it. The earlier ones of the day make way for this one.
-            let day_start = claims.iat - claims.iat.rem_euclid(86_400);
-            let thin = format!(
-                "DELETE FROM audit_witnessed WHERE keeper = {} AND seq < {} AND iat >= {}",
-                d.placeholder(1),
-                d.placeholder(2),
-                d.placeholder(3)
-            );
-            with_conn!(self.backend, |conn| diesel::sql_query(&thin)
-                .bind::<Text, _>(sender)
-                .bind::<BigInt, _>(cp.seq)
-                .bind::<BigInt, _>(day_start)
-                .execute(conn)
-                .map_err(crate::Error::from)?);
-        }
         self.last
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -262,6 +262,7 @@ fn verified<'a>(
     }
     let manifest = StudyManifest::parse(request.manifest_json)?;
     manifest.check_valid_on(node.today())?;
+    manifest.check_validity_span()?;
     if claims.purpose != manifest.purpose {
         return Err(Error::ClaimsDisagree { field: "purpose" });
     }

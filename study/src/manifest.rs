@@ -198,14 +198,6 @@ impl StudyManifest {
         if self.valid_until < self.valid_from {
             return Err(invalid("valid_until", "is before valid_from"));
         }
-        if (self.valid_until - self.valid_from).whole_days() > MAX_VALIDITY_DAYS {
-            return Err(invalid(
-                "valid_until",
-                format!(
-                    "is more than {MAX_VALIDITY_DAYS} days after valid_from: a study is approved for under two years (a node counts a study's evaluations from its audit log, which keeps two years); submit it again for the years after"
-                ),
-            ));
-        }
         if self.min_cell_size.default == 0 || self.min_cell_size.nodes.values().any(|n| *n == 0) {
             return Err(invalid("min_cell_size", "every size must be at least 1"));
         }
@@ -396,6 +388,21 @@ impl StudyManifest {
         self.queries.iter().find(|q| q.name == name)
     }
 
+    /// Whether the validity period is at most [`MAX_VALIDITY_DAYS`]: checked
+    /// where a study is submitted and where a node admits a request, not on
+    /// every parse, so that a stored study from before still reads.
+    pub fn check_validity_span(&self) -> Result<(), Error> {
+        if (self.valid_until - self.valid_from).whole_days() > MAX_VALIDITY_DAYS {
+            return Err(invalid(
+                "valid_until",
+                format!(
+                    "is more than {MAX_VALIDITY_DAYS} days after valid_from: a study is approved for under two years (a node counts a study's evaluations from its audit log, which keeps two years); submit it again for the years after"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `today` is inside the validity period.
     pub fn check_valid_on(&self, today: Date) -> Result<(), Error> {
         if today < self.valid_from || today > self.valid_until {
@@ -443,7 +450,17 @@ mod tests {
         );
         let e = edited(|v| v["valid_until"] = "2020-01-01".into());
         assert_eq!(e, "manifest `valid_until`: is before valid_from");
-        let e = edited(|v| v["valid_until"] = "2028-10-30".into());
+        // valid_from 2026-11-01: 728 days on is the last day allowed.
+        let span = |until: &str| {
+            let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+            v["valid_until"] = until.into();
+            StudyManifest::parse(v.to_string().as_bytes())
+                .unwrap()
+                .check_validity_span()
+                .map_err(|e| e.to_string())
+        };
+        assert!(span("2028-10-29").is_ok());
+        let e = span("2028-10-30").unwrap_err();
         assert!(e.contains("is more than 728 days after valid_from"), "{e}");
         let e = edited(|v| v["data"]["resource_types"] = serde_json::json!(["Patient"]));
         assert!(e.contains("reads resource type Condition"), "{e}");

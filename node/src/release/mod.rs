@@ -54,7 +54,10 @@ fn shown(n: u64, min_cell_size: u32, values: Values) -> String {
 /// Exact totals, compared between two results, would say that one more
 /// patient withdrew (or was imported); a band changes only at its edges.
 fn band(n: u64, step: u64) -> String {
-    let step = step.max(1);
+    if step <= 1 {
+        // A minimum cell size of 1 protects nothing to begin with.
+        return n.to_string();
+    }
     if n < step {
         return format!("fewer than {step}");
     }
