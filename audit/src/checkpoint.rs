@@ -245,10 +245,12 @@ impl Verifier {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn keeper_cert(name: &str) -> (String, String) {
+    /// A keeper's PEM key and self-signed certificate, for tests here and
+    /// in `witness`.
+    pub(crate) fn keeper_cert(name: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
         params

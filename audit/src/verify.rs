@@ -309,10 +309,11 @@ pub fn chain_all(entries: &mut [Entry], first_seq: i64, prev_hash: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn log(n: usize) -> Vec<Entry> {
+    /// A chained log of `n` entries, for tests here and in `witness`.
+    pub(crate) fn log(n: usize) -> Vec<Entry> {
         let mut entries: Vec<Entry> = (0..n)
             .map(|i| Entry {
                 at: format!("2026-11-29T10:00:{i:02}Z"),

@@ -126,33 +126,16 @@ pub fn compare(
 mod tests {
     use super::*;
     use crate::checkpoint::Signer;
+    use crate::verify::tests::log;
     use crate::verify::{chain_all, verify};
     use crate::{Entry, GENESIS};
 
     fn keeper(name: &str) -> (Signer, Verifier) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
+        let (key, cert) = crate::checkpoint::tests::keeper_cert(name);
         (
-            Signer::from_pem(name, &key.serialize_pem()).unwrap(),
-            Verifier::from_certificate_pem(&cert.pem()).unwrap(),
+            Signer::from_pem(name, &key).unwrap(),
+            Verifier::from_certificate_pem(&cert).unwrap(),
         )
-    }
-
-    fn log(n: usize) -> Vec<Entry> {
-        let mut entries: Vec<Entry> = (0..n)
-            .map(|i| Entry {
-                at: format!("2026-12-06T10:00:{i:02}Z"),
-                action: "aggregate".into(),
-                decision: "answered".into(),
-                ..Entry::default()
-            })
-            .collect();
-        chain_all(&mut entries, 1, GENESIS);
-        entries
     }
 
     fn head(signer: &Signer, entries: &[Entry], seq: i64) -> Witness {

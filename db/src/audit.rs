@@ -475,6 +475,23 @@ impl AuditLog {
         Ok(head.token.as_ref().map(|(token, _)| token.clone()))
     }
 
+    /// [`AuditLog::signed_head`] off the async threads, for a call to
+    /// carry; a failure is logged, and the call goes without a head.
+    pub async fn signed_head_for_call(&self) -> Option<String> {
+        let log = self.clone();
+        match tokio::task::spawn_blocking(move || log.signed_head()).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot sign the audit head");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit head task failed");
+                None
+            }
+        }
+    }
+
     /// The heads of other keepers' logs this keeper holds.
     pub fn witnesses(&self) -> &Witnesses {
         &self.witnesses

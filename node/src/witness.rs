@@ -78,16 +78,10 @@ where
             if coordinator.is_none() {
                 return Ok(response);
             }
-            let signing = audit.clone();
-            match tokio::task::spawn_blocking(move || signing.signed_head()).await {
-                Ok(Ok(Some(token))) => {
-                    if let Ok(value) = http::HeaderValue::from_str(&token) {
-                        response.headers_mut().insert(AUDIT_HEAD_METADATA, value);
-                    }
-                }
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sign the audit head"),
-                Err(e) => tracing::warn!(error = %e, "audit head task failed"),
+            if let Some(token) = audit.signed_head_for_call().await
+                && let Ok(value) = http::HeaderValue::from_str(&token)
+            {
+                response.headers_mut().insert(AUDIT_HEAD_METADATA, value);
             }
             Ok(response)
         })

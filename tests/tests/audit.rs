@@ -435,17 +435,23 @@ fn entries_from_before_chaining_are_chained_on_open(f: Fixture) {
     assert_eq!(f.broken(), None);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_coordinator_and_the_nodes_reconcile_and_an_injected_query_is_an_alarm() {
-    let dir = tempfile::tempdir().unwrap();
+/// A federation in `dir` with a count of E11 approved as one study and run
+/// `runs` times; its checkpoints every `every` entries.
+async fn queried_federation(
+    dir: &std::path::Path,
+    seed: u64,
+    every: i64,
+    node_link: NodeLink,
+    runs: usize,
+) -> (LocalFederation, String) {
     let federation = LocalFederation::start(&LocalFederationOptions {
-        dir: dir.path().to_owned(),
-        patients_per_node: 300,
-        seed: 11,
+        dir: dir.to_owned(),
+        patients_per_node: 200,
+        seed,
         min_cell_size: 10,
         committee_quorum: 1,
-        audit_checkpoint_every: Some(2),
-        node_link: Default::default(),
+        audit_checkpoint_every: Some(every),
+        node_link,
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
     })
     .await
@@ -463,7 +469,7 @@ async fn the_coordinator_and_the_nodes_reconcile_and_an_injected_query_is_an_ala
         .await
         .unwrap();
     let mut client = federation.client(REQUESTER).await.unwrap();
-    for _ in 0..2 {
+    for _ in 0..runs {
         client
             .run_study(ghx_proto::v1::RunStudyRequest {
                 study_id: study.clone(),
@@ -472,6 +478,13 @@ async fn the_coordinator_and_the_nodes_reconcile_and_an_injected_query_is_an_ala
             .await
             .unwrap();
     }
+    (federation, study)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_and_the_nodes_reconcile_and_an_injected_query_is_an_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (federation, study) = queried_federation(dir.path(), 11, 2, Default::default(), 2).await;
 
     let ca = std::fs::read_to_string(federation.pki.tls_files("coordinator").ca).unwrap();
     let read = |keeper: &str, url: &str| {
@@ -576,40 +589,8 @@ fn tamper(db: &std::path::Path, sql: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_deleted_or_rewritten_with_its_checkpoints_fails_against_the_other_side() {
     let dir = tempfile::tempdir().unwrap();
-    let federation = LocalFederation::start(&LocalFederationOptions {
-        dir: dir.path().to_owned(),
-        patients_per_node: 200,
-        seed: 12,
-        min_cell_size: 10,
-        committee_quorum: 1,
-        audit_checkpoint_every: Some(1),
-        node_link: NodeLink::Outbound { via: None },
-        min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
-    })
-    .await
-    .unwrap();
-    let manifest = manifest_for(
-        "witness",
-        "HRESCH",
-        &[(
-            "e11",
-            r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},"analysis":{"kind":"count"}}"#,
-        )],
-    );
-    let study = federation
-        .approved_study(REQUESTER, manifest)
-        .await
-        .unwrap();
-    let mut client = federation.client(REQUESTER).await.unwrap();
-    for _ in 0..3 {
-        client
-            .run_study(ghx_proto::v1::RunStudyRequest {
-                study_id: study.clone(),
-                query: String::new(),
-            })
-            .await
-            .unwrap();
-    }
+    let (federation, _study) =
+        queried_federation(dir.path(), 12, 1, NodeLink::Outbound { via: None }, 3).await;
     // Something Chonnam records on its own, with no query after it: the
     // coordinator's periodic exchange (every 2 s here) brings its head.
     let local = federation.nodes[0]
