@@ -238,12 +238,21 @@ pub fn model_card(record: &TrainingRecord, manifest: &StudyManifest) -> String {
             manifest.privacy_budget
         ),
     };
+    let validation = match spec.and_then(|s| s.validation) {
+        Some(v) => format!(
+            "External validations of a model you supply are noised at each site: two-sided geometric noise of epsilon {} on each count of its score histogram ({} bins), charged to the study's budget per validation.",
+            v.epsilon,
+            ghx_learn::evaluation::NOISED_SCORE_BINS
+        ),
+        None => "Sites refuse external validation of a model you supply: this training declares no validation.epsilon.".to_owned(),
+    };
     let _ = writeln!(
         out,
         "- Every round went through secure aggregation: the coordinator received only the sum of the participating sites' contributions (sample-weighted models or gradients, moments, score histograms), never one site's. Training rounds carried no loss and no evaluation; the final model's evaluation is the run's one.\n\
          - {noise}\n\
          - Sites left out of a round (down, refused or late): {dropped} over {} rounds.\n\
-         - The evaluation is released pooled only, when the held-out positives and negatives each reach the study's largest cell size, read off score bins of at least that many patients.",
+         - The evaluation is released pooled only, when the held-out positives and negatives each reach the study's largest cell size, read off score bins of at least that many patients.\n\
+         - {validation}",
         record.rounds.len()
     );
     if !record.rounds.is_empty() {
@@ -517,5 +526,13 @@ mod tests {
         let age = logistic.lines().find(|l| l.starts_with("| age |")).unwrap();
         assert_eq!(age.matches('|').count(), 7, "{age}");
         assert!(!mlp.contains("| (intercept) |"));
+        assert!(
+            logistic.contains("noised at each site: two-sided geometric noise of epsilon 0.25"),
+            "{logistic}"
+        );
+        let dp = card(include_str!(
+            "../../deploy/examples/study-t2d-model-dp.json"
+        ));
+        assert!(dp.contains("Sites refuse external validation"), "{dp}");
     }
 }

@@ -486,6 +486,7 @@ impl CoordinatorApi {
         &'a self,
         study: &'a studies::Study,
         spec: &'a ghx_study::training::TrainingSpec,
+        run: Option<&'a str>,
     ) -> Federation<'a> {
         Federation {
             registry: &self.inner.registry,
@@ -496,6 +497,7 @@ impl CoordinatorApi {
             manifest_json: &study.manifest_json,
             spec,
             audit: &self.inner.audit,
+            run,
         }
     }
 
@@ -644,6 +646,7 @@ impl CoordinatorApi {
     /// reported done. A restart resumes from the last round written.
     async fn drive(&self, mut record: TrainingRecord) {
         let mut pipeline = training::Pipeline::default();
+        let run_id = record.run_id.clone();
         // Rounds stored as of the last save (a resumed run's first save
         // stores its rounds again, where a run saved before rounds had rows
         // of their own keeps them).
@@ -662,7 +665,7 @@ impl CoordinatorApi {
                 Ok((study, spec)) => {
                     let before = check.is_some().then(|| record.before_step());
                     let advanced = {
-                        let fed = self.federation(&study, &spec);
+                        let fed = self.federation(&study, &spec, Some(&run_id));
                         training::advance(&fed, &mut record, &mut pipeline).await
                     };
                     running = Some((study, spec));
@@ -757,7 +760,7 @@ impl CoordinatorApi {
         let (study, spec) = self.training_of(caller, study_id, name)?;
         let model = ghx_study::training::ModelDocument::parse_for(model_json, &spec)
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
-        Ok(training::validate(&self.federation(&study, &spec), &model).await?)
+        Ok(training::validate(&self.federation(&study, &spec, None), &model).await?)
     }
 }
 

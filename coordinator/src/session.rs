@@ -181,6 +181,7 @@ pub async fn open(
                 training_json: training_json.clone(),
                 params: Some(wire_params.clone()),
                 phase: Phase::Train.name().to_owned(),
+                run: fed.run.unwrap_or_default().to_owned(),
             };
             async move {
                 let keys = node

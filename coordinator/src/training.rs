@@ -214,6 +214,21 @@ pub struct Evaluation {
     pub per_node: BTreeMap<String, Metrics>,
     pub contributors: Vec<String>,
     pub failures: Vec<NodeFailure>,
+    /// How the nodes noised it (an external validation); none: exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<EvaluationNoise>,
+}
+
+/// The noise of an external validation, as the requester should read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluationNoise {
+    /// Charged at each node that contributed.
+    pub epsilon: f64,
+    /// Bins of predicted probability the nodes counted in.
+    pub bins: usize,
+    /// Standard deviation of the noise on each pooled count (every node
+    /// adds its own).
+    pub pooled_sd: f64,
 }
 
 /// A run's whole state: aggregates only.
@@ -297,6 +312,9 @@ pub struct Federation<'a> {
     pub spec: &'a TrainingSpec,
     /// Where each request sent to a node is recorded.
     pub audit: &'a ghx_db::audit::AuditLog,
+    /// The run its rounds belong to; none for an external validation,
+    /// which nodes noise and charge.
+    pub run: Option<&'a str>,
 }
 
 /// A round's outcome at the coordinator.
@@ -546,6 +564,7 @@ pub async fn agree_keys(
             training_json: training_json.clone(),
             params: Some(wire_params.clone()),
             phase: phase.name().to_owned(),
+            run: fed.run.unwrap_or_default().to_owned(),
         };
         async move {
             let response = node
@@ -1297,10 +1316,18 @@ pub async fn validate(fed: &Federation<'_>, model: &ModelDocument) -> Result<Eva
         fed.spec.name,
         time::OffsetDateTime::now_utc().unix_timestamp_nanos()
     );
-    evaluation(
-        secure_round(fed, &round_id, Phase::Evaluate, Some(model), None).await?,
-        pooled_cell_size(fed),
-    )
+    let round = secure_round(fed, &round_id, Phase::Evaluate, Some(model), None).await?;
+    let noise = fed.spec.validation.map(|v| EvaluationNoise {
+        epsilon: v.epsilon,
+        bins: ghx_learn::evaluation::NOISED_SCORE_BINS,
+        pooled_sd: (round.contributors.len() as f64
+            * ghx_learn::noise::two_sided_geometric_variance(v.epsilon))
+        .sqrt(),
+    });
+    Ok(Evaluation {
+        noise,
+        ..evaluation(round, pooled_cell_size(fed))?
+    })
 }
 
 /// The cell size pooled metrics are released under: the study's largest.
@@ -1315,6 +1342,7 @@ fn evaluation(round: RoundSum, k: u64) -> Result<Evaluation, Error> {
         per_node: round.node_metrics,
         contributors: round.contributors,
         failures: round.failures,
+        noise: None,
     })
 }
 
@@ -1424,6 +1452,7 @@ mod tests {
             per_node: BTreeMap::new(),
             contributors: vec!["a".to_owned()],
             failures: Vec::new(),
+            noise: None,
         });
         record.status = RunStatus::Completed;
         record.undo_step(before);

@@ -17,6 +17,7 @@
 pub mod evaluation;
 pub mod federated;
 pub mod metrics;
+pub mod noise;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};

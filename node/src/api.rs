@@ -165,6 +165,7 @@ fn status(error: &ApiError) -> Status {
         }
         ApiError::Training(
             training::Error::TooFew { .. }
+            | training::Error::ValidationUndeclared(_)
             | training::Error::Participants(
                 crate::participants::Error::TooFew { .. }
                 | crate::participants::Error::NotMember { .. }
@@ -888,6 +889,17 @@ impl NodeApi {
                     )
                 })
                 .map_err(training::Error::from)?;
+            // An evaluation outside a run scores the held-out patients with
+            // a model the requester chose: it is noised, at the epsilon the
+            // training declares for it.
+            let validation = match phase {
+                Phase::Evaluate if message.run.is_empty() => Some(
+                    spec.validation
+                        .ok_or_else(|| training::Error::ValidationUndeclared(spec.name.clone()))?
+                        .epsilon,
+                ),
+                _ => None,
+            };
             // Each evaluation scores the held-out patients with a model
             // someone chose: a study has a limited number of them here.
             if phase == Phase::Evaluate {
@@ -955,6 +967,7 @@ impl NodeApi {
                         min_cell_size: admitted.min_cell_size,
                         claims: admitted.claims,
                         manifest: Arc::new(admitted.manifest),
+                        validation,
                     }),
                     lifetime,
                 },
@@ -1198,6 +1211,7 @@ impl NodeApi {
                     (&work.data, &work.standardised),
                     model_json,
                     work.min_cell_size,
+                    work.validation,
                 )?
             };
             computed_at = Some(std::time::Instant::now());
@@ -1206,8 +1220,8 @@ impl NodeApi {
             // A noised training round is paid for before it is released:
             // the growth of the training's epsilon from the rounds this
             // node already charged for it (over every run) to one more.
-            let budget_note = match (&work.spec.privacy, work.phase) {
-                (Some(privacy), Phase::Train) => {
+            let budget_note = match (&work.spec.privacy, work.phase, work.validation) {
+                (Some(privacy), Phase::Train, _) => {
                     let _charging = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
                     let charged = inner.store.privacy_charges_for(
                         &work.claims.org,
@@ -1228,6 +1242,22 @@ impl NodeApi {
                         charged + 1,
                         privacy.epsilon_after(charged + 1),
                         privacy.delta
+                    ))
+                }
+                // An external validation, under its own digest: the ledger
+                // counts a training's noised rounds by the training's.
+                (_, Phase::Evaluate, Some(epsilon)) => {
+                    let _charging = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
+                    let note = self.charge(
+                        charge_id,
+                        &work.claims,
+                        &work.manifest,
+                        &ghx_audit::digest(model_json),
+                        (epsilon, 0.0),
+                    )?;
+                    entry.epsilon = epsilon;
+                    Some(format!(
+                        "{note}; the validation's counts noised at epsilon {epsilon}"
                     ))
                 }
                 _ => None,

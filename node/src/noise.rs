@@ -13,7 +13,7 @@
 use ghx_study::query::{Analysis, Mechanism, Noise, QuerySpec};
 use ghx_study::result::{Moments, NoiseStatement, RateCounts};
 use rand::Rng;
-use rand_distr::{Distribution, Exp1, Geometric, StandardNormal};
+use rand_distr::{Distribution, Exp1, StandardNormal};
 
 use crate::engine::{Raw, RawCell};
 use crate::release::Candidate;
@@ -42,12 +42,8 @@ impl Calibration {
     /// A noisy count (sensitivity 1), never below zero.
     fn count(&self, n: u64, rng: &mut impl Rng) -> u64 {
         let noise = match self.mechanism {
-            Mechanism::Laplace => {
-                // Two-sided geometric: P(k) ∝ exp(-ε|k|).
-                let p = 1.0 - (-self.epsilon).exp();
-                let g = Geometric::new(p).expect("0 < p < 1");
-                g.sample(rng) as i64 - g.sample(rng) as i64
-            }
+            // Two-sided geometric: P(k) ∝ exp(-ε|k|).
+            Mechanism::Laplace => ghx_learn::noise::two_sided_geometric(self.epsilon, rng),
             Mechanism::Gaussian => {
                 let z: f64 = StandardNormal.sample(rng);
                 (z * self.scale(1.0)).round() as i64

@@ -99,6 +99,11 @@ pub enum Error {
          (max_evaluations_per_study)"
     )]
     Evaluations { study: String, limit: u32 },
+    #[error(
+        "external validation is noised at each node: training `{0}` must declare \
+         validation.epsilon in the study's manifest"
+    )]
+    ValidationUndeclared(String),
 }
 
 /// What one node holds for a training: complete-case rows, split.
@@ -296,6 +301,7 @@ pub fn contribution(
     (data, standardised): (&Extracted, &Standardised),
     model_json: &[u8],
     min_cell_size: u32,
+    validation: Option<f64>,
 ) -> Result<Contribution, Error> {
     check_enough(data, min_cell_size)?;
     if phase == Phase::Moments {
@@ -308,7 +314,15 @@ pub fn contribution(
     let global = model.model();
     if phase == Phase::Evaluate {
         let holdout = standardised.holdout(data, &model);
-        let sums = EvaluationSums::of(&global, &holdout);
+        let mut sums = EvaluationSums::of(&global, &holdout);
+        // An external validation's model is the requester's to choose:
+        // each count noised here (sensitivity 1), before masking.
+        if let Some(epsilon) = validation {
+            let mut rng = os_seeded()?;
+            sums = sums.noised(ghx_learn::evaluation::NOISED_SCORE_BINS, || {
+                ghx_learn::noise::two_sided_geometric(epsilon, &mut rng) as f64
+            });
+        }
         // No metrics of this node's own beside the sum: the pooled figures
         // less the other nodes' would be this node's, in bins the pooled
         // merge made for more patients than it holds (a crafted model can
@@ -326,10 +340,7 @@ pub fn contribution(
     // One generator per round, seeded from the operating system: a
     // cryptographic generator (ChaCha12) for the noise, and no system call
     // per shuffled row, which drawing from the OS directly cost.
-    let mut rng = {
-        use rand::SeedableRng;
-        rand::rngs::StdRng::from_rng(rand::rngs::OsRng).map_err(|e| Error::Random(e.to_string()))?
-    };
+    let mut rng = os_seeded()?;
     let values = match &spec.privacy {
         // Clipped, noised gradients; the node charges the round before
         // releasing it.
@@ -389,6 +400,16 @@ pub struct RoundWork {
     pub min_cell_size: u32,
     pub claims: ghx_study::capability::Claims,
     pub manifest: Arc<ghx_study::manifest::StudyManifest>,
+    /// An external validation (an evaluation outside a run): the epsilon
+    /// its counts are noised at and charged.
+    pub validation: Option<f64>,
+}
+
+/// A generator seeded from the operating system: a cryptographic one
+/// (ChaCha12), with no system call per draw.
+fn os_seeded() -> Result<rand::rngs::StdRng, Error> {
+    use rand::SeedableRng;
+    rand::rngs::StdRng::from_rng(rand::rngs::OsRng).map_err(|e| Error::Random(e.to_string()))
 }
 
 /// What a round was admitted under at step 1, for the steps after it.
@@ -747,6 +768,7 @@ mod tests {
             (&data, &Standardised::default()),
             b"",
             10,
+            None,
         )
         .err()
         .unwrap()
@@ -763,10 +785,81 @@ mod tests {
             (&data, &Standardised::default()),
             b"",
             3,
+            None,
         )
         .unwrap();
         assert_eq!(ok.values.len(), Phase::Moments.len(5, 6));
         assert_eq!(ok.values[0], 30.0);
+    }
+
+    #[test]
+    fn a_validation_is_noised_here_before_it_leaves() {
+        let manifest = ghx_study::manifest::StudyManifest::parse(include_bytes!(
+            "../../deploy/examples/study-t2d-model.json"
+        ))
+        .unwrap();
+        let spec = &manifest.trainings[0];
+        let mut data = Extracted {
+            train: Dataset::new(5),
+            holdout: Dataset::new(5),
+            incomplete: 0,
+        };
+        for i in 0..400 {
+            let x = f64::from(i) / 40.0 - 5.0;
+            data.train
+                .push(&[x, 0.0, 1.0, 1.0, 1.0], i % 3 == 0)
+                .unwrap();
+            data.holdout
+                .push(&[x, 1.0, 1.0, 1.0, 1.0], i % 4 == 0)
+                .unwrap();
+        }
+        let mut weights = vec![0.0; 5];
+        weights[0] = 1.0;
+        let model = ModelDocument::new(
+            spec,
+            &[0.0; 5],
+            &[1.0; 5],
+            &ghx_learn::Model {
+                hidden: None,
+                weights,
+                bias: 0.0,
+            },
+        );
+        let json = serde_json::to_vec(&model).unwrap();
+        let run = |validation| {
+            contribution(
+                Phase::Evaluate,
+                spec,
+                (&data, &Standardised::default()),
+                &json,
+                10,
+                validation,
+            )
+            .unwrap()
+            .values
+        };
+        let exact = EvaluationSums::from_vec(&run(None)).unwrap();
+        let noised = EvaluationSums::from_vec(&run(Some(0.25))).unwrap();
+        // The exact counts in twentieths of score, against the noised ones.
+        let coarse = exact.noised(ghx_learn::evaluation::NOISED_SCORE_BINS, || 0.0);
+        let cells = |s: &EvaluationSums| {
+            s.positive_scores
+                .iter()
+                .chain(&s.negative_scores)
+                .copied()
+                .collect::<Vec<f64>>()
+        };
+        let (truth, seen) = (cells(&coarse), cells(&noised));
+        let differ = truth.iter().zip(&seen).filter(|(a, b)| a != b).count();
+        // sd 5.6 per count: P(unchanged) = (1 - a) / (1 + a) = 0.12.
+        assert!(differ >= 30, "{differ} of 40 counts noised");
+        let zero = (0..seen.len()).filter(|i| i % 5 != 4);
+        assert!(zero.clone().all(|i| seen[i] == 0.0 && truth[i] == 0.0));
+        assert_eq!(noised.rows, seen.iter().sum::<f64>());
+        assert_eq!(noised.positives, noised.positive_scores.iter().sum::<f64>());
+        // A run's evaluation is exact: the histogram at full resolution.
+        assert_eq!(exact.rows, 400.0);
+        assert_eq!(exact.positives, 100.0);
     }
 
     fn example_work() -> Arc<RoundWork> {
@@ -792,6 +885,7 @@ mod tests {
                 time::Duration::minutes(5),
             ),
             manifest: Arc::new(manifest),
+            validation: None,
         })
     }
 

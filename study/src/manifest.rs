@@ -254,19 +254,41 @@ impl StudyManifest {
             // A noised training must be affordable in full: its rounds are
             // charged one by one at each node, and one refused halfway
             // leaves a half-trained model.
-            if let Some(privacy) = &t.privacy {
-                let epsilon = privacy.epsilon_after(u64::from(t.rounds));
-                // The nodes' ledgers allow the same rounding slack.
-                if epsilon > self.privacy_budget + 1e-9 || privacy.delta > self.privacy_delta {
-                    return Err(invalid(
-                        &format!("trainings[{i}].privacy"),
-                        format!(
-                            "{} rounds cost epsilon {epsilon:.3} at delta {:e}; the study's \
-                             budget is epsilon {} and delta {:e}",
-                            t.rounds, privacy.delta, self.privacy_budget, self.privacy_delta
-                        ),
-                    ));
+            let training_epsilon = match &t.privacy {
+                Some(privacy) => {
+                    let epsilon = privacy.epsilon_after(u64::from(t.rounds));
+                    // The nodes' ledgers allow the same rounding slack.
+                    if epsilon > self.privacy_budget + 1e-9 || privacy.delta > self.privacy_delta {
+                        return Err(invalid(
+                            &format!("trainings[{i}].privacy"),
+                            format!(
+                                "{} rounds cost epsilon {epsilon:.3} at delta {:e}; the study's \
+                                 budget is epsilon {} and delta {:e}",
+                                t.rounds, privacy.delta, self.privacy_budget, self.privacy_delta
+                            ),
+                        ));
+                    }
+                    epsilon
                 }
+                None => 0.0,
+            };
+            // At least one validation after a whole run must be affordable.
+            if let Some(validation) = &t.validation
+                && training_epsilon + validation.epsilon > self.privacy_budget + 1e-9
+            {
+                return Err(invalid(
+                    &format!("trainings[{i}].validation"),
+                    format!(
+                        "a validation costs epsilon {}{}; the study's budget is epsilon {}",
+                        validation.epsilon,
+                        if training_epsilon > 0.0 {
+                            format!(" after the training's {training_epsilon:.3}")
+                        } else {
+                            String::new()
+                        },
+                        self.privacy_budget
+                    ),
+                ));
             }
         }
         Ok(())

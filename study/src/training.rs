@@ -202,6 +202,36 @@ impl TrainingPrivacy {
     }
 }
 
+/// Most epsilon one external validation may spend.
+pub const MAX_VALIDATION_EPSILON: f64 = 10.0;
+
+/// How an evaluation outside a run (external validation of a model the
+/// requester supplies) is noised: each node adds two-sided geometric noise
+/// of `epsilon` to each count of its score histogram (positives and
+/// negatives per [`ghx_learn::evaluation::NOISED_SCORE_BINS`] bins; one
+/// held-out patient moves one count by one) before masking, and charges
+/// `epsilon` to the study's privacy budget. Without it, nodes refuse
+/// external validation: a model the requester chose can single out one
+/// held-out patient.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationNoise {
+    /// Charged per validation at each node.
+    pub epsilon: f64,
+}
+
+impl ValidationNoise {
+    fn validate(&self) -> Result<(), Error> {
+        if !(self.epsilon > 0.0 && self.epsilon <= MAX_VALIDATION_EPSILON) {
+            return Err(invalid(
+                "validation.epsilon",
+                format!("must be above 0 and at most {MAX_VALIDATION_EPSILON}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One approved training of a study.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -232,6 +262,9 @@ pub struct TrainingSpec {
     /// study's privacy budget at each node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<TrainingPrivacy>,
+    /// Noise of external validations; none: nodes refuse them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationNoise>,
 }
 
 impl TrainingSpec {
@@ -324,6 +357,9 @@ impl TrainingSpec {
                      use fedavg with epochs 1",
                 ));
             }
+        }
+        if let Some(validation) = &self.validation {
+            validation.validate()?;
         }
         for (feature, q) in self.feature_queries() {
             QuerySpec::parse(&q.canonical_json()).map_err(|source| Error::Feature {
@@ -635,6 +671,7 @@ mod tests {
     #[test]
     fn noised_trainings_are_checked_and_must_fit_the_study_budget() {
         let mut t = training();
+        t.validation = None;
         t.privacy = Some(TrainingPrivacy {
             clip: 1.0,
             noise_multiplier: 2.0,
@@ -670,6 +707,55 @@ mod tests {
         assert!(err.contains(&format!("cost epsilon {cost:.3}")), "{err}");
         m["privacy_budget"] = cost.into();
         crate::manifest::StudyManifest::parse(&serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn validations_are_noised_at_a_declared_epsilon_the_budget_affords() {
+        let mut t = training();
+        for bad in [0.0, -1.0, 10.5, f64::NAN] {
+            t.validation = Some(ValidationNoise { epsilon: bad });
+            let e = t.validate().unwrap_err().to_string();
+            assert!(e.contains("validation.epsilon"), "{e}");
+        }
+        t.validation = Some(ValidationNoise { epsilon: 0.25 });
+        t.validate().unwrap();
+        // In a manifest, one validation after the whole training must fit.
+        let mut m: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        m["trainings"][0] = serde_json::to_value(&t).unwrap();
+        m["privacy_budget"] = 0.2.into();
+        let err = crate::manifest::StudyManifest::parse(&serde_json::to_vec(&m).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "manifest `trainings[0].validation`: a validation costs epsilon 0.25; the study's budget is epsilon 0.2"
+        );
+        t.privacy = Some(TrainingPrivacy {
+            clip: 1.0,
+            noise_multiplier: 60.0,
+            delta: 1e-6,
+        });
+        m["trainings"][0] = serde_json::to_value(&t).unwrap();
+        m["privacy_delta"] = 1e-5.into();
+        let cost = t.privacy.unwrap().epsilon_after(u64::from(t.rounds));
+        m["privacy_budget"] = (cost + 0.2).into();
+        let err = crate::manifest::StudyManifest::parse(&serde_json::to_vec(&m).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("after the training's {cost:.3}")),
+            "{err}"
+        );
+        m["privacy_budget"] = (cost + 0.25).into();
+        crate::manifest::StudyManifest::parse(&serde_json::to_vec(&m).unwrap()).unwrap();
+        // Undeclared, the field is absent, so older digests hold.
+        let mut plain = training();
+        plain.validation = None;
+        assert!(
+            !String::from_utf8(plain.canonical_json())
+                .unwrap()
+                .contains("validation")
+        );
     }
 
     #[test]

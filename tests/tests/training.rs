@@ -323,11 +323,38 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
         assert_eq!(got, sent, "{}", node.profile.id);
     }
 
-    // External validation of the model as a requester would upload it.
+    // External validation of the model as a requester would upload it:
+    // every node noises its counts at the epsilon the training declares
+    // and charges it to the study's budget (issue 38 (3)).
+    let declared = spec.validation.unwrap().epsilon;
     let validation = validate(&federation, &study_id, &spec.name, &model)
         .await
         .unwrap();
-    assert_eq!(validation.pooled, evaluation.pooled);
+    let noise = validation
+        .noise
+        .clone()
+        .expect("a validation states its noise");
+    assert_eq!((noise.epsilon, noise.bins), (declared, 20));
+    assert!(noise.pooled_sd > 1.0, "{noise:?}");
+    let noisy_auc = validation.pooled.as_ref().unwrap().auc.unwrap();
+    assert!(
+        (noisy_auc - reported).abs() < 0.2,
+        "validation AUC {noisy_auc} vs the run's {reported}"
+    );
+    assert!(evaluation.noise.is_none());
+    let org = "Chonnam National University Medical School";
+    let spent = |expected: f64| {
+        for node in &federation.nodes {
+            let spent = node.store.privacy_spent(org, &study_id).unwrap();
+            assert!(
+                (spent.epsilon - expected).abs() < 1e-9,
+                "{}: spent {} of {expected}",
+                node.profile.id,
+                spent.epsilon
+            );
+        }
+    };
+    spent(declared);
     let mut wrong = model.clone();
     wrong.weights.pop();
     let bad = validate(&federation, &study_id, &spec.name, &wrong)
@@ -341,10 +368,10 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     );
 
     // Issue 38 (3): a model crafted so that one held-out patient alone
-    // scores in the top calibration bin, whose observed sum would be that
-    // patient's label. Every bin released holds at least k patients (the
-    // lone one among them), and no bin is left out (its count and label
-    // would be the totals less the others').
+    // scores in the top bin, whose positives would be that patient's
+    // label. Every count it is read from was noised at each node (the
+    // node's own test shows the noise), and every bin released holds at
+    // least k noisy patients, in whole twentieths of score.
     let (feature, top, second) = (0..dim)
         .find_map(|j| {
             let mut values: Vec<f64> = parts
@@ -380,17 +407,28 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     let pooled = seen
         .pooled
         .expect("both classes pooled reach the cell size");
-    let mut released = vec![("pooled".to_owned(), pooled)];
-    released.extend(seen.per_node.clone());
-    for (who, m) in &released {
-        let bins = &m.calibration;
-        assert_eq!(bins.iter().map(|b| b.count).sum::<u64>(), m.rows, "{who}");
-        assert!(bins.iter().all(|b| b.count >= k), "{who}: {bins:?}");
-        // The patient alone above 0.9 shares a bin with k - 1 others at
-        // least.
-        let top = bins.last().unwrap();
-        assert!(top.count >= k && top.lower < 0.9, "{who}: {top:?}");
+    assert!(seen.per_node.is_empty());
+    let bins = &pooled.calibration;
+    assert_eq!(bins.iter().map(|b| b.count).sum::<u64>(), pooled.rows);
+    assert!(bins.iter().all(|b| b.count >= k), "{bins:?}");
+    for edge in bins.iter().flat_map(|b| [b.lower, b.upper]) {
+        assert!(
+            ((edge * 20.0) - (edge * 20.0).round()).abs() < 1e-9,
+            "{bins:?}"
+        );
     }
+    spent(2.0 * declared);
+    // The budget holds two validations: a third is refused at every node,
+    // saying why, and nothing more is charged.
+    let refused = validate(&federation, &study_id, &spec.name, &crafted)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().contains("privacy budget"),
+        "{}",
+        refused.message()
+    );
+    spent(2.0 * declared);
 
     // A coordinator that stopped after round 3 resumes from there.
     let store = CoordinatorStore::open(
@@ -528,10 +566,17 @@ async fn a_federated_mlp_trains_evaluates_and_validates_like_one_trained_on_pool
 
     // External validation takes the MLP document back; a malformed hidden
     // layer is refused with the field named.
+    // Noised at each node (epsilon 0.5 in this example): near the run's
+    // own exact evaluation.
     let validation = validate(&federation, &study_id, &spec.name, &model)
         .await
         .unwrap();
-    assert_eq!(validation.pooled, record.evaluation.unwrap().pooled);
+    assert_eq!(validation.noise.as_ref().unwrap().epsilon, 0.5);
+    let noisy_auc = validation.pooled.unwrap().auc.unwrap();
+    assert!(
+        (noisy_auc - reported).abs() < 0.2,
+        "validation AUC {noisy_auc} vs the run's {reported}"
+    );
     let mut ragged = model.clone();
     ragged.hidden.as_mut().unwrap().weights[0].pop();
     let bad = validate(&federation, &study_id, &spec.name, &ragged)
@@ -848,6 +893,25 @@ async fn noised_training_is_charged_round_by_round_and_stops_when_the_budget_is_
         let spent = node.store.privacy_spent(org, &record.study_id).unwrap();
         assert!((spent.epsilon - privacy.epsilon_after(rounds + 2)).abs() < 1e-9);
     }
+    // This training declares no validation noise: the nodes refuse to
+    // evaluate a model the requester supplies.
+    let spec: TrainingSpec = serde_json::from_value(manifest["trainings"][0].clone()).unwrap();
+    let crafted = ModelDocument::new(
+        &spec,
+        &vec![0.0; spec.features.len()],
+        &vec![1.0; spec.features.len()],
+        &Model::zeros(spec.features.len()),
+    );
+    let refused = validate(&federation, &record.study_id, &spec.name, &crafted)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .message()
+            .contains("must declare validation.epsilon in the study's manifest"),
+        "{}",
+        refused.message()
+    );
     federation.shutdown().await;
 }
 
@@ -972,6 +1036,7 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
                         as u32,
                 }),
                 phase: "moments".to_owned(),
+                run: String::new(),
             })
             .await
             .unwrap()
@@ -1046,6 +1111,7 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
                 .len(spec.features.len(), spec.param_count()) as u32,
         }),
         phase: phase.to_owned(),
+        run: "run-attack".to_owned(),
     };
     let err = clients[0]
         .session_open(open("moments", "attack/other"))
@@ -1309,6 +1375,7 @@ impl<'a> Compromised<'a> {
                 dim: phase.len(spec.features.len(), spec.param_count()) as u32,
             }),
             phase: phase.name().to_owned(),
+            run: String::new(),
         }
     }
 

@@ -129,6 +129,10 @@ pub struct RoundAdvertiseRequest {
     /// "moments", "train" or "evaluate".
     #[prost(string, tag = "5")]
     pub phase: ::prost::alloc::string::String,
+    /// The training run the round belongs to; empty for an evaluation
+    /// outside a run (external validation), which nodes noise and charge.
+    #[prost(string, tag = "7")]
+    pub run: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AdvertisedKeys {
