@@ -90,8 +90,6 @@ pub enum Error {
     Capability(#[from] capability::Error),
     #[error("no nodes are registered")]
     NoNodes,
-    #[error("the operating system's random source failed: {0}")]
-    Random(String),
     #[error("the training's initial model: {0}")]
     InitialModel(#[from] ghx_study::training::Error),
     #[error("the audit log could not record the round: {0}")]
@@ -1220,12 +1218,9 @@ pub async fn advance(
             )
             .await?;
             let standardiser = Standardiser::from_sums(&round.sum)?;
-            let mut rng = {
-                use rand::SeedableRng;
-                rand::rngs::StdRng::from_rng(rand::rngs::OsRng)
-                    .map_err(|e| Error::Random(e.to_string()))?
-            };
-            let initial = spec.initial_model(&mut rng)?;
+            // The start the training declares, not one the coordinator
+            // draws: anyone holding the training can recompute it.
+            let initial = spec.declared_initial_model()?;
             record.moments_rows = round.sum[0].round().max(0.0) as u64;
             record.model = Some(ModelDocument::new(
                 spec,

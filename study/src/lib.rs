@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capability;
+pub mod lineage;
 pub mod manifest;
 pub mod purpose;
 pub mod query;

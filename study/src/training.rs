@@ -265,6 +265,11 @@ pub struct TrainingSpec {
     /// Noise of external validations; none: nodes refuse them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<ValidationNoise>,
+    /// Seed of an MLP's starting weights
+    /// ([`TrainingSpec::declared_initial_model`]); none: derived from the
+    /// training itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_seed: Option<u64>,
 }
 
 impl TrainingSpec {
@@ -441,6 +446,26 @@ impl TrainingSpec {
             ModelKind::Mlp => self.hidden_units.unwrap_or(0) as usize,
         };
         ghx_learn::param_count(self.features.len(), units)
+    }
+
+    /// The model every run of this training starts from, the same wherever
+    /// it is computed: [`Self::initial_model`] drawn from ChaCha20 seeded
+    /// with SHA-256 of a tag and `init_seed`, or when none is declared the
+    /// first 8 bytes of SHA-256 of the training's canonical JSON. A run's
+    /// id plays no part, so no one can pick a start by choosing run ids;
+    /// nodes that know the training know the start.
+    pub fn declared_initial_model(&self) -> Result<Model, Error> {
+        use rand::SeedableRng;
+        use sha2::{Digest, Sha256};
+        let seed = self.init_seed.unwrap_or_else(|| {
+            let digest = Sha256::digest(self.canonical_json());
+            u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+        });
+        let mut tagged = Sha256::new();
+        tagged.update(b"ghx-init/v1");
+        tagged.update(seed.to_be_bytes());
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed(tagged.finalize().into());
+        self.initial_model(&mut rng)
     }
 
     /// The model training starts from: logistic regression at zero, or an
@@ -756,6 +781,43 @@ mod tests {
                 .unwrap()
                 .contains("validation")
         );
+    }
+
+    #[test]
+    fn the_declared_start_is_the_same_everywhere_and_moves_with_the_seed() {
+        let m = crate::manifest::StudyManifest::parse(include_bytes!(
+            "../../deploy/examples/study-t2d-mlp.json"
+        ))
+        .unwrap();
+        let mut t = m.trainings[0].clone();
+        let start = t.declared_initial_model().unwrap();
+        assert_eq!(start, t.declared_initial_model().unwrap());
+        assert!(
+            start
+                .hidden
+                .as_ref()
+                .unwrap()
+                .weights
+                .iter()
+                .any(|w| *w != 0.0)
+        );
+        // Fixed across builds of this version (rand 0.8's uniform sampler
+        // over ChaCha20): the first hidden weight of the example.
+        let first = start.hidden.as_ref().unwrap().weights[0];
+        expect_test::expect!["0.3265487271604455"].assert_eq(&first.to_string());
+        // Any change to the training moves it (its digest seeds it), and a
+        // declared seed replaces the digest.
+        t.rounds += 1;
+        assert_ne!(t.declared_initial_model().unwrap(), start);
+        t.init_seed = Some(7);
+        let seeded = t.declared_initial_model().unwrap();
+        t.rounds -= 1;
+        assert_eq!(t.declared_initial_model().unwrap(), seeded);
+        t.init_seed = Some(8);
+        assert_ne!(t.declared_initial_model().unwrap(), seeded);
+        // Logistic regression starts at zero whatever the seed.
+        let logistic = training().declared_initial_model().unwrap();
+        assert_eq!(logistic, Model::zeros(5));
     }
 
     #[test]

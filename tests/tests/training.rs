@@ -531,8 +531,9 @@ async fn a_federated_mlp_trains_evaluates_and_validates_like_one_trained_on_pool
     };
     standardiser.apply(&mut train);
     standardiser.apply(&mut holdout);
+    // From the start the training declares, as the federation's run did.
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-    let mut central = spec.initial_model(&mut rng).unwrap();
+    let mut central = spec.declared_initial_model().unwrap();
     let config = training::train_config(&spec);
     for _ in 0..spec.rounds {
         central = central.train(&train, &config, &mut rng).unwrap();
