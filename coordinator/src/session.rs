@@ -284,6 +284,8 @@ pub async fn round(
             session: session.id.clone(),
             round: number,
             model_json: model_json.clone(),
+            // No lineage yet (learn/LINEAGE.md part B).
+            previous: None,
         };
         let slot = session.links.get(&node.id);
         async move {

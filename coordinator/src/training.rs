@@ -731,6 +731,8 @@ pub async fn complete_round(
             round: round_id.to_owned(),
             shares: for_node.get(&node.id).cloned().unwrap_or_default(),
             model_json: model_json.clone(),
+            // No lineage yet (learn/LINEAGE.md part B).
+            previous: None,
         };
         async move {
             let sent = started.elapsed().as_secs_f64();

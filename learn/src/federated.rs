@@ -64,6 +64,24 @@ impl Phase {
     }
 }
 
+/// Length of every round of a run's session when the moments are its
+/// round 0 (`learn/LINEAGE.md` 2.2): the longer of the moments and the
+/// training vectors, so one session's masks serve both.
+pub fn session_len(dim: usize, params: usize) -> usize {
+    Phase::Moments
+        .len(dim, params)
+        .max(Phase::Train.len(dim, params))
+}
+
+/// `values` padded with zeros to `len` (a phase's vector in a session of
+/// [`session_len`]); a phase's sum is read back from its first
+/// [`Phase::len`] values.
+pub fn padded(values: &[f64], len: usize) -> Vec<f64> {
+    let mut out = values.to_vec();
+    out.resize(len.max(values.len()), 0.0);
+    out
+}
+
 /// What a node sends in a moments round.
 pub fn moments_contribution(train: &Dataset) -> Vec<f64> {
     Standardiser::local_sums(train)
@@ -169,6 +187,19 @@ fn checked_training_sum(sum: &[f64], params: usize) -> Result<&[f64], Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_fits_both_phases_and_padding_reads_back() {
+        // Logistic over 5 features: moments 11 values, training 7.
+        assert_eq!(session_len(5, 6), 11);
+        // An 8-unit MLP: training 58 values, moments 11.
+        assert_eq!(session_len(5, 57), 58);
+        let moments = vec![1.0; Phase::Moments.len(5, 57)];
+        let padded = padded(&moments, session_len(5, 57));
+        assert_eq!(padded.len(), 58);
+        assert_eq!(&padded[..11], moments.as_slice());
+        assert!(padded[11..].iter().all(|v| *v == 0.0));
+    }
     use crate::evaluation::tests::data;
 
     #[test]

@@ -3,6 +3,7 @@
 //! else from a peer is an error that says which field was wrong.
 
 use ghx_secagg::{Advertise, EncryptedShare, MaskedInput, RoundParams, SessionKeys, Unmasking};
+use ghx_study::lineage::{Evidence, SignedInput};
 
 use crate::v1 as pb;
 
@@ -118,6 +119,46 @@ pub fn unmasking_from_wire(u: pb::RoundUnmaskResponse) -> Unmasking {
     }
 }
 
+pub fn evidence_to_wire(e: &Evidence) -> pb::LineageEvidence {
+    pb::LineageEvidence {
+        session: e.session.clone(),
+        round: e.round,
+        members: e.members.clone(),
+        keys_sha256: e.keys_sha256.to_vec(),
+        parent: e.parent.to_vec(),
+        inputs: e
+            .inputs
+            .iter()
+            .map(|i| pb::LineageInput {
+                node: i.node.clone(),
+                values: i.values.clone(),
+                signature: i.signature.clone(),
+                certificate_pem: i.certificate_pem.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub fn evidence_from_wire(e: pb::LineageEvidence) -> Result<Evidence, String> {
+    Ok(Evidence {
+        keys_sha256: key("lineage keys_sha256", &e.keys_sha256)?,
+        parent: key("lineage parent", &e.parent)?,
+        session: e.session,
+        round: e.round,
+        members: e.members,
+        inputs: e
+            .inputs
+            .into_iter()
+            .map(|i| SignedInput {
+                node: i.node,
+                values: i.values,
+                signature: i.signature,
+                certificate_pem: i.certificate_pem,
+            })
+            .collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +183,28 @@ mod tests {
         let mut bad = params_to_wire(&params);
         bad.threshold = 1;
         assert!(params_from_wire(bad).is_err());
+        let evidence = Evidence {
+            session: "s".to_owned(),
+            round: 2,
+            members: vec!["a".to_owned(), "b".to_owned()],
+            keys_sha256: [4; 32],
+            parent: [5; 32],
+            inputs: vec![SignedInput {
+                node: "a".to_owned(),
+                values: vec![u64::MAX, 1],
+                signature: vec![6; 64],
+                certificate_pem: "pem".to_owned(),
+            }],
+        };
+        assert_eq!(
+            evidence_from_wire(evidence_to_wire(&evidence)).unwrap(),
+            evidence
+        );
+        let mut wire = evidence_to_wire(&evidence);
+        wire.parent.truncate(3);
+        assert_eq!(
+            evidence_from_wire(wire).unwrap_err(),
+            "lineage parent has 3 bytes; expected 32"
+        );
     }
 }

@@ -1163,6 +1163,7 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         session: session.clone(),
         round,
         model_json: serde_json::to_vec(&model).unwrap(),
+        previous: None,
     };
     let mut masked = Vec::new();
     for client in &mut clients {
@@ -1419,6 +1420,7 @@ impl<'a> Compromised<'a> {
                     round: round.to_owned(),
                     shares: mine,
                     model_json: Vec::new(),
+                    previous: None,
                 })
                 .await
                 .unwrap();

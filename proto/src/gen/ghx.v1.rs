@@ -191,6 +191,11 @@ pub struct RoundMaskedInputRequest {
     /// receiving it.
     #[prost(bytes = "vec", tag = "3")]
     pub model_json: ::prost::alloc::vec::Vec<u8>,
+    /// A run's evaluation: the evidence of the run's last round, from which
+    /// the node computes the model it evaluates (learn/LINEAGE.md; not yet
+    /// read).
+    #[prost(message, optional, tag = "4")]
+    pub previous: ::core::option::Option<LineageEvidence>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RoundMaskedInputResponse {
@@ -213,6 +218,43 @@ pub struct RoundMaskedInputResponse {
     pub local_started_micros: u64,
     #[prost(uint64, tag = "6")]
     pub handled_micros: u64,
+    /// In a run: the node's signature over its lineage input statement
+    /// (ghx_study::lineage::InputStatement) and the head it computed from
+    /// (not yet sent).
+    #[prost(bytes = "vec", tag = "7")]
+    pub lineage_signature: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "8")]
+    pub lineage_parent: ::prost::alloc::vec::Vec<u8>,
+}
+/// One member's signed masked input of a run's round.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LineageInput {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(fixed64, repeated, tag = "2")]
+    pub values: ::prost::alloc::vec::Vec<u64>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+    /// The certificate the member sent when the session opened.
+    #[prost(string, tag = "4")]
+    pub certificate_pem: ::prost::alloc::string::String,
+}
+/// Every member's signed masked input of a run's round: from it each node
+/// recomputes the round's sum and the model that follows.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LineageEvidence {
+    #[prost(string, tag = "1")]
+    pub session: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub round: u32,
+    #[prost(string, repeated, tag = "3")]
+    pub members: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub keys_sha256: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub parent: ::prost::alloc::vec::Vec<u8>,
+    #[prost(message, repeated, tag = "6")]
+    pub inputs: ::prost::alloc::vec::Vec<LineageInput>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RoundUnmaskRequest {
@@ -266,7 +308,7 @@ pub struct SessionAgreeRequest {
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SessionAgreeResponse {}
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SessionInputRequest {
     #[prost(string, tag = "1")]
     pub session: ::prost::alloc::string::String,
@@ -276,6 +318,10 @@ pub struct SessionInputRequest {
     /// The global model (a ghx.model/v1 document) the round starts from.
     #[prost(bytes = "vec", tag = "3")]
     pub model_json: ::prost::alloc::vec::Vec<u8>,
+    /// The evidence of round n-1, from which the node computes the model
+    /// itself (learn/LINEAGE.md; not yet read).
+    #[prost(message, optional, tag = "4")]
+    pub previous: ::core::option::Option<LineageEvidence>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HealthRequest {}
