@@ -74,6 +74,7 @@ suite!(
     privacy_budget_charges_refuse_overspending,
     view_variables_match_native_variables_and_rebuild_after_import,
     the_cohort_index_follows_imports,
+    a_runs_lineage_starts_once_and_advances_compare_and_set,
 );
 
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
@@ -1267,5 +1268,66 @@ fn view_variables_match_native_variables_and_rebuild_after_import(f: Fixture) {
         err.to_string()
             .contains("may read Patient or Observation only, not Condition"),
         "{err}"
+    );
+}
+
+fn a_runs_lineage_starts_once_and_advances_compare_and_set(f: Fixture) {
+    use ghx_node::store::{LineageStep, RunKey};
+    let run = RunKey {
+        study_id: "study-0001",
+        training_sha256: "ab",
+        run_id: "run-0001",
+    };
+    let step = |round: i32, head: &str| LineageStep {
+        round,
+        head: head.to_owned(),
+        model_json: if round < 0 {
+            String::new()
+        } else {
+            format!("{{\"round\":{round}}}")
+        },
+    };
+    assert_eq!(f.store.lineage(run).unwrap(), None);
+    assert!(f.store.start_lineage(run, &step(-1, "g")).unwrap());
+    // A second start finds it started and changes nothing.
+    assert!(!f.store.start_lineage(run, &step(-1, "other")).unwrap());
+    let at = f.store.lineage(run).unwrap().unwrap();
+    assert_eq!((at.current, at.previous), (step(-1, "g"), None));
+    assert!(
+        f.store
+            .advance_lineage(run, &step(-1, "g"), &step(0, "h0"))
+            .unwrap()
+    );
+    // A request that read genesis too loses the race.
+    assert!(
+        !f.store
+            .advance_lineage(run, &step(-1, "g"), &step(0, "x"))
+            .unwrap()
+    );
+    // So does one that names the right round but another head.
+    assert!(
+        !f.store
+            .advance_lineage(run, &step(0, "x"), &step(1, "y"))
+            .unwrap()
+    );
+    assert!(
+        f.store
+            .advance_lineage(run, &step(0, "h0"), &step(1, "h1"))
+            .unwrap()
+    );
+    let at = f.store.lineage(run).unwrap().unwrap();
+    assert_eq!(at.current, step(1, "h1"));
+    assert_eq!(at.previous, Some(step(0, "h0")));
+    // Another run of the training starts on its own; both are counted.
+    let second = RunKey {
+        run_id: "run-0002",
+        ..run
+    };
+    assert!(f.store.start_lineage(second, &step(-1, "g2")).unwrap());
+    assert_eq!(f.store.count_lineages("study-0001", "ab").unwrap(), 2);
+    assert_eq!(f.store.count_lineages("study-0001", "cd").unwrap(), 0);
+    assert_eq!(
+        f.store.lineage(run).unwrap().unwrap().current,
+        step(1, "h1")
     );
 }

@@ -8,9 +8,11 @@
 //! suite runs on both. Migrations are embedded in the binary and applied when
 //! the store opens.
 
+mod lineage;
 mod released;
 pub(crate) mod schema;
 
+pub use lineage::{Lineage, LineageStep, RunKey};
 pub use released::NewReleasedCell;
 
 use std::collections::{BTreeMap, HashMap};

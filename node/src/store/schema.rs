@@ -244,3 +244,18 @@ diesel::table! {
         parts_sha256 -> Text,
     }
 }
+
+diesel::table! {
+    training_lineage (study_id, training_sha256, run_id) {
+        study_id -> Text,
+        training_sha256 -> Text,
+        run_id -> Text,
+        round -> Integer,
+        head -> Text,
+        model_json -> Text,
+        previous_round -> Nullable<Integer>,
+        previous_head -> Nullable<Text>,
+        previous_model_json -> Nullable<Text>,
+        updated_at -> Text,
+    }
+}
