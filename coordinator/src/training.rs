@@ -39,12 +39,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-use ghx_learn::Standardiser;
-use ghx_learn::federated::{self, EvaluationSums, Metrics, Phase};
+use ghx_learn::federated::{EvaluationSums, Metrics, Phase};
 use ghx_proto::round;
 use ghx_proto::v1 as pb;
 use ghx_secagg::{Aggregator, RoundParams};
 use ghx_study::capability::{self, Signer};
+use ghx_study::lineage;
 use ghx_study::manifest::StudyManifest;
 use ghx_study::result::NodeFailure;
 use ghx_study::training::{ModelDocument, TrainingSpec};
@@ -90,6 +90,8 @@ pub enum Error {
     Capability(#[from] capability::Error),
     #[error("no nodes are registered")]
     NoNodes,
+    #[error(transparent)]
+    Lineage(#[from] ghx_study::lineage::Error),
     #[error("the training's initial model: {0}")]
     InitialModel(#[from] ghx_study::training::Error),
     #[error("the audit log could not record the round: {0}")]
@@ -1219,17 +1221,11 @@ pub async fn advance(
                 ahead,
             )
             .await?;
-            let standardiser = Standardiser::from_sums(&round.sum)?;
-            // The start the training declares, not one the coordinator
-            // draws: anyone holding the training can recompute it.
-            let initial = spec.declared_initial_model()?;
-            record.moments_rows = round.sum[0].round().max(0.0) as u64;
-            record.model = Some(ModelDocument::new(
-                spec,
-                &standardiser.mean,
-                &standardiser.sd,
-                &initial,
-            ));
+            // The standardisation, and the start the training declares
+            // (not one the coordinator draws), read as nodes read them.
+            let start = lineage::model_after(spec, None, &round.sum)?;
+            record.moments_rows = start.rows.round().max(0.0) as u64;
+            record.model = Some(start.model);
         }
         Some(model) if rounds_done < rounds_total => {
             let number = rounds_done + 1;
@@ -1244,28 +1240,13 @@ pub async fn advance(
             )
             .await?;
             let updating = Instant::now();
-            let global = model.model();
-            let totals = match &spec.privacy {
-                // Noised rounds sum clipped gradients: one step from the
-                // global model.
-                Some(_) => federated::read_private_training_sum(
-                    &round.sum,
-                    &global,
-                    spec.optimiser.learning_rate,
-                    spec.optimiser.l2,
-                )?,
-                None => federated::read_training_sum(&round.sum, &global)?,
-            };
-            record.model = Some(ModelDocument::new(
-                spec,
-                &model.mean,
-                &model.sd,
-                &totals.model,
-            ));
-            let (weights, bias) = match &totals.model.hidden {
-                None => (totals.model.weights.clone(), totals.model.bias),
+            let next = lineage::model_after(spec, Some(&model), &round.sum)?;
+            let (weights, bias) = match &next.model.hidden {
+                None => (next.model.weights.clone(), next.model.bias),
                 Some(_) => (Vec::new(), 0.0),
             };
+            let train_rows = next.rows;
+            record.model = Some(next.model);
             // Reading the sum into the new model is part of the round.
             let update = updating.elapsed().as_secs_f64();
             let mut steps_ms = round.steps_ms;
@@ -1274,7 +1255,7 @@ pub async fn advance(
                 round: number,
                 contributors: round.contributors,
                 failures: round.failures,
-                train_rows: totals.train_rows.round().max(0.0) as u64,
+                train_rows: train_rows.round().max(0.0) as u64,
                 train_loss: None,
                 holdout: None,
                 seconds: round.seconds + update,

@@ -14,8 +14,17 @@
 //! encode alike.
 
 use base64::Engine;
+use ghx_learn::Standardiser;
+use ghx_learn::federated::{self, Phase};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::training::{ModelDocument, TrainingSpec};
+
+/// Largest magnitude of a parameter a round's sum may lead to: beyond it
+/// the model is no honest training's (and a saturating weight is how a
+/// crafted network singles out a patient).
+pub const MAX_PARAMETER: f64 = 1e6;
 
 /// A head of the chain: SHA-256.
 pub type Head = [u8; 32];
@@ -36,6 +45,89 @@ pub enum Error {
         got: usize,
         expected: usize,
     },
+    #[error("a round's sum cannot be read into a model: {0}")]
+    Unreadable(String),
+    #[error("a round's sum leads to a model {problem}: no honest training gives one")]
+    OutOfBounds { problem: &'static str },
+}
+
+/// The model a round's sum leads to, and the rows it summed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Followed {
+    pub model: ModelDocument,
+    pub rows: f64,
+}
+
+/// The model that follows `previous` (none: the moments round, whose sum
+/// gives the standardisation and the training's declared start) given a
+/// round's decoded sum (longer vectors, padded for a session, are read
+/// from their start). The coordinator and every node read sums with this
+/// one function, so they agree on every model of a run.
+pub fn model_after(
+    spec: &TrainingSpec,
+    previous: Option<&ModelDocument>,
+    sum: &[f64],
+) -> Result<Followed, Error> {
+    let unreadable = |e: &dyn std::fmt::Display| Error::Unreadable(e.to_string());
+    let (dim, params) = (spec.features.len(), spec.param_count());
+    let phase = if previous.is_none() {
+        Phase::Moments
+    } else {
+        Phase::Train
+    };
+    let sum = sum
+        .get(..phase.len(dim, params))
+        .ok_or_else(|| Error::Unreadable(format!("{} values are too few", sum.len())))?;
+    let followed = match previous {
+        None => {
+            let standardiser = Standardiser::from_sums(sum).map_err(|e| unreadable(&e))?;
+            let start = spec.declared_initial_model().map_err(|e| unreadable(&e))?;
+            Followed {
+                model: ModelDocument::new(spec, &standardiser.mean, &standardiser.sd, &start),
+                rows: sum[0],
+            }
+        }
+        Some(previous) => {
+            let global = previous.model();
+            let totals = match &spec.privacy {
+                // Noised rounds sum clipped gradients: one step from the
+                // global model.
+                Some(_) => federated::read_private_training_sum(
+                    sum,
+                    &global,
+                    spec.optimiser.learning_rate,
+                    spec.optimiser.l2,
+                ),
+                None => {
+                    // FedAvg divides by the count.
+                    if sum[params] < 1.0 {
+                        return Err(Error::OutOfBounds {
+                            problem: "from fewer than one training row",
+                        });
+                    }
+                    federated::read_training_sum(sum, &global)
+                }
+            }
+            .map_err(|e| unreadable(&e))?;
+            Followed {
+                model: ModelDocument::new(spec, &previous.mean, &previous.sd, &totals.model),
+                rows: totals.train_rows,
+            }
+        }
+    };
+    let model = followed.model.model();
+    if model
+        .params()
+        .iter()
+        .chain(&followed.model.mean)
+        .chain(&followed.model.sd)
+        .any(|p| !p.is_finite() || p.abs() > MAX_PARAMETER)
+    {
+        return Err(Error::OutOfBounds {
+            problem: "with a value that is not finite or above 1e6",
+        });
+    }
+    Ok(followed)
 }
 
 /// Writes `bytes` with its length (u32, big-endian) first.
@@ -361,6 +453,66 @@ mod tests {
         stranger.inputs[2].node = "madeup".into();
         assert!(matches!(stranger.sum(2), Err(Error::Stranger { .. })));
         assert!(matches!(e.sum(3), Err(Error::Length { got: 2, .. })));
+    }
+
+    #[test]
+    fn a_sum_leads_to_one_model_and_a_crafted_one_is_refused() {
+        let m = crate::manifest::StudyManifest::parse(include_bytes!(
+            "../../deploy/examples/study-t2d-mlp.json"
+        ))
+        .unwrap();
+        let spec = &m.trainings[0];
+        let (dim, params) = (spec.features.len(), spec.param_count());
+        // Moments of 4 rows: count, sums, sums of squares.
+        let mut moments = vec![4.0];
+        moments.extend(vec![8.0; dim]);
+        moments.extend(vec![20.0; dim]);
+        let start = model_after(spec, None, &moments).unwrap();
+        assert_eq!(start.rows, 4.0);
+        assert_eq!(start.model.mean, vec![2.0; dim]);
+        assert_eq!(start.model.model(), spec.declared_initial_model().unwrap());
+        // Padded to the session's length, the same.
+        let padded = federated::padded(&moments, federated::session_len(dim, params));
+        assert_eq!(model_after(spec, None, &padded).unwrap(), start);
+        // A FedAvg sum: 10 rows' weighted models, read as the average.
+        let mut sum: Vec<f64> = start
+            .model
+            .model()
+            .params()
+            .iter()
+            .map(|p| p * 10.0)
+            .collect();
+        sum.push(10.0);
+        let next = model_after(spec, Some(&start.model), &sum).unwrap();
+        assert_eq!(next.rows, 10.0);
+        assert_eq!(next.model.mean, start.model.mean);
+        for (a, b) in next
+            .model
+            .model()
+            .params()
+            .iter()
+            .zip(start.model.model().params())
+        {
+            assert!((a - b).abs() < 1e-12);
+        }
+        // A sum over no rows, a saturating weight, a short vector: refused.
+        let mut empty = sum.clone();
+        empty[params] = 0.0;
+        assert!(matches!(
+            model_after(spec, Some(&start.model), &empty),
+            Err(Error::OutOfBounds { .. })
+        ));
+        let mut saturating = sum.clone();
+        saturating[0] = 1e9 * 10.0;
+        let e = model_after(spec, Some(&start.model), &saturating).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a round's sum leads to a model with a value that is not finite or above 1e6: no honest training gives one"
+        );
+        assert!(matches!(
+            model_after(spec, Some(&start.model), &sum[..3]),
+            Err(Error::Unreadable(_))
+        ));
     }
 
     #[test]
