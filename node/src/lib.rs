@@ -24,6 +24,7 @@ mod evaluations;
 pub mod export;
 pub mod gate;
 pub mod import;
+pub mod lineage;
 pub mod noise;
 pub mod participants;
 pub mod policy;

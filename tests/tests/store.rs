@@ -1318,6 +1318,26 @@ fn a_runs_lineage_starts_once_and_advances_compare_and_set(f: Fixture) {
     let at = f.store.lineage(run).unwrap().unwrap();
     assert_eq!(at.current, step(1, "h1"));
     assert_eq!(at.previous, Some(step(0, "h0")));
+    // Round 1 redone from round 0: the current step is replaced, the one
+    // before kept; only from the step that is current.
+    assert!(
+        !f.store
+            .redo_lineage(run, &step(0, "h0"), &step(1, "z"))
+            .unwrap()
+    );
+    assert!(
+        f.store
+            .redo_lineage(run, &step(1, "h1"), &step(1, "h1b"))
+            .unwrap()
+    );
+    let at = f.store.lineage(run).unwrap().unwrap();
+    assert_eq!(at.current, step(1, "h1b"));
+    assert_eq!(at.previous, Some(step(0, "h0")));
+    assert!(
+        f.store
+            .advance_lineage(run, &step(1, "h1b"), &step(1, "h1"))
+            .unwrap()
+    );
     // Another run of the training starts on its own; both are counted.
     let second = RunKey {
         run_id: "run-0002",

@@ -138,6 +138,36 @@ impl Store {
         Ok(moved == 1)
     }
 
+    /// Replaces the run's current step `from` with `to`, keeping the step
+    /// before (a round redone from the previous step after a coordinator
+    /// lost the one applied); whether it was replaced.
+    pub fn redo_lineage(
+        &self,
+        run: RunKey<'_>,
+        from: &LineageStep,
+        to: &LineageStep,
+    ) -> Result<bool> {
+        let now = now_rfc3339();
+        let replaced = with_conn!(self.backend, |conn| {
+            diesel::update(
+                training_lineage::table
+                    .filter(training_lineage::study_id.eq(run.study_id))
+                    .filter(training_lineage::training_sha256.eq(run.training_sha256))
+                    .filter(training_lineage::run_id.eq(run.run_id))
+                    .filter(training_lineage::round.eq(from.round))
+                    .filter(training_lineage::head.eq(&from.head)),
+            )
+            .set((
+                training_lineage::round.eq(to.round),
+                training_lineage::head.eq(&to.head),
+                training_lineage::model_json.eq(&to.model_json),
+                training_lineage::updated_at.eq(&now),
+            ))
+            .execute(conn)?
+        });
+        Ok(replaced == 1)
+    }
+
     /// How many runs of a training started here (a cap on restarts,
     /// `learn/LINEAGE.md` B8).
     pub fn count_lineages(&self, study_id: &str, training_sha256: &str) -> Result<i64> {
