@@ -232,14 +232,30 @@ impl LocalFederation {
             NodeLink::Outbound { .. } => Some(bind_loopback().await?),
         };
         let tunnel_addr = tunnel.as_ref().map(|(_, addr)| *addr);
+        // Every member's key pinned at every node.
+        let mut pins = Vec::new();
+        for h in HOSPITALS {
+            let path = pki.tls_files(h.id).cert;
+            let cert = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+                action: "read",
+                path,
+                source,
+            })?;
+            pins.push(format!(
+                "{} = \"{}\"",
+                h.id,
+                ghx_pki::signed::key_pin(&cert)?
+            ));
+        }
         let sums_table = format!(
-            "\n[secure_aggregation]\nmin_participants = {}\nmembers = [{}]\n",
+            "\n[secure_aggregation]\nmin_participants = {}\nmembers = [{}]\nmember_keys = {{ {} }}\n",
             options.min_sum_participants,
             HOSPITALS
                 .iter()
                 .map(|h| format!("\"{}\"", h.id))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            pins.join(", ")
         );
         let mut nodes = Vec::new();
         let mut pending = Vec::new();

@@ -344,6 +344,12 @@ enum PkiCommand {
         #[arg(long)]
         new_key: bool,
     },
+    /// Print the pin of a node certificate's key, for the other nodes'
+    /// `secure_aggregation.member_keys` (renewal keeps it).
+    Pin {
+        #[arg(long)]
+        cert: PathBuf,
+    },
     /// Create the coordinator's Ed25519 capability signing key pair.
     SigningKey {
         #[arg(long)]
@@ -1632,6 +1638,11 @@ fn pki(cmd: PkiCommand) -> Result<()> {
                 if new_key { "new key" } else { "same key" },
                 files.cert.display()
             );
+        }
+        PkiCommand::Pin { cert } => {
+            let pem = std::fs::read_to_string(&cert)
+                .with_context(|| format!("reading {}", cert.display()))?;
+            println!("{}", ghx_pki::signed::key_pin(&pem)?);
         }
         PkiCommand::SigningKey { dir, name } => {
             std::fs::create_dir_all(&dir)?;

@@ -1302,8 +1302,11 @@ pub async fn validate(fed: &Federation<'_>, model: &ModelDocument) -> Result<Eva
             * ghx_learn::noise::two_sided_geometric_variance(v.epsilon))
         .sqrt(),
     });
+    // Nothing beside the noised pool: no node's own figures, whatever an
+    // older or modified node sends.
     Ok(Evaluation {
         noise,
+        per_node: BTreeMap::new(),
         ..evaluation(round, pooled_cell_size(fed))?
     })
 }

@@ -9,9 +9,18 @@ use rand_distr::{Distribution, Geometric};
 /// Noise `k` with `P(k)` proportional to `exp(-epsilon |k|)`: the
 /// difference of two geometric draws of success probability
 /// `1 - exp(-epsilon)`.
+///
+/// # Panics
+/// Unless `1 - exp(-epsilon)` is strictly between 0 and 1 in floating
+/// point (an epsilon far below 1e-10 rounds it to 0, whose draws would all
+/// be equal: no noise at all); callers validate epsilon well above that.
 pub fn two_sided_geometric(epsilon: f64, rng: &mut impl Rng) -> i64 {
-    let p = 1.0 - (-epsilon).exp();
-    let g = Geometric::new(p).expect("0 < p < 1 for a positive epsilon");
+    let p = -(-epsilon).exp_m1();
+    assert!(
+        p > 1e-9 && p < 1.0,
+        "epsilon {epsilon} is outside what discrete noise can be drawn at"
+    );
+    let g = Geometric::new(p).expect("0 < p < 1");
     g.sample(rng) as i64 - g.sample(rng) as i64
 }
 
@@ -48,6 +57,11 @@ mod tests {
             let ones = draws.iter().filter(|x| **x == 1.0).count() as f64;
             assert!(((zeros / ones).ln() - epsilon).abs() < 0.05, "{epsilon}");
         }
+        // A vanishing epsilon is refused rather than drawn as no noise.
+        let tiny = std::panic::catch_unwind(|| {
+            two_sided_geometric(1e-20, &mut rand::rngs::StdRng::seed_from_u64(1))
+        });
+        assert!(tiny.is_err());
         // sd 5.6 per node at 0.25: the figure LINEAGE.md pools.
         assert!((two_sided_geometric_variance(0.25).sqrt() - 5.64).abs() < 0.01);
     }

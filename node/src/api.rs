@@ -300,9 +300,14 @@ impl NodeApi {
 
     /// Signs the keys this node advertises in training rounds with its
     /// certificate key, and checks the other nodes' against the federation
-    /// CA; without it the node takes part in no round.
-    pub fn with_round_keys(mut self, identity: Arc<ghx_pki::transport::LiveIdentity>) -> Self {
-        let members = ghx_pki::signed::MemberKeys::new(identity.ca_pem());
+    /// CA and, for the nodes `pins` names, their pinned keys; without it
+    /// the node takes part in no round.
+    pub fn with_round_keys(
+        mut self,
+        identity: Arc<ghx_pki::transport::LiveIdentity>,
+        pins: std::collections::BTreeMap<String, String>,
+    ) -> Self {
+        let members = ghx_pki::signed::MemberKeys::new(identity.ca_pem()).pinned(pins);
         Arc::get_mut(&mut self.inner)
             .expect("configured before it is shared")
             .round_keys = Some((identity, members));

@@ -138,6 +138,14 @@ pub struct SumSettings {
     /// holding a certificate of the federation's CA.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
+    /// Node id to the pin of its certificate key (hex SHA-256 of the
+    /// subject public key, `ghx pki pin --cert FILE`). A pinned node's
+    /// round keys and lineage inputs are taken only under a certificate
+    /// of that key, so that whoever can issue certificates cannot
+    /// impersonate it. Renewal keeps a node's key; a new key needs new
+    /// pins at the other nodes.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub member_keys: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for SumSettings {
@@ -145,6 +153,7 @@ impl Default for SumSettings {
         SumSettings {
             min_participants: default_min_participants(),
             members: Vec::new(),
+            member_keys: Default::default(),
         }
     }
 }
@@ -320,6 +329,23 @@ impl NodeConfig {
                 problem: format!("must include this node's own id `{}`", self.id),
             });
         }
+        for (node, pin) in &self.secure_aggregation.member_keys {
+            if pin.len() != 64 || !pin.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(Error::Invalid {
+                    key: "secure_aggregation.member_keys",
+                    problem: format!(
+                        "the pin of `{node}` must be 64 hex digits (`ghx pki pin --cert FILE`)"
+                    ),
+                });
+            }
+            let members = &self.secure_aggregation.members;
+            if !members.is_empty() && !members.contains(node) {
+                return Err(Error::Invalid {
+                    key: "secure_aggregation.member_keys",
+                    problem: format!("pins `{node}`, which is not one of the members"),
+                });
+            }
+        }
         if self.coordinator_keys.is_empty() {
             return Err(Error::Invalid {
                 key: "coordinator_keys",
@@ -439,6 +465,26 @@ mod tests {
                 .contains("`secure_aggregation.min_participants` must be at least 2"),
             "{err}"
         );
+        let pin = "ab".repeat(32);
+        let err = parse(&format!(
+            "{GOOD}\n[secure_aggregation]\nmembers = [\"chosun\"]\nmember_keys = {{ chonnam = \"{pin}\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("pins `chonnam`, which is not one of the members"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{GOOD}\n[secure_aggregation]\nmember_keys = {{ chonnam = \"abc\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("must be 64 hex digits"), "{err}");
+        let ok = parse(&format!(
+            "{GOOD}\n[secure_aggregation]\nmember_keys = {{ chonnam = \"{pin}\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.secure_aggregation.member_keys["chonnam"], pin);
         let err = parse(&format!(
             "{GOOD}\n[secure_aggregation]\nmembers = [\"chonnam\", \"christian\"]\n"
         ))

@@ -159,7 +159,10 @@ impl Node {
             .map_err(ghx_db::audit::Error::from)?,
             self.config.audit.checkpoint_every,
         )
-        .with_round_keys(self.tls.identity().clone());
+        .with_round_keys(
+            self.tls.identity().clone(),
+            self.config.secure_aggregation.member_keys.clone(),
+        );
         let audit = api.audit_log().clone();
         // Session streams end when shutdown begins, so that the graceful
         // shutdown below, which waits for open streams, can finish.

@@ -264,6 +264,7 @@ mod tests {
         let rule = SumRule::new(&SumSettings {
             min_participants: 2,
             members: ids(&["chonnam", "chosun", "christian"]),
+            member_keys: Default::default(),
         });
         let err = rule
             .check(&store, "s1", "r1", &ids(&["chonnam", "chosun", "madeup"]))

@@ -10,7 +10,7 @@
 //! A certificate is checked against the CA once and then kept for
 //! [`TRUST_KEPT`], since a round checks the same few certificates again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,20 @@ pub enum Refusal {
     WrongSigner { named: String, expected: String },
     #[error("its certificate is a {role}'s, not a node's")]
     NotNode { role: crate::Role },
+    #[error(
+        "its certificate's key is not the one pinned for `{node}` \
+         (secure_aggregation.member_keys)"
+    )]
+    Unpinned { node: String },
     #[error("its signature does not verify")]
     Signature,
+}
+
+/// The pin of a certificate's key: hex SHA-256 of its subject public key
+/// (the key a renewal keeps), as `secure_aggregation.member_keys` holds it
+/// and `ghx pki pin` prints it.
+pub fn key_pin(cert_pem: &str) -> Result<String, Error> {
+    Ok(pin_of(&certificate_key(cert_pem)?))
 }
 
 struct Trusted {
@@ -59,6 +71,8 @@ struct Trusted {
 pub struct MemberKeys {
     ca_pem: String,
     trusted: Mutex<HashMap<String, Trusted>>,
+    /// Node id to [`key_pin`]: those nodes sign only with that key.
+    pins: BTreeMap<String, String>,
 }
 
 impl MemberKeys {
@@ -66,7 +80,19 @@ impl MemberKeys {
         MemberKeys {
             ca_pem: ca_pem.into(),
             trusted: Mutex::new(HashMap::new()),
+            pins: BTreeMap::new(),
         }
+    }
+
+    /// Pins nodes' keys (node id to [`key_pin`]): a statement of a pinned
+    /// node is taken only under a certificate of that key, so whoever can
+    /// issue certificates cannot impersonate it with a key of its own.
+    pub fn pinned(mut self, pins: BTreeMap<String, String>) -> Self {
+        self.pins = pins
+            .into_iter()
+            .map(|(node, pin)| (node, pin.to_ascii_lowercase()))
+            .collect();
+        self
     }
 
     /// Checks that `signature` over `message` was made with the key of
@@ -102,6 +128,13 @@ impl MemberKeys {
                 }
             }
         };
+        if let Some(pin) = self.pins.get(signer)
+            && pin_of(&public_key) != *pin
+        {
+            return Err(Refusal::Unpinned {
+                node: signer.to_owned(),
+            });
+        }
         signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, public_key)
             .verify(message, signature_der)
             .map_err(|_| Refusal::Signature)
@@ -121,6 +154,10 @@ fn check_signer(identity: &PeerIdentity, signer: &str) -> Result<(), Refusal> {
         });
     }
     Ok(())
+}
+
+fn pin_of(public_key: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, public_key))
 }
 
 /// The subject public key of a PEM certificate.
@@ -169,6 +206,35 @@ mod tests {
             keys.verify_node("chosun", &chosun.cert_pem, b"round 1 keys", &signature),
             Err(Refusal::Signature)
         ));
+    }
+
+    #[test]
+    fn a_pinned_node_signs_only_with_its_pinned_key() {
+        let ca = CertificateAuthority::create("test").unwrap();
+        let chonnam = member(&ca, "chonnam", Role::Node);
+        // The CA issues a second `chonnam` certificate for a key of its own.
+        let impostor = member(&ca, "chonnam", Role::Node);
+        let pins = BTreeMap::from([(
+            "chonnam".to_owned(),
+            key_pin(&chonnam.cert_pem).unwrap().to_ascii_uppercase(),
+        )]);
+        let keys = MemberKeys::new(ca.cert_pem()).pinned(pins);
+        let signature = sign(&chonnam.key_pem, b"keys").unwrap();
+        keys.verify_node("chonnam", &chonnam.cert_pem, b"keys", &signature)
+            .unwrap();
+        let forged = sign(&impostor.key_pem, b"keys").unwrap();
+        let e = keys
+            .verify_node("chonnam", &impostor.cert_pem, b"keys", &forged)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "its certificate's key is not the one pinned for `chonnam` (secure_aggregation.member_keys)"
+        );
+        // Unpinned, the impostor passes: what the pin closes.
+        MemberKeys::new(ca.cert_pem())
+            .verify_node("chonnam", &impostor.cert_pem, b"keys", &forged)
+            .unwrap();
+        assert_eq!(key_pin(&chonnam.cert_pem).unwrap().len(), 64);
     }
 
     #[test]

@@ -9,6 +9,10 @@ use sha2::{Digest, Sha256};
 use time::Date;
 
 /// The language version this crate speaks.
+/// Smallest epsilon any noised release may declare: far below it the
+/// floating-point noise samplers degenerate (`exp(-epsilon)` is 1), and
+/// no release needs it.
+pub const MIN_EPSILON: f64 = 0.01;
 pub const VERSION: &str = "ghx.query/v1";
 
 /// The KCD-8 code system as KR Core names it.
@@ -704,10 +708,13 @@ impl QuerySpec {
             }
         }
         if let Some(noise) = &self.noise {
-            if !(noise.epsilon.is_finite() && noise.epsilon > 0.0 && noise.epsilon <= 10.0) {
+            // Below MIN_EPSILON, exp(-epsilon) rounds towards 1 and the
+            // noise towards nothing (a tiny epsilon must not mean exact).
+            if !(noise.epsilon.is_finite() && noise.epsilon >= MIN_EPSILON && noise.epsilon <= 10.0)
+            {
                 return Err(invalid(
                     "noise.epsilon",
-                    "must be greater than 0 and at most 10",
+                    format!("must be at least {MIN_EPSILON} and at most 10"),
                 ));
             }
             match noise.mechanism {
@@ -1281,7 +1288,12 @@ mod tests {
             ),
             (
                 r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"count"},"noise":{"mechanism":"laplace","epsilon":0}}"#,
-                "noise.epsilon: must be greater than 0",
+                "noise.epsilon: must be at least 0.01 and at most 10",
+            ),
+            (
+                // Rounds exp(-epsilon) to 1: the noise would vanish.
+                r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"count"},"noise":{"mechanism":"laplace","epsilon":1e-20}}"#,
+                "noise.epsilon: must be at least 0.01 and at most 10",
             ),
             (
                 r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01"},"analysis":{"kind":"rate","event":{}}}"#,

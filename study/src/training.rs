@@ -203,7 +203,7 @@ impl TrainingPrivacy {
 }
 
 /// Most epsilon one external validation may spend.
-pub const MAX_VALIDATION_EPSILON: f64 = 10.0;
+pub const MAX_VALIDATION_EPSILON: f64 = 2.0;
 
 /// How an evaluation outside a run (external validation of a model the
 /// requester supplies) is noised: each node adds two-sided geometric noise
@@ -222,10 +222,11 @@ pub struct ValidationNoise {
 
 impl ValidationNoise {
     fn validate(&self) -> Result<(), Error> {
-        if !(self.epsilon > 0.0 && self.epsilon <= MAX_VALIDATION_EPSILON) {
+        let min = crate::query::MIN_EPSILON;
+        if !(self.epsilon >= min && self.epsilon <= MAX_VALIDATION_EPSILON) {
             return Err(invalid(
                 "validation.epsilon",
-                format!("must be above 0 and at most {MAX_VALIDATION_EPSILON}"),
+                format!("must be at least {min} and at most {MAX_VALIDATION_EPSILON}"),
             ));
         }
         Ok(())
@@ -737,7 +738,8 @@ mod tests {
     #[test]
     fn validations_are_noised_at_a_declared_epsilon_the_budget_affords() {
         let mut t = training();
-        for bad in [0.0, -1.0, 10.5, f64::NAN] {
+        // 1e-20 would round the noise away: exact counts.
+        for bad in [0.0, -1.0, 1e-20, 0.009, 2.5, f64::NAN] {
             t.validation = Some(ValidationNoise { epsilon: bad });
             let e = t.validate().unwrap_err().to_string();
             assert!(e.contains("validation.epsilon"), "{e}");

@@ -1085,6 +1085,36 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         "{}",
         err.message()
     );
+    // A coordinator that can issue certificates makes one in the second
+    // node's name for a key of its own and vouches for keys with it: every
+    // node pins its members' keys (`secure_aggregation.member_keys`) and
+    // refuses it (issue 38 (4)(b)).
+    let ca = federation.pki.load_ca().unwrap();
+    let impostor = ca
+        .issue(&ghx_pki::CertificateRequest::new(
+            &ids[1],
+            ghx_pki::Role::Node,
+            "Impostor",
+        ))
+        .unwrap();
+    let theirs = ghx_proto::round::advertise_from_wire(advertised[1].clone()).unwrap();
+    let mut forged = advertised.clone();
+    forged[1].signature =
+        ghx_pki::signed::sign(&impostor.key_pem, &theirs.statement(&round)).unwrap();
+    forged[1].certificate_pem = impostor.cert_pem.clone();
+    let err = clients[0]
+        .round_share_keys(share(forged))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains(&format!(
+            "its certificate's key is not the one pinned for `{}`",
+            ids[1]
+        )),
+        "{}",
+        err.message()
+    );
     // The keys as the nodes signed them are taken.
     let shares = clients[0]
         .round_share_keys(share(advertised.clone()))
