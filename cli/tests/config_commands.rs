@@ -105,3 +105,54 @@ fn coordinator_layers_apply_too() {
         "{out}"
     );
 }
+
+/// `ghx pki pin` prints the pin `secure_aggregation.member_keys` takes: the
+/// same after a renewal (same key), another after `--new-key`; a file that
+/// is not a certificate is named.
+#[test]
+fn pki_pin_prints_the_key_pin_a_renewal_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        let (ok, out, err) = ghx(args, &[]);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+    run(&["pki", "init", "--dir", pki]);
+    run(&[
+        "pki",
+        "issue",
+        "--dir",
+        pki,
+        "--name",
+        "chosun",
+        "--role",
+        "node",
+        "--org",
+        "Chosun University Hospital",
+        "--valid-for",
+        "7d",
+    ]);
+    let cert = dir.path().join("chosun.pem");
+    let cert = cert.to_str().unwrap();
+    let pin = run(&["pki", "pin", "--cert", cert]).trim().to_owned();
+    let pem = std::fs::read_to_string(cert).unwrap();
+    assert_eq!(pin, ghx_pki::signed::key_pin(&pem).unwrap());
+    assert_eq!(pin.len(), 64);
+    run(&["pki", "renew", "--dir", pki, "--name", "chosun"]);
+    assert_eq!(run(&["pki", "pin", "--cert", cert]).trim(), pin);
+    run(&[
+        "pki",
+        "renew",
+        "--dir",
+        pki,
+        "--name",
+        "chosun",
+        "--new-key",
+    ]);
+    assert_ne!(run(&["pki", "pin", "--cert", cert]).trim(), pin);
+    let key = dir.path().join("chosun.key");
+    let (ok, _, err) = ghx(&["pki", "pin", "--cert", key.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
