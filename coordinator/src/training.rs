@@ -92,8 +92,6 @@ pub enum Error {
     NoNodes,
     #[error(transparent)]
     Lineage(#[from] ghx_study::lineage::Error),
-    #[error("the training's initial model: {0}")]
-    InitialModel(#[from] ghx_study::training::Error),
     #[error("the audit log could not record the round: {0}")]
     Audit(#[from] ghx_db::audit::Error),
     #[error("the task writing a round's audit entries failed: {0}")]

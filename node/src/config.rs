@@ -138,8 +138,9 @@ pub struct SumSettings {
     /// holding a certificate of the federation's CA.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
-    /// Node id to the pin of its certificate key (hex SHA-256 of the
-    /// subject public key, `ghx pki pin --cert FILE`). A pinned node's
+    /// Node id to the pin of its certificate key (`ghx pki pin --cert
+    /// FILE`: hex SHA-256 of the raw public key, the EC point, not of the
+    /// DER SubjectPublicKeyInfo that `openssl` pins hash). A pinned node's
     /// round keys and lineage inputs are taken only under a certificate
     /// of that key, so that whoever can issue certificates cannot
     /// impersonate it. Renewal keeps a node's key; a new key needs new

@@ -62,8 +62,8 @@ pub enum Error {
         "run {run}'s lineage here is at round {at}; the evidence continues from a head it does not hold"
     )]
     Parent { run: String, at: i32 },
-    #[error("the stored lineage of run {run} is unreadable")]
-    Stored { run: String },
+    #[error("the stored lineage of run {run} is unreadable: {reason}")]
+    Stored { run: String, reason: String },
     #[error("another request moved run {run}'s lineage meanwhile")]
     Raced { run: String },
     #[error(transparent)]
@@ -101,7 +101,11 @@ pub fn advance(
             let stored = store
                 .lineage(run)?
                 .ok_or_else(|| Error::Raced { run: name() })?;
-            if stored.current != start {
+            // At genesis, or one step past it (the coordinator lost the
+            // moments round the node applied): the moments again.
+            let moments_lost =
+                stored.current.round == 0 && stored.previous.as_ref() == Some(&start);
+            if stored.current != start && !moments_lost {
                 return Err(Error::Started { run: name() });
             }
         }
@@ -110,7 +114,7 @@ pub fn advance(
             model: None,
         });
     };
-    if at.round == 0 || evidence.round + 1 != at.round {
+    if at.round.checked_sub(1) != Some(evidence.round) {
         return Err(Error::WrongRound {
             round: at.round,
             got: evidence.round,
@@ -148,7 +152,10 @@ pub fn advance(
         }
         ModelDocument::parse_for(step.model_json.as_bytes(), spec)
             .map(Some)
-            .map_err(|_| Error::Stored { run: name() })
+            .map_err(|e| Error::Stored {
+                run: name(),
+                reason: e.to_string(),
+            })
     };
     let next = chain::next_head(&evidence.parent, evidence.round, &sum);
     let current = &stored.current;
@@ -157,6 +164,17 @@ pub fn advance(
         return Ok(Step {
             parent: next,
             model: parse(current)?,
+        });
+    }
+    if let Some(before) = &stored.previous
+        && hex::encode(next) == before.head
+    {
+        // The step before the last: the coordinator lost the round this
+        // node computed last and redoes it. Nothing moves; the round's
+        // new evidence then replaces the last step (below).
+        return Ok(Step {
+            parent: next,
+            model: parse(before)?,
         });
     }
     let parent = hex::encode(evidence.parent);
@@ -364,7 +382,15 @@ mod tests {
         }
         // Round 0 of a started run is refused.
         assert!(matches!(f.advance(0, None), Err(Error::Started { .. })));
-        // A rollback of one step (round 1 summed again, differently).
+        // A coordinator that lost round 2 (and the evidence of round 1)
+        // redoes round 1 from the moments: the node computes from the
+        // model it had then, without moving.
+        assert_eq!(f.advance(1, Some(&moments)).unwrap(), one);
+        assert_eq!(
+            f.store.lineage(RUN).unwrap().unwrap().current.head,
+            hex::encode(two.parent)
+        );
+        // Round 1's new sum then replaces the step applied last.
         let again = f.evidence("run-0001", 1, one.parent, &f.training_sum(&model, 0.5));
         let redone = f.advance(2, Some(&again)).unwrap();
         assert_ne!(redone, two);
@@ -381,6 +407,23 @@ mod tests {
             e.to_string(),
             "run run-0001's lineage here is at round 1; the evidence continues from a head it does not hold"
         );
+    }
+
+    #[test]
+    fn moments_the_coordinator_lost_are_summed_again() {
+        let f = federation();
+        let start = f.advance(0, None).unwrap();
+        let moments = f.evidence("run-0001", 0, start.parent, &f.moments());
+        let one = f.advance(1, Some(&moments)).unwrap();
+        // The coordinator lost the moments' evidence: round 0 again, then
+        // its new evidence replaces the step.
+        assert_eq!(f.advance(0, None).unwrap(), start);
+        let mut other = f.moments();
+        other[0] = 41.0;
+        let again = f.advance(1, Some(&f.evidence("run-0001", 0, start.parent, &other)));
+        let again = again.unwrap();
+        assert_ne!(again, one);
+        assert_eq!(again.model.unwrap().mean[0], 80.0 / 41.0);
     }
 
     #[test]
@@ -436,7 +479,13 @@ mod tests {
         let e = f.advance(2, Some(&crafted)).unwrap_err().to_string();
         assert!(e.contains("no honest training gives one"), "{e}");
         assert_eq!(stored().current.round, 0);
-        // And a round without evidence.
+        // A round without evidence, and a round number that would wrap.
         assert!(matches!(f.advance(3, None), Err(Error::NoEvidence { .. })));
+        let mut wrapping = honest.clone();
+        wrapping.round = u32::MAX;
+        assert!(matches!(
+            f.advance(0, Some(&wrapping)),
+            Err(Error::WrongRound { .. })
+        ));
     }
 }

@@ -9,11 +9,11 @@ use sha2::{Digest, Sha256};
 use time::Date;
 
 /// The language version this crate speaks.
+pub const VERSION: &str = "ghx.query/v1";
 /// Smallest epsilon any noised release may declare: far below it the
 /// floating-point noise samplers degenerate (`exp(-epsilon)` is 1), and
 /// no release needs it.
 pub const MIN_EPSILON: f64 = 0.01;
-pub const VERSION: &str = "ghx.query/v1";
 
 /// The KCD-8 code system as KR Core names it.
 pub const KCD8_SYSTEM: &str = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
