@@ -8,7 +8,7 @@
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use ghx_db::{Backend, with_conn};
+use ghx_db::{Backend, WriteTransaction, with_conn};
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -135,7 +135,7 @@ impl CoordinatorStore {
 
     /// Stores a new submitted study and returns its id (`study-0001`, ...).
     pub fn insert_study(&self, manifest_json: &str, submitted_at: &str) -> Result<String> {
-        Ok(with_conn!(self.backend, |conn| conn.transaction(
+        Ok(with_conn!(self.backend, |conn| conn.write_transaction(
             |conn| {
                 let last: Option<i64> = studies::table
                     .select(diesel::dsl::max(studies::number))
@@ -180,7 +180,7 @@ impl CoordinatorStore {
         type Row = (String, String, String, String, Option<String>);
         type VoteRow = (String, String, String, String, String);
         let (rows, vote_rows): (Vec<Row>, Vec<VoteRow>) = with_conn!(self.backend, |conn| conn
-            .transaction(|conn| {
+            .write_transaction(|conn| {
                 let mut query = studies::table
                     .select((
                         studies::id,
@@ -242,7 +242,7 @@ impl CoordinatorStore {
         expected: &str,
         status: &str,
     ) -> Result<bool> {
-        Ok(with_conn!(self.backend, |conn| conn.transaction(
+        Ok(with_conn!(self.backend, |conn| conn.write_transaction(
             |conn| {
                 let changed = diesel::update(
                     studies::table
@@ -275,7 +275,7 @@ impl CoordinatorStore {
 
     /// Stores the latest result of one study query.
     pub fn save_result(&self, id: &str, query: &str, run_at: &str, json: &str) -> Result<()> {
-        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.write_transaction(|conn| {
             diesel::insert_into(results::table)
                 .values((
                     results::study_id.eq(id),
@@ -312,7 +312,7 @@ impl CoordinatorStore {
     /// (round number, record) not stored yet, in one transaction: a round
     /// and the state it led to are stored together or not at all.
     pub fn save_training_run(&self, run: &TrainingRunRow, rounds: &[(u32, String)]) -> Result<()> {
-        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.write_transaction(|conn| {
             diesel::insert_into(training_runs::table)
                 .values((
                     training_runs::id.eq(&run.id),

@@ -16,7 +16,7 @@ use ghx_audit::checkpoint::{Checkpoint, Signer};
 use ghx_audit::{Entry, GENESIS};
 
 use crate::witnesses::Witnesses;
-use crate::{Backend, Result, with_conn};
+use crate::{Backend, Result, WriteTransaction, with_conn};
 
 /// Checkpoints are signed every this many entries unless configured.
 pub const DEFAULT_CHECKPOINT_EVERY: i64 = 64;
@@ -581,7 +581,7 @@ impl AuditLog {
             }
             prev = e.hash;
         }
-        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.write_transaction(|conn| {
             for e in &sealed {
                 diesel::sql_query(&sql)
                     .bind::<Text, _>(&e.prev_hash)

@@ -81,6 +81,40 @@ pub struct Migrations {
     pub postgres: EmbeddedMigrations,
 }
 
+/// A transaction that writes: on SQLite it takes the write lock when it
+/// begins (`BEGIN IMMEDIATE`), so it waits its turn behind other writers
+/// (the busy timeout). A deferred one that read first and then wrote while
+/// another connection had written failed at once with "database is
+/// locked" (WAL cannot upgrade a stale read snapshot), which a node
+/// answering a query while its audit log or witnesses were written hit.
+/// On PostgreSQL, an ordinary transaction.
+pub trait WriteTransaction: diesel::Connection {
+    fn write_transaction<T, E, F>(&mut self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<diesel::result::Error>;
+}
+
+impl WriteTransaction for SqliteConnection {
+    fn write_transaction<T, E, F>(&mut self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<diesel::result::Error>,
+    {
+        self.immediate_transaction(f)
+    }
+}
+
+impl WriteTransaction for diesel::pg::PgConnection {
+    fn write_transaction<T, E, F>(&mut self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Self) -> Result<T, E>,
+        E: From<diesel::result::Error>,
+    {
+        diesel::Connection::transaction(self, f)
+    }
+}
+
 /// Runs `$body` with `$conn` bound to a pooled connection of whichever
 /// backend `$backend` (a [`Backend`]) uses. The body is compiled once per
 /// backend; pool errors convert into the caller's error type with `?`.

@@ -48,7 +48,7 @@ const INSERT_CHUNK: usize = 500;
 
 pub use ghx_db::{Error, Result};
 
-use ghx_db::{Backend, with_conn};
+use ghx_db::{Backend, WriteTransaction, with_conn};
 pub use ghx_db::{Dialect, redact_url};
 
 /// The node's database. Cheap to clone; all clones share one pool.
@@ -206,7 +206,7 @@ impl Store {
     /// previous version in `resource_history`.
     pub fn write_batch(&self, batch: &Batch) -> Result<BatchOutcome> {
         let now = now_rfc3339();
-        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.write_transaction(|conn| {
             let mut outcome = BatchOutcome::default();
             // What is stored now, for every resource the batch touches.
             let mut existing: HashMap<(String, String), (i64, String)> = HashMap::new();
@@ -534,7 +534,7 @@ impl Store {
         target_system: &str,
         mappings: &[CodeMapping],
     ) -> Result<()> {
-        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.write_transaction(|conn| {
             diesel::delete(
                 code_map::table
                     .filter(code_map::source_system.eq(source_system))
@@ -680,7 +680,7 @@ impl Store {
         rows: &[(String, f64)],
     ) -> Result<()> {
         let now = now_rfc3339();
-        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.write_transaction(|conn| {
             diesel::delete(view_values::table.filter(view_values::view_sha256.eq(view_sha256)))
                 .execute(conn)?;
             for chunk in rows.chunks(5000) {
@@ -792,7 +792,7 @@ impl Store {
         included: &[Decision<'_>],
     ) -> Result<()> {
         let now = now_rfc3339();
-        with_conn!(self.backend, |conn| conn.transaction(|conn| {
+        with_conn!(self.backend, |conn| conn.write_transaction(|conn| {
             let stale: Vec<String> = consent_contexts::table
                 .filter(consent_contexts::generation.lt(generation))
                 .select(consent_contexts::context)
@@ -854,7 +854,7 @@ impl Store {
     ) -> Result<bool> {
         let now = now_rfc3339();
         let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
-        Ok(with_conn!(self.backend, |conn| conn.transaction(
+        Ok(with_conn!(self.backend, |conn| conn.write_transaction(
             |conn| {
                 // A day's grace beyond expiry covers clock skew and leeway.
                 diesel::delete(
@@ -910,7 +910,7 @@ impl Store {
             ),
         ];
         let outcome: std::result::Result<(), ChargeError> = with_conn!(self.backend, |conn| conn
-            .transaction(|conn| {
+            .write_transaction(|conn| {
                 for (i, (study, eps_limit, delta_limit)) in rows.iter().enumerate() {
                     diesel::insert_into(privacy_budget::table)
                         .values((
