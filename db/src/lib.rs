@@ -255,6 +255,45 @@ mod tests {
     }
 
     #[test]
+    fn a_write_transaction_waits_for_a_writer_that_came_between_its_read_and_write() {
+        use super::WriteTransaction;
+        use diesel::connection::SimpleConnection;
+        use diesel::prelude::*;
+        let dir = std::env::temp_dir().join(format!("ghx-db-tx-{}", std::process::id()));
+        let path = dir.join("tx.db");
+        let backend = connect(path.to_str().expect("a UTF-8 path"), true).unwrap();
+        let Backend::Sqlite(pool) = &backend else {
+            panic!("a file path opens SQLite")
+        };
+        pool.get()
+            .unwrap()
+            .batch_execute("CREATE TABLE t (n INTEGER NOT NULL)")
+            .unwrap();
+        // Read, let another connection try to write, then write. Deferred,
+        // the other write landed in between and this one failed at once
+        // with "database is locked"; begun IMMEDIATE, the other waits.
+        let mut conn = pool.get().unwrap();
+        let other = pool.clone();
+        let outcome = conn.write_transaction(|conn| {
+            diesel::sql_query("SELECT n FROM t").execute(conn)?;
+            let writer = std::thread::spawn(move || {
+                other
+                    .get()
+                    .unwrap()
+                    .batch_execute("INSERT INTO t (n) VALUES (1)")
+            });
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            diesel::sql_query("INSERT INTO t (n) VALUES (2)").execute(conn)?;
+            diesel::QueryResult::Ok(writer)
+        });
+        let writer = outcome.expect("the transaction's own write");
+        writer.join().unwrap().expect("the other write, after it");
+        drop(conn);
+        drop(backend);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn passwords_never_appear_in_printed_urls() {
         assert_eq!(
             redact_url("postgres://ghx:s3cret@db:5432/node"),

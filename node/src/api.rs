@@ -1251,8 +1251,9 @@ impl NodeApi {
                 }
                 // An external validation, under its own digest: the ledger
                 // counts a training's noised rounds by the training's.
+                // One charge, atomic in the ledger: no lock needed (a DP
+                // round's lock keeps its count and charge together).
                 (_, Phase::Evaluate, Some(epsilon)) => {
-                    let _charging = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
                     let note = self.charge(
                         charge_id,
                         &work.claims,

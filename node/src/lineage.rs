@@ -178,11 +178,13 @@ pub fn advance(
         });
     }
     let parent = hex::encode(evidence.parent);
-    let (base, redo) = if parent == current.head {
-        (current, false)
+    // The step the sum applies to: the last one, or the one before it
+    // (the coordinator lost the last round and redoes it).
+    let base = if parent == current.head {
+        current
     } else {
         match &stored.previous {
-            Some(before) if before.head == parent => (before, true),
+            Some(before) if before.head == parent => before,
             _ => {
                 return Err(Error::Parent {
                     run: name(),
@@ -197,11 +199,8 @@ pub fn advance(
         head: hex::encode(next),
         model_json: serde_json::to_string(&followed.model).expect("a model serializes"),
     };
-    let moved = if redo {
-        store.redo_lineage(run, current, &to)?
-    } else {
-        store.advance_lineage(run, current, &to)?
-    };
+    // Either way the step built on becomes the one before.
+    let moved = store.move_lineage(run, current, &to, Some(base))?;
     if !moved {
         return Err(Error::Raced { run: name() });
     }

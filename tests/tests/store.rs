@@ -1295,39 +1295,40 @@ fn a_runs_lineage_starts_once_and_advances_compare_and_set(f: Fixture) {
     assert_eq!((at.current, at.previous), (step(-1, "g"), None));
     assert!(
         f.store
-            .advance_lineage(run, &step(-1, "g"), &step(0, "h0"))
+            .move_lineage(run, &step(-1, "g"), &step(0, "h0"), Some(&step(-1, "g")))
             .unwrap()
     );
     // A request that read genesis too loses the race.
     assert!(
         !f.store
-            .advance_lineage(run, &step(-1, "g"), &step(0, "x"))
+            .move_lineage(run, &step(-1, "g"), &step(0, "x"), Some(&step(-1, "g")))
             .unwrap()
     );
     // So does one that names the right round but another head.
     assert!(
         !f.store
-            .advance_lineage(run, &step(0, "x"), &step(1, "y"))
+            .move_lineage(run, &step(0, "x"), &step(1, "y"), Some(&step(0, "x")))
             .unwrap()
     );
     assert!(
         f.store
-            .advance_lineage(run, &step(0, "h0"), &step(1, "h1"))
+            .move_lineage(run, &step(0, "h0"), &step(1, "h1"), Some(&step(0, "h0")))
             .unwrap()
     );
     let at = f.store.lineage(run).unwrap().unwrap();
     assert_eq!(at.current, step(1, "h1"));
     assert_eq!(at.previous, Some(step(0, "h0")));
     // Round 1 redone from round 0: the current step is replaced, the one
-    // before kept; only from the step that is current.
+    // before kept (the caller names it); only from the step that is
+    // current.
     assert!(
         !f.store
-            .redo_lineage(run, &step(0, "h0"), &step(1, "z"))
+            .move_lineage(run, &step(0, "h0"), &step(1, "z"), Some(&step(0, "h0")))
             .unwrap()
     );
     assert!(
         f.store
-            .redo_lineage(run, &step(1, "h1"), &step(1, "h1b"))
+            .move_lineage(run, &step(1, "h1"), &step(1, "h1b"), Some(&step(0, "h0")))
             .unwrap()
     );
     let at = f.store.lineage(run).unwrap().unwrap();
@@ -1335,7 +1336,7 @@ fn a_runs_lineage_starts_once_and_advances_compare_and_set(f: Fixture) {
     assert_eq!(at.previous, Some(step(0, "h0")));
     assert!(
         f.store
-            .advance_lineage(run, &step(1, "h1b"), &step(1, "h1"))
+            .move_lineage(run, &step(1, "h1b"), &step(1, "h1"), Some(&step(1, "h1b")))
             .unwrap()
     );
     // Another run of the training starts on its own; both are counted.

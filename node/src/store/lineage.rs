@@ -105,14 +105,17 @@ impl Store {
         Ok(inserted == 1)
     }
 
-    /// Moves the run's lineage from `from` to `to` (the step `from`
-    /// becomes the previous one) if it still stands at `from`; whether it
-    /// moved. A request that lost a race to another finds it moved.
-    pub fn advance_lineage(
+    /// Moves the run's lineage from `from` to `to`, with `previous` as
+    /// the step before (`from` itself when advancing; the step before
+    /// `from` when a round is redone after a coordinator lost the one
+    /// applied), if it still stands at `from`; whether it moved. A request
+    /// that lost a race to another finds it moved.
+    pub fn move_lineage(
         &self,
         run: RunKey<'_>,
         from: &LineageStep,
         to: &LineageStep,
+        previous: Option<&LineageStep>,
     ) -> Result<bool> {
         let now = now_rfc3339();
         let moved = with_conn!(self.backend, |conn| {
@@ -128,44 +131,14 @@ impl Store {
                 training_lineage::round.eq(to.round),
                 training_lineage::head.eq(&to.head),
                 training_lineage::model_json.eq(&to.model_json),
-                training_lineage::previous_round.eq(Some(from.round)),
-                training_lineage::previous_head.eq(Some(&from.head)),
-                training_lineage::previous_model_json.eq(Some(&from.model_json)),
+                training_lineage::previous_round.eq(previous.map(|p| p.round)),
+                training_lineage::previous_head.eq(previous.map(|p| &p.head)),
+                training_lineage::previous_model_json.eq(previous.map(|p| &p.model_json)),
                 training_lineage::updated_at.eq(&now),
             ))
             .execute(conn)?
         });
         Ok(moved == 1)
-    }
-
-    /// Replaces the run's current step `from` with `to`, keeping the step
-    /// before (a round redone from the previous step after a coordinator
-    /// lost the one applied); whether it was replaced.
-    pub fn redo_lineage(
-        &self,
-        run: RunKey<'_>,
-        from: &LineageStep,
-        to: &LineageStep,
-    ) -> Result<bool> {
-        let now = now_rfc3339();
-        let replaced = with_conn!(self.backend, |conn| {
-            diesel::update(
-                training_lineage::table
-                    .filter(training_lineage::study_id.eq(run.study_id))
-                    .filter(training_lineage::training_sha256.eq(run.training_sha256))
-                    .filter(training_lineage::run_id.eq(run.run_id))
-                    .filter(training_lineage::round.eq(from.round))
-                    .filter(training_lineage::head.eq(&from.head)),
-            )
-            .set((
-                training_lineage::round.eq(to.round),
-                training_lineage::head.eq(&to.head),
-                training_lineage::model_json.eq(&to.model_json),
-                training_lineage::updated_at.eq(&now),
-            ))
-            .execute(conn)?
-        });
-        Ok(replaced == 1)
     }
 
     /// How many runs of a training started here (a cap on restarts,
