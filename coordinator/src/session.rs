@@ -12,7 +12,7 @@
 //! reconstructed. A session is replaced before half of its capability's
 //! validity is left, so revocation and expiry keep biting during a run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use ghx_learn::federated::Phase;
@@ -20,8 +20,8 @@ use ghx_proto::round;
 use ghx_proto::v1 as pb;
 use ghx_secagg::{MaskedInput, RoundParams};
 use ghx_study::capability;
+use ghx_study::lineage::{Evidence, Head, SignedInput};
 use ghx_study::result::NodeFailure;
-use ghx_study::training::ModelDocument;
 
 use crate::dispatch;
 use crate::fanout::{RegisteredNode, describe};
@@ -41,6 +41,11 @@ pub struct Session {
     claims: capability::Claims,
     request_sha256: String,
     dim: usize,
+    /// Each member's certificate, as it vouched for its key: its lineage
+    /// inputs are checked against it.
+    certificates: BTreeMap<String, String>,
+    /// The digest of the agreed keys, which every lineage input names.
+    keys_sha256: Head,
     /// Each member's stream of rounds, opened at its first round.
     links: HashMap<String, tokio::sync::Mutex<Option<Link>>>,
 }
@@ -113,7 +118,7 @@ impl Session {
 
 /// A session round's outcome.
 pub enum Outcome {
-    Summed(RoundSum),
+    Summed(Box<RoundSum>),
     /// Some member did not answer: the round cannot be summed.
     Dropped {
         answered: Vec<String>,
@@ -141,13 +146,15 @@ pub async fn open(
     };
     let spec = fed.spec;
     let need = usize::from(spec.quorum);
-    let dim = Phase::Train.len(spec.features.len(), spec.param_count());
+    // Round 0 sums the moments, later rounds the training's parameters.
+    let dim = ghx_learn::federated::session_len(spec.features.len(), spec.param_count());
     let training_json = spec.canonical_json();
     let request_sha256 = ghx_audit::digest(&training_json);
     let deadline = Duration::from_secs(u64::from(spec.round_deadline_seconds));
     let valid_for =
         time::Duration::try_from(fed.capability_valid_for).unwrap_or(time::Duration::minutes(5));
-    // Each pass either keys every node it opened with or drops some.
+    // Each pass either keys every node it opened with or drops some, and
+    // the next pass opens a new session among the rest.
     loop {
         let id = format!(
             "{prefix}/session-{}",
@@ -221,6 +228,12 @@ pub async fn open(
             ));
         }
         let ids: Vec<String> = opened.iter().map(|(id, _)| id.clone()).collect();
+        // A session's keys are agreed among every node it was opened with:
+        // when some did not open it, open another among those that did.
+        if ids.len() < nodes.len() {
+            nodes = keep(&nodes, &ids);
+            continue;
+        }
         let keys: Vec<pb::SessionKeys> = opened.into_iter().map(|(_, k)| k).collect();
         let members = keep(&nodes, &ids);
         let (agreed, failures) = step(&members, deadline, |node| {
@@ -238,6 +251,15 @@ pub async fn open(
         })
         .await;
         if failures.is_empty() {
+            let mut certificates = BTreeMap::new();
+            let mut agreed_keys = Vec::new();
+            for k in &keys {
+                certificates.insert(k.node.clone(), k.certificate_pem.clone());
+                // Read when the member opened the session.
+                if let Ok(read) = round::session_keys_from_wire(k.clone()) {
+                    agreed_keys.push((read.node, read.mask_key.to_vec()));
+                }
+            }
             let mut members = ids;
             members.sort();
             left_out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -252,6 +274,8 @@ pub async fn open(
                 claims,
                 request_sha256,
                 dim,
+                certificates,
+                keys_sha256: ghx_study::lineage::keys_sha256(&agreed_keys),
                 links,
             });
         }
@@ -263,8 +287,11 @@ pub async fn open(
     }
 }
 
-/// Round `number` of the run in `session`: the model out, every member's
-/// masked contribution back, summed. What was sent and received is
+/// Round `number` of the run in `session`: the evidence of the round
+/// before out (none for round 0, the moments), every member's masked
+/// contribution back, signed over the lineage head it computed from,
+/// summed; the round's own evidence is kept for the next. No model is
+/// sent: each node computes it from the evidence. What was sent and received is
 /// audited by a write started as the round ends (`behind`), once the write
 /// of the round before (which overlapped this round's computation) has
 /// succeeded: a failed audit write stops the run at the next round.
@@ -272,20 +299,19 @@ pub async fn round(
     fed: &Federation<'_>,
     session: &Session,
     number: u32,
-    model: &ModelDocument,
+    previous: Option<&Evidence>,
     behind: &mut Option<dispatch::Behind>,
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
     let deadline = Duration::from_secs(u64::from(fed.spec.round_deadline_seconds));
-    let model_json = serde_json::to_vec(model).expect("a model serializes");
+    let previous = previous.map(round::evidence_to_wire);
     let nodes = keep(&fed.registry.list(), &session.members);
     let (inputs, mut failures) = step(&nodes, deadline, |node| {
         let request = pb::SessionInputRequest {
             session: session.id.clone(),
             round: number,
-            model_json: model_json.clone(),
-            // No lineage yet (learn/LINEAGE.md part B).
-            previous: None,
+            model_json: Vec::new(),
+            previous: previous.clone(),
         };
         let slot = session.links.get(&node.id);
         async move {
@@ -309,16 +335,38 @@ pub async fn round(
             if m.node != node.id {
                 return Err(format!("sent a masked input as `{}`", m.node));
             }
-            Ok((round::masked_from_wire(m), computed))
+            let parent: Head = m
+                .lineage_parent
+                .as_slice()
+                .try_into()
+                .map_err(|_| "sent a masked input without its lineage head".to_owned())?;
+            let signature = m.lineage_signature.clone();
+            Ok((round::masked_from_wire(m), (computed, (parent, signature))))
         }
     })
     .await;
     let answered_at = started.elapsed().as_secs_f64();
     crate::training::settle(behind.take()).await?;
-    let computations: Vec<Computation> = inputs.iter().map(|(_, (_, (c, _)))| *c).collect();
-    let answers: Vec<AnswerTimes> = inputs.iter().map(|(_, (_, (_, a)))| *a).collect();
+    let computations: Vec<Computation> = inputs.iter().map(|(_, (_, ((c, _), _)))| *c).collect();
+    let answers: Vec<AnswerTimes> = inputs.iter().map(|(_, (_, ((_, a), _)))| *a).collect();
     let answered: Vec<String> = inputs.iter().map(|(id, _)| id.clone()).collect();
-    let masked: Vec<MaskedInput> = inputs.into_iter().map(|(_, (m, _))| m).collect();
+    let mut parents: Vec<Head> = Vec::new();
+    let mut signed = Vec::new();
+    let mut masked: Vec<MaskedInput> = Vec::new();
+    for (_, (m, (_, (parent, signature)))) in inputs {
+        parents.push(parent);
+        signed.push(SignedInput {
+            node: m.node.clone(),
+            values: m.values.clone(),
+            signature,
+            certificate_pem: session
+                .certificates
+                .get(&m.node)
+                .cloned()
+                .unwrap_or_default(),
+        });
+        masked.push(m);
+    }
     // Audited as sent and answered: a member gone from the registry was
     // sent nothing.
     let audited_failures = failures.clone();
@@ -348,6 +396,23 @@ pub async fn round(
         return Ok(Outcome::Dropped { answered, failures });
     };
     let sum = sum?;
+    // Every member computed from the same head, or the nodes' lineages
+    // have parted: no evidence would convince all of them.
+    let parent = parents[0];
+    if parents.iter().any(|p| *p != parent) {
+        return Err(Error::LineageParted {
+            round: number,
+            session: session.id.clone(),
+        });
+    }
+    let evidence = Evidence {
+        session: session.id.clone(),
+        round: number,
+        members: session.members.clone(),
+        keys_sha256: session.keys_sha256,
+        parent,
+        inputs: signed,
+    };
     let seconds = started.elapsed().as_secs_f64();
     // Where the round's time went, µs from its start (GHX_LOG=debug).
     tracing::debug!(
@@ -364,7 +429,7 @@ pub async fn round(
         summed = micros(seconds),
         "session round timeline"
     );
-    Ok(Outcome::Summed(RoundSum {
+    Ok(Outcome::Summed(Box::new(RoundSum {
         sum: ghx_secagg::decode(&sum),
         contributors: session.members.clone(),
         failures: session.left_out.clone(),
@@ -375,7 +440,8 @@ pub async fn round(
         steps_ms: [0.0, seconds * 1000.0, 0.0, 0.0],
         last_answer_ms: AnswerTimes::of_last(&answers),
         keys_ahead: true,
-    }))
+        evidence: Some(evidence),
+    })))
 }
 
 #[cfg(test)]
@@ -401,6 +467,8 @@ mod tests {
             ),
             request_sha256: String::new(),
             dim: 8,
+            certificates: BTreeMap::new(),
+            keys_sha256: [0; 32],
             links: HashMap::new(),
         }
     }

@@ -92,6 +92,12 @@ pub enum Error {
     NoNodes,
     #[error(transparent)]
     Lineage(#[from] ghx_study::lineage::Error),
+    /// Members computed a round from different heads of the run's lineage:
+    /// no one round's evidence would carry all of them on.
+    #[error(
+        "session {session} round {round}: the members computed it from different lineage heads"
+    )]
+    LineageParted { round: u32, session: String },
     #[error("the audit log could not record the round: {0}")]
     Audit(#[from] ghx_db::audit::Error),
     #[error("the task writing a round's audit entries failed: {0}")]
@@ -247,6 +253,13 @@ pub struct TrainingRecord {
     pub evaluation: Option<Evaluation>,
     /// How many times a coordinator restart resumed this run.
     pub resumed: u32,
+    /// The evidence of the run's last summed round (the members' signed
+    /// masked inputs), sent with the next round: each node moves its own
+    /// lineage by it and never takes a model from the coordinator. None
+    /// before the moments, and in records from before nodes kept lineage
+    /// (such runs cannot resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<lineage::Evidence>,
 }
 
 impl TrainingRecord {
@@ -264,6 +277,7 @@ impl TrainingRecord {
             rounds: Vec::new(),
             evaluation: None,
             resumed: 0,
+            lineage: None,
         }
     }
 
@@ -276,6 +290,7 @@ impl TrainingRecord {
             moments_rows: self.moments_rows,
             rounds: self.rounds.len(),
             evaluation: self.evaluation.clone(),
+            lineage: self.lineage.clone(),
         }
     }
 
@@ -287,6 +302,7 @@ impl TrainingRecord {
         self.moments_rows = before.moments_rows;
         self.rounds.truncate(before.rounds);
         self.evaluation = before.evaluation;
+        self.lineage = before.lineage;
     }
 }
 
@@ -297,6 +313,7 @@ pub struct BeforeStep {
     moments_rows: u64,
     rounds: usize,
     evaluation: Option<Evaluation>,
+    lineage: Option<lineage::Evidence>,
 }
 
 /// What the coordinator needs to run rounds.
@@ -332,6 +349,8 @@ pub struct RoundSum {
     pub last_answer_ms: [f64; 3],
     /// Whether the round completed keys agreed ahead of it.
     pub keys_ahead: bool,
+    /// A session round's evidence, for the next round.
+    pub evidence: Option<lineage::Evidence>,
 }
 
 /// One node's local computation placed on the coordinator's time line:
@@ -704,6 +723,7 @@ pub async fn complete_round(
     fed: &Federation<'_>,
     keyed: Keyed,
     model: Option<&ModelDocument>,
+    previous: Option<&lineage::Evidence>,
 ) -> Result<RoundSum, Error> {
     let started = Instant::now();
     let Keyed {
@@ -724,6 +744,7 @@ pub async fn complete_round(
     let model_json = model
         .map(|m| serde_json::to_vec(m).expect("a model serializes"))
         .unwrap_or_default();
+    let previous = previous.map(round::evidence_to_wire);
 
     // Step 3: the model out, masked contributions back.
     let (masked, more) = step(&keep(&nodes, &holders), deadline, |node| {
@@ -731,8 +752,7 @@ pub async fn complete_round(
             round: round_id.to_owned(),
             shares: for_node.get(&node.id).cloned().unwrap_or_default(),
             model_json: model_json.clone(),
-            // No lineage yet (learn/LINEAGE.md part B).
-            previous: None,
+            previous: previous.clone(),
         };
         async move {
             let sent = started.elapsed().as_secs_f64();
@@ -841,6 +861,7 @@ pub async fn complete_round(
         steps_ms: [keys_ms, masked_ms, seconds * 1000.0 - masked_ms, 0.0],
         last_answer_ms: [0.0; 3],
         keys_ahead: false,
+        evidence: None,
     })
 }
 
@@ -872,11 +893,11 @@ pub async fn secure_round(
     fed: &Federation<'_>,
     round_id: &str,
     phase: Phase,
-    model: Option<&ModelDocument>,
+    (model, previous): (Option<&ModelDocument>, Option<&lineage::Evidence>),
     among: Option<&[String]>,
 ) -> Result<RoundSum, Error> {
     let keyed = agree_keys(fed, round_id, phase, among).await?;
-    let mut sum = complete_round(fed, keyed, model).await?;
+    let mut sum = complete_round(fed, keyed, model, previous).await?;
     sum.seconds += sum.steps_ms[0] / 1000.0;
     Ok(sum)
 }
@@ -887,7 +908,7 @@ async fn with_retries(
     fed: &Federation<'_>,
     round_id: &str,
     phase: Phase,
-    model: Option<&ModelDocument>,
+    from: (Option<&ModelDocument>, Option<&lineage::Evidence>),
     mut ahead: Option<Keyed>,
     members: Option<Vec<String>>,
 ) -> Result<RoundSum, Error> {
@@ -906,7 +927,7 @@ async fn with_retries(
             .take()
             .filter(|k| k.round_id == id && k.phase == phase);
         let outcome = match keyed {
-            Some(keyed) => complete_round(fed, keyed, model)
+            Some(keyed) => complete_round(fed, keyed, from.0, from.1)
                 .instrument(span)
                 .await
                 .map(|sum| RoundSum {
@@ -914,7 +935,7 @@ async fn with_retries(
                     ..sum
                 }),
             None => {
-                secure_round(fed, &id, phase, model, among.as_deref())
+                secure_round(fed, &id, phase, from, among.as_deref())
                     .instrument(span)
                     .await
             }
@@ -995,7 +1016,7 @@ async fn session_round(
     behind: &mut Option<dispatch::Behind>,
     prefix: &str,
     number: u32,
-    model: &ModelDocument,
+    previous: Option<&lineage::Evidence>,
     members: Option<Vec<String>>,
 ) -> Result<RoundSum, Error> {
     let started = Instant::now();
@@ -1027,7 +1048,7 @@ async fn session_round(
                 }
             }
         };
-        let outcome = session::round(fed, &session, number, model, behind)
+        let outcome = session::round(fed, &session, number, previous, behind)
             .instrument(
                 tracing::info_span!("training_round", round = number, session = %session.id),
             )
@@ -1038,7 +1059,7 @@ async fn session_round(
                 sum.steps_ms[0] = open_ms;
                 sum.keys_ahead = open_ms == 0.0;
                 *slot = Some(session);
-                return Ok(sum);
+                return Ok(*sum);
             }
             session::Outcome::Dropped { answered, failures } => {
                 let text = failures_text(&failures);
@@ -1083,7 +1104,7 @@ async fn round_and_next(
     pipeline: &mut Pipeline,
     prefix: &str,
     this: This<'_>,
-    model: Option<&ModelDocument>,
+    previous: Option<&lineage::Evidence>,
     next: Option<Ahead>,
 ) -> Result<RoundSum, Error> {
     let ahead = pipeline.ahead.take();
@@ -1118,17 +1139,26 @@ async fn round_and_next(
         match this {
             This::Round(round_id, phase) => {
                 settle(behind.take()).await?;
-                with_retries(fed, round_id, phase, model, ahead, members.clone()).await
+                // A run's one-off round (its evaluation) sends no model:
+                // nodes evaluate the one their lineage reached.
+                with_retries(
+                    fed,
+                    round_id,
+                    phase,
+                    (None, previous),
+                    ahead,
+                    members.clone(),
+                )
+                .await
             }
             This::Session(number) => {
-                let model = model.expect("a training round has a model");
                 session_round(
                     fed,
                     &mut slot,
                     &mut behind,
                     prefix,
                     number,
-                    model,
+                    previous,
                     members.clone(),
                 )
                 .await
@@ -1188,16 +1218,15 @@ pub async fn advance(
     let rounds_done = record.rounds.len() as u32;
     let rounds_total = record.rounds_total;
     // What to prepare while the step before training round `number`
-    // computes: the evaluation's keys after the last round; the session
-    // while the moments round computes; later, a session with every node
-    // when the run's session lacks some (every REJOIN_EVERY rounds). A
-    // training round otherwise leaves its session to the next.
+    // computes: the evaluation's keys after the last round; a session with
+    // every node when the run's session lacks some (every REJOIN_EVERY
+    // rounds). A round otherwise leaves its session to the next (the
+    // moments, round 0, open the run's first).
     let ahead_of = |number: u32, pipeline: &Pipeline| {
         if number > rounds_total {
             return Some(Ahead::Keys(format!("{prefix}/evaluation"), Phase::Evaluate));
         }
         match &pipeline.session {
-            None if number == 1 => Some(Ahead::Session),
             Some(s)
                 if number.is_multiple_of(REJOIN_EVERY)
                     && s.members.len() < fed.registry.list().len() =>
@@ -1207,15 +1236,19 @@ pub async fn advance(
             _ => None,
         }
     };
+    let previous = record.lineage.clone();
     match record.model.clone() {
         None => {
-            let ahead = ahead_of(1, pipeline);
+            // The moments are the session's round 0: the standardisation
+            // is part of the lineage the nodes check. Nothing is prepared
+            // ahead: round 1 uses the session round 0 opens.
+            let ahead = (rounds_total == 0).then(|| ahead_of(1, pipeline)).flatten();
             let round = round_and_next(
                 fed,
                 pipeline,
                 &prefix,
-                This::Round(&format!("{prefix}/moments"), Phase::Moments),
-                None,
+                This::Session(0),
+                previous.as_ref(),
                 ahead,
             )
             .await?;
@@ -1224,6 +1257,7 @@ pub async fn advance(
             let start = lineage::model_after(spec, None, &round.sum)?;
             record.moments_rows = start.rows.round().max(0.0) as u64;
             record.model = Some(start.model);
+            record.lineage = round.evidence;
         }
         Some(model) if rounds_done < rounds_total => {
             let number = rounds_done + 1;
@@ -1233,7 +1267,7 @@ pub async fn advance(
                 pipeline,
                 &prefix,
                 This::Session(number),
-                Some(&model),
+                previous.as_ref(),
                 ahead,
             )
             .await?;
@@ -1245,6 +1279,7 @@ pub async fn advance(
             };
             let train_rows = next.rows;
             record.model = Some(next.model);
+            record.lineage = round.evidence;
             // Reading the sum into the new model is part of the round.
             let update = updating.elapsed().as_secs_f64();
             let mut steps_ms = round.steps_ms;
@@ -1266,13 +1301,16 @@ pub async fn advance(
                 bias,
             });
         }
-        Some(model) => {
+        Some(_) => {
+            // Each node evaluates the model its lineage reached with the
+            // last round's evidence: exact, and no model of the
+            // coordinator's.
             let round = round_and_next(
                 fed,
                 pipeline,
                 &prefix,
                 This::Round(&format!("{prefix}/evaluation"), Phase::Evaluate),
-                Some(&model),
+                previous.as_ref(),
                 None,
             )
             .await?;
@@ -1292,7 +1330,7 @@ pub async fn validate(fed: &Federation<'_>, model: &ModelDocument) -> Result<Eva
         fed.spec.name,
         time::OffsetDateTime::now_utc().unix_timestamp_nanos()
     );
-    let round = secure_round(fed, &round_id, Phase::Evaluate, Some(model), None).await?;
+    let round = secure_round(fed, &round_id, Phase::Evaluate, (Some(model), None), None).await?;
     let noise = fed.spec.validation.map(|v| EvaluationNoise {
         epsilon: v.epsilon,
         bins: ghx_learn::evaluation::NOISED_SCORE_BINS,

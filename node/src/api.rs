@@ -11,6 +11,7 @@ use ghx_proto::v1 as pb;
 use ghx_study::capability::Verifier;
 use ghx_study::query;
 use ghx_study::result::{AggregateResult, CellValue};
+use ghx_study::training::ModelDocument;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -51,6 +52,8 @@ struct Inner {
     /// Most evaluation rounds one study may have here, and those admitted
     /// but not yet in the audit log.
     evaluations: crate::evaluations::EvaluationLimit,
+    /// Most runs of one training of a study this node starts.
+    max_runs: u32,
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
     /// This node's certificate and key, to sign the keys it advertises in
@@ -123,6 +126,13 @@ impl ApiError {
             )) => "internal",
             ApiError::Training(training::Error::Participants(_)) => "participants",
             ApiError::Training(training::Error::Evaluations { .. }) => "budget",
+            ApiError::Training(training::Error::Lineage(crate::lineage::Error::Store(_))) => {
+                "internal"
+            }
+            ApiError::Training(training::Error::Lineage(crate::lineage::Error::Runs {
+                ..
+            })) => "budget",
+            ApiError::Training(training::Error::Lineage(_)) => "lineage",
             ApiError::Training(_) | ApiError::Malformed(_) => "training",
             ApiError::View(crate::views::Error::View(_)) => "view",
             ApiError::Differencing(_)
@@ -163,9 +173,24 @@ fn status(error: &ApiError) -> Status {
         ApiError::BudgetSpent { .. } | ApiError::Training(training::Error::Evaluations { .. }) => {
             Status::resource_exhausted(error.to_string())
         }
+        ApiError::Training(training::Error::Lineage(crate::lineage::Error::Signature {
+            ..
+        })) => Status::permission_denied(error.to_string()),
+        ApiError::Training(training::Error::Lineage(crate::lineage::Error::Runs { .. })) => {
+            Status::resource_exhausted(error.to_string())
+        }
+        ApiError::Training(training::Error::Lineage(crate::lineage::Error::Store(_))) => {
+            tracing::error!(error = %error, "request failed inside the node");
+            Status::internal(
+                "the node failed to answer; its administrator can see why in the node log",
+            )
+        }
         ApiError::Training(
             training::Error::TooFew { .. }
             | training::Error::ValidationUndeclared(_)
+            | training::Error::Lineage(_)
+            | training::Error::NotFinal { .. }
+            | training::Error::NotAgreed(_)
             | training::Error::Participants(
                 crate::participants::Error::TooFew { .. }
                 | crate::participants::Error::NotMember { .. }
@@ -185,6 +210,8 @@ fn status(error: &ApiError) -> Status {
         | ApiError::Training(
             training::Error::Phase(_)
             | training::Error::SessionPhase(_)
+            | training::Error::TrainOutsideRun
+            | training::Error::SessionWithoutRun
             | training::Error::NotParticipant(_)
             | training::Error::Dimension { .. }
             | training::Error::Model(_)
@@ -250,6 +277,7 @@ impl NodeApi {
                 evaluations: crate::evaluations::EvaluationLimit::new(
                     crate::config::DEFAULT_MAX_EVALUATIONS,
                 ),
+                max_runs: crate::config::DEFAULT_MAX_TRAINING_RUNS,
                 audit: store.audit_log().clone(),
                 round_keys: None,
                 stopping: tokio::sync::watch::Sender::new(false),
@@ -287,6 +315,14 @@ impl NodeApi {
         Arc::get_mut(&mut self.inner)
             .expect("configured before it is shared")
             .evaluations = crate::evaluations::EvaluationLimit::new(max);
+        self
+    }
+
+    /// Most runs of one training of a study this node starts.
+    pub fn with_run_limit(mut self, max: u32) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before it is shared")
+            .max_runs = max;
         self
     }
 
@@ -736,7 +772,7 @@ impl NodeApi {
         caller: &PeerIdentity,
         message: pb::RoundAdvertiseRequest,
     ) -> Result<pb::RoundAdvertiseResponse, ApiError> {
-        self.admitted_round(caller, message, |api, admitted| {
+        self.admitted_round(caller, message, false, |api, admitted| {
             let round = admitted.params.round.clone();
             let advertise = api.inner.rounds.start(
                 admitted.params,
@@ -764,12 +800,7 @@ impl NodeApi {
         caller: &PeerIdentity,
         message: pb::RoundAdvertiseRequest,
     ) -> Result<pb::SessionOpenResponse, ApiError> {
-        self.admitted_round(caller, message, |api, admitted| {
-            if admitted.work.phase != Phase::Train {
-                return Err(
-                    training::Error::SessionPhase(admitted.work.phase.name().to_owned()).into(),
-                );
-            }
+        self.admitted_round(caller, message, true, |api, admitted| {
             training::check_enough(&admitted.work.data, admitted.work.min_cell_size)?;
             let session = admitted.params.round.clone();
             let keys = api.inner.rounds.open_session(
@@ -804,13 +835,16 @@ impl NodeApi {
         Ok((signature, current.cert_pem))
     }
 
-    /// Admits a round or session under its capability and reads the
-    /// training's rows (once per run), then `start`s it; audits the
-    /// outcome either way.
+    /// Admits a round or (`session`) a run's session under its capability
+    /// and reads the training's rows (once per run), then `start`s it;
+    /// audits the outcome either way. A training round is computed only in
+    /// a run's session, whose vectors hold the moments (round 0) or a
+    /// training round's; a one-off round is moments or an evaluation.
     fn admitted_round<T>(
         &self,
         caller: &PeerIdentity,
         message: pb::RoundAdvertiseRequest,
+        session: bool,
         start: impl FnOnce(&NodeApi, AdmittedRound) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let started = std::time::Instant::now();
@@ -834,6 +868,17 @@ impl NodeApi {
             Self::require_coordinator(caller)?;
             let phase = Phase::parse(&message.phase)
                 .ok_or_else(|| training::Error::Phase(message.phase.clone()))?;
+            match (session, phase) {
+                (true, Phase::Train) if message.run.is_empty() => {
+                    return Err(training::Error::SessionWithoutRun.into());
+                }
+                (true, Phase::Train) => {}
+                (true, other) => {
+                    return Err(training::Error::SessionPhase(other.name().to_owned()).into());
+                }
+                (false, Phase::Train) => return Err(training::Error::TrainOutsideRun.into()),
+                (false, _) => {}
+            }
             let params = ghx_proto::round::params_from_wire(message.params.unwrap_or_default())
                 .map_err(ApiError::Malformed)?;
             let action = if phase == Phase::Evaluate {
@@ -868,7 +913,11 @@ impl NodeApi {
             note_capability(&mut entry, &admitted.claims);
             entry.policy_reasons = admitted.access.summary();
             let spec = &admitted.training;
-            let expected = phase.len(spec.features.len(), spec.param_count());
+            let expected = if session {
+                ghx_learn::federated::session_len(spec.features.len(), spec.param_count())
+            } else {
+                phase.len(spec.features.len(), spec.param_count())
+            };
             if params.dim != expected {
                 return Err(training::Error::Dimension {
                     round: params.round.clone(),
@@ -973,6 +1022,7 @@ impl NodeApi {
                         claims: admitted.claims,
                         manifest: Arc::new(admitted.manifest),
                         validation,
+                        run: message.run.clone(),
                     }),
                     lifetime,
                 },
@@ -1045,31 +1095,53 @@ impl NodeApi {
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         Self::require_coordinator(caller)?;
         let (origin, work) = self.inner.rounds.begin_masked(&message.round)?;
+        // A run's evaluation scores the model this node computed for the
+        // run's last round, whatever model is sent; an external validation
+        // the sender's, noised.
+        let source = if work.run.is_empty() {
+            Source::Supplied(&message.model_json)
+        } else {
+            let previous = message
+                .previous
+                .map(ghx_proto::round::evidence_from_wire)
+                .transpose()
+                .map_err(ApiError::Malformed)?;
+            Source::Evaluated(previous)
+        };
         let release = Release {
             label: &message.round,
             charge_id: &work.claims.jti,
             origin: &origin,
             work: &work,
-            model_json: &message.model_json,
+            phase: work.phase,
+            source,
             in_session: false,
             received,
         };
-        self.release_masked(caller, release, |values| {
-            let shares: Vec<_> = message
-                .shares
-                .into_iter()
-                .map(ghx_proto::round::share_from_wire)
-                .collect();
-            Ok(self
-                .inner
-                .rounds
-                .masked_input(&message.round, &shares, values)?)
-        })
+        self.release_masked(
+            caller,
+            release,
+            || Ok(()),
+            |values| {
+                let shares: Vec<_> = message
+                    .shares
+                    .into_iter()
+                    .map(ghx_proto::round::share_from_wire)
+                    .collect();
+                Ok(self
+                    .inner
+                    .rounds
+                    .masked_input(&message.round, &shares, values)?)
+            },
+        )
     }
 
-    /// Round n of a training run's session: the round number is claimed
-    /// (never masked twice), the capability must be unexpired, then as
-    /// step 3. Audited.
+    /// Round n of a training run's session: the model it computes from is
+    /// this node's own, moved along the run's lineage by the evidence of
+    /// the round before (checked before the round number is claimed, so a
+    /// refused request burns none); the number is claimed (never masked
+    /// twice), the capability must be unexpired, then as step 3, and the
+    /// masked input is signed for the lineage. Audited.
     fn session_input(
         &self,
         caller: &PeerIdentity,
@@ -1077,10 +1149,12 @@ impl NodeApi {
         received: std::time::Instant,
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         Self::require_coordinator(caller)?;
-        let (origin, work) = self
-            .inner
-            .rounds
-            .begin_session_round(&message.session, message.round)?;
+        let (origin, work, keys_sha256) = self.inner.rounds.session_work(&message.session)?;
+        let previous = message
+            .previous
+            .map(ghx_proto::round::evidence_from_wire)
+            .transpose()
+            .map_err(ApiError::Malformed)?;
         let label = format!("{} round {}", message.session, message.round);
         let charge_id = format!("{}/round-{}", work.claims.jti, message.round);
         let release = Release {
@@ -1088,16 +1162,43 @@ impl NodeApi {
             charge_id: &charge_id,
             origin: &origin,
             work: &work,
-            model_json: &message.model_json,
+            // The moments are a run's round 0.
+            phase: if message.round == 0 {
+                Phase::Moments
+            } else {
+                Phase::Train
+            },
+            source: Source::Lineage(LineageRound {
+                session: &message.session,
+                round: message.round,
+                previous,
+                keys_sha256,
+            }),
             in_session: true,
             received,
         };
-        self.release_masked(caller, release, |values| {
-            Ok(self
-                .inner
-                .rounds
-                .session_masked_input(&message.session, message.round, values)?)
-        })
+        self.release_masked(
+            caller,
+            release,
+            || {
+                self.inner
+                    .rounds
+                    .begin_session_round(&message.session, message.round)?;
+                Ok(())
+            },
+            |values| {
+                let len = ghx_learn::federated::session_len(
+                    work.spec.features.len(),
+                    work.spec.param_count(),
+                );
+                let padded = ghx_learn::federated::padded(values, len);
+                Ok(self.inner.rounds.session_masked_input(
+                    &message.session,
+                    message.round,
+                    &padded,
+                )?)
+            },
+        )
     }
 
     /// Relays a session's keys: every member's key must be signed by its
@@ -1158,6 +1259,65 @@ impl NodeApi {
         Ok(out)
     }
 
+    /// The model a round computes from, and for a run's round the lineage
+    /// step it was reached by (the session round, when it is one, and the
+    /// head its input is signed over). A run's rounds never read a model
+    /// the coordinator sends.
+    fn model_for<'s>(
+        &self,
+        origin: &training::RoundOrigin,
+        work: &training::RoundWork,
+        source: &'s Source<'s>,
+    ) -> Result<RoundModel<'s>, ApiError> {
+        let spec = &work.spec;
+        let (at, previous) = match source {
+            Source::Supplied(json) if work.phase == Phase::Evaluate => {
+                return Ok((
+                    Some(ModelDocument::parse_for(json, spec).map_err(training::Error::from)?),
+                    None,
+                ));
+            }
+            Source::Supplied(_) => return Ok((None, None)),
+            Source::Lineage(at) => (Some(at), at.previous.as_ref()),
+            Source::Evaluated(previous) => {
+                let got = previous.as_ref().map_or(0, |e| e.round);
+                if previous.is_some() && got != spec.rounds {
+                    return Err(training::Error::NotFinal {
+                        got,
+                        rounds: spec.rounds,
+                    }
+                    .into());
+                }
+                (None, previous.as_ref())
+            }
+        };
+        let (_, keys) = self
+            .inner
+            .round_keys
+            .as_ref()
+            .ok_or(training::Error::NoSigningKey)?;
+        let run = crate::store::RunKey {
+            study_id: &origin.study,
+            training_sha256: &origin.request_sha256,
+            run_id: &work.run,
+        };
+        let round = at.map_or(spec.rounds.saturating_add(1), |at| at.round);
+        let step = crate::lineage::advance(
+            &self.inner.store,
+            keys,
+            crate::lineage::At {
+                run,
+                round,
+                members: &origin.participants,
+                max_runs: self.inner.max_runs,
+            },
+            previous,
+            spec,
+        )
+        .map_err(training::Error::from)?;
+        Ok((step.model, Some((at, step.parent))))
+    }
+
     /// Computes and releases a round's masked contribution: the study must
     /// still stand (and, in a session, the capability be unexpired), and a
     /// noised training round is charged to the budget ledger before
@@ -1166,6 +1326,7 @@ impl NodeApi {
         &self,
         caller: &PeerIdentity,
         release: Release<'_>,
+        claim: impl FnOnce() -> Result<(), ApiError>,
         mask: impl FnOnce(&[f64]) -> Result<ghx_secagg::MaskedInput, ApiError>,
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         let Release {
@@ -1173,7 +1334,8 @@ impl NodeApi {
             charge_id,
             origin,
             work,
-            model_json,
+            phase,
+            source,
             in_session,
             received,
         } = release;
@@ -1206,15 +1368,17 @@ impl NodeApi {
                 sums.check(&inner.store, study, label, nodes)
             }
             .map_err(training::Error::from)?;
+            let (model, lineage) = self.model_for(origin, work, &source)?;
+            claim()?;
             let computing = std::time::Instant::now();
             checked_at = Some(computing);
             let contribution = {
                 let _engine = tracing::info_span!("engine").entered();
                 training::contribution(
-                    work.phase,
+                    phase,
                     &work.spec,
                     (&work.data, &work.standardised),
-                    model_json,
+                    model.as_ref(),
                     work.min_cell_size,
                     work.validation,
                 )?
@@ -1225,7 +1389,7 @@ impl NodeApi {
             // A noised training round is paid for before it is released:
             // the growth of the training's epsilon from the rounds this
             // node already charged for it (over every run) to one more.
-            let budget_note = match (&work.spec.privacy, work.phase, work.validation) {
+            let budget_note = match (&work.spec.privacy, phase, work.validation) {
                 (Some(privacy), Phase::Train, _) => {
                     let _charging = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
                     let charged = inner.store.privacy_charges_for(
@@ -1258,7 +1422,7 @@ impl NodeApi {
                         charge_id,
                         &work.claims,
                         &work.manifest,
-                        &ghx_audit::digest(model_json),
+                        &ghx_audit::digest(source.supplied()),
                         (epsilon, 0.0),
                     )?;
                     entry.epsilon = epsilon;
@@ -1271,10 +1435,38 @@ impl NodeApi {
             let masked = mask(&contribution.values)?;
             entry.result_sha256 = ghx_audit::digest_words(&masked.values);
             entry.result_cells = i64::try_from(masked.values.len()).unwrap_or(i64::MAX);
+            // A run's round: the masked input signed for the lineage, so
+            // every member can check the sum the next round is read from.
+            let (lineage_signature, lineage_parent) = match &lineage {
+                Some((Some(at), parent)) => {
+                    let statement = ghx_study::lineage::InputStatement {
+                        study: &origin.study,
+                        training_sha256: &origin.request_sha256,
+                        run: &work.run,
+                        session: at.session,
+                        round: at.round,
+                        parent,
+                        keys_sha256: &at.keys_sha256,
+                        members: &origin.participants,
+                        node: &inner.node_id,
+                        masked: &masked.values,
+                    };
+                    let (signature, _) = self.sign_keys(&statement.bytes())?;
+                    (signature, parent.to_vec())
+                }
+                _ => (Vec::new(), Vec::new()),
+            };
             entry.reason = format!(
-                "round {}: sent the masked contribution ({} values){}",
+                "round {}: sent the masked contribution ({} values){}{}",
                 label,
                 masked.values.len(),
+                lineage
+                    .as_ref()
+                    .map(|(_, parent)| format!(
+                        "; computed from lineage head {}",
+                        hex::encode(parent)
+                    ))
+                    .unwrap_or_default(),
                 budget_note.map(|n| format!("; {n}")).unwrap_or_default()
             );
             let node_metrics_json = match &contribution.metrics {
@@ -1285,6 +1477,8 @@ impl NodeApi {
                 local_micros,
                 local_started_micros,
                 node_metrics_json,
+                lineage_signature,
+                lineage_parent,
                 ..ghx_proto::round::masked_to_wire(masked)
             })
         })();
@@ -1330,11 +1524,54 @@ struct Release<'a> {
     charge_id: &'a str,
     origin: &'a training::RoundOrigin,
     work: &'a training::RoundWork,
-    model_json: &'a [u8],
+    /// What the round computes: the moments, a training round or an
+    /// evaluation.
+    phase: Phase,
+    source: Source<'a>,
     /// A session round: the capability must still be unexpired.
     in_session: bool,
     /// When the node's handler received the request.
     received: std::time::Instant,
+}
+
+/// Where a round's model comes from.
+enum Source<'a> {
+    /// The sender's (an external validation, or a one-off moments round,
+    /// which reads none).
+    Supplied(&'a [u8]),
+    /// A run's session round: the node's own lineage, moved by the
+    /// evidence of the round before.
+    Lineage(LineageRound<'a>),
+    /// A run's evaluation: the model after the run's last round, by its
+    /// evidence.
+    Evaluated(Option<ghx_study::lineage::Evidence>),
+}
+
+impl Source<'_> {
+    /// The model the sender supplied (empty when the node computes it).
+    fn supplied(&self) -> &[u8] {
+        match self {
+            Source::Supplied(json) => json,
+            _ => &[],
+        }
+    }
+}
+
+/// The model a round computes from and, for a run's round, the lineage
+/// step it was reached by: the session round, when it is one, and the head
+/// its input is signed over.
+type RoundModel<'s> = (
+    Option<ModelDocument>,
+    Option<(Option<&'s LineageRound<'s>>, ghx_study::lineage::Head)>,
+);
+
+/// A session round of a run.
+struct LineageRound<'a> {
+    session: &'a str,
+    round: u32,
+    /// The evidence of round `round - 1`; none for round 0.
+    previous: Option<ghx_study::lineage::Evidence>,
+    keys_sha256: ghx_study::lineage::Head,
 }
 
 /// An audit entry for `caller` doing `action`, to be filled in.

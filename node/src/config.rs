@@ -72,6 +72,11 @@ pub struct NodeConfig {
     /// chose, so each can be crafted to read something of them.
     #[serde(default = "default_max_evaluations")]
     pub max_evaluations_per_study: u32,
+    /// Most runs of one training of a study this node takes part in: each
+    /// run is another honest trajectory of the training whose sums the
+    /// coordinator sees.
+    #[serde(default = "default_max_training_runs")]
+    pub max_training_runs_per_study: u32,
     /// Audit checkpoints and retention.
     #[serde(default)]
     pub audit: ghx_audit::Settings,
@@ -164,6 +169,14 @@ pub const DEFAULT_MAX_EVALUATIONS: u32 = 20;
 
 fn default_max_evaluations() -> u32 {
     DEFAULT_MAX_EVALUATIONS
+}
+
+/// Runs of one training of a study a node takes part in unless configured
+/// otherwise.
+pub const DEFAULT_MAX_TRAINING_RUNS: u32 = 20;
+
+fn default_max_training_runs() -> u32 {
+    DEFAULT_MAX_TRAINING_RUNS
 }
 
 /// Fewest nodes in a sum unless configured otherwise.
@@ -401,6 +414,10 @@ mod tests {
         assert_eq!(config.secure_aggregation, SumSettings::default());
         assert_eq!(config.secure_aggregation.min_participants, 3);
         assert_eq!(config.max_evaluations_per_study, DEFAULT_MAX_EVALUATIONS);
+        assert_eq!(
+            config.max_training_runs_per_study,
+            DEFAULT_MAX_TRAINING_RUNS
+        );
         assert!(config.tls.ca.is_absolute());
         assert!(config.database_url.ends_with("/chosun.db"));
     }

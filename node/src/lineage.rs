@@ -23,6 +23,10 @@ pub struct At<'a> {
     pub round: u32,
     /// The nodes the study sums over here, sorted.
     pub members: &'a [String],
+    /// Most runs of one training of a study this node starts
+    /// (`max_training_runs_per_study`): each new run is another honest
+    /// trajectory whose sums the coordinator sees.
+    pub max_runs: u32,
 }
 
 /// What the round computes from.
@@ -40,6 +44,11 @@ pub struct Step {
 pub enum Error {
     #[error("run {run} of this training was already started here")]
     Started { run: String },
+    #[error(
+        "this training of the study has had the {limit} runs this node allows \
+         (max_training_runs_per_study)"
+    )]
+    Runs { limit: u32 },
     #[error(
         "run {run} has no lineage here (it did not start with this node, or started before nodes kept lineage)"
     )]
@@ -97,6 +106,14 @@ pub fn advance(
             head: hex::encode(genesis),
             model_json: String::new(),
         };
+        // A new run only while the training has had fewer here. (Two
+        // admitted at once may pass together: one over, at most per
+        // concurrent request.)
+        if store.lineage(run)?.is_none()
+            && store.count_lineages(run.study_id, run.training_sha256)? >= i64::from(at.max_runs)
+        {
+            return Err(Error::Runs { limit: at.max_runs });
+        }
         if !store.start_lineage(run, &start)? {
             let stored = store
                 .lineage(run)?
@@ -319,6 +336,7 @@ mod tests {
                 run: RUN,
                 round,
                 members: &self.members,
+                max_runs: 20,
             };
             advance(&self.store, &self.keys, at, previous, &self.spec)
         }
@@ -406,6 +424,43 @@ mod tests {
             e.to_string(),
             "run run-0001's lineage here is at round 1; the evidence continues from a head it does not hold"
         );
+    }
+
+    #[test]
+    fn a_training_starts_no_more_runs_than_the_node_allows() {
+        let f = federation();
+        let start = |run_id: &str, max_runs: u32| {
+            let at = At {
+                run: RunKey { run_id, ..RUN },
+                round: 0,
+                members: &f.members,
+                max_runs,
+            };
+            advance(&f.store, &f.keys, at, None, &f.spec)
+        };
+        start("run-0001", 2).unwrap();
+        start("run-0002", 2).unwrap();
+        // A run already started goes on; a third is refused, and stores
+        // nothing.
+        start("run-0002", 2).unwrap();
+        let err = start("run-0003", 2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "this training of the study has had the 2 runs this node allows \
+             (max_training_runs_per_study)"
+        );
+        assert_eq!(f.store.count_lineages("study-0001", "ab").unwrap(), 2);
+        // Another training of the study counts its own.
+        let other = At {
+            run: RunKey {
+                training_sha256: "cd",
+                ..RUN
+            },
+            round: 0,
+            members: &f.members,
+            max_runs: 2,
+        };
+        advance(&f.store, &f.keys, other, None, &f.spec).unwrap();
     }
 
     #[test]

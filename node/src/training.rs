@@ -9,14 +9,15 @@
 //! evaluation or not by a hash of the training and its id, so the split is
 //! stable across rounds and runs.
 //!
-//! Step 1 admits a round and reads the training's rows (once per run);
-//! step 3 brings the global model, and the round's contribution is computed
-//! then, masked and sent; nothing of it is stored. The round's secrets stay
-//! in memory until step 4. A training run's rounds go through a session
-//! instead (`ghx_secagg::session`): admitted and keyed once, then one
-//! request per round, each checked against revocation and the
-//! capability's expiry; the session's secret stays in memory while the
-//! run uses it. Patient rows stay in this module's cache for the
+//! Step 1 admits a one-off round (moments, or an evaluation) and reads the
+//! training's rows (once per run); at step 3 the round's contribution is
+//! computed, masked and sent; nothing of it is stored. The round's secrets
+//! stay in memory until step 4. A training run's rounds go through a
+//! session instead (`ghx_secagg::session`): admitted and keyed once, then
+//! one request per round (round 0 the moments), each checked against
+//! revocation and the capability's expiry, each computed from the model
+//! the node's own lineage gives (`crate::lineage`); the session's secret
+//! stays in memory while the run uses it. Patient rows stay in this module's cache for the
 //! length of a run and never leave the node.
 
 use std::collections::{BTreeMap, HashMap};
@@ -104,6 +105,22 @@ pub enum Error {
          validation.epsilon in the study's manifest"
     )]
     ValidationUndeclared(String),
+    #[error(
+        "a training round is computed only in a run's session, from the model this node \
+         computes itself"
+    )]
+    TrainOutsideRun,
+    #[error("a session trains a run: the request names none")]
+    SessionWithoutRun,
+    #[error("session {0} has not agreed its keys yet")]
+    NotAgreed(String),
+    #[error(
+        "only a run's final model is evaluated in the run: the evidence is of round {got}; \
+         the training has {rounds} rounds"
+    )]
+    NotFinal { got: u32, rounds: u32 },
+    #[error("lineage: {0}")]
+    Lineage(#[from] crate::lineage::Error),
 }
 
 /// What one node holds for a training: complete-case rows, split.
@@ -293,13 +310,14 @@ pub fn check_enough(data: &Extracted, min_cell_size: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// Computes this node's contribution to a round, standardising rows
-/// through `standardised` (kept with the round or session).
+/// Computes this node's contribution to a round from `model` (none for
+/// the moments), standardising rows through `standardised` (kept with the
+/// round or session).
 pub fn contribution(
     phase: Phase,
     spec: &TrainingSpec,
     (data, standardised): (&Extracted, &Standardised),
-    model_json: &[u8],
+    model: Option<&ModelDocument>,
     min_cell_size: u32,
     validation: Option<f64>,
 ) -> Result<Contribution, Error> {
@@ -314,10 +332,10 @@ pub fn contribution(
             metrics: None,
         });
     }
-    let model = ModelDocument::parse_for(model_json, spec)?;
+    let model = model.ok_or(Error::ModelShape)?;
     let global = model.model();
     if phase == Phase::Evaluate {
-        let holdout = standardised.holdout(data, &model);
+        let holdout = standardised.holdout(data, model);
         let mut sums = EvaluationSums::of(&global, &holdout);
         // An external validation's model is the requester's to choose:
         // each count noised here (sensitivity 1), before masking.
@@ -340,7 +358,7 @@ pub fn contribution(
     if !model.is_shaped_for(spec) {
         return Err(Error::ModelShape);
     }
-    let train = standardised.train(data, &model);
+    let train = standardised.train(data, model);
     // One generator per round, seeded from the operating system: a
     // cryptographic generator (ChaCha12) for the noise, and no system call
     // per shuffled row, which drawing from the OS directly cost.
@@ -407,6 +425,8 @@ pub struct RoundWork {
     /// An external validation (an evaluation outside a run): the epsilon
     /// its counts are noised at and charged.
     pub validation: Option<f64>,
+    /// The run the round or session belongs to; empty outside a run.
+    pub run: String,
 }
 
 /// A generator seeded from the operating system: a cryptographic one
@@ -433,6 +453,8 @@ struct RunSession {
     client: SessionClient,
     origin: RoundOrigin,
     work: Arc<RoundWork>,
+    /// The digest of the agreed keys, every member's lineage input names.
+    keys_sha256: Option<ghx_study::lineage::Head>,
     /// How long the session lives past its last use.
     lifetime: Duration,
     expires: Instant,
@@ -591,6 +613,7 @@ impl Rounds {
                 client,
                 origin: origin.clone(),
                 work,
+                keys_sha256: None,
                 lifetime,
                 expires: now + lifetime,
             },
@@ -635,7 +658,27 @@ impl Rounds {
             check(&s.origin, &members)?;
             s.client.agree(keys)?;
             s.origin.participants = members;
+            let agreed: Vec<(String, Vec<u8>)> = keys
+                .iter()
+                .map(|k| (k.node.clone(), k.mask_key.to_vec()))
+                .collect();
+            s.keys_sha256 = Some(ghx_study::lineage::keys_sha256(&agreed));
             Ok(())
+        })
+    }
+
+    /// What a session's rounds compute, read without claiming a round (its
+    /// lineage is checked first, so a refused request burns no number),
+    /// with the digest of its agreed keys.
+    pub fn session_work(
+        &self,
+        session: &str,
+    ) -> Result<(RoundOrigin, Arc<RoundWork>, ghx_study::lineage::Head), Error> {
+        self.with_session(session, |s| {
+            let keys = s
+                .keys_sha256
+                .ok_or_else(|| Error::NotAgreed(session.to_owned()))?;
+            Ok((s.origin.clone(), s.work.clone(), keys))
         })
     }
 
@@ -770,7 +813,7 @@ mod tests {
             Phase::Moments,
             spec,
             (&data, &Standardised::default()),
-            b"",
+            None,
             10,
             None,
         )
@@ -787,7 +830,7 @@ mod tests {
             Phase::Moments,
             spec,
             (&data, &Standardised::default()),
-            b"",
+            None,
             3,
             None,
         )
@@ -829,13 +872,12 @@ mod tests {
                 bias: 0.0,
             },
         );
-        let json = serde_json::to_vec(&model).unwrap();
         let run = |validation| {
             contribution(
                 Phase::Evaluate,
                 spec,
                 (&data, &Standardised::default()),
-                &json,
+                Some(&model),
                 10,
                 validation,
             )
@@ -890,6 +932,7 @@ mod tests {
             ),
             manifest: Arc::new(manifest),
             validation: None,
+            run: String::new(),
         })
     }
 

@@ -12,6 +12,7 @@ use ghx_learn::{Dataset, Model, Standardiser};
 use ghx_node::policy::PolicyDir;
 use ghx_node::training::{self, Extracted, Phase};
 use ghx_proto::v1 as pb;
+use ghx_study::lineage::{Evidence, SignedInput};
 use ghx_study::manifest::StudyManifest;
 use ghx_study::training::{ModelDocument, TrainingSpec};
 use rand::SeedableRng;
@@ -430,7 +431,8 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     );
     spent(2.0 * declared);
 
-    // A coordinator that stopped after round 3 resumes from there.
+    // A run recorded before nodes kept lineage (no evidence with its
+    // rounds) cannot resume: the nodes take no model from the coordinator.
     let store = CoordinatorStore::open(
         federation
             .dir
@@ -444,9 +446,7 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     interrupted.status = RunStatus::Running;
     interrupted.rounds.truncate(3);
     interrupted.evaluation = None;
-    let after_three = interrupted.model.as_mut().unwrap();
-    after_three.weights = record.rounds[2].weights.clone();
-    after_three.bias = record.rounds[2].bias;
+    interrupted.lineage = None;
     store
         .save_training_run(
             &TrainingRunRow {
@@ -463,24 +463,15 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
     let resumed = federation.coordinator_api().resume_training().unwrap();
     assert_eq!(resumed, vec!["run-0099".to_owned()]);
     let record = finished(&federation, RESEARCHER, "run-0099").await;
-    assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
-    assert_eq!(record.resumed, 1);
-    assert_eq!(record.rounds.len(), spec.rounds as usize);
-    assert_eq!(record.rounds[..3], interrupted.rounds[..]);
-    // The restarted coordinator agreed round 4's keys when it came, and
-    // each later round's ahead of it again.
-    assert!(!record.rounds[3].keys_ahead);
-    assert!(record.rounds[4..].iter().all(|r| r.keys_ahead));
-    let resumed_model = record.model.unwrap();
-    let resumed_auc = metrics::auc(
-        &resumed_model.model().predict_all(&holdout_s),
-        holdout_s.labels(),
-    )
-    .unwrap();
+    assert_eq!(record.status, RunStatus::Failed, "{}", record.detail);
     assert!(
-        (resumed_auc - pooled_auc).abs() < 0.005,
-        "resumed AUC {resumed_auc} vs pooled {pooled_auc}"
+        record
+            .detail
+            .contains("round 4 of run run-0099 needs the evidence of the round before"),
+        "{}",
+        record.detail
     );
+    assert_eq!(record.rounds.len(), 3);
 
     federation.shutdown().await;
 }
@@ -657,10 +648,27 @@ async fn a_hospital_going_offline_stops_the_training_rather_than_summing_over_tw
         "{}",
         record.detail
     );
-    // Back online: a new run of the study, over the three again.
+    // Back online: the run resumes where it stopped, over the three
+    // again, from the lineage each node keeps (and the coordinator's
+    // evidence of the last round it summed; a node that applied it
+    // already just goes on).
     federation.restart_node("christian").await.unwrap();
-    let again = run_to_end(&federation, &study_id, "").await;
+    in_coordinator_db(
+        &federation,
+        &format!(
+            "UPDATE training_runs SET status = 'running', \
+             record_json = json_set(record_json, '$.status', 'running') \
+             WHERE id = '{}';",
+            status.run_id
+        ),
+    );
+    let resumed = federation.coordinator_api().resume_training().unwrap();
+    assert_eq!(resumed, vec![status.run_id.clone()]);
+    let again = finished(&federation, RESEARCHER, &status.run_id).await;
     assert_eq!(again.status, RunStatus::Completed, "{}", again.detail);
+    assert_eq!(again.resumed, 1);
+    assert_eq!(again.rounds.len(), 100);
+    assert_eq!(again.rounds[..record.rounds.len()], record.rounds[..]);
     assert!(again.rounds.iter().all(|r| r.contributors == all));
     assert_eq!(again.evaluation.unwrap().contributors, all);
     federation.shutdown().await;
@@ -934,9 +942,8 @@ async fn a_node_refusing_a_noised_round_for_too_few_patients_is_not_charged() {
     let record = run_to_end(&federation, &study_id, "").await;
     assert_eq!(record.status, RunStatus::Completed, "{}", record.detail);
     assert_eq!(record.rounds.len(), rounds as usize);
-    // Christian refused the moments round for too few patients; the run's
-    // later rounds are keyed among the two that summed it (nodes sum a
-    // study over one set).
+    // Christian refused the run's session for too few patients; the run's
+    // rounds are summed by the other two (nodes sum a study over one set).
     for round in &record.rounds {
         assert_eq!(round.contributors, ["chonnam", "chosun"]);
         assert!(
@@ -1125,10 +1132,11 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     assert_eq!(shares.len(), 1);
     assert_eq!(shares[0].to, ids[1]);
 
-    // A session for the training rounds: a moments phase is refused; the
-    // members' keys must be signed by their nodes; each round number is
-    // masked once, in order.
+    // A session for the run's rounds: a moments phase, or no run, is
+    // refused; the members' keys must be signed by their nodes; each round
+    // number is masked once, in order.
     let session = "attack/session".to_owned();
+    let session_len = ghx_learn::federated::session_len(spec.features.len(), spec.param_count());
     let open = |phase: &str, session: &str| pb::RoundAdvertiseRequest {
         capability: fresh_token(),
         manifest_json: manifest_json.clone(),
@@ -1137,9 +1145,7 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
             round: session.to_owned(),
             participants: ids.clone(),
             threshold: 2,
-            dim: training::Phase::parse(phase)
-                .unwrap()
-                .len(spec.features.len(), spec.param_count()) as u32,
+            dim: session_len as u32,
         }),
         phase: phase.to_owned(),
         run: "run-attack".to_owned(),
@@ -1151,6 +1157,33 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(
         err.message().contains("a session trains"),
+        "{}",
+        err.message()
+    );
+    let err = clients[0]
+        .session_open(pb::RoundAdvertiseRequest {
+            run: String::new(),
+            ..open("train", "attack/other")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("a session trains a run"),
+        "{}",
+        err.message()
+    );
+    // Nor is a training round outside a session: its model would be the
+    // coordinator's.
+    let err = clients[0]
+        .round_advertise(pb::RoundAdvertiseRequest {
+            run: String::new(),
+            ..open("train", "attack/one-off")
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("only in a run's session"),
         "{}",
         err.message()
     );
@@ -1187,21 +1220,127 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     for client in &mut clients {
         client.session_agree(agree(keys.clone())).await.unwrap();
     }
+    // Issue 38 (3), lineage: the model a round computes from is the node's
+    // own, moved by the members' signed inputs of the round before; the
+    // coordinator sends none. A model sent along is ignored.
     let dim = spec.features.len();
-    let model = ModelDocument::new(spec, &vec![0.0; dim], &vec![1.0; dim], &Model::zeros(dim));
-    let input = |round: u32| pb::SessionInputRequest {
+    let ignored = ModelDocument::new(spec, &vec![0.0; dim], &vec![1.0; dim], &Model::zeros(dim));
+    let input = |round: u32, previous: Option<&Evidence>| pb::SessionInputRequest {
         session: session.clone(),
         round,
-        model_json: serde_json::to_vec(&model).unwrap(),
-        previous: None,
+        model_json: serde_json::to_vec(&ignored).unwrap(),
+        previous: previous.map(ghx_proto::round::evidence_to_wire),
     };
+    let certificates: Vec<String> = keys.iter().map(|k| k.certificate_pem.clone()).collect();
+    let agreed: Vec<(String, Vec<u8>)> = keys
+        .iter()
+        .map(|k| (k.node.clone(), k.mask_key.clone()))
+        .collect();
+    let mut members = ids.clone();
+    members.sort();
+    // The evidence of a round, as an honest coordinator builds it.
+    let evidence = |round: u32, answers: &[pb::RoundMaskedInputResponse]| Evidence {
+        session: session.clone(),
+        round,
+        members: members.clone(),
+        keys_sha256: ghx_study::lineage::keys_sha256(&agreed),
+        parent: answers[0].lineage_parent.as_slice().try_into().unwrap(),
+        inputs: answers
+            .iter()
+            .zip(&certificates)
+            .map(|(a, certificate_pem)| SignedInput {
+                node: a.node.clone(),
+                values: a.values.clone(),
+                signature: a.lineage_signature.clone(),
+                certificate_pem: certificate_pem.clone(),
+            })
+            .collect(),
+    };
+    // Round 1 before the moments: nothing to compute it from.
+    let err = clients[0].session_input(input(1, None)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("needs the evidence of the round before"),
+        "{}",
+        err.message()
+    );
+    // Round 0, the moments, starts the run's lineage.
+    let mut moments = Vec::new();
+    for client in &mut clients {
+        moments.push(
+            client
+                .session_input(input(0, None))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    assert_eq!(moments[0].lineage_parent, moments[1].lineage_parent);
+    assert!(moments.iter().all(|m| !m.lineage_signature.is_empty()));
+    let honest = evidence(0, &moments);
+    // Forged evidence of round 0 is refused, and burns no round number.
+    let mut changed = honest.clone();
+    changed.inputs[1].values[0] = changed.inputs[1].values[0].wrapping_add(1);
+    let err = clients[0]
+        .session_input(input(1, Some(&changed)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(&format!(
+            "input of {} for round 0 is refused: its signature does not verify",
+            changed.inputs[1].node
+        )),
+        "{}",
+        err.message()
+    );
+    let mut missing = honest.clone();
+    missing.inputs.pop();
+    let err = clients[0]
+        .session_input(input(1, Some(&missing)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("holds no input of"),
+        "{}",
+        err.message()
+    );
+    let mut other_parent = honest.clone();
+    other_parent.parent = [7; 32];
+    let err = clients[0]
+        .session_input(input(1, Some(&other_parent)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        err.message()
+    );
     let mut masked = Vec::new();
     for client in &mut clients {
-        masked.push(client.session_input(input(1)).await.unwrap().into_inner());
+        masked.push(
+            client
+                .session_input(input(1, Some(&honest)))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
     }
     assert_ne!(masked[0].values, masked[1].values);
-    for again in [1, 0] {
-        let err = clients[0].session_input(input(again)).await.unwrap_err();
+    assert_eq!(masked[0].values.len(), session_len);
+    for (again, previous) in [(1, Some(&honest)), (0, None)] {
+        let err = clients[0]
+            .session_input(input(again, previous))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(
             err.message()
@@ -1210,10 +1349,11 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
             err.message()
         );
     }
+    let first = evidence(1, &masked);
     let err = clients[0]
         .session_input(pb::SessionInputRequest {
             session: "attack/unknown".to_owned(),
-            ..input(2)
+            ..input(2, Some(&first))
         })
         .await
         .unwrap_err();
@@ -1221,7 +1361,11 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     // On a session's stream the same: round 2 is answered, masked like
     // a call's; asked again, it is refused and the stream ends there.
     let mut answers = clients[0]
-        .session_rounds(futures::stream::iter([input(2), input(2), input(3)]))
+        .session_rounds(futures::stream::iter([
+            input(2, Some(&first)),
+            input(2, Some(&first)),
+            input(3, None),
+        ]))
         .await
         .unwrap()
         .into_inner();
@@ -1238,6 +1382,49 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         err.message()
     );
     assert!(matches!(answers.message().await, Ok(None) | Err(_)));
+    // A run's evaluation scores the model the node's lineage reached with
+    // the run's last round, never one sent along; evidence of an earlier
+    // round is refused.
+    let evaluate = |round: &str| pb::RoundAdvertiseRequest {
+        params: Some(pb::RoundParams {
+            round: round.to_owned(),
+            participants: ids.clone(),
+            threshold: 2,
+            dim: training::Phase::Evaluate.len(spec.features.len(), spec.param_count()) as u32,
+        }),
+        phase: "evaluate".to_owned(),
+        ..open("train", round)
+    };
+    for (round, previous, says) in [
+        (
+            "attack/evaluate-early",
+            Some(&first),
+            "only a run's final model is evaluated",
+        ),
+        (
+            "attack/evaluate-bare",
+            None,
+            "needs the evidence of the round before",
+        ),
+    ] {
+        clients[0].round_advertise(evaluate(round)).await.unwrap();
+        let err = clients[0]
+            .round_masked_input(pb::RoundMaskedInputRequest {
+                round: round.to_owned(),
+                shares: Vec::new(),
+                model_json: serde_json::to_vec(&ignored).unwrap(),
+                previous: previous.map(ghx_proto::round::evidence_to_wire),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::FailedPrecondition,
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains(says), "{}", err.message());
+    }
     // Only the coordinator opens one: another node's certificate is
     // refused before any round is read.
     let tls = ghx_pki::TlsMaterial::load(&federation.pki.tls_files(&ids[1])).unwrap();
@@ -1252,7 +1439,7 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     .await
     .unwrap();
     let err = NodeServiceClient::new(channel)
-        .session_rounds(futures::stream::iter([input(4)]))
+        .session_rounds(futures::stream::iter([input(4, None)]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -1297,7 +1484,7 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     let err = clients[0]
         .session_input(pb::SessionInputRequest {
             session: expiring.clone(),
-            ..input(1)
+            ..input(1, Some(&first))
         })
         .await
         .unwrap_err();
@@ -1382,10 +1569,17 @@ impl<'a> Compromised<'a> {
         NodeClient::new(channel)
     }
 
-    /// Step 1 of `round` (or a session) over `ids`, with a fresh
-    /// capability naming them.
+    /// Step 1 of `round` (or, for `train`, a run's session) over `ids`,
+    /// with a fresh capability naming them.
     fn advertise(&self, round: &str, ids: &[String], phase: Phase) -> pb::RoundAdvertiseRequest {
         let spec = &self.manifest.trainings[0];
+        let (dim, run) = match phase {
+            Phase::Train => (
+                ghx_learn::federated::session_len(spec.features.len(), spec.param_count()),
+                "run-attack",
+            ),
+            _ => (phase.len(spec.features.len(), spec.param_count()), ""),
+        };
         let token = self
             .signer
             .sign(&ghx_study::capability::claims_for(
@@ -1404,10 +1598,10 @@ impl<'a> Compromised<'a> {
                 round: round.to_owned(),
                 participants: ids.to_vec(),
                 threshold: ids.len() as u32,
-                dim: phase.len(spec.features.len(), spec.param_count()) as u32,
+                dim: dim as u32,
             }),
             phase: phase.name().to_owned(),
-            run: String::new(),
+            run: run.to_owned(),
         }
     }
 

@@ -186,14 +186,13 @@ pub struct RoundMaskedInputRequest {
     /// The shares addressed to this node.
     #[prost(message, repeated, tag = "2")]
     pub shares: ::prost::alloc::vec::Vec<EncryptedShare>,
-    /// The global model (a ghx.model/v1 document) the round starts from;
-    /// empty for a moments round. The node computes its contribution on
-    /// receiving it.
+    /// An external validation's model (a ghx.model/v1 document); empty for
+    /// a moments round, and ignored in a run's evaluation. The node computes
+    /// its contribution on receiving it.
     #[prost(bytes = "vec", tag = "3")]
     pub model_json: ::prost::alloc::vec::Vec<u8>,
     /// A run's evaluation: the evidence of the run's last round, from which
-    /// the node computes the model it evaluates (learn/LINEAGE.md; not yet
-    /// read).
+    /// the node computes the model it evaluates (learn/LINEAGE.md).
     #[prost(message, optional, tag = "4")]
     pub previous: ::core::option::Option<LineageEvidence>,
 }
@@ -218,9 +217,9 @@ pub struct RoundMaskedInputResponse {
     pub local_started_micros: u64,
     #[prost(uint64, tag = "6")]
     pub handled_micros: u64,
-    /// In a run: the node's signature over its lineage input statement
-    /// (ghx_study::lineage::InputStatement) and the head it computed from
-    /// (not yet sent).
+    /// A run's session round: the node's signature over its lineage input
+    /// statement (ghx_study::lineage::InputStatement) and the head it
+    /// computed from; empty otherwise.
     #[prost(bytes = "vec", tag = "7")]
     pub lineage_signature: ::prost::alloc::vec::Vec<u8>,
     #[prost(bytes = "vec", tag = "8")]
@@ -315,11 +314,12 @@ pub struct SessionInputRequest {
     /// The round number, above every one this session masked before.
     #[prost(uint32, tag = "2")]
     pub round: u32,
-    /// The global model (a ghx.model/v1 document) the round starts from.
+    /// Ignored: nodes compute every model of a run themselves (kept for
+    /// the field number).
     #[prost(bytes = "vec", tag = "3")]
     pub model_json: ::prost::alloc::vec::Vec<u8>,
-    /// The evidence of round n-1, from which the node computes the model
-    /// itself (learn/LINEAGE.md; not yet read).
+    /// The evidence of round n-1 (none for round 0, the moments), from which
+    /// the node computes the model itself (learn/LINEAGE.md).
     #[prost(message, optional, tag = "4")]
     pub previous: ::core::option::Option<LineageEvidence>,
 }
