@@ -264,6 +264,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         audit_checkpoint_every: None,
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+        open_registration: false,
     })
     .await?;
     let setup = started.elapsed();

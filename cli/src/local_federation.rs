@@ -83,6 +83,9 @@ pub struct LocalFederationOptions {
     /// (`secure_aggregation.min_participants`); the three hospitals are
     /// its members.
     pub min_sum_participants: u32,
+    /// Whether node-admins may register node ids the coordinator's
+    /// configuration does not list (`registration.new_nodes`).
+    pub open_registration: bool,
 }
 
 impl LocalFederationOptions {
@@ -99,6 +102,7 @@ impl LocalFederationOptions {
             audit_checkpoint_every: None,
             node_link: NodeLink::Listen,
             min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+            open_registration: false,
         }
     }
 }
@@ -355,12 +359,14 @@ impl LocalFederation {
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [signing_key]\nkid = \"{SIGNING_KID}\"\nprivate_key = \"{}\"\n\n\
              [issuer]\nca_cert = \"{ca_cert}\"\nca_key = \"{ca_key}\"\n\n\
-             [committee]\nquorum = {}\nmembers = [\"{COMMITTEE}\", \"{COMMITTEE_2}\"]\n{audit_table}",
+             [committee]\nquorum = {}\nmembers = [\"{COMMITTEE}\", \"{COMMITTEE_2}\"]\n\
+             [registration]\nnew_nodes = {}\n{audit_table}",
             tls.ca.display(),
             tls.cert.display(),
             tls.key.display(),
             pki.root().join("coordinator-signing.pem").display(),
             options.committee_quorum,
+            options.open_registration,
             ca_cert = pki.root().join("ca.pem").display(),
             ca_key = pki.root().join("ca.key").display(),
             tunnel = tunnel_addr

@@ -1829,6 +1829,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         audit_checkpoint_every: None,
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+        open_registration: false,
     })
     .await?;
     for node in &federation.nodes {

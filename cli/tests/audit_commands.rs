@@ -22,6 +22,7 @@ async fn audit_commands_verify_export_reconcile_and_review() {
         audit_checkpoint_every: Some(1),
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+        open_registration: false,
     })
     .await
     .unwrap();

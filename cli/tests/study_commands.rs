@@ -34,6 +34,8 @@ async fn requester_and_committee_commands_work_end_to_end() {
         audit_checkpoint_every: None,
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+        // A fourth hospital's node is registered below.
+        open_registration: true,
     })
     .await
     .unwrap();

@@ -39,6 +39,9 @@ struct Inner {
     /// The CA that renews nodes' certificates, and for how long, when this
     /// coordinator issues them.
     issuer: Option<(ghx_pki::CertificateAuthority, time::Duration)>,
+    /// Whether node-admins may register node ids not registered yet
+    /// (`registration.new_nodes`).
+    new_nodes: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,13 @@ enum ApiError {
         organisation: String,
         problem: String,
     },
+    /// A node id not registered yet, where the configuration adds nodes.
+    #[error(
+        "node `{0}` is not one of this federation's nodes; new nodes are added to the \
+         coordinator's configuration ([[nodes]]) unless its registration.new_nodes allows \
+         node-admins to"
+    )]
+    NewNode(String),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -89,9 +99,10 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
             ApiError::Identity(_) => "identity",
-            ApiError::Role { .. } | ApiError::NotOwner(_) | ApiError::OtherOrganisation { .. } => {
-                "permission"
-            }
+            ApiError::Role { .. }
+            | ApiError::NotOwner(_)
+            | ApiError::OtherOrganisation { .. }
+            | ApiError::NewNode(_) => "permission",
             ApiError::Invalid(_) | ApiError::Manifest(_) | ApiError::Registry(_) => "invalid",
             ApiError::Study(_) => "study_state",
             ApiError::Capability(_) => "capability",
@@ -109,9 +120,10 @@ fn status(error: ApiError) -> Status {
     let message = error.to_string();
     match error {
         ApiError::Identity(_) => Status::unauthenticated(message),
-        ApiError::Role { .. } | ApiError::NotOwner(_) | ApiError::OtherOrganisation { .. } => {
-            Status::permission_denied(message)
-        }
+        ApiError::Role { .. }
+        | ApiError::NotOwner(_)
+        | ApiError::OtherOrganisation { .. }
+        | ApiError::NewNode(_) => Status::permission_denied(message),
         ApiError::Invalid(_) | ApiError::Manifest(_) | ApiError::Registry(_) => {
             Status::invalid_argument(message)
         }
@@ -177,8 +189,16 @@ impl CoordinatorApi {
                 driving: std::sync::Mutex::new(std::collections::BTreeSet::new()),
                 starting: std::sync::Mutex::new(()),
                 issuer: None,
+                new_nodes: false,
             }),
         }
+    }
+
+    /// Lets node-admins register node ids not registered yet.
+    pub fn with_new_nodes(mut self, allowed: bool) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
+        inner.new_nodes = allowed;
+        self
     }
 
     /// Renews registered nodes' certificates with `ca`, valid for
@@ -959,17 +979,26 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
                 caller.organisation, node.display_name
             )));
         }
-        if let Some(existing) = self
+        let existing = self
             .inner
             .registry
             .list()
             .into_iter()
-            .find(|n| n.id == node.node_id && n.display_name != caller.organisation)
-        {
-            return Err(other(format!(
-                "node `{}` is registered to {}",
-                existing.id, existing.display_name
-            )));
+            .find(|n| n.id == node.node_id);
+        match existing {
+            Some(existing) if existing.display_name != caller.organisation => {
+                return Err(other(format!(
+                    "node `{}` is registered to {}",
+                    existing.id, existing.display_name
+                )));
+            }
+            // A new id with a node certificate would receive every query
+            // and manifest and join rounds: added in the configuration
+            // unless it allows node-admins to.
+            None if !self.inner.new_nodes => {
+                return Err(status(ApiError::NewNode(node.node_id)));
+            }
+            _ => {}
         }
         self.inner
             .registry

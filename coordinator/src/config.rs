@@ -48,6 +48,9 @@ pub struct CoordinatorConfig {
     pub nodes: Vec<NodeEntry>,
     #[serde(default)]
     pub committee: CommitteeConfig,
+    /// Who may add nodes through `RegisterNode`.
+    #[serde(default)]
+    pub registration: RegistrationConfig,
     /// Audit checkpoints and retention.
     #[serde(default)]
     pub audit: ghx_audit::Settings,
@@ -74,6 +77,18 @@ pub struct IssuerConfig {
 
 fn default_node_cert_hours() -> u32 {
     7 * 24
+}
+
+/// Who may add nodes at run time.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationConfig {
+    /// Whether a node-admin may register a node id that `[[nodes]]` does
+    /// not list (under its own organisation). Off by default: a new id
+    /// with a node certificate would receive every query and manifest and
+    /// join rounds, so new hospitals are added to this file.
+    #[serde(default)]
+    pub new_nodes: bool,
 }
 
 /// The steering committee: who may decide and how many must approve.

@@ -96,6 +96,7 @@ impl Coordinator {
             },
             store.clone(),
         )
+        .with_new_nodes(config.registration.new_nodes)
         .with_audit_signer(
             ghx_audit::checkpoint::Signer::from_pem(
                 ghx_audit::COORDINATOR,

@@ -304,7 +304,19 @@ pub async fn round(
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
     let deadline = Duration::from_secs(u64::from(fed.spec.round_deadline_seconds));
-    let previous = previous.map(round::evidence_to_wire);
+    // Each input with its member's certificate of this session: the
+    // signature is over the statement, not the certificate, so one
+    // renewed since (the same key) still vouches for it, and evidence
+    // kept across a long stop does not go stale.
+    let previous = previous.map(|evidence| {
+        let mut evidence = evidence.clone();
+        for input in &mut evidence.inputs {
+            if let Some(current) = session.certificates.get(&input.node) {
+                input.certificate_pem = current.clone();
+            }
+        }
+        round::evidence_to_wire(&evidence)
+    });
     let nodes = keep(&fed.registry.list(), &session.members);
     let (inputs, mut failures) = step(&nodes, deadline, |node| {
         let request = pb::SessionInputRequest {

@@ -121,6 +121,8 @@ pub enum Error {
     NotFinal { got: u32, rounds: u32 },
     #[error("lineage: {0}")]
     Lineage(#[from] crate::lineage::Error),
+    #[error("round {round} is past the training's last round ({rounds})")]
+    PastLastRound { round: u32, rounds: u32 },
 }
 
 /// What one node holds for a training: complete-case rows, split.
@@ -312,12 +314,16 @@ pub fn check_enough(data: &Extracted, min_cell_size: u32) -> Result<(), Error> {
 
 /// Computes this node's contribution to a round from `model` (none for
 /// the moments), standardising rows through `standardised` (kept with the
-/// round or session).
+/// round or session). A run's round draws its randomness (the shuffle, a
+/// noised round's noise) from `seed` ([`round_seed`]), so a round redone
+/// from the same lineage step gives the same contribution and a
+/// coordinator that redoes it learns nothing new; other rounds draw from
+/// the operating system.
 pub fn contribution(
     phase: Phase,
     spec: &TrainingSpec,
     (data, standardised): (&Extracted, &Standardised),
-    model: Option<&ModelDocument>,
+    (model, seed): (Option<&ModelDocument>, Option<[u8; 32]>),
     min_cell_size: u32,
     validation: Option<f64>,
 ) -> Result<Contribution, Error> {
@@ -359,10 +365,16 @@ pub fn contribution(
         return Err(Error::ModelShape);
     }
     let train = standardised.train(data, model);
-    // One generator per round, seeded from the operating system: a
-    // cryptographic generator (ChaCha12) for the noise, and no system call
-    // per shuffled row, which drawing from the OS directly cost.
-    let mut rng = os_seeded()?;
+    // One generator per round: a cryptographic generator (ChaCha12) for
+    // the noise, and no system call per shuffled row, which drawing from
+    // the OS directly cost.
+    let mut rng = match seed {
+        Some(seed) => {
+            use rand::SeedableRng;
+            rand::rngs::StdRng::from_seed(seed)
+        }
+        None => os_seeded()?,
+    };
     let values = match &spec.privacy {
         // Clipped, noised gradients; the node charges the round before
         // releasing it.
@@ -379,6 +391,21 @@ pub fn contribution(
         values,
         metrics: None,
     })
+}
+
+/// The seed of a run's round at this node: a keyed hash of the lineage
+/// head the round computes from and its number, under `secret` (the
+/// node's own private key), so the coordinator can neither predict nor
+/// vary it, and a redo from the same step draws the same.
+pub fn round_seed(secret: &[u8], parent: &ghx_study::lineage::Head, round: u32) -> [u8; 32] {
+    let key = Sha256::digest(secret);
+    Sha256::new()
+        .chain_update(b"ghx-round-seed/v1\0")
+        .chain_update(key)
+        .chain_update(parent)
+        .chain_update(round.to_be_bytes())
+        .finalize()
+        .into()
 }
 
 /// Checks that keys advertised as `node`'s in `round` (a round or a
@@ -753,6 +780,16 @@ mod tests {
     }
 
     #[test]
+    fn a_rounds_seed_follows_its_step_and_the_nodes_key_only() {
+        let (head, other) = ([1u8; 32], [2u8; 32]);
+        let seed = round_seed(b"key a", &head, 3);
+        assert_eq!(seed, round_seed(b"key a", &head, 3));
+        assert_ne!(seed, round_seed(b"key a", &other, 3));
+        assert_ne!(seed, round_seed(b"key a", &head, 4));
+        assert_ne!(seed, round_seed(b"key b", &head, 3));
+    }
+
+    #[test]
     fn rows_are_standardised_once_per_mean_and_sd() {
         let manifest = ghx_study::manifest::StudyManifest::parse(include_bytes!(
             "../../deploy/examples/study-t2d-model.json"
@@ -813,7 +850,7 @@ mod tests {
             Phase::Moments,
             spec,
             (&data, &Standardised::default()),
-            None,
+            (None, None),
             10,
             None,
         )
@@ -830,7 +867,7 @@ mod tests {
             Phase::Moments,
             spec,
             (&data, &Standardised::default()),
-            None,
+            (None, None),
             3,
             None,
         )
@@ -877,7 +914,7 @@ mod tests {
                 Phase::Evaluate,
                 spec,
                 (&data, &Standardised::default()),
-                Some(&model),
+                (Some(&model), None),
                 10,
                 validation,
             )

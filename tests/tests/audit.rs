@@ -453,6 +453,7 @@ async fn queried_federation(
         audit_checkpoint_every: Some(every),
         node_link,
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+        open_registration: false,
     })
     .await
     .unwrap();

@@ -50,6 +50,7 @@ async fn start_with_quorum(patients: usize, quorum: usize) -> (LocalFederation, 
         audit_checkpoint_every: None,
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+        open_registration: false,
     })
     .await
     .expect("the local federation starts");

@@ -44,6 +44,7 @@ async fn members_report_their_health_to_a_federation_monitor() {
         audit_checkpoint_every: None,
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+        open_registration: false,
     })
     .await
     .unwrap();

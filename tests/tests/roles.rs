@@ -64,15 +64,31 @@ async fn coordinator_call(
 ) -> Result<(), Status> {
     let study_id = studies.owned.clone();
     match rpc {
-        "RegisterNode" => ok(client
-            .register_node(pb::RegisterNodeRequest {
-                node: Some(pb::NodeRecord {
-                    node_id: format!("roles-node-{caller}"),
-                    endpoint: "https://localhost:9".into(),
-                    display_name: "Chosun University Hospital".into(),
-                }),
-            })
-            .await),
+        "RegisterNode" => {
+            // Chosun's own node, registered again where it is (a new id is
+            // refused unless the configuration allows it; below).
+            let endpoint = client
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .ok()
+                .and_then(|r| {
+                    r.into_inner()
+                        .nodes
+                        .into_iter()
+                        .find(|n| n.node_id == "chosun")
+                })
+                .map(|n| n.endpoint)
+                .unwrap_or_default();
+            ok(client
+                .register_node(pb::RegisterNodeRequest {
+                    node: Some(pb::NodeRecord {
+                        node_id: "chosun".into(),
+                        endpoint,
+                        display_name: "Chosun University Hospital".into(),
+                    }),
+                })
+                .await)
+        }
         "ListNodes" => ok(client.list_nodes(pb::ListNodesRequest {}).await),
         "SubmitStudy" => ok(client
             .submit_study(pb::SubmitStudyRequest {
@@ -384,8 +400,8 @@ async fn every_role_reaches_exactly_the_rpcs_it_needs() {
     "#]].assert_eq(&got);
 
     // Issue 38 (10): a node-admin registers its own hospital's nodes only;
-    // Chosun's cannot redirect Christian's node, nor register one under
-    // another hospital's name.
+    // Chosun's cannot redirect Christian's node, register one under
+    // another hospital's name, or add a new one.
     let mut admin = federation.client("roles-admin").await.unwrap();
     let register = |id: &str, name: &str| pb::RegisterNodeRequest {
         node: Some(pb::NodeRecord {
@@ -409,6 +425,14 @@ async fn every_role_reaches_exactly_the_rpcs_it_needs() {
             "roles-new",
             "Gwangju Christian Hospital",
             "the node's display name must be `Chosun University Hospital`",
+        ),
+        // Nor add a node id of its own: with a node certificate for it, it
+        // would receive every query and manifest and join rounds. New
+        // hospitals are added to the coordinator's configuration.
+        (
+            "roles-new",
+            "Chosun University Hospital",
+            "node `roles-new` is not one of this federation's nodes",
         ),
     ] {
         let refused = admin.register_node(register(id, name)).await.unwrap_err();

@@ -42,6 +42,7 @@ async fn start_with(
         audit_checkpoint_every: None,
         node_link: Default::default(),
         min_sum_participants,
+        open_registration: false,
     })
     .await
     .expect("the local federation starts");
@@ -1336,6 +1337,50 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     }
     assert_ne!(masked[0].values, masked[1].values);
     assert_eq!(masked[0].values.len(), session_len);
+    // The round redone from the same step, in a new session (as after a
+    // dropped member): each node draws the same randomness from the step
+    // it computes from, so the sum is the same and the coordinator learns
+    // nothing new from a redo.
+    let redo = "attack/session-redo".to_owned();
+    let mut redo_keys = Vec::new();
+    for client in &mut clients {
+        redo_keys.push(
+            client
+                .session_open(open("train", &redo))
+                .await
+                .unwrap()
+                .into_inner()
+                .keys
+                .unwrap(),
+        );
+    }
+    let mut redone = Vec::new();
+    for client in &mut clients {
+        client
+            .session_agree(pb::SessionAgreeRequest {
+                session: redo.clone(),
+                keys: redo_keys.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    for client in &mut clients {
+        redone.push(
+            client
+                .session_input(pb::SessionInputRequest {
+                    session: redo.clone(),
+                    ..input(1, Some(&honest))
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    assert_ne!(redone[0].values, masked[0].values, "masked afresh");
+    assert_eq!(
+        evidence(1, &redone).sum(session_len).unwrap(),
+        evidence(1, &masked).sum(session_len).unwrap()
+    );
     for (again, previous) in [(1, Some(&honest)), (0, None)] {
         let err = clients[0]
             .session_input(input(again, previous))
@@ -1382,6 +1427,46 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         err.message()
     );
     assert!(matches!(answers.message().await, Ok(None) | Err(_)));
+    // A run has the rounds its training declares and no more: past them,
+    // honest evidence is refused too.
+    let second = clients[1]
+        .session_input(input(2, Some(&first)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = evidence(2, &[streamed, second]);
+    for round in 3..=spec.rounds {
+        let mut answers = Vec::new();
+        for client in &mut clients {
+            answers.push(
+                client
+                    .session_input(input(round, Some(&last)))
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+        last = evidence(round, &answers);
+    }
+    let past = spec.rounds + 1;
+    let err = clients[0]
+        .session_input(input(past, Some(&last)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(&format!(
+            "round {past} is past the training's last round ({})",
+            spec.rounds
+        )),
+        "{}",
+        err.message()
+    );
     // A run's evaluation scores the model the node's lineage reached with
     // the run's last round, never one sent along; evidence of an earlier
     // round is refused.
