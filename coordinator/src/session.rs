@@ -304,14 +304,20 @@ pub async fn round(
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
     let deadline = Duration::from_secs(u64::from(fed.spec.round_deadline_seconds));
-    // Each input with its member's certificate of this session: the
-    // signature is over the statement, not the certificate, so one
-    // renewed since (the same key) still vouches for it, and evidence
-    // kept across a long stop does not go stale.
+    // Each input with its member's certificate of this session when that
+    // holds the same key: the signature is over the statement, not the
+    // certificate, so one renewed since still vouches for it, and evidence
+    // kept across a long stop does not go stale (a new key could not).
     let previous = previous.map(|evidence| {
         let mut evidence = evidence.clone();
         for input in &mut evidence.inputs {
-            if let Some(current) = session.certificates.get(&input.node) {
+            if let Some(current) = session.certificates.get(&input.node)
+                && let (Ok(old), Ok(new)) = (
+                    ghx_pki::signed::key_pin(&input.certificate_pem),
+                    ghx_pki::signed::key_pin(current),
+                )
+                && old == new
+            {
                 input.certificate_pem = current.clone();
             }
         }

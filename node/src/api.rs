@@ -55,6 +55,9 @@ struct Inner {
     evaluations: crate::evaluations::EvaluationLimit,
     /// Most runs of one training of a study this node starts.
     max_runs: u32,
+    /// The secret a run's round seeds are keyed with
+    /// (`training::round_seed`): drawn at start, never stored.
+    round_secret: [u8; 32],
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
     /// This node's certificate and key, to sign the keys it advertises in
@@ -280,6 +283,11 @@ impl NodeApi {
                     crate::config::DEFAULT_MAX_EVALUATIONS,
                 ),
                 max_runs: crate::config::DEFAULT_MAX_TRAINING_RUNS,
+                round_secret: {
+                    let mut secret = [0u8; 32];
+                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+                    secret
+                },
                 audit: store.audit_log().clone(),
                 round_keys: None,
                 stopping: tokio::sync::watch::Sender::new(false),
@@ -349,8 +357,24 @@ impl NodeApi {
         // taken only under its own key: a certificate in its name for
         // another key (from whoever can issue them) vouches for nothing
         // here, pinned or not elsewhere.
-        if let Ok(own) = ghx_pki::signed::key_pin(&identity.current_pem().cert_pem) {
-            pins.entry(self.inner.node_id.clone()).or_insert(own);
+        // A new key (`ghx pki renew --new-key`) takes a restart, as for
+        // every pin.
+        match ghx_pki::signed::key_pin(&identity.current_pem().cert_pem) {
+            Ok(own) => {
+                let configured = pins
+                    .entry(self.inner.node_id.clone())
+                    .or_insert(own.clone());
+                if !configured.eq_ignore_ascii_case(&own) {
+                    tracing::warn!(
+                        node = %self.inner.node_id,
+                        "secure_aggregation.member_keys pins this node to a key that is not its certificate's: its own round inputs will be refused"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "this node's certificate key could not be read: its own round inputs are checked under the CA only"
+            ),
         }
         let members = ghx_pki::signed::MemberKeys::new(identity.ca_pem()).pinned(pins);
         Arc::get_mut(&mut self.inner)

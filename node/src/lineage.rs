@@ -27,6 +27,10 @@ pub struct At<'a> {
     /// (`max_training_runs_per_study`): each new run is another honest
     /// trajectory whose sums the coordinator sees.
     pub max_runs: u32,
+    /// Whether the evidence may go back to the step before the last (a
+    /// session round the coordinator redoes); a run's evaluation may not,
+    /// so each node evaluates one step of a run.
+    pub may_rewind: bool,
 }
 
 /// What the round computes from.
@@ -73,6 +77,11 @@ pub enum Error {
     Parent { run: String, at: i32 },
     #[error("the stored lineage of run {run} is unreadable: {reason}")]
     Stored { run: String, reason: String },
+    #[error(
+        "run {run}'s evaluation continues this node's lineage; the evidence goes back to the \
+         step before its last"
+    )]
+    Rewound { run: String },
     #[error("another request moved run {run}'s lineage meanwhile")]
     Raced { run: String },
     #[error(transparent)]
@@ -189,6 +198,9 @@ pub fn advance(
         // The step before the last: the coordinator lost the round this
         // node computed last and redoes it. Nothing moves; the round's
         // new evidence then replaces the last step (below).
+        if !at.may_rewind {
+            return Err(Error::Rewound { run: name() });
+        }
         return Ok(Step {
             parent: next,
             model: parse(before)?,
@@ -197,7 +209,11 @@ pub fn advance(
     let parent = hex::encode(evidence.parent);
     // The step the sum applies to: the last one, or the one before it
     // (the coordinator lost the last round and redoes it).
-    let base = if parent == current.head {
+    let rewound = parent != current.head;
+    if rewound && !at.may_rewind {
+        return Err(Error::Rewound { run: name() });
+    }
+    let base = if !rewound {
         current
     } else {
         match &stored.previous {
@@ -337,6 +353,7 @@ mod tests {
                 round,
                 members: &self.members,
                 max_runs: 20,
+                may_rewind: true,
             };
             advance(&self.store, &self.keys, at, previous, &self.spec)
         }
@@ -407,8 +424,28 @@ mod tests {
             f.store.lineage(RUN).unwrap().unwrap().current.head,
             hex::encode(two.parent)
         );
-        // Round 1's new sum then replaces the step applied last.
+        // A run's evaluation never goes back: neither to the step before
+        // the last nor to a sibling of the last, and nothing moves.
         let again = f.evidence("run-0001", 1, one.parent, &f.training_sum(&model, 0.5));
+        let evaluating = |previous: &Evidence| {
+            let at = At {
+                run: RUN,
+                round: previous.round + 1,
+                members: &f.members,
+                max_runs: 20,
+                may_rewind: false,
+            };
+            advance(&f.store, &f.keys, at, Some(previous), &f.spec)
+        };
+        for back in [&moments, &again] {
+            assert!(matches!(evaluating(back), Err(Error::Rewound { .. })));
+            assert_eq!(
+                f.store.lineage(RUN).unwrap().unwrap().current.head,
+                hex::encode(two.parent)
+            );
+        }
+        assert_eq!(evaluating(&round_one).unwrap(), two);
+        // Round 1's new sum then replaces the step applied last.
         let redone = f.advance(2, Some(&again)).unwrap();
         assert_ne!(redone, two);
         let stored = f.store.lineage(RUN).unwrap().unwrap();
@@ -435,6 +472,7 @@ mod tests {
                 round: 0,
                 members: &f.members,
                 max_runs,
+                may_rewind: true,
             };
             advance(&f.store, &f.keys, at, None, &f.spec)
         };
@@ -459,6 +497,7 @@ mod tests {
             round: 0,
             members: &f.members,
             max_runs: 2,
+            may_rewind: true,
         };
         advance(&f.store, &f.keys, other, None, &f.spec).unwrap();
     }

@@ -135,6 +135,19 @@ pub struct Extracted {
 }
 
 impl Extracted {
+    /// A digest of the training rows (features and labels, in order): a
+    /// round computed from other rows draws other randomness.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut hash = Sha256::new();
+        for i in 0..self.train.len() {
+            for v in self.train.row(i) {
+                hash.update(v.to_bits().to_be_bytes());
+            }
+            hash.update([u8::from(self.train.labels()[i] > 0.5)]);
+        }
+        hash.finalize().into()
+    }
+
     fn positives(&self) -> usize {
         self.train.labels().iter().filter(|y| **y > 0.5).count()
     }
@@ -394,16 +407,26 @@ pub fn contribution(
 }
 
 /// The seed of a run's round at this node: a keyed hash of the lineage
-/// head the round computes from and its number, under `secret` (the
-/// node's own private key), so the coordinator can neither predict nor
-/// vary it, and a redo from the same step draws the same.
-pub fn round_seed(secret: &[u8], parent: &ghx_study::lineage::Head, round: u32) -> [u8; 32] {
-    let key = Sha256::digest(secret);
+/// head the round computes from, its number and the digest of the rows it
+/// trains on ([`Extracted::digest`]), under `secret`, drawn from the
+/// operating system when the node starts and never written anywhere (not
+/// the node's private key, which whoever issued it may hold). The
+/// coordinator can neither predict nor vary it: a redo from the same step
+/// over the same rows draws the same, so gives the same sum, and one over
+/// other rows (an import or a withdrawal since) draws afresh, so a noised
+/// round's noise is never reused on other data.
+pub fn round_seed(
+    secret: &[u8; 32],
+    parent: &ghx_study::lineage::Head,
+    round: u32,
+    rows: &[u8; 32],
+) -> [u8; 32] {
     Sha256::new()
-        .chain_update(b"ghx-round-seed/v1\0")
-        .chain_update(key)
+        .chain_update(b"ghx-round-seed/v2\0")
+        .chain_update(secret)
         .chain_update(parent)
         .chain_update(round.to_be_bytes())
+        .chain_update(rows)
         .finalize()
         .into()
 }
@@ -723,15 +746,20 @@ impl Rounds {
     }
 
     /// Round `number` of a session: the contribution `values`, encoded and
-    /// masked.
+    /// masked, bound to `head` (the lineage step it was computed from):
+    /// members that computed from different steps never sum to anything
+    /// readable.
     pub fn session_masked_input(
         &self,
         session: &str,
         number: u32,
+        head: &ghx_study::lineage::Head,
         values: &[f64],
     ) -> Result<MaskedInput, Error> {
         let input = ghx_secagg::encode(values)?;
-        self.with_session(session, |s| Ok(s.client.mask(number, &input)?))
+        self.with_session(session, |s| {
+            Ok(s.client.mask_bound(number, head, &input)?)
+        })
     }
 
     /// Computes the mask of a session's round `number` ahead of it, while
@@ -780,13 +808,25 @@ mod tests {
     }
 
     #[test]
-    fn a_rounds_seed_follows_its_step_and_the_nodes_key_only() {
+    fn a_rounds_seed_follows_its_step_rows_and_the_nodes_secret_only() {
         let (head, other) = ([1u8; 32], [2u8; 32]);
-        let seed = round_seed(b"key a", &head, 3);
-        assert_eq!(seed, round_seed(b"key a", &head, 3));
-        assert_ne!(seed, round_seed(b"key a", &other, 3));
-        assert_ne!(seed, round_seed(b"key a", &head, 4));
-        assert_ne!(seed, round_seed(b"key b", &head, 3));
+        let (a, b, rows, more) = ([3u8; 32], [4u8; 32], [5u8; 32], [6u8; 32]);
+        let seed = round_seed(&a, &head, 3, &rows);
+        assert_eq!(seed, round_seed(&a, &head, 3, &rows));
+        assert_ne!(seed, round_seed(&a, &other, 3, &rows));
+        assert_ne!(seed, round_seed(&a, &head, 4, &rows));
+        assert_ne!(seed, round_seed(&b, &head, 3, &rows));
+        assert_ne!(seed, round_seed(&a, &head, 3, &more));
+        // Rows that differ in one label differ in digest.
+        let mut data = Extracted {
+            train: Dataset::new(2),
+            holdout: Dataset::new(2),
+            incomplete: 0,
+        };
+        data.train.push(&[1.0, 2.0], true).unwrap();
+        let before = data.digest();
+        data.train.push(&[1.0, 2.0], false).unwrap();
+        assert_ne!(before, data.digest());
     }
 
     #[test]

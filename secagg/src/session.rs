@@ -39,6 +39,7 @@ use rand::RngCore;
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::{Error, MaskedInput, NodeId, RoundParams};
@@ -222,6 +223,33 @@ impl SessionClient {
         mask
     }
 
+    /// As [`SessionClient::mask`], with a second layer of pair streams
+    /// keyed by each pair secret and `bound`: what every member must have
+    /// computed its input from (a run's lineage head). Members that
+    /// computed from different `bound`s leave each other's residue in the
+    /// sum, so inputs computed from different starting points are never
+    /// summed into anything readable.
+    pub fn mask_bound(
+        &mut self,
+        number: u32,
+        bound: &[u8; 32],
+        input: &[u64],
+    ) -> Result<MaskedInput, Error> {
+        let mut masked = self.mask(number, input)?;
+        if let Some(pairs) = &self.pairs {
+            for (peer, secret) in pairs {
+                let key: [u8; 32] = sha2::Sha256::new()
+                    .chain_update(b"ghx-secagg/v1 bound\0")
+                    .chain_update(secret)
+                    .chain_update(bound)
+                    .finalize()
+                    .into();
+                apply_round_stream(&mut masked.values, key, number, self.node < *peer);
+            }
+        }
+        Ok(masked)
+    }
+
     /// Step 3 for round `number` (claimed with [`SessionClient::claim`]):
     /// masks `input` (already [`crate::encode`]d).
     pub fn mask(&mut self, number: u32, input: &[u64]) -> Result<MaskedInput, Error> {
@@ -358,6 +386,41 @@ mod tests {
             let total = decode(&sum("s-1", &members, 3, &out).unwrap());
             assert_eq!(total, vec![1.0, 3.0, 3.75]);
         }
+    }
+
+    #[test]
+    fn inputs_bound_to_different_starts_never_sum_to_anything_readable() {
+        let nodes = ["a", "b", "c"];
+        let members: Vec<NodeId> = nodes.iter().map(|n| (*n).to_owned()).collect();
+        let mut clients = session(&nodes);
+        let inputs = [[1.5, -2.0, 0.25], [0.5, 1.0, 0.0], [-1.0, 4.0, 3.5]];
+        let bound = |clients: &mut [SessionClient], number: u32, heads: [[u8; 32]; 3]| {
+            clients
+                .iter_mut()
+                .zip(&inputs)
+                .zip(heads)
+                .map(|((c, x), head)| {
+                    c.claim(number).unwrap();
+                    c.mask_bound(number, &head, &encode(x).unwrap()).unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        // The same start everywhere: the exact sum.
+        let same = bound(&mut clients, 1, [[7; 32]; 3]);
+        let total = decode(&sum("s-1", &members, 3, &same).unwrap());
+        assert_eq!(total, vec![1.0, 3.0, 3.75]);
+        // One member on another start: the residue of its pairs swamps
+        // the sum (and no two members' pair alone cancels it).
+        let mixed = bound(&mut clients, 2, [[7; 32], [8; 32], [8; 32]]);
+        let total = sum("s-1", &members, 3, &mixed).unwrap();
+        let exact = encode(&[1.0, 3.0, 3.75]).unwrap();
+        assert!(
+            total
+                .iter()
+                .zip(&exact)
+                .all(|(t, e)| t.wrapping_sub(*e).min(e.wrapping_sub(*t)) > 1 << 40),
+            "{total:?}"
+        );
     }
 
     #[test]

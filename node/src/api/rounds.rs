@@ -378,7 +378,7 @@ impl NodeApi {
             caller,
             release,
             || Ok(()),
-            |values| {
+            |values, _| {
                 let shares: Vec<_> = message
                     .shares
                     .into_iter()
@@ -442,15 +442,20 @@ impl NodeApi {
                     .begin_session_round(&message.session, message.round)?;
                 Ok(())
             },
-            |values| {
+            |values, head| {
                 let len = ghx_learn::federated::session_len(
                     work.spec.features.len(),
                     work.spec.param_count(),
                 );
                 let padded = ghx_learn::federated::padded(values, len);
+                // A session round always has a lineage step.
+                let head = head.ok_or_else(|| {
+                    ApiError::Task("a session round without a lineage step".to_owned())
+                })?;
                 Ok(self.inner.rounds.session_masked_input(
                     &message.session,
                     message.round,
+                    head,
                     &padded,
                 )?)
             },
@@ -575,6 +580,10 @@ impl NodeApi {
                 round,
                 members: &origin.participants,
                 max_runs: self.inner.max_runs,
+                // Each node evaluates a run at one step only: going back
+                // to a sibling of its last would let evaluations that mix
+                // members on sibling steps isolate one node's difference.
+                may_rewind: at.is_some(),
             },
             previous,
             spec,
@@ -592,7 +601,10 @@ impl NodeApi {
         caller: &PeerIdentity,
         release: Release<'_>,
         claim: impl FnOnce() -> Result<(), ApiError>,
-        mask: impl FnOnce(&[f64]) -> Result<ghx_secagg::MaskedInput, ApiError>,
+        mask: impl FnOnce(
+            &[f64],
+            Option<&ghx_study::lineage::Head>,
+        ) -> Result<ghx_secagg::MaskedInput, ApiError>,
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         let Release {
             label,
@@ -636,11 +648,12 @@ impl NodeApi {
             let (model, lineage) = self.model_for(origin, work, &source)?;
             // A run's round: randomness the node derives from the step it
             // computes from, so a redo gives the coordinator nothing new.
-            let seed = match (&lineage, &inner.round_keys) {
-                (Some((Some(at), parent)), Some((identity, _))) => Some(training::round_seed(
-                    identity.current_pem().key_pem.as_bytes(),
+            let seed = match &lineage {
+                Some((Some(at), parent)) => Some(training::round_seed(
+                    &inner.round_secret,
                     parent,
                     at.round,
+                    &work.data.digest(),
                 )),
                 _ => None,
             };
@@ -707,7 +720,7 @@ impl NodeApi {
                 }
                 _ => None,
             };
-            let masked = mask(&contribution.values)?;
+            let masked = mask(&contribution.values, lineage.as_ref().map(|(_, head)| head))?;
             entry.result_sha256 = ghx_audit::digest_words(&masked.values);
             entry.result_cells = i64::try_from(masked.values.len()).unwrap_or(i64::MAX);
             // A run's round: the masked input signed for the lineage, so
