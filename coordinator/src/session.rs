@@ -27,6 +27,7 @@ use crate::dispatch;
 use crate::fanout::{RegisteredNode, describe};
 use crate::training::{
     AnswerTimes, Computation, Error, Federation, RoundSum, keep, quorum_error, sent, step,
+    with_current_certificates,
 };
 
 /// An open session: who is in it and under what capability.
@@ -304,24 +305,9 @@ pub async fn round(
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
     let deadline = Duration::from_secs(u64::from(fed.spec.round_deadline_seconds));
-    // Each input with its member's certificate of this session when that
-    // holds the same key: the signature is over the statement, not the
-    // certificate, so one renewed since still vouches for it, and evidence
-    // kept across a long stop does not go stale (a new key could not).
+    // Each input with its member's certificate of this session.
     let previous = previous.map(|evidence| {
-        let mut evidence = evidence.clone();
-        for input in &mut evidence.inputs {
-            if let Some(current) = session.certificates.get(&input.node)
-                && let (Ok(old), Ok(new)) = (
-                    ghx_pki::signed::key_pin(&input.certificate_pem),
-                    ghx_pki::signed::key_pin(current),
-                )
-                && old == new
-            {
-                input.certificate_pem = current.clone();
-            }
-        }
-        round::evidence_to_wire(&evidence)
+        round::evidence_to_wire(&with_current_certificates(evidence, &session.certificates))
     });
     let nodes = keep(&fed.registry.list(), &session.members);
     let (inputs, mut failures) = step(&nodes, deadline, |node| {

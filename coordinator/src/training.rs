@@ -508,8 +508,34 @@ pub struct Keyed {
     failures: Vec<NodeFailure>,
     claims: capability::Claims,
     request_sha256: String,
+    /// Each node's certificate, as it vouched for its round keys.
+    certificates: BTreeMap<String, String>,
     /// Wall time of steps 1 and 2, ms.
     keys_ms: f64,
+}
+
+/// `evidence` with each input's certificate replaced by its member's
+/// current one in `certificates` when that holds the same key: the
+/// signature is over the statement, not the certificate, so one renewed
+/// since still vouches for it, and evidence kept across a long stop does
+/// not go stale (a new key could not).
+pub(crate) fn with_current_certificates(
+    evidence: &lineage::Evidence,
+    certificates: &BTreeMap<String, String>,
+) -> lineage::Evidence {
+    let mut evidence = evidence.clone();
+    for input in &mut evidence.inputs {
+        if let Some(current) = certificates.get(&input.node)
+            && let (Ok(old), Ok(new)) = (
+                ghx_pki::signed::key_pin(&input.certificate_pem),
+                ghx_pki::signed::key_pin(current),
+            )
+            && old == new
+        {
+            input.certificate_pem = current.clone();
+        }
+    }
+    evidence
 }
 
 pub(crate) fn quorum_error(
@@ -621,6 +647,10 @@ pub async fn agree_keys(
     }
     let mut aggregator = Aggregator::new(params.clone());
     let mut signed = BTreeMap::new();
+    let certificates: BTreeMap<String, String> = advertised
+        .iter()
+        .map(|(id, (_, wire))| (id.clone(), wire.certificate_pem.clone()))
+        .collect();
     for (id, (keys, wire)) in advertised {
         aggregator.advertise(keys)?;
         signed.insert(id, wire);
@@ -693,6 +723,7 @@ pub async fn agree_keys(
         failures,
         claims,
         request_sha256,
+        certificates,
         keys_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
 }
@@ -734,6 +765,7 @@ pub async fn complete_round(
         mut failures,
         claims,
         request_sha256,
+        certificates,
         keys_ms,
         ..
     } = keyed;
@@ -744,7 +776,8 @@ pub async fn complete_round(
     let model_json = model
         .map(|m| serde_json::to_vec(m).expect("a model serializes"))
         .unwrap_or_default();
-    let previous = previous.map(round::evidence_to_wire);
+    let previous =
+        previous.map(|e| round::evidence_to_wire(&with_current_certificates(e, &certificates)));
 
     // Step 3: the model out, masked contributions back.
     let (masked, more) = step(&keep(&nodes, &holders), deadline, |node| {

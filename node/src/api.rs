@@ -55,9 +55,7 @@ struct Inner {
     evaluations: crate::evaluations::EvaluationLimit,
     /// Most runs of one training of a study this node starts.
     max_runs: u32,
-    /// The secret a run's round seeds are keyed with
-    /// (`training::round_seed`): drawn at start, never stored.
-    round_secret: [u8; 32],
+
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
     /// This node's certificate and key, to sign the keys it advertises in
@@ -195,6 +193,7 @@ fn status(error: &ApiError) -> Status {
             | training::Error::Lineage(_)
             | training::Error::NotFinal { .. }
             | training::Error::PastLastRound { .. }
+            | training::Error::RowsChanged(_)
             | training::Error::NotAgreed(_)
             | training::Error::Participants(
                 crate::participants::Error::TooFew { .. }
@@ -283,11 +282,7 @@ impl NodeApi {
                     crate::config::DEFAULT_MAX_EVALUATIONS,
                 ),
                 max_runs: crate::config::DEFAULT_MAX_TRAINING_RUNS,
-                round_secret: {
-                    let mut secret = [0u8; 32];
-                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
-                    secret
-                },
+
                 audit: store.audit_log().clone(),
                 round_keys: None,
                 stopping: tokio::sync::watch::Sender::new(false),

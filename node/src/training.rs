@@ -123,6 +123,11 @@ pub enum Error {
     Lineage(#[from] crate::lineage::Error),
     #[error("round {round} is past the training's last round ({rounds})")]
     PastLastRound { round: u32, rounds: u32 },
+    #[error(
+        "this node's rows for the training changed since run {0} started here (an import or a \
+         consent change): a run computes on one set of rows; start a new run"
+    )]
+    RowsChanged(String),
 }
 
 /// What one node holds for a training: complete-case rows, split.
@@ -135,15 +140,18 @@ pub struct Extracted {
 }
 
 impl Extracted {
-    /// A digest of the training rows (features and labels, in order): a
-    /// round computed from other rows draws other randomness.
+    /// A digest of the training and held-out rows (features and labels,
+    /// in order): what a run is bound to at this node.
     pub fn digest(&self) -> [u8; 32] {
         let mut hash = Sha256::new();
-        for i in 0..self.train.len() {
-            for v in self.train.row(i) {
-                hash.update(v.to_bits().to_be_bytes());
+        for rows in [&self.train, &self.holdout] {
+            hash.update((rows.len() as u64).to_be_bytes());
+            for i in 0..rows.len() {
+                for v in rows.row(i) {
+                    hash.update(v.to_bits().to_be_bytes());
+                }
+                hash.update([u8::from(rows.labels()[i] > 0.5)]);
             }
-            hash.update([u8::from(self.train.labels()[i] > 0.5)]);
         }
         hash.finalize().into()
     }
@@ -408,13 +416,11 @@ pub fn contribution(
 
 /// The seed of a run's round at this node: a keyed hash of the lineage
 /// head the round computes from, its number and the digest of the rows it
-/// trains on ([`Extracted::digest`]), under `secret`, drawn from the
-/// operating system when the node starts and never written anywhere (not
-/// the node's private key, which whoever issued it may hold). The
-/// coordinator can neither predict nor vary it: a redo from the same step
-/// over the same rows draws the same, so gives the same sum, and one over
-/// other rows (an import or a withdrawal since) draws afresh, so a noised
-/// round's noise is never reused on other data.
+/// trains on ([`Extracted::digest`]), under the run's `secret`, drawn here
+/// from the operating system and kept in the node's database (not the
+/// node's private key, which whoever issued it may hold). The coordinator
+/// can neither predict nor vary it: a redo from the same step draws the
+/// same, so gives the same sum, across restarts too.
 pub fn round_seed(
     secret: &[u8; 32],
     parent: &ghx_study::lineage::Head,

@@ -1351,4 +1351,13 @@ fn a_runs_lineage_starts_once_and_advances_compare_and_set(f: Fixture) {
         f.store.lineage(run).unwrap().unwrap().current,
         step(1, "h1")
     );
+    // A run is sealed once: its secret and rows stay what they were first.
+    let sealed = Some(("s1".to_owned(), "rows-a".to_owned()));
+    assert_eq!(f.store.seal_run(run, "s1", "rows-a").unwrap(), sealed);
+    assert_eq!(f.store.seal_run(run, "s2", "rows-b").unwrap(), sealed);
+    let unknown = RunKey {
+        run_id: "run-none",
+        ..run
+    };
+    assert_eq!(f.store.seal_run(unknown, "s1", "rows-a").unwrap(), None);
 }

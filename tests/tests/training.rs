@@ -1381,6 +1381,82 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         evidence(1, &redone).sum(session_len).unwrap(),
         evidence(1, &masked).sum(session_len).unwrap()
     );
+    // The first node's rows change (patients withdraw consent): the run
+    // computes on one set of rows there, so the round redone over the new
+    // ones, whose difference from the first would be the withdrawn
+    // patients' data, is refused.
+    let patients = nodes[0]
+        .store
+        .resources_page(Some("Patient"), None, 200)
+        .unwrap();
+    let lines: Vec<String> = patients
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "resourceType": "Consent",
+                "id": format!("{}-withdrawal", p.key.id),
+                "status": "active",
+                "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+                "patient": {"reference": format!("Patient/{}", p.key.id)},
+                "dateTime": "2026-12-01T09:00:00+09:00",
+                "provision": {"type": "deny"},
+            })
+            .to_string()
+        })
+        .collect();
+    let withdrawals = federation.dir.join("withdrawals");
+    std::fs::create_dir_all(&withdrawals).unwrap();
+    std::fs::write(withdrawals.join("Consent.ndjson"), lines.join("\n")).unwrap();
+    let store = nodes[0].store.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        ghx_node::import::import_path(&store, &withdrawals, &Default::default())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    let changed = "attack/session-changed".to_owned();
+    let mut changed_keys = Vec::new();
+    for client in &mut clients {
+        changed_keys.push(
+            client
+                .session_open(open("train", &changed))
+                .await
+                .unwrap()
+                .into_inner()
+                .keys
+                .unwrap(),
+        );
+    }
+    for client in &mut clients {
+        client
+            .session_agree(pb::SessionAgreeRequest {
+                session: changed.clone(),
+                keys: changed_keys.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let err = clients[0]
+        .session_input(pb::SessionInputRequest {
+            session: changed.clone(),
+            ..input(1, Some(&honest))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message()
+            .contains("rows for the training changed since run run-attack started"),
+        "{}",
+        err.message()
+    );
     for (again, previous) in [(1, Some(&honest)), (0, None)] {
         let err = clients[0]
             .session_input(input(again, previous))

@@ -533,12 +533,21 @@ impl NodeApi {
         let spec = &work.spec;
         let (at, previous) = match source {
             Source::Supplied(json) if work.phase == Phase::Evaluate => {
-                return Ok((
-                    Some(ModelDocument::parse_for(json, spec).map_err(training::Error::from)?),
-                    None,
-                ));
+                return Ok(RoundModel {
+                    model: Some(
+                        ModelDocument::parse_for(json, spec).map_err(training::Error::from)?,
+                    ),
+                    lineage: None,
+                    seed: None,
+                });
             }
-            Source::Supplied(_) => return Ok((None, None)),
+            Source::Supplied(_) => {
+                return Ok(RoundModel {
+                    model: None,
+                    lineage: None,
+                    seed: None,
+                });
+            }
             // A run has the rounds its training declares, 0 (the moments)
             // to `rounds`, and no more.
             Source::Lineage(at) if at.round > spec.rounds => {
@@ -589,7 +598,30 @@ impl NodeApi {
             spec,
         )
         .map_err(training::Error::from)?;
-        Ok((step.model, Some((at, step.parent))))
+        // The run computes on one set of rows here, with one secret: a
+        // round or evaluation over other rows (an import or a consent
+        // change since) would differ from the first by the changed
+        // patients' data; a redo over the same rows, with the same seed,
+        // is the first again.
+        let digest = work.data.digest();
+        let mut fresh = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut fresh);
+        let sealed = self
+            .inner
+            .store
+            .seal_run(run, &hex::encode(fresh), &hex::encode(digest))?;
+        let secret = match sealed {
+            Some((secret, rows)) if rows == hex::encode(digest) => hex::decode(secret)
+                .ok()
+                .and_then(|s| <[u8; 32]>::try_from(s).ok())
+                .ok_or_else(|| ApiError::Task("a run's stored secret is unreadable".to_owned()))?,
+            _ => return Err(training::Error::RowsChanged(work.run.clone()).into()),
+        };
+        Ok(RoundModel {
+            model: step.model,
+            seed: at.map(|at| training::round_seed(&secret, &step.parent, at.round, &digest)),
+            lineage: Some((at, step.parent)),
+        })
     }
 
     /// Computes and releases a round's masked contribution: the study must
@@ -645,18 +677,11 @@ impl NodeApi {
                 sums.check(&inner.store, study, label, nodes)
             }
             .map_err(training::Error::from)?;
-            let (model, lineage) = self.model_for(origin, work, &source)?;
-            // A run's round: randomness the node derives from the step it
-            // computes from, so a redo gives the coordinator nothing new.
-            let seed = match &lineage {
-                Some((Some(at), parent)) => Some(training::round_seed(
-                    &inner.round_secret,
-                    parent,
-                    at.round,
-                    &work.data.digest(),
-                )),
-                _ => None,
-            };
+            let RoundModel {
+                model,
+                lineage,
+                seed,
+            } = self.model_for(origin, work, &source)?;
             claim()?;
             let computing = std::time::Instant::now();
             checked_at = Some(computing);
@@ -848,10 +873,12 @@ impl Source<'_> {
 /// The model a round computes from and, for a run's round, the lineage
 /// step it was reached by: the session round, when it is one, and the head
 /// its input is signed over.
-type RoundModel<'s> = (
-    Option<ModelDocument>,
-    Option<(Option<&'s LineageRound<'s>>, ghx_study::lineage::Head)>,
-);
+/// A run's round also has the seed of its randomness.
+struct RoundModel<'s> {
+    model: Option<ModelDocument>,
+    lineage: Option<(Option<&'s LineageRound<'s>>, ghx_study::lineage::Head)>,
+    seed: Option<[u8; 32]>,
+}
 
 /// A session round of a run.
 struct LineageRound<'a> {

@@ -141,6 +141,37 @@ impl Store {
         Ok(moved == 1)
     }
 
+    /// Binds the run, once, to `rows_sha256` (the digest of the rows it
+    /// computes on) and a secret (`fresh`, unless it has one), and returns
+    /// what it is bound to: (secret, rows digest). None when the run has
+    /// no lineage here.
+    pub fn seal_run(
+        &self,
+        run: RunKey<'_>,
+        fresh: &str,
+        rows_sha256: &str,
+    ) -> Result<Option<(String, String)>> {
+        let key = || {
+            training_lineage::table
+                .filter(training_lineage::study_id.eq(run.study_id))
+                .filter(training_lineage::training_sha256.eq(run.training_sha256))
+                .filter(training_lineage::run_id.eq(run.run_id))
+        };
+        let sealed: Option<(Option<String>, Option<String>)> = with_conn!(self.backend, |conn| {
+            diesel::update(key().filter(training_lineage::seed_secret.is_null()))
+                .set((
+                    training_lineage::seed_secret.eq(fresh),
+                    training_lineage::rows_sha256.eq(rows_sha256),
+                ))
+                .execute(conn)?;
+            key()
+                .select((training_lineage::seed_secret, training_lineage::rows_sha256))
+                .first(conn)
+                .optional()?
+        });
+        Ok(sealed.and_then(|(secret, rows)| secret.zip(rows)))
+    }
+
     /// How many runs of a training started here (a cap on restarts,
     /// `learn/LINEAGE.md` B8).
     pub fn count_lineages(&self, study_id: &str, training_sha256: &str) -> Result<i64> {

@@ -257,5 +257,7 @@ diesel::table! {
         previous_head -> Nullable<Text>,
         previous_model_json -> Nullable<Text>,
         updated_at -> Text,
+        seed_secret -> Nullable<Text>,
+        rows_sha256 -> Nullable<Text>,
     }
 }
