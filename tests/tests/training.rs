@@ -1342,28 +1342,8 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     // it computes from, so the sum is the same and the coordinator learns
     // nothing new from a redo.
     let redo = "attack/session-redo".to_owned();
-    let mut redo_keys = Vec::new();
-    for client in &mut clients {
-        redo_keys.push(
-            client
-                .session_open(open("train", &redo))
-                .await
-                .unwrap()
-                .into_inner()
-                .keys
-                .unwrap(),
-        );
-    }
+    keyed_session(&mut clients, &redo, || open("train", &redo)).await;
     let mut redone = Vec::new();
-    for client in &mut clients {
-        client
-            .session_agree(pb::SessionAgreeRequest {
-                session: redo.clone(),
-                keys: redo_keys.clone(),
-            })
-            .await
-            .unwrap();
-    }
     for client in &mut clients {
         redone.push(
             client
@@ -1417,27 +1397,7 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     .unwrap();
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
     let changed = "attack/session-changed".to_owned();
-    let mut changed_keys = Vec::new();
-    for client in &mut clients {
-        changed_keys.push(
-            client
-                .session_open(open("train", &changed))
-                .await
-                .unwrap()
-                .into_inner()
-                .keys
-                .unwrap(),
-        );
-    }
-    for client in &mut clients {
-        client
-            .session_agree(pb::SessionAgreeRequest {
-                session: changed.clone(),
-                keys: changed_keys.clone(),
-            })
-            .await
-            .unwrap();
-    }
+    keyed_session(&mut clients, &changed, || open("train", &changed)).await;
     let err = clients[0]
         .session_input(pb::SessionInputRequest {
             session: changed.clone(),
@@ -1616,31 +1576,11 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         ))
         .unwrap();
     let expiring = "attack/expiring".to_owned();
-    let mut keys = Vec::new();
-    for client in &mut clients {
-        let request = pb::RoundAdvertiseRequest {
-            capability: short.clone(),
-            ..open("train", &expiring)
-        };
-        keys.push(
-            client
-                .session_open(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .keys
-                .unwrap(),
-        );
-    }
-    for client in &mut clients {
-        client
-            .session_agree(pb::SessionAgreeRequest {
-                session: expiring.clone(),
-                keys: keys.clone(),
-            })
-            .await
-            .unwrap();
-    }
+    keyed_session(&mut clients, &expiring, || pb::RoundAdvertiseRequest {
+        capability: short.clone(),
+        ..open("train", &expiring)
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let err = clients[0]
         .session_input(pb::SessionInputRequest {
@@ -1670,6 +1610,29 @@ struct Compromised<'a> {
 }
 
 type NodeClient = ghx_proto::v1::node_service_client::NodeServiceClient<tonic::transport::Channel>;
+
+/// Opens `session` at every client (each with a request from `request`)
+/// and relays the members' keys to all: a session ready for its rounds.
+async fn keyed_session(
+    clients: &mut [NodeClient],
+    session: &str,
+    request: impl Fn() -> pb::RoundAdvertiseRequest,
+) {
+    let mut keys = Vec::new();
+    for client in clients.iter_mut() {
+        let opened = client.session_open(request()).await.unwrap().into_inner();
+        keys.push(opened.keys.unwrap());
+    }
+    for client in clients.iter_mut() {
+        client
+            .session_agree(pb::SessionAgreeRequest {
+                session: session.to_owned(),
+                keys: keys.clone(),
+            })
+            .await
+            .unwrap();
+    }
+}
 
 impl<'a> Compromised<'a> {
     /// Approves the example training study and takes the coordinator's
