@@ -272,6 +272,14 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         serde_json::from_str(MANIFEST).expect("the example manifest is JSON");
     manifest_value["trainings"][0]["rounds"] = options.rounds.into();
     manifest_value["trainings"][0]["round_deadline_seconds"] = 600.into();
+    // Each run's evaluation is noised and charged to the study's budget
+    // (at most 0.5 under the hospitals' policies): a share of it for every
+    // turn's. The benchmark scores each model itself, on the rows.
+    let turns = options.repeat.max(1);
+    let budget = manifest_value["privacy_budget"].as_f64().unwrap_or(0.5);
+    manifest_value["trainings"][0]["validation"]["epsilon"] = (budget / f64::from(turns))
+        .max(ghx_study::query::MIN_EPSILON)
+        .into();
     if let Some(units) = options.mlp_hidden_units {
         manifest_value["trainings"][0]["model"] = "mlp".into();
         manifest_value["trainings"][0]["hidden_units"] = units.into();
@@ -282,7 +290,6 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
     let spec = manifest.trainings[0].clone();
     let study_id = federation.approved_study(RESEARCHER, manifest_json).await?;
     let mut client = federation.client(RESEARCHER).await?;
-    let turns = options.repeat.max(1);
     let mut rows: Option<Rows> = None;
     let mut repetitions = Vec::new();
     for turn in 1..=turns {

@@ -1392,7 +1392,7 @@ async fn follow_and_write(
     println!("run {} {}", record.run_id, record.status.name());
     match record.evaluation.as_ref().map(|e| &e.pooled) {
         Some(Some(pooled)) => println!(
-            "final model on {} held-out patients: AUC {}, accuracy {:.4}, Brier {:.4}",
+            "final model on about {} held-out patients (counts noised at each hospital): AUC {}, accuracy {:.4}, Brier {:.4}",
             pooled.rows,
             pooled
                 .auc

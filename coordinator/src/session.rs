@@ -47,6 +47,10 @@ pub struct Session {
     certificates: BTreeMap<String, String>,
     /// The digest of the agreed keys, which every lineage input names.
     keys_sha256: Head,
+    /// Each member's signed confirmation of the keys it agreed, relayed
+    /// with every round: a member masks nothing until all verify over its
+    /// own agreed keys.
+    confirmations: Vec<pb::SessionConfirmation>,
     /// Each member's stream of rounds, opened at its first round.
     links: HashMap<String, tokio::sync::Mutex<Option<Link>>>,
 }
@@ -243,11 +247,16 @@ pub async fn open(
                 keys: keys.clone(),
             };
             async move {
-                node.round_client()
+                let agreed = node
+                    .round_client()
                     .session_agree(request)
                     .await
-                    .map_err(|s| describe(&s))?;
-                Ok(())
+                    .map_err(|s| describe(&s))?
+                    .into_inner();
+                Ok(pb::SessionConfirmation {
+                    node: node.id.clone(),
+                    signature: agreed.confirmation,
+                })
             }
         })
         .await;
@@ -277,13 +286,14 @@ pub async fn open(
                 dim,
                 certificates,
                 keys_sha256: ghx_study::lineage::keys_sha256(&agreed_keys),
+                confirmations: agreed.into_iter().map(|(_, c)| c).collect(),
                 links,
             });
         }
         // Those that agreed hold pair secrets with those that did not:
         // key again among the former.
         left_out.extend(failures);
-        let agreed: Vec<String> = agreed.into_iter().map(|(id, ())| id).collect();
+        let agreed: Vec<String> = agreed.into_iter().map(|(id, _)| id).collect();
         nodes = keep(&nodes, &agreed);
     }
 }
@@ -316,6 +326,7 @@ pub async fn round(
             round: number,
             model_json: Vec::new(),
             previous: previous.clone(),
+            confirmations: session.confirmations.clone(),
         };
         let slot = session.links.get(&node.id);
         async move {
@@ -473,6 +484,7 @@ mod tests {
             dim: 8,
             certificates: BTreeMap::new(),
             keys_sha256: [0; 32],
+            confirmations: Vec::new(),
             links: HashMap::new(),
         }
     }

@@ -1,13 +1,16 @@
 //! Federated training runs: the coordinator drives rounds of secure
 //! aggregation across the nodes and keeps the run's state.
 //!
-//! A run is a moments round (pooled feature means and standard deviations
-//! for standardisation), then the training's rounds (each node trains from
-//! the global model; the coordinator receives only the sum of the
-//! sample-weighted local models and averages it), then an evaluation round
-//! of the final model. The coordinator learns only sums.
+//! A run is one secure-aggregation session ([`crate::session`]): its round
+//! 0 is the moments (pooled feature means and standard deviations for
+//! standardisation), its rounds 1 to R the training's (each node trains
+//! from the model its own lineage reached; the coordinator receives only
+//! the sum of the sample-weighted local models and averages it); then an
+//! evaluation round of the final model, noised at each node, when the
+//! training declares `validation.epsilon`. The coordinator learns only
+//! sums.
 //!
-//! The moments and evaluation rounds (and external validation) are one-off
+//! The evaluation rounds (a run's and external validations) are one-off
 //! secure-aggregation rounds: the coordinator relays keys and encrypted
 //! shares and learns only the sum of the contributions of the nodes that
 //! completed it. A round's first two steps (keys, [`agree_keys`]) need no
@@ -20,8 +23,7 @@
 //! ([`Error::Dropped`]), which the nodes accept only if that set is the
 //! study's (with three hospitals and the default minimum, the run stops).
 //!
-//! The training rounds run in a session ([`crate::session`]), opened while
-//! the moments round computes: one message per node per round, on the
+//! The session's rounds take one message per node per round, on the
 //! node's stream for the session, the critical path of a round being the
 //! slowest node's local step and one trip. A member missing from a session
 //! round is named, and the round is redone in a new session among the
@@ -218,12 +220,13 @@ pub struct Evaluation {
     pub per_node: BTreeMap<String, Metrics>,
     pub contributors: Vec<String>,
     pub failures: Vec<NodeFailure>,
-    /// How the nodes noised it (an external validation); none: exact.
+    /// How the nodes noised it; none: exact (records from before every
+    /// evaluation was noised).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise: Option<EvaluationNoise>,
 }
 
-/// The noise of an external validation, as the requester should read it.
+/// The noise of an evaluation, as the requester should read it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvaluationNoise {
     /// Charged at each node that contributed.
@@ -1255,9 +1258,12 @@ pub async fn advance(
     // every node when the run's session lacks some (every REJOIN_EVERY
     // rounds). A round otherwise leaves its session to the next (the
     // moments, round 0, open the run's first).
+    // The run's evaluation is noised at the epsilon the training declares
+    // for evaluations; a training that declares none is not evaluated.
+    let evaluated = spec.validation.is_some();
     let ahead_of = |number: u32, pipeline: &Pipeline| {
         if number > rounds_total {
-            return Some(Ahead::Keys(format!("{prefix}/evaluation"), Phase::Evaluate));
+            return evaluated.then(|| Ahead::Keys(format!("{prefix}/evaluation"), Phase::Evaluate));
         }
         match &pipeline.session {
             Some(s)
@@ -1334,10 +1340,10 @@ pub async fn advance(
                 bias,
             });
         }
+        Some(_) if !evaluated => record.status = RunStatus::Completed,
         Some(_) => {
             // Each node evaluates the model its lineage reached with the
-            // last round's evidence: exact, and no model of the
-            // coordinator's.
+            // last round's evidence (no model of the coordinator's), noised.
             let round = round_and_next(
                 fed,
                 pipeline,
@@ -1347,7 +1353,7 @@ pub async fn advance(
                 None,
             )
             .await?;
-            record.evaluation = Some(evaluation(round, pooled_cell_size(fed))?);
+            record.evaluation = Some(noised_evaluation(fed, round)?);
             record.status = RunStatus::Completed;
         }
     }
@@ -1364,6 +1370,14 @@ pub async fn validate(fed: &Federation<'_>, model: &ModelDocument) -> Result<Eva
         time::OffsetDateTime::now_utc().unix_timestamp_nanos()
     );
     let round = secure_round(fed, &round_id, Phase::Evaluate, (Some(model), None), None).await?;
+    noised_evaluation(fed, round)
+}
+
+/// An evaluation's sum as released: the noised counts merged under the
+/// study's largest cell size, with the noise the nodes added (each at the
+/// epsilon the training declares), and nothing beside the noised pool: no
+/// node's own figures, whatever an older or modified node sends.
+fn noised_evaluation(fed: &Federation<'_>, round: RoundSum) -> Result<Evaluation, Error> {
     let noise = fed.spec.validation.map(|v| EvaluationNoise {
         epsilon: v.epsilon,
         bins: ghx_learn::evaluation::NOISED_SCORE_BINS,
@@ -1371,8 +1385,6 @@ pub async fn validate(fed: &Federation<'_>, model: &ModelDocument) -> Result<Eva
             * ghx_learn::noise::two_sided_geometric_variance(v.epsilon))
         .sqrt(),
     });
-    // Nothing beside the noised pool: no node's own figures, whatever an
-    // older or modified node sends.
     Ok(Evaluation {
         noise,
         per_node: BTreeMap::new(),

@@ -178,9 +178,10 @@ fn status(error: &ApiError) -> Status {
         ApiError::Training(training::Error::Lineage(crate::lineage::Error::Signature {
             ..
         })) => Status::permission_denied(error.to_string()),
-        ApiError::Training(training::Error::Lineage(crate::lineage::Error::Runs { .. })) => {
-            Status::resource_exhausted(error.to_string())
-        }
+        ApiError::Training(
+            training::Error::Lineage(crate::lineage::Error::Runs { .. })
+            | training::Error::EvaluationUnaffordable { .. },
+        ) => Status::resource_exhausted(error.to_string()),
         ApiError::Training(training::Error::Lineage(crate::lineage::Error::Store(_))) => {
             tracing::error!(error = %error, "request failed inside the node");
             Status::internal(
@@ -208,7 +209,9 @@ fn status(error: &ApiError) -> Status {
             training::Error::RoundExists(_) | training::Error::AlreadyComputed(_),
         ) => Status::already_exists(error.to_string()),
         ApiError::Training(
-            training::Error::UnvouchedKeys { .. } | training::Error::CapabilityExpired(_),
+            training::Error::UnvouchedKeys { .. }
+            | training::Error::Unconfirmed { .. }
+            | training::Error::CapabilityExpired(_),
         ) => Status::permission_denied(error.to_string()),
         ApiError::Malformed(_)
         | ApiError::Training(
@@ -216,6 +219,7 @@ fn status(error: &ApiError) -> Status {
             | training::Error::SessionPhase(_)
             | training::Error::TrainOutsideRun
             | training::Error::SessionWithoutRun
+            | training::Error::MomentsOutsideRun
             | training::Error::NotParticipant(_)
             | training::Error::Dimension { .. }
             | training::Error::Model(_)
@@ -234,6 +238,7 @@ fn status(error: &ApiError) -> Status {
         | ApiError::Training(
             training::Error::Learn(_)
             | training::Error::NoSigningKey
+            | training::Error::Unsealed(_)
             | training::Error::Signing(_)
             | training::Error::Random(_)
             | training::Error::Consent(_)

@@ -101,8 +101,8 @@ pub enum Error {
     )]
     Evaluations { study: String, limit: u32 },
     #[error(
-        "external validation is noised at each node: training `{0}` must declare \
-         validation.epsilon in the study's manifest"
+        "every evaluation (a run's or an external validation) is noised at each node: \
+         training `{0}` must declare validation.epsilon in the study's manifest"
     )]
     ValidationUndeclared(String),
     #[error(
@@ -112,8 +112,22 @@ pub enum Error {
     TrainOutsideRun,
     #[error("a session trains a run: the request names none")]
     SessionWithoutRun,
+    #[error(
+        "the moments are a run's round 0, computed in the run's session; a one-off moments \
+         round is refused"
+    )]
+    MomentsOutsideRun,
     #[error("session {0} has not agreed its keys yet")]
     NotAgreed(String),
+    #[error(
+        "session {session}: {node} did not confirm the keys this node agreed ({reason}); \
+         nothing is masked"
+    )]
+    Unconfirmed {
+        session: String,
+        node: String,
+        reason: String,
+    },
     #[error(
         "only a run's final model is evaluated in the run: the evidence is of round {got}; \
          the training has {rounds} rounds"
@@ -128,6 +142,13 @@ pub enum Error {
          consent change): a run computes on one set of rows; start a new run"
     )]
     RowsChanged(String),
+    #[error("run {0} has no stored lineage to seal here")]
+    Unsealed(String),
+    #[error(
+        "a new run's evaluation costs epsilon {epsilon}; the study has {left:.4} left of its \
+         privacy budget here"
+    )]
+    EvaluationUnaffordable { epsilon: f64, left: f64 },
 }
 
 /// What one node holds for a training: complete-case rows, split.
@@ -137,6 +158,23 @@ pub struct Extracted {
     pub holdout: Dataset,
     /// Cohort members left out because a feature had no value.
     pub incomplete: u64,
+    /// Who the rows are: the patients' hashes
+    /// ([`crate::differencing::patient_hash`]), compared as released sets
+    /// when a run is sealed to them.
+    pub patients: RowPatients,
+}
+
+/// Who and what a training's rows are, as hashes: compared like released
+/// sets when a run is sealed to them (its moments are exact sums over the
+/// training rows).
+#[derive(Debug, Default)]
+pub struct RowPatients {
+    /// The training rows' patients ([`crate::differencing::patient_hash`]).
+    pub train: Vec<u64>,
+    /// Each training row whole: its patient, features and label. The same
+    /// patients with a value changed (an import, another `as_of`) differ
+    /// here by two per changed patient.
+    pub train_rows: Vec<u64>,
 }
 
 impl Extracted {
@@ -185,6 +223,7 @@ pub fn extract(
     let mut train = Dataset::new(dim);
     let mut holdout = Dataset::new(dim);
     let mut incomplete = 0;
+    let mut patients = RowPatients::default();
     // Sorted by id, so the rows' order is the same every time.
     let members: BTreeMap<String, engine::Member> = label_members
         .into_iter()
@@ -208,14 +247,27 @@ pub fn extract(
         }
         let held = held_out(&salt, id, spec.holdout);
         let target = if held { &mut holdout } else { &mut train };
-        if target.push(&row, member.event != 0).is_err() {
+        let label = member.event != 0;
+        if target.push(&row, label).is_err() {
             incomplete += 1;
+        } else if !held {
+            patients.train.push(crate::differencing::patient_hash(id));
+            let mut whole = Sha256::new().chain_update(id.as_bytes());
+            for v in &row {
+                whole.update(v.to_bits().to_be_bytes());
+            }
+            whole.update([u8::from(label)]);
+            let whole = whole.finalize();
+            patients
+                .train_rows
+                .push(u64::from_le_bytes(whole[..8].try_into().expect("8 bytes")));
         }
     }
     Ok(Extracted {
         train,
         holdout,
         incomplete,
+        patients,
     })
 }
 
@@ -364,10 +416,19 @@ pub fn contribution(
     if phase == Phase::Evaluate {
         let holdout = standardised.holdout(data, model);
         let mut sums = EvaluationSums::of(&global, &holdout);
-        // An external validation's model is the requester's to choose:
-        // each count noised here (sensitivity 1), before masking.
+        // Each count noised here (sensitivity 1), before masking: an
+        // external validation's model is the requester's to choose, and a
+        // run's is summed in bins the coordinator sees before merging. A
+        // run's evaluation draws from the run's seed, so a redo releases
+        // the same noised counts (charged once).
         if let Some(epsilon) = validation {
-            let mut rng = os_seeded()?;
+            let mut rng = match seed {
+                Some(seed) => {
+                    use rand::SeedableRng;
+                    rand::rngs::StdRng::from_seed(seed)
+                }
+                None => os_seeded()?,
+            };
             sums = sums.noised(ghx_learn::evaluation::NOISED_SCORE_BINS, || {
                 ghx_learn::noise::two_sided_geometric(epsilon, &mut rng) as f64
             });
@@ -478,8 +539,8 @@ pub struct RoundWork {
     pub min_cell_size: u32,
     pub claims: ghx_study::capability::Claims,
     pub manifest: Arc<ghx_study::manifest::StudyManifest>,
-    /// An external validation (an evaluation outside a run): the epsilon
-    /// its counts are noised at and charged.
+    /// An evaluation (a run's or an external validation): the epsilon its
+    /// counts are noised at and charged.
     pub validation: Option<f64>,
     /// The run the round or session belongs to; empty outside a run.
     pub run: String,
@@ -511,6 +572,12 @@ struct RunSession {
     work: Arc<RoundWork>,
     /// The digest of the agreed keys, every member's lineage input names.
     keys_sha256: Option<ghx_study::lineage::Head>,
+    /// Each member's certificate, as it vouched for its key at agreement:
+    /// its confirmation is checked against it.
+    certificates: BTreeMap<String, String>,
+    /// Whether every member confirmed the keys this node agreed: nothing
+    /// is masked before.
+    confirmed: bool,
     /// How long the session lives past its last use.
     lifetime: Duration,
     expires: Instant,
@@ -670,6 +737,8 @@ impl Rounds {
                 origin: origin.clone(),
                 work,
                 keys_sha256: None,
+                certificates: BTreeMap::new(),
+                confirmed: false,
                 lifetime,
                 expires: now + lifetime,
             },
@@ -697,16 +766,19 @@ impl Rounds {
         }
     }
 
-    /// The members' keys (checked by the caller), once per session. The
-    /// session's sums are over the nodes whose keys these are, which
-    /// `check` must accept; they are the session's participants from now
-    /// on.
+    /// The members' keys (checked by the caller, with the `certificates`
+    /// that vouched for them), once per session. The session's sums are
+    /// over the nodes whose keys these are, which `check` must accept; they
+    /// are the session's participants from now on. Returns what this node
+    /// confirms to the others: the statement of the study, the session and
+    /// the agreed keys' digest, to be signed.
     pub fn agree_session(
         &self,
         session: &str,
         keys: &[SessionKeys],
+        certificates: BTreeMap<String, String>,
         check: impl FnOnce(&RoundOrigin, &[String]) -> Result<(), Error>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<u8>, Error> {
         self.with_session(session, |s| {
             let mut members: Vec<String> = keys.iter().map(|k| k.node.clone()).collect();
             members.sort();
@@ -718,7 +790,58 @@ impl Rounds {
                 .iter()
                 .map(|k| (k.node.clone(), k.mask_key.to_vec()))
                 .collect();
-            s.keys_sha256 = Some(ghx_study::lineage::keys_sha256(&agreed));
+            let digest = ghx_study::lineage::keys_sha256(&agreed);
+            s.keys_sha256 = Some(digest);
+            s.certificates = certificates;
+            Ok(ghx_study::lineage::agreement_statement(
+                &s.origin.study,
+                session,
+                &digest,
+            ))
+        })
+    }
+
+    /// Checks, once per session, that every other member confirmed the
+    /// keys this node agreed: its signature in `confirmations` (node,
+    /// signature) verifies over this node's statement under the
+    /// certificate that vouched for its key (pinned where configured). A
+    /// coordinator that relayed different key sets to different members
+    /// gets no masked input from any of them.
+    pub fn confirm_session(
+        &self,
+        session: &str,
+        this_node: &str,
+        confirmations: &[(String, Vec<u8>)],
+        members: &ghx_pki::signed::MemberKeys,
+    ) -> Result<(), Error> {
+        self.with_session(session, |s| {
+            if s.confirmed {
+                return Ok(());
+            }
+            let digest = s
+                .keys_sha256
+                .ok_or_else(|| Error::NotAgreed(session.to_owned()))?;
+            let statement =
+                ghx_study::lineage::agreement_statement(&s.origin.study, session, &digest);
+            let unconfirmed = |node: &str, reason: String| Error::Unconfirmed {
+                session: session.to_owned(),
+                node: node.to_owned(),
+                reason,
+            };
+            for member in s.origin.participants.iter().filter(|m| *m != this_node) {
+                let signature = confirmations
+                    .iter()
+                    .find(|(node, _)| node == member)
+                    .map(|(_, signature)| signature)
+                    .ok_or_else(|| unconfirmed(member, "no confirmation was relayed".to_owned()))?;
+                let certificate = s.certificates.get(member).ok_or_else(|| {
+                    unconfirmed(member, "no certificate vouched for its key".to_owned())
+                })?;
+                members
+                    .verify_node(member, certificate, &statement, signature)
+                    .map_err(|reason| unconfirmed(member, reason.to_string()))?;
+            }
+            s.confirmed = true;
             Ok(())
         })
     }
@@ -828,6 +951,7 @@ mod tests {
             train: Dataset::new(2),
             holdout: Dataset::new(2),
             incomplete: 0,
+            patients: Default::default(),
         };
         data.train.push(&[1.0, 2.0], true).unwrap();
         let before = data.digest();
@@ -847,6 +971,7 @@ mod tests {
             train: Dataset::new(dim),
             holdout: Dataset::new(dim),
             incomplete: 0,
+            patients: Default::default(),
         };
         data.train.push(&vec![3.0; dim], true).unwrap();
         data.holdout.push(&vec![5.0; dim], false).unwrap();
@@ -891,6 +1016,7 @@ mod tests {
             train,
             holdout,
             incomplete: 0,
+            patients: Default::default(),
         };
         let e = contribution(
             Phase::Moments,
@@ -933,6 +1059,7 @@ mod tests {
             train: Dataset::new(5),
             holdout: Dataset::new(5),
             incomplete: 0,
+            patients: Default::default(),
         };
         for i in 0..400 {
             let x = f64::from(i) / 40.0 - 5.0;
@@ -986,7 +1113,8 @@ mod tests {
         assert!(zero.clone().all(|i| seen[i] == 0.0 && truth[i] == 0.0));
         assert_eq!(noised.rows, seen.iter().sum::<f64>());
         assert_eq!(noised.positives, noised.positive_scores.iter().sum::<f64>());
-        // A run's evaluation is exact: the histogram at full resolution.
+        // Without an epsilon the histogram is exact, at full resolution
+        // (nodes give every evaluation one).
         assert_eq!(exact.rows, 400.0);
         assert_eq!(exact.positives, 100.0);
     }
@@ -1003,6 +1131,7 @@ mod tests {
                 train: Dataset::new(5),
                 holdout: Dataset::new(5),
                 incomplete: 0,
+                patients: Default::default(),
             }),
             standardised: Standardised::default(),
             min_cell_size: 10,

@@ -180,6 +180,20 @@ pub fn keys_sha256(keys: &[(String, Vec<u8>)]) -> Head {
     sha256(&out)
 }
 
+/// What each member of a session signs once it has agreed the session's
+/// keys: the study, the session and the digest of the keys it agreed. A
+/// member masks nothing until every member's confirmation verifies over
+/// its own digest, so a coordinator relaying different key sets to
+/// different members gets no input at all.
+pub fn agreement_statement(study: &str, session: &str, keys_sha256: &Head) -> Vec<u8> {
+    let mut out = b"ghx-lineage/v1 agreed\0".to_vec();
+    for f in [study, session] {
+        field(&mut out, f.as_bytes());
+    }
+    out.extend(keys_sha256);
+    out
+}
+
 /// What one member signs with its masked input of a round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputStatement<'a> {

@@ -272,14 +272,14 @@ impl StudyManifest {
                 }
                 None => 0.0,
             };
-            // At least one validation after a whole run must be affordable.
+            // A whole run must be affordable with its evaluation.
             if let Some(validation) = &t.validation
                 && training_epsilon + validation.epsilon > self.privacy_budget + 1e-9
             {
                 return Err(invalid(
                     &format!("trainings[{i}].validation"),
                     format!(
-                        "a validation costs epsilon {}{}; the study's budget is epsilon {}",
+                        "an evaluation costs epsilon {}{}; the study's budget is epsilon {}",
                         validation.epsilon,
                         if training_epsilon > 0.0 {
                             format!(" after the training's {training_epsilon:.3}")

@@ -202,21 +202,23 @@ impl TrainingPrivacy {
     }
 }
 
-/// Most epsilon one external validation may spend.
+/// Most epsilon one evaluation (a run's, or an external validation) may
+/// spend.
 pub const MAX_VALIDATION_EPSILON: f64 = 2.0;
 
-/// How an evaluation outside a run (external validation of a model the
-/// requester supplies) is noised: each node adds two-sided geometric noise
-/// of `epsilon` to each count of its score histogram (positives and
-/// negatives per [`ghx_learn::evaluation::NOISED_SCORE_BINS`] bins; one
-/// held-out patient moves one count by one) before masking, and charges
-/// `epsilon` to the study's privacy budget. Without it, nodes refuse
-/// external validation: a model the requester chose can single out one
-/// held-out patient.
+/// How every evaluation is noised, a run's final one and each external
+/// validation of a model the requester supplies: each node adds two-sided
+/// geometric noise of `epsilon` to each count of its score histogram
+/// (positives and negatives per [`ghx_learn::evaluation::NOISED_SCORE_BINS`]
+/// bins; one held-out patient moves one count by one) before masking, and
+/// charges `epsilon` to the study's privacy budget. Without it, nodes
+/// refuse every evaluation and runs end unevaluated: a model the requester
+/// chose can single out one held-out patient, and a run's exact histogram
+/// reaches the coordinator before its bins are merged.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValidationNoise {
-    /// Charged per validation at each node.
+    /// Charged per evaluation at each node.
     pub epsilon: f64,
 }
 
@@ -263,7 +265,8 @@ pub struct TrainingSpec {
     /// study's privacy budget at each node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<TrainingPrivacy>,
-    /// Noise of external validations; none: nodes refuse them.
+    /// Noise of every evaluation (a run's and external validations); none:
+    /// nodes refuse them, and runs end unevaluated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<ValidationNoise>,
     /// Seed of an MLP's starting weights
@@ -755,7 +758,7 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "manifest `trainings[0].validation`: a validation costs epsilon 0.25; the study's budget is epsilon 0.2"
+            "manifest `trainings[0].validation`: an evaluation costs epsilon 0.25; the study's budget is epsilon 0.2"
         );
         t.privacy = Some(TrainingPrivacy {
             clip: 1.0,
@@ -806,7 +809,7 @@ mod tests {
         // Fixed across builds of this version (rand 0.8's uniform sampler
         // over ChaCha20): the first hidden weight of the example.
         let first = start.hidden.as_ref().unwrap().weights[0];
-        expect_test::expect!["0.3265487271604455"].assert_eq(&first.to_string());
+        expect_test::expect!["-0.4635212146106906"].assert_eq(&first.to_string());
         // Any change to the training moves it (its digest seeds it), and a
         // declared seed replaces the digest.
         t.rounds += 1;

@@ -95,7 +95,9 @@ impl NodeApi {
     /// and reads the training's rows (once per run), then `start`s it;
     /// audits the outcome either way. A training round is computed only in
     /// a run's session, whose vectors hold the moments (round 0) or a
-    /// training round's; a one-off round is moments or an evaluation.
+    /// training round's; a one-off round is an evaluation (a run's, or an
+    /// external validation). A run's session or evaluation must be
+    /// sealable to the rows read now (`sealed`).
     fn admitted_round<T>(
         &self,
         caller: &PeerIdentity,
@@ -133,7 +135,10 @@ impl NodeApi {
                     return Err(training::Error::SessionPhase(other.name().to_owned()).into());
                 }
                 (false, Phase::Train) => return Err(training::Error::TrainOutsideRun.into()),
-                (false, _) => {}
+                (false, Phase::Moments) => {
+                    return Err(training::Error::MomentsOutsideRun.into());
+                }
+                (false, Phase::Evaluate) => {}
             }
             let params = ghx_proto::round::params_from_wire(message.params.unwrap_or_default())
                 .map_err(ApiError::Malformed)?;
@@ -199,11 +204,13 @@ impl NodeApi {
                     )
                 })
                 .map_err(training::Error::from)?;
-            // An evaluation outside a run scores the held-out patients with
-            // a model the requester chose: it is noised, at the epsilon the
-            // training declares for it.
+            // Every evaluation is noised here, at the epsilon the training
+            // declares for it: an external validation scores the held-out
+            // patients with a model the requester chose, and a run's
+            // evaluation is summed into a 100-bin histogram the coordinator
+            // sees before merging, whose tails hold a few patients.
             let validation = match phase {
-                Phase::Evaluate if message.run.is_empty() => Some(
+                Phase::Evaluate => Some(
                     spec.validation
                         .ok_or_else(|| training::Error::ValidationUndeclared(spec.name.clone()))?
                         .epsilon,
@@ -247,6 +254,23 @@ impl NodeApi {
                     )
                 })?
             };
+            // A run's session or evaluation over rows it cannot be sealed
+            // to is refused here, before anything is keyed.
+            if !message.run.is_empty() {
+                self.sealed(
+                    Sealing {
+                        run: crate::store::RunKey {
+                            study_id: &admitted.claims.sub,
+                            training_sha256: &entry.query_sha256,
+                            run_id: &message.run,
+                        },
+                        organisation: &admitted.claims.org,
+                        data: &data,
+                        min_cell_size: admitted.min_cell_size,
+                    },
+                    false,
+                )?;
+            }
             // Steps 2 to 4 must all happen within the round's deadline.
             let lifetime =
                 std::time::Duration::from_secs(u64::from(spec.round_deadline_seconds) * 4 + 30);
@@ -405,6 +429,24 @@ impl NodeApi {
         received: std::time::Instant,
     ) -> Result<pb::RoundMaskedInputResponse, ApiError> {
         Self::require_coordinator(caller)?;
+        // Every member agreed the keys this node did, before anything is
+        // read or masked (THREATS 4(4)(c)).
+        let (_, members) = self
+            .inner
+            .round_keys
+            .as_ref()
+            .ok_or(training::Error::NoSigningKey)?;
+        let confirmations: Vec<(String, Vec<u8>)> = message
+            .confirmations
+            .into_iter()
+            .map(|c| (c.node, c.signature))
+            .collect();
+        self.inner.rounds.confirm_session(
+            &message.session,
+            &self.inner.node_id,
+            &confirmations,
+            members,
+        )?;
         let (origin, work, keys_sha256) = self.inner.rounds.session_work(&message.session)?;
         let previous = message
             .previous
@@ -471,6 +513,13 @@ impl NodeApi {
     ) -> Result<pb::SessionAgreeResponse, ApiError> {
         Self::require_coordinator(caller)?;
         let session = &message.session;
+        // The certificates that vouch for the keys: members' confirmations
+        // are checked against them.
+        let certificates = message
+            .keys
+            .iter()
+            .map(|k| (k.node.clone(), k.certificate_pem.clone()))
+            .collect();
         let keys = self.vouched(
             session,
             message.keys,
@@ -481,14 +530,16 @@ impl NodeApi {
             |k| (k.node.clone(), k.statement(session)),
         )?;
         let inner = &self.inner;
-        inner
-            .rounds
-            .agree_session(session, &keys, |origin, members| {
-                Ok(inner
-                    .sums
-                    .check(&inner.store, &origin.study, session, members)?)
-            })?;
-        Ok(pb::SessionAgreeResponse {})
+        let statement =
+            inner
+                .rounds
+                .agree_session(session, &keys, certificates, |origin, members| {
+                    Ok(inner
+                        .sums
+                        .check(&inner.store, &origin.study, session, members)?)
+                })?;
+        let (confirmation, _) = self.sign_keys(&statement)?;
+        Ok(pb::SessionAgreeResponse { confirmation })
     }
 
     /// Reads the keys of `round` (a round or a session) the coordinator
@@ -532,18 +583,12 @@ impl NodeApi {
     ) -> Result<RoundModel<'s>, ApiError> {
         let spec = &work.spec;
         let (at, previous) = match source {
-            Source::Supplied(json) if work.phase == Phase::Evaluate => {
+            // One-off rounds are external validations only (step 1).
+            Source::Supplied(json) => {
                 return Ok(RoundModel {
                     model: Some(
                         ModelDocument::parse_for(json, spec).map_err(training::Error::from)?,
                     ),
-                    lineage: None,
-                    seed: None,
-                });
-            }
-            Source::Supplied(_) => {
-                return Ok(RoundModel {
-                    model: None,
                     lineage: None,
                     seed: None,
                 });
@@ -581,6 +626,15 @@ impl NodeApi {
             run_id: &work.run,
         };
         let round = at.map_or(spec.rounds.saturating_add(1), |at| at.round);
+        let sealing = || Sealing {
+            run,
+            organisation: &work.claims.org,
+            data: &work.data,
+            min_cell_size: work.min_cell_size,
+        };
+        // A new run refused for its rows starts no lineage (which would
+        // count against the runs a training may have here).
+        let known = self.sealed(sealing(), false)?;
         let step = crate::lineage::advance(
             &self.inner.store,
             keys,
@@ -598,30 +652,95 @@ impl NodeApi {
             spec,
         )
         .map_err(training::Error::from)?;
-        // The run computes on one set of rows here, with one secret: a
-        // round or evaluation over other rows (an import or a consent
-        // change since) would differ from the first by the changed
-        // patients' data; a redo over the same rows, with the same seed,
-        // is the first again.
+        // A new run whose evaluation the study's budget here cannot pay is
+        // refused at its round 0: it would train to the end and fail there.
+        if let (Some(0), None, Some(validation)) = (at.map(|a| a.round), &known, spec.validation) {
+            let spent = self
+                .inner
+                .store
+                .privacy_spent(&work.claims.org, &work.claims.sub)?;
+            let budget = work.manifest.privacy_budget;
+            if spent.epsilon + validation.epsilon > budget + 1e-9 {
+                return Err(training::Error::EvaluationUnaffordable {
+                    epsilon: validation.epsilon,
+                    left: (budget - spent.epsilon).max(0.0),
+                }
+                .into());
+            }
+        }
+        let secret = self
+            .sealed(sealing(), true)?
+            .ok_or_else(|| training::Error::Unsealed(work.run.clone()))?;
         let digest = work.data.digest();
-        let mut fresh = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut fresh);
-        let sealed = self
-            .inner
-            .store
-            .seal_run(run, &hex::encode(fresh), &hex::encode(digest))?;
-        let secret = match sealed {
-            Some((secret, rows)) if rows == hex::encode(digest) => hex::decode(secret)
-                .ok()
-                .and_then(|s| <[u8; 32]>::try_from(s).ok())
-                .ok_or_else(|| ApiError::Task("a run's stored secret is unreadable".to_owned()))?,
-            _ => return Err(training::Error::RowsChanged(work.run.clone()).into()),
-        };
         Ok(RoundModel {
             model: step.model,
-            seed: at.map(|at| training::round_seed(&secret, &step.parent, at.round, &digest)),
+            // A round's shuffle and DP noise, or the evaluation's noise
+            // (round R + 1): a redo draws the same.
+            seed: Some(training::round_seed(&secret, &step.parent, round, &digest)),
             lineage: Some((at, step.parent)),
         })
+    }
+
+    /// Seals a run to this node's rows and returns its secret, or (`seal`
+    /// false, at step 1) checks that it could be sealed, returning its
+    /// secret only if it already is. The run computes on one set of rows
+    /// here, with one secret: a round or evaluation over other rows (an
+    /// import or a consent change since) would differ from the first by
+    /// the changed patients' data, so it is refused (`RowsChanged`); a
+    /// redo over the same rows, with the same seed, is the first again.
+    /// A new run is compared like a release: its moments (round 0) are
+    /// exact sums over its training rows, so its training patients, and
+    /// its training rows whole (patient, features, label), are each
+    /// checked like a released cohort, refused 1..k−1 from a set released
+    /// to the organisation before, and recorded before the run is sealed
+    /// (a crash between the two leaves a record too many, never too few).
+    fn sealed(&self, sealing: Sealing<'_>, seal: bool) -> Result<Option<[u8; 32]>, ApiError> {
+        let Sealing {
+            run,
+            organisation,
+            data,
+            min_cell_size,
+        } = sealing;
+        let inner = &self.inner;
+        let rows = hex::encode(data.digest());
+        let changed = || ApiError::from(training::Error::RowsChanged(run.run_id.to_owned()));
+        // One run sealed at a time: two new runs are checked in turn.
+        let _sealing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
+        let secret = match inner.store.run_seal(run)? {
+            Some((secret, sealed)) if sealed == rows => secret,
+            Some(_) => return Err(changed()),
+            None => {
+                let sets = [&data.patients.train, &data.patients.train_rows]
+                    .map(|hashes| crate::differencing::CohortPrint::of_hashes(hashes.clone()));
+                for set in &sets {
+                    crate::differencing::check(&inner.store, organisation, set, min_cell_size)?;
+                }
+                if !seal {
+                    return Ok(None);
+                }
+                for set in &sets {
+                    crate::differencing::record(
+                        &inner.store,
+                        organisation,
+                        run.study_id,
+                        run.training_sha256,
+                        set,
+                    )?;
+                }
+                let mut fresh = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut fresh);
+                match inner.store.seal_run(run, &hex::encode(fresh), &rows)? {
+                    Some((secret, sealed)) if sealed == rows => secret,
+                    Some(_) => return Err(changed()),
+                    None => return Err(training::Error::Unsealed(run.run_id.to_owned()).into()),
+                }
+            }
+        };
+        let secret = hex::decode(secret)
+            .ok()
+            .and_then(|s| <[u8; 32]>::try_from(s).ok())
+            .ok_or_else(|| ApiError::Task("a run's stored secret is unreadable".to_owned()))?;
+        Ok(Some(secret))
     }
 
     /// Computes and releases a round's masked contribution: the study must
@@ -726,22 +845,47 @@ impl NodeApi {
                         privacy.delta
                     ))
                 }
-                // An external validation, under its own digest: the ledger
-                // counts a training's noised rounds by the training's.
-                // One charge, atomic in the ledger: no lock needed (a DP
-                // round's lock keeps its count and charge together).
+                // An evaluation, under its own digest (the model's, or the
+                // run's): the ledger counts a training's noised rounds by
+                // the training's. One charge, atomic in the ledger: no lock
+                // needed (a DP round's lock keeps its count and charge
+                // together).
                 (_, Phase::Evaluate, Some(epsilon)) => {
-                    let note = self.charge(
-                        charge_id,
-                        &work.claims,
-                        &work.manifest,
-                        &ghx_audit::digest(source.supplied()),
-                        (epsilon, 0.0),
-                    )?;
-                    entry.epsilon = epsilon;
-                    Some(format!(
-                        "{note}; the validation's counts noised at epsilon {epsilon}"
-                    ))
+                    let (evaluated, kind) = match &source {
+                        Source::Supplied(json) => (ghx_audit::digest(json), "validation"),
+                        _ => (
+                            ghx_audit::digest(
+                                format!("{} run {}", origin.request_sha256, work.run).as_bytes(),
+                            ),
+                            "run's evaluation",
+                        ),
+                    };
+                    // A run's evaluation redone gives the same noised counts
+                    // (its noise is drawn from the run's seed): paid once.
+                    let paid = matches!(source, Source::Evaluated(_))
+                        && inner.store.privacy_charges_for(
+                            &work.claims.org,
+                            &work.claims.sub,
+                            &evaluated,
+                        )? > 0;
+                    if paid {
+                        Some(format!(
+                            "the {kind}'s counts noised at epsilon {epsilon} as when first \
+                             computed, and charged then"
+                        ))
+                    } else {
+                        let note = self.charge(
+                            charge_id,
+                            &work.claims,
+                            &work.manifest,
+                            &evaluated,
+                            (epsilon, 0.0),
+                        )?;
+                        entry.epsilon = epsilon;
+                        Some(format!(
+                            "{note}; the {kind}'s counts noised at epsilon {epsilon}"
+                        ))
+                    }
                 }
                 _ => None,
             };
@@ -849,8 +993,7 @@ struct Release<'a> {
 
 /// Where a round's model comes from.
 enum Source<'a> {
-    /// The sender's (an external validation, or a one-off moments round,
-    /// which reads none).
+    /// The sender's: an external validation, the only one-off round.
     Supplied(&'a [u8]),
     /// A run's session round: the node's own lineage, moved by the
     /// evidence of the round before.
@@ -858,16 +1001,6 @@ enum Source<'a> {
     /// A run's evaluation: the model after the run's last round, by its
     /// evidence.
     Evaluated(Option<ghx_study::lineage::Evidence>),
-}
-
-impl Source<'_> {
-    /// The model the sender supplied (empty when the node computes it).
-    fn supplied(&self) -> &[u8] {
-        match self {
-            Source::Supplied(json) => json,
-            _ => &[],
-        }
-    }
 }
 
 /// The model a round computes from and, for a run's round, the lineage
@@ -878,6 +1011,15 @@ struct RoundModel<'s> {
     model: Option<ModelDocument>,
     lineage: Option<(Option<&'s LineageRound<'s>>, ghx_study::lineage::Head)>,
     seed: Option<[u8; 32]>,
+}
+
+/// A run and the rows it is (to be) sealed to at this node.
+struct Sealing<'a> {
+    run: crate::store::RunKey<'a>,
+    /// Whose released sets the run's are compared with.
+    organisation: &'a str,
+    data: &'a training::Extracted,
+    min_cell_size: u32,
 }
 
 /// A session round of a run.

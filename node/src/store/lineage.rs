@@ -49,10 +49,7 @@ type Row = (
 impl Store {
     /// The run's lineage, if it started here.
     pub fn lineage(&self, run: RunKey<'_>) -> Result<Option<Lineage>> {
-        let row: Option<Row> = with_conn!(self.backend, |conn| training_lineage::table
-            .filter(training_lineage::study_id.eq(run.study_id))
-            .filter(training_lineage::training_sha256.eq(run.training_sha256))
-            .filter(training_lineage::run_id.eq(run.run_id))
+        let row: Option<Row> = with_conn!(self.backend, |conn| run_row(run)
             .select((
                 training_lineage::round,
                 training_lineage::head,
@@ -120,10 +117,7 @@ impl Store {
         let now = now_rfc3339();
         let moved = with_conn!(self.backend, |conn| {
             diesel::update(
-                training_lineage::table
-                    .filter(training_lineage::study_id.eq(run.study_id))
-                    .filter(training_lineage::training_sha256.eq(run.training_sha256))
-                    .filter(training_lineage::run_id.eq(run.run_id))
+                run_row(run)
                     .filter(training_lineage::round.eq(from.round))
                     .filter(training_lineage::head.eq(&from.head)),
             )
@@ -151,20 +145,21 @@ impl Store {
         fresh: &str,
         rows_sha256: &str,
     ) -> Result<Option<(String, String)>> {
-        let key = || {
-            training_lineage::table
-                .filter(training_lineage::study_id.eq(run.study_id))
-                .filter(training_lineage::training_sha256.eq(run.training_sha256))
-                .filter(training_lineage::run_id.eq(run.run_id))
-        };
-        let sealed: Option<(Option<String>, Option<String>)> = with_conn!(self.backend, |conn| {
-            diesel::update(key().filter(training_lineage::seed_secret.is_null()))
+        with_conn!(self.backend, |conn| {
+            diesel::update(run_row(run).filter(training_lineage::seed_secret.is_null()))
                 .set((
                     training_lineage::seed_secret.eq(fresh),
                     training_lineage::rows_sha256.eq(rows_sha256),
                 ))
                 .execute(conn)?;
-            key()
+        });
+        self.run_seal(run)
+    }
+
+    /// What the run is sealed to, (secret, rows digest), if it is.
+    pub fn run_seal(&self, run: RunKey<'_>) -> Result<Option<(String, String)>> {
+        let sealed: Option<(Option<String>, Option<String>)> = with_conn!(self.backend, |conn| {
+            run_row(run)
                 .select((training_lineage::seed_secret, training_lineage::rows_sha256))
                 .first(conn)
                 .optional()?
@@ -181,4 +176,24 @@ impl Store {
             .count()
             .get_result(conn)?))
     }
+}
+
+/// The query for one run's lineage row.
+type RunRow<'a> = diesel::dsl::Filter<
+    diesel::dsl::Filter<
+        diesel::dsl::Filter<
+            training_lineage::table,
+            diesel::dsl::Eq<training_lineage::study_id, &'a str>,
+        >,
+        diesel::dsl::Eq<training_lineage::training_sha256, &'a str>,
+    >,
+    diesel::dsl::Eq<training_lineage::run_id, &'a str>,
+>;
+
+/// The lineage row of `run`.
+fn run_row(run: RunKey<'_>) -> RunRow<'_> {
+    training_lineage::table
+        .filter(training_lineage::study_id.eq(run.study_id))
+        .filter(training_lineage::training_sha256.eq(run.training_sha256))
+        .filter(training_lineage::run_id.eq(run.run_id))
 }

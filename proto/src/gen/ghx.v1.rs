@@ -186,9 +186,9 @@ pub struct RoundMaskedInputRequest {
     /// The shares addressed to this node.
     #[prost(message, repeated, tag = "2")]
     pub shares: ::prost::alloc::vec::Vec<EncryptedShare>,
-    /// An external validation's model (a ghx.model/v1 document); empty for
-    /// a moments round, and ignored in a run's evaluation. The node computes
-    /// its contribution on receiving it.
+    /// An external validation's model (a ghx.model/v1 document); ignored in
+    /// a run's evaluation (one-off rounds are evaluations only). The node
+    /// computes its contribution on receiving it.
     #[prost(bytes = "vec", tag = "3")]
     pub model_json: ::prost::alloc::vec::Vec<u8>,
     /// A run's evaluation: the evidence of the run's last round, from which
@@ -305,8 +305,23 @@ pub struct SessionAgreeRequest {
     #[prost(message, repeated, tag = "2")]
     pub keys: ::prost::alloc::vec::Vec<SessionKeys>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct SessionAgreeResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SessionAgreeResponse {
+    /// The member's signature, by its certificate key, over the study, the
+    /// session and the digest of the keys it agreed
+    /// (ghx_study::lineage::agreement_statement): relayed to every member,
+    /// which masks nothing until every member's verifies over its own digest.
+    #[prost(bytes = "vec", tag = "1")]
+    pub confirmation: ::prost::alloc::vec::Vec<u8>,
+}
+/// One member's confirmation of a session's agreed keys.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SessionConfirmation {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SessionInputRequest {
     #[prost(string, tag = "1")]
@@ -322,6 +337,11 @@ pub struct SessionInputRequest {
     /// the node computes the model itself (learn/LINEAGE.md).
     #[prost(message, optional, tag = "4")]
     pub previous: ::core::option::Option<LineageEvidence>,
+    /// Every member's confirmation of the session's agreed keys; a node masks
+    /// the session's first input only once all verify (later ones may omit
+    /// them).
+    #[prost(message, repeated, tag = "5")]
+    pub confirmations: ::prost::alloc::vec::Vec<SessionConfirmation>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HealthRequest {}
