@@ -209,8 +209,9 @@ pub(crate) enum CodeTable {
 /// SQL selecting the distinct (patient, sensitive category bit) pairs of
 /// the rows of `table` whose code matches one of `codes` (any date): what
 /// [`crate::cohort_index`] loads a coded criterion's patients from. The
-/// bit is that of the row's diagnosis ([`SensitiveCodes::sql_category_bit`]),
-/// 0 for codes that cannot be sensitive and for prescriptions.
+/// bit is that of the row's diagnosis ([`SensitiveCodes::sql_category_bit`])
+/// or prescription ([`SensitiveCodes::sql_medication_category_bit`]), 0 for
+/// codes that cannot be sensitive.
 pub(crate) fn compile_code_rows(
     table: CodeTable,
     system: &str,
@@ -233,15 +234,26 @@ pub(crate) fn compile_code_rows(
         CodeTable::Conditions => ("condition_codes", "c"),
         CodeTable::Medications => ("medication_codes", "m"),
     };
-    let may_be_sensitive = table == CodeTable::Conditions
-        && codes
-            .iter()
-            .any(|code| sensitive.may_match(system_uri, code, matching == CodeMatch::Prefix));
+    let prefix = matching == CodeMatch::Prefix;
     // Placeholders in text order: the bit's (rare disease prefixes) first.
-    let bit = if may_be_sensitive {
-        sensitive.sql_category_bit(|prefix| sql.param(Bind::Text(prefix)))
-    } else {
-        "0".to_owned()
+    let bit = match table {
+        CodeTable::Conditions
+            if codes
+                .iter()
+                .any(|code| sensitive.may_match(system_uri, code, prefix)) =>
+        {
+            sensitive.sql_category_bit(|prefix| sql.param(Bind::Text(prefix)))
+        }
+        CodeTable::Medications
+            if codes.iter().any(|code| {
+                !sensitive
+                    .medication_categories_touched(system_uri, code, prefix)
+                    .is_empty()
+            }) =>
+        {
+            sensitive.sql_medication_category_bit()
+        }
+        _ => "0".to_owned(),
     };
     let system = sql.param(Bind::Text(system_uri.to_owned()));
     let tests: Vec<String> = codes
@@ -626,11 +638,29 @@ impl Sql<'_> {
         let system_uri = terminology::canonical_system(&criterion.system);
         let system = self.param(Bind::Text(system_uri.to_owned()));
         let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
+        // A prescription in a sensitive class is visible only if the
+        // patient permits its category, as a diagnosis is.
+        let sensitive = if self
+            .sensitive
+            .medication_categories_touched(
+                system_uri,
+                &code_text,
+                criterion.matching == CodeMatch::Prefix,
+            )
+            .is_empty()
+        {
+            String::new()
+        } else {
+            format!(
+                " AND (CAST({} AS BIGINT) & ~p.sensitive_mask) = 0",
+                self.sensitive.sql_medication_category_bit()
+            )
+        };
         let code = self.code_test("m", code_text, criterion.matching);
         let window = self.window("m.authored_at", &criterion.window);
         format!(
             "EXISTS (SELECT 1 FROM medication_codes m WHERE m.patient_id = p.patient_id \
-             AND m.system = {system} AND {code}{window})"
+             AND m.system = {system} AND {code}{sensitive}{window})"
         )
     }
 
@@ -709,7 +739,16 @@ impl Sql<'_> {
                 rest.conditions.remove(i);
                 Some(rest)
             }
-            None if unwindowed => {
+            None if unwindowed
+                && self
+                    .sensitive
+                    .medication_categories_touched(
+                        system_uri,
+                        &code_text,
+                        criterion.matching == CodeMatch::Prefix,
+                    )
+                    .is_empty() =>
+            {
                 let mut rest = cohort.clone();
                 rest.medications.remove(0);
                 Some(rest)

@@ -305,6 +305,17 @@ pub fn access_request(
         // A prefix is shown with a trailing '*' so a rule can tell E11 from E11*.
         condition_codes.insert(if prefix { format!("{code}*") } else { code });
     }
+    // Prescriptions classify too: an antiretroviral says HIV.
+    for m in read
+        .iter()
+        .filter(|r| r.resource_type == "MedicationRequest")
+    {
+        let system = terminology::canonical_system(m.system);
+        let prefix = m.matching == CodeMatch::Prefix;
+        for category in sensitive.medication_categories_touched(system, m.code, prefix) {
+            sensitive_categories.insert(category.code().to_owned());
+        }
+    }
     let observation_codes = read
         .iter()
         .filter(|r| r.resource_type == "Observation")

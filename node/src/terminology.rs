@@ -17,6 +17,8 @@ pub const ICD10CM: &str = "http://hl7.org/fhir/sid/icd-10-cm";
 pub const LOINC: &str = "http://loinc.org";
 /// HIRA EDI procedure codes, which KR Core uses for laboratory tests.
 pub const HIRA_EDI: &str = "http://www.hl7korea.or.kr/CodeSystem/hira-edi-procedure";
+/// WHO ATC, the classification prescriptions are coded in here.
+pub const ATC: &str = "http://www.whocc.no/atc";
 
 /// Other spellings seen for the same code systems.
 const ALIASES: &[(&str, &str)] = &[

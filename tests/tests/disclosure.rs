@@ -341,13 +341,18 @@ struct Patients<'a> {
     code: String,
     born: &'a str,
     count: u64,
-    psy: bool,
+    /// The sensitive category the patients' consent names (an HL7 v3
+    /// ActCode label: PSY, HIV), if any.
+    label: Option<&'a str>,
     gender: Option<&'a str>,
+    /// An ATC code each patient is prescribed, if any.
+    prescribed: Option<&'a str>,
 }
 
 /// Writes `groups` of patients as an NDJSON export under `dir`.
 fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
     let (mut patients, mut conditions, mut consents) = (vec![], vec![], vec![]);
+    let mut prescriptions = vec![];
     for group in groups {
         for i in 0..group.count {
             let id = format!("{}-{i}", group.tag);
@@ -365,8 +370,17 @@ fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
                 "onsetDateTime": "2024-03-01",
             }));
             let mut provision = serde_json::json!({"type": "permit", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]});
-            if group.psy {
-                provision["provision"] = serde_json::json!([{"type": "permit", "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}]}]);
+            if let Some(label) = group.label {
+                provision["provision"] = serde_json::json!([{"type": "permit", "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": label}]}]);
+            }
+            if let Some(atc) = group.prescribed {
+                prescriptions.push(serde_json::json!({
+                    "resourceType": "MedicationRequest", "id": format!("{id}-m"),
+                    "status": "active", "intent": "order",
+                    "medicationCodeableConcept": {"coding": [{"system": "http://www.whocc.no/atc", "code": atc}]},
+                    "subject": {"reference": patient},
+                    "authoredOn": "2024-03-01",
+                }));
             }
             consents.push(serde_json::json!({
                 "resourceType": "Consent", "id": format!("{id}-consent"), "status": "active",
@@ -383,7 +397,11 @@ fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
         ("Patient", patients),
         ("Condition", conditions),
         ("Consent", consents),
+        ("MedicationRequest", prescriptions),
     ] {
+        if lines.is_empty() {
+            continue;
+        }
         let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
         std::fs::write(dir.join(format!("{name}.ndjson")), text.join("\n")).unwrap();
     }
@@ -537,7 +555,8 @@ async fn a_requester_with_every_margin_cannot_narrow_a_suppressed_cell() {
                 code: format!("{}.9", GROUPS[g]),
                 born: BANDS[b].1,
                 count: *count,
-                psy: false,
+                label: None,
+                prescribed: None,
                 gender: None,
             });
         }
@@ -649,7 +668,8 @@ async fn which_cells_a_table_lists_says_nothing_of_who_is_in_it() {
                     code: code.to_owned(),
                     born,
                     count,
-                    psy: false,
+                    label: None,
+                    prescribed: None,
                     gender: Some(gender),
                 });
             }
@@ -746,7 +766,8 @@ async fn one_cohort_analysed_two_ways_singles_no_one_out() {
         code: code.to_owned(),
         born,
         count,
-        psy: false,
+        label: None,
+        prescribed: None,
         gender: None,
     };
     let export = dir.path().join("gallbladder");
@@ -911,11 +932,12 @@ async fn a_resubmitted_manifest_does_not_bring_a_fresh_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
+async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
     // Issue 38 (7): an ICD-10-CM F32 cohort was released to a company
     // without the patients' mental-health consent. Now ICD-10-CM shares
     // the ICD-10 categories, and a code ghx cannot classify (SNOMED CT)
-    // counts as every category.
+    // counts as every category. A prescription says as much: an
+    // antiretroviral is HIV.
     const ICD10CM: &str = "http://hl7.org/fhir/sid/icd-10-cm";
     const SNOMED: &str = "http://snomed.info/sct";
     let dir = tempfile::tempdir().unwrap();
@@ -923,13 +945,14 @@ async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
         .await
         .expect("the local federation starts");
     let export = dir.path().join("diagnosed");
-    let group = |tag: &str, system, code: &str, count, psy| Patients {
+    let group = |tag: &str, system, code: &str, count, psy: bool| Patients {
         tag: tag.to_owned(),
         system,
         code: code.to_owned(),
         born: "1980-06-15",
         count,
-        psy,
+        label: psy.then_some("PSY"),
+        prescribed: None,
         gender: None,
     };
     write_patients(
@@ -938,6 +961,16 @@ async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
             group("cm-no-psy", ICD10CM, "F32.9", 30, false),
             group("cm-psy", ICD10CM, "F32.9", 12, true),
             group("sct-psy", SNOMED, "35489007", 30, true),
+            Patients {
+                label: None,
+                prescribed: Some("J05AR25"),
+                ..group("arv", ICD10CM, "E11.9", 30, false)
+            },
+            Patients {
+                label: Some("HIV"),
+                prescribed: Some("J05AR25"),
+                ..group("arv-hiv", ICD10CM, "E11.9", 12, false)
+            },
         ],
     );
     import_at(&federation, "chosun", export).await;
@@ -947,17 +980,23 @@ async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
         )
     };
     let (f32_cm, depression_sct) = (query_for(ICD10CM, "F32"), query_for(SNOMED, "35489007"));
+    let antiretroviral = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","medications":[{"system":"http://www.whocc.no/atc","code":"J05AR","match":"prefix"}]},"analysis":{"kind":"count"}}"#;
     let manifest = manifest_for(
         "Depression",
         "HRESCH",
-        &[("f32", &f32_cm), ("sct", &depression_sct)],
+        &[
+            ("f32", &f32_cm),
+            ("sct", &depression_sct),
+            ("arv", antiretroviral),
+        ],
     );
-    // A company may not select on a sensitive diagnosis, in either system.
+    // A company may not select on a sensitive diagnosis, in either system,
+    // nor on an antiretroviral prescription.
     let study = federation
         .approved_study(REQUESTER, manifest.clone())
         .await
         .unwrap();
-    for query in ["f32", "sct"] {
+    for query in ["f32", "sct", "arv"] {
         let result = federation.run_study(&study, query).await.unwrap();
         assert!(result.per_node.is_empty(), "{query}: {:?}", result.per_node);
         assert!(
@@ -1002,6 +1041,8 @@ async fn a_mental_health_diagnosis_is_sensitive_in_any_code_system() {
     };
     assert_eq!(chosun_count("f32").await, Some(12));
     assert_eq!(chosun_count("sct").await, None, "withheld, as fewer than k");
+    // The prescription takes part only for the patients who named HIV.
+    assert_eq!(chosun_count("arv").await, Some(12));
     federation.shutdown().await;
 }
 

@@ -14,10 +14,19 @@
 //! only for a patient who named them all, and selecting on it counts as
 //! selecting sensitive data. Failing closed keeps a depression coded in
 //! SNOMED CT as protected as one coded in KCD-8.
+//!
+//! Prescriptions say as much as diagnoses: an antiretroviral says HIV, an
+//! antipsychotic a mental illness. Prescriptions coded in ATC are
+//! classified by the classes below ([`MEDICATION_CLASSES`]), broadly (an
+//! antiretroviral class also holds hepatitis B drugs, an antidepressant is
+//! also given for pain: failing closed), and a prescription in a sensitive
+//! class takes part only for a patient who permits its category, as a
+//! diagnosis does. Prescriptions in other systems (HIRA EDI product codes)
+//! are not classified yet: that needs a hospital's map (THREATS 4 (7)).
 
 use std::collections::BTreeSet;
 
-use crate::terminology::{ICD10, ICD10CM, KCD8, icd10_family};
+use crate::terminology::{ATC, ICD10, ICD10CM, KCD8, icd10_family};
 
 /// The system of ghx's own category codes, usable in Consent security labels.
 pub const CATEGORY_SYSTEM: &str =
@@ -134,6 +143,27 @@ const RANGES: &[(Category, &str, &str)] = &[
     (Category::Abortion, "O04", "O04"),
 ];
 
+/// ATC classes whose prescription places a patient in a category: HIV
+/// antiretrovirals (protease, reverse-transcriptase and integrase
+/// inhibitors, HIV combinations); antipsychotics, anxiolytics,
+/// antidepressants, psychostimulants and drugs for alcohol or opioid
+/// dependence; mifepristone and gynaecological misoprostol.
+pub const MEDICATION_CLASSES: &[(Category, &str)] = &[
+    (Category::Hiv, "J05AE"),
+    (Category::Hiv, "J05AF"),
+    (Category::Hiv, "J05AG"),
+    (Category::Hiv, "J05AJ"),
+    (Category::Hiv, "J05AR"),
+    (Category::MentalHealth, "N05A"),
+    (Category::MentalHealth, "N05B"),
+    (Category::MentalHealth, "N06A"),
+    (Category::MentalHealth, "N06B"),
+    (Category::MentalHealth, "N07BB"),
+    (Category::MentalHealth, "N07BC"),
+    (Category::Abortion, "G03XB01"),
+    (Category::Abortion, "G02AD06"),
+];
+
 impl SensitiveCodes {
     /// The category of a normalised diagnosis code, if it is sensitive and
     /// classifiable: a code outside the ICD-10 family has none here (so a
@@ -219,6 +249,41 @@ impl SensitiveCodes {
             .rare_disease_prefixes
             .iter()
             .any(|r| r.starts_with(code) || code.starts_with(r.as_str()))
+    }
+
+    /// Every category a prescription criterion could select: the classes
+    /// its ATC code lies in, or for a prefix the classes it overlaps.
+    /// Other systems are not classified (none).
+    pub fn medication_categories_touched(
+        &self,
+        system: &str,
+        code: &str,
+        prefix: bool,
+    ) -> BTreeSet<Category> {
+        if system != ATC {
+            return BTreeSet::new();
+        }
+        let code = code.trim().to_ascii_uppercase();
+        MEDICATION_CLASSES
+            .iter()
+            .filter(|(_, class)| code.starts_with(class) || (prefix && class.starts_with(&code)))
+            .map(|(category, _)| *category)
+            .collect()
+    }
+
+    /// A SQL expression giving the category bit of the prescription row
+    /// aliased `m` (0 when in no sensitive class, or not in ATC). Classes
+    /// are literal fragments of [`MEDICATION_CLASSES`].
+    pub fn sql_medication_category_bit(&self) -> String {
+        let mut sql = format!("CASE WHEN m.system <> '{ATC}' THEN 0");
+        for (category, class) in MEDICATION_CLASSES {
+            sql.push_str(&format!(
+                " WHEN UPPER(m.code) LIKE '{class}%' THEN {}",
+                category.bit()
+            ));
+        }
+        sql.push_str(" ELSE 0 END");
+        sql
     }
 
     /// A SQL expression giving the category bit (0 when not sensitive; every
@@ -337,6 +402,35 @@ mod tests {
             BTreeSet::from([Category::SexuallyTransmitted])
         );
         assert_eq!(touched("").len(), Category::ALL.len());
+    }
+
+    #[test]
+    fn prescriptions_in_sensitive_classes_are_classified() {
+        let codes = codes();
+        let touched = |code: &str, prefix| {
+            codes
+                .medication_categories_touched(ATC, code, prefix)
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        // Dolutegravir/lamivudine (J05AR25): HIV; sertraline (N06AB06):
+        // mental health; metformin (A10BA02): none.
+        assert_eq!(touched("J05AR25", false), [Category::Hiv]);
+        assert_eq!(touched("n06ab06", false), [Category::MentalHealth]);
+        assert!(touched("A10BA02", false).is_empty());
+        // A prefix over a class, or inside one, touches it.
+        assert_eq!(touched("J05", true), [Category::Hiv]);
+        assert_eq!(touched("N0", true), [Category::MentalHealth]);
+        assert_eq!(touched("G03XB", true), [Category::Abortion]);
+        assert!(touched("J01", true).is_empty());
+        // Other systems are not classified here (a hospital's map would).
+        assert!(
+            codes
+                .medication_categories_touched("http://example.org/edi", "J05AR25", false)
+                .is_empty()
+        );
+        let sql = codes.sql_medication_category_bit();
+        assert!(sql.contains("LIKE 'J05AR%' THEN 2"), "{sql}");
     }
 
     #[test]
