@@ -180,7 +180,7 @@ fn status(error: &ApiError) -> Status {
         })) => Status::permission_denied(error.to_string()),
         ApiError::Training(
             training::Error::Lineage(crate::lineage::Error::Runs { .. })
-            | training::Error::EvaluationUnaffordable { .. },
+            | training::Error::RunUnaffordable { .. },
         ) => Status::resource_exhausted(error.to_string()),
         ApiError::Training(training::Error::Lineage(crate::lineage::Error::Store(_))) => {
             tracing::error!(error = %error, "request failed inside the node");

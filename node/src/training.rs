@@ -145,10 +145,10 @@ pub enum Error {
     #[error("run {0} has no stored lineage to seal here")]
     Unsealed(String),
     #[error(
-        "a new run's evaluation costs epsilon {epsilon}; the study has {left:.4} left of its \
-         privacy budget here"
+        "a new run's noised rounds and evaluation cost epsilon {epsilon:.4}; {left:.4} is left \
+         of the privacy budget here"
     )]
-    EvaluationUnaffordable { epsilon: f64, left: f64 },
+    RunUnaffordable { epsilon: f64, left: f64 },
 }
 
 /// What one node holds for a training: complete-case rows, split.
@@ -171,10 +171,42 @@ pub struct Extracted {
 pub struct RowPatients {
     /// The training rows' patients ([`crate::differencing::patient_hash`]).
     pub train: Vec<u64>,
-    /// Each training row whole: its patient, features and label. The same
-    /// patients with a value changed (an import, another `as_of`) differ
-    /// here by two per changed patient.
-    pub train_rows: Vec<u64>,
+    /// One set per column of the training rows (each feature, then the
+    /// label): each patient's value, hashed with the patient and what the
+    /// column reads (its variable, not its name). The same patients with a
+    /// value changed (an import, another `as_of` moving ages) differ in
+    /// that column by two per changed patient, whatever else either
+    /// training reads.
+    pub columns: Vec<Vec<u64>>,
+}
+
+/// What a column of a training's rows reads, as a hash key: a feature's
+/// variable (or sex), or the label's event; never its name.
+fn column_keys(spec: &TrainingSpec) -> Vec<[u8; 32]> {
+    let key = |what: serde_json::Value| -> [u8; 32] {
+        Sha256::new()
+            .chain_update(b"ghx training column\0")
+            .chain_update(what.to_string().as_bytes())
+            .finalize()
+            .into()
+    };
+    spec.features
+        .iter()
+        .map(|f| key(serde_json::json!({"variable": f.variable, "sex_is": f.sex_is})))
+        .chain(std::iter::once(key(
+            serde_json::json!({"label": spec.label}),
+        )))
+        .collect()
+}
+
+/// One value of a column for a patient, hashed.
+fn column_entry(key: &[u8; 32], patient: &str, value: f64) -> u64 {
+    let h = Sha256::new()
+        .chain_update(key)
+        .chain_update(patient.as_bytes())
+        .chain_update(value.to_bits().to_be_bytes())
+        .finalize();
+    u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
 }
 
 impl Extracted {
@@ -223,7 +255,11 @@ pub fn extract(
     let mut train = Dataset::new(dim);
     let mut holdout = Dataset::new(dim);
     let mut incomplete = 0;
-    let mut patients = RowPatients::default();
+    let keys = column_keys(spec);
+    let mut patients = RowPatients {
+        train: Vec::new(),
+        columns: vec![Vec::new(); keys.len()],
+    };
     // Sorted by id, so the rows' order is the same every time.
     let members: BTreeMap<String, engine::Member> = label_members
         .into_iter()
@@ -252,15 +288,10 @@ pub fn extract(
             incomplete += 1;
         } else if !held {
             patients.train.push(crate::differencing::patient_hash(id));
-            let mut whole = Sha256::new().chain_update(id.as_bytes());
-            for v in &row {
-                whole.update(v.to_bits().to_be_bytes());
+            let values = row.iter().copied().chain([f64::from(u8::from(label))]);
+            for ((column, key), value) in patients.columns.iter_mut().zip(&keys).zip(values) {
+                column.push(column_entry(key, id, value));
             }
-            whole.update([u8::from(label)]);
-            let whole = whole.finalize();
-            patients
-                .train_rows
-                .push(u64::from_le_bytes(whole[..8].try_into().expect("8 bytes")));
         }
     }
     Ok(Extracted {
@@ -1082,20 +1113,33 @@ mod tests {
                 bias: 0.0,
             },
         );
-        let run = |validation| {
+        let seeded = |validation, seed| {
             contribution(
                 Phase::Evaluate,
                 spec,
                 (&data, &Standardised::default()),
-                (Some(&model), None),
+                (Some(&model), seed),
                 10,
                 validation,
             )
             .unwrap()
             .values
         };
+        let run = |validation| seeded(validation, None);
         let exact = EvaluationSums::from_vec(&run(None)).unwrap();
         let noised = EvaluationSums::from_vec(&run(Some(0.25))).unwrap();
+        // A run's evaluation draws from the run's seed: redone, the same
+        // noised counts (so it is charged once); an external validation
+        // (no seed) draws afresh.
+        assert_eq!(
+            seeded(Some(0.25), Some([7; 32])),
+            seeded(Some(0.25), Some([7; 32]))
+        );
+        assert_ne!(
+            seeded(Some(0.25), Some([7; 32])),
+            seeded(Some(0.25), Some([8; 32]))
+        );
+        assert_ne!(run(Some(0.25)), run(Some(0.25)));
         // The exact counts in twentieths of score, against the noised ones.
         let coarse = exact.noised(ghx_learn::evaluation::NOISED_SCORE_BINS, || 0.0);
         let cells = |s: &EvaluationSums| {

@@ -239,9 +239,14 @@ impl NodeApi {
                 .in_scope(|| inner.eligibility.prepare(&inner.store, &admitted.consent))?;
             entry.consent_excluded =
                 i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
+            // Rows are kept per consent context and data generation: an
+            // import since is read afresh (a new run must see it).
             let key = format!(
-                "{}/{}/{}",
-                admitted.claims.sub, entry.query_sha256, prepared.context
+                "{}/{}/{}/{}",
+                admitted.claims.sub,
+                entry.query_sha256,
+                prepared.context,
+                inner.store.data_generation()?
             );
             let data = {
                 let _engine = tracing::info_span!("engine").entered();
@@ -632,9 +637,13 @@ impl NodeApi {
             data: &work.data,
             min_cell_size: work.min_cell_size,
         };
-        // A new run refused for its rows starts no lineage (which would
-        // count against the runs a training may have here).
+        // A new run refused for its rows, or for a budget that cannot pay
+        // for it, starts no lineage (which would count against the runs a
+        // training may have here).
         let known = self.sealed(sealing(), false)?;
+        if at.is_some_and(|a| a.round == 0) && known.is_none() {
+            self.check_affordable(work, &origin.request_sha256)?;
+        }
         let step = crate::lineage::advance(
             &self.inner.store,
             keys,
@@ -652,22 +661,6 @@ impl NodeApi {
             spec,
         )
         .map_err(training::Error::from)?;
-        // A new run whose evaluation the study's budget here cannot pay is
-        // refused at its round 0: it would train to the end and fail there.
-        if let (Some(0), None, Some(validation)) = (at.map(|a| a.round), &known, spec.validation) {
-            let spent = self
-                .inner
-                .store
-                .privacy_spent(&work.claims.org, &work.claims.sub)?;
-            let budget = work.manifest.privacy_budget;
-            if spent.epsilon + validation.epsilon > budget + 1e-9 {
-                return Err(training::Error::EvaluationUnaffordable {
-                    epsilon: validation.epsilon,
-                    left: (budget - spent.epsilon).max(0.0),
-                }
-                .into());
-            }
-        }
         let secret = self
             .sealed(sealing(), true)?
             .ok_or_else(|| training::Error::Unsealed(work.run.clone()))?;
@@ -681,6 +674,47 @@ impl NodeApi {
         })
     }
 
+    /// Refuses a new run whose noised rounds and evaluation the budgets
+    /// here (the study's, and the organisation's over all studies) cannot
+    /// pay: it would train to the end and fail there.
+    fn check_affordable(
+        &self,
+        work: &training::RoundWork,
+        training_sha256: &str,
+    ) -> Result<(), ApiError> {
+        let store = &self.inner.store;
+        let (org, study) = (&work.claims.org, &work.claims.sub);
+        let spec = &work.spec;
+        let training = match &spec.privacy {
+            Some(privacy) => {
+                let charged = store.privacy_charges_for(org, study, training_sha256)?;
+                privacy.epsilon_after(charged + u64::from(spec.rounds))
+                    - privacy.epsilon_after(charged)
+            }
+            None => 0.0,
+        };
+        let cost = training + spec.validation.map_or(0.0, |v| v.epsilon);
+        if cost == 0.0 {
+            return Ok(());
+        }
+        let study_left = work.manifest.privacy_budget - store.privacy_spent(org, study)?.epsilon;
+        let org_left = self
+            .inner
+            .organisation_epsilon
+            .map_or(f64::INFINITY, |cap| {
+                cap - store.privacy_spent(org, "").map_or(0.0, |s| s.epsilon)
+            });
+        let left = study_left.min(org_left);
+        if cost > left + 1e-9 {
+            return Err(training::Error::RunUnaffordable {
+                epsilon: cost,
+                left: left.max(0.0),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// Seals a run to this node's rows and returns its secret, or (`seal`
     /// false, at step 1) checks that it could be sealed, returning its
     /// secret only if it already is. The run computes on one set of rows
@@ -690,8 +724,8 @@ impl NodeApi {
     /// redo over the same rows, with the same seed, is the first again.
     /// A new run is compared like a release: its moments (round 0) are
     /// exact sums over its training rows, so its training patients, and
-    /// its training rows whole (patient, features, label), are each
-    /// checked like a released cohort, refused 1..k−1 from a set released
+    /// each column of its rows (a patient's value with what the column
+    /// reads), are each checked like a released cohort, refused 1..k−1 from a set released
     /// to the organisation before, and recorded before the run is sealed
     /// (a crash between the two leaves a record too many, never too few).
     fn sealed(&self, sealing: Sealing<'_>, seal: bool) -> Result<Option<[u8; 32]>, ApiError> {
@@ -710,8 +744,10 @@ impl NodeApi {
             Some((secret, sealed)) if sealed == rows => secret,
             Some(_) => return Err(changed()),
             None => {
-                let sets = [&data.patients.train, &data.patients.train_rows]
-                    .map(|hashes| crate::differencing::CohortPrint::of_hashes(hashes.clone()));
+                let sets: Vec<_> = std::iter::once(&data.patients.train)
+                    .chain(&data.patients.columns)
+                    .map(|hashes| crate::differencing::CohortPrint::of_hashes(hashes.clone()))
+                    .collect();
                 for set in &sets {
                     crate::differencing::check(&inner.store, organisation, set, min_cell_size)?;
                 }
