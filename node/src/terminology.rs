@@ -36,6 +36,9 @@ const ALIASES: &[(&str, &str)] = &[
         "http://www.hl7korea.or.kr/fhir/krcore/CodeSystem/hira-edi-procedure",
         HIRA_EDI,
     ),
+    ("urn:oid:2.16.840.1.113883.6.73", ATC),
+    ("http://www.whocc.no/atc/", ATC),
+    ("https://www.whocc.no/atc", ATC),
 ];
 
 /// The canonical URI of a code system.
@@ -56,6 +59,11 @@ pub fn icd10_family(system: &str) -> bool {
 /// A code in the form it is indexed and compared in.
 pub fn normalize_code<'a>(system: &str, code: &'a str) -> Cow<'a, str> {
     let code = code.trim();
+    // ATC codes are upper case (a lower-case one must still fall in its
+    // class, THREATS 4 (7)).
+    if system == ATC && code.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Cow::Owned(code.to_ascii_uppercase());
+    }
     if icd10_family(system) && code.bytes().any(|b| b == b'.' || b.is_ascii_lowercase()) {
         return Cow::Owned(
             code.chars()
@@ -70,6 +78,14 @@ pub fn normalize_code<'a>(system: &str, code: &'a str) -> Cow<'a, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn atc_codes_and_systems_have_one_spelling() {
+        assert_eq!(canonical_system("urn:oid:2.16.840.1.113883.6.73"), ATC);
+        assert_eq!(canonical_system("http://www.whocc.no/atc/"), ATC);
+        assert_eq!(normalize_code(ATC, " j05ar25 "), "J05AR25");
+        assert_eq!(normalize_code(ATC, "A10BA02"), "A10BA02");
+    }
 
     #[test]
     fn kcd_codes_compare_without_dots_and_case() {

@@ -981,6 +981,8 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
     };
     let (f32_cm, depression_sct) = (query_for(ICD10CM, "F32"), query_for(SNOMED, "35489007"));
     let antiretroviral = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","medications":[{"system":"http://www.whocc.no/atc","code":"J05AR","match":"prefix"}]},"analysis":{"kind":"count"}}"#;
+    // With a window, the engine's SQL answers rather than the cohort index.
+    let antiretroviral_since = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","medications":[{"system":"http://www.whocc.no/atc","code":"J05AR25","window":{"from":"2020-01-01"}}]},"analysis":{"kind":"count"}}"#;
     let manifest = manifest_for(
         "Depression",
         "HRESCH",
@@ -988,6 +990,7 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
             ("f32", &f32_cm),
             ("sct", &depression_sct),
             ("arv", antiretroviral),
+            ("arv-since", antiretroviral_since),
         ],
     );
     // A company may not select on a sensitive diagnosis, in either system,
@@ -996,9 +999,13 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         .approved_study(REQUESTER, manifest.clone())
         .await
         .unwrap();
-    for query in ["f32", "sct", "arv"] {
+    for query in ["f32", "sct", "arv", "arv-since"] {
         let result = federation.run_study(&study, query).await.unwrap();
         assert!(result.per_node.is_empty(), "{query}: {:?}", result.per_node);
+        assert!(
+            !result.failures.is_empty(),
+            "{query}: refused by every node"
+        );
         assert!(
             result
                 .failures
@@ -1043,6 +1050,7 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
     assert_eq!(chosun_count("sct").await, None, "withheld, as fewer than k");
     // The prescription takes part only for the patients who named HIV.
     assert_eq!(chosun_count("arv").await, Some(12));
+    assert_eq!(chosun_count("arv-since").await, Some(12));
     federation.shutdown().await;
 }
 

@@ -143,26 +143,51 @@ const RANGES: &[(Category, &str, &str)] = &[
     (Category::Abortion, "O04", "O04"),
 ];
 
-/// ATC classes whose prescription places a patient in a category: HIV
-/// antiretrovirals (protease, reverse-transcriptase and integrase
-/// inhibitors, HIV combinations); antipsychotics, anxiolytics,
-/// antidepressants, psychostimulants and drugs for alcohol or opioid
-/// dependence; mifepristone and gynaecological misoprostol.
+/// ATC classes (or single substances) whose prescription places a patient
+/// in a category: HIV antiretrovirals (protease, reverse-transcriptase and
+/// integrase inhibitors, HIV combinations, and the HIV-only substances of
+/// J05AX, under their current and former codes); antipsychotics,
+/// anxiolytics, hypnotics, antidepressants and their combinations,
+/// psychostimulants, anti-dementia drugs and drugs for nicotine, alcohol
+/// or opioid dependence (the F chapter); mifepristone and its combinations,
+/// and gynaecological misoprostol. A chosen list, not a closed
+/// classification: a class left out is selectable (THREATS 4 (7)).
 pub const MEDICATION_CLASSES: &[(Category, &str)] = &[
     (Category::Hiv, "J05AE"),
     (Category::Hiv, "J05AF"),
     (Category::Hiv, "J05AG"),
     (Category::Hiv, "J05AJ"),
     (Category::Hiv, "J05AR"),
+    // Enfuvirtide, raltegravir, maraviroc, elvitegravir, dolutegravir,
+    // ibalizumab, fostemsavir, lenacapavir.
+    (Category::Hiv, "J05AX07"),
+    (Category::Hiv, "J05AX08"),
+    (Category::Hiv, "J05AX09"),
+    (Category::Hiv, "J05AX11"),
+    (Category::Hiv, "J05AX12"),
+    (Category::Hiv, "J05AX23"),
+    (Category::Hiv, "J05AX29"),
+    (Category::Hiv, "J05AX31"),
     (Category::MentalHealth, "N05A"),
     (Category::MentalHealth, "N05B"),
+    (Category::MentalHealth, "N05C"),
     (Category::MentalHealth, "N06A"),
     (Category::MentalHealth, "N06B"),
+    (Category::MentalHealth, "N06C"),
+    (Category::MentalHealth, "N06D"),
+    (Category::MentalHealth, "N07BA"),
     (Category::MentalHealth, "N07BB"),
     (Category::MentalHealth, "N07BC"),
-    (Category::Abortion, "G03XB01"),
+    (Category::Abortion, "G03XB"),
     (Category::Abortion, "G02AD06"),
 ];
+
+/// Whether a (canonical) system is ATC, however its URI is spelled: any
+/// system at whocc.no counts, so a spelling without an alias still falls
+/// in its classes (failing closed).
+pub fn is_atc(system: &str) -> bool {
+    system == ATC || system.to_ascii_lowercase().contains("whocc.no")
+}
 
 impl SensitiveCodes {
     /// The category of a normalised diagnosis code, if it is sensitive and
@@ -260,7 +285,7 @@ impl SensitiveCodes {
         code: &str,
         prefix: bool,
     ) -> BTreeSet<Category> {
-        if system != ATC {
+        if !is_atc(system) {
             return BTreeSet::new();
         }
         let code = code.trim().to_ascii_uppercase();
@@ -272,10 +297,11 @@ impl SensitiveCodes {
     }
 
     /// A SQL expression giving the category bit of the prescription row
-    /// aliased `m` (0 when in no sensitive class, or not in ATC). Classes
-    /// are literal fragments of [`MEDICATION_CLASSES`].
+    /// aliased `m` (0 when in no sensitive class, or not in ATC, as
+    /// [`is_atc`] reads systems). Classes are literal fragments of
+    /// [`MEDICATION_CLASSES`].
     pub fn sql_medication_category_bit(&self) -> String {
-        let mut sql = format!("CASE WHEN m.system <> '{ATC}' THEN 0");
+        let mut sql = "CASE WHEN LOWER(m.system) NOT LIKE '%whocc.no%' THEN 0".to_owned();
         for (category, class) in MEDICATION_CLASSES {
             sql.push_str(&format!(
                 " WHEN UPPER(m.code) LIKE '{class}%' THEN {}",
@@ -418,12 +444,31 @@ mod tests {
         assert_eq!(touched("J05AR25", false), [Category::Hiv]);
         assert_eq!(touched("n06ab06", false), [Category::MentalHealth]);
         assert!(touched("A10BA02", false).is_empty());
+        // HIV-only substances among other antivirals: maraviroc is HIV,
+        // aciclovir (J05AB01) and baloxavir (J05AX25) are not; an
+        // olanzapine/fluoxetine combination and donepezil are mental
+        // health; a mifepristone combination is abortion.
+        assert_eq!(touched("J05AX09", false), [Category::Hiv]);
+        assert!(touched("J05AB01", false).is_empty());
+        assert!(touched("J05AX25", false).is_empty());
+        assert_eq!(touched("J05AX", true), [Category::Hiv]);
+        assert_eq!(touched("N06CA03", false), [Category::MentalHealth]);
+        assert_eq!(touched("N06DA02", false), [Category::MentalHealth]);
+        assert_eq!(touched("G03XB51", false), [Category::Abortion]);
         // A prefix over a class, or inside one, touches it.
         assert_eq!(touched("J05", true), [Category::Hiv]);
         assert_eq!(touched("N0", true), [Category::MentalHealth]);
         assert_eq!(touched("G03XB", true), [Category::Abortion]);
         assert!(touched("J01", true).is_empty());
-        // Other systems are not classified here (a hospital's map would).
+        // ATC under a spelling with no alias still counts; other systems
+        // are not classified here (a hospital's map would).
+        assert_eq!(
+            codes
+                .medication_categories_touched("https://www.whocc.no/ATC/", "J05AR25", false)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            [Category::Hiv]
+        );
         assert!(
             codes
                 .medication_categories_touched("http://example.org/edi", "J05AR25", false)
