@@ -563,6 +563,60 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         );
         assert!(err.message().contains(says), "{}", err.message());
     }
+    // The run's evaluation with the last round's evidence, twice (as when
+    // the coordinator retries the step): each node draws its noise from
+    // the run's seed, so the second releases the same counts and is not
+    // charged again.
+    let declared = spec.validation.unwrap().epsilon;
+    let org = "Chonnam National University Medical School";
+    for (attempt, round) in ["attack/evaluate-final", "attack/evaluate-again"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut advertised = Vec::new();
+        for client in &mut clients {
+            let keys = client.round_advertise(evaluate(round)).await.unwrap();
+            advertised.push(keys.into_inner().keys.unwrap());
+        }
+        let mut shares = Vec::new();
+        for client in &mut clients {
+            let dealt = client
+                .round_share_keys(pb::RoundShareKeysRequest {
+                    round: round.to_owned(),
+                    advertised: advertised.clone(),
+                })
+                .await
+                .unwrap();
+            shares.extend(dealt.into_inner().shares);
+        }
+        for (client, id) in clients.iter_mut().zip(&ids) {
+            let mine = shares.iter().filter(|s| &s.to == id).cloned().collect();
+            client
+                .round_masked_input(pb::RoundMaskedInputRequest {
+                    round: round.to_owned(),
+                    shares: mine,
+                    model_json: Vec::new(),
+                    previous: Some(ghx_proto::round::evidence_to_wire(&last)),
+                })
+                .await
+                .unwrap();
+        }
+        for node in nodes {
+            let spent = node.store.privacy_spent(org, &study_id).unwrap();
+            assert!(
+                (spent.epsilon - declared).abs() < 1e-9,
+                "attempt {attempt} at {}: spent {}",
+                node.profile.id,
+                spent.epsilon
+            );
+        }
+    }
+    assert!(
+        nodes[0].store.audit_entries().unwrap().iter().any(|e| e
+            .reason
+            .contains("as when first computed, and charged then")),
+        "the retried evaluation says it was charged before"
+    );
     // Only the coordinator opens one: another node's certificate is
     // refused before any round is read.
     let tls = ghx_pki::TlsMaterial::load(&federation.pki.tls_files(&ids[1])).unwrap();
