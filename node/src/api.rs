@@ -23,6 +23,7 @@ use crate::{differencing, engine, gate, release, store};
 use ghx_db::audit::AuditLog;
 
 mod rounds;
+mod runs;
 
 /// The node service, shared by all connections.
 #[derive(Clone)]

@@ -17,6 +17,28 @@ pub(crate) struct Compromised<'a> {
 pub(crate) type NodeClient =
     ghx_proto::v1::node_service_client::NodeServiceClient<tonic::transport::Channel>;
 
+/// A client of node `index` under `identity`'s certificate (the
+/// coordinator's, or another member's).
+pub(crate) async fn node_client(
+    federation: &LocalFederation,
+    index: usize,
+    identity: &str,
+) -> NodeClient {
+    let node = &federation.nodes[index];
+    let tls = ghx_pki::TlsMaterial::load(&federation.pki.tls_files(identity)).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "https://localhost:{}",
+        node.addr().port()
+    ))
+    .unwrap()
+    .tls_config(tls.client_config(node.profile.id))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    NodeClient::new(channel)
+}
+
 /// Opens `session` at every client (each with a request from `request`)
 /// and relays the members' keys to all: a session ready for its rounds,
 /// with the members' confirmations of the keys they agreed.
@@ -100,20 +122,7 @@ impl<'a> Compromised<'a> {
     }
 
     pub(crate) async fn client(&self, index: usize) -> NodeClient {
-        let node = &self.federation.nodes[index];
-        let tls =
-            ghx_pki::TlsMaterial::load(&self.federation.pki.tls_files("coordinator")).unwrap();
-        let channel = tonic::transport::Endpoint::from_shared(format!(
-            "https://localhost:{}",
-            node.addr().port()
-        ))
-        .unwrap()
-        .tls_config(tls.client_config(node.profile.id))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-        NodeClient::new(channel)
+        node_client(self.federation, index, "coordinator").await
     }
 
     /// Step 1 of `round` (or, for `train`, a run's session) over `ids`,

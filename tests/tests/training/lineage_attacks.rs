@@ -2,12 +2,11 @@
 //! evidence, redos, changed rows, unconfirmed session keys, rounds past
 //! the last, the run's evaluation with the wrong evidence, expiry.
 
-use super::harness::{agreed, keyed_session};
+use super::harness::{agreed, keyed_session, node_client};
 use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
-    use ghx_proto::v1::node_service_client::NodeServiceClient;
     use ghx_study::capability::{Signer, claims_for};
 
     // Rounds among two of the hospitals: nodes that accept sums over two.
@@ -69,19 +68,8 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
         phase: phase.name().to_owned(),
         run: String::new(),
     };
-    for node in nodes {
-        let tls = ghx_pki::TlsMaterial::load(&federation.pki.tls_files("coordinator")).unwrap();
-        let channel = tonic::transport::Endpoint::from_shared(format!(
-            "https://localhost:{}",
-            node.addr().port()
-        ))
-        .unwrap()
-        .tls_config(tls.client_config(node.profile.id))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-        let mut client = NodeServiceClient::new(channel);
+    for (index, node) in nodes.iter().enumerate() {
+        let mut client = node_client(&federation, index, "coordinator").await;
         // The moments outside a run, exact and over rows no run is sealed
         // to, are refused.
         let err = client
@@ -619,18 +607,8 @@ async fn nodes_refuse_round_keys_not_signed_by_the_node_they_name() {
     );
     // Only the coordinator opens one: another node's certificate is
     // refused before any round is read.
-    let tls = ghx_pki::TlsMaterial::load(&federation.pki.tls_files(&ids[1])).unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!(
-        "https://localhost:{}",
-        nodes[0].addr().port()
-    ))
-    .unwrap()
-    .tls_config(tls.client_config(nodes[0].profile.id))
-    .unwrap()
-    .connect()
-    .await
-    .unwrap();
-    let err = NodeServiceClient::new(channel)
+    let err = node_client(&federation, 0, &ids[1])
+        .await
         .session_rounds(futures::stream::iter([input(4, None)]))
         .await
         .unwrap_err();
