@@ -209,9 +209,9 @@ pub(crate) enum CodeTable {
 /// SQL selecting the distinct (patient, sensitive category bit) pairs of
 /// the rows of `table` whose code matches one of `codes` (any date): what
 /// [`crate::cohort_index`] loads a coded criterion's patients from. The
-/// bit is that of the row's diagnosis ([`SensitiveCodes::sql_category_bit`])
-/// or prescription ([`SensitiveCodes::sql_medication_category_bit`]), 0 for
-/// codes that cannot be sensitive.
+/// bits are those of the row's diagnosis ([`SensitiveCodes::sql_condition_bits`])
+/// or prescription ([`SensitiveCodes::sql_medication_bits`]), read from
+/// every coding of it; 0 for codes that cannot be sensitive.
 pub(crate) fn compile_code_rows(
     table: CodeTable,
     system: &str,
@@ -242,16 +242,14 @@ pub(crate) fn compile_code_rows(
                 .iter()
                 .any(|code| sensitive.may_match(system_uri, code, prefix)) =>
         {
-            sensitive.sql_category_bit(|prefix| sql.param(Bind::Text(prefix)))
+            sensitive.sql_condition_bits("c.condition_id", |prefix| sql.param(Bind::Text(prefix)))
         }
         CodeTable::Medications
-            if codes.iter().any(|code| {
-                !sensitive
-                    .medication_categories_touched(system_uri, code, prefix)
-                    .is_empty()
-            }) =>
+            if codes
+                .iter()
+                .any(|code| sensitive.medication_may_be_sensitive(system_uri, code, prefix)) =>
         {
-            sensitive.sql_medication_category_bit()
+            sensitive.sql_medication_bits("m.medication_request_id")
         }
         _ => "0".to_owned(),
     };
@@ -620,7 +618,8 @@ impl Sql<'_> {
         // A sensitive diagnosis is visible only if the patient permits its
         // category.
         let sensitive = self.sensitive;
-        let category_bit = sensitive.sql_category_bit(|prefix| self.param(Bind::Text(prefix)));
+        let category_bit =
+            sensitive.sql_condition_bits("c.condition_id", |prefix| self.param(Bind::Text(prefix)));
         format!("{codes} AND (CAST({category_bit} AS BIGINT) & ~p.sensitive_mask) = 0")
     }
 
@@ -640,21 +639,18 @@ impl Sql<'_> {
         let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
         // A prescription in a sensitive class is visible only if the
         // patient permits its category, as a diagnosis is.
-        let sensitive = if self
-            .sensitive
-            .medication_categories_touched(
-                system_uri,
-                &code_text,
-                criterion.matching == CodeMatch::Prefix,
-            )
-            .is_empty()
-        {
-            String::new()
-        } else {
+        let sensitive = if self.sensitive.medication_may_be_sensitive(
+            system_uri,
+            &code_text,
+            criterion.matching == CodeMatch::Prefix,
+        ) {
             format!(
                 " AND (CAST({} AS BIGINT) & ~p.sensitive_mask) = 0",
-                self.sensitive.sql_medication_category_bit()
+                self.sensitive
+                    .sql_medication_bits("m.medication_request_id")
             )
+        } else {
+            String::new()
         };
         let code = self.code_test("m", code_text, criterion.matching);
         let window = self.window("m.authored_at", &criterion.window);
@@ -667,9 +663,9 @@ impl Sql<'_> {
     fn observation(&mut self, criterion: &ObservationCriterion) -> String {
         let system_uri = terminology::canonical_system(&criterion.system);
         let system = self.param(Bind::Text(system_uri.to_owned()));
-        let code = self.param(Bind::Text(
-            terminology::normalize_code(system_uri, &criterion.code).into_owned(),
-        ));
+        let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
+        let sensitive = self.observation_permitted("o", system_uri, &code_text);
+        let code = self.param(Bind::Text(code_text));
         let mut range = String::new();
         if let Some(min) = criterion.min {
             range.push_str(&format!(" AND o.value >= {}", self.param(Bind::Float(min))));
@@ -680,8 +676,26 @@ impl Sql<'_> {
         let window = self.window("o.effective_at", &criterion.window);
         format!(
             "EXISTS (SELECT 1 FROM observation_values o WHERE o.patient_id = p.patient_id \
-             AND o.system = {system} AND o.code = {code}{range}{window})"
+             AND o.system = {system} AND o.code = {code}{range}{window}{sensitive})"
         )
+    }
+
+    /// ` AND` the patient permits every category the observation row
+    /// aliased `alias` is in, when an observation selected by `code` could
+    /// be in one; empty otherwise. Binds nothing.
+    fn observation_permitted(&self, alias: &str, system_uri: &str, code: &str) -> String {
+        if self
+            .sensitive
+            .observation_may_be_sensitive(system_uri, code)
+        {
+            format!(
+                " AND (CAST({} AS BIGINT) & ~p.sensitive_mask) = 0",
+                self.sensitive
+                    .sql_observation_bits(&format!("{alias}.observation_id"))
+            )
+        } else {
+            String::new()
+        }
     }
 
     fn encounter(&mut self, criterion: &EncounterCriterion) -> String {
@@ -740,14 +754,11 @@ impl Sql<'_> {
                 Some(rest)
             }
             None if unwindowed
-                && self
-                    .sensitive
-                    .medication_categories_touched(
-                        system_uri,
-                        &code_text,
-                        criterion.matching == CodeMatch::Prefix,
-                    )
-                    .is_empty() =>
+                && !self.sensitive.medication_may_be_sensitive(
+                    system_uri,
+                    &code_text,
+                    criterion.matching == CodeMatch::Prefix,
+                ) =>
             {
                 let mut rest = cohort.clone();
                 rest.medications.remove(0);
@@ -818,13 +829,13 @@ impl Sql<'_> {
         };
         let system_uri = terminology::canonical_system(system);
         let system = self.param(Bind::Text(system_uri.to_owned()));
-        let code = self.param(Bind::Text(
-            terminology::normalize_code(system_uri, code).into_owned(),
-        ));
+        let code_text = terminology::normalize_code(system_uri, code).into_owned();
+        let sensitive = self.observation_permitted("o", system_uri, &code_text);
+        let code = self.param(Bind::Text(code_text));
         let window = self.window("o.effective_at", window);
         let rows = format!(
             "FROM observation_values o WHERE o.patient_id = p.patient_id AND o.system = {system} \
-             AND o.code = {code} AND o.value IS NOT NULL{window}"
+             AND o.code = {code} AND o.value IS NOT NULL{window}{sensitive}"
         );
         match pick {
             Pick::Latest => {

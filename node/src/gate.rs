@@ -316,14 +316,16 @@ pub fn access_request(
             sensitive_categories.insert(category.code().to_owned());
         }
     }
-    let observation_codes = read
-        .iter()
-        .filter(|r| r.resource_type == "Observation")
-        .map(|o| {
-            let system = terminology::canonical_system(o.system);
-            terminology::normalize_code(system, o.code).into_owned()
-        })
-        .collect();
+    // So do laboratory tests that say a category by being done.
+    let mut observation_codes = BTreeSet::new();
+    for o in read.iter().filter(|r| r.resource_type == "Observation") {
+        let system = terminology::canonical_system(o.system);
+        let code = terminology::normalize_code(system, o.code).into_owned();
+        for category in sensitive.observation_categories_touched(system, &code) {
+            sensitive_categories.insert(category.code().to_owned());
+        }
+        observation_codes.insert(code);
+    }
     AccessRequest {
         requester: claims.requester.clone(),
         organisation: claims.org.clone(),

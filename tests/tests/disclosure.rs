@@ -345,14 +345,26 @@ struct Patients<'a> {
     /// ActCode label: PSY, HIV), if any.
     label: Option<&'a str>,
     gender: Option<&'a str>,
-    /// An ATC code each patient is prescribed, if any.
+    /// An ATC code each patient is prescribed, if any (coded also in a
+    /// hospital's product codes, as [`EDI_PRODUCT`] `EDI-<atc>`).
     prescribed: Option<&'a str>,
+    /// A second coding of each patient's diagnosis (system, code), if any.
+    also_coded: Option<(&'a str, &'a str)>,
+    /// Whether each patient has an HIV viral load measured (coded in LOINC
+    /// and as the hospital's local [`LOCAL_LAB`] `HIV-VL`).
+    viral_load: bool,
 }
+
+/// A hospital's own laboratory codes.
+const LOCAL_LAB: &str = "urn:oid:1.2.410.100001.lab";
+
+/// A hospital's own product-code system, which ghx does not classify.
+const EDI_PRODUCT: &str = "http://www.hl7korea.or.kr/CodeSystem/hira-edi-medication";
 
 /// Writes `groups` of patients as an NDJSON export under `dir`.
 fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
     let (mut patients, mut conditions, mut consents) = (vec![], vec![], vec![]);
-    let mut prescriptions = vec![];
+    let (mut prescriptions, mut observations) = (vec![], vec![]);
     for group in groups {
         for i in 0..group.count {
             let id = format!("{}-{i}", group.tag);
@@ -365,7 +377,10 @@ fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
             conditions.push(serde_json::json!({
                 "resourceType": "Condition", "id": format!("{id}-c"),
                 "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
-                "code": {"coding": [{"system": group.system, "code": group.code}]},
+                "code": {"coding": std::iter::once((group.system, group.code.as_str()))
+                    .chain(group.also_coded)
+                    .map(|(system, code)| serde_json::json!({"system": system, "code": code}))
+                    .collect::<Vec<_>>()},
                 "subject": {"reference": patient},
                 "onsetDateTime": "2024-03-01",
             }));
@@ -377,9 +392,24 @@ fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
                 prescriptions.push(serde_json::json!({
                     "resourceType": "MedicationRequest", "id": format!("{id}-m"),
                     "status": "active", "intent": "order",
-                    "medicationCodeableConcept": {"coding": [{"system": "http://www.whocc.no/atc", "code": atc}]},
+                    "medicationCodeableConcept": {"coding": [
+                        {"system": "http://www.whocc.no/atc", "code": atc},
+                        {"system": EDI_PRODUCT, "code": format!("EDI-{atc}")},
+                    ]},
                     "subject": {"reference": patient},
                     "authoredOn": "2024-03-01",
+                }));
+            }
+            if group.viral_load {
+                observations.push(serde_json::json!({
+                    "resourceType": "Observation", "id": format!("{id}-vl"), "status": "final",
+                    "code": {"coding": [
+                        {"system": "http://loinc.org", "code": "20447-9"},
+                        {"system": LOCAL_LAB, "code": "HIV-VL"},
+                    ]},
+                    "subject": {"reference": patient},
+                    "effectiveDateTime": "2024-03-01",
+                    "valueQuantity": {"value": 40 + i, "unit": "copies/mL"},
                 }));
             }
             consents.push(serde_json::json!({
@@ -398,6 +428,7 @@ fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
         ("Condition", conditions),
         ("Consent", consents),
         ("MedicationRequest", prescriptions),
+        ("Observation", observations),
     ] {
         if lines.is_empty() {
             continue;
@@ -557,6 +588,8 @@ async fn a_requester_with_every_margin_cannot_narrow_a_suppressed_cell() {
                 count: *count,
                 label: None,
                 prescribed: None,
+                also_coded: None,
+                viral_load: false,
                 gender: None,
             });
         }
@@ -670,6 +703,8 @@ async fn which_cells_a_table_lists_says_nothing_of_who_is_in_it() {
                     count,
                     label: None,
                     prescribed: None,
+                    also_coded: None,
+                    viral_load: false,
                     gender: Some(gender),
                 });
             }
@@ -768,6 +803,8 @@ async fn one_cohort_analysed_two_ways_singles_no_one_out() {
         count,
         label: None,
         prescribed: None,
+        also_coded: None,
+        viral_load: false,
         gender: None,
     };
     let export = dir.path().join("gallbladder");
@@ -953,6 +990,8 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         count,
         label: psy.then_some("PSY"),
         prescribed: None,
+        also_coded: None,
+        viral_load: false,
         gender: None,
     };
     write_patients(
@@ -961,14 +1000,26 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
             group("cm-no-psy", ICD10CM, "F32.9", 30, false),
             group("cm-psy", ICD10CM, "F32.9", 12, true),
             group("sct-psy", SNOMED, "35489007", 30, true),
+            // The same depression coded in SNOMED CT and in ICD-10-CM:
+            // classified by its ICD-10-CM coding whichever selects it.
+            Patients {
+                also_coded: Some((ICD10CM, "F32.9")),
+                ..group("dual-psy", SNOMED, "35489007", 12, true)
+            },
+            Patients {
+                also_coded: Some((ICD10CM, "F32.9")),
+                ..group("dual", SNOMED, "35489007", 30, false)
+            },
             Patients {
                 label: None,
                 prescribed: Some("J05AR25"),
+                viral_load: true,
                 ..group("arv", ICD10CM, "E11.9", 30, false)
             },
             Patients {
                 label: Some("HIV"),
                 prescribed: Some("J05AR25"),
+                viral_load: true,
                 ..group("arv-hiv", ICD10CM, "E11.9", 12, false)
             },
         ],
@@ -983,6 +1034,31 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
     let antiretroviral = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","medications":[{"system":"http://www.whocc.no/atc","code":"J05AR","match":"prefix"}]},"analysis":{"kind":"count"}}"#;
     // With a window, the engine's SQL answers rather than the cohort index.
     let antiretroviral_since = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","medications":[{"system":"http://www.whocc.no/atc","code":"J05AR25","window":{"from":"2020-01-01"}}]},"analysis":{"kind":"count"}}"#;
+    // The same prescriptions selected by their product code, which ghx
+    // does not classify: their ATC coding still counts.
+    let by_product = |window: &str| {
+        format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","medications":[{{"system":"{EDI_PRODUCT}","code":"EDI-J05AR25"{window}}}]}},"analysis":{{"kind":"count"}}}}"#
+        )
+    };
+    // An HIV viral load says HIV by being measured, whichever of its
+    // codings selects it.
+    let tested = |system: &str, code: &str| {
+        format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","observations":[{{"system":"{system}","code":"{code}"}}]}},"analysis":{{"kind":"count"}}}}"#
+        )
+    };
+    let (viral_load, local_viral_load) = (
+        tested("http://loinc.org", "20447-9"),
+        tested(LOCAL_LAB, "HIV-VL"),
+    );
+    let viral_load_mean = format!(
+        r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[{{"system":"{ICD10CM}","code":"E11","match":"prefix"}}]}},"analysis":{{"kind":"summary","variable":{{"kind":"observation","system":"http://loinc.org","code":"20447-9","pick":"latest"}},"clip":{{"min":0,"max":1000}}}}}}"#
+    );
+    let (product, product_since) = (
+        by_product(""),
+        by_product(r#","window":{"from":"2020-01-01"}"#),
+    );
     let manifest = manifest_for(
         "Depression",
         "HRESCH",
@@ -991,6 +1067,11 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
             ("sct", &depression_sct),
             ("arv", antiretroviral),
             ("arv-since", antiretroviral_since),
+            ("edi", &product),
+            ("edi-since", &product_since),
+            ("vl", &viral_load),
+            ("vl-local", &local_viral_load),
+            ("vl-mean", &viral_load_mean),
         ],
     );
     // A company may not select on a sensitive diagnosis, in either system,
@@ -999,7 +1080,7 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         .approved_study(REQUESTER, manifest.clone())
         .await
         .unwrap();
-    for query in ["f32", "sct", "arv", "arv-since"] {
+    for query in ["f32", "sct", "arv", "arv-since", "vl", "vl-mean"] {
         let result = federation.run_study(&study, query).await.unwrap();
         assert!(result.per_node.is_empty(), "{query}: {:?}", result.per_node);
         assert!(
@@ -1015,9 +1096,7 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
             result.failures
         );
     }
-    // An academic requester sees only the patients who named mental health:
-    // 12 in ICD-10-CM; none in SNOMED CT, whose code no consent here can
-    // open without naming every category.
+    // An academic requester sees only the patients who named mental health.
     let study = federation
         .approved_study(RESEARCHER, manifest)
         .await
@@ -1046,11 +1125,34 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         );
         count(&chosun(&result).cells[0])
     };
-    assert_eq!(chosun_count("f32").await, Some(12));
-    assert_eq!(chosun_count("sct").await, None, "withheld, as fewer than k");
-    // The prescription takes part only for the patients who named HIV.
-    assert_eq!(chosun_count("arv").await, Some(12));
-    assert_eq!(chosun_count("arv-since").await, Some(12));
+    // F32: the 12 who named it in ICD-10-CM, and the 12 whose SNOMED CT
+    // diagnosis is also coded F32.
+    assert_eq!(chosun_count("f32").await, Some(24));
+    // SNOMED CT alone cannot be classified: only the dual-coded 12 who
+    // named mental health take part.
+    assert_eq!(chosun_count("sct").await, Some(12));
+    // The prescription takes part only for the patients who named HIV,
+    // selected by its ATC code or by the product code beside it.
+    // So does a viral load, by its LOINC code or its local one.
+    for query in ["arv", "arv-since", "edi", "edi-since", "vl", "vl-local"] {
+        assert_eq!(chosun_count(query).await, Some(12), "{query}");
+    }
+    // As a variable, the viral load has a value only for the 12 who named
+    // HIV among the 42 diabetics.
+    let result = researcher
+        .run_study(pb::RunStudyRequest {
+            study_id: study.clone(),
+            query: "vl-mean".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    match chosun(&result).cells[0].value.as_ref() {
+        Some(pb::cell::Value::Summary(moments)) => assert_eq!(moments.n, 12),
+        other => panic!("a summary: {other:?}"),
+    }
     federation.shutdown().await;
 }
 

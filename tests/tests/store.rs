@@ -675,6 +675,71 @@ fn sensitive_diagnoses_count_only_where_consent_names_them(f: Fixture) {
     assert_eq!(count("E75"), 1);
     assert_eq!(count("E"), 2, "s1 through E11, s3 through E75.21");
 
+    // An antidepressant coded in ATC and in a hospital's product code is
+    // mental health however it is selected: s1's stays invisible, s2's
+    // counts; by index (no window) and by SQL (a window) alike.
+    let edi = "http://www.hl7korea.or.kr/CodeSystem/hira-edi-medication";
+    let prescription = |id: &str, patient: &str| {
+        format!(
+            r#"{{"resourceType":"MedicationRequest","id":"{id}","status":"active","intent":"order","subject":{{"reference":"Patient/{patient}"}},"authoredOn":"2025-03-01","medicationCodeableConcept":{{"coding":[{{"system":"http://www.whocc.no/atc","code":"N06AB03"}},{{"system":"{edi}","code":"642900560"}}]}}}}"#
+        )
+    };
+    write(
+        &data.join("MedicationRequest.ndjson"),
+        &[&prescription("m1", "s1"), &prescription("m2", "s2")],
+    );
+    std::fs::remove_file(data.join("Condition.ndjson")).unwrap();
+    import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    let prescribed = |window: &str| -> u64 {
+        let json = format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-06-01","medications":[{{"system":"{edi}","code":"642900560"{window}}}]}},"analysis":{{"kind":"count"}}}}"#
+        );
+        let spec = QuerySpec::parse(json.as_bytes()).unwrap();
+        consented::count(&f.store, &spec, rules())
+            .0
+            .iter()
+            .map(|c| c.value.patients())
+            .sum()
+    };
+    assert_eq!(prescribed(""), 1);
+    assert_eq!(prescribed(r#","window":{"from":"2025-01-01"}"#), 1);
+
+    // An HIV viral load is HIV by its LOINC coding, also when selected by
+    // the local code beside it; no one here named HIV. A local test with
+    // no listed coding counts as it is.
+    let lab = "urn:oid:1.2.410.100001.lab";
+    let observation = |id: &str, patient: &str, codings: &str| {
+        format!(
+            r#"{{"resourceType":"Observation","id":"{id}","status":"final","subject":{{"reference":"Patient/{patient}"}},"effectiveDateTime":"2025-03-01","valueQuantity":{{"value":50}},"code":{{"coding":[{codings}]}}}}"#
+        )
+    };
+    let viral_load = format!(
+        r#"{{"system":"http://loinc.org","code":"20447-9"}},{{"system":"{lab}","code":"HIV-VL"}}"#
+    );
+    write(
+        &data.join("Observation.ndjson"),
+        &[
+            &observation("o1", "s1", &viral_load),
+            &observation("o2", "s2", &viral_load),
+            &observation("o3", "s1", &format!(r#"{{"system":"{lab}","code":"GLU"}}"#)),
+        ],
+    );
+    import_path(&f.store, &data, &ImportOptions::default()).unwrap();
+    let observed = |system: &str, code: &str| -> u64 {
+        let json = format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-06-01","observations":[{{"system":"{system}","code":"{code}"}}]}},"analysis":{{"kind":"count"}}}}"#
+        );
+        let spec = QuerySpec::parse(json.as_bytes()).unwrap();
+        consented::count(&f.store, &spec, rules())
+            .0
+            .iter()
+            .map(|c| c.value.patients())
+            .sum()
+    };
+    assert_eq!(observed("http://loinc.org", "20447-9"), 0);
+    assert_eq!(observed(lab, "HIV-VL"), 0);
+    assert_eq!(observed(lab, "GLU"), 1);
+
     // s2 withdraws: the next count no longer sees them.
     write(
         &data.join("Consent.ndjson"),

@@ -23,10 +23,20 @@
 //! class takes part only for a patient who permits its category, as a
 //! diagnosis does. Prescriptions in other systems (HIRA EDI product codes)
 //! are not classified yet: that needs a hospital's map (THREATS 4 (7)).
+//!
+//! Some laboratory tests say a category by being done at all (an HIV viral
+//! load): [`OBSERVATION_CODES`] lists them in LOINC, and an observation
+//! coded with one is treated as a diagnosis in its category.
+//!
+//! A resource's category is read from every coding of it, not only the one
+//! a query selects it by: a prescription coded in ATC and in EDI is as
+//! sensitive as its ATC class when selected by its EDI code, and a
+//! diagnosis's ICD-10-family codings classify it whatever other codings it
+//! carries ([`SensitiveCodes::sql_condition_bits`]).
 
 use std::collections::BTreeSet;
 
-use crate::terminology::{ATC, ICD10, ICD10CM, KCD8, icd10_family};
+use crate::terminology::{ATC, ICD10, ICD10CM, KCD8, LOINC, icd10_family};
 
 /// The system of ghx's own category codes, usable in Consent security labels.
 pub const CATEGORY_SYSTEM: &str =
@@ -182,6 +192,35 @@ pub const MEDICATION_CLASSES: &[(Category, &str)] = &[
     (Category::Abortion, "G02AD06"),
 ];
 
+/// Laboratory tests whose very presence says a category, in LOINC: HIV
+/// antibody, antigen and viral-load tests, and tests for chlamydia,
+/// gonorrhoea and syphilis. An observation carrying one of these codings
+/// (or a local code the hospital maps to one) takes part only for a patient
+/// who permits its category, and selecting on one is selecting sensitive
+/// data. A chosen list, not a closed classification: a test left out, or a
+/// local code not mapped to LOINC, is selectable (THREATS 4 (7)). CD4
+/// counts are left out: they are ordered for other immune conditions.
+pub const OBSERVATION_CODES: &[(Category, &str)] = &[
+    (Category::Hiv, "7917-8"),
+    (Category::Hiv, "5221-7"),
+    (Category::Hiv, "29893-5"),
+    (Category::Hiv, "31201-7"),
+    (Category::Hiv, "56888-1"),
+    (Category::Hiv, "68961-2"),
+    (Category::Hiv, "75622-1"),
+    (Category::Hiv, "10351-5"),
+    (Category::Hiv, "20447-9"),
+    (Category::Hiv, "25836-8"),
+    (Category::Hiv, "62469-2"),
+    (Category::SexuallyTransmitted, "21613-5"),
+    (Category::SexuallyTransmitted, "43304-5"),
+    (Category::SexuallyTransmitted, "24111-7"),
+    (Category::SexuallyTransmitted, "43305-2"),
+    (Category::SexuallyTransmitted, "20507-0"),
+    (Category::SexuallyTransmitted, "5292-8"),
+    (Category::SexuallyTransmitted, "22461-8"),
+];
+
 /// Whether a (canonical) system is ATC, however its URI is spelled: any
 /// system at whocc.no counts, so a spelling without an alias still falls
 /// in its classes (failing closed).
@@ -242,7 +281,7 @@ impl SensitiveCodes {
     }
 
     /// Whether a diagnosis matched by `code` (exactly, or as a prefix) could
-    /// be in a sensitive category, in the terms [`Self::sql_category_bit`]
+    /// be in a sensitive category, in the terms [`Self::sql_condition_bits`]
     /// tests: conservative, so `false` means no such code can be sensitive
     /// and the per-row test can be left out.
     pub fn may_match(&self, system: &str, code: &str, prefix: bool) -> bool {
@@ -296,15 +335,77 @@ impl SensitiveCodes {
             .collect()
     }
 
+    /// Whether a prescription selected by `code` could be in a sensitive
+    /// class once every coding of it is read: always when selected by a
+    /// code outside ATC (the same prescription may carry an ATC coding in a
+    /// sensitive class), and when an ATC selection touches one. A selection
+    /// by an ATC code outside every sensitive class is taken at its word (a
+    /// prescription coded in two ATC classes contradicts itself).
+    pub fn medication_may_be_sensitive(&self, system: &str, code: &str, prefix: bool) -> bool {
+        !is_atc(system)
+            || !self
+                .medication_categories_touched(system, code, prefix)
+                .is_empty()
+    }
+
+    /// Every category an observation criterion or variable selects: that
+    /// of its LOINC code, if listed in [`OBSERVATION_CODES`]; none for other
+    /// systems (not classified).
+    pub fn observation_categories_touched(&self, system: &str, code: &str) -> BTreeSet<Category> {
+        if system != LOINC {
+            return BTreeSet::new();
+        }
+        OBSERVATION_CODES
+            .iter()
+            .filter(|(_, listed)| *listed == code.trim())
+            .map(|(category, _)| *category)
+            .collect()
+    }
+
+    /// Whether an observation selected by `code` could be in a sensitive
+    /// category once every coding of it is read: always when selected by a
+    /// code outside LOINC (a local code beside a listed LOINC coding), and
+    /// when its LOINC code is listed.
+    pub fn observation_may_be_sensitive(&self, system: &str, code: &str) -> bool {
+        system != LOINC || !self.observation_categories_touched(system, code).is_empty()
+    }
+
+    /// A SQL expression giving the category bits of the observation whose
+    /// id is the SQL expression `id`, read from every coding of it (and of
+    /// its components): the union of its listed LOINC codings' categories.
+    /// Codes are literal fragments of [`OBSERVATION_CODES`].
+    pub fn sql_observation_bits(&self, id: &str) -> String {
+        let mut bit = format!("CASE WHEN ox.system <> '{LOINC}' THEN 0");
+        for category in Category::ALL {
+            let codes: Vec<String> = OBSERVATION_CODES
+                .iter()
+                .filter(|(c, _)| *c == category)
+                .map(|(_, code)| format!("'{code}'"))
+                .collect();
+            if !codes.is_empty() {
+                bit.push_str(&format!(
+                    " WHEN ox.code IN ({}) THEN {}",
+                    codes.join(", "),
+                    category.bit()
+                ));
+            }
+        }
+        bit.push_str(" ELSE 0 END");
+        format!(
+            "(SELECT COALESCE(SUM(DISTINCT {bit}), 0) FROM observation_values ox \
+             WHERE ox.observation_id = {id})"
+        )
+    }
+
     /// A SQL expression giving the category bit of the prescription row
-    /// aliased `m` (0 when in no sensitive class, or not in ATC, as
+    /// aliased `alias` (0 when in no sensitive class, or not in ATC, as
     /// [`is_atc`] reads systems). Classes are literal fragments of
-    /// [`MEDICATION_CLASSES`].
-    pub fn sql_medication_category_bit(&self) -> String {
-        let mut sql = "CASE WHEN LOWER(m.system) NOT LIKE '%whocc.no%' THEN 0".to_owned();
+    /// [`MEDICATION_CLASSES`]; one row has at most one bit.
+    fn sql_medication_category_bit(alias: &str) -> String {
+        let mut sql = format!("CASE WHEN LOWER({alias}.system) NOT LIKE '%whocc.no%' THEN 0");
         for (category, class) in MEDICATION_CLASSES {
             sql.push_str(&format!(
-                " WHEN UPPER(m.code) LIKE '{class}%' THEN {}",
+                " WHEN UPPER({alias}.code) LIKE '{class}%' THEN {}",
                 category.bit()
             ));
         }
@@ -312,13 +413,46 @@ impl SensitiveCodes {
         sql
     }
 
+    /// A SQL expression giving the category bits of the prescription whose
+    /// id is the SQL expression `id`, read from every coding of it: a
+    /// prescription coded in ATC and in a hospital's product codes is as
+    /// sensitive as its ATC class, however it is selected. Each coding has
+    /// at most one bit, so the sum of the distinct bits is their union.
+    pub fn sql_medication_bits(&self, id: &str) -> String {
+        format!(
+            "(SELECT COALESCE(SUM(DISTINCT {}), 0) FROM medication_codes mx \
+             WHERE mx.medication_request_id = {id})",
+            Self::sql_medication_category_bit("mx")
+        )
+    }
+
+    /// A SQL expression giving the category bits of the diagnosis whose id
+    /// is the SQL expression `id`, read from every coding of it: the union
+    /// of its ICD-10-family codings' categories when it has any (a SNOMED CT
+    /// coding beside them is read as their translation), and every
+    /// category when it has none (unclassifiable, failing closed). So a
+    /// diagnosis coded F32 in ICD-10-CM and Z00 in KCD-8 is mental health
+    /// whichever code selects it. Rare-disease prefixes are bound through
+    /// `param`.
+    pub fn sql_condition_bits(&self, id: &str, param: impl FnMut(String) -> String) -> String {
+        let icd = format!("cx.system IN ('{KCD8}', '{ICD10}', '{ICD10CM}')");
+        format!(
+            "(SELECT CASE WHEN MAX(CASE WHEN {icd} THEN 1 ELSE 0 END) = 1 \
+             THEN SUM(DISTINCT CASE WHEN {icd} THEN {} ELSE 0 END) ELSE {} END \
+             FROM condition_codes cx WHERE cx.condition_id = {id})",
+            self.sql_category_bit("cx", param),
+            CategorySet::all().0
+        )
+    }
+
     /// A SQL expression giving the category bit (0 when not sensitive; every
     /// category's bit for a code outside the ICD-10 family) of the
-    /// diagnosis row aliased `c`. Fixed categories are literal fragments;
-    /// rare-disease prefixes are bound through `param`.
-    pub fn sql_category_bit(&self, mut param: impl FnMut(String) -> String) -> String {
+    /// diagnosis row aliased `alias`: one bit at most for an ICD-10-family
+    /// code. Fixed categories are literal fragments; rare-disease prefixes
+    /// are bound through `param`.
+    fn sql_category_bit(&self, alias: &str, mut param: impl FnMut(String) -> String) -> String {
         let mut sql = format!(
-            "CASE WHEN c.system NOT IN ('{KCD8}', '{ICD10}', '{ICD10CM}') THEN {}",
+            "CASE WHEN {alias}.system NOT IN ('{KCD8}', '{ICD10}', '{ICD10CM}') THEN {}",
             CategorySet::all().0
         );
         for (category, first, last) in RANGES {
@@ -326,14 +460,14 @@ impl SensitiveCodes {
             // covers every subcode: `F32` <= `F329` < `F9:` (':' follows '9').
             let upper = format!("{last}:");
             sql.push_str(&format!(
-                " WHEN c.code >= '{first}' AND c.code < '{upper}' THEN {}",
+                " WHEN {alias}.code >= '{first}' AND {alias}.code < '{upper}' THEN {}",
                 category.bit()
             ));
         }
         for prefix in &self.rare_disease_prefixes {
             let p = param(format!("{prefix}%"));
             sql.push_str(&format!(
-                " WHEN c.code LIKE {p} THEN {}",
+                " WHEN {alias}.code LIKE {p} THEN {}",
                 Category::RareDisease.bit()
             ));
         }
@@ -474,8 +608,30 @@ mod tests {
                 .medication_categories_touched("http://example.org/edi", "J05AR25", false)
                 .is_empty()
         );
-        let sql = codes.sql_medication_category_bit();
+        // Selected by a code outside ATC, a prescription may still carry
+        // an ATC coding in a class: its bits are read from every coding.
+        assert!(codes.medication_may_be_sensitive("http://example.org/edi", "645", false));
+        assert!(!codes.medication_may_be_sensitive(ATC, "J01", true));
+        let sql = codes.sql_medication_bits("m.medication_request_id");
         assert!(sql.contains("LIKE 'J05AR%' THEN 2"), "{sql}");
+    }
+
+    #[test]
+    fn laboratory_tests_that_say_a_category_are_classified() {
+        let s = codes();
+        assert_eq!(
+            s.observation_categories_touched(LOINC, "20447-9")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            [Category::Hiv]
+        );
+        assert!(s.observation_categories_touched(LOINC, "4548-4").is_empty());
+        assert!(!s.observation_may_be_sensitive(LOINC, "4548-4"));
+        // A local code may sit beside a listed LOINC coding.
+        assert!(s.observation_may_be_sensitive("urn:oid:1.2.410.local", "HIV-VL"));
+        let sql = s.sql_observation_bits("o.observation_id");
+        assert!(sql.contains("'20447-9'"), "{sql}");
+        assert!(sql.contains("'43304-5'"), "{sql}");
     }
 
     #[test]
