@@ -342,7 +342,8 @@ struct Patients<'a> {
     born: &'a str,
     count: u64,
     /// The sensitive category the patients' consent names (an HL7 v3
-    /// ActCode label: PSY, HIV), if any.
+    /// ActCode label: PSY, HIV), or `code:<KCD-8 code>` for a permit naming
+    /// one diagnosis code, if any.
     label: Option<&'a str>,
     gender: Option<&'a str>,
     /// An ATC code each patient is prescribed, if any (coded also in a
@@ -385,8 +386,15 @@ fn write_patients(dir: &std::path::Path, groups: &[Patients<'_>]) {
                 "onsetDateTime": "2024-03-01",
             }));
             let mut provision = serde_json::json!({"type": "permit", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]});
-            if let Some(label) = group.label {
-                provision["provision"] = serde_json::json!([{"type": "permit", "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": label}]}]);
+            match group.label {
+                // A permit naming one diagnosis code rather than a category.
+                Some(code) if code.starts_with("code:") => {
+                    provision["provision"] = serde_json::json!([{"type": "permit", "code": [{"coding": [{"system": KCD8, "code": &code[5..]}]}]}]);
+                }
+                Some(label) => {
+                    provision["provision"] = serde_json::json!([{"type": "permit", "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": label}]}]);
+                }
+                None => {}
             }
             if let Some(atc) = group.prescribed {
                 prescriptions.push(serde_json::json!({
@@ -1010,6 +1018,11 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
                 also_coded: Some((ICD10CM, "F32.9")),
                 ..group("dual", SNOMED, "35489007", 30, false)
             },
+            // A permit naming F32 opens F32, not the rest of F00-F99.
+            Patients {
+                label: Some("code:F32"),
+                ..group("f32-only", ICD10CM, "F32.9", 12, false)
+            },
             Patients {
                 label: None,
                 prescribed: Some("J05AR25"),
@@ -1031,6 +1044,7 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         )
     };
     let (f32_cm, depression_sct) = (query_for(ICD10CM, "F32"), query_for(SNOMED, "35489007"));
+    let f3_cm = query_for(ICD10CM, "F3");
     let antiretroviral = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","medications":[{"system":"http://www.whocc.no/atc","code":"J05AR","match":"prefix"}]},"analysis":{"kind":"count"}}"#;
     // With a window, the engine's SQL answers rather than the cohort index.
     let antiretroviral_since = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","medications":[{"system":"http://www.whocc.no/atc","code":"J05AR25","window":{"from":"2020-01-01"}}]},"analysis":{"kind":"count"}}"#;
@@ -1064,6 +1078,7 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         "HRESCH",
         &[
             ("f32", &f32_cm),
+            ("f3", &f3_cm),
             ("sct", &depression_sct),
             ("arv", antiretroviral),
             ("arv-since", antiretroviral_since),
@@ -1080,7 +1095,7 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         .approved_study(REQUESTER, manifest.clone())
         .await
         .unwrap();
-    for query in ["f32", "sct", "arv", "arv-since", "vl", "vl-mean"] {
+    for query in ["f32", "f3", "sct", "arv", "arv-since", "vl", "vl-mean"] {
         let result = federation.run_study(&study, query).await.unwrap();
         assert!(result.per_node.is_empty(), "{query}: {:?}", result.per_node);
         assert!(
@@ -1125,9 +1140,11 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         );
         count(&chosun(&result).cells[0])
     };
-    // F32: the 12 who named it in ICD-10-CM, and the 12 whose SNOMED CT
-    // diagnosis is also coded F32.
-    assert_eq!(chosun_count("f32").await, Some(24));
+    // F32: the 12 who named mental health in ICD-10-CM, the 12 whose
+    // SNOMED CT diagnosis is also coded F32, and the 12 who permitted F32
+    // alone; F3 leaves out the last.
+    assert_eq!(chosun_count("f32").await, Some(36));
+    assert_eq!(chosun_count("f3").await, Some(24));
     // SNOMED CT alone cannot be classified: only the dual-coded 12 who
     // named mental health take part.
     assert_eq!(chosun_count("sct").await, Some(12));

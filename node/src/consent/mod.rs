@@ -546,6 +546,25 @@ fn same_system(a: &str, b: &str) -> bool {
     a == b || (terminology::icd10_family(a) && terminology::icd10_family(b))
 }
 
+/// Whether every code `request` reads that could select `category` lies
+/// within a code that provision `p` names (vacuously, when it reads none).
+fn within_named(
+    p: &Provision,
+    request: &ConsentRequest,
+    codes: &SensitiveCodes,
+    category: Category,
+) -> bool {
+    request
+        .codes
+        .iter()
+        .filter(|(rs, rc, prefix)| codes.any_touched(rs, rc, *prefix).contains(&category))
+        .all(|(rs, rc, _)| {
+            p.codes
+                .iter()
+                .any(|(system, code)| same_system(system, rs) && rc.starts_with(code.as_str()))
+        })
+}
+
 /// Sensitive categories named by applicable permits and not by applicable
 /// denies, walking only where every ancestor applies.
 fn permitted_categories(
@@ -580,7 +599,13 @@ fn walk_labels(
         }
         for (system, code) in &p.codes {
             if let Some(category) = codes.category(system, code) {
-                named.insert(category);
+                // A deny naming one code of a category denies the category;
+                // a permit opens it only for a request whose every code
+                // touching it lies within the codes the permit names
+                // (naming F32 does not open F33, nor a prefix F3).
+                if rule == Rule::Deny || within_named(p, request, codes, category) {
+                    named.insert(category);
+                }
             }
         }
         match rule {

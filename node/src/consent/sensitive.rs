@@ -5,7 +5,8 @@
 //! and behavioural disorders, HIV, sexually transmitted infections, abuse,
 //! abortion); rare diseases come from the hospital's policy file. A category
 //! is permitted for a patient only by a consent provision that names it, by
-//! a security label or by a code inside it; a blanket "permit" does not.
+//! a security label or by a code inside it (then only for requests within
+//! the codes it names); a blanket "permit" does not.
 //!
 //! Categories are read from KCD-8, WHO ICD-10 and ICD-10-CM codes, which
 //! share the three-character categories used here. A diagnosis coded in
@@ -278,6 +279,20 @@ impl SensitiveCodes {
             touched.insert(Category::RareDisease);
         }
         touched
+    }
+
+    /// Every category a code of any kind could select, read by its system:
+    /// a diagnosis code's, an ATC class's, a listed laboratory test's, and
+    /// every category for a code in a system none of these classify (a
+    /// product or local code may stand beside a classified coding).
+    pub fn any_touched(&self, system: &str, code: &str, prefix: bool) -> BTreeSet<Category> {
+        if is_atc(system) {
+            self.medication_categories_touched(system, code, prefix)
+        } else if system == LOINC {
+            self.observation_categories_touched(system, code)
+        } else {
+            self.categories_touched(system, code, prefix)
+        }
     }
 
     /// Whether a diagnosis matched by `code` (exactly, or as a prefix) could

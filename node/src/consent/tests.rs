@@ -108,6 +108,19 @@ fn consent_decision_table() {
     let prefix_e11 = reading(&[("E11", true)]);
     let e11_and_f32 = reading(&[("E11", true), ("F32", true)]);
     let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
+    // Naming one sensitive code opens its category only for requests
+    // within the codes named.
+    let prefix_f32 = reading(&[("F32", true)]);
+    let prefix_f3 = reading(&[("F3", true)]);
+    let f32_and_hba1c = ConsentRequest {
+        codes: vec![
+            (kcd.to_owned(), "F32".to_owned(), true),
+            ("http://loinc.org".to_owned(), "4548-4".to_owned(), false),
+        ],
+        ..request("HRESCH", &["Patient", "Condition", "Observation"])
+    };
+    let permit_f32 = json!({"type": "permit", "purpose": purpose("HRESCH"),
+        "provision": [{"type": "permit", "code": [{"coding": [{"system": kcd, "code": "F32"}]}]}]});
     let permit_e11 = json!({"type": "permit", "purpose": purpose("HRESCH"),
         "code": [{"coding": [{"system": kcd, "code": "E11"}]}]});
     let deny_e11 = json!({"type": "deny",
@@ -371,6 +384,32 @@ fn consent_decision_table() {
             DefaultConsent::OptIn,
         ),
         (
+            "sensitive: permit naming F32, request for F32*",
+            vec![consent(
+                "active",
+                "2026-01-01T00:00:00Z",
+                permit_f32.clone(),
+            )],
+            &prefix_f32,
+            DefaultConsent::OptIn,
+        ),
+        (
+            "sensitive: permit naming F32, request for F3*",
+            vec![consent(
+                "active",
+                "2026-01-01T00:00:00Z",
+                permit_f32.clone(),
+            )],
+            &prefix_f3,
+            DefaultConsent::OptIn,
+        ),
+        (
+            "sensitive: permit naming F32, request for F32* and HbA1c",
+            vec![consent("active", "2026-01-01T00:00:00Z", permit_f32)],
+            &f32_and_hba1c,
+            DefaultConsent::OptIn,
+        ),
+        (
             "sensitive: label under a provision for another purpose",
             vec![consent(
                 "active",
@@ -587,6 +626,9 @@ fn consent_decision_table() {
         sensitive: blanket permit does not permit mental health opt-in   HRESCH  -> included
         sensitive: permit with PSY label                        opt-in   HRESCH  -> included, may use mental-health
         sensitive: permit naming codes F32 and E75.2            opt-in   HRESCH  -> included, may use mental-health + rare-disease
+        sensitive: permit naming F32, request for F32*          opt-in   HRESCH  -> included, may use mental-health
+        sensitive: permit naming F32, request for F3*           opt-in   HRESCH  -> included
+        sensitive: permit naming F32, request for F32* and HbA1c opt-in   HRESCH  -> included, may use mental-health
         sensitive: label under a provision for another purpose  opt-in   HRESCH  -> included
         sensitive: permitted then denied by label               opt-in   HRESCH  -> included, may use mental-health
         privacy consent denying research                        opt-in   HRESCH  -> excluded: consent denies this use
