@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 use ghx_coordinator::{Coordinator, CoordinatorConfig};
 use ghx_node::import::{ImportOptions, ImportReport, import_path};
 use ghx_node::{Node, NodeConfig, Store};
-use ghx_pki::{CertificateRequest, PkiDir, Role, TlsFiles, TlsMaterial};
+use ghx_pki::{CertificateRequest, PkiDir, Role};
 use ghx_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use ghx_synth::{HOSPITALS, HospitalProfile, SynthOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// The signing key id the local coordinator uses.
 pub const SIGNING_KID: &str = "coordinator-local-1";
@@ -57,8 +57,8 @@ pub enum Error {
     Coordinator(#[from] ghx_coordinator::Error),
     #[error("coordinator config: {0}")]
     CoordinatorConfig(#[from] ghx_coordinator::config::Error),
-    #[error("connecting to the coordinator: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Connect(#[from] crate::client::Error),
     #[error("coordinator: {}", .0.message())]
     Rpc(#[from] tonic::Status),
     #[error("nodes did not dial in to the coordinator within a minute: {0:?}")]
@@ -442,11 +442,12 @@ impl LocalFederation {
 
     /// A coordinator client presenting the certificate of `member`.
     pub async fn client(&self, member: &str) -> Result<CoordinatorServiceClient<Channel>, Error> {
-        connect_coordinator(
+        crate::client::connect_coordinator(
             &format!("https://localhost:{}", self.coordinator_addr.port()),
             &self.pki.tls_files(member),
         )
         .await
+        .map_err(Error::from)
     }
 
     /// Runs `query` (empty: the first) of an approved study as [`REQUESTER`]
@@ -572,19 +573,6 @@ impl LocalFederation {
             let _ = task.await;
         }
     }
-}
-
-/// Connects to a coordinator with a member's certificate.
-pub async fn connect_coordinator(
-    endpoint: &str,
-    files: &TlsFiles,
-) -> Result<CoordinatorServiceClient<Channel>, Error> {
-    let tls = TlsMaterial::load(files)?;
-    let channel = Endpoint::from_shared(endpoint.to_owned())?
-        .tls_config(tls.client_config("coordinator"))?
-        .connect()
-        .await?;
-    Ok(CoordinatorServiceClient::new(channel))
 }
 
 /// A study manifest for `queries` (name, ghx.query/v1 JSON): it declares

@@ -74,6 +74,22 @@ fn a_privacy_officer_can_validate_and_try_out_policies() {
     ]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(out.matches("ALLOW statistics").count(), 3, "{out}");
+    // Trainings are asked as the node asks a training round: academic
+    // organisations may train, a startup may not.
+    let model = "deploy/examples/study-t2d-model.json";
+    let (code, out, _) = ghx(&["policy", "check", chosun, model]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("DENY training `t2d-risk`"), "{out}");
+    let (code, out, _) = ghx(&[
+        "policy",
+        "check",
+        chosun,
+        model,
+        "--org",
+        "Chonnam National University Medical School",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("permitted by `academic-training`"), "{out}");
     let access = Path::new(chosun).join("access.cedar");
     let text = std::fs::read_to_string(&access).unwrap();
     let counts_only = text.replace(

@@ -182,29 +182,14 @@ pub fn admit_training(
     let (claims, manifest, facts) = verified(verifier, ledger, node, request)?;
     let min_cell_size = facts.min_cell_size;
     let training = manifest.training_for(request.query_json)?.clone();
-    let queries = training.queries();
-    let mut access: Option<AccessRequest> = None;
-    for q in &queries {
-        let one = access_request(
-            &claims,
-            q,
-            manifest.privacy_budget,
-            facts,
-            &policy.consent.sensitive,
-        );
-        match &mut access {
-            None => access = Some(one),
-            Some(all) => {
-                all.resource_types.extend(one.resource_types);
-                all.condition_codes.extend(one.condition_codes);
-                all.observation_codes.extend(one.observation_codes);
-                all.sensitive_categories.extend(one.sensitive_categories);
-            }
-        }
-    }
-    let mut access = access.expect("a training reads at least its label");
-    access.action = action;
-    access.group_by.clear();
+    let access = training_access(
+        &claims,
+        &training,
+        &manifest,
+        facts,
+        &policy.consent.sensitive,
+        action,
+    );
     let decision = policy.authorize(&access)?;
     if !decision.allowed {
         return Err(Error::Forbidden {
@@ -221,6 +206,117 @@ pub fn admit_training(
         access: decision,
         consent,
     })
+}
+
+/// The access request for a round of `training` (`action`: training or
+/// evaluation): one request over everything its queries read.
+fn training_access(
+    claims: &capability::Claims,
+    training: &TrainingSpec,
+    manifest: &StudyManifest,
+    facts: NodeFacts<'_>,
+    sensitive: &SensitiveCodes,
+    action: Action,
+) -> AccessRequest {
+    let mut access: Option<AccessRequest> = None;
+    for q in &training.queries() {
+        let one = access_request(claims, q, manifest.privacy_budget, facts, sensitive);
+        match &mut access {
+            None => access = Some(one),
+            Some(all) => {
+                all.resource_types.extend(one.resource_types);
+                all.condition_codes.extend(one.condition_codes);
+                all.observation_codes.extend(one.observation_codes);
+                all.sensitive_categories.extend(one.sensitive_categories);
+            }
+        }
+    }
+    let mut access = access.expect("a training reads at least its label");
+    access.action = action;
+    access.group_by.clear();
+    access
+}
+
+/// One query or training of a manifest as a node's policies decide it.
+#[derive(Debug)]
+pub struct Checked {
+    /// The query's or training's name in the manifest.
+    pub name: String,
+    pub request: AccessRequest,
+    pub decision: AccessDecision,
+}
+
+/// What `policy` decides at `node` for every query and training of
+/// `manifest`, asked exactly as [`admit`] and [`admit_training`] ask (the
+/// claims the coordinator would sign, the larger of the node's and the
+/// manifest's cell size): `ghx policy check`. `action`, if given, replaces
+/// each query's own (count or statistics); trainings are asked as
+/// training.
+pub fn check_manifest(
+    policy: &PolicyDir,
+    manifest: &StudyManifest,
+    node: NodeFacts<'_>,
+    action: Option<Action>,
+) -> Result<Vec<Checked>, Error> {
+    let facts = with_manifest_cell_size(node, manifest);
+    let claims_for = |json: &[u8]| {
+        capability::claims_for(
+            manifest,
+            "policy-check",
+            vec![node.node_id.to_owned()],
+            json,
+            time::Duration::minutes(5),
+        )
+    };
+    let mut checked = Vec::new();
+    for named in &manifest.queries {
+        let claims = claims_for(&named.query.canonical_json());
+        let mut request = access_request(
+            &claims,
+            &named.query,
+            manifest.privacy_budget,
+            facts,
+            &policy.consent.sensitive,
+        );
+        if let Some(action) = action {
+            request.action = action;
+        }
+        let decision = policy.authorize(&request)?;
+        checked.push(Checked {
+            name: named.name.clone(),
+            request,
+            decision,
+        });
+    }
+    for training in &manifest.trainings {
+        let claims = claims_for(&training.canonical_json());
+        let request = training_access(
+            &claims,
+            training,
+            manifest,
+            facts,
+            &policy.consent.sensitive,
+            Action::Training,
+        );
+        let decision = policy.authorize(&request)?;
+        checked.push(Checked {
+            name: training.name.clone(),
+            request,
+            decision,
+        });
+    }
+    Ok(checked)
+}
+
+/// The node facts a manifest is decided under: the larger of the node's
+/// and the manifest's cell size holds.
+fn with_manifest_cell_size<'a>(node: NodeFacts<'a>, manifest: &StudyManifest) -> NodeFacts<'a> {
+    NodeFacts {
+        min_cell_size: node
+            .min_cell_size
+            .max(manifest.min_cell_size.for_node(node.node_id)),
+        ..node
+    }
 }
 
 /// The checks every admission shares: the caller is the coordinator; the
@@ -271,13 +367,7 @@ fn verified<'a>(
             field: "organisation",
         });
     }
-    // The larger of the node's and the manifest's cell size holds.
-    let facts = NodeFacts {
-        min_cell_size: node
-            .min_cell_size
-            .max(manifest.min_cell_size.for_node(node.node_id)),
-        ..node
-    };
+    let facts = with_manifest_cell_size(node, &manifest);
     Ok((claims, manifest, facts))
 }
 

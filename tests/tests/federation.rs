@@ -703,7 +703,7 @@ async fn studies_need_a_committee_quorum_and_nodes_refuse_anything_unapproved() 
     let try_coordinator = |files: ghx_pki::TlsFiles| {
         let url = coordinator_url.clone();
         async move {
-            let mut client = ghx::local_federation::connect_coordinator(&url, &files).await?;
+            let mut client = ghx::client::connect_coordinator(&url, &files).await?;
             client.list_nodes(pb::ListNodesRequest {}).await?;
             anyhow::Ok(())
         }

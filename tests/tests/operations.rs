@@ -99,10 +99,9 @@ async fn certificates_renewed_during_traffic_fail_no_request() {
             let mut outcomes = Vec::new();
             loop {
                 let outcome = async {
-                    let mut client =
-                        ghx::local_federation::connect_coordinator(&coordinator, &requester)
-                            .await
-                            .map_err(|e| e.to_string())?;
+                    let mut client = ghx::client::connect_coordinator(&coordinator, &requester)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let result = client
                         .run_study(pb::RunStudyRequest {
                             study_id: study.clone(),

@@ -1,0 +1,249 @@
+//! `ghx demo`: the whole federation in one process on synthetic data.
+
+use std::time::Instant;
+
+use super::{print_result, run_study, status_error};
+use crate::args::DemoArgs;
+use anyhow::{Context, Result, bail};
+use ghx::local_federation::{
+    self, COMMITTEE, COMMITTEE_2, LocalFederation, LocalFederationOptions, REQUESTER,
+};
+use ghx_proto::v1 as pb;
+
+/// The demo study: adult women and men with type 2 diabetes by sex and age
+/// band. A table lists every category its cohort admits, empty or not, and
+/// protects each; the cohort admits only those the study reports.
+const DEMO_QUERY: &str = r#"{
+  "version": "ghx.query/v1",
+  "cohort": {
+    "as_of": "2026-01-01",
+    "conditions": [
+      {"system": "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8", "code": "E11", "match": "prefix"}
+    ],
+    "sex": ["female", "male"],
+    "age": {"min": 18}
+  },
+  "analysis": {"kind": "count", "group_by": ["sex", "age_band"]}
+}"#;
+
+pub(super) async fn demo(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let temp;
+    let dir = match &args.keep {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary directory")?;
+            temp.path().to_owned()
+        }
+    };
+    println!(
+        "Starting a coordinator and three hospital nodes on loopback (mTLS), {} synthetic patients each...",
+        args.patients
+    );
+    let federation = LocalFederation::start(&LocalFederationOptions {
+        dir,
+        patients_per_node: args.patients,
+        seed: args.seed,
+        min_cell_size: args.min_cell_size,
+        committee_quorum: 2,
+        audit_checkpoint_every: None,
+        node_link: Default::default(),
+        min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
+        open_registration: false,
+    })
+    .await?;
+    for node in &federation.nodes {
+        println!(
+            "  {:<10} {:<38} {:>7} resources imported, {} rejected, listening on {}",
+            node.profile.id,
+            node.profile.name,
+            node.import.accepted,
+            node.import.rejected.len(),
+            node.listen
+                .map_or("(dials out)".to_owned(), |a| a.to_string())
+        );
+    }
+    let mut requester = federation.client(REQUESTER).await?;
+    let queries = demo_queries();
+    let study_id = requester
+        .submit_study(pb::SubmitStudyRequest {
+            manifest_json: local_federation::manifest_with_budget(
+                "Type 2 diabetes (KCD-8 E11) by sex and age band",
+                "HRESCH",
+                &queries
+                    .iter()
+                    .map(|(n, q)| (n.as_str(), q.as_str()))
+                    .collect::<Vec<_>>(),
+                0.5,
+            ),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .study_id;
+    println!(
+        "\n{REQUESTER} submitted {study_id}: type 2 diabetes (KCD-8 E11*) by sex and age band"
+    );
+    match requester
+        .run_study(pb::RunStudyRequest {
+            study_id: study_id.clone(),
+            query: String::new(),
+        })
+        .await
+    {
+        Err(status) => println!(
+            "running it before approval is refused: {}",
+            status.message()
+        ),
+        Ok(_) => bail!("the coordinator ran an unapproved study"),
+    }
+    // Two of the committee must approve (quorum 2).
+    for member in [COMMITTEE, COMMITTEE_2] {
+        let mut committee = federation.client(member).await?;
+        let summary = committee
+            .approve_study(pb::ApproveStudyRequest {
+                study_id: study_id.clone(),
+                note: "approved for the demo".to_owned(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let approvals = summary
+            .votes
+            .iter()
+            .filter(|v| v.decision == "approve")
+            .count();
+        println!(
+            "{member} approved {study_id}: {approvals} of {} approvals, study is {}",
+            summary.quorum, summary.status
+        );
+    }
+    println!("the coordinator signs a capability for each query and fans it out");
+    let mut failures = 0;
+    for (name, _) in &queries {
+        println!("\n{REQUESTER} runs {name}\n");
+        let result = run_study(&mut requester, &study_id, name).await?;
+        print_result(&result, args.json);
+        failures += result.failures.len();
+    }
+    demo_training(&federation).await?;
+    // Every member signs its audit log's head as it stops gracefully.
+    let keepers = federation.audit_keepers();
+    federation.shutdown().await;
+    demo_audit(&keepers)?;
+    println!("\nDone in {:.1} s.", started.elapsed().as_secs_f64());
+    if failures > 0 {
+        bail!("{failures} node answer(s) missing");
+    }
+    Ok(())
+}
+
+/// The demo's audit: every keeper's log verified against its certificate
+/// (issued by the federation CA), the coordinator's record reconciled with
+/// the nodes', and the month's review written.
+fn demo_audit(keepers: &local_federation::AuditKeepers) -> Result<()> {
+    use ghx::audit_files;
+    println!("\nThe steering committee checks the audit logs\n");
+    let ca = audit_files::read_pem(&keepers.ca())?;
+    let logs = keepers.read()?;
+    for log in &logs {
+        let witnesses = audit_files::witnesses_among(log, &logs);
+        let verdict = audit_files::verify_with_ca(
+            log,
+            Some(&ca),
+            audit_files::Expect {
+                witnesses: Some(&witnesses),
+                ..Default::default()
+            },
+        )?;
+        println!("{}", audit_files::verification_text(&log.keeper, &verdict));
+        if let Some(broken) = verdict.broken {
+            bail!("{}'s audit log is broken at {broken}", log.keeper);
+        }
+    }
+    let (coordinator, nodes) = logs.split_first().context("no coordinator log")?;
+    let month = time::OffsetDateTime::now_utc()
+        .format(&time::macros::format_description!("[year]-[month]"))?;
+    let period = audit_files::period(Some(&month), None, None)?;
+    let reconciled = audit_files::reconcile_logs(coordinator, nodes, period);
+    print!(
+        "reconcile: {}",
+        audit_files::reconciliation_text(&reconciled)
+    );
+    let review = ghx_audit::report::review(&audit_files::entries_in(coordinator, period));
+    let path = keepers.dir().join(format!("audit-review-{month}.md"));
+    audit_files::write(
+        &path,
+        &ghx_audit::report::render("coordinator", &month, &review),
+    )?;
+    println!("the month's access review: {}", path.display());
+    if reconciled.alarms() > 0 {
+        bail!("reconciliation raised {} alarm(s)", reconciled.alarms());
+    }
+    Ok(())
+}
+
+/// The demo's federated training: an academic requester's approved study
+/// trains a type 2 diabetes risk model with secure aggregation, then the
+/// model card and curves are written next to the federation's files.
+async fn demo_training(federation: &LocalFederation) -> Result<()> {
+    let manifest_json = include_bytes!("../../../deploy/examples/study-t2d-model.json").to_vec();
+    let mut researcher = federation.client(local_federation::RESEARCHER).await?;
+    let study_id = researcher
+        .submit_study(pb::SubmitStudyRequest { manifest_json })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .study_id;
+    for member in [COMMITTEE, COMMITTEE_2] {
+        federation
+            .client(member)
+            .await?
+            .approve_study(pb::ApproveStudyRequest {
+                study_id: study_id.clone(),
+                note: "approved for the demo".to_owned(),
+            })
+            .await
+            .map_err(status_error)?;
+    }
+    let status = researcher
+        .start_training(pb::StartTrainingRequest {
+            study_id: study_id.clone(),
+            training: String::new(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "
+{} trains {} in {study_id} ({}): {} rounds of FedAvg, each through secure aggregation\n",
+        local_federation::RESEARCHER,
+        status.training,
+        status.run_id,
+        status.rounds_total
+    );
+    let out = federation.dir.join("training");
+    super::train::follow_and_write(&mut researcher, &status.run_id, &study_id, &out).await
+}
+
+/// The demo study's queries: the count by sex and age band, then the
+/// statistics of `deploy/examples/study-e11-statistics.json`.
+fn demo_queries() -> Vec<(String, String)> {
+    let manifest: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../deploy/examples/study-e11-statistics.json"
+    ))
+    .expect("the example manifest is JSON");
+    let statistics = manifest["queries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|q| {
+            (
+                q["name"].as_str().unwrap_or_default().to_owned(),
+                q["query"].to_string(),
+            )
+        });
+    std::iter::once(("e11-by-sex-and-age".to_owned(), DEMO_QUERY.to_owned()))
+        .chain(statistics)
+        .collect()
+}
