@@ -1,6 +1,8 @@
 //! Helpers for the whole-federation tests: an independent reference
-//! computation over the synthetic NDJSON, an attacker of cell suppression, throwaway PostgreSQL databases,
-//! a stand-in OpenTelemetry collector and a TCP relay that can cut links.
+//! computation over the synthetic NDJSON, an attacker of cell suppression,
+//! throwaway PostgreSQL databases and the `suite!` that runs one test on
+//! both backends, a stand-in OpenTelemetry collector and a TCP relay that
+//! can cut links.
 //!
 //! The reference deliberately shares no code with the node: it reads the raw
 //! NDJSON with serde_json and computes ages with calendar arithmetic, so a
@@ -9,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attack;
+pub mod backend;
 pub mod collector;
 pub mod consented;
 pub mod postgres;

@@ -19,6 +19,7 @@ use ghx_audit::checkpoint::{Signer, Verifier};
 use ghx_audit::verify::{Broken, Problem, verify};
 use ghx_audit::{Entry, GENESIS};
 use ghx_db::audit::AuditLog;
+use ghx_federation_tests::backend::Backend;
 use ghx_federation_tests::postgres::TestDatabase;
 use ghx_node::Store;
 use ghx_pki::{CertificateAuthority, CertificateRequest, Role};
@@ -50,7 +51,8 @@ fn entry(i: usize, at: &str) -> Entry {
     }
 }
 
-fn fixture(url: String, dir: tempfile::TempDir, pg: Option<TestDatabase>) -> Fixture {
+fn fixture(backend: Backend) -> Fixture {
+    let Backend { url, dir, pg } = backend;
     let store = Store::open(&url).unwrap();
     let ca = CertificateAuthority::create("G-Health").unwrap();
     let node = ca
@@ -77,14 +79,11 @@ fn fixture(url: String, dir: tempfile::TempDir, pg: Option<TestDatabase>) -> Fix
 }
 
 fn sqlite() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let url = dir.path().join("node.db").to_str().unwrap().to_owned();
-    fixture(url, dir, None)
+    fixture(Backend::sqlite("node.db"))
 }
 
 fn postgres() -> Fixture {
-    let db = TestDatabase::create();
-    fixture(db.url.clone(), tempfile::tempdir().unwrap(), Some(db))
+    fixture(Backend::postgres())
 }
 
 impl Fixture {
@@ -123,18 +122,7 @@ impl Fixture {
     }
 }
 
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[test] fn $name() { super::$name(super::sqlite()) } )*
-        }
-        mod postgres {
-            $( #[test] fn $name() { super::$name(super::postgres()) } )*
-        }
-    };
-}
-
-suite!(
+ghx_federation_tests::suite!(
     heads_are_signed_once_each_and_witnessed_once_per_entry,
     an_untouched_log_verifies_with_its_signatures,
     an_edited_entry_is_named,

@@ -5,47 +5,22 @@
 use ghx_audit::Entry as AuditRecord;
 use ghx_coordinator::store::{CoordinatorStore, TrainingRunRow};
 use ghx_coordinator::studies::{Committee, Error, StudyBook, StudyResult, StudyStatus};
-use ghx_federation_tests::postgres::TestDatabase;
+use ghx_federation_tests::backend::Backend;
 use ghx_study::manifest::StudyManifest;
 use ghx_study::result::{AggregateResult, Cell, CellValue, NodeFailure, TotalCell};
 
 /// A database URL on one backend plus whatever keeps it alive.
-struct Fixture {
-    url: String,
-    _dir: tempfile::TempDir,
-    _pg: Option<TestDatabase>,
-}
+type Fixture = Backend;
 
 fn sqlite() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    Fixture {
-        url: dir.path().join("coordinator.db").display().to_string(),
-        _dir: dir,
-        _pg: None,
-    }
+    Backend::sqlite("coordinator.db")
 }
 
 fn postgres() -> Fixture {
-    let db = TestDatabase::create();
-    Fixture {
-        url: db.url.clone(),
-        _dir: tempfile::tempdir().unwrap(),
-        _pg: Some(db),
-    }
+    Backend::postgres()
 }
 
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[test] fn $name() { super::$name(super::sqlite()) } )*
-        }
-        mod postgres {
-            $( #[test] fn $name() { super::$name(super::postgres()) } )*
-        }
-    };
-}
-
-suite!(
+ghx_federation_tests::suite!(
     a_study_needs_a_quorum_of_distinct_members_then_can_be_revoked,
     a_rejected_study_cannot_be_approved_later,
     state_results_and_audit_survive_a_restart,

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use ghx_federation_tests::backend::Backend;
 use ghx_federation_tests::consented;
 use ghx_federation_tests::postgres::TestDatabase;
 use ghx_federation_tests::reference::Export;
@@ -24,38 +25,23 @@ struct Fixture {
     _pg: Option<TestDatabase>,
 }
 
-fn sqlite() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("node.db").to_str().unwrap()).unwrap();
+fn fixture(backend: Backend) -> Fixture {
     Fixture {
-        store,
-        dir,
-        _pg: None,
+        store: Store::open(&backend.url).unwrap(),
+        dir: backend.dir,
+        _pg: backend.pg,
     }
+}
+
+fn sqlite() -> Fixture {
+    fixture(Backend::sqlite("node.db"))
 }
 
 fn postgres() -> Fixture {
-    let db = TestDatabase::create();
-    let store = Store::open(&db.url).unwrap();
-    Fixture {
-        store,
-        dir: tempfile::tempdir().unwrap(),
-        _pg: Some(db),
-    }
+    fixture(Backend::postgres())
 }
 
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[test] fn $name() { super::$name(super::sqlite()) } )*
-        }
-        mod postgres {
-            $( #[test] fn $name() { super::$name(super::postgres()) } )*
-        }
-    };
-}
-
-suite!(
+ghx_federation_tests::suite!(
     import_matches_the_export_and_counts_match_the_reference,
     reimporting_the_same_export_updates_instead_of_duplicating,
     bad_lines_are_rejected_by_line_and_stored_data_is_unchanged,
