@@ -29,10 +29,12 @@ fn event_type(action: &str) -> (&'static str, &'static str) {
 
 /// AuditEvent.outcome: 0 success, 4 minor failure (refused), 8 serious failure.
 fn outcome(decision: &str) -> &'static str {
-    match decision {
-        "refused" => "4",
-        "failed" | "unreachable" => "8",
-        _ => "0",
+    match crate::Decision::parse(decision) {
+        Some(crate::Decision::Refused) => "4",
+        Some(crate::Decision::Failed) => "8",
+        // An unknown decision is a failure to say what happened.
+        None => "8",
+        Some(crate::Decision::Answered | crate::Decision::Done | crate::Decision::Revoked) => "0",
     }
 }
 

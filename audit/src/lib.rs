@@ -37,10 +37,61 @@ pub const COORDINATOR: &str = "coordinator";
 /// The `prev_hash` of the first entry of a log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Decisions that mean something left the keeper (answered or released).
-pub const ANSWERED: &str = "answered";
-/// The decision of a request that was refused.
-pub const REFUSED: &str = "refused";
+/// What a keeper decided about one request, or how one of its steps ended:
+/// an [`Entry`]'s `decision`, stored as [`Decision::as_str`] (the log's
+/// format is text, so entries written before this type read the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// Something left the keeper: a node's answer, a coordinator's
+    /// request a node answered.
+    Answered,
+    /// The keeper, or the node asked, refused the request.
+    Refused,
+    /// The request failed without a decision (a node down, a timeout).
+    Failed,
+    /// A coordinator step that completed (a committee vote, a run).
+    Done,
+    /// A node applied a study's revocation.
+    Revoked,
+}
+
+impl Decision {
+    pub const ALL: [Decision; 5] = [
+        Decision::Answered,
+        Decision::Refused,
+        Decision::Failed,
+        Decision::Done,
+        Decision::Revoked,
+    ];
+
+    /// The text an entry stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Answered => "answered",
+            Decision::Refused => "refused",
+            Decision::Failed => "failed",
+            Decision::Done => "done",
+            Decision::Revoked => "revoked",
+        }
+    }
+
+    /// The decision an entry's text names, if it is one.
+    pub fn parse(text: &str) -> Option<Decision> {
+        Decision::ALL.into_iter().find(|d| d.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Decision> for String {
+    fn from(d: Decision) -> String {
+        d.as_str().to_owned()
+    }
+}
 
 /// One line of an audit log. The node writes one per request it decides;
 /// the coordinator one per step it takes and one per request it sends to

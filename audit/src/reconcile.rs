@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{Entry, REFUSED};
+use crate::{Decision, Entry};
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -73,7 +73,10 @@ impl Reconciliation {
 
 /// Decisions under which the coordinator holds an answer from the node.
 fn coordinator_got_answer(decision: &str) -> bool {
-    decision == crate::ANSWERED || decision == REFUSED
+    matches!(
+        Decision::parse(decision),
+        Some(Decision::Answered | Decision::Refused)
+    )
 }
 
 type Key = (String, String, String);

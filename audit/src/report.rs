@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::{ANSWERED, Entry, REFUSED};
+use crate::{Decision, Entry};
 
 /// Counts for one requester or one study.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -23,12 +23,12 @@ pub struct Tally {
 impl Tally {
     fn add(&mut self, e: &Entry) {
         self.requests += 1;
-        match e.decision.as_str() {
-            ANSWERED => {
+        match Decision::parse(&e.decision) {
+            Some(Decision::Answered) => {
                 self.answered += 1;
                 self.cells_released += e.result_cells;
             }
-            REFUSED => {
+            Some(Decision::Refused) => {
                 self.refused += 1;
                 *self.refusals.entry(e.reason.clone()).or_default() += 1;
             }
@@ -154,24 +154,24 @@ mod tests {
 
     #[test]
     fn review_counts_per_requester_and_study() {
-        let e = |requester: &str, study: &str, decision: &str, eps: f64| Entry {
+        let e = |requester: &str, study: &str, decision: Decision, eps: f64| Entry {
             requester: requester.into(),
             requester_org: "Org".into(),
             study_id: study.into(),
             decision: decision.into(),
-            reason: if decision == REFUSED {
+            reason: if decision == Decision::Refused {
                 "budget spent".into()
             } else {
                 String::new()
             },
-            result_cells: if decision == ANSWERED { 3 } else { 0 },
+            result_cells: if decision == Decision::Answered { 3 } else { 0 },
             epsilon: eps,
             ..Entry::default()
         };
         let entries = vec![
-            e("alice", "s1", ANSWERED, 0.5),
-            e("alice", "s1", REFUSED, 0.0),
-            e("bob", "s2", ANSWERED, 0.0),
+            e("alice", "s1", Decision::Answered, 0.5),
+            e("alice", "s1", Decision::Refused, 0.0),
+            e("bob", "s2", Decision::Answered, 0.0),
         ];
         let r = review(&entries);
         let alice = &r.by_requester["alice (Org)"];

@@ -1,6 +1,8 @@
 //! The coordinator's gRPC face: role checks, wire conversion, and the one
 //! mapping from coordinator errors to gRPC statuses ([`status`]).
 
+use ghx_audit::Decision;
+use ghx_audit::now_rfc3339;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -238,10 +240,10 @@ impl CoordinatorApi {
         outcome: Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let (result, detail) = match &outcome {
-            Ok(_) => ("done", detail.to_owned()),
+            Ok(_) => (Decision::Done, detail.to_owned()),
             Err(e) => {
                 ghx_telemetry::metrics::coordinator_refusal(action, e.kind());
-                ("refused", e.to_string())
+                (Decision::Refused, e.to_string())
             }
         };
         // No step without its audit record: if it cannot be written, the
@@ -256,7 +258,7 @@ impl CoordinatorApi {
                 source: caller.source.map(|a| a.to_string()).unwrap_or_default(),
                 action: action.to_owned(),
                 study_id: study_id.to_owned(),
-                decision: result.to_owned(),
+                decision: result.into(),
                 reason: detail,
                 ..AuditRecord::default()
             })
@@ -740,9 +742,9 @@ impl CoordinatorApi {
             }
             {
                 let outcome = if record.status == RunStatus::Completed {
-                    "done"
+                    Decision::Done
                 } else {
-                    "refused"
+                    Decision::Refused
                 };
                 let _ = self.inner.audit.append(&AuditRecord {
                     at: now_rfc3339(),
@@ -750,7 +752,7 @@ impl CoordinatorApi {
                     caller_role: "coordinator".to_owned(),
                     action: "training".to_owned(),
                     study_id: record.study_id.clone(),
-                    decision: outcome.to_owned(),
+                    decision: outcome.into(),
                     reason: format!(
                         "run {} of {}: {} of {} rounds; {}",
                         record.run_id,
@@ -795,12 +797,6 @@ async fn joined(
             "the task {doing} failed: {e}"
         ))))
     })
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 fn training_status(record: &TrainingRecord) -> pb::TrainingStatus {

@@ -2,7 +2,7 @@
 //! node, with the request digest, the capability and what came back. `ghx
 //! audit reconcile` compares these entries with each node's own log.
 
-use ghx_audit::{ANSWERED, Entry, REFUSED};
+use ghx_audit::{Decision, Entry};
 use ghx_db::audit::{AuditLog, Error};
 use ghx_study::result::{AggregateResult, NodeFailure};
 
@@ -102,7 +102,7 @@ fn entries(
     failures: &[NodeFailure],
 ) -> Vec<Entry> {
     let at = ghx_audit::now_rfc3339();
-    let entry = |node: &str, decision: &str| Entry {
+    let entry = |node: &str, decision: Decision| Entry {
         at: at.clone(),
         caller: "coordinator".to_owned(),
         caller_role: "coordinator".to_owned(),
@@ -112,7 +112,7 @@ fn entries(
         capability_id: sent.capability_id.to_owned(),
         action: sent.action.to_owned(),
         peer: node.to_owned(),
-        decision: decision.to_owned(),
+        decision: decision.into(),
         purpose: sent.purpose.to_owned(),
         query_sha256: sent.request_sha256.clone(),
         ..Entry::default()
@@ -123,14 +123,14 @@ fn entries(
             result_sha256: answer.result_sha256,
             result_cells: answer.cells,
             epsilon: sent.epsilon,
-            ..entry(&node, ANSWERED)
+            ..entry(&node, Decision::Answered)
         })
         .collect();
     entries.extend(failures.iter().map(|f| {
         let decision = if node_decided(&f.reason) {
-            REFUSED
+            Decision::Refused
         } else {
-            "failed"
+            Decision::Failed
         };
         Entry {
             reason: f.reason.clone(),

@@ -10,6 +10,7 @@
 //! restart loses nothing. Decisions are serialised in this process: a
 //! coordinator runs as one process per federation.
 
+use ghx_audit::now_rfc3339;
 use std::sync::Mutex;
 
 use ghx_study::manifest::StudyManifest;
@@ -166,12 +167,6 @@ pub struct StudyBook {
     store: CoordinatorStore,
     /// Serialises read-check-write decisions.
     deciding: Mutex<()>,
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339 formatting of now")
 }
 
 fn study_of(record: StudyRecord) -> Result<Study, Error> {

@@ -3,6 +3,9 @@
 //! steps of a training round, records every decision in the audit log, and
 //! maps errors to gRPC statuses in exactly one place ([`status`]).
 
+use crate::classify::{Classify, Code};
+use ghx_audit::Decision;
+use ghx_audit::now_rfc3339;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -74,7 +77,7 @@ struct Inner {
 /// Everything that can stop a request, before mapping to a status.
 #[derive(Debug, thiserror::Error)]
 enum ApiError {
-    #[error("client identity: {0}")]
+    #[error(transparent)]
     Identity(#[from] ghx_pki::Error),
     #[error(transparent)]
     Gate(#[from] gate::Error),
@@ -84,7 +87,7 @@ enum ApiError {
     Consent(#[from] eligibility::Error),
     #[error(transparent)]
     Differencing(#[from] differencing::Error),
-    #[error("materialising the query's view: {0}")]
+    #[error(transparent)]
     View(#[from] crate::views::Error),
     #[error(
         "privacy budget {scope}: {spent:.4} of {limit:.4} {quantity} already spent, this request asks {asked:.4}"
@@ -106,154 +109,42 @@ enum ApiError {
     Malformed(String),
 }
 
-impl ApiError {
-    /// What kind of refusal this is, for metrics (never free text).
+impl Classify for ApiError {
+    fn code(&self) -> Code {
+        match self {
+            ApiError::Identity(_) => Code::Unauthenticated,
+            ApiError::Gate(e) => e.code(),
+            ApiError::Differencing(e) => e.code(),
+            ApiError::View(e) => e.code(),
+            ApiError::Training(e) => e.code(),
+            ApiError::BudgetSpent { .. } => Code::ResourceExhausted,
+            ApiError::Malformed(_) => Code::InvalidArgument,
+            ApiError::Store(_) | ApiError::Consent(_) | ApiError::Audit(_) | ApiError::Task(_) => {
+                Code::Internal
+            }
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             ApiError::Identity(_) => "identity",
-            ApiError::Gate(gate::Error::NotCoordinator { .. }) => "not_coordinator",
-            ApiError::Gate(gate::Error::Capability(_)) => "capability",
-            ApiError::Gate(gate::Error::Forbidden { .. }) => "policy",
-            ApiError::Gate(gate::Error::Query(_)) => "query",
-            ApiError::Gate(gate::Error::Replayed { .. }) => "replayed",
-            ApiError::Gate(gate::Error::Revoked { .. }) => "revoked",
-            ApiError::Gate(_) => "manifest",
-            ApiError::Differencing(differencing::Error::TooClose { .. }) => "differencing",
-            ApiError::Differencing(
-                differencing::Error::BoundsFixed { .. } | differencing::Error::ExactView,
-            ) => "bounds",
+            ApiError::Gate(e) => e.kind(),
+            ApiError::Differencing(e) => e.kind(),
+            ApiError::View(e) => e.kind(),
+            ApiError::Training(e) => e.kind(),
             ApiError::BudgetSpent { .. } => "budget",
-            ApiError::Training(training::Error::TooFew { .. }) => "too_few",
-            ApiError::Training(training::Error::Participants(
-                crate::participants::Error::Store(_),
-            )) => "internal",
-            ApiError::Training(training::Error::Participants(_)) => "participants",
-            ApiError::Training(training::Error::Evaluations { .. }) => "budget",
-            ApiError::Training(training::Error::Lineage(crate::lineage::Error::Store(_))) => {
+            ApiError::Malformed(_) => "training",
+            ApiError::Store(_) | ApiError::Consent(_) | ApiError::Audit(_) | ApiError::Task(_) => {
                 "internal"
             }
-            ApiError::Training(training::Error::Lineage(crate::lineage::Error::Runs {
-                ..
-            })) => "budget",
-            ApiError::Training(training::Error::Lineage(_)) => "lineage",
-            ApiError::Training(_) | ApiError::Malformed(_) => "training",
-            ApiError::View(crate::views::Error::View(_)) => "view",
-            ApiError::Differencing(_)
-            | ApiError::View(_)
-            | ApiError::Store(_)
-            | ApiError::Consent(_)
-            | ApiError::Audit(_)
-            | ApiError::Task(_) => "internal",
         }
     }
 }
 
-/// The one mapping from domain errors to gRPC statuses. Storage details stay
-/// in the node's log; the caller learns only that the node failed.
+/// The one mapping from domain errors to gRPC statuses
+/// ([`crate::classify::status`]).
 fn status(error: &ApiError) -> Status {
-    match error {
-        ApiError::Identity(e) => Status::unauthenticated(e.to_string()),
-        ApiError::Gate(gate::Error::NotCoordinator { .. }) => {
-            Status::permission_denied(error.to_string())
-        }
-        ApiError::Gate(gate::Error::Capability(e)) => Status::permission_denied(e.to_string()),
-        ApiError::Gate(gate::Error::Forbidden { .. }) => {
-            Status::permission_denied(error.to_string())
-        }
-        ApiError::Gate(gate::Error::Query(e)) => Status::invalid_argument(e.to_string()),
-        ApiError::Gate(
-            gate::Error::Replayed { .. }
-            | gate::Error::Revoked { .. }
-            | gate::Error::ManifestMismatch
-            | gate::Error::Manifest(_)
-            | gate::Error::ClaimsDisagree { .. },
-        ) => Status::permission_denied(error.to_string()),
-        ApiError::Differencing(
-            differencing::Error::TooClose { .. }
-            | differencing::Error::BoundsFixed { .. }
-            | differencing::Error::ExactView,
-        ) => Status::permission_denied(error.to_string()),
-        ApiError::BudgetSpent { .. } | ApiError::Training(training::Error::Evaluations { .. }) => {
-            Status::resource_exhausted(error.to_string())
-        }
-        ApiError::Training(training::Error::Lineage(crate::lineage::Error::Signature {
-            ..
-        })) => Status::permission_denied(error.to_string()),
-        ApiError::Training(
-            training::Error::Lineage(crate::lineage::Error::Runs { .. })
-            | training::Error::RunUnaffordable { .. },
-        ) => Status::resource_exhausted(error.to_string()),
-        ApiError::Training(training::Error::Lineage(crate::lineage::Error::Store(_))) => {
-            tracing::error!(error = %error, "request failed inside the node");
-            Status::internal(
-                "the node failed to answer; its administrator can see why in the node log",
-            )
-        }
-        ApiError::Training(
-            training::Error::TooFew { .. }
-            | training::Error::ValidationUndeclared(_)
-            | training::Error::Lineage(_)
-            | training::Error::NotFinal { .. }
-            | training::Error::PastLastRound { .. }
-            | training::Error::RowsChanged(_)
-            | training::Error::NotAgreed(_)
-            | training::Error::Participants(
-                crate::participants::Error::TooFew { .. }
-                | crate::participants::Error::NotMember { .. }
-                | crate::participants::Error::OtherSet { .. }
-                | crate::participants::Error::Threshold { .. }
-                | crate::participants::Error::Survivors { .. },
-            ),
-        ) => Status::failed_precondition(error.to_string()),
-        ApiError::Training(training::Error::NoSuchRound(_)) => Status::not_found(error.to_string()),
-        ApiError::Training(
-            training::Error::RoundExists(_) | training::Error::AlreadyComputed(_),
-        ) => Status::already_exists(error.to_string()),
-        ApiError::Training(
-            training::Error::UnvouchedKeys { .. }
-            | training::Error::Unconfirmed { .. }
-            | training::Error::CapabilityExpired(_),
-        ) => Status::permission_denied(error.to_string()),
-        ApiError::Malformed(_)
-        | ApiError::Training(
-            training::Error::Phase(_)
-            | training::Error::SessionPhase(_)
-            | training::Error::TrainOutsideRun
-            | training::Error::SessionWithoutRun
-            | training::Error::MomentsOutsideRun
-            | training::Error::NotParticipant(_)
-            | training::Error::Dimension { .. }
-            | training::Error::Model(_)
-            | training::Error::ModelShape
-            | training::Error::SecAgg(_)
-            | training::Error::Extract(crate::views::Error::View(_)),
-        ) => Status::invalid_argument(error.to_string()),
-        ApiError::View(crate::views::Error::View(e)) => Status::invalid_argument(e.to_string()),
-        ApiError::Differencing(
-            differencing::Error::Store(_) | differencing::Error::CorruptRecord,
-        )
-        | ApiError::View(crate::views::Error::Store(_))
-        | ApiError::Gate(gate::Error::Policy(_) | gate::Error::Ledger(_))
-        | ApiError::Store(_)
-        | ApiError::Consent(_)
-        | ApiError::Training(
-            training::Error::Learn(_)
-            | training::Error::NoSigningKey
-            | training::Error::Unsealed(_)
-            | training::Error::Signing(_)
-            | training::Error::Random(_)
-            | training::Error::Consent(_)
-            | training::Error::Participants(crate::participants::Error::Store(_))
-            | training::Error::Extract(crate::views::Error::Store(_)),
-        )
-        | ApiError::Audit(_)
-        | ApiError::Task(_) => {
-            tracing::error!(error = %error, "request failed inside the node");
-            Status::internal(
-                "the node failed to answer; its administrator can see why in the node log",
-            )
-        }
-    }
+    crate::classify::status(error)
 }
 
 impl NodeApi {
@@ -652,7 +543,7 @@ impl NodeApi {
         })();
         match &outcome {
             Ok(result) => {
-                entry.decision = ghx_audit::ANSWERED.to_owned();
+                entry.decision = Decision::Answered.into();
                 entry.result_cells = result.cells.len() as i64;
                 entry.result_sha256 = result.digest();
                 let suppressed = result
@@ -663,7 +554,7 @@ impl NodeApi {
                 entry.reason = format!("{suppressed} cells suppressed");
             }
             Err(e) => {
-                entry.decision = "refused".to_owned();
+                entry.decision = Decision::Refused.into();
                 entry.reason = e.to_string();
             }
         }
@@ -784,10 +675,10 @@ impl NodeApi {
             Ok(())
         })();
         entry.decision = match &outcome {
-            Ok(()) => "revoked".to_owned(),
+            Ok(()) => Decision::Revoked.into(),
             Err(e) => {
                 entry.reason = e.to_string();
-                "refused".to_owned()
+                Decision::Refused.into()
             }
         };
         self.settle("revoke", started, &entry, &outcome)?;
@@ -892,12 +783,6 @@ fn handled(
 ) -> pb::RoundMaskedInputResponse {
     response.handled_micros = micros(received.elapsed());
     response
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339 formatting of now")
 }
 
 /// The answers of a [`pb::node_service_server::NodeService::session_rounds`]

@@ -13,6 +13,7 @@
 //! the query, never from unsigned input. The gate reaches the store only
 //! through [`CapabilityLedger`], for replays and revocations.
 
+use crate::classify::{Classify, Code};
 use std::collections::BTreeSet;
 
 use ghx_pki::{PeerIdentity, Role};
@@ -53,6 +54,38 @@ pub enum Error {
     ClaimsDisagree { field: &'static str },
     #[error("capability ledger: {0}")]
     Ledger(String),
+}
+
+impl Classify for Error {
+    fn code(&self) -> Code {
+        match self {
+            Error::Query(_) => Code::InvalidArgument,
+            Error::Policy(_) | Error::Ledger(_) => Code::Internal,
+            Error::NotCoordinator { .. }
+            | Error::Capability(_)
+            | Error::Forbidden { .. }
+            | Error::Replayed { .. }
+            | Error::Revoked { .. }
+            | Error::ManifestMismatch
+            | Error::Manifest(_)
+            | Error::ClaimsDisagree { .. } => Code::PermissionDenied,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::NotCoordinator { .. } => "not_coordinator",
+            Error::Capability(_) => "capability",
+            Error::Forbidden { .. } => "policy",
+            Error::Query(_) => "query",
+            Error::Replayed { .. } => "replayed",
+            Error::Revoked { .. } => "revoked",
+            Error::ManifestMismatch | Error::Manifest(_) | Error::ClaimsDisagree { .. } => {
+                "manifest"
+            }
+            Error::Policy(_) | Error::Ledger(_) => "internal",
+        }
+    }
 }
 
 /// What the gate must remember across requests: capabilities already used

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod classify;
 pub mod cohort_index;
 pub mod config;
 pub mod consent;

@@ -8,6 +8,7 @@
 //! function the coordinator uses, and moves the stored lineage
 //! compare-and-set before anything is computed from it.
 
+use crate::classify::{Classify, Code};
 use ghx_learn::federated;
 use ghx_pki::signed::{MemberKeys, Refusal};
 use ghx_study::lineage::{self as chain, Evidence, Head};
@@ -86,6 +87,34 @@ pub enum Error {
     Raced { run: String },
     #[error(transparent)]
     Store(#[from] crate::store::Error),
+}
+
+impl Classify for Error {
+    fn code(&self) -> Code {
+        match self {
+            Error::Signature { .. } => Code::PermissionDenied,
+            Error::Runs { .. } => Code::ResourceExhausted,
+            Error::Store(_) => Code::Internal,
+            Error::Started { .. }
+            | Error::NoLineage { .. }
+            | Error::NoEvidence { .. }
+            | Error::WrongRound { .. }
+            | Error::Members { .. }
+            | Error::Evidence(_)
+            | Error::Parent { .. }
+            | Error::Stored { .. }
+            | Error::Rewound { .. }
+            | Error::Raced { .. } => Code::FailedPrecondition,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.code() {
+            Code::ResourceExhausted => "budget",
+            Code::Internal => "internal",
+            _ => "lineage",
+        }
+    }
 }
 
 /// Checks `previous` (the evidence of round `at.round - 1`; none for the

@@ -26,6 +26,7 @@
 //! node drops out continues only when it is back, or as a new study the
 //! committee approves over the smaller set.
 
+use crate::classify::{Classify, Code};
 use std::collections::BTreeSet;
 
 use crate::config::SumSettings;
@@ -75,6 +76,26 @@ pub enum Error {
     },
     #[error("storage: {0}")]
     Store(#[from] store::Error),
+}
+
+impl Classify for Error {
+    fn code(&self) -> Code {
+        match self {
+            Error::TooFew { .. }
+            | Error::NotMember { .. }
+            | Error::OtherSet { .. }
+            | Error::Survivors { .. }
+            | Error::Threshold { .. } => Code::FailedPrecondition,
+            Error::Store(_) => Code::Internal,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.code() {
+            Code::Internal => "internal",
+            _ => "participants",
+        }
+    }
 }
 
 /// This node's rule for the sets it sums over.

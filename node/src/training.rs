@@ -20,6 +20,7 @@
 //! stays in memory while the run uses it. Patient rows stay in this module's cache for the
 //! length of a run and never leave the node.
 
+use crate::classify::{Classify, Code};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -149,6 +150,58 @@ pub enum Error {
          of the privacy budget here"
     )]
     RunUnaffordable { epsilon: f64, left: f64 },
+}
+
+impl Classify for Error {
+    fn code(&self) -> Code {
+        match self {
+            Error::Extract(e) => e.code(),
+            Error::Lineage(e) => e.code(),
+            Error::Participants(e) => e.code(),
+            Error::TooFew { .. }
+            | Error::ValidationUndeclared(_)
+            | Error::NotFinal { .. }
+            | Error::PastLastRound { .. }
+            | Error::RowsChanged(_)
+            | Error::NotAgreed(_) => Code::FailedPrecondition,
+            Error::Evaluations { .. } | Error::RunUnaffordable { .. } => Code::ResourceExhausted,
+            Error::NoSuchRound(_) => Code::NotFound,
+            Error::RoundExists(_) | Error::AlreadyComputed(_) => Code::AlreadyExists,
+            Error::UnvouchedKeys { .. }
+            | Error::Unconfirmed { .. }
+            | Error::CapabilityExpired(_) => Code::PermissionDenied,
+            Error::Phase(_)
+            | Error::SessionPhase(_)
+            | Error::TrainOutsideRun
+            | Error::SessionWithoutRun
+            | Error::MomentsOutsideRun
+            | Error::NotParticipant(_)
+            | Error::Dimension { .. }
+            | Error::Model(_)
+            | Error::ModelShape
+            | Error::SecAgg(_) => Code::InvalidArgument,
+            Error::Learn(_)
+            | Error::NoSigningKey
+            | Error::Unsealed(_)
+            | Error::Signing(_)
+            | Error::Random(_)
+            | Error::Consent(_) => Code::Internal,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::Extract(e) => e.kind(),
+            Error::Lineage(e) => e.kind(),
+            Error::Participants(e) => e.kind(),
+            Error::TooFew { .. } => "too_few",
+            _ => match self.code() {
+                Code::ResourceExhausted => "budget",
+                Code::Internal => "internal",
+                _ => "training",
+            },
+        }
+    }
 }
 
 /// What one node holds for a training: complete-case rows, split.

@@ -4,6 +4,7 @@
 //! any other index. The JSON scan happens here, off the per-query path:
 //! later queries with the same view and unchanged data reuse the rows.
 
+use crate::classify::{Classify, Code};
 use ghx_study::query::Variable;
 use serde_json::Value;
 
@@ -15,6 +16,22 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error("view: {0}")]
     View(#[from] ghx_sof::Error),
+}
+
+impl Classify for Error {
+    fn code(&self) -> Code {
+        match self {
+            Error::View(_) => Code::InvalidArgument,
+            Error::Store(_) => Code::Internal,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::View(_) => "view",
+            Error::Store(_) => "internal",
+        }
+    }
 }
 
 /// Resources read per page while materialising.

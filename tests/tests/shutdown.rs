@@ -80,7 +80,10 @@ async fn a_node_stopped_under_load_finishes_what_it_was_answering() {
     let recorded: Vec<_> = chosun
         .entries
         .iter()
-        .filter(|e| e.action == ghx_audit::action::AGGREGATE && e.decision == ghx_audit::ANSWERED)
+        .filter(|e| {
+            e.action == ghx_audit::action::AGGREGATE
+                && e.decision == ghx_audit::Decision::Answered.as_str()
+        })
         .collect();
     assert_eq!(
         recorded.len(),
@@ -92,7 +95,11 @@ async fn a_node_stopped_under_load_finishes_what_it_was_answering() {
             .iter()
             .find(|c| c.peer == "chosun" && c.capability_id == entry.capability_id)
             .expect("the coordinator recorded the request");
-        assert_eq!(sent.decision, ghx_audit::ANSWERED, "answer delivered");
+        assert_eq!(
+            sent.decision,
+            ghx_audit::Decision::Answered.as_str(),
+            "answer delivered"
+        );
         assert_eq!(sent.result_sha256, entry.result_sha256, "the same answer");
     }
     // The log was signed at shutdown, up to its last entry.

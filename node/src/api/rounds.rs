@@ -6,6 +6,7 @@
 //! lineage in a run), charged where it is noised, signed for the lineage
 //! and audited.
 
+use ghx_audit::Decision;
 use std::sync::Arc;
 
 use ghx_pki::PeerIdentity;
@@ -226,7 +227,9 @@ impl NodeApi {
                 let admitted_one = inner
                     .evaluations
                     .reserve(study, || {
-                        inner.audit.count(study, &action, ghx_audit::ANSWERED)
+                        inner
+                            .audit
+                            .count(study, &action, ghx_audit::Decision::Answered.as_str())
                     })
                     .map_err(|refusal| match refusal {
                         crate::evaluations::Refusal::Spent { study, limit } => {
@@ -315,10 +318,10 @@ impl NodeApi {
             )
         })();
         entry.decision = match &outcome {
-            Ok(_) => "answered".to_owned(),
+            Ok(_) => Decision::Answered.into(),
             Err(e) => {
                 entry.reason = e.to_string();
-                "refused".to_owned()
+                Decision::Refused.into()
             }
         };
         let settled = self.settle("training", started, &entry, &outcome);
@@ -876,10 +879,10 @@ impl NodeApi {
             })
         })();
         entry.decision = match &outcome {
-            Ok(_) => ghx_audit::ANSWERED.to_owned(),
+            Ok(_) => Decision::Answered.into(),
             Err(e) => {
                 entry.reason = e.to_string();
-                "refused".to_owned()
+                Decision::Refused.into()
             }
         };
         let masked_at = std::time::Instant::now();

@@ -20,6 +20,7 @@
 pub mod bounds;
 pub mod cells;
 
+use crate::classify::{Classify, Code};
 use sha2::{Digest, Sha256};
 
 use crate::store::{self, Store};
@@ -58,6 +59,25 @@ pub enum Error {
     CorruptRecord,
     #[error(transparent)]
     Store(#[from] store::Error),
+}
+
+impl Classify for Error {
+    fn code(&self) -> Code {
+        match self {
+            Error::TooClose { .. } | Error::BoundsFixed { .. } | Error::ExactView => {
+                Code::PermissionDenied
+            }
+            Error::CorruptRecord | Error::Store(_) => Code::Internal,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::TooClose { .. } => "differencing",
+            Error::BoundsFixed { .. } | Error::ExactView => "bounds",
+            Error::CorruptRecord | Error::Store(_) => "internal",
+        }
+    }
 }
 
 /// A cohort in the form it is compared and stored in.

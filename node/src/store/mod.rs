@@ -48,6 +48,7 @@ pub use resources::{
 };
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use ghx_audit::now_rfc3339;
 
 /// The `node_state` key of the consent generation.
 const CONSENT_GENERATION: &str = "consent_generation";
@@ -123,12 +124,6 @@ impl Store {
     pub fn audit_entries(&self) -> Result<Vec<AuditEntry>> {
         self.audit.entries()
     }
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339 formatting of now")
 }
 
 /// One line of the audit log.

@@ -191,7 +191,8 @@ async fn a_revocation_the_nodes_never_heard_of_still_stops_the_training() {
             .unwrap()
             .iter()
             .filter(|e| {
-                e.action == ghx_audit::action::MASKED_INPUT && e.decision == ghx_audit::ANSWERED
+                e.action == ghx_audit::action::MASKED_INPUT
+                    && e.decision == ghx_audit::Decision::Answered.as_str()
             })
             .count();
         assert_eq!(released, 1 + record.rounds.len() + 1, "{}", node.profile.id);
