@@ -202,7 +202,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
                 let mut samples = Vec::with_capacity(runs);
                 for _ in 0..runs {
                     let t = Instant::now();
-                    ghx_node::engine::count(
+                    ghx_node::testing::count(
                         &store,
                         &spec,
                         &prepared.context,
@@ -214,7 +214,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
                 // What a node runs per query: its members (from the cohort
                 // index, which covers these queries), counted in Rust, plus
                 // the cohort print differencing compares.
-                let index = ghx_node::cohort_index::CohortIndex::new();
+                let index = ghx_node::testing::CohortIndex::new();
                 // Its first use loads the context and the query's code sets.
                 let t = Instant::now();
                 index.members(
@@ -236,8 +236,8 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
                         &prepared.context,
                         &eligibility.rules().sensitive,
                     )?;
-                    ghx_node::engine::analyse(&spec, &members, false);
-                    ghx_node::differencing::CohortPrint::of_members(&members);
+                    ghx_node::testing::analyse(&spec, &members, false);
+                    ghx_node::testing::differencing::CohortPrint::of_members(&members);
                     samples.push(t.elapsed());
                 }
                 out.push(latency(&format!("node work {name} ({id})"), samples));
@@ -249,15 +249,15 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
                     &prepared.context,
                     &eligibility.rules().sensitive,
                 )?;
-                let cells = ghx_node::engine::analyse(&spec, &members, false).cells;
+                let cells = ghx_node::testing::analyse(&spec, &members, false).cells;
                 let mut samples = Vec::with_capacity(runs);
                 for _ in 0..runs {
                     let candidates = cells
                         .iter()
-                        .map(|c| ghx_node::release::Candidate::exact(c, 10))
+                        .map(|c| ghx_node::testing::Candidate::exact(c, 10))
                         .collect();
                     let t = Instant::now();
-                    ghx_node::release::release(id, &spec, cells.clone(), candidates, 10);
+                    ghx_node::testing::release(id, &spec, cells.clone(), candidates, 10);
                     samples.push(t.elapsed());
                 }
                 out.push(latency(&format!("release {name} ({id})"), samples));

@@ -135,7 +135,7 @@ fn a_killed_import_leaves_no_half_batch_and_resumes() {
 fn consented_counts(
     store: &Store,
     spec: &ghx_study::query::QuerySpec,
-) -> Vec<ghx_node::engine::RawCell> {
+) -> Vec<ghx_node::testing::RawCell> {
     use ghx_node::consent::{ConsentRules, DefaultConsent, eligibility::Eligibility};
     let eligibility = Eligibility::new(ConsentRules {
         default: DefaultConsent::OptIn,
@@ -143,5 +143,5 @@ fn consented_counts(
     });
     let request = ghx_node::gate::consent_request("HRESCH", spec, 1_780_272_000);
     let prepared = eligibility.prepare(store, &request).unwrap();
-    ghx_node::engine::count(store, spec, &prepared.context, &Default::default()).unwrap()
+    ghx_node::testing::count(store, spec, &prepared.context, &Default::default()).unwrap()
 }

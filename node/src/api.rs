@@ -1,8 +1,9 @@
-//! The gRPC face of the node: converts wire messages to domain types, runs
-//! gate -> engine -> release for queries and gate -> training for the
-//! steps of a training round, records every decision in the audit log, and
-//! maps errors to gRPC statuses in exactly one place ([`status`]).
-
+//! The gRPC face of the node: converts wire messages to domain types,
+//! admits each request through the gate, hands an admitted query to the
+//! pipeline ([`crate::pipeline`]: consent -> engine -> differencing ->
+//! noise -> release) and a training round's steps to `api/rounds`, records
+//! every decision in the audit log, and answers errors with the status
+//! their own classification gives ([`crate::classify`]).
 use crate::classify::{Classify, Code};
 use ghx_audit::Decision;
 use ghx_audit::now_rfc3339;
@@ -17,12 +18,14 @@ use ghx_study::result::{AggregateResult, CellValue};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::budget::Budget;
 use crate::cohort_index::CohortIndex;
 use crate::consent::eligibility::{self, Eligibility};
+use crate::pipeline::Pipeline;
 use crate::policy::PolicyDir;
 use crate::store::{AuditEntry, Store};
 use crate::training::{self, Rounds};
-use crate::{differencing, engine, gate, release, store};
+use crate::{differencing, gate, store};
 use ghx_db::audit::AuditLog;
 
 mod rounds;
@@ -88,17 +91,9 @@ enum ApiError {
     #[error(transparent)]
     Differencing(#[from] differencing::Error),
     #[error(transparent)]
-    View(#[from] crate::views::Error),
-    #[error(
-        "privacy budget {scope}: {spent:.4} of {limit:.4} {quantity} already spent, this request asks {asked:.4}"
-    )]
-    BudgetSpent {
-        scope: String,
-        quantity: &'static str,
-        spent: f64,
-        limit: f64,
-        asked: f64,
-    },
+    Budget(#[from] crate::budget::Error),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::Error),
     #[error("the audit log could not record this request: {0}")]
     Audit(ghx_db::audit::Error),
     #[error("internal task failed: {0}")]
@@ -115,9 +110,9 @@ impl Classify for ApiError {
             ApiError::Identity(_) => Code::Unauthenticated,
             ApiError::Gate(e) => e.code(),
             ApiError::Differencing(e) => e.code(),
-            ApiError::View(e) => e.code(),
             ApiError::Training(e) => e.code(),
-            ApiError::BudgetSpent { .. } => Code::ResourceExhausted,
+            ApiError::Budget(e) => e.code(),
+            ApiError::Pipeline(e) => e.code(),
             ApiError::Malformed(_) => Code::InvalidArgument,
             ApiError::Store(_) | ApiError::Consent(_) | ApiError::Audit(_) | ApiError::Task(_) => {
                 Code::Internal
@@ -130,9 +125,9 @@ impl Classify for ApiError {
             ApiError::Identity(_) => "identity",
             ApiError::Gate(e) => e.kind(),
             ApiError::Differencing(e) => e.kind(),
-            ApiError::View(e) => e.kind(),
             ApiError::Training(e) => e.kind(),
-            ApiError::BudgetSpent { .. } => "budget",
+            ApiError::Budget(e) => e.kind(),
+            ApiError::Pipeline(e) => e.kind(),
             ApiError::Malformed(_) => "training",
             ApiError::Store(_) | ApiError::Consent(_) | ApiError::Audit(_) | ApiError::Task(_) => {
                 "internal"
@@ -378,168 +373,10 @@ impl NodeApi {
                 })?;
             note_capability(&mut entry, &admitted.claims);
             entry.policy_reasons = admitted.access.summary();
-            let prepared = tracing::info_span!("consent")
-                .in_scope(|| inner.eligibility.prepare(&inner.store, &admitted.consent))?;
-            entry.consent_excluded =
-                i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
-            // One SQL pass: the members give both the cells and the
-            // cohort print.
-            let spec = &admitted.spec;
-            let (members, analysed) = tracing::info_span!("engine").in_scope(|| {
-                let members = inner.cohorts.members(
-                    &inner.store,
-                    spec,
-                    &prepared.context,
-                    &inner.policy.consent.sensitive,
-                )?;
-                // Every cell of the table's domain, empty or not: which
-                // cells exist must say nothing of the data, or a small cell
-                // listed would be known to hold at least one patient.
-                let analysed = engine::analyse(spec, &members, true);
-                Ok::<_, ApiError>((members, analysed))
-            })?;
-            let cohort = differencing::CohortPrint::of_members(&members);
-            drop(members);
-            let org = &admitted.claims.org;
-            let mut result = match &spec.noise {
-                // An exact table is worked out first: which of its cells are
-                // released decides the sets of patients compared with what
-                // the organisation has had before.
-                None => {
-                    let candidates = analysed
-                        .cells
-                        .iter()
-                        .zip(&analysed.members)
-                        .map(|(c, who)| {
-                            release::Candidate::exact(c, admitted.min_cell_size)
-                                .lacking((who.patients.len() - who.events.len()) as u64)
-                        })
-                        .collect();
-                    let (result, lines) = tracing::info_span!("release").in_scope(|| {
-                        release::release_with_lines(
-                            &inner.node_id,
-                            spec,
-                            analysed.cells,
-                            candidates,
-                            admitted.min_cell_size,
-                        )
-                    });
-                    let released: Vec<bool> = result
-                        .cells
-                        .iter()
-                        .map(|c| c.value.patients().is_some())
-                        .collect();
-                    let sets = differencing::cells::TableSets::of(
-                        spec,
-                        &cohort,
-                        &analysed.members,
-                        &released,
-                        &lines,
-                        admitted.min_cell_size,
-                    );
-                    let bounds = differencing::bounds::Bounds::of(spec)?;
-                    let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
-                    let _differencing = tracing::info_span!("differencing").entered();
-                    // Refuse a cohort, or a set of patients behind any of
-                    // the table's numbers, a few patients away from one
-                    // already released to the same organisation, and
-                    // bounds other than the variable's fixed ones.
-                    if let Some(bounds) = &bounds {
-                        bounds.check(&inner.store, org)?;
-                    }
-                    differencing::check(&inner.store, org, &cohort, admitted.min_cell_size)?;
-                    differencing::cells::check(&inner.store, org, &sets, admitted.min_cell_size)?;
-                    let study = &admitted.claims.sub;
-                    differencing::record(&inner.store, org, study, &entry.query_sha256, &cohort)?;
-                    differencing::cells::record(
-                        &inner.store,
-                        org,
-                        study,
-                        &entry.query_sha256,
-                        &sets,
-                    )?;
-                    if let Some(bounds) = &bounds {
-                        bounds.fix(&inner.store, org, study)?;
-                    }
-                    result
-                }
-                Some(noise) => {
-                    let _releasing = inner.releasing.lock().unwrap_or_else(|e| e.into_inner());
-                    let differencing_span = tracing::info_span!("differencing").entered();
-                    // Refuse a cohort a few patients away from one already
-                    // released to the same organisation.
-                    differencing::check(&inner.store, org, &cohort, admitted.min_cell_size)?;
-                    // Noise is paid for before anything is released.
-                    let note = self.charge(
-                        &admitted.claims.jti,
-                        &admitted.claims,
-                        &admitted.manifest,
-                        &entry.query_sha256,
-                        (noise.epsilon, noise.delta),
-                    )?;
-                    entry.epsilon = noise.epsilon;
-                    let (candidates, statement) =
-                        crate::noise::perturb(spec, noise, &analysed.cells, &mut rand::rngs::OsRng);
-                    differencing::record(
-                        &inner.store,
-                        org,
-                        &admitted.claims.sub,
-                        &entry.query_sha256,
-                        &cohort,
-                    )?;
-                    drop(differencing_span);
-                    // Suppression is computation on this answer alone:
-                    // other answers need not wait for its linear programmes.
-                    drop(_releasing);
-                    let _release = tracing::info_span!("release").entered();
-                    let mut result = release::release(
-                        &inner.node_id,
-                        spec,
-                        analysed.cells,
-                        candidates,
-                        admitted.min_cell_size,
-                    );
-                    result.notes.push(format!(
-                        "noise: {} mechanism, epsilon {}{} ({})",
-                        statement.mechanism,
-                        statement.epsilon,
-                        if statement.delta > 0.0 {
-                            format!(", delta {:e}", statement.delta)
-                        } else {
-                            String::new()
-                        },
-                        statement.detail
-                    ));
-                    result.notes.push(note);
-                    result.noise = Some(statement);
-                    result
-                }
-            };
-            let with_value = analysed
-                .members
-                .iter()
-                .map(|m| match spec.analysis {
-                    ghx_study::query::Analysis::Summary { .. } => m.events.len(),
-                    _ => m.patients.len(),
-                } as u64)
-                .sum();
-            result.notes.extend(release::analysis_notes(
-                spec,
-                (with_value, analysed.without_value),
-                admitted.min_cell_size,
-            ));
-            result
-                .notes
-                .insert(0, format!("access: {}", admitted.access.summary()));
-            result.notes.insert(
-                1,
-                release::consent_note(
-                    &prepared.summary,
-                    admitted.min_cell_size,
-                    release::Values::of(spec),
-                ),
-            );
-            Ok(result)
+            let answer = self.pipeline().answer(&admitted, &entry.query_sha256)?;
+            entry.consent_excluded = answer.consent_excluded;
+            entry.epsilon = answer.epsilon;
+            Ok(answer.result)
         })();
         match &outcome {
             Ok(result) => {
@@ -568,80 +405,25 @@ impl NodeApi {
 }
 
 impl NodeApi {
-    /// Charges a noised query to its organisation's privacy budget for the
-    /// study (from the manifest) and at this node overall; refuses when
-    /// either would be exceeded. Returns the budget note for the result.
-    /// `charge_id` names the charge in the ledger, once: the capability's
-    /// id, or for a session's round the capability's id and the round.
-    fn charge(
-        &self,
-        charge_id: &str,
-        claims: &ghx_study::capability::Claims,
-        manifest: &ghx_study::manifest::StudyManifest,
-        request_sha256: &str,
-        (epsilon, delta): (f64, f64),
-    ) -> Result<String, ApiError> {
-        let charge = store::PrivacyCharge {
-            organisation: &claims.org,
-            study_id: &claims.sub,
-            capability_id: charge_id,
-            request_sha256,
-            epsilon,
-            delta,
-            study_epsilon: manifest.privacy_budget,
-            study_delta: manifest.privacy_delta,
+    /// Where noise is paid for.
+    fn budget(&self) -> Budget<'_> {
+        Budget {
+            store: &self.inner.store,
             organisation_epsilon: self.inner.organisation_epsilon,
-        };
-        match self.inner.store.charge_privacy(&charge)? {
-            store::ChargeOutcome::Charged { study } => Ok(format!(
-                "privacy budget: this study has now spent epsilon {:.4} of {:.4}{} over {} noised queries and training rounds at this node",
-                study.epsilon,
-                manifest.privacy_budget,
-                if manifest.privacy_delta > 0.0 {
-                    format!(
-                        " and delta {:e} of {:e}",
-                        study.delta, manifest.privacy_delta
-                    )
-                } else {
-                    String::new()
-                },
-                study.queries
-            )),
-            store::ChargeOutcome::Refused {
-                scope: which,
-                spent,
-            } => {
-                let (scope, limit) = match which {
-                    store::BudgetScope::Study => (
-                        format!("of study {} for {}", claims.sub, claims.org),
-                        manifest.privacy_budget,
-                    ),
-                    store::BudgetScope::Organisation => (
-                        format!("of {} at this node over all studies", claims.org),
-                        self.inner.organisation_epsilon.unwrap_or(0.0),
-                    ),
-                };
-                // Only a study's budget has a delta limit.
-                let delta_spent = which == store::BudgetScope::Study
-                    && spent.delta + delta > manifest.privacy_delta;
-                Err(if delta_spent {
-                    ApiError::BudgetSpent {
-                        scope,
-                        quantity: "delta",
-                        spent: spent.delta,
-                        limit: manifest.privacy_delta,
-                        asked: delta,
-                    }
-                } else {
-                    ApiError::BudgetSpent {
-                        scope,
-                        quantity: "epsilon",
-                        spent: spent.epsilon,
-                        limit,
-                        asked: epsilon,
-                    }
-                })
-            }
+        }
+    }
+
+    /// The query pipeline over this node's data.
+    fn pipeline(&self) -> Pipeline<'_> {
+        let inner = &self.inner;
+        Pipeline {
+            node_id: &inner.node_id,
+            store: &inner.store,
+            eligibility: &inner.eligibility,
+            cohorts: &inner.cohorts,
+            sensitive: &inner.policy.consent.sensitive,
+            releasing: &inner.releasing,
+            budget: self.budget(),
         }
     }
 

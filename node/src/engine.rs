@@ -81,7 +81,7 @@ pub struct CellMembers {
 
 /// A patient's print paired with a value (as the summary uses it, clipped),
 /// as one 64-bit hash.
-pub fn valued(print: i64, value: f64) -> i64 {
+pub(crate) fn valued(print: i64, value: f64) -> i64 {
     // SplitMix64's finaliser over the two, mixed.
     let mut z = (print as u64) ^ value.to_bits().rotate_left(29);
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -520,7 +520,7 @@ fn age_bands(range: Option<AgeRange>) -> impl Iterator<Item = i64> {
 
 /// A date as the integer YYYYMMDD the index tables use.
 /// A cohort member's value of the analysis variable, if it has one.
-pub fn member_value(spec: &QuerySpec, m: &Member) -> Option<f64> {
+pub(crate) fn member_value(spec: &QuerySpec, m: &Member) -> Option<f64> {
     match &spec.analysis {
         Analysis::Summary { variable, .. } | Analysis::Histogram { variable, .. } => match variable
         {

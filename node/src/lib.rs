@@ -15,22 +15,24 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+mod budget;
 pub mod classify;
-pub mod cohort_index;
+pub(crate) mod cohort_index;
 pub mod config;
 pub mod consent;
-pub mod differencing;
-pub mod engine;
+pub(crate) mod differencing;
+pub(crate) mod engine;
 mod evaluations;
 pub mod export;
 pub mod gate;
 pub mod import;
 pub mod lineage;
-pub mod noise;
+pub(crate) mod noise;
 pub mod participants;
+mod pipeline;
 pub mod policy;
 pub mod priority;
-pub mod release;
+pub(crate) mod release;
 pub mod renewal;
 pub mod store;
 pub mod terminology;
@@ -247,5 +249,22 @@ impl Node {
         readiness.abort();
         ghx_db::audit::sign_on_shutdown(audit).await;
         Ok(())
+    }
+}
+
+/// What tests and benchmarks reach below the api for, and nothing else
+/// does: raw counts, cohort members and suppression on their own. The
+/// modules they come from are private to the node, so that outside this
+/// crate raw numbers are only ever computed here, never by a service.
+pub mod testing {
+    pub use crate::cohort_index::CohortIndex;
+    pub use crate::engine::{
+        Member, Raw, RawCell, analyse, cohort_for_analysis, cohort_members, count,
+    };
+    pub use crate::release::{Candidate, release};
+
+    /// Differencing control's check and record of released cohorts.
+    pub mod differencing {
+        pub use crate::differencing::{CohortPrint, Error, check, record};
     }
 }

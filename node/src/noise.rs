@@ -78,7 +78,7 @@ impl Calibration {
 }
 
 /// Perturbs every raw cell of a query and says how.
-pub fn perturb(
+pub(crate) fn perturb(
     spec: &QuerySpec,
     noise: &Noise,
     raw: &[RawCell],

@@ -3,11 +3,11 @@
 //! from the cohort index, which must agree).
 
 use ghx_node::Store;
-use ghx_node::cohort_index::CohortIndex;
 use ghx_node::consent::eligibility::{Eligibility, Summary};
 use ghx_node::consent::{ConsentRules, DefaultConsent, SensitiveCodes};
-use ghx_node::engine::{self, RawCell};
 use ghx_node::gate;
+use ghx_node::testing::CohortIndex;
+use ghx_node::testing::{self as engine, RawCell};
 use ghx_study::query::QuerySpec;
 
 /// Opt-in rules with no rare-disease list.

@@ -9,9 +9,9 @@ use ghx::local_federation::{
     LocalFederation, LocalFederationOptions, REQUESTER, RESEARCHER, manifest_for,
 };
 use ghx_federation_tests::attack::{self, Fact, Margin, Seen, Table};
-use ghx_node::engine::{Raw, RawCell};
 use ghx_node::import::{ImportOptions, import_path};
-use ghx_node::release::{Candidate, release};
+use ghx_node::testing::{Candidate, release};
+use ghx_node::testing::{Raw, RawCell};
 use ghx_proto::v1 as pb;
 use ghx_study::query::QuerySpec;
 use ghx_study::result::CellValue;

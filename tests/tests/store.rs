@@ -10,11 +10,11 @@ use ghx_federation_tests::consented;
 use ghx_federation_tests::postgres::TestDatabase;
 use ghx_federation_tests::reference::Export;
 use ghx_node::Store;
-use ghx_node::cohort_index::CohortIndex;
 use ghx_node::import::{
     ImportOptions, Location, RrnPolicy, import_path, load_edi_loinc_map, reindex,
 };
 use ghx_node::store::AuditEntry;
+use ghx_node::testing::CohortIndex;
 use ghx_study::query::QuerySpec;
 use ghx_synth::{HospitalProfile, SynthOptions};
 
@@ -749,7 +749,7 @@ fn sensitive_diagnoses_count_only_where_consent_names_them(f: Fixture) {
 
 fn cohorts_a_few_patients_apart_are_refused_per_organisation(f: Fixture) {
     use ghx_node::consent::eligibility::Eligibility;
-    use ghx_node::differencing::{self, CohortPrint};
+    use ghx_node::testing::differencing::{self, CohortPrint};
     let kcd = "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8";
     let data = f.dir.path().join("differencing");
     std::fs::create_dir_all(&data).unwrap();
@@ -786,7 +786,7 @@ fn cohorts_a_few_patients_apart_are_refused_per_organisation(f: Fixture) {
         let spec = QuerySpec::parse(json.as_bytes()).unwrap();
         let request = ghx_node::gate::consent_request("HRESCH", &spec, 1_780_272_000);
         let prepared = eligibility.prepare(&f.store, &request).unwrap();
-        let members = ghx_node::engine::cohort_members(
+        let members = ghx_node::testing::cohort_members(
             &f.store,
             &spec,
             &prepared.context,
@@ -851,9 +851,9 @@ fn counting_members_equals_counting_in_sql(f: Fixture) {
         let request = ghx_node::gate::consent_request("HRESCH", &spec, 1_780_272_000);
         let prepared = eligibility.prepare(&f.store, &request).unwrap();
         let sensitive = &eligibility.rules().sensitive;
-        let sql = ghx_node::engine::count(&f.store, &spec, &prepared.context, sensitive).unwrap();
+        let sql = ghx_node::testing::count(&f.store, &spec, &prepared.context, sensitive).unwrap();
         let members =
-            ghx_node::engine::cohort_for_analysis(&f.store, &spec, &prepared.context, sensitive)
+            ghx_node::testing::cohort_for_analysis(&f.store, &spec, &prepared.context, sensitive)
                 .unwrap();
         // The cohort index gives the SQL's members where it covers the
         // query (codes without windows, sex, age), and runs it elsewhere.
@@ -863,10 +863,10 @@ fn counting_members_equals_counting_in_sql(f: Fixture) {
             .members(&f.store, &spec, &prepared.context, sensitive)
             .unwrap();
         assert_eq!(by_print(from_index), by_print(members.clone()), "{q}");
-        let mut counted = ghx_node::engine::analyse(&spec, &members, false).cells;
+        let mut counted = ghx_node::testing::analyse(&spec, &members, false).cells;
         let mut sql = sql;
         let by_key =
-            |a: &ghx_node::engine::RawCell, b: &ghx_node::engine::RawCell| a.key.cmp(&b.key);
+            |a: &ghx_node::testing::RawCell, b: &ghx_node::testing::RawCell| a.key.cmp(&b.key);
         counted.sort_by(by_key);
         sql.sort_by(by_key);
         assert_eq!(counted, sql, "{q}");
@@ -874,7 +874,7 @@ fn counting_members_equals_counting_in_sql(f: Fixture) {
 }
 
 /// Members in a comparable order.
-fn by_print(mut members: Vec<ghx_node::engine::Member>) -> Vec<ghx_node::engine::Member> {
+fn by_print(mut members: Vec<ghx_node::testing::Member>) -> Vec<ghx_node::testing::Member> {
     members.sort_by_key(|m| m.print);
     members
 }
@@ -944,10 +944,10 @@ fn the_cohort_index_follows_imports(f: Fixture) {
             .members(&f.store, &spec, &prepared.context, sensitive)
             .unwrap();
         let sql =
-            ghx_node::engine::cohort_for_analysis(&f.store, &spec, &prepared.context, sensitive)
+            ghx_node::testing::cohort_for_analysis(&f.store, &spec, &prepared.context, sensitive)
                 .unwrap();
         assert_eq!(by_print(members.clone()), by_print(sql));
-        ghx_node::engine::analyse(&spec, &members, false)
+        ghx_node::testing::analyse(&spec, &members, false)
             .cells
             .into_iter()
             .map(|c| (c.key.join("/"), c.value.patients()))
@@ -971,7 +971,7 @@ fn the_cohort_index_follows_imports(f: Fixture) {
 }
 
 /// Runs a query's members through the engine, as the node does.
-fn analysed(store: &Store, json: &str) -> Vec<ghx_node::engine::RawCell> {
+fn analysed(store: &Store, json: &str) -> Vec<ghx_node::testing::RawCell> {
     use ghx_node::consent::eligibility::Eligibility;
     let spec = QuerySpec::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}: {json}"));
     let eligibility = Eligibility::new(consented::opt_in());
@@ -979,12 +979,12 @@ fn analysed(store: &Store, json: &str) -> Vec<ghx_node::engine::RawCell> {
     let prepared = eligibility.prepare(store, &request).unwrap();
     let sensitive = &eligibility.rules().sensitive;
     let members =
-        ghx_node::engine::cohort_for_analysis(store, &spec, &prepared.context, sensitive).unwrap();
-    ghx_node::engine::analyse(&spec, &members, false).cells
+        ghx_node::testing::cohort_for_analysis(store, &spec, &prepared.context, sensitive).unwrap();
+    ghx_node::testing::analyse(&spec, &members, false).cells
 }
 
 fn statistics_match_an_independent_computation_from_the_export(f: Fixture) {
-    use ghx_node::engine::Raw;
+    use ghx_node::testing::Raw;
     use ghx_study::result::Moments;
     use std::collections::BTreeMap;
     let data = f.dir.path().join("stats");

@@ -769,7 +769,7 @@ impl NodeApi {
                         &origin.request_sha256,
                     )?;
                     let cost = privacy.round_charge(charged + 1);
-                    let note = self.charge(
+                    let note = self.budget().charge(
                         charge_id,
                         &work.claims,
                         &work.manifest,
@@ -813,7 +813,7 @@ impl NodeApi {
                              computed, and charged then"
                         ))
                     } else {
-                        let note = self.charge(
+                        let note = self.budget().charge(
                             charge_id,
                             &work.claims,
                             &work.manifest,

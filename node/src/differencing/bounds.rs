@@ -26,7 +26,7 @@ use crate::terminology;
 
 /// The bounds an exact analysis of a variable uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bounds {
+pub(crate) struct Bounds {
     variable: String,
     label: String,
     kind: Kind,
@@ -53,7 +53,7 @@ impl Bounds {
     /// else. An exact summary or histogram of a view column is refused: a
     /// view computes its column (`value + 5`), so one clip range per view
     /// bounds nothing.
-    pub fn of(spec: &QuerySpec) -> Result<Option<Bounds>, Error> {
+    pub(crate) fn of(spec: &QuerySpec) -> Result<Option<Bounds>, Error> {
         if spec.noise.is_some() {
             return Ok(None);
         }
@@ -104,7 +104,7 @@ impl Bounds {
     }
 
     /// Refuses these bounds if others are fixed for the variable.
-    pub fn check(&self, store: &Store, organisation: &str) -> Result<(), Error> {
+    pub(crate) fn check(&self, store: &Store, organisation: &str) -> Result<(), Error> {
         match store.analysis_bounds(organisation, &self.variable, self.kind.code())? {
             Some(fixed) if fixed != self.bounds => Err(Error::BoundsFixed {
                 analysis: match self.kind {
@@ -124,7 +124,12 @@ impl Bounds {
     }
 
     /// Fixes these bounds for the variable unless some are already.
-    pub fn fix(&self, store: &Store, organisation: &str, study_id: &str) -> Result<(), Error> {
+    pub(crate) fn fix(
+        &self,
+        store: &Store,
+        organisation: &str,
+        study_id: &str,
+    ) -> Result<(), Error> {
         store.fix_analysis_bounds(
             organisation,
             &self.variable,

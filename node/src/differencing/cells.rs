@@ -60,7 +60,7 @@ use crate::store::Store;
 
 /// The sets of patients behind an exact table's numbers.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TableSets {
+pub(crate) struct TableSets {
     /// Distinct sets of at least k patients, each with whether the table
     /// gives its size exactly (a released count, a rate's patients and
     /// events, a summary's n, a line the node releases if asked), or it is
@@ -81,7 +81,7 @@ impl TableSets {
     /// each, `members`) are released where `released` says, with the line
     /// totals `lines` (each a list of cells), of a cohort `cohort`, under
     /// minimum cell size `min_cell_size`.
-    pub fn of(
+    pub(crate) fn of(
         spec: &QuerySpec,
         cohort: &CohortPrint,
         members: &[CellMembers],
@@ -237,7 +237,7 @@ fn print(hashes: &[i64]) -> CohortPrint {
 /// Refuses `table` if one of its sets, not released before, differs from
 /// a set released to `organisation` before by 1 to `threshold − 1`
 /// patients.
-pub fn check(
+pub(crate) fn check(
     store: &Store,
     organisation: &str,
     table: &TableSets,
@@ -290,7 +290,7 @@ pub fn check(
 }
 
 /// Records the sets of a table released to `organisation`.
-pub fn record(
+pub(crate) fn record(
     store: &Store,
     organisation: &str,
     study_id: &str,

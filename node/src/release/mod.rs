@@ -23,13 +23,13 @@ mod protection;
 /// no exact number of patients anywhere, notes included, since an exact
 /// count beside noised cells is what the noise was meant to hide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Values {
+pub(crate) enum Values {
     Exact,
     Noised,
 }
 
 impl Values {
-    pub fn of(spec: &QuerySpec) -> Values {
+    pub(crate) fn of(spec: &QuerySpec) -> Values {
         match spec.noise {
             Some(_) => Values::Noised,
             None => Values::Exact,
@@ -73,7 +73,7 @@ const PATIENT_BAND: u64 = 100;
 /// (not the cohort), each in a band (of the minimum cell size for
 /// exclusions, of [`PATIENT_BAND`] for the node's patients), and in a
 /// noised result only the reasons.
-pub fn consent_note(summary: &Summary, min_cell_size: u32, values: Values) -> String {
+pub(crate) fn consent_note(summary: &Summary, min_cell_size: u32, values: Values) -> String {
     let k = u64::from(min_cell_size);
     let total = summary.excluded_total();
     let patients = band(summary.patients, PATIENT_BAND);
@@ -101,12 +101,62 @@ pub fn consent_note(summary: &Summary, min_cell_size: u32, values: Values) -> St
     }
 }
 
+/// What a result says beside its cells, gathered along the pipeline:
+/// [`annotate`] writes it.
+#[derive(Debug)]
+pub(crate) struct Notes<'a> {
+    /// The access policy's decision, summarised.
+    pub access: String,
+    /// What consent decided node-wide for the request.
+    pub consent: &'a Summary,
+    /// The cohort's patients with and without a value of the analysis's
+    /// variable (for a summary, those with a value are its events).
+    pub values: (u64, u64),
+    /// Under noise: the noise's statement, and the budget note of its
+    /// charge.
+    pub noise: Option<(ghx_study::result::NoiseStatement, String)>,
+}
+
+/// `result` as released with every note: access and consent first, then
+/// the suppression notes [`release`] wrote, the noise's statement and its
+/// charge, then what reading the analysis needs ([`analysis_notes`]).
+pub(crate) fn annotate(
+    mut result: AggregateResult,
+    spec: &QuerySpec,
+    notes: Notes<'_>,
+    min_cell_size: u32,
+) -> AggregateResult {
+    let mut all = vec![
+        format!("access: {}", notes.access),
+        consent_note(notes.consent, min_cell_size, Values::of(spec)),
+    ];
+    all.append(&mut result.notes);
+    if let Some((statement, paid)) = notes.noise {
+        all.push(format!(
+            "noise: {} mechanism, epsilon {}{} ({})",
+            statement.mechanism,
+            statement.epsilon,
+            if statement.delta > 0.0 {
+                format!(", delta {:e}", statement.delta)
+            } else {
+                String::new()
+            },
+            statement.detail
+        ));
+        all.push(paid);
+        result.noise = Some(statement);
+    }
+    all.extend(analysis_notes(spec, notes.values, min_cell_size));
+    result.notes = all;
+    result
+}
+
 /// What a requester needs to read the analysis's numbers right, in
 /// aggregate terms: patients left out for lack of a value (shown as "fewer
 /// than" below the minimum cell size, and without a number under noise or
 /// when those with a value are fewer than it: the cohort's size less it
 /// would give them) and how extremes are protected.
-pub fn analysis_notes(
+pub(crate) fn analysis_notes(
     spec: &QuerySpec,
     (with_value, without_value): (u64, u64),
     min_cell_size: u32,
@@ -246,7 +296,7 @@ pub fn release(
 /// the node would release of the table's coarser groupings if asked: with
 /// the released cells, what differencing records of the table
 /// ([`crate::differencing::cells`]).
-pub fn release_with_lines(
+pub(crate) fn release_with_lines(
     node_id: &str,
     spec: &QuerySpec,
     raw: Vec<RawCell>,

@@ -1,0 +1,208 @@
+//! The query pipeline: a request the gate admitted, to a released result.
+//!
+//! consent (who takes part) -> engine (the cohort's members and raw cells)
+//! -> differencing (refuse what is a few patients from earlier releases)
+//! -> noise, paid for first ([`crate::budget`]) -> release (suppression and
+//! every note). Nothing here knows the wire or the audit log: the api
+//! records what [`Answer`] says. Raw counts never leave this module except
+//! through [`release`].
+
+use std::sync::Mutex;
+
+use ghx_study::query::Analysis;
+use ghx_study::result::AggregateResult;
+
+use crate::budget::{self, Budget};
+use crate::classify::{Classify, Code};
+use crate::cohort_index::CohortIndex;
+use crate::consent::SensitiveCodes;
+use crate::consent::eligibility::{self, Eligibility};
+use crate::gate::Admitted;
+use crate::store::{self, Store};
+use crate::{differencing, engine, release};
+
+/// Why an admitted request was not answered.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("storage: {0}")]
+    Store(#[from] store::Error),
+    #[error("consent evaluation: {0}")]
+    Consent(#[from] eligibility::Error),
+    #[error(transparent)]
+    Differencing(#[from] differencing::Error),
+    #[error(transparent)]
+    View(#[from] crate::views::Error),
+    #[error(transparent)]
+    Budget(#[from] budget::Error),
+}
+
+impl Classify for Error {
+    fn code(&self) -> Code {
+        match self {
+            Error::Differencing(e) => e.code(),
+            Error::View(e) => e.code(),
+            Error::Budget(e) => e.code(),
+            Error::Store(_) | Error::Consent(_) => Code::Internal,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::Differencing(e) => e.kind(),
+            Error::View(e) => e.kind(),
+            Error::Budget(e) => e.kind(),
+            Error::Store(_) | Error::Consent(_) => "internal",
+        }
+    }
+}
+
+/// What the pipeline reads and the lock that keeps one organisation's
+/// check-then-record of releases in order.
+pub(crate) struct Pipeline<'a> {
+    pub(crate) node_id: &'a str,
+    pub(crate) store: &'a Store,
+    pub(crate) eligibility: &'a Eligibility,
+    pub(crate) cohorts: &'a CohortIndex,
+    pub(crate) sensitive: &'a SensitiveCodes,
+    /// Serialises check-then-record of released cohorts.
+    pub(crate) releasing: &'a Mutex<()>,
+    pub(crate) budget: Budget<'a>,
+}
+
+/// A released result and what its audit entry says of it.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) result: AggregateResult,
+    /// Patients consent left out (node-wide, for this request's context).
+    pub(crate) consent_excluded: i64,
+    /// The epsilon charged, 0 for an exact release.
+    pub(crate) epsilon: f64,
+}
+
+impl Pipeline<'_> {
+    /// Answers `admitted` (whose request has digest `request_sha256`).
+    pub(crate) fn answer(
+        &self,
+        admitted: &Admitted,
+        request_sha256: &str,
+    ) -> Result<Answer, Error> {
+        let store = self.store;
+        let prepared = tracing::info_span!("consent")
+            .in_scope(|| self.eligibility.prepare(store, &admitted.consent))?;
+        let consent_excluded = i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
+        // One SQL pass: the members give both the cells and the cohort
+        // print.
+        let spec = &admitted.spec;
+        let (members, analysed) = tracing::info_span!("engine").in_scope(|| {
+            let members = self
+                .cohorts
+                .members(store, spec, &prepared.context, self.sensitive)?;
+            // Every cell of the table's domain, empty or not: which cells
+            // exist must say nothing of the data, or a small cell listed
+            // would be known to hold at least one patient.
+            let analysed = engine::analyse(spec, &members, true);
+            Ok::<_, Error>((members, analysed))
+        })?;
+        let cohort = differencing::CohortPrint::of_members(&members);
+        drop(members);
+        let org = &admitted.claims.org;
+        let study = &admitted.claims.sub;
+        let k = admitted.min_cell_size;
+        let with_value = analysed
+            .members
+            .iter()
+            .map(|m| match spec.analysis {
+                Analysis::Summary { .. } => m.events.len(),
+                _ => m.patients.len(),
+            } as u64)
+            .sum();
+        let mut notes = release::Notes {
+            access: admitted.access.summary(),
+            consent: &prepared.summary,
+            values: (with_value, analysed.without_value),
+            noise: None,
+        };
+        let mut epsilon = 0.0;
+        let result = match &spec.noise {
+            // An exact table is worked out first: which of its cells are
+            // released decides the sets of patients compared with what the
+            // organisation has had before.
+            None => {
+                let candidates = analysed
+                    .cells
+                    .iter()
+                    .zip(&analysed.members)
+                    .map(|(c, who)| {
+                        release::Candidate::exact(c, k)
+                            .lacking((who.patients.len() - who.events.len()) as u64)
+                    })
+                    .collect();
+                let (result, lines) = tracing::info_span!("release").in_scope(|| {
+                    release::release_with_lines(self.node_id, spec, analysed.cells, candidates, k)
+                });
+                let released: Vec<bool> = result
+                    .cells
+                    .iter()
+                    .map(|c| c.value.patients().is_some())
+                    .collect();
+                let sets = differencing::cells::TableSets::of(
+                    spec,
+                    &cohort,
+                    &analysed.members,
+                    &released,
+                    &lines,
+                    k,
+                );
+                let bounds = differencing::bounds::Bounds::of(spec)?;
+                let _releasing = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
+                let _differencing = tracing::info_span!("differencing").entered();
+                // Refuse a cohort, or a set of patients behind any of the
+                // table's numbers, a few patients away from one already
+                // released to the same organisation, and bounds other than
+                // the variable's fixed ones.
+                if let Some(bounds) = &bounds {
+                    bounds.check(store, org)?;
+                }
+                differencing::check(store, org, &cohort, k)?;
+                differencing::cells::check(store, org, &sets, k)?;
+                differencing::record(store, org, study, request_sha256, &cohort)?;
+                differencing::cells::record(store, org, study, request_sha256, &sets)?;
+                if let Some(bounds) = &bounds {
+                    bounds.fix(store, org, study)?;
+                }
+                result
+            }
+            Some(noise) => {
+                let releasing = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
+                let differencing_span = tracing::info_span!("differencing").entered();
+                // Refuse a cohort a few patients away from one already
+                // released to the same organisation.
+                differencing::check(store, org, &cohort, k)?;
+                // Noise is paid for before anything is released.
+                let paid = self.budget.charge(
+                    &admitted.claims.jti,
+                    &admitted.claims,
+                    &admitted.manifest,
+                    request_sha256,
+                    (noise.epsilon, noise.delta),
+                )?;
+                epsilon = noise.epsilon;
+                let (candidates, statement) =
+                    crate::noise::perturb(spec, noise, &analysed.cells, &mut rand::rngs::OsRng);
+                differencing::record(store, org, study, request_sha256, &cohort)?;
+                drop(differencing_span);
+                // Suppression is computation on this answer alone: other
+                // answers need not wait for its linear programmes.
+                drop(releasing);
+                let _release = tracing::info_span!("release").entered();
+                notes.noise = Some((statement, paid));
+                release::release(self.node_id, spec, analysed.cells, candidates, k)
+            }
+        };
+        Ok(Answer {
+            result: release::annotate(result, spec, notes, k),
+            consent_excluded,
+            epsilon,
+        })
+    }
+}
