@@ -333,8 +333,9 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
             .collect();
         let ghx_model = model.model();
         let ghx = timing(&ghx_rounds, ghx_total, rows.auc_of(&ghx_model));
-        let ghx_steps_ms = p50_each(record.rounds.iter().map(|r| r.steps_ms));
-        let ghx_last_answer_ms = p50_each(record.rounds.iter().map(|r| r.last_answer_ms));
+        let ghx_steps_ms = p50_each(record.rounds.iter().map(|r| r.steps_ms.to_array()));
+        let ghx_last_answer_ms =
+            p50_each(record.rounds.iter().map(|r| r.last_answer_ms.to_array()));
         let (flower, flower_evaluating) = match &rows.flower {
             Err(why) => (Err(why.clone()), Err(why.clone())),
             Ok((run, holdouts)) => {

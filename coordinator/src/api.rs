@@ -18,7 +18,7 @@ use crate::dispatch;
 use crate::fanout::{self, NodeRegistry};
 use crate::store::CoordinatorStore;
 use crate::studies::{self, Committee, StudyBook, StudyResult};
-use crate::training::{self, Federation, RunStatus, TrainingRecord};
+use crate::training::{self, Federation, TrainingRecord, driver};
 use ghx_audit::Entry as AuditRecord;
 use ghx_db::audit::AuditLog;
 
@@ -94,6 +94,17 @@ enum ApiError {
     NoSuchRun(String),
     #[error("study `{id}` has no training named `{name}`")]
     NoSuchTraining { id: String, name: String },
+}
+
+impl From<driver::Error> for ApiError {
+    fn from(e: driver::Error) -> Self {
+        match e {
+            driver::Error::Study(e) => ApiError::Study(e),
+            driver::Error::Training(e) => ApiError::Training(e),
+            driver::Error::NoSuchRun(run) => ApiError::NoSuchRun(run),
+            driver::Error::NoSuchTraining { id, name } => ApiError::NoSuchTraining { id, name },
+        }
+    }
 }
 
 impl ApiError {
@@ -430,77 +441,33 @@ impl CoordinatorApi {
     }
 }
 
+impl driver::Host for CoordinatorApi {
+    fn studies(&self) -> &StudyBook {
+        &self.inner.studies
+    }
+
+    fn federation<'a>(
+        &'a self,
+        study: &'a studies::Study,
+        spec: &'a ghx_study::training::TrainingSpec,
+        run: Option<&'a str>,
+    ) -> Federation<'a> {
+        CoordinatorApi::federation(self, study, spec, run)
+    }
+
+    fn audit(&self) -> &AuditLog {
+        &self.inner.audit
+    }
+
+    fn driving(&self) -> &std::sync::Mutex<std::collections::BTreeSet<String>> {
+        &self.inner.driving
+    }
+}
+
 impl CoordinatorApi {
-    /// Saves a run's state and its rounds from `saved` on (those before
-    /// are stored already): each round is its own row, so a save costs the
-    /// same at round 1000 as at round 1.
-    fn save_run(&self, record: &mut TrainingRecord, saved: usize) -> Result<(), ApiError> {
-        self.run_saver(record, saved)()
-    }
-
-    /// What stores `record` (its rounds from `saved` on) as it is now: the
-    /// state is read at once, the writing is left to the caller (so a
-    /// driver can write while the next round computes).
-    fn run_saver(
-        &self,
-        record: &mut TrainingRecord,
-        saved: usize,
-    ) -> impl FnOnce() -> Result<(), ApiError> + Send + 'static {
-        let rounds = std::mem::take(&mut record.rounds);
-        let state = serde_json::to_string(&*record).expect("records serialize");
-        record.rounds = rounds;
-        let new_rounds: Vec<(u32, String)> = record.rounds[saved.min(record.rounds.len())..]
-            .iter()
-            .map(|r| (r.round, serde_json::to_string(r).expect("rounds serialize")))
-            .collect();
-        let row = crate::store::TrainingRunRow {
-            id: record.run_id.clone(),
-            study_id: record.study_id.clone(),
-            training: record.training.clone(),
-            status: record.status.name().to_owned(),
-            record_json: state,
-            updated_at: now_rfc3339(),
-        };
-        let store = self.inner.studies.store().clone();
-        move || {
-            store
-                .save_training_run(&row, &new_rounds)
-                .map_err(|e| ApiError::Study(e.into()))
-        }
-    }
-
     /// A stored training run.
     fn training_run(&self, run_id: &str) -> Result<TrainingRecord, ApiError> {
-        let row = self
-            .inner
-            .studies
-            .store()
-            .training_run(run_id)
-            .map_err(|e| ApiError::Study(e.into()))?
-            .ok_or_else(|| ApiError::NoSuchRun(run_id.to_owned()))?;
-        let unreadable = |e: serde_json::Error| {
-            ApiError::Study(studies::Error::Store(format!(
-                "stored training run {run_id} is unreadable: {e}"
-            )))
-        };
-        let mut record: TrainingRecord =
-            serde_json::from_str(&row.record_json).map_err(unreadable)?;
-        let rounds = self
-            .inner
-            .studies
-            .store()
-            .training_rounds(run_id)
-            .map_err(|e| ApiError::Study(e.into()))?;
-        // A run saved before rounds had rows of their own keeps them in its
-        // record until it is saved again.
-        if !rounds.is_empty() {
-            record.rounds = rounds
-                .iter()
-                .map(|r| serde_json::from_str(r))
-                .collect::<Result<_, _>>()
-                .map_err(unreadable)?;
-        }
-        Ok(record)
+        Ok(driver::load(self.inner.studies.store(), run_id)?)
     }
 
     /// What a round of `spec` in `study` runs with.
@@ -578,198 +545,17 @@ impl CoordinatorApi {
                 .map_err(|e| ApiError::Study(e.into()))?;
             let run_id = format!("run-{:04}", runs + 1);
             let mut record = TrainingRecord::new(&run_id, &study.id, &spec, &now_rfc3339());
-            self.save_run(&mut record, 0)?;
+            driver::saver(self.inner.studies.store(), &mut record, 0)()?;
             record
         };
-        self.spawn_driver(record.clone());
+        driver::spawn(self, record.clone());
         Ok(record)
     }
 
     /// Resumes every run a previous coordinator process left running, from
     /// its last completed round. Returns the runs resumed.
     pub fn resume_training(&self) -> Result<Vec<String>, String> {
-        self.resume_runs().map_err(|e| e.to_string())
-    }
-
-    fn resume_runs(&self) -> Result<Vec<String>, ApiError> {
-        let rows = self
-            .inner
-            .studies
-            .store()
-            .training_runs(Some(RunStatus::Running.name()))
-            .map_err(|e| ApiError::Study(e.into()))?;
-        let mut resumed = Vec::new();
-        for row in rows {
-            let mut record = self.training_run(&row.id)?;
-            record.resumed += 1;
-            tracing::info!(run = %record.run_id, rounds_done = record.rounds.len(), "resuming training run");
-            resumed.push(record.run_id.clone());
-            self.spawn_driver(record);
-        }
-        Ok(resumed)
-    }
-
-    fn spawn_driver(&self, record: TrainingRecord) {
-        let mut driving = self.inner.driving.lock().unwrap_or_else(|e| e.into_inner());
-        if !driving.insert(record.run_id.clone()) {
-            return;
-        }
-        let api = self.clone();
-        tokio::spawn(async move {
-            let run_id = record.run_id.clone();
-            api.drive(record).await;
-            api.inner
-                .driving
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&run_id);
-        });
-    }
-
-    /// The study and training a run's next step runs with: `known` (whose
-    /// approval [`Self::still_approved`] checks while the step runs), else
-    /// read and checked.
-    fn still_running(
-        &self,
-        record: &TrainingRecord,
-        known: Option<(studies::Study, ghx_study::training::TrainingSpec)>,
-    ) -> Result<(studies::Study, ghx_study::training::TrainingSpec), ApiError> {
-        if let Some(known) = known {
-            return Ok(known);
-        }
-        let study = self.inner.studies.runnable(&record.study_id)?;
-        let spec = study
-            .manifest
-            .training_named(&record.training)
-            .cloned()
-            .ok_or_else(|| ApiError::NoSuchTraining {
-                id: record.study_id.clone(),
-                name: record.training.clone(),
-            })?;
-        Ok((study, spec))
-    }
-
-    /// Checks on the blocking pool that study `id` is still approved, while
-    /// a step of its run computes: off the rounds' path (with PostgreSQL
-    /// the check is a round trip to the database). A revocation that lands
-    /// during a step stops the run with that step, whose outcome is not
-    /// kept; the nodes, told at once, refuse the study's capabilities
-    /// themselves meanwhile.
-    fn still_approved(&self, id: &str) -> tokio::task::JoinHandle<Result<(), ApiError>> {
-        let api = self.clone();
-        let id = id.to_owned();
-        tokio::task::spawn_blocking(move || Ok(api.inner.studies.still_runnable(&id)?))
-    }
-
-    /// Runs rounds until the run completes or fails, saving after each:
-    /// a round's state is written while the next round computes (off the
-    /// rounds' critical path), and that write must succeed before the next
-    /// round's state is taken; the last state is written before the run is
-    /// reported done. A restart resumes from the last round written.
-    async fn drive(&self, mut record: TrainingRecord) {
-        let mut pipeline = training::Pipeline::default();
-        let run_id = record.run_id.clone();
-        // Rounds stored as of the last save (a resumed run's first save
-        // stores its rounds again, where a run saved before rounds had rows
-        // of their own keeps them).
-        let mut saved = 0;
-        // The study and training, read once; every step checks the study
-        // is still approved (a revoked study stops its runs), while it runs.
-        let mut running: Option<(studies::Study, ghx_study::training::TrainingSpec)> = None;
-        // The write of the last round's state, while this round computes.
-        let mut writing: Option<tokio::task::JoinHandle<Result<(), ApiError>>> = None;
-        loop {
-            // The first step reads the study; later ones check it meanwhile.
-            let check = running
-                .as_ref()
-                .map(|(study, _)| self.still_approved(&study.id));
-            let step = match self.still_running(&record, running.take()) {
-                Ok((study, spec)) => {
-                    let before = check.is_some().then(|| record.before_step());
-                    let advanced = {
-                        let fed = self.federation(&study, &spec, Some(&run_id));
-                        training::advance(&fed, &mut record, &mut pipeline).await
-                    };
-                    running = Some((study, spec));
-                    let checked = match check {
-                        Some(check) => joined(check, "checking the study is still approved").await,
-                        None => Ok(()),
-                    };
-                    // A step of a study revoked meanwhile is not kept: its
-                    // round, model or evaluation never reaches the
-                    // requester. A failed check also explains a step the
-                    // nodes refused.
-                    if checked.is_err()
-                        && let Some(before) = before
-                    {
-                        record.undo_step(before);
-                    }
-                    checked.and(advanced.map_err(ApiError::from))
-                }
-                Err(e) => Err(e),
-            };
-            if let Some(write) = writing.take()
-                && let Err(e) = joined(write, "saving a training run").await
-            {
-                tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
-                return;
-            }
-            match step {
-                Ok(true) => {
-                    if let Some(r) = record.rounds.last() {
-                        tracing::info!(run = %record.run_id, round = r.round, rows = r.train_rows, "training round done");
-                    }
-                }
-                Ok(false) => return,
-                Err(e) => {
-                    record.status = RunStatus::Failed;
-                    record.detail = e.to_string();
-                }
-            }
-            // The next round's time starts here: reading the state to save
-            // is part of every round's cost; writing it overlaps the next.
-            pipeline.mark();
-            let save = self.run_saver(&mut record, saved);
-            saved = record.rounds.len();
-            let write = tokio::task::spawn_blocking(save);
-            if record.status == RunStatus::Running {
-                writing = Some(write);
-                continue;
-            }
-            if let Err(e) = joined(write, "saving a training run").await {
-                tracing::error!(run = %record.run_id, error = %e, "cannot save training run; stopping it");
-                return;
-            }
-            {
-                let outcome = if record.status == RunStatus::Completed {
-                    Decision::Done
-                } else {
-                    Decision::Refused
-                };
-                let _ = self.inner.audit.append(&AuditRecord {
-                    at: now_rfc3339(),
-                    caller: "coordinator".to_owned(),
-                    caller_role: "coordinator".to_owned(),
-                    action: "training".to_owned(),
-                    study_id: record.study_id.clone(),
-                    decision: outcome.into(),
-                    reason: format!(
-                        "run {} of {}: {} of {} rounds; {}",
-                        record.run_id,
-                        record.training,
-                        record.rounds.len(),
-                        record.rounds_total,
-                        if record.detail.is_empty() {
-                            record.status.name().to_owned()
-                        } else {
-                            record.detail.clone()
-                        }
-                    ),
-                    ..AuditRecord::default()
-                });
-                return;
-            }
-        }
+        driver::resume(self).map_err(|e| e.to_string())
     }
 
     async fn validate_model(
@@ -784,19 +570,6 @@ impl CoordinatorApi {
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
         Ok(training::validate(&self.federation(&study, &spec, None), &model).await?)
     }
-}
-
-/// The outcome of a training run's blocking task (its state saved, its
-/// study's approval checked); `doing` names it in the error.
-async fn joined(
-    task: tokio::task::JoinHandle<Result<(), ApiError>>,
-    doing: &str,
-) -> Result<(), ApiError> {
-    task.await.unwrap_or_else(|e| {
-        Err(ApiError::Study(studies::Error::Store(format!(
-            "the task {doing} failed: {e}"
-        ))))
-    })
 }
 
 fn training_status(record: &TrainingRecord) -> pb::TrainingStatus {

@@ -15,7 +15,6 @@ pub mod api;
 pub mod config;
 pub mod dispatch;
 pub mod fanout;
-pub mod session;
 pub mod store;
 pub mod studies;
 pub mod training;

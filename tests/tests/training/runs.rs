@@ -66,7 +66,7 @@ async fn federated_logistic_regression_matches_pooled_training_and_resumes() {
         // spent its time (outside the node's handler, before and after its
         // computation) is kept.
         assert!(
-            round.last_answer_ms.iter().all(|ms| *ms > 0.0),
+            round.last_answer_ms.to_array().iter().all(|ms| *ms > 0.0),
             "round {}: {:?}",
             round.round,
             round.last_answer_ms

@@ -23,15 +23,15 @@ use ghx_study::capability;
 use ghx_study::lineage::{Evidence, Head, SignedInput};
 use ghx_study::result::NodeFailure;
 
+use super::protocol::{
+    Error, Federation, RoundSum, keep, quorum_error, sent, settle, step, with_current_certificates,
+};
+use super::timing::{AnswerTimes, Computation, StepTimes};
 use crate::dispatch;
 use crate::fanout::{RegisteredNode, describe};
-use crate::training::{
-    AnswerTimes, Computation, Error, Federation, RoundSum, keep, quorum_error, sent, step,
-    with_current_certificates,
-};
 
 /// An open session: who is in it and under what capability.
-pub struct Session {
+pub(super) struct Session {
     pub id: String,
     /// Node ids, sorted.
     pub members: Vec<String>,
@@ -115,14 +115,14 @@ fn micros(seconds: f64) -> i64 {
 impl Session {
     /// Whether more than half of the session capability's validity is
     /// left, so a round started now ends well before it expires.
-    pub fn fresh(&self, valid_for: Duration) -> bool {
+    pub(super) fn fresh(&self, valid_for: Duration) -> bool {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         self.claims.exp - now > i64::try_from(valid_for.as_secs() / 2).unwrap_or(i64::MAX)
     }
 }
 
 /// A session round's outcome.
-pub enum Outcome {
+pub(super) enum Outcome {
     Summed(Box<RoundSum>),
     /// Some member did not answer: the round cannot be summed.
     Dropped {
@@ -135,7 +135,7 @@ pub enum Outcome {
 /// admission and keys, then the keys relayed. Nodes that fail either step
 /// are left out (and named with `left_out`); the session needs the
 /// training's quorum.
-pub async fn open(
+pub(super) async fn open(
     fed: &Federation<'_>,
     prefix: &str,
     among: Option<&[String]>,
@@ -306,7 +306,7 @@ pub async fn open(
 /// audited by a write started as the round ends (`behind`), once the write
 /// of the round before (which overlapped this round's computation) has
 /// succeeded: a failed audit write stops the run at the next round.
-pub async fn round(
+pub(super) async fn round(
     fed: &Federation<'_>,
     session: &Session,
     number: u32,
@@ -361,7 +361,7 @@ pub async fn round(
     })
     .await;
     let answered_at = started.elapsed().as_secs_f64();
-    crate::training::settle(behind.take()).await?;
+    settle(behind.take()).await?;
     let computations: Vec<Computation> = inputs.iter().map(|(_, (_, ((c, _), _)))| *c).collect();
     let answers: Vec<AnswerTimes> = inputs.iter().map(|(_, (_, ((_, a), _)))| *a).collect();
     let answered: Vec<String> = inputs.iter().map(|(id, _)| id.clone()).collect();
@@ -452,7 +452,10 @@ pub async fn round(
         seconds,
         local_seconds: Computation::longest(&computations),
         busy_seconds: Computation::busy_seconds(&computations),
-        steps_ms: [0.0, seconds * 1000.0, 0.0, 0.0],
+        steps_ms: StepTimes {
+            masked_ms: seconds * 1000.0,
+            ..StepTimes::default()
+        },
         last_answer_ms: AnswerTimes::of_last(&answers),
         keys_ahead: true,
         evidence: Some(evidence),
@@ -465,7 +468,7 @@ mod tests {
 
     fn session_valid_for(seconds: i64) -> Session {
         let manifest = ghx_study::manifest::StudyManifest::parse(include_bytes!(
-            "../../deploy/examples/study-t2d-model.json"
+            "../../../deploy/examples/study-t2d-model.json"
         ))
         .unwrap();
         let training_json = manifest.trainings[0].canonical_json();
