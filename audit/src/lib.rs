@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+#[cfg(feature = "fhir")]
 pub mod fhir;
 pub mod reconcile;
 pub mod report;
