@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::budget::Budget;
 use crate::cohort_index::CohortIndex;
 use crate::consent::eligibility::{self, Eligibility};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Recorded};
 use crate::policy::PolicyDir;
 use crate::store::{AuditEntry, Store};
 use crate::training::{self, Rounds};
@@ -373,10 +373,13 @@ impl NodeApi {
                 })?;
             note_capability(&mut entry, &admitted.claims);
             entry.policy_reasons = admitted.access.summary();
-            let answer = self.pipeline().answer(&admitted, &entry.query_sha256)?;
-            entry.consent_excluded = answer.consent_excluded;
-            entry.epsilon = answer.epsilon;
-            Ok(answer.result)
+            let mut recorded = Recorded::default();
+            let answer = self
+                .pipeline()
+                .answer(&admitted, &entry.query_sha256, &mut recorded);
+            entry.consent_excluded = recorded.consent_excluded;
+            entry.epsilon = recorded.epsilon;
+            Ok(answer?)
         })();
         match &outcome {
             Ok(result) => {

@@ -237,11 +237,9 @@ pub(crate) fn compile_code_rows(
     let prefix = matching == CodeMatch::Prefix;
     // Placeholders in text order: the bit's (rare disease prefixes) first.
     let bit = match table {
-        CodeTable::Conditions
-            if codes
-                .iter()
-                .any(|code| sensitive.may_match(system_uri, code, prefix)) =>
-        {
+        // Every diagnosis is tested: another coding of the same diagnosis
+        // may say a category the selecting code does not.
+        CodeTable::Conditions => {
             sensitive.sql_condition_bits("c.condition_id", |prefix| sql.param(Bind::Text(prefix)))
         }
         CodeTable::Medications
@@ -597,14 +595,10 @@ impl Sql<'_> {
         // Codes are compared in the form import indexed them in.
         let system_uri = terminology::canonical_system(system);
         let system = self.param(Bind::Text(system_uri.to_owned()));
-        let mut may_be_sensitive = false;
         let tests: Vec<String> = codes
             .iter()
             .map(|code| {
                 let code = terminology::normalize_code(system_uri, code).into_owned();
-                may_be_sensitive |=
-                    self.sensitive
-                        .may_match(system_uri, &code, matching == CodeMatch::Prefix);
                 self.code_test("c", code, matching)
             })
             .collect();
@@ -612,11 +606,8 @@ impl Sql<'_> {
             "c.patient_id = p.patient_id AND c.system = {system} AND ({})",
             tests.join(" OR ")
         );
-        if !may_be_sensitive {
-            return codes;
-        }
         // A sensitive diagnosis is visible only if the patient permits its
-        // category.
+        // category, read from every coding of it (whatever code selects it).
         let sensitive = self.sensitive;
         let category_bit =
             sensitive.sql_condition_bits("c.condition_id", |prefix| self.param(Bind::Text(prefix)));
@@ -664,7 +655,7 @@ impl Sql<'_> {
         let system_uri = terminology::canonical_system(&criterion.system);
         let system = self.param(Bind::Text(system_uri.to_owned()));
         let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
-        let sensitive = self.observation_permitted("o", system_uri, &code_text);
+        let sensitive = self.observation_permitted("o");
         let code = self.param(Bind::Text(code_text));
         let mut range = String::new();
         if let Some(min) = criterion.min {
@@ -681,21 +672,15 @@ impl Sql<'_> {
     }
 
     /// ` AND` the patient permits every category the observation row
-    /// aliased `alias` is in, when an observation selected by `code` could
-    /// be in one; empty otherwise. Binds nothing.
-    fn observation_permitted(&self, alias: &str, system_uri: &str, code: &str) -> String {
-        if self
-            .sensitive
-            .observation_may_be_sensitive(system_uri, code)
-        {
-            format!(
-                " AND (CAST({} AS BIGINT) & ~p.sensitive_mask) = 0",
-                self.sensitive
-                    .sql_observation_bits(&format!("{alias}.observation_id"))
-            )
-        } else {
-            String::new()
-        }
+    /// aliased `alias` is in, read from every coding of it and of its
+    /// components (a panel's code may be unlisted, a component's listed).
+    /// Binds nothing.
+    fn observation_permitted(&self, alias: &str) -> String {
+        format!(
+            " AND (CAST({} AS BIGINT) & ~p.sensitive_mask) = 0",
+            self.sensitive
+                .sql_observation_bits(&format!("{alias}.observation_id"))
+        )
     }
 
     fn encounter(&mut self, criterion: &EncounterCriterion) -> String {
@@ -740,19 +725,9 @@ impl Sql<'_> {
         let system_uri = terminology::canonical_system(&criterion.system);
         let code_text = terminology::normalize_code(system_uri, &criterion.code).into_owned();
         let unwindowed = criterion.window.unix_bounds() == (None, None);
+        // A diagnosis criterion stays in the rest: it tests the patient's
+        // permission for the diagnosis's categories.
         let rest = match condition {
-            Some(i)
-                if unwindowed
-                    && !self.sensitive.may_match(
-                        system_uri,
-                        &code_text,
-                        criterion.matching == CodeMatch::Prefix,
-                    ) =>
-            {
-                let mut rest = cohort.clone();
-                rest.conditions.remove(i);
-                Some(rest)
-            }
             None if unwindowed
                 && !self.sensitive.medication_may_be_sensitive(
                     system_uri,
@@ -806,16 +781,35 @@ impl Sql<'_> {
     /// The analysis variable's value for the patient (NULL for age, which
     /// is computed from the birth date).
     fn variable(&mut self, variable: &Variable) -> String {
-        if let (Variable::View { pick, .. }, Some(sha)) = (variable, variable.view_digest()) {
+        if let (Variable::View { view, pick, .. }, Some(sha)) = (variable, variable.view_digest()) {
             let sha = self.param(Bind::Text(sha));
             let aggregate = match pick {
                 Pick::Min => "MIN(v.value)",
                 Pick::Max => "MAX(v.value)",
                 _ => "CAST(AVG(v.value) AS DOUBLE PRECISION)",
             };
+            // A row read from an observation counts only if the patient
+            // permits every category of that observation (an HIV viral load
+            // is HIV whatever view reads it); a view that does not parse
+            // here is treated as one over observations.
+            let over_patients = ghx_sof::View::parse(view)
+                .map(|v| v.resource() == "Patient")
+                .unwrap_or(false);
+            // An observation the index left out (entered in error) is not
+            // read through a view either.
+            let permitted = if over_patients {
+                String::new()
+            } else {
+                format!(
+                    " AND EXISTS (SELECT 1 FROM observation_values oy \
+                     WHERE oy.observation_id = v.resource_id) \
+                     AND (CAST({} AS BIGINT) & ~p.sensitive_mask) = 0",
+                    self.sensitive.sql_observation_bits("v.resource_id")
+                )
+            };
             return format!(
                 "(SELECT {aggregate} FROM view_values v \
-                 WHERE v.view_sha256 = {sha} AND v.patient_id = p.patient_id)"
+                 WHERE v.view_sha256 = {sha} AND v.patient_id = p.patient_id{permitted})"
             );
         }
         let Variable::Observation {
@@ -830,7 +824,7 @@ impl Sql<'_> {
         let system_uri = terminology::canonical_system(system);
         let system = self.param(Bind::Text(system_uri.to_owned()));
         let code_text = terminology::normalize_code(system_uri, code).into_owned();
-        let sensitive = self.observation_permitted("o", system_uri, &code_text);
+        let sensitive = self.observation_permitted("o");
         let code = self.param(Bind::Text(code_text));
         let window = self.window("o.effective_at", window);
         let rows = format!(

@@ -4,7 +4,7 @@
 //! -> differencing (refuse what is a few patients from earlier releases)
 //! -> noise, paid for first ([`crate::budget`]) -> release (suppression and
 //! every note). Nothing here knows the wire or the audit log: the api
-//! records what [`Answer`] says. Raw counts never leave this module except
+//! records what [`Recorded`] says. Raw counts never leave this module except
 //! through [`release`].
 
 use std::sync::Mutex;
@@ -69,10 +69,11 @@ pub(crate) struct Pipeline<'a> {
     pub(crate) budget: Budget<'a>,
 }
 
-/// A released result and what its audit entry says of it.
-#[derive(Debug)]
-pub(crate) struct Answer {
-    pub(crate) result: AggregateResult,
+/// What the audit entry says of a request, written as the pipeline goes so
+/// that a refusal after consent (differencing, bounds, budget) records it
+/// too.
+#[derive(Debug, Default)]
+pub(crate) struct Recorded {
     /// Patients consent left out (node-wide, for this request's context).
     pub(crate) consent_excluded: i64,
     /// The epsilon charged, 0 for an exact release.
@@ -80,16 +81,19 @@ pub(crate) struct Answer {
 }
 
 impl Pipeline<'_> {
-    /// Answers `admitted` (whose request has digest `request_sha256`).
+    /// Answers `admitted` (whose request has digest `request_sha256`),
+    /// noting in `recorded` what its audit entry says.
     pub(crate) fn answer(
         &self,
         admitted: &Admitted,
         request_sha256: &str,
-    ) -> Result<Answer, Error> {
+        recorded: &mut Recorded,
+    ) -> Result<AggregateResult, Error> {
         let store = self.store;
         let prepared = tracing::info_span!("consent")
             .in_scope(|| self.eligibility.prepare(store, &admitted.consent))?;
-        let consent_excluded = i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
+        recorded.consent_excluded =
+            i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
         // One SQL pass: the members give both the cells and the cohort
         // print.
         let spec = &admitted.spec;
@@ -122,7 +126,6 @@ impl Pipeline<'_> {
             values: (with_value, analysed.without_value),
             noise: None,
         };
-        let mut epsilon = 0.0;
         let result = match &spec.noise {
             // An exact table is worked out first: which of its cells are
             // released decides the sets of patients compared with what the
@@ -186,7 +189,7 @@ impl Pipeline<'_> {
                     request_sha256,
                     (noise.epsilon, noise.delta),
                 )?;
-                epsilon = noise.epsilon;
+                recorded.epsilon = noise.epsilon;
                 let (candidates, statement) =
                     crate::noise::perturb(spec, noise, &analysed.cells, &mut rand::rngs::OsRng);
                 differencing::record(store, org, study, request_sha256, &cohort)?;
@@ -199,10 +202,6 @@ impl Pipeline<'_> {
                 release::release(self.node_id, spec, analysed.cells, candidates, k)
             }
         };
-        Ok(Answer {
-            result: release::annotate(result, spec, notes, k),
-            consent_excluded,
-            epsilon,
-        })
+        Ok(release::annotate(result, spec, notes, k))
     }
 }

@@ -8,7 +8,7 @@ use crate::classify::{Classify, Code};
 use ghx_study::query::Variable;
 use serde_json::Value;
 
-use crate::store::{self, ResourceKey, Store};
+use crate::store::{self, ResourceKey, Store, ViewRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,7 +66,11 @@ pub fn ensure(store: &Store, variable: &Variable) -> Result<Option<usize>, Error
                 if let (Some(patient), Some(value)) = (patient, value)
                     && value.is_finite()
                 {
-                    rows.push((patient.to_owned(), value));
+                    rows.push(ViewRow {
+                        patient_id: patient.to_owned(),
+                        value,
+                        resource_id: stored.key.id.clone(),
+                    });
                 }
             }
         }

@@ -726,6 +726,41 @@ fn sensitive_diagnoses_count_only_where_consent_names_them(f: Fixture) {
     assert_eq!(observed(lab, "HIV-VL"), 0);
     assert_eq!(observed(lab, "GLU"), 1);
 
+    // Read through a view, the viral load is as sensitive: no values; the
+    // local test's value still counts.
+    let through_view = |code: &str| -> u64 {
+        let view = format!(
+            r#"{{"resourceType":"ViewDefinition","resource":"Observation","status":"active",
+            "select":[{{"column":[{{"name":"patient","path":"subject.getReferenceKey(Patient)"}},
+                {{"name":"v","path":"value.ofType(Quantity).value"}}]}}],
+            "where":[{{"path":"code.coding.where(code = '{code}').exists()"}}]}}"#
+        );
+        let json = format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-06-01"}},"analysis":{{"kind":"summary","variable":{{"kind":"view","view":{view},"column":"v","pick":"max"}}}}}}"#
+        );
+        let spec = QuerySpec::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let prepared = ghx_node::consent::eligibility::Eligibility::new(rules())
+            .prepare(
+                &f.store,
+                &ghx_node::gate::consent_request("HRESCH", &spec, 1_780_272_000),
+            )
+            .unwrap();
+        let members = ghx_node::testing::cohort_for_analysis(
+            &f.store,
+            &spec,
+            &prepared.context,
+            &rules().sensitive,
+        )
+        .unwrap();
+        ghx_node::testing::analyse(&spec, &members, false)
+            .cells
+            .iter()
+            .map(|c| c.value.patients())
+            .sum()
+    };
+    assert_eq!(through_view("20447-9"), 0);
+    assert_eq!(through_view("GLU"), 1);
+
     // s2 withdraws: the next count no longer sees them.
     write(
         &data.join("Consent.ndjson"),

@@ -58,10 +58,11 @@ impl Computation {
 }
 
 /// Wall time at the coordinator of a round's steps, ms: see
-/// [`crate::training::RoundRecord::steps_ms`]. Records saved before it was
-/// named keep it as a list of four, and read as before.
+/// [`crate::training::RoundRecord::steps_ms`]. Stored and sent as the list
+/// of four it always was (older coordinators and clients read it); a named
+/// form is read too.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(from = "StoredSteps")]
+#[serde(from = "StoredSteps", into = "[f64; 4]")]
 pub struct StepTimes {
     /// Opening the run's session on the round's path (or, outside a
     /// session, agreeing the round's keys).
@@ -72,6 +73,12 @@ pub struct StepTimes {
     pub unmask_ms: f64,
     /// The rest of the round's time.
     pub rest_ms: f64,
+}
+
+impl From<StepTimes> for [f64; 4] {
+    fn from(t: StepTimes) -> [f64; 4] {
+        t.to_array()
+    }
 }
 
 impl StepTimes {
@@ -118,10 +125,10 @@ impl From<StoredSteps> for StepTimes {
 }
 
 /// Where one answer to a round spent its time, ms (see [`AnswerTimes`]).
-/// Records saved before it was named keep it as a list of three, and read
-/// as before.
+/// Stored and sent as the list of three it always was; a named form is
+/// read too.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(from = "StoredSplit")]
+#[serde(from = "StoredSplit", into = "[f64; 3]")]
 pub struct AnswerSplit {
     /// On the wire and in the layers carrying the call both ways.
     pub outside_ms: f64,
@@ -130,6 +137,12 @@ pub struct AnswerSplit {
     pub before_ms: f64,
     /// In the handler after it (masking, the audit write, the answer).
     pub after_ms: f64,
+}
+
+impl From<AnswerSplit> for [f64; 3] {
+    fn from(t: AnswerSplit) -> [f64; 3] {
+        t.to_array()
+    }
 }
 
 impl AnswerSplit {
@@ -276,17 +289,17 @@ mod stored {
     use super::*;
 
     #[test]
-    fn times_saved_as_lists_read_as_named_and_are_saved_named() {
+    fn times_are_stored_as_the_lists_they_were() {
         let old: StepTimes = serde_json::from_str("[1.0, 2.0, 3.0, 4.0]").unwrap();
-        assert_eq!(old.to_array(), [1.0, 2.0, 3.0, 4.0]);
-        let again: StepTimes = serde_json::from_str(&serde_json::to_string(&old).unwrap()).unwrap();
-        assert_eq!(again, old);
-        assert!(
-            serde_json::to_string(&old)
-                .unwrap()
-                .contains("\"masked_ms\":2.0")
-        );
+        assert_eq!(old.masked_ms, 2.0);
+        assert_eq!(serde_json::to_string(&old).unwrap(), "[1.0,2.0,3.0,4.0]");
+        let named: StepTimes = serde_json::from_str(
+            r#"{"open_ms":1.0,"masked_ms":2.0,"unmask_ms":3.0,"rest_ms":4.0}"#,
+        )
+        .unwrap();
+        assert_eq!(named, old);
         let split: AnswerSplit = serde_json::from_str("[0.5, 0.25, 0.125]").unwrap();
         assert_eq!(split.before_ms, 0.25);
+        assert_eq!(serde_json::to_string(&split).unwrap(), "[0.5,0.25,0.125]");
     }
 }

@@ -33,7 +33,9 @@
 //! a query selects it by: a prescription coded in ATC and in EDI is as
 //! sensitive as its ATC class when selected by its EDI code, and a
 //! diagnosis's ICD-10-family codings classify it whatever other codings it
-//! carries ([`SensitiveCodes::sql_condition_bits`]).
+//! carries ([`SensitiveCodes::sql_condition_bits`]). Every diagnosis and
+//! observation selection is tested so; a prescription selected by an ATC
+//! code outside every class is taken at its word.
 
 use std::collections::BTreeSet;
 
@@ -295,41 +297,6 @@ impl SensitiveCodes {
         }
     }
 
-    /// Whether a diagnosis matched by `code` (exactly, or as a prefix) could
-    /// be in a sensitive category, in the terms [`Self::sql_condition_bits`]
-    /// tests: conservative, so `false` means no such code can be sensitive
-    /// and the per-row test can be left out.
-    pub fn may_match(&self, system: &str, code: &str, prefix: bool) -> bool {
-        if !icd10_family(system) {
-            return true;
-        }
-        if !prefix {
-            return RANGES
-                .iter()
-                .any(|(_, first, last)| code >= *first && code < format!("{last}:").as_str())
-                || self
-                    .rare_disease_prefixes
-                    .iter()
-                    .any(|r| code.starts_with(r.as_str()));
-        }
-        // Codes starting with `code` lie in [code, next) where next has the
-        // last character incremented; an empty prefix matches everything.
-        let Some(last) = code.chars().last() else {
-            return true;
-        };
-        let Some(bumped) = char::from_u32(u32::from(last) + 1) else {
-            return true;
-        };
-        let next = format!("{}{bumped}", &code[..code.len() - last.len_utf8()]);
-        RANGES.iter().any(|(_, first, last)| {
-            let upper = format!("{last}:");
-            code < upper.as_str() && *first < next.as_str()
-        }) || self
-            .rare_disease_prefixes
-            .iter()
-            .any(|r| r.starts_with(code) || code.starts_with(r.as_str()))
-    }
-
     /// Every category a prescription criterion could select: the classes
     /// its ATC code lies in, or for a prefix the classes it overlaps.
     /// Other systems are not classified (none).
@@ -375,14 +342,6 @@ impl SensitiveCodes {
             .filter(|(_, listed)| *listed == code.trim())
             .map(|(category, _)| *category)
             .collect()
-    }
-
-    /// Whether an observation selected by `code` could be in a sensitive
-    /// category once every coding of it is read: always when selected by a
-    /// code outside LOINC (a local code beside a listed LOINC coding), and
-    /// when its LOINC code is listed.
-    pub fn observation_may_be_sensitive(&self, system: &str, code: &str) -> bool {
-        system != LOINC || !self.observation_categories_touched(system, code).is_empty()
     }
 
     /// A SQL expression giving the category bits of the observation whose
@@ -506,7 +465,6 @@ mod tests {
         // Issue 38 (7): ICD-10-CM shares the ICD-10 categories.
         let s = codes();
         assert_eq!(s.category(ICD10CM, "F329"), Some(Category::MentalHealth));
-        assert!(s.may_match(ICD10CM, "F32", true));
         assert_eq!(
             s.categories_touched(ICD10CM, "F3", true),
             [Category::MentalHealth].into_iter().collect()
@@ -519,29 +477,7 @@ mod tests {
             s.categories_touched(snomed, "35489007", false).len(),
             Category::ALL.len()
         );
-        assert!(s.may_match(snomed, "35489007", false));
         assert_eq!(s.category(snomed, "35489007"), None);
-    }
-
-    #[test]
-    fn prefixes_that_could_reach_a_sensitive_code_are_recognised() {
-        let s = codes();
-        // E11 (diabetes) cannot be sensitive; E7 reaches rare disease E752.
-        assert!(!s.may_match(KCD8, "E11", true));
-        assert!(s.may_match(KCD8, "E7", true));
-        assert!(s.may_match(KCD8, "E7521", true));
-        assert!(!s.may_match(KCD8, "E751", false));
-        // F (mental health), B2 (HIV), A5 (STI) and the empty prefix.
-        assert!(s.may_match(KCD8, "F", true));
-        assert!(s.may_match(KCD8, "B2", true));
-        assert!(s.may_match(KCD8, "A5", true));
-        assert!(s.may_match(KCD8, "", true));
-        assert!(!s.may_match(KCD8, "B25", true));
-        assert!(s.may_match(ICD10, "F329", false));
-        assert!(s.may_match(ICD10, "T74", true));
-        assert!(!s.may_match(ICD10, "T75", true));
-        // A system ghx cannot classify may hold any category.
-        assert!(s.may_match("http://snomed.info/sct", "F32", true));
     }
 
     #[test]
@@ -641,9 +577,6 @@ mod tests {
             [Category::Hiv]
         );
         assert!(s.observation_categories_touched(LOINC, "4548-4").is_empty());
-        assert!(!s.observation_may_be_sensitive(LOINC, "4548-4"));
-        // A local code may sit beside a listed LOINC coding.
-        assert!(s.observation_may_be_sensitive("urn:oid:1.2.410.local", "HIV-VL"));
         let sql = s.sql_observation_bits("o.observation_id");
         assert!(sql.contains("'20447-9'"), "{sql}");
         assert!(sql.contains("'43304-5'"), "{sql}");

@@ -46,6 +46,7 @@ pub use resources::{
     IndexedResource, MedicationCode, ObservationValue, PatientRow, ResourceKey, StoredResource,
     StoredVersion,
 };
+pub use views::ViewRow;
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use ghx_audit::now_rfc3339;

@@ -205,6 +205,7 @@ diesel::table! {
         view_sha256 -> Text,
         patient_id -> Text,
         value -> Double,
+        resource_id -> Text,
     }
 }
 

@@ -24,7 +24,7 @@ impl Store {
         &self,
         view_sha256: &str,
         generation: i64,
-        rows: &[(String, f64)],
+        rows: &[ViewRow],
     ) -> Result<()> {
         let now = now_rfc3339();
         with_conn!(self.backend, |conn| conn.write_transaction(|conn| {
@@ -33,11 +33,12 @@ impl Store {
             for chunk in rows.chunks(5000) {
                 let values: Vec<_> = chunk
                     .iter()
-                    .map(|(patient, value)| {
+                    .map(|row| {
                         (
                             view_values::view_sha256.eq(view_sha256),
-                            view_values::patient_id.eq(patient),
-                            view_values::value.eq(*value),
+                            view_values::patient_id.eq(&row.patient_id),
+                            view_values::value.eq(row.value),
+                            view_values::resource_id.eq(&row.resource_id),
                         )
                     })
                     .collect();
@@ -64,4 +65,13 @@ impl Store {
         }))?;
         Ok(())
     }
+}
+
+/// One row of a materialised view: a patient's value, and the resource it
+/// was read from (whose sensitive categories a query checks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewRow {
+    pub patient_id: String,
+    pub value: f64,
+    pub resource_id: String,
 }
