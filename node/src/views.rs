@@ -60,11 +60,24 @@ pub fn ensure(store: &Store, variable: &Variable) -> Result<Option<usize>, Error
             let Ok(resource) = serde_json::from_str::<Value>(&stored.content) else {
                 continue;
             };
+            // Contained resources are not indexed, so their categories are
+            // unknown here: a resource carrying any is not read.
+            if resource
+                .get("contained")
+                .and_then(Value::as_array)
+                .is_some_and(|c| !c.is_empty())
+            {
+                continue;
+            }
             for row in parsed.rows(&resource)? {
                 let patient = row.get("patient").and_then(Value::as_str);
                 let value = row.get(column.as_str()).and_then(Value::as_f64);
+                // A row counts for the patient the resource is about, never
+                // for one the view's `patient` column names otherwise: that
+                // patient's consent is what the query checks.
                 if let (Some(patient), Some(value)) = (patient, value)
                     && value.is_finite()
+                    && stored.patient_id.as_deref() == Some(patient)
                 {
                     rows.push(ViewRow {
                         patient_id: patient.to_owned(),

@@ -728,10 +728,10 @@ fn sensitive_diagnoses_count_only_where_consent_names_them(f: Fixture) {
 
     // Read through a view, the viral load is as sensitive: no values; the
     // local test's value still counts.
-    let through_view = |code: &str| -> u64 {
+    let through_view_as = |code: &str, patient: &str| -> u64 {
         let view = format!(
             r#"{{"resourceType":"ViewDefinition","resource":"Observation","status":"active",
-            "select":[{{"column":[{{"name":"patient","path":"subject.getReferenceKey(Patient)"}},
+            "select":[{{"column":[{{"name":"patient","path":"{patient}"}},
                 {{"name":"v","path":"value.ofType(Quantity).value"}}]}}],
             "where":[{{"path":"code.coding.where(code = '{code}').exists()"}}]}}"#
         );
@@ -758,8 +758,12 @@ fn sensitive_diagnoses_count_only_where_consent_names_them(f: Fixture) {
             .map(|c| c.value.patients())
             .sum()
     };
+    let through_view = |code: &str| through_view_as(code, "subject.getReferenceKey(Patient)");
     assert_eq!(through_view("20447-9"), 0);
     assert_eq!(through_view("GLU"), 1);
+    // A view may not credit one patient's value to another (whose consent
+    // would be the one checked): s1's test named as s3's gives nothing.
+    assert_eq!(through_view_as("GLU", "'s3'"), 0);
 
     // s2 withdraws: the next count no longer sees them.
     write(

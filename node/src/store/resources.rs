@@ -477,7 +477,7 @@ impl Store {
         after: Option<&ResourceKey>,
         limit: i64,
     ) -> Result<Vec<StoredVersion>> {
-        type Row = (String, String, i64, String, String);
+        type Row = (String, String, i64, String, Option<String>, String);
         let rows: Vec<Row> = with_conn!(self.backend, |conn| {
             let mut query = resources::table
                 .select((
@@ -485,6 +485,7 @@ impl Store {
                     resources::id,
                     resources::version_id,
                     resources::last_updated,
+                    resources::patient_id,
                     resources::content,
                 ))
                 .order((resources::resource_type, resources::id))
@@ -507,11 +508,14 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(
-                |(resource_type, id, version_id, last_updated, content)| StoredVersion {
-                    key: ResourceKey { resource_type, id },
-                    version_id,
-                    last_updated,
-                    content,
+                |(resource_type, id, version_id, last_updated, patient_id, content)| {
+                    StoredVersion {
+                        key: ResourceKey { resource_type, id },
+                        version_id,
+                        last_updated,
+                        patient_id,
+                        content,
+                    }
                 },
             )
             .collect())
@@ -632,6 +636,9 @@ pub struct StoredVersion {
     pub key: ResourceKey,
     pub version_id: i64,
     pub last_updated: String,
+    /// The patient import found the resource to be about (a Patient's own
+    /// id), if any.
+    pub patient_id: Option<String>,
     pub content: String,
 }
 
