@@ -17,7 +17,7 @@ async fn a_requester_trains_follows_and_validates_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let federation = LocalFederation::start(&LocalFederationOptions {
         dir: dir.path().to_owned(),
-        patients_per_node: 1000,
+        patients_per_node: 3000,
         seed: 11,
         min_cell_size: 10,
         committee_quorum: 1,
@@ -93,7 +93,9 @@ async fn a_requester_trains_follows_and_validates_from_the_command_line() {
     .await;
     assert!(ok, "{err}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
-    // Noised at each hospital, and said so.
+    // Noised at each hospital, and said so. The noise is drawn afresh each
+    // time: 3000 patients a hospital keep its calibration bins large beside
+    // it (with 1000, one run in a few read an AUC near 0.5).
     assert!(report["pooled"]["auc"].as_f64().unwrap() > 0.6, "{out}");
     assert_eq!(report["noise"]["epsilon"], 0.25, "{out}");
     assert_eq!(report["contributors"].as_array().unwrap().len(), 3);
