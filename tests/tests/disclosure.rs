@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use ghx::local_federation::{
     LocalFederation, LocalFederationOptions, REQUESTER, RESEARCHER, manifest_for,
+    manifest_with_budget,
 };
 use ghx_federation_tests::attack::{self, Fact, Margin, Seen, Table};
 use ghx_node::import::{ImportOptions, import_path};
@@ -1168,6 +1169,43 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         .unwrap();
     match chosun(&result).cells[0].value.as_ref() {
         Some(pb::cell::Value::Summary(moments)) => assert_eq!(moments.n, 12),
+        other => panic!("a summary: {other:?}"),
+    }
+    // Through a view over observations (noised: exact view summaries are
+    // refused), the viral loads are as sensitive: only the 12 who named
+    // HIV have one, not the 42 tested. The noise on n (epsilon 1/3,
+    // geometric) is a few patients; before views were held to categories
+    // the summary counted all 42.
+    let view = r#"{"resourceType":"ViewDefinition","resource":"Observation","status":"active",
+        "select":[{"column":[{"name":"patient","path":"subject.getReferenceKey(Patient)"},
+            {"name":"load","path":"value.ofType(Quantity).value"}]}],
+        "where":[{"path":"code.coding.where(code = '20447-9').exists()"}]}"#;
+    let through_view = format!(
+        r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01"}},"analysis":{{"kind":"summary","variable":{{"kind":"view","view":{view},"column":"load","pick":"max"}},"clip":{{"min":0,"max":100}}}},"noise":{{"mechanism":"laplace","epsilon":1.0}}}}"#
+    );
+    let study = federation
+        .approved_study(
+            RESEARCHER,
+            manifest_with_budget("Viral loads", "HRESCH", &[("vl-view", &through_view)], 1.0),
+        )
+        .await
+        .unwrap();
+    let result = researcher
+        .run_study(pb::RunStudyRequest {
+            study_id: study,
+            query: "vl-view".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    match chosun(&result).cells[0].value.as_ref() {
+        Some(pb::cell::Value::Summary(moments)) => {
+            assert!(moments.n < 27, "a view counted {} viral loads", moments.n)
+        }
+        // Noised below the cell size: withheld, and nothing near 42 shown.
+        Some(pb::cell::Value::Suppressed(_)) => {}
         other => panic!("a summary: {other:?}"),
     }
     federation.shutdown().await;
