@@ -1,12 +1,17 @@
 //! The ghx hospital node.
 //!
 //! Data flow is one-way: `api` (gRPC and wire conversion) -> `gate`
-//! (caller, capability, query validity, access `policy`) -> `consent`
-//! (which patients take part) -> `engine` (SQL over the index tables) ->
-//! `store` (diesel). Disclosure control sits between engine and api:
-//! `differencing` refuses cohorts a few patients away from earlier ones and
-//! `release` suppresses small cells; raw counts exist only inside the node,
-//! and only released results reach the api. `import` fills the store from EHR exports.
+//! (caller, capability, query validity, access `policy`), then `pipeline`:
+//! `consent` (which patients take part, and which sensitive categories) ->
+//! `engine` (SQL over the index tables) -> `store` (diesel). Disclosure
+//! control sits between engine and api: `differencing` refuses releases a
+//! few patients away from earlier ones, `noise` is paid for by `budget`, and
+//! `release` suppresses small cells and writes every note. The engine,
+//! cohort index, differencing, noise and release are private to this crate
+//! (tests and benchmarks reach them through [`testing`]), so raw counts
+//! exist only inside the node and only released results reach the api.
+//! Errors say their own status ([`classify`]). `import` fills the store from
+//! EHR exports.
 //!
 //! Key decision: queries never read resource JSON. Import derives index rows
 //! (patients, condition codes, observation values, consents) from each
