@@ -2,7 +2,7 @@
 //! of secure-aggregation rounds.
 //!
 //! Features and the label are read through the aggregate engine, one query
-//! per numeric feature plus one for the label ([`TrainingSpec::queries`]),
+//! per numeric feature plus one for the label ([`ghx_study::training::TrainingSpec::queries`]),
 //! so consent, sensitive-category exclusions and the consent context are
 //! exactly those of an aggregate query. Patients missing a feature are left
 //! out (complete cases) and counted. Each patient is held out for
