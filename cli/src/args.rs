@@ -362,7 +362,10 @@ pub(crate) enum NodeCommand {
         #[arg(long)]
         print_config: bool,
     },
-    /// Import FHIR NDJSON files, Bundles (optionally .gz) or directories of them.
+    /// Import FHIR NDJSON files, Bundles (optionally .gz) or directories of
+    /// them. Offline: needs only the database settings of the node's file.
+    /// Each file is imported whole or not at all; the exit code is non-zero
+    /// when any file was not imported.
     Import {
         #[arg(long, env = "GHX_NODE_CONFIG")]
         config: PathBuf,
@@ -377,9 +380,21 @@ pub(crate) enum NodeCommand {
         /// was interrupted.
         #[arg(long)]
         no_resume: bool,
-        /// Write one line per rejected resource to this file.
+        /// The rejects file: one line per rejected resource, failed file and
+        /// warning (always written; default ghx-import-<time>.rejects.txt in
+        /// the working directory).
         #[arg(long)]
         rejects: Option<PathBuf>,
+        /// Accept resources that depart from the FHIR format (unknown
+        /// elements, empty values), counting them (overrides import.lenient).
+        #[arg(long)]
+        lenient: bool,
+    },
+    /// What the node holds at a glance: resources by type, the code systems
+    /// of its diagnoses, labs and prescriptions, and the consent picture.
+    Status {
+        #[arg(long, env = "GHX_NODE_CONFIG")]
+        config: PathBuf,
     },
     /// Export the current resources as NDJSON, one file per resource type.
     Export {
@@ -391,11 +406,15 @@ pub(crate) enum NodeCommand {
         #[arg(long = "type")]
         resource_type: Option<String>,
     },
-    /// Load a HIRA EDI -> LOINC lab code map (CSV: edi_code,loinc_code) and
-    /// re-index so that EDI-coded labs count under their LOINC codes.
+    /// Load a local code map and re-index: HIRA EDI -> LOINC lab codes
+    /// (CSV edi_code,loinc_code) or SNOMED CT -> KCD-8 diagnoses (CSV
+    /// snomed_code,kcd_code), so that local codes count under the standard.
     LoadCodeMap {
         #[arg(long, env = "GHX_NODE_CONFIG")]
         config: PathBuf,
+        /// edi-loinc or snomed-kcd.
+        #[arg(long, default_value = "edi-loinc", value_parser = ["edi-loinc", "snomed-kcd"])]
+        kind: String,
         csv: PathBuf,
     },
     /// Re-derive every index row from the stored resources.

@@ -111,8 +111,23 @@ impl Sources {
 
     /// Every layer merged and deserialised into `T`.
     pub fn load<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        // Through text again, so that a bad value's error shows its key and
-        // the line it is on.
+        // The file alone is read as written, so that an error points at
+        // its line in the file.
+        if let Some(path) = &self.file
+            && self.overrides.is_empty()
+            && self.service_env().next().is_none()
+        {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+            return toml::from_str(&text).map_err(|e: toml::de::Error| Error::Parse {
+                path: path.clone(),
+                message: e.to_string(),
+            });
+        }
+        // Layers merged go through text again, so that a bad value's error
+        // shows its key and the line it is on in the merged text.
         let text = toml::to_string(&self.merged()?).map_err(|e| Error::Typed {
             layers: self.describe(),
             message: e.to_string(),

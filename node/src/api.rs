@@ -51,6 +51,8 @@ struct Inner {
     cohorts: CohortIndex,
     /// Serialises check-then-record of released cohorts.
     releasing: std::sync::Mutex<()>,
+    /// The code systems the data is in, for coding notes.
+    coding: crate::coding::HeldSystems,
     /// Most epsilon one organisation may spend here over all studies.
     organisation_epsilon: Option<f64>,
     /// Training rounds in progress.
@@ -167,6 +169,7 @@ impl NodeApi {
                 eligibility,
                 cohorts: CohortIndex::new(),
                 releasing: std::sync::Mutex::new(()),
+                coding: crate::coding::HeldSystems::default(),
                 organisation_epsilon: Some(crate::config::DEFAULT_ORGANISATION_EPSILON),
                 rounds: Rounds::default(),
                 sums: crate::participants::SumRule::new(&Default::default()),
@@ -426,6 +429,7 @@ impl NodeApi {
             cohorts: &inner.cohorts,
             sensitive: &inner.policy.consent.sensitive,
             releasing: &inner.releasing,
+            coding: &inner.coding,
             budget: self.budget(),
         }
     }

@@ -83,6 +83,91 @@ pub struct NodeConfig {
     /// Traces and metrics: exported over OTLP when an endpoint is set.
     #[serde(default)]
     pub telemetry: ghx_telemetry::Settings,
+    /// How `ghx node import` treats what departs from the FHIR format.
+    #[serde(default)]
+    pub import: ImportSettings,
+}
+
+/// How import treats resources that depart from the FHIR format.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSettings {
+    /// Accept resources with unknown elements or empty values (counted and
+    /// listed in the rejects file) instead of rejecting them. Off: the
+    /// standard's strictness.
+    #[serde(default)]
+    pub lenient: bool,
+}
+
+/// What the offline commands (`ghx node import`, `export`, `status`,
+/// `load-code-map`, `reindex`) read from a node's configuration file: the
+/// database and how import treats data. The running node's keys (TLS,
+/// coordinator keys, listening address) may be absent, so a hospital can
+/// load data before it has certificates; an unknown key is still an error.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OfflineConfig {
+    pub database_url: String,
+    #[serde(default = "default_rrn_policy")]
+    pub rrn_policy: String,
+    #[serde(default)]
+    pub import: ImportSettings,
+    /// For the consent picture (`consent.toml`), when set.
+    #[serde(default)]
+    pub policy_dir: Option<PathBuf>,
+    // The running node's keys, accepted and not read offline.
+    #[serde(default, rename = "id")]
+    _id: Option<toml::Value>,
+    #[serde(default, rename = "display_name")]
+    _display_name: Option<toml::Value>,
+    #[serde(default, rename = "listen")]
+    _listen: Option<toml::Value>,
+    #[serde(default, rename = "outbound")]
+    _outbound: Option<toml::Value>,
+    #[serde(default, rename = "min_cell_size")]
+    _min_cell_size: Option<toml::Value>,
+    #[serde(default, rename = "tls")]
+    _tls: Option<toml::Value>,
+    #[serde(default, rename = "coordinator_keys")]
+    _coordinator_keys: Option<toml::Value>,
+    #[serde(default, rename = "coordinator_keys_dir")]
+    _coordinator_keys_dir: Option<toml::Value>,
+    #[serde(default, rename = "max_epsilon_per_organisation")]
+    _max_epsilon_per_organisation: Option<toml::Value>,
+    #[serde(default, rename = "secure_aggregation")]
+    _secure_aggregation: Option<toml::Value>,
+    #[serde(default, rename = "max_evaluations_per_study")]
+    _max_evaluations_per_study: Option<toml::Value>,
+    #[serde(default, rename = "max_training_runs_per_study")]
+    _max_training_runs_per_study: Option<toml::Value>,
+    #[serde(default, rename = "audit")]
+    _audit: Option<toml::Value>,
+    #[serde(default, rename = "telemetry")]
+    _telemetry: Option<toml::Value>,
+}
+
+impl OfflineConfig {
+    /// Reads the file (and `GHX_NODE__*` variables) for an offline command.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let sources = ghx_config::Sources::from_process(Some(path), ENV_PREFIX, &[]);
+        let mut config: OfflineConfig = sources.load()?;
+        let base = sources.base_dir();
+        if !config.database_url.contains("://") && Path::new(&config.database_url).is_relative() {
+            config.database_url = base.join(&config.database_url).display().to_string();
+        }
+        if let Some(dir) = &mut config.policy_dir
+            && dir.is_relative()
+        {
+            *dir = base.join(&*dir);
+        }
+        if let Err(problem) = config.rrn_policy.parse::<crate::import::RrnPolicy>() {
+            return Err(Error::Invalid {
+                key: "rrn_policy",
+                problem,
+            });
+        }
+        Ok(config)
+    }
 }
 
 /// Where an outbound-only node dials.

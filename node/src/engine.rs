@@ -251,16 +251,14 @@ pub(crate) fn compile_code_rows(
         }
         _ => "0".to_owned(),
     };
-    let system = sql.param(Bind::Text(system_uri.to_owned()));
-    let tests: Vec<String> = codes
-        .into_iter()
-        .map(|code| sql.code_test(alias, code, matching))
-        .collect();
+    let test = match table {
+        CodeTable::Conditions => sql.diagnosis_test(alias, system_uri, &codes, matching),
+        CodeTable::Medications => sql.code_tests(alias, system_uri, &codes, matching),
+    };
     (
         format!(
             "SELECT DISTINCT {alias}.patient_id AS patient_id, CAST({bit} AS BIGINT) AS category_bit \
-             FROM {name} {alias} WHERE {alias}.system = {system} AND ({})",
-            tests.join(" OR ")
+             FROM {name} {alias} WHERE {test}"
         ),
         sql.binds,
     )
@@ -588,24 +586,60 @@ impl Sql<'_> {
         }
     }
 
+    /// `(alias.system = S AND (code tests))` for normalised codes of `system`.
+    fn code_tests(
+        &mut self,
+        alias: &str,
+        system: &str,
+        codes: &[String],
+        matching: CodeMatch,
+    ) -> String {
+        let param = self.param(Bind::Text(system.to_owned()));
+        let tests: Vec<String> = codes
+            .iter()
+            .map(|code| self.code_test(alias, code.clone(), matching))
+            .collect();
+        format!("({alias}.system = {param} AND ({}))", tests.join(" OR "))
+    }
+
+    /// A diagnosis code test across the node's concept layer: the codes in
+    /// their own system, and those that are ICD-10 categories also in the
+    /// other systems that share the category
+    /// ([`terminology::sharing_category`]).
+    fn diagnosis_test(
+        &mut self,
+        alias: &str,
+        system: &str,
+        codes: &[String],
+        matching: CodeMatch,
+    ) -> String {
+        let mut test = self.code_tests(alias, system, codes, matching);
+        let categories: Vec<String> = codes
+            .iter()
+            .filter(|code| terminology::is_category(system, code))
+            .cloned()
+            .collect();
+        if !categories.is_empty() {
+            for other in terminology::sharing_category(system) {
+                test.push_str(" OR ");
+                test.push_str(&self.code_tests(alias, other, &categories, matching));
+            }
+        }
+        format!("({test})")
+    }
+
     /// A condition test on rows of `condition_codes c`: system and code(s),
     /// and the patient's permission for the diagnosis's sensitive category
     /// when one of the codes could be in one.
     fn condition_codes(&mut self, system: &str, codes: &[String], matching: CodeMatch) -> String {
         // Codes are compared in the form import indexed them in.
         let system_uri = terminology::canonical_system(system);
-        let system = self.param(Bind::Text(system_uri.to_owned()));
-        let tests: Vec<String> = codes
+        let codes: Vec<String> = codes
             .iter()
-            .map(|code| {
-                let code = terminology::normalize_code(system_uri, code).into_owned();
-                self.code_test("c", code, matching)
-            })
+            .map(|code| terminology::normalize_code(system_uri, code).into_owned())
             .collect();
-        let codes = format!(
-            "c.patient_id = p.patient_id AND c.system = {system} AND ({})",
-            tests.join(" OR ")
-        );
+        let test = self.diagnosis_test("c", system_uri, &codes, matching);
+        let codes = format!("c.patient_id = p.patient_id AND {test}");
         // A sensitive diagnosis is visible only if the patient permits its
         // category, read from every coding of it (whatever code selects it).
         let sensitive = self.sensitive;
@@ -741,10 +775,14 @@ impl Sql<'_> {
             }
             _ => None,
         };
-        let system = self.param(Bind::Text(system_uri.to_owned()));
-        let code = self.code_test("d", code_text, criterion.matching);
+        let codes = [code_text];
+        let test = if condition.is_some() {
+            self.diagnosis_test("d", system_uri, &codes, criterion.matching)
+        } else {
+            self.code_tests("d", system_uri, &codes, criterion.matching)
+        };
         Some((
-            format!("SELECT d.patient_id FROM {table} d WHERE d.system = {system} AND {code}"),
+            format!("SELECT d.patient_id FROM {table} d WHERE {test}"),
             rest,
         ))
     }

@@ -1,10 +1,11 @@
 //! Exporting the node's current resources as FHIR bulk NDJSON, one file per
 //! resource type, for hospital IT.
 //!
-//! Resources are written as stored, with `meta.versionId` and
-//! `meta.lastUpdated` set from the node's version history, the way a FHIR
-//! server reports them. Everything else is the JSON that was imported, so an
-//! export re-imports to the same resources.
+//! Resources are written as imported: the source's own `meta.versionId` and
+//! `meta.lastUpdated` are kept (they say when the EHR last changed the
+//! record). The node's version and the time it stored that version go in
+//! two `meta.extension`s ([`NODE_VERSION`], [`NODE_STORED_AT`]), which
+//! import removes again, so an export re-imports to the same resources.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -14,6 +15,34 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::store::{self, ResourceKey, Store};
+
+/// Extension on `meta`: the node's version number of the resource.
+pub const NODE_VERSION: &str = "urn:ghx:fhir:StructureDefinition/node-version";
+/// Extension on `meta`: when the node stored that version.
+pub const NODE_STORED_AT: &str = "urn:ghx:fhir:StructureDefinition/node-stored-at";
+
+/// Removes the node's own `meta` extensions from an exported resource being
+/// imported again: `Some(json)` when there were any.
+pub(crate) fn without_node_meta(json: &str) -> Option<String> {
+    if !json.contains("urn:ghx:fhir:StructureDefinition/node-") {
+        return None;
+    }
+    let mut value: Value = serde_json::from_str(json).ok()?;
+    let object = value.as_object_mut()?;
+    let meta = object.get_mut("meta")?.as_object_mut()?;
+    let list = meta.get_mut("extension")?.as_array_mut()?;
+    list.retain(|e| {
+        let url = e.get("url").and_then(Value::as_str);
+        url != Some(NODE_VERSION) && url != Some(NODE_STORED_AT)
+    });
+    if list.is_empty() {
+        meta.remove("extension");
+    }
+    if meta.is_empty() {
+        object.remove("meta");
+    }
+    serde_json::to_string(&value).ok()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -75,14 +104,18 @@ pub fn export_ndjson(
                 .entry("meta")
                 .or_insert_with(|| Value::Object(Default::default()));
             if let Some(meta) = meta.as_object_mut() {
-                meta.insert(
-                    "versionId".to_owned(),
-                    Value::String(stored.version_id.to_string()),
-                );
-                meta.insert(
-                    "lastUpdated".to_owned(),
-                    Value::String(stored.last_updated.clone()),
-                );
+                let version = stored.version_id.to_string();
+                let extensions = meta
+                    .entry("extension")
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                if let Some(list) = extensions.as_array_mut() {
+                    list.retain(|e| {
+                        let url = e.get("url").and_then(Value::as_str);
+                        url != Some(NODE_VERSION) && url != Some(NODE_STORED_AT)
+                    });
+                    list.push(serde_json::json!({"url": NODE_VERSION, "valueString": version}));
+                    list.push(serde_json::json!({"url": NODE_STORED_AT, "valueInstant": stored.last_updated}));
+                }
             }
             let (_, path, out) = current.as_mut().expect("a file is open");
             serde_json::to_writer(&mut *out, &value)

@@ -22,6 +22,7 @@
 pub mod api;
 mod budget;
 pub mod classify;
+mod coding;
 pub(crate) mod cohort_index;
 pub mod config;
 pub mod consent;

@@ -66,6 +66,7 @@ pub(crate) struct Pipeline<'a> {
     pub(crate) sensitive: &'a SensitiveCodes,
     /// Serialises check-then-record of released cohorts.
     pub(crate) releasing: &'a Mutex<()>,
+    pub(crate) coding: &'a crate::coding::HeldSystems,
     pub(crate) budget: Budget<'a>,
 }
 
@@ -125,6 +126,7 @@ impl Pipeline<'_> {
             consent: &prepared.summary,
             values: (with_value, analysed.without_value),
             noise: None,
+            coding: self.coding.notes(store, spec)?,
         };
         let result = match &spec.noise {
             // An exact table is worked out first: which of its cells are

@@ -15,6 +15,9 @@ pub const ICD10: &str = "http://hl7.org/fhir/sid/icd-10";
 /// ghx treats as sensitive, with longer subcodes.
 pub const ICD10CM: &str = "http://hl7.org/fhir/sid/icd-10-cm";
 pub const LOINC: &str = "http://loinc.org";
+/// SNOMED CT: diagnoses in it answer KCD-8 queries through a map the
+/// hospital loads (`ghx node load-code-map --kind snomed-kcd`).
+pub const SNOMED: &str = "http://snomed.info/sct";
 /// HIRA EDI procedure codes, which KR Core uses for laboratory tests.
 pub const HIRA_EDI: &str = "http://www.hl7korea.or.kr/CodeSystem/hira-edi-procedure";
 /// WHO ATC, the classification prescriptions are coded in here.
@@ -54,6 +57,33 @@ pub fn canonical_system(system: &str) -> &str {
 /// codes share the ICD-10 categories and are written alike.
 pub fn icd10_family(system: &str) -> bool {
     system == KCD8 || system == ICD10 || system == ICD10CM
+}
+
+/// The concept layer for diagnoses: the other systems whose codes answer a
+/// query in `system` at the ICD-10 category level (the first three
+/// characters, `E11`). KCD-8, WHO ICD-10 and ICD-10-CM share every
+/// three-character category: KCD-8 is WHO ICD-10 with Korean fourth and
+/// fifth characters added (and a few Korean-only categories, U codes for
+/// Korean medicine among them, that simply match nothing elsewhere), and
+/// ICD-10-CM keeps WHO's categories but divides them differently below
+/// (E11.65 exists only in ICD-10-CM, and a fourth character can mean
+/// another thing: WHO E11.6 "with other specified complications" is
+/// subdivided in ICD-10-CM into E11.61-E11.69). So only categories cross
+/// systems; a longer code matches its own system only. SNOMED CT is not
+/// here: it answers through the map a hospital loads.
+pub fn sharing_category(system: &str) -> &'static [&'static str] {
+    match system {
+        KCD8 => &[ICD10, ICD10CM],
+        ICD10 => &[KCD8, ICD10CM],
+        ICD10CM => &[KCD8, ICD10],
+        _ => &[],
+    }
+}
+
+/// Whether a normalised code of `system` is a whole ICD-10 category (or
+/// chapter-level prefix of one): at most three characters.
+pub fn is_category(system: &str, code: &str) -> bool {
+    icd10_family(system) && !code.is_empty() && code.len() <= 3
 }
 
 /// A code in the form it is indexed and compared in.

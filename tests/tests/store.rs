@@ -61,7 +61,14 @@ ghx_federation_tests::suite!(
     view_variables_match_native_variables_and_rebuild_after_import,
     the_cohort_index_follows_imports,
     a_runs_lineage_starts_once_and_advances_compare_and_set,
+    exports_of_other_tools_import_whole_or_not_at_all,
+    snomed_diagnoses_answer_kcd_queries_through_a_loaded_map,
+    departures_from_the_format_are_rejected_unless_the_node_is_lenient,
 );
+
+#[path = "store/exports.rs"]
+mod exports;
+use exports::*;
 
 const E11_BY_SEX_AND_BAND: &str = r#"{"version":"ghx.query/v1",
     "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
@@ -398,7 +405,7 @@ fn gzip_exports_import_like_plain_ones(f: Fixture) {
     }
     let report = import_path(&f.store, &gz, &ImportOptions::default()).unwrap();
     assert_eq!(
-        (report.files, report.accepted as usize),
+        (report.files.len(), report.accepted as usize),
         (6, summary.total())
     );
     assert!(report.rejected.is_empty());
@@ -418,7 +425,9 @@ fn rrn_identifiers_are_stripped_or_rejected_before_storage(f: Fixture) {
     assert_eq!(report.rrn_stripped.len(), 1);
     assert_eq!(report.rejected[0].location, Location::Line(2));
     assert!(
-        report.rejected[0].reason.contains("outside identifier"),
+        report.rejected[0]
+            .reason
+            .starts_with("Patient.text.div contains a value shaped like"),
         "{}",
         report.rejected[0].reason
     );
@@ -516,7 +525,7 @@ fn an_export_reimports_to_the_same_resources(f: Fixture) {
     );
 
     // Every exported resource equals the imported one, apart from the
-    // versionId and lastUpdated the node adds.
+    // node's version and time, which go in meta extensions.
     let read = |path: &Path| -> std::collections::BTreeMap<String, serde_json::Value> {
         std::fs::read_to_string(path)
             .unwrap()
@@ -524,8 +533,12 @@ fn an_export_reimports_to_the_same_resources(f: Fixture) {
             .map(|l| {
                 let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
                 if let Some(meta) = v.get_mut("meta").and_then(|m| m.as_object_mut()) {
-                    meta.remove("versionId");
-                    meta.remove("lastUpdated");
+                    if let Some(list) = meta.get_mut("extension").and_then(|e| e.as_array_mut()) {
+                        list.retain(|e| !e["url"].as_str().unwrap().starts_with("urn:ghx:"));
+                        if list.is_empty() {
+                            meta.remove("extension");
+                        }
+                    }
                     if meta.is_empty() {
                         v.as_object_mut().unwrap().remove("meta");
                     }
@@ -546,10 +559,28 @@ fn an_export_reimports_to_the_same_resources(f: Fixture) {
         );
     }
 
-    // Importing the export into the same store changes only versions.
+    // Importing the export into the same store changes nothing.
     let report = import_path(&f.store, &out, &ImportOptions::default()).unwrap();
     assert!(report.rejected.is_empty());
-    assert_eq!(report.outcome.created, 0);
+    assert_eq!((report.outcome.created, report.outcome.updated), (0, 0));
+
+    // The source's own meta.lastUpdated and versionId are kept (issue 40).
+    let source = f.dir.path().join("meta.ndjson");
+    write(
+        &source,
+        &[
+            r#"{"resourceType":"Patient","id":"meta1","meta":{"versionId":"7","lastUpdated":"2024-01-02T03:04:05Z"},"gender":"male"}"#,
+        ],
+    );
+    import_path(&f.store, &source, &ImportOptions::default()).unwrap();
+    let out = f.dir.path().join("export2");
+    ghx_node::export::export_ndjson(&f.store, &out, Some("Patient")).unwrap();
+    let exported = std::fs::read_to_string(out.join("Patient.ndjson")).unwrap();
+    let line = exported.lines().find(|l| l.contains("\"meta1\"")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["meta"]["lastUpdated"], "2024-01-02T03:04:05Z");
+    assert_eq!(v["meta"]["versionId"], "7");
+    assert_eq!(v["meta"]["extension"][0]["valueString"], "1");
 }
 
 fn an_unfinished_checkpoint_resumes_after_its_last_line(f: Fixture) {

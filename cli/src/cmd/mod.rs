@@ -13,6 +13,7 @@ mod bench;
 mod committee;
 mod coordinator;
 mod demo;
+mod import;
 mod node;
 mod pki;
 mod policy;

@@ -128,6 +128,66 @@ impl Eligibility {
     }
 }
 
+/// The consent picture of a node at a glance: for a research request now
+/// (purpose HRESCH, every class the node indexes, no sensitive code), how
+/// many patients take part and why the others do not; and how many
+/// patients have any Consent at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Picture {
+    pub default: super::DefaultConsent,
+    pub with_consent: u64,
+    pub research: Summary,
+}
+
+/// Computes the [`Picture`] at unix second `at` (nothing is stored).
+pub fn picture(store: &Store, rules: &ConsentRules, at: i64) -> Result<Picture, Error> {
+    let inputs = store.consent_inputs()?;
+    let mut by_patient: HashMap<&str, Vec<ConsentRecord>> = HashMap::new();
+    for row in &inputs.consents {
+        by_patient
+            .entry(row.patient_id.as_str())
+            .or_default()
+            .push(record_of_row(row)?);
+    }
+    let request = ConsentRequest {
+        purpose: "HRESCH".to_owned(),
+        classes: [
+            "Patient",
+            "Condition",
+            "Observation",
+            "MedicationRequest",
+            "Encounter",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        codes: Vec::new(),
+        at,
+        last: at,
+    };
+    let mut research = Summary::default();
+    for patient in &inputs.patients {
+        research.patients += 1;
+        let consents = by_patient
+            .get(patient.id.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        match super::evaluate(rules, consents, &request) {
+            Outcome::Included { .. } => research.included += 1,
+            Outcome::Excluded(why) => *research.excluded.entry(why).or_default() += 1,
+        }
+    }
+    let with_consent = inputs
+        .patients
+        .iter()
+        .filter(|p| by_patient.contains_key(p.id.as_str()))
+        .count() as u64;
+    Ok(Picture {
+        default: rules.default,
+        with_consent,
+        research,
+    })
+}
+
 fn record_of_row(row: &store::ConsentRow) -> Result<ConsentRecord, Error> {
     // Rows written before provisions were indexed hold only the root rule.
     let provision = if row.provision.is_empty() {

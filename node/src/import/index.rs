@@ -9,15 +9,18 @@ use fhir_model::r4b::resources::{
 };
 use fhir_model::r4b::types::{CodeableConcept, Quantity, Reference};
 use fhir_model::{Date, DateTime};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::conformance::{self, Finding};
 use super::rrn::{self, RrnPolicy, Screened};
 use crate::store::{
     ConditionCode, ConsentRow, EncounterRow, IndexedResource, MedicationCode,
     ObservationValue as ObsRow, PatientRow, StoredResource,
 };
-use crate::terminology::{self, LOINC};
+use crate::terminology::{self, KCD8, LOINC};
 
 /// What indexing needs besides the resource itself.
 #[derive(Debug, Default)]
@@ -26,9 +29,14 @@ pub(crate) struct IndexContext {
     pub(crate) full_urls: HashMap<String, String>,
     /// (system, code) -> LOINC codes it maps to (HIRA EDI lab codes).
     pub(crate) to_loinc: HashMap<(String, String), Vec<String>>,
+    /// (system, code) -> KCD-8 codes it maps to (SNOMED CT diagnoses).
+    pub(crate) to_kcd: HashMap<(String, String), Vec<String>>,
     pub(crate) rrn: RrnPolicy,
     /// Unix seconds of this import: the time of a Consent that states none.
     pub(crate) imported_at: i64,
+    /// Accept resources that depart from the FHIR format (unknown elements,
+    /// empty values), counting them, instead of rejecting them.
+    pub(crate) lenient: bool,
 }
 
 /// Why one resource was not accepted.
@@ -49,11 +57,15 @@ impl Invalid {
     }
 }
 
-/// A validated resource, and how many RRN identifiers were removed from it.
+/// A validated resource, the RRN identifiers removed from it, and where it
+/// departs from the format (lenient mode only; strict mode rejects).
 #[derive(Debug)]
 pub(crate) struct Validated {
     pub(crate) indexed: IndexedResource,
-    pub(crate) rrn_stripped: usize,
+    pub(crate) rrn_stripped: Vec<String>,
+    pub(crate) let_through: Vec<Finding>,
+    /// The code systems of its codes (diagnosis, lab, medication), as sent.
+    pub(crate) code_systems: Vec<String>,
 }
 
 /// The first fields of any resource, read without building the resource.
@@ -79,12 +91,16 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
     let id = head.id.filter(|id| valid_id(id)).ok_or_else(|| {
         invalid("resource has no valid id (1-64 characters of A-Z a-z 0-9 - .)".to_owned())
     })?;
+    // A node's own export carries its version in `meta`; that is not data.
+    let unexported = crate::export::without_node_meta(json);
+    let json = unexported.as_deref().unwrap_or(json);
     let (json, rrn_stripped) = match rrn::screen(json, ctx.rrn) {
-        Screened::Clean => (json.to_owned(), 0),
+        Screened::Clean => (json.to_owned(), Vec::new()),
         Screened::Stripped { json, removed } => (json, removed),
         Screened::Rejected(reason) => return Err(invalid(reason)),
     };
-    let typed = |e: serde_json::Error| invalid(format!("invalid {ty}: {}", redact(&e.to_string())));
+    let mut let_through = Vec::new();
+    let mut code_systems = Vec::new();
     let patient_of = |reference: Option<&Reference>| -> Option<String> {
         let r = reference?.reference.as_deref()?;
         let resolved = ctx.full_urls.get(r).map(String::as_str).unwrap_or(r);
@@ -108,7 +124,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
     };
     match ty {
         "Patient" => {
-            let p: Patient = serde_json::from_str(&json).map_err(typed)?;
+            let p: Patient = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
             indexed.patient = Some(PatientRow {
                 id: id.to_owned(),
                 gender: p
@@ -120,7 +136,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(id.to_owned());
         }
         "Condition" => {
-            let c: Condition = serde_json::from_str(&json).map_err(typed)?;
+            let c: Condition = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(Some(&c.subject)).ok_or_else(|| {
                 invalid("Condition.subject is not a Patient reference".to_owned())
             })?;
@@ -134,17 +150,33 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
                 _ => None,
             };
             let recorded_at = c.recorded_date.as_ref().map(date_time_unix);
+            if let Some(code) = &c.code {
+                code_systems = systems_of(code);
+            }
             if !excluded && let Some(code) = &c.code {
-                indexed.conditions = normalized_codes(code)
-                    .map(|(system, code)| ConditionCode {
-                        condition_id: id.to_owned(),
-                        patient_id: patient.clone(),
-                        system,
-                        code,
-                        onset_at,
-                        recorded_at,
-                    })
-                    .collect();
+                let row = |system: String, code: String| ConditionCode {
+                    condition_id: id.to_owned(),
+                    patient_id: patient.clone(),
+                    system,
+                    code,
+                    onset_at,
+                    recorded_at,
+                };
+                for (system, code) in normalized_codes(code) {
+                    // SNOMED CT diagnoses also count under the KCD-8 code
+                    // the hospital mapped them to.
+                    for target in ctx
+                        .to_kcd
+                        .get(&(system.clone(), code.clone()))
+                        .into_iter()
+                        .flatten()
+                    {
+                        indexed
+                            .conditions
+                            .push(row(KCD8.to_owned(), target.clone()));
+                    }
+                    indexed.conditions.push(row(system, code));
+                }
                 indexed
                     .conditions
                     .sort_by(|a, b| (&a.system, &a.code).cmp(&(&b.system, &b.code)));
@@ -155,10 +187,11 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(patient);
         }
         "Observation" => {
-            let o: Observation = serde_json::from_str(&json).map_err(typed)?;
+            let o: Observation = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(o.subject.as_ref()).ok_or_else(|| {
                 invalid("Observation.subject is not a Patient reference".to_owned())
             })?;
+            code_systems = systems_of(&o.code);
             let status = o.status.as_ref();
             if status != "entered-in-error" && status != "cancelled" {
                 let effective_at = match &o.effective {
@@ -217,7 +250,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(patient);
         }
         "Encounter" => {
-            let e: Encounter = serde_json::from_str(&json).map_err(typed)?;
+            let e: Encounter = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(e.subject.as_ref());
             if let Some(patient) = &patient {
                 let period = e.period.as_ref();
@@ -232,11 +265,12 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = patient;
         }
         "MedicationRequest" => {
-            let m: MedicationRequest = serde_json::from_str(&json).map_err(typed)?;
+            let m: MedicationRequest = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(Some(&m.subject)).ok_or_else(|| {
                 invalid("MedicationRequest.subject is not a Patient reference".to_owned())
             })?;
             if let MedicationRequestMedication::CodeableConcept(concept) = &m.medication {
+                code_systems = systems_of(concept);
                 let authored_at = m.authored_on.as_ref().map(date_time_unix);
                 indexed.medications = normalized_codes(concept)
                     .map(|(system, code)| MedicationCode {
@@ -257,7 +291,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(patient);
         }
         "Consent" => {
-            let c: Consent = serde_json::from_str(&json).map_err(typed)?;
+            let c: Consent = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(c.patient.as_ref())
                 .ok_or_else(|| invalid("Consent.patient is not a Patient reference".to_owned()))?;
             let record = crate::consent::record_of(&c, date_time_unix, ctx.imported_at);
@@ -281,14 +315,47 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(patient);
         }
         _ => {
-            serde_json::from_str::<Resource>(&json).map_err(typed)?;
+            parse::<Resource>(&json, ty, ctx, &mut let_through).map_err(invalid)?;
         }
     }
     indexed.resource.content = json;
     Ok(Validated {
         indexed,
         rrn_stripped,
+        let_through,
+        code_systems,
     })
+}
+
+/// The distinct canonical systems of a concept's codings.
+fn systems_of(concept: &CodeableConcept) -> Vec<String> {
+    let mut systems: Vec<String> = normalized_codes(concept).map(|(s, _)| s).collect();
+    systems.sort();
+    systems.dedup();
+    systems
+}
+
+/// Deserialises a resource into its fhir-model type and checks it against
+/// the format (`conformance`): a departure rejects it unless the node is
+/// lenient, which lets it through and records where.
+fn parse<T: DeserializeOwned + Serialize>(
+    json: &str,
+    ty: &str,
+    ctx: &IndexContext,
+    let_through: &mut Vec<Finding>,
+) -> Result<T, String> {
+    let bad = |e: serde_json::Error| format!("invalid {ty}: {}", redact(&e.to_string()));
+    let typed: T = serde_json::from_str(json).map_err(bad)?;
+    let input: Value = serde_json::from_str(json).map_err(bad)?;
+    let round_trip = serde_json::to_value(&typed).map_err(bad)?;
+    let findings = conformance::check(ty, &input, &round_trip);
+    if !findings.is_empty() {
+        if !ctx.lenient {
+            return Err(format!("invalid {ty}: {}", conformance::reason(&findings)));
+        }
+        let_through.extend(findings);
+    }
+    Ok(typed)
 }
 
 fn valid_id(id: &str) -> bool {
@@ -507,10 +574,92 @@ mod tests {
     }
 
     #[test]
+    fn departures_from_the_format_are_rejected_with_path_and_rule_unless_lenient() {
+        // Issue 40: each of these was stored before.
+        let cases = [
+            (
+                r#"{"resourceType":"Patient","id":"p1","brithDate":"1970-01-01"}"#,
+                "Patient.brithDate: unknown element",
+            ),
+            (
+                r#"{"resourceType":"Patient","id":"p1","identifier":[{"identifer":"x","value":"1"}]}"#,
+                "Patient.identifier[0].identifer: unknown element",
+            ),
+            (
+                r#"{"resourceType":"MedicationAdministration","id":"m1","status":"completed",
+                   "medicationCodeableConcept":{"text":"x"},"subject":{"reference":"Patient/p1"},
+                   "effectiveDateTime":"2025-01-01","dosage":{"timing":{"code":{"text":"BID"}}}}"#,
+                "MedicationAdministration.dosage.timing: unknown element",
+            ),
+            (
+                r#"{"resourceType":"Patient","id":"p1","birthDate":"2025-13-45"}"#,
+                "invalid Patient",
+            ),
+            (
+                r#"{"resourceType":"Condition","id":"c1","subject":{"reference":"Patient/p1"},
+                   "code":{"coding":[{"system":"http://hl7.org/fhir/sid/icd-10-cm","code":""}]}}"#,
+                "Condition.code.coding[0].code: empty value",
+            ),
+            (
+                r#"{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"x"},
+                   "subject":{"reference":"Patient/p1"},"effectiveDateTime":"20251"}"#,
+                "invalid Observation",
+            ),
+        ];
+        for (json, expected) in cases {
+            let err = index(json).expect_err(expected);
+            assert!(err.reason.contains(expected), "{expected}: {}", err.reason);
+            let lenient = IndexContext {
+                lenient: true,
+                ..IndexContext::default()
+            };
+            // Lenient mode lets through what the types can hold, and says where.
+            if !expected.starts_with("invalid") {
+                let validated = index_resource(json, &lenient).expect(expected);
+                assert!(
+                    validated.let_through[0]
+                        .to_string()
+                        .contains(expected.split(':').next().unwrap()),
+                    "{expected}"
+                );
+            }
+        }
+        // Extensions, primitive extensions and contained resources are known.
+        let fine = r#"{"resourceType":"Patient","id":"p1","gender":"female","birthDate":"1970-06",
+            "_birthDate":{"extension":[{"url":"urn:x","valueString":"estimated"}]},
+            "extension":[{"url":"urn:y","valueCodeableConcept":{"coding":[{"system":"urn:s","code":"a"}]}}],
+            "contained":[{"resourceType":"Organization","id":"o","name":"Chosun"}],
+            "name":[{"given":["A","B"],"family":"Kim"}],
+            "meta":{"lastUpdated":"2025-03-01T09:00:00.123+09:00"}}"#;
+        let validated = index(fine).unwrap();
+        assert!(validated.let_through.is_empty());
+    }
+
+    #[test]
+    fn snomed_diagnoses_count_under_their_mapped_kcd_code() {
+        let json = r#"{"resourceType":"Condition","id":"c1","subject":{"reference":"Patient/p1"},
+            "code":{"coding":[{"system":"http://snomed.info/sct","code":"44054006"}]}}"#;
+        let mut ctx = IndexContext::default();
+        ctx.to_kcd.insert(
+            (terminology::SNOMED.to_owned(), "44054006".to_owned()),
+            vec!["E11".to_owned()],
+        );
+        let validated = index_resource(json, &ctx).unwrap();
+        let got: Vec<_> = validated
+            .indexed
+            .conditions
+            .iter()
+            .map(|c| (c.system.as_str(), c.code.as_str()))
+            .collect();
+        assert_eq!(got, [(terminology::SNOMED, "44054006"), (KCD8, "E11")]);
+        assert_eq!(validated.code_systems, [terminology::SNOMED]);
+    }
+
+    #[test]
     fn rrn_identifiers_never_reach_the_stored_content() {
         let json = r#"{"resourceType":"Patient","id":"p1","identifier":[{"system":"http://www.hl7korea.or.kr/Identifier/rrn","value":"900101-1234567"}],"gender":"male"}"#;
         let validated = index(json).unwrap();
-        assert_eq!(validated.rrn_stripped, 1);
+        assert_eq!(validated.rrn_stripped, ["Patient.identifier[0]"]);
         assert!(!validated.indexed.resource.content.contains("900101"));
     }
 }

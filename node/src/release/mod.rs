@@ -115,6 +115,9 @@ pub(crate) struct Notes<'a> {
     /// Under noise: the noise's statement, and the budget note of its
     /// charge.
     pub noise: Option<(ghx_study::result::NoiseStatement, String)>,
+    /// Codes of the query that match nothing here for the system they are
+    /// in ([`crate::coding`]).
+    pub coding: Vec<String>,
 }
 
 /// `result` as released with every note: access and consent first, then
@@ -130,6 +133,7 @@ pub(crate) fn annotate(
         format!("access: {}", notes.access),
         consent_note(notes.consent, min_cell_size, Values::of(spec)),
     ];
+    all.extend(notes.coding);
     all.append(&mut result.notes);
     if let Some((statement, paid)) = notes.noise {
         all.push(format!(

@@ -553,6 +553,36 @@ impl Store {
             .collect())
     }
 
+    /// The (resource type, code system) pairs the index holds codes in:
+    /// diagnoses, labs and prescriptions.
+    pub fn held_code_systems(&self) -> Result<Vec<(String, String)>> {
+        let (conditions, observations, medications) = with_conn!(self.backend, |conn| {
+            let c: Vec<String> = condition_codes::table
+                .select(condition_codes::system)
+                .distinct()
+                .load(conn)?;
+            let o: Vec<String> = observation_values::table
+                .select(observation_values::system)
+                .distinct()
+                .load(conn)?;
+            let m: Vec<String> = medication_codes::table
+                .select(medication_codes::system)
+                .distinct()
+                .load(conn)?;
+            (c, o, m)
+        });
+        let pairs = |ty: &str, systems: Vec<String>| {
+            systems
+                .into_iter()
+                .map(|s| (ty.to_owned(), s))
+                .collect::<Vec<_>>()
+        };
+        let mut held = pairs("Condition", conditions);
+        held.extend(pairs("Observation", observations));
+        held.extend(pairs("MedicationRequest", medications));
+        Ok(held)
+    }
+
     /// The stored JSON of one resource, if present.
     pub fn resource(&self, resource_type: &str, id: &str) -> Result<Option<String>> {
         Ok(with_conn!(self.backend, |conn| resources::table
