@@ -278,6 +278,17 @@ pub(crate) struct SynthArgs {
     /// Output directory; one <ResourceType>.ndjson file per type.
     #[arg(long)]
     pub out: PathBuf,
+    /// The code system of diagnoses, as other tools write them: kcd8,
+    /// icd10cm or snomed (snomed also writes snomed-kcd.csv, the map to load).
+    #[arg(long, default_value = "kcd8")]
+    pub coding: String,
+    /// Write no Consent resources (an EHR export without them).
+    #[arg(long)]
+    pub no_consents: bool,
+    /// Export noise: lab values with many decimals, unknown extensions,
+    /// Patients repeated in a second file.
+    #[arg(long)]
+    pub noise: bool,
 }
 
 #[derive(Subcommand)]

@@ -1,5 +1,7 @@
-//! An import killed with SIGKILL leaves no half batch and resumes where it
-//! stopped, ending in the same state as an uninterrupted import.
+//! `ghx node import` as a hospital runs it: an import killed with SIGKILL
+//! leaves no half batch and resumes where it stopped, ending in the same
+//! state as an uninterrupted import; an offline import with a damaged file
+//! reports it, writes the rejects file and shows the consent picture.
 
 use std::path::Path;
 use std::process::Command;
@@ -144,4 +146,106 @@ fn consented_counts(
     let request = ghx_node::gate::consent_request("HRESCH", spec, 1_780_272_000);
     let prepared = eligibility.prepare(store, &request).unwrap();
     ghx_node::testing::count(store, spec, &prepared.context, &Default::default()).unwrap()
+}
+
+/// Issue 40, as a hospital's IT team sees it: an offline import with only
+/// the database in the node's file, one damaged file among good ones, no
+/// Consent resources at an opt-in hospital, and a typo in the file.
+#[test]
+fn an_offline_import_reports_files_rejects_and_the_consent_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/chosun");
+    let cfg = dir.path().join("node.toml");
+    let db = dir.path().join("offline.db");
+    std::fs::write(
+        &cfg,
+        format!(
+            "database_url = \"{}\"\npolicy_dir = \"{}\"\n",
+            db.display(),
+            policies.display()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("export");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut good = Vec::new();
+    for i in 0..15 {
+        good.push(format!(
+            r#"{{"resourceType":"Patient","id":"p{i}","gender":"female","birthDate":"1961-01-01"}}"#
+        ));
+        good.push(format!(
+            r#"{{"resourceType":"Condition","id":"c{i}","subject":{{"reference":"Patient/p{i}"}},"code":{{"coding":[{{"system":"http://hl7.org/fhir/sid/icd-10-cm","code":"E11.9"}}]}}}}"#
+        ));
+    }
+    std::fs::write(data.join("b-good.ndjson"), good.join("\n")).unwrap();
+    let mut bad = format!("{}\n", good[0]).into_bytes();
+    bad.extend(b"{\"resourceType\":\"Patient\",\"id\":\"x\",\"gender\":\"ma\xffle\"}\n");
+    std::fs::write(data.join("a-bad.ndjson"), bad).unwrap();
+    let rejects = dir.path().join("rejects.txt");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_ghx"))
+        .args(["node", "import", "--config"])
+        .arg(&cfg)
+        .arg("--rejects")
+        .arg(&rejects)
+        .arg(&data)
+        .output()
+        .expect("run ghx");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a failed file fails the import");
+    assert!(
+        stderr.contains("1 of 2 files were not imported") && stderr.contains("a-bad.ndjson"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("a-bad.ndjson: NOT IMPORTED: line 2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ICD-10-CM"), "{stdout}");
+    assert!(
+        stdout.contains("consent (opt-in hospital): 0 of 15 patients can take part in research now; 0 have a Consent resource"),
+        "{stdout}"
+    );
+    let written = std::fs::read_to_string(&rejects).unwrap();
+    assert!(
+        written.contains("not-imported") && written.contains("line 2"),
+        "{written}"
+    );
+    let store = Store::open(db.to_str().unwrap()).unwrap();
+    assert_eq!(store.resource_counts().unwrap().get("Patient"), Some(&15));
+
+    let status = Command::new(env!("CARGO_BIN_EXE_ghx"))
+        .args(["node", "status", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run ghx");
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{shown}");
+    assert!(
+        shown.contains("Condition") && shown.contains("ICD-10-CM"),
+        "{shown}"
+    );
+    assert!(shown.contains("0 of 15 patients"), "{shown}");
+
+    // A typo in the file is named with its line.
+    std::fs::write(
+        &cfg,
+        format!(
+            "database_url = \"{}\"\nrrn_polcy = \"reject\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ghx"))
+        .args(["node", "status", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run ghx");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("line 2") && stderr.contains("rrn_polcy"),
+        "{stderr}"
+    );
 }

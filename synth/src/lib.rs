@@ -11,6 +11,9 @@
 
 #![forbid(unsafe_code)]
 
+mod shape;
+pub use shape::{Coding, SNOMED_TO_KCD, Shape};
+
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -140,6 +143,13 @@ pub const RESOURCE_TYPES: [&str; 6] = [
 
 /// Writes `<dir>/<ResourceType>.ndjson` files and returns what was written.
 pub fn write_ndjson_dir(options: &SynthOptions, dir: &Path) -> Result<Summary, Error> {
+    write_shaped(options, &Shape::default(), dir)
+}
+
+/// Like [`write_ndjson_dir`], in the form another tool's export takes
+/// ([`Shape`]). With noise, some Patients are written again to
+/// `Patient.again.ndjson` (not counted twice in the summary).
+pub fn write_shaped(options: &SynthOptions, shape: &Shape, dir: &Path) -> Result<Summary, Error> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Write {
         path: dir.to_owned(),
         source,
@@ -153,11 +163,19 @@ pub fn write_ndjson_dir(options: &SynthOptions, dir: &Path) -> Result<Summary, E
         })?;
         files.push((path, BufWriter::with_capacity(1 << 16, file)));
     }
+    let again_path = dir.join("Patient.again.ndjson");
+    let mut again = Vec::new();
     let mut summary = Summary::default();
     let mut failure = None;
     generate(options, |resource| {
         if failure.is_some() {
             return;
+        }
+        let Some(resource) = shape.apply(resource) else {
+            return;
+        };
+        if shape.duplicate(&resource) {
+            again.push(resource.to_string());
         }
         let ty = resource["resourceType"].as_str().unwrap_or_default();
         let index = RESOURCE_TYPES.iter().position(|t| *t == ty).unwrap_or(0);
@@ -182,6 +200,13 @@ pub fn write_ndjson_dir(options: &SynthOptions, dir: &Path) -> Result<Summary, E
     });
     if let Some(e) = failure {
         return Err(e);
+    }
+    if !again.is_empty() {
+        again.push(String::new());
+        std::fs::write(&again_path, again.join("\n")).map_err(|source| Error::Write {
+            path: again_path.clone(),
+            source,
+        })?;
     }
     for (path, mut out) in files {
         out.flush()

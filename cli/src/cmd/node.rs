@@ -123,15 +123,33 @@ pub(super) async fn node(command: NodeCommand) -> Result<()> {
 pub(super) fn synth(args: &SynthArgs) -> Result<()> {
     let hospital = ghx_synth::HospitalProfile::by_id(&args.hospital)?;
     let started = Instant::now();
-    let summary = ghx_synth::write_ndjson_dir(
+    let shape = ghx_synth::Shape {
+        coding: args.coding.parse().map_err(anyhow::Error::msg)?,
+        no_consents: args.no_consents,
+        noise: args.noise,
+    };
+    let summary = ghx_synth::write_shaped(
         &ghx_synth::SynthOptions {
             hospital,
             patients: args.patients,
             seed: args.seed,
             as_of: ghx_synth::default_as_of(),
         },
+        &shape,
         &args.out,
     )?;
+    if shape.coding == ghx_synth::Coding::Snomed {
+        let map: String = std::iter::once("snomed_code,kcd_code".to_owned())
+            .chain(
+                ghx_synth::SNOMED_TO_KCD
+                    .iter()
+                    .map(|(s, k)| format!("{s},{k}")),
+            )
+            .map(|l| l + "\n")
+            .collect();
+        let path = args.out.join("snomed-kcd.csv");
+        std::fs::write(&path, map).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     println!(
         "{}: wrote {} resources for {} patients to {} in {:.1} s",
         hospital.name,

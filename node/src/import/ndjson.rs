@@ -34,7 +34,9 @@ fn fingerprint(path: &Path) -> Result<String, Error> {
     Ok(format!("{len}:{}", hex::encode(Sha256::digest(&head))))
 }
 
-/// One parsed line.
+/// One parsed line. Almost every line is a resource: boxing it would cost
+/// an allocation per line for the rare Bundle's sake.
+#[expect(clippy::large_enum_variant, reason = "resources are the common case")]
 enum Parsed {
     Resource(Result<Validated, Invalid>),
     Bundle(Result<Plan, Invalid>),
