@@ -23,19 +23,11 @@ echo "== synth: $patients patients (chosun)"
 du -sh "$work/data"
 
 config() {
+  # Import is offline: the database (and the policy directory, for the
+  # consent picture) is all it reads.
   cat > "$work/$1.toml" <<TOML
-id = "chosun"
-display_name = "Chosun University Hospital"
-listen = "127.0.0.1:0"
 database_url = "$2"
 policy_dir = "$PWD/policies/chosun"
-[tls]
-ca = "unused.pem"
-cert = "unused.pem"
-key = "unused.pem"
-[[coordinator_keys]]
-kid = "unused"
-public_key = "unused.pem"
 TOML
 }
 

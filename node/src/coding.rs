@@ -66,12 +66,18 @@ impl HeldSystems {
         for read in spec.codes_read() {
             let system = terminology::canonical_system(read.system);
             let holds = |s: &str| held.contains(&(read.resource_type.to_owned(), s.to_owned()));
+            // Only systems ghx knows: whether a hospital holds anything in
+            // a system a requester names is not told.
+            let Some(asked) = name(system) else {
+                continue;
+            };
             if holds(system) {
                 continue;
             }
             let code = terminology::normalize_code(system, read.code);
-            let category = terminology::is_category(system, &code)
-                || (read.matching == CodeMatch::Prefix && terminology::is_category(system, &code));
+            // Only a prefix (`E11*`) reaches another system's subcodes.
+            let category =
+                read.matching == CodeMatch::Prefix && terminology::is_category(system, &code);
             let shared = terminology::sharing_category(system);
             if category && shared.iter().any(|s| holds(s)) {
                 continue;
@@ -81,7 +87,6 @@ impl HeldSystems {
                 .filter(|(ty, _)| ty == read.resource_type)
                 .filter_map(|(_, s)| name(s))
                 .collect();
-            let asked = name(system).unwrap_or(read.system);
             let mut note = format!(
                 "coding: no {} at this node is coded in {asked}",
                 read.resource_type

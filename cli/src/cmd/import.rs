@@ -86,7 +86,7 @@ pub(super) async fn run(
     }
     if !failed.is_empty() {
         anyhow::bail!(
-            "{} of {files} files were not imported (nothing of them was stored): {}",
+            "{} of {files} files were not imported (see each file's line above): {}",
             failed.len(),
             failed.join(", ")
         );

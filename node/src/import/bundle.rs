@@ -103,6 +103,7 @@ pub(crate) fn plan(text: &str, ctx: &IndexContext) -> Result<Plan, Invalid> {
         actions: Vec::new(),
         failures: Vec::new(),
     };
+    let mut seen = std::collections::HashSet::new();
     for (index, entry) in bundle.entry.iter().enumerate() {
         let method = entry.request.as_ref().map(|r| r.method).unwrap_or("PUT");
         let outcome = match method {
@@ -136,6 +137,25 @@ pub(crate) fn plan(text: &str, ctx: &IndexContext) -> Result<Plan, Invalid> {
                 format!("request.method {other} is not supported; expected PUT, POST or DELETE"),
             )),
         };
+        // FHIR: a transaction names each resource once (it must land in
+        // one database transaction, which a repeat would split).
+        let outcome = outcome.and_then(|action| {
+            let key = match &action {
+                EntryAction::Store(v) => (
+                    v.indexed.resource.resource_type.clone(),
+                    v.indexed.resource.id.clone(),
+                ),
+                EntryAction::Delete(k) => (k.resource_type.clone(), k.id.clone()),
+            };
+            if plan.transaction && !seen.insert(key) {
+                return Err(Invalid::new(
+                    None,
+                    None,
+                    "the same resource appears twice in a transaction Bundle".to_owned(),
+                ));
+            }
+            Ok(action)
+        });
         match outcome {
             Ok(action) => plan.actions.push((index, action)),
             Err(invalid) => plan.failures.push((index, invalid)),
@@ -229,6 +249,7 @@ pub(crate) fn import_document(
             Ok(validated) => writer.add(validated, Location::File, &none)?,
             Err(invalid) => writer.reject(Location::File, invalid),
         }
+        writer.flush(None)?;
         return Ok(None);
     }
     match plan(text, ctx) {

@@ -65,7 +65,7 @@ fn walk(input: &Value, output: Option<&Value>, path: &mut String, findings: &mut
         Value::Object(map) => {
             for (key, value) in map {
                 path.push('.');
-                path.push_str(key);
+                path.push_str(super::rrn::element_name(key));
                 let known = output.and_then(|o| o.get(key));
                 let rule = match value {
                     Value::Null => Some(NULL),

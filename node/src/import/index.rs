@@ -48,10 +48,14 @@ pub(crate) struct Invalid {
 }
 
 impl Invalid {
+    /// An id that holds an RRN, or is no FHIR id, is not repeated in
+    /// reports (it could be data); nor is a resource type that is no name.
     pub(crate) fn new(resource_type: Option<&str>, id: Option<&str>, reason: String) -> Self {
         Invalid {
-            resource_type: resource_type.map(str::to_owned),
-            id: id.map(str::to_owned),
+            resource_type: resource_type.map(|t| super::rrn::element_name(t).to_owned()),
+            id: id
+                .filter(|id| valid_id(id) && !rrn::contains_rrn(id.as_bytes()))
+                .map(str::to_owned),
             reason,
         }
     }
@@ -162,15 +166,19 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
                     onset_at,
                     recorded_at,
                 };
+                // SNOMED CT diagnoses also count under the KCD-8 code the
+                // hospital mapped them to, but only when every coding outside
+                // the ICD-10 family is mapped: a mapped row would otherwise
+                // decide the diagnosis's sensitive categories alone and hide
+                // what an unmapped coding may say (which fails closed).
+                let all_mapped = normalized_codes(code).all(|(system, code)| {
+                    terminology::icd10_family(&system) || ctx.to_kcd.contains_key(&(system, code))
+                });
                 for (system, code) in normalized_codes(code) {
-                    // SNOMED CT diagnoses also count under the KCD-8 code
-                    // the hospital mapped them to.
-                    for target in ctx
-                        .to_kcd
-                        .get(&(system.clone(), code.clone()))
-                        .into_iter()
-                        .flatten()
-                    {
+                    let mapped = all_mapped
+                        .then(|| ctx.to_kcd.get(&(system.clone(), code.clone())))
+                        .flatten();
+                    for target in mapped.into_iter().flatten() {
                         indexed
                             .conditions
                             .push(row(KCD8.to_owned(), target.clone()));
@@ -294,7 +302,13 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             let c: Consent = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(c.patient.as_ref())
                 .ok_or_else(|| invalid("Consent.patient is not a Patient reference".to_owned()))?;
-            let record = crate::consent::record_of(&c, date_time_unix, ctx.imported_at);
+            let mut record = crate::consent::record_of(&c, date_time_unix, ctx.imported_at);
+            // A provision naming a mapped SNOMED CT code names its KCD-8
+            // code too, so that it governs requests in KCD-8 as the mapped
+            // rows answer them.
+            if let Some(provision) = &mut record.provision {
+                translate_codes(provision, &ctx.to_kcd);
+            }
             let decision = record
                 .provision
                 .as_ref()
@@ -325,6 +339,27 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
         let_through,
         code_systems,
     })
+}
+
+/// Adds to each provision the KCD-8 codes its codes map to.
+fn translate_codes(
+    provision: &mut crate::consent::Provision,
+    to_kcd: &HashMap<(String, String), Vec<String>>,
+) {
+    let mapped: Vec<(String, String)> = provision
+        .codes
+        .iter()
+        .flat_map(|key| to_kcd.get(key).into_iter().flatten())
+        .map(|kcd| (KCD8.to_owned(), kcd.clone()))
+        .collect();
+    for code in mapped {
+        if !provision.codes.contains(&code) {
+            provision.codes.push(code);
+        }
+    }
+    for child in &mut provision.provisions {
+        translate_codes(child, to_kcd);
+    }
 }
 
 /// The distinct canonical systems of a concept's codings.

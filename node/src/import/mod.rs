@@ -268,7 +268,20 @@ pub fn import_path(
         let (accepted, rejected) = (writer.report.accepted, writer.report.rejected.len());
         let status = match import_file(&mut writer, &ctx, file) {
             Ok(status) => status,
-            Err(Error::Read { source, .. }) => FileStatus::Failed(format!("cannot read: {source}")),
+            Err(Error::Read { source, .. }) => {
+                // Read through once, then unreadable (a file still being
+                // written, a flaky share): what is pending is dropped; what
+                // committed stays, and the next import resumes after it.
+                writer.discard();
+                let committed = writer.report.accepted - accepted;
+                FileStatus::Failed(if committed == 0 {
+                    format!("cannot read: {source}; nothing of this file was imported")
+                } else {
+                    format!(
+                        "cannot read: {source}; {committed} resources of it were committed first (import it again to resume after them)"
+                    )
+                })
+            }
             Err(e @ Error::UnknownFormat { .. }) => FileStatus::Failed(e.to_string()),
             Err(e) => return Err(e),
         };

@@ -134,8 +134,12 @@ pub(crate) fn import_ndjson(
                     let Ok((seq, lines)) = job else { return };
                     let parsed = lines
                         .into_iter()
-                        .filter(|(_, text)| !text.trim().is_empty())
-                        .map(|(number, text)| (number, parse_line(text.trim(), ctx)))
+                        .filter(|(_, text)| !text.trim().trim_start_matches('\u{feff}').is_empty())
+                        .map(|(number, text)| {
+                            // A byte-order mark (Windows exports) is not data.
+                            let text = text.trim().trim_start_matches('\u{feff}');
+                            (number, parse_line(text, ctx))
+                        })
                         .collect();
                     if done_tx.send((seq, parsed)).is_err() {
                         return;

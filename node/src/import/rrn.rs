@@ -10,14 +10,17 @@
 //! resource is always rejected. Reports name the element, never the value.
 //!
 //! What counts as an RRN (issue 40: decimals were taken for them):
-//! - Only JSON strings are read. A JSON number is never an RRN, and digits
-//!   that are part of a decimal (`323.0707114835185`) are not either.
+//! - JSON strings and object keys are read, and whole JSON numbers (13
+//!   digits, no fraction) as unhyphenated ones. Digits that are part of a
+//!   decimal (`323.0707114835185`, as a number or a string) are not an
+//!   RRN; a hyphenated one is never taken for a decimal.
 //! - 13 digits `YYMMDD-GNNNNNN`, hyphen optional, not part of a longer run,
 //!   where G (1-8) gives sex and century and YYMMDD in that century is a
 //!   real date not in the future.
 //! - Without the hyphen, the check digit must hold too, unless the number is
 //!   of a birth since October 2020 (numbers issued since then end in random
-//!   digits). With the hyphen, the way RRNs are written, a real date is
+//!   digits). Foreigner registration numbers (G 5-8) may carry either
+//!   formula's check digit. With the hyphen, the way RRNs are written, a real date is
 //!   enough: a mistyped RRN is still a person's number.
 
 use serde_json::Value;
@@ -145,7 +148,7 @@ fn strip_identifiers(value: &mut Value, path: &mut String, removed: &mut Vec<Str
             }
             for (key, child) in map.iter_mut() {
                 path.push('.');
-                path.push_str(key);
+                path.push_str(element_name(key));
                 strip_identifiers(child, path, removed);
                 path.truncate(len);
             }
@@ -162,15 +165,22 @@ fn strip_identifiers(value: &mut Value, path: &mut String, removed: &mut Vec<Str
     }
 }
 
-/// The path of the first string holding an RRN.
+/// The path of the first string, key or whole number holding an RRN.
 fn first_string_with_rrn(value: &Value, path: &mut String) -> Option<String> {
     let len = path.len();
     match value {
         Value::String(s) => contains_rrn(s.as_bytes()).then(|| path.clone()),
+        Value::Number(n) => whole_number_text(n)
+            .is_some_and(|digits| contains_rrn(digits.as_bytes()))
+            .then(|| path.clone()),
         Value::Object(map) => map.iter().find_map(|(key, child)| {
             path.push('.');
-            path.push_str(key);
-            let found = first_string_with_rrn(child, path);
+            path.push_str(element_name(key));
+            let found = if contains_rrn(key.as_bytes()) {
+                Some(path.clone())
+            } else {
+                first_string_with_rrn(child, path)
+            };
             path.truncate(len);
             found
         }),
@@ -182,6 +192,32 @@ fn first_string_with_rrn(value: &Value, path: &mut String) -> Option<String> {
         }),
         _ => None,
     }
+}
+
+/// A JSON number without a fraction, as its digits (`9001011234568.0`
+/// included); `None` for a decimal.
+fn whole_number_text(n: &serde_json::Number) -> Option<String> {
+    if let Some(i) = n.as_u64() {
+        return Some(i.to_string());
+    }
+    if let Some(i) = n.as_i64() {
+        return Some(i.unsigned_abs().to_string());
+    }
+    let f = n.as_f64()?;
+    (f.fract() == 0.0 && f.abs() < 1e15).then(|| format!("{:.0}", f.abs()))
+}
+
+/// An object key as it may appear in a report: a FHIR element name as it
+/// is, anything else (which could be data) as `…`.
+pub(crate) fn element_name(key: &str) -> &str {
+    let element = !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if element { key } else { "…" }
 }
 
 fn is_rrn_identifier(identifier: &Value) -> bool {
@@ -208,18 +244,22 @@ pub(crate) fn contains_rrn(bytes: &[u8]) -> bool {
     let digit = |i: usize| bytes.get(i).is_some_and(u8::is_ascii_digit);
     let mut i = 0;
     while i + 13 <= bytes.len() {
-        let after_decimal_point = i >= 2 && matches!(bytes[i - 1], b'.' | b',') && digit(i - 2);
-        if !bytes[i].is_ascii_digit() || (i > 0 && digit(i - 1)) || after_decimal_point {
+        if !bytes[i].is_ascii_digit() || (i > 0 && digit(i - 1)) {
             i += 1;
             continue;
         }
         let hyphen = bytes.get(i + 6) == Some(&b'-');
         let rest = if hyphen { i + 7 } else { i + 6 };
         let end = rest + 7;
+        // Thirteen digits running into or out of a decimal point are a
+        // decimal's (an RRN written with a hyphen never is).
+        let decimal = !hyphen
+            && ((i >= 2 && bytes[i - 1] == b'.' && digit(i - 2))
+                || (bytes.get(end) == Some(&b'.') && digit(end + 1)));
         let shaped = (0..6).all(|k| digit(i + k))
             && (0..7).all(|k| digit(rest + k))
             && !digit(end)
-            && !(matches!(bytes.get(end), Some(b'.' | b',')) && digit(end + 1));
+            && !decimal;
         if shaped {
             let digits: Vec<u8> = bytes[i..i + 6]
                 .iter()
@@ -257,14 +297,16 @@ fn is_rrn(d: &[u8], hyphen: bool) -> bool {
     }
     let new_scheme =
         time::Date::from_calendar_date(2020, time::Month::October, 1).expect("a real date");
-    born >= new_scheme || check_digit(d) == d[12]
+    let (citizen, foreigner) = check_digits(d);
+    born >= new_scheme || citizen == d[12] || (d[6] >= 5 && foreigner == d[12])
 }
 
-/// The check digit of RRNs issued before October 2020.
-fn check_digit(d: &[u8]) -> u8 {
+/// The check digits of numbers issued before October 2020: a citizen's,
+/// and the one some foreigner registration numbers carry.
+fn check_digits(d: &[u8]) -> (u8, u8) {
     const WEIGHTS: [u32; 12] = [2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5];
     let sum: u32 = d.iter().zip(WEIGHTS).map(|(&x, w)| u32::from(x) * w).sum();
-    ((11 - sum % 11) % 10) as u8
+    (((11 - sum % 11) % 10) as u8, ((13 - sum % 11) % 10) as u8)
 }
 
 #[cfg(test)]
@@ -275,6 +317,7 @@ mod tests {
     fn recognises_rrns_and_not_other_numbers() {
         for yes in [
             "900101-1234567",     // hyphenated: a real date is enough
+            "1.900101-1234567",   // hyphenated beside a point: not a decimal
             "9001011234568",      // unhyphenated, valid check digit
             "x 851231-2000000 y", // inside text
             "\"0303154000002\"",  // 2003, valid check digit
@@ -319,12 +362,19 @@ mod tests {
                 "{value}"
             );
         }
-        // A 13-digit integer with a valid check digit is still only a number.
-        let number = r#"{"resourceType":"Observation","id":"o1","valueInteger":9001011234568}"#;
-        assert!(matches!(
-            screen(number, RrnPolicy::Reject),
-            Screened::Stripped { ref removed, .. } if removed.is_empty()
-        ));
+        // A whole number that is an RRN is one (review of issue 40), as
+        // are RRNs beside a comma, and an RRN used as a key.
+        for json in [
+            r#"{"resourceType":"Observation","id":"o1","valueDecimal":9001011234568}"#,
+            r#"{"resourceType":"Observation","id":"o1","note":[{"text":"9001011234568,9001011234568"}]}"#,
+            r#"{"resourceType":"Observation","id":"o1","note":[{"text":"1,900101-1234567"}]}"#,
+            r#"{"resourceType":"Observation","id":"o1","x":{"9001011234568":"y"}}"#,
+        ] {
+            match screen(json, RrnPolicy::Strip) {
+                Screened::Rejected(reason) => assert!(!reason.contains("900101"), "{reason}"),
+                other => panic!("{json}: expected rejected, got {other:?}"),
+            }
+        }
     }
 
     const WITH_RRN: &str = r#"{"resourceType":"Patient","id":"p1","identifier":[

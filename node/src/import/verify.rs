@@ -54,6 +54,10 @@ pub(crate) fn read_document(path: &Path) -> Result<Result<String, String>, Error
         let lines = bytes.iter().filter(|b| **b == b'\n').count() as u64;
         return Ok(Err(damaged(lines, &e)));
     }
+    // A byte-order mark (Windows exports) is not data.
+    if bytes.starts_with(b"\xef\xbb\xbf") {
+        bytes.drain(..3);
+    }
     Ok(String::from_utf8(bytes).map_err(|e| {
         let valid = e.utf8_error().valid_up_to();
         let bytes = e.as_bytes();

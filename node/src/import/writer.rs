@@ -113,6 +113,13 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
+    /// Drops what is pending (a file that failed part way).
+    pub(crate) fn discard(&mut self) {
+        self.batch = Batch::default();
+        self.batch_keys.clear();
+        self.unbounded = false;
+    }
+
     pub(crate) fn flush(&mut self, checkpoint: Option<&Checkpoint>) -> Result<(), Error> {
         if self.batch.is_empty() && checkpoint.is_none() {
             return Ok(());

@@ -265,7 +265,29 @@ impl Store {
                 }
             }
             if !batch.reindex {
-                for chunk in writes.chunks(INSERT_CHUNK) {
+                // New resources are inserted in bulk (COPY on PostgreSQL);
+                // stored ones replace their row.
+                let (fresh, stored): (Vec<_>, Vec<_>) = writes.iter().partition(|(item, _)| {
+                    let r = &item.resource;
+                    !existing.contains_key(&(r.resource_type.clone(), r.id.clone()))
+                });
+                let fresh_rows: Vec<_> = fresh
+                    .iter()
+                    .map(|(item, version)| {
+                        let r = &item.resource;
+                        (
+                            resources::resource_type.eq(&r.resource_type),
+                            resources::id.eq(&r.id),
+                            resources::version_id.eq(*version),
+                            resources::last_updated.eq(&now),
+                            resources::content_sha256.eq(&r.content_sha256),
+                            resources::patient_id.eq(r.patient_id.as_deref()),
+                            resources::content.eq(&r.content),
+                        )
+                    })
+                    .collect();
+                insert_rows!(conn, resources::table, fresh_rows);
+                for chunk in stored.chunks(INSERT_CHUNK) {
                     let rows: Vec<_> = chunk
                         .iter()
                         .map(|(item, version)| {

@@ -90,8 +90,22 @@ pub(super) fn exports_of_other_tools_import_whole_or_not_at_all(f: Fixture) {
         r#"{"transactionTime":"2026-01-01T00:00:00Z","request":"$export","output":[]}"#,
     )
     .unwrap();
-    // 5. The good data: Bundles on NDJSON lines.
-    write(&dir.join("z-patients.ndjson"), &good);
+    // 5. A transaction naming one resource twice (FHIR forbids it).
+    let twice = patient_bundle(99).replace(
+        r#"{"fullUrl":"urn:uuid:c99""#,
+        r#"{"resource":{"resourceType":"Patient","id":"cm99"},"request":{"method":"PUT","url":"Patient/cm99"}},{"fullUrl":"urn:uuid:c99""#,
+    );
+    write(&dir.join("d-twice.ndjson"), &[twice]);
+    // 6. The good data: Bundles on NDJSON lines, after a byte-order mark.
+    let mut lines = good.clone();
+    lines[0] = format!("\u{feff}{}", lines[0]);
+    write(&dir.join("z-patients.ndjson"), &lines);
+    // 7. One resource alone in a .json file, the last file (BOM too).
+    std::fs::write(
+        dir.join("zz-one.json"),
+        "\u{feff}{\"resourceType\":\"Patient\",\"id\":\"alone\",\"gender\":\"male\"}",
+    )
+    .unwrap();
 
     let report = import_path(&f.store, &dir, &ImportOptions::default()).unwrap();
     let status = |name: &str| {
@@ -115,12 +129,28 @@ pub(super) fn exports_of_other_tools_import_whole_or_not_at_all(f: Fixture) {
     assert!(matches!(status("manifest.json"), FileStatus::Skipped(_)));
     assert_eq!(status("z-patients.ndjson"), FileStatus::Imported);
     assert_eq!(report.failed_files().count(), 3);
-    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    // The transaction naming Patient/cm99 twice is refused whole.
+    assert_eq!(report.rejected.len(), 4, "{:?}", report.rejected);
+    assert!(
+        report
+            .rejected
+            .iter()
+            .all(|r| r.file.ends_with("d-twice.ndjson"))
+    );
+    assert!(
+        report
+            .rejected
+            .iter()
+            .any(|r| r.reason.contains("appears twice")),
+        "{:?}",
+        report.rejected
+    );
 
     // Nothing of a damaged file is stored: only the 12 good patients, each
-    // with its diagnosis and long-decimal lab value.
+    // with its diagnosis and long-decimal lab value, and the one alone.
     let counts = f.store.resource_counts().unwrap();
-    assert_eq!(counts.get("Patient"), Some(&12));
+    assert_eq!(counts.get("Patient"), Some(&13));
+    assert!(f.store.resource("Patient", "alone").unwrap().is_some());
     assert_eq!(counts.get("Observation"), Some(&12));
     assert!(f.store.resource("Patient", "bad").unwrap().is_none());
     assert_eq!(
@@ -139,7 +169,10 @@ pub(super) fn exports_of_other_tools_import_whole_or_not_at_all(f: Fixture) {
 
 pub(super) fn snomed_diagnoses_answer_kcd_queries_through_a_loaded_map(f: Fixture) {
     let file = f.dir.path().join("snomed.ndjson");
-    let lines: Vec<String> = (0..11)
+    // s11's diagnosis has a second SNOMED CT coding the map does not know
+    // (here HIV disease): it must not count as a mapped E11 alone. s0 denies
+    // research use of the SNOMED CT diabetes code.
+    let mut lines: Vec<String> = (0..11)
         .flat_map(|i| {
             [
                 format!(r#"{{"resourceType":"Patient","id":"s{i}","gender":"male","birthDate":"1955"}}"#),
@@ -149,13 +182,19 @@ pub(super) fn snomed_diagnoses_answer_kcd_queries_through_a_loaded_map(f: Fixtur
             ]
         })
         .collect();
+    lines.push(
+        r#"{"resourceType":"Patient","id":"s11","gender":"male","birthDate":"1955"}"#.to_owned(),
+    );
+    lines.push(r#"{"resourceType":"Condition","id":"sc11","subject":{"reference":"Patient/s11"},"code":{"coding":[{"system":"http://snomed.info/sct","code":"44054006"},{"system":"http://snomed.info/sct","code":"86406008"}]}}"#.to_owned());
+    lines.push(r#"{"resourceType":"Consent","id":"k0","status":"active","scope":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/consentscope","code":"research"}]},"category":[{"coding":[{"system":"http://loinc.org","code":"57016-8"}]}],"patient":{"reference":"Patient/s0"},"dateTime":"2025-01-01T00:00:00Z","provision":{"type":"permit","provision":[{"type":"deny","code":[{"coding":[{"system":"http://snomed.info/sct","code":"44054006"}]}]}]}}"#.to_owned());
     write(&file, &lines);
     let report = import_path(&f.store, &file, &ImportOptions::default()).unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
     assert_eq!(
         report
             .code_systems
             .get(&("Condition".to_owned(), SNOMED.to_owned())),
-        Some(&11)
+        Some(&12)
     );
     assert_eq!(kcd_count(&f.store, "E11"), 0, "no map yet");
     let map = f.dir.path().join("snomed-kcd.csv");
@@ -165,12 +204,14 @@ pub(super) fn snomed_diagnoses_answer_kcd_queries_through_a_loaded_map(f: Fixtur
         1
     );
     reindex(&f.store, 100).unwrap();
-    assert_eq!(kcd_count(&f.store, "E11"), 11);
+    // s1..s10: s0's deny of the SNOMED CT code governs the KCD-8 query too,
+    // and s11's partly mapped diagnosis is not read as E11.
+    assert_eq!(kcd_count(&f.store, "E11"), 10);
     // A bad row names its line and changes nothing.
     std::fs::write(&map, "44054006,E11\nnot-a-code,E11\n").unwrap();
     let err = load_code_map(&f.store, &map, MapKind::SnomedToKcd).unwrap_err();
     assert!(err.to_string().contains("line 2"), "{err}");
-    assert_eq!(kcd_count(&f.store, "E11"), 11);
+    assert_eq!(kcd_count(&f.store, "E11"), 10);
 }
 
 pub(super) fn departures_from_the_format_are_rejected_unless_the_node_is_lenient(f: Fixture) {
