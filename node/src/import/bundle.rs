@@ -74,7 +74,8 @@ pub(crate) fn plan(text: &str, ctx: &IndexContext) -> Result<Plan, Invalid> {
     let kind = bundle.kind.unwrap_or("");
     if !matches!(kind, "collection" | "transaction" | "batch" | "searchset") {
         let reason = format!(
-            "Bundle.type is `{kind}`; expected collection, transaction, batch or searchset"
+            "Bundle.type is `{}`; expected collection, transaction, batch or searchset",
+            super::rrn::element_name(kind)
         );
         return Err(Invalid::new(Some("Bundle"), head.id, reason));
     }

@@ -170,17 +170,31 @@ pub fn load_code_map(store: &Store, path: &Path, kind: MapKind) -> Result<usize,
 }
 
 /// Re-derives every index row from the stored resources, e.g. after a code
-/// map changed. Returns how many resources were re-indexed.
+/// map changed. Returns how many resources were re-indexed. Consents go
+/// first: a Consent naming a newly mapped code governs its mapped rows
+/// before any of them is committed.
 pub fn reindex(store: &Store, batch_size: usize) -> Result<u64, Error> {
-    let store_err = |committed| move |source| Error::Store { committed, source };
     let mut ctx = context(store)?;
     // What is stored was accepted under the rules of its day.
     ctx.lenient = true;
+    let consents = reindex_pages(store, &mut ctx, batch_size, Some("Consent"), 0)?;
+    reindex_pages(store, &mut ctx, batch_size, None, consents)
+}
+
+/// Re-indexes the pages of one resource type, or of every type but
+/// Consent; `done` counts on from earlier pages.
+fn reindex_pages(
+    store: &Store,
+    ctx: &mut IndexContext,
+    batch_size: usize,
+    only: Option<&str>,
+    mut done: u64,
+) -> Result<u64, Error> {
+    let store_err = |committed| move |source| Error::Store { committed, source };
     let mut after: Option<ResourceKey> = None;
-    let mut done = 0u64;
     loop {
         let page = store
-            .resources_page(None, after.as_ref(), batch_size as i64)
+            .resources_page(only, after.as_ref(), batch_size as i64)
             .map_err(store_err(done))?;
         let Some(last) = page.last() else { break };
         after = Some(last.key.clone());
@@ -189,22 +203,25 @@ pub fn reindex(store: &Store, batch_size: usize) -> Result<u64, Error> {
             ..Batch::default()
         };
         for stored in &page {
+            if only.is_none() && stored.key.resource_type == "Consent" {
+                continue;
+            }
             // A Consent that states no time keeps the time it was stored.
             ctx.imported_at = time::OffsetDateTime::parse(
                 &stored.last_updated,
                 &time::format_description::well_known::Rfc3339,
             )
             .map_or(0, |t| t.unix_timestamp());
-            match index_resource(&stored.content, &ctx) {
+            match index_resource(&stored.content, ctx) {
                 Ok(validated) => batch.items.push(validated.indexed),
                 Err(invalid) => tracing::warn!(
                     resource_type = %stored.key.resource_type, id = %stored.key.id, reason = %invalid.reason,
                     "stored resource no longer validates; its index rows are left as they were"
                 ),
             }
+            done += 1;
         }
         store.write_batch(&batch).map_err(store_err(done))?;
-        done += page.len() as u64;
     }
     Ok(done)
 }

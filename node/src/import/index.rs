@@ -15,7 +15,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::conformance::{self, Finding};
-use super::rrn::{self, RrnPolicy, Screened};
+use super::rrn::{self, RrnPolicy};
+use crate::consent::Rule;
 use crate::store::{
     ConditionCode, ConsentRow, EncounterRow, IndexedResource, MedicationCode,
     ObservationValue as ObsRow, PatientRow, StoredResource,
@@ -91,6 +92,8 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
         )
     })?;
     let ty = head.resource_type;
+    // What reasons may say of the type (it could be anything).
+    let shown = rrn::element_name(ty);
     let invalid = |reason: String| Invalid::new(Some(ty), head.id, reason);
     let id = head.id.filter(|id| valid_id(id)).ok_or_else(|| {
         invalid("resource has no valid id (1-64 characters of A-Z a-z 0-9 - .)".to_owned())
@@ -98,10 +101,17 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
     // A node's own export carries its version in `meta`; that is not data.
     let unexported = crate::export::without_node_meta(json);
     let json = unexported.as_deref().unwrap_or(json);
-    let (json, rrn_stripped) = match rrn::screen(json, ctx.rrn) {
-        Screened::Clean => (json.to_owned(), Vec::new()),
-        Screened::Stripped { json, removed } => (json, removed),
-        Screened::Rejected(reason) => return Err(invalid(reason)),
+    // One parse serves screening, the typed resource and the format check.
+    let mut value: Value = serde_json::from_str(json)
+        .map_err(|e| invalid(format!("not valid JSON: {}", redact(&e.to_string()))))?;
+    let rrn_stripped = rrn::screen_value(&mut value, ctx.rrn).map_err(invalid)?;
+    // What is stored is what was screened: the raw text only when nothing
+    // in it could be an RRN (so a duplicate key or an escape cannot hide
+    // one from the parse), else the screened value re-serialised.
+    let json = if rrn_stripped.is_empty() && !rrn::suspicious(json) {
+        json.to_owned()
+    } else {
+        serde_json::to_string(&value).expect("a parsed value serializes")
     };
     let mut let_through = Vec::new();
     let mut code_systems = Vec::new();
@@ -128,7 +138,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
     };
     match ty {
         "Patient" => {
-            let p: Patient = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
+            let p: Patient = parse(&value, shown, ctx, &mut let_through).map_err(invalid)?;
             indexed.patient = Some(PatientRow {
                 id: id.to_owned(),
                 gender: p
@@ -140,7 +150,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(id.to_owned());
         }
         "Condition" => {
-            let c: Condition = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
+            let c: Condition = parse(&value, shown, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(Some(&c.subject)).ok_or_else(|| {
                 invalid("Condition.subject is not a Patient reference".to_owned())
             })?;
@@ -195,7 +205,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(patient);
         }
         "Observation" => {
-            let o: Observation = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
+            let o: Observation = parse(&value, shown, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(o.subject.as_ref()).ok_or_else(|| {
                 invalid("Observation.subject is not a Patient reference".to_owned())
             })?;
@@ -258,7 +268,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(patient);
         }
         "Encounter" => {
-            let e: Encounter = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
+            let e: Encounter = parse(&value, shown, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(e.subject.as_ref());
             if let Some(patient) = &patient {
                 let period = e.period.as_ref();
@@ -273,7 +283,8 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = patient;
         }
         "MedicationRequest" => {
-            let m: MedicationRequest = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
+            let m: MedicationRequest =
+                parse(&value, shown, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(Some(&m.subject)).ok_or_else(|| {
                 invalid("MedicationRequest.subject is not a Patient reference".to_owned())
             })?;
@@ -299,7 +310,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(patient);
         }
         "Consent" => {
-            let c: Consent = parse(&json, ty, ctx, &mut let_through).map_err(invalid)?;
+            let c: Consent = parse(&value, shown, ctx, &mut let_through).map_err(invalid)?;
             let patient = patient_of(c.patient.as_ref())
                 .ok_or_else(|| invalid("Consent.patient is not a Patient reference".to_owned()))?;
             let mut record = crate::consent::record_of(&c, date_time_unix, ctx.imported_at);
@@ -307,7 +318,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             // code too, so that it governs requests in KCD-8 as the mapped
             // rows answer them.
             if let Some(provision) = &mut record.provision {
-                translate_codes(provision, &ctx.to_kcd);
+                translate_codes(provision, Rule::Deny, &ctx.to_kcd);
             }
             let decision = record
                 .provision
@@ -329,7 +340,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
             indexed.resource.patient_id = Some(patient);
         }
         _ => {
-            parse::<Resource>(&json, ty, ctx, &mut let_through).map_err(invalid)?;
+            parse::<Resource>(&value, shown, ctx, &mut let_through).map_err(invalid)?;
         }
     }
     indexed.resource.content = json;
@@ -341,11 +352,24 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
     })
 }
 
-/// Adds to each provision the KCD-8 codes its codes map to.
+/// Adds to each deny provision the KCD-8 codes its codes map to, so that
+/// it governs KCD-8 requests the mapped rows answer. A permit is left as
+/// written: a map from a narrow concept to a broad KCD-8 code would widen
+/// what the patient permitted. `parent` is the rule a provision without
+/// its own inherits (a root without one is read as a deny: adding codes to
+/// a deny only narrows).
 fn translate_codes(
     provision: &mut crate::consent::Provision,
+    parent: Rule,
     to_kcd: &HashMap<(String, String), Vec<String>>,
 ) {
+    let rule = provision.rule.unwrap_or(parent);
+    for child in &mut provision.provisions {
+        translate_codes(child, rule, to_kcd);
+    }
+    if rule != Rule::Deny {
+        return;
+    }
     let mapped: Vec<(String, String)> = provision
         .codes
         .iter()
@@ -356,9 +380,6 @@ fn translate_codes(
         if !provision.codes.contains(&code) {
             provision.codes.push(code);
         }
-    }
-    for child in &mut provision.provisions {
-        translate_codes(child, to_kcd);
     }
 }
 
@@ -374,16 +395,15 @@ fn systems_of(concept: &CodeableConcept) -> Vec<String> {
 /// the format (`conformance`): a departure rejects it unless the node is
 /// lenient, which lets it through and records where.
 fn parse<T: DeserializeOwned + Serialize>(
-    json: &str,
+    input: &Value,
     ty: &str,
     ctx: &IndexContext,
     let_through: &mut Vec<Finding>,
 ) -> Result<T, String> {
     let bad = |e: serde_json::Error| format!("invalid {ty}: {}", redact(&e.to_string()));
-    let typed: T = serde_json::from_str(json).map_err(bad)?;
-    let input: Value = serde_json::from_str(json).map_err(bad)?;
+    let typed = T::deserialize(input).map_err(bad)?;
     let round_trip = serde_json::to_value(&typed).map_err(bad)?;
-    let findings = conformance::check(ty, &input, &round_trip);
+    let findings = conformance::check(ty, input, &round_trip);
     if !findings.is_empty() {
         if !ctx.lenient {
             return Err(format!("invalid {ty}: {}", conformance::reason(&findings)));

@@ -187,6 +187,13 @@ pub(super) fn snomed_diagnoses_answer_kcd_queries_through_a_loaded_map(f: Fixtur
     );
     lines.push(r#"{"resourceType":"Condition","id":"sc11","subject":{"reference":"Patient/s11"},"code":{"coding":[{"system":"http://snomed.info/sct","code":"44054006"},{"system":"http://snomed.info/sct","code":"86406008"}]}}"#.to_owned());
     lines.push(r#"{"resourceType":"Consent","id":"k0","status":"active","scope":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/consentscope","code":"research"}]},"category":[{"coding":[{"system":"http://loinc.org","code":"57016-8"}]}],"patient":{"reference":"Patient/s0"},"dateTime":"2025-01-01T00:00:00Z","provision":{"type":"permit","provision":[{"type":"deny","code":[{"coding":[{"system":"http://snomed.info/sct","code":"44054006"}]}]}]}}"#.to_owned());
+    // s12 permits research on the SNOMED CT code only: a map to the whole
+    // KCD-8 category must not widen that permit to KCD-8 requests.
+    lines.push(
+        r#"{"resourceType":"Patient","id":"s12","gender":"male","birthDate":"1955"}"#.to_owned(),
+    );
+    lines.push(r#"{"resourceType":"Condition","id":"sc12","subject":{"reference":"Patient/s12"},"code":{"coding":[{"system":"http://snomed.info/sct","code":"44054006"}]}}"#.to_owned());
+    lines.push(r#"{"resourceType":"Consent","id":"k12","status":"active","scope":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/consentscope","code":"research"}]},"category":[{"coding":[{"system":"http://loinc.org","code":"57016-8"}]}],"patient":{"reference":"Patient/s12"},"dateTime":"2025-01-01T00:00:00Z","provision":{"type":"permit","code":[{"coding":[{"system":"http://snomed.info/sct","code":"44054006"}]}]}}"#.to_owned());
     write(&file, &lines);
     let report = import_path(&f.store, &file, &ImportOptions::default()).unwrap();
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
@@ -194,7 +201,7 @@ pub(super) fn snomed_diagnoses_answer_kcd_queries_through_a_loaded_map(f: Fixtur
         report
             .code_systems
             .get(&("Condition".to_owned(), SNOMED.to_owned())),
-        Some(&12)
+        Some(&13)
     );
     assert_eq!(kcd_count(&f.store, "E11"), 0, "no map yet");
     let map = f.dir.path().join("snomed-kcd.csv");
@@ -205,7 +212,8 @@ pub(super) fn snomed_diagnoses_answer_kcd_queries_through_a_loaded_map(f: Fixtur
     );
     reindex(&f.store, 100).unwrap();
     // s1..s10: s0's deny of the SNOMED CT code governs the KCD-8 query too,
-    // and s11's partly mapped diagnosis is not read as E11.
+    // s11's partly mapped diagnosis is not read as E11, and s12's permit
+    // stays the SNOMED CT code's.
     assert_eq!(kcd_count(&f.store, "E11"), 10);
     // A bad row names its line and changes nothing.
     std::fs::write(&map, "44054006,E11\nnot-a-code,E11\n").unwrap();
