@@ -13,6 +13,7 @@
 # throwaway databases are created and dropped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 patients=${1:-100000}
 work=${2:-$(mktemp -d)}
 pg_admin=${GHX_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -36,7 +37,7 @@ id = "chosun"
 display_name = "Chosun University Hospital"
 listen = "127.0.0.1:0"
 database_url = "$2"
-policy_dir = "$PWD/policies/chosun"
+policy_dir = "$repo/policies/chosun"
 [tls]
 ca = "unused.pem"
 cert = "unused.pem"

@@ -14,6 +14,11 @@ use clap::Parser;
 
 use args::{Cli, Command, CoordinatorCommand, NodeCommand};
 
+/// mimalloc: the import's parser threads allocate and free millions of
+/// small JSON values, where glibc's allocator spent a fifth of the time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // The services set up their telemetry once their configuration is read

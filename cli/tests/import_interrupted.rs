@@ -33,6 +33,8 @@ fn import(config: &Path, data: &Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_ghx"))
         .args(["node", "import", "--batch-size", "300", "--config"])
         .arg(config)
+        .arg("--rejects")
+        .arg(config.with_extension("rejects.txt"))
         .arg(data)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

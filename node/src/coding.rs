@@ -111,3 +111,64 @@ impl HeldSystems {
         Ok(notes.into_iter().collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::import::{ImportOptions, import_path};
+
+    fn spec(system: &str, code: &str, matching: &str) -> QuerySpec {
+        let json = format!(
+            r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","conditions":[
+                {{"system":"{system}","code":"{code}","match":"{matching}"}}]}},"analysis":{{"kind":"count"}}}}"#
+        );
+        QuerySpec::parse(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_query_in_a_system_the_node_does_not_hold_is_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("n.db").to_str().unwrap()).unwrap();
+        let file = dir.path().join("cm.ndjson");
+        std::fs::write(
+            &file,
+            [
+                r#"{"resourceType":"Patient","id":"p1","gender":"female"}"#,
+                r#"{"resourceType":"Condition","id":"c1","subject":{"reference":"Patient/p1"},"code":{"coding":[{"system":"http://hl7.org/fhir/sid/icd-10-cm","code":"E11.65"}]}}"#,
+                r#"{"resourceType":"Condition","id":"c2","subject":{"reference":"Patient/p1"},"code":{"coding":[{"system":"http://snomed.info/sct","code":"38341003"}]}}"#,
+            ]
+            .join("\n"),
+        )
+        .unwrap();
+        import_path(&store, &file, &ImportOptions::default()).unwrap();
+        let held = HeldSystems::default();
+        // E11* reaches ICD-10-CM at the category: no note.
+        assert!(
+            held.notes(&store, &spec(KCD8, "E11", "prefix"))
+                .unwrap()
+                .is_empty()
+        );
+        // An exact subcode does not cross systems: said, with what is held.
+        let notes = held.notes(&store, &spec(KCD8, "E11.9", "exact")).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("coding: no Condition at this node is coded in KCD-8; they are coded in ICD-10-CM, SNOMED CT")
+                && notes[0].contains("only ICD-10 categories")
+                && notes[0].contains("SNOMED CT to KCD-8 map"),
+            "{}",
+            notes[0]
+        );
+        // A system a requester names that ghx does not know gets no note
+        // either way: whether anything is coded in it is not told.
+        assert!(
+            held.notes(&store, &spec("urn:local:hiv-lab", "X1", "exact"))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            held.notes(&store, &spec(SNOMED, "38341003", "exact"))
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

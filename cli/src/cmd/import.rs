@@ -238,7 +238,7 @@ async fn print_consent(config: &OfflineConfig, store: &ghx_node::Store) {
                 );
             }
         }
-        Ok(Err(e)) => println!("consent: cannot compute the picture: {e:#}"),
+        Ok(Err(e)) => println!("consent: cannot compute the picture: {e}"),
         Err(e) => println!("consent: cannot compute the picture: {e}"),
     }
 }

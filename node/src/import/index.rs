@@ -104,14 +104,15 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
     // One parse serves screening, the typed resource and the format check.
     let mut value: Value = serde_json::from_str(json)
         .map_err(|e| invalid(format!("not valid JSON: {}", redact(&e.to_string()))))?;
-    let rrn_stripped = rrn::screen_value(&mut value, ctx.rrn).map_err(invalid)?;
-    // What is stored is what was screened: the raw text only when nothing
-    // in it could be an RRN (so a duplicate key or an escape cannot hide
-    // one from the parse), else the screened value re-serialised.
-    let json = if rrn_stripped.is_empty() && !rrn::suspicious(json) {
-        json.to_owned()
+    // What is stored is what was screened: the raw text when nothing in it
+    // could be an RRN (no escape, so the parse shows what the text does),
+    // else the screened value re-serialised.
+    let (json, rrn_stripped) = if rrn::suspicious(json) {
+        let removed = rrn::screen_value(&mut value, ctx.rrn).map_err(invalid)?;
+        let text = serde_json::to_string(&value).expect("a parsed value serializes");
+        (text, removed)
     } else {
-        serde_json::to_string(&value).expect("a parsed value serializes")
+        (json.to_owned(), Vec::new())
     };
     let mut let_through = Vec::new();
     let mut code_systems = Vec::new();

@@ -94,14 +94,26 @@ pub(crate) fn screen(json: &str, policy: RrnPolicy) -> Screened {
 /// show as the text does: a candidate number (any run of 11 digits or
 /// more, whatever surrounds it), the RRN system or type, or any escape.
 pub(crate) fn suspicious(json: &str) -> bool {
-    json.contains('\\')
-        || json.contains(RRN_SYSTEM)
-        || json.contains("NNKOR")
-        || contains_rrn(json.as_bytes())
-        || json
-            .as_bytes()
-            .split(|b| !b.is_ascii_digit())
-            .any(|run| run.len() >= 11)
+    let bytes = json.as_bytes();
+    // One pass for escapes and long digit runs (every candidate number has
+    // a run of six or more digits; 11 catch whole numbers too).
+    let mut run = 0;
+    let mut six = false;
+    for &b in bytes {
+        if b.is_ascii_digit() {
+            run += 1;
+            if run >= 11 {
+                return true;
+            }
+            six |= run >= 6;
+        } else {
+            if b == b'\\' {
+                return true;
+            }
+            run = 0;
+        }
+    }
+    (six && contains_rrn(bytes)) || json.contains(RRN_SYSTEM) || json.contains("NNKOR")
 }
 
 /// Screens a parsed resource in place: RRN identifiers are removed (their

@@ -5,7 +5,8 @@
 //! SQLite (a file) is the embedded default; a `postgres://` URL selects
 //! PostgreSQL. Each operation is written once and expanded for both backends
 //! by `ghx_db::with_conn!`, so the two cannot drift apart, and the same test
-//! suite runs on both. Migrations are embedded in the binary and applied when
+//! suite runs on both. Bulk rows are the one place the backends differ in
+//! kind: `insert_rows!` copies them in with `COPY FROM` on PostgreSQL. Migrations are embedded in the binary and applied when
 //! the store opens.
 //!
 //! One `impl Store` per table family, each in its own file: `resources`
