@@ -85,13 +85,7 @@ impl Eligibility {
             return Ok(Prepared { context, summary });
         }
         let inputs = store.consent_inputs()?;
-        let mut by_patient: HashMap<&str, Vec<ConsentRecord>> = HashMap::new();
-        for row in &inputs.consents {
-            by_patient
-                .entry(row.patient_id.as_str())
-                .or_default()
-                .push(record_of_row(row)?);
-        }
+        let by_patient = by_patient(&inputs)?;
         let mut summary = Summary::default();
         let mut rows = Vec::new();
         for patient in &inputs.patients {
@@ -142,13 +136,7 @@ pub struct Picture {
 /// Computes the [`Picture`] at unix second `at` (nothing is stored).
 pub fn picture(store: &Store, rules: &ConsentRules, at: i64) -> Result<Picture, Error> {
     let inputs = store.consent_inputs()?;
-    let mut by_patient: HashMap<&str, Vec<ConsentRecord>> = HashMap::new();
-    for row in &inputs.consents {
-        by_patient
-            .entry(row.patient_id.as_str())
-            .or_default()
-            .push(record_of_row(row)?);
-    }
+    let by_patient = by_patient(&inputs)?;
     let request = ConsentRequest {
         purpose: "HRESCH".to_owned(),
         classes: [
@@ -186,6 +174,18 @@ pub fn picture(store: &Store, rules: &ConsentRules, at: i64) -> Result<Picture, 
         with_consent,
         research,
     })
+}
+
+/// Each patient's consents, read from their rows.
+fn by_patient(inputs: &store::ConsentInputs) -> Result<HashMap<&str, Vec<ConsentRecord>>, Error> {
+    let mut by_patient: HashMap<&str, Vec<ConsentRecord>> = HashMap::new();
+    for row in &inputs.consents {
+        by_patient
+            .entry(row.patient_id.as_str())
+            .or_default()
+            .push(record_of_row(row)?);
+    }
+    Ok(by_patient)
 }
 
 fn record_of_row(row: &store::ConsentRow) -> Result<ConsentRecord, Error> {
