@@ -6,7 +6,8 @@
 //! A note names only code systems ghx knows (KCD-8, WHO ICD-10, ICD-10-CM,
 //! SNOMED CT, LOINC, HIRA EDI, ATC) and whether the node holds any
 //! diagnoses, labs or prescriptions in them: hospital facts, never a code or
-//! a count. The systems held are read once per data generation.
+//! a count. Which of them the node holds is probed on the code indexes
+//! (a seek per system and table), once per data generation.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -31,7 +32,8 @@ fn name(system: &str) -> Option<&'static str> {
     NAMES.iter().find(|(s, _)| *s == system).map(|(_, n)| *n)
 }
 
-/// (resource type, canonical system) pairs the node's index holds.
+/// (resource type, canonical system) pairs the node's index holds, of the
+/// systems ghx knows.
 type Held = BTreeSet<(String, String)>;
 
 /// The systems held, cached per data generation.
@@ -49,7 +51,14 @@ impl HeldSystems {
         {
             return Ok(held.clone());
         }
-        let held: Held = store.held_code_systems()?.into_iter().collect();
+        let mut held = Held::new();
+        for ty in ["Condition", "Observation", "MedicationRequest"] {
+            for (system, _) in NAMES {
+                if store.holds_code_system(ty, system)? {
+                    held.insert((ty.to_owned(), (*system).to_owned()));
+                }
+            }
+        }
         *cache = Some((generation, held.clone()));
         Ok(held)
     }

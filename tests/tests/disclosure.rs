@@ -1046,6 +1046,9 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
     };
     let (f32_cm, depression_sct) = (query_for(ICD10CM, "F32"), query_for(SNOMED, "35489007"));
     let f3_cm = query_for(ICD10CM, "F3");
+    // Issue 40's concept layer: a KCD-8 category reaches the ICD-10-CM
+    // diagnoses too, and must reach no one consent keeps out.
+    let f32_kcd = query_for("http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8", "F32");
     let antiretroviral = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","medications":[{"system":"http://www.whocc.no/atc","code":"J05AR","match":"prefix"}]},"analysis":{"kind":"count"}}"#;
     // With a window, the engine's SQL answers rather than the cohort index.
     let antiretroviral_since = r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","medications":[{"system":"http://www.whocc.no/atc","code":"J05AR25","window":{"from":"2020-01-01"}}]},"analysis":{"kind":"count"}}"#;
@@ -1080,6 +1083,7 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         &[
             ("f32", &f32_cm),
             ("f3", &f3_cm),
+            ("f32-kcd", &f32_kcd),
             ("sct", &depression_sct),
             ("arv", antiretroviral),
             ("arv-since", antiretroviral_since),
@@ -1096,7 +1100,16 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
         .approved_study(REQUESTER, manifest.clone())
         .await
         .unwrap();
-    for query in ["f32", "f3", "sct", "arv", "arv-since", "vl", "vl-mean"] {
+    for query in [
+        "f32",
+        "f3",
+        "f32-kcd",
+        "sct",
+        "arv",
+        "arv-since",
+        "vl",
+        "vl-mean",
+    ] {
         let result = federation.run_study(&study, query).await.unwrap();
         assert!(result.per_node.is_empty(), "{query}: {:?}", result.per_node);
         assert!(
@@ -1146,6 +1159,9 @@ async fn sensitive_categories_hold_in_any_code_system_and_in_prescriptions() {
     // alone; F3 leaves out the last.
     assert_eq!(chosun_count("f32").await, Some(36));
     assert_eq!(chosun_count("f3").await, Some(24));
+    // Asked in KCD-8 (the node holds no KCD-8 F32), the same 36: the
+    // category crosses systems and consent still decides who is counted.
+    assert_eq!(chosun_count("f32-kcd").await, Some(36));
     // SNOMED CT alone cannot be classified: only the dual-coded 12 who
     // named mental health take part.
     assert_eq!(chosun_count("sct").await, Some(12));

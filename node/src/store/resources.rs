@@ -271,38 +271,31 @@ impl Store {
                     let r = &item.resource;
                     !existing.contains_key(&(r.resource_type.clone(), r.id.clone()))
                 });
-                let fresh_rows: Vec<_> = fresh
-                    .iter()
-                    .map(|(item, version)| {
-                        let r = &item.resource;
-                        (
-                            resources::resource_type.eq(&r.resource_type),
-                            resources::id.eq(&r.id),
-                            resources::version_id.eq(*version),
-                            resources::last_updated.eq(&now),
-                            resources::content_sha256.eq(&r.content_sha256),
-                            resources::patient_id.eq(r.patient_id.as_deref()),
-                            resources::content.eq(&r.content),
-                        )
-                    })
-                    .collect();
+                // One row shape for both (a macro: the row borrows from the
+                // batch, which a closure's signature cannot say).
+                macro_rules! resource_rows {
+                    ($writes:expr) => {
+                        $writes
+                            .iter()
+                            .map(|(item, version)| {
+                                let r = &item.resource;
+                                (
+                                    resources::resource_type.eq(&r.resource_type),
+                                    resources::id.eq(&r.id),
+                                    resources::version_id.eq(*version),
+                                    resources::last_updated.eq(&now),
+                                    resources::content_sha256.eq(&r.content_sha256),
+                                    resources::patient_id.eq(r.patient_id.as_deref()),
+                                    resources::content.eq(&r.content),
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    };
+                }
+                let fresh_rows = resource_rows!(fresh);
                 insert_rows!(conn, resources::table, fresh_rows);
                 for chunk in stored.chunks(INSERT_CHUNK) {
-                    let rows: Vec<_> = chunk
-                        .iter()
-                        .map(|(item, version)| {
-                            let r = &item.resource;
-                            (
-                                resources::resource_type.eq(&r.resource_type),
-                                resources::id.eq(&r.id),
-                                resources::version_id.eq(*version),
-                                resources::last_updated.eq(&now),
-                                resources::content_sha256.eq(&r.content_sha256),
-                                resources::patient_id.eq(r.patient_id.as_deref()),
-                                resources::content.eq(&r.content),
-                            )
-                        })
-                        .collect();
+                    let rows = resource_rows!(chunk);
                     diesel::insert_into(resources::table)
                         .values(rows)
                         .on_conflict((resources::resource_type, resources::id))
@@ -575,8 +568,33 @@ impl Store {
             .collect())
     }
 
+    /// Whether any diagnosis, lab or prescription (`resource_type`
+    /// Condition, Observation or MedicationRequest) is indexed under
+    /// `system`: one seek on the code index.
+    pub fn holds_code_system(&self, resource_type: &str, system: &str) -> Result<bool> {
+        let found: Option<String> = with_conn!(self.backend, |conn| match resource_type {
+            "Condition" => condition_codes::table
+                .filter(condition_codes::system.eq(system))
+                .select(condition_codes::system)
+                .first(conn)
+                .optional()?,
+            "Observation" => observation_values::table
+                .filter(observation_values::system.eq(system))
+                .select(observation_values::system)
+                .first(conn)
+                .optional()?,
+            "MedicationRequest" => medication_codes::table
+                .filter(medication_codes::system.eq(system))
+                .select(medication_codes::system)
+                .first(conn)
+                .optional()?,
+            _ => None,
+        });
+        Ok(found.is_some())
+    }
+
     /// The (resource type, code system) pairs the index holds codes in:
-    /// diagnoses, labs and prescriptions.
+    /// diagnoses, labs and prescriptions (a scan: for `ghx node status`).
     pub fn held_code_systems(&self) -> Result<Vec<(String, String)>> {
         let (conditions, observations, medications) = with_conn!(self.backend, |conn| {
             let c: Vec<String> = condition_codes::table
