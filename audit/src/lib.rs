@@ -305,6 +305,11 @@ pub mod action {
     /// Step 3 of a training round, which releases the masked contribution.
     pub const MASKED_INPUT: &str = "round:masked-input";
     const ROUND: &str = "round:";
+    /// A pooled query's first step: admitted, the vector computed, keys
+    /// made.
+    pub const POOLED: &str = "pooled";
+    /// A pooled query's second step, which releases the masked vector.
+    pub const POOLED_INPUT: &str = "pooled:masked-input";
 
     /// Step 1 of a training round in `phase` (moments, train, evaluate).
     pub fn round(phase: &str) -> String {
@@ -313,12 +318,17 @@ pub mod action {
 
     /// Whether a node records `action` for a request the coordinator sends.
     pub fn is_dispatched(action: &str) -> bool {
-        action == AGGREGATE || action == REVOKE || action.starts_with(ROUND)
+        action == AGGREGATE || action == REVOKE || action.starts_with(ROUND) || is_pooled(action)
+    }
+
+    /// Whether `action` is a step of a pooled query.
+    pub fn is_pooled(action: &str) -> bool {
+        action == POOLED || action == POOLED_INPUT
     }
 
     /// Whether `action` asks for data (a query or a training step).
     pub fn is_query(action: &str) -> bool {
-        action == AGGREGATE || action.starts_with(ROUND)
+        action == AGGREGATE || action.starts_with(ROUND) || is_pooled(action)
     }
 }
 

@@ -265,6 +265,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
+        pooled_without_noise: false,
     })
     .await?;
     let setup = started.elapsed();

@@ -86,6 +86,10 @@ pub struct LocalFederationOptions {
     /// Whether node-admins may register node ids the coordinator's
     /// configuration does not list (`registration.new_nodes`).
     pub open_registration: bool,
+    /// Whether nodes contribute to pooled tables without noise
+    /// (`release.pooled_without_noise`), and so release no cells of their
+    /// own (`release.per_hospital = false`).
+    pub pooled_without_noise: bool,
 }
 
 impl LocalFederationOptions {
@@ -103,6 +107,7 @@ impl LocalFederationOptions {
             node_link: NodeLink::Listen,
             min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
             open_registration: false,
+            pooled_without_noise: false,
         }
     }
 }
@@ -261,6 +266,11 @@ impl LocalFederation {
                 .join(", "),
             pins.join(", ")
         );
+        let release_table = if options.pooled_without_noise {
+            "\n[release]\npooled_without_noise = true\nper_hospital = false\n"
+        } else {
+            ""
+        };
         let mut nodes = Vec::new();
         let mut pending = Vec::new();
         for profile in &HOSPITALS {
@@ -311,7 +321,7 @@ impl LocalFederation {
                      policy_dir = \"{policies}\"\ncoordinator_keys_dir = \"{rotated}\"\n\n\
                      [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                      renew_from = \"https://localhost:{coordinator_port}\"\nrenew_check_secs = 1\n\n\
-                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{sums_table}{outbound_table}",
+                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{sums_table}{release_table}{outbound_table}",
                     id = profile.id,
                     name = profile.name,
                     db = dir.join(format!("{}.db", profile.id)).display(),

@@ -9,6 +9,9 @@ use serde_json::json;
 /// "other") are counted under the table rather than shown; `--json` lists
 /// them.
 pub fn study_table(result: &pb::StudyResult) -> String {
+    if let Some(pooled) = &result.pooled {
+        return pooled_table(result, pooled);
+    }
     let mut header: Vec<String> = result.dimensions.clone();
     let nodes: Vec<&pb::AggregateResult> = result.per_node.iter().collect();
     header.extend(nodes.iter().map(|n| n.node_id.clone()));
@@ -137,6 +140,93 @@ pub fn study_table(result: &pb::StudyResult) -> String {
     out
 }
 
+/// Aligned columns: dimensions left, numbers right, a rule under the
+/// header.
+fn aligned(rows: &[Vec<String>], dims: usize) -> String {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, v)| {
+                if c < dims {
+                    format!("{v:<w$}", w = widths[c])
+                } else {
+                    format!("{v:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+        if i == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            out.push_str(&rule.join("  "));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A pooled result: one column, the federation's table as released.
+fn pooled_table(result: &pb::StudyResult, pooled: &pb::PooledRelease) -> String {
+    let mut header = result.dimensions.clone();
+    header.push("pooled".to_owned());
+    let mut rows = vec![header];
+    for total in &result.total {
+        let mut row = total.key.clone();
+        row.push(if total.withheld.starts_with("withheld") {
+            "x".to_owned()
+        } else if !total.withheld.is_empty() {
+            format!("<{}", pooled.min_cell_size)
+        } else {
+            match (&total.summary, &total.rate) {
+                (Some(m), _) => moments(m, false),
+                (_, Some(r)) => rate(r, result.rate_per),
+                _ => total.count.to_string(),
+            }
+        });
+        rows.push(row);
+    }
+    let mut out = String::new();
+    if !pooled.contributors.is_empty() {
+        out = aligned(&rows, result.dimensions.len());
+        out.push_str(&format!(
+            "\npooled over {} under secure aggregation: no hospital's own cells were seen; <N: below the cell size of the pooled table; x: withheld to protect one\n",
+            pooled.contributors.join(", ")
+        ));
+    }
+    if result.rate_per > 0 {
+        out.push_str(&format!(
+            "rates are events per {} patients (events/patients)\n",
+            result.rate_per
+        ));
+    }
+    for q in &result.quantiles {
+        let group = if q.group.is_empty() {
+            "all".to_owned()
+        } else {
+            q.group.join("/")
+        };
+        let value = q
+            .value
+            .map_or_else(|| "in an open-ended bin".to_owned(), |v| format!("{v:.3}"));
+        out.push_str(&format!("quantile {} of {group}: {value}\n", q.q));
+    }
+    for note in &pooled.notes {
+        out.push_str(&format!("pooled: {note}\n"));
+    }
+    for failure in &result.failures {
+        out.push_str(&format!(
+            "{}: did not take part: {}\n",
+            failure.node_id, failure.reason
+        ));
+    }
+    out
+}
+
 /// A summary cell: mean±sd (n), with the range when released and asked for.
 fn moments(m: &pb::Moments, with_range: bool) -> String {
     let sd = if m.n > 1 {
@@ -190,6 +280,9 @@ pub fn study_json(result: &pb::StudyResult) -> serde_json::Value {
         "failures": result.failures.iter().map(|f| json!({"node_id": f.node_id, "reason": f.reason})).collect::<Vec<_>>(),
         "total": result.total.iter().map(|t| {
             let mut v = json!({"key": t.key, "count": t.count, "suppressed_at": t.suppressed_at});
+            if !t.withheld.is_empty() {
+                v["withheld"] = json!(t.withheld);
+            }
             if let Some(m) = &t.summary {
                 v["summary"] = moments_json(m);
             }
@@ -202,6 +295,12 @@ pub fn study_json(result: &pb::StudyResult) -> serde_json::Value {
         }).collect::<Vec<_>>(),
         "rate_per": result.rate_per,
         "quantiles": result.quantiles.iter().map(|q| json!({"group": q.group, "q": q.q, "value": q.value, "partial": q.partial})).collect::<Vec<_>>(),
+        "pooled": result.pooled.as_ref().map(|p| json!({
+            "contributors": p.contributors,
+            "notes": p.notes,
+            "min_cell_size": p.min_cell_size,
+            "noise": p.noise.as_ref().map(|z| json!({"mechanism": z.mechanism, "epsilon": z.epsilon, "delta": z.delta, "detail": z.detail})),
+        })),
     })
 }
 

@@ -23,6 +23,7 @@ async fn audit_commands_verify_export_reconcile_and_review() {
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
+        pooled_without_noise: false,
     })
     .await
     .unwrap();

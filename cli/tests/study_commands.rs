@@ -36,6 +36,7 @@ async fn requester_and_committee_commands_work_end_to_end() {
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         // A fourth hospital's node is registered below.
         open_registration: true,
+        pooled_without_noise: false,
     })
     .await
     .unwrap();

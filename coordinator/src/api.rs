@@ -345,6 +345,36 @@ impl CoordinatorApi {
         );
         let token = inner.signer.sign(&claims)?;
         tracing::info!(study = %study.id, query = %named.name, nodes = nodes.len(), capability = %claims.jti, "running study");
+        let sent = dispatch::Sent {
+            action: ghx_audit::action::AGGREGATE,
+            study_id: &study.id,
+            capability_id: &claims.jti,
+            request_sha256: query::digest(&query_json),
+            requester: &claims.requester,
+            requester_org: &claims.org,
+            purpose: &claims.purpose,
+            epsilon: named.query.noise.as_ref().map_or(0.0, |n| n.epsilon),
+        };
+        if named.query.release == query::Release::Pooled {
+            let result = crate::pooled::run(
+                &inner.registry,
+                &inner.audit,
+                nodes,
+                crate::pooled::Request {
+                    study_id: &study.id,
+                    named,
+                    manifest: &study.manifest,
+                    manifest_json: &study.manifest_json,
+                    query_json: &query_json,
+                    capability: &token,
+                    sent,
+                },
+            )
+            .await
+            .map_err(ApiError::Audit)?;
+            inner.studies.record_result(&study.id, &result)?;
+            return Ok(result);
+        }
         let (per_node, failures) = inner
             .registry
             .run_aggregate(&token, &query_json, &study.manifest_json)
@@ -352,16 +382,7 @@ impl CoordinatorApi {
         let spec = &named.query;
         dispatch::record(
             &inner.audit,
-            &dispatch::Sent {
-                action: ghx_audit::action::AGGREGATE,
-                study_id: &study.id,
-                capability_id: &claims.jti,
-                request_sha256: query::digest(&query_json),
-                requester: &claims.requester,
-                requester_org: &claims.org,
-                purpose: &claims.purpose,
-                epsilon: spec.noise.as_ref().map_or(0.0, |n| n.epsilon),
-            },
+            &sent,
             per_node
                 .iter()
                 .map(|r| (r.node_id.clone(), dispatch::Answer::of_result(r))),
@@ -388,6 +409,7 @@ impl CoordinatorApi {
             failures,
             quantiles,
             rate_per,
+            pooled: None,
         };
         inner.studies.record_result(&study.id, &result)?;
         Ok(result)
@@ -687,6 +709,12 @@ fn summary_to_wire(study: &studies::Study, quorum: usize) -> pb::StudySummary {
 fn result_to_wire(study_id: &str, result: StudyResult) -> pb::StudyResult {
     use ghx_proto::convert;
     pb::StudyResult {
+        pooled: result.pooled.map(|p| pb::PooledRelease {
+            contributors: p.contributors,
+            notes: p.notes,
+            noise: p.noise.map(convert::noise_to_wire),
+            min_cell_size: p.min_cell_size,
+        }),
         study_id: study_id.to_owned(),
         query: result.query,
         dimensions: result.dimensions,
@@ -995,13 +1023,25 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
         );
         let detail = outcome
             .as_ref()
-            .map(|r| {
-                format!(
+            .map(|r| match &r.pooled {
+                // The table released is the coordinator's own work: its
+                // digest is in the entry.
+                Some(p) => format!(
+                    "query {}; pooled over {} hospitals, {} failed; released table sha256 {}",
+                    r.query,
+                    p.contributors.len(),
+                    r.failures.len(),
+                    ghx_audit::digest(
+                        &serde_json::to_vec(&(&r.total, &r.quantiles, p))
+                            .expect("a result serialises")
+                    )
+                ),
+                None => format!(
                     "query {}; {} nodes answered, {} failed",
                     r.query,
                     r.per_node.len(),
                     r.failures.len()
-                )
+                ),
             })
             .unwrap_or_default();
         let result = self

@@ -61,7 +61,7 @@ impl RegisteredNode {
     }
 
     /// A client for queries and revocations, bounded by the node deadline.
-    fn client(&self) -> NodeClient {
+    pub(crate) fn query_client(&self) -> NodeClient {
         self.witnessed(self.channel.clone())
     }
 
@@ -87,6 +87,11 @@ pub struct NodeRegistry {
 }
 
 impl NodeRegistry {
+    /// How long one call to a node may take.
+    pub(crate) fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
     pub fn new(tls: Transport, deadline: Duration) -> Self {
         NodeRegistry {
             tls,
@@ -237,7 +242,7 @@ impl NodeRegistry {
     pub async fn exchange_heads(&self) {
         let deadline = self.deadline;
         let calls = self.list().into_iter().map(|node| async move {
-            let mut client = node.client();
+            let mut client = node.query_client();
             let mut request = tonic::Request::new(pb::GetNodeInfoRequest {});
             request.set_timeout(deadline);
             match tokio::time::timeout(deadline, client.get_node_info(request)).await {
@@ -256,7 +261,7 @@ impl NodeRegistry {
     pub async fn revoke(&self, revocation: &str) -> Vec<NodeFailure> {
         let deadline = self.deadline;
         let calls = self.list().into_iter().map(|node| async move {
-            let mut client = node.client();
+            let mut client = node.query_client();
             let mut request = tonic::Request::new(pb::RevokeStudyNodeRequest {
                 revocation: revocation.to_owned(),
             });
@@ -300,7 +305,7 @@ impl NodeRegistry {
             };
             let span = tracing::info_span!("node_call", node = %node.id);
             async move {
-                let mut client = node.client();
+                let mut client = node.query_client();
                 let mut request = tonic::Request::new(request);
                 request.set_timeout(deadline);
                 let outcome = tokio::time::timeout(deadline, client.run_aggregate(request)).await;

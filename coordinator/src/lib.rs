@@ -15,6 +15,7 @@ pub mod api;
 pub mod config;
 pub mod dispatch;
 pub mod fanout;
+mod pooled;
 pub mod store;
 pub mod studies;
 pub mod training;

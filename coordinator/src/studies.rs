@@ -136,6 +136,22 @@ pub struct StudyResult {
     /// Events per this many patients, for a rate query.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub rate_per: u32,
+    /// Set for a pooled release: `total` is the federation's table as
+    /// disclosure control released it, and `per_node` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooled: Option<PooledRelease>,
+}
+
+/// How a pooled table was made and released.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PooledRelease {
+    /// The hospitals whose cells are in the sum.
+    pub contributors: Vec<String>,
+    /// What was withheld and why, the noise and its accounting.
+    pub notes: Vec<String>,
+    pub noise: Option<ghx_study::result::NoiseStatement>,
+    /// The cell size the table was held to.
+    pub min_cell_size: u32,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -28,6 +28,7 @@ use crate::training::{self, Rounds};
 use crate::{differencing, gate, store};
 use ghx_db::audit::AuditLog;
 
+mod pooled;
 mod rounds;
 mod runs;
 
@@ -64,6 +65,10 @@ struct Inner {
     evaluations: crate::evaluations::EvaluationLimit,
     /// Most runs of one training of a study this node starts.
     max_runs: u32,
+    /// Which ways of releasing results this hospital takes part in.
+    release: crate::config::ReleaseSettings,
+    /// Pooled queries between their two steps.
+    pooled: pooled::PooledSessions,
 
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
@@ -104,6 +109,8 @@ enum ApiError {
     Training(#[from] training::Error),
     #[error("malformed round message: {0}")]
     Malformed(String),
+    #[error(transparent)]
+    Release(#[from] pooled::Refusal),
 }
 
 impl Classify for ApiError {
@@ -116,6 +123,7 @@ impl Classify for ApiError {
             ApiError::Budget(e) => e.code(),
             ApiError::Pipeline(e) => e.code(),
             ApiError::Malformed(_) => Code::InvalidArgument,
+            ApiError::Release(e) => e.code(),
             ApiError::Store(_) | ApiError::Consent(_) | ApiError::Audit(_) | ApiError::Task(_) => {
                 Code::Internal
             }
@@ -131,6 +139,7 @@ impl Classify for ApiError {
             ApiError::Budget(e) => e.kind(),
             ApiError::Pipeline(e) => e.kind(),
             ApiError::Malformed(_) => "training",
+            ApiError::Release(e) => e.kind(),
             ApiError::Store(_) | ApiError::Consent(_) | ApiError::Audit(_) | ApiError::Task(_) => {
                 "internal"
             }
@@ -177,6 +186,8 @@ impl NodeApi {
                     crate::config::DEFAULT_MAX_EVALUATIONS,
                 ),
                 max_runs: crate::config::DEFAULT_MAX_TRAINING_RUNS,
+                release: Default::default(),
+                pooled: Default::default(),
 
                 audit: store.audit_log().clone(),
                 round_keys: None,
@@ -215,6 +226,14 @@ impl NodeApi {
         Arc::get_mut(&mut self.inner)
             .expect("configured before it is shared")
             .evaluations = crate::evaluations::EvaluationLimit::new(max);
+        self
+    }
+
+    /// Which ways of releasing query results this hospital takes part in.
+    pub fn with_release(mut self, settings: &crate::config::ReleaseSettings) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before it is shared")
+            .release = settings.clone();
         self
     }
 
@@ -376,6 +395,7 @@ impl NodeApi {
                 })?;
             note_capability(&mut entry, &admitted.claims);
             entry.policy_reasons = admitted.access.summary();
+            pooled::check_release(&inner.release, &admitted, query::Release::PerHospital)?;
             let mut recorded = Recorded::default();
             let answer = self
                 .pipeline()
@@ -812,6 +832,28 @@ impl pb::node_service_server::NodeService for NodeApi {
             answered,
             |mut answered| async move { answered.recv().await.map(|a| (a, answered)) },
         ))))
+    }
+
+    async fn pooled_open(
+        &self,
+        request: Request<pb::PooledOpenRequest>,
+    ) -> Result<Response<pb::SessionOpenResponse>, Status> {
+        self.blocking(request, |api, caller, message| {
+            api.pooled_open(caller, message)
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn pooled_input(
+        &self,
+        request: Request<pb::PooledInputRequest>,
+    ) -> Result<Response<pb::PooledInputResponse>, Status> {
+        self.blocking(request, |api, caller, message| {
+            api.pooled_input(caller, message)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn revoke_study(

@@ -86,6 +86,45 @@ pub struct NodeConfig {
     /// How `ghx node import` treats what departs from the FHIR format.
     #[serde(default)]
     pub import: ImportSettings,
+    /// Which ways of releasing query results this hospital takes part in.
+    #[serde(default)]
+    pub release: ReleaseSettings,
+}
+
+/// Which ways of releasing query results this hospital takes part in: its
+/// own cells (suppressed here), and pooled tables (its raw cells summed
+/// with the other hospitals' under secure aggregation).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseSettings {
+    /// Release this hospital's own cells (a manifest query whose release
+    /// is `per_hospital`). Off: only pooled tables, so that no table of
+    /// this hospital alone ever leaves it.
+    #[serde(default = "yes")]
+    pub per_hospital: bool,
+    /// Contribute to pooled tables.
+    #[serde(default = "yes")]
+    pub pooled: bool,
+    /// Contribute to a pooled table without noise. Off by default: then
+    /// the coordinator would see the federation's small totals before
+    /// suppressing them. Needs `per_hospital = false`: an exact pooled
+    /// total less the other hospitals' released cells is this one's.
+    #[serde(default)]
+    pub pooled_without_noise: bool,
+}
+
+impl Default for ReleaseSettings {
+    fn default() -> Self {
+        ReleaseSettings {
+            per_hospital: true,
+            pooled: true,
+            pooled_without_noise: false,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// How import treats resources that depart from the FHIR format.
@@ -144,6 +183,8 @@ pub struct OfflineConfig {
     _audit: Option<toml::Value>,
     #[serde(default, rename = "telemetry")]
     _telemetry: Option<toml::Value>,
+    #[serde(default, rename = "release")]
+    _release: Option<toml::Value>,
 }
 
 impl OfflineConfig {
@@ -412,6 +453,12 @@ impl NodeConfig {
             return Err(Error::Invalid {
                 key: "max_epsilon_per_organisation",
                 problem: "must be a finite, non-negative epsilon".to_owned(),
+            });
+        }
+        if self.release.pooled_without_noise && self.release.per_hospital {
+            return Err(Error::Invalid {
+                key: "release.pooled_without_noise",
+                problem: "needs release.per_hospital = false: an exact pooled total less the other hospitals' own cells is this hospital's cell".to_owned(),
             });
         }
         if self.secure_aggregation.min_participants < 2 {

@@ -15,8 +15,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ghx_study::query::{
-    AgeRange, Analysis, CodeCriterion, CodeMatch, Dimension, EncounterCriterion, Event,
-    NO_DIAGNOSIS, Named, ObservationCriterion, Pick, QuerySpec, Variable, Window,
+    Analysis, CodeCriterion, CodeMatch, Dimension, EncounterCriterion, Event, NO_DIAGNOSIS, Named,
+    ObservationCriterion, Pick, QuerySpec, Variable, Window,
 };
 
 use crate::consent::SensitiveCodes;
@@ -24,35 +24,7 @@ pub use crate::store::Member;
 use crate::store::{self, Bind, Dialect, Store};
 use crate::terminology;
 
-/// A group and its raw, unreleased value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawCell {
-    /// One value per cell-key component, in the query's order.
-    pub key: Vec<String>,
-    pub value: Raw,
-}
-
-/// A raw cell value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Raw {
-    /// Patients in the cell.
-    Count(u64),
-    /// The variable's values of the cell's patients, sorted ascending and
-    /// clamped into the clip range when the query gives one.
-    Values(Vec<f64>),
-    /// Patients with the event, and patients.
-    Rate { events: u64, population: u64 },
-}
-
-impl Raw {
-    /// The number of patients behind the value.
-    pub fn patients(&self) -> u64 {
-        match self {
-            Raw::Count(n) | Raw::Rate { population: n, .. } => *n,
-            Raw::Values(v) => v.len() as u64,
-        }
-    }
-}
+pub use ghx_disclosure::{Raw, RawCell};
 
 /// What [`analyse`] computed, with what it had to leave out.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,9 +275,6 @@ fn band(as_of: i64, birth: Option<i64>) -> i64 {
     birth.map_or(-1, |b| ((as_of - b) / 10000 / 10).min(9))
 }
 
-/// FHIR administrative genders: the sex dimension's full domain.
-const SEXES: [&str; 4] = ["female", "male", "other", "unknown"];
-
 /// Computes the analysis's raw cells from the cohort members. Cells are in
 /// the query's natural key order ([`QuerySpec::key_order`]), and
 /// when `full_domain` is set every possible key is present, empty or not,
@@ -348,7 +317,7 @@ pub fn analyse(spec: &QuerySpec, members: &[Member], full_domain: bool) -> Analy
         },
     };
     if full_domain {
-        for key in domain(spec) {
+        for key in spec.table_keys() {
             cells.insert(key, empty());
         }
     }
@@ -450,68 +419,6 @@ fn merge(into: &mut Raw, from: Raw) {
         // One analysis makes one kind of cell (values are not printed).
         _ => unreachable!("cells of one analysis are of one kind"),
     }
-}
-
-/// Every key the analysis can produce.
-fn domain(spec: &QuerySpec) -> Vec<Vec<String>> {
-    let mut axes: Vec<Vec<String>> = spec
-        .dimensions()
-        .iter()
-        .map(|d| match d {
-            Dimension::Named(Named::Sex) => {
-                let allowed: Vec<&str> = if spec.cohort.sex.is_empty() {
-                    SEXES.to_vec()
-                } else {
-                    spec.cohort.sex.iter().map(|s| s.code()).collect()
-                };
-                allowed.into_iter().map(str::to_owned).collect()
-            }
-            Dimension::Named(Named::AgeBand) => age_bands(spec.cohort.age)
-                .map(ghx_study::query::age_band_label)
-                .collect(),
-            Dimension::Diagnosis { diagnosis } => (0..=diagnosis.len() as i64)
-                .map(|i| diagnosis_label(diagnosis, i))
-                .collect(),
-        })
-        .collect();
-    if let Analysis::Histogram { bins, .. } = &spec.analysis {
-        axes.push(
-            (0..bins.count as usize + 2)
-                .map(|i| bins.label(i))
-                .collect(),
-        );
-    }
-    axes.iter().fold(vec![Vec::new()], |keys, axis| {
-        keys.iter()
-            .flat_map(|k| {
-                axis.iter().map(move |part| {
-                    let mut k = k.clone();
-                    k.push(part.clone());
-                    k
-                })
-            })
-            .collect()
-    })
-}
-
-/// The age bands (as [`ghx_study::query::age_band_label`] numbers them) a
-/// cohort of ages `range` can fill: every band, "unknown" (-1) included,
-/// without a range; with one, the bands it overlaps (a patient without a
-/// birth date never meets a range). The query alone decides, so that which
-/// cells a table lists says nothing of who is in it.
-fn age_bands(range: Option<AgeRange>) -> impl Iterator<Item = i64> {
-    let (min, max) = match range {
-        None => (None, None),
-        Some(r) => (r.min.map(i64::from), r.max.map(i64::from)),
-    };
-    let unknown = range.is_none_or(|r| r.min.is_none() && r.max.is_none());
-    (-1..=9).filter(move |band| match *band {
-        -1 => unknown,
-        b => {
-            let (lo, hi) = (b * 10, if b == 9 { i64::MAX } else { b * 10 + 9 });
-            min.is_none_or(|m| hi >= m) && max.is_none_or(|m| lo <= m)
-        }
-    })
 }
 
 /// A date as the integer YYYYMMDD the index tables use.
@@ -1026,27 +933,4 @@ pub(crate) fn compile(
         text.push_str(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
     }
     (text, sql.binds)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_tables_age_bands_are_those_its_cohorts_age_range_can_fill() {
-        let bands = |min: Option<u32>, max: Option<u32>| -> Vec<String> {
-            age_bands(Some(AgeRange { min, max }))
-                .map(ghx_study::query::age_band_label)
-                .collect()
-        };
-        assert_eq!(age_bands(None).count(), 11);
-        assert_eq!(bands(None, None).len(), 11);
-        assert_eq!(
-            bands(Some(30), None),
-            ["30-39", "40-49", "50-59", "60-69", "70-79", "80-89", "90+"]
-        );
-        assert_eq!(bands(Some(35), Some(40)), ["30-39", "40-49"]);
-        assert_eq!(bands(None, Some(9)), ["0-9"]);
-        assert_eq!(bands(Some(95), Some(120)), ["90+"]);
-    }
 }

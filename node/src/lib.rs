@@ -159,6 +159,7 @@ impl Node {
         )
         .with_organisation_budget(self.config.max_epsilon_per_organisation)
         .with_sum_rule(&self.config.secure_aggregation)
+        .with_release(&self.config.release)
         .with_evaluation_limit(self.config.max_evaluations_per_study)
         .with_run_limit(self.config.max_training_runs_per_study)
         .with_audit_signer(

@@ -113,6 +113,13 @@ impl SumRule {
         }
     }
 
+    /// Whether the federation's members are configured: a pooled query,
+    /// whose noise each node shares by the number of members, needs them
+    /// (else made-up members would shrink every share).
+    pub fn has_members(&self) -> bool {
+        !self.members.is_empty()
+    }
+
     /// Checks a round or session of `study` keyed over `participants`
     /// before anything is computed: enough nodes, all members, and the
     /// study's set if it has one here.

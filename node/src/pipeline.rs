@@ -34,6 +34,8 @@ pub(crate) enum Error {
     View(#[from] crate::views::Error),
     #[error(transparent)]
     Budget(#[from] budget::Error),
+    #[error("pooled table: {0}")]
+    Pooled(#[from] ghx_disclosure::pooled::Error),
 }
 
 impl Classify for Error {
@@ -42,7 +44,10 @@ impl Classify for Error {
             Error::Differencing(e) => e.code(),
             Error::View(e) => e.code(),
             Error::Budget(e) => e.code(),
-            Error::Store(_) | Error::Consent(_) => Code::Internal,
+            Error::Pooled(ghx_disclosure::pooled::Error::Unreachable { .. }) => {
+                Code::InvalidArgument
+            }
+            Error::Store(_) | Error::Consent(_) | Error::Pooled(_) => Code::Internal,
         }
     }
 
@@ -51,7 +56,8 @@ impl Classify for Error {
             Error::Differencing(e) => e.kind(),
             Error::View(e) => e.kind(),
             Error::Budget(e) => e.kind(),
-            Error::Store(_) | Error::Consent(_) => "internal",
+            Error::Pooled(ghx_disclosure::pooled::Error::Unreachable { .. }) => "query",
+            Error::Store(_) | Error::Consent(_) | Error::Pooled(_) => "internal",
         }
     }
 }
@@ -205,5 +211,80 @@ impl Pipeline<'_> {
             }
         };
         Ok(release::annotate(result, spec, notes, k))
+    }
+
+    /// This node's vector for a pooled table over `nodes` nodes: its raw
+    /// cells laid out as every node lays them out, plus its share of the
+    /// noise (paid for first). Nothing here is released: the vector leaves
+    /// only masked, and only its sum with every other node's is read.
+    pub(crate) fn pooled(
+        &self,
+        admitted: &Admitted,
+        request_sha256: &str,
+        nodes: usize,
+        recorded: &mut Recorded,
+    ) -> Result<Vec<i64>, Error> {
+        use ghx_disclosure::pooled::{Layout, calibrate};
+        let store = self.store;
+        let spec = &admitted.spec;
+        let layout = Layout::of(spec);
+        let calibration = spec
+            .noise
+            .as_ref()
+            .map(|noise| calibrate(noise, &layout, nodes))
+            .transpose()?;
+        let prepared = tracing::info_span!("consent")
+            .in_scope(|| self.eligibility.prepare(store, &admitted.consent))?;
+        recorded.consent_excluded =
+            i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
+        let (members, analysed) = tracing::info_span!("engine").in_scope(|| {
+            let members = self
+                .cohorts
+                .members(store, spec, &prepared.context, self.sensitive)?;
+            let analysed = engine::analyse(spec, &members, true);
+            Ok::<_, Error>((members, analysed))
+        })?;
+        let cohort = differencing::CohortPrint::of_members(&members);
+        drop(members);
+        let org = &admitted.claims.org;
+        {
+            // A cohort a few patients from one released to the organisation
+            // before is refused here as for any release: the pooled sum
+            // moves by what this node's part of the difference holds.
+            let _releasing = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
+            let _differencing = tracing::info_span!("differencing").entered();
+            differencing::check(store, org, &cohort, admitted.min_cell_size)?;
+            if let (Some(noise), Some(_)) = (&spec.noise, &calibration) {
+                self.budget.charge(
+                    &admitted.claims.jti,
+                    &admitted.claims,
+                    &admitted.manifest,
+                    request_sha256,
+                    (noise.epsilon, noise.delta),
+                )?;
+                recorded.epsilon = noise.epsilon;
+            }
+            differencing::record(store, org, &admitted.claims.sub, request_sha256, &cohort)?;
+        }
+        let mut vector = layout.encode(&analysed.cells)?;
+        let lacking: Vec<(Vec<String>, u64)> = analysed
+            .cells
+            .iter()
+            .zip(&analysed.members)
+            .map(|(c, who)| {
+                (
+                    c.key.clone(),
+                    (who.patients.len() - who.events.len()) as u64,
+                )
+            })
+            .collect();
+        layout.set_lacking(&mut vector, &lacking);
+        if let Some(calibration) = &calibration {
+            let noise = layout.noise(calibration)?;
+            for (v, e) in vector.iter_mut().zip(noise) {
+                *v = v.wrapping_add(e);
+            }
+        }
+        Ok(vector)
     }
 }

@@ -51,12 +51,7 @@ pub fn result_to_wire(result: AggregateResult) -> pb::AggregateResult {
         min_cell_size: result.min_cell_size,
         notes: result.notes,
         analysis: result.analysis,
-        noise: result.noise.map(|n| pb::NoiseStatement {
-            mechanism: n.mechanism,
-            epsilon: n.epsilon,
-            delta: n.delta,
-            detail: n.detail,
-        }),
+        noise: result.noise.map(noise_to_wire),
         cells: result
             .cells
             .into_iter()
@@ -135,6 +130,17 @@ pub fn total_to_wire(t: TotalCell) -> pb::TotalCell {
         suppressed_at: t.suppressed_at,
         summary: t.summary.map(moments_to_wire),
         rate: t.rate.map(rate_to_wire),
+        withheld: t.withheld.unwrap_or_default(),
+    }
+}
+
+/// A statement of the noise added, as sent.
+pub fn noise_to_wire(n: NoiseStatement) -> pb::NoiseStatement {
+    pb::NoiseStatement {
+        mechanism: n.mechanism,
+        epsilon: n.epsilon,
+        delta: n.delta,
+        detail: n.detail,
     }
 }
 

@@ -71,8 +71,41 @@ pub struct QuerySpec {
     pub cohort: Cohort,
     pub analysis: Analysis,
     /// Calibrated noise each node adds before release; none by default.
+    /// In a pooled release, each node's share of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise: Option<Noise>,
+    /// Whether each hospital releases its own cells (the default), or the
+    /// hospitals' cells are summed under secure aggregation and only the
+    /// federation's table is released.
+    #[serde(default, skip_serializing_if = "Release::is_per_hospital")]
+    pub release: Release,
+}
+
+/// How a query's cells are released.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Release {
+    /// Each hospital suppresses its own small cells; the coordinator adds
+    /// what they release.
+    #[default]
+    PerHospital,
+    /// Each hospital's raw cells, with its share of the noise, are masked
+    /// and summed under secure aggregation; disclosure control applies to
+    /// the federation's (noisy) table, and no hospital's cell is seen.
+    Pooled,
+}
+
+impl Release {
+    fn is_per_hospital(&self) -> bool {
+        *self == Release::PerHospital
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Release::PerHospital => "per_hospital",
+            Release::Pooled => "pooled",
+        }
+    }
 }
 
 /// Which patients the analysis counts.
@@ -529,6 +562,28 @@ impl Dimension {
     }
 }
 
+/// FHIR administrative genders: the sex dimension's full domain.
+const SEXES: [Sex; 4] = [Sex::Female, Sex::Male, Sex::Other, Sex::Unknown];
+
+/// The age bands (as [`age_band_label`] numbers them) a cohort of ages
+/// `range` can fill: every band, "unknown" (-1) included, without a range;
+/// with one, the bands it overlaps (a patient without a birth date never
+/// meets a range).
+pub fn age_bands(range: Option<AgeRange>) -> impl Iterator<Item = i64> {
+    let (min, max) = match range {
+        None => (None, None),
+        Some(r) => (r.min.map(i64::from), r.max.map(i64::from)),
+    };
+    let unknown = range.is_none_or(|r| r.min.is_none() && r.max.is_none());
+    (-1..=9).filter(move |band| match *band {
+        -1 => unknown,
+        b => {
+            let (lo, hi) = (b * 10, if b == 9 { i64::MAX } else { b * 10 + 9 });
+            min.is_none_or(|m| hi >= m) && max.is_none_or(|m| lo <= m)
+        }
+    })
+}
+
 /// The label of the ten-year age band with index `band` (age / 10, capped at 9).
 pub fn age_band_label(band: i64) -> String {
     match band {
@@ -636,6 +691,22 @@ impl QuerySpec {
                 "the full table would have {cells} cells; at most {MAX_CELLS} (fewer dimensions, groups or bins)"
             )));
         }
+        if self.release == Release::Pooled {
+            if let Some(noise) = &self.noise
+                && (noise.mechanism != Mechanism::Gaussian || noise.delta <= 0.0)
+            {
+                return Err(invalid(
+                    "noise",
+                    "a pooled release adds distributed discrete Gaussian noise: the mechanism must be gaussian, with a delta",
+                ));
+            }
+            if let Analysis::Summary { clip: None, .. } = &self.analysis {
+                return Err(invalid(
+                    "analysis.clip",
+                    "a pooled summary needs a clip range: values are summed in fixed point within it",
+                ));
+            }
+        }
         match &self.analysis {
             Analysis::Count { .. } => {}
             Analysis::Summary { variable, clip, .. } => {
@@ -730,10 +801,12 @@ impl QuerySpec {
                         "the Gaussian mechanism needs 0 < delta < 0.001",
                     ));
                 }
-                Mechanism::Gaussian if noise.epsilon >= 1.0 => {
+                // The classical calibration holds for epsilon < 1; a pooled
+                // release's zCDP accounting for any.
+                Mechanism::Gaussian if noise.epsilon >= 1.0 && self.release != Release::Pooled => {
                     return Err(invalid(
                         "noise.epsilon",
-                        "the Gaussian mechanism as calibrated here needs epsilon < 1",
+                        "the Gaussian mechanism as calibrated here needs epsilon < 1 (a pooled release takes any)",
                     ));
                 }
                 _ => {}
@@ -931,6 +1004,60 @@ impl QuerySpec {
                 (rank, label.clone())
             })
             .collect()
+    }
+
+    /// Every cell key of the query's full table, in [`QuerySpec::key_order`]:
+    /// every value of every dimension the cohort admits (the sexes it
+    /// lists, the age bands its range can fill, each diagnosis group and
+    /// `none`) combined, then a histogram's bins. The query alone decides,
+    /// so that which cells a table lists says nothing of who is in it; and
+    /// nodes and the coordinator lay a pooled table out by it alike.
+    pub fn table_keys(&self) -> Vec<Vec<String>> {
+        let mut axes: Vec<Vec<String>> = self
+            .dimensions()
+            .iter()
+            .map(|d| match d {
+                Dimension::Named(Named::Sex) => {
+                    if self.cohort.sex.is_empty() {
+                        SEXES.iter().map(|s| s.code().to_owned()).collect()
+                    } else {
+                        self.cohort
+                            .sex
+                            .iter()
+                            .map(|s| s.code().to_owned())
+                            .collect()
+                    }
+                }
+                Dimension::Named(Named::AgeBand) => {
+                    age_bands(self.cohort.age).map(age_band_label).collect()
+                }
+                Dimension::Diagnosis { diagnosis } => diagnosis
+                    .iter()
+                    .map(|g| g.label.clone())
+                    .chain([NO_DIAGNOSIS.to_owned()])
+                    .collect(),
+            })
+            .collect();
+        if let Analysis::Histogram { bins, .. } = &self.analysis {
+            axes.push(
+                (0..bins.count as usize + 2)
+                    .map(|i| bins.label(i))
+                    .collect(),
+            );
+        }
+        let mut keys = axes.iter().fold(vec![Vec::new()], |keys, axis| {
+            keys.iter()
+                .flat_map(|k| {
+                    axis.iter().map(move |part| {
+                        let mut k = k.clone();
+                        k.push(part.clone());
+                        k
+                    })
+                })
+                .collect()
+        });
+        keys.sort_by_cached_key(|k| self.key_order(k));
+        keys
     }
 
     /// The analysis kind's name.
@@ -1141,6 +1268,24 @@ pub(crate) mod iso_date {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tables_age_bands_are_those_its_cohorts_age_range_can_fill() {
+        let bands = |min: Option<u32>, max: Option<u32>| -> Vec<String> {
+            age_bands(Some(AgeRange { min, max }))
+                .map(age_band_label)
+                .collect()
+        };
+        assert_eq!(age_bands(None).count(), 11);
+        assert_eq!(bands(None, None).len(), 11);
+        assert_eq!(
+            bands(Some(30), None),
+            ["30-39", "40-49", "50-59", "60-69", "70-79", "80-89", "90+"]
+        );
+        assert_eq!(bands(Some(35), Some(40)), ["30-39", "40-49"]);
+        assert_eq!(bands(None, Some(9)), ["0-9"]);
+        assert_eq!(bands(Some(95), Some(120)), ["90+"]);
+    }
 
     const E11_BY_SEX_AGE: &str = r#"{
         "version": "ghx.query/v1",

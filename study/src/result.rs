@@ -180,6 +180,9 @@ pub struct TotalCell {
     /// The combined counts of a rate cell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<RateCounts>,
+    /// A pooled cell disclosure control withheld, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<String>,
 }
 
 /// Combines released cells key by key, keeping track of which nodes withheld
@@ -194,6 +197,7 @@ pub fn combine(results: &[AggregateResult]) -> Vec<TotalCell> {
                 suppressed_at: Vec::new(),
                 summary: None,
                 rate: None,
+                withheld: None,
             });
             match &cell.value {
                 CellValue::Count(n) => total.count += n,
@@ -328,6 +332,7 @@ mod tests {
                     suppressed_at: vec![],
                     summary: None,
                     rate: None,
+                    withheld: None,
                 },
                 TotalCell {
                     key: vec!["male".into()],
@@ -335,6 +340,7 @@ mod tests {
                     suppressed_at: vec!["a".into()],
                     summary: None,
                     rate: None,
+                    withheld: None,
                 },
             ]
         );

@@ -435,6 +435,7 @@ impl TrainingSpec {
             cohort: self.cohort.clone(),
             analysis,
             noise: None,
+            release: Default::default(),
         }
     }
 

@@ -442,6 +442,7 @@ async fn queried_federation(
         node_link,
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
+        pooled_without_noise: false,
     })
     .await
     .unwrap();

@@ -154,6 +154,7 @@ fn state_results_and_audit_survive_a_restart(f: Fixture) {
             suppressed_at: vec![],
             summary: None,
             rate: None,
+            withheld: None,
         }],
         quantiles: vec![ghx_study::result::Quantile {
             group: vec![],
@@ -162,6 +163,7 @@ fn state_results_and_audit_survive_a_restart(f: Fixture) {
             partial: false,
         }],
         rate_per: 0,
+        pooled: None,
     };
     let mut audit = AuditRecord {
         at: "2026-11-25T00:00:00Z".into(),

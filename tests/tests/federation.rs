@@ -51,6 +51,7 @@ async fn start_with_quorum(patients: usize, quorum: usize) -> (LocalFederation, 
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
+        pooled_without_noise: false,
     })
     .await
     .expect("the local federation starts");

@@ -50,6 +50,7 @@ pub(super) async fn demo(args: DemoArgs) -> Result<()> {
         node_link: Default::default(),
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
+        pooled_without_noise: false,
     })
     .await?;
     for node in &federation.nodes {

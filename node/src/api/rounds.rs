@@ -81,7 +81,7 @@ impl NodeApi {
 
     /// Signs a statement of this node's round or session keys with its
     /// certificate key: (signature, certificate PEM).
-    fn sign_keys(&self, statement: &[u8]) -> Result<(Vec<u8>, String), ApiError> {
+    pub(super) fn sign_keys(&self, statement: &[u8]) -> Result<(Vec<u8>, String), ApiError> {
         let (identity, _) = self
             .inner
             .round_keys
@@ -556,7 +556,7 @@ impl NodeApi {
     /// every other node's were signed by that node: `statement` says whose
     /// keys they are and what was signed. This node's own keys are checked
     /// against what it made, by its secagg client.
-    fn vouched<W, K>(
+    pub(super) fn vouched<W, K>(
         &self,
         round: &str,
         wires: Vec<W>,

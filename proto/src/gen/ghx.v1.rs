@@ -98,6 +98,35 @@ pub struct Suppressed {
     #[prost(string, tag = "1")]
     pub reason: ::prost::alloc::string::String,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PooledOpenRequest {
+    /// As RunAggregateRequest: bound to the query and the manifest.
+    #[prost(string, tag = "1")]
+    pub capability: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub query: ::core::option::Option<QuerySpec>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub manifest_json: ::prost::alloc::vec::Vec<u8>,
+    /// The session: every member, threshold every member, dim the layout's.
+    #[prost(message, optional, tag = "4")]
+    pub params: ::core::option::Option<RoundParams>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PooledInputRequest {
+    #[prost(string, tag = "1")]
+    pub session: ::prost::alloc::string::String,
+    /// The members' signed keys, this node's included.
+    #[prost(message, repeated, tag = "2")]
+    pub keys: ::prost::alloc::vec::Vec<SessionKeys>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PooledInputResponse {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    /// The node's vector (signed integers in the ring of 2^64), masked.
+    #[prost(fixed64, repeated, tag = "2")]
+    pub values: ::prost::alloc::vec::Vec<u64>,
+}
 /// What every participant of a secure-aggregation round agrees on.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RoundParams {
@@ -849,6 +878,65 @@ pub mod node_service_client {
                 .insert(GrpcMethod::new("ghx.v1.NodeService", "SessionRounds"));
             self.inner.streaming(req, path, codec).await
         }
+        /// A pooled query (release "pooled" in the approved manifest): every
+        /// hospital's raw cells, with its share of the noise, summed under secure
+        /// aggregation, so the coordinator learns only the federation's table.
+        /// PooledOpen is admitted like RunAggregate (the capability is used
+        /// here), checks the set of nodes (params) by the node's sum rules,
+        /// computes the node's vector and returns a fresh session key, signed.
+        /// PooledInput relays every member's signed key; the node checks each
+        /// signature, agrees one pair secret per member and answers its vector
+        /// masked with them, bound to the query and manifest, so that members
+        /// given different queries leave each other's masks in the sum. Each
+        /// session masks once.
+        pub async fn pooled_open(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PooledOpenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SessionOpenResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/PooledOpen",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "PooledOpen"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn pooled_input(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PooledInputRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PooledInputResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/PooledInput",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "PooledInput"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -979,6 +1067,31 @@ pub mod node_service_server {
             request: tonic::Request<tonic::Streaming<super::SessionInputRequest>>,
         ) -> std::result::Result<
             tonic::Response<Self::SessionRoundsStream>,
+            tonic::Status,
+        >;
+        /// A pooled query (release "pooled" in the approved manifest): every
+        /// hospital's raw cells, with its share of the noise, summed under secure
+        /// aggregation, so the coordinator learns only the federation's table.
+        /// PooledOpen is admitted like RunAggregate (the capability is used
+        /// here), checks the set of nodes (params) by the node's sum rules,
+        /// computes the node's vector and returns a fresh session key, signed.
+        /// PooledInput relays every member's signed key; the node checks each
+        /// signature, agrees one pair secret per member and answers its vector
+        /// masked with them, bound to the query and manifest, so that members
+        /// given different queries leave each other's masks in the sum. Each
+        /// session masks once.
+        async fn pooled_open(
+            &self,
+            request: tonic::Request<super::PooledOpenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SessionOpenResponse>,
+            tonic::Status,
+        >;
+        async fn pooled_input(
+            &self,
+            request: tonic::Request<super::PooledInputRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PooledInputResponse>,
             tonic::Status,
         >;
     }
@@ -1602,6 +1715,96 @@ pub mod node_service_server {
                     };
                     Box::pin(fut)
                 }
+                "/ghx.v1.NodeService/PooledOpen" => {
+                    #[allow(non_camel_case_types)]
+                    struct PooledOpenSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::PooledOpenRequest>
+                    for PooledOpenSvc<T> {
+                        type Response = super::SessionOpenResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PooledOpenRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::pooled_open(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PooledOpenSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.NodeService/PooledInput" => {
+                    #[allow(non_camel_case_types)]
+                    struct PooledInputSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::UnaryService<super::PooledInputRequest>
+                    for PooledInputSvc<T> {
+                        type Response = super::PooledInputResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PooledInputRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::pooled_input(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PooledInputSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -1869,6 +2072,25 @@ pub struct StudyResult {
     /// Events per this many patients, for a rate.
     #[prost(uint32, tag = "8")]
     pub rate_per: u32,
+    /// Set for a pooled release: `total` is the federation's table as
+    /// disclosure control released it, and `per_node` is empty.
+    #[prost(message, optional, tag = "9")]
+    pub pooled: ::core::option::Option<PooledRelease>,
+}
+/// How a pooled table was made and released.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PooledRelease {
+    /// The hospitals whose cells are in the sum.
+    #[prost(string, repeated, tag = "1")]
+    pub contributors: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// What was withheld and why, the noise and its accounting.
+    #[prost(string, repeated, tag = "2")]
+    pub notes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(message, optional, tag = "3")]
+    pub noise: ::core::option::Option<NoiseStatement>,
+    /// The cell size the pooled table was held to.
+    #[prost(uint32, tag = "4")]
+    pub min_cell_size: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NodeFailure {
@@ -1893,6 +2115,10 @@ pub struct TotalCell {
     /// Combined counts of a rate cell.
     #[prost(message, optional, tag = "5")]
     pub rate: ::core::option::Option<RateCounts>,
+    /// A pooled cell withheld by disclosure control, and why (empty when
+    /// released).
+    #[prost(string, tag = "6")]
+    pub withheld: ::prost::alloc::string::String,
 }
 /// A quantile read off the combined histogram of one group.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -53,6 +53,7 @@ async fn start_with(
         node_link: Default::default(),
         min_sum_participants,
         open_registration: false,
+        pooled_without_noise: false,
     })
     .await
     .expect("the local federation starts");
