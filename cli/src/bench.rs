@@ -1,8 +1,11 @@
 //! `ghx bench query`: end-to-end latency of federated queries over mTLS on a
-//! local three-hospital federation, against the same SQL run directly on one
-//! node's database in the same run, and the node's disclosure control
-//! (suppression audited by linear programming) on its own. Numbers, not a test: nothing here asserts
-//! a timing.
+//! local three-hospital federation, per hospital and pooled under secure
+//! aggregation, against the same SQL run directly on one node's database in
+//! the same run, and the node's disclosure control (suppression audited by
+//! linear programming) on its own; and the utility of both releases: of the
+//! cells whose true federation total reaches the cell size, how many each
+//! gives exactly (per hospital) or at all (pooled, noised). Numbers, not a
+//! test: nothing here asserts a timing.
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +62,17 @@ impl BenchReport {
         self.ratio(name, "node work")
     }
 
+    /// Pooled p50 over per-hospital p50 of the query `name`.
+    pub fn pooled_over_per_hospital(&self, name: &str) -> Option<f64> {
+        let p50 = |prefix: String| {
+            self.latencies
+                .iter()
+                .find(|l| l.name.starts_with(&prefix))
+                .map(|l| l.p50.as_secs_f64())
+        };
+        Some(p50(format!("pooled {name} "))? / p50(format!("federated {name} "))?)
+    }
+
     fn ratio(&self, name: &str, local: &str) -> Option<(f64, String)> {
         let federated = self
             .latencies
@@ -109,6 +123,52 @@ const GROUPED: &str = r#"{"version":"ghx.query/v1",
         {"label":"hypertension","system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","codes":["I10"],"match":"prefix"},
         {"label":"dyslipidaemia","system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","codes":["E78"],"match":"prefix"}]}]}}"#;
 
+/// A table as the demo asks it: type 2 diabetes by sex and age band.
+const TABLE: &str = r#"{"version":"ghx.query/v1",
+    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
+    "analysis":{"kind":"count","group_by":["sex","age_band"]}}"#;
+
+/// Noise of the pooled queries whose latency is measured (each run is
+/// charged; the budget must last the runs) and of the utility's tables.
+const LATENCY_NOISE: &str = r#"{"mechanism":"gaussian","epsilon":0.01,"delta":1e-8}"#;
+const UTILITY_NOISE: &str = r#"{"mechanism":"gaussian","epsilon":0.3,"delta":1e-6}"#;
+/// Most runs one pooled latency study pays for: 0.5 of epsilon (the
+/// strictest shipped policy's budget) at 0.01 a query, the first run too.
+const POOLED_RUNS: usize = 40;
+
+/// `json` released pooled, with `noise`.
+fn pooled(json: &str, noise: &str) -> String {
+    let mut spec: serde_json::Value = serde_json::from_str(json).expect("a benchmark query");
+    spec["release"] = serde_json::json!("pooled");
+    spec["noise"] = serde_json::from_str(noise).expect("a noise statement");
+    spec.to_string()
+}
+
+/// A manifest of `queries` whose budget pays for pooled noise.
+fn noised_manifest(title: &str, queries: &[(&str, &str)]) -> Vec<u8> {
+    let mut manifest: serde_json::Value = serde_json::from_slice(
+        &local_federation::manifest_with_budget(title, "HRESCH", queries, 0.5),
+    )
+    .expect("a manifest");
+    manifest["privacy_delta"] = serde_json::json!(1e-4);
+    manifest.to_string().into_bytes()
+}
+
+/// Of one table's cells whose true federation total (each hospital's
+/// consenting patients added) is at least the cell size: how many there
+/// are, how many the per-hospital release gives exactly (no hospital
+/// withheld its part), and how many the pooled one releases.
+#[derive(Debug, Clone)]
+pub struct Utility {
+    pub table: String,
+    pub cells: usize,
+    pub worth_releasing: usize,
+    pub per_hospital_exact: usize,
+    pub pooled_released: usize,
+    /// The pooled release's largest error among released cells.
+    pub pooled_max_error: u64,
+}
+
 /// Everything `run` measured.
 #[derive(Debug)]
 pub struct BenchReport {
@@ -116,6 +176,7 @@ pub struct BenchReport {
     pub resources_per_node: Vec<(String, u64)>,
     pub first_query: Duration,
     pub latencies: Vec<Latency>,
+    pub utility: Vec<Utility>,
 }
 
 /// Starts the federation, runs each query `runs` times end to end and as
@@ -143,7 +204,41 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
             ),
         )
         .await?;
+    let count_pooled = pooled(COUNT, LATENCY_NOISE);
+    let grouped_pooled = pooled(GROUPED, LATENCY_NOISE);
+    let mut pooled_studies = Vec::new();
+    for (name, json) in [("count", &count_pooled), ("grouped", &grouped_pooled)] {
+        let id = federation
+            .approved_study(
+                RESEARCHER,
+                noised_manifest("benchmark, pooled", &[(name, json)]),
+            )
+            .await?;
+        pooled_studies.push((name, id));
+    }
     let requester = federation.client(RESEARCHER).await?;
+    let run_in = |study_id: String, query: &'static str| {
+        let mut requester = requester.clone();
+        async move {
+            let t = Instant::now();
+            let result = requester
+                .run_study(pb::RunStudyRequest {
+                    study_id,
+                    query: query.to_owned(),
+                })
+                .await?
+                .into_inner()
+                .result
+                .ok_or_else(|| Error::Incomplete("no result".to_owned()))?;
+            if !result.failures.is_empty() {
+                return Err(Error::Incomplete(format!(
+                    "nodes failed: {:?}",
+                    result.failures
+                )));
+            }
+            Ok::<_, Error>((t.elapsed(), result))
+        }
+    };
     let run = |query: &'static str| {
         let mut requester = requester.clone();
         let study_id = study_id.clone();
@@ -181,6 +276,20 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
             samples,
         ));
     }
+    for (name, study) in &pooled_studies {
+        // The first run of a pooled query is as warm as the per-hospital
+        // ones measured above: consent is evaluated already.
+        run_in(study.clone(), name).await?;
+        let mut samples = Vec::new();
+        for _ in 0..options.runs.min(POOLED_RUNS - 1) {
+            samples.push(run_in(study.clone(), name).await?.0);
+        }
+        latencies.push(latency(
+            &format!("pooled {name} (3 nodes, secure sum)"),
+            samples,
+        ));
+    }
+    let utility = utility(&federation, &run_in).await?;
     // The same SQL straight on each node's database, consent context ready
     // (the target compares with the slowest node's).
     for node in &federation.nodes {
@@ -278,7 +387,93 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
         resources_per_node,
         first_query,
         latencies,
+        utility,
     })
+}
+
+/// Each table's true federation totals: every node's raw counts of its
+/// consenting patients, added.
+fn true_totals(
+    federation: &LocalFederation,
+    json: &str,
+) -> Result<std::collections::BTreeMap<Vec<String>, u64>, Error> {
+    use ghx_node::consent::eligibility::Eligibility;
+    let spec = ghx_study::query::QuerySpec::parse(json.as_bytes())?;
+    let mut totals = std::collections::BTreeMap::new();
+    for node in &federation.nodes {
+        let rules = ghx_node::policy::PolicyDir::load(
+            &federation.dir.join("policies").join(node.profile.id),
+        )?
+        .consent;
+        let eligibility = Eligibility::new(rules);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let request = ghx_node::gate::consent_request("HRESCH", &spec, now);
+        let prepared = eligibility.prepare(&node.store, &request)?;
+        for cell in ghx_node::testing::count(
+            &node.store,
+            &spec,
+            &prepared.context,
+            &eligibility.rules().sensitive,
+        )? {
+            *totals.entry(cell.key).or_insert(0) += cell.value.patients();
+        }
+    }
+    Ok(totals)
+}
+
+/// The demo's table and the grouped query, each released per hospital and
+/// pooled (epsilon 0.3), against their true totals.
+async fn utility<F, Fut>(federation: &LocalFederation, run_in: &F) -> Result<Vec<Utility>, Error>
+where
+    F: Fn(String, &'static str) -> Fut,
+    Fut: std::future::Future<Output = Result<(Duration, pb::StudyResult), Error>>,
+{
+    let mut out = Vec::new();
+    for (name, json) in [("E11 by sex and age band", TABLE), ("grouped", GROUPED)] {
+        let pooled_json = pooled(json, UTILITY_NOISE);
+        let study = federation
+            .approved_study(
+                RESEARCHER,
+                noised_manifest(
+                    "benchmark, utility",
+                    &[("per_hospital", json), ("pooled", &pooled_json)],
+                ),
+            )
+            .await?;
+        let (_, per) = run_in(study.clone(), "per_hospital").await?;
+        let (_, pooled) = run_in(study, "pooled").await?;
+        let truth = true_totals(federation, json)?;
+        let k = u64::from(federation_cell_size());
+        let worth = |key: &[String]| truth.get(key).copied().unwrap_or(0) >= k;
+        let mut max_error = 0;
+        let pooled_released = pooled
+            .total
+            .iter()
+            .filter(|c| worth(&c.key) && c.withheld.is_empty())
+            .inspect(|c| {
+                let t = truth.get(&c.key).copied().unwrap_or(0);
+                max_error = max_error.max(c.count.abs_diff(t));
+            })
+            .count();
+        out.push(Utility {
+            table: name.to_owned(),
+            cells: pooled.total.len(),
+            worth_releasing: pooled.total.iter().filter(|c| worth(&c.key)).count(),
+            per_hospital_exact: per
+                .total
+                .iter()
+                .filter(|c| worth(&c.key) && c.suppressed_at.is_empty())
+                .count(),
+            pooled_released,
+            pooled_max_error: max_error,
+        });
+    }
+    Ok(out)
+}
+
+/// The cell size the benchmark's federation holds releases to.
+fn federation_cell_size() -> u32 {
+    LocalFederationOptions::new(std::path::Path::new("."), 0, 0).min_cell_size
 }
 
 #[cfg(test)]
@@ -301,6 +496,7 @@ mod tests {
             setup: Duration::ZERO,
             resources_per_node: Vec::new(),
             first_query: Duration::ZERO,
+            utility: Vec::new(),
             latencies: vec![
                 at("federated count (3 nodes, mTLS)", 120),
                 at("local SQL count (chonnam)", 40),

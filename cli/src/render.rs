@@ -448,6 +448,48 @@ mod tests {
     }
 
     #[test]
+    fn a_pooled_table_has_one_column_and_says_how_it_was_made() {
+        let cell = |k: &str, count: u64, withheld: &str| pb::TotalCell {
+            key: vec![k.into()],
+            count,
+            withheld: withheld.into(),
+            ..Default::default()
+        };
+        let result = pb::StudyResult {
+            dimensions: vec!["sex".into()],
+            total: vec![
+                cell("female", 812, ""),
+                cell("male", 0, "count below the minimum cell size of 10"),
+                cell("other", 0, "withheld to protect a suppressed cell"),
+            ],
+            pooled: Some(pb::PooledRelease {
+                contributors: vec!["chonnam".into(), "chosun".into(), "christian".into()],
+                notes: vec!["noise: distributed discrete Gaussian".into()],
+                noise: None,
+                min_cell_size: 10,
+            }),
+            ..Default::default()
+        };
+        expect_test::expect![[r#"
+            sex     pooled
+            ------  ------
+            female     812
+            male       <10
+            other        x
+
+            pooled over chonnam, chosun, christian under secure aggregation: no hospital's own cells were seen; <N: below the cell size of the pooled table; x: withheld to protect one
+            pooled: noise: distributed discrete Gaussian
+        "#]]
+        .assert_eq(&study_table(&result));
+        let json = study_json(&result);
+        assert_eq!(json["pooled"]["contributors"][2], "christian");
+        assert_eq!(
+            json["total"][1]["withheld"],
+            "count below the minimum cell size of 10"
+        );
+    }
+
+    #[test]
     fn table_shows_summaries_rates_and_quantiles() {
         let summary = |n: u64, mean: f64, m2: f64| pb::Moments {
             n,

@@ -76,6 +76,54 @@ fn references(federation: &LocalFederation, code: &str) -> Vec<BTreeMap<Vec<Stri
         .collect()
 }
 
+/// Every node's raw cells of `json` over its consenting patients, merged
+/// key by key: the union's table, computed outside the federation.
+fn union_cells(
+    federation: &LocalFederation,
+    json: &str,
+) -> BTreeMap<Vec<String>, ghx_node::testing::Raw> {
+    use ghx_node::consent::eligibility::Eligibility;
+    use ghx_node::testing::Raw;
+    let spec = QuerySpec::parse(json.as_bytes()).unwrap();
+    let mut out: BTreeMap<Vec<String>, Raw> = BTreeMap::new();
+    for node in &federation.nodes {
+        let rules = PolicyDir::load(&federation.dir.join("policies").join(node.profile.id))
+            .unwrap()
+            .consent;
+        let eligibility = Eligibility::new(rules);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let request = ghx_node::gate::consent_request("HRESCH", &spec, now);
+        let prepared = eligibility.prepare(&node.store, &request).unwrap();
+        let members = ghx_node::testing::cohort_for_analysis(
+            &node.store,
+            &spec,
+            &prepared.context,
+            &eligibility.rules().sensitive,
+        )
+        .unwrap();
+        for cell in ghx_node::testing::analyse(&spec, &members, true).cells {
+            match (out.get_mut(&cell.key), cell.value) {
+                (Some(Raw::Values(a)), Raw::Values(b)) => a.extend(b),
+                (
+                    Some(Raw::Rate { events, population }),
+                    Raw::Rate {
+                        events: e,
+                        population: p,
+                    },
+                ) => {
+                    *events += e;
+                    *population += p;
+                }
+                (None, value) => {
+                    out.insert(cell.key, value);
+                }
+                (Some(_), other) => panic!("cells of one kind: {other:?}"),
+            }
+        }
+    }
+    out
+}
+
 async fn run(federation: &LocalFederation, study_id: &str, query: &str) -> pb::StudyResult {
     federation
         .client(REQUESTER)
@@ -106,6 +154,14 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
     let noisy = by_sex_and_band("E11", &format!(r#","release":"pooled"{NOISE}"#));
     let other = by_sex_and_band("I10", r#","release":"pooled""#);
     let histogram = histogram();
+    let summary = format!(
+        r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","sex":["female","male"],"conditions":[{{"system":"{KCD8}","code":"E11","match":"prefix"}}]}},
+        "analysis":{{"kind":"summary","variable":{{"kind":"age"}},"group_by":["sex"],"clip":{{"min":0,"max":120}}}},"release":"pooled"}}"#
+    );
+    let rate = format!(
+        r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","sex":["female","male"],"conditions":[{{"system":"{KCD8}","code":"E11","match":"prefix"}}]}},
+        "analysis":{{"kind":"rate","event":{{"conditions":[{{"system":"{KCD8}","code":"I10","match":"prefix"}}]}},"group_by":["sex"]}},"release":"pooled"}}"#
+    );
     let mut manifest: serde_json::Value = serde_json::from_slice(&manifest_with_budget(
         "pooled",
         "HRESCH",
@@ -115,6 +171,8 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
             ("noisy", noisy.as_str()),
             ("other", other.as_str()),
             ("histogram", histogram.as_str()),
+            ("summary", summary.as_str()),
+            ("rate", rate.as_str()),
         ],
         0.5,
     ))
@@ -152,6 +210,47 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
             );
         }
     }
+    let worth = result.total.iter().filter(|c| truth(&c.key) >= K).count();
+
+    // A pooled summary and rate equal the union's, cell by cell.
+    let union = union_cells(&federation, &summary);
+    let result = run(&federation, &study_id, "summary").await;
+    let mut compared = 0;
+    for cell in result.total.iter().filter(|c| c.withheld.is_empty()) {
+        let Some(ghx_node::testing::Raw::Values(values)) = union.get(&cell.key) else {
+            panic!("{:?} is in the union", cell.key)
+        };
+        let want = ghx_study::result::Moments::of(values);
+        let got = cell.summary.as_ref().unwrap();
+        assert_eq!(got.n, want.n, "{:?}", cell.key);
+        assert!((got.mean - want.mean).abs() < 1e-9, "{:?}", cell.key);
+        assert!(
+            (got.m2 - want.m2).abs() < 1e-6 * want.m2.max(1.0),
+            "{:?}",
+            cell.key
+        );
+        assert_eq!((got.min, got.max), (None, None));
+        compared += 1;
+    }
+    assert!(compared >= 2, "{result:?}");
+    let union = union_cells(&federation, &rate);
+    let result = run(&federation, &study_id, "rate").await;
+    let mut compared = 0;
+    for cell in result.total.iter().filter(|c| c.withheld.is_empty()) {
+        let Some(ghx_node::testing::Raw::Rate { events, population }) = union.get(&cell.key) else {
+            panic!("{:?} is in the union", cell.key)
+        };
+        let got = cell.rate.as_ref().unwrap();
+        assert_eq!(
+            (got.events, got.population),
+            (*events, *population),
+            "{:?}",
+            cell.key
+        );
+        compared += 1;
+    }
+    assert!(compared >= 2, "{result:?}");
+
     // These hospitals pool exactly, so they release no cells of their
     // own: the per-hospital query is refused at each, by name.
     let per = run(&federation, &study_id, "per").await;
@@ -163,7 +262,6 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
         "{:?}",
         per.failures
     );
-    let worth = result.total.iter().filter(|c| truth(&c.key) >= K).count();
     println!(
         "cells with a true total >= {K}: {worth}; released by the exact pooled table {pooled_released}"
     );

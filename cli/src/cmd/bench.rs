@@ -182,7 +182,23 @@ pub(super) async fn bench(args: BenchArgs) -> Result<()> {
             l.max.as_secs_f64() * 1000.0
         );
     }
+    for u in &report.utility {
+        println!(
+            "{}: {} cells, {} with a true total >= the cell size; released exactly per hospital {} ({:.0}%), pooled (epsilon 0.3) {} ({:.0}%, largest error {})",
+            u.table,
+            u.cells,
+            u.worth_releasing,
+            u.per_hospital_exact,
+            100.0 * u.per_hospital_exact as f64 / u.worth_releasing.max(1) as f64,
+            u.pooled_released,
+            100.0 * u.pooled_released as f64 / u.worth_releasing.max(1) as f64,
+            u.pooled_max_error
+        );
+    }
     for name in ["count", "grouped"] {
+        if let Some(ratio) = report.pooled_over_per_hospital(name) {
+            println!("pooled {name} p50 / per-hospital {name} p50: {ratio:.2}x");
+        }
         if let Some((ratio, node)) = report.overhead(name) {
             println!("federated {name} p50 / slowest local SQL p50 ({node}): {ratio:.2}x");
         }

@@ -26,6 +26,16 @@ const DEMO_QUERY: &str = r#"{
   "analysis": {"kind": "count", "group_by": ["sex", "age_band"]}
 }"#;
 
+/// The same table pooled: the three hospitals' cells summed under secure
+/// aggregation with distributed noise, and suppressed as one table.
+fn demo_pooled_query() -> String {
+    let mut spec: serde_json::Value =
+        serde_json::from_str(DEMO_QUERY).expect("the demo query is JSON");
+    spec["release"] = serde_json::json!("pooled");
+    spec["noise"] = serde_json::json!({"mechanism": "gaussian", "epsilon": 0.2, "delta": 1e-6});
+    spec.to_string()
+}
+
 pub(super) async fn demo(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let temp;
@@ -66,17 +76,21 @@ pub(super) async fn demo(args: DemoArgs) -> Result<()> {
     }
     let mut requester = federation.client(REQUESTER).await?;
     let queries = demo_queries();
+    // The pooled query's Gaussian noise spends delta too.
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&local_federation::manifest_with_budget(
+            "Type 2 diabetes (KCD-8 E11) by sex and age band",
+            "HRESCH",
+            &queries
+                .iter()
+                .map(|(n, q)| (n.as_str(), q.as_str()))
+                .collect::<Vec<_>>(),
+            0.5,
+        ))?;
+    manifest["privacy_delta"] = serde_json::json!(1e-5);
     let study_id = requester
         .submit_study(pb::SubmitStudyRequest {
-            manifest_json: local_federation::manifest_with_budget(
-                "Type 2 diabetes (KCD-8 E11) by sex and age band",
-                "HRESCH",
-                &queries
-                    .iter()
-                    .map(|(n, q)| (n.as_str(), q.as_str()))
-                    .collect::<Vec<_>>(),
-                0.5,
-            ),
+            manifest_json: manifest.to_string().into_bytes(),
         })
         .await
         .map_err(status_error)?
@@ -227,8 +241,9 @@ async fn demo_training(federation: &LocalFederation) -> Result<()> {
     super::train::follow_and_write(&mut researcher, &status.run_id, &study_id, &out).await
 }
 
-/// The demo study's queries: the count by sex and age band, then the
-/// statistics of `deploy/examples/study-e11-statistics.json`.
+/// The demo study's queries: the count by sex and age band, per hospital
+/// and pooled, then the statistics of
+/// `deploy/examples/study-e11-statistics.json`.
 fn demo_queries() -> Vec<(String, String)> {
     let manifest: serde_json::Value = serde_json::from_str(include_str!(
         "../../../deploy/examples/study-e11-statistics.json"
@@ -244,7 +259,11 @@ fn demo_queries() -> Vec<(String, String)> {
                 q["query"].to_string(),
             )
         });
-    std::iter::once(("e11-by-sex-and-age".to_owned(), DEMO_QUERY.to_owned()))
-        .chain(statistics)
-        .collect()
+    [
+        ("e11-by-sex-and-age".to_owned(), DEMO_QUERY.to_owned()),
+        ("e11-by-sex-and-age-pooled".to_owned(), demo_pooled_query()),
+    ]
+    .into_iter()
+    .chain(statistics)
+    .collect()
 }
