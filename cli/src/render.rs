@@ -179,6 +179,8 @@ fn pooled_table(result: &pb::StudyResult, pooled: &pb::PooledRelease) -> String 
         let mut row = total.key.clone();
         row.push(if total.withheld.starts_with("withheld") {
             "x".to_owned()
+        } else if total.withheld.starts_with("fewer") {
+            format!("s<{}", pooled.min_cell_size)
         } else if !total.withheld.is_empty() {
             format!("<{}", pooled.min_cell_size)
         } else {
@@ -194,7 +196,7 @@ fn pooled_table(result: &pb::StudyResult, pooled: &pb::PooledRelease) -> String 
     if !pooled.contributors.is_empty() {
         out = aligned(&rows, result.dimensions.len());
         out.push_str(&format!(
-            "\npooled over {} under secure aggregation: no hospital's own cells were seen; <N: below the cell size of the pooled table; x: withheld to protect one\n",
+            "\npooled over {} under secure aggregation: no hospital's own cells were seen; <N: below the cell size of the pooled table; s<N: fewer than N with (or without) the event or value; x: withheld to protect one\n",
             pooled.contributors.join(", ")
         ));
     }
@@ -477,7 +479,7 @@ mod tests {
             male       <10
             other        x
 
-            pooled over chonnam, chosun, christian under secure aggregation: no hospital's own cells were seen; <N: below the cell size of the pooled table; x: withheld to protect one
+            pooled over chonnam, chosun, christian under secure aggregation: no hospital's own cells were seen; <N: below the cell size of the pooled table; s<N: fewer than N with (or without) the event or value; x: withheld to protect one
             pooled: noise: distributed discrete Gaussian
         "#]]
         .assert_eq(&study_table(&result));

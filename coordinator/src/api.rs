@@ -1015,6 +1015,8 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
             CoordinatorApi::run_study(self, &caller, &message.study_id, &message.query).await;
         ghx_telemetry::metrics::federated_query(
             match &outcome {
+                // A pooled run that made no table is not complete.
+                Ok(r) if r.pooled.is_some() && r.total.is_empty() => "partial",
                 Ok(r) if r.failures.is_empty() => "complete",
                 Ok(_) => "partial",
                 Err(_) => "failed",

@@ -5,7 +5,8 @@
 //! federation's table, never a hospital's. That table is released through
 //! the disclosure control nodes apply to their own
 //! ([`ghx_disclosure::release`]), on the noisy totals; quantiles are read
-//! off the whole noisy histogram. Every node must take part: a sum over
+//! off the whole noisy histogram (an exact table's off its released bins,
+//! marked partial where a bin was withheld). Every node must take part: a sum over
 //! fewer would be a sum over another set (`node::participants`).
 
 use ghx_disclosure::pooled::{self, Layout};
@@ -167,15 +168,14 @@ pub(crate) async fn run(
             .map(|m| (m.node.clone(), dispatch::Answer::of_masked(&m.values))),
         &failures,
     )?;
+    if !failures.is_empty() {
+        result.failures = failures;
+        note(&mut result, "no pooled table: a hospital's masked vector is missing, and the others' stay masked by its pair secrets".to_owned());
+        return Ok(result);
+    }
     let sum = match ghx_secagg::session::sum(&session, &params.participants, params.dim, &masked) {
-        Ok(sum) if failures.is_empty() => sum,
-        Ok(_) => {
-            result.failures = failures;
-            note(&mut result, "no pooled table: a hospital's masked vector is missing, and the others' stay masked by its pair secrets".to_owned());
-            return Ok(result);
-        }
+        Ok(sum) => sum,
         Err(e) => {
-            result.failures = failures;
             note(&mut result, format!("no pooled table: {e}"));
             return Ok(result);
         }
@@ -192,6 +192,8 @@ pub(crate) async fn run(
         .as_ref()
         .map(|noise| pooled::calibrate(noise, &layout, ids.len()));
     release(&mut result, spec, &layout, candidates, k);
+    // Quantiles from withheld bins only when noised (post-processing); an
+    // exact table's come from released bins and say "partial".
     let pooled = result.pooled.as_mut().expect("set above");
     pooled.contributors = ids;
     match calibration {

@@ -76,7 +76,7 @@ const COMPLEMENTARY: &str =
     "withheld to protect a suppressed cell in the same row, column or total";
 
 /// A cell's value as it would be released, before suppression: exact, or
-/// noised by [`crate::noise`].
+/// noised (by the node's noise, or a pooled sum).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Candidate {
     Count(u64),
@@ -168,7 +168,7 @@ pub fn release(
 /// [`release`], and the line totals (lists of the table's cells, by index)
 /// the node would release of the table's coarser groupings if asked: with
 /// the released cells, what differencing records of the table
-/// ([`crate::differencing::cells`]).
+/// (the node's differencing of cells).
 pub fn release_with_lines(
     node_id: &str,
     spec: &QuerySpec,

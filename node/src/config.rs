@@ -589,6 +589,22 @@ mod tests {
     }
 
     #[test]
+    fn exact_pooling_needs_no_release_per_hospital() {
+        let err = parse(&format!("{GOOD}\n[release]\npooled_without_noise = true\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`release.pooled_without_noise` needs release.per_hospital = false"),
+            "{err}"
+        );
+        let ok = parse(&format!(
+            "{GOOD}\n[release]\npooled_without_noise = true\nper_hospital = false\n"
+        ))
+        .unwrap();
+        assert!(ok.release.pooled && !ok.release.per_hospital);
+        assert_eq!(parse(GOOD).unwrap().release, ReleaseSettings::default());
+    }
+
+    #[test]
     fn bad_configs_name_the_key() {
         let err = parse(&GOOD.replace("127.0.0.1:7443", "nowhere")).unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");

@@ -104,6 +104,7 @@ fn union_cells(
         for cell in ghx_node::testing::analyse(&spec, &members, true).cells {
             match (out.get_mut(&cell.key), cell.value) {
                 (Some(Raw::Values(a)), Raw::Values(b)) => a.extend(b),
+                (Some(Raw::Count(a)), Raw::Count(b)) => *a += b,
                 (
                     Some(Raw::Rate { events, population }),
                     Raw::Rate {
@@ -285,6 +286,9 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
         );
         off = off.max(error.abs());
     }
+    // Noise there is: with a sum scale of about 20, no released cell
+    // being off by more than 2 would happen less than once in 10^6 tables.
+    assert!(off > 2.0, "the pooled table looks exact: {result:?}");
     let noisy_released = result
         .total
         .iter()
@@ -294,11 +298,26 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
         "noisy pooled: sigma {:.2}, largest error {off}, cells with a true total >= {K} released {noisy_released} of {worth}",
         calibration.total
     );
-    // Pooled quantiles come from the whole noisy histogram: never partial.
+    // Pooled quantiles come from the whole noisy histogram: never partial,
+    // and within a bin or two of the union's median.
     let result = run(&federation, &study_id, "histogram").await;
     assert_eq!(result.quantiles.len(), 1);
     assert!(!result.quantiles[0].partial);
-    assert!(result.quantiles[0].value.is_some());
+    let bins = ghx_study::query::Bins {
+        start: 0.0,
+        width: 10.0,
+        count: 10,
+    };
+    let union = union_cells(&federation, &histogram);
+    let counts: Vec<u64> = (0..12)
+        .map(|i| match union.get(&vec![bins.label(i)]) {
+            Some(ghx_node::testing::Raw::Count(n)) => *n,
+            _ => 0,
+        })
+        .collect();
+    let median = ghx_study::result::quantile_of_counts(&counts, &bins, 0.5).unwrap();
+    let got = result.quantiles[0].value.unwrap();
+    assert!((got - median).abs() < 15.0, "{got} vs {median}");
 
     // As the coordinator, straight to the nodes.
     let mut requester = federation.client(REQUESTER).await.unwrap();
@@ -437,6 +456,19 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
         assert_eq!(equal, 0, "node {node} sent cells in the clear");
         assert!(own.iter().filter(|v| v.unsigned_abs() > 1 << 40).count() > own.len() / 2);
     }
+    // A session masks once: its second masked input is refused.
+    let again = clients[0]
+        .pooled_input(pb::PooledInputRequest {
+            session: format!("{study_id}/wire"),
+            keys: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        again.message().contains("not open here"),
+        "{}",
+        again.message()
+    );
     // Their sum is the union, cell by cell.
     let total = sum(&masked);
     for (key, v) in layout.keys.iter().zip(&total) {

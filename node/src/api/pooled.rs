@@ -133,11 +133,16 @@ impl PooledSessions {
         Ok(())
     }
 
-    /// Fills a reserved session, once its first step is audited.
+    /// Fills a reserved session, once its first step is audited; its
+    /// second step may come for [`PENDING_FOR`] from now.
     fn fill(&self, session: &str, pending: Pending) {
         let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = map.get_mut(session) {
-            slot.1 = Some(pending);
+        match map.get_mut(session) {
+            Some(slot) => *slot = (Instant::now() + PENDING_FOR, Some(pending)),
+            None => tracing::warn!(
+                session,
+                "a pooled session's reservation lapsed while it was computed: its second step will be refused"
+            ),
         }
     }
 
@@ -147,8 +152,16 @@ impl PooledSessions {
         map.remove(session);
     }
 
+    /// A filled session, removed: each masks once. One still being
+    /// opened is left as it is.
     fn take(&self, session: &str) -> Result<Pending, Refusal> {
         let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(map.get(session), Some((_, None))) {
+            return Err(Refusal::Session {
+                session: session.to_owned(),
+                problem: "still being opened".to_owned(),
+            });
+        }
         match map.remove(session) {
             Some((expires, Some(p))) if expires > Instant::now() => Ok(p),
             _ => Err(Refusal::Session {
