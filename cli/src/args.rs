@@ -289,6 +289,13 @@ pub(crate) struct SynthArgs {
     /// Patients repeated in a second file.
     #[arg(long)]
     pub noise: bool,
+    /// Share (0 to 1, e.g. 0.2) of the hospital's patients who are also
+    /// treated at one or two of the others: with the same seed, the
+    /// hospitals' exports hold the same residents (the same resident
+    /// registration number) under their own ids. Above zero every patient
+    /// carries a resident registration number.
+    #[arg(long, default_value_t = 0.0)]
+    pub shared: f64,
 }
 
 #[derive(Subcommand)]

@@ -281,6 +281,7 @@ impl LocalFederation {
                     patients: options.patients_per_node,
                     seed: options.seed,
                     as_of: ghx_synth::default_as_of(),
+                    shared: 0.0,
                 },
                 &data_dir,
             )?;

@@ -56,6 +56,7 @@ fn a_killed_import_leaves_no_half_batch_and_resumes() {
             patients: 3000,
             seed: 5,
             as_of: ghx_synth::default_as_of(),
+            shared: 0.0,
         },
         &data,
     )

@@ -107,7 +107,21 @@ pub struct SynthOptions {
     pub seed: u64,
     /// The data are as of this date: ages and observation dates are relative to it.
     pub as_of: Date,
+    /// Share (0 to 1) of this hospital's patients who are also treated at
+    /// one or two of the other hospitals: the same resident (the same
+    /// resident registration number, sex, birth date and diagnoses) under
+    /// this hospital's own id, with its own visits, results and consent.
+    /// Above zero, every patient carries a resident registration number
+    /// (the node's import never stores it); zero writes none.
+    pub shared: f64,
 }
+
+/// KR Core's identifier system for resident registration numbers.
+pub const RRN_SYSTEM: &str = "http://www.hl7korea.or.kr/Identifier/rrn";
+
+/// Of the residents treated at more than one hospital, the share treated
+/// at all three (the rest at two).
+const AT_THREE: f64 = 0.25;
 
 /// How many resources of each type were written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -221,8 +235,22 @@ pub fn generate(options: &SynthOptions, mut sink: impl FnMut(Value)) {
     // Mix the hospital into the seed so the hospitals differ for one seed.
     let seed = options.seed ^ fnv1a(h.id.as_bytes());
     let mut rng = StdRng::seed_from_u64(seed);
+    let shared = (options.shared.clamp(0.0, 1.0) * options.patients as f64).round() as usize;
+    let mut residents = SharedResidents::new(options.seed, h.id);
     for i in 0..options.patients {
-        let patient = Patient::draw(h, options.as_of, &mut rng);
+        let mut patient = if i < shared {
+            // A resident of the federation's shared population, drawn from
+            // their own seed (so alike at every hospital), with this
+            // hospital's consent.
+            let mut patient = residents.next(options.as_of);
+            patient.consent = ConsentKind::draw(h, &mut rng);
+            patient
+        } else {
+            Patient::draw(h, options.as_of, &mut rng)
+        };
+        if options.shared > 0.0 && patient.rrn.is_none() {
+            patient.rrn = Some(rrn(patient.birth, patient.female, &mut rng));
+        }
         patient.emit(
             h,
             &format!("{}-{:07}", h.id, i + 1),
@@ -231,6 +259,82 @@ pub fn generate(options: &SynthOptions, mut sink: impl FnMut(Value)) {
             &mut sink,
         );
     }
+}
+
+/// The federation's residents treated at more than one hospital, in a
+/// fixed order: resident `j` is drawn from a seed of its own, and is at two
+/// hospitals or (a quarter of them) all three. A hospital's shared patients
+/// are the first residents whose hospitals include it.
+struct SharedResidents {
+    seed: u64,
+    hospital: &'static str,
+    next: u64,
+}
+
+impl SharedResidents {
+    fn new(seed: u64, hospital: &'static str) -> Self {
+        SharedResidents {
+            seed: seed ^ fnv1a(b"shared residents"),
+            hospital,
+            next: 0,
+        }
+    }
+
+    /// The next resident treated at this hospital.
+    fn next(&mut self, as_of: Date) -> Patient {
+        loop {
+            let j = self.next;
+            self.next += 1;
+            let mut rng = StdRng::seed_from_u64(self.seed ^ j.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let at: Vec<&HospitalProfile> = if rng.gen_bool(AT_THREE) {
+                HOSPITALS.iter().collect()
+            } else {
+                let left_out = rng.gen_range(0..HOSPITALS.len());
+                HOSPITALS
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != left_out)
+                    .map(|(_, h)| h)
+                    .collect()
+            };
+            if at.iter().any(|h| h.id == self.hospital) {
+                let mut patient = Patient::draw(at[0], as_of, &mut rng);
+                patient.rrn = Some(rrn(patient.birth, patient.female, &mut rng));
+                return patient;
+            }
+        }
+    }
+}
+
+/// A resident registration number for a birth date and sex: `YYMMDD-G`
+/// (G 1/2 for men and women born in the 1900s, 3/4 from 2000), five
+/// random digits and the check digit of the citizen formula.
+fn rrn(birth: Date, female: bool, rng: &mut StdRng) -> String {
+    let century_2000 = birth.year() >= 2000;
+    let g = match (century_2000, female) {
+        (false, false) => 1,
+        (false, true) => 2,
+        (true, false) => 3,
+        (true, true) => 4,
+    };
+    let mut digits: Vec<u32> = format!(
+        "{:02}{:02}{:02}{g}{:05}",
+        birth.year() % 100,
+        u8::from(birth.month()),
+        birth.day(),
+        rng.gen_range(0..100_000)
+    )
+    .chars()
+    .filter_map(|c| c.to_digit(10))
+    .collect();
+    let weights = [2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5];
+    let sum: u32 = digits.iter().zip(weights).map(|(d, w)| d * w).sum();
+    digits.push((11 - sum % 11) % 10);
+    let text: String = digits
+        .iter()
+        .map(|d| char::from_digit(*d, 10).expect("a digit"))
+        .collect();
+    format!("{}-{}", &text[..6], &text[6..])
 }
 
 /// One synthetic patient's latent state.
@@ -243,6 +347,8 @@ struct Patient {
     hypertension: bool,
     dyslipidaemia: bool,
     consent: ConsentKind,
+    /// A resident registration number, when the export carries them.
+    rrn: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -252,6 +358,23 @@ enum ConsentKind {
     /// Permitted once, then withdrawn by a newer inactive consent.
     Withdrawn,
     None,
+}
+
+impl ConsentKind {
+    /// A patient's research consent at hospital `h`.
+    fn draw(h: &HospitalProfile, rng: &mut StdRng) -> ConsentKind {
+        if rng.gen_bool(h.research_consent_rate) {
+            if rng.gen_bool(0.03) {
+                ConsentKind::Withdrawn
+            } else {
+                ConsentKind::Permit
+            }
+        } else if rng.gen_bool(h.research_deny_rate) {
+            ConsentKind::Deny
+        } else {
+            ConsentKind::None
+        }
+    }
 }
 
 fn normal(rng: &mut StdRng, mean: f64, sd: f64) -> f64 {
@@ -281,17 +404,7 @@ impl Patient {
         ));
         let dyslipidaemia =
             rng.gen_bool(logistic(-3.6 + 0.045 * age + 0.08 * (bmi - 23.0) + 0.5 * d));
-        let consent = if rng.gen_bool(h.research_consent_rate) {
-            if rng.gen_bool(0.03) {
-                ConsentKind::Withdrawn
-            } else {
-                ConsentKind::Permit
-            }
-        } else if rng.gen_bool(h.research_deny_rate) {
-            ConsentKind::Deny
-        } else {
-            ConsentKind::None
-        };
+        let consent = ConsentKind::draw(h, rng);
         Patient {
             female,
             age,
@@ -301,6 +414,7 @@ impl Patient {
             hypertension,
             dyslipidaemia,
             consent,
+            rrn: None,
         }
     }
 
@@ -317,7 +431,9 @@ impl Patient {
             "resourceType": "Patient",
             "id": id,
             "meta": {"profile": ["http://www.hl7korea.or.kr/fhir/krcore/StructureDefinition/krcore-patient"]},
-            "identifier": [{"system": format!("urn:ghx:{}:mrn", h.id), "value": format!("MRN{}", &id[id.len() - 7..])}],
+            "identifier": std::iter::once(json!({"system": format!("urn:ghx:{}:mrn", h.id), "value": format!("MRN{}", &id[id.len() - 7..])}))
+                .chain(self.rrn.iter().map(|rrn| json!({"system": RRN_SYSTEM, "value": rrn})))
+                .collect::<Vec<_>>(),
             "active": true,
             "gender": if self.female { "female" } else { "male" },
             "birthDate": iso(self.birth),
@@ -612,9 +728,93 @@ mod tests {
             patients,
             seed,
             as_of: default_as_of(),
+            shared: 0.0,
         };
         generate(&options, |r| out.push(r));
         out
+    }
+
+    /// With a shared population, the hospitals hold the same residents
+    /// (same RRN, sex and birth date) under their own ids, at about the
+    /// asked share, a quarter of them at all three; each RRN is well formed
+    /// (the node's detector takes it: date, century digit, check digit).
+    #[test]
+    fn a_shared_population_puts_the_same_residents_at_several_hospitals() {
+        use std::collections::BTreeMap;
+        let patients = 2000;
+        let mut seen: BTreeMap<String, Vec<(String, String, String)>> = BTreeMap::new();
+        for h in &HOSPITALS {
+            let options = SynthOptions {
+                hospital: h,
+                patients,
+                seed: 7,
+                as_of: default_as_of(),
+                shared: 0.2,
+            };
+            generate(&options, |r| {
+                if r["resourceType"] != "Patient" {
+                    return;
+                }
+                let rrn = r["identifier"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|i| i["system"] == RRN_SYSTEM)
+                    .expect("every patient has an RRN")["value"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                let digits: Vec<u32> = rrn.chars().filter_map(|c| c.to_digit(10)).collect();
+                assert_eq!((digits.len(), &rrn[6..7]), (13, "-"), "{rrn}");
+                let weights = [2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5];
+                let sum: u32 = digits.iter().zip(weights).map(|(d, w)| d * w).sum();
+                assert_eq!(digits[12], (11 - sum % 11) % 10, "{rrn}");
+                let birth = r["birthDate"].as_str().unwrap();
+                assert_eq!(
+                    &rrn[..6],
+                    format!("{}{}{}", &birth[2..4], &birth[5..7], &birth[8..10])
+                );
+                seen.entry(rrn).or_default().push((
+                    r["id"].as_str().unwrap().to_owned(),
+                    r["gender"].as_str().unwrap().to_owned(),
+                    birth.to_owned(),
+                ));
+            });
+        }
+        let mut at = [0usize; 4];
+        for (rrn, held) in &seen {
+            at[held.len()] += 1;
+            // One resident: one sex and birth date, an id per hospital.
+            assert!(
+                held.iter()
+                    .all(|h| (&h.1, &h.2) == (&held[0].1, &held[0].2)),
+                "{rrn}"
+            );
+            let ids: std::collections::BTreeSet<&str> = held
+                .iter()
+                .map(|h| &h.0[..h.0.find('-').unwrap()])
+                .collect();
+            assert_eq!(ids.len(), held.len(), "{rrn} twice at one hospital");
+        }
+        let records = 3 * patients;
+        let shared_records = 2 * at[2] + 3 * at[3];
+        let share = shared_records as f64 / records as f64;
+        assert!((0.17..=0.21).contains(&share), "{at:?}: {share}");
+        let three = at[3] as f64 / (at[2] + at[3]) as f64;
+        assert!((0.15..0.35).contains(&three), "{at:?}");
+        // Without a shared population, no RRNs at all (the default export).
+        let mut any = false;
+        generate(
+            &SynthOptions {
+                hospital: &HOSPITALS[0],
+                patients: 50,
+                seed: 7,
+                as_of: default_as_of(),
+                shared: 0.0,
+            },
+            |r| any |= r.to_string().contains(RRN_SYSTEM),
+        );
+        assert!(!any);
     }
 
     #[test]

@@ -81,6 +81,7 @@ fn synth(dir: &Path, hospital: &str, patients: usize) -> ghx_synth::Summary {
             patients,
             seed: 11,
             as_of: ghx_synth::default_as_of(),
+            shared: 0.0,
         },
         dir,
     )

@@ -134,6 +134,7 @@ pub(super) fn synth(args: &SynthArgs) -> Result<()> {
             patients: args.patients,
             seed: args.seed,
             as_of: ghx_synth::default_as_of(),
+            shared: args.shared,
         },
         &shape,
         &args.out,
