@@ -123,9 +123,11 @@ const GROUPED: &str = r#"{"version":"ghx.query/v1",
         {"label":"hypertension","system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","codes":["I10"],"match":"prefix"},
         {"label":"dyslipidaemia","system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","codes":["E78"],"match":"prefix"}]}]}}"#;
 
-/// A table as the demo asks it: type 2 diabetes by sex and age band.
+/// The demo's table: adult women and men with type 2 diabetes by sex and
+/// age band (18 cells).
 const TABLE: &str = r#"{"version":"ghx.query/v1",
-    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}]},
+    "cohort":{"as_of":"2026-01-01","conditions":[{"system":"http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8","code":"E11","match":"prefix"}],
+        "sex":["female","male"],"age":{"min":18}},
     "analysis":{"kind":"count","group_by":["sex","age_band"]}}"#;
 
 /// Noise of the pooled queries whose latency is measured (each run is
@@ -167,6 +169,10 @@ pub struct Utility {
     pub pooled_released: usize,
     /// The pooled release's largest error among released cells.
     pub pooled_max_error: u64,
+    /// Of the cells worth releasing the pooled table withheld: how many
+    /// for a noisy total below the cell size, how many to protect others.
+    pub pooled_withheld_small: usize,
+    pub pooled_withheld_protecting: usize,
 }
 
 /// Everything `run` measured.
@@ -429,7 +435,10 @@ where
     Fut: std::future::Future<Output = Result<(Duration, pb::StudyResult), Error>>,
 {
     let mut out = Vec::new();
-    for (name, json) in [("E11 by sex and age band", TABLE), ("grouped", GROUPED)] {
+    for (name, json) in [
+        ("the demo's E11 table (adults by sex and age band)", TABLE),
+        ("grouped", GROUPED),
+    ] {
         let pooled_json = pooled(json, UTILITY_NOISE);
         let study = federation
             .approved_study(
@@ -455,7 +464,16 @@ where
                 max_error = max_error.max(c.count.abs_diff(t));
             })
             .count();
+        let withheld = |why: &str| {
+            pooled
+                .total
+                .iter()
+                .filter(|c| worth(&c.key) && c.withheld.starts_with(why))
+                .count()
+        };
         out.push(Utility {
+            pooled_withheld_small: withheld("count below"),
+            pooled_withheld_protecting: withheld("withheld"),
             table: name.to_owned(),
             cells: pooled.total.len(),
             worth_releasing: pooled.total.iter().filter(|c| worth(&c.key)).count(),

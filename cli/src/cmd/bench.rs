@@ -184,7 +184,7 @@ pub(super) async fn bench(args: BenchArgs) -> Result<()> {
     }
     for u in &report.utility {
         println!(
-            "{}: {} cells, {} with a true total >= the cell size; released exactly per hospital {} ({:.0}%), pooled (epsilon 0.3) {} ({:.0}%, largest error {})",
+            "{}: {} cells, {} with a true total >= the cell size; released exactly per hospital {} ({:.0}%), pooled (epsilon 0.3) {} ({:.0}%, largest error {}; of those withheld, {} below the cell size when noised, {} to protect another)",
             u.table,
             u.cells,
             u.worth_releasing,
@@ -192,7 +192,9 @@ pub(super) async fn bench(args: BenchArgs) -> Result<()> {
             100.0 * u.per_hospital_exact as f64 / u.worth_releasing.max(1) as f64,
             u.pooled_released,
             100.0 * u.pooled_released as f64 / u.worth_releasing.max(1) as f64,
-            u.pooled_max_error
+            u.pooled_max_error,
+            u.pooled_withheld_small,
+            u.pooled_withheld_protecting
         );
     }
     for name in ["count", "grouped"] {
