@@ -103,14 +103,30 @@ pub(crate) struct Pending {
 }
 
 /// Pooled sessions waiting for their second step.
-/// A session reserved at admission is filled once its first step's audit
-/// entry is written, and dropped if it is not.
-#[derive(Default)]
-pub(crate) struct PooledSessions {
-    pending: Mutex<HashMap<String, (Instant, Option<Pending>)>>,
+pub(crate) type PooledSessions = Sessions<Pending>;
+
+/// Sessions between their two steps, each reserved at admission, filled
+/// once its first step's audit entry is written (dropped if it is not) and
+/// taken once by its second step, within a lifetime.
+pub(crate) struct Sessions<T> {
+    pending: Mutex<HashMap<String, (Instant, Option<T>)>>,
+    lifetime: Duration,
 }
 
-impl PooledSessions {
+impl<T> Default for Sessions<T> {
+    fn default() -> Self {
+        Sessions::new(PENDING_FOR)
+    }
+}
+
+impl<T> Sessions<T> {
+    fn new(lifetime: Duration) -> Self {
+        Sessions {
+            pending: Mutex::default(),
+            lifetime,
+        }
+    }
+
     /// Reserves `session` before anything is computed or charged.
     fn reserve(&self, session: &str) -> Result<(), Refusal> {
         let session = session.to_owned();
@@ -129,16 +145,16 @@ impl PooledSessions {
                 problem: format!("{MAX_PENDING} pooled sessions are already waiting here"),
             });
         }
-        map.insert(session, (now + PENDING_FOR, None));
+        map.insert(session, (now + self.lifetime, None));
         Ok(())
     }
 
     /// Fills a reserved session, once its first step is audited; its
-    /// second step may come for [`PENDING_FOR`] from now.
-    fn fill(&self, session: &str, pending: Pending) {
+    /// second step may come for the lifetime from now.
+    fn fill(&self, session: &str, pending: T) {
         let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         match map.get_mut(session) {
-            Some(slot) => *slot = (Instant::now() + PENDING_FOR, Some(pending)),
+            Some(slot) => *slot = (Instant::now() + self.lifetime, Some(pending)),
             None => tracing::warn!(
                 session,
                 "a pooled session's reservation lapsed while it was computed: its second step will be refused"
@@ -154,7 +170,7 @@ impl PooledSessions {
 
     /// A filled session, removed: each masks once. One still being
     /// opened is left as it is.
-    fn take(&self, session: &str) -> Result<Pending, Refusal> {
+    fn take(&self, session: &str) -> Result<T, Refusal> {
         let mut map = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(map.get(session), Some((_, None))) {
             return Err(Refusal::Session {
@@ -415,4 +431,50 @@ impl NodeApi {
 
 fn training_error(e: crate::participants::Error) -> ApiError {
     ApiError::Training(crate::training::Error::from(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(r: Result<impl std::fmt::Debug, Refusal>) -> String {
+        match r.unwrap_err() {
+            Refusal::Session { problem, .. } => problem,
+            other => panic!("{other}"),
+        }
+    }
+
+    /// A session is reserved once, taken only once filled and only once,
+    /// dropped when its first step fails, and gone after its lifetime; at
+    /// most MAX_PENDING wait at once.
+    #[test]
+    fn sessions_are_reserved_filled_and_taken_once() {
+        let sessions: Sessions<u32> = Sessions::default();
+        sessions.reserve("a").unwrap();
+        assert_eq!(problem(sessions.reserve("a")), "already open");
+        assert_eq!(problem(sessions.take("a")), "still being opened");
+        sessions.fill("a", 7);
+        assert_eq!(sessions.take("a").unwrap(), 7);
+        assert!(problem(sessions.take("a")).starts_with("not open here"));
+        // A failed first step frees its name; a fill after it is dropped.
+        sessions.reserve("b").unwrap();
+        sessions.release("b");
+        sessions.fill("b", 1);
+        assert!(problem(sessions.take("b")).starts_with("not open here"));
+        for i in 0..MAX_PENDING {
+            sessions.reserve(&format!("s{i}")).unwrap();
+        }
+        assert!(problem(sessions.reserve("one more")).contains("already waiting"));
+        // Past its lifetime a session is neither taken nor counted.
+        let short: Sessions<u32> = Sessions::new(Duration::from_millis(20));
+        short.reserve("c").unwrap();
+        short.fill("c", 3);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(problem(short.take("c")).starts_with("not open here"));
+        for i in 0..MAX_PENDING {
+            short.reserve(&format!("t{i}")).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        short.reserve("after").unwrap();
+    }
 }
