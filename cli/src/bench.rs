@@ -246,27 +246,8 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
         }
     };
     let run = |query: &'static str| {
-        let mut requester = requester.clone();
-        let study_id = study_id.clone();
-        async move {
-            let t = Instant::now();
-            let result = requester
-                .run_study(pb::RunStudyRequest {
-                    study_id,
-                    query: query.to_owned(),
-                })
-                .await?
-                .into_inner()
-                .result
-                .ok_or_else(|| Error::Incomplete("no result".to_owned()))?;
-            if !result.failures.is_empty() {
-                return Err(Error::Incomplete(format!(
-                    "nodes failed: {:?}",
-                    result.failures
-                )));
-            }
-            Ok::<_, Error>(t.elapsed())
-        }
+        let run = run_in(study_id.clone(), query);
+        async move { Ok::<_, Error>(run.await?.0) }
     };
     // The first query of a consent context evaluates every patient's consent.
     let first_query = run("count").await?;

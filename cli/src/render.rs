@@ -62,31 +62,7 @@ pub fn study_table(result: &pb::StudyResult) -> String {
         });
         rows.push(row);
     }
-    let dims = result.dimensions.len();
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for (i, row) in rows.iter().enumerate() {
-        let line: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(c, v)| {
-                if c < dims {
-                    format!("{v:<w$}", w = widths[c])
-                } else {
-                    format!("{v:>w$}", w = widths[c])
-                }
-            })
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-        if i == 0 {
-            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-            out.push_str(&rule.join("  "));
-            out.push('\n');
-        }
-    }
+    let mut out = aligned(&rows, result.dimensions.len());
     if small_everywhere > 0 {
         out.push_str(&format!(
             "({small_everywhere} more {} below the minimum cell size at every hospital, not shown; --json lists {})\n",

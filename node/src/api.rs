@@ -366,35 +366,16 @@ impl NodeApi {
             query_sha256: query::digest(query_json),
             ..audit_entry(caller, ghx_audit::action::AGGREGATE)
         };
-        let facts = gate::NodeFacts {
-            node_id: &inner.node_id,
-            min_cell_size: inner.min_cell_size,
-            now: time::OffsetDateTime::now_utc().unix_timestamp(),
-        };
         let outcome = (|| -> Result<AggregateResult, ApiError> {
-            let verifier = self.verifier()?;
-            let admitted = tracing::info_span!("gate")
-                .in_scope(|| {
-                    gate::admit(
-                        &verifier,
-                        &inner.store,
-                        &inner.policy,
-                        facts,
-                        gate::Request {
-                            caller,
-                            token,
-                            query_json,
-                            manifest_json,
-                        },
-                    )
-                })
-                .inspect_err(|e| {
-                    if let gate::Error::Forbidden { decision, .. } = e {
-                        entry.policy_reasons = decision.summary();
-                    }
-                })?;
-            note_capability(&mut entry, &admitted.claims);
-            entry.policy_reasons = admitted.access.summary();
+            let admitted = self.admit_query(
+                gate::Request {
+                    caller,
+                    token,
+                    query_json,
+                    manifest_json,
+                },
+                &mut entry,
+            )?;
             pooled::check_release(&inner.release, &admitted, query::Release::PerHospital)?;
             let mut recorded = Recorded::default();
             let answer = self
@@ -431,6 +412,32 @@ impl NodeApi {
 }
 
 impl NodeApi {
+    /// Admits a query through the gate, noting on `entry` the policy's
+    /// reasons (refused or permitted) and the capability's claims.
+    fn admit_query(
+        &self,
+        request: gate::Request<'_>,
+        entry: &mut AuditEntry,
+    ) -> Result<gate::Admitted, ApiError> {
+        let inner = &self.inner;
+        let facts = gate::NodeFacts {
+            node_id: &inner.node_id,
+            min_cell_size: inner.min_cell_size,
+            now: time::OffsetDateTime::now_utc().unix_timestamp(),
+        };
+        let verifier = self.verifier()?;
+        let admitted = tracing::info_span!("gate")
+            .in_scope(|| gate::admit(&verifier, &inner.store, &inner.policy, facts, request))
+            .inspect_err(|e| {
+                if let gate::Error::Forbidden { decision, .. } = e {
+                    entry.policy_reasons = decision.summary();
+                }
+            })?;
+        note_capability(entry, &admitted.claims);
+        entry.policy_reasons = admitted.access.summary();
+        Ok(admitted)
+    }
+
     /// Where noise is paid for.
     fn budget(&self) -> Budget<'_> {
         Budget {

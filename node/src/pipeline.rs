@@ -97,25 +97,8 @@ impl Pipeline<'_> {
         recorded: &mut Recorded,
     ) -> Result<AggregateResult, Error> {
         let store = self.store;
-        let prepared = tracing::info_span!("consent")
-            .in_scope(|| self.eligibility.prepare(store, &admitted.consent))?;
-        recorded.consent_excluded =
-            i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
-        // One SQL pass: the members give both the cells and the cohort
-        // print.
         let spec = &admitted.spec;
-        let (members, analysed) = tracing::info_span!("engine").in_scope(|| {
-            let members = self
-                .cohorts
-                .members(store, spec, &prepared.context, self.sensitive)?;
-            // Every cell of the table's domain, empty or not: which cells
-            // exist must say nothing of the data, or a small cell listed
-            // would be known to hold at least one patient.
-            let analysed = engine::analyse(spec, &members, true);
-            Ok::<_, Error>((members, analysed))
-        })?;
-        let cohort = differencing::CohortPrint::of_members(&members);
-        drop(members);
+        let (prepared, analysed, cohort) = self.consented_table(admitted, recorded)?;
         let org = &admitted.claims.org;
         let study = &admitted.claims.sub;
         let k = admitted.min_cell_size;
@@ -213,6 +196,41 @@ impl Pipeline<'_> {
         Ok(release::annotate(result, spec, notes, k))
     }
 
+    /// Consent for the request (what it excluded noted in `recorded`), then
+    /// in one SQL pass the cohort's members, giving the table's raw cells
+    /// over its whole domain and the cohort's print.
+    fn consented_table(
+        &self,
+        admitted: &Admitted,
+        recorded: &mut Recorded,
+    ) -> Result<
+        (
+            eligibility::Prepared,
+            engine::Analysed,
+            differencing::CohortPrint,
+        ),
+        Error,
+    > {
+        let store = self.store;
+        let prepared = tracing::info_span!("consent")
+            .in_scope(|| self.eligibility.prepare(store, &admitted.consent))?;
+        recorded.consent_excluded =
+            i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
+        let spec = &admitted.spec;
+        let (members, analysed) = tracing::info_span!("engine").in_scope(|| {
+            let members = self
+                .cohorts
+                .members(store, spec, &prepared.context, self.sensitive)?;
+            // Every cell of the table's domain, empty or not: which cells
+            // exist must say nothing of the data, or a small cell listed
+            // would be known to hold at least one patient.
+            let analysed = engine::analyse(spec, &members, true);
+            Ok::<_, Error>((members, analysed))
+        })?;
+        let cohort = differencing::CohortPrint::of_members(&members);
+        Ok((prepared, analysed, cohort))
+    }
+
     /// This node's vector for a pooled table over `nodes` nodes: its raw
     /// cells laid out as every node lays them out, plus its share of the
     /// noise (paid for first). Nothing here is released: the vector leaves
@@ -233,19 +251,7 @@ impl Pipeline<'_> {
             .as_ref()
             .map(|noise| calibrate(noise, &layout, nodes))
             .transpose()?;
-        let prepared = tracing::info_span!("consent")
-            .in_scope(|| self.eligibility.prepare(store, &admitted.consent))?;
-        recorded.consent_excluded =
-            i64::try_from(prepared.summary.excluded_total()).unwrap_or(i64::MAX);
-        let (members, analysed) = tracing::info_span!("engine").in_scope(|| {
-            let members = self
-                .cohorts
-                .members(store, spec, &prepared.context, self.sensitive)?;
-            let analysed = engine::analyse(spec, &members, true);
-            Ok::<_, Error>((members, analysed))
-        })?;
-        let cohort = differencing::CohortPrint::of_members(&members);
-        drop(members);
+        let (_, analysed, cohort) = self.consented_table(admitted, recorded)?;
         let org = &admitted.claims.org;
         {
             // A cohort a few patients from one released to the organisation

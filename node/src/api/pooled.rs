@@ -218,11 +218,6 @@ impl NodeApi {
             query_sha256: query::digest(&query_json),
             ..audit_entry(caller, ghx_audit::action::POOLED)
         };
-        let facts = gate::NodeFacts {
-            node_id: &inner.node_id,
-            min_cell_size: inner.min_cell_size,
-            now: time::OffsetDateTime::now_utc().unix_timestamp(),
-        };
         // The session reserved here is filled only once this step's audit
         // entry is written, and dropped otherwise.
         let mut reserved = None;
@@ -230,31 +225,15 @@ impl NodeApi {
             Self::require_coordinator(caller)?;
             let params = ghx_proto::round::params_from_wire(message.params.unwrap_or_default())
                 .map_err(ApiError::Malformed)?;
-            let admitted = {
-                let verifier = self.verifier()?;
-                tracing::info_span!("gate")
-                    .in_scope(|| {
-                        gate::admit(
-                            &verifier,
-                            &inner.store,
-                            &inner.policy,
-                            facts,
-                            gate::Request {
-                                caller,
-                                token: &message.capability,
-                                query_json: &query_json,
-                                manifest_json: &message.manifest_json,
-                            },
-                        )
-                    })
-                    .inspect_err(|e| {
-                        if let gate::Error::Forbidden { decision, .. } = e {
-                            entry.policy_reasons = decision.summary();
-                        }
-                    })?
-            };
-            note_capability(&mut entry, &admitted.claims);
-            entry.policy_reasons = admitted.access.summary();
+            let admitted = self.admit_query(
+                gate::Request {
+                    caller,
+                    token: &message.capability,
+                    query_json: &query_json,
+                    manifest_json: &message.manifest_json,
+                },
+                &mut entry,
+            )?;
             check_release(&inner.release, &admitted, Release::Pooled)?;
             if !inner.sums.has_members() {
                 return Err(Refusal::NoMembers.into());
