@@ -87,20 +87,7 @@ pub fn study_table(result: &pb::StudyResult) -> String {
         out.push_str("summaries are mean±sd (n; min..max where released)\n");
     }
     for q in &result.quantiles {
-        let group = if q.group.is_empty() {
-            "all".to_owned()
-        } else {
-            q.group.join("/")
-        };
-        let value = q
-            .value
-            .map_or_else(|| "in an open-ended bin".to_owned(), |v| format!("{v:.3}"));
-        let partial = if q.partial {
-            " (partial: some bins withheld)"
-        } else {
-            ""
-        };
-        out.push_str(&format!("quantile {} of {group}: {value}{partial}\n", q.q));
+        out.push_str(&quantile_line(q));
     }
     for node in &nodes {
         for note in &node.notes {
@@ -146,6 +133,25 @@ fn aligned(rows: &[Vec<String>], dims: usize) -> String {
     out
 }
 
+/// One quantile as a line: its group, value and whether bins were
+/// withheld from it.
+fn quantile_line(q: &pb::Quantile) -> String {
+    let group = if q.group.is_empty() {
+        "all".to_owned()
+    } else {
+        q.group.join("/")
+    };
+    let value = q
+        .value
+        .map_or_else(|| "in an open-ended bin".to_owned(), |v| format!("{v:.3}"));
+    let partial = if q.partial {
+        " (partial: some bins withheld)"
+    } else {
+        ""
+    };
+    format!("quantile {} of {group}: {value}{partial}\n", q.q)
+}
+
 /// A pooled result: one column, the federation's table as released.
 fn pooled_table(result: &pb::StudyResult, pooled: &pb::PooledRelease) -> String {
     let mut header = result.dimensions.clone();
@@ -183,15 +189,7 @@ fn pooled_table(result: &pb::StudyResult, pooled: &pb::PooledRelease) -> String 
         ));
     }
     for q in &result.quantiles {
-        let group = if q.group.is_empty() {
-            "all".to_owned()
-        } else {
-            q.group.join("/")
-        };
-        let value = q
-            .value
-            .map_or_else(|| "in an open-ended bin".to_owned(), |v| format!("{v:.3}"));
-        out.push_str(&format!("quantile {} of {group}: {value}\n", q.q));
+        out.push_str(&quantile_line(q));
     }
     for note in &pooled.notes {
         out.push_str(&format!("pooled: {note}\n"));

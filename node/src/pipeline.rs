@@ -173,14 +173,7 @@ impl Pipeline<'_> {
                 // released to the same organisation.
                 differencing::check(store, org, &cohort, k)?;
                 // Noise is paid for before anything is released.
-                let paid = self.budget.charge(
-                    &admitted.claims.jti,
-                    &admitted.claims,
-                    &admitted.manifest,
-                    request_sha256,
-                    (noise.epsilon, noise.delta),
-                )?;
-                recorded.epsilon = noise.epsilon;
+                let paid = self.charge(admitted, request_sha256, noise, recorded)?;
                 let (candidates, statement) =
                     crate::noise::perturb(spec, noise, &analysed.cells, &mut rand::rngs::OsRng);
                 differencing::record(store, org, study, request_sha256, &cohort)?;
@@ -194,6 +187,26 @@ impl Pipeline<'_> {
             }
         };
         Ok(release::annotate(result, spec, notes, k))
+    }
+
+    /// Charges `noise` to the request's budgets (noted in `recorded`);
+    /// the budget note for the result.
+    fn charge(
+        &self,
+        admitted: &Admitted,
+        request_sha256: &str,
+        noise: &ghx_study::query::Noise,
+        recorded: &mut Recorded,
+    ) -> Result<String, Error> {
+        let paid = self.budget.charge(
+            &admitted.claims.jti,
+            &admitted.claims,
+            &admitted.manifest,
+            request_sha256,
+            (noise.epsilon, noise.delta),
+        )?;
+        recorded.epsilon = noise.epsilon;
+        Ok(paid)
     }
 
     /// Consent for the request (what it excluded noted in `recorded`), then
@@ -260,15 +273,8 @@ impl Pipeline<'_> {
             let _releasing = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
             let _differencing = tracing::info_span!("differencing").entered();
             differencing::check(store, org, &cohort, admitted.min_cell_size)?;
-            if let (Some(noise), Some(_)) = (&spec.noise, &calibration) {
-                self.budget.charge(
-                    &admitted.claims.jti,
-                    &admitted.claims,
-                    &admitted.manifest,
-                    request_sha256,
-                    (noise.epsilon, noise.delta),
-                )?;
-                recorded.epsilon = noise.epsilon;
+            if let Some(noise) = &spec.noise {
+                self.charge(admitted, request_sha256, noise, recorded)?;
             }
             differencing::record(store, org, &admitted.claims.sub, request_sha256, &cohort)?;
         }

@@ -365,15 +365,7 @@ impl NodeApi {
                 }
                 .into());
             }
-            let keys = self.vouched(
-                session,
-                message.keys,
-                |w| {
-                    let signed = (w.certificate_pem.clone(), w.signature.clone());
-                    Ok((ghx_proto::round::session_keys_from_wire(w)?, signed))
-                },
-                |k| (k.node.clone(), k.statement(session)),
-            )?;
+            let keys = self.vouched_session_keys(session, message.keys)?;
             let refused = |e: ghx_secagg::Error| Refusal::Session {
                 session: session.clone(),
                 problem: e.to_string(),

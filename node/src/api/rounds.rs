@@ -529,15 +529,7 @@ impl NodeApi {
             .iter()
             .map(|k| (k.node.clone(), k.certificate_pem.clone()))
             .collect();
-        let keys = self.vouched(
-            session,
-            message.keys,
-            |w| {
-                let signed = (w.certificate_pem.clone(), w.signature.clone());
-                Ok((ghx_proto::round::session_keys_from_wire(w)?, signed))
-            },
-            |k| (k.node.clone(), k.statement(session)),
-        )?;
+        let keys = self.vouched_session_keys(session, message.keys)?;
         let inner = &self.inner;
         let statement =
             inner
@@ -549,6 +541,25 @@ impl NodeApi {
                 })?;
         let (confirmation, _) = self.sign_keys(&statement)?;
         Ok(pb::SessionAgreeResponse { confirmation })
+    }
+
+    /// The members' session keys the coordinator relayed for `session`,
+    /// each checked against its signer ([`Self::vouched`]): a run's
+    /// session or a pooled query's.
+    pub(super) fn vouched_session_keys(
+        &self,
+        session: &str,
+        keys: Vec<pb::SessionKeys>,
+    ) -> Result<Vec<ghx_secagg::session::SessionKeys>, ApiError> {
+        self.vouched(
+            session,
+            keys,
+            |w| {
+                let signed = (w.certificate_pem.clone(), w.signature.clone());
+                Ok((ghx_proto::round::session_keys_from_wire(w)?, signed))
+            },
+            |k| (k.node.clone(), k.statement(session)),
+        )
     }
 
     /// Reads the keys of `round` (a round or a session) the coordinator
