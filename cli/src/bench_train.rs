@@ -266,6 +266,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
         pooled_without_noise: false,
+        shared: 0.0,
     })
     .await?;
     let setup = started.elapsed();

@@ -90,6 +90,9 @@ pub struct LocalFederationOptions {
     /// (`release.pooled_without_noise`), and so release no cells of their
     /// own (`release.per_hospital = false`).
     pub pooled_without_noise: bool,
+    /// Share of each hospital's patients who are residents treated at two
+    /// or three of them (same RRN, own ids; [`SynthOptions::shared`]).
+    pub shared: f64,
 }
 
 impl LocalFederationOptions {
@@ -108,6 +111,7 @@ impl LocalFederationOptions {
             min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
             open_registration: false,
             pooled_without_noise: false,
+            shared: 0.0,
         }
     }
 }
@@ -271,6 +275,15 @@ impl LocalFederation {
         } else {
             ""
         };
+        // One link key for the three hospitals, never the coordinator's.
+        let link_key_path = dir.join("linkage.key");
+        if !link_key_path.exists() {
+            write(
+                &link_key_path,
+                &ghx_disclosure::linkage::LinkKey::generate(),
+            )?;
+        }
+        let linkage_table = format!("\n[linkage]\nkey_file = \"{}\"\n", link_key_path.display());
         let mut nodes = Vec::new();
         let mut pending = Vec::new();
         for profile in &HOSPITALS {
@@ -281,7 +294,7 @@ impl LocalFederation {
                     patients: options.patients_per_node,
                     seed: options.seed,
                     as_of: ghx_synth::default_as_of(),
-                    shared: 0.0,
+                    shared: options.shared,
                 },
                 &data_dir,
             )?;
@@ -322,7 +335,7 @@ impl LocalFederation {
                      policy_dir = \"{policies}\"\ncoordinator_keys_dir = \"{rotated}\"\n\n\
                      [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                      renew_from = \"https://localhost:{coordinator_port}\"\nrenew_check_secs = 1\n\n\
-                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{sums_table}{release_table}{outbound_table}",
+                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{sums_table}{release_table}{linkage_table}{outbound_table}",
                     id = profile.id,
                     name = profile.name,
                     db = dir.join(format!("{}.db", profile.id)).display(),
@@ -337,16 +350,19 @@ impl LocalFederation {
                     coordinator_port = coordinator_addr.port(),
                 ),
             )?;
-            let node = Node::build(NodeConfig::load(&config_path)?)?;
+            let config = NodeConfig::load(&config_path)?;
+            let import_options = ImportOptions {
+                link_key: config.linkage.key().map_err(ghx_node::Error::from)?,
+                ..ImportOptions::default()
+            };
+            let node = Node::build(config)?;
             let store = node.store().clone();
             let import = {
                 let store = store.clone();
                 let data_dir = data_dir.clone();
-                tokio::task::spawn_blocking(move || {
-                    import_path(&store, &data_dir, &ImportOptions::default())
-                })
-                .await
-                .expect("import task")?
+                tokio::task::spawn_blocking(move || import_path(&store, &data_dir, &import_options))
+                    .await
+                    .expect("import task")?
             };
             // Served once the coordinator accepts: an outbound node would
             // otherwise dial an idle port and back off.

@@ -105,7 +105,7 @@ pub fn study_table(result: &pb::StudyResult) -> String {
 
 /// Aligned columns: dimensions left, numbers right, a rule under the
 /// header.
-fn aligned(rows: &[Vec<String>], dims: usize) -> String {
+pub fn aligned(rows: &[Vec<String>], dims: usize) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
@@ -276,6 +276,7 @@ pub fn study_json(result: &pb::StudyResult) -> serde_json::Value {
             "notes": p.notes,
             "min_cell_size": p.min_cell_size,
             "noise": p.noise.as_ref().map(|z| json!({"mechanism": z.mechanism, "epsilon": z.epsilon, "delta": z.delta, "detail": z.detail})),
+            "linkage": p.linkage.as_ref().map(|l| json!({"slots": l.slots, "unlinked": if l.unlinked_withheld { serde_json::Value::Null } else { l.unlinked.into() }, "standard_error": l.standard_error})),
         })),
     })
 }
@@ -443,6 +444,7 @@ mod tests {
                 notes: vec!["noise: distributed discrete Gaussian".into()],
                 noise: None,
                 min_cell_size: 10,
+                linkage: None,
             }),
             ..Default::default()
         };

@@ -24,6 +24,7 @@ async fn audit_commands_verify_export_reconcile_and_review() {
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
         pooled_without_noise: false,
+        shared: 0.0,
     })
     .await
     .unwrap();

@@ -37,6 +37,7 @@ async fn requester_and_committee_commands_work_end_to_end() {
         // A fourth hospital's node is registered below.
         open_registration: true,
         pooled_without_noise: false,
+        shared: 0.0,
     })
     .await
     .unwrap();

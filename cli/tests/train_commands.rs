@@ -26,6 +26,7 @@ async fn a_requester_trains_follows_and_validates_from_the_command_line() {
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
         pooled_without_noise: false,
+        shared: 0.0,
     })
     .await
     .unwrap();

@@ -714,6 +714,12 @@ fn result_to_wire(study_id: &str, result: StudyResult) -> pb::StudyResult {
             notes: p.notes,
             noise: p.noise.map(convert::noise_to_wire),
             min_cell_size: p.min_cell_size,
+            linkage: p.linkage.map(|l| pb::PooledLinkage {
+                slots: l.slots,
+                unlinked: l.unlinked,
+                standard_error: l.standard_error,
+                unlinked_withheld: l.unlinked_withheld,
+            }),
         }),
         study_id: study_id.to_owned(),
         query: result.query,

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::Duration;
 
+/// Largest answer the coordinator reads from a node.
+const MAX_ANSWER_BYTES: usize = 12 * (ghx_study::query::MAX_LINKAGE_NUMBERS as usize) + (1 << 20);
+
 use ghx_pki::transport::Conn;
 use ghx_pki::transport::Transport;
 use ghx_proto::v1 as pb;
@@ -71,6 +74,9 @@ impl RegisteredNode {
             &self.id,
             self.audit.clone(),
         ))
+        // A pooled table that counts each patient once answers up to
+        // MAX_LINKAGE_NUMBERS masked 64-bit numbers (ten bytes each at most).
+        .max_decoding_message_size(MAX_ANSWER_BYTES)
     }
 }
 

@@ -65,6 +65,7 @@ pub(crate) async fn run(
             notes: Vec::new(),
             noise: None,
             min_cell_size: k,
+            linkage: None,
         }),
     };
     let params = match u8::try_from(ids.len())
@@ -180,22 +181,70 @@ pub(crate) async fn run(
             return Ok(result);
         }
     };
-    let candidates = match layout.decode(&pooled::from_ring(&sum)) {
+    let calibration = spec
+        .noise
+        .as_ref()
+        .map(|noise| pooled::calibrate(noise, &layout, ids.len()));
+    let sum = pooled::from_ring(&sum);
+    let decoded = if layout.linked() {
+        match &calibration {
+            Some(Err(e)) => Err(e.clone()),
+            Some(Ok(c)) => layout.decode_linked(&sum, Some(c)),
+            None => layout.decode_linked(&sum, None),
+        }
+        .map(|(cells, read)| (cells, Some(read)))
+    } else {
+        layout.decode(&sum).map(|cells| (cells, None))
+    };
+    let (candidates, linkage) = match decoded {
         Ok(c) => c,
         Err(e) => {
             note(&mut result, format!("no pooled table: {e}"));
             return Ok(result);
         }
     };
-    let calibration = spec
-        .noise
-        .as_ref()
-        .map(|noise| pooled::calibrate(noise, &layout, ids.len()));
     release(&mut result, spec, &layout, candidates, k);
     // Quantiles from withheld bins only when noised (post-processing); an
     // exact table's come from released bins and say "partial".
     let pooled = result.pooled.as_mut().expect("set above");
     pooled.contributors = ids;
+    if let Some(read) = linkage {
+        // Only what was released says anything of its error: a withheld
+        // cell's error would tell its size.
+        let released: std::collections::HashSet<&[String]> = result
+            .total
+            .iter()
+            .filter(|c| c.withheld.is_none())
+            .map(|c| c.key.as_slice())
+            .collect();
+        let error = layout
+            .keys
+            .iter()
+            .zip(&read.errors)
+            .filter(|(key, _)| released.contains(key.as_slice()))
+            .map(|(_, e)| *e)
+            .fold(0.0, f64::max);
+        // An exact count below the cell size is withheld like any cell.
+        let withheld = spec.noise.is_none() && read.unlinked < i64::from(k);
+        let unlinked = if withheld { 0 } else { read.unlinked.max(0) };
+        pooled.notes.push(format!(
+            "each patient once: the union of the hospitals' bitmaps of linkage tokens ({} slots per count, keyed for this query alone), by linear counting; standard error at most {error:.1} patients per released cell, noise aside; patients without a resident registration number, counted at each hospital that has them: {}",
+            read.slots,
+            if withheld {
+                format!("fewer than {k}")
+            } else if spec.noise.is_some() {
+                format!("about {unlinked} (noisy)")
+            } else {
+                unlinked.to_string()
+            }
+        ));
+        pooled.linkage = Some(crate::studies::PooledLinkage {
+            slots: read.slots as u32,
+            unlinked,
+            standard_error: error,
+            unlinked_withheld: withheld,
+        });
+    }
     match calibration {
         Some(Ok(c)) => {
             let noise = spec.noise.expect("calibrated from it");

@@ -152,6 +152,25 @@ pub struct PooledRelease {
     pub noise: Option<ghx_study::result::NoiseStatement>,
     /// The cell size the table was held to.
     pub min_cell_size: u32,
+    /// Set when each patient counted once across hospitals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linkage: Option<PooledLinkage>,
+}
+
+/// How a pooled table counted each patient once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PooledLinkage {
+    /// Slots of each count's bitmap.
+    pub slots: u32,
+    /// Patients without a linkage token, counted at each hospital that has
+    /// them (noisy when the table is).
+    pub unlinked: i64,
+    /// Linear counting's standard error of the largest released cell, in
+    /// patients.
+    pub standard_error: f64,
+    /// Exact tables: the unlinked count is below the cell size, not given.
+    #[serde(default)]
+    pub unlinked_withheld: bool,
 }
 
 fn is_zero(n: &u32) -> bool {

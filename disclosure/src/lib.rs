@@ -17,6 +17,7 @@ use ghx_study::result::{AggregateResult, Cell, CellValue, Moments, RateCounts};
 use protection::{Audit, Counts, Status};
 
 mod groupings;
+pub mod linkage;
 pub mod pooled;
 mod protection;
 

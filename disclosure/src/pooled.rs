@@ -45,7 +45,7 @@ use opendp::traits::samplers::sample_discrete_gaussian;
 use crate::{Candidate, Raw, RawCell};
 
 /// Why a pooled table could not be laid out, noised or read.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum Error {
     #[error("the table has a cell `{0}` outside the query's full table")]
     UnknownCell(String),
@@ -55,6 +55,18 @@ pub enum Error {
     Overflow,
     #[error("noise: {0}")]
     Noise(String),
+    #[error(
+        "every slot of a distinct count's bitmap is occupied: too few slots for the cell (ask for more linkage_slots), or hospitals holding different link keys"
+    )]
+    Saturated,
+    #[error(
+        "the noise would fill {load:.0}% of each distinct count's {slots} slots with phantoms; ask for more linkage_slots or a larger epsilon"
+    )]
+    PhantomLoad { load: f64, slots: usize },
+    #[error("a table that counts each patient once is laid out with its query key, and only it")]
+    QueryKey,
+    #[error("cell `{0}` has {1} counts; the table's cells have {2}")]
+    Counts(String, usize, usize),
     #[error(
         "epsilon {epsilon} at delta {delta:e} cannot be met by distributed discrete Gaussian noise over {nodes} nodes"
     )]
@@ -93,6 +105,31 @@ pub struct Layout {
     /// The full table's keys ([`QuerySpec::table_keys`]).
     pub keys: Vec<Vec<String>>,
     kind: Kind,
+    /// Counting each patient once: the slots of each count's bitmap
+    /// ([`crate::linkage`]).
+    slots: Option<usize>,
+}
+
+/// The patients behind one cell's counts, as their 64-bit slot hashes
+/// ([`crate::linkage::QueryKey`]): per count of the cell (a rate's events,
+/// then its population).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkedCell {
+    pub key: Vec<String>,
+    pub counts: Vec<Vec<u64>>,
+}
+
+/// What the coordinator reads of a linked table besides its cells.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkedRead {
+    /// Slots per bitmap.
+    pub slots: usize,
+    /// Patients without a linkage token, counted at each hospital that has
+    /// them (noisy when the table is).
+    pub unlinked: i64,
+    /// Linear counting's standard error of each cell's counts (its largest
+    /// count's), in patients, in the order of the layout's keys.
+    pub errors: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -132,7 +169,13 @@ impl Layout {
         Layout {
             keys: spec.table_keys(),
             kind,
+            slots: spec.linkage_slots().map(|s| s as usize),
         }
+    }
+
+    /// Whether each patient counts once (bitmaps rather than counts).
+    pub fn linked(&self) -> bool {
+        self.slots.is_some()
     }
 
     /// Numbers per cell.
@@ -146,7 +189,82 @@ impl Layout {
 
     /// Length of the vector.
     pub fn dim(&self) -> usize {
-        self.keys.len() * self.per_cell()
+        match self.slots {
+            Some(m) => self.keys.len() * self.per_cell() * m + 1,
+            None => self.keys.len() * self.per_cell(),
+        }
+    }
+
+    /// The table's zCDP when each number's noise, summed over `nodes`
+    /// nodes, has scale `sigma` per unit of sensitivity: its cells' numbers
+    /// and, counting each patient once, the count of patients without a
+    /// token.
+    fn rho(&self, sigma: f64, nodes: usize) -> f64 {
+        let d = self.keys.len().max(1);
+        match self.slots {
+            // The unlinked count is one more dimension of the table.
+            Some(_) => {
+                rho_of(sigma, nodes, self.per_cell(), d + 1) + rho_of(sigma, nodes, 1, d + 1)
+            }
+            None => rho_of(sigma, nodes, self.per_cell(), d),
+        }
+    }
+
+    /// Which bitmap count `j` of the cell `key` is, when each patient
+    /// counts once (what a patient's slot in it is keyed by).
+    pub fn bitmap(&self, key: &[String], j: usize) -> Option<usize> {
+        let at = self.keys.iter().position(|k| k == key)?;
+        (j < self.per_cell()).then(|| at * self.per_cell() + j)
+    }
+
+    /// Refuses noise whose phantoms would fill more than a quarter of each
+    /// bitmap (the estimate would be poor, or every slot occupied): before
+    /// any node pays for it.
+    pub fn check_load(&self, calibration: &Calibration) -> Result<(), Error> {
+        let Some(m) = self.slots else { return Ok(()) };
+        let load = (phantom_shift(calibration) as f64 * calibration.nodes as f64) / m as f64;
+        if load > 0.25 {
+            return Err(Error::PhantomLoad {
+                load: 100.0 * load,
+                slots: m,
+            });
+        }
+        Ok(())
+    }
+
+    /// Numbers one patient moves: those of their cell and, counting each
+    /// patient once, the count of patients without a token.
+    fn numbers(&self) -> usize {
+        self.per_cell() + usize::from(self.linked())
+    }
+
+    /// A node's patients as the bitmaps it contributes, before noise: each
+    /// count of each cell a bitmap of its patients' slots, then the count
+    /// of its cohort's patients without a token.
+    pub fn encode_linked(&self, cells: &[LinkedCell], unlinked: u64) -> Result<Vec<i64>, Error> {
+        let m = self.slots.ok_or(Error::Length {
+            got: 0,
+            expected: self.dim(),
+        })?;
+        let per = self.per_cell();
+        let mut out = vec![0i64; self.dim()];
+        for cell in cells {
+            let at = self
+                .keys
+                .iter()
+                .position(|k| *k == cell.key)
+                .ok_or_else(|| Error::UnknownCell(cell.key.join("/")))?;
+            if cell.counts.len() != per {
+                return Err(Error::Counts(cell.key.join("/"), cell.counts.len(), per));
+            }
+            for (j, hashes) in cell.counts.iter().enumerate() {
+                let start = (at * per + j) * m;
+                crate::linkage::occupy(&mut out[start..start + m], hashes.iter().copied());
+            }
+        }
+        *out.last_mut()
+            .expect("a linked layout ends with its unlinked count") = to_i64(unlinked)?;
+        Ok(out)
     }
 
     /// Each number's sensitivity: how far one patient moves it.
@@ -235,6 +353,9 @@ impl Layout {
     /// discrete Gaussian draw of scale `calibration.per_node` times its
     /// sensitivity.
     pub fn noise(&self, calibration: &Calibration) -> Result<Vec<i64>, Error> {
+        if let Some(m) = self.slots {
+            return self.phantoms(calibration, m);
+        }
         let sensitivities = self.sensitivities();
         let scales: Vec<RBig> = sensitivities
             .iter()
@@ -245,11 +366,81 @@ impl Layout {
             .collect::<Result<_, _>>()?;
         (0..self.dim())
             .map(|i| {
-                let draw: IBig = sample_discrete_gaussian(scales[i % scales.len()].clone())
-                    .map_err(|e| Error::Noise(e.to_string()))?;
+                let draw: IBig =
+                    serialised(|| sample_discrete_gaussian(scales[i % scales.len()].clone()))
+                        .map_err(|e| Error::Noise(e.to_string()))?;
                 i64::try_from(draw).map_err(|_| Error::Overflow)
             })
             .collect()
+    }
+
+    /// A linked table's share of the noise: in each bitmap, `shift + Z`
+    /// phantoms ([`crate::linkage::PHANTOM_SHIFT_SCALES`]), and a draw on
+    /// the unlinked count.
+    fn phantoms(&self, calibration: &Calibration, m: usize) -> Result<Vec<i64>, Error> {
+        let draw = || -> Result<i64, Error> {
+            let scale = RBig::try_from(calibration.per_node)
+                .map_err(|_| Error::Noise("the noise scale is not a finite number".into()))?;
+            let z: IBig = serialised(|| sample_discrete_gaussian(scale))
+                .map_err(|e| Error::Noise(e.to_string()))?;
+            i64::try_from(z).map_err(|_| Error::Overflow)
+        };
+        let shift = phantom_shift(calibration);
+        let mut out = vec![0i64; self.dim()];
+        let (bitmaps, last) = out.split_at_mut(self.dim() - 1);
+        for bitmap in bitmaps.chunks_mut(m) {
+            let n = (shift + draw()?).max(0) as u64;
+            crate::linkage::phantoms(bitmap, n);
+        }
+        last[0] = draw()?;
+        Ok(out)
+    }
+
+    /// A linked table's cells from the sum of the nodes' bitmaps: each
+    /// count the union its bitmap shows, less the phantoms' shifts when
+    /// noised; and what else the coordinator reads of it.
+    pub fn decode_linked(
+        &self,
+        sum: &[i64],
+        calibration: Option<&Calibration>,
+    ) -> Result<(Vec<Candidate>, LinkedRead), Error> {
+        let m = self.slots.ok_or(Error::Length {
+            got: sum.len(),
+            expected: self.dim(),
+        })?;
+        if sum.len() != self.dim() {
+            return Err(Error::Length {
+                got: sum.len(),
+                expected: self.dim(),
+            });
+        }
+        let shifts = calibration.map_or(0, |c| phantom_shift(c) * c.nodes as i64);
+        let mut errors = vec![0f64; self.keys.len()];
+        let mut counts = Vec::with_capacity(self.keys.len() * self.per_cell());
+        for (i, bitmap) in sum[..sum.len() - 1].chunks(m).enumerate() {
+            let union = crate::linkage::union_estimate(bitmap).ok_or(Error::Saturated)?;
+            let error = &mut errors[i / self.per_cell()];
+            *error = error.max(crate::linkage::standard_error(union, m));
+            counts.push((union.round() as i64 - shifts).max(0) as u64);
+        }
+        let cells = counts
+            .chunks(self.per_cell())
+            .map(|c| match self.kind {
+                Kind::Rate => Candidate::Rate(RateCounts {
+                    events: c[0].min(c[1]),
+                    population: c[1],
+                }),
+                _ => Candidate::Count(c[0]),
+            })
+            .collect();
+        Ok((
+            cells,
+            LinkedRead {
+                slots: m,
+                unlinked: sum[sum.len() - 1],
+                errors,
+            },
+        ))
     }
 
     /// The federation's table from the sum of the nodes' vectors, as the
@@ -316,6 +507,11 @@ impl Layout {
     }
 }
 
+/// Phantoms each node adds to a bitmap beyond its draw.
+fn phantom_shift(calibration: &Calibration) -> i64 {
+    (crate::linkage::PHANTOM_SHIFT_SCALES * calibration.per_node).ceil() as i64
+}
+
 fn to_i64(n: u64) -> Result<i64, Error> {
     i64::try_from(n).map_err(|_| Error::Overflow)
 }
@@ -353,22 +549,40 @@ pub struct Calibration {
 impl Calibration {
     /// The statement results carry.
     pub fn describe(&self) -> String {
+        let collusion = if self.collusion_epsilon.is_finite() {
+            format!(
+                "against the coordinator colluding with the other hospitals, each hospital's numbers keep epsilon {:.2}",
+                self.collusion_epsilon
+            )
+        } else {
+            "against the coordinator colluding with any one hospital (which holds the link key), counts of each patient once have no protection".to_owned()
+        };
         format!(
-            "distributed discrete Gaussian: each of {} hospitals adds a share of scale {:.3} per unit of sensitivity (1 for a count; the clip bound for a sum, its square for a sum of squares), the sum scale {:.3}; zCDP rho {:.5}, so epsilon {} at delta {:e} (Kairouz, Liu & Steinke 2021; OpenDP's conversion); against the coordinator colluding with the other hospitals, each hospital's numbers keep epsilon {:.2}",
-            self.nodes,
-            self.per_node,
-            self.total,
-            self.rho,
-            self.epsilon,
-            self.delta,
-            self.collusion_epsilon
+            "distributed discrete Gaussian: each of {} hospitals adds a share of scale {:.3} per unit of sensitivity (1 for a count; the clip bound for a sum, its square for a sum of squares), the sum scale {:.3}; zCDP rho {:.5}, so epsilon {} at delta {:e} (Kairouz, Liu & Steinke 2021; OpenDP's conversion); {collusion}",
+            self.nodes, self.per_node, self.total, self.rho, self.epsilon, self.delta,
         )
     }
+}
+
+/// Runs `f`, a call into OpenDP, one at a time in this process. OpenDP
+/// 0.16's arithmetic silences panics by swapping the process's panic hook
+/// for an empty one around each operation (`catch_unwind_silent`): two
+/// threads doing so at once can leave the empty hook installed for good,
+/// after which no panic anywhere in the node is reported. One at a time,
+/// the previous hook is always restored.
+fn serialised<R>(f: impl FnOnce() -> R) -> R {
+    static OPENDP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = OPENDP.lock().unwrap_or_else(|e| e.into_inner());
+    f()
 }
 
 /// The epsilon at `delta` of zCDP `rho`, by OpenDP's conversion (a
 /// discrete Gaussian of sensitivity 1 whose privacy map gives `rho`).
 fn epsilon_of(rho: f64, delta: f64) -> Result<f64, Error> {
+    serialised(|| epsilon_unserialised(rho, delta))
+}
+
+fn epsilon_unserialised(rho: f64, delta: f64) -> Result<f64, Error> {
     let fail = |e: opendp::error::Error| Error::Noise(e.to_string());
     let scale = (1.0 / (2.0 * rho)).sqrt();
     let gaussian =
@@ -407,7 +621,7 @@ fn rho_of(sigma: f64, nodes: usize, numbers: usize, cells: usize) -> f64 {
 /// Calibrations already worked out, by epsilon, delta, numbers per cell,
 /// cells and nodes: every node and the coordinator calibrate each query,
 /// and a query is asked again and again.
-type Memo = HashMap<(u64, u64, usize, usize, usize), Calibration>;
+type Memo = HashMap<(u64, u64, usize, usize, usize, bool), Calibration>;
 
 fn memo() -> &'static std::sync::Mutex<Memo> {
     static MEMO: std::sync::OnceLock<std::sync::Mutex<Memo>> = std::sync::OnceLock::new();
@@ -423,6 +637,7 @@ pub fn calibrate(noise: &Noise, layout: &Layout, nodes: usize) -> Result<Calibra
         layout.per_cell(),
         layout.keys.len(),
         nodes,
+        layout.linked(),
     );
     if let Some(c) = memo().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(c.clone());
@@ -448,9 +663,9 @@ fn search(noise: &Noise, layout: &Layout, nodes: usize) -> Result<Calibration, E
     if nodes == 0 || noise.delta <= 0.0 || noise.epsilon <= 0.0 {
         return Err(unreachable());
     }
-    let (numbers, cells) = (layout.per_cell(), layout.keys.len().max(1));
+    let numbers = layout.numbers();
     let meets = |sigma: f64| -> Result<bool, Error> {
-        Ok(epsilon_of(rho_of(sigma, nodes, numbers, cells), noise.delta)? <= noise.epsilon)
+        Ok(epsilon_of(layout.rho(sigma, nodes), noise.delta)? <= noise.epsilon)
     };
     // Theorem 14 holds from a share's scale of 1/2 up. The classical
     // conversion's rho, spent as `numbers / (2 n sigma^2)`, gives a scale
@@ -477,10 +692,17 @@ fn search(noise: &Noise, layout: &Layout, nodes: usize) -> Result<Calibration, E
         if meets(mid)? { hi = mid } else { lo = mid }
     }
     let per_node = hi;
-    let rho = rho_of(per_node, nodes, numbers, cells);
+    let rho = layout.rho(per_node, nodes);
     // Colluders subtract their shares: one discrete Gaussian of the share's
     // scale per number, rho = numbers / (2 sigma^2) (Canonne et al.).
-    let collusion_epsilon = epsilon_of(numbers as f64 / (2.0 * per_node * per_node), noise.delta)?;
+    // Counting each patient once, any one hospital holds the link key and,
+    // with the coordinator, reads any known resident's slots: no share of
+    // noise protects that.
+    let collusion_epsilon = if layout.linked() {
+        f64::INFINITY
+    } else {
+        epsilon_of(numbers as f64 / (2.0 * per_node * per_node), noise.delta)?
+    };
     Ok(Calibration {
         epsilon: noise.epsilon,
         delta: noise.delta,
@@ -593,5 +815,89 @@ mod tests {
         let expected = c.total * c.total;
         assert!(mean.abs() < 4.0 * c.total / n.sqrt(), "{mean}");
         assert!((var / expected - 1.0).abs() < 0.1, "{var} vs {expected}");
+    }
+
+    #[test]
+    fn linked_bitmaps_carry_the_noise_and_no_bitmap_lies_over_another() {
+        use crate::linkage::{LinkKey, QueryKey};
+        let spec = spec(
+            r#"{"version":"ghx.query/v1","cohort":{"as_of":"2026-01-01","sex":["female"]},"analysis":{"kind":"rate","event":{"conditions":[{"system":"http://hl7.org/fhir/sid/icd-10","code":"E11"}]}},"release":"pooled","each_patient_once":true,"linkage_slots":4096}"#,
+        );
+        let layout = Layout::of(&spec);
+        let link = LinkKey::parse(&"ab".repeat(32)).unwrap();
+        let tokens: Vec<String> = (0..600).map(|i| link.token(&format!("{i:013}"))).collect();
+        let calibration = calibrate(&gaussian(1.0), &layout, 3).unwrap();
+        layout.check_load(&calibration).unwrap();
+        let key = layout.keys[0].clone();
+        let (mut errors, mut overlaps) = (Vec::new(), Vec::new());
+        for run in 0..40 {
+            let q = QueryKey::derive(&link, "s", &format!("jti-{run}"), "q");
+            // Three hospitals; the first 300 residents have the event, and
+            // hospital h holds residents with i % 3 != h or i < 100.
+            let mut sum = vec![0i64; layout.dim()];
+            for h in 0..3 {
+                let held: Vec<usize> = (0..600).filter(|i| i % 3 != h || *i < 100).collect();
+                let place = |j: usize, who: &mut dyn Iterator<Item = &usize>| -> Vec<u64> {
+                    let bitmap = layout.bitmap(&key, j).unwrap();
+                    who.map(|i| q.linked(&tokens[*i], bitmap)).collect()
+                };
+                let cell = LinkedCell {
+                    key: key.clone(),
+                    counts: vec![
+                        place(0, &mut held.iter().filter(|i| **i < 300)),
+                        place(1, &mut held.iter()),
+                    ],
+                };
+                let mut v = layout.encode_linked(&[cell], 0).unwrap();
+                for (x, e) in v.iter_mut().zip(layout.noise(&calibration).unwrap()) {
+                    *x = x.wrapping_add(e);
+                }
+                for (s, x) in sum.iter_mut().zip(v) {
+                    *s = s.wrapping_add(x);
+                }
+            }
+            let (cells, _) = layout.decode_linked(&sum, Some(&calibration)).unwrap();
+            let Candidate::Rate(r) = &cells[0] else {
+                panic!()
+            };
+            errors.push(r.population as f64 - 600.0);
+            // The events' occupied slots against the population's: chance
+            // only (a patient is placed anew in each bitmap).
+            let m = 4096;
+            let (e, p) = (&sum[..m], &sum[m..2 * m]);
+            let both = e
+                .iter()
+                .zip(p)
+                .filter(|(a, b)| **a != 0 && **b != 0)
+                .count() as f64;
+            let chance = e.iter().filter(|a| **a != 0).count() as f64
+                * p.iter().filter(|b| **b != 0).count() as f64
+                / m as f64;
+            overlaps.push(both - chance);
+        }
+        let n = errors.len() as f64;
+        let mean = errors.iter().sum::<f64>() / n;
+        let sd = (errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / n).sqrt();
+        // The spread is the calibrated noise with linear counting's error
+        // over the residents and the phantoms; the mean is unbiased.
+        let load = 600.0 + 3.0 * phantom_shift(&calibration) as f64;
+        let expected =
+            (calibration.total.powi(2) + crate::linkage::standard_error(load, 4096).powi(2)).sqrt();
+        assert!(mean.abs() < 4.0 * expected / n.sqrt() + 1.0, "{mean}");
+        assert!(
+            sd > 0.6 * expected && sd < 1.5 * expected,
+            "{sd} vs {expected}"
+        );
+        let overlap = overlaps.iter().sum::<f64>() / n;
+        assert!(
+            overlap.abs() < 15.0,
+            "events lie over the population: {overlap}"
+        );
+        // Too little epsilon for the slots: refused before anyone pays.
+        let tight = calibrate(&gaussian(0.05), &layout, 3).unwrap();
+        assert!(matches!(
+            layout.check_load(&tight),
+            Err(Error::PhantomLoad { .. })
+        ));
     }
 }

@@ -67,6 +67,8 @@ struct Inner {
     max_runs: u32,
     /// Which ways of releasing results this hospital takes part in.
     release: crate::config::ReleaseSettings,
+    /// The federation's link key, for pooled counts of each patient once.
+    link_key: Option<ghx_disclosure::linkage::LinkKey>,
     /// Pooled queries between their two steps.
     pooled: pooled::PooledSessions,
 
@@ -187,6 +189,7 @@ impl NodeApi {
                 ),
                 max_runs: crate::config::DEFAULT_MAX_TRAINING_RUNS,
                 release: Default::default(),
+                link_key: None,
                 pooled: Default::default(),
 
                 audit: store.audit_log().clone(),
@@ -234,6 +237,14 @@ impl NodeApi {
         Arc::get_mut(&mut self.inner)
             .expect("configured before it is shared")
             .release = settings.clone();
+        self
+    }
+
+    /// The federation's link key (`[linkage] key_file`).
+    pub fn with_link_key(mut self, key: Option<ghx_disclosure::linkage::LinkKey>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before it is shared")
+            .link_key = key;
         self
     }
 

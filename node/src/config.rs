@@ -89,6 +89,47 @@ pub struct NodeConfig {
     /// Which ways of releasing query results this hospital takes part in.
     #[serde(default)]
     pub release: ReleaseSettings,
+    /// The federation's link key, for counting each patient once.
+    #[serde(default)]
+    pub linkage: LinkageSettings,
+}
+
+/// Where the federation's link key is ([`ghx_disclosure::linkage`]): 64
+/// hexadecimal characters the hospitals share and the coordinator never
+/// has. Import turns each Patient's RRN into a token under it; pooled
+/// queries that count each patient once place patients by it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LinkageSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl LinkageSettings {
+    /// The key, read and checked; `None` when no file is set.
+    pub fn key(&self) -> Result<Option<ghx_disclosure::linkage::LinkKey>, Error> {
+        let Some(path) = &self.key_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Invalid {
+            key: "linkage.key_file",
+            problem: format!("cannot be read ({}): {e}", path.display()),
+        })?;
+        ghx_disclosure::linkage::LinkKey::parse(&text)
+            .map(Some)
+            .map_err(|e| Error::Invalid {
+                key: "linkage.key_file",
+                problem: format!("({}): {e}", path.display()),
+            })
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        if let Some(p) = &mut self.key_file
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
+        }
+    }
 }
 
 /// Which ways of releasing query results this hospital takes part in: its
@@ -151,6 +192,9 @@ pub struct OfflineConfig {
     pub rrn_policy: String,
     #[serde(default)]
     pub import: ImportSettings,
+    /// The link key import derives Patients' linkage tokens with.
+    #[serde(default)]
+    pub linkage: LinkageSettings,
     /// For the consent picture (`consent.toml`), when set.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
@@ -201,6 +245,8 @@ impl OfflineConfig {
         {
             *dir = base.join(&*dir);
         }
+        config.linkage.resolve(&base);
+        config.linkage.key()?;
         if let Err(problem) = config.rrn_policy.parse::<crate::import::RrnPolicy>() {
             return Err(Error::Invalid {
                 key: "rrn_policy",
@@ -379,6 +425,7 @@ impl NodeConfig {
         if let Some(dir) = &mut self.coordinator_keys_dir {
             fix(dir);
         }
+        self.linkage.resolve(base);
         let is_url = self.database_url.contains("://");
         if !is_url && Path::new(&self.database_url).is_relative() {
             self.database_url = base.join(&self.database_url).display().to_string();
@@ -453,6 +500,12 @@ impl NodeConfig {
             return Err(Error::Invalid {
                 key: "max_epsilon_per_organisation",
                 problem: "must be a finite, non-negative epsilon".to_owned(),
+            });
+        }
+        if self.linkage.key()?.is_some() && self.rrn_policy == "reject" {
+            return Err(Error::Invalid {
+                key: "linkage.key_file",
+                problem: "is of no use with rrn_policy = \"reject\": a Patient with an RRN is rejected, so none gets a linkage token".to_owned(),
             });
         }
         if self.release.pooled_without_noise && self.release.per_hospital {
@@ -602,6 +655,33 @@ mod tests {
         .unwrap();
         assert!(ok.release.pooled && !ok.release.per_hospital);
         assert_eq!(parse(GOOD).unwrap().release, ReleaseSettings::default());
+    }
+
+    #[test]
+    fn a_link_key_file_is_read_and_checked_without_showing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("link.key");
+        std::fs::write(&good, ghx_disclosure::linkage::LinkKey::generate()).unwrap();
+        let config = parse(&format!(
+            "{GOOD}\n[linkage]\nkey_file = \"{}\"\n",
+            good.display()
+        ))
+        .unwrap();
+        assert!(config.linkage.key().unwrap().is_some());
+        let bad = dir.path().join("bad.key");
+        std::fs::write(&bad, "secret-but-not-hex").unwrap();
+        let err = parse(&format!(
+            "{GOOD}\n[linkage]\nkey_file = \"{}\"\n",
+            bad.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`linkage.key_file`") && err.contains("64 hexadecimal"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+        assert!(matches!(parse(GOOD).unwrap().linkage.key(), Ok(None)));
     }
 
     #[test]

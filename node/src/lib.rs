@@ -160,6 +160,7 @@ impl Node {
         .with_organisation_budget(self.config.max_epsilon_per_organisation)
         .with_sum_rule(&self.config.secure_aggregation)
         .with_release(&self.config.release)
+        .with_link_key(self.config.linkage.key()?)
         .with_evaluation_limit(self.config.max_evaluations_per_study)
         .with_run_limit(self.config.max_training_runs_per_study)
         .with_audit_signer(
@@ -272,6 +273,6 @@ pub mod testing {
 
     /// Differencing control's check and record of released cohorts.
     pub mod differencing {
-        pub use crate::differencing::{CohortPrint, Error, check, record};
+        pub use crate::differencing::{CohortPrint, Error, check, patient_hash, record};
     }
 }

@@ -44,9 +44,10 @@ impl Classify for Error {
             Error::Differencing(e) => e.code(),
             Error::View(e) => e.code(),
             Error::Budget(e) => e.code(),
-            Error::Pooled(ghx_disclosure::pooled::Error::Unreachable { .. }) => {
-                Code::InvalidArgument
-            }
+            Error::Pooled(
+                ghx_disclosure::pooled::Error::Unreachable { .. }
+                | ghx_disclosure::pooled::Error::PhantomLoad { .. },
+            ) => Code::InvalidArgument,
             Error::Store(_) | Error::Consent(_) | Error::Pooled(_) => Code::Internal,
         }
     }
@@ -56,7 +57,10 @@ impl Classify for Error {
             Error::Differencing(e) => e.kind(),
             Error::View(e) => e.kind(),
             Error::Budget(e) => e.kind(),
-            Error::Pooled(ghx_disclosure::pooled::Error::Unreachable { .. }) => "query",
+            Error::Pooled(
+                ghx_disclosure::pooled::Error::Unreachable { .. }
+                | ghx_disclosure::pooled::Error::PhantomLoad { .. },
+            ) => "query",
             Error::Store(_) | Error::Consent(_) | Error::Pooled(_) => "internal",
         }
     }
@@ -253,6 +257,10 @@ impl Pipeline<'_> {
         admitted: &Admitted,
         request_sha256: &str,
         nodes: usize,
+        linkage: Option<(
+            &ghx_disclosure::linkage::LinkKey,
+            &ghx_disclosure::linkage::QueryKey,
+        )>,
         recorded: &mut Recorded,
     ) -> Result<Vec<i64>, Error> {
         use ghx_disclosure::pooled::{Layout, calibrate};
@@ -264,6 +272,9 @@ impl Pipeline<'_> {
             .as_ref()
             .map(|noise| calibrate(noise, &layout, nodes))
             .transpose()?;
+        if let Some(calibration) = &calibration {
+            layout.check_load(calibration)?;
+        }
         let (_, analysed, cohort) = self.consented_table(admitted, recorded)?;
         let org = &admitted.claims.org;
         {
@@ -278,7 +289,11 @@ impl Pipeline<'_> {
             }
             differencing::record(store, org, &admitted.claims.sub, request_sha256, &cohort)?;
         }
-        let mut vector = layout.encode(&analysed.cells)?;
+        let mut vector = match (linkage, layout.linked()) {
+            (Some((link, key)), true) => self.linked(&layout, &analysed, link, key)?,
+            (None, false) => layout.encode(&analysed.cells)?,
+            _ => return Err(ghx_disclosure::pooled::Error::QueryKey.into()),
+        };
         let lacking: Vec<(Vec<String>, u64)> = analysed
             .cells
             .iter()
@@ -298,5 +313,55 @@ impl Pipeline<'_> {
             }
         }
         Ok(vector)
+    }
+
+    /// This node's bitmaps for a table that counts each patient once: each
+    /// patient of a cell placed by their linkage token under the query's
+    /// key, or, without one, by a slot of this hospital's own; and how
+    /// many of the cohort have no token.
+    fn linked(
+        &self,
+        layout: &ghx_disclosure::pooled::Layout,
+        analysed: &engine::Analysed,
+        link: &ghx_disclosure::linkage::LinkKey,
+        key: &ghx_disclosure::linkage::QueryKey,
+    ) -> Result<Vec<i64>, Error> {
+        use std::collections::{HashMap, HashSet};
+        // Tokens of another (rotated) key match no other hospital's: their
+        // patients count as unlinked until imported again under this one.
+        let tokens: HashMap<i64, String> = self
+            .store
+            .link_tokens()?
+            .into_iter()
+            .filter(|(_, token)| link.made(token))
+            .map(|(id, token)| (differencing::patient_hash(&id) as i64, token))
+            .collect();
+        let mut unlinked: HashSet<i64> = HashSet::new();
+        let mut place = |print: &i64, bitmap: usize| match tokens.get(print) {
+            Some(token) => key.linked(token, bitmap),
+            None => {
+                unlinked.insert(*print);
+                key.local(self.node_id, *print, bitmap)
+            }
+        };
+        let mut cells = Vec::with_capacity(analysed.cells.len());
+        for (cell, who) in analysed.cells.iter().zip(&analysed.members) {
+            let lists: Vec<&Vec<i64>> = match cell.value {
+                ghx_disclosure::Raw::Rate { .. } => vec![&who.events, &who.patients],
+                _ => vec![&who.patients],
+            };
+            let mut counts = Vec::with_capacity(lists.len());
+            for (j, list) in lists.into_iter().enumerate() {
+                let bitmap = layout.bitmap(&cell.key, j).ok_or_else(|| {
+                    ghx_disclosure::pooled::Error::UnknownCell(cell.key.join("/"))
+                })?;
+                counts.push(list.iter().map(|p| place(p, bitmap)).collect());
+            }
+            cells.push(ghx_disclosure::pooled::LinkedCell {
+                key: cell.key.clone(),
+                counts,
+            });
+        }
+        Ok(layout.encode_linked(&cells, unlinked.len() as u64)?)
     }
 }

@@ -79,7 +79,25 @@ pub struct QuerySpec {
     /// federation's table is released.
     #[serde(default, skip_serializing_if = "Release::is_per_hospital")]
     pub release: Release,
+    /// In a pooled count, histogram or rate: count each patient once
+    /// across hospitals, by the linkage tokens of their resident
+    /// registration numbers, rather than once per hospital that treats
+    /// them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub each_patient_once: bool,
+    /// Slots of each distinct count's bitmap (a power of two, 256 to
+    /// 65,536); [`DEFAULT_LINKAGE_SLOTS`] when unset, fewer when the table
+    /// has many cells ([`QuerySpec::linkage_slots`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linkage_slots: Option<u32>,
 }
+
+/// Slots per distinct count when a query sets none: linear counting's
+/// standard error stays under 2% up to about 80,000 patients per cell.
+pub const DEFAULT_LINKAGE_SLOTS: u32 = 1 << 14;
+/// Most numbers all of a linked table's bitmaps may hold together (each a
+/// 64-bit number on the wire).
+pub const MAX_LINKAGE_NUMBERS: u64 = 1 << 20;
 
 /// How a query's cells are released.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -691,6 +709,9 @@ impl QuerySpec {
                 "the full table would have {cells} cells; at most {MAX_CELLS} (fewer dimensions, groups or bins)"
             )));
         }
+        if self.each_patient_once || self.linkage_slots.is_some() {
+            self.check_linkage()?;
+        }
         if self.release == Release::Pooled {
             if let Some(noise) = &self.noise
                 && (noise.mechanism != Mechanism::Gaussian || noise.delta <= 0.0)
@@ -865,6 +886,67 @@ impl QuerySpec {
             | Analysis::Histogram { group_by, .. }
             | Analysis::Rate { group_by, .. } => group_by,
         }
+    }
+
+    /// What counting each patient once asks: a pooled count, histogram
+    /// or rate, and bitmaps that fit.
+    fn check_linkage(&self) -> Result<(), Error> {
+        if !self.each_patient_once {
+            return Err(invalid("linkage_slots", "set only with each_patient_once"));
+        }
+        if self.release != Release::Pooled {
+            return Err(invalid(
+                "each_patient_once",
+                "needs a pooled release: only a secure sum over the hospitals can count a patient once",
+            ));
+        }
+        if let Analysis::Summary { .. } = self.analysis {
+            return Err(invalid(
+                "each_patient_once",
+                "applies to counts, histograms and rates; a pooled summary uses each hospital's value of a patient (see THREATS.md)",
+            ));
+        }
+        if let Some(slots) = self.linkage_slots
+            && (!slots.is_power_of_two() || !(256..=65_536).contains(&slots))
+        {
+            return Err(invalid(
+                "linkage_slots",
+                format!("must be a power of two from 256 to 65536, got {slots}"),
+            ));
+        }
+        let numbers = self.full_table_cells() * self.numbers_per_cell();
+        if numbers * 256 > MAX_LINKAGE_NUMBERS {
+            return Err(invalid(
+                "each_patient_once",
+                format!(
+                    "the table's {numbers} distinct counts of at least 256 slots each exceed {MAX_LINKAGE_NUMBERS} numbers; fewer dimensions or bins"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts per cell: two for a rate (events and population), else one.
+    fn numbers_per_cell(&self) -> u64 {
+        match self.analysis {
+            Analysis::Rate { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// The slots of each distinct count's bitmap when counting each patient
+    /// once: the asked or default number, halved until all bitmaps fit in
+    /// [`MAX_LINKAGE_NUMBERS`]; `None` when the query counts per hospital.
+    pub fn linkage_slots(&self) -> Option<u32> {
+        if !self.each_patient_once {
+            return None;
+        }
+        let numbers = (self.table_keys().len() as u64 * self.numbers_per_cell()).max(1);
+        let mut slots = self.linkage_slots.unwrap_or(DEFAULT_LINKAGE_SLOTS);
+        while slots > 256 && numbers * u64::from(slots) > MAX_LINKAGE_NUMBERS {
+            slots /= 2;
+        }
+        Some(slots)
     }
 
     /// How many cells the full table of this query has: every value of
@@ -1293,6 +1375,57 @@ mod tests {
                    "conditions": [{"system": "http://www.hl7korea.or.kr/CodeSystem/kostat-kcd-8", "code": "E11", "match": "prefix"}]},
         "analysis": {"kind": "count", "group_by": ["sex", "age_band"]}
     }"#;
+
+    #[test]
+    fn counting_each_patient_once_is_for_pooled_counts_and_fits_its_bitmaps() {
+        let query = |analysis: &str, extra: &str| {
+            QuerySpec::parse(
+                format!(
+                    r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01"}},"analysis":{analysis}{extra}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        let count = r#"{"kind":"count","group_by":["sex","age_band"]}"#;
+        let once = query(count, r#","release":"pooled","each_patient_once":true"#).unwrap();
+        assert_eq!(once.linkage_slots(), Some(DEFAULT_LINKAGE_SLOTS));
+        assert_eq!(
+            query(count, r#","release":"pooled""#)
+                .unwrap()
+                .linkage_slots(),
+            None
+        );
+        let refused = |analysis: &str, extra: &str, says: &str| {
+            let e = query(analysis, extra).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        };
+        refused(
+            count,
+            r#","each_patient_once":true"#,
+            "needs a pooled release",
+        );
+        refused(
+            count,
+            r#","release":"pooled","linkage_slots":4096"#,
+            "only with each_patient_once",
+        );
+        refused(
+            count,
+            r#","release":"pooled","each_patient_once":true,"linkage_slots":1000"#,
+            "power of two",
+        );
+        refused(
+            r#"{"kind":"summary","variable":{"kind":"age"},"clip":{"min":0,"max":120}}"#,
+            r#","release":"pooled","each_patient_once":true"#,
+            "each hospital's value",
+        );
+        // A large histogram's bitmaps shrink to fit.
+        let histogram = r#"{"kind":"histogram","variable":{"kind":"age"},"bins":{"start":0,"width":1,"count":120},"group_by":["sex"]}"#;
+        let big = query(histogram, r#","release":"pooled","each_patient_once":true"#).unwrap();
+        let slots = big.linkage_slots().unwrap();
+        assert!((256..DEFAULT_LINKAGE_SLOTS).contains(&slots));
+        assert!(big.table_keys().len() as u64 * u64::from(slots) <= MAX_LINKAGE_NUMBERS);
+    }
 
     #[test]
     fn parses_and_round_trips_canonically() {

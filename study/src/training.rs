@@ -436,6 +436,8 @@ impl TrainingSpec {
             analysis,
             noise: None,
             release: Default::default(),
+            each_patient_once: false,
+            linkage_slots: None,
         }
     }
 

@@ -248,7 +248,10 @@ pub fn generate(options: &SynthOptions, mut sink: impl FnMut(Value)) {
         } else {
             Patient::draw(h, options.as_of, &mut rng)
         };
-        if options.shared > 0.0 && patient.rrn.is_none() {
+        // With a shared population, residents come with their RRN; a few
+        // patients of one hospital only (foreign residents, the
+        // unidentified) have none.
+        if options.shared > 0.0 && patient.rrn.is_none() && !rng.gen_bool(WITHOUT_RRN) {
             patient.rrn = Some(rrn(patient.birth, patient.female, &mut rng));
         }
         patient.emit(
@@ -260,6 +263,9 @@ pub fn generate(options: &SynthOptions, mut sink: impl FnMut(Value)) {
         );
     }
 }
+
+/// Share of a hospital's own patients (not shared) without an RRN.
+pub const WITHOUT_RRN: f64 = 0.02;
 
 /// The federation's residents treated at more than one hospital, in a
 /// fixed order: resident `j` is drawn from a seed of its own, and is at two
@@ -743,6 +749,7 @@ mod tests {
         use std::collections::BTreeMap;
         let patients = 2000;
         let mut seen: BTreeMap<String, Vec<(String, String, String)>> = BTreeMap::new();
+        let mut without = 0;
         for h in &HOSPITALS {
             let options = SynthOptions {
                 hospital: h,
@@ -755,15 +762,16 @@ mod tests {
                 if r["resourceType"] != "Patient" {
                     return;
                 }
-                let rrn = r["identifier"]
+                let Some(rrn) = r["identifier"]
                     .as_array()
                     .unwrap()
                     .iter()
                     .find(|i| i["system"] == RRN_SYSTEM)
-                    .expect("every patient has an RRN")["value"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned();
+                else {
+                    without += 1;
+                    return;
+                };
+                let rrn = rrn["value"].as_str().unwrap().to_owned();
                 let digits: Vec<u32> = rrn.chars().filter_map(|c| c.to_digit(10)).collect();
                 assert_eq!((digits.len(), &rrn[6..7]), (13, "-"), "{rrn}");
                 let weights = [2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5];
@@ -802,6 +810,12 @@ mod tests {
         assert!((0.17..=0.21).contains(&share), "{at:?}: {share}");
         let three = at[3] as f64 / (at[2] + at[3]) as f64;
         assert!((0.15..0.35).contains(&three), "{at:?}");
+        // About 2% of the patients of one hospital only have no RRN.
+        let own = records - shared_records;
+        assert!(
+            (0.01..0.03).contains(&(without as f64 / own as f64)),
+            "{without} of {own}"
+        );
         // Without a shared population, no RRNs at all (the default export).
         let mut any = false;
         generate(

@@ -443,6 +443,7 @@ async fn queried_federation(
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
         pooled_without_noise: false,
+        shared: 0.0,
     })
     .await
     .unwrap();

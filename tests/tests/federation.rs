@@ -52,6 +52,7 @@ async fn start_with_quorum(patients: usize, quorum: usize) -> (LocalFederation, 
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
         pooled_without_noise: false,
+        shared: 0.0,
     })
     .await
     .expect("the local federation starts");

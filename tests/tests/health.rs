@@ -46,6 +46,7 @@ async fn members_report_their_health_to_a_federation_monitor() {
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
         pooled_without_noise: false,
+        shared: 0.0,
     })
     .await
     .unwrap();

@@ -31,6 +31,8 @@ fn by_sex_and_band(code: &str, extra: &str) -> String {
 }
 
 const NOISE: &str = r#","noise":{"mechanism":"gaussian","epsilon":0.2,"delta":1e-6}"#;
+/// Less noise budget, for the linked table (the manifest's budget is 0.5).
+const LESS_NOISE: &str = r#","noise":{"mechanism":"gaussian","epsilon":0.1,"delta":1e-6}"#;
 
 fn histogram() -> String {
     format!(
@@ -54,7 +56,8 @@ async fn node_client(federation: &LocalFederation, node: usize) -> NodeServiceCl
     .connect()
     .await
     .unwrap();
-    NodeServiceClient::new(channel)
+    // A linked table's masked bitmaps run to megabytes.
+    NodeServiceClient::new(channel).max_decoding_message_size(64 << 20)
 }
 
 /// Each node's reference counts by (sex, band), from its NDJSON export.
@@ -125,6 +128,87 @@ fn union_cells(
     out
 }
 
+/// Each node's RRN of each patient (by the patient's print hash), from its
+/// NDJSON export: what the linkage tokens were made of at import.
+fn rrns(federation: &LocalFederation, node: usize) -> BTreeMap<i64, String> {
+    let text =
+        std::fs::read_to_string(federation.nodes[node].data_dir.join("Patient.ndjson")).unwrap();
+    text.lines()
+        .filter_map(|line| {
+            let p: serde_json::Value = serde_json::from_str(line).unwrap();
+            let rrn = p["identifier"]
+                .as_array()?
+                .iter()
+                .find(|i| i["system"] == ghx_synth::RRN_SYSTEM)?["value"]
+                .as_str()?
+                .replace('-', "");
+            let id = p["id"].as_str().unwrap();
+            Some((
+                ghx_node::testing::differencing::patient_hash(id) as i64,
+                rrn,
+            ))
+        })
+        .collect()
+}
+
+/// The union of the three exports deduplicated by RRN, computed outside
+/// the federation: per cell of `json` (counts, or a rate's events and
+/// population), the distinct residents any hospital puts there (a patient
+/// without an RRN once per hospital); and how many of the cohort's
+/// patients have no RRN.
+fn distinct_cells(
+    federation: &LocalFederation,
+    json: &str,
+) -> (BTreeMap<Vec<String>, [usize; 2]>, usize) {
+    use ghx_node::consent::eligibility::Eligibility;
+    use std::collections::BTreeSet;
+    let spec = QuerySpec::parse(json.as_bytes()).unwrap();
+    let mut sets: BTreeMap<Vec<String>, [BTreeSet<String>; 2]> = BTreeMap::new();
+    let mut unlinked = 0;
+    for (i, node) in federation.nodes.iter().enumerate() {
+        let rrn = rrns(federation, i);
+        let who = |print: &i64| {
+            rrn.get(print)
+                .cloned()
+                .unwrap_or_else(|| format!("{}/{print}", node.profile.id))
+        };
+        let rules = PolicyDir::load(&federation.dir.join("policies").join(node.profile.id))
+            .unwrap()
+            .consent;
+        let eligibility = Eligibility::new(rules);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let request = ghx_node::gate::consent_request("HRESCH", &spec, now);
+        let prepared = eligibility.prepare(&node.store, &request).unwrap();
+        let members = ghx_node::testing::cohort_for_analysis(
+            &node.store,
+            &spec,
+            &prepared.context,
+            &eligibility.rules().sensitive,
+        )
+        .unwrap();
+        let analysed = ghx_node::testing::analyse(&spec, &members, true);
+        let mut without: std::collections::HashSet<i64> = std::collections::HashSet::new();
+        for (cell, members) in analysed.cells.iter().zip(&analysed.members) {
+            let entry = sets.entry(cell.key.clone()).or_default();
+            entry[0].extend(members.events.iter().map(who));
+            entry[1].extend(members.patients.iter().map(who));
+            without.extend(
+                members
+                    .patients
+                    .iter()
+                    .filter(|p| !rrn.contains_key(p))
+                    .copied(),
+            );
+        }
+        unlinked += without.len();
+    }
+    let counts = sets
+        .into_iter()
+        .map(|(key, [events, patients])| (key, [events.len(), patients.len()]))
+        .collect();
+    (counts, unlinked)
+}
+
 async fn run(federation: &LocalFederation, study_id: &str, query: &str) -> pb::StudyResult {
     federation
         .client(REQUESTER)
@@ -141,11 +225,71 @@ async fn run(federation: &LocalFederation, study_id: &str, query: &str) -> pb::S
         .unwrap()
 }
 
+/// One pooled session straight to the nodes, as the coordinator would
+/// run it: `queries[i]` goes to node i; the masked vectors they answer.
+async fn session(
+    clients: &mut [NodeServiceClient<Channel>],
+    signer: &Signer,
+    manifest: (&StudyManifest, &[u8]),
+    study_id: &str,
+    queries: [Vec<u8>; 3],
+    params: pb::RoundParams,
+) -> Vec<Vec<u64>> {
+    let ids = &params.participants;
+    let mut keys = Vec::new();
+    // One capability per query, as the coordinator sends.
+    let mut tokens: BTreeMap<&[u8], String> = BTreeMap::new();
+    for (client, query) in clients.iter_mut().zip(&queries) {
+        let token = tokens
+            .entry(query.as_slice())
+            .or_insert_with(|| {
+                signer
+                    .sign(&claims_for(
+                        manifest.0,
+                        study_id,
+                        ids.to_vec(),
+                        query,
+                        time::Duration::minutes(5),
+                    ))
+                    .unwrap()
+            })
+            .clone();
+        let opened = client
+            .pooled_open(pb::PooledOpenRequest {
+                capability: token,
+                query: Some(pb::QuerySpec {
+                    json: query.clone(),
+                }),
+                manifest_json: manifest.1.to_vec(),
+                params: Some(params.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        keys.push(opened.keys.unwrap());
+    }
+    let mut masked = Vec::new();
+    for client in clients.iter_mut() {
+        let input = client
+            .pooled_input(pb::PooledInputRequest {
+                session: params.round.clone(),
+                keys: keys.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        masked.push(input.values);
+    }
+    masked
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
     let dir = tempfile::tempdir().unwrap();
     let federation = LocalFederation::start(&LocalFederationOptions {
         pooled_without_noise: true,
+        // A fifth of each hospital's patients are treated at two or three.
+        shared: 0.2,
         ..LocalFederationOptions::new(dir.path(), 1500, 2026)
     })
     .await
@@ -163,6 +307,22 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
         r#"{{"version":"ghx.query/v1","cohort":{{"as_of":"2026-01-01","sex":["female","male"],"conditions":[{{"system":"{KCD8}","code":"E11","match":"prefix"}}]}},
         "analysis":{{"kind":"rate","event":{{"conditions":[{{"system":"{KCD8}","code":"I10","match":"prefix"}}]}},"group_by":["sex"]}},"release":"pooled"}}"#
     );
+    // Fewer slots than the default keep the test quick; the error bound
+    // follows them.
+    let once = by_sex_and_band(
+        "E11",
+        r#","release":"pooled","each_patient_once":true,"linkage_slots":4096"#,
+    );
+    let once_noisy = by_sex_and_band(
+        "E11",
+        &format!(
+            r#","release":"pooled","each_patient_once":true,"linkage_slots":4096{LESS_NOISE}"#
+        ),
+    );
+    let once_rate = rate.replace(
+        r#""release":"pooled""#,
+        r#""release":"pooled","each_patient_once":true,"linkage_slots":4096"#,
+    );
     let mut manifest: serde_json::Value = serde_json::from_slice(&manifest_with_budget(
         "pooled",
         "HRESCH",
@@ -174,6 +334,9 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
             ("histogram", histogram.as_str()),
             ("summary", summary.as_str()),
             ("rate", rate.as_str()),
+            ("once", once.as_str()),
+            ("once-noisy", once_noisy.as_str()),
+            ("once-rate", once_rate.as_str()),
         ],
         0.5,
     ))
@@ -369,55 +532,6 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
         refused.message()
     );
 
-    // One session: `queries[i]` goes to node i.
-    async fn session(
-        clients: &mut [NodeServiceClient<Channel>],
-        signer: &Signer,
-        manifest: (&StudyManifest, &[u8]),
-        study_id: &str,
-        queries: [Vec<u8>; 3],
-        params: pb::RoundParams,
-    ) -> Vec<Vec<u64>> {
-        let ids = &params.participants;
-        let mut keys = Vec::new();
-        for (client, query) in clients.iter_mut().zip(&queries) {
-            let token = signer
-                .sign(&claims_for(
-                    manifest.0,
-                    study_id,
-                    ids.to_vec(),
-                    query,
-                    time::Duration::minutes(5),
-                ))
-                .unwrap();
-            let opened = client
-                .pooled_open(pb::PooledOpenRequest {
-                    capability: token,
-                    query: Some(pb::QuerySpec {
-                        json: query.clone(),
-                    }),
-                    manifest_json: manifest.1.to_vec(),
-                    params: Some(params.clone()),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            keys.push(opened.keys.unwrap());
-        }
-        let mut masked = Vec::new();
-        for client in clients.iter_mut() {
-            let input = client
-                .pooled_input(pb::PooledInputRequest {
-                    session: params.round.clone(),
-                    keys: keys.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            masked.push(input.values);
-        }
-        masked
-    }
     let sum = |vectors: &[Vec<u64>]| -> Vec<i64> {
         let mut out = vec![0u64; vectors[0].len()];
         for v in vectors {
@@ -493,5 +607,152 @@ async fn a_pooled_table_is_the_union_and_the_coordinator_sees_only_the_sum() {
             .count()
             > garbage.len() / 2
     );
+    each_patient_once(&federation, &study_id, (&once, &once_rate), &truth).await;
+    let linked = Layout::of(&QuerySpec::parse(once.as_bytes()).unwrap());
+    let params = |name: &str| pb::RoundParams {
+        round: format!("{study_id}/{name}"),
+        participants: ids.clone(),
+        threshold: 3,
+        dim: linked.dim() as u32,
+    };
+    // As the coordinator: the same linked query twice, under one session
+    // name. Each slot's sum is a random number (no multiplicity shows),
+    // and the occupied slots of one run are no more the other's than
+    // chance would make them: the slots are keyed by the (single-use)
+    // capability too, so every run places every patient anew.
+    let mut occupied = Vec::new();
+    for name in ["once-a", "once-a"] {
+        let masked = session(
+            &mut clients,
+            &signer,
+            manifest_pair,
+            &study_id,
+            [query_of("once"), query_of("once"), query_of("once")],
+            params(name),
+        )
+        .await;
+        let total = sum(&masked);
+        // The fullest cell's bitmap.
+        let m = linked.dim() / linked.keys.len();
+        let bitmap = total
+            .chunks(m)
+            .take(linked.keys.len())
+            .max_by_key(|b| b.iter().filter(|v| **v != 0).count())
+            .unwrap()
+            .to_vec();
+        let set: std::collections::BTreeSet<usize> = bitmap
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != 0)
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            bitmap
+                .iter()
+                .filter(|v| **v != 0)
+                .all(|v| v.unsigned_abs() > 16),
+            "a slot's sum shows how many hospitals hold it"
+        );
+        occupied.push((set, m));
+    }
+    let ((a, m), (b, _)) = (&occupied[0], &occupied[1]);
+    let common = a.intersection(b).count() as f64;
+    let chance = a.len() as f64 * b.len() as f64 / *m as f64;
+    assert!(a.len() > 100, "{}", a.len());
+    assert!(
+        common < chance + 6.0 * chance.sqrt() + 3.0,
+        "{common} slots in common, {chance:.1} by chance: the sessions' slots are linked"
+    );
     federation.shutdown().await;
+}
+
+/// Counting each patient once: the pooled table equals the union of the
+/// exports deduplicated by RRN within linear counting's stated error
+/// (exact mode), says how many patients had no RRN, and is well below the
+/// naive sum where residents are shared; noised, within the noise too.
+async fn each_patient_once(
+    federation: &LocalFederation,
+    study_id: &str,
+    (once, once_rate): (&str, &str),
+    naive: &dyn Fn(&[String]) -> u64,
+) {
+    use ghx_disclosure::linkage::standard_error;
+    let (distinct, unlinked) = distinct_cells(federation, once);
+    let result = run(federation, study_id, "once").await;
+    assert!(result.failures.is_empty(), "{:?}", result.failures);
+    let release = result.pooled.as_ref().unwrap();
+    let linkage = release.linkage.as_ref().expect("the linkage is stated");
+    assert!(unlinked > 0, "some patients have no RRN");
+    if unlinked < K as usize {
+        // Exact and below the cell size: withheld like a cell.
+        assert!(linkage.unlinked_withheld && linkage.unlinked == 0);
+    } else {
+        assert_eq!(linkage.unlinked, unlinked as i64);
+    }
+    let slots = linkage.slots as usize;
+    let (mut released, mut shared) = (0, 0u64);
+    for cell in result.total.iter().filter(|c| c.withheld.is_empty()) {
+        let want = distinct.get(&cell.key).map_or(0, |c| c[1]) as f64;
+        let bound = 4.0 * standard_error(want, slots) + 1.0;
+        assert!(
+            (cell.count as f64 - want).abs() <= bound,
+            "{:?}: {} vs {want} (bound {bound})",
+            cell.key,
+            cell.count
+        );
+        assert!(want >= K as f64 - bound, "{:?}: {want}", cell.key);
+        shared += naive(&cell.key) - want as u64;
+        released += 1;
+    }
+    assert!(released >= 4, "{released} cells released");
+    // The residents treated at several hospitals are counted once.
+    assert!(shared > 20, "only {shared} fewer than the naive sum");
+    println!(
+        "each patient once: {released} cells released, {shared} fewer patients than the naive sum, {unlinked} without an RRN"
+    );
+    // A rate's events and population, each once.
+    let (distinct, _) = distinct_cells(federation, once_rate);
+    let result = run(federation, study_id, "once-rate").await;
+    let mut compared = 0;
+    for cell in result.total.iter().filter(|c| c.withheld.is_empty()) {
+        let [events, population] = distinct[&cell.key];
+        let got = cell.rate.as_ref().unwrap();
+        for (got, want) in [(got.events, events), (got.population, population)] {
+            let bound = 4.0 * standard_error(want as f64, 4096) + 1.0;
+            assert!((got as f64 - want as f64).abs() <= bound, "{:?}", cell.key);
+        }
+        compared += 1;
+    }
+    assert!(compared >= 2, "{compared} rate cells released");
+    // Noised: within the calibrated spread and linear counting's error.
+    let spec = QuerySpec::parse(
+        by_sex_and_band(
+            "E11",
+            &format!(
+                r#","release":"pooled","each_patient_once":true,"linkage_slots":4096{LESS_NOISE}"#
+            ),
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let calibration = calibrate(spec.noise.as_ref().unwrap(), &Layout::of(&spec), 3).unwrap();
+    let (distinct, _) = distinct_cells(federation, once);
+    let result = run(federation, study_id, "once-noisy").await;
+    assert!(result.failures.is_empty(), "{:?}", result.failures);
+    let mut off = 0.0f64;
+    for cell in result.total.iter().filter(|c| c.withheld.is_empty()) {
+        let want = distinct.get(&cell.key).map_or(0, |c| c[1]) as f64;
+        let error = cell.count as f64 - want;
+        let bound = 6.0 * calibration.total + 4.0 * standard_error(want, slots) + 1.0;
+        assert!(
+            error.abs() < bound,
+            "{:?}: {error} (bound {bound})",
+            cell.key
+        );
+        off = off.max(error.abs());
+    }
+    assert!(
+        off > 2.0,
+        "the noisy table looks exact: largest error {off}"
+    );
 }

@@ -50,6 +50,7 @@ ghx_federation_tests::suite!(
     changed_resources_get_new_versions_and_deletes_leave_tombstones,
     gzip_exports_import_like_plain_ones,
     rrn_identifiers_are_stripped_or_rejected_before_storage,
+    linkage_tokens_replace_rrns_and_outlive_the_stripped_content,
     edi_lab_codes_count_under_their_mapped_loinc_code,
     an_export_reimports_to_the_same_resources,
     an_unfinished_checkpoint_resumes_after_its_last_line,
@@ -463,6 +464,70 @@ fn rrn_identifiers_are_stripped_or_rejected_before_storage(f: Fixture) {
             "reports never carry the number: {r}"
         );
     }
+}
+
+/// With a link key, import keeps a Patient's RRN only as its linkage
+/// token; the token stays with the patient when the content is rewritten
+/// without the RRN (a later export, a re-index), and nothing stored holds
+/// the RRN.
+fn linkage_tokens_replace_rrns_and_outlive_the_stripped_content(f: Fixture) {
+    use ghx_disclosure::linkage::LinkKey;
+    let key = LinkKey::parse(&LinkKey::generate()).unwrap();
+    let file = f.dir.path().join("linked.ndjson");
+    let with_rrn = r#"{"resourceType":"Patient","id":"l1","identifier":[{"system":"http://www.hl7korea.or.kr/Identifier/rrn","value":"900101-1234567"}],"gender":"male"}"#;
+    write(
+        &file,
+        &[
+            with_rrn,
+            r#"{"resourceType":"Patient","id":"l2","gender":"female"}"#,
+        ],
+    );
+    let keyed = ImportOptions {
+        link_key: Some(key.clone()),
+        ..ImportOptions::default()
+    };
+    let report = import_path(&f.store, &file, &keyed).unwrap();
+    assert_eq!(report.accepted, 2);
+    let token = key.token("9001011234567");
+    let tokens = || f.store.link_tokens().unwrap();
+    assert_eq!(tokens(), [("l1".to_owned(), token.clone())]);
+    let stored = f.store.resource("Patient", "l1").unwrap().unwrap();
+    assert!(
+        !stored.contains("900101") && !stored.contains(&token),
+        "{stored}"
+    );
+    // The same file without the key: unchanged, token kept.
+    import_path(&f.store, &file, &ImportOptions::default()).unwrap();
+    assert_eq!(tokens(), [("l1".to_owned(), token.clone())]);
+    // A later export without the RRN changes the patient; the token stays.
+    write(
+        &file,
+        &[r#"{"resourceType":"Patient","id":"l1","gender":"male","birthDate":"1990-01-01"}"#],
+    );
+    let report = import_path(&f.store, &file, &ImportOptions::default()).unwrap();
+    assert_eq!(report.accepted, 1);
+    assert_eq!(tokens(), [("l1".to_owned(), token.clone())]);
+    reindex(&f.store, 100).unwrap();
+    assert_eq!(tokens(), [("l1".to_owned(), token.clone())]);
+    // Another key gives another token, set on an unchanged patient too.
+    let other = LinkKey::parse(&LinkKey::generate()).unwrap();
+    write(
+        &file,
+        &[&with_rrn.replace(
+            r#""gender":"male""#,
+            r#""gender":"male","birthDate":"1990-01-01""#,
+        )],
+    );
+    import_path(
+        &f.store,
+        &file,
+        &ImportOptions {
+            link_key: Some(other.clone()),
+            ..ImportOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(tokens(), [("l1".to_owned(), other.token("9001011234567"))]);
 }
 
 fn edi_lab_codes_count_under_their_mapped_loinc_code(f: Fixture) {

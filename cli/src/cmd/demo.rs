@@ -36,6 +36,143 @@ fn demo_pooled_query() -> String {
     spec.to_string()
 }
 
+/// Patients with type 2 diabetes by sex across the federation, pooled:
+/// summed over the hospitals (a resident treated at two counts twice), or
+/// each counted once however many of the hospitals treat them (the union
+/// of the hospitals' linkage-token bitmaps under secure aggregation).
+fn demo_by_sex_query(each_patient_once: bool) -> String {
+    let mut spec: serde_json::Value =
+        serde_json::from_str(DEMO_QUERY).expect("the demo query is JSON");
+    spec["analysis"]["group_by"] = serde_json::json!(["sex"]);
+    spec["release"] = serde_json::json!("pooled");
+    if each_patient_once {
+        spec["each_patient_once"] = serde_json::json!(true);
+    }
+    spec["noise"] = serde_json::json!({"mechanism": "gaussian", "epsilon": 0.25, "delta": 1e-6});
+    spec.to_string()
+}
+
+/// The demo's second study: the same patients by sex, pooled as a sum over
+/// the hospitals and each counted once; shown beside the first study's
+/// per-hospital table.
+async fn demo_each_patient_once(
+    federation: &LocalFederation,
+    per_hospital: &pb::StudyResult,
+    json: bool,
+) -> Result<usize> {
+    let queries = [
+        ("e11-by-sex-pooled", demo_by_sex_query(false)),
+        ("e11-by-sex-each-patient-once", demo_by_sex_query(true)),
+    ];
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&local_federation::manifest_with_budget(
+            "Type 2 diabetes (KCD-8 E11) by sex, each patient once",
+            "HRESCH",
+            &queries
+                .iter()
+                .map(|(n, q)| (*n, q.as_str()))
+                .collect::<Vec<_>>(),
+            0.5,
+        ))?;
+    manifest["privacy_delta"] = serde_json::json!(1e-5);
+    let mut requester = federation.client(REQUESTER).await?;
+    let study_id = requester
+        .submit_study(pb::SubmitStudyRequest {
+            manifest_json: manifest.to_string().into_bytes(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .study_id;
+    for member in [COMMITTEE, COMMITTEE_2] {
+        federation
+            .client(member)
+            .await?
+            .approve_study(pb::ApproveStudyRequest {
+                study_id: study_id.clone(),
+                note: "approved for the demo".to_owned(),
+            })
+            .await
+            .map_err(status_error)?;
+    }
+    println!(
+        "\n{REQUESTER} submitted {study_id}, approved: type 2 diabetes by sex, pooled, and with each patient counted once by linkage tokens"
+    );
+    let mut results = Vec::new();
+    let mut failures = 0;
+    for (name, _) in &queries {
+        println!("\n{REQUESTER} runs {name}\n");
+        let result = run_study(&mut requester, &study_id, name).await?;
+        print_result(&result, json);
+        failures += result.failures.len();
+        results.push(result);
+    }
+    if !json {
+        print!(
+            "{}",
+            once_comparison(per_hospital, &results[0], &results[1])
+        );
+    }
+    Ok(failures)
+}
+
+/// By sex: each hospital's released patients, their naive sum (the pooled
+/// table) and the distinct patients (each once), as the demo shows them.
+fn once_comparison(
+    per_hospital: &pb::StudyResult,
+    pooled: &pb::StudyResult,
+    once: &pb::StudyResult,
+) -> String {
+    // Released counts of one sex, and whether any part was withheld.
+    let of = |cells: &mut dyn Iterator<Item = (&[String], Option<u64>)>, sex: &str| {
+        cells
+            .filter(|(key, _)| key.first().map(String::as_str) == Some(sex))
+            .fold((0u64, false), |(n, lossy), (_, c)| match c {
+                Some(c) => (n + c, lossy),
+                None => (n, true),
+            })
+    };
+    let shown = |(n, lossy): (u64, bool)| format!("{n}{}", if lossy { "+" } else { "" });
+    let mut out = String::from(
+        "\nEach patient once: type 2 diabetes by sex (a resident treated at two hospitals is two patients in a sum)\n",
+    );
+    let mut header = vec!["sex".to_owned()];
+    header.extend(per_hospital.per_node.iter().map(|r| r.node_id.clone()));
+    header.extend([
+        "naive sum (pooled)".to_owned(),
+        "each once (pooled)".to_owned(),
+    ]);
+    let mut rows = vec![header];
+    for sex in ["female", "male"] {
+        let mut row = vec![sex.to_owned()];
+        for node in &per_hospital.per_node {
+            row.push(shown(of(
+                &mut node.cells.iter().map(|c| {
+                    let n = match &c.value {
+                        Some(pb::cell::Value::Count(n)) => Some(*n),
+                        _ => None,
+                    };
+                    (c.key.as_slice(), n)
+                }),
+                sex,
+            )));
+        }
+        for result in [pooled, once] {
+            row.push(shown(of(
+                &mut result
+                    .total
+                    .iter()
+                    .map(|t| (t.key.as_slice(), t.withheld.is_empty().then_some(t.count))),
+                sex,
+            )));
+        }
+        rows.push(row);
+    }
+    out.push_str(&ghx::render::aligned(&rows, 1));
+    out.push_str("+: a lower bound, some cells withheld\n");
+    out
+}
+
 pub(super) async fn demo(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let temp;
@@ -61,6 +198,9 @@ pub(super) async fn demo(args: DemoArgs) -> Result<()> {
         min_sum_participants: ghx_node::config::DEFAULT_MIN_PARTICIPANTS,
         open_registration: false,
         pooled_without_noise: false,
+        // About a fifth of each hospital's patients are treated at two or
+        // three of them (same RRN, own ids).
+        shared: 0.2,
     })
     .await?;
     for node in &federation.nodes {
@@ -135,12 +275,18 @@ pub(super) async fn demo(args: DemoArgs) -> Result<()> {
     }
     println!("the coordinator signs a capability for each query and fans it out");
     let mut failures = 0;
+    let mut per_hospital = None;
     for (name, _) in &queries {
         println!("\n{REQUESTER} runs {name}\n");
         let result = run_study(&mut requester, &study_id, name).await?;
         print_result(&result, args.json);
         failures += result.failures.len();
+        if name == "e11-by-sex-and-age" {
+            per_hospital = Some(result);
+        }
     }
+    let per_hospital = per_hospital.context("the demo's first query")?;
+    failures += demo_each_patient_once(&federation, &per_hospital, args.json).await?;
     demo_training(&federation).await?;
     // Every member signs its audit log's head as it stops gracefully.
     let keepers = federation.audit_keepers();

@@ -56,6 +56,7 @@ pub(super) async fn node(command: NodeCommand) -> Result<()> {
                 batch_size,
                 resume: !no_resume,
                 rrn: config.rrn_policy.parse().map_err(anyhow::Error::msg)?,
+                link_key: config.linkage.key()?,
                 lenient: lenient || config.import.lenient,
                 ..ImportOptions::default()
             };

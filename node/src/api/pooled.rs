@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ghx_audit::Decision;
+use ghx_disclosure::linkage::QueryKey;
 use ghx_pki::PeerIdentity;
 use ghx_proto::v1 as pb;
 use ghx_secagg::session::SessionClient;
@@ -50,6 +51,10 @@ pub(crate) enum Refusal {
     WithoutNoise,
     #[error("pooled session {session}: {problem}")]
     Session { session: String, problem: String },
+    #[error(
+        "this hospital has no link key ([linkage] key_file), so it cannot count each patient once"
+    )]
+    NoLinkKey,
     #[error(
         "this node pools only with configured members (secure_aggregation.members): made-up members would shrink its noise share and know their pair secrets with it"
     )]
@@ -189,13 +194,21 @@ impl<T> Sessions<T> {
 }
 
 /// The value every member's masks are bound to.
-fn binding(query_sha256: &str, manifest_json: &[u8], session: &str) -> [u8; 32] {
+/// Counting each patient once, also to the query key's check value: nodes
+/// holding different link keys then give a sum that does not cancel.
+fn binding(
+    query_sha256: &str,
+    manifest_json: &[u8],
+    session: &str,
+    linkage: Option<&QueryKey>,
+) -> [u8; 32] {
     Sha256::new()
         .chain_update(b"ghx pooled/v1\0")
         .chain_update(query_sha256.as_bytes())
         .chain_update([0])
         .chain_update(Sha256::digest(manifest_json))
         .chain_update(session.as_bytes())
+        .chain_update(linkage.map(QueryKey::check).unwrap_or_default())
         .finalize()
         .into()
 }
@@ -262,6 +275,14 @@ impl NodeApi {
                 }
                 .into());
             }
+            let linkage = match (&inner.link_key, admitted.spec.each_patient_once) {
+                (Some(key), true) => Some((
+                    key,
+                    QueryKey::derive(key, &session, &admitted.claims.jti, &entry.query_sha256),
+                )),
+                (None, true) => return Err(Refusal::NoLinkKey.into()),
+                (_, false) => None,
+            };
             inner
                 .sums
                 .check(
@@ -289,6 +310,7 @@ impl NodeApi {
                 &admitted,
                 &entry.query_sha256,
                 params.participants.len(),
+                linkage.as_ref().map(|(link, key)| (*link, key)),
                 &mut recorded,
             );
             entry.consent_excluded = recorded.consent_excluded;
@@ -303,7 +325,12 @@ impl NodeApi {
             let pending = Pending {
                 client,
                 vector: ghx_disclosure::pooled::to_ring(&vector),
-                bound: binding(&entry.query_sha256, &message.manifest_json, &session),
+                bound: binding(
+                    &entry.query_sha256,
+                    &message.manifest_json,
+                    &session,
+                    linkage.as_ref().map(|(_, key)| key),
+                ),
                 study: admitted.claims.sub.clone(),
                 participants: params.participants,
                 request_sha256: entry.query_sha256.clone(),

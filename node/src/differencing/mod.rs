@@ -87,7 +87,7 @@ pub struct CohortPrint(Vec<u64>);
 /// A patient's 64-bit hash in cohort prints: the first eight bytes of the
 /// SHA-256 of its id. Consent decisions store it per patient
 /// ([`crate::store::Member::print`]), so a query does not hash ids.
-pub(crate) fn patient_hash(patient_id: &str) -> u64 {
+pub fn patient_hash(patient_id: &str) -> u64 {
     let digest = Sha256::digest(patient_id.as_bytes());
     u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }

@@ -86,6 +86,7 @@ pub(crate) fn plan(text: &str, ctx: &IndexContext) -> Result<Plan, Invalid> {
         to_loinc: ctx.to_loinc.clone(),
         to_kcd: ctx.to_kcd.clone(),
         rrn: ctx.rrn,
+        link_key: ctx.link_key.clone(),
         imported_at: ctx.imported_at,
         lenient: ctx.lenient,
     };

@@ -33,6 +33,9 @@ pub(crate) struct IndexContext {
     /// (system, code) -> KCD-8 codes it maps to (SNOMED CT diagnoses).
     pub(crate) to_kcd: HashMap<(String, String), Vec<String>>,
     pub(crate) rrn: RrnPolicy,
+    /// The federation's link key: a Patient's RRN becomes its linkage token
+    /// before the RRN is stripped.
+    pub(crate) link_key: Option<ghx_disclosure::linkage::LinkKey>,
     /// Unix seconds of this import: the time of a Consent that states none.
     pub(crate) imported_at: i64,
     /// Accept resources that depart from the FHIR format (unknown elements,
@@ -107,7 +110,13 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
     // What is stored is what was screened: the raw text when nothing in it
     // could be an RRN (no escape, so the parse shows what the text does),
     // else the screened value re-serialised.
+    let mut link_token = None;
     let (json, rrn_stripped) = if rrn::suspicious(json) {
+        if ty == "Patient"
+            && let Some(key) = &ctx.link_key
+        {
+            link_token = rrn::patient_rrn(&value).map(|digits| key.token(&digits));
+        }
         let removed = rrn::screen_value(&mut value, ctx.rrn).map_err(invalid)?;
         let text = serde_json::to_string(&value).expect("a parsed value serializes");
         (text, removed)
@@ -147,6 +156,7 @@ pub(crate) fn index_resource(json: &str, ctx: &IndexContext) -> Result<Validated
                     .map(|g| g.as_ref().to_owned())
                     .unwrap_or_else(|| "unknown".to_owned()),
                 birth_ymd: p.birth_date.as_ref().map(date_ymd),
+                link_token,
             });
             indexed.resource.patient_id = Some(id.to_owned());
         }

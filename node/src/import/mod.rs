@@ -189,6 +189,9 @@ pub struct ImportOptions {
     /// Parser threads; the writer runs on the calling thread.
     pub workers: usize,
     pub rrn: RrnPolicy,
+    /// The federation's link key ([`ghx_disclosure::linkage`]): each
+    /// Patient's RRN is kept only as its linkage token.
+    pub link_key: Option<ghx_disclosure::linkage::LinkKey>,
     /// Accept (and count) resources that depart from the FHIR format
     /// instead of rejecting them; off by default.
     pub lenient: bool,
@@ -205,6 +208,7 @@ impl Default for ImportOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             rrn: RrnPolicy::Strip,
+            link_key: None,
             lenient: false,
             resume: true,
             progress: None,
@@ -218,6 +222,7 @@ impl std::fmt::Debug for ImportOptions {
             .field("batch_size", &self.batch_size)
             .field("workers", &self.workers)
             .field("rrn", &self.rrn)
+            .field("link_key", &self.link_key)
             .field("lenient", &self.lenient)
             .field("resume", &self.resume)
             .finish_non_exhaustive()
@@ -260,6 +265,7 @@ pub fn import_path(
     }
     let mut ctx = codemap::context(store)?;
     ctx.rrn = options.rrn;
+    ctx.link_key = options.link_key.clone();
     ctx.lenient = options.lenient;
     ctx.imported_at = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut writer = Writer::new(store, options);

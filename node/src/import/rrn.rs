@@ -252,7 +252,34 @@ pub(crate) fn element_name(key: &str) -> &str {
     if element { key } else { "…" }
 }
 
-fn is_rrn_identifier(identifier: &Value) -> bool {
+/// The 13 digits of a Patient's resident registration number, from its
+/// first identifier that says it is one (the KR Core RRN system, or type
+/// NNKOR) and whose value is one (hyphen optional, valid date and check
+/// digit); what its linkage token is made of. A value that only looks like
+/// an RRN is stripped but links no one: another number that happens to
+/// pass the check would link two people.
+pub(crate) fn patient_rrn(patient: &Value) -> Option<String> {
+    let identifiers = match patient.get("identifier")? {
+        Value::Array(items) => items.iter().collect::<Vec<_>>(),
+        one @ Value::Object(_) => vec![one],
+        _ => return None,
+    };
+    identifiers
+        .into_iter()
+        .filter(|i| says_rrn(i))
+        .filter_map(|i| i.get("value")?.as_str())
+        .find_map(|v| {
+            let v = v.trim();
+            let digits: String = v.chars().filter(|c| *c != '-').collect();
+            (digits.len() == 13
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && contains_rrn(v.as_bytes()))
+            .then_some(digits)
+        })
+}
+
+/// Whether an identifier says it is an RRN, by its system or type.
+fn says_rrn(identifier: &Value) -> bool {
     let by_system = identifier.get("system").and_then(Value::as_str) == Some(RRN_SYSTEM);
     let by_type = identifier
         .pointer("/type/coding")
@@ -262,11 +289,15 @@ fn is_rrn_identifier(identifier: &Value) -> bool {
                 .iter()
                 .any(|c| c.get("code").and_then(Value::as_str) == Some("NNKOR"))
         });
+    by_system || by_type
+}
+
+fn is_rrn_identifier(identifier: &Value) -> bool {
     let by_value = identifier
         .get("value")
         .and_then(Value::as_str)
         .is_some_and(|v| contains_rrn(v.as_bytes()));
-    by_system || by_type || by_value
+    says_rrn(identifier) || by_value
 }
 
 /// Whether `bytes` hold a resident registration number: 13 digits, hyphen
@@ -344,6 +375,34 @@ fn check_digits(d: &[u8]) -> (u8, u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_patients_rrn_is_read_from_its_identifiers_only() {
+        let patient = |identifier: &str| -> Value {
+            serde_json::from_str(&format!(
+                r#"{{"resourceType":"Patient","id":"p","identifier":{identifier}}}"#
+            ))
+            .unwrap()
+        };
+        let hyphenated = patient(&format!(
+            r#"[{{"system":"urn:local","value":"A-1"}},{{"system":"{RRN_SYSTEM}","value":"900101-1234567"}}]"#
+        ));
+        assert_eq!(patient_rrn(&hyphenated).as_deref(), Some("9001011234567"));
+        let by_type = patient(r#"{"type":{"coding":[{"code":"NNKOR"}]},"value":"9001011234568"}"#);
+        assert_eq!(patient_rrn(&by_type).as_deref(), Some("9001011234568"));
+        // A value shaped like one under another system links no one.
+        let by_value = patient(r#"{"system":"urn:mrn","value":"9001011234568"}"#);
+        assert_eq!(patient_rrn(&by_value), None);
+        // A system that says RRN over a value that is not one: no token.
+        let bad = patient(&format!(
+            r#"[{{"system":"{RRN_SYSTEM}","value":"901301-1234567"}}]"#
+        ));
+        assert_eq!(patient_rrn(&bad), None);
+        assert_eq!(
+            patient_rrn(&patient(r#"[{"system":"urn:local","value":"A-1"}]"#)),
+            None
+        );
+    }
 
     #[test]
     fn recognises_rrns_and_not_other_numbers() {

@@ -43,6 +43,7 @@ impl Store {
                         id,
                         gender,
                         birth_ymd,
+                        link_token: None,
                     })
                     .collect();
                 let rows = consents::table

@@ -25,6 +25,7 @@ macro_rules! insert_index_rows {
                     patients::id.eq(&p.id),
                     patients::gender.eq(&p.gender),
                     patients::birth_ymd.eq(p.birth_ymd),
+                    patients::link_token.eq(p.link_token.as_deref()),
                 )
             })
             .collect();
@@ -171,12 +172,20 @@ impl Store {
 
             let mut writes: Vec<(&IndexedResource, i64)> = Vec::new();
             let mut superseded: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            // Linkage tokens to set on patients whose stored content is
+            // unchanged (the RRN, stripped, is not part of it).
+            let mut relinked: Vec<(&str, &str)> = Vec::new();
             for item in &batch.items {
                 let r = &item.resource;
                 let key = (r.resource_type.clone(), r.id.clone());
                 match existing.get(&key) {
                     Some((_, sha)) if *sha == r.content_sha256 && !batch.reindex => {
-                        outcome.unchanged += 1
+                        outcome.unchanged += 1;
+                        if let Some(p) = &item.patient
+                            && let Some(token) = &p.link_token
+                        {
+                            relinked.push((&p.id, token));
+                        }
                     }
                     Some((version, _)) => {
                         if batch.reindex {
@@ -325,6 +334,22 @@ impl Store {
                     stale.entry(&r.resource_type).or_default().push(&r.id);
                 }
             }
+            // A patient keeps its token when rewritten from content that no
+            // longer holds the RRN (a re-index, or an export without it).
+            let mut kept: Vec<(String, String)> = Vec::new();
+            for chunk in stale
+                .get("Patient")
+                .into_iter()
+                .flat_map(|ids| ids.chunks(INSERT_CHUNK))
+            {
+                kept.extend(
+                    patients::table
+                        .filter(patients::id.eq_any(chunk))
+                        .filter(patients::link_token.is_not_null())
+                        .select((patients::id, patients::link_token.assume_not_null()))
+                        .load::<(String, String)>(conn)?,
+                );
+            }
             for (ty, ids) in &stale {
                 for chunk in ids.chunks(INSERT_CHUNK) {
                     match *ty {
@@ -361,6 +386,28 @@ impl Store {
             }
             let items: Vec<&IndexedResource> = writes.iter().map(|(item, _)| *item).collect();
             insert_index_rows!(conn, &items);
+            let derived: std::collections::HashSet<&str> = items
+                .iter()
+                .filter_map(|i| i.patient.as_ref())
+                .filter(|p| p.link_token.is_some())
+                .map(|p| p.id.as_str())
+                .collect();
+            let kept = kept
+                .iter()
+                .filter(|(id, _)| !derived.contains(id.as_str()))
+                .map(|(id, token)| (id.as_str(), token.as_str()));
+            // Kept first: a token derived in this batch is the newer one.
+            for (id, token) in kept.chain(relinked) {
+                diesel::update(
+                    patients::table.filter(patients::id.eq(id)).filter(
+                        patients::link_token
+                            .is_null()
+                            .or(patients::link_token.ne(token)),
+                    ),
+                )
+                .set(patients::link_token.eq(token))
+                .execute(conn)?;
+            }
             // Consent decisions depend on patients and consents: any change
             // to either retires every decision computed before this batch.
             // Materialised views are rebuilt after any change.
@@ -556,6 +603,15 @@ impl Store {
         Ok(versions)
     }
 
+    /// Every patient's linkage token, by patient id (patients without one
+    /// are left out).
+    pub fn link_tokens(&self) -> Result<Vec<(String, String)>> {
+        Ok(with_conn!(self.backend, |conn| patients::table
+            .filter(patients::link_token.is_not_null())
+            .select((patients::id, patients::link_token.assume_not_null()))
+            .load::<(String, String)>(conn)?))
+    }
+
     /// Number of stored resources per resource type.
     pub fn resource_counts(&self) -> Result<BTreeMap<String, u64>> {
         let rows: Vec<(String, i64)> = with_conn!(self.backend, |conn| resources::table
@@ -743,6 +799,9 @@ pub struct PatientRow {
     pub gender: String,
     /// Birth date as YYYYMMDD.
     pub birth_ymd: Option<i64>,
+    /// HMAC-SHA256 of the patient's RRN under the federation's link key
+    /// (hex), when import had both ([`ghx_disclosure::linkage`]).
+    pub link_token: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -27,6 +27,7 @@ diesel::table! {
         id -> Text,
         gender -> Text,
         birth_ymd -> Nullable<BigInt>,
+        link_token -> Nullable<Text>,
     }
 }
 

@@ -2091,6 +2091,29 @@ pub struct PooledRelease {
     /// The cell size the pooled table was held to.
     #[prost(uint32, tag = "4")]
     pub min_cell_size: u32,
+    /// Set when each patient counts once across hospitals.
+    #[prost(message, optional, tag = "5")]
+    pub linkage: ::core::option::Option<PooledLinkage>,
+}
+/// How a pooled table counted each patient once: the union of the
+/// hospitals' bitmaps of linkage tokens, by linear counting.
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct PooledLinkage {
+    /// Slots of each count's bitmap.
+    #[prost(uint32, tag = "1")]
+    pub slots: u32,
+    /// Patients without a linkage token, counted at each hospital that has
+    /// them (noisy when the table is).
+    #[prost(int64, tag = "2")]
+    pub unlinked: i64,
+    /// Linear counting's standard error of the largest released cell, in
+    /// patients (noise aside).
+    #[prost(double, tag = "3")]
+    pub standard_error: f64,
+    /// Exact tables only: the unlinked count is below the cell size and not
+    /// given (`unlinked` is 0).
+    #[prost(bool, tag = "4")]
+    pub unlinked_withheld: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct NodeFailure {

@@ -54,6 +54,7 @@ async fn start_with(
         min_sum_participants,
         open_registration: false,
         pooled_without_noise: false,
+        shared: 0.0,
     })
     .await
     .expect("the local federation starts");
