@@ -64,18 +64,13 @@ impl BenchReport {
 
     /// Pooled p50 over per-hospital p50 of the query `name`.
     pub fn pooled_over_per_hospital(&self, name: &str) -> Option<f64> {
-        self.p50_ratio(&format!("pooled {name} "), &format!("federated {name} "))
-    }
-
-    /// The p50 of the latency named first over the other's (by prefix).
-    pub fn p50_ratio(&self, over: &str, under: &str) -> Option<f64> {
-        let p50 = |prefix: &str| {
+        let p50 = |prefix: String| {
             self.latencies
                 .iter()
-                .find(|l| l.name.starts_with(prefix))
+                .find(|l| l.name.starts_with(&prefix))
                 .map(|l| l.p50.as_secs_f64())
         };
-        Some(p50(over)? / p50(under)?)
+        Some(p50(format!("pooled {name} "))? / p50(format!("federated {name} "))?)
     }
 
     fn ratio(&self, name: &str, local: &str) -> Option<(f64, String)> {
@@ -217,19 +212,8 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
         .await?;
     let count_pooled = pooled(COUNT, LATENCY_NOISE);
     let grouped_pooled = pooled(GROUPED, LATENCY_NOISE);
-    // Each patient once: the hospitals' bitmaps (16,384 slots a cell).
-    let grouped_once = {
-        let mut spec: serde_json::Value =
-            serde_json::from_str(&grouped_pooled).expect("a benchmark query");
-        spec["each_patient_once"] = serde_json::json!(true);
-        spec.to_string()
-    };
     let mut pooled_studies = Vec::new();
-    for (name, json) in [
-        ("count", &count_pooled),
-        ("grouped", &grouped_pooled),
-        ("grouped-once", &grouped_once),
-    ] {
+    for (name, json) in [("count", &count_pooled), ("grouped", &grouped_pooled)] {
         let id = federation
             .approved_study(
                 RESEARCHER,

@@ -201,13 +201,6 @@ pub(super) async fn bench(args: BenchArgs) -> Result<()> {
         if let Some(ratio) = report.pooled_over_per_hospital(name) {
             println!("pooled {name} p50 / per-hospital {name} p50: {ratio:.2}x");
         }
-        if name == "grouped"
-            && let Some(ratio) = report.p50_ratio("pooled grouped-once ", "federated grouped ")
-        {
-            println!(
-                "pooled grouped, each patient once, p50 / per-hospital grouped p50: {ratio:.2}x"
-            );
-        }
         if let Some((ratio, node)) = report.overhead(name) {
             println!("federated {name} p50 / slowest local SQL p50 ({node}): {ratio:.2}x");
         }
