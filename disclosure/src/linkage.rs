@@ -117,13 +117,18 @@ impl LinkKey {
 pub struct QueryKey([u8; 32]);
 
 impl QueryKey {
-    /// The key for one pooled session: its name, the capability's id
-    /// (single-use at every node, so no key is ever derived twice by a
-    /// node, whatever session name the coordinator sends) and the query's
-    /// digest.
+    /// The key for one pooled session: its name, the capability (its
+    /// token's digest: single-use at every node and carrying its expiry,
+    /// so no key is derived twice by a node, whatever session name the
+    /// coordinator sends) and the query's digest.
     pub fn derive(link: &LinkKey, session: &str, capability: &str, query_sha256: &str) -> Self {
-        let salt = [session, capability, query_sha256].join("\0");
-        let hk = Hkdf::<Sha256>::new(Some(salt.as_bytes()), &link.0);
+        // Each part with its length: no two different triples give one salt.
+        let mut salt = Vec::new();
+        for part in [session, capability, query_sha256] {
+            salt.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            salt.extend_from_slice(part.as_bytes());
+        }
+        let hk = Hkdf::<Sha256>::new(Some(&salt), &link.0);
         let mut okm = [0u8; 32];
         hk.expand(b"ghx linkage slots v1", &mut okm)
             .expect("32 bytes is a valid HKDF length");

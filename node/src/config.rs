@@ -246,7 +246,12 @@ impl OfflineConfig {
             *dir = base.join(&*dir);
         }
         config.linkage.resolve(&base);
-        config.linkage.key()?;
+        if config.linkage.key()?.is_some() && config.rrn_policy == "reject" {
+            return Err(Error::Invalid {
+                key: "linkage.key_file",
+                problem: "is of no use with rrn_policy = \"reject\": a Patient with an RRN is rejected, so none gets a linkage token".to_owned(),
+            });
+        }
         if let Err(problem) = config.rrn_policy.parse::<crate::import::RrnPolicy>() {
             return Err(Error::Invalid {
                 key: "rrn_policy",

@@ -278,7 +278,12 @@ impl NodeApi {
             let linkage = match (&inner.link_key, admitted.spec.each_patient_once) {
                 (Some(key), true) => Some((
                     key,
-                    QueryKey::derive(key, &session, &admitted.claims.jti, &entry.query_sha256),
+                    QueryKey::derive(
+                        key,
+                        &session,
+                        &query::digest(message.capability.as_bytes()),
+                        &entry.query_sha256,
+                    ),
                 )),
                 (None, true) => return Err(Refusal::NoLinkKey.into()),
                 (_, false) => None,
