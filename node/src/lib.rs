@@ -267,7 +267,7 @@ impl Node {
 pub mod testing {
     pub use crate::cohort_index::CohortIndex;
     pub use crate::engine::{
-        Member, Raw, RawCell, analyse, cohort_for_analysis, cohort_members, count,
+        Analysed, Member, Raw, RawCell, analyse, cohort_for_analysis, cohort_members, count,
     };
     pub use crate::release::{Candidate, release};
 

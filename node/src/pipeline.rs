@@ -275,6 +275,12 @@ impl Pipeline<'_> {
         if let Some(calibration) = &calibration {
             layout.check_load(calibration)?;
         }
+        // Whatever can fail is done before the budget is charged.
+        let tokens = match (linkage, layout.linked()) {
+            (Some((link, _)), true) => Some(self.tokens(link)?),
+            (None, false) => None,
+            _ => return Err(ghx_disclosure::pooled::Error::QueryKey.into()),
+        };
         let (_, analysed, cohort) = self.consented_table(admitted, recorded)?;
         let org = &admitted.claims.org;
         {
@@ -289,10 +295,9 @@ impl Pipeline<'_> {
             }
             differencing::record(store, org, &admitted.claims.sub, request_sha256, &cohort)?;
         }
-        let mut vector = match (linkage, layout.linked()) {
-            (Some((link, key)), true) => self.linked(&layout, &analysed, link, key)?,
-            (None, false) => layout.encode(&analysed.cells)?,
-            _ => return Err(ghx_disclosure::pooled::Error::QueryKey.into()),
+        let mut vector = match (linkage, tokens) {
+            (Some((_, key)), Some(tokens)) => self.linked(&layout, &analysed, &tokens, key)?,
+            _ => layout.encode(&analysed.cells)?,
         };
         let lacking: Vec<(Vec<String>, u64)> = analysed
             .cells
@@ -315,6 +320,22 @@ impl Pipeline<'_> {
         Ok(vector)
     }
 
+    /// The patients' linkage tokens under `link`, by print hash. Tokens of
+    /// another (rotated) key match no other hospital's: their patients
+    /// count as unlinked until imported again under this one.
+    fn tokens(
+        &self,
+        link: &ghx_disclosure::linkage::LinkKey,
+    ) -> Result<std::collections::HashMap<i64, String>, Error> {
+        Ok(self
+            .store
+            .link_tokens()?
+            .into_iter()
+            .filter(|(_, token)| link.made(token))
+            .map(|(id, token)| (differencing::patient_hash(&id) as i64, token))
+            .collect())
+    }
+
     /// This node's bitmaps for a table that counts each patient once: each
     /// patient of a cell placed by their linkage token under the query's
     /// key, or, without one, by a slot of this hospital's own; and how
@@ -323,19 +344,10 @@ impl Pipeline<'_> {
         &self,
         layout: &ghx_disclosure::pooled::Layout,
         analysed: &engine::Analysed,
-        link: &ghx_disclosure::linkage::LinkKey,
+        tokens: &std::collections::HashMap<i64, String>,
         key: &ghx_disclosure::linkage::QueryKey,
     ) -> Result<Vec<i64>, Error> {
-        use std::collections::{HashMap, HashSet};
-        // Tokens of another (rotated) key match no other hospital's: their
-        // patients count as unlinked until imported again under this one.
-        let tokens: HashMap<i64, String> = self
-            .store
-            .link_tokens()?
-            .into_iter()
-            .filter(|(_, token)| link.made(token))
-            .map(|(id, token)| (differencing::patient_hash(&id) as i64, token))
-            .collect();
+        use std::collections::HashSet;
         let mut unlinked: HashSet<i64> = HashSet::new();
         let mut place = |print: &i64, bitmap: usize| match tokens.get(print) {
             Some(token) => key.linked(token, bitmap),

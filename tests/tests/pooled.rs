@@ -79,32 +79,42 @@ fn references(federation: &LocalFederation, code: &str) -> Vec<BTreeMap<Vec<Stri
         .collect()
 }
 
+/// One node's full table of `spec` over its consenting patients, with who
+/// is behind each cell, computed outside the federation.
+fn consented_table(
+    federation: &LocalFederation,
+    node: &ghx::local_federation::LocalNode,
+    spec: &QuerySpec,
+) -> ghx_node::testing::Analysed {
+    use ghx_node::consent::eligibility::Eligibility;
+    let rules = PolicyDir::load(&federation.dir.join("policies").join(node.profile.id))
+        .unwrap()
+        .consent;
+    let eligibility = Eligibility::new(rules);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let request = ghx_node::gate::consent_request("HRESCH", spec, now);
+    let prepared = eligibility.prepare(&node.store, &request).unwrap();
+    let members = ghx_node::testing::cohort_for_analysis(
+        &node.store,
+        spec,
+        &prepared.context,
+        &eligibility.rules().sensitive,
+    )
+    .unwrap();
+    ghx_node::testing::analyse(spec, &members, true)
+}
+
 /// Every node's raw cells of `json` over its consenting patients, merged
 /// key by key: the union's table, computed outside the federation.
 fn union_cells(
     federation: &LocalFederation,
     json: &str,
 ) -> BTreeMap<Vec<String>, ghx_node::testing::Raw> {
-    use ghx_node::consent::eligibility::Eligibility;
     use ghx_node::testing::Raw;
     let spec = QuerySpec::parse(json.as_bytes()).unwrap();
     let mut out: BTreeMap<Vec<String>, Raw> = BTreeMap::new();
     for node in &federation.nodes {
-        let rules = PolicyDir::load(&federation.dir.join("policies").join(node.profile.id))
-            .unwrap()
-            .consent;
-        let eligibility = Eligibility::new(rules);
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let request = ghx_node::gate::consent_request("HRESCH", &spec, now);
-        let prepared = eligibility.prepare(&node.store, &request).unwrap();
-        let members = ghx_node::testing::cohort_for_analysis(
-            &node.store,
-            &spec,
-            &prepared.context,
-            &eligibility.rules().sensitive,
-        )
-        .unwrap();
-        for cell in ghx_node::testing::analyse(&spec, &members, true).cells {
+        for cell in consented_table(federation, node, &spec).cells {
             match (out.get_mut(&cell.key), cell.value) {
                 (Some(Raw::Values(a)), Raw::Values(b)) => a.extend(b),
                 (Some(Raw::Count(a)), Raw::Count(b)) => *a += b,
@@ -160,7 +170,6 @@ fn distinct_cells(
     federation: &LocalFederation,
     json: &str,
 ) -> (BTreeMap<Vec<String>, [usize; 2]>, usize) {
-    use ghx_node::consent::eligibility::Eligibility;
     use std::collections::BTreeSet;
     let spec = QuerySpec::parse(json.as_bytes()).unwrap();
     let mut sets: BTreeMap<Vec<String>, [BTreeSet<String>; 2]> = BTreeMap::new();
@@ -172,21 +181,7 @@ fn distinct_cells(
                 .cloned()
                 .unwrap_or_else(|| format!("{}/{print}", node.profile.id))
         };
-        let rules = PolicyDir::load(&federation.dir.join("policies").join(node.profile.id))
-            .unwrap()
-            .consent;
-        let eligibility = Eligibility::new(rules);
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let request = ghx_node::gate::consent_request("HRESCH", &spec, now);
-        let prepared = eligibility.prepare(&node.store, &request).unwrap();
-        let members = ghx_node::testing::cohort_for_analysis(
-            &node.store,
-            &spec,
-            &prepared.context,
-            &eligibility.rules().sensitive,
-        )
-        .unwrap();
-        let analysed = ghx_node::testing::analyse(&spec, &members, true);
+        let analysed = consented_table(federation, node, &spec);
         let mut without: std::collections::HashSet<i64> = std::collections::HashSet::new();
         for (cell, members) in analysed.cells.iter().zip(&analysed.members) {
             let entry = sets.entry(cell.key.clone()).or_default();

@@ -52,6 +52,22 @@ fn demo_by_sex_query(each_patient_once: bool) -> String {
     spec.to_string()
 }
 
+/// Both committee members approve `study_id` (quorum 2).
+async fn approve(federation: &LocalFederation, study_id: &str) -> Result<()> {
+    for member in [COMMITTEE, COMMITTEE_2] {
+        federation
+            .client(member)
+            .await?
+            .approve_study(pb::ApproveStudyRequest {
+                study_id: study_id.to_owned(),
+                note: "approved for the demo".to_owned(),
+            })
+            .await
+            .map_err(status_error)?;
+    }
+    Ok(())
+}
+
 /// The demo's second study: the same patients by sex, pooled as a sum over
 /// the hospitals and each counted once; shown beside the first study's
 /// per-hospital table.
@@ -84,17 +100,7 @@ async fn demo_each_patient_once(
         .map_err(status_error)?
         .into_inner()
         .study_id;
-    for member in [COMMITTEE, COMMITTEE_2] {
-        federation
-            .client(member)
-            .await?
-            .approve_study(pb::ApproveStudyRequest {
-                study_id: study_id.clone(),
-                note: "approved for the demo".to_owned(),
-            })
-            .await
-            .map_err(status_error)?;
-    }
+    approve(federation, &study_id).await?;
     println!(
         "\n{REQUESTER} submitted {study_id}, approved: type 2 diabetes by sex, pooled, and with each patient counted once by linkage tokens"
     );
@@ -356,17 +362,7 @@ async fn demo_training(federation: &LocalFederation) -> Result<()> {
         .map_err(status_error)?
         .into_inner()
         .study_id;
-    for member in [COMMITTEE, COMMITTEE_2] {
-        federation
-            .client(member)
-            .await?
-            .approve_study(pb::ApproveStudyRequest {
-                study_id: study_id.clone(),
-                note: "approved for the demo".to_owned(),
-            })
-            .await
-            .map_err(status_error)?;
-    }
+    approve(federation, &study_id).await?;
     let status = researcher
         .start_training(pb::StartTrainingRequest {
             study_id: study_id.clone(),
