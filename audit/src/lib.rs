@@ -310,6 +310,9 @@ pub mod action {
     pub const POOLED: &str = "pooled";
     /// A pooled query's second step, which releases the masked vector.
     pub const POOLED_INPUT: &str = "pooled:masked-input";
+    /// A resident's records (or disclosure history) sent, sealed, to the
+    /// recipient they chose.
+    pub const EXCHANGE: &str = "exchange";
 
     /// Step 1 of a training round in `phase` (moments, train, evaluate).
     pub fn round(phase: &str) -> String {
@@ -318,7 +321,11 @@ pub mod action {
 
     /// Whether a node records `action` for a request the coordinator sends.
     pub fn is_dispatched(action: &str) -> bool {
-        action == AGGREGATE || action == REVOKE || action.starts_with(ROUND) || is_pooled(action)
+        action == AGGREGATE
+            || action == REVOKE
+            || action == EXCHANGE
+            || action.starts_with(ROUND)
+            || is_pooled(action)
     }
 
     /// Whether `action` is a step of a pooled query.

@@ -29,6 +29,10 @@ pub(crate) enum Command {
     /// Measure federated training: per-round coordination overhead and
     /// total time, against Flower on the same rows (build with --release).
     BenchTrain(BenchTrainArgs),
+    /// Measure the exchange: one resident's long record from the three
+    /// hospitals delivered, opened, checked and merged (build with
+    /// --release).
+    BenchExchange(BenchExchangeArgs),
     /// Manage the federation CA, certificates and the coordinator signing key.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -57,6 +61,94 @@ pub(crate) enum Command {
     /// coordinator's record with the nodes', write the monthly review.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The exchange: a resident's own records from the hospitals they
+    /// name to the service they chose (identity service and recipient
+    /// commands).
+    #[command(subcommand)]
+    Exchange(ExchangeCommand),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ExchangeCommand {
+    /// The platform identity service: write a new Ed25519 signing key
+    /// (`identity.pem`) and its public half (`identity.pub.pem`, for the
+    /// hospitals' `[exchange] identity_keys`).
+    IdentityKey {
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// The recipient service: write a new HPKE (X25519) key file.
+    RecipientKey {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The platform identity service: sign a resident's request (after
+    /// proofing their identity) and print it.
+    Authorise(AuthoriseArgs),
+    /// The recipient service: relay a signed request through the
+    /// coordinator, open and check every hospital's answer, and write the
+    /// merged record as one FHIR Bundle.
+    Fetch {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The recipient's HPKE key file (`ghx exchange recipient-key`).
+        #[arg(long)]
+        recipient_key: PathBuf,
+        /// The signed request, or @FILE holding it.
+        #[arg(long)]
+        request: String,
+        /// Where to write the merged Bundle (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct AuthoriseArgs {
+    /// The identity service's signing key (`identity.pem`).
+    #[arg(long)]
+    pub identity_key: PathBuf,
+    /// Its key id, as the hospitals name it in `[exchange] identity_keys`.
+    #[arg(long, default_value = "platform")]
+    pub kid: String,
+    /// The hospitals (node ids) asked, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub hospitals: Vec<String>,
+    /// The recipient service's certificate name.
+    #[arg(long)]
+    pub recipient: String,
+    /// The recipient's registered HPKE public key (hex; `ghx exchange
+    /// recipient-key` prints it): hospitals seal only to this key.
+    #[arg(long)]
+    pub recipient_key: String,
+    /// FHIR search parameters, e.g. `_type=Observation,Condition&date=ge2021-01-01`.
+    #[arg(
+        long,
+        default_value = "_type=Condition,Observation,MedicationRequest,Encounter"
+    )]
+    pub scope: String,
+    /// HL7 v3 ActReason: PATRQT (the resident's own request) or TREAT.
+    #[arg(long, default_value = "PATRQT")]
+    pub purpose: String,
+    /// The resident's registration number, turned into their linkage token
+    /// with --link-key (the number itself is not in the request).
+    #[arg(long, requires = "link_key", conflicts_with_all = ["link_token", "patient"])]
+    pub rrn: Option<String>,
+    /// The federation's link key file.
+    #[arg(long)]
+    pub link_key: Option<PathBuf>,
+    /// The resident's linkage token, when already known.
+    #[arg(long, conflicts_with = "patient")]
+    pub link_token: Option<String>,
+    /// Or the resident's patient id at a hospital, as HOSPITAL=ID (repeat).
+    #[arg(long)]
+    pub patient: Vec<String>,
+    /// Ask for the history of who received the resident's records instead.
+    #[arg(long)]
+    pub history: bool,
+    /// Seconds the request stays valid (at most 900).
+    #[arg(long, default_value_t = 300)]
+    pub valid_secs: i64,
 }
 
 /// Where a log comes from: a keeper's database (with the keeper's
@@ -216,6 +308,19 @@ pub(crate) struct BenchArgs {
     /// Nodes dial the coordinator (outbound-only mode) instead of listening.
     #[arg(long)]
     pub outbound: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchExchangeArgs {
+    /// Measured runs (after one warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// The resident's resources at each hospital (about).
+    #[arg(long, default_value_t = 667)]
+    pub per_hospital: usize,
+    /// Working directory (default: a temporary directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Args)]

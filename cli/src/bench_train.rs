@@ -267,6 +267,7 @@ pub async fn run(options: &TrainBenchOptions) -> Result<TrainBenchReport, Error>
         open_registration: false,
         pooled_without_noise: false,
         shared: 0.0,
+        exchange_part_bytes: None,
     })
     .await?;
     let setup = started.elapsed();

@@ -9,8 +9,10 @@
 
 pub mod audit_files;
 pub mod bench;
+pub mod bench_exchange;
 pub mod bench_train;
 pub mod client;
+pub mod exchange;
 pub mod local_federation;
 pub mod render;
 pub mod training_report;

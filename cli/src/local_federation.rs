@@ -8,6 +8,7 @@
 //! the same loaders `ghx node run` and `ghx coordinator run` use, and all
 //! traffic is gRPC over mutual TLS.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,10 @@ pub const COMMITTEE: &str = "demo-committee";
 pub const RESEARCHER: &str = "demo-researcher";
 /// A second committee member, for quorums of two.
 pub const COMMITTEE_2: &str = "demo-committee-2";
+/// The personal health report service: the exchange's registered recipient.
+pub const RECIPIENT: &str = "report-service";
+/// The platform identity service's key id at the hospitals.
+pub const IDENTITY_KID: &str = "platform";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -63,6 +68,8 @@ pub enum Error {
     Rpc(#[from] tonic::Status),
     #[error("nodes did not dial in to the coordinator within a minute: {0:?}")]
     NotDialledIn(Vec<String>),
+    #[error("the identity service's key: {0}")]
+    Identity(String),
 }
 
 /// How big a local federation to start.
@@ -93,6 +100,9 @@ pub struct LocalFederationOptions {
     /// Share of each hospital's patients who are residents treated at two
     /// or three of them (same RRN, own ids; [`SynthOptions::shared`]).
     pub shared: f64,
+    /// About how many bytes of FHIR JSON go in one exchange part
+    /// (`exchange.part_bytes`); the node's default when `None`.
+    pub exchange_part_bytes: Option<u64>,
 }
 
 impl LocalFederationOptions {
@@ -112,6 +122,7 @@ impl LocalFederationOptions {
             open_registration: false,
             pooled_without_noise: false,
             shared: 0.0,
+            exchange_part_bytes: None,
         }
     }
 }
@@ -219,6 +230,20 @@ pub fn provision_pki(dir: &Path) -> Result<PkiDir, Error> {
         &ca,
         &CertificateRequest::new("demo-auditor", Role::Auditor, "G-Health Steering Committee"),
     )?;
+    pki.issue(
+        &ca,
+        &CertificateRequest::new(
+            RECIPIENT,
+            Role::Recipient,
+            "G-Health Personal Health Report",
+        ),
+    )?;
+    // The platform identity service's signing key (the hospitals pin its
+    // public half).
+    let (identity, identity_public) = ghx_exchange::request::generate_identity_key()
+        .map_err(|e| Error::Identity(e.to_string()))?;
+    write(&pki.root().join("identity.pem"), &identity)?;
+    write(&pki.root().join("identity.pub.pem"), &identity_public)?;
     let (private, public) = ghx_study::capability::generate_signing_key()?;
     let private_path = pki.root().join("coordinator-signing.pem");
     write(&private_path, &private)?;
@@ -284,6 +309,14 @@ impl LocalFederation {
             )?;
         }
         let linkage_table = format!("\n[linkage]\nkey_file = \"{}\"\n", link_key_path.display());
+        let exchange_table = format!(
+            "\n[exchange]\nidentity_keys = {{ {IDENTITY_KID} = \"{}\" }}\n{}",
+            pki.root().join("identity.pub.pem").display(),
+            options
+                .exchange_part_bytes
+                .map(|b| format!("part_bytes = {b}\n"))
+                .unwrap_or_default()
+        );
         let mut nodes = Vec::new();
         let mut pending = Vec::new();
         for profile in &HOSPITALS {
@@ -335,7 +368,7 @@ impl LocalFederation {
                      policy_dir = \"{policies}\"\ncoordinator_keys_dir = \"{rotated}\"\n\n\
                      [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                      renew_from = \"https://localhost:{coordinator_port}\"\nrenew_check_secs = 1\n\n\
-                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{sums_table}{release_table}{linkage_table}{outbound_table}",
+                     [[coordinator_keys]]\nkid = \"{SIGNING_KID}\"\npublic_key = \"{pubkey}\"\n{audit}{sums_table}{release_table}{linkage_table}{exchange_table}{outbound_table}",
                     id = profile.id,
                     name = profile.name,
                     db = dir.join(format!("{}.db", profile.id)).display(),
@@ -567,6 +600,93 @@ impl LocalFederation {
             }
         });
         Ok(())
+    }
+
+    /// The report service as the exchange's recipient, with a new HPKE
+    /// key bound to its certificate.
+    pub fn recipient(&self) -> Result<crate::exchange::Recipient, Error> {
+        let tls = self.pki.tls_files(RECIPIENT);
+        let read = |path: &Path| std::fs::read_to_string(path).map_err(io("read", path));
+        let mut pins = BTreeMap::new();
+        for node in &self.nodes {
+            let cert = read(&self.pki.tls_files(node.profile.id).cert)?;
+            pins.insert(
+                node.profile.id.to_owned(),
+                ghx_pki::signed::key_pin(&cert).map_err(|e| Error::Identity(e.to_string()))?,
+            );
+        }
+        Ok(crate::exchange::Recipient::new(
+            RECIPIENT,
+            ghx_exchange::keys::RecipientKey::generate(),
+            &read(&tls.cert)?,
+            &read(&tls.key)?,
+            &read(&tls.ca)?,
+        )
+        .map_err(|e| Error::Identity(e.to_string()))?
+        .with_hospital_pins(pins))
+    }
+
+    /// A resident treated at the most hospitals who consents to the
+    /// exchange at each (of those, one with the most diagnoses): their RRN
+    /// and their patient id per hospital (read
+    /// from the synthetic exports, as the platform's own records would
+    /// say).
+    pub fn exchange_resident(&self) -> Option<(String, Vec<(String, String)>)> {
+        let mut at: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        let mut diagnoses: BTreeMap<String, usize> = BTreeMap::new();
+        for node in &self.nodes {
+            let lines = |kind: &str| -> Vec<serde_json::Value> {
+                std::fs::read_to_string(node.data_dir.join(format!("{kind}.ndjson")))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect()
+            };
+            let consenting: std::collections::BTreeSet<String> = lines("Consent")
+                .iter()
+                .filter(|c| c["scope"]["coding"][0]["code"] == "patient-privacy")
+                .filter_map(|c| c["patient"]["reference"].as_str())
+                .map(|r| r.trim_start_matches("Patient/").to_owned())
+                .collect();
+            let mut diagnosed: BTreeMap<String, usize> = BTreeMap::new();
+            for c in lines("Condition") {
+                if let Some(r) = c["subject"]["reference"].as_str() {
+                    *diagnosed
+                        .entry(r.trim_start_matches("Patient/").to_owned())
+                        .or_default() += 1;
+                }
+            }
+            for p in lines("Patient") {
+                let id = p["id"].as_str().unwrap_or_default().to_owned();
+                let rrn = p["identifier"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|i| {
+                        (i["system"] == ghx_synth::RRN_SYSTEM).then(|| i["value"].as_str())?
+                    });
+                if let Some(rrn) = rrn
+                    && consenting.contains(&id)
+                {
+                    *diagnoses.entry(rrn.to_owned()).or_default() +=
+                        diagnosed.get(&id).copied().unwrap_or(0);
+                    at.entry(rrn.to_owned())
+                        .or_default()
+                        .push((node.profile.id.to_owned(), id));
+                }
+            }
+        }
+        at.into_iter()
+            .max_by_key(|(rrn, ids)| (ids.len(), diagnoses.get(rrn).copied().unwrap_or(0)))
+    }
+
+    /// Signs `claims` as the platform's identity service.
+    pub fn authorise(&self, claims: &ghx_exchange::request::Claims) -> Result<String, Error> {
+        let path = self.pki.root().join("identity.pem");
+        let pem = std::fs::read_to_string(&path).map_err(io("read", &path))?;
+        ghx_exchange::request::IdentitySigner::from_pem(IDENTITY_KID, &pem)
+            .and_then(|s| s.sign(claims))
+            .map_err(|e| Error::Identity(e.to_string()))
     }
 
     /// The running coordinator's service, e.g. to resume training runs.

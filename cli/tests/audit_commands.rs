@@ -25,6 +25,7 @@ async fn audit_commands_verify_export_reconcile_and_review() {
         open_registration: false,
         pooled_without_noise: false,
         shared: 0.0,
+        exchange_part_bytes: None,
     })
     .await
     .unwrap();

@@ -38,6 +38,7 @@ async fn requester_and_committee_commands_work_end_to_end() {
         open_registration: true,
         pooled_without_noise: false,
         shared: 0.0,
+        exchange_part_bytes: None,
     })
     .await
     .unwrap();

@@ -27,6 +27,7 @@ async fn a_requester_trains_follows_and_validates_from_the_command_line() {
         open_registration: false,
         pooled_without_noise: false,
         shared: 0.0,
+        exchange_part_bytes: None,
     })
     .await
     .unwrap();

@@ -94,6 +94,8 @@ enum ApiError {
     NoSuchRun(String),
     #[error("study `{id}` has no training named `{name}`")]
     NoSuchTraining { id: String, name: String },
+    #[error(transparent)]
+    Exchange(#[from] crate::exchange::Error),
 }
 
 impl From<driver::Error> for ApiError {
@@ -124,6 +126,7 @@ impl ApiError {
             ApiError::Audit(_) => "audit",
             ApiError::Training(_) => "training",
             ApiError::NoSuchRun(_) | ApiError::NoSuchTraining { .. } => "not_found",
+            ApiError::Exchange(_) => "exchange",
         }
     }
 }
@@ -133,6 +136,12 @@ fn status(error: ApiError) -> Status {
     let message = error.to_string();
     match error {
         ApiError::Identity(_) => Status::unauthenticated(message),
+        ApiError::Exchange(crate::exchange::Error::Audit(_)) => Status::internal(message),
+        ApiError::Exchange(crate::exchange::Error::Role(_))
+        | ApiError::Exchange(crate::exchange::Error::OtherRecipient { .. }) => {
+            Status::permission_denied(message)
+        }
+        ApiError::Exchange(_) => Status::invalid_argument(message),
         ApiError::Role { .. }
         | ApiError::NotOwner(_)
         | ApiError::OtherOrganisation { .. }
@@ -809,6 +818,24 @@ impl pb::coordinator_service_server::CoordinatorService for CoordinatorApi {
             .map_err(|e| status(e.into()))?;
         tracing::info!(node = %node.node_id, by = %caller.name, "node registered");
         Ok(Response::new(pb::RegisterNodeResponse {}))
+    }
+
+    type RelayExchangeStream = crate::exchange::Relayed;
+
+    async fn relay_exchange(
+        &self,
+        request: Request<pb::ExchangeRequest>,
+    ) -> Result<Response<Self::RelayExchangeStream>, Status> {
+        let caller = identity(&request)?;
+        let relayed = crate::exchange::relay(
+            &self.inner.registry,
+            &self.inner.audit,
+            &caller,
+            request.into_inner(),
+        )
+        .map_err(|e| status(e.into()))?;
+        tracing::info!(by = %caller.name, "exchange relayed");
+        Ok(Response::new(relayed))
     }
 
     async fn renew_certificate(

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod config;
 pub mod dispatch;
+pub mod exchange;
 pub mod fanout;
 mod pooled;
 pub mod store;

@@ -28,6 +28,7 @@ use crate::training::{self, Rounds};
 use crate::{differencing, gate, store};
 use ghx_db::audit::AuditLog;
 
+mod exchange;
 mod pooled;
 mod rounds;
 mod runs;
@@ -71,6 +72,11 @@ struct Inner {
     link_key: Option<ghx_disclosure::linkage::LinkKey>,
     /// Pooled queries between their two steps.
     pooled: pooled::PooledSessions,
+    /// Residents' own records to the services they choose.
+    exchange: crate::config::ExchangeSettings,
+    /// The platform identity service's keys the exchange's requests are
+    /// checked against; none: the exchange is off.
+    identity_keys: ghx_exchange::request::IdentityKeys,
 
     /// The audit log, signing checkpoints when a key is configured.
     audit: AuditLog,
@@ -113,6 +119,8 @@ enum ApiError {
     Malformed(String),
     #[error(transparent)]
     Release(#[from] pooled::Refusal),
+    #[error(transparent)]
+    Exchange(crate::exchange::Refusal),
 }
 
 impl Classify for ApiError {
@@ -126,6 +134,7 @@ impl Classify for ApiError {
             ApiError::Pipeline(e) => e.code(),
             ApiError::Malformed(_) => Code::InvalidArgument,
             ApiError::Release(e) => e.code(),
+            ApiError::Exchange(e) => e.code(),
             ApiError::Store(_) | ApiError::Consent(_) | ApiError::Audit(_) | ApiError::Task(_) => {
                 Code::Internal
             }
@@ -142,6 +151,7 @@ impl Classify for ApiError {
             ApiError::Pipeline(e) => e.kind(),
             ApiError::Malformed(_) => "training",
             ApiError::Release(e) => e.kind(),
+            ApiError::Exchange(e) => e.kind(),
             ApiError::Store(_) | ApiError::Consent(_) | ApiError::Audit(_) | ApiError::Task(_) => {
                 "internal"
             }
@@ -191,6 +201,9 @@ impl NodeApi {
                 release: Default::default(),
                 link_key: None,
                 pooled: Default::default(),
+                exchange: Default::default(),
+                identity_keys: ghx_exchange::request::IdentityKeys::new([])
+                    .expect("no keys are valid keys"),
 
                 audit: store.audit_log().clone(),
                 round_keys: None,
@@ -237,6 +250,19 @@ impl NodeApi {
         Arc::get_mut(&mut self.inner)
             .expect("configured before it is shared")
             .release = settings.clone();
+        self
+    }
+
+    /// The exchange's settings and the identity service's keys
+    /// (`[exchange]`).
+    pub fn with_exchange(
+        mut self,
+        settings: crate::config::ExchangeSettings,
+        identity_keys: ghx_exchange::request::IdentityKeys,
+    ) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
+        inner.exchange = settings;
+        inner.identity_keys = identity_keys;
         self
     }
 
@@ -612,6 +638,11 @@ fn handled(
     response
 }
 
+/// The frames of a [`pb::node_service_server::NodeService::exchange`]
+/// answer.
+pub type ExchangeFrames =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ExchangeFrame, Status>> + Send>>;
+
 /// The answers of a [`pb::node_service_server::NodeService::session_rounds`]
 /// stream, in the order of its requests.
 pub type SessionAnswers = std::pin::Pin<
@@ -872,6 +903,29 @@ impl pb::node_service_server::NodeService for NodeApi {
         })
         .await
         .map(Response::new)
+    }
+
+    type ExchangeStream = ExchangeFrames;
+
+    async fn exchange(
+        &self,
+        request: Request<pb::ExchangeRequest>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let transfer = self
+            .blocking(request, |api, caller, message| {
+                api.exchange_open(caller, message)
+            })
+            .await?;
+        // One part in flight: each is sealed when the one before has gone,
+        // so consent is asked again close to each part's sending.
+        let (frames, sent) = tokio::sync::mpsc::channel(1);
+        let api = self.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| api.exchange_send(transfer, frames)));
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            sent,
+            |mut sent| async move { sent.recv().await.map(|f| (f, sent)) },
+        ))))
     }
 
     async fn revoke_study(

@@ -92,6 +92,92 @@ pub struct NodeConfig {
     /// The federation's link key, for counting each patient once.
     #[serde(default)]
     pub linkage: LinkageSettings,
+    /// Residents' own records to the services they choose.
+    #[serde(default)]
+    pub exchange: ExchangeSettings,
+}
+
+/// The exchange ([`ghx_exchange`]): whose signed requests the hospital
+/// takes, what it sends, and how much at most.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeSettings {
+    /// Public keys (Ed25519 SPKI PEM files) of the platform's identity
+    /// service, by key id. None: the hospital takes no exchange requests.
+    #[serde(default)]
+    pub identity_keys: std::collections::BTreeMap<String, PathBuf>,
+    /// Resource types the hospital sends (the Patient always).
+    #[serde(default = "default_exchange_types")]
+    pub types: Vec<String>,
+    /// Most resources one answer may hold; larger answers are refused
+    /// whole (the resident narrows the period).
+    #[serde(default = "default_exchange_max_resources")]
+    pub max_resources: u64,
+    /// Most bytes of FHIR JSON one answer may hold.
+    #[serde(default = "default_exchange_max_bytes")]
+    pub max_bytes: u64,
+    /// About how many bytes of FHIR JSON go in one part.
+    #[serde(default = "default_exchange_part_bytes")]
+    pub part_bytes: u64,
+}
+
+/// The types import files by patient, which the exchange can find.
+pub const EXCHANGEABLE_TYPES: [&str; 4] =
+    ["Condition", "Observation", "MedicationRequest", "Encounter"];
+
+fn default_exchange_types() -> Vec<String> {
+    EXCHANGEABLE_TYPES.map(str::to_owned).to_vec()
+}
+
+fn default_exchange_max_resources() -> u64 {
+    50_000
+}
+
+fn default_exchange_max_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_exchange_part_bytes() -> u64 {
+    96 << 10
+}
+
+impl Default for ExchangeSettings {
+    fn default() -> Self {
+        ExchangeSettings {
+            identity_keys: Default::default(),
+            types: default_exchange_types(),
+            max_resources: default_exchange_max_resources(),
+            max_bytes: default_exchange_max_bytes(),
+            part_bytes: default_exchange_part_bytes(),
+        }
+    }
+}
+
+impl ExchangeSettings {
+    /// The identity service's keys, read and checked.
+    pub fn identity_keys(&self) -> Result<ghx_exchange::request::IdentityKeys, Error> {
+        let mut pems = Vec::new();
+        for (kid, path) in &self.identity_keys {
+            let pem = std::fs::read_to_string(path).map_err(|e| Error::Invalid {
+                key: "exchange.identity_keys",
+                problem: format!("`{kid}` cannot be read ({}): {e}", path.display()),
+            })?;
+            pems.push((kid.clone(), pem));
+        }
+        ghx_exchange::request::IdentityKeys::new(pems.iter().map(|(k, p)| (k.as_str(), p.as_str())))
+            .map_err(|e| Error::Invalid {
+                key: "exchange.identity_keys",
+                problem: e.to_string(),
+            })
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        for p in self.identity_keys.values_mut() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
 }
 
 /// Where the federation's link key is ([`ghx_disclosure::linkage`]): 64
@@ -431,6 +517,7 @@ impl NodeConfig {
             fix(dir);
         }
         self.linkage.resolve(base);
+        self.exchange.resolve(base);
         let is_url = self.database_url.contains("://");
         if !is_url && Path::new(&self.database_url).is_relative() {
             self.database_url = base.join(&self.database_url).display().to_string();
@@ -505,6 +592,27 @@ impl NodeConfig {
             return Err(Error::Invalid {
                 key: "max_epsilon_per_organisation",
                 problem: "must be a finite, non-negative epsilon".to_owned(),
+            });
+        }
+        self.exchange.identity_keys()?;
+        if let Some(t) = self
+            .exchange
+            .types
+            .iter()
+            .find(|t| !EXCHANGEABLE_TYPES.contains(&t.as_str()))
+        {
+            return Err(Error::Invalid {
+                key: "exchange.types",
+                problem: format!(
+                    "names {t}; the exchange sends {} (the types import files by patient)",
+                    EXCHANGEABLE_TYPES.join(", ")
+                ),
+            });
+        }
+        if self.exchange.part_bytes < 4096 || self.exchange.max_resources == 0 {
+            return Err(Error::Invalid {
+                key: "exchange.part_bytes",
+                problem: "must be at least 4096, and exchange.max_resources above 0".to_owned(),
             });
         }
         if self.linkage.key()?.is_some() && self.rrn_policy == "reject" {

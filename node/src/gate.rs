@@ -516,6 +516,7 @@ pub fn consent_request(purpose: &str, spec: &QuerySpec, now: i64) -> ConsentRequ
     codes.sort();
     codes.dedup();
     ConsentRequest {
+        recipient: None,
         purpose: purpose.to_owned(),
         classes: spec.resource_types().into_iter().collect(),
         codes,

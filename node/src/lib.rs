@@ -29,6 +29,7 @@ pub mod consent;
 pub(crate) mod differencing;
 pub(crate) mod engine;
 mod evaluations;
+pub mod exchange;
 pub mod export;
 pub mod gate;
 pub mod import;
@@ -161,6 +162,10 @@ impl Node {
         .with_sum_rule(&self.config.secure_aggregation)
         .with_release(&self.config.release)
         .with_link_key(self.config.linkage.key()?)
+        .with_exchange(
+            self.config.exchange.clone(),
+            self.config.exchange.identity_keys()?,
+        )
         .with_evaluation_limit(self.config.max_evaluations_per_study)
         .with_run_limit(self.config.max_training_runs_per_study)
         .with_audit_signer(

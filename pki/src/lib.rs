@@ -80,6 +80,9 @@ pub enum Role {
     Auditor,
     /// Hospital IT administering a node's registration.
     NodeAdmin,
+    /// A service registered to receive residents' own records through the
+    /// exchange (e.g. the personal health report service).
+    Recipient,
 }
 
 impl Role {
@@ -92,6 +95,7 @@ impl Role {
             Role::Committee => "committee",
             Role::Auditor => "auditor",
             Role::NodeAdmin => "node-admin",
+            Role::Recipient => "recipient",
         }
     }
 
@@ -117,6 +121,7 @@ impl FromStr for Role {
             "committee" => Role::Committee,
             "auditor" => Role::Auditor,
             "node-admin" => Role::NodeAdmin,
+            "recipient" => Role::Recipient,
             other => return Err(Error::UnknownRole(other.to_owned())),
         })
     }

@@ -43,8 +43,11 @@ pub enum Refusal {
     Certificate(Error),
     #[error("its certificate names `{named}`, not `{expected}`")]
     WrongSigner { named: String, expected: String },
-    #[error("its certificate is a {role}'s, not a node's")]
-    NotNode { role: crate::Role },
+    #[error("its certificate is a {role}'s, not a {expected}'s")]
+    WrongRole {
+        role: crate::Role,
+        expected: crate::Role,
+    },
     #[error(
         "its certificate's key is not the one pinned for `{node}` \
          (secure_aggregation.member_keys)"
@@ -105,6 +108,22 @@ impl MemberKeys {
         message: &[u8],
         signature_der: &[u8],
     ) -> Result<(), Refusal> {
+        self.verify(crate::Role::Node, signer, cert_pem, message, signature_der)
+    }
+
+    /// Checks that `signature` over `message` was made with the key of
+    /// `cert_pem`, a certificate of `role` the federation CA issued to
+    /// `signer`, valid now.
+    pub fn verify(
+        &self,
+        role: crate::Role,
+        signer: &str,
+        cert_pem: &str,
+        message: &[u8],
+        signature_der: &[u8],
+    ) -> Result<(), Refusal> {
+        let check_signer =
+            |identity: &PeerIdentity, signer: &str| check_signer(identity, signer, role);
         let public_key = {
             let now = Instant::now();
             let mut trusted = self.trusted.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,16 +160,17 @@ impl MemberKeys {
     }
 }
 
-fn check_signer(identity: &PeerIdentity, signer: &str) -> Result<(), Refusal> {
+fn check_signer(identity: &PeerIdentity, signer: &str, role: crate::Role) -> Result<(), Refusal> {
     if identity.name != signer {
         return Err(Refusal::WrongSigner {
             named: identity.name.clone(),
             expected: signer.to_owned(),
         });
     }
-    if identity.role != crate::Role::Node {
-        return Err(Refusal::NotNode {
+    if identity.role != role {
+        return Err(Refusal::WrongRole {
             role: identity.role,
+            expected: role,
         });
     }
     Ok(())

@@ -237,6 +237,9 @@ pub fn generate(options: &SynthOptions, mut sink: impl FnMut(Value)) {
     let mut rng = StdRng::seed_from_u64(seed);
     let shared = (options.shared.clamp(0.0, 1.0) * options.patients as f64).round() as usize;
     let mut residents = SharedResidents::new(options.seed, h.id);
+    // The exchange's consents from a stream of their own, so the rest of
+    // the data is as it was before they were added.
+    let mut exchange = StdRng::seed_from_u64(seed ^ fnv1a(b"exchange consent"));
     for i in 0..options.patients {
         let mut patient = if i < shared {
             // A resident of the federation's shared population, drawn from
@@ -246,7 +249,9 @@ pub fn generate(options: &SynthOptions, mut sink: impl FnMut(Value)) {
             patient.consent = ConsentKind::draw(h, &mut rng);
             patient
         } else {
-            Patient::draw(h, options.as_of, &mut rng)
+            let mut patient = Patient::draw(h, options.as_of, &mut rng);
+            patient.exchange_consent = exchange.gen_bool(EXCHANGE_CONSENT_RATE);
+            patient
         };
         // With a shared population, residents come with their RRN; a few
         // patients of one hospital only (foreign residents, the
@@ -266,6 +271,14 @@ pub fn generate(options: &SynthOptions, mut sink: impl FnMut(Value)) {
 
 /// Share of a hospital's own patients (not shared) without an RRN.
 pub const WITHOUT_RRN: f64 = 0.02;
+
+/// Share of residents with a Consent (`patient-privacy`) permitting the
+/// exchange to send their records to the report service
+/// ([`REPORT_SERVICE`]) at their own request (PATRQT).
+pub const EXCHANGE_CONSENT_RATE: f64 = 0.3;
+
+/// The exchange recipient the synthetic exchange Consents name.
+pub const REPORT_SERVICE: &str = "report-service";
 
 /// The federation's residents treated at more than one hospital, in a
 /// fixed order: resident `j` is drawn from a seed of its own, and is at two
@@ -306,6 +319,11 @@ impl SharedResidents {
             if at.iter().any(|h| h.id == self.hospital) {
                 let mut patient = Patient::draw(at[0], as_of, &mut rng);
                 patient.rrn = Some(rrn(patient.birth, patient.female, &mut rng));
+                // Drawn last, so the resident is otherwise as before: one
+                // word on the exchange at every hospital, and the dates of
+                // diagnoses every hospital records alike.
+                patient.exchange_consent = rng.gen_bool(EXCHANGE_CONSENT_RATE);
+                patient.onsets = Some([rng.r#gen(), rng.r#gen(), rng.r#gen()]);
                 return patient;
             }
         }
@@ -355,6 +373,12 @@ struct Patient {
     consent: ConsentKind,
     /// A resident registration number, when the export carries them.
     rrn: Option<String>,
+    /// Whether the patient consents to the exchange sending their records
+    /// to the report service.
+    exchange_consent: bool,
+    /// A shared resident's diagnoses' onsets (fractions of the span they
+    /// may lie in), alike at every hospital.
+    onsets: Option<[f64; 3]>,
 }
 
 #[derive(Clone, Copy)]
@@ -421,6 +445,8 @@ impl Patient {
             dyslipidaemia,
             consent,
             rrn: None,
+            exchange_consent: false,
+            onsets: None,
         }
     }
 
@@ -460,9 +486,17 @@ impl Patient {
             let years_ago = rng.gen_range(0.0..(self.age - 18.0).clamp(0.5, 14.0));
             last_visit - Duration::days((years_ago * 365.25) as i64 + 1)
         };
-        let diabetes_onset = self.diabetes.then(|| onset(rng));
-        let hypertension_onset = self.hypertension.then(|| onset(rng));
-        let lipid_onset = self.dyslipidaemia.then(|| onset(rng));
+        // A shared resident's onsets are theirs, not the hospital's: the
+        // same diagnosis is dated alike wherever it is recorded (the draw
+        // is still made, so the hospital's stream is unchanged).
+        let span_days = (self.age - 18.0).clamp(0.5, 14.0) * 365.25;
+        let shared_onset = |k: usize, drawn: Date| match self.onsets {
+            Some(f) => as_of - Duration::days((f[k] * span_days) as i64 + 340),
+            None => drawn,
+        };
+        let diabetes_onset = self.diabetes.then(|| shared_onset(0, onset(rng)));
+        let hypertension_onset = self.hypertension.then(|| shared_onset(1, onset(rng)));
+        let lipid_onset = self.dyslipidaemia.then(|| shared_onset(2, onset(rng)));
         let has = |onset: Option<Date>, day: Date| onset.is_some_and(|o| o <= day);
 
         let mut condition = |n: usize, code: &str, display: &str, onset: Date| {
@@ -694,6 +728,26 @@ impl Patient {
                 ));
             }
             ConsentKind::None => {}
+        }
+        if self.exchange_consent {
+            sink(json!({
+                "resourceType": "Consent",
+                "id": format!("{id}-exchange0"),
+                "status": "active",
+                "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0", "display": "Patient Consent"}]}],
+                "patient": {"reference": patient_ref},
+                "dateTime": format!("{}T11:00:00+09:00", iso(signed)),
+                "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+                "provision": {
+                    "type": "permit",
+                    "actor": [{
+                        "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+                        "reference": {"identifier": {"system": "urn:ghx:recipient", "value": REPORT_SERVICE}, "display": "G-Health Personal Health Report"},
+                    }],
+                    "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "PATRQT"}],
+                },
+            }));
         }
     }
 }

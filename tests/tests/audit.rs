@@ -444,6 +444,7 @@ async fn queried_federation(
         open_registration: false,
         pooled_without_noise: false,
         shared: 0.0,
+        exchange_part_bytes: None,
     })
     .await
     .unwrap();

@@ -47,6 +47,7 @@ async fn members_report_their_health_to_a_federation_monitor() {
         open_registration: false,
         pooled_without_noise: false,
         shared: 0.0,
+        exchange_part_bytes: None,
     })
     .await
     .unwrap();

@@ -6,7 +6,8 @@
 //! check let it through.
 
 use ghx::local_federation::{
-    COMMITTEE, LocalFederation, LocalFederationOptions, REQUESTER, RESEARCHER, manifest_for,
+    COMMITTEE, LocalFederation, LocalFederationOptions, RECIPIENT, REQUESTER, RESEARCHER,
+    manifest_for,
 };
 use ghx_pki::{CertificateRequest, Role, TlsMaterial};
 use ghx_proto::v1 as pb;
@@ -18,7 +19,7 @@ use tonic::{Code, Status};
 const MANIFEST: &str = include_str!("../../deploy/examples/study-t2d-model.json");
 
 /// The callers, each with its own certificate: (column label, member).
-const CALLERS: [(&str, &str); 7] = [
+const CALLERS: [(&str, &str); 8] = [
     ("owner", RESEARCHER),
     ("other-req", REQUESTER),
     ("committee", COMMITTEE),
@@ -26,6 +27,7 @@ const CALLERS: [(&str, &str); 7] = [
     ("node", "chosun"),
     ("node-admin", "roles-admin"),
     ("coordinator", "coordinator"),
+    ("recipient", RECIPIENT),
 ];
 
 /// What the role check said of one call.
@@ -151,6 +153,7 @@ async fn coordinator_call(
                 csr_pem: String::new(),
             })
             .await),
+        "RelayExchange" => ok(client.relay_exchange(pb::ExchangeRequest::default()).await),
         other => panic!("no call for {other}"),
     }
 }
@@ -158,6 +161,7 @@ async fn coordinator_call(
 async fn node_call(client: &mut NodeServiceClient<Channel>, rpc: &str) -> Result<(), Status> {
     match rpc {
         "Health" => ok(client.health(pb::HealthRequest {}).await),
+        "Exchange" => ok(client.exchange(pb::ExchangeRequest::default()).await),
         "GetNodeInfo" => ok(client.get_node_info(pb::GetNodeInfoRequest {}).await),
         "RunAggregate" => ok(client
             .run_aggregate(pb::RunAggregateRequest::default())
@@ -201,7 +205,7 @@ async fn node_call(client: &mut NodeServiceClient<Channel>, rpc: &str) -> Result
     }
 }
 
-const COORDINATOR_RPCS: [&str; 14] = [
+const COORDINATOR_RPCS: [&str; 15] = [
     "RegisterNode",
     "ListNodes",
     "SubmitStudy",
@@ -216,9 +220,10 @@ const COORDINATOR_RPCS: [&str; 14] = [
     "GetTraining",
     "ValidateModel",
     "RenewCertificate",
+    "RelayExchange",
 ];
 
-const NODE_RPCS: [&str; 12] = [
+const NODE_RPCS: [&str; 13] = [
     "Health",
     "GetNodeInfo",
     "RunAggregate",
@@ -231,6 +236,7 @@ const NODE_RPCS: [&str; 12] = [
     "SessionAgree",
     "SessionInput",
     "SessionRounds",
+    "Exchange",
 ];
 
 fn render(service: &str, rpcs: &[&str], verdicts: &[Vec<&str>]) -> String {
@@ -368,35 +374,37 @@ async fn every_role_reaches_exactly_the_rpcs_it_needs() {
         render("node", &NODE_RPCS, &node)
     );
     expect_test::expect![[r#"
-        coordinator              owner   other-req   committee     auditor        node  node-admin coordinator
-        RegisterNode                no          no          no          no          no         yes          no
-        ListNodes                  yes         yes         yes         yes         yes         yes         yes
-        SubmitStudy                yes         yes          no          no          no          no          no
-        ListStudies                yes         yes         yes         yes          no          no          no
-        GetStudy                   yes          no         yes         yes          no          no          no
-        ApproveStudy                no          no         yes          no          no          no          no
-        RejectStudy                 no          no         yes          no          no          no          no
-        RevokeStudy                 no          no         yes          no          no          no          no
-        RunStudy                   yes          no          no          no          no          no          no
-        GetStudyResult             yes          no         yes         yes          no          no          no
-        StartTraining              yes          no          no          no          no          no          no
-        GetTraining                yes          no         yes         yes          no          no          no
-        ValidateModel              yes          no          no          no          no          no          no
-        RenewCertificate            no          no          no          no         yes          no          no
+        coordinator              owner   other-req   committee     auditor        node  node-admin coordinator   recipient
+        RegisterNode                no          no          no          no          no         yes          no          no
+        ListNodes                  yes         yes         yes         yes         yes         yes         yes         yes
+        SubmitStudy                yes         yes          no          no          no          no          no          no
+        ListStudies                yes         yes         yes         yes          no          no          no          no
+        GetStudy                   yes          no         yes         yes          no          no          no          no
+        ApproveStudy                no          no         yes          no          no          no          no          no
+        RejectStudy                 no          no         yes          no          no          no          no          no
+        RevokeStudy                 no          no         yes          no          no          no          no          no
+        RunStudy                   yes          no          no          no          no          no          no          no
+        GetStudyResult             yes          no         yes         yes          no          no          no          no
+        StartTraining              yes          no          no          no          no          no          no          no
+        GetTraining                yes          no         yes         yes          no          no          no          no
+        ValidateModel              yes          no          no          no          no          no          no          no
+        RenewCertificate            no          no          no          no         yes          no          no          no
+        RelayExchange               no          no          no          no          no          no          no         yes
 
-        node                     owner   other-req   committee     auditor        node  node-admin coordinator
-        Health                     yes         yes         yes         yes         yes         yes         yes
-        GetNodeInfo                yes         yes         yes         yes         yes         yes         yes
-        RunAggregate                no          no          no          no          no          no         yes
-        RevokeStudy                 no          no          no          no          no          no         yes
-        RoundAdvertise              no          no          no          no          no          no         yes
-        RoundShareKeys              no          no          no          no          no          no         yes
-        RoundMaskedInput            no          no          no          no          no          no         yes
-        RoundUnmask                 no          no          no          no          no          no         yes
-        SessionOpen                 no          no          no          no          no          no         yes
-        SessionAgree                no          no          no          no          no          no         yes
-        SessionInput                no          no          no          no          no          no         yes
-        SessionRounds               no          no          no          no          no          no         yes
+        node                     owner   other-req   committee     auditor        node  node-admin coordinator   recipient
+        Health                     yes         yes         yes         yes         yes         yes         yes         yes
+        GetNodeInfo                yes         yes         yes         yes         yes         yes         yes         yes
+        RunAggregate                no          no          no          no          no          no         yes          no
+        RevokeStudy                 no          no          no          no          no          no         yes          no
+        RoundAdvertise              no          no          no          no          no          no         yes          no
+        RoundShareKeys              no          no          no          no          no          no         yes          no
+        RoundMaskedInput            no          no          no          no          no          no         yes          no
+        RoundUnmask                 no          no          no          no          no          no         yes          no
+        SessionOpen                 no          no          no          no          no          no         yes          no
+        SessionAgree                no          no          no          no          no          no         yes          no
+        SessionInput                no          no          no          no          no          no         yes          no
+        SessionRounds               no          no          no          no          no          no         yes          no
+        Exchange                    no          no          no          no          no          no         yes          no
     "#]].assert_eq(&got);
 
     // Issue 38 (10): a node-admin registers its own hospital's nodes only;

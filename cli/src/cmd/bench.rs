@@ -210,3 +210,39 @@ pub(super) async fn bench(args: BenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+pub(super) async fn bench_exchange(args: crate::args::BenchExchangeArgs) -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let dir = args.dir.unwrap_or_else(|| temp.path().to_owned());
+    let report = ghx::bench_exchange::run(&ghx::bench_exchange::BenchExchangeOptions {
+        dir,
+        runs: args.runs,
+        per_hospital: args.per_hospital,
+    })
+    .await?;
+    let ms = |q: f64| {
+        let i = ((report.times.len() as f64 - 1.0) * q).round() as usize;
+        report.times[i].as_secs_f64() * 1000.0
+    };
+    println!(
+        "exchange ({} build): {} resources from 3 hospitals, {:.1} MiB of ciphertext relayed, merged into {} ({} kept once)",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        report.resources,
+        report.relayed_bytes as f64 / (1024.0 * 1024.0),
+        report.merged,
+        report.duplicates
+    );
+    println!(
+        "request to merged record over {} runs: p50 {:.0} ms, p95 {:.0} ms, min {:.0} ms, max {:.0} ms",
+        report.times.len(),
+        ms(0.5),
+        ms(0.95),
+        ms(0.0),
+        ms(1.0)
+    );
+    Ok(())
+}

@@ -207,6 +207,7 @@ pub(super) async fn demo(args: DemoArgs) -> Result<()> {
         // About a fifth of each hospital's patients are treated at two or
         // three of them (same RRN, own ids).
         shared: 0.2,
+        exchange_part_bytes: None,
     })
     .await?;
     for node in &federation.nodes {
@@ -294,6 +295,7 @@ pub(super) async fn demo(args: DemoArgs) -> Result<()> {
     let per_hospital = per_hospital.context("the demo's first query")?;
     failures += demo_each_patient_once(&federation, &per_hospital, args.json).await?;
     demo_training(&federation).await?;
+    demo_exchange(&federation, &federation.dir).await?;
     // Every member signs its audit log's head as it stops gracefully.
     let keepers = federation.audit_keepers();
     federation.shutdown().await;
@@ -301,6 +303,81 @@ pub(super) async fn demo(args: DemoArgs) -> Result<()> {
     println!("\nDone in {:.1} s.", started.elapsed().as_secs_f64());
     if failures > 0 {
         bail!("{failures} node answer(s) missing");
+    }
+    Ok(())
+}
+
+/// The exchange: one resident's records, from every hospital that holds
+/// them, sealed to the report service and merged there into one record.
+async fn demo_exchange(federation: &LocalFederation, dir: &std::path::Path) -> Result<()> {
+    use ghx_exchange::request::{Claims, Kind, Resident};
+    let (rrn, ids) = federation
+        .exchange_resident()
+        .context("no resident consents to the exchange in the synthetic data")?;
+    println!(
+        "
+The exchange: a resident treated at {} hospitals asks for their records to go to {}
+",
+        ids.len(),
+        local_federation::RECIPIENT
+    );
+    // The identity service proofs the resident and names them by their
+    // linkage token (the RRN itself is in no request).
+    let link_key = ghx_disclosure::linkage::LinkKey::parse(
+        &std::fs::read_to_string(federation.dir.join("linkage.key"))
+            .context("reading the link key")?,
+    )?;
+    let digits: String = rrn.chars().filter(char::is_ascii_digit).collect();
+    let scope = "_type=Condition,Observation,MedicationRequest,Encounter";
+    let recipient = federation.recipient()?;
+    let claims = Claims::new(
+        "g-health-identity",
+        federation
+            .nodes
+            .iter()
+            .map(|n| n.profile.id.to_owned())
+            .collect(),
+        Resident {
+            link_token: Some(link_key.token(&digits)),
+            ..Resident::default()
+        },
+        (local_federation::RECIPIENT, &recipient.public_key()),
+        scope,
+        Kind::Records,
+        300,
+    );
+    println!(
+        "the platform's identity service signs the request: every hospital, purpose {}, {scope}, valid 5 minutes, single use",
+        claims.purpose
+    );
+    let token = federation.authorise(&claims)?;
+    let mut client = federation.client(local_federation::RECIPIENT).await?;
+    let fetched = ghx::exchange::fetch(&mut client, &recipient, &token).await?;
+    for r in &fetched.received {
+        println!(
+            "  {:<10} {:<8} {} resources, each under the hospital's signed Provenance",
+            r.hospital,
+            format!("{:?}", r.outcome).to_lowercase(),
+            r.resources.len()
+        );
+    }
+    for (hospital, why) in &fetched.failed {
+        println!("  {hospital:<10} failed   {why}");
+    }
+    let path = dir.join("resident-record.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&fetched.bundle)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "the coordinator relayed {:.0} KiB of ciphertext in {} ms; {} merged them: {} resources, {} reported by two hospitals kept once -> {}",
+        fetched.relayed_bytes as f64 / 1024.0,
+        fetched.transfer.as_millis(),
+        local_federation::RECIPIENT,
+        fetched.report.resources,
+        fetched.report.duplicates,
+        path.display()
+    );
+    if !fetched.failed.is_empty() {
+        bail!("the exchange did not complete at every hospital");
     }
     Ok(())
 }

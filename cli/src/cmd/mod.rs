@@ -13,6 +13,7 @@ mod bench;
 mod committee;
 mod coordinator;
 mod demo;
+mod exchange;
 mod import;
 mod node;
 mod pki;
@@ -26,6 +27,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
         Command::Demo(args) => demo::demo(args).await,
         Command::Bench(args) => bench::bench(args).await,
         Command::BenchTrain(args) => bench::bench_train(args).await,
+        Command::BenchExchange(args) => bench::bench_exchange(args).await,
         Command::Synth(args) => node::synth(&args),
         Command::Pki(cmd) => pki::pki(cmd),
         Command::Node(cmd) => node::node(cmd).await,
@@ -35,6 +37,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
         Command::Audit(cmd) => audit::audit(cmd),
         Command::Committee(cmd) => committee::committee(cmd).await,
         Command::Train(cmd) => train::train(cmd).await,
+        Command::Exchange(cmd) => exchange::exchange(cmd).await,
     }
 }
 

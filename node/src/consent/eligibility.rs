@@ -138,6 +138,7 @@ pub fn picture(store: &Store, rules: &ConsentRules, at: i64) -> Result<Picture, 
     let inputs = store.consent_inputs()?;
     let by_patient = by_patient(&inputs)?;
     let request = ConsentRequest {
+        recipient: None,
         purpose: "HRESCH".to_owned(),
         classes: [
             "Patient",
@@ -188,7 +189,7 @@ fn by_patient(inputs: &store::ConsentInputs) -> Result<HashMap<&str, Vec<Consent
     Ok(by_patient)
 }
 
-fn record_of_row(row: &store::ConsentRow) -> Result<ConsentRecord, Error> {
+pub fn record_of_row(row: &store::ConsentRow) -> Result<ConsentRecord, Error> {
     // Rows written before provisions were indexed hold only the root rule.
     let provision = if row.provision.is_empty() {
         Some(Provision {
@@ -203,6 +204,7 @@ fn record_of_row(row: &store::ConsentRow) -> Result<ConsentRecord, Error> {
             classes: Vec::new(),
             codes: Vec::new(),
             labels: Vec::new(),
+            actors: Vec::new(),
             unsupported: false,
             provisions: Vec::new(),
         })

@@ -108,8 +108,13 @@ pub struct Provision {
     /// Sensitive categories named by security label.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<Category>,
-    /// Restricted by a clause ghx does not evaluate (actor, action, data,
-    /// dataPeriod).
+    /// Registered recipients (`ghx_exchange::RECIPIENT_SYSTEM` identifiers
+    /// of its actors) the provision is about: it applies to disclosure to
+    /// them through the exchange, and to nothing else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actors: Vec<String>,
+    /// Restricted by a clause ghx does not evaluate (an actor that is not
+    /// a registered recipient, action, data, dataPeriod).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unsupported: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -210,7 +215,24 @@ fn provision_of(p: &ConsentProvision, date_time_unix: &impl Fn(&DateTime) -> i64
             .filter_map(|c| c.code.clone())
             .collect()
     };
+    // Actors that are registered recipients are evaluated for the
+    // exchange; any other actor is a clause ghx does not evaluate.
+    let mut actors = Vec::new();
+    let mut other_actor = false;
+    for actor in p.actor.iter().flatten() {
+        match actor
+            .reference
+            .identifier
+            .as_ref()
+            .filter(|i| i.system.as_deref() == Some(ghx_exchange::RECIPIENT_SYSTEM))
+            .and_then(|i| i.value.clone())
+        {
+            Some(recipient) => actors.push(recipient),
+            None => other_actor = true,
+        }
+    }
     // Actions ghx performs are all "use"/"access"/"disclose" of aggregates.
+
     let actions_ok = p.action.iter().flatten().all(|concept| {
         concept
             .coding
@@ -229,10 +251,8 @@ fn provision_of(p: &ConsentProvision, date_time_unix: &impl Fn(&DateTime) -> i64
         classes: plain(&p.class),
         codes,
         labels,
-        unsupported: !p.actor.is_empty()
-            || !actions_ok
-            || !p.data.is_empty()
-            || p.data_period.is_some(),
+        actors,
+        unsupported: other_actor || !actions_ok || !p.data.is_empty() || p.data_period.is_some(),
         provisions: p
             .provision
             .iter()
@@ -265,6 +285,9 @@ pub struct ConsentRequest {
     /// Codes the computation selects on, (canonical system, normalised code,
     /// is a prefix).
     pub codes: Vec<(String, String, bool)>,
+    /// The registered recipient of a disclosure through the exchange;
+    /// `None` for aggregates and training.
+    pub recipient: Option<String>,
     /// Unix seconds the request is evaluated from...
     pub at: i64,
     /// ...to (inclusive): the decision holds for every second between.
@@ -289,6 +312,8 @@ pub enum Exclusion {
     PurposeNotCovered,
     /// The consent covers other resource types or codes.
     DataNotCovered,
+    /// No consent names the recipient of a disclosure.
+    RecipientNotNamed,
 }
 
 impl Exclusion {
@@ -301,6 +326,7 @@ impl Exclusion {
             Exclusion::Expired => "consent period not current",
             Exclusion::PurposeNotCovered => "consent given for other purposes",
             Exclusion::DataNotCovered => "consent covers other data",
+            Exclusion::RecipientNotNamed => "no consent names this recipient",
         }
     }
 }
@@ -328,7 +354,9 @@ pub fn evaluate(
     for c in consents {
         let counted_scope = matches!(c.scope.as_str(), "research" | "patient-privacy");
         let decisive = matches!(c.status.as_str(), "active" | "inactive" | "rejected");
-        if !(counted_scope && decisive) {
+        // A Consent about disclosure to named recipients (its withdrawal
+        // too) speaks to the exchange only.
+        if !(counted_scope && decisive) || is_exchange(c) {
             continue;
         }
         let slot = tied
@@ -434,6 +462,116 @@ fn evaluate_latest(
     }
 }
 
+/// What a patient's consent permits disclosing to a recipient through the
+/// exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disclosure {
+    /// Of the request's resource types, those permitted.
+    pub classes: Vec<String>,
+    /// Sensitive categories that may be disclosed.
+    pub sensitive: CategorySet,
+}
+
+/// Decides a disclosure to `request.recipient` (set) from the patient's
+/// consents. Only `patient-privacy` Consents about named recipients
+/// ([`is_exchange`]) speak to it, the latest (and of equal time, the most
+/// restrictive) as for aggregates, unless a later privacy Consent naming
+/// no recipient objects; the hospital's default never permits it; a
+/// request is permitted when the provisions permit it and a permit that
+/// applies names the recipient among its actors. The exchange asks once
+/// per resource, with the resource's type and codes.
+pub fn evaluate_disclosure(
+    rules: &ConsentRules,
+    consents: &[ConsentRecord],
+    request: &ConsentRequest,
+) -> Result<Disclosure, Exclusion> {
+    let Some(recipient) = request.recipient.as_deref() else {
+        return Err(Exclusion::RecipientNotNamed);
+    };
+    let decisive = |c: &&ConsentRecord| {
+        c.scope == "patient-privacy"
+            && matches!(c.status.as_str(), "active" | "inactive" | "rejected")
+    };
+    let exchange = consents.iter().filter(decisive).filter(|c| is_exchange(c));
+    let latest = exchange.clone().map(|c| c.recorded_at).max();
+    let tied: Vec<&ConsentRecord> = exchange.filter(|c| Some(c.recorded_at) == latest).collect();
+    let Some(latest) = latest else {
+        return Err(Exclusion::NoConsent);
+    };
+    // A later privacy objection that names no recipient still stops it.
+    let objected = consents.iter().filter(decisive).any(|c| {
+        !is_exchange(c)
+            && c.recorded_at > latest
+            && (c.status != "active"
+                || c.provision
+                    .as_ref()
+                    .is_none_or(|p| p.rule != Some(Rule::Permit)))
+    });
+    if objected {
+        return Err(Exclusion::Denied);
+    }
+    let mut decided: Option<Disclosure> = None;
+    for consent in tied {
+        match consent.status.as_str() {
+            "inactive" => return Err(Exclusion::Withdrawn),
+            "rejected" => return Err(Exclusion::Rejected),
+            _ => {}
+        }
+        let Some(root) = &consent.provision else {
+            return Err(Exclusion::Denied);
+        };
+        if !names_recipient(root, Rule::Deny, request, recipient) {
+            return Err(Exclusion::RecipientNotNamed);
+        }
+        let classes: Vec<String> = request
+            .classes
+            .iter()
+            .filter(|class| {
+                matches!(
+                    decide(root, Rule::Deny, request, class),
+                    Decision::Rule(Rule::Permit)
+                )
+            })
+            .cloned()
+            .collect();
+        let sensitive = permitted_categories(root, Rule::Deny, request, &rules.sensitive);
+        decided = Some(match decided {
+            None => Disclosure { classes, sensitive },
+            Some(d) => Disclosure {
+                classes: d
+                    .classes
+                    .into_iter()
+                    .filter(|c| classes.contains(c))
+                    .collect(),
+                sensitive: CategorySet(d.sensitive.0 & sensitive.0),
+            },
+        });
+    }
+    match decided {
+        Some(d) if !d.classes.is_empty() => Ok(d),
+        _ => Err(Exclusion::DataNotCovered),
+    }
+}
+
+/// Whether a Consent is about disclosure to named recipients (its root
+/// provision names them): such a Consent, and its withdrawal, speak to the
+/// exchange only.
+pub fn is_exchange(c: &ConsentRecord) -> bool {
+    c.provision.as_ref().is_some_and(|p| !p.actors.is_empty())
+}
+
+/// Whether a permit that applies (with every ancestor) names `recipient`.
+fn names_recipient(p: &Provision, parent: Rule, request: &ConsentRequest, recipient: &str) -> bool {
+    let rule = p.rule.unwrap_or(parent);
+    if not_applicable(p, rule, request, None).is_some() {
+        return false;
+    }
+    (rule == Rule::Permit && p.actors.iter().any(|a| a == recipient))
+        || p.provisions
+            .iter()
+            .any(|child| names_recipient(child, rule, request, recipient))
+}
+
 enum Decision {
     Rule(Rule),
     NotApplicable(Exclusion),
@@ -487,6 +625,18 @@ fn not_applicable(
             Rule::Permit => Some(Exclusion::DataNotCovered),
             Rule::Deny => None,
         };
+    }
+    // A provision about recipients: for aggregates (no recipient) it is a
+    // clause about someone else, a permit that never applies and a deny
+    // that always does, as before; for a disclosure, it applies when it
+    // names the recipient.
+    if !p.actors.is_empty() {
+        match &request.recipient {
+            None if rule == Rule::Permit => return Some(Exclusion::DataNotCovered),
+            None => return None,
+            Some(r) if !p.actors.contains(r) => return Some(Exclusion::RecipientNotNamed),
+            Some(_) => {}
+        }
     }
     // A permit must hold for the whole window, a deny for any of it.
     let (start_by, end_after) = match rule {

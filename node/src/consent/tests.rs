@@ -38,6 +38,7 @@ fn purpose(code: &str) -> Value {
 
 fn request(purpose: &str, classes: &[&str]) -> ConsentRequest {
     ConsentRequest {
+        recipient: None,
         purpose: purpose.to_owned(),
         classes: classes.iter().map(|c| (*c).to_owned()).collect(),
         codes: vec![(terminology::KCD8.to_owned(), "E11".to_owned(), true)],
@@ -49,6 +50,7 @@ fn request(purpose: &str, classes: &[&str]) -> ConsentRequest {
 /// A research request reading `codes` (KCD-8, normalised) instead of E11*.
 fn reading(codes: &[(&str, bool)]) -> ConsentRequest {
     ConsentRequest {
+        recipient: None,
         codes: codes
             .iter()
             .map(|(code, prefix)| (terminology::KCD8.to_owned(), (*code).to_owned(), *prefix))
@@ -113,6 +115,7 @@ fn consent_decision_table() {
     let prefix_f32 = reading(&[("F32", true)]);
     let prefix_f3 = reading(&[("F3", true)]);
     let f32_and_hba1c = ConsentRequest {
+        recipient: None,
         codes: vec![
             (kcd.to_owned(), "F32".to_owned(), true),
             ("http://loinc.org".to_owned(), "4548-4".to_owned(), false),
@@ -128,6 +131,7 @@ fn consent_decision_table() {
     // A request decided for the hour from NOW: periods ending or starting
     // within it.
     let hour = ConsentRequest {
+        recipient: None,
         last: NOW + 3599,
         ..request("HRESCH", &["Patient", "Condition"])
     };
@@ -662,4 +666,129 @@ fn provisions_survive_storage() {
     let back: Option<Provision> = serde_json::from_str(&stored).unwrap();
     assert_eq!(back, record.provision);
     assert_eq!(record.recorded_at, 1_767_193_200);
+}
+
+/// A patient-privacy Consent naming the report service, dated `date`.
+fn exchange_consent(status: &str, date: &str, extra: Value) -> ConsentRecord {
+    let mut provision = json!({
+        "type": "permit",
+        "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+                   "reference": {"identifier": {"system": ghx_exchange::RECIPIENT_SYSTEM, "value": "report-service"}}}],
+        "purpose": purpose("PATRQT"),
+    });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        provision[k] = v.clone();
+    }
+    let mut record = consent(status, date, provision);
+    record.scope = "patient-privacy".to_owned();
+    record
+}
+
+/// The exchange asks about one resource: its type and codes.
+fn disclosure(class: &str, codes: &[(&str, &str)], recipient: &str) -> ConsentRequest {
+    ConsentRequest {
+        recipient: Some(recipient.to_owned()),
+        purpose: "PATRQT".to_owned(),
+        classes: vec![class.to_owned()],
+        codes: codes
+            .iter()
+            .map(|(s, c)| ((*s).to_owned(), (*c).to_owned(), false))
+            .collect(),
+        at: NOW,
+        last: NOW,
+    }
+}
+
+#[test]
+fn a_consent_naming_a_recipient_speaks_to_the_exchange_only() {
+    let rules = rules(DefaultConsent::OptOut);
+    let research = consent(
+        "active",
+        "2025-01-01T00:00:00Z",
+        json!({"type": "permit", "purpose": purpose("HRESCH")}),
+    );
+    let exchange = exchange_consent("active", "2025-06-01T00:00:00Z", json!({}));
+    let condition = disclosure(
+        "Condition",
+        &[(terminology::KCD8, "E119")],
+        "report-service",
+    );
+
+    // The research permit alone never discloses; the exchange consent
+    // does, to the recipient it names only.
+    assert_eq!(
+        evaluate_disclosure(&rules, std::slice::from_ref(&research), &condition),
+        Err(Exclusion::NoConsent)
+    );
+    assert!(evaluate_disclosure(&rules, &[research.clone(), exchange.clone()], &condition).is_ok());
+    let elsewhere = disclosure("Condition", &[(terminology::KCD8, "E119")], "someone-else");
+    assert_eq!(
+        evaluate_disclosure(&rules, std::slice::from_ref(&exchange), &elsewhere),
+        Err(Exclusion::RecipientNotNamed)
+    );
+
+    // Withdrawing the exchange consent stops the exchange, not research.
+    let withdrawn = exchange_consent("inactive", "2025-09-01T00:00:00Z", json!({}));
+    let all = [research.clone(), exchange.clone(), withdrawn];
+    assert_eq!(
+        evaluate_disclosure(&rules, &all, &condition),
+        Err(Exclusion::Withdrawn)
+    );
+    let research_request = request("HRESCH", &["Patient", "Condition"]);
+    assert!(matches!(
+        evaluate(&rules, &all, &research_request),
+        Outcome::Included { .. }
+    ));
+    // Nor does an exchange consent displace an earlier privacy objection
+    // at an opt-out hospital.
+    let objection = privacy(json!({"type": "deny"}));
+    let objected = [
+        objection.clone(),
+        exchange_consent("active", "2026-02-01T00:00:00Z", json!({})),
+    ];
+    assert_eq!(
+        evaluate(&rules, &objected, &research_request),
+        Outcome::Excluded(Exclusion::Denied)
+    );
+    // A later objection naming no recipient stops the exchange too.
+    assert_eq!(
+        evaluate_disclosure(&rules, &[exchange.clone(), objection], &condition),
+        Err(Exclusion::Denied)
+    );
+
+    // A deny naming a code withholds exactly the resources with it.
+    let but_not_e11 = exchange_consent(
+        "active",
+        "2025-06-01T00:00:00Z",
+        json!({"provision": [{"type": "deny", "code": [{"coding": [{"system": terminology::KCD8, "code": "E11"}]}]}]}),
+    );
+    assert_eq!(
+        evaluate_disclosure(&rules, std::slice::from_ref(&but_not_e11), &condition),
+        Err(Exclusion::DataNotCovered)
+    );
+    let hypertension = disclosure("Condition", &[(terminology::KCD8, "I10")], "report-service");
+    assert!(evaluate_disclosure(&rules, std::slice::from_ref(&but_not_e11), &hypertension).is_ok());
+
+    // Naming F32 opens F32, not F20.
+    let depression = exchange_consent(
+        "active",
+        "2025-06-01T00:00:00Z",
+        json!({"provision": [{"type": "permit", "code": [{"coding": [{"system": terminology::KCD8, "code": "F32"}]}]}]}),
+    );
+    let f32 = disclosure(
+        "Condition",
+        &[(terminology::KCD8, "F329")],
+        "report-service",
+    );
+    let f20 = disclosure(
+        "Condition",
+        &[(terminology::KCD8, "F200")],
+        "report-service",
+    );
+    let opened = |r: &ConsentRequest| {
+        evaluate_disclosure(&rules, std::slice::from_ref(&depression), r)
+            .map(|d| d.sensitive.contains(Category::MentalHealth))
+    };
+    assert_eq!(opened(&f32), Ok(true));
+    assert_eq!(opened(&f20), Ok(false));
 }

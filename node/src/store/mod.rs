@@ -14,8 +14,9 @@
 //! `consent` (inputs and decided contexts), `views` (materialised view
 //! values), `ledger` (capability uses, revocations, privacy budget,
 //! participant sets), `cohorts` (running compiled queries; released
-//! cohorts), `released` (released cells and fixed bounds) and `lineage`
-//! (training runs' seals and steps). This file opens the store and holds
+//! cohorts), `released` (released cells and fixed bounds), `lineage`
+//! (training runs' seals and steps) and `exchange` (a resident's records
+//! and the disclosures made of them). This file opens the store and holds
 //! the audit log.
 
 /// Inserts a `Vec` of rows: on PostgreSQL with one binary `COPY FROM`
@@ -46,6 +47,7 @@ macro_rules! insert_rows {
 
 mod cohorts;
 mod consent;
+mod exchange;
 mod ledger;
 mod lineage;
 mod released;
@@ -55,6 +57,7 @@ mod views;
 
 pub use cohorts::{Bind, CodeRow, GroupCount, Member};
 pub use consent::{ConsentInputs, Decision, StoredDecision};
+pub use exchange::{Disclosure, PatientResource};
 pub use ledger::{BudgetScope, ChargeOutcome, PrivacyCharge, Spent};
 pub use lineage::{Lineage, LineageStep, RunKey};
 pub use released::NewReleasedCell;

@@ -263,3 +263,18 @@ diesel::table! {
         rows_sha256 -> Nullable<Text>,
     }
 }
+
+diesel::table! {
+    exchange_disclosures (seq) {
+        seq -> BigInt,
+        patient_id -> Text,
+        request_id -> Text,
+        recipient -> Text,
+        purpose -> Text,
+        scope -> Text,
+        disclosed_at -> Text,
+        resources -> BigInt,
+        sha256 -> Text,
+        outcome -> Text,
+    }
+}

@@ -98,6 +98,30 @@ pub struct Suppressed {
     #[prost(string, tag = "1")]
     pub reason: ::prost::alloc::string::String,
 }
+/// A resident's request for the exchange, with the recipient's key.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExchangeRequest {
+    /// The compact JWS the platform's identity service signed.
+    #[prost(string, tag = "1")]
+    pub request: ::prost::alloc::string::String,
+    /// The recipient's key statement (JSON), its signature (ECDSA P-256,
+    /// DER) with the recipient's certificate key, and that certificate.
+    #[prost(bytes = "vec", tag = "2")]
+    pub key_statement: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub key_signature: ::prost::alloc::vec::Vec<u8>,
+    #[prost(string, tag = "4")]
+    pub recipient_certificate_pem: ::prost::alloc::string::String,
+}
+/// One sealed part of a hospital's answer.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExchangeFrame {
+    /// The HPKE encapsulated key, on the first frame only.
+    #[prost(bytes = "vec", tag = "1")]
+    pub encapsulated_key: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub ciphertext: ::prost::alloc::vec::Vec<u8>,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PooledOpenRequest {
     /// As RunAggregateRequest: bound to the query and the manifest.
@@ -937,6 +961,37 @@ pub mod node_service_client {
                 .insert(GrpcMethod::new("ghx.v1.NodeService", "PooledInput"));
             self.inner.unary(req, path, codec).await
         }
+        /// The exchange: a resident's own records, or the history of who
+        /// received them, sealed to the recipient the resident chose. The node
+        /// verifies the identity service's signed request and the recipient's
+        /// key statement, decides from its own consents and policy, and answers
+        /// frames of ciphertext only (the first carries the encapsulated key). A
+        /// resident who is not a patient here and one without consent get the
+        /// same answer.
+        pub async fn exchange(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExchangeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ExchangeFrame>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.NodeService/Exchange",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.NodeService", "Exchange"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1094,6 +1149,23 @@ pub mod node_service_server {
             tonic::Response<super::PooledInputResponse>,
             tonic::Status,
         >;
+        /// Server streaming response type for the Exchange method.
+        type ExchangeStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::ExchangeFrame, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The exchange: a resident's own records, or the history of who
+        /// received them, sealed to the recipient the resident chose. The node
+        /// verifies the identity service's signed request and the recipient's
+        /// key statement, decides from its own consents and policy, and answers
+        /// frames of ciphertext only (the first carries the encapsulated key). A
+        /// resident who is not a patient here and one without consent get the
+        /// same answer.
+        async fn exchange(
+            &self,
+            request: tonic::Request<super::ExchangeRequest>,
+        ) -> std::result::Result<tonic::Response<Self::ExchangeStream>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct NodeServiceServer<T> {
@@ -1805,6 +1877,52 @@ pub mod node_service_server {
                     };
                     Box::pin(fut)
                 }
+                "/ghx.v1.NodeService/Exchange" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExchangeSvc<T: NodeService>(pub Arc<T>);
+                    impl<
+                        T: NodeService,
+                    > tonic::server::ServerStreamingService<super::ExchangeRequest>
+                    for ExchangeSvc<T> {
+                        type Response = super::ExchangeFrame;
+                        type ResponseStream = T::ExchangeStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExchangeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeService>::exchange(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExchangeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 _ => {
                     Box::pin(async move {
                         let mut response = http::Response::new(
@@ -1844,6 +1962,17 @@ pub mod node_service_server {
     impl<T> tonic::server::NamedService for NodeServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
+}
+/// One hospital's frame as relayed, or why the hospital refused.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RelayedFrame {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub frame: ::core::option::Option<ExchangeFrame>,
+    /// The hospital's refusal (or failure to answer); no frame then.
+    #[prost(string, tag = "3")]
+    pub refusal: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewCertificateRequest {
@@ -2584,6 +2713,33 @@ pub mod coordinator_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// A registered recipient relays a resident's signed request to the
+        /// hospitals it names and receives each one's sealed frames; the
+        /// coordinator records what it relayed and never holds a key to open it.
+        pub async fn relay_exchange(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExchangeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::RelayedFrame>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ghx.v1.CoordinatorService/RelayExchange",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ghx.v1.CoordinatorService", "RelayExchange"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2693,6 +2849,22 @@ pub mod coordinator_service_server {
             request: tonic::Request<super::RenewCertificateRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RenewCertificateResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the RelayExchange method.
+        type RelayExchangeStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::RelayedFrame, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// A registered recipient relays a resident's signed request to the
+        /// hospitals it names and receives each one's sealed frames; the
+        /// coordinator records what it relayed and never holds a key to open it.
+        async fn relay_exchange(
+            &self,
+            request: tonic::Request<super::ExchangeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::RelayExchangeStream>,
             tonic::Status,
         >;
     }
@@ -3412,6 +3584,53 @@ pub mod coordinator_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ghx.v1.CoordinatorService/RelayExchange" => {
+                    #[allow(non_camel_case_types)]
+                    struct RelayExchangeSvc<T: CoordinatorService>(pub Arc<T>);
+                    impl<
+                        T: CoordinatorService,
+                    > tonic::server::ServerStreamingService<super::ExchangeRequest>
+                    for RelayExchangeSvc<T> {
+                        type Response = super::RelayedFrame;
+                        type ResponseStream = T::RelayExchangeStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExchangeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as CoordinatorService>::relay_exchange(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RelayExchangeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

@@ -55,6 +55,7 @@ async fn start_with(
         open_registration: false,
         pooled_without_noise: false,
         shared: 0.0,
+        exchange_part_bytes: None,
     })
     .await
     .expect("the local federation starts");
