@@ -100,6 +100,10 @@ pub(crate) enum ExchangeCommand {
         /// Where to write the merged Bundle (JSON).
         #[arg(long)]
         out: PathBuf,
+        /// A hospital's certificate key pin, HOSPITAL=PIN (`ghx pki pin`;
+        /// repeat): its parts are taken only under that key.
+        #[arg(long)]
+        hospital_pin: Vec<String>,
     },
 }
 

@@ -139,6 +139,9 @@ impl Claims {
         if lifetime > MAX_LIFETIME_SECS || self.iat > now + LEEWAY {
             return Err(Error::TooLong(lifetime));
         }
+        if self.resident.link_token.is_some() != self.resident.patients.is_empty() {
+            return Err(Error::Resident);
+        }
         let mut hospitals = self.aud.clone();
         hospitals.sort();
         hospitals.dedup();
@@ -159,9 +162,6 @@ impl Claims {
         }
         if !crate::PURPOSES.contains(&self.purpose.as_str()) {
             return Err(Error::Purpose(self.purpose.clone()));
-        }
-        if self.resident.link_token.is_some() != self.resident.patients.is_empty() {
-            return Err(Error::Resident);
         }
         if self.jti.trim().is_empty() {
             return Err(Error::NoId);

@@ -165,7 +165,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_residents_records_travel_sealed_to_the_service_they_chose() {
     let dir = tempfile::tempdir().unwrap();
-    let federation = LocalFederation::start(&LocalFederationOptions {
+    let mut federation = LocalFederation::start(&LocalFederationOptions {
         shared: 0.4,
         // Small parts, so a long record spans hundreds of them.
         exchange_part_bytes: Some(4096),
@@ -411,6 +411,7 @@ async fn a_residents_records_travel_sealed_to_the_service_they_chose() {
 
     bad_requests(&federation, &recipient).await;
     withdrawn_mid_transfer(&federation, &recipient).await;
+    oversize(&mut federation, &recipient).await;
     federation.shutdown().await;
 }
 
@@ -523,16 +524,28 @@ async fn bad_requests(federation: &LocalFederation, recipient: &Recipient) {
     );
 }
 
-/// A long record, a withdrawal after its first part: the hospital stops,
-/// tells the recipient, and records it; the recipient keeps nothing.
-async fn withdrawn_mid_transfer(federation: &LocalFederation, recipient: &Recipient) {
-    let node = &federation.nodes[1];
-    let data = tempfile::tempdir().unwrap();
-    let patient = "long-record-1";
+/// A patient's exchange Consent for the report service.
+fn exchange_consent(patient: &str, id: &str, status: &str, date: &str) -> Value {
+    json!({
+        "resourceType": "Consent", "id": id, "status": status,
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": format!("Patient/{patient}")},
+        "dateTime": date,
+        "provision": {"type": "permit",
+            "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+                       "reference": {"identifier": {"system": ghx_exchange::RECIPIENT_SYSTEM, "value": RECIPIENT}}}],
+            "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "PATRQT"}]},
+    })
+}
+
+/// Imports a consenting patient with `observations` glucose results into
+/// `node`.
+fn import_long_record(node: &ghx::local_federation::LocalNode, patient: &str, observations: usize) {
     let mut lines = vec![
         json!({"resourceType": "Patient", "id": patient, "gender": "female", "birthDate": "1961-04-02"}),
     ];
-    for k in 0..3000 {
+    for k in 0..observations {
         lines.push(json!({
             "resourceType": "Observation", "id": format!("{patient}-obs{k}"), "status": "final",
             "code": {"coding": [{"system": "http://loinc.org", "code": "1558-6"}]},
@@ -541,31 +554,29 @@ async fn withdrawn_mid_transfer(federation: &LocalFederation, recipient: &Recipi
             "valueQuantity": {"value": 90 + k % 40, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"},
         }));
     }
-    let consent = |id: &str, status: &str, date: &str| {
-        json!({
-            "resourceType": "Consent", "id": id, "status": status,
-            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
-            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-            "patient": {"reference": format!("Patient/{patient}")},
-            "dateTime": date,
-            "provision": {"type": "permit",
-                "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
-                           "reference": {"identifier": {"system": ghx_exchange::RECIPIENT_SYSTEM, "value": RECIPIENT}}}],
-                "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "PATRQT"}]},
-        })
-    };
-    lines.push(consent(
-        "long-exchange-1",
+    lines.push(exchange_consent(
+        patient,
+        &format!("{patient}-exchange-1"),
         "active",
         "2025-01-01T10:00:00+09:00",
     ));
-    let write = |dir: &Path, lines: &[Value]| {
-        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-        std::fs::write(dir.join("export.ndjson"), text).unwrap();
-    };
-    write(data.path(), &lines);
+    import_lines(node, &lines);
+}
+
+fn import_lines(node: &ghx::local_federation::LocalNode, lines: &[Value]) {
+    let data = tempfile::tempdir().unwrap();
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(data.path().join("export.ndjson"), text).unwrap();
     let options = ghx_node::import::ImportOptions::default();
     ghx_node::import::import_path(&node.store, data.path(), &options).unwrap();
+}
+
+/// A long record, a withdrawal after its first part: the hospital stops,
+/// tells the recipient, and records it; the recipient keeps nothing.
+async fn withdrawn_mid_transfer(federation: &LocalFederation, recipient: &Recipient) {
+    let node = &federation.nodes[1];
+    let patient = "long-record-1";
+    import_long_record(node, patient, 3000);
 
     let mut c = claims(
         federation,
@@ -586,22 +597,13 @@ async fn withdrawn_mid_transfer(federation: &LocalFederation, recipient: &Recipi
         .into_inner();
     let mut frames = vec![stream.next().await.unwrap().unwrap()];
     // The resident withdraws while the transfer runs.
-    let withdrawal = tempfile::tempdir().unwrap();
-    write(
-        withdrawal.path(),
-        &[consent(
-            "long-exchange-2",
-            "inactive",
-            "2026-12-01T10:00:00+09:00",
-        )],
+    let withdrawal = exchange_consent(
+        patient,
+        "long-exchange-2",
+        "inactive",
+        "2026-12-01T10:00:00+09:00",
     );
-    let store = node.store.clone();
-    let path = withdrawal.path().to_owned();
-    tokio::task::spawn_blocking(move || {
-        ghx_node::import::import_path(&store, &path, &options).unwrap()
-    })
-    .await
-    .unwrap();
+    tokio::task::block_in_place(|| import_lines(node, &[withdrawal]));
     while let Some(f) = stream.next().await {
         frames.push(f.unwrap());
     }
@@ -624,5 +626,49 @@ async fn withdrawn_mid_transfer(federation: &LocalFederation, recipient: &Recipi
     assert!(
         disclosures[0].outcome.contains("consent withdrawn"),
         "{disclosures:?}"
+    );
+}
+
+/// An answer over the hospital's limit is refused whole, naming the limit
+/// and not the record's size; nothing is sent.
+async fn oversize(federation: &mut LocalFederation, recipient: &Recipient) {
+    let id = federation.nodes[1].profile.id.to_owned();
+    let path = federation.nodes[1].config_path.clone();
+    let config = std::fs::read_to_string(&path).unwrap();
+    let limited = config.replace(
+        "part_bytes = 4096",
+        "part_bytes = 4096\nmax_resources = 1000",
+    );
+    assert_ne!(config, limited);
+    std::fs::write(&path, limited).unwrap();
+    federation.restart_node(&id).await.unwrap();
+    let patient = "long-record-2";
+    import_long_record(&federation.nodes[1], patient, 1500);
+    let mut c = claims(
+        federation,
+        recipient,
+        Resident::default(),
+        "_type=Observation",
+    );
+    c.aud = vec![id.clone()];
+    c.resident.patients.insert(id, patient.to_owned());
+    let token = federation.authorise(&c).unwrap();
+    let frames = relay(federation, recipient, &token).await.unwrap();
+    assert_eq!(frames.len(), 1);
+    assert!(frames[0].frame.is_none());
+    assert!(
+        frames[0]
+            .refusal
+            .contains("exceed what this hospital sends at once (1000 resources"),
+        "{}",
+        frames[0].refusal
+    );
+    assert!(!frames[0].refusal.contains("1501"), "no size of the record");
+    assert!(
+        federation.nodes[1]
+            .store
+            .disclosures_of(patient)
+            .unwrap()
+            .is_empty()
     );
 }

@@ -51,6 +51,7 @@ ghx_federation_tests::suite!(
     gzip_exports_import_like_plain_ones,
     rrn_identifiers_are_stripped_or_rejected_before_storage,
     linkage_tokens_replace_rrns_and_outlive_the_stripped_content,
+    the_exchange_finds_a_residents_records_and_keeps_its_disclosures,
     edi_lab_codes_count_under_their_mapped_loinc_code,
     an_export_reimports_to_the_same_resources,
     an_unfinished_checkpoint_resumes_after_its_last_line,
@@ -528,6 +529,72 @@ fn linkage_tokens_replace_rrns_and_outlive_the_stripped_content(f: Fixture) {
     )
     .unwrap();
     assert_eq!(tokens(), [("l1".to_owned(), other.token("9001011234567"))]);
+}
+
+fn the_exchange_finds_a_residents_records_and_keeps_its_disclosures(f: Fixture) {
+    use ghx_disclosure::linkage::LinkKey;
+    use ghx_node::store::Disclosure;
+    let key = LinkKey::parse(&LinkKey::generate()).unwrap();
+    let file = f.dir.path().join("resident.ndjson");
+    write(
+        &file,
+        &[
+            r#"{"resourceType":"Patient","id":"r1","identifier":[{"system":"http://www.hl7korea.or.kr/Identifier/rrn","value":"900101-1234567"}],"gender":"male"}"#,
+            r#"{"resourceType":"Patient","id":"r2","gender":"female"}"#,
+            r#"{"resourceType":"Observation","id":"o1","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"4548-4"}]},"subject":{"reference":"Patient/r1"},"effectiveDateTime":"2025-01-02","valueQuantity":{"value":6.1,"unit":"%"}}"#,
+            r#"{"resourceType":"Observation","id":"o2","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"4548-4"}]},"subject":{"reference":"Patient/r2"},"effectiveDateTime":"2025-01-02","valueQuantity":{"value":5.1,"unit":"%"}}"#,
+            r#"{"resourceType":"Consent","id":"k1","status":"active","scope":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/consentscope","code":"patient-privacy"}]},"category":[{"coding":[{"system":"http://loinc.org","code":"59284-0"}]}],"patient":{"reference":"Patient/r1"},"dateTime":"2025-01-01T00:00:00+09:00","provision":{"type":"permit","actor":[{"role":{"coding":[{"code":"IRCP"}]},"reference":{"identifier":{"system":"urn:ghx:recipient","value":"report-service"}}}]}}"#,
+        ],
+    );
+    let keyed = ImportOptions {
+        link_key: Some(key.clone()),
+        ..ImportOptions::default()
+    };
+    assert_eq!(import_path(&f.store, &file, &keyed).unwrap().accepted, 5);
+    let store = &f.store;
+    assert_eq!(
+        store
+            .patients_with_token(&key.token("9001011234567"))
+            .unwrap(),
+        ["r1"]
+    );
+    assert!(store.patients_with_token("nobody").unwrap().is_empty());
+    assert!(store.has_patient("r2").unwrap() && !store.has_patient("r3").unwrap());
+    let records: Vec<String> = store
+        .patient_resources("r1")
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}/{}", r.resource_type, r.id))
+        .collect();
+    assert_eq!(records, ["Consent/k1", "Observation/o1", "Patient/r1"]);
+    let consents = store.patient_consents("r1").unwrap();
+    assert_eq!(consents.len(), 1);
+    assert!(
+        consents[0].provision.contains("report-service"),
+        "{}",
+        consents[0].provision
+    );
+    let disclosure = |id: &str| Disclosure {
+        patient_id: "r1".into(),
+        request_id: id.into(),
+        recipient: "report-service".into(),
+        purpose: "PATRQT".into(),
+        scope: "_type=Observation".into(),
+        disclosed_at: "2026-12-07T00:00:00Z".into(),
+        resources: 2,
+        sha256: "ab".repeat(32),
+        outcome: "sent".into(),
+    };
+    store.record_disclosure(&disclosure("q1")).unwrap();
+    store.record_disclosure(&disclosure("q2")).unwrap();
+    store
+        .end_disclosure("q2", "stopped: consent withdrawn")
+        .unwrap();
+    let kept = store.disclosures_of("r1").unwrap();
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[0], disclosure("q1"));
+    assert_eq!(kept[1].outcome, "stopped: consent withdrawn");
+    assert!(store.disclosures_of("r2").unwrap().is_empty());
 }
 
 fn edi_lab_codes_count_under_their_mapped_loinc_code(f: Fixture) {

@@ -41,7 +41,15 @@ pub(super) async fn exchange(command: ExchangeCommand) -> Result<()> {
             recipient_key,
             request,
             out,
+            hospital_pin,
         } => {
+            let mut pins = std::collections::BTreeMap::new();
+            for p in &hospital_pin {
+                let (hospital, pin) = p
+                    .split_once('=')
+                    .with_context(|| format!("--hospital-pin `{p}`: expected HOSPITAL=PIN"))?;
+                pins.insert(hospital.to_owned(), pin.to_owned());
+            }
             let token = match request.strip_prefix('@') {
                 Some(path) => std::fs::read_to_string(path)
                     .with_context(|| format!("reading the request from {path}"))?
@@ -54,7 +62,8 @@ pub(super) async fn exchange(command: ExchangeCommand) -> Result<()> {
             let ca = read(&client.ca)?;
             let name = ghx_pki::verify_member(&ca, &cert)?.name;
             let recipient =
-                ghx::exchange::Recipient::new(&name, key, &cert, &read(&client.key)?, &ca)?;
+                ghx::exchange::Recipient::new(&name, key, &cert, &read(&client.key)?, &ca)?
+                    .with_hospital_pins(pins);
             let mut coordinator = connect(&client).await?;
             let fetched = ghx::exchange::fetch(&mut coordinator, &recipient, &token).await?;
             write(&out, &serde_json::to_string_pretty(&fetched.bundle)?)?;
