@@ -88,81 +88,29 @@ pub fn relay(
         let request = request.clone();
         let deadline = registry.deadline();
         tasks.push(tokio::spawn(async move {
-            let Some(node) = node else {
-                let reason = format!("`{hospital}` is not a hospital of this federation");
-                let _ = frames.send(Ok(refusal(&hospital, &reason))).await;
-                return Err(NodeFailure {
-                    node_id: hospital,
-                    reason,
-                });
+            let outcome = match node {
+                Some(node) => relay_one(&node, request, deadline, &frames).await,
+                None => Err(Failed::Refused(format!(
+                    "`{hospital}` is not a hospital of this federation"
+                ))),
             };
-            let opened =
-                tokio::time::timeout(deadline, node.query_client().exchange(request)).await;
-            let mut stream = match opened {
-                Ok(Ok(response)) => response.into_inner(),
-                Ok(Err(status)) => {
-                    let reason = crate::fanout::describe(&status);
-                    let _ = frames.send(Ok(refusal(&hospital, &reason))).await;
-                    return Err(NodeFailure {
-                        node_id: hospital,
-                        reason,
-                    });
-                }
-                Err(_) => {
-                    let reason = crate::fanout::no_answer(deadline);
-                    let _ = frames.send(Ok(refusal(&hospital, &reason))).await;
-                    return Err(NodeFailure {
-                        node_id: hospital,
-                        reason,
-                    });
-                }
-            };
-            let mut digest = Sha256::new();
-            let mut count = 0i64;
-            loop {
-                match tokio::time::timeout(deadline, stream.next()).await {
-                    Ok(Some(Ok(frame))) => {
-                        digest.update(&frame.encapsulated_key);
-                        digest.update(&frame.ciphertext);
-                        count += 1;
-                        let relayed = pb::RelayedFrame {
-                            node_id: hospital.clone(),
-                            frame: Some(frame),
-                            refusal: String::new(),
-                        };
-                        if frames.send(Ok(relayed)).await.is_err() {
-                            return Err(NodeFailure {
-                                node_id: hospital,
-                                reason: "the recipient stopped reading".to_owned(),
-                            });
+            match outcome {
+                Ok(answer) => Ok((hospital, answer)),
+                Err(failed) => {
+                    let reason = match failed {
+                        Failed::Refused(reason) => {
+                            // The recipient hears why, in the stream.
+                            let _ = frames.send(Ok(refusal(&hospital, &reason))).await;
+                            reason
                         }
-                    }
-                    Ok(None) => break,
-                    Ok(Some(Err(status))) => {
-                        let reason = crate::fanout::describe(&status);
-                        let _ = frames.send(Ok(refusal(&hospital, &reason))).await;
-                        return Err(NodeFailure {
-                            node_id: hospital,
-                            reason,
-                        });
-                    }
-                    Err(_) => {
-                        let reason = crate::fanout::no_answer(deadline);
-                        let _ = frames.send(Ok(refusal(&hospital, &reason))).await;
-                        return Err(NodeFailure {
-                            node_id: hospital,
-                            reason,
-                        });
-                    }
+                        Failed::NotRead => "the recipient stopped reading".to_owned(),
+                    };
+                    Err(NodeFailure {
+                        node_id: hospital,
+                        reason,
+                    })
                 }
             }
-            Ok((
-                hospital,
-                Answer {
-                    result_sha256: hex::encode(digest.finalize()),
-                    cells: count,
-                },
-            ))
         }));
     }
     drop(frames);
@@ -200,6 +148,55 @@ pub fn relay(
         relayed,
         |mut relayed| async move { relayed.recv().await.map(|f| (f, relayed)) },
     )))
+}
+
+/// Why one hospital's answer was not relayed to its end.
+enum Failed {
+    /// The hospital refused, failed or did not answer in time.
+    Refused(String),
+    /// The recipient went away.
+    NotRead,
+}
+
+/// Relays one hospital's frames as they come; what was relayed, by count
+/// and the SHA-256 of its bytes.
+async fn relay_one(
+    node: &crate::fanout::RegisteredNode,
+    request: pb::ExchangeRequest,
+    deadline: std::time::Duration,
+    frames: &tokio::sync::mpsc::Sender<Result<pb::RelayedFrame, Status>>,
+) -> Result<Answer, Failed> {
+    let late = || Failed::Refused(crate::fanout::no_answer(deadline));
+    let refused = |status: Status| Failed::Refused(crate::fanout::describe(&status));
+    let mut stream = tokio::time::timeout(deadline, node.query_client().exchange(request))
+        .await
+        .map_err(|_| late())?
+        .map_err(refused)?
+        .into_inner();
+    let mut digest = Sha256::new();
+    let mut count = 0i64;
+    while let Some(frame) = tokio::time::timeout(deadline, stream.next())
+        .await
+        .map_err(|_| late())?
+    {
+        let frame = frame.map_err(refused)?;
+        digest.update(&frame.encapsulated_key);
+        digest.update(&frame.ciphertext);
+        count += 1;
+        let relayed = pb::RelayedFrame {
+            node_id: node.id.clone(),
+            frame: Some(frame),
+            refusal: String::new(),
+        };
+        frames
+            .send(Ok(relayed))
+            .await
+            .map_err(|_| Failed::NotRead)?;
+    }
+    Ok(Answer {
+        result_sha256: hex::encode(digest.finalize()),
+        cells: count,
+    })
 }
 
 fn refusal(hospital: &str, reason: &str) -> pb::RelayedFrame {

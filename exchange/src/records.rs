@@ -99,8 +99,6 @@ pub struct Outgoing {
     seq: u32,
     previous: String,
     resources: u64,
-    /// The SHA-256 chain over every part's signed bytes so far.
-    digest: String,
 }
 
 impl Outgoing {
@@ -120,7 +118,6 @@ impl Outgoing {
             seq: 0,
             previous: String::new(),
             resources: 0,
-            digest: String::new(),
         })
     }
 
@@ -143,17 +140,6 @@ impl Outgoing {
             resources: self.resources,
         };
         self.next(patient, None, Some(end))
-    }
-
-    /// Parts sealed so far.
-    pub fn parts(&self) -> u32 {
-        self.seq
-    }
-
-    /// Hex SHA-256 of the last part's signed bytes: each part's digest
-    /// covers all before it, so this covers the transfer.
-    pub fn digest(&self) -> &str {
-        &self.digest
     }
 
     fn next(
@@ -179,7 +165,6 @@ impl Outgoing {
             String::new()
         };
         self.previous = chain_digest(&bytes);
-        self.digest = self.previous.clone();
         self.seq += 1;
         let signed = SignedPart {
             part: bytes,

@@ -59,11 +59,6 @@ impl Interval {
     pub fn overlaps(&self, start: i64, end: i64) -> bool {
         self.from.is_none_or(|f| end > f) && self.to.is_none_or(|t| start < t)
     }
-
-    /// Length in seconds, when both ends are set.
-    pub fn seconds(&self) -> Option<i64> {
-        Some(self.to? - self.from?)
-    }
 }
 
 /// One `code` token.
@@ -422,7 +417,10 @@ mod tests {
         let (s, e) = instant_range("2024-02").unwrap();
         assert_eq!(e - s, 29 * 86_400);
         let scope = Scope::parse("_type=Observation&date=eq2024-02-10").unwrap();
-        assert_eq!(scope.date.seconds(), Some(86_400));
+        assert_eq!(
+            scope.date.to.zip(scope.date.from).map(|(t, f)| t - f),
+            Some(86_400)
+        );
         let scope =
             Scope::parse("_type=Observation&date=gt2024-02-10&_lastUpdated=ge2026-01-01").unwrap();
         assert_eq!(scope.date.from, instant_range("2024-02-11").map(|r| r.0));

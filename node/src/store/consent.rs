@@ -10,6 +10,40 @@ use super::{
     now_rfc3339,
 };
 
+/// The columns a [`ConsentRow`] is read from, in its order.
+pub(super) const CONSENT_COLUMNS: (
+    consents::consent_id,
+    consents::patient_id,
+    consents::status,
+    consents::scope,
+    consents::decision,
+    consents::recorded_at,
+    consents::provision,
+) = (
+    consents::consent_id,
+    consents::patient_id,
+    consents::status,
+    consents::scope,
+    consents::decision,
+    consents::recorded_at,
+    consents::provision,
+);
+
+/// One row of [`CONSENT_COLUMNS`].
+pub(super) type ConsentColumns = (String, String, String, String, String, i64, String);
+
+pub(super) fn consent_row(r: ConsentColumns) -> ConsentRow {
+    ConsentRow {
+        consent_id: r.0,
+        patient_id: r.1,
+        status: r.2,
+        scope: r.3,
+        decision: r.4,
+        recorded_at: r.5,
+        provision: r.6,
+    }
+}
+
 impl Store {
     /// The current consent generation (see [`crate::consent::eligibility`]).
     pub fn consent_generation(&self) -> Result<i64> {
@@ -31,8 +65,7 @@ impl Store {
     /// Every patient (id and the demographics consent decisions copy) and
     /// every consent, for consent evaluation.
     pub fn consent_inputs(&self) -> Result<ConsentInputs> {
-        type Row = (String, String, String, String, String, i64, String);
-        let (patients, rows): (Vec<PatientRow>, Vec<Row>) =
+        let (patients, rows): (Vec<PatientRow>, Vec<ConsentColumns>) =
             with_conn!(self.backend, |conn| conn.transaction(|conn| {
                 let patients = patients::table
                     .select((patients::id, patients::gender, patients::birth_ymd))
@@ -47,32 +80,13 @@ impl Store {
                     })
                     .collect();
                 let rows = consents::table
-                    .select((
-                        consents::consent_id,
-                        consents::patient_id,
-                        consents::status,
-                        consents::scope,
-                        consents::decision,
-                        consents::recorded_at,
-                        consents::provision,
-                    ))
-                    .load::<Row>(conn)?;
+                    .select(CONSENT_COLUMNS)
+                    .load::<ConsentColumns>(conn)?;
                 diesel::QueryResult::Ok((patients, rows))
             })?);
         Ok(ConsentInputs {
             patients,
-            consents: rows
-                .into_iter()
-                .map(|r| ConsentRow {
-                    consent_id: r.0,
-                    patient_id: r.1,
-                    status: r.2,
-                    scope: r.3,
-                    decision: r.4,
-                    recorded_at: r.5,
-                    provision: r.6,
-                })
-                .collect(),
+            consents: rows.into_iter().map(consent_row).collect(),
         })
     }
 

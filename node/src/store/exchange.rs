@@ -5,6 +5,7 @@
 use diesel::prelude::*;
 use ghx_db::with_conn;
 
+use super::consent::{CONSENT_COLUMNS, ConsentColumns, consent_row};
 use super::schema::{consents, exchange_disclosures, patients, resources};
 use super::{ConsentRow, Result, Store};
 
@@ -56,31 +57,11 @@ impl Store {
 
     /// A patient's consents, as stored rows.
     pub fn patient_consents(&self, patient_id: &str) -> Result<Vec<ConsentRow>> {
-        type Row = (String, String, String, String, String, i64, String);
-        let rows: Vec<Row> = with_conn!(self.backend, |conn| consents::table
+        let rows: Vec<ConsentColumns> = with_conn!(self.backend, |conn| consents::table
             .filter(consents::patient_id.eq(patient_id))
-            .select((
-                consents::consent_id,
-                consents::patient_id,
-                consents::status,
-                consents::scope,
-                consents::decision,
-                consents::recorded_at,
-                consents::provision,
-            ))
-            .load::<Row>(conn)?);
-        Ok(rows
-            .into_iter()
-            .map(|r| ConsentRow {
-                consent_id: r.0,
-                patient_id: r.1,
-                status: r.2,
-                scope: r.3,
-                decision: r.4,
-                recorded_at: r.5,
-                provision: r.6,
-            })
-            .collect())
+            .select(CONSENT_COLUMNS)
+            .load::<ConsentColumns>(conn)?);
+        Ok(rows.into_iter().map(consent_row).collect())
     }
 
     /// A patient's current resources (their Patient included), in type and
